@@ -1,0 +1,300 @@
+//! Coalescing: one upstream fetch per key, shared by every request that arrives while it runs.
+//!
+//! A [`Fill`] is owned by a spawned task, not by any client, so a client that disconnects does
+//! not abort a fill others wait on. The task publishes a [`FillResult`] once upstream answers,
+//! then appends body chunks; each reader follows with its own cursor and receives bytes as they
+//! arrive, not when the fill ends. Chunks are shared `Bytes` (no copy per reader).
+//!
+//! Memory: a fill that will enter the memory tier keeps every chunk (they become the cached
+//! body). Any other fill drops chunks once every current reader has passed them, so a large
+//! object streams through with a bounded window. A request arriving after chunks were dropped
+//! cannot join; it fetches on its own.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use tokio::sync::watch;
+
+use super::key::KeyHash;
+use super::meta::CachedMeta;
+use super::upstream::UpstreamError;
+
+/// The head of a response streaming through a fill.
+#[derive(Debug)]
+pub struct FillHead {
+    pub status: StatusCode,
+    /// Headers for every reader (hop-by-hop and, when stored, Set-Cookie removed).
+    pub headers: HeaderMap,
+    /// Set-Cookie values of a stored response: only the request that caused the fill gets them.
+    pub set_cookie: Vec<HeaderValue>,
+    /// Present when the response is being stored.
+    pub meta: Option<Arc<CachedMeta>>,
+    pub content_length: Option<u64>,
+    /// May requests other than the leader use this response?
+    pub shareable: bool,
+    /// Header names the response varies on.
+    pub vary: Vec<HeaderName>,
+    /// The key the response is stored under (primary, or the leader's variant).
+    pub store_key: KeyHash,
+}
+
+/// What a fill produced.
+#[derive(Debug, Clone)]
+pub enum FillResult {
+    /// A response is streaming through the fill.
+    Streaming(Arc<FillHead>),
+    /// Upstream answered 304: the stored object is valid again, with this metadata.
+    Revalidated(Arc<CachedMeta>),
+    /// Upstream could not be reached or failed before sending a response head.
+    Failed(UpstreamError),
+}
+
+#[derive(Default)]
+struct State {
+    result: Option<FillResult>,
+    chunks: VecDeque<Bytes>,
+    /// Index (in the whole body) of `chunks[0]`.
+    base: usize,
+    cursors: HashMap<u64, usize>,
+    next_reader: u64,
+    done: Option<Result<(), String>>,
+    keep_all: bool,
+    trimmed: bool,
+}
+
+pub struct Fill {
+    pub key: KeyHash,
+    state: Mutex<State>,
+    version: watch::Sender<u64>,
+}
+
+impl Fill {
+    pub fn new(key: KeyHash) -> Arc<Self> {
+        Arc::new(Self {
+            key,
+            state: Mutex::new(State {
+                keep_all: true,
+                ..State::default()
+            }),
+            version: watch::channel(0).0,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the state half-updated in a way that
+        // matters more than losing the fill, so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    pub fn publish(&self, result: FillResult) {
+        self.lock().result = Some(result);
+        self.bump();
+    }
+
+    /// Appends a body chunk.
+    pub fn push(&self, chunk: Bytes) {
+        {
+            let mut st = self.lock();
+            st.chunks.push_back(chunk);
+            trim(&mut st);
+        }
+        self.bump();
+    }
+
+    pub fn finish(&self, outcome: Result<(), String>) {
+        self.lock().done = Some(outcome);
+        self.bump();
+    }
+
+    /// Whether chunks must be kept for the memory tier. Turning it off trims at once.
+    pub fn set_keep_all(&self, keep: bool) {
+        let mut st = self.lock();
+        st.keep_all = keep;
+        trim(&mut st);
+    }
+
+    pub fn reader_count(&self) -> usize {
+        self.lock().cursors.len()
+    }
+
+    /// The whole body, if every chunk was kept (one copy, once per fill).
+    pub fn assembled(&self) -> Option<Bytes> {
+        let st = self.lock();
+        if st.trimmed || !st.keep_all {
+            return None;
+        }
+        if st.chunks.len() == 1 {
+            return st.chunks.front().cloned();
+        }
+        let len = st.chunks.iter().map(Bytes::len).sum();
+        let mut out = BytesMut::with_capacity(len);
+        for c in &st.chunks {
+            out.extend_from_slice(c);
+        }
+        Some(out.freeze())
+    }
+
+    /// Waits for the fill's result.
+    pub async fn result(&self) -> FillResult {
+        let mut rx = self.version.subscribe();
+        loop {
+            rx.borrow_and_update();
+            if let Some(r) = self.lock().result.clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                return FillResult::Failed(UpstreamError::Protocol("fill abandoned".into()));
+            }
+        }
+    }
+
+    /// A reader from the first byte, or `None` if the start was already dropped.
+    pub fn reader(self: &Arc<Self>) -> Option<FillReader> {
+        let mut st = self.lock();
+        if st.trimmed {
+            return None;
+        }
+        let id = st.next_reader;
+        st.next_reader += 1;
+        let start = st.base;
+        st.cursors.insert(id, start);
+        Some(FillReader {
+            fill: Arc::clone(self),
+            id,
+            cursor: start,
+        })
+    }
+}
+
+fn trim(st: &mut State) {
+    if st.keep_all {
+        return;
+    }
+    let min = st.cursors.values().copied().min().unwrap_or(usize::MAX);
+    while st.base < min && !st.chunks.is_empty() {
+        st.chunks.pop_front();
+        st.base += 1;
+        st.trimmed = true;
+    }
+}
+
+/// One reader's position in a fill.
+pub struct FillReader {
+    fill: Arc<Fill>,
+    id: u64,
+    cursor: usize,
+}
+
+enum Next {
+    Chunk(Bytes),
+    End,
+    Error(String),
+    Wait,
+}
+
+impl FillReader {
+    fn next_now(&mut self) -> Next {
+        let mut st = self.fill.lock();
+        let idx = self.cursor - st.base.min(self.cursor);
+        if self.cursor >= st.base
+            && let Some(c) = st.chunks.get(idx).cloned()
+        {
+            self.cursor += 1;
+            st.cursors.insert(self.id, self.cursor);
+            trim(&mut st);
+            return Next::Chunk(c);
+        }
+        match &st.done {
+            Some(Ok(())) => Next::End,
+            Some(Err(e)) => Next::Error(e.clone()),
+            None => Next::Wait,
+        }
+    }
+
+    async fn next(&mut self) -> Option<io::Result<Bytes>> {
+        let mut rx = self.fill.version.subscribe();
+        loop {
+            rx.borrow_and_update();
+            match self.next_now() {
+                Next::Chunk(c) => return Some(Ok(c)),
+                Next::End => return None,
+                Next::Error(e) => return Some(Err(io::Error::other(e))),
+                Next::Wait => {
+                    if rx.changed().await.is_err() {
+                        return Some(Err(io::Error::other("fill abandoned")));
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn into_stream(self) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        futures_util::stream::unfold(Some(self), |reader| async move {
+            let mut reader = reader?;
+            match reader.next().await {
+                Some(Ok(c)) => Some((Ok(c), Some(reader))),
+                Some(Err(e)) => Some((Err(e), None)),
+                None => None,
+            }
+        })
+    }
+}
+
+impl Drop for FillReader {
+    fn drop(&mut self) {
+        let mut st = self.fill.lock();
+        st.cursors.remove(&self.id);
+        trim(&mut st);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    #[tokio::test]
+    async fn readers_get_bytes_as_they_arrive_and_late_join_after_trim_fails() {
+        let fill = Fill::new(KeyHash::of("k"));
+        fill.set_keep_all(false);
+        let r1 = fill.reader().unwrap();
+        let mut s1 = Box::pin(r1.into_stream());
+        fill.push(Bytes::from_static(b"ab"));
+        assert_eq!(s1.next().await.unwrap().unwrap(), "ab");
+        // Everyone passed chunk 0, so it is gone and a new reader cannot start from byte 0.
+        fill.push(Bytes::from_static(b"cd"));
+        assert!(fill.reader().is_none());
+        fill.finish(Ok(()));
+        assert_eq!(s1.next().await.unwrap().unwrap(), "cd");
+        assert!(s1.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn keep_all_allows_late_readers_and_assembles() {
+        let fill = Fill::new(KeyHash::of("k"));
+        fill.push(Bytes::from_static(b"ab"));
+        fill.push(Bytes::from_static(b"cd"));
+        fill.finish(Ok(()));
+        let s: Vec<_> = fill.reader().unwrap().into_stream().collect().await;
+        assert_eq!(s.len(), 2);
+        assert_eq!(fill.assembled().unwrap(), "abcd");
+    }
+
+    #[tokio::test]
+    async fn errors_reach_readers() {
+        let fill = Fill::new(KeyHash::of("k"));
+        let r = fill.reader().unwrap();
+        fill.finish(Err("upstream reset".into()));
+        let mut s = Box::pin(r.into_stream());
+        assert!(s.next().await.unwrap().is_err());
+    }
+}

@@ -1,0 +1,298 @@
+//! Cache keys: one normalised form of a request, and a stable hash of it.
+//!
+//! HTTP/1 sends `GET /a` with `Host: x`, HTTP/2 sends `:authority x` and `:path /a`; both must
+//! land on one entry. The key is `host + path + ? + sorted query` with the host lower-cased and a
+//! default port dropped. [`KeyHash`] is blake3 of that text: the same on every machine, across
+//! restarts and builds (never `DefaultHasher`), so the memory tier, the disk tier and (later) the
+//! shield ring all agree.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Uri, request};
+
+/// Fixed-size stable hash of a cache key (or of a key plus its Vary values).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    pub fn of(text: &str) -> Self {
+        Self(*blake3::hash(text.as_bytes()).as_bytes())
+    }
+
+    pub fn hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+            let hi = (chunk[0] as char).to_digit(16)?;
+            let lo = (chunk[1] as char).to_digit(16)?;
+            out[i] = (hi * 16 + lo) as u8;
+        }
+        Some(Self(out))
+    }
+
+    /// The secondary key of one Vary variant: this primary hash plus the request's values of
+    /// the nominated headers (RFC 9111 §4.1). Values are compared after trimming and joining
+    /// repeated fields with ", ", the normalisation §4.1 allows.
+    pub fn variant(&self, names: &[HeaderName], headers: &HeaderMap) -> KeyHash {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.0);
+        for name in names {
+            h.update(name.as_str().as_bytes());
+            h.update(b":");
+            let mut first = true;
+            for v in headers.get_all(name) {
+                if !first {
+                    h.update(b", ");
+                }
+                first = false;
+                h.update(v.as_bytes().trim_ascii());
+            }
+            h.update(b"\n");
+        }
+        KeyHash(*h.finalize().as_bytes())
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({})", &self.hex()[..16])
+    }
+}
+
+impl fmt::Display for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex()[..16])
+    }
+}
+
+/// A normalised cache key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheKey {
+    text: Arc<str>,
+    hash: KeyHash,
+}
+
+impl CacheKey {
+    pub fn new(text: impl Into<Arc<str>>) -> Self {
+        let text = text.into();
+        let hash = KeyHash::of(&text);
+        Self { text, hash }
+    }
+
+    /// `host/path?query`, for logs and purge matching.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn hash(&self) -> KeyHash {
+        self.hash
+    }
+
+    /// The path part of the key (`/a/b?x=1` without the host).
+    pub fn path(&self) -> &str {
+        self.text.find('/').map(|i| &self.text[i..]).unwrap_or("/")
+    }
+}
+
+/// Why a request could not be normalised (answered 400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("request has no Host header and no authority")]
+    MissingHost,
+    #[error("invalid Host header")]
+    BadHost,
+    #[error("request target must be an absolute path")]
+    BadPath,
+}
+
+/// Key-building options from config.
+#[derive(Debug, Clone, Default)]
+pub struct KeyOptions {
+    /// Query parameters left out of the key (for example tracking parameters).
+    pub ignore_query_params: Vec<String>,
+}
+
+/// A request in the one normalised form used for the key and for every policy call.
+#[derive(Debug)]
+pub struct NormalizedRequest {
+    pub key: CacheKey,
+    /// GET (HEAD is looked up as GET), absolute `http://host/path?query` URI, the request's
+    /// end-to-end headers with `host` set. Used for `before_request` and Vary matching.
+    pub parts: request::Parts,
+}
+
+impl NormalizedRequest {
+    /// Normalises a request. HEAD becomes GET, because a HEAD is answered from a stored GET.
+    pub fn new(
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        opts: &KeyOptions,
+    ) -> Result<Self, KeyError> {
+        let host = effective_host(uri, headers)?;
+        let path = uri.path();
+        if !path.starts_with('/') {
+            return Err(KeyError::BadPath);
+        }
+        let query = uri
+            .query()
+            .map(|q| normalize_query(q, &opts.ignore_query_params));
+        let mut text = String::with_capacity(host.len() + path.len() + 16);
+        text.push_str(&host);
+        text.push_str(path);
+        if let Some(q) = query.as_deref().filter(|q| !q.is_empty()) {
+            text.push('?');
+            text.push_str(q);
+        }
+        let abs = format!("http://{text}");
+        let abs_uri: Uri = abs.parse().map_err(|_| KeyError::BadPath)?;
+        let cache_method = if method == Method::HEAD {
+            Method::GET
+        } else {
+            method.clone()
+        };
+        let mut builder = http::Request::builder().method(cache_method).uri(abs_uri);
+        if let Some(h) = builder.headers_mut() {
+            *h = headers.clone();
+            h.insert(
+                header::HOST,
+                HeaderValue::from_str(&host).map_err(|_| KeyError::BadHost)?,
+            );
+        }
+        let (parts, ()) = builder
+            .body(())
+            .map_err(|_| KeyError::BadPath)?
+            .into_parts();
+        Ok(Self {
+            key: CacheKey::new(text),
+            parts,
+        })
+    }
+}
+
+/// Host from the URI authority (HTTP/2, absolute-form) or the Host header, lower-cased, with a
+/// trailing dot and the default port removed.
+fn effective_host(uri: &Uri, headers: &HeaderMap) -> Result<String, KeyError> {
+    let raw = match uri.authority() {
+        Some(a) => a.as_str().to_string(),
+        None => headers
+            .get(header::HOST)
+            .ok_or(KeyError::MissingHost)?
+            .to_str()
+            .map_err(|_| KeyError::BadHost)?
+            .to_string(),
+    };
+    let raw = raw.rsplit('@').next().unwrap_or("").trim();
+    if raw.is_empty() {
+        return Err(KeyError::MissingHost);
+    }
+    let mut host = raw.to_ascii_lowercase();
+    if let Some(stripped) = host.strip_suffix(":80") {
+        host = stripped.to_string();
+    }
+    if let Some(stripped) = host.strip_suffix('.') {
+        host = stripped.to_string();
+    }
+    if host.bytes().any(|b| {
+        !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_'))
+    }) {
+        return Err(KeyError::BadHost);
+    }
+    Ok(host)
+}
+
+/// Sorts query parameters (stable for equal names) and drops ignored ones.
+fn normalize_query(q: &str, ignore: &[String]) -> String {
+    let mut params: Vec<&str> = q
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            let name = p.split('=').next().unwrap_or("");
+            !ignore.iter().any(|i| i == name)
+        })
+        .collect();
+    params.sort_by(|a, b| {
+        let na = a.split('=').next().unwrap_or("");
+        let nb = b.split('=').next().unwrap_or("");
+        na.cmp(nb)
+    });
+    params.join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(uri: &str, host: Option<&str>) -> Result<NormalizedRequest, KeyError> {
+        let mut h = HeaderMap::new();
+        if let Some(host) = host {
+            h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+        }
+        NormalizedRequest::new(
+            &Method::GET,
+            &uri.parse().unwrap(),
+            &h,
+            &KeyOptions {
+                ignore_query_params: vec!["utm_source".into()],
+            },
+        )
+    }
+
+    #[test]
+    fn h1_and_h2_forms_give_one_key() {
+        let a = norm("/a/b?y=2&x=1", Some("Example.COM:80")).unwrap();
+        let b = norm("http://example.com/a/b?x=1&y=2", None).unwrap();
+        assert_eq!(a.key, b.key);
+        assert_eq!(a.key.as_str(), "example.com/a/b?x=1&y=2");
+        assert_eq!(a.parts.uri, b.parts.uri);
+        assert_eq!(a.parts.headers["host"], "example.com");
+    }
+
+    #[test]
+    fn ignored_params_and_ports() {
+        let a = norm("/p?utm_source=x&id=3", Some("h:8080")).unwrap();
+        assert_eq!(a.key.as_str(), "h:8080/p?id=3");
+        let b = norm("/p?utm_source=y", Some("h")).unwrap();
+        assert_eq!(b.key.as_str(), "h/p");
+        assert_eq!(b.key.path(), "/p");
+    }
+
+    #[test]
+    fn bad_hosts() {
+        assert_eq!(norm("/", None).unwrap_err(), KeyError::MissingHost);
+        assert_eq!(norm("/", Some("a b")).unwrap_err(), KeyError::BadHost);
+    }
+
+    #[test]
+    fn hash_is_stable_and_hex_round_trips() {
+        let k = CacheKey::new("example.com/");
+        // blake3 is specified; this value must never change across builds.
+        assert_eq!(KeyHash::from_hex(&k.hash().hex()), Some(k.hash()));
+        assert_eq!(k.hash(), KeyHash::of("example.com/"));
+    }
+
+    #[test]
+    fn variants_differ_by_nominated_values() {
+        let p = KeyHash::of("h/");
+        let names = vec![HeaderName::from_static("accept-language")];
+        let mut a = HeaderMap::new();
+        a.insert("accept-language", HeaderValue::from_static("en"));
+        let mut b = HeaderMap::new();
+        b.insert("accept-language", HeaderValue::from_static("de"));
+        assert_ne!(p.variant(&names, &a), p.variant(&names, &b));
+        assert_eq!(p.variant(&names, &a), p.variant(&names, &a.clone()));
+        assert_ne!(p.variant(&names, &HeaderMap::new()), p.variant(&names, &a));
+    }
+}

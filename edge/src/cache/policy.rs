@@ -1,0 +1,713 @@
+//! The only place that calls http-cache-semantics (shared-cache mode). Every function takes
+//! `now` as an argument and returns our own types.
+//!
+//! On top of the crate we add what it does not do:
+//! - `stale-while-revalidate` and `stale-if-error` windows (RFC 5861);
+//! - `Vary: *` and `Set-Cookie` without `public` are never stored (RFC 9111 §4.1; our choice for
+//!   cookies, as nginx and Varnish do);
+//! - the request stored in the policy keeps only `host`, `cache-control`, `pragma`, the headers
+//!   the response varies on and the *presence* of `authorization`: no Cookie or credential value
+//!   is ever persisted;
+//! - 304 header merging per RFC 9111 §3.2 / §4.3.4 (the crate drops repeated fields).
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, request, response};
+use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy};
+
+use super::cache_control::Directives;
+use super::meta::{CachedMeta, META_VERSION};
+use super::status::PassReason;
+use crate::proxy::headers::{is_hop_by_hop, strip_hop_by_hop};
+
+/// What to do with a response from upstream.
+#[derive(Debug)]
+pub enum Admission {
+    /// Store it with this metadata (`body_len` still to be filled in).
+    Store(Box<CachedMeta>),
+    /// Do not store it.
+    Pass(PassReason),
+}
+
+/// How a stored response relates to a new request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Serve it as is.
+    Fresh,
+    /// Stale for this request: validate upstream first (or serve within a stale window).
+    Stale,
+    /// It cannot answer this request at all (other variant, credentials): go upstream.
+    Unusable,
+}
+
+fn options() -> CacheOptions {
+    CacheOptions {
+        shared: true,
+        ..Default::default()
+    }
+}
+
+/// The request as stored inside a policy: no cookies, no credential values.
+fn policy_request(req: &request::Parts, vary: &[HeaderName]) -> request::Parts {
+    let mut headers = HeaderMap::new();
+    for name in [header::HOST, header::CACHE_CONTROL, header::PRAGMA] {
+        for v in req.headers.get_all(&name) {
+            headers.append(name.clone(), v.clone());
+        }
+    }
+    if req.headers.contains_key(header::AUTHORIZATION) {
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("redacted"));
+    }
+    for name in vary {
+        if name == header::AUTHORIZATION || name == header::COOKIE {
+            // Varying on credentials: keep a digest, never the value.
+            if let Some(v) = req.headers.get(name) {
+                let digest = blake3::hash(v.as_bytes()).to_hex();
+                if let Ok(v) = HeaderValue::from_str(&digest[..32]) {
+                    headers.insert(name.clone(), v);
+                }
+            }
+            continue;
+        }
+        for v in req.headers.get_all(name) {
+            headers.append(name.clone(), v.clone());
+        }
+    }
+    let mut out = http::Request::builder()
+        .method(req.method.clone())
+        .uri(req.uri.clone())
+        .body(())
+        .expect("method and uri come from a valid request")
+        .into_parts()
+        .0;
+    out.headers = headers;
+    out
+}
+
+/// What the policy crate should see of a response:
+/// - `Cache-Control` directive names lower-cased (`No-CaChE` is `no-cache`, RFC 9111 §5.2);
+/// - a `Surrogate-Control` (Edge Architecture 1.0) directive aimed at us, or at every
+///   surrogate, replaces `Cache-Control` and `Expires` for this cache;
+/// - an invalid `Age` (not exactly one non-negative integer) makes the response stale
+///   (RFC 9111 §5.1).
+///
+/// Returns `None` when Surrogate-Control says `no-store`.
+pub fn policy_response(resp: &response::Parts, surrogate: &str) -> Option<response::Parts> {
+    let mut headers = resp.headers.clone();
+    let cc = Directives::parse(&resp.headers);
+    if headers.contains_key(header::CACHE_CONTROL) {
+        headers.remove(header::CACHE_CONTROL);
+        if let Ok(v) = HeaderValue::from_str(&cc.to_header()) {
+            headers.insert(header::CACHE_CONTROL, v);
+        }
+    }
+    if let Some(sc) = Directives::parse_surrogate(&resp.headers, surrogate) {
+        if sc.has("no-store") {
+            return None;
+        }
+        if let Some(max_age) = sc.raw("max-age") {
+            headers.remove(header::EXPIRES);
+            headers.remove(header::PRAGMA);
+            let v = match max_age.parse::<u64>() {
+                Ok(n) => format!("max-age={n}"),
+                Err(_) => "max-age=0".to_string(),
+            };
+            headers.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_str(&v).expect("digits"),
+            );
+        }
+    }
+    if age_is_invalid(&resp.headers) {
+        headers.insert(header::AGE, HeaderValue::from_static("2147483648"));
+    }
+    let mut out = http::Response::builder()
+        .status(resp.status)
+        .body(())
+        .expect("status from a valid response")
+        .into_parts()
+        .0;
+    out.headers = headers;
+    Some(out)
+}
+
+/// RFC 9111 §5.1: Age is one non-negative integer; anything else is invalid.
+fn age_is_invalid(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::AGE).iter();
+    let Some(first) = values.next() else {
+        return false;
+    };
+    if values.next().is_some() {
+        return true;
+    }
+    let v = first.as_bytes();
+    v.is_empty() || !v.iter().all(u8::is_ascii_digit)
+}
+
+/// Header names listed in Vary (lower-case), sorted. `None` for `Vary: *`, which never matches.
+pub fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut names = Vec::new();
+    for v in headers.get_all(header::VARY) {
+        let Ok(v) = v.to_str() else { continue };
+        for n in v.split(',') {
+            let n = n.trim();
+            if n.is_empty() {
+                continue;
+            }
+            if n == "*" {
+                return None;
+            }
+            if let Ok(name) = HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
+                && !names.contains(&name)
+            {
+                names.push(name);
+            }
+        }
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    Some(names)
+}
+
+/// Decides whether a response may be stored, and builds its metadata.
+pub fn admit(
+    req: &request::Parts,
+    resp: &response::Parts,
+    key: &str,
+    now: SystemTime,
+    surrogate: &str,
+) -> Admission {
+    let req_cc = Directives::parse(&req.headers);
+    if req_cc.has("no-store") {
+        return Admission::Pass(PassReason::RequestNoStore);
+    }
+    let Some(vary) = vary_names(&resp.headers) else {
+        return Admission::Pass(PassReason::Uncacheable);
+    };
+    let Some(presp) = policy_response(resp, surrogate) else {
+        return Admission::Pass(PassReason::Uncacheable);
+    };
+    let resp_cc = Directives::parse(&presp.headers);
+    if resp.headers.contains_key(header::SET_COOKIE) && !resp_cc.has("public") {
+        return Admission::Pass(PassReason::Uncacheable);
+    }
+    let preq = policy_request(req, &vary);
+    let policy = CachePolicy::new_options(&preq, &presp, now, options());
+    if !policy.is_storable() {
+        return Admission::Pass(PassReason::Uncacheable);
+    }
+    let ttl = policy.time_to_live(now);
+    let (swr, sie) = stale_windows(&resp_cc);
+    let mut headers = resp.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::SET_COOKIE);
+    let has_validator =
+        headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED);
+    if ttl.is_zero() && !has_validator && swr.is_zero() && sie.is_zero() {
+        // Nothing could ever be reused without a full fetch: storing would only churn.
+        return Admission::Pass(PassReason::Uncacheable);
+    }
+    let mut meta = CachedMeta {
+        version: META_VERSION,
+        key: key.to_string(),
+        status: resp.status,
+        headers,
+        policy,
+        stored_at_ms: 0,
+        fresh_until_ms: 0,
+        swr_secs: swr.as_secs(),
+        sie_secs: sie.as_secs(),
+        body_len: 0,
+        vary: vary.iter().map(|n| n.as_str().to_string()).collect(),
+        tags: Vec::new(),
+    };
+    meta.set_stored_now(now, ttl);
+    Admission::Store(Box::new(meta))
+}
+
+/// `stale-while-revalidate` / `stale-if-error` windows, unless the response forbids serving
+/// stale (`must-revalidate`, `proxy-revalidate`, `no-cache`: RFC 9111 §5.2.2).
+fn stale_windows(cc: &Directives) -> (Duration, Duration) {
+    if cc.has("must-revalidate") || cc.has("proxy-revalidate") || cc.has("no-cache") {
+        return (Duration::ZERO, Duration::ZERO);
+    }
+    (
+        cc.seconds("stale-while-revalidate").unwrap_or_default(),
+        cc.seconds("stale-if-error").unwrap_or_default(),
+    )
+}
+
+/// Is the stored response usable for this (normalised) request at `now`?
+pub fn freshness(meta: &CachedMeta, req: &request::Parts, now: SystemTime) -> Freshness {
+    // RFC 9111 §3.5: a shared cache must not reuse a response for a request with credentials
+    // unless the response explicitly allows it.
+    if req.headers.contains_key(header::AUTHORIZATION) {
+        let cc = Directives::parse(&meta.headers);
+        if !(cc.has("public") || cc.has("s-maxage") || cc.has("must-revalidate")) {
+            return Freshness::Unusable;
+        }
+    }
+    match meta.policy.before_request(req, now) {
+        BeforeRequest::Fresh(_) => Freshness::Fresh,
+        BeforeRequest::Stale { matches: true, .. } => Freshness::Stale,
+        BeforeRequest::Stale { matches: false, .. } => Freshness::Unusable,
+    }
+}
+
+/// May a stale object be served now while it is revalidated in the background?
+/// Not when the client asked for a validated or fresher answer.
+pub fn within_swr(meta: &CachedMeta, req_headers: &HeaderMap, now: SystemTime) -> bool {
+    if meta.swr_secs == 0 {
+        return false;
+    }
+    let cc = Directives::parse(req_headers);
+    if cc.has("no-cache") || cc.has("max-age") || cc.has("min-fresh") {
+        return false;
+    }
+    if req_headers
+        .get(header::PRAGMA)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("no-cache"))
+    {
+        return false;
+    }
+    meta.staleness(now) <= Duration::from_secs(meta.swr_secs)
+}
+
+/// May a stale object be served because upstream failed? The response's `stale-if-error`
+/// window, or the request's own `stale-if-error` (RFC 5861 §4).
+pub fn within_sie(meta: &CachedMeta, req_headers: &HeaderMap, now: SystemTime) -> bool {
+    let resp_cc = Directives::parse(&meta.headers);
+    if resp_cc.has("must-revalidate") || resp_cc.has("proxy-revalidate") {
+        return false;
+    }
+    let window = Directives::parse(req_headers)
+        .seconds("stale-if-error")
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .max(meta.sie_secs);
+    window > 0 && meta.staleness(now) <= Duration::from_secs(window)
+}
+
+/// Current age of a stored response (RFC 9111 §4.2.3), for the `Age` header.
+pub fn age(meta: &CachedMeta, now: SystemTime) -> Duration {
+    meta.policy.age(now)
+}
+
+/// Remaining freshness, for `Cache-Status: ttl=`.
+pub fn ttl(meta: &CachedMeta, now: SystemTime) -> Duration {
+    meta.policy.time_to_live(now)
+}
+
+/// Fields a 304 never changes in a stored response: they describe the stored body (its length,
+/// coding, digest, range and validator), which the 304 does not replace (RFC 9111 §3.2).
+/// Set-Cookie is never stored at all.
+const NOT_UPDATED_BY_304: [&str; 7] = [
+    "content-length",
+    "content-encoding",
+    "content-md5",
+    "content-range",
+    "etag",
+    "set-cookie",
+    "transfer-encoding",
+];
+
+/// Applies a 304 to a stored response (RFC 9111 §3.2, §4.3.4): every header of the 304
+/// replaces all stored instances of that field, except [`NOT_UPDATED_BY_304`] and hop-by-hop
+/// fields. Returns the updated metadata with a fresh policy, or `None` if the merged response
+/// can no longer be stored (it now says `Vary: *` or Surrogate-Control `no-store`).
+pub fn apply_not_modified(
+    meta: &CachedMeta,
+    req: &request::Parts,
+    not_modified: &response::Parts,
+    now: SystemTime,
+    surrogate: &str,
+) -> Option<CachedMeta> {
+    let mut headers = meta.headers.clone();
+    let mut replaced: Vec<HeaderName> = Vec::new();
+    for (name, value) in not_modified.headers.iter() {
+        if is_hop_by_hop(name) || NOT_UPDATED_BY_304.contains(&name.as_str()) {
+            continue;
+        }
+        if !replaced.contains(name) {
+            headers.remove(name);
+            replaced.push(name.clone());
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    let vary = vary_names(&headers)?;
+    let mut parts = http::Response::builder()
+        .status(meta.status)
+        .body(())
+        .ok()?
+        .into_parts()
+        .0;
+    parts.headers = headers.clone();
+    let presp = policy_response(&parts, surrogate)?;
+    let preq = policy_request(req, &vary);
+    let policy = CachePolicy::new_options(&preq, &presp, now, options());
+    let resp_cc = Directives::parse(&presp.headers);
+    let (swr, sie) = stale_windows(&resp_cc);
+    let ttl = policy.time_to_live(now);
+    let mut updated = CachedMeta {
+        headers,
+        policy,
+        swr_secs: swr.as_secs(),
+        sie_secs: sie.as_secs(),
+        vary: vary.iter().map(|n| n.as_str().to_string()).collect(),
+        ..meta.clone()
+    };
+    updated.set_stored_now(now, ttl);
+    Some(updated)
+}
+
+/// Status codes a cache may store at all (RFC 9110 §15.1 "heuristically cacheable" plus those
+/// cacheable with explicit freshness). 206 is excluded: we store whole objects only.
+pub fn status_may_be_stored(status: StatusCode) -> bool {
+    !matches!(status.as_u16(), 206 | 304 | 100..=199)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> request::Parts {
+        let mut b = http::Request::builder()
+            .method("GET")
+            .uri("http://example.com/a")
+            .header("host", "example.com");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn resp(status: u16, headers: &[(&str, &str)]) -> response::Parts {
+        let mut b = http::Response::builder().status(status);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn store(r: &request::Parts, p: &response::Parts, now: SystemTime) -> Option<CachedMeta> {
+        match admit(r, p, "example.com/a", now, "outpost") {
+            Admission::Store(m) => Some(*m),
+            Admission::Pass(_) => None,
+        }
+    }
+
+    #[test]
+    fn s_maxage_beats_max_age_and_age_counts() {
+        let now = SystemTime::now();
+        let m = store(
+            &req(&[]),
+            &resp(
+                200,
+                &[
+                    ("cache-control", "max-age=60, s-maxage=300"),
+                    ("age", "100"),
+                ],
+            ),
+            now,
+        )
+        .unwrap();
+        assert_eq!(ttl(&m, now), Duration::from_secs(200));
+        assert_eq!(freshness(&m, &req(&[]), now), Freshness::Fresh);
+        let later = now + Duration::from_secs(201);
+        assert_eq!(freshness(&m, &req(&[]), later), Freshness::Stale);
+    }
+
+    #[test]
+    fn not_stored() {
+        let now = SystemTime::now();
+        for cc in ["no-store", "private", "max-age=0"] {
+            assert!(
+                store(&req(&[]), &resp(200, &[("cache-control", cc)]), now).is_none(),
+                "{cc}"
+            );
+        }
+        assert!(
+            store(
+                &req(&[]),
+                &resp(200, &[("cache-control", "max-age=60"), ("vary", "*")]),
+                now
+            )
+            .is_none()
+        );
+        assert!(
+            store(
+                &req(&[]),
+                &resp(
+                    200,
+                    &[("cache-control", "max-age=60"), ("set-cookie", "a=b")]
+                ),
+                now
+            )
+            .is_none()
+        );
+        assert!(
+            store(
+                &req(&[("authorization", "Bearer x")]),
+                &resp(200, &[("cache-control", "max-age=60")]),
+                now
+            )
+            .is_none()
+        );
+        assert!(
+            store(
+                &req(&[("cache-control", "no-store")]),
+                &resp(200, &[("cache-control", "max-age=60")]),
+                now
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn stored_with_credentials_when_public_and_no_secrets_persisted() {
+        let now = SystemTime::now();
+        let m = store(
+            &req(&[
+                ("authorization", "Bearer secret"),
+                ("cookie", "session=secret"),
+            ]),
+            &resp(
+                200,
+                &[
+                    ("cache-control", "public, max-age=60"),
+                    ("set-cookie", "x=y"),
+                ],
+            ),
+            now,
+        )
+        .unwrap();
+        let json = String::from_utf8(m.to_json().unwrap()).unwrap();
+        assert!(!json.contains("secret"), "{json}");
+        assert!(!m.headers.contains_key("set-cookie"));
+    }
+
+    #[test]
+    fn no_cache_is_stored_but_always_stale_and_unknown_directives_ignored() {
+        let now = SystemTime::now();
+        let m = store(
+            &req(&[]),
+            &resp(
+                200,
+                &[("cache-control", "no-cache, max-age=60"), ("etag", "\"a\"")],
+            ),
+            now,
+        )
+        .unwrap();
+        assert_eq!(freshness(&m, &req(&[]), now), Freshness::Stale);
+        let m = store(
+            &req(&[]),
+            &resp(200, &[("cache-control", "max-age=60, nothing-to-see-here")]),
+            now,
+        )
+        .unwrap();
+        assert_eq!(freshness(&m, &req(&[]), now), Freshness::Fresh);
+    }
+
+    #[test]
+    fn heuristic_freshness_only_for_heuristically_cacheable_codes() {
+        let now = SystemTime::now();
+        let lm = httpdate::fmt_http_date(now - Duration::from_secs(1000));
+        let date = httpdate::fmt_http_date(now);
+        let m = store(
+            &req(&[]),
+            &resp(200, &[("last-modified", &lm), ("date", &date)]),
+            now,
+        )
+        .unwrap();
+        let t = ttl(&m, now).as_secs();
+        assert!((99..=100).contains(&t), "{t}");
+        assert!(store(&req(&[]), &resp(302, &[("last-modified", &lm)]), now).is_none());
+    }
+
+    #[test]
+    fn invalid_age_is_stale_and_directives_are_case_insensitive() {
+        let now = SystemTime::now();
+        for age in ["abc", "-7200", "1.5", "0, 7200"] {
+            let m = store(
+                &req(&[]),
+                &resp(
+                    200,
+                    &[
+                        ("cache-control", "max-age=3600"),
+                        ("age", age),
+                        ("etag", "\"a\""),
+                    ],
+                ),
+                now,
+            )
+            .unwrap();
+            assert_eq!(freshness(&m, &req(&[]), now), Freshness::Stale, "{age}");
+        }
+        let m = store(
+            &req(&[]),
+            &resp(
+                200,
+                &[
+                    ("cache-control", "max-age=10000, No-CaChE"),
+                    ("etag", "\"a\""),
+                ],
+            ),
+            now,
+        )
+        .unwrap();
+        assert_eq!(freshness(&m, &req(&[]), now), Freshness::Stale);
+    }
+
+    #[test]
+    fn surrogate_control_targets_us() {
+        let now = SystemTime::now();
+        let m = store(
+            &req(&[]),
+            &resp(
+                200,
+                &[
+                    ("cache-control", "no-store"),
+                    ("surrogate-control", "max-age=100;outpost"),
+                ],
+            ),
+            now,
+        )
+        .unwrap();
+        assert_eq!(ttl(&m, now), Duration::from_secs(100));
+        assert!(
+            store(
+                &req(&[]),
+                &resp(
+                    200,
+                    &[
+                        ("cache-control", "max-age=100"),
+                        ("surrogate-control", "no-store")
+                    ]
+                ),
+                now
+            )
+            .is_none()
+        );
+        assert!(
+            store(
+                &req(&[]),
+                &resp(200, &[("surrogate-control", "max-age=100;other")]),
+                now
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn request_directives() {
+        let now = SystemTime::now();
+        let m = store(
+            &req(&[]),
+            &resp(200, &[("cache-control", "max-age=100")]),
+            now,
+        )
+        .unwrap();
+        let later = now + Duration::from_secs(50);
+        assert_eq!(
+            freshness(&m, &req(&[("cache-control", "max-age=10")]), later),
+            Freshness::Stale
+        );
+        assert_eq!(
+            freshness(&m, &req(&[("cache-control", "min-fresh=60")]), later),
+            Freshness::Stale
+        );
+        let stale = now + Duration::from_secs(130);
+        assert_eq!(
+            freshness(&m, &req(&[("cache-control", "max-stale=60")]), stale),
+            Freshness::Fresh
+        );
+        assert_eq!(
+            freshness(&m, &req(&[("cache-control", "no-cache")]), now),
+            Freshness::Stale
+        );
+    }
+
+    #[test]
+    fn stale_windows_and_must_revalidate() {
+        let now = SystemTime::now();
+        let m = store(
+            &req(&[]),
+            &resp(
+                200,
+                &[(
+                    "cache-control",
+                    "max-age=10, stale-while-revalidate=30, stale-if-error=300",
+                )],
+            ),
+            now,
+        )
+        .unwrap();
+        let t = now + Duration::from_secs(20);
+        assert!(within_swr(&m, &HeaderMap::new(), t));
+        assert!(!within_swr(
+            &m,
+            &HeaderMap::new(),
+            now + Duration::from_secs(60)
+        ));
+        assert!(within_sie(
+            &m,
+            &HeaderMap::new(),
+            now + Duration::from_secs(200)
+        ));
+        let m = store(
+            &req(&[]),
+            &resp(
+                200,
+                &[(
+                    "cache-control",
+                    "max-age=10, must-revalidate, stale-if-error=300",
+                )],
+            ),
+            now,
+        )
+        .unwrap();
+        assert!(!within_sie(&m, &HeaderMap::new(), t));
+    }
+
+    #[test]
+    fn not_modified_updates_headers() {
+        let now = SystemTime::now();
+        let m = store(
+            &req(&[]),
+            &resp(
+                200,
+                &[
+                    ("cache-control", "max-age=1"),
+                    ("etag", "\"v1\""),
+                    ("x-a", "1"),
+                    ("x-a", "2"),
+                    ("content-length", "5"),
+                ],
+            ),
+            now,
+        )
+        .unwrap();
+        let later = now + Duration::from_secs(10);
+        let nm = resp(
+            304,
+            &[
+                ("cache-control", "max-age=3600"),
+                ("etag", "\"v1\""),
+                ("x-b", "new"),
+                ("content-length", "0"),
+            ],
+        );
+        let u = apply_not_modified(&m, &req(&[]), &nm, later, "outpost").unwrap();
+        assert_eq!(u.headers["cache-control"], "max-age=3600");
+        assert_eq!(u.headers["x-b"], "new");
+        assert_eq!(u.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(u.headers["content-length"], "5");
+        assert_eq!(u.status, StatusCode::OK);
+        assert_eq!(freshness(&u, &req(&[]), later), Freshness::Fresh);
+        // A 304 never changes the stored validator.
+        let other = resp(304, &[("etag", "\"v2\"")]);
+        let u = apply_not_modified(&m, &req(&[]), &other, later, "outpost").unwrap();
+        assert_eq!(u.headers["etag"], "\"v1\"");
+    }
+}

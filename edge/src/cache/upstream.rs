@@ -1,0 +1,55 @@
+//! The engine's view of upstream: a trait, so the engine has no sockets and tests or benches can
+//! plug in an in-process origin. The proxy implements it with a pooled hyper client.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type UpstreamBody = BoxBody<Bytes, BoxError>;
+
+/// Why upstream could not produce a response. Each kind maps to one status for the client.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum UpstreamError {
+    #[error("cannot connect to upstream: {0}")]
+    Connect(String),
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("upstream failed: {0}")]
+    Protocol(String),
+    #[error("too many concurrent requests to upstream")]
+    Overloaded,
+}
+
+impl UpstreamError {
+    /// 504 for a timeout (RFC 9110 §15.6.5), 502 for everything else (§15.6.3).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Protocol(_) => "protocol",
+            UpstreamError::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// Sends one request upstream (origin or shield) and returns its response head with a
+/// streaming body. Implementations apply their own connect / first-byte timeouts.
+pub trait Upstream: Send + Sync + 'static {
+    fn fetch(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> BoxFuture<'static, Result<Response<UpstreamBody>, UpstreamError>>;
+}

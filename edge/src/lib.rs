@@ -1,0 +1,15 @@
+//! Outpost's caching proxy: the edge and shield roles.
+//!
+//! - [`cache`]: the socket-free caching engine (key, policy, metadata, memory and disk tiers,
+//!   coalescing, invalidation). Tested and benched without a server.
+//! - [`proxy`]: the request path, one module per phase (request, upstream, respond).
+//! - [`server`]: listeners, connection handling, admin endpoints, graceful shutdown.
+//! - [`config`]: `edge.toml` and flags, validated into [`config::EdgeConfig`].
+
+pub mod cache;
+pub mod config;
+pub mod proxy;
+pub mod server;
+
+pub use config::{EdgeConfig, EdgeOverrides, Role};
+pub use server::{EdgeServer, StartError};

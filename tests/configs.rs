@@ -1,0 +1,127 @@
+//! Every file in `configs/` parses and validates, and the binary rejects bad config with exit
+//! code 64 and a message naming the field, before binding anything.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn configs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")
+}
+
+#[test]
+fn every_shipped_config_file_parses() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(configs_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let result: Result<(), String> = match name.as_str() {
+            "origin.toml" => outpost_origin::OriginConfig::load(Some(&path), Default::default())
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            "origin-rules.toml" => outpost_origin::Rules::load(&path)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            "edge.toml" => outpost_edge::EdgeConfig::load(Some(&path), Default::default())
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            other => Err(format!(
+                "no parser registered for configs/{other}: add it to tests/configs.rs"
+            )),
+        };
+        if let Err(e) = result {
+            panic!("configs/{name} does not load:\n{e}");
+        }
+        seen += 1;
+    }
+    assert!(seen >= 3, "expected at least 3 config files, saw {seen}");
+}
+
+fn outpost(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .output()
+        .expect("run outpost")
+}
+
+#[test]
+fn bad_edge_config_exits_64_naming_every_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edge.toml");
+    // Take a port, so that we can show nothing gets bound: the listener stays ours.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    drop(held);
+    std::fs::write(
+        &file,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\norigin = \"http://127.0.0.1:1\"\n[cache]\nmemory = \"lots\"\ndisk = \"12 parsecs\"\n"
+        ),
+    )
+    .unwrap();
+    let out = outpost(&[
+        "edge",
+        "--config",
+        file.to_str().unwrap(),
+        "--admin-listen",
+        "nope",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "cache.memory",
+        "cache.disk",
+        "--admin-listen",
+        "edge.toml:4",
+    ] {
+        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+    }
+    // Nothing was bound: the port is still free.
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("port still free");
+}
+
+#[test]
+fn unknown_field_exits_64_with_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edge.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\norigin = \"http://127.0.0.1:1\"\nbogus = 1\n",
+    )
+    .unwrap();
+    let out = outpost(&["edge", "--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("edge.toml:3") && err.contains("bogus"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_origin_flags_exit_64() {
+    let out = outpost(&[
+        "origin",
+        "--root",
+        "/definitely/not/here",
+        "--listen",
+        "localhost",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--root") && err.contains("--listen"), "{err}");
+}
+
+#[test]
+fn later_subcommands_say_not_available_and_fail() {
+    for cmd in ["selector", "demo", "purge", "push", "stats"] {
+        let out = outpost(&[cmd]);
+        assert!(!out.status.success(), "{cmd} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not available yet"), "{cmd}: {err}");
+        let help = outpost(&[cmd, "--help"]);
+        assert!(help.status.success(), "{cmd} --help");
+    }
+}

@@ -1,0 +1,808 @@
+//! End-to-end tests of `outpost-origin`: a real `OriginServer` on 127.0.0.1:0, serving the repo's
+//! `site/` (or a temporary directory), driven by reqwest and, where reqwest would normalise the
+//! URL, by raw HTTP/1.1 over a TCP socket.
+//!
+//! `site/assets/media/sample.bin` is 2 MiB of incompressible bytes, generated with
+//! `python3 -c "import random; random.seed(42); open('sample.bin','wb').write(random.randbytes(2*1024*1024))"`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http::header::{
+    ACCEPT_RANGES, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, DATE, ETAG,
+    IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED,
+    RANGE, SERVER,
+};
+use outpost_origin::{OriginConfig, OriginOverrides, OriginServer, Rules};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const SAMPLE_LEN: usize = 2 * 1024 * 1024;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn site() -> PathBuf {
+    repo().join("site")
+}
+
+/// A running origin; dropping it shuts the server down.
+struct Origin {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Origin {
+    /// Serves `root` with the rules file `rules` (none: built-in rules).
+    async fn start(root: &Path, rules: Option<&Path>) -> Origin {
+        let cfg = OriginConfig::load(
+            None,
+            OriginOverrides {
+                listen: Some("127.0.0.1:0".into()),
+                root: Some(root.display().to_string()),
+                rules: rules.map(|r| r.display().to_string()),
+            },
+        )
+        .unwrap_or_else(|e| panic!("test config: {e}"));
+        let server = OriginServer::bind(cfg).await.expect("bind 127.0.0.1:0");
+        let addr = server.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        Origin {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The repo's sample site with configs/origin-rules.toml.
+    async fn sample_site() -> Origin {
+        Origin::start(&site(), Some(&repo().join("configs/origin-rules.toml"))).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    async fn shutdown(mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("shutdown within the drain timeout")
+            .expect("server task")
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("reqwest client")
+}
+
+fn h2c_client() -> reqwest::Client {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .expect("reqwest h2c client")
+}
+
+fn header(resp: &reqwest::Response, name: http::HeaderName) -> &str {
+    resp.headers()
+        .get(&name)
+        .unwrap_or_else(|| panic!("missing {name}"))
+        .to_str()
+        .unwrap()
+}
+
+/// Sends one raw HTTP/1.1 request and returns the status and the whole response text.
+async fn raw_request(addr: SocketAddr, method: &str, target: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let req =
+        format!("{method} {target} HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, text)
+}
+
+#[tokio::test]
+async fn serves_a_page_with_validators_and_rule_headers() {
+    let origin = Origin::sample_site().await;
+    let resp = client()
+        .get(origin.url("/about.html"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, CONTENT_TYPE), "text/html; charset=utf-8");
+    assert_eq!(header(&resp, SERVER), "outpost-origin");
+    assert_eq!(header(&resp, ACCEPT_RANGES), "bytes");
+    assert_eq!(
+        header(&resp, CACHE_CONTROL),
+        "public, max-age=60, stale-while-revalidate=30"
+    );
+    assert_eq!(header(&resp, "surrogate-key".parse().unwrap()), "html");
+    let etag = header(&resp, ETAG);
+    assert!(
+        etag.starts_with('"') && etag.ends_with('"'),
+        "strong ETag: {etag}"
+    );
+    assert!(header(&resp, LAST_MODIFIED).ends_with(" GMT"));
+    assert_eq!(resp.headers().get_all(DATE).iter().count(), 1);
+    let expected = std::fs::read(site().join("about.html")).unwrap();
+    assert_eq!(header(&resp, CONTENT_LENGTH), expected.len().to_string());
+    assert_eq!(resp.bytes().await.unwrap(), Bytes::from(expected));
+}
+
+#[tokio::test]
+async fn serves_the_large_file_intact_over_h1_and_h2c() {
+    let origin = Origin::sample_site().await;
+    let expected = std::fs::read(site().join("assets/media/sample.bin")).unwrap();
+    assert_eq!(expected.len(), SAMPLE_LEN);
+    for client in [client(), h2c_client()] {
+        let resp = client
+            .get(origin.url("/assets/media/sample.bin"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, CONTENT_TYPE), "application/octet-stream");
+        assert_eq!(header(&resp, CONTENT_LENGTH), SAMPLE_LEN.to_string());
+        assert_eq!(
+            header(&resp, CACHE_CONTROL),
+            "public, max-age=31536000, immutable"
+        );
+        assert_eq!(
+            header(&resp, "surrogate-key".parse().unwrap()),
+            "assets static"
+        );
+        let body = resp.bytes().await.unwrap();
+        assert!(body == expected[..], "2 MiB body differs from the file");
+    }
+    let resp = h2c_client().get(origin.url("/")).send().await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+}
+
+#[tokio::test]
+async fn rules_apply_by_glob_and_default_otherwise() {
+    let origin = Origin::sample_site().await;
+    let c = client();
+    let cases = [
+        (
+            "/assets/css/style.css",
+            "public, max-age=31536000, immutable",
+            Some("assets static"),
+            "text/css; charset=utf-8",
+        ),
+        (
+            "/assets/js/app.js",
+            "public, max-age=31536000, immutable",
+            Some("assets static"),
+            "text/javascript; charset=utf-8",
+        ),
+        (
+            "/assets/img/logo.svg",
+            "public, max-age=31536000, immutable",
+            Some("assets static"),
+            "image/svg+xml; charset=utf-8",
+        ),
+        (
+            "/index.html",
+            "public, max-age=60, stale-while-revalidate=30",
+            Some("html"),
+            "text/html; charset=utf-8",
+        ),
+        (
+            "/docs/guide.html",
+            "public, max-age=60, stale-while-revalidate=30",
+            Some("html"),
+            "text/html; charset=utf-8",
+        ),
+        // A directory is matched as its index.html.
+        (
+            "/docs/",
+            "public, max-age=60, stale-while-revalidate=30",
+            Some("html"),
+            "text/html; charset=utf-8",
+        ),
+    ];
+    for (path, cc, key, ctype) in cases {
+        let resp = c.get(origin.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        assert_eq!(header(&resp, CACHE_CONTROL), cc, "{path}");
+        assert_eq!(header(&resp, CONTENT_TYPE), ctype, "{path}");
+        assert_eq!(
+            resp.headers()
+                .get("surrogate-key")
+                .map(|v| v.to_str().unwrap()),
+            key,
+            "{path}"
+        );
+    }
+
+    // No rule matches: the default Cache-Control and no Surrogate-Key.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("robots.txt"), "User-agent: *\n").unwrap();
+    let origin = Origin::start(dir.path(), Some(&repo().join("configs/origin-rules.toml"))).await;
+    let resp = c.get(origin.url("/robots.txt")).send().await.unwrap();
+    assert_eq!(header(&resp, CACHE_CONTROL), "public, max-age=60");
+    assert!(resp.headers().get("surrogate-key").is_none());
+    assert_eq!(header(&resp, CONTENT_TYPE), "text/plain; charset=utf-8");
+}
+
+#[tokio::test]
+async fn directories_serve_their_index_and_queries_are_ignored() {
+    let origin = Origin::sample_site().await;
+    let c = client();
+    let home = std::fs::read(site().join("index.html")).unwrap();
+    let docs = std::fs::read(site().join("docs/index.html")).unwrap();
+    for (path, expected) in [
+        ("/", &home),
+        ("/?utm_source=test", &home),
+        ("/docs", &docs),
+        ("/docs/", &docs),
+        ("/docs/?x=1#frag", &docs),
+    ] {
+        let resp = c.get(origin.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        assert_eq!(resp.bytes().await.unwrap(), expected[..], "{path}");
+    }
+    let resp = c.get(origin.url("/about.html?v=2")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // A directory without index.html is 404 (no listings).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
+    let origin = Origin::start(dir.path(), None).await;
+    assert_eq!(
+        c.get(origin.url("/empty/")).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        c.get(origin.url("/")).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn etag_round_trip_gives_304_for_get_and_head() {
+    let origin = Origin::sample_site().await;
+    let c = client();
+    let url = origin.url("/docs/guide.html");
+    let first = c.get(&url).send().await.unwrap();
+    let etag = header(&first, ETAG).to_string();
+    let last_modified = header(&first, LAST_MODIFIED).to_string();
+
+    for method in [http::Method::GET, http::Method::HEAD] {
+        for inm in [
+            etag.clone(),
+            format!("W/{etag}"),
+            format!("\"nope\", {etag}"),
+            "*".into(),
+        ] {
+            let resp = c
+                .request(method.clone(), &url)
+                .header(IF_NONE_MATCH, &inm)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::NOT_MODIFIED, "{method} {inm}");
+            assert_eq!(header(&resp, ETAG), etag);
+            assert_eq!(header(&resp, LAST_MODIFIED), last_modified);
+            assert_eq!(
+                header(&resp, CACHE_CONTROL),
+                "public, max-age=60, stale-while-revalidate=30"
+            );
+            assert_eq!(header(&resp, "surrogate-key".parse().unwrap()), "html");
+            assert!(resp.headers().contains_key(DATE));
+            assert!(resp.bytes().await.unwrap().is_empty());
+        }
+    }
+
+    // A different tag: the full page.
+    let resp = c
+        .get(&url)
+        .header(IF_NONE_MATCH, "\"something-else\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // If-None-Match takes precedence over If-Modified-Since (RFC 9110 §13.1.3).
+    let resp = c
+        .get(&url)
+        .header(IF_NONE_MATCH, "\"something-else\"")
+        .header(IF_MODIFIED_SINCE, &last_modified)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn last_modified_round_trip_gives_304_for_get_and_head() {
+    let origin = Origin::sample_site().await;
+    let c = client();
+    let url = origin.url("/assets/css/style.css");
+    let first = c.head(&url).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let last_modified = header(&first, LAST_MODIFIED).to_string();
+
+    for method in [http::Method::GET, http::Method::HEAD] {
+        let resp = c
+            .request(method.clone(), &url)
+            .header(IF_MODIFIED_SINCE, &last_modified)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_MODIFIED, "{method}");
+        assert_eq!(header(&resp, LAST_MODIFIED), last_modified);
+        assert_eq!(
+            header(&resp, CACHE_CONTROL),
+            "public, max-age=31536000, immutable"
+        );
+        assert_eq!(
+            header(&resp, "surrogate-key".parse().unwrap()),
+            "assets static"
+        );
+        assert!(resp.headers().contains_key(ETAG));
+        assert!(resp.bytes().await.unwrap().is_empty());
+
+        let resp = c
+            .request(method.clone(), &url)
+            .header(IF_MODIFIED_SINCE, "Thu, 01 Jan 1970 00:00:00 GMT")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{method}");
+    }
+}
+
+#[tokio::test]
+async fn head_has_the_get_headers_and_no_body() {
+    let origin = Origin::sample_site().await;
+    for c in [client(), h2c_client()] {
+        let resp = c
+            .head(origin.url("/assets/media/sample.bin"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, CONTENT_LENGTH), SAMPLE_LEN.to_string());
+        assert!(resp.headers().contains_key(ETAG));
+        let etag = header(&resp, ETAG).to_string();
+        assert!(resp.bytes().await.unwrap().is_empty());
+        // Range is defined for GET only (RFC 9110 §14.2): HEAD ignores it.
+        let resp = c
+            .head(origin.url("/assets/media/sample.bin"))
+            .header(RANGE, "bytes=0-9")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.bytes().await.unwrap().is_empty());
+        let resp = c
+            .head(origin.url("/assets/media/sample.bin"))
+            .header(IF_NONE_MATCH, &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
+        // A HEAD error has the GET's headers and no body either.
+        let resp = c.head(origin.url("/missing")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert!(resp.bytes().await.unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn failing_if_match_and_if_unmodified_since_give_412() {
+    let origin = Origin::sample_site().await;
+    let c = client();
+    let url = origin.url("/about.html");
+    let first = c.get(&url).send().await.unwrap();
+    let etag = header(&first, ETAG).to_string();
+
+    let status = |req: reqwest::RequestBuilder| async move { req.send().await.unwrap().status() };
+    assert_eq!(
+        status(c.get(&url).header(IF_MATCH, &etag)).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status(c.get(&url).header(IF_MATCH, "*")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status(c.get(&url).header(IF_MATCH, "\"stale\"")).await,
+        StatusCode::PRECONDITION_FAILED
+    );
+    assert_eq!(
+        status(c.get(&url).header(IF_MATCH, format!("W/{etag}"))).await,
+        StatusCode::PRECONDITION_FAILED,
+        "If-Match uses strong comparison"
+    );
+    assert_eq!(
+        status(
+            c.get(&url)
+                .header(IF_UNMODIFIED_SINCE, "Thu, 01 Jan 1970 00:00:00 GMT")
+        )
+        .await,
+        StatusCode::PRECONDITION_FAILED
+    );
+    assert_eq!(
+        status(
+            c.get(&url)
+                .header(IF_UNMODIFIED_SINCE, "Fri, 01 Jan 2100 00:00:00 GMT")
+        )
+        .await,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn byte_ranges() {
+    let origin = Origin::sample_site().await;
+    let c = client();
+    let url = origin.url("/assets/media/sample.bin");
+    let file = std::fs::read(site().join("assets/media/sample.bin")).unwrap();
+    let len = file.len();
+
+    let get = |range: &str| c.get(&url).header(RANGE, range.to_string()).send();
+
+    let resp = get("bytes=0-99").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(header(&resp, CONTENT_RANGE), format!("bytes 0-99/{len}"));
+    assert_eq!(header(&resp, CONTENT_LENGTH), "100");
+    assert_eq!(
+        header(&resp, CACHE_CONTROL),
+        "public, max-age=31536000, immutable"
+    );
+    assert!(resp.headers().contains_key(ETAG));
+    assert_eq!(resp.bytes().await.unwrap(), file[..100]);
+
+    // A range across the middle of the file and past the first read chunk.
+    let resp = get("bytes=1000000-1200000").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        header(&resp, CONTENT_RANGE),
+        format!("bytes 1000000-1200000/{len}")
+    );
+    assert_eq!(resp.bytes().await.unwrap(), file[1_000_000..=1_200_000]);
+
+    // Suffix range: the last 500 bytes.
+    let resp = get("bytes=-500").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        header(&resp, CONTENT_RANGE),
+        format!("bytes {}-{}/{len}", len - 500, len - 1)
+    );
+    assert_eq!(header(&resp, CONTENT_LENGTH), "500");
+    assert_eq!(resp.bytes().await.unwrap(), file[len - 500..]);
+
+    // Open-ended, and a last position past the end (clamped).
+    let resp = get(&format!("bytes={}-", len - 10)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(resp.bytes().await.unwrap(), file[len - 10..]);
+    let resp = get(&format!("bytes={}-{}", len - 3, len + 1000))
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&resp, CONTENT_RANGE),
+        format!("bytes {}-{}/{len}", len - 3, len - 1)
+    );
+
+    // Unsatisfiable: 416 with the length.
+    for range in [format!("bytes={len}-"), "bytes=-0".to_string()] {
+        let resp = get(&range).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
+        assert_eq!(header(&resp, CONTENT_RANGE), format!("bytes */{len}"));
+    }
+
+    // Invalid syntax, another unit, or several ranges: ignored, the whole file (RFC 9110 §14.2).
+    for range in ["bytes=abc", "bytes=5-1", "items=0-1", "bytes=0-1,5-6"] {
+        let resp = get(range).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{range}");
+        assert_eq!(header(&resp, CONTENT_LENGTH), len.to_string(), "{range}");
+        assert!(resp.headers().get(CONTENT_RANGE).is_none());
+        assert_eq!(resp.bytes().await.unwrap().len(), len);
+    }
+
+    // If-Range: a current strong tag or the exact date keeps the range; anything else sends 200.
+    let head = c.head(&url).send().await.unwrap();
+    let etag = header(&head, ETAG).to_string();
+    let last_modified = header(&head, LAST_MODIFIED).to_string();
+    for (if_range, status) in [
+        (etag.clone(), StatusCode::PARTIAL_CONTENT),
+        (last_modified, StatusCode::PARTIAL_CONTENT),
+        ("\"old\"".to_string(), StatusCode::OK),
+        (format!("W/{etag}"), StatusCode::OK),
+        ("Thu, 01 Jan 1970 00:00:00 GMT".to_string(), StatusCode::OK),
+    ] {
+        let resp = c
+            .get(&url)
+            .header(RANGE, "bytes=0-9")
+            .header(IF_RANGE, &if_range)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "If-Range: {if_range}");
+        let want = if status == StatusCode::OK { len } else { 10 };
+        assert_eq!(resp.bytes().await.unwrap().len(), want);
+    }
+}
+
+#[tokio::test]
+async fn traversal_attempts_are_refused_with_400() {
+    let origin = Origin::sample_site().await;
+    for target in [
+        "/../etc/passwd",
+        "/../../../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/%2E%2E/%2E%2E/etc/passwd",
+        "/assets/%2e%2e/%2e%2e/x",
+        "/assets/..%2f..%2fetc/passwd",
+        "/assets%2f..%2f..%2fetc%2fpasswd",
+        "/..%5c..%5cetc%5cpasswd",
+        "/about.html%00.txt",
+        "/docs/./../../etc/passwd",
+    ] {
+        let (status, text) = raw_request(origin.addr, "GET", target).await;
+        assert_eq!(status, 400, "{target}: {text}");
+        assert!(!text.contains("root:"), "{target} leaked a file");
+        // Refused by the origin's own sanitiser, not by the HTTP parser.
+        assert!(text.contains("server: outpost-origin"), "{target}: {text}");
+        assert!(text.contains("request path must"), "{target}: {text}");
+        // Only the short plain-text reason, never a file body.
+        assert!(text.len() < 1024, "{target}: {text}");
+    }
+    // HEAD is refused the same way.
+    let (status, _) = raw_request(origin.addr, "HEAD", "/%2e%2e/etc/passwd").await;
+    assert_eq!(status, 400);
+    // A dot segment that stays inside the root is harmless.
+    let (status, _) = raw_request(origin.addr, "GET", "/docs/./guide.html").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn missing_files_are_404() {
+    let origin = Origin::sample_site().await;
+    let c = client();
+    for path in [
+        "/nope.html",
+        "/assets/nope/",
+        "/about.html/",
+        "/about.html/x",
+    ] {
+        let resp = c.get(origin.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(header(&resp, CONTENT_TYPE), "text/plain; charset=utf-8");
+    }
+}
+
+#[tokio::test]
+async fn other_methods_are_405_with_allow() {
+    let origin = Origin::sample_site().await;
+    let c = client();
+    for method in [
+        http::Method::POST,
+        http::Method::PUT,
+        http::Method::DELETE,
+        http::Method::OPTIONS,
+    ] {
+        let resp = c
+            .request(method.clone(), origin.url("/index.html"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(header(&resp, ALLOW), "GET, HEAD");
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn symlinks_outside_the_root_are_not_followed() {
+    use std::os::unix::fs::symlink;
+
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret.txt"), "TOP-SECRET").unwrap();
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("page.html"), "<p>hello</p>").unwrap();
+    symlink(
+        outside.path().join("secret.txt"),
+        root.path().join("leak.txt"),
+    )
+    .unwrap();
+    symlink(outside.path(), root.path().join("linked-dir")).unwrap();
+    symlink(
+        root.path().join("page.html"),
+        root.path().join("alias.html"),
+    )
+    .unwrap();
+
+    let origin = Origin::start(root.path(), None).await;
+    let c = client();
+    for path in ["/leak.txt", "/linked-dir/secret.txt", "/linked-dir/"] {
+        let resp = c.get(origin.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+        assert!(!resp.text().await.unwrap().contains("TOP-SECRET"), "{path}");
+    }
+    // A symlink that stays inside the root is followed.
+    let resp = c.get(origin.url("/alias.html")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.text().await.unwrap(), "<p>hello</p>");
+}
+
+#[tokio::test]
+async fn shutdown_drains_and_stops_accepting() {
+    let origin = Origin::sample_site().await;
+    let addr = origin.addr;
+    let resp = client().get(origin.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    origin.shutdown().await.expect("clean shutdown");
+    assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_download_finish() {
+    let origin = Origin::sample_site().await;
+    let mut resp = client()
+        .get(origin.url("/assets/media/sample.bin"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let first = resp.chunk().await.unwrap().expect("first chunk");
+    let stopped = tokio::spawn(origin.shutdown());
+    let mut received = first.len();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        received += chunk.len();
+    }
+    assert_eq!(received, SAMPLE_LEN);
+    stopped.await.unwrap().expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn slow_request_heads_are_cut_off() {
+    let mut cfg = OriginConfig::load(
+        None,
+        OriginOverrides {
+            listen: Some("127.0.0.1:0".into()),
+            root: Some(site().display().to_string()),
+            rules: None,
+        },
+    )
+    .unwrap();
+    cfg.header_read_timeout = Duration::from_millis(300);
+    let server = OriginServer::bind(cfg).await.unwrap();
+    let addr = server.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+
+    // Half a request head, then silence: the server must not wait forever (slow loris).
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "connection still open after the header read timeout"
+    );
+
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[test]
+fn the_shipped_configs_load() {
+    let rules =
+        Rules::load(&repo().join("configs/origin-rules.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rules.len(), 2);
+    assert_eq!(
+        rules.lookup("/assets/css/style.css").cache_control,
+        "public, max-age=31536000, immutable"
+    );
+    let cfg = OriginConfig::load(
+        Some(&repo().join("configs/origin.toml")),
+        OriginOverrides::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.listen, "127.0.0.1:9000".parse().unwrap());
+    assert_eq!(cfg.root, site().canonicalize().unwrap());
+    assert_eq!(cfg.rules.len(), 2);
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("site")).unwrap();
+    let load = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        OriginConfig::load(Some(&path), OriginOverrides::default())
+    };
+
+    let err = load(
+        "unknown.toml",
+        "root = \"site\"\nlistne = \"127.0.0.1:1\"\n",
+    )
+    .unwrap_err();
+    assert!(err.mentions("listne"), "{err}");
+    assert_eq!(err.0[0].line, Some(2));
+
+    let err = load(
+        "address.toml",
+        "listen = \"localhost:http\"\nroot = \"site\"\n",
+    )
+    .unwrap_err();
+    assert!(err.mentions("listen"), "{err}");
+    assert_eq!(err.0[0].line, Some(1));
+    assert!(
+        err.to_string().contains("address.toml:1: field `listen`"),
+        "{err}"
+    );
+
+    let err = load("root.toml", "root = \"no-such-dir\"\n").unwrap_err();
+    assert!(err.mentions("root"), "{err}");
+
+    std::fs::write(
+        dir.path().join("bad-rules.toml"),
+        "[[rule]]\npath = \"/assets/**\"\ncache_control = \"public\"\n\n[[rule]]\npath = \"/{a,b\"\ncache_control = \"public\"\n",
+    )
+    .unwrap();
+    let err = load("glob.toml", "root = \"site\"\nrules = \"bad-rules.toml\"\n").unwrap_err();
+    assert!(err.mentions("rule[2].path"), "{err}");
+    assert_eq!(err.0[0].line, Some(6));
+    assert!(err.0[0].origin.ends_with("bad-rules.toml"));
+
+    // Flags are named as flags.
+    let err = OriginConfig::load(
+        None,
+        OriginOverrides {
+            listen: Some("nope".into()),
+            root: Some(dir.path().join("site").display().to_string()),
+            rules: None,
+        },
+    )
+    .unwrap_err();
+    assert!(err.mentions("--listen"), "{err}");
+}
