@@ -12,6 +12,18 @@ fi
 
 bash conformance/setup.sh
 
+# The status page is checked in a real browser (tests/status_page.rs); install Debian's
+# Chromium when it is missing. If it cannot be installed, that test skips loudly.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "scripts/test.sh: installing Debian's chromium for the status page test"
+        (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq chromium) \
+            || echo "scripts/test.sh: WARNING: chromium could not be installed; the browser test will skip"
+    else
+        echo "scripts/test.sh: WARNING: chromium missing and not root; the browser test will skip"
+    fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -1,11 +1,13 @@
 //! `outpost`: command-line wiring only. Parse arguments, load and validate config (no side
 //! effects), install the TLS crypto provider and tracing, bind, run until a shutdown signal.
 //!
-//! Exit codes: 0 success, 64 bad configuration or usage (EX_USAGE), 69 a feature that is not
-//! available yet (EX_UNAVAILABLE), 1 any runtime failure (bind, disk).
+//! Exit codes: 0 success, 64 bad configuration or usage (EX_USAGE), 1 any runtime failure
+//! (bind, disk, a failed push or purge).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod demo;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use outpost_config::{ConfigErrors, EXIT_CONFIG};
@@ -13,8 +15,6 @@ use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-
-const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser)]
 #[command(
@@ -42,16 +42,16 @@ enum Command {
     Edge(EdgeArgs),
     /// Run the static-site origin server.
     Origin(OriginArgs),
-    /// Run the anycast-style node selector (not available yet).
-    Selector(PendingArgs),
-    /// Run the whole demo topology on one machine (not available yet).
-    Demo(PendingArgs),
-    /// Purge cached objects through a node's admin API (not available yet).
-    Purge(PendingArgs),
-    /// Push an asset into the CDN through a node's admin API (not available yet).
-    Push(PendingArgs),
-    /// Show a node's hit ratio and usage (not available yet).
-    Stats(PendingArgs),
+    /// Run the anycast-style node selector in front of edges.
+    Selector(SelectorArgs),
+    /// Run the whole demo topology on one machine: origin, shield, edges and selector.
+    Demo(DemoArgs),
+    /// Purge cached objects through a node's admin API (prints the receipt).
+    Purge(PurgeArgs),
+    /// Push files and directories into the CDN through a node's admin API.
+    Push(PushArgs),
+    /// Show a node's hit ratio, request rate, origin latency and tier usage.
+    Stats(StatsArgs),
 }
 
 #[derive(Args)]
@@ -77,6 +77,16 @@ struct EdgeArgs {
     /// Disk tier size, e.g. 10GiB.
     #[arg(long)]
     disk: Option<String>,
+    /// Address of the HTTPS listener, e.g. 127.0.0.1:8443 (needs --tls-cert and --tls-key, or
+    /// [[tls.certs]] in the config).
+    #[arg(long)]
+    tls_listen: Option<String>,
+    /// PEM certificate chain (leaf first) for the HTTPS listener; replaces [[tls.certs]].
+    #[arg(long)]
+    tls_cert: Option<String>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<String>,
 }
 
 #[derive(Args)]
@@ -96,10 +106,91 @@ struct OriginArgs {
 }
 
 #[derive(Args)]
-struct PendingArgs {
-    /// Arguments for a later version.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+struct SelectorArgs {
+    /// TOML config file (see configs/selector.toml); flags override its values.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Address clients connect to, e.g. 127.0.0.1:8080.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Address for /metrics and /nodes, e.g. 127.0.0.1:9090.
+    #[arg(long)]
+    admin_listen: Option<String>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Number of edges.
+    #[arg(long, default_value_t = 2)]
+    edges: u16,
+    /// Ports: selector P, origin P+1, shield P+2, edges P+3…; admin ports are data + 1000.
+    #[arg(long, default_value_t = 8080)]
+    base_port: u16,
+    /// The static site the origin serves.
+    #[arg(long, default_value = "site")]
+    site: PathBuf,
+    /// Where the nodes keep their disk tiers.
+    #[arg(long, default_value = "var/demo")]
+    cache_dir: PathBuf,
+    /// Also serve HTTPS: a CA and a certificate for localhost / 127.0.0.1 are generated under
+    /// <cache-dir>/tls; each edge and the shield get a TLS listener on their data port + 2000,
+    /// and the edges reach the shield over https.
+    #[arg(long)]
+    tls: bool,
+}
+
+#[derive(Args)]
+struct StatsArgs {
+    /// The node's admin URL, e.g. http://127.0.0.1:9080.
+    #[arg(long)]
+    admin: String,
+    /// Refresh every second.
+    #[arg(long)]
+    watch: bool,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["urls", "prefix", "tag", "all"])))]
+struct PurgeArgs {
+    /// The node's admin URL, e.g. http://127.0.0.1:9080.
+    #[arg(long)]
+    admin: String,
+    /// Admin token (default: $OUTPOST_ADMIN_TOKEN).
+    #[arg(long, env = "OUTPOST_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Mark objects stale (served while revalidating) instead of removing them.
+    #[arg(long)]
+    soft: bool,
+    /// URLs or paths to purge exactly (with every Vary and encoded variant).
+    urls: Vec<String>,
+    /// Purge every object whose path (or host/path) starts with this prefix.
+    #[arg(long = "prefix")]
+    prefix: Vec<String>,
+    /// Purge every object carrying this tag (Surrogate-Key / Cache-Tag).
+    #[arg(long = "tag")]
+    tag: Vec<String>,
+    /// Purge everything.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Args)]
+struct PushArgs {
+    /// The node's admin URL, e.g. http://127.0.0.1:9080.
+    #[arg(long)]
+    admin: String,
+    /// Admin token (default: $OUTPOST_ADMIN_TOKEN).
+    #[arg(long, env = "OUTPOST_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where the objects go, e.g. /static/ (default /).
+    #[arg(long, default_value = "/")]
+    prefix: String,
+    /// Uploads in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Files and directories to push.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -111,17 +202,97 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Edge(args) => run_edge(args),
         Command::Origin(args) => run_origin(args),
-        Command::Selector(_) => pending("selector", "the Topology issue"),
-        Command::Demo(_) => pending("demo", "the Topology issue"),
-        Command::Purge(_) => pending("purge", "the Purge and push issue"),
-        Command::Push(_) => pending("push", "the Purge and push issue"),
-        Command::Stats(_) => pending("stats", "the Observability issue"),
+        Command::Selector(args) => run_selector(args),
+        Command::Demo(args) => runtime().block_on(demo::run(
+            demo::DemoArgs {
+                edges: args.edges,
+                base_port: args.base_port,
+                site: args.site,
+                cache_dir: args.cache_dir,
+                tls: args.tls,
+            },
+            shutdown_signal(),
+        )),
+        Command::Purge(args) => run_purge(args),
+        Command::Push(args) => run_push(args),
+        Command::Stats(args) => {
+            match runtime().block_on(outpost_edge::stats_client::run(&args.admin, args.watch)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("outpost stats: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
-fn pending(cmd: &str, issue: &str) -> ExitCode {
-    eprintln!("outpost {cmd}: not available yet in this version (it arrives with {issue}).");
-    ExitCode::from(EXIT_UNAVAILABLE)
+fn client_failed(cmd: &str, e: &outpost_purge_api::ClientError) -> ExitCode {
+    eprintln!("outpost {cmd}: {e}");
+    if e.is_usage() {
+        ExitCode::from(EXIT_CONFIG as u8)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn run_purge(args: PurgeArgs) -> ExitCode {
+    let req = outpost_purge_api::PurgeArgs {
+        admin: args.admin,
+        token: args.token,
+        soft: args.soft,
+        urls: args.urls,
+        prefixes: args.prefix,
+        tags: args.tag,
+        all: args.all,
+    };
+    match runtime().block_on(outpost_purge_api::run_purge(req)) {
+        Ok(receipt) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&receipt).unwrap_or_default()
+            );
+            if receipt.all_ok() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("outpost purge: some nodes did not apply the purge (see nodes)");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => client_failed("purge", &e),
+    }
+}
+
+fn run_push(args: PushArgs) -> ExitCode {
+    let req = outpost_purge_api::PushArgs {
+        admin: args.admin,
+        token: args.token,
+        prefix: args.prefix,
+        paths: args.paths,
+        concurrency: args.concurrency,
+        progress: true,
+    };
+    match runtime().block_on(outpost_purge_api::run_push(req)) {
+        Ok(summary) => {
+            println!(
+                "pushed {} files ({} new), {} bytes in {:.1}s; {} failed",
+                summary.files_ok(),
+                summary.created(),
+                summary.bytes,
+                summary.elapsed.as_secs_f64(),
+                summary.failed.len()
+            );
+            for f in &summary.failed {
+                eprintln!("  failed: {}: {}", f.file.display(), f.reason);
+            }
+            if summary.is_success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => client_failed("push", &e),
+    }
 }
 
 fn init_tracing(format: LogFormat) {
@@ -184,23 +355,32 @@ async fn shutdown_signal() {
 }
 
 fn run_edge(args: EdgeArgs) -> ExitCode {
-    let cfg = match outpost_edge::EdgeConfig::load(
-        args.config.as_deref(),
-        outpost_edge::EdgeOverrides {
-            listen: args.listen,
-            admin_listen: args.admin_listen,
-            origin: args.origin,
-            cache_dir: args.cache_dir,
-            memory: args.memory,
-            disk: args.disk,
-        },
-    ) {
+    let overrides = outpost_edge::EdgeOverrides {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        origin: args.origin,
+        cache_dir: args.cache_dir,
+        memory: args.memory,
+        disk: args.disk,
+        tls_listen: args.tls_listen,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+    };
+    let cfg = match outpost_edge::EdgeConfig::load(args.config.as_deref(), overrides.clone()) {
         Ok(c) => c,
         Err(e) => return config_failed(&e),
     };
     runtime().block_on(async {
         match outpost_edge::EdgeServer::bind(cfg).await {
             Ok(server) => {
+                // Register SIGHUP before the node announces itself: until a handler exists the
+                // default action of SIGHUP is to terminate the process.
+                #[cfg(unix)]
+                let hup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+                #[cfg(not(unix))]
+                let hup = None::<()>;
+                spawn_reload_on_sighup(hup, server.reloader(), args.config, overrides);
                 server.run(shutdown_signal()).await;
                 ExitCode::SUCCESS
             }
@@ -211,6 +391,47 @@ fn run_edge(args: EdgeArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// SIGHUP re-reads the config file (with the same flags on top) and applies what can change
+/// live; an invalid file is rejected and the running config kept.
+#[cfg(unix)]
+fn spawn_reload_on_sighup(
+    hup: Option<tokio::signal::unix::Signal>,
+    reloader: outpost_edge::server::Reloader,
+    file: Option<PathBuf>,
+    overrides: outpost_edge::EdgeOverrides,
+) {
+    tokio::spawn(async move {
+        let Some(mut hup) = hup else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match outpost_edge::EdgeConfig::load(file.as_deref(), overrides.clone()) {
+                Err(e) => error!(errors = %e, "config reload rejected; the running config is kept"),
+                Ok(cfg) => match reloader.apply(cfg) {
+                    Ok(kept) => {
+                        for k in kept {
+                            tracing::warn!("{k}");
+                        }
+                        info!("config reloaded");
+                    }
+                    Err(e) => {
+                        error!(error = %e, "config reload rejected; the running config is kept")
+                    }
+                },
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn spawn_reload_on_sighup(
+    _hup: Option<()>,
+    _reloader: outpost_edge::server::Reloader,
+    _file: Option<PathBuf>,
+    _overrides: outpost_edge::EdgeOverrides,
+) {
 }
 
 fn run_origin(args: OriginArgs) -> ExitCode {
@@ -236,6 +457,31 @@ fn run_origin(args: OriginArgs) -> ExitCode {
             },
             Err(e) => {
                 eprintln!("outpost origin: cannot start: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn run_selector(args: SelectorArgs) -> ExitCode {
+    let cfg = match outpost_selector::SelectorConfig::load(
+        args.config.as_deref(),
+        outpost_selector::SelectorOverrides {
+            listen: args.listen,
+            admin_listen: args.admin_listen,
+        },
+    ) {
+        Ok(c) => c,
+        Err(e) => return config_failed(&e),
+    };
+    runtime().block_on(async {
+        match outpost_selector::Selector::bind(cfg).await {
+            Ok(selector) => {
+                selector.run(shutdown_signal()).await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("outpost selector: {e}");
                 ExitCode::FAILURE
             }
         }

@@ -9,6 +9,8 @@ use http::Uri;
 use outpost_config::{ConfigErrors, Diagnostics, RawDuration, RawSize, Setting, Source};
 use serde::Deserialize;
 
+use crate::proxy::compress::{CompressionConfig, MediaPattern};
+
 /// Role of a node: an edge faces clients; a shield sits between edges and the origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -27,8 +29,62 @@ struct RawConfig {
     origin: Option<Setting<String>>,
     #[serde(default)]
     cache: RawCache,
+    /// Shields this edge sends misses to (instead of the origin).
+    #[serde(default)]
+    shields: Vec<RawShield>,
+    shield_health_interval: Option<Setting<RawDuration>>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    compression: RawCompression,
+    #[serde(default)]
+    admin: RawAdmin,
+    /// `[tls]`: the HTTPS listener (absent: no HTTPS).
+    tls: Option<RawTls>,
+    /// `[upstream]`: how https origins and shields are verified.
+    #[serde(default)]
+    upstream: RawUpstream,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: Option<Setting<String>>,
+    handshake_timeout: Option<Setting<RawDuration>>,
+    #[serde(default)]
+    certs: Vec<RawCert>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCert {
+    cert: Setting<String>,
+    key: Setting<String>,
+    default: Option<Setting<bool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    ca_file: Option<Setting<String>>,
+    sni: Option<Setting<String>>,
+    insecure_skip_verify: Option<Setting<bool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    tokens: Option<Setting<Vec<outpost_purge_api::Token>>>,
+    public_metrics: Option<bool>,
+    max_push_size: Option<Setting<RawSize>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShield {
+    name: Setting<String>,
+    url: Setting<String>,
+    admin: Option<Setting<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -39,6 +95,10 @@ struct RawCache {
     disk: Option<Setting<RawSize>>,
     max_object_size: Option<Setting<RawSize>>,
     ignore_query_params: Option<Vec<String>>,
+    version_param: Option<Setting<String>>,
+    strip_version_param: Option<bool>,
+    strip_tag_headers: Option<bool>,
+    versioned_ttl: Option<Setting<RawDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +112,18 @@ struct RawLimits {
     drain_timeout: Option<Setting<RawDuration>>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCompression {
+    enabled: Option<bool>,
+    min_size: Option<Setting<RawSize>>,
+    types: Option<Vec<Setting<String>>>,
+    gzip_level: Option<Setting<u64>>,
+    brotli_quality: Option<Setting<u64>>,
+    stream_threshold: Option<Setting<RawSize>>,
+    max_decompressed_size: Option<Setting<RawSize>>,
+}
+
 /// Command-line flags that override the file.
 #[derive(Debug, Default, Clone)]
 pub struct EdgeOverrides {
@@ -61,6 +133,11 @@ pub struct EdgeOverrides {
     pub cache_dir: Option<String>,
     pub memory: Option<String>,
     pub disk: Option<String>,
+    /// `--tls-listen`: address of the HTTPS listener.
+    pub tls_listen: Option<String>,
+    /// `--tls-cert` and `--tls-key`: one certificate pair; replaces `[[tls.certs]]`.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
 }
 
 /// The validated edge configuration.
@@ -71,17 +148,40 @@ pub struct EdgeConfig {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
     pub origin: Uri,
+    /// Shields in front of the origin (empty: go to the origin directly).
+    pub shields: Vec<crate::proxy::shield::ShieldSpec>,
+    pub shield_health_interval: Duration,
     pub cache_dir: Option<PathBuf>,
     pub memory: u64,
     pub disk: u64,
     pub max_object_size: u64,
     pub ignore_query_params: Vec<String>,
+    /// Query parameter that names a version (`/app.js?v=3`); empty disables.
+    pub version_param: String,
+    /// Remove the version parameter from the upstream request.
+    pub strip_version_param: bool,
+    /// Freshness of a versioned response that carries none of its own.
+    pub versioned_ttl: Duration,
+    /// Remove `Surrogate-Key` / `Cache-Tag` from responses to clients (edge role).
+    pub strip_tag_headers: bool,
     pub header_read_timeout: Duration,
     pub max_header_size: u64,
     pub upstream_connect_timeout: Duration,
     pub upstream_first_byte_timeout: Duration,
     pub upstream_max_connections: usize,
     pub drain_timeout: Duration,
+    /// `[compression]`: br / gzip negotiation and encoded variants.
+    pub compression: CompressionConfig,
+    /// Admin API tokens (plus `OUTPOST_ADMIN_TOKEN`, added at start-up).
+    pub admin_tokens: Vec<outpost_purge_api::Token>,
+    /// `/metrics`, `/stats` and the status page readable without a token.
+    pub public_metrics: bool,
+    /// Largest pushed object (413 above).
+    pub max_push_size: u64,
+    /// `[tls]`: the HTTPS listener with its certificates already loaded and checked.
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// `[upstream]`: verification of https origins and shields.
+    pub upstream_tls: crate::tls::UpstreamTlsConfig,
 }
 
 impl EdgeConfig {
@@ -115,8 +215,31 @@ impl EdgeConfig {
         if let Some(v) = flags.disk {
             raw.cache.disk = Some(Setting::from_flag("--disk", RawSize::Text(v)));
         }
+        if let Some(s) = flag("--tls-listen", flags.tls_listen) {
+            raw.tls.get_or_insert_default().listen = Some(s);
+        }
+        let lone_tls_flag = match (flags.tls_cert, flags.tls_key) {
+            (Some(cert), Some(key)) => {
+                raw.tls.get_or_insert_default().certs = vec![RawCert {
+                    cert: Setting::from_flag("--tls-cert", cert),
+                    key: Setting::from_flag("--tls-key", key),
+                    default: None,
+                }];
+                None
+            }
+            (Some(v), None) => Some(Setting::from_flag("--tls-cert", v)),
+            (None, Some(v)) => Some(Setting::from_flag("--tls-key", v)),
+            (None, None) => None,
+        };
 
         let mut d = Diagnostics::new(src);
+        if let Some(s) = &lone_tls_flag {
+            d.error(
+                "tls",
+                s,
+                "--tls-cert and --tls-key go together (a certificate and its private key)",
+            );
+        }
         let listen = match &raw.listen {
             Some(s) => d.socket_addr("listen", s),
             None => {
@@ -132,7 +255,7 @@ impl EdgeConfig {
             .as_ref()
             .map(|s| d.socket_addr("admin_listen", s));
         let origin = match &raw.origin {
-            Some(s) => parse_origin(&mut d, s),
+            Some(s) => parse_origin(&mut d, s, "origin"),
             None => {
                 d.missing(
                     "origin",
@@ -142,6 +265,33 @@ impl EdgeConfig {
             }
         };
         let cache_dir = raw.cache.dir.as_ref().map(|s| d.path(s));
+        let mut shields = Vec::new();
+        for (i, sh) in raw.shields.iter().enumerate() {
+            let url = parse_origin(&mut d, &sh.url, &format!("shields[{i}].url"));
+            let admin = sh
+                .admin
+                .as_ref()
+                .and_then(|a| d.socket_addr(&format!("shields[{i}].admin"), a));
+            if sh.name.value.trim().is_empty() {
+                d.error(&format!("shields[{i}].name"), &sh.name, "must not be empty");
+            } else if raw.shields[..i]
+                .iter()
+                .any(|o| o.name.value == sh.name.value)
+            {
+                d.error(
+                    &format!("shields[{i}].name"),
+                    &sh.name,
+                    format!("duplicate shield name {:?}", sh.name.value),
+                );
+            }
+            if let Some(url) = url {
+                shields.push(crate::proxy::shield::ShieldSpec {
+                    name: sh.name.value.clone(),
+                    url,
+                    admin,
+                });
+            }
+        }
         let size =
             |d: &mut Diagnostics, field: &str, s: &Option<Setting<RawSize>>, default: u64| {
                 s.as_ref().map_or(Some(default), |s| d.byte_size(field, s))
@@ -152,6 +302,18 @@ impl EdgeConfig {
                     .map_or(Some(Duration::from_secs(default)), |s| d.duration(field, s))
             };
         let memory = size(&mut d, "cache.memory", &raw.cache.memory, 256 << 20);
+        let shield_health_interval = dur(
+            &mut d,
+            "shield_health_interval",
+            &raw.shield_health_interval,
+            1,
+        );
+        let versioned_ttl = dur(
+            &mut d,
+            "cache.versioned_ttl",
+            &raw.cache.versioned_ttl,
+            365 * 24 * 3600,
+        );
         let disk = size(&mut d, "cache.disk", &raw.cache.disk, 10 << 30);
         let max_object_size = size(
             &mut d,
@@ -183,6 +345,22 @@ impl EdgeConfig {
             &raw.limits.upstream_first_byte_timeout,
             30,
         );
+        let max_push_size = size(
+            &mut d,
+            "admin.max_push_size",
+            &raw.admin.max_push_size,
+            1 << 30,
+        );
+        let admin_tokens = match &raw.admin.tokens {
+            Some(t) => match outpost_purge_api::Auth::new(t.value.clone()) {
+                Ok(_) => t.value.clone(),
+                Err(e) => {
+                    d.error("admin.tokens", t, e.to_string());
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
         let drain = dur(
             &mut d,
             "limits.drain_timeout",
@@ -230,50 +408,61 @@ impl EdgeConfig {
                 "must be a non-empty token of letters, digits, '-', '_' or '.'",
             );
         }
+        let compression = compression_config(&mut d, &raw.compression);
+        let tls = tls_config(&mut d, raw.tls.as_ref(), listen, admin_listen.flatten());
+        let upstream_tls = upstream_tls_config(&mut d, &raw.upstream);
         d.finish(|| EdgeConfig {
             role,
             name,
             listen: listen.expect("checked"),
             admin_listen: admin_listen.flatten(),
             origin: origin.expect("checked"),
+            shields,
+            shield_health_interval: shield_health_interval.expect("checked"),
             cache_dir,
             memory: memory.expect("checked"),
             disk: disk.expect("checked"),
             max_object_size: max_object_size.expect("checked"),
             ignore_query_params: raw.cache.ignore_query_params.clone().unwrap_or_default(),
+            version_param: raw
+                .cache
+                .version_param
+                .as_ref()
+                .map_or_else(|| "v".to_string(), |s| s.value.clone()),
+            strip_version_param: raw.cache.strip_version_param.unwrap_or(false),
+            strip_tag_headers: raw.cache.strip_tag_headers.unwrap_or(true),
+            versioned_ttl: versioned_ttl.expect("checked"),
             header_read_timeout: header_read_timeout.expect("checked"),
             max_header_size: max_header_size.expect("checked"),
             upstream_connect_timeout: connect.expect("checked"),
             upstream_first_byte_timeout: first_byte.expect("checked"),
             upstream_max_connections: max_conns.expect("checked"),
             drain_timeout: drain.expect("checked"),
+            admin_tokens,
+            public_metrics: raw.admin.public_metrics.unwrap_or(true),
+            max_push_size: max_push_size.expect("checked"),
+            compression,
+            tls,
+            upstream_tls,
         })
     }
 }
 
-fn parse_origin(d: &mut Diagnostics, s: &Setting<String>) -> Option<Uri> {
+fn parse_origin(d: &mut Diagnostics, s: &Setting<String>, field: &str) -> Option<Uri> {
     let uri = match s.value.trim().trim_end_matches('/').parse::<Uri>() {
         Ok(u) => u,
         Err(e) => {
-            d.error("origin", s, format!("invalid URL {:?}: {e}", s.value));
+            d.error(field, s, format!("invalid URL {:?}: {e}", s.value));
             return None;
         }
     };
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            d.error(
-                "origin",
-                s,
-                "https origins are not supported yet (plain http only)",
-            );
-            return None;
-        }
+        Some("http") | Some("https") => {}
         _ => {
             d.error(
                 "origin",
                 s,
-                format!("{:?} must start with http://", s.value),
+                format!("{:?} must start with http:// or https://", s.value),
             );
             return None;
         }
@@ -295,6 +484,198 @@ fn parse_origin(d: &mut Diagnostics, s: &Setting<String>) -> Option<Uri> {
         return None;
     }
     Some(uri)
+}
+
+/// Validates `[tls]` and loads its certificates (each problem names the file).
+fn tls_config(
+    d: &mut Diagnostics,
+    raw: Option<&RawTls>,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+) -> Option<crate::tls::TlsConfig> {
+    let raw = raw?;
+    let tls_listen = match &raw.listen {
+        Some(s) => {
+            let addr = d.socket_addr("tls.listen", s);
+            if let Some(a) = addr
+                && a.port() != 0
+                && (Some(a) == listen || Some(a) == admin_listen)
+            {
+                d.error(
+                    "tls.listen",
+                    s,
+                    format!("{a} is already the plain data or admin address"),
+                );
+            }
+            addr
+        }
+        None => {
+            d.missing(
+                "tls.listen",
+                "set [tls] listen or pass --tls-listen, for example 127.0.0.1:8443",
+            );
+            None
+        }
+    };
+    let handshake_timeout = match &raw.handshake_timeout {
+        None => Some(Duration::from_secs(10)),
+        Some(s) => match d.duration("tls.handshake_timeout", s) {
+            Some(t) if t.is_zero() => {
+                d.error("tls.handshake_timeout", s, "must be greater than zero");
+                None
+            }
+            t => t,
+        },
+    };
+    if raw.certs.is_empty() {
+        d.missing(
+            "tls.certs",
+            "add a [[tls.certs]] entry with cert and key PEM files, or pass --tls-cert and --tls-key",
+        );
+    }
+    let mut certs = Vec::new();
+    let mut defaults = 0;
+    for (i, c) in raw.certs.iter().enumerate() {
+        let spec = crate::tls::CertSpec {
+            cert: d.path(&c.cert),
+            key: d.path(&c.key),
+            default: c.default.as_ref().is_some_and(|s| s.value),
+        };
+        if let Some(s) = c.default.as_ref().filter(|s| s.value) {
+            defaults += 1;
+            if defaults > 1 {
+                d.error(
+                    &format!("tls.certs[{i}].default"),
+                    s,
+                    "only one certificate can be the default",
+                );
+            }
+        }
+        match crate::tls::LoadedCert::load(&spec) {
+            Ok(loaded) => certs.push(loaded),
+            Err(e) => {
+                let (field, setting) = match e.file {
+                    crate::tls::CertFile::Cert => ("cert", &c.cert),
+                    crate::tls::CertFile::Key => ("key", &c.key),
+                };
+                d.error(&format!("tls.certs[{i}].{field}"), setting, e.message);
+            }
+        }
+    }
+    if d.has_errors() {
+        return None;
+    }
+    Some(crate::tls::TlsConfig {
+        listen: tls_listen?,
+        handshake_timeout: handshake_timeout?,
+        certs,
+    })
+}
+
+/// Validates `[upstream]` (reads `ca_file`).
+fn upstream_tls_config(d: &mut Diagnostics, raw: &RawUpstream) -> crate::tls::UpstreamTlsConfig {
+    let mut c = crate::tls::UpstreamTlsConfig::default();
+    if let Some(s) = &raw.ca_file {
+        let path = d.path(s);
+        match crate::tls::load_ca_file(&path) {
+            Ok(certs) => {
+                c.ca_certs = certs;
+                c.ca_file = Some(path);
+            }
+            Err(e) => d.error("upstream.ca_file", s, e),
+        }
+    }
+    if let Some(s) = &raw.sni {
+        match rustls::pki_types::ServerName::try_from(s.value.trim().to_string()) {
+            Ok(name) => c.sni = Some(name),
+            Err(e) => d.error(
+                "upstream.sni",
+                s,
+                format!("{:?} is not a valid server name: {e}", s.value),
+            ),
+        }
+    }
+    if let Some(s) = &raw.insecure_skip_verify {
+        c.insecure_skip_verify = s.value;
+        if s.value && raw.ca_file.is_some() {
+            d.error(
+                "upstream.insecure_skip_verify",
+                s,
+                "set ca_file or insecure_skip_verify, not both",
+            );
+        }
+    }
+    c
+}
+
+/// Validates `[compression]`; fields left out keep [`CompressionConfig::default`].
+fn compression_config(d: &mut Diagnostics, raw: &RawCompression) -> CompressionConfig {
+    let mut c = CompressionConfig::default();
+    if let Some(v) = raw.enabled {
+        c.enabled = v;
+    }
+    let sizes = [
+        ("compression.min_size", &raw.min_size, &mut c.min_size),
+        (
+            "compression.stream_threshold",
+            &raw.stream_threshold,
+            &mut c.stream_threshold,
+        ),
+        (
+            "compression.max_decompressed_size",
+            &raw.max_decompressed_size,
+            &mut c.max_decompressed_size,
+        ),
+    ];
+    for (field, setting, out) in sizes {
+        if let Some(s) = setting
+            && let Some(n) = d.byte_size(field, s)
+        {
+            *out = n;
+        }
+    }
+    if let Some(s) = &raw.max_decompressed_size
+        && c.max_decompressed_size == 0
+    {
+        d.error(
+            "compression.max_decompressed_size",
+            s,
+            "must be greater than zero",
+        );
+    }
+    if let Some(s) = &raw.gzip_level {
+        match u32::try_from(s.value) {
+            Ok(n @ 1..=9) => c.gzip_level = n,
+            _ => d.error(
+                "compression.gzip_level",
+                s,
+                "must be 1 to 9 (6 is a good default)",
+            ),
+        }
+    }
+    if let Some(s) = &raw.brotli_quality {
+        match u32::try_from(s.value) {
+            Ok(n @ 0..=11) => c.brotli_quality = n,
+            _ => d.error(
+                "compression.brotli_quality",
+                s,
+                "must be 0 to 11 (4 on the fly; 11 runs at about 0.5 MB/s)",
+            ),
+        }
+    }
+    if let Some(types) = &raw.types {
+        c.types = types
+            .iter()
+            .filter_map(|t| match MediaPattern::parse(&t.value) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    d.error("compression.types", t, e);
+                    None
+                }
+            })
+            .collect();
+    }
+    c
 }
 
 #[cfg(test)]
@@ -354,10 +735,125 @@ mod tests {
     }
 
     #[test]
+    fn compression_section() {
+        let base = "listen = \"127.0.0.1:1\"\norigin = \"http://a:1\"\n";
+        let c = load(base).unwrap();
+        assert!(c.compression.enabled);
+        assert_eq!(c.compression.min_size, 1024);
+        assert_eq!(
+            (c.compression.gzip_level, c.compression.brotli_quality),
+            (6, 4)
+        );
+        let c = load(&format!(
+            "{base}[compression]\nenabled = false\nmin_size = \"2KiB\"\ntypes = [\"text/*\"]\ngzip_level = 4\nbrotli_quality = 5\nstream_threshold = \"256KiB\"\nmax_decompressed_size = \"8MiB\"\n"
+        ))
+        .unwrap();
+        let z = &c.compression;
+        assert!(!z.enabled);
+        assert_eq!((z.min_size, z.gzip_level, z.brotli_quality), (2048, 4, 5));
+        assert_eq!(
+            (z.stream_threshold, z.max_decompressed_size),
+            (256 << 10, 8 << 20)
+        );
+        assert_eq!(z.types.len(), 1);
+        let e = load(&format!(
+            "{base}[compression]\ngzip_level = 10\nbrotli_quality = 12\ntypes = [\"text\"]\nmax_decompressed_size = 0\n"
+        ))
+        .unwrap_err();
+        for f in [
+            "compression.gzip_level",
+            "compression.brotli_quality",
+            "compression.types",
+            "compression.max_decompressed_size",
+        ] {
+            assert!(e.mentions(f), "{f} missing from {e}");
+        }
+        let gzip = e.0.iter().find(|x| x.field == "compression.gzip_level");
+        assert_eq!(gzip.and_then(|x| x.line), Some(4), "{e}");
+        let e = load(&format!("{base}[compression]\nlevel = 3\n")).unwrap_err();
+        assert!(e.to_string().contains("level"), "{e}");
+    }
+
+    #[test]
     fn unknown_field() {
         let e = load("listen = \"127.0.0.1:1\"\norigin = \"http://a:1\"\n[cache]\nsize = 1\n")
             .unwrap_err();
         assert_eq!(e.0[0].line, Some(4), "{e}");
         assert!(e.to_string().contains("size"), "{e}");
+    }
+
+    #[test]
+    fn tls_and_upstream_sections() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("a.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("a.key"), key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("other.key"), other.serialize_pem()).unwrap();
+        let p = |f: &str| dir.path().join(f).display().to_string();
+        let base = "listen = \"127.0.0.1:1\"\norigin = \"https://a:1\"\n";
+        let c = load(&format!(
+            "{base}[tls]\nlisten = \"127.0.0.1:8443\"\n[[tls.certs]]\ncert = {:?}\nkey = {:?}\n[upstream]\nca_file = {:?}\nsni = \"origin.test\"\n",
+            p("a.pem"),
+            p("a.key"),
+            p("a.pem")
+        ))
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.listen.port(), 8443);
+        assert_eq!(tls.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(tls.certs[0].names, vec!["a.test".to_string()]);
+        assert_eq!(c.upstream_tls.ca_certs.len(), 1);
+        assert!(c.upstream_tls.sni.is_some());
+
+        let e = load(&format!(
+            "{base}[tls]\nlisten = \"127.0.0.1:8443\"\nhandshake_timeout = 0\n[[tls.certs]]\ncert = {:?}\nkey = {:?}\n[[tls.certs]]\ncert = {:?}\nkey = {:?}\n[upstream]\nsni = \"bad name!\"\n",
+            p("a.pem"),
+            p("other.key"),
+            p("missing.pem"),
+            p("a.key"),
+        ))
+        .unwrap_err();
+        for f in [
+            "tls.handshake_timeout",
+            "tls.certs[0].key",
+            "tls.certs[1].cert",
+            "upstream.sni",
+        ] {
+            assert!(e.mentions(f), "{f} missing from {e}");
+        }
+        let text = e.to_string();
+        assert!(
+            text.contains(&p("other.key")) && text.contains(&p("missing.pem")),
+            "{text}"
+        );
+
+        let e = EdgeConfig::from_source(
+            &Source::inline("edge.toml", base),
+            EdgeOverrides {
+                tls_listen: Some("127.0.0.1:8443".into()),
+                tls_cert: Some(p("a.pem")),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.mentions("--tls-cert"), "{e}");
+        let c = EdgeConfig::from_source(
+            &Source::inline("edge.toml", base),
+            EdgeOverrides {
+                tls_listen: Some("127.0.0.1:8443".into()),
+                tls_cert: Some(p("a.pem")),
+                tls_key: Some(p("a.key")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.tls.unwrap().certs.len(), 1);
+        let e = load(&format!("{base}[tls]\nlisten = \"127.0.0.1:8443\"\n")).unwrap_err();
+        assert!(e.mentions("tls.certs"), "{e}");
     }
 }

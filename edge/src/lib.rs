@@ -4,12 +4,18 @@
 //!   coalescing, invalidation). Tested and benched without a server.
 //! - [`proxy`]: the request path, one module per phase (request, upstream, respond).
 //! - [`server`]: listeners, connection handling, admin endpoints, graceful shutdown.
+//! - [`observe`]: metrics on atomics, their Prometheus encoding, `/stats` windows.
 //! - [`config`]: `edge.toml` and flags, validated into [`config::EdgeConfig`].
 
+pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod observe;
+pub mod operator;
 pub mod proxy;
 pub mod server;
+pub mod stats_client;
+pub mod tls;
 
 pub use config::{EdgeConfig, EdgeOverrides, Role};
 pub use server::{EdgeServer, StartError};

@@ -10,9 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
+use http::Request;
 use http::header::HeaderValue;
-use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,22 +19,32 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, info, warn};
 
+use crate::admin::AdminState;
 use crate::cache::clock::Clock;
 use crate::cache::key::KeyOptions;
 use crate::cache::upstream::Upstream;
 use crate::cache::{Engine, EngineConfig};
 use crate::config::EdgeConfig;
+use crate::observe::metrics::EdgeMetrics;
+use crate::observe::window::Windows;
 use crate::proxy::Proxy;
-use crate::proxy::respond::{Identity, RespBody, full, plain};
+use crate::proxy::respond::Identity;
+use crate::proxy::shield::ShieldUpstream;
 use crate::proxy::upstream::{HyperUpstream, UpstreamConfig};
 
 /// A bound, ready edge node.
 pub struct EdgeServer {
     cfg: EdgeConfig,
+    auth: crate::operator::SharedAuth,
+    public_metrics: Arc<AtomicBool>,
+    /// A token this node presents to its shields when it forwards a purge.
+    peer_token: Option<String>,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    /// The HTTPS listener and its TLS state (`[tls]`).
+    tls: Option<(TcpListener, Arc<crate::tls::TlsState>)>,
     proxy: Arc<Proxy>,
     draining: Arc<AtomicBool>,
 }
@@ -49,6 +58,14 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("admin token: {0}")]
+    Token(String),
+    #[error(
+        "refusing to serve the admin API on {0} without a token: set [admin] tokens in the config or OUTPOST_ADMIN_TOKEN, or listen on a loopback address"
+    )]
+    OpenAdmin(SocketAddr),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot open the disk cache at {dir}: {source} (check that the directory is writable)")]
     Disk { dir: String, source: std::io::Error },
 }
@@ -65,13 +82,53 @@ impl EdgeServer {
         clock: Clock,
         upstream: Option<Arc<dyn Upstream>>,
     ) -> Result<Self, StartError> {
+        let auth = outpost_purge_api::Auth::from_config_and_env(cfg.admin_tokens.clone())
+            .map_err(|e| StartError::Token(e.to_string()))?;
+        if let Some(admin) = cfg.admin_listen
+            && auth.is_open()
+            && !admin.ip().is_loopback()
+        {
+            return Err(StartError::OpenAdmin(admin));
+        }
+        let auth: crate::operator::SharedAuth = Arc::new(arc_swap::ArcSwap::from_pointee(auth));
+        let peer_token = cfg
+            .admin_tokens
+            .iter()
+            .find(|t| t.scopes.contains(&outpost_purge_api::Scope::Purge))
+            .map(|t| t.secret.clone())
+            .or_else(|| std::env::var(outpost_purge_api::ADMIN_TOKEN_ENV).ok());
+        let metrics = EdgeMetrics::new(&cfg.name);
+        metrics.attach_compression(cfg.compression.stats.clone());
+        let https_upstream = std::iter::once(&cfg.origin)
+            .chain(cfg.shields.iter().map(|s| &s.url))
+            .any(|u| u.scheme_str() == Some("https"));
+        let upstream_tls = if upstream.is_none() && https_upstream {
+            if cfg.upstream_tls.insecure_skip_verify {
+                warn!(
+                    "[upstream] insecure_skip_verify = true: the certificates of https origins and shields are NOT verified; anyone on the path can impersonate them (use ca_file instead)"
+                );
+            }
+            Some(
+                crate::tls::UpstreamTls::new(&cfg.upstream_tls, &cfg.origin)
+                    .map_err(StartError::Tls)?,
+            )
+        } else {
+            None
+        };
         let upstream: Arc<dyn Upstream> = upstream.unwrap_or_else(|| {
-            Arc::new(HyperUpstream::new(&UpstreamConfig {
+            let origin = UpstreamConfig {
                 origin: cfg.origin.clone(),
                 connect_timeout: cfg.upstream_connect_timeout,
                 first_byte_timeout: cfg.upstream_first_byte_timeout,
                 max_connections: cfg.upstream_max_connections,
-            }))
+                metrics: Some(metrics.clone()),
+                tls: upstream_tls,
+            };
+            if cfg.shields.is_empty() {
+                Arc::new(HyperUpstream::new(&origin))
+            } else {
+                ShieldUpstream::start(cfg.shields.clone(), &origin, cfg.shield_health_interval)
+            }
         });
         let engine = Engine::open(
             EngineConfig {
@@ -79,6 +136,7 @@ impl EdgeServer {
                 disk: cfg.cache_dir.clone().map(|d| (d, cfg.disk)),
                 max_object_size: cfg.max_object_size,
                 surrogate_name: cfg.name.clone(),
+                revalidations_per_sec: 100,
             },
             upstream.clone(),
             clock,
@@ -113,9 +171,25 @@ impl EdgeServer {
             }
             None => None,
         };
+        let tls = match &cfg.tls {
+            Some(t) => {
+                let state = crate::tls::TlsState::new(t).map_err(StartError::Tls)?;
+                let listener =
+                    TcpListener::bind(t.listen)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            what: "TLS listen address",
+                            addr: t.listen,
+                            source,
+                        })?;
+                Some((listener, state))
+            }
+            None => None,
+        };
         let id = Identity {
             name: cfg.name.clone(),
             strip_surrogate_control: cfg.role == crate::config::Role::Edge,
+            strip_tags: cfg.role == crate::config::Role::Edge && cfg.strip_tag_headers,
             surrogate_capability: HeaderValue::from_str(&format!("{}=\"Surrogate/1.0\"", cfg.name))
                 .unwrap_or(HeaderValue::from_static("outpost=\"Surrogate/1.0\"")),
             via: HeaderValue::from_str(&format!("1.1 {}", cfg.name))
@@ -128,11 +202,32 @@ impl EdgeServer {
             KeyOptions {
                 ignore_query_params: cfg.ignore_query_params.clone(),
             },
+            crate::proxy::Versioning {
+                param: cfg.version_param.clone(),
+                strip_upstream: cfg.strip_version_param,
+                ttl: cfg.versioned_ttl,
+            },
+            metrics.clone(),
+            cfg.compression.clone(),
         ));
+        proxy.set_operator(
+            crate::operator::EdgeOperator {
+                engine: proxy.engine.clone(),
+                metrics: proxy.metrics.clone(),
+                node: cfg.name.clone(),
+                peers: Vec::new(),
+                peer_token: None,
+            },
+            auth.clone(),
+        );
         Ok(Self {
+            public_metrics: Arc::new(AtomicBool::new(cfg.public_metrics)),
             cfg,
+            auth,
+            peer_token,
             listener,
             admin,
+            tls,
             proxy,
             draining: Arc::new(AtomicBool::new(false)),
         })
@@ -146,6 +241,27 @@ impl EdgeServer {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// The HTTPS listener's address (`[tls]`).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// The TLS side of the HTTPS listener: certificates, reload, handshake counters.
+    pub fn tls_state(&self) -> Option<Arc<crate::tls::TlsState>> {
+        self.tls.as_ref().map(|(_, t)| t.clone())
+    }
+
+    /// A handle that applies a reloaded config to this running node (SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            current: Arc::new(std::sync::Mutex::new(self.cfg.clone())),
+            proxy: self.proxy.clone(),
+            auth: self.auth.clone(),
+            public_metrics: self.public_metrics.clone(),
+            tls: self.tls_state(),
+        }
+    }
+
     pub fn engine(&self) -> Arc<Engine> {
         self.proxy.engine.clone()
     }
@@ -153,6 +269,9 @@ impl EdgeServer {
     /// Serves until `shutdown` resolves, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let (stop_tx, stop_rx) = watch::channel(false);
+        // The admin port outlives the drain, so `/readyz` answers 503 to new connections (and a
+        // selector withdraws this node) until the last in-flight request is done.
+        let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         let graceful = Arc::new(GracefulShutdown::new());
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -163,19 +282,47 @@ impl EdgeServer {
         builder
             .http2()
             .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10))
             .max_header_list_size(self.cfg.max_header_size.min(u32::MAX as u64) as u32);
         let builder = Arc::new(builder);
         info!(
             listen = %self.local_addr(),
             admin = ?self.admin_addr(),
+            tls = ?self.tls_addr(),
             origin = %self.cfg.origin,
             role = ?self.cfg.role,
             "edge listening"
         );
         let admin_task = self.admin.map(|admin| {
-            let draining = self.draining.clone();
-            let engine = self.proxy.engine.clone();
-            tokio::spawn(serve_admin(admin, draining, engine, stop_rx.clone()))
+            let operator = crate::operator::EdgeOperator {
+                engine: self.proxy.engine.clone(),
+                metrics: self.proxy.metrics.clone(),
+                node: self.cfg.name.clone(),
+                peers: self.cfg.shields.clone(),
+                peer_token: self.peer_token.clone(),
+            };
+            let state = Arc::new(AdminState {
+                operator,
+                auth: self.auth.clone(),
+                limits: outpost_purge_api::AdminLimits {
+                    max_push_bytes: self.cfg.max_push_size,
+                    ..Default::default()
+                },
+                public_metrics: self.public_metrics.clone(),
+                engine: self.proxy.engine.clone(),
+                metrics: self.proxy.metrics.clone(),
+                windows: Windows::start(self.proxy.metrics.clone()),
+                draining: self.draining.clone(),
+                role: match self.cfg.role {
+                    crate::config::Role::Edge => "edge",
+                    crate::config::Role::Shield => "shield",
+                },
+                memory_capacity: self.cfg.memory,
+                disk_capacity: self.cfg.cache_dir.as_ref().map(|_| self.cfg.disk),
+                tls: self.tls.as_ref().map(|(_, t)| t.clone()),
+            });
+            tokio::spawn(crate::admin::serve(admin, state, admin_stop_rx))
         });
         let proxy = self.proxy.clone();
         let mut stop = stop_rx.clone();
@@ -184,8 +331,9 @@ impl EdgeServer {
             let _ = stop_tx.send(true);
         });
         loop {
-            let accepted = tokio::select! {
-                r = self.listener.accept() => r,
+            let (accepted, tls) = tokio::select! {
+                r = self.listener.accept() => (r, None),
+                r = accept_tls(self.tls.as_ref()) => r,
                 _ = stop.changed() => break,
             };
             let (tcp, peer) = match accepted {
@@ -203,17 +351,41 @@ impl EdgeServer {
                 let proxy = proxy.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
             });
-            let conn = builder
-                .serve_connection(TokioIo::new(tcp), svc)
-                .into_owned();
-            let watched = graceful.watch(conn);
+            let builder = builder.clone();
+            let watcher = graceful.watcher();
+            let first_bytes = self.cfg.header_read_timeout;
+            if let Some(tls) = tls {
+                // The handshake runs here, in the connection's task, under its own timeout.
+                tokio::spawn(async move {
+                    let stream = match tls.accept(tcp).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            debug!(%peer, error = %e, "TLS connection closed");
+                            return;
+                        }
+                    };
+                    let Some(io) = crate::tls::request_started(stream, first_bytes).await else {
+                        return;
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+                    let _ = watcher.watch(conn).await;
+                });
+                continue;
+            }
             tokio::spawn(async move {
-                let _ = watched.await;
+                if !request_started(&tcp, first_bytes).await {
+                    return;
+                }
+                let conn = builder
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .into_owned();
+                let _ = watcher.watch(conn).await;
             });
         }
         self.draining.store(true, Ordering::Relaxed);
         info!("edge draining");
         drop(self.listener);
+        drop(self.tls);
         let graceful = Arc::try_unwrap(graceful).ok();
         if let Some(g) = graceful {
             tokio::select! {
@@ -223,69 +395,137 @@ impl EdgeServer {
                 }
             }
         }
+        let _ = admin_stop_tx.send(true);
         if let Some(t) = admin_task {
-            t.abort();
+            let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
         }
         info!("edge stopped");
     }
 }
 
-async fn serve_admin(
-    listener: TcpListener,
-    draining: Arc<AtomicBool>,
-    engine: Arc<Engine>,
-    mut stop: watch::Receiver<bool>,
+/// Accepts on the HTTPS listener, if there is one (otherwise never resolves).
+async fn accept_tls(
+    tls: Option<&(TcpListener, Arc<crate::tls::TlsState>)>,
+) -> (
+    std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+    Option<Arc<crate::tls::TlsState>>,
 ) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.changed() => break,
-        };
-        let Ok((tcp, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let draining = draining.clone();
-        let engine = engine.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let draining = draining.clone();
-                let engine = engine.clone();
-                async move { Ok::<_, Infallible>(admin(req, &draining, &engine)) }
-            });
-            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
-                error!(error = %e, "admin connection failed");
-            }
-        });
+    match tls {
+        Some((listener, state)) => (listener.accept().await, Some(state.clone())),
+        None => std::future::pending().await,
     }
 }
 
-fn admin(req: Request<Incoming>, draining: &AtomicBool, engine: &Engine) -> Response<RespBody> {
-    match req.uri().path() {
-        "/healthz" => plain(StatusCode::OK, "ok"),
-        "/readyz" if draining.load(Ordering::Relaxed) => {
-            plain(StatusCode::SERVICE_UNAVAILABLE, "draining")
+/// The HTTP/2 connection preface; a client that sends a prefix of it and stalls is h2.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits until a connection has shown which protocol it speaks, within `limit`. hyper-util's
+/// protocol detection has no timeout of its own and hyper's header timer starts only once
+/// HTTP/1 is chosen, so a client that connects and sends nothing (or a stalled h2 preface)
+/// would hold a slot forever.
+async fn request_started(tcp: &tokio::net::TcpStream, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return false,
+            Ok(Ok(n)) => n,
+        };
+        // Not the h2 preface: HTTP/1, whose header timeout hyper enforces from here.
+        if n >= H2_PREFACE.len() || buf[..n] != H2_PREFACE[..n] {
+            return true;
         }
-        "/readyz" => plain(StatusCode::OK, "ready"),
-        "/usage" => {
-            let usage = engine.usage();
-            let body = usage
+        // A prefix of the preface: wait for more (peek returns at once while data is
+        // buffered, so pause briefly instead of spinning).
+        if tokio::time::timeout_at(deadline, tcp.readable())
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Applies a new configuration to a running node without dropping connections.
+#[derive(Clone)]
+pub struct Reloader {
+    current: Arc<std::sync::Mutex<EdgeConfig>>,
+    proxy: Arc<Proxy>,
+    auth: crate::operator::SharedAuth,
+    public_metrics: Arc<AtomicBool>,
+    tls: Option<Arc<crate::tls::TlsState>>,
+}
+
+impl Reloader {
+    /// Applies what can change live: cache-key options, versioned URLs, admin tokens,
+    /// `public_metrics`, and the TLS certificates and handshake timeout (already loaded and
+    /// checked by the config; open connections keep going). Returns one message per setting that changed but needs a restart
+    /// (addresses, cache directory and sizes, origin, shields, role, name); those keep their
+    /// running values. A token error rejects the whole reload.
+    pub fn apply(&self, new: EdgeConfig) -> Result<Vec<String>, String> {
+        let auth = outpost_purge_api::Auth::from_config_and_env(new.admin_tokens.clone())
+            .map_err(|e| format!("admin token: {e}"))?;
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = Vec::new();
+        let mut check = |name: &str, changed: bool| {
+            if changed {
+                kept.push(format!(
+                    "{name} changed: it needs a restart; keeping the running value"
+                ));
+            }
+        };
+        check("listen", cur.listen != new.listen);
+        check("admin_listen", cur.admin_listen != new.admin_listen);
+        check("cache.dir", cur.cache_dir != new.cache_dir);
+        check("cache.memory", cur.memory != new.memory);
+        check("cache.disk", cur.disk != new.disk);
+        check("origin", cur.origin != new.origin);
+        check("role", cur.role != new.role);
+        check("name", cur.name != new.name);
+        check(
+            "shields",
+            cur.shields
                 .iter()
-                .map(|(tier, n, b)| format!("{} objects={n} bytes={b}", tier.as_str()))
+                .map(|s| (&s.name, &s.url, s.admin))
                 .collect::<Vec<_>>()
-                .join("\n");
-            let mut r = Response::new(full(Bytes::from(body + "\n")));
-            r.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            r
+                != new
+                    .shields
+                    .iter()
+                    .map(|s| (&s.name, &s.url, s.admin))
+                    .collect::<Vec<_>>(),
+        );
+        check(
+            "tls.listen",
+            cur.tls.as_ref().map(|t| t.listen) != new.tls.as_ref().map(|t| t.listen),
+        );
+        check("upstream", cur.upstream_tls != new.upstream_tls);
+        self.proxy.reload(
+            KeyOptions {
+                ignore_query_params: new.ignore_query_params.clone(),
+            },
+            crate::proxy::Versioning {
+                param: new.version_param.clone(),
+                strip_upstream: new.strip_version_param,
+                ttl: new.versioned_ttl,
+            },
+        );
+        self.auth.store(Arc::new(auth));
+        self.public_metrics
+            .store(new.public_metrics, Ordering::Relaxed);
+        cur.ignore_query_params = new.ignore_query_params;
+        cur.version_param = new.version_param;
+        cur.strip_version_param = new.strip_version_param;
+        cur.versioned_ttl = new.versioned_ttl;
+        cur.admin_tokens = new.admin_tokens;
+        cur.public_metrics = new.public_metrics;
+        if let (Some(state), Some(mut tls)) = (&self.tls, new.tls) {
+            state.install(&tls);
+            if let Some(running) = &cur.tls {
+                tls.listen = running.listen;
+            }
+            cur.tls = Some(tls);
         }
-        _ => plain(
-            StatusCode::NOT_FOUND,
-            "not found: the admin port serves /healthz, /readyz and /usage",
-        ),
+        Ok(kept)
     }
 }

@@ -38,6 +38,9 @@ use super::meta::CachedMeta;
 pub struct DiskEntry {
     pub sri: Integrity,
     pub size: u64,
+    /// The content was checked against its hash since this process started (it wrote it, or
+    /// a full read verified it). Entries loaded at start-up begin unverified.
+    pub verified: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -61,6 +64,7 @@ pub struct DiskTier {
     index: moka::sync::Cache<KeyHash, Arc<DiskEntry>>,
     refs: Arc<DashMap<String, u32>>,
     tmp_seq: AtomicU64,
+    evictions: AtomicU64,
 }
 
 struct Deletion {
@@ -108,6 +112,7 @@ impl DiskTier {
             index,
             refs: Arc::new(DashMap::new()),
             tmp_seq: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
         });
         let loaded = {
             let dir = tier.meta_dir.clone();
@@ -126,6 +131,7 @@ impl DiskTier {
                 Arc::new(DiskEntry {
                     sri,
                     size: file.size,
+                    verified: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 }),
             );
             metas.push((key, Arc::new(file.meta)));
@@ -166,6 +172,7 @@ impl DiskTier {
                 && !self.index.contains_key(&d.key)
             {
                 let _ = tokio::fs::remove_file(self.meta_path(&d.key)).await;
+                self.evictions.fetch_add(1, Ordering::Relaxed);
                 debug!(key = %d.key, size = d.entry.size, "disk eviction");
             }
             if self.decref(&d.entry.sri)
@@ -174,6 +181,11 @@ impl DiskTier {
                 debug!(error = %e, "removing unreferenced content");
             }
         }
+    }
+
+    /// A snapshot of the keys on disk (for background reclamation).
+    pub fn keys(&self) -> Vec<KeyHash> {
+        self.index.iter().map(|(k, _)| *k).collect()
     }
 
     pub fn contains(&self, key: &KeyHash) -> bool {
@@ -220,56 +232,105 @@ impl DiskTier {
         }
     }
 
-    /// Streams a body in chunks; the integrity check runs at the end, and a failure ends the
-    /// stream with an error (the client sees a truncated, aborted response, never bad bytes
-    /// presented as complete) and removes the entry.
+    /// Checks a stored body against its hash by reading it through once (without keeping
+    /// it). A mismatch removes the entry. Used before the first stream of an object loaded from
+    /// a previous run, so a damaged object is a miss rather than a response.
+    pub async fn verify(&self, key: &KeyHash, hit: &DiskHit) -> bool {
+        if hit.entry.verified.load(Ordering::Acquire) {
+            return true;
+        }
+        let ok = async {
+            let mut r = cacache::Reader::open_hash(&self.content, hit.entry.sri.clone())
+                .await
+                .ok()?;
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+            r.check().ok()
+        }
+        .await
+        .is_some();
+        if ok {
+            hit.entry.verified.store(true, Ordering::Release);
+        } else {
+            warn!(key = %key, "disk entry failed its integrity check, dropping it");
+            self.remove(key).await;
+        }
+        ok
+    }
+
+    /// Streams a body in chunks. The last chunk is held back until the integrity check at the
+    /// end has passed: on a mismatch the stream ends with an error *before* the final bytes,
+    /// so a client never receives a damaged body presented as complete, and the entry is
+    /// removed.
     pub fn stream(
         self: &Arc<Self>,
         key: KeyHash,
         hit: &DiskHit,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        let tier = Arc::clone(self);
-        let sri = hit.entry.sri.clone();
-        futures_util::stream::unfold(
-            (tier, sri, None::<cacache::Reader>, false),
-            move |(tier, sri, reader, finished)| async move {
-                if finished {
+        struct St {
+            tier: Arc<DiskTier>,
+            sri: Integrity,
+            reader: Option<cacache::Reader>,
+            pending: Option<Bytes>,
+            done: bool,
+        }
+        let st = St {
+            tier: Arc::clone(self),
+            sri: hit.entry.sri.clone(),
+            reader: None,
+            pending: None,
+            done: false,
+        };
+        futures_util::stream::unfold(st, move |mut st| async move {
+            loop {
+                if st.done {
                     return None;
                 }
-                let mut reader = match reader {
-                    Some(r) => r,
-                    None => match cacache::Reader::open_hash(&tier.content, sri.clone()).await {
-                        Ok(r) => r,
+                if st.reader.is_none() {
+                    match cacache::Reader::open_hash(&st.tier.content, st.sri.clone()).await {
+                        Ok(r) => st.reader = Some(r),
                         Err(e) => {
-                            tier.remove(&key).await;
-                            return Some((
-                                Err(io::Error::other(e.to_string())),
-                                (tier, sri, None, true),
-                            ));
+                            st.tier.remove(&key).await;
+                            st.done = true;
+                            return Some((Err(io::Error::other(e.to_string())), st));
                         }
-                    },
-                };
+                    }
+                }
+                let reader = st.reader.as_mut().expect("opened above");
                 let mut buf = vec![0u8; 64 * 1024];
                 match reader.read(&mut buf).await {
-                    Ok(0) => match reader.check() {
-                        Ok(_) => None,
-                        Err(e) => {
-                            warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
-                            tier.remove(&key).await;
-                            Some((
-                                Err(io::Error::other("integrity check failed")),
-                                (tier, sri, None, true),
-                            ))
-                        }
-                    },
+                    Ok(0) => {
+                        st.done = true;
+                        let reader = st.reader.take().expect("opened above");
+                        return match reader.check() {
+                            Ok(_) => st.pending.take().map(|last| (Ok(last), st)),
+                            Err(e) => {
+                                warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
+                                st.tier.remove(&key).await;
+                                st.pending = None;
+                                Some((Err(io::Error::other("integrity check failed")), st))
+                            }
+                        };
+                    }
                     Ok(n) => {
                         buf.truncate(n);
-                        Some((Ok(Bytes::from(buf)), (tier, sri, Some(reader), false)))
+                        if let Some(prev) = st.pending.replace(Bytes::from(buf)) {
+                            return Some((Ok(prev), st));
+                        }
                     }
-                    Err(e) => Some((Err(e), (tier, sri, None, true))),
+                    Err(e) => {
+                        st.done = true;
+                        return Some((Err(e), st));
+                    }
                 }
-            },
-        )
+            }
+        })
     }
 
     /// Starts writing a body. Nothing is visible until [`DiskWriter::commit`]; dropping the
@@ -279,11 +340,11 @@ impl DiskTier {
         key: KeyHash,
         size: Option<u64>,
     ) -> io::Result<DiskWriter> {
-        let mut opts = cacache::WriteOpts::new();
-        if let Some(n) = size {
-            opts = opts.size(n as usize);
-        }
-        let writer = opts
+        // No `.size(n)`: with cacache's `mmap` feature a known size up to 1 MiB maps a buffer
+        // that only accepts the body in one write, and fills arrive in network-sized pieces.
+        // Our metadata file records the size, and the fill checks Content-Length itself.
+        let _ = size;
+        let writer = cacache::WriteOpts::new()
             .open_hash(&self.content)
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
@@ -337,6 +398,11 @@ impl DiskTier {
         self.index.invalidate(key);
     }
 
+    /// Objects evicted for space since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
     pub fn run_pending_tasks(&self) {
         self.index.run_pending_tasks();
     }
@@ -370,6 +436,16 @@ impl DiskWriter {
     }
 
     pub async fn commit(self, meta: &CachedMeta) -> io::Result<()> {
+        let meta = meta.clone();
+        self.commit_with(move |_, _| meta).await.map(|_| ())
+    }
+
+    /// Commits, building the metadata once the content hash and size are known (pushed
+    /// objects derive their ETag from the hash). Returns the hash.
+    pub async fn commit_with(
+        self,
+        meta: impl FnOnce(&Integrity, u64) -> CachedMeta,
+    ) -> io::Result<Integrity> {
         let sri = self
             .writer
             .commit()
@@ -378,7 +454,7 @@ impl DiskWriter {
         let file = MetaFile {
             integrity: sri.to_string(),
             size: self.written,
-            meta: meta.clone(),
+            meta: meta(&sri, self.written),
         };
         // Reference first, so a concurrent eviction of an identical body keeps the content.
         self.tier.incref(&sri);
@@ -391,11 +467,12 @@ impl DiskWriter {
         self.tier.index.insert(
             self.key,
             Arc::new(DiskEntry {
-                sri,
+                sri: sri.clone(),
                 size: self.written,
+                verified: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             }),
         );
-        Ok(())
+        Ok(sri)
     }
 }
 

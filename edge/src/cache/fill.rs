@@ -65,23 +65,39 @@ struct State {
     done: Option<Result<(), String>>,
     keep_all: bool,
     trimmed: bool,
+    /// The fill has finished storing (or gave up): a lookup now sees its result.
+    settled: bool,
 }
 
 pub struct Fill {
     pub key: KeyHash,
+    /// The purge sequence when the fill started: after any later purge, nobody joins it.
+    pub purge_seq: u64,
+    /// Set when the key was invalidated while the fill ran: what it stores is removed again.
+    cancelled: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     version: watch::Sender<u64>,
+    /// Time the upstream took to answer (nanoseconds; 0 until it did).
+    upstream_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl Fill {
     pub fn new(key: KeyHash) -> Arc<Self> {
+        Self::started_at(key, 0)
+    }
+
+    /// A fill that started at purge sequence `purge_seq`.
+    pub fn started_at(key: KeyHash, purge_seq: u64) -> Arc<Self> {
         Arc::new(Self {
             key,
+            purge_seq,
+            cancelled: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State {
                 keep_all: true,
                 ..State::default()
             }),
             version: watch::channel(0).0,
+            upstream_nanos: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -93,6 +109,39 @@ impl Fill {
 
     fn bump(&self) {
         self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Marks the fill as overtaken by an invalidation of its key.
+    pub fn cancel(&self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// True when the fill is storing its response (its head said so).
+    pub fn stores(&self) -> bool {
+        matches!(&self.lock().result, Some(FillResult::Streaming(h)) if h.meta.is_some())
+    }
+
+    /// Records how long upstream took to answer.
+    pub fn set_upstream_time(&self, d: std::time::Duration) {
+        self.upstream_nanos.store(
+            d.as_nanos().min(u128::from(u64::MAX)) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    pub fn upstream_time(&self) -> Option<std::time::Duration> {
+        match self
+            .upstream_nanos
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            n => Some(std::time::Duration::from_nanos(n)),
+        }
     }
 
     pub fn publish(&self, result: FillResult) {
@@ -120,6 +169,31 @@ impl Fill {
         let mut st = self.lock();
         st.keep_all = keep;
         trim(&mut st);
+    }
+
+    /// Marks the fill as settled: whatever it stored is now visible to lookups.
+    pub fn settle(&self) {
+        self.lock().settled = true;
+        self.bump();
+    }
+
+    /// True once the body was received completely.
+    pub fn completed(&self) -> bool {
+        matches!(self.lock().done, Some(Ok(())))
+    }
+
+    /// Waits until [`settle`](Self::settle) was called.
+    pub async fn settled(&self) {
+        let mut rx = self.version.subscribe();
+        loop {
+            rx.borrow_and_update();
+            if self.lock().settled {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     pub fn reader_count(&self) -> usize {

@@ -51,6 +51,12 @@ impl KeyHash {
         for name in names {
             h.update(name.as_str().as_bytes());
             h.update(b":");
+            if name == header::ACCEPT_ENCODING {
+                // Browsers send dozens of spellings; they all fall in three buckets.
+                h.update(Coding::negotiate(headers).as_str().as_bytes());
+                h.update(b"\n");
+                continue;
+            }
             let mut first = true;
             for v in headers.get_all(name) {
                 if !first {
@@ -74,6 +80,75 @@ impl fmt::Debug for KeyHash {
 impl fmt::Display for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.hex()[..16])
+    }
+}
+
+/// The content codings Outpost serves, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Coding {
+    Br,
+    Gzip,
+    Identity,
+}
+
+impl Coding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Coding::Br => "br",
+            Coding::Gzip => "gzip",
+            Coding::Identity => "identity",
+        }
+    }
+
+    /// Picks the coding for a request from `Accept-Encoding` with q-values (RFC 9110 §12.5.3):
+    /// br, then gzip, then identity. `q=0` refuses a coding; `*` covers codings not listed.
+    /// Identity is chosen when nothing else is acceptable, even if the client refused it: a
+    /// server may send identity rather than 406, and a cache answering 406 for a cacheable
+    /// resource would help nobody.
+    pub fn negotiate(headers: &HeaderMap) -> Coding {
+        let mut q_br: Option<f32> = None;
+        let mut q_gzip: Option<f32> = None;
+        let mut q_star: Option<f32> = None;
+        let mut any = false;
+        for v in headers.get_all(header::ACCEPT_ENCODING) {
+            let Ok(v) = v.to_str() else { continue };
+            for item in v.split(',') {
+                let mut parts = item.split(';');
+                let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+                if name.is_empty() {
+                    continue;
+                }
+                any = true;
+                let mut q = 1.0f32;
+                for p in parts {
+                    if let Some(val) = p
+                        .trim()
+                        .strip_prefix("q=")
+                        .or_else(|| p.trim().strip_prefix("Q="))
+                    {
+                        q = val.trim().parse().unwrap_or(0.0);
+                    }
+                }
+                match name.as_str() {
+                    "br" => q_br = Some(q),
+                    "gzip" | "x-gzip" => q_gzip = Some(q),
+                    "*" => q_star = Some(q),
+                    _ => {}
+                }
+            }
+        }
+        if !any {
+            return Coding::Identity;
+        }
+        let br = q_br.or(q_star).unwrap_or(0.0);
+        let gz = q_gzip.or(q_star).unwrap_or(0.0);
+        if br > 0.0 && br >= gz {
+            Coding::Br
+        } else if gz > 0.0 {
+            Coding::Gzip
+        } else {
+            Coding::Identity
+        }
     }
 }
 
@@ -170,6 +245,11 @@ impl NormalizedRequest {
                 header::HOST,
                 HeaderValue::from_str(&host).map_err(|_| KeyError::BadHost)?,
             );
+            // One spelling per coding bucket, so Vary: Accept-Encoding matches across browsers.
+            if h.contains_key(header::ACCEPT_ENCODING) {
+                let bucket = Coding::negotiate(h).as_str();
+                h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(bucket));
+            }
         }
         let (parts, ()) = builder
             .body(())
@@ -281,6 +361,29 @@ mod tests {
         // blake3 is specified; this value must never change across builds.
         assert_eq!(KeyHash::from_hex(&k.hash().hex()), Some(k.hash()));
         assert_eq!(k.hash(), KeyHash::of("example.com/"));
+    }
+
+    #[test]
+    fn accept_encoding_negotiation_and_buckets() {
+        let ae = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, HeaderValue::from_str(v).unwrap());
+            h
+        };
+        assert_eq!(Coding::negotiate(&ae("gzip, deflate, br")), Coding::Br);
+        assert_eq!(Coding::negotiate(&ae("gzip;q=0, br")), Coding::Br);
+        assert_eq!(Coding::negotiate(&ae("br;q=0, gzip")), Coding::Gzip);
+        assert_eq!(Coding::negotiate(&ae("br;q=0.5, gzip;q=0.8")), Coding::Gzip);
+        assert_eq!(Coding::negotiate(&ae("*")), Coding::Br);
+        assert_eq!(Coding::negotiate(&ae("identity;q=0")), Coding::Identity);
+        assert_eq!(Coding::negotiate(&HeaderMap::new()), Coding::Identity);
+        let p = KeyHash::of("h/");
+        let names = vec![header::ACCEPT_ENCODING];
+        assert_eq!(
+            p.variant(&names, &ae("gzip, deflate, br")),
+            p.variant(&names, &ae("br, gzip"))
+        );
+        assert_ne!(p.variant(&names, &ae("gzip")), p.variant(&names, &ae("br")));
     }
 
     #[test]

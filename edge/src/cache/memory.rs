@@ -1,6 +1,9 @@
 //! Memory tier: moka, weighed in bytes. A hit clones an `Arc` and a `Bytes` (two refcount
 //! bumps), never the body. moka shards internally, so a hit takes no global lock.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use moka::future::Cache;
 
 use super::key::KeyHash;
@@ -10,16 +13,33 @@ use super::meta::MemObject;
 pub struct MemoryTier {
     cache: Cache<KeyHash, MemObject>,
     capacity: u64,
+    evictions: Arc<AtomicU64>,
 }
 
 impl MemoryTier {
     pub fn new(capacity: u64) -> Self {
+        let evictions = Arc::new(AtomicU64::new(0));
+        let counted = evictions.clone();
         let cache = Cache::builder()
             .name("outpost-memory")
             .max_capacity(capacity)
             .weigher(|_k: &KeyHash, v: &MemObject| v.weight())
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+            })
             .build();
-        Self { cache, capacity }
+        Self {
+            cache,
+            capacity,
+            evictions,
+        }
+    }
+
+    /// Objects evicted for space since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
     }
 
     /// Largest body the tier accepts: an eighth of its capacity, so one object cannot flush

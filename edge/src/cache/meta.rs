@@ -39,8 +39,12 @@ pub struct CachedMeta {
     pub body_len: u64,
     /// Request header names the response varies on (lower-case), empty without Vary.
     pub vary: Vec<String>,
-    /// Surrogate keys / cache tags.
+    /// Surrogate keys / cache tags (from `Surrogate-Key` or `Cache-Tag`).
     pub tags: Vec<String>,
+    /// The purge sequence current when this response was fetched; a later purge that matches
+    /// it invalidates it (see `invalidation`).
+    #[serde(default)]
+    pub purge_seq: u64,
 }
 
 impl CachedMeta {
@@ -99,6 +103,30 @@ impl CachedMeta {
         }
         Ok(meta)
     }
+}
+
+/// Tags of a response: `Surrogate-Key` (space-separated, Fastly style) and `Cache-Tag`
+/// (comma-separated, Cloudflare style).
+pub fn tags_of(headers: &HeaderMap) -> Vec<String> {
+    let mut tags: Vec<String> = Vec::new();
+    for v in headers.get_all("surrogate-key") {
+        if let Ok(v) = v.to_str() {
+            tags.extend(v.split_ascii_whitespace().map(str::to_string));
+        }
+    }
+    for v in headers.get_all("cache-tag") {
+        if let Ok(v) = v.to_str() {
+            tags.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string),
+            );
+        }
+    }
+    tags.sort();
+    tags.dedup();
+    tags
 }
 
 /// A body held by the memory tier: shared, never copied per hit.

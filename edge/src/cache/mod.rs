@@ -14,9 +14,11 @@ pub mod cache_control;
 pub mod clock;
 pub mod disk;
 pub mod fill;
+pub mod invalidation;
 pub mod key;
 pub mod memory;
 pub mod meta;
+pub mod pinned;
 pub mod policy;
 pub mod status;
 pub mod upstream;
@@ -56,6 +58,28 @@ pub struct EngineConfig {
     pub max_object_size: u64,
     /// Our device token for `Surrogate-Control` targeting (the node name).
     pub surrogate_name: String,
+    /// Background revalidations per second (soft purges, stale-while-revalidate); protects
+    /// the origin from a stampede after a soft purge of everything.
+    pub revalidations_per_sec: u32,
+}
+
+/// What a purge covers (exact URLs are `host/path?query` keys or bare paths).
+#[derive(Debug, Clone, Default)]
+pub struct PurgeSpec {
+    pub urls: Vec<String>,
+    pub prefixes: Vec<String>,
+    pub tags: Vec<String>,
+    pub all: bool,
+    pub soft: bool,
+}
+
+/// The result of a purge.
+#[derive(Debug, Clone)]
+pub struct PurgeOutcome {
+    pub seq: u64,
+    /// Objects removed or marked right away (exact URLs); `None` where counting would mean
+    /// walking the cache (prefix, tag, all).
+    pub matched: Option<u64>,
 }
 
 /// A cacheable request (GET or HEAD) as the engine sees it.
@@ -65,6 +89,8 @@ pub struct CacheRequest {
     pub method: Method,
     /// What to send upstream: the client's path and end-to-end headers.
     pub upstream: request::Parts,
+    /// Freshness for a response without its own (a versioned URL).
+    pub default_ttl: Option<Duration>,
 }
 
 /// A body the engine hands to the responder.
@@ -108,6 +134,18 @@ pub struct Served {
     pub upstream_error: Option<UpstreamError>,
     /// When the decision was taken.
     pub now: SystemTime,
+    /// The key the answer is stored under (when it is stored).
+    pub key: Option<KeyHash>,
+    /// Time to the upstream response head, when this request waited for one.
+    pub upstream_time: Option<Duration>,
+}
+
+/// Content codings the engine stores as separate variants of an object.
+pub const STORED_CODINGS: [&str; 2] = ["br", "gzip"];
+
+/// The key of an encoded variant of the object stored under `base`.
+pub fn encoded_key(base: KeyHash, coding: &str) -> KeyHash {
+    KeyHash::of(&format!("{}\0ce={coding}", base.hex()))
 }
 
 /// Counters the engine keeps (exported as metrics by the observability layer).
@@ -129,20 +167,22 @@ struct VaryEntry {
 enum Stored {
     Memory(MemObject),
     Disk(DiskHit),
+    /// A pushed object (on the pinned tier).
+    Pinned(DiskHit),
 }
 
 impl Stored {
     fn meta(&self) -> &Arc<CachedMeta> {
         match self {
             Stored::Memory(m) => &m.meta,
-            Stored::Disk(d) => &d.meta,
+            Stored::Disk(d) | Stored::Pinned(d) => &d.meta,
         }
     }
 
     fn tier(&self) -> Tier {
         match self {
             Stored::Memory(_) => Tier::Memory,
-            Stored::Disk(_) => Tier::Disk,
+            Stored::Disk(_) | Stored::Pinned(_) => Tier::Disk,
         }
     }
 }
@@ -155,8 +195,21 @@ pub struct Engine {
     upstream: Arc<dyn Upstream>,
     clock: Clock,
     cfg: EngineConfig,
+    gens: invalidation::Generations,
+    pinned: Option<pinned::PinnedStore>,
+    /// Hosts seen, so a purge of a bare path can reach every host's copy (bounded).
+    hosts: DashMap<String, ()>,
+    budget: std::sync::Mutex<Budget>,
     pub stats: EngineStats,
 }
+
+/// Token bucket for background revalidations.
+struct Budget {
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+const MAX_TRACKED_HOSTS: usize = 1024;
 
 /// Request headers that would turn our fetch into a conditional or partial one. The cache
 /// fetches whole objects and evaluates the client's conditions itself (RFC 9111 §4.3.2).
@@ -177,11 +230,18 @@ impl Engine {
         clock: Clock,
     ) -> io::Result<Arc<Self>> {
         let memory = MemoryTier::new(cfg.memory_bytes);
+        let gens = invalidation::Generations::load(
+            cfg.disk.as_ref().map(|(dir, _)| dir.join("purges.json")),
+        )?;
+        let hosts: DashMap<String, ()> = DashMap::new();
         let vary: DashMap<KeyHash, VaryEntry> = DashMap::new();
         let disk = match &cfg.disk {
             Some((dir, cap)) => {
                 let (tier, metas) = DiskTier::open(dir, *cap).await?;
                 for (variant, m) in metas {
+                    if hosts.len() < MAX_TRACKED_HOSTS {
+                        hosts.insert(m.key.split('/').next().unwrap_or("").to_string(), ());
+                    }
                     if m.vary.is_empty() {
                         continue;
                     }
@@ -198,14 +258,25 @@ impl Engine {
             }
             None => None,
         };
+        let pinned = match &cfg.disk {
+            Some((dir, _)) => Some(pinned::PinnedStore::open(&dir.join("pushed")).await?),
+            None => None,
+        };
         let engine = Arc::new(Self {
+            pinned,
             memory,
             disk,
             vary,
             fills: DashMap::new(),
             upstream,
             clock,
+            budget: std::sync::Mutex::new(Budget {
+                tokens: f64::from(cfg.revalidations_per_sec),
+                last: std::time::Instant::now(),
+            }),
             cfg,
+            gens,
+            hosts,
             stats: EngineStats::default(),
         });
         // moka has no background thread: run its housekeeping (eviction, size accounting).
@@ -248,6 +319,19 @@ impl Engine {
         ]
     }
 
+    /// Evictions for space since start: (memory, disk).
+    pub fn evictions(&self) -> (u64, u64) {
+        (
+            self.memory.evictions(),
+            self.disk.as_ref().map_or(0, |d| d.evictions()),
+        )
+    }
+
+    /// Pushed objects held.
+    pub fn pushed_count(&self) -> u64 {
+        self.pinned.as_ref().map_or(0, |p| p.tier().entry_count())
+    }
+
     fn variant_of(&self, primary: KeyHash, headers: &HeaderMap) -> KeyHash {
         match self.vary.get(&primary) {
             Some(e) => primary.variant(&e.names, headers),
@@ -268,8 +352,11 @@ impl Engine {
     async fn body_of(&self, key: KeyHash, stored: &Stored) -> Option<ServedBody> {
         match stored {
             Stored::Memory(m) => Some(ServedBody::Full(m.body.clone())),
-            Stored::Disk(hit) => {
-                let disk = self.disk.as_ref()?;
+            Stored::Disk(hit) | Stored::Pinned(hit) => {
+                let disk = match stored {
+                    Stored::Pinned(_) => self.pinned.as_ref()?.tier(),
+                    _ => self.disk.as_ref()?,
+                };
                 if self.memory.fits(hit.entry.size) {
                     let body = disk.read_all(&key, hit).await.ok()?;
                     self.memory
@@ -283,6 +370,9 @@ impl Engine {
                         .await;
                     Some(ServedBody::Full(body))
                 } else {
+                    if !disk.verify(&key, hit).await {
+                        return None;
+                    }
                     Some(ServedBody::Stream {
                         stream: disk.stream(key, hit).boxed(),
                         len: Some(hit.entry.size),
@@ -292,8 +382,10 @@ impl Engine {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn served_from(
         &self,
+        key: KeyHash,
         stored: &Stored,
         meta: Arc<CachedMeta>,
         body: ServedBody,
@@ -301,6 +393,8 @@ impl Engine {
         now: SystemTime,
     ) -> Served {
         Served {
+            upstream_time: None,
+            key: Some(key),
             status: meta.status,
             headers: meta.headers.clone(),
             body,
@@ -322,12 +416,48 @@ impl Engine {
         let only_if_cached = req_cc.has("only-if-cached");
 
         let mut stale: Option<Stored> = None;
-        if let Some(stored) = self.lookup(&variant).await {
+        if let Some(served) = self.serve_pushed(&req, now).await {
+            return served;
+        }
+        let found = match self.lookup(&variant).await {
+            Some(stored) => {
+                let m = stored.meta();
+                match self.gens.check(&m.key, &m.tags, m.purge_seq) {
+                    invalidation::Verdict::Valid => Some((stored, false)),
+                    invalidation::Verdict::Stale => Some((stored, true)),
+                    invalidation::Verdict::Gone => {
+                        // Purged: reclaim it now; this request is a miss.
+                        self.remove_object(variant).await;
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        if let Some((stored, soft_purged)) = found {
             let meta = stored.meta().clone();
-            match policy::freshness(&meta, &req.norm.parts, now) {
+            let freshness = if soft_purged {
+                // A soft purge marks the object stale; it is served while one background
+                // revalidation (within the revalidation budget) refreshes it.
+                if let Some(body) = self.body_of(variant, &stored).await {
+                    self.revalidate_in_background(&req, variant, &meta);
+                    return self.served_from(variant, &stored, meta, body, CacheStatus::Stale, now);
+                }
+                Freshness::Stale
+            } else {
+                policy::freshness(&meta, &req.norm.parts, now)
+            };
+            match freshness {
                 Freshness::Fresh => {
                     if let Some(body) = self.body_of(variant, &stored).await {
-                        return self.served_from(&stored, meta, body, CacheStatus::Hit, now);
+                        return self.served_from(
+                            variant,
+                            &stored,
+                            meta,
+                            body,
+                            CacheStatus::Hit,
+                            now,
+                        );
                     }
                 }
                 Freshness::Stale => {
@@ -335,7 +465,14 @@ impl Engine {
                         && let Some(body) = self.body_of(variant, &stored).await
                     {
                         self.revalidate_in_background(&req, variant, &meta);
-                        return self.served_from(&stored, meta, body, CacheStatus::Stale, now);
+                        return self.served_from(
+                            variant,
+                            &stored,
+                            meta,
+                            body,
+                            CacheStatus::Stale,
+                            now,
+                        );
                     }
                     stale = Some(stored);
                 }
@@ -368,23 +505,50 @@ impl Engine {
         stale: Option<&Stored>,
     ) -> Joined {
         use dashmap::mapref::entry::Entry;
-        match self.fills.entry(variant) {
-            Entry::Occupied(e) => {
+        let current = self.gens.current();
+        let mut entry = self.fills.entry(variant);
+        if let Entry::Occupied(e) = &entry {
+            let fill = e.get();
+            // Join a running fetch; or a finished one that is about to make its stored copy
+            // visible, when this request found no copy at all. Never one that started before
+            // a purge, and never a finished one when this request holds a stale copy (its
+            // answer is what made the copy stale).
+            let joinable = fill.purge_seq == current
+                && !fill.is_cancelled()
+                && (!fill.completed() || (stale.is_none() && fill.stores()));
+            if joinable {
                 self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
-                let fill = e.get().clone();
+                let fill = fill.clone();
                 let reader = fill.reader();
-                Joined {
+                return Joined {
                     fill,
                     leader: false,
                     reader,
-                }
+                };
             }
+            drop(entry);
+            self.fills.remove(&variant);
+            entry = self.fills.entry(variant);
+        }
+        match entry {
+            Entry::Occupied(_) => unreachable!("the stale fill was just removed"),
             Entry::Vacant(v) => {
-                let fill = Fill::new(variant);
+                let fill = Fill::started_at(variant, current);
                 let reader = fill.reader();
                 v.insert(fill.clone());
                 self.stats.fills.fetch_add(1, Ordering::Relaxed);
+                if self.hosts.len() < MAX_TRACKED_HOSTS
+                    && let Some(host) = req.norm.key.as_str().split('/').next()
+                    && !self.hosts.contains_key(host)
+                {
+                    self.hosts.insert(host.to_string(), ());
+                }
                 let job = FillJob {
+                    admit: policy::AdmitOptions {
+                        surrogate: self.cfg.surrogate_name.clone(),
+                        default_ttl: req.default_ttl,
+                    },
+                    purge_seq: current,
                     norm: clone_parts(&req.norm.parts),
                     key_text: req.norm.key.as_str().to_string(),
                     primary,
@@ -405,13 +569,116 @@ impl Engine {
         }
     }
 
+    /// A pushed object for this path, if any: always a HIT (it is authoritative) unless a purge
+    /// covered it: a hard purge deletes it, a soft purge serves it STALE while the origin is
+    /// asked for the current version.
+    async fn serve_pushed(self: &Arc<Self>, req: &CacheRequest, now: SystemTime) -> Option<Served> {
+        let pinned = self.pinned.as_ref()?;
+        let path = req.norm.key.path();
+        if !pinned.contains(path) {
+            return None;
+        }
+        let key = pinned::pinned_key(path);
+        let stored = match self.memory.get(&key).await {
+            Some(m) => Stored::Memory(m),
+            None => Stored::Pinned(pinned.get(path).await?),
+        };
+        let meta = stored.meta().clone();
+        match self.gens.check(&meta.key, &meta.tags, meta.purge_seq) {
+            invalidation::Verdict::Gone => {
+                pinned.delete(path).await;
+                self.memory.remove(&key).await;
+                None
+            }
+            invalidation::Verdict::Stale => {
+                let body = self.body_of(key, &stored).await?;
+                let variant = self.variant_of(req.norm.key.hash(), &req.norm.parts.headers);
+                self.revalidate_in_background(req, variant, &meta);
+                Some(self.served_from(key, &stored, meta, body, CacheStatus::Stale, now))
+            }
+            invalidation::Verdict::Valid => {
+                let body = self.body_of(key, &stored).await?;
+                Some(self.served_from(key, &stored, meta, body, CacheStatus::Hit, now))
+            }
+        }
+    }
+
+    /// Stores a pushed object (see [`pinned`]).
+    pub async fn push<S, E>(
+        &self,
+        spec: pinned::PushSpec,
+        body: S,
+    ) -> Result<(pinned::PushedInfo, bool), pinned::PushError>
+    where
+        S: futures_util::Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let Some(store) = &self.pinned else {
+            return Err(pinned::PushError::Storage(io::Error::other(
+                "pushing needs a disk tier: set cache.dir (or --cache-dir)",
+            )));
+        };
+        let path = spec.path.clone();
+        let out = store
+            .push(spec, body, self.clock.now(), self.gens.current())
+            .await?;
+        self.memory.remove(&pinned::pinned_key(&path)).await;
+        Ok(out)
+    }
+
+    pub async fn delete_pushed(&self, path: &str) -> bool {
+        let Some(store) = &self.pinned else {
+            return false;
+        };
+        self.memory.remove(&pinned::pinned_key(path)).await;
+        store.delete(path).await
+    }
+
+    pub async fn list_pushed(&self, prefix: &str) -> Vec<pinned::PushedInfo> {
+        match &self.pinned {
+            Some(store) => {
+                store
+                    .list(prefix, |m| {
+                        self.gens.check(&m.key, &m.tags, m.purge_seq) != invalidation::Verdict::Gone
+                    })
+                    .await
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Takes one token from the revalidation budget.
+    fn revalidation_allowed(&self) -> bool {
+        let rate = f64::from(self.cfg.revalidations_per_sec.max(1));
+        let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(rate);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Starts one background revalidation for a stale object, unless one runs already or the
+    /// budget is spent (the object is then served stale and revalidated by a later request).
     fn revalidate_in_background(
         self: &Arc<Self>,
         req: &CacheRequest,
         variant: KeyHash,
         meta: &Arc<CachedMeta>,
     ) {
-        if self.fills.contains_key(&variant) {
+        // One revalidation per key: skip when a current fetch is already running (one that
+        // started before a purge does not count; fill_or_join replaces it).
+        if let Some(f) = self.fills.get(&variant)
+            && f.purge_seq == self.gens.current()
+            && !f.completed()
+        {
+            return;
+        }
+        if !self.revalidation_allowed() {
             return;
         }
         let primary = req.norm.key.hash();
@@ -424,6 +691,24 @@ impl Engine {
     }
 
     async fn await_fill(
+        self: &Arc<Self>,
+        req: CacheRequest,
+        joined: Joined,
+        primary: KeyHash,
+        stale: Option<Stored>,
+        now: SystemTime,
+    ) -> Served {
+        let fill = joined.fill.clone();
+        let mut served = self
+            .await_fill_inner(req, joined, primary, stale, now)
+            .await;
+        if served.upstream_time.is_none() {
+            served.upstream_time = fill.upstream_time();
+        }
+        served
+    }
+
+    async fn await_fill_inner(
         self: &Arc<Self>,
         req: CacheRequest,
         joined: Joined,
@@ -444,7 +729,7 @@ impl Engine {
                 return None;
             }
             let body = self.body_of(fill.key, stored).await?;
-            let mut s = self.served_from(stored, meta, body, CacheStatus::Stale, now);
+            let mut s = self.served_from(fill.key, stored, meta, body, CacheStatus::Stale, now);
             s.upstream_error = err;
             Some(s)
         };
@@ -462,9 +747,14 @@ impl Engine {
                     return self.pass(req, PassReason::NotShareable, now).await;
                 };
                 match self.body_of(fill.key, stored).await {
-                    Some(body) => {
-                        self.served_from(stored, meta, body, CacheStatus::Revalidated, now)
-                    }
+                    Some(body) => self.served_from(
+                        fill.key,
+                        stored,
+                        meta,
+                        body,
+                        CacheStatus::Revalidated,
+                        now,
+                    ),
                     None => self.pass(req, PassReason::NotShareable, now).await,
                 }
             }
@@ -489,6 +779,25 @@ impl Engine {
                     }
                 }
                 let Some(reader) = reader else {
+                    // The fill already dropped its first bytes (a large object streaming
+                    // through). If it has completed, its copy is about to be visible: wait for
+                    // it and serve from cache; otherwise fetch on our own.
+                    if fill.completed() {
+                        fill.settled().await;
+                        if let Some(stored) = self.lookup(&head.store_key).await
+                            && let Some(body) = self.body_of(head.store_key, &stored).await
+                        {
+                            let meta = stored.meta().clone();
+                            return self.served_from(
+                                head.store_key,
+                                &stored,
+                                meta,
+                                body,
+                                CacheStatus::Hit,
+                                now,
+                            );
+                        }
+                    }
                     return self.pass(req, PassReason::NotShareable, now).await;
                 };
                 let mut headers = head.headers.clone();
@@ -503,6 +812,8 @@ impl Engine {
                     CacheStatus::Pass(PassReason::Uncacheable)
                 };
                 Served {
+                    upstream_time: None,
+                    key: head.meta.is_some().then_some(head.store_key),
                     status: head.status,
                     headers,
                     body: ServedBody::Stream {
@@ -524,13 +835,21 @@ impl Engine {
     async fn pass(&self, req: CacheRequest, reason: PassReason, now: SystemTime) -> Served {
         let mut parts = req.upstream;
         parts.method = req.method.clone();
+        parts
+            .extensions
+            .insert(upstream::RouteKey(req.norm.key.hash()));
         let upstream_req = Request::from_parts(parts, empty_body());
-        match self.upstream.fetch(upstream_req).await {
+        let sent = std::time::Instant::now();
+        let fetched = self.upstream.fetch(upstream_req).await;
+        let upstream_time = Some(sent.elapsed());
+        match fetched {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let len = content_length(&parts.headers);
                 Served {
+                    upstream_time,
+                    key: None,
                     status: parts.status,
                     headers: parts.headers,
                     body: ServedBody::Stream {
@@ -547,6 +866,7 @@ impl Engine {
             }
             Err(e) => {
                 let mut s = error_served(e.status(), &e.to_string(), now);
+                s.upstream_time = upstream_time;
                 s.upstream_error = Some(e);
                 s
             }
@@ -563,6 +883,7 @@ impl Engine {
     async fn fill_inner(&self, fill: &Arc<Fill>, job: FillJob) {
         let mut up = clone_parts(&job.upstream);
         up.method = Method::GET;
+        up.extensions.insert(upstream::RouteKey(job.primary));
         for h in CLIENT_CONDITIONALS {
             up.headers.remove(h);
         }
@@ -577,11 +898,13 @@ impl Engine {
                 up.headers.insert(header::IF_MODIFIED_SINCE, lm);
             }
         }
-        let resp = match self
+        let sent = std::time::Instant::now();
+        let fetched = self
             .upstream
             .fetch(Request::from_parts(up, empty_body()))
-            .await
-        {
+            .await;
+        fill.set_upstream_time(sent.elapsed());
+        let resp = match fetched {
             Ok(r) => r,
             Err(e) => {
                 debug!(key = %job.key_text, error = %e, "fill failed");
@@ -595,9 +918,9 @@ impl Engine {
         if parts.status == StatusCode::NOT_MODIFIED
             && let Some(old) = &job.stale_meta
         {
-            match policy::apply_not_modified(old, &job.norm, &parts, now, &self.cfg.surrogate_name)
-            {
-                Some(updated) => {
+            match policy::apply_not_modified(old, &job.norm, &parts, now, &job.admit) {
+                Some(mut updated) => {
+                    updated.purge_seq = job.purge_seq;
                     let updated = Arc::new(updated);
                     self.update_stored_meta(fill.key, &updated, job.stale_body.clone())
                         .await;
@@ -615,13 +938,7 @@ impl Engine {
         }
 
         let admission = if policy::status_may_be_stored(parts.status) {
-            policy::admit(
-                &job.norm,
-                &parts,
-                &job.key_text,
-                now,
-                &self.cfg.surrogate_name,
-            )
+            policy::admit(&job.norm, &parts, &job.key_text, now, &job.admit)
         } else {
             Admission::Pass(PassReason::Uncacheable)
         };
@@ -632,7 +949,8 @@ impl Engine {
         }
         strip_hop_by_hop(&mut parts.headers);
         let (meta, vary, store_key, set_cookie) = match admission {
-            Admission::Store(meta) => {
+            Admission::Store(mut meta) => {
+                meta.purge_seq = job.purge_seq;
                 let set_cookie: Vec<HeaderValue> = parts
                     .headers
                     .get_all(header::SET_COOKIE)
@@ -646,14 +964,23 @@ impl Engine {
             }
             Admission::Pass(reason) => {
                 debug!(key = %job.key_text, reason = reason.as_str(), "not storing");
-                // An old stored copy that the new answer replaces must not be served again.
-                if job.stale_meta.is_some() {
+                // An old stored copy that the new answer replaces must not be served again; a
+                // 5xx replaces nothing (stale-if-error may still serve the copy).
+                if job.stale_meta.is_some() && !parts.status.is_server_error() {
                     self.remove_object(fill.key).await;
                 }
                 (None, Vec::new(), fill.key, Vec::new())
             }
         };
         let storing = meta.is_some();
+        if storing && let Some(pinned) = &self.pinned {
+            // The origin's answer replaces a pushed object a soft purge sent back to it.
+            let path = job.norm.uri.path_and_query().map_or("/", |p| p.as_str());
+            if pinned.contains(path) {
+                pinned.delete(path).await;
+                self.memory.remove(&pinned::pinned_key(path)).await;
+            }
+        }
         fill.set_keep_all(storing && content_length.is_some_and(|n| self.memory.fits(n)));
         let head = Arc::new(FillHead {
             status: parts.status,
@@ -735,10 +1062,22 @@ impl Engine {
                 )
                 .await;
         }
-        if let Some(tx) = disk_tx {
-            let _ = tx.try_send(DiskMsg::Commit(meta));
-        }
+        let committed = disk_tx.and_then(|tx| {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            tx.try_send(DiskMsg::Commit(meta, done_tx))
+                .ok()
+                .map(|_| done_rx)
+        });
         fill.finish(Ok(()));
+        // Stay in the fill map until the disk copy is visible, so a request arriving in between
+        // finds this fill (and waits for the commit) rather than fetching again.
+        if let Some(done) = committed {
+            let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
+        }
+        if fill.is_cancelled() {
+            // Invalidated while we fetched: what we stored is already out of date.
+            self.remove_object(store_key).await;
+        }
     }
 
     fn spawn_disk_writer(
@@ -767,10 +1106,11 @@ impl Engine {
                             return;
                         }
                     }
-                    DiskMsg::Commit(meta) => {
+                    DiskMsg::Commit(meta, done) => {
                         if let Err(e) = writer.commit(&meta).await {
                             warn!(error = %e, "disk tier commit failed; object not stored on disk");
                         }
+                        let _ = done.send(());
                         return;
                     }
                 }
@@ -830,11 +1170,155 @@ impl Engine {
         }
     }
 
+    /// Removes an object and its encoded variants from both tiers.
     async fn remove_object(&self, key: KeyHash) {
-        self.memory.remove(&key).await;
-        if let Some(d) = &self.disk {
-            d.remove(&key).await;
+        for k in std::iter::once(key).chain(STORED_CODINGS.iter().map(|c| encoded_key(key, c))) {
+            self.memory.remove(&k).await;
+            if let Some(d) = &self.disk {
+                d.remove(&k).await;
+            }
         }
+    }
+
+    /// An encoded variant (`br`, `gzip`) of the object stored under `base`, if one was stored
+    /// from this very version of it (same store time); a variant of an older version is a miss.
+    pub async fn get_encoded(
+        &self,
+        base: KeyHash,
+        coding: &str,
+        base_meta: &CachedMeta,
+    ) -> Option<(Arc<CachedMeta>, ServedBody)> {
+        let key = encoded_key(base, coding);
+        let stored = self.lookup(&key).await?;
+        let meta = stored.meta().clone();
+        if meta.stored_at_ms != base_meta.stored_at_ms
+            || meta.body_len == 0 && base_meta.body_len != 0
+        {
+            return None;
+        }
+        let body = self.body_of(key, &stored).await?;
+        Some((meta, body))
+    }
+
+    /// Stores an encoded variant beside its identity object (memory, and disk when present).
+    pub async fn put_encoded(&self, base: KeyHash, coding: &str, meta: CachedMeta, body: Bytes) {
+        let key = encoded_key(base, coding);
+        let meta = Arc::new(meta);
+        self.memory
+            .insert(
+                key,
+                MemObject {
+                    meta: meta.clone(),
+                    body: body.clone(),
+                },
+            )
+            .await;
+        if let Some(disk) = &self.disk {
+            let disk = disk.clone();
+            tokio::spawn(async move {
+                let result = async {
+                    let mut w = disk.begin_write(key, Some(body.len() as u64)).await?;
+                    w.write(&body).await?;
+                    w.commit(&meta).await
+                }
+                .await;
+                if let Err(e) = result {
+                    warn!(error = %e, "storing an encoded variant on disk failed");
+                }
+            });
+        }
+    }
+
+    /// Purges by exact URL, prefix, tag or everything, hard or soft. Prefix, tag and all are
+    /// O(1) in the number of cached objects (a generation is recorded and persisted); exact
+    /// URLs are also removed from both tiers right away (hard) with every Vary variant.
+    pub async fn purge(self: &Arc<Self>, spec: &PurgeSpec) -> io::Result<PurgeOutcome> {
+        use invalidation::Scope;
+        let mut scopes: Vec<Scope> = Vec::new();
+        if spec.all {
+            scopes.push(Scope::All);
+        }
+        scopes.extend(spec.prefixes.iter().map(|p| Scope::Prefix(key_form(p))));
+        scopes.extend(spec.tags.iter().map(|t| Scope::Tag(t.clone())));
+        // Exact URLs are recorded as exact scopes too, so that a soft purge works for them and
+        // a hard purge survives a restart even before the objects are reclaimed.
+        let exact: Vec<String> = spec.urls.iter().map(|u| key_form(u)).collect();
+        scopes.extend(exact.iter().map(|k| Scope::Exact(k.clone())));
+        let seq = self.gens.purge(&scopes, spec.soft).await?;
+        let mut matched = None;
+        if !exact.is_empty() && !spec.soft {
+            let mut n = 0;
+            for k in &exact {
+                for key in self.expand_hosts(k) {
+                    let primary = KeyHash::of(&key);
+                    if self.holds(primary).await {
+                        n += 1;
+                    }
+                    self.invalidate(primary).await;
+                }
+            }
+            matched = Some(n);
+        }
+        if !spec.soft && (spec.all || !spec.prefixes.is_empty() || !spec.tags.is_empty()) {
+            self.spawn_reclaim();
+        }
+        Ok(PurgeOutcome { seq, matched })
+    }
+
+    /// `host/path` stays; a bare `/path` means that path on every host seen.
+    fn expand_hosts(&self, key: &str) -> Vec<String> {
+        if key.starts_with('/') {
+            self.hosts
+                .iter()
+                .map(|h| format!("{}{key}", h.key()))
+                .collect()
+        } else {
+            vec![key.to_string()]
+        }
+    }
+
+    async fn holds(&self, primary: KeyHash) -> bool {
+        self.vary.contains_key(&primary)
+            || self.memory.get(&primary).await.is_some()
+            || self.disk.as_ref().is_some_and(|d| d.contains(&primary))
+    }
+
+    /// Reclaims purged objects from the tiers in the background (a purge itself never walks
+    /// the cache).
+    fn spawn_reclaim(self: &Arc<Self>) {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let Some(e) = engine.upgrade() else { return };
+            // Memory copies are dropped when a lookup meets them, or evicted by size.
+            if let Some(disk) = &e.disk {
+                let mut removed = 0u64;
+                for key in disk.keys() {
+                    if let Some(hit) = disk.get(&key).await
+                        && e.gens
+                            .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
+                            == invalidation::Verdict::Gone
+                    {
+                        e.remove_object(key).await;
+                        removed += 1;
+                    }
+                }
+                if removed > 0 {
+                    debug!(removed, "reclaimed purged objects from disk");
+                }
+            }
+            if let Some(pinned) = &e.pinned {
+                for key in pinned.tier().keys() {
+                    if let Some(hit) = pinned.tier().get(&key).await
+                        && e.gens
+                            .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
+                            == invalidation::Verdict::Gone
+                    {
+                        pinned.delete(&hit.meta.key).await;
+                        e.memory.remove(&key).await;
+                    }
+                }
+            }
+        });
     }
 
     /// Removes every stored variant of a key from both tiers (RFC 9111 §4.4 invalidation,
@@ -845,9 +1329,12 @@ impl Engine {
             .remove(&primary)
             .map(|(_, e)| e.variants)
             .unwrap_or_default();
-        self.remove_object(primary).await;
-        for v in variants {
-            self.remove_object(v).await;
+        for k in std::iter::once(primary).chain(variants.iter().copied()) {
+            // A fetch still running for the key must not bring the old answer back.
+            if let Some((_, fill)) = self.fills.remove(&k) {
+                fill.cancel();
+            }
+            self.remove_object(k).await;
         }
     }
 }
@@ -861,10 +1348,14 @@ struct Joined {
 
 enum DiskMsg {
     Data(Bytes),
-    Commit(Arc<CachedMeta>),
+    /// Commit with this metadata, then signal.
+    Commit(Arc<CachedMeta>, tokio::sync::oneshot::Sender<()>),
 }
 
 struct FillJob {
+    admit: policy::AdmitOptions,
+    /// Purge sequence when the fetch started: a purge that lands while it runs covers it.
+    purge_seq: u64,
     norm: request::Parts,
     key_text: String,
     primary: KeyHash,
@@ -898,6 +1389,23 @@ fn body_stream(body: UpstreamBody) -> BoxStream<'static, io::Result<Bytes>> {
         .boxed()
 }
 
+/// The key form of a purge target: `http://host/p?q` → `host/p?q`; `/p` stays a path.
+fn key_form(target: &str) -> String {
+    let t = target.trim();
+    let t = t
+        .strip_prefix("http://")
+        .or_else(|| t.strip_prefix("https://"))
+        .unwrap_or(t);
+    if t.starts_with('/') {
+        t.to_string()
+    } else {
+        match t.split_once('/') {
+            Some((host, rest)) => format!("{}/{rest}", host.to_ascii_lowercase()),
+            None => format!("{}/", t.to_ascii_lowercase()),
+        }
+    }
+}
+
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
@@ -915,6 +1423,8 @@ pub fn error_served(status: StatusCode, message: &str, now: SystemTime) -> Serve
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Served {
+        upstream_time: None,
+        key: None,
         status,
         headers,
         body: ServedBody::Full(body),

@@ -93,12 +93,42 @@ fn policy_request(req: &request::Parts, vary: &[HeaderName]) -> request::Parts {
 ///   (RFC 9111 §5.1).
 ///
 /// Returns `None` when Surrogate-Control says `no-store`.
-pub fn policy_response(resp: &response::Parts, surrogate: &str) -> Option<response::Parts> {
+/// Per-request options of admission.
+#[derive(Debug, Clone, Default)]
+pub struct AdmitOptions {
+    /// Our `Surrogate-Control` device token (the node name).
+    pub surrogate: String,
+    /// Freshness for a response that carries none of its own (versioned URLs: `?v=3`).
+    pub default_ttl: Option<Duration>,
+}
+
+pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<response::Parts> {
+    let surrogate = opts.surrogate.as_str();
     let mut headers = resp.headers.clone();
     let cc = Directives::parse(&resp.headers);
+    if let Some(ttl) = opts.default_ttl
+        && !(cc.has("max-age")
+            || cc.has("s-maxage")
+            || cc.has("no-cache")
+            || cc.has("no-store")
+            || cc.has("private")
+            || headers.contains_key(header::EXPIRES))
+    {
+        // A versioned URL names one immutable revision: without explicit freshness from the
+        // origin, keep it for the configured time.
+        let mut items = cc.to_header();
+        if !items.is_empty() {
+            items.push_str(", ");
+        }
+        items.push_str(&format!("max-age={}, immutable", ttl.as_secs()));
+        if let Ok(v) = HeaderValue::from_str(&items) {
+            headers.insert(header::CACHE_CONTROL, v);
+        }
+    }
     if headers.contains_key(header::CACHE_CONTROL) {
+        let current = Directives::parse(&headers);
         headers.remove(header::CACHE_CONTROL);
-        if let Ok(v) = HeaderValue::from_str(&cc.to_header()) {
+        if let Ok(v) = HeaderValue::from_str(&current.to_header()) {
             headers.insert(header::CACHE_CONTROL, v);
         }
     }
@@ -175,7 +205,7 @@ pub fn admit(
     resp: &response::Parts,
     key: &str,
     now: SystemTime,
-    surrogate: &str,
+    opts: &AdmitOptions,
 ) -> Admission {
     let req_cc = Directives::parse(&req.headers);
     if req_cc.has("no-store") {
@@ -184,7 +214,7 @@ pub fn admit(
     let Some(vary) = vary_names(&resp.headers) else {
         return Admission::Pass(PassReason::Uncacheable);
     };
-    let Some(presp) = policy_response(resp, surrogate) else {
+    let Some(presp) = policy_response(resp, opts) else {
         return Admission::Pass(PassReason::Uncacheable);
     };
     let resp_cc = Directives::parse(&presp.headers);
@@ -219,7 +249,8 @@ pub fn admit(
         sie_secs: sie.as_secs(),
         body_len: 0,
         vary: vary.iter().map(|n| n.as_str().to_string()).collect(),
-        tags: Vec::new(),
+        tags: super::meta::tags_of(&resp.headers),
+        purge_seq: 0,
     };
     meta.set_stored_now(now, ttl);
     Admission::Store(Box::new(meta))
@@ -321,7 +352,7 @@ pub fn apply_not_modified(
     req: &request::Parts,
     not_modified: &response::Parts,
     now: SystemTime,
-    surrogate: &str,
+    opts: &AdmitOptions,
 ) -> Option<CachedMeta> {
     let mut headers = meta.headers.clone();
     let mut replaced: Vec<HeaderName> = Vec::new();
@@ -343,18 +374,20 @@ pub fn apply_not_modified(
         .into_parts()
         .0;
     parts.headers = headers.clone();
-    let presp = policy_response(&parts, surrogate)?;
+    let presp = policy_response(&parts, opts)?;
     let preq = policy_request(req, &vary);
     let policy = CachePolicy::new_options(&preq, &presp, now, options());
     let resp_cc = Directives::parse(&presp.headers);
     let (swr, sie) = stale_windows(&resp_cc);
     let ttl = policy.time_to_live(now);
+    let tags = super::meta::tags_of(&headers);
     let mut updated = CachedMeta {
         headers,
         policy,
         swr_secs: swr.as_secs(),
         sie_secs: sie.as_secs(),
         vary: vary.iter().map(|n| n.as_str().to_string()).collect(),
+        tags,
         ..meta.clone()
     };
     updated.set_stored_now(now, ttl);
@@ -391,7 +424,11 @@ mod tests {
     }
 
     fn store(r: &request::Parts, p: &response::Parts, now: SystemTime) -> Option<CachedMeta> {
-        match admit(r, p, "example.com/a", now, "outpost") {
+        let opts = AdmitOptions {
+            surrogate: "outpost".into(),
+            default_ttl: None,
+        };
+        match admit(r, p, "example.com/a", now, &opts) {
             Admission::Store(m) => Some(*m),
             Admission::Pass(_) => None,
         }
@@ -600,6 +637,24 @@ mod tests {
     }
 
     #[test]
+    fn versioned_default_ttl_only_without_explicit_freshness() {
+        let now = SystemTime::now();
+        let opts = AdmitOptions {
+            surrogate: "outpost".into(),
+            default_ttl: Some(Duration::from_secs(86400)),
+        };
+        let admit_with = |h: &[(&str, &str)]| match admit(&req(&[]), &resp(200, h), "k", now, &opts)
+        {
+            Admission::Store(m) => Some(ttl(&m, now).as_secs()),
+            Admission::Pass(_) => None,
+        };
+        assert_eq!(admit_with(&[("etag", "\"a\"")]), Some(86400));
+        assert_eq!(admit_with(&[("cache-control", "public")]), Some(86400));
+        assert_eq!(admit_with(&[("cache-control", "max-age=5")]), Some(5));
+        assert_eq!(admit_with(&[("cache-control", "no-store")]), None);
+    }
+
+    #[test]
     fn request_directives() {
         let now = SystemTime::now();
         let m = store(
@@ -698,7 +753,7 @@ mod tests {
                 ("content-length", "0"),
             ],
         );
-        let u = apply_not_modified(&m, &req(&[]), &nm, later, "outpost").unwrap();
+        let u = apply_not_modified(&m, &req(&[]), &nm, later, &AdmitOptions::default()).unwrap();
         assert_eq!(u.headers["cache-control"], "max-age=3600");
         assert_eq!(u.headers["x-b"], "new");
         assert_eq!(u.headers.get_all("x-a").iter().count(), 2);
@@ -707,7 +762,7 @@ mod tests {
         assert_eq!(freshness(&u, &req(&[]), later), Freshness::Fresh);
         // A 304 never changes the stored validator.
         let other = resp(304, &[("etag", "\"v2\"")]);
-        let u = apply_not_modified(&m, &req(&[]), &other, later, "outpost").unwrap();
+        let u = apply_not_modified(&m, &req(&[]), &other, later, &AdmitOptions::default()).unwrap();
         assert_eq!(u.headers["etag"], "\"v1\"");
     }
 }

@@ -45,6 +45,12 @@ impl UpstreamError {
     }
 }
 
+/// Request extension naming the cache key a request is for, so an upstream that spreads keys
+/// over several nodes (shields, by rendezvous hashing) routes every request for one key to the
+/// same node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteKey(pub super::key::KeyHash);
+
 /// Sends one request upstream (origin or shield) and returns its response head with a
 /// streaming body. Implementations apply their own connect / first-byte timeouts.
 pub trait Upstream: Send + Sync + 'static {

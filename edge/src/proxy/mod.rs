@@ -6,11 +6,14 @@
 //!     every other method passes through (and a success invalidates the URL, RFC 9111 §4.4)
 //!   → lookup / freshness / coalesce / admit / store (crate::cache::Engine)
 //!   → upstream (upstream.rs): pooled client, timeouts, per-origin cap
+//!   → compress (compress.rs): negotiate br / gzip / identity, serve or store encoded variants
 //!   → respond (respond.rs): client conditionals, Range, HEAD, Age, Via, Cache-Status, X-Cache
 //! ```
 
+pub mod compress;
 pub mod headers;
 pub mod respond;
+pub mod shield;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -24,17 +27,39 @@ use hyper::body::Incoming;
 use tracing::debug;
 
 use self::headers::strip_hop_by_hop;
-use self::respond::{Identity, RespBody, plain, respond};
+use self::respond::{Identity, Outcome, RespBody, plain, respond};
 use crate::cache::key::{KeyOptions, NormalizedRequest};
 use crate::cache::status::{CacheStatus, PassReason};
 use crate::cache::upstream::{BoxError, Upstream};
 use crate::cache::{CacheRequest, Engine};
 
+/// Versioned URLs (cache busting): `/app.js?v=3` and `?v=4` are distinct objects.
+#[derive(Debug, Clone, Default)]
+pub struct Versioning {
+    /// The parameter name; empty disables.
+    pub param: String,
+    /// Remove it from the upstream request, so the origin serves its current file.
+    pub strip_upstream: bool,
+    /// Freshness of a versioned response without its own.
+    pub ttl: std::time::Duration,
+}
+
+/// Per-request settings that a reload can replace.
+pub struct RouteSettings {
+    pub key_opts: KeyOptions,
+    pub versioning: Versioning,
+}
+
 pub struct Proxy {
     pub engine: Arc<Engine>,
+    pub metrics: Arc<crate::observe::metrics::EdgeMetrics>,
+    /// Operator API access for the data port's `PURGE` method (set once at start-up).
+    operator: std::sync::OnceLock<(crate::operator::EdgeOperator, crate::operator::SharedAuth)>,
     upstream: Arc<dyn Upstream>,
     id: Identity,
-    key_opts: KeyOptions,
+    /// Settings a config reload (SIGHUP) may change; read lock-free per request.
+    settings: arc_swap::ArcSwap<RouteSettings>,
+    compression: compress::Compressor,
 }
 
 impl Proxy {
@@ -43,13 +68,28 @@ impl Proxy {
         upstream: Arc<dyn Upstream>,
         id: Identity,
         key_opts: KeyOptions,
+        versioning: Versioning,
+        metrics: Arc<crate::observe::metrics::EdgeMetrics>,
+        compression: compress::CompressionConfig,
     ) -> Self {
+        metrics.attach_engine(&engine);
         Self {
+            operator: std::sync::OnceLock::new(),
+            metrics,
             engine,
             upstream,
             id,
-            key_opts,
+            settings: arc_swap::ArcSwap::from_pointee(RouteSettings {
+                key_opts,
+                versioning,
+            }),
+            compression: compress::Compressor::new(compression),
         }
+    }
+
+    /// The compression phase's counters.
+    pub fn compression_stats(&self) -> &Arc<compress::CompressionStats> {
+        self.compression.stats()
     }
 
     pub async fn handle(
@@ -58,36 +98,135 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Response<RespBody> {
         let started = Instant::now();
-        let method = req.method().clone();
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_default();
+        // The access log is a debug event: build its fields only when it will be written, so
+        // the hit path allocates nothing for it otherwise.
+        let log = tracing::enabled!(target: "outpost::access", tracing::Level::DEBUG);
+        let request_line = log.then(|| {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                .unwrap_or_default();
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default();
+            (req.method().clone(), host, path)
+        });
+        let uri = req.uri().clone();
+        let is_head = req.method() == Method::HEAD;
         let resp = self.route(req, peer).await;
-        let cache = resp
-            .headers()
-            .get("x-cache")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_string();
-        debug!(
-            target: "outpost::access",
-            %peer, method = %method, path = %path, status = resp.status().as_u16(),
-            cache = %cache, elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request"
-        );
+        let outcome = resp
+            .extensions()
+            .get::<Outcome>()
+            .copied()
+            .unwrap_or(Outcome {
+                cache: CacheStatus::Error,
+                tier: crate::cache::status::Tier::None,
+                upstream: None,
+            });
+        let elapsed = started.elapsed();
+        // Body bytes actually sent: none for HEAD, whatever its Content-Length says.
+        let len = if is_head {
+            Some(0)
+        } else {
+            resp.headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        self.metrics
+            .record_request(outcome.cache, outcome.tier, len, elapsed);
+        if outcome.cache == CacheStatus::Miss {
+            self.metrics
+                .record_miss(uri.path_and_query().map_or("/", |p| p.as_str()));
+        }
+        if let Some((method, host, path)) = request_line {
+            debug!(
+                target: "outpost::access",
+                %peer, %method, %host, %path, status = resp.status().as_u16(),
+                bytes = len, cache = outcome.cache.as_str(), tier = outcome.tier.as_str(),
+                upstream_ms = outcome.upstream.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+                total_ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
+        if len.is_none() {
+            let metrics = self.metrics.clone();
+            return resp.map(|b| {
+                http_body_util::BodyExt::boxed_unsync(crate::observe::counting::CountingBody::new(
+                    b,
+                    metrics,
+                    outcome.cache,
+                ))
+            });
+        }
         resp
     }
 
+    /// Enables the `PURGE` method on the data port.
+    pub fn set_operator(
+        &self,
+        operator: crate::operator::EdgeOperator,
+        auth: crate::operator::SharedAuth,
+    ) {
+        let _ = self.operator.set((operator, auth));
+    }
+
+    /// `PURGE /path` (Varnish / Squid convention): the admin token with the purge scope is
+    /// required; hard by default, soft with `Soft-Purge: 1`.
+    async fn purge_method(
+        &self,
+        headers: &http::HeaderMap,
+        norm: &NormalizedRequest,
+    ) -> Response<RespBody> {
+        let Some((operator, auth)) = self.operator.get() else {
+            return plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "PURGE is not enabled on this node",
+            );
+        };
+        if let Err(e) = auth.load().check(headers, outpost_purge_api::Scope::Purge) {
+            return outpost_purge_api::error_response(&outpost_purge_api::AdminError::Auth(e));
+        }
+        let soft = headers
+            .get("soft-purge")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
+        let req = outpost_purge_api::PurgeRequest {
+            urls: vec![norm.key.as_str().to_string()],
+            soft,
+            ..Default::default()
+        };
+        match operator.purge_local(&req).await {
+            Ok(receipt) => crate::admin::json(&receipt),
+            Err(e) => outpost_purge_api::error_response(&e),
+        }
+    }
+
+    /// Replaces the reloadable settings (key options, versioning).
+    pub fn reload(&self, key_opts: KeyOptions, versioning: Versioning) {
+        self.settings.store(Arc::new(RouteSettings {
+            key_opts,
+            versioning,
+        }));
+    }
+
     async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
+        let settings = self.settings.load();
         let (mut parts, body) = req.into_parts();
-        let norm =
-            match NormalizedRequest::new(&parts.method, &parts.uri, &parts.headers, &self.key_opts)
-            {
-                Ok(n) => n,
-                Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
-            };
+        let norm = match NormalizedRequest::new(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &settings.key_opts,
+        ) {
+            Ok(n) => n,
+            Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+        };
         // What goes upstream: origin-form target, end-to-end headers, Host kept, Via added.
         let host = norm.parts.headers.get(header::HOST).cloned();
         strip_hop_by_hop(&mut parts.headers);
@@ -103,25 +242,43 @@ impl Proxy {
         append_forwarded_for(&mut parts.headers, peer);
         parts.uri = origin_form(&parts.uri);
         parts.version = http::Version::HTTP_11;
+        let versioned = !settings.versioning.param.is_empty()
+            && query_has(parts.uri.query(), &settings.versioning.param);
+        if versioned && settings.versioning.strip_upstream {
+            parts.uri = without_param(&parts.uri, &settings.versioning.param);
+        }
 
+        if parts.method.as_str() == "PURGE" {
+            return self.purge_method(&parts.headers, &norm).await;
+        }
         let client_headers = parts.headers.clone();
         if parts.method == Method::GET || parts.method == Method::HEAD {
             let method = parts.method.clone();
+            self.compression.prepare_upstream(&mut parts.headers);
             let served = self
                 .engine
                 .serve(CacheRequest {
                     norm,
                     method: method.clone(),
                     upstream: parts,
+                    default_ttl: versioned.then_some(settings.versioning.ttl),
                 })
+                .await;
+            let served = self
+                .compression
+                .apply(&self.engine, served, &method, &client_headers)
                 .await;
             return respond(served, &method, &client_headers, &self.id);
         }
 
         // Unsafe and unknown methods pass through with their body.
         let method = parts.method.clone();
+        parts
+            .extensions
+            .insert(crate::cache::upstream::RouteKey(norm.key.hash()));
         let upstream_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
         let now = self.engine.clock().now();
+        let sent = std::time::Instant::now();
         match self.upstream.fetch(upstream_req).await {
             Ok(resp) => {
                 let (mut rp, rb) = resp.into_parts();
@@ -130,6 +287,7 @@ impl Proxy {
                     self.invalidate_after_unsafe(&norm, &rp.headers).await;
                 }
                 let served = crate::cache::Served {
+                    key: None,
                     status: rp.status,
                     headers: rp.headers,
                     body: crate::cache::ServedBody::Stream {
@@ -141,6 +299,7 @@ impl Proxy {
                     tier: crate::cache::status::Tier::None,
                     stored: false,
                     upstream_error: None,
+                    upstream_time: Some(sent.elapsed()),
                     now,
                 };
                 let mut r = respond(served, &method, &client_headers, &self.id);
@@ -168,8 +327,12 @@ impl Proxy {
             if let Some(h) = &host {
                 headers.insert(header::HOST, h.clone());
             }
-            let Ok(other) = NormalizedRequest::new(&Method::GET, &uri, &headers, &self.key_opts)
-            else {
+            let Ok(other) = NormalizedRequest::new(
+                &Method::GET,
+                &uri,
+                &headers,
+                &self.settings.load().key_opts,
+            ) else {
                 continue;
             };
             if other.parts.headers.get(header::HOST) == norm.parts.headers.get(header::HOST) {
@@ -191,6 +354,27 @@ where
         use futures_util::{StreamExt, TryStreamExt};
         self.map_err(std::io::Error::other).boxed()
     }
+}
+
+fn query_has(query: Option<&str>, param: &str) -> bool {
+    query.is_some_and(|q| q.split('&').any(|p| p.split('=').next() == Some(param)))
+}
+
+/// The URI without one query parameter.
+fn without_param(uri: &Uri, param: &str) -> Uri {
+    let path = uri.path();
+    let rest: Vec<&str> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty() && p.split('=').next() != Some(param))
+        .collect();
+    let pq = if rest.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", rest.join("&"))
+    };
+    pq.parse().unwrap_or_else(|_| uri.clone())
 }
 
 fn origin_form(uri: &Uri) -> Uri {

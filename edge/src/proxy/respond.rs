@@ -32,6 +32,9 @@ pub struct Identity {
     pub surrogate_capability: HeaderValue,
     /// An edge is the last surrogate: it removes `Surrogate-Control` before clients see it.
     pub strip_surrogate_control: bool,
+    /// Remove the tag headers (`Surrogate-Key`, `Cache-Tag`) before clients see them; they are
+    /// stored with the object for purges. A shield keeps them for the edges.
+    pub strip_tags: bool,
 }
 
 pub fn full(b: Bytes) -> RespBody {
@@ -57,8 +60,34 @@ pub fn plain(status: StatusCode, msg: &str) -> Response<RespBody> {
     r
 }
 
+/// What the cache did for a response, carried in the response's extensions to the layer that
+/// records metrics and writes the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub cache: CacheStatus,
+    pub tier: crate::cache::status::Tier,
+    /// Time to the upstream response head, when this request waited for one.
+    pub upstream: Option<std::time::Duration>,
+}
+
 /// Builds the client response from what the engine served.
 pub fn respond(
+    served: Served,
+    method: &Method,
+    req_headers: &HeaderMap,
+    id: &Identity,
+) -> Response<RespBody> {
+    let outcome = Outcome {
+        cache: served.cache,
+        tier: served.tier,
+        upstream: served.upstream_time,
+    };
+    let mut resp = build(served, method, req_headers, id);
+    resp.extensions_mut().insert(outcome);
+    resp
+}
+
+fn build(
     served: Served,
     method: &Method,
     req_headers: &HeaderMap,
@@ -93,6 +122,10 @@ pub fn respond(
     headers.append(header::VIA, id.via.clone());
     if id.strip_surrogate_control {
         headers.remove("surrogate-control");
+    }
+    if id.strip_tags {
+        headers.remove("surrogate-key");
+        headers.remove("cache-tag");
     }
     let cs = cache_status(
         cache,

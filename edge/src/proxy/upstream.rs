@@ -24,21 +24,35 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub max_connections: usize,
+    /// Where upstream latency, statuses and errors are counted.
+    pub metrics: Option<Arc<crate::observe::metrics::EdgeMetrics>>,
+    /// TLS for `https://` upstreams (roots, SNI override); `None` trusts nothing, which is
+    /// fine for plain `http://` upstreams.
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
+/// The connector: plain HTTP, or TLS (hyper-rustls, ALPN h2 then http/1.1) for `https://`.
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 pub struct HyperUpstream {
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<Connector, UpstreamBody>,
     scheme: Scheme,
     authority: http::uri::Authority,
     permits: Arc<Semaphore>,
     first_byte_timeout: Duration,
+    metrics: Option<Arc<crate::observe::metrics::EdgeMetrics>>,
 }
 
 impl HyperUpstream {
     pub fn new(cfg: &UpstreamConfig) -> Self {
         let mut http = HttpConnector::new();
+        http.enforce_http(false); // https URLs go through the TLS layer around it
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
+        let http = match &cfg.tls {
+            Some(tls) => tls.connector(&cfg.origin, http),
+            None => crate::tls::UpstreamTls::plain_only().connector(&cfg.origin, http),
+        };
         let client = Client::builder(TokioExecutor::new())
             // Below common origin keep-alive timeouts, so we rarely reuse a socket the origin
             // is closing (hyper#3553).
@@ -57,6 +71,7 @@ impl HyperUpstream {
                 .expect("validated origin has an authority"),
             permits: Arc::new(Semaphore::new(cfg.max_connections)),
             first_byte_timeout: cfg.first_byte_timeout,
+            metrics: cfg.metrics.clone(),
         }
     }
 
@@ -99,7 +114,31 @@ impl Upstream for HyperUpstream {
         let timeout = self.first_byte_timeout;
         let (mut parts, body) = req.into_parts();
         parts.uri = self.absolute(&parts.uri);
+        let metrics = self.metrics.clone();
         async move {
+            let started = std::time::Instant::now();
+            let result = Self::send(client, permits, timeout, parts, body).await;
+            if let Some(m) = metrics {
+                match &result {
+                    Ok(r) => m.record_origin(Some(r.status().as_u16()), None, started.elapsed()),
+                    Err(e) => m.record_origin(None, Some(e.kind()), started.elapsed()),
+                }
+            }
+            result
+        }
+        .boxed()
+    }
+}
+
+impl HyperUpstream {
+    async fn send(
+        client: Client<Connector, UpstreamBody>,
+        permits: Arc<Semaphore>,
+        timeout: Duration,
+        parts: http::request::Parts,
+        body: UpstreamBody,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        {
             let permit = match tokio::time::timeout(timeout, permits.acquire_owned()).await {
                 Ok(Ok(p)) => p,
                 _ => return Err(UpstreamError::Overloaded),
@@ -150,6 +189,5 @@ impl Upstream for HyperUpstream {
                 .boxed()
             }))
         }
-        .boxed()
     }
 }

@@ -1,0 +1,273 @@
+//! Hit path: requests per second and latency of cache hits (memory tier and disk tier, 1 KiB
+//! and 100 KiB bodies) next to a plain hyper server returning the same bytes, on loopback.
+//! Target: memory hits at ≥ 90% of the plain server's requests per second.
+//!
+//! Run: `cargo bench --bench hit_path` (release; ~80 s). Settings: OUTPOST_BENCH_SECS (measured
+//! seconds per case per round, 3), OUTPOST_BENCH_WARMUP_SECS (1), OUTPOST_BENCH_ROUNDS (3),
+//! OUTPOST_BENCH_CONNS (32), OUTPOST_BENCH_SERVER_THREADS (cores), OUTPOST_BENCH_CLIENT_THREADS
+//! (2), OUTPOST_BENCH_ORIGIN_CHUNK (origin body chunk in bytes while warming; whole body).
+//! Positional arguments filter cases by name (`-- 1KiB`). `cargo test --benches` or
+//! `cargo bench --bench hit_path -- --test` only does a short smoke run.
+//!
+//! Setup: one process, two tokio runtimes (servers; load generator). Closed loop: each of 32
+//! keep-alive HTTP/1.1 connections sends its next GET when the previous response is read (raw
+//! client, benches/support/client.rs). Plain and edge cases alternate in every round; the ratio
+//! is the median of the per-round ratios. The edge's origin is in-process (no socket) and is
+//! asked only while warming. Memory edge: memory 256 MiB. Disk edge: memory 4 KiB, so the memory
+//! tier (objects up to memory/8 = 512 B) never holds the bodies and every hit reads the disk.
+//!
+//! Last numbers: 2 cores (shared with other builds), 24 GiB, 2026-11-21, 3 runs, median run:
+//!
+//! | case              |   req/s |    p50 |    p99 | vs plain |
+//! |-------------------|--------:|-------:|-------:|---------:|
+//! | plain 1KiB        |     TBD |    TBD |    TBD |          |
+//! | edge-memory 1KiB  |     TBD |    TBD |    TBD |      TBD |
+//! | edge-disk 1KiB    |     TBD |    TBD |    TBD |      TBD |
+//! | plain 100KiB      |     TBD |    TBD |    TBD |          |
+//! | edge-memory 100KiB|     TBD |    TBD |    TBD |      TBD |
+//! | edge-disk 100KiB  |     TBD |    TBD |    TBD |      TBD |
+
+mod support;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::client::{Conn, XCache, get_request};
+use support::loadgen::{self, LoadSpec};
+use support::servers::{BenchOrigin, Bodies, start_edge, start_plain};
+use support::{Latencies, Runtimes, env_secs, env_u64, fmt_dur, median, threads_cpu};
+
+const SIZES: [(&str, &str, usize); 2] = [("1KiB", "/1k", 1024), ("100KiB", "/100k", 100 * 1024)];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Plain,
+    EdgeMemory,
+    EdgeDisk,
+}
+
+impl Target {
+    const ALL: [Target; 3] = [Target::Plain, Target::EdgeMemory, Target::EdgeDisk];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Target::Plain => "plain",
+            Target::EdgeMemory => "edge-memory",
+            Target::EdgeDisk => "edge-disk",
+        }
+    }
+}
+
+struct Case {
+    target: Target,
+    size: &'static str,
+    path: &'static str,
+    len: usize,
+    rps: Vec<f64>,
+    /// Server CPU per request (µs), one value per round.
+    cpu_us: Vec<f64>,
+    latencies: Vec<u32>,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        format!("{} {}", self.target.as_str(), self.size)
+    }
+}
+
+fn main() {
+    let smoke = support::smoke_mode();
+    let (conns, warmup, measure, rounds) = if smoke {
+        (2, Duration::ZERO, Duration::from_millis(200), 1)
+    } else {
+        (
+            env_u64("OUTPOST_BENCH_CONNS", 32) as usize,
+            env_secs("OUTPOST_BENCH_WARMUP_SECS", 1.0),
+            env_secs("OUTPOST_BENCH_SECS", 3.0),
+            env_u64("OUTPOST_BENCH_ROUNDS", 3).max(1),
+        )
+    };
+    let filters = support::filters();
+    let rts = Runtimes::new();
+
+    let bodies = Bodies::new(SIZES.map(|(_, path, len)| (path.to_string(), len)));
+    let plain = rts.server.block_on(start_plain(bodies.clone()));
+    // By default the origin sends each body as one chunk: hits do not depend on how the fill
+    // arrived, and cacache 13.1 with `mmap` panics on a sized write (≤ 1 MiB) that comes in
+    // several chunks, which keeps such bodies off the disk tier. OUTPOST_BENCH_ORIGIN_CHUNK=16384
+    // reproduces that.
+    let chunk = env_u64("OUTPOST_BENCH_ORIGIN_CHUNK", u64::MAX) as usize;
+    let mem_origin = BenchOrigin::new(bodies.clone(), Duration::ZERO, chunk);
+    let mem_edge = rts
+        .server
+        .block_on(start_edge(mem_origin.clone(), 256 << 20));
+    let disk_origin = BenchOrigin::new(bodies, Duration::ZERO, chunk);
+    let disk_edge = rts.server.block_on(start_edge(disk_origin.clone(), 4096));
+
+    // Warm both edges: each body is fetched once and must then be a hit.
+    for (_, path, len) in SIZES {
+        for edge in [&mem_edge, &disk_edge] {
+            rts.client
+                .block_on(warm(edge.addr, path, len as u64))
+                .unwrap_or_else(|e| panic!("warming {path}: {e}"));
+        }
+    }
+    let fetched = (mem_origin.requests(), disk_origin.requests());
+    let (disk_mem_objects, _) = rts.server.block_on(disk_edge.memory_usage());
+    assert_eq!(
+        disk_mem_objects, 0,
+        "the disk edge must not hold bodies in memory"
+    );
+
+    let mut cases: Vec<Case> = SIZES
+        .iter()
+        .flat_map(|&(size, path, len)| {
+            Target::ALL.map(|target| Case {
+                target,
+                size,
+                path,
+                len,
+                rps: Vec::new(),
+                cpu_us: Vec::new(),
+                latencies: Vec::new(),
+            })
+        })
+        .filter(|c| filters.is_empty() || filters.iter().any(|f| c.name().contains(f.as_str())))
+        .collect();
+
+    let addr_of = |t: Target| -> SocketAddr {
+        match t {
+            Target::Plain => plain,
+            Target::EdgeMemory => mem_edge.addr,
+            Target::EdgeDisk => disk_edge.addr,
+        }
+    };
+    println!(
+        "hit_path{}: {conns} connections, {rounds} round(s) of {} warm-up + {} per case",
+        if smoke { " (smoke run)" } else { "" },
+        fmt_dur(warmup),
+        fmt_dur(measure),
+    );
+    for round in 0..rounds {
+        for case in &mut cases {
+            let spec = LoadSpec {
+                addr: addr_of(case.target),
+                path: case.path.to_string(),
+                conns,
+                warmup,
+                measure,
+                body_len: case.len as u64,
+            };
+            let limit = warmup + measure + Duration::from_secs(30);
+            let cpu_before = threads_cpu(Runtimes::SERVER_THREADS);
+            let r = rts
+                .client
+                .block_on(async { tokio::time::timeout(limit, loadgen::run(spec)).await })
+                .unwrap_or_else(|_| panic!("{}: hung (no progress for 30 s)", case.name()))
+                .unwrap_or_else(|e| panic!("{}: {e}", case.name()));
+            // Server CPU per request over the whole run (warm-up and connection set-up too).
+            let cpu =
+                threads_cpu(Runtimes::SERVER_THREADS)
+                    .zip(cpu_before)
+                    .map(|(after, before)| {
+                        (after - before).as_secs_f64() * 1e6 / r.all_requests.max(1) as f64
+                    });
+            let name = case.name();
+            assert_eq!(r.not_hits, 0, "{name}: responses that were not hits");
+            assert!(r.requests > 0, "{name}: no request completed");
+            println!(
+                "  round {}/{rounds} {name:<20} {:>9.0} req/s {:>9} server CPU/req",
+                round + 1,
+                r.rps(),
+                cpu.map_or("-".into(), |c| format!("{c:.1} µs")),
+            );
+            case.rps.push(r.rps());
+            case.cpu_us.extend(cpu);
+            case.latencies.extend_from_slice(r.latency.values());
+        }
+    }
+
+    assert_eq!(
+        (mem_origin.requests(), disk_origin.requests()),
+        fetched,
+        "the origin was asked during the measured runs: not every request was a hit"
+    );
+    let (disk_mem_objects, _) = rts.server.block_on(disk_edge.memory_usage());
+    assert_eq!(disk_mem_objects, 0, "disk hits were promoted to memory");
+
+    report(&cases);
+    // Stop the servers (and their disk writers) before the cache directories go.
+    drop(rts);
+    drop((mem_edge, disk_edge));
+}
+
+/// Fetches `path` until the edge answers it from cache (the disk copy commits asynchronously).
+async fn warm(addr: SocketAddr, path: &str, len: u64) -> io::Result<()> {
+    let mut conn = Conn::connect(addr).await?;
+    let req = get_request(path);
+    for _ in 0..250 {
+        let r = tokio::time::timeout(Duration::from_secs(10), conn.send(&req))
+            .await
+            .map_err(|_| io::Error::other("no answer within 10 s"))??;
+        if r.status != 200 || r.body_len != len {
+            return Err(io::Error::other(format!(
+                "status {} len {}",
+                r.status, r.body_len
+            )));
+        }
+        if r.x_cache == XCache::Hit {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(io::Error::other("never became a hit"))
+}
+
+fn report(cases: &[Case]) {
+    println!();
+    println!(
+        "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>12}",
+        "case", "req/s", "p50", "p99", "MiB/s", "vs plain", "CPU/req", "CPU vs plain"
+    );
+    for case in cases {
+        let lat = Latencies::new(case.latencies.clone());
+        let plain = cases
+            .iter()
+            .find(|p| p.target == Target::Plain && p.size == case.size)
+            .filter(|_| case.target != Target::Plain);
+        // Plain and edge ran back to back in each round: compare them per round.
+        let paired = |edge: &[f64], plain: &[f64], f: fn(f64, f64) -> f64| {
+            let per_round: Vec<f64> = edge.iter().zip(plain).map(|(e, p)| f(*e, *p)).collect();
+            if per_round.is_empty() {
+                String::new()
+            } else {
+                format!("{:.1}%", median(per_round) * 100.0)
+            }
+        };
+        let (rps_ratio, cpu_ratio) = plain.map_or_else(Default::default, |p| {
+            (
+                paired(&case.rps, &p.rps, |e, p| e / p),
+                // The plain server's CPU per request over ours: 100% = as cheap as plain.
+                paired(&case.cpu_us, &p.cpu_us, |e, p| p / e),
+            )
+        });
+        let rps = median(case.rps.clone());
+        let cpu = if case.cpu_us.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.1} µs", median(case.cpu_us.clone()))
+        };
+        println!(
+            "{:<20} {:>9.0} {:>9} {:>9} {:>9.1} {:>9} {:>10} {:>12}",
+            case.name(),
+            rps,
+            fmt_dur(lat.pct(50.0)),
+            fmt_dur(lat.pct(99.0)),
+            rps * case.len as f64 / (1024.0 * 1024.0),
+            rps_ratio,
+            cpu,
+            cpu_ratio,
+        );
+    }
+}

@@ -1,0 +1,240 @@
+//! The admin listener: `/healthz` (liveness), `/readyz` (503 while draining), `/metrics`
+//! (OpenMetrics), `/stats` (JSON with rolling windows), `/usage`, and `/` (the status page).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::cache::Engine;
+use crate::observe::metrics::{CACHE_LABELS, EdgeMetrics, hit_ratio};
+use crate::observe::window::{Point, WindowStats, Windows};
+use crate::proxy::respond::{RespBody, full, plain};
+
+/// The status page: self-contained HTML, CSS and JS (no asset from the internet); it polls
+/// `/stats` every second and draws the last 15 minutes on a canvas.
+const STATUS_PAGE: &str = include_str!("observe/status.html");
+
+/// What the admin handlers read.
+pub struct AdminState {
+    pub engine: Arc<Engine>,
+    pub metrics: Arc<EdgeMetrics>,
+    pub windows: Arc<Windows>,
+    pub draining: Arc<AtomicBool>,
+    pub role: &'static str,
+    pub memory_capacity: u64,
+    pub disk_capacity: Option<u64>,
+    pub operator: crate::operator::EdgeOperator,
+    pub auth: crate::operator::SharedAuth,
+    pub limits: outpost_purge_api::AdminLimits,
+    /// `/metrics`, `/stats` and the status page need no token (reloadable).
+    pub public_metrics: Arc<AtomicBool>,
+    /// The HTTPS listener's certificates, for `POST /tls/reload`.
+    pub tls: Option<Arc<crate::tls::TlsState>>,
+}
+
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub struct TierStats {
+    pub tier: String,
+    pub objects: u64,
+    pub bytes: u64,
+    pub capacity: Option<u64>,
+}
+
+/// The `/stats` document.
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub struct Stats {
+    pub node: String,
+    pub role: String,
+    pub uptime_seconds: u64,
+    pub requests: std::collections::BTreeMap<String, u64>,
+    pub hit_ratio: Option<f64>,
+    pub byte_hit_ratio: Option<f64>,
+    pub windows: Vec<WindowStats>,
+    pub tiers: Vec<TierStats>,
+    pub top_missed: Vec<Missed>,
+    pub series: Vec<Point>,
+}
+
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub struct Missed {
+    pub url: String,
+    pub misses: u64,
+}
+
+impl AdminState {
+    fn stats(&self) -> Stats {
+        let totals = self.metrics.totals();
+        let bytes = self.metrics.bytes();
+        let usage = self.engine.usage();
+        Stats {
+            node: self.metrics.node.clone(),
+            role: self.role.to_string(),
+            uptime_seconds: self.metrics.started.elapsed().as_secs(),
+            requests: CACHE_LABELS
+                .iter()
+                .map(|l| l.to_string())
+                .zip(totals)
+                .collect(),
+            hit_ratio: hit_ratio(&totals),
+            byte_hit_ratio: hit_ratio(&bytes),
+            windows: [60, 300, 900]
+                .iter()
+                .map(|s| self.windows.window(*s))
+                .collect(),
+            tiers: vec![
+                TierStats {
+                    tier: "memory".into(),
+                    objects: usage[0].1,
+                    bytes: usage[0].2,
+                    capacity: Some(self.memory_capacity),
+                },
+                TierStats {
+                    tier: "disk".into(),
+                    objects: usage[1].1,
+                    bytes: usage[1].2,
+                    capacity: self.disk_capacity,
+                },
+            ],
+            top_missed: self
+                .metrics
+                .top_missed(10)
+                .into_iter()
+                .map(|(url, misses)| Missed { url, misses })
+                .collect(),
+            series: self.windows.series(),
+        }
+    }
+
+    /// Routes one admin request.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<RespBody> {
+        let path = req.uri().path().to_string();
+        if outpost_purge_api::owns(&path) {
+            let auth = self.auth.load_full();
+            return outpost_purge_api::handle(req, &self.operator, &auth, &self.limits)
+                .await
+                .unwrap_or_else(|| plain(StatusCode::NOT_FOUND, "not found"));
+        }
+        let read_only = matches!(
+            path.as_str(),
+            "/" | "/status" | "/metrics" | "/stats" | "/usage"
+        );
+        if read_only
+            && !self.public_metrics.load(Ordering::Relaxed)
+            && let Err(e) = self
+                .auth
+                .load()
+                .check(req.headers(), outpost_purge_api::Scope::Read)
+        {
+            return outpost_purge_api::error_response(&outpost_purge_api::AdminError::Auth(e));
+        }
+        match path.as_str() {
+            "/" | "/status" => {
+                let mut r = Response::new(full(Bytes::from_static(STATUS_PAGE.as_bytes())));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                r
+            }
+            "/healthz" => plain(StatusCode::OK, "ok"),
+            "/readyz" if self.draining.load(Ordering::Relaxed) => {
+                plain(StatusCode::SERVICE_UNAVAILABLE, "draining")
+            }
+            "/readyz" => plain(StatusCode::OK, "ready"),
+            "/metrics" => {
+                let mut r = Response::new(full(Bytes::from(self.metrics.encode())));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                r
+            }
+            "/stats" => json(&self.stats()),
+            "/tls/reload" => crate::tls::admin_reload(
+                self.tls.as_deref(),
+                &self.auth.load(),
+                req.method(),
+                req.headers(),
+            ),
+            "/usage" => {
+                let body = self
+                    .engine
+                    .usage()
+                    .iter()
+                    .map(|(tier, n, b)| format!("{} objects={n} bytes={b}", tier.as_str()))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let mut r = Response::new(full(Bytes::from(body + "\n")));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                r
+            }
+            _ => plain(
+                StatusCode::NOT_FOUND,
+                "not found: the admin port serves /, /healthz, /readyz, /metrics, /stats, /usage, /purge, /objects and /tls/reload",
+            ),
+        }
+    }
+}
+
+pub fn json<T: Serialize>(v: &T) -> Response<RespBody> {
+    match serde_json::to_vec(v) {
+        Ok(b) => {
+            let mut r = Response::new(full(Bytes::from(b)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("internal error: encoding JSON: {e}"),
+        ),
+    }
+}
+
+/// Serves the admin listener until `stop` turns true.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => break,
+        };
+        let Ok((tcp, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let state = state.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(state.handle(req).await) }
+            });
+            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
+                debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}

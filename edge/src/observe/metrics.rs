@@ -1,0 +1,521 @@
+//! Edge metrics: plain atomics on the request path (pre-resolved by index: no lock, no
+//! allocation, no label lookup), encoded as Prometheus/OpenMetrics text by a prometheus-client
+//! collector at scrape time. Each node owns its own registry, so several nodes in one process
+//! (tests, `outpost demo`) never share counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use super::histogram::{AtomicHistogram, HistogramSnapshot};
+use crate::cache::Engine;
+use crate::cache::status::{CacheStatus, Tier};
+
+/// Cache results in label order.
+pub const CACHE_LABELS: [&str; 6] = ["hit", "miss", "stale", "revalidated", "pass", "error"];
+/// Tiers in label order.
+pub const TIER_LABELS: [&str; 3] = ["memory", "disk", "none"];
+/// Upstream failure kinds in label order (see `UpstreamError::kind`).
+pub const ORIGIN_ERROR_LABELS: [&str; 4] = ["connect", "timeout", "protocol", "overloaded"];
+/// Purge kinds and modes in label order.
+pub const PURGE_KINDS: [&str; 4] = ["url", "prefix", "tag", "all"];
+pub const PURGE_MODES: [&str; 2] = ["hard", "soft"];
+
+pub fn cache_index(c: CacheStatus) -> usize {
+    match c {
+        CacheStatus::Hit => 0,
+        CacheStatus::Miss => 1,
+        CacheStatus::Stale => 2,
+        CacheStatus::Revalidated => 3,
+        CacheStatus::Pass(_) => 4,
+        CacheStatus::Error => 5,
+    }
+}
+
+pub fn tier_index(t: Tier) -> usize {
+    match t {
+        Tier::Memory => 0,
+        Tier::Disk => 1,
+        Tier::None => 2,
+    }
+}
+
+/// Every counter of one edge node.
+#[derive(Debug)]
+pub struct EdgeMetrics {
+    pub requests: [[AtomicU64; 3]; 6],
+    pub response_bytes: [AtomicU64; 6],
+    pub durations: [AtomicHistogram; 6],
+    pub origin_duration: AtomicHistogram,
+    /// Origin responses by status code (index = code, 0..=599).
+    pub origin_status: Vec<AtomicU64>,
+    pub origin_errors: [AtomicU64; 4],
+    pub purges: [[AtomicU64; 2]; 4],
+    compression: std::sync::OnceLock<Arc<crate::proxy::compress::CompressionStats>>,
+    pub started: Instant,
+    pub node: String,
+    engine: std::sync::OnceLock<Weak<Engine>>,
+    /// Most missed URLs (space-saving top-k); touched on the miss path only.
+    missed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+const TOP_CAPACITY: usize = 512;
+
+impl EdgeMetrics {
+    pub fn new(node: &str) -> Arc<Self> {
+        Arc::new(Self {
+            requests: Default::default(),
+            response_bytes: Default::default(),
+            durations: Default::default(),
+            origin_duration: AtomicHistogram::default(),
+            origin_status: (0..600).map(|_| AtomicU64::new(0)).collect(),
+            origin_errors: Default::default(),
+            purges: Default::default(),
+            compression: std::sync::OnceLock::new(),
+            started: Instant::now(),
+            node: node.to_string(),
+            engine: std::sync::OnceLock::new(),
+            missed: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    /// Compression counters live with the compression layer; they are read at scrape time.
+    pub fn attach_compression(&self, stats: Arc<crate::proxy::compress::CompressionStats>) {
+        let _ = self.compression.set(stats);
+    }
+
+    /// Gauges about the tiers come from the engine at scrape time.
+    pub fn attach_engine(&self, engine: &Arc<Engine>) {
+        let _ = self.engine.set(Arc::downgrade(engine));
+    }
+
+    fn engine(&self) -> Option<Arc<Engine>> {
+        self.engine.get().and_then(Weak::upgrade)
+    }
+
+    /// Records one answered request. Three relaxed atomic adds and a histogram bucket.
+    pub fn record_request(
+        &self,
+        cache: CacheStatus,
+        tier: Tier,
+        bytes: Option<u64>,
+        elapsed: Duration,
+    ) {
+        let c = cache_index(cache);
+        self.requests[c][tier_index(tier)].fetch_add(1, Ordering::Relaxed);
+        if let Some(b) = bytes {
+            self.response_bytes[c].fetch_add(b, Ordering::Relaxed);
+        }
+        self.durations[c].observe(elapsed);
+    }
+
+    /// Adds body bytes counted while streaming (length unknown up front).
+    pub fn add_bytes(&self, cache: CacheStatus, bytes: u64) {
+        self.response_bytes[cache_index(cache)].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn record_origin(&self, status: Option<u16>, error_kind: Option<&str>, elapsed: Duration) {
+        self.origin_duration.observe(elapsed);
+        if let Some(s) = status
+            && let Some(c) = self.origin_status.get(usize::from(s))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(k) = error_kind
+            && let Some(i) = ORIGIN_ERROR_LABELS.iter().position(|l| *l == k)
+        {
+            self.origin_errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn record_purge(&self, kind: &str, soft: bool) {
+        if let Some(k) = PURGE_KINDS.iter().position(|l| *l == kind) {
+            self.purges[k][usize::from(soft)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a miss for a URL (space-saving: when full, the least counted entry is replaced
+    /// and the newcomer inherits its count, which bounds the error).
+    pub fn record_miss(&self, url: &str) {
+        let mut m = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = m.get_mut(url) {
+            *c += 1;
+            return;
+        }
+        if m.len() >= TOP_CAPACITY
+            && let Some((k, c)) = m
+                .iter()
+                .min_by_key(|(_, c)| **c)
+                .map(|(k, c)| (k.clone(), *c))
+        {
+            m.remove(&k);
+            m.insert(url.to_string(), c + 1);
+            return;
+        }
+        m.insert(url.to_string(), 1);
+    }
+
+    /// The most missed URLs, most first.
+    pub fn top_missed(&self, n: usize) -> Vec<(String, u64)> {
+        let m = self.missed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(String, u64)> = m.iter().map(|(k, c)| (k.clone(), *c)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(n);
+        v
+    }
+
+    /// Requests per cache result, summed over tiers.
+    pub fn totals(&self) -> [u64; 6] {
+        let mut t = [0u64; 6];
+        for (i, row) in self.requests.iter().enumerate() {
+            t[i] = row.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        }
+        t
+    }
+
+    pub fn bytes(&self) -> [u64; 6] {
+        let mut b = [0u64; 6];
+        for (i, c) in self.response_bytes.iter().enumerate() {
+            b[i] = c.load(Ordering::Relaxed);
+        }
+        b
+    }
+
+    pub fn origin_latency(&self) -> HistogramSnapshot {
+        self.origin_duration.snapshot()
+    }
+
+    /// A registry holding this node's collector.
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut r = Registry::default();
+        r.register_collector(Box::new(Collector_(self.clone())));
+        r
+    }
+
+    /// OpenMetrics text for `/metrics`.
+    pub fn encode(self: &Arc<Self>) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry());
+        out
+    }
+}
+
+/// Hit ratio = (hit + stale) / (hit + stale + miss + revalidated + pass); errors and requests
+/// without a cache lookup are left out. `None` before the first such request.
+pub fn hit_ratio(t: &[u64; 6]) -> Option<f64> {
+    let served = t[0] + t[2];
+    let all = served + t[1] + t[3] + t[4];
+    (all > 0).then(|| served as f64 / all as f64)
+}
+
+#[derive(Debug)]
+struct Collector_(Arc<EdgeMetrics>);
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    families: &[(&[(&str, &str)], u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    if let [(labels, v)] = families
+        && labels.is_empty()
+    {
+        return ConstCounter::new(*v).encode(m);
+    }
+    for (labels, v) in families {
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    families: &[(&[(&str, &str)], f64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    if let [(labels, v)] = families
+        && labels.is_empty()
+    {
+        return ConstGauge::new(*v).encode(m);
+    }
+    for (labels, v) in families {
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ConstGauge::new(*v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn histogram(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    families: &[(Vec<(String, String)>, HistogramSnapshot)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    if let [(labels, snap)] = families
+        && labels.is_empty()
+    {
+        return m.encode_histogram::<Vec<(String, String)>>(
+            snap.sum_secs(),
+            snap.count(),
+            &snap.per_bucket(),
+            None,
+        );
+    }
+    for (labels, snap) in families {
+        let fam = m.encode_family(labels)?;
+        let mut fam = fam;
+        fam.encode_histogram::<Vec<(String, String)>>(
+            snap.sum_secs(),
+            snap.count(),
+            &snap.per_bucket(),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+impl Collector for Collector_ {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.0;
+        let mut req = Vec::new();
+        for (c, row) in m.requests.iter().enumerate() {
+            for (t, v) in row.iter().enumerate() {
+                req.push((
+                    [("cache", CACHE_LABELS[c]), ("tier", TIER_LABELS[t])],
+                    v.load(Ordering::Relaxed),
+                ));
+            }
+        }
+        let req_ref: Vec<(&[(&str, &str)], u64)> = req.iter().map(|(l, v)| (&l[..], *v)).collect();
+        counter(
+            &mut enc,
+            "outpost_requests",
+            "Requests answered, by cache result and by the tier that answered.",
+            &req_ref,
+        )?;
+
+        let bytes = m.bytes();
+        let b: Vec<[(&str, &str); 1]> = CACHE_LABELS.iter().map(|c| [("cache", *c)]).collect();
+        let b_ref: Vec<(&[(&str, &str)], u64)> =
+            b.iter().zip(bytes).map(|(l, v)| (&l[..], v)).collect();
+        counter(
+            &mut enc,
+            "outpost_response_bytes",
+            "Response body bytes sent to clients, by cache result.",
+            &b_ref,
+        )?;
+
+        let totals = m.totals();
+        gauge(
+            &mut enc,
+            "outpost_cache_hit_ratio",
+            "Since start: (hit + stale) / (hit + stale + miss + revalidated + pass). Requests without a cache lookup (errors) are excluded. NaN before the first request.",
+            &[(&[], hit_ratio(&totals).unwrap_or(f64::NAN))],
+        )?;
+        gauge(
+            &mut enc,
+            "outpost_cache_byte_hit_ratio",
+            "Since start: body bytes of (hit + stale) / body bytes of (hit + stale + miss + revalidated + pass). NaN before the first byte.",
+            &[(&[], hit_ratio(&bytes).unwrap_or(f64::NAN))],
+        )?;
+
+        let durs: Vec<(Vec<(String, String)>, HistogramSnapshot)> = m
+            .durations
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                (
+                    vec![("cache".to_string(), CACHE_LABELS[i].to_string())],
+                    h.snapshot(),
+                )
+            })
+            .collect();
+        histogram(
+            &mut enc,
+            "outpost_request_duration_seconds",
+            "Time from request to response head, by cache result.",
+            &durs,
+        )?;
+        histogram(
+            &mut enc,
+            "outpost_origin_request_duration_seconds",
+            "Time from sending a request upstream to its response head (or failure).",
+            &[(vec![], m.origin_duration.snapshot())],
+        )?;
+
+        let statuses: Vec<(String, u64)> = m
+            .origin_status
+            .iter()
+            .enumerate()
+            .filter_map(|(code, c)| {
+                let v = c.load(Ordering::Relaxed);
+                (v > 0).then(|| (code.to_string(), v))
+            })
+            .collect();
+        let st: Vec<[(&str, &str); 1]> = statuses
+            .iter()
+            .map(|(c, _)| [("status", c.as_str())])
+            .collect();
+        let st_ref: Vec<(&[(&str, &str)], u64)> = st
+            .iter()
+            .zip(&statuses)
+            .map(|(l, (_, v))| (&l[..], *v))
+            .collect();
+        counter(
+            &mut enc,
+            "outpost_origin_requests",
+            "Upstream responses by status code.",
+            &st_ref,
+        )?;
+
+        let errs: Vec<[(&str, &str); 1]> =
+            ORIGIN_ERROR_LABELS.iter().map(|k| [("kind", *k)]).collect();
+        let errs_ref: Vec<(&[(&str, &str)], u64)> = errs
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (&l[..], m.origin_errors[i].load(Ordering::Relaxed)))
+            .collect();
+        counter(
+            &mut enc,
+            "outpost_origin_errors",
+            "Upstream requests that failed before a response, by kind.",
+            &errs_ref,
+        )?;
+
+        let mut purges = Vec::new();
+        for (k, row) in m.purges.iter().enumerate() {
+            for (mode, v) in row.iter().enumerate() {
+                purges.push((
+                    [("kind", PURGE_KINDS[k]), ("mode", PURGE_MODES[mode])],
+                    v.load(Ordering::Relaxed),
+                ));
+            }
+        }
+        let purges_ref: Vec<(&[(&str, &str)], u64)> =
+            purges.iter().map(|(l, v)| (&l[..], *v)).collect();
+        counter(
+            &mut enc,
+            "outpost_purges",
+            "Purge requests, by kind and mode.",
+            &purges_ref,
+        )?;
+
+        if let Some(c) = m.compression.get() {
+            let c = c.snapshot();
+            counter(
+                &mut enc,
+                "outpost_compression_input_bytes",
+                "Identity bytes fed to the compressors.",
+                &[(&[], c.bytes_in)],
+            )?;
+            counter(
+                &mut enc,
+                "outpost_compression_output_bytes",
+                "Encoded bytes the compressors produced.",
+                &[(&[], c.bytes_out)],
+            )?;
+            counter(
+                &mut enc,
+                "outpost_compressions",
+                "Compressions performed, by codec (a stored variant is compressed once).",
+                &[
+                    (&[("codec", "br")], c.compressed_br),
+                    (&[("codec", "gzip")], c.compressed_gzip),
+                ],
+            )?;
+            counter(
+                &mut enc,
+                "outpost_compressed_variant_hits",
+                "Encoded responses served from a stored variant, without compressing.",
+                &[(&[], c.variant_hits)],
+            )?;
+            counter(
+                &mut enc,
+                "outpost_decompressions",
+                "Origin-encoded bodies decoded for clients that do not accept their coding.",
+                &[(&[], c.decompressed)],
+            )?;
+            counter(
+                &mut enc,
+                "outpost_decompressions_refused",
+                "Decodings stopped at the size cap or on corrupt data.",
+                &[(&[], c.decompress_refused)],
+            )?;
+        }
+        if let Some(engine) = m.engine() {
+            counter(
+                &mut enc,
+                "outpost_coalesced_requests",
+                "Requests that joined another request's upstream fetch instead of making their own.",
+                &[(&[], engine.stats.coalesced.load(Ordering::Relaxed))],
+            )?;
+            let usage = engine.usage();
+            let objs: Vec<([(&str, &str); 1], f64)> = usage
+                .iter()
+                .map(|(t, n, _)| ([("tier", t.as_str())], *n as f64))
+                .collect();
+            let objs_ref: Vec<(&[(&str, &str)], f64)> =
+                objs.iter().map(|(l, v)| (&l[..], *v)).collect();
+            gauge(
+                &mut enc,
+                "outpost_cache_objects",
+                "Objects held, by tier.",
+                &objs_ref,
+            )?;
+            let bytes: Vec<([(&str, &str); 1], f64)> = usage
+                .iter()
+                .map(|(t, _, b)| ([("tier", t.as_str())], *b as f64))
+                .collect();
+            let bytes_ref: Vec<(&[(&str, &str)], f64)> =
+                bytes.iter().map(|(l, v)| (&l[..], *v)).collect();
+            gauge(
+                &mut enc,
+                "outpost_cache_bytes",
+                "Bytes held (as weighed for eviction), by tier.",
+                &bytes_ref,
+            )?;
+            let ev = engine.evictions();
+            let ev_ref: Vec<([(&str, &str); 1], u64)> =
+                vec![([("tier", "memory")], ev.0), ([("tier", "disk")], ev.1)];
+            let ev_ref2: Vec<(&[(&str, &str)], u64)> =
+                ev_ref.iter().map(|(l, v)| (&l[..], *v)).collect();
+            counter(
+                &mut enc,
+                "outpost_cache_evictions",
+                "Objects evicted for space, by tier.",
+                &ev_ref2,
+            )?;
+            gauge(
+                &mut enc,
+                "outpost_pushed_objects",
+                "Pushed (pinned) objects held.",
+                &[(&[], engine.pushed_count() as f64)],
+            )?;
+        }
+        gauge(
+            &mut enc,
+            "outpost_uptime_seconds",
+            "Seconds since this node started.",
+            &[(&[], m.started.elapsed().as_secs_f64())],
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,183 @@
+//! The edge side of the operator API (`outpost-purge-api`): purges and pushes applied to this
+//! node's engine, and fanned out to its shields so a purge sent to one edge reaches the tier
+//! behind it (the receipt reports each node).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use outpost_purge_api::{
+    AdminBackend, AdminClient, AdminError, NodeResult, PurgeReceipt, PurgeRequest, PushReceipt,
+    PushSpec, PushedObject,
+};
+use tracing::{info, warn};
+
+use crate::cache::pinned;
+use crate::cache::{Engine, PurgeSpec};
+use crate::observe::metrics::EdgeMetrics;
+use crate::proxy::shield::ShieldSpec;
+
+/// The admin tokens, replaceable by a config reload.
+pub type SharedAuth = Arc<arc_swap::ArcSwap<outpost_purge_api::Auth>>;
+
+#[derive(Clone)]
+pub struct EdgeOperator {
+    pub engine: Arc<Engine>,
+    pub metrics: Arc<EdgeMetrics>,
+    pub node: String,
+    /// Shields a purge is forwarded to, with a token they accept.
+    pub peers: Vec<ShieldSpec>,
+    pub peer_token: Option<String>,
+}
+
+impl EdgeOperator {
+    /// Applies a purge locally. Used by the admin API and by the data port's `PURGE` method.
+    pub async fn purge_local(&self, req: &PurgeRequest) -> Result<PurgeReceipt, AdminError> {
+        let spec = PurgeSpec {
+            urls: req.urls.clone(),
+            prefixes: req.prefixes.clone(),
+            tags: req.tags.clone(),
+            all: req.all,
+            soft: req.soft,
+        };
+        let outcome = self.engine.purge(&spec).await.map_err(|e| {
+            AdminError::Internal(format!(
+                "recording the purge failed: {e} (check cache_dir space and permissions)"
+            ))
+        })?;
+        for kind in req.kinds() {
+            self.metrics.record_purge(kind.as_str(), req.soft);
+        }
+        info!(
+            seq = outcome.seq,
+            soft = req.soft,
+            urls = req.urls.len(),
+            prefixes = req.prefixes.len(),
+            tags = req.tags.len(),
+            all = req.all,
+            "purge applied"
+        );
+        let id = blake3::hash(
+            format!(
+                "{}:{}:{:?}",
+                self.node,
+                outcome.seq,
+                std::time::SystemTime::now()
+            )
+            .as_bytes(),
+        )
+        .to_hex()[..16]
+            .to_string();
+        Ok(PurgeReceipt {
+            id,
+            seq: outcome.seq,
+            soft: req.soft,
+            kinds: req.kinds(),
+            matched: outcome.matched,
+            nodes: vec![NodeResult {
+                node: self.node.clone(),
+                ok: true,
+                error: None,
+            }],
+        })
+    }
+}
+
+impl AdminBackend for EdgeOperator {
+    fn purge(&self, req: PurgeRequest) -> BoxFuture<'static, Result<PurgeReceipt, AdminError>> {
+        let this = self.clone();
+        async move {
+            let mut receipt = this.purge_local(&req).await?;
+            // Fan out to the shields behind this edge, concurrently.
+            let forwards = this.peers.iter().filter_map(|peer| {
+                let admin = peer.admin?;
+                let client = AdminClient::new(&format!("http://{admin}"), this.peer_token.clone());
+                let req = req.clone();
+                let name = peer.name.clone();
+                Some(async move {
+                    let result = match client {
+                        Ok(c) => c.purge(&req).await.map(|_| ()).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = &result {
+                        warn!(shield = %name, error = %e, "purge not applied on shield; retry it there");
+                    }
+                    NodeResult {
+                        node: name,
+                        ok: result.is_ok(),
+                        error: result.err(),
+                    }
+                })
+            });
+            receipt
+                .nodes
+                .extend(futures_util::future::join_all(forwards).await);
+            Ok(receipt)
+        }
+        .boxed()
+    }
+
+    fn push(
+        &self,
+        spec: PushSpec,
+        body: BoxStream<'static, Result<Bytes, AdminError>>,
+    ) -> BoxFuture<'static, Result<PushReceipt, AdminError>> {
+        let engine = self.engine.clone();
+        async move {
+            let spec = pinned::PushSpec {
+                path: spec.path,
+                content_type: spec.content_type,
+                cache_control: spec.cache_control,
+                tags: spec.surrogate_keys,
+                content_length: spec.content_length,
+            };
+            match engine.push(spec, body).await {
+                Ok((info, created)) => Ok(PushReceipt {
+                    path: info.path,
+                    size: info.size,
+                    etag: info.etag,
+                    created,
+                }),
+                Err(pinned::PushError::Body(msg)) => Err(AdminError::BadRequest(msg)),
+                Err(pinned::PushError::Storage(e))
+                    if e.to_string().contains("needs a disk tier") =>
+                {
+                    Err(AdminError::Unavailable(e.to_string()))
+                }
+                Err(pinned::PushError::Storage(e)) => Err(AdminError::Internal(format!(
+                    "storing the object failed: {e} (check cache_dir space)"
+                ))),
+            }
+        }
+        .boxed()
+    }
+
+    fn delete_object(&self, path: String) -> BoxFuture<'static, Result<bool, AdminError>> {
+        let engine = self.engine.clone();
+        async move { Ok(engine.delete_pushed(&path).await) }.boxed()
+    }
+
+    fn list_objects(
+        &self,
+        prefix: String,
+    ) -> BoxFuture<'static, Result<Vec<PushedObject>, AdminError>> {
+        let engine = self.engine.clone();
+        async move {
+            Ok(engine
+                .list_pushed(&prefix)
+                .await
+                .into_iter()
+                .map(|o| PushedObject {
+                    path: o.path,
+                    size: o.size,
+                    etag: o.etag,
+                    content_type: o.content_type,
+                    pushed_at_ms: o.pushed_at_ms,
+                })
+                .collect())
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,112 @@
+//! `outpost stats --admin URL [--watch]`: fetches a node's `/stats` and prints a compact table.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::admin::Stats;
+
+/// Fetches `/stats` from an admin base URL such as `http://127.0.0.1:9080`.
+pub async fn fetch(admin: &str) -> Result<Stats, String> {
+    let url = format!("{}/stats", admin.trim_end_matches('/'));
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("invalid admin URL {admin:?}: {e}"))?;
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+        .await
+        .map_err(|_| format!("{url}: no answer within 5s"))?
+        .map_err(|e| format!("{url}: {e} (is the admin listener running?)"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: HTTP {}", resp.status()));
+    }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: not a stats document: {e}"))
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{:.1}%", v * 100.0))
+}
+
+fn human(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < units.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+/// The compact table.
+pub fn render(s: &Stats) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{} ({}), up {}s\n",
+        s.node, s.role, s.uptime_seconds
+    ));
+    out.push_str(&format!(
+        "{:<8} {:>10} {:>10} {:>10} {:>14}\n",
+        "window", "req/s", "hit", "byte hit", "origin p99"
+    ));
+    for w in &s.windows {
+        out.push_str(&format!(
+            "{:<8} {:>10.2} {:>10} {:>10} {:>14}\n",
+            format!("{}m", w.seconds / 60),
+            w.requests_per_sec,
+            pct(w.hit_ratio),
+            pct(w.byte_hit_ratio),
+            w.origin_p99_ms
+                .map_or_else(|| "-".to_string(), |v| format!("{v:.1} ms")),
+        ));
+    }
+    out.push_str(&format!(
+        "{:<8} {:>10} {:>10} {:>10}\n",
+        "total",
+        s.requests.values().sum::<u64>(),
+        pct(s.hit_ratio),
+        pct(s.byte_hit_ratio)
+    ));
+    for t in &s.tiers {
+        out.push_str(&format!(
+            "tier {:<7} {:>8} objects {:>12}{}\n",
+            t.tier,
+            t.objects,
+            human(t.bytes),
+            t.capacity
+                .map_or_else(String::new, |c| format!(" of {}", human(c)))
+        ));
+    }
+    out
+}
+
+/// Prints once, or every second with `watch` (until interrupted).
+pub async fn run(admin: &str, watch: bool) -> Result<(), String> {
+    loop {
+        let s = fetch(admin).await?;
+        if watch {
+            // Clear the screen and go home, then draw.
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{}", render(&s));
+        if !watch {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

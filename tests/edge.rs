@@ -1,0 +1,1428 @@
+//! End-to-end tests of the edge (`outpost-edge`): a real `EdgeServer` on 127.0.0.1:0 in front of
+//! the programmable test origin (`support/test_origin.rs`), driven by reqwest (HTTP/1.1 and h2c)
+//! and, for malformed traffic, by raw TCP.
+//!
+//! Hits are proved by counting origin requests. Time that matters to caching moves through the
+//! edge's manual clock (`Clock::advance`), never by sleeping; every wait is a bounded poll.
+
+#[path = "support/test_origin.rs"]
+mod test_origin;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use outpost_config::Source;
+use outpost_edge::cache::Engine;
+use outpost_edge::cache::clock::Clock;
+use outpost_edge::{EdgeConfig, EdgeOverrides, EdgeServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+
+use test_origin::{Gate, Reply, TestOrigin};
+
+/// Upper bound of every poll loop and client request.
+const WAIT: Duration = Duration::from_secs(20);
+
+const LAST_MODIFIED: &str = "Tue, 01 Jul 2025 10:00:00 GMT";
+
+/// The cache key includes the Host: tests that restart the edge (on a new port) send this one.
+const HOST: (&str, &str) = ("host", "cdn.example.test");
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// A running edge; dropping it stops the server.
+struct Edge {
+    addr: SocketAddr,
+    engine: Option<Arc<Engine>>,
+    clock: Clock,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+fn base_config(origin: SocketAddr) -> EdgeConfig {
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"http://{origin}\"\n"
+    );
+    let mut cfg = EdgeConfig::from_source(
+        &Source::inline("edge-test.toml", text),
+        EdgeOverrides::default(),
+    )
+    .unwrap_or_else(|e| panic!("test config: {e}"));
+    cfg.memory = 64 << 20;
+    cfg.drain_timeout = Duration::from_secs(5);
+    cfg.upstream_connect_timeout = Duration::from_secs(3);
+    cfg.upstream_first_byte_timeout = Duration::from_secs(15);
+    cfg
+}
+
+impl Edge {
+    /// An edge with a manual clock and no disk tier.
+    async fn start(origin: &TestOrigin) -> Edge {
+        Edge::start_with(origin.addr(), |_| {}).await
+    }
+
+    /// An edge whose config `tweak` adjusts (cache_dir, sizes, limits).
+    async fn start_with(origin: SocketAddr, tweak: impl FnOnce(&mut EdgeConfig)) -> Edge {
+        let mut cfg = base_config(origin);
+        tweak(&mut cfg);
+        let clock = Clock::manual();
+        let server = EdgeServer::bind_with(cfg, clock.clone(), None)
+            .await
+            .unwrap_or_else(|e| panic!("edge bind: {e}"));
+        let addr = server.local_addr();
+        let engine = server.engine();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        Edge {
+            addr,
+            engine: Some(engine),
+            clock,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn engine(&self) -> &Arc<Engine> {
+        self.engine.as_ref().expect("running edge")
+    }
+
+    fn advance(&self, secs: u64) {
+        self.clock.advance(Duration::from_secs(secs));
+    }
+
+    /// Resolves the shutdown future and waits for `run` to return.
+    async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("edge stops within the drain timeout")
+            .expect("edge task");
+        self.engine = None;
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .build()
+        .expect("reqwest client")
+}
+
+fn h2c_client() -> reqwest::Client {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .http2_prior_knowledge()
+        .build()
+        .expect("reqwest h2c client")
+}
+
+/// A whole response.
+struct Resp {
+    status: u16,
+    version: http::Version,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl std::fmt::Debug for Resp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Bodies can be large and binary: show their length and a short prefix only.
+        let prefix = String::from_utf8_lossy(&self.body[..self.body.len().min(80)]).into_owned();
+        f.debug_struct("Resp")
+            .field("status", &self.status)
+            .field("version", &self.version)
+            .field("headers", &self.headers)
+            .field("body_len", &self.body.len())
+            .field("body_prefix", &prefix)
+            .finish()
+    }
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn x_cache(&self) -> &str {
+        self.header("x-cache").unwrap_or("(none)")
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+async fn send(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&'static str>,
+) -> Resp {
+    let mut rb = c.request(method.clone(), url);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    if let Some(b) = body {
+        rb = rb.body(b);
+    }
+    let r = rb
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = r.status().as_u16();
+    let version = r.version();
+    let headers = r.headers().clone();
+    let body = r
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: response body failed: {e}"));
+    Resp {
+        status,
+        version,
+        headers,
+        body,
+    }
+}
+
+async fn get(c: &reqwest::Client, url: &str, headers: &[(&str, &str)]) -> Resp {
+    send(c, reqwest::Method::GET, url, headers, None).await
+}
+
+/// GETs until the edge answers from cache (bounded). A request that arrives just after a fill
+/// finished streaming may still join that fill (X-Cache MISS, no origin request); the caller
+/// proves the hit by the origin count.
+async fn get_hit(c: &reqwest::Client, url: &str, headers: &[(&str, &str)]) -> Resp {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = get(c, url, headers).await;
+        if r.x_cache() == "HIT" || tokio::time::Instant::now() >= deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Polls `cond` until it holds, or panics naming `what` after [`WAIT`].
+async fn wait_until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// (objects, bytes) of the disk tier after housekeeping.
+async fn disk_usage(engine: &Engine) -> (u64, u64) {
+    engine.run_pending_tasks().await;
+    let u = engine.usage();
+    (u[1].1, u[1].2)
+}
+
+async fn memory_usage(engine: &Engine) -> (u64, u64) {
+    engine.run_pending_tasks().await;
+    let u = engine.usage();
+    (u[0].1, u[0].2)
+}
+
+async fn wait_disk_objects(engine: &Engine, n: u64) {
+    wait_until(&format!("the disk tier holds {n} object(s)"), async || {
+        disk_usage(engine).await.0 >= n
+    })
+    .await;
+}
+
+/// Deterministic, incompressible-looking bytes (distinct per seed).
+fn pattern(len: usize, seed: u64) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn cacheable(body: impl Into<Bytes>, cc: &str) -> Reply {
+    Reply::ok(body)
+        .header("content-type", "application/octet-stream")
+        .header("cache-control", cc)
+}
+
+/// Every regular file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn bytes_under(dir: &Path) -> u64 {
+    files_under(dir)
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Overwrites every cached body under `<cache_dir>/content/content-v2/` with garbage of the
+/// same length; returns how many files it damaged.
+fn corrupt_content(cache_dir: &Path) -> usize {
+    let files = files_under(&cache_dir.join("content").join("content-v2"));
+    for f in &files {
+        let len = std::fs::metadata(f).expect("content file").len() as usize;
+        let mut perms = std::fs::metadata(f).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        let _ = std::fs::set_permissions(f, perms);
+        std::fs::write(f, vec![b'#'; len]).expect("overwrite a content file");
+    }
+    files.len()
+}
+
+/// Sends raw bytes and reads until the peer closes (or `WAIT`). Returns what was read and
+/// whether the connection was closed by the peer.
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (String, bool) {
+    let tcp = TcpStream::connect(addr).await.expect("connect to the edge");
+    let (mut rd, mut wr) = tcp.into_split();
+    // Read concurrently: a server that refuses a request may close before we finish writing.
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            match tokio::time::timeout(WAIT, rd.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => break false,
+            }
+        };
+        (String::from_utf8_lossy(&got).into_owned(), closed)
+    });
+    let _ = wr.write_all(request).await;
+    let _ = wr.flush().await;
+    let out = reader.await.expect("reader task");
+    drop(wr);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Freshness and revalidation
+// ---------------------------------------------------------------------------------------------
+
+/// Fresh → HIT with no origin request; after max-age → conditional request upstream carrying
+/// If-None-Match and If-Modified-Since → 304 → REVALIDATED with the stored body and the headers
+/// updated per RFC 9111 §4.3.4; the next request is a HIT with the updated headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_hit_then_304_revalidation_updates_stored_headers() {
+    let origin = TestOrigin::start().await;
+    origin.route_seq(
+        "/page",
+        vec![
+            cacheable("stored body v1", "max-age=10")
+                .header("etag", "\"v1\"")
+                .header("last-modified", LAST_MODIFIED)
+                .header("x-old", "kept"),
+            Reply::not_modified()
+                .header("cache-control", "max-age=100")
+                .header("etag", "\"v1\"")
+                .header("x-new", "from-304"),
+        ],
+    );
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/page");
+
+    let r = get(&c, &url, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.x_cache(), "MISS");
+    assert_eq!(r.text(), "stored body v1");
+
+    let r = get_hit(&c, &url, &[]).await;
+    assert_eq!(r.x_cache(), "HIT", "fresh object: {r:?}");
+    assert_eq!(r.text(), "stored body v1");
+    assert_eq!(
+        origin.hits("/page"),
+        1,
+        "a fresh hit must not reach the origin"
+    );
+    assert!(
+        r.header("cache-status").is_some_and(|v| v.contains("hit")),
+        "{r:?}"
+    );
+
+    edge.advance(11);
+    let r = get(&c, &url, &[]).await;
+    assert_eq!(
+        origin.hits("/page"),
+        2,
+        "a stale object is revalidated upstream"
+    );
+    let cond = origin.last_request("/page").unwrap();
+    assert_eq!(cond.method, "GET");
+    assert_eq!(cond.header("if-none-match"), Some("\"v1\""), "{cond:?}");
+    assert_eq!(
+        cond.header("if-modified-since"),
+        Some(LAST_MODIFIED),
+        "{cond:?}"
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.x_cache(), "REVALIDATED", "{r:?}");
+    assert_eq!(r.text(), "stored body v1", "the stored body answers a 304");
+    assert_eq!(
+        r.header("x-new"),
+        Some("from-304"),
+        "a new header from the 304 appears"
+    );
+    assert_eq!(
+        r.header("x-old"),
+        Some("kept"),
+        "headers the 304 lacks are kept"
+    );
+    let cc: Vec<_> = r.headers.get_all("cache-control").iter().collect();
+    assert_eq!(
+        cc,
+        ["max-age=100"],
+        "Cache-Control is replaced by the 304's"
+    );
+
+    let r = get_hit(&c, &url, &[]).await;
+    assert_eq!(r.x_cache(), "HIT", "{r:?}");
+    assert_eq!(r.text(), "stored body v1");
+    assert_eq!(
+        r.header("x-new"),
+        Some("from-304"),
+        "updated headers are stored"
+    );
+    assert_eq!(r.header("cache-control"), Some("max-age=100"));
+    assert_eq!(origin.hits("/page"), 2);
+}
+
+/// A new 200 on revalidation replaces the stored object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revalidation_answered_with_200_replaces_the_object() {
+    let origin = TestOrigin::start().await;
+    origin.route_seq(
+        "/doc",
+        vec![
+            cacheable("version one", "max-age=10").header("etag", "\"one\""),
+            cacheable("version two, longer", "max-age=100").header("etag", "\"two\""),
+        ],
+    );
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/doc");
+    assert_eq!(get(&c, &url, &[]).await.text(), "version one");
+    assert_eq!(get_hit(&c, &url, &[]).await.x_cache(), "HIT");
+
+    edge.advance(11);
+    let r = get(&c, &url, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "version two, longer");
+    assert_eq!(r.header("etag"), Some("\"two\""));
+    assert_eq!(
+        origin.last_request("/doc").unwrap().header("if-none-match"),
+        Some("\"one\"")
+    );
+
+    let r = get_hit(&c, &url, &[]).await;
+    assert_eq!(r.x_cache(), "HIT", "{r:?}");
+    assert_eq!(
+        r.text(),
+        "version two, longer",
+        "the new 200 replaced the object"
+    );
+    assert_eq!(r.header("etag"), Some("\"two\""));
+    assert_eq!(origin.hits("/doc"), 2);
+}
+
+/// stale-while-revalidate: a stale object is served at once (X-Cache: STALE) while exactly one
+/// background revalidation reaches the origin; later requests are HITs with the new content.
+/// The origin holds the revalidation's answer until the test has seen the STALE answers, so
+/// "served immediately" does not depend on timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_serves_stale_and_revalidates_once() {
+    let origin = TestOrigin::start().await;
+    let gate = Gate::new();
+    origin.route_seq(
+        "/swr",
+        vec![
+            cacheable("old content", "max-age=1, stale-while-revalidate=60")
+                .header("etag", "\"old\""),
+            cacheable("new content", "max-age=600")
+                .header("etag", "\"new\"")
+                .gated(&gate),
+        ],
+    );
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/swr");
+    assert_eq!(get(&c, &url, &[]).await.text(), "old content");
+    assert_eq!(get_hit(&c, &url, &[]).await.x_cache(), "HIT");
+    assert_eq!(origin.hits("/swr"), 1);
+
+    edge.advance(5);
+    // The origin does not answer the revalidation until the gate opens: these must all be
+    // answered from the stale copy.
+    for i in 0..5 {
+        let r = get(&c, &url, &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.x_cache(), "STALE", "request {i}: {r:?}");
+        assert_eq!(r.text(), "old content");
+    }
+    let n = origin.wait_hits("/swr", 2, WAIT).await;
+    assert_eq!(n, 2, "exactly one background revalidation");
+    assert_eq!(
+        origin.last_request("/swr").unwrap().header("if-none-match"),
+        Some("\"old\""),
+        "the background revalidation is conditional"
+    );
+    gate.open();
+
+    // Until the revalidation lands, answers are STALE (old) or already HIT (new).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let r = loop {
+        let r = get(&c, &url, &[]).await;
+        match r.x_cache() {
+            "HIT" => break r,
+            "STALE" => assert_eq!(r.text(), "old content"),
+            other => panic!("unexpected X-Cache {other}: {r:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the revalidated object never became a HIT"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(r.text(), "new content");
+    assert_eq!(r.header("etag"), Some("\"new\""));
+    assert_eq!(origin.hits("/swr"), 2, "no second revalidation");
+}
+
+/// stale-if-error with a dead origin: STALE with the old body inside the window (repeatedly),
+/// then 502 with a short plain-text body naming the failure beyond it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_with_dead_origin_then_502_beyond_window() {
+    let mut origin = TestOrigin::start().await;
+    origin.route(
+        "/sie",
+        cacheable("last good body", "max-age=1, stale-if-error=60"),
+    );
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/sie");
+    assert_eq!(get(&c, &url, &[]).await.x_cache(), "MISS");
+    assert_eq!(get_hit(&c, &url, &[]).await.x_cache(), "HIT");
+
+    origin.stop().await;
+    edge.advance(5);
+    for i in 0..2 {
+        let r = get(&c, &url, &[]).await;
+        assert_eq!(r.status, 200, "request {i} inside the window: {r:?}");
+        assert_eq!(r.x_cache(), "STALE", "request {i}: {r:?}");
+        assert_eq!(r.text(), "last good body");
+    }
+
+    edge.advance(120);
+    let r = get(&c, &url, &[]).await;
+    assert_eq!(r.status, 502, "beyond the stale-if-error window: {r:?}");
+    assert!(
+        r.header("content-type")
+            .is_some_and(|v| v.starts_with("text/plain")),
+        "{r:?}"
+    );
+    assert!(r.body.len() < 1024, "short body: {}", r.text());
+    assert!(
+        r.text().to_lowercase().contains("connect"),
+        "the body names the failure: {}",
+        r.text()
+    );
+    assert!(!r.text().contains("last good body"));
+}
+
+/// stale-if-error with an origin that answers 500: the stale object is served inside the
+/// window, and keeps being served for a second error inside the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_with_origin_500() {
+    let origin = TestOrigin::start().await;
+    origin.route_seq(
+        "/sie500",
+        vec![
+            cacheable("good body", "max-age=1, stale-if-error=60"),
+            Reply::new(500)
+                .header("content-type", "text/plain")
+                .body("origin exploded"),
+        ],
+    );
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/sie500");
+    assert_eq!(get(&c, &url, &[]).await.x_cache(), "MISS");
+    assert_eq!(get_hit(&c, &url, &[]).await.x_cache(), "HIT");
+
+    edge.advance(5);
+    let r = get(&c, &url, &[]).await;
+    assert_eq!(origin.hits("/sie500"), 2);
+    assert_eq!(r.status, 200, "first 500 inside the window: {r:?}");
+    assert_eq!(r.x_cache(), "STALE");
+    assert_eq!(r.text(), "good body");
+
+    let r = get(&c, &url, &[]).await;
+    assert_eq!(
+        r.status,
+        200,
+        "a second 500 inside the window must still be answered stale (got {} {:?}: {})",
+        r.status,
+        r.x_cache(),
+        r.text()
+    );
+    assert_eq!(r.x_cache(), "STALE");
+    assert_eq!(r.text(), "good body");
+}
+
+/// No stale-if-error: a dead origin is a 502 (connect error), not a hang, for a cold key and
+/// for a stale stored object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_origin_without_stale_if_error_is_502() {
+    let mut origin = TestOrigin::start().await;
+    origin.route("/plain", cacheable("body", "max-age=1"));
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    assert_eq!(get(&c, &edge.url("/plain"), &[]).await.x_cache(), "MISS");
+
+    origin.stop().await;
+    let r = get(&c, &edge.url("/cold"), &[]).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(r.text().to_lowercase().contains("connect"), "{}", r.text());
+
+    edge.advance(5);
+    let r = get(&c, &edge.url("/plain"), &[]).await;
+    assert_eq!(r.status, 502, "stale without stale-if-error: {r:?}");
+    assert!(r.text().to_lowercase().contains("connect"), "{}", r.text());
+    assert_ne!(r.text(), "body");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vary
+// ---------------------------------------------------------------------------------------------
+
+/// `Vary: Accept-Language`: en and de are cached separately (two origin requests, then HITs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_variants_are_cached_separately() {
+    let origin = TestOrigin::start().await;
+    origin.route_fn("/greeting", |req, _| {
+        let lang = req.header("accept-language").unwrap_or("none").to_string();
+        cacheable(format!("hello in {lang}"), "max-age=600").header("vary", "Accept-Language")
+    });
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/greeting");
+    let en = [("accept-language", "en")];
+    let de = [("accept-language", "de")];
+
+    let r = get(&c, &url, &en).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "hello in en"));
+    let r = get_hit(&c, &url, &en).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT", "hello in en"));
+    let r = get(&c, &url, &de).await;
+    assert_eq!(r.text(), "hello in de", "another variant is not served en");
+    assert_eq!(r.x_cache(), "MISS");
+    assert_eq!(origin.hits("/greeting"), 2);
+
+    let r = get_hit(&c, &url, &de).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT", "hello in de"));
+    let r = get_hit(&c, &url, &en).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT", "hello in en"));
+    assert_eq!(origin.hits("/greeting"), 2);
+}
+
+/// `Vary: *` is never served from cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_star_is_never_served_from_cache() {
+    let origin = TestOrigin::start().await;
+    origin.route_fn("/star", |_, n| {
+        cacheable(format!("answer {n}"), "max-age=600").header("vary", "*")
+    });
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    for i in 0..3 {
+        let r = get(&c, &edge.url("/star"), &[]).await;
+        assert_eq!(r.text(), format!("answer {i}"));
+        assert_ne!(r.x_cache(), "HIT");
+    }
+    assert_eq!(origin.hits("/star"), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Range and HEAD
+// ---------------------------------------------------------------------------------------------
+
+/// Range on a cached object → 206 with the right bytes and Content-Range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_on_cached_object_is_206() {
+    let body = pattern(100_000, 1);
+    let origin = TestOrigin::start().await;
+    origin.route("/bin", cacheable(body.clone(), "max-age=600"));
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/bin");
+    assert_eq!(get(&c, &url, &[]).await.body, body);
+    assert_eq!(get_hit(&c, &url, &[]).await.x_cache(), "HIT");
+
+    let r = get(&c, &url, &[("range", "bytes=1000-1999")]).await;
+    assert_eq!(r.status, 206, "{r:?}");
+    assert_eq!(r.x_cache(), "HIT");
+    assert_eq!(r.header("content-range"), Some("bytes 1000-1999/100000"));
+    assert_eq!(r.header("content-length"), Some("1000"));
+    assert_eq!(r.body, body.slice(1000..2000));
+
+    let r = get(&c, &url, &[("range", "bytes=-500")]).await;
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("content-range"), Some("bytes 99500-99999/100000"));
+    assert_eq!(r.body, body.slice(99_500..));
+
+    let r = get(&c, &url, &[("range", "bytes=99990-")]).await;
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, body.slice(99_990..));
+    assert_eq!(origin.hits("/bin"), 1);
+}
+
+/// Range on a miss: the origin gets a request WITHOUT Range (whole object fetched once), the
+/// client gets 206; the whole object is then a HIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_on_miss_fetches_whole_object_once() {
+    let body = pattern(200_000, 2);
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/bin",
+        cacheable(body.clone(), "max-age=600").slow_body(16 * 1024, Duration::from_millis(2)),
+    );
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/bin");
+
+    let r = get(&c, &url, &[("range", "bytes=50000-50099")]).await;
+    assert_eq!(r.status, 206, "{r:?}");
+    assert_eq!(r.header("content-range"), Some("bytes 50000-50099/200000"));
+    assert_eq!(r.body, body.slice(50_000..50_100));
+    let up = origin.last_request("/bin").unwrap();
+    assert!(
+        up.header("range").is_none(),
+        "the edge fetches the whole object: {up:?}"
+    );
+
+    let r = get_hit(&c, &url, &[]).await;
+    assert_eq!(r.x_cache(), "HIT", "{r:?}");
+    assert_eq!(r.body, body);
+    assert_eq!(origin.hits("/bin"), 1, "the whole object was fetched once");
+}
+
+/// An unsatisfiable range → 416 with `Content-Range: bytes */len`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsatisfiable_range_is_416() {
+    let origin = TestOrigin::start().await;
+    origin.route("/small", cacheable("0123456789", "max-age=600"));
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/small");
+    assert_eq!(get(&c, &url, &[]).await.text(), "0123456789");
+    let r = get(&c, &url, &[("range", "bytes=100-200")]).await;
+    assert_eq!(r.status, 416, "{r:?}");
+    assert_eq!(r.header("content-range"), Some("bytes */10"));
+    assert!(!r.text().contains("0123456789"));
+    assert_eq!(origin.hits("/small"), 1);
+}
+
+/// HEAD is answered from a stored GET: no origin request, no body, Content-Length present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_is_answered_from_stored_get() {
+    let origin = TestOrigin::start().await;
+    origin.route("/h", cacheable(pattern(4321, 3), "max-age=600"));
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/h");
+    assert_eq!(get(&c, &url, &[]).await.body.len(), 4321);
+    assert_eq!(get_hit(&c, &url, &[]).await.x_cache(), "HIT");
+
+    let r = send(&c, reqwest::Method::HEAD, &url, &[], None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.x_cache(), "HIT", "{r:?}");
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("content-length"), Some("4321"), "{r:?}");
+    assert_eq!(origin.hits("/h"), 1);
+}
+
+/// HEAD on a miss fills the cache (the origin sees a GET); the next GET is a HIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_on_miss_fills_the_cache() {
+    let body = pattern(5000, 4);
+    let origin = TestOrigin::start().await;
+    origin.route("/h", cacheable(body.clone(), "max-age=600"));
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/h");
+
+    let r = send(&c, reqwest::Method::HEAD, &url, &[], None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("content-length"), Some("5000"), "{r:?}");
+    assert_eq!(origin.hits("/h"), 1);
+    assert_eq!(origin.last_request("/h").unwrap().method, "GET");
+
+    let r = get_hit(&c, &url, &[]).await;
+    assert_eq!(r.x_cache(), "HIT", "{r:?}");
+    assert_eq!(r.body, body);
+    assert_eq!(origin.hits("/h"), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Coalescing
+// ---------------------------------------------------------------------------------------------
+
+/// 200 concurrent requests for one cold key whose origin is slow (300 ms before the head, a
+/// 256 KiB body in chunks): exactly one origin request, every client gets identical bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_storm_makes_one_origin_request() {
+    let body = pattern(256 * 1024, 5);
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/hot",
+        cacheable(body.clone(), "max-age=600")
+            .head_delay(Duration::from_millis(300))
+            .slow_body(16 * 1024, Duration::from_millis(5)),
+    );
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/hot");
+    let mut set = JoinSet::new();
+    for _ in 0..200 {
+        let c = c.clone();
+        let url = url.clone();
+        set.spawn(async move { get(&c, &url, &[]).await });
+    }
+    let mut n = 0;
+    while let Some(r) = set.join_next().await {
+        let r = r.expect("client task");
+        assert_eq!(r.status, 200);
+        assert!(
+            r.body == body,
+            "client got different bytes ({} bytes)",
+            r.body.len()
+        );
+        n += 1;
+    }
+    assert_eq!(n, 200);
+    assert_eq!(origin.hits("/hot"), 1, "one origin request for the storm");
+}
+
+/// An uncacheable response (no-store, then private) met while coalescing: every client gets
+/// its own correct answer, never another client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncacheable_response_while_coalescing_is_not_shared() {
+    for cc in ["no-store", "private, max-age=600"] {
+        let origin = TestOrigin::start().await;
+        origin.route_fn("/me", move |req, _| {
+            let who = req.header("x-client").unwrap_or("nobody").to_string();
+            Reply::ok(format!("personal answer for {who}"))
+                .header("cache-control", cc)
+                .head_delay(Duration::from_millis(300))
+        });
+        let edge = Edge::start(&origin).await;
+        let c = client();
+        let url = edge.url("/me");
+        const N: usize = 20;
+        let mut set = JoinSet::new();
+        for i in 0..N {
+            let c = c.clone();
+            let url = url.clone();
+            set.spawn(async move {
+                let id = format!("client-{i}");
+                let r = get(&c, &url, &[("x-client", &id)]).await;
+                (id, r)
+            });
+        }
+        while let Some(res) = set.join_next().await {
+            let (id, r) = res.expect("client task");
+            assert_eq!(r.status, 200, "{cc}: {r:?}");
+            assert_eq!(
+                r.text(),
+                format!("personal answer for {id}"),
+                "{cc}: a client was served another's response"
+            );
+            assert_ne!(r.x_cache(), "HIT", "{cc}");
+        }
+        assert_eq!(origin.hits("/me"), N, "{cc}: each client's own request");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Set-Cookie, request directives, unsafe methods
+// ---------------------------------------------------------------------------------------------
+
+/// `Cache-Control: public, max-age=60` + Set-Cookie: stored, and a second client gets the body
+/// without the cookie. Without `public`: not stored, both requests reach the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_cookie_is_never_shared() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/public",
+        cacheable("with cookie", "public, max-age=60").header("set-cookie", "sid=secret-1"),
+    );
+    origin.route(
+        "/nonpublic",
+        cacheable("with cookie", "max-age=60").header("set-cookie", "sid=secret-2"),
+    );
+    let edge = Edge::start(&origin).await;
+    let c = client();
+
+    let r = get(&c, &edge.url("/public"), &[]).await;
+    assert_eq!(
+        r.header("set-cookie"),
+        Some("sid=secret-1"),
+        "the filler gets it"
+    );
+    let r = get_hit(&c, &edge.url("/public"), &[]).await;
+    assert_eq!(r.x_cache(), "HIT", "{r:?}");
+    assert_eq!(r.text(), "with cookie");
+    assert!(
+        r.header("set-cookie").is_none(),
+        "a stored Set-Cookie was served to another client: {r:?}"
+    );
+    assert_eq!(origin.hits("/public"), 1);
+
+    for _ in 0..2 {
+        let r = get(&c, &edge.url("/nonpublic"), &[]).await;
+        assert_eq!(r.text(), "with cookie");
+        assert_ne!(r.x_cache(), "HIT");
+        assert_eq!(r.header("set-cookie"), Some("sid=secret-2"));
+    }
+    assert_eq!(origin.hits("/nonpublic"), 2, "not stored without public");
+}
+
+/// Request `Cache-Control: only-if-cached` on a miss → 504, nothing sent upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_only_if_cached_on_miss_is_504() {
+    let origin = TestOrigin::start().await;
+    origin.route("/x", cacheable("x", "max-age=600"));
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let r = get(&c, &edge.url("/x"), &[("cache-control", "only-if-cached")]).await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(origin.hits("/x"), 0);
+    // Once stored, only-if-cached is answered.
+    get(&c, &edge.url("/x"), &[]).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = get(&c, &edge.url("/x"), &[("cache-control", "only-if-cached")]).await;
+        if r.status == 200 {
+            assert_eq!(r.text(), "x");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{r:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(origin.hits("/x"), 1);
+}
+
+/// Request `Cache-Control: no-cache` → the fresh stored object is revalidated upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_no_cache_revalidates_upstream() {
+    let origin = TestOrigin::start().await;
+    origin.route_seq(
+        "/nc",
+        vec![
+            cacheable("stored", "max-age=600").header("etag", "\"nc\""),
+            Reply::not_modified()
+                .header("etag", "\"nc\"")
+                .header("cache-control", "max-age=600"),
+        ],
+    );
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/nc");
+    get(&c, &url, &[]).await;
+    assert_eq!(get_hit(&c, &url, &[]).await.x_cache(), "HIT");
+
+    let r = get(&c, &url, &[("cache-control", "no-cache")]).await;
+    assert_eq!(origin.hits("/nc"), 2, "no-cache goes upstream");
+    assert_eq!(
+        origin.last_request("/nc").unwrap().header("if-none-match"),
+        Some("\"nc\"")
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.x_cache(), "REVALIDATED", "{r:?}");
+    assert_eq!(r.text(), "stored");
+}
+
+/// Request `Cache-Control: no-store` → the response is not stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_no_store_is_not_stored() {
+    let origin = TestOrigin::start().await;
+    origin.route("/ns", cacheable("body", "max-age=600"));
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/ns");
+    let r = get(&c, &url, &[("cache-control", "no-store")]).await;
+    assert_eq!(r.text(), "body");
+    assert_ne!(r.x_cache(), "HIT");
+    let r = get(&c, &url, &[]).await;
+    assert_eq!(r.x_cache(), "MISS", "nothing was stored: {r:?}");
+    assert_eq!(origin.hits("/ns"), 2);
+    assert_eq!(get_hit(&c, &url, &[]).await.x_cache(), "HIT");
+    assert_eq!(origin.hits("/ns"), 2);
+}
+
+/// POST to a cached URL passes through (the origin sees the POST and its body) and invalidates
+/// the stored GET: the next GET is a MISS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_passes_through_and_invalidates() {
+    let origin = TestOrigin::start().await;
+    origin.route_fn("/item", |req, n| {
+        if req.method == "POST" {
+            Reply::new(200)
+                .header("content-type", "text/plain")
+                .body("posted")
+        } else {
+            cacheable(format!("item version {n}"), "max-age=600")
+        }
+    });
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/item");
+    assert_eq!(get(&c, &url, &[]).await.text(), "item version 0");
+    let r = get_hit(&c, &url, &[]).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT", "item version 0"));
+
+    let r = send(
+        &c,
+        reqwest::Method::POST,
+        &url,
+        &[("content-type", "text/plain")],
+        Some("payload"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "posted");
+    let post = origin.last_request("/item").unwrap();
+    assert_eq!(post.method, "POST");
+    assert_eq!(&post.body[..], b"payload");
+
+    let r = get(&c, &url, &[]).await;
+    assert_eq!(
+        r.x_cache(),
+        "MISS",
+        "the POST invalidated the stored GET: {r:?}"
+    );
+    assert_eq!(r.text(), "item version 2");
+    let gets = origin
+        .requests("/item")
+        .iter()
+        .filter(|r| r.method == "GET")
+        .count();
+    assert_eq!(gets, 2);
+}
+
+/// HTTP/1.1 and h2c requests for one URL hit the same entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_and_h2c_share_one_entry() {
+    let origin = TestOrigin::start().await;
+    origin.route("/a", cacheable("shared a", "max-age=600"));
+    origin.route("/b", cacheable("shared b", "max-age=600"));
+    let edge = Edge::start(&origin).await;
+    let h1 = client();
+    let h2 = h2c_client();
+
+    let r = get(&h1, &edge.url("/a"), &[]).await;
+    assert_eq!((r.version, r.x_cache()), (http::Version::HTTP_11, "MISS"));
+    let r = get_hit(&h2, &edge.url("/a"), &[]).await;
+    assert_eq!(r.version, http::Version::HTTP_2);
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT", "shared a"));
+
+    let r = get(&h2, &edge.url("/b"), &[]).await;
+    assert_eq!((r.version, r.x_cache()), (http::Version::HTTP_2, "MISS"));
+    let r = get_hit(&h1, &edge.url("/b"), &[]).await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT", "shared b"));
+    assert_eq!((origin.hits("/a"), origin.hits("/b")), (1, 1));
+}
+
+/// An upstream that dies mid-body: the client's response fails (never a short body presented
+/// as complete) and nothing is stored; the next request fetches the whole object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_mid_body_is_not_stored() {
+    let body = pattern(128 * 1024, 6);
+    let origin = TestOrigin::start().await;
+    origin.route_seq(
+        "/trunc",
+        vec![
+            cacheable(body.clone(), "max-age=600").close_after(40 * 1024),
+            cacheable(body.clone(), "max-age=600"),
+        ],
+    );
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    let url = edge.url("/trunc");
+    let first = async {
+        let r = c.get(&url).send().await?;
+        r.bytes().await
+    }
+    .await;
+    if let Ok(b) = first {
+        panic!(
+            "a truncated upstream body was presented as complete ({} of {} bytes)",
+            b.len(),
+            body.len()
+        );
+    }
+    let r = get(&c, &url, &[]).await;
+    assert_eq!(
+        r.x_cache(),
+        "MISS",
+        "the truncated object was not stored: {r:?}"
+    );
+    assert_eq!(r.body, body);
+    assert_eq!(origin.hits("/trunc"), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Disk tier
+// ---------------------------------------------------------------------------------------------
+
+/// Restart persistence: an object on disk survives a shutdown; a new EdgeServer on the same
+/// cache_dir answers it as a HIT without an origin request (disk, then promoted to memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_disk_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = pattern(20_000, 7);
+    let origin = TestOrigin::start().await;
+    origin.route("/keep", cacheable(body.clone(), "max-age=3600"));
+    let with_disk = |c: &mut EdgeConfig| c.cache_dir = Some(dir.path().to_path_buf());
+
+    let edge = Edge::start_with(origin.addr(), with_disk).await;
+    let c = client();
+    assert_eq!(get(&c, &edge.url("/keep"), &[HOST]).await.x_cache(), "MISS");
+    wait_disk_objects(edge.engine(), 1).await;
+    edge.shutdown().await;
+
+    let edge = Edge::start_with(origin.addr(), with_disk).await;
+    assert_eq!(
+        disk_usage(edge.engine()).await.0,
+        1,
+        "the disk index was rebuilt"
+    );
+    assert_eq!(memory_usage(edge.engine()).await.0, 0);
+    let c = client();
+    let r = get(&c, &edge.url("/keep"), &[HOST]).await;
+    assert_eq!(r.x_cache(), "HIT", "{r:?}");
+    assert!(
+        r.header("cache-status").is_some_and(|v| v.contains("hit")),
+        "{r:?}"
+    );
+    assert_eq!(r.body, body);
+    assert_eq!(
+        origin.hits("/keep"),
+        1,
+        "no origin request after the restart"
+    );
+    wait_until("the disk hit is promoted to memory", async || {
+        memory_usage(edge.engine()).await.0 >= 1
+    })
+    .await;
+    let r = get(&c, &edge.url("/keep"), &[HOST]).await;
+    assert_eq!((r.x_cache(), r.body.clone()), ("HIT", body));
+    assert_eq!(origin.hits("/keep"), 1);
+}
+
+/// A corrupted disk entry (small enough to be read whole) becomes a MISS: correct bytes from
+/// the origin, no garbage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_disk_entry_is_a_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = pattern(30_000, 8);
+    let origin = TestOrigin::start().await;
+    origin.route("/c", cacheable(body.clone(), "max-age=3600"));
+    let with_disk = |c: &mut EdgeConfig| c.cache_dir = Some(dir.path().to_path_buf());
+
+    let edge = Edge::start_with(origin.addr(), with_disk).await;
+    let c = client();
+    assert_eq!(get(&c, &edge.url("/c"), &[HOST]).await.body, body);
+    wait_disk_objects(edge.engine(), 1).await;
+    edge.shutdown().await;
+
+    let edge = Edge::start_with(origin.addr(), with_disk).await;
+    assert!(
+        corrupt_content(dir.path()) >= 1,
+        "no content file to corrupt"
+    );
+    let c = client();
+    let r = get(&c, &edge.url("/c"), &[HOST]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body == body, "garbage or wrong bytes served");
+    assert_eq!(r.x_cache(), "MISS", "{r:?}");
+    assert_eq!(origin.hits("/c"), 2);
+}
+
+/// A corrupted disk entry too large for memory (so it streams from disk) must not be served
+/// either: the request is a MISS with correct bytes, not garbage followed by an abort.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_large_disk_entry_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = pattern(512 * 1024, 9);
+    let origin = TestOrigin::start().await;
+    origin.route("/big", cacheable(body.clone(), "max-age=3600"));
+    let tweak = |c: &mut EdgeConfig| {
+        c.cache_dir = Some(dir.path().to_path_buf());
+        // Memory objects are at most memory/8 = 128 KiB: this one streams from disk.
+        c.memory = 1 << 20;
+    };
+    let edge = Edge::start_with(origin.addr(), tweak).await;
+    let c = client();
+    assert_eq!(get(&c, &edge.url("/big"), &[HOST]).await.body, body);
+    wait_disk_objects(edge.engine(), 1).await;
+    edge.shutdown().await;
+
+    let edge = Edge::start_with(origin.addr(), tweak).await;
+    assert!(
+        corrupt_content(dir.path()) >= 1,
+        "no content file to corrupt"
+    );
+    let c = client();
+    let res = async {
+        let r = c
+            .get(edge.url("/big"))
+            .header(HOST.0, HOST.1)
+            .send()
+            .await?;
+        let x_cache = r
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        Ok::<_, reqwest::Error>((x_cache, r.bytes().await?))
+    }
+    .await;
+    match res {
+        Ok((x_cache, got)) => {
+            assert!(got == body, "wrong bytes served (X-Cache {x_cache})");
+            assert_eq!(x_cache, "MISS");
+            assert_eq!(origin.hits("/big"), 2);
+        }
+        Err(e) => panic!(
+            "a corrupted disk entry was served (then aborted) instead of a miss: {e}; \
+             origin requests: {}",
+            origin.hits("/big")
+        ),
+    }
+}
+
+/// Disk eviction keeps usage under the bound: disk 1 MiB, memory too small for the objects,
+/// 40 objects of 64 KiB; after housekeeping the files under `<cache_dir>/content/` total at
+/// most the bound plus 10%.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_eviction_keeps_usage_under_the_bound() {
+    const DISK: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let bodies: Vec<Bytes> = (0..40).map(|i| pattern(64 * 1024, 100 + i)).collect();
+    for (i, b) in bodies.iter().enumerate() {
+        origin.route(&format!("/obj/{i}"), cacheable(b.clone(), "max-age=3600"));
+    }
+    let edge = Edge::start_with(origin.addr(), |c| {
+        c.cache_dir = Some(dir.path().to_path_buf());
+        c.disk = DISK;
+        c.memory = 256 << 10;
+    })
+    .await;
+    let c = client();
+    for (i, b) in bodies.iter().enumerate() {
+        let r = get(&c, &edge.url(&format!("/obj/{i}")), &[]).await;
+        assert!(r.body == *b, "object {i}");
+    }
+    let content = dir.path().join("content");
+    let limit = DISK + DISK / 10;
+    // Deletions run in the background: wait until every content file belongs to an indexed
+    // object (all bodies differ) and the total is under the bound.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (objects, weighted, on_disk, files) = loop {
+        let (objects, weighted) = disk_usage(edge.engine()).await;
+        let files = files_under(&content.join("content-v2")).len() as u64;
+        let on_disk = bytes_under(&content);
+        let settled = on_disk <= limit && objects > 0 && files == objects;
+        if settled || tokio::time::Instant::now() >= deadline {
+            break (objects, weighted, on_disk, files);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(objects > 0, "some objects stay on disk");
+    // 40 objects of 64 KiB were offered to a 1 MiB tier: it must have filled up (so eviction
+    // really ran), not stayed small because objects never reached the disk.
+    assert!(
+        weighted >= DISK / 2,
+        "only {objects} objects ({weighted} bytes) reached the disk tier out of 40 x 64 KiB"
+    );
+    assert!(weighted <= DISK, "index weight {weighted} > {DISK}");
+    assert!(
+        on_disk <= limit,
+        "{on_disk} bytes under content/ with a {DISK}-byte disk tier ({objects} objects indexed)"
+    );
+    assert_eq!(
+        files, objects,
+        "content files that no indexed object references"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad requests and slow clients
+// ---------------------------------------------------------------------------------------------
+
+/// A malformed request line over raw TCP → 400, nothing sent upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_line_is_400() {
+    let origin = TestOrigin::start().await;
+    let edge = Edge::start(&origin).await;
+    let (resp, _) = raw_exchange(edge.addr, b"BROKEN REQUEST LINE\r\nHost: x\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "got {resp:?}");
+    let (resp, _) = raw_exchange(edge.addr, b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "got {resp:?}");
+    assert_eq!(origin.total_hits(), 0);
+}
+
+/// A header block larger than limits.max_header_size (8 KiB; 20 KiB sent) → 431.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_header_block_is_431() {
+    let origin = TestOrigin::start().await;
+    origin.route("/", cacheable("root", "max-age=60"));
+    let edge = Edge::start_with(origin.addr(), |c| c.max_header_size = 8 << 10).await;
+    let mut req = b"GET / HTTP/1.1\r\nHost: example.test\r\n".to_vec();
+    for i in 0..20 {
+        req.extend_from_slice(format!("x-pad-{i}: {}\r\n", "a".repeat(1000)).as_bytes());
+    }
+    req.extend_from_slice(b"\r\n");
+    let (resp, _) = raw_exchange(edge.addr, &req).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "got {resp:?}");
+    assert_eq!(origin.total_hits(), 0);
+    // A normal request still works.
+    assert_eq!(get(&client(), &edge.url("/"), &[]).await.text(), "root");
+}
+
+/// A slowloris connection that trickles header lines and never finishes its head is closed
+/// after header_read_timeout (1 s), while other connections keep being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_is_closed_after_header_read_timeout() {
+    let origin = TestOrigin::start().await;
+    origin.route("/ok", cacheable("still serving", "max-age=60"));
+    let edge = Edge::start_with(origin.addr(), |c| {
+        c.header_read_timeout = Duration::from_secs(1)
+    })
+    .await;
+    let tcp = TcpStream::connect(edge.addr).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    wr.write_all(b"GET /ok HTTP/1.1\r\nHost: example.test\r\n")
+        .await
+        .unwrap();
+    let closed = tokio::spawn(async move {
+        let mut buf = [0u8; 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // a 408 may precede the close
+            }
+        }
+    });
+    let trickle = tokio::spawn(async move {
+        for i in 0.. {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if wr
+                .write_all(format!("x-slow-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    // Meanwhile, another client is served.
+    let r = get(&client(), &edge.url("/ok"), &[]).await;
+    assert_eq!(r.text(), "still serving");
+    tokio::time::timeout(WAIT, closed)
+        .await
+        .expect("the slowloris connection was not closed")
+        .unwrap();
+    trickle.abort();
+    let r = get(&client(), &edge.url("/ok"), &[]).await;
+    assert_eq!(r.text(), "still serving");
+}
+
+/// A connection that opens and sends nothing at all is closed after header_read_timeout too
+/// (otherwise idle sockets exhaust file descriptors).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_closed_after_header_read_timeout() {
+    let origin = TestOrigin::start().await;
+    origin.route("/ok", cacheable("still serving", "max-age=60"));
+    let edge = Edge::start_with(origin.addr(), |c| {
+        c.header_read_timeout = Duration::from_secs(1)
+    })
+    .await;
+    let mut tcp = TcpStream::connect(edge.addr).await.unwrap();
+    let r = get(&client(), &edge.url("/ok"), &[]).await;
+    assert_eq!(r.text(), "still serving");
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a connection that sent nothing was still open 10 s after a 1 s header_read_timeout"
+    );
+}

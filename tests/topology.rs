@@ -1,0 +1,216 @@
+//! Topology: edges in front of shields in front of the origin (issue "Topology").
+//! Real sockets on 127.0.0.1, ports picked by the OS.
+
+#[path = "support/test_origin.rs"]
+mod test_origin;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use outpost_config::Source;
+use outpost_edge::{EdgeConfig, EdgeServer};
+use test_origin::{Reply, TestOrigin};
+use tokio::sync::oneshot;
+
+struct Node {
+    addr: SocketAddr,
+    admin: Option<SocketAddr>,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn node(text: &str) -> Node {
+    let cfg = EdgeConfig::from_source(&Source::inline("node.toml", text), Default::default())
+        .expect("valid node config");
+    let server = EdgeServer::bind(cfg).await.expect("bind node");
+    let addr = server.local_addr();
+    let admin = server.admin_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    Node {
+        addr,
+        admin,
+        _stop: tx,
+    }
+}
+
+async fn shield(name: &str, origin: &str) -> Node {
+    node(&format!(
+        "role = \"shield\"\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"{origin}\"\n"
+    ))
+    .await
+}
+
+async fn edge(name: &str, origin: &str, shields: &[(&str, &Node)]) -> Node {
+    let mut text = format!(
+        "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\norigin = \"{origin}\"\nshield_health_interval = \"200ms\"\n"
+    );
+    for (n, s) in shields {
+        text.push_str(&format!(
+            "[[shields]]\nname = \"{n}\"\nurl = \"http://{}\"\n",
+            s.addr
+        ));
+        if let Some(a) = s.admin {
+            text.push_str(&format!("admin = \"{a}\"\n"));
+        }
+    }
+    node(&text).await
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn get(c: &reqwest::Client, node: &Node, path: &str) -> (u16, String, String, String) {
+    // Every edge serves one site: clients name it in Host, whichever edge they reach (in
+    // production through the selector or DNS), so edges and shields agree on cache keys.
+    let r = c
+        .get(format!("http://{}{path}", node.addr))
+        .header("host", "www.example.test")
+        .send()
+        .await
+        .expect("request");
+    let h = |n: &str| {
+        r.headers()
+            .get_all(n)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (status, via, cs) = (r.status().as_u16(), h("via"), h("cache-status"));
+    (status, via, cs, r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn second_edge_is_served_by_the_shield_without_a_new_origin_request() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/obj",
+        Reply::ok("shielded bytes").header("cache-control", "public, max-age=600"),
+    );
+    let s = shield("shield-a", &origin.base_url()).await;
+    let a = edge("edge-a", &origin.base_url(), &[("shield-a", &s)]).await;
+    let b = edge("edge-b", &origin.base_url(), &[("shield-a", &s)]).await;
+    let c = client();
+
+    let (st, via, cs, body) = get(&c, &a, "/obj").await;
+    assert_eq!((st, body.as_str()), (200, "shielded bytes"));
+    assert!(
+        via.contains("1.1 shield-a") && via.contains("1.1 edge-a"),
+        "via: {via}"
+    );
+    assert!(cs.starts_with("shield-a; fwd=miss"), "cache-status: {cs}");
+    assert!(cs.contains("edge-a; fwd=miss"), "cache-status: {cs}");
+
+    let (st, _, cs, body) = get(&c, &b, "/obj").await;
+    assert_eq!((st, body.as_str()), (200, "shielded bytes"));
+    // One entry per hop, the shield's first (RFC 9211 list order).
+    assert!(cs.starts_with("shield-a; hit"), "cache-status: {cs}");
+    assert!(cs.contains("edge-b; fwd=miss"), "cache-status: {cs}");
+    assert_eq!(origin.hits("/obj"), 1, "the shield protected the origin");
+}
+
+#[tokio::test]
+async fn edges_fall_back_to_the_origin_when_every_shield_is_down() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/x",
+        Reply::ok("direct").header("cache-control", "max-age=60"),
+    );
+    // A shield address with nothing listening.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let ghost = Node {
+        addr: dead_addr,
+        admin: None,
+        _stop: oneshot::channel().0,
+    };
+    let e = edge("edge-a", &origin.base_url(), &[("ghost", &ghost)]).await;
+    let (st, _, cs, body) = get(&client(), &e, "/x").await;
+    assert_eq!((st, body.as_str()), (200, "direct"));
+    assert!(cs.starts_with("edge-a; fwd=miss"), "{cs}");
+    assert_eq!(origin.hits("/x"), 1);
+}
+
+#[tokio::test]
+async fn keys_spread_over_shields_and_a_dead_shield_is_skipped() {
+    let origin = TestOrigin::start().await;
+    for i in 0..24 {
+        origin.route(
+            &format!("/k{i}"),
+            Reply::ok(format!("v{i}")).header("cache-control", "max-age=600"),
+        );
+    }
+    let s1 = shield("s1", &origin.base_url()).await;
+    let s2 = shield("s2", &origin.base_url()).await;
+    let s3 = shield("s3", &origin.base_url()).await;
+    let e = edge(
+        "edge",
+        &origin.base_url(),
+        &[("s1", &s1), ("s2", &s2), ("s3", &s3)],
+    )
+    .await;
+    let c = client();
+    let mut owner = Vec::new();
+    for i in 0..24 {
+        let (_, _, cs, body) = get(&c, &e, &format!("/k{i}")).await;
+        assert_eq!(body, format!("v{i}"));
+        owner.push(cs.split(';').next().unwrap().to_string());
+    }
+    for s in ["s1", "s2", "s3"] {
+        assert!(owner.iter().any(|o| o == s), "{s} got no key: {owner:?}");
+    }
+    // A second edge with the same shields agrees on every key's shield.
+    let e2 = edge(
+        "edge2",
+        &origin.base_url(),
+        &[("s1", &s1), ("s2", &s2), ("s3", &s3)],
+    )
+    .await;
+    for (i, o) in owner.iter().enumerate() {
+        let (_, _, cs, _) = get(&c, &e2, &format!("/k{i}")).await;
+        assert!(cs.starts_with(&format!("{o}; hit")), "key {i}: {cs}");
+    }
+    assert_eq!(origin.total_hits(), 24);
+
+    // Stop s2: its keys move to the next shield in their order, the others stay.
+    let s2_keys: Vec<usize> = (0..24).filter(|i| owner[*i] == "s2").collect();
+    drop(s2);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let e3 = edge(
+        "edge3",
+        &origin.base_url(),
+        &[
+            ("s1", &s1),
+            (
+                "s2",
+                &Node {
+                    addr: "127.0.0.1:9".parse().unwrap(),
+                    admin: None,
+                    _stop: oneshot::channel().0,
+                },
+            ),
+            ("s3", &s3),
+        ],
+    )
+    .await;
+    for (i, was) in owner.iter().enumerate() {
+        let (st, _, cs, body) = get(&c, &e3, &format!("/k{i}")).await;
+        assert_eq!((st, body), (200, format!("v{i}")));
+        if !s2_keys.contains(&i) {
+            assert!(
+                cs.starts_with(&format!("{was}; hit")),
+                "key {i} moved: {cs}"
+            );
+        } else {
+            assert!(!cs.starts_with("s2"), "key {i} still on s2: {cs}");
+        }
+    }
+}
