@@ -214,3 +214,94 @@ async fn keys_spread_over_shields_and_a_dead_shield_is_skipped() {
         }
     }
 }
+
+const TOKEN: &str = "topology-secret";
+
+async fn with_admin(text: String) -> Node {
+    node(&format!(
+        "admin_listen = \"127.0.0.1:0\"\n{text}[cache]\ndir = \"{}\"\n[admin]\ntokens = [{{ secret = \"{TOKEN}\", scopes = [\"purge\", \"push\", \"read\"] }}]\n",
+        tempfile::tempdir().unwrap().keep().display()
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn purges_and_pushes_sent_to_an_edge_reach_its_shield() {
+    let origin = TestOrigin::start().await;
+    origin.route_fn("/p", |_, n| {
+        Reply::ok(format!("p v{n}")).header("cache-control", "max-age=600")
+    });
+    let shield = with_admin(format!(
+        "role = \"shield\"\nname = \"shield-a\"\nlisten = \"127.0.0.1:0\"\norigin = \"{}\"\n",
+        origin.base_url()
+    ))
+    .await;
+    let edge = with_admin(format!(
+        "name = \"edge-a\"\nlisten = \"127.0.0.1:0\"\norigin = \"{}\"\n[[shields]]\nname = \"shield-a\"\nurl = \"http://{}\"\nadmin = \"{}\"\n",
+        origin.base_url(),
+        shield.addr,
+        shield.admin.unwrap()
+    ))
+    .await;
+    let c = client();
+    let (_, _, _, body) = get(&c, &edge, "/p").await;
+    assert_eq!(body, "p v0");
+    let (_, _, cs, _) = get(&c, &shield, "/p").await;
+    assert!(cs.starts_with("shield-a; hit"), "{cs}");
+
+    // A purge on the edge's admin API reaches the shield; the receipt names both nodes.
+    let receipt: serde_json::Value = serde_json::from_slice(
+        &c.post(format!("http://{}/purge", edge.admin.unwrap()))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(r#"{"urls": ["/p"]}"#)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let nodes = receipt["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{receipt}");
+    assert!(nodes.iter().all(|n| n["ok"] == true), "{receipt}");
+    let (_, _, cs, body) = get(&c, &shield, "/p").await;
+    assert!(
+        cs.starts_with("shield-a; fwd=miss"),
+        "shield still had it: {cs}"
+    );
+    assert_eq!(body, "p v1");
+
+    // A push on the edge is forwarded to the shield.
+    let r = c
+        .put(format!(
+            "http://{}/objects/pushed/app.js",
+            edge.admin.unwrap()
+        ))
+        .bearer_auth(TOKEN)
+        .header("content-type", "text/javascript")
+        .body("console.log('pushed')")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let listed: serde_json::Value = serde_json::from_slice(
+        &c.get(format!(
+            "http://{}/objects?prefix=/pushed/",
+            shield.admin.unwrap()
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(listed[0]["path"], "/pushed/app.js", "{listed}");
+    let (st, _, cs, body) = get(&c, &shield, "/pushed/app.js").await;
+    assert_eq!((st, body.as_str()), (200, "console.log('pushed')"));
+    assert!(cs.starts_with("shield-a; hit"), "{cs}");
+}

@@ -85,6 +85,42 @@ impl EdgeOperator {
     }
 }
 
+impl EdgeOperator {
+    /// Sends a stored pushed object to every shield behind this edge, so the whole tier serves
+    /// it. Failures are logged with what to do; the local push stands.
+    async fn forward_push(&self, path: &str) {
+        for peer in &self.peers {
+            let Some(admin) = peer.admin else { continue };
+            let Some((meta, size, body)) = self.engine.pushed_body(path).await else {
+                return;
+            };
+            let header = |name: http::header::HeaderName| {
+                meta.headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let headers = outpost_purge_api::PushHeaders {
+                content_type: header(http::header::CONTENT_TYPE),
+                cache_control: header(http::header::CACHE_CONTROL),
+                surrogate_keys: meta.tags.clone(),
+            };
+            let result = match AdminClient::new(&format!("http://{admin}"), self.peer_token.clone())
+            {
+                Ok(c) => c.push_stream(path, body, size, &headers).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => info!(shield = %peer.name, path, "push forwarded to shield"),
+                Err(e) => {
+                    warn!(shield = %peer.name, path, error = %e, "push not forwarded to shield; push it there again")
+                }
+            }
+        }
+    }
+}
+
 impl AdminBackend for EdgeOperator {
     fn purge(&self, req: PurgeRequest) -> BoxFuture<'static, Result<PurgeReceipt, AdminError>> {
         let this = self.clone();
@@ -125,6 +161,7 @@ impl AdminBackend for EdgeOperator {
         body: BoxStream<'static, Result<Bytes, AdminError>>,
     ) -> BoxFuture<'static, Result<PushReceipt, AdminError>> {
         let engine = self.engine.clone();
+        let this = self.clone();
         async move {
             let spec = pinned::PushSpec {
                 path: spec.path,
@@ -134,12 +171,15 @@ impl AdminBackend for EdgeOperator {
                 content_length: spec.content_length,
             };
             match engine.push(spec, body).await {
-                Ok((info, created)) => Ok(PushReceipt {
-                    path: info.path,
-                    size: info.size,
-                    etag: info.etag,
-                    created,
-                }),
+                Ok((info, created)) => {
+                    this.forward_push(&info.path).await;
+                    Ok(PushReceipt {
+                        path: info.path,
+                        size: info.size,
+                        etag: info.etag,
+                        created,
+                    })
+                }
                 Err(pinned::PushError::Body(msg)) => Err(AdminError::BadRequest(msg)),
                 Err(pinned::PushError::Storage(e))
                     if e.to_string().contains("needs a disk tier") =>

@@ -33,7 +33,8 @@ pub mod wire;
 pub use auth::{ADMIN_TOKEN_ENV, Auth, AuthError, Scope, Token, TokenError};
 pub use backend::{AdminBackend, PushSpec};
 pub use client::{
-    AdminClient, ClientError, PurgeArgs, PushArgs, PushFailure, PushSummary, run_purge, run_push,
+    AdminClient, ClientError, PurgeArgs, PushArgs, PushFailure, PushHeaders, PushSummary,
+    run_purge, run_push,
 };
 pub use error::{AdminError, BoxError, RespBody, Side, error_response};
 pub use handler::{AdminLimits, DEFAULT_PUSH_CACHE_CONTROL, handle, owns};

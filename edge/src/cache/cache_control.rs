@@ -88,6 +88,11 @@ impl Directives {
             .join(", ")
     }
 
+    /// Drops a directive.
+    pub fn remove(&mut self, name: &str) {
+        self.items.retain(|(n, _)| n != name);
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.items.iter().any(|(n, _)| n == name)
     }

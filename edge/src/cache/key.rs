@@ -195,7 +195,8 @@ pub enum KeyError {
 /// Key-building options from config.
 #[derive(Debug, Clone, Default)]
 pub struct KeyOptions {
-    /// Query parameters left out of the key (for example tracking parameters).
+    /// Query parameters left out of the key (for example tracking parameters); an entry
+    /// ending in `*` matches every name with that prefix (`utm_*`).
     pub ignore_query_params: Vec<String>,
 }
 
@@ -300,7 +301,11 @@ fn normalize_query(q: &str, ignore: &[String]) -> String {
         .filter(|p| !p.is_empty())
         .filter(|p| {
             let name = p.split('=').next().unwrap_or("");
-            !ignore.iter().any(|i| i == name)
+            !ignore.iter().any(|i| match i.strip_suffix('*') {
+                // `utm_*` ignores every parameter starting with `utm_`.
+                Some(prefix) => name.starts_with(prefix),
+                None => i == name,
+            })
         })
         .collect();
     params.sort_by(|a, b| {
@@ -325,7 +330,7 @@ mod tests {
             &uri.parse().unwrap(),
             &h,
             &KeyOptions {
-                ignore_query_params: vec!["utm_source".into()],
+                ignore_query_params: vec!["utm_source".into(), "fb*".into()],
             },
         )
     }
@@ -344,7 +349,7 @@ mod tests {
     fn ignored_params_and_ports() {
         let a = norm("/p?utm_source=x&id=3", Some("h:8080")).unwrap();
         assert_eq!(a.key.as_str(), "h:8080/p?id=3");
-        let b = norm("/p?utm_source=y", Some("h")).unwrap();
+        let b = norm("/p?utm_source=y&fbclid=3", Some("h")).unwrap();
         assert_eq!(b.key.as_str(), "h/p");
         assert_eq!(b.key.path(), "/p");
     }

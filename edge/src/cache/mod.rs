@@ -626,6 +626,17 @@ impl Engine {
         Ok(out)
     }
 
+    /// A pushed object's metadata, size and body stream (to forward it to other nodes).
+    pub async fn pushed_body(
+        &self,
+        path: &str,
+    ) -> Option<(Arc<CachedMeta>, u64, BoxStream<'static, io::Result<Bytes>>)> {
+        let store = self.pinned.as_ref()?;
+        let hit = store.get(path).await?;
+        let stream = store.tier().stream(pinned::pinned_key(path), &hit).boxed();
+        Some((hit.meta.clone(), hit.entry.size, stream))
+    }
+
     pub async fn delete_pushed(&self, path: &str) -> bool {
         let Some(store) = &self.pinned else {
             return false;
@@ -774,7 +785,13 @@ impl Engine {
                     } else {
                         primary.variant(&head.vary, &req.norm.parts.headers)
                     };
-                    if !head.shareable || mine != head.store_key {
+                    // A collapsed request may reuse the leader's response only when it is
+                    // fresh for this request (RFC 9111 §4): a response stale on arrival, or
+                    // one this request's directives reject, is fetched on its own.
+                    let fresh = head.meta.as_deref().is_some_and(|m| {
+                        policy::freshness(m, &req.norm.parts, self.clock.now()) == Freshness::Fresh
+                    });
+                    if !head.shareable || mine != head.store_key || !fresh {
                         return self.pass(req, PassReason::NotShareable, now).await;
                     }
                 }

@@ -105,7 +105,19 @@ pub struct AdmitOptions {
 pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<response::Parts> {
     let surrogate = opts.surrogate.as_str();
     let mut headers = resp.headers.clone();
-    let cc = Directives::parse(&resp.headers);
+    let mut cc = Directives::parse(&resp.headers);
+    // RFC 9111 §5.2.2.3: `must-understand` stores only status codes whose caching rules we
+    // know, and for those it overrides `no-store`.
+    if cc.has("must-understand") {
+        if !status_understood(resp.status.as_u16()) {
+            return None;
+        }
+        cc.remove("no-store");
+        headers.remove(header::CACHE_CONTROL);
+        if let Ok(v) = HeaderValue::from_str(&cc.to_header()) {
+            headers.insert(header::CACHE_CONTROL, v);
+        }
+    }
     if let Some(ttl) = opts.default_ttl
         && !(cc.has("max-age")
             || cc.has("s-maxage")
@@ -152,8 +164,24 @@ pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<re
     if age_is_invalid(&resp.headers) {
         headers.insert(header::AGE, HeaderValue::from_static("2147483648"));
     }
+    // RFC 9111 §3: any final status may be stored when the response has explicit freshness.
+    // The policy crate only understands a fixed list of codes, so it evaluates such a response
+    // as a 200 (its status only matters for heuristics, which explicit freshness excludes);
+    // the real status is what we store and serve.
+    let effective = Directives::parse(&headers);
+    let explicit = effective.has("max-age")
+        || effective.has("s-maxage")
+        || headers.contains_key(header::EXPIRES);
+    let status = if explicit
+        && !POLICY_UNDERSTOOD.contains(&resp.status.as_u16())
+        && status_may_be_stored(resp.status)
+    {
+        StatusCode::OK
+    } else {
+        resp.status
+    };
     let mut out = http::Response::builder()
-        .status(resp.status)
+        .status(status)
         .body(())
         .expect("status from a valid response")
         .into_parts()
@@ -394,10 +422,23 @@ pub fn apply_not_modified(
     Some(updated)
 }
 
+/// Final status codes RFC 9110 defines (so their caching rules are known).
+fn status_understood(code: u16) -> bool {
+    matches!(
+        code,
+        200..=206 | 300..=305 | 307 | 308 | 400..=417 | 421 | 422 | 426 | 500..=505
+    )
+}
+
+/// Status codes http-cache-semantics evaluates by themselves.
+const POLICY_UNDERSTOOD: [u16; 14] = [
+    200, 203, 204, 300, 301, 302, 303, 307, 308, 404, 405, 410, 414, 501,
+];
+
 /// Status codes a cache may store at all (RFC 9110 §15.1 "heuristically cacheable" plus those
 /// cacheable with explicit freshness). 206 is excluded: we store whole objects only.
 pub fn status_may_be_stored(status: StatusCode) -> bool {
-    !matches!(status.as_u16(), 206 | 304 | 100..=199)
+    !matches!(status.as_u16(), 206 | 304 | 100..=199 | 600..)
 }
 
 #[cfg(test)]
@@ -652,6 +693,47 @@ mod tests {
         assert_eq!(admit_with(&[("cache-control", "public")]), Some(86400));
         assert_eq!(admit_with(&[("cache-control", "max-age=5")]), Some(5));
         assert_eq!(admit_with(&[("cache-control", "no-store")]), None);
+    }
+
+    #[test]
+    fn must_understand() {
+        let now = SystemTime::now();
+        assert!(
+            store(
+                &req(&[]),
+                &resp(599, &[("cache-control", "max-age=60, must-understand")]),
+                now
+            )
+            .is_none()
+        );
+        assert!(
+            store(
+                &req(&[]),
+                &resp(
+                    200,
+                    &[("cache-control", "max-age=60, must-understand, no-store")]
+                ),
+                now
+            )
+            .is_some()
+        );
+    }
+
+    #[test]
+    fn any_final_status_with_explicit_freshness_is_stored() {
+        let now = SystemTime::now();
+        for code in [299, 400, 500, 503, 599] {
+            let m = store(
+                &req(&[]),
+                &resp(code, &[("cache-control", "max-age=60")]),
+                now,
+            )
+            .unwrap_or_else(|| panic!("{code} not stored"));
+            assert_eq!(m.status.as_u16(), code);
+            assert_eq!(freshness(&m, &req(&[]), now), Freshness::Fresh);
+        }
+        // Without explicit freshness, not.
+        assert!(store(&req(&[]), &resp(500, &[("etag", "\"a\"")]), now).is_none());
     }
 
     #[test]

@@ -43,6 +43,14 @@ use crate::wire::{PurgeReceipt, PurgeRequest, PushReceipt, PushedObject};
 
 type ClientBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
+/// The headers a forwarded push carries.
+#[derive(Debug, Clone, Default)]
+pub struct PushHeaders {
+    pub content_type: String,
+    pub cache_control: String,
+    pub surrogate_keys: Vec<String>,
+}
+
 /// Bound on a JSON answer (object listings included).
 const MAX_ANSWER: usize = 64 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -207,6 +215,42 @@ impl AdminClient {
                 source: std::io::Error::other(e),
             })??;
         self.upload(file, path, &sha, None).await
+    }
+
+    /// `PUT /objects/<path>` from a byte stream of known length, with the object's headers
+    /// (used to forward a push to other nodes). One attempt.
+    pub async fn push_stream<S>(
+        &self,
+        path: &str,
+        body: S,
+        size: u64,
+        meta: &PushHeaders,
+    ) -> Result<PushReceipt, ClientError>
+    where
+        S: futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let frames = body.map(|r| r.map(Frame::data).map_err(BoxError::from));
+        let body = BodyExt::boxed_unsync(StreamBody::new(frames));
+        let uri = format!("/objects/{}", encode_object_path(path));
+        let mut r = self.request(Method::PUT, &uri, body)?;
+        let h = r.headers_mut();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        for (name, value) in [
+            (header::CONTENT_TYPE, meta.content_type.as_str()),
+            (header::CACHE_CONTROL, meta.cache_control.as_str()),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                h.insert(name, v);
+            }
+        }
+        if !meta.surrogate_keys.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&meta.surrogate_keys.join(" "))
+        {
+            h.insert("surrogate-key", v);
+        }
+        let timeout = Duration::from_secs(60 + size / (1 << 20));
+        let (_, body) = self.send(r, timeout).await?;
+        decode(&body)
     }
 
     /// One streamed upload, counted on the progress bar. When the attempt fails, its bytes are
