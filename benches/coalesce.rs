@@ -3,7 +3,7 @@
 //! origin requests per storm (must be 1), time to first byte and to the last byte for the
 //! waiters, and the storm's total time.
 //!
-//! Run: `cargo bench --bench coalesce` (release; ~10 s). Settings: OUTPOST_BENCH_STORM (storm
+//! Run: `cargo bench --bench coalesce` (release; ~3 s). Settings: OUTPOST_BENCH_STORM (storm
 //! sizes, `200,1000`), OUTPOST_BENCH_ROUNDS (storms per size, 5), OUTPOST_BENCH_SERVER_THREADS
 //! (cores), OUTPOST_BENCH_CLIENT_THREADS (2). `cargo test --benches` or
 //! `cargo bench --bench coalesce -- --test` only does one storm of 20.
@@ -16,12 +16,15 @@
 //! `Upstream` implementation, no socket); the edge has 256 MiB of memory and a disk tier.
 //! Baseline: the origin's own 50 ms delay is the floor of every TTFB.
 //!
-//! Last numbers: 2 cores (shared with other builds), 24 GiB, 2026-11-21, 3 runs, median run:
+//! Last numbers: 2 cores / 24 GiB, shared with other builds (load average 3), 2026-11-21, tree at
+//! d6869e5 plus uncommitted edge work; median of 3 runs (each over 5 storms per size):
 //!
-//! | storm | origin requests | TTFB p50 | TTFB p99 | last byte p50 | last byte p99 | total |
-//! |------:|----------------:|---------:|---------:|--------------:|--------------:|------:|
-//! |   200 |             TBD |      TBD |      TBD |           TBD |           TBD |   TBD |
-//! |  1000 |             TBD |      TBD |      TBD |           TBD |           TBD |   TBD |
+//! | storm | origin req | TTFB p50 | TTFB p99 | TTFB max | last byte p50 | last byte p99 |  total |
+//! |------:|-----------:|---------:|---------:|---------:|--------------:|--------------:|-------:|
+//! |   200 |  1 a storm |  53.8 ms |  67.3 ms |  68.7 ms |       71.4 ms |       76.7 ms |  72 ms |
+//! |  1000 |  1 a storm |  62.9 ms |   112 ms |   117 ms |        126 ms |        157 ms | 144 ms |
+//!
+//! "last byte" is per request, from its send to its last body byte; "total" is per storm.
 
 mod support;
 

@@ -161,10 +161,26 @@ pub async fn run(args: DemoArgs, shutdown: impl std::future::Future<Output = ()>
     }));
     let origin_url = format!("http://{}", addr(p + 1));
 
+    // One admin token for every node: $OUTPOST_ADMIN_TOKEN, or a fresh random one.
+    let from_env = std::env::var(outpost_purge_api::ADMIN_TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.is_empty());
+    let token = from_env.clone().unwrap_or_else(|| {
+        let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
+        blake3::hash(seed.as_bytes()).to_hex()[..32].to_string()
+    });
+    let admin_section = if from_env.is_some() {
+        String::new()
+    } else {
+        format!(
+            "[admin]\ntokens = [{{ secret = \"{token}\", scopes = [\"purge\", \"push\", \"read\"] }}]\n"
+        )
+    };
+
     // Shield.
     let node_cfg = |role: &str, name: &str, port: u16, shield: Option<u16>| {
         let mut t = format!(
-            "role = \"{role}\"\nname = \"{name}\"\nlisten = \"{}\"\nadmin_listen = \"{}\"\norigin = \"{origin_url}\"\n[cache]\ndir = \"{}\"\nmemory = \"64MiB\"\ndisk = \"1GiB\"\n",
+            "role = \"{role}\"\nname = \"{name}\"\nlisten = \"{}\"\nadmin_listen = \"{}\"\norigin = \"{origin_url}\"\n[cache]\ndir = \"{}\"\nmemory = \"64MiB\"\ndisk = \"1GiB\"\n{admin_section}",
             addr(port),
             addr(port + 1000),
             args.cache_dir.join(name).display(),
@@ -179,6 +195,19 @@ pub async fn run(args: DemoArgs, shutdown: impl std::future::Future<Output = ()>
                 addr(data),
                 addr(s + 1000)
             ));
+        }
+        if role == "edge" {
+            // Sibling edges: a purge sent to any edge reaches all of them (and the shield).
+            for j in 0..args.edges {
+                let sibling = p + 3 + j;
+                if sibling != port {
+                    t.push_str(&format!(
+                        "[[peers]]\nname = \"edge-{}\"\nadmin = \"{}\"\n",
+                        j + 1,
+                        addr(sibling + 1000)
+                    ));
+                }
+            }
         }
         if let Some(files) = &tls {
             let q = |p: &PathBuf| format!("{:?}", p.display().to_string());
@@ -240,7 +269,7 @@ pub async fn run(args: DemoArgs, shutdown: impl std::future::Future<Output = ()>
         selector.run(stopped(rx))
     }));
 
-    print_table(&args, p, tls.as_ref().map(|t| t.ca.as_path()));
+    print_table(&args, p, tls.as_ref().map(|t| t.ca.as_path()), &token);
     shutdown.await;
     println!("stopping the demo…");
     let _ = stop_tx.send(true);
@@ -255,7 +284,7 @@ fn fail(what: &str, e: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn print_table(args: &DemoArgs, p: u16, ca: Option<&std::path::Path>) {
+fn print_table(args: &DemoArgs, p: u16, ca: Option<&std::path::Path>, token: &str) {
     // With --tls, an `https` column: the node's HTTPS port (data + 2000).
     let https = |port: Option<u16>| match (ca, port) {
         (Some(_), Some(port)) => format!("https://localhost:{}", port + TLS_OFFSET),
@@ -322,6 +351,22 @@ fn print_table(args: &DemoArgs, p: u16, ca: Option<&std::path::Path>) {
         "  curl -s  http://{}/stats                 # rolling windows, top missed URLs",
         addr(p + 1003)
     );
+    println!(
+        "  open http://{}/ in a browser             # edge-1's status page with a live chart",
+        addr(p + 1003)
+    );
+    println!(
+        "  curl -s -X POST -H 'Authorization: Bearer {token}' -d '{{\"urls\":[\"/\"]}}' http://{}/purge",
+        addr(p + 1003)
+    );
+    println!(
+        "  curl -s -X PUT -H 'Authorization: Bearer {token}' --data-binary @README.md http://{}/objects/readme.txt",
+        addr(p + 1003)
+    );
+    println!(
+        "  OUTPOST_ADMIN_TOKEN={token} outpost purge --admin http://{} --tag html",
+        addr(p + 1003)
+    );
     if let Some(ca) = ca {
         println!(
             "  curl -sI --cacert {} https://localhost:{}/   # HTTPS (h2) at edge-1",
@@ -330,5 +375,6 @@ fn print_table(args: &DemoArgs, p: u16, ca: Option<&std::path::Path>) {
         );
         println!("\nCA certificate (for curl --cacert): {}", ca.display());
     }
-    println!("\ncache directories: {}", args.cache_dir.display());
+    println!("\nadmin token (purge, push, read on every node): {token}");
+    println!("cache directories: {}", args.cache_dir.display());
 }

@@ -32,6 +32,9 @@ struct RawConfig {
     /// Shields this edge sends misses to (instead of the origin).
     #[serde(default)]
     shields: Vec<RawShield>,
+    /// Sibling nodes a purge sent to this node is forwarded to (their admin addresses).
+    #[serde(default)]
+    peers: Vec<RawPeer>,
     shield_health_interval: Option<Setting<RawDuration>>,
     #[serde(default)]
     limits: RawLimits,
@@ -77,6 +80,13 @@ struct RawAdmin {
     tokens: Option<Setting<Vec<outpost_purge_api::Token>>>,
     public_metrics: Option<bool>,
     max_push_size: Option<Setting<RawSize>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: Setting<String>,
+    admin: Setting<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +161,8 @@ pub struct EdgeConfig {
     /// Shields in front of the origin (empty: go to the origin directly).
     pub shields: Vec<crate::proxy::shield::ShieldSpec>,
     pub shield_health_interval: Duration,
+    /// Sibling nodes (name, admin address) a purge is forwarded to.
+    pub peers: Vec<(String, SocketAddr)>,
     pub cache_dir: Option<PathBuf>,
     pub memory: u64,
     pub disk: u64,
@@ -265,6 +277,12 @@ impl EdgeConfig {
             }
         };
         let cache_dir = raw.cache.dir.as_ref().map(|s| d.path(s));
+        let mut peers = Vec::new();
+        for (i, p) in raw.peers.iter().enumerate() {
+            if let Some(a) = d.socket_addr(&format!("peers[{i}].admin"), &p.admin) {
+                peers.push((p.name.value.clone(), a));
+            }
+        }
         let mut shields = Vec::new();
         for (i, sh) in raw.shields.iter().enumerate() {
             let url = parse_origin(&mut d, &sh.url, &format!("shields[{i}].url"));
@@ -418,6 +436,7 @@ impl EdgeConfig {
             admin_listen: admin_listen.flatten(),
             origin: origin.expect("checked"),
             shields,
+            peers,
             shield_health_interval: shield_health_interval.expect("checked"),
             cache_dir,
             memory: memory.expect("checked"),

@@ -27,8 +27,11 @@ pub struct EdgeOperator {
     pub engine: Arc<Engine>,
     pub metrics: Arc<EdgeMetrics>,
     pub node: String,
-    /// Shields a purge is forwarded to, with a token they accept.
+    /// This edge's shields: purges and pushes are forwarded to them.
     pub peers: Vec<ShieldSpec>,
+    /// Sibling nodes: purges (not pushes; a sibling pulls a pushed object from the shield) are
+    /// forwarded to them.
+    pub siblings: Vec<(String, std::net::SocketAddr)>,
     pub peer_token: Option<String>,
 }
 
@@ -126,26 +129,36 @@ impl AdminBackend for EdgeOperator {
         let this = self.clone();
         async move {
             let mut receipt = this.purge_local(&req).await?;
-            // Fan out to the shields behind this edge, concurrently.
-            let forwards = this.peers.iter().filter_map(|peer| {
-                let admin = peer.admin?;
+            if req.local {
+                return Ok(receipt);
+            }
+            // Fan out to the peers (shields, sibling edges), concurrently, one hop only.
+            let forwarded = PurgeRequest {
+                local: true,
+                ..req.clone()
+            };
+            let targets = this
+                .peers
+                .iter()
+                .filter_map(|p| p.admin.map(|a| (p.name.clone(), a)))
+                .chain(this.siblings.iter().cloned());
+            let forwards = targets.map(|(name, admin)| {
                 let client = AdminClient::new(&format!("http://{admin}"), this.peer_token.clone());
-                let req = req.clone();
-                let name = peer.name.clone();
-                Some(async move {
+                let req = forwarded.clone();
+                async move {
                     let result = match client {
                         Ok(c) => c.purge(&req).await.map(|_| ()).map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
                     };
                     if let Err(e) = &result {
-                        warn!(shield = %name, error = %e, "purge not applied on shield; retry it there");
+                        warn!(node = %name, error = %e, "purge not applied on a peer; retry it there");
                     }
                     NodeResult {
                         node: name,
                         ok: result.is_ok(),
                         error: result.err(),
                     }
-                })
+                }
             });
             receipt
                 .nodes

@@ -216,6 +216,7 @@ impl EdgeServer {
                 metrics: proxy.metrics.clone(),
                 node: cfg.name.clone(),
                 peers: Vec::new(),
+                siblings: Vec::new(),
                 peer_token: None,
             },
             auth.clone(),
@@ -300,6 +301,7 @@ impl EdgeServer {
                 metrics: self.proxy.metrics.clone(),
                 node: self.cfg.name.clone(),
                 peers: self.cfg.shields.clone(),
+                siblings: self.cfg.peers.clone(),
                 peer_token: self.peer_token.clone(),
             };
             let state = Arc::new(AdminState {

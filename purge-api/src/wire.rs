@@ -21,6 +21,10 @@ pub struct PurgeRequest {
     /// Mark matching objects stale (they may still serve stale-while-revalidate and
     /// stale-if-error) instead of removing them.
     pub soft: bool,
+    /// Apply on the receiving node only. A node that forwards a purge to its peers sets it,
+    /// so a purge travels one hop and never loops.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 /// What a purge selected, for receipts and logs.

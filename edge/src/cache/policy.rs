@@ -306,6 +306,17 @@ pub fn freshness(meta: &CachedMeta, req: &request::Parts, now: SystemTime) -> Fr
             return Freshness::Unusable;
         }
     }
+    // Fast path for the common hit: a request without directives of its own (no
+    // Cache-Control, Pragma or credentials) against a response still inside the freshness
+    // lifetime computed when it was stored. Vary was already matched by the variant key. The
+    // full evaluation below builds and discards a response on every call.
+    if super::clock::unix_ms(now) < meta.fresh_until_ms
+        && !req.headers.contains_key(header::CACHE_CONTROL)
+        && !req.headers.contains_key(header::PRAGMA)
+        && !req.headers.contains_key(header::AUTHORIZATION)
+    {
+        return Freshness::Fresh;
+    }
     match meta.policy.before_request(req, now) {
         BeforeRequest::Fresh(_) => Freshness::Fresh,
         BeforeRequest::Stale { matches: true, .. } => Freshness::Stale,
@@ -355,7 +366,11 @@ pub fn age(meta: &CachedMeta, now: SystemTime) -> Duration {
 
 /// Remaining freshness, for `Cache-Status: ttl=`.
 pub fn ttl(meta: &CachedMeta, now: SystemTime) -> Duration {
-    meta.policy.time_to_live(now)
+    // Whole milliseconds on both sides, as stored.
+    Duration::from_millis(
+        meta.fresh_until_ms
+            .saturating_sub(super::clock::unix_ms(now)),
+    )
 }
 
 /// Fields a 304 never changes in a stored response: they describe the stored body (its length,

@@ -5,6 +5,15 @@
 use http::HeaderMap;
 use http::header::{self, HeaderName};
 
+// Header names used on every response, parsed once (a `&str` name is re-parsed per call).
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub const SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
+pub const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
+pub const CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
+pub const SURROGATE_CAPABILITY: HeaderName = HeaderName::from_static("surrogate-capability");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",

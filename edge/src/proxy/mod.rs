@@ -236,9 +236,10 @@ impl Proxy {
             parts.headers.insert(header::HOST, h);
         }
         parts.headers.append(header::VIA, self.id.via.clone());
-        parts
-            .headers
-            .append("surrogate-capability", self.id.surrogate_capability.clone());
+        parts.headers.append(
+            headers::SURROGATE_CAPABILITY,
+            self.id.surrogate_capability.clone(),
+        );
         append_forwarded_for(&mut parts.headers, peer);
         parts.uri = origin_form(&parts.uri);
         parts.version = http::Version::HTTP_11;
@@ -385,11 +386,14 @@ fn origin_form(uri: &Uri) -> Uri {
 
 fn append_forwarded_for(headers: &mut http::HeaderMap, peer: SocketAddr) {
     let ip = peer.ip().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let value = match headers
+        .get(headers::X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+    {
         Some(prev) => format!("{prev}, {ip}"),
         None => ip,
     };
     if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(headers::X_FORWARDED_FOR, v);
     }
 }

@@ -12,6 +12,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 
+use super::headers::{CACHE_STATUS, CACHE_TAG, SURROGATE_CONTROL, SURROGATE_KEY, X_CACHE};
 use crate::cache::meta::CachedMeta;
 use crate::cache::policy;
 use crate::cache::status::CacheStatus;
@@ -121,11 +122,11 @@ fn build(
     }
     headers.append(header::VIA, id.via.clone());
     if id.strip_surrogate_control {
-        headers.remove("surrogate-control");
+        headers.remove(SURROGATE_CONTROL);
     }
     if id.strip_tags {
-        headers.remove("surrogate-key");
-        headers.remove("cache-tag");
+        headers.remove(SURROGATE_KEY);
+        headers.remove(CACHE_TAG);
     }
     let cs = cache_status(
         cache,
@@ -136,7 +137,7 @@ fn build(
         &upstream_error,
     );
     append_cache_status(&mut headers, &cs);
-    headers.insert("x-cache", HeaderValue::from_static(cache.as_str()));
+    headers.insert(X_CACHE, HeaderValue::from_static(cache.as_str()));
 
     // The client's own validators, evaluated by the cache (RFC 9111 §4.3.2). Only when we
     // fetched or hold the whole 200: a pass-through answer already reflects them.
@@ -390,9 +391,9 @@ fn not_modified_response(headers: HeaderMap) -> Response<RespBody> {
             out.append(name.clone(), v.clone());
         }
     }
-    for name in ["cache-status", "x-cache"] {
-        for v in headers.get_all(name) {
-            out.append(name, v.clone());
+    for name in [CACHE_STATUS, X_CACHE] {
+        for v in headers.get_all(&name) {
+            out.append(name.clone(), v.clone());
         }
     }
     let mut r = Response::new(full(Bytes::new()));
@@ -463,7 +464,7 @@ fn cache_status(
 /// Cache-Status is a list: upstream caches' entries come first, ours last (RFC 9211 §2).
 fn append_cache_status(headers: &mut HeaderMap, ours: &str) {
     let existing: Vec<String> = headers
-        .get_all("cache-status")
+        .get_all(CACHE_STATUS)
         .iter()
         .filter_map(|v| v.to_str().ok().map(str::to_string))
         .collect();
@@ -473,7 +474,7 @@ fn append_cache_status(headers: &mut HeaderMap, ours: &str) {
     }
     all.push_str(ours);
     if let Ok(v) = HeaderValue::from_str(&all) {
-        headers.insert("cache-status", v);
+        headers.insert(CACHE_STATUS, v);
     }
 }
 

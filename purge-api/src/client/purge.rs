@@ -43,6 +43,7 @@ pub async fn run_purge(args: PurgeArgs) -> Result<PurgeReceipt, ClientError> {
         tags: args.tags,
         all: args.all,
         soft: args.soft,
+        local: false,
     };
     req.validate()
         .map_err(|e| ClientError::Usage(e.to_string()))?;
