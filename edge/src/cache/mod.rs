@@ -407,6 +407,35 @@ impl Engine {
         }
     }
 
+    /// The hit fast path: a fresh, valid object in the memory tier, decided without touching
+    /// anything that only a trip upstream needs. `None` means "take the full path" (it has no
+    /// side effects). Pushed paths always take the full path.
+    pub async fn fresh_memory_hit(&self, norm: &NormalizedRequest) -> Option<Served> {
+        if let Some(p) = &self.pinned
+            && p.contains(norm.key.path())
+        {
+            return None;
+        }
+        let now = self.clock.now();
+        let variant = self.variant_of(norm.key.hash(), &norm.parts.headers);
+        let obj = self.memory.get(&variant).await?;
+        let meta = obj.meta.clone();
+        if self.gens.check(&meta.key, &meta.tags, meta.purge_seq) != invalidation::Verdict::Valid
+            || policy::freshness(&meta, &norm.parts, now) != Freshness::Fresh
+        {
+            return None;
+        }
+        let body = ServedBody::Full(obj.body.clone());
+        Some(self.served_from(
+            variant,
+            &Stored::Memory(obj),
+            meta,
+            body,
+            CacheStatus::Hit,
+            now,
+        ))
+    }
+
     /// Answers a GET or HEAD from cache or upstream.
     pub async fn serve(self: &Arc<Self>, req: CacheRequest) -> Served {
         let now = self.clock.now();

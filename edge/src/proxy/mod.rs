@@ -227,6 +227,16 @@ impl Proxy {
             Ok(n) => n,
             Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
         };
+        // A fresh memory hit needs none of the upstream preparation below.
+        if (parts.method == Method::GET || parts.method == Method::HEAD)
+            && let Some(served) = self.engine.fresh_memory_hit(&norm).await
+        {
+            let served = self
+                .compression
+                .apply(&self.engine, served, &parts.method, &parts.headers)
+                .await;
+            return respond(served, &parts.method, &parts.headers, &self.id);
+        }
         // What goes upstream: origin-form target, end-to-end headers, Host kept, Via added.
         let host = norm.parts.headers.get(header::HOST).cloned();
         strip_hop_by_hop(&mut parts.headers);
