@@ -48,6 +48,15 @@
 //! | edge-memory 1KiB   |  64 720 |  476 µs | 1.01 ms |    49.3% | 20.9 µs |        39.9% |
 //! | edge-disk 1KiB     |  12 952 | 2.21 ms | 5.42 ms |    10.1% |  105 µs |         7.3% |
 //!
+//! After 6b629fd (fresh memory hits answered before any upstream preparation), same machine but
+//! busier (plain itself dropped to ~99k req/s), 1 KiB, median of 3 rounds:
+//!
+//! | case               |   req/s |     p50 |     p99 | vs plain | CPU/req | CPU vs plain |
+//! |--------------------|--------:|--------:|--------:|---------:|--------:|-------------:|
+//! | plain 1KiB         |  98 586 |  302 µs |  788 µs |          | 10.7 µs |              |
+//! | edge-memory 1KiB   |  58 890 |  550 µs | 1.14 ms |    59.7% | 23.2 µs |        42.2% |
+//! | edge-disk 1KiB     |  12 307 | 2.47 ms | 4.95 ms |    14.0% |  119 µs |         8.8% |
+//!
 //! Still short of the target. Where the remaining ~13 µs/request go (perf, frame pointers): header
 //! map clones per hit (request headers ~3x, stored headers 1x), upstream-only preparation done
 //! before the lookup (hop-by-hop strip, Via, X-Forwarded-For, Surrogate-Capability), the
