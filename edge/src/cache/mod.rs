@@ -199,6 +199,8 @@ pub struct Engine {
     pinned: Option<pinned::PinnedStore>,
     /// Hosts seen, so a purge of a bare path can reach every host's copy (bounded).
     hosts: DashMap<String, ()>,
+    /// Background reclamation state: 0 idle, 1 running, 2 running and asked to run again.
+    reclaim: AtomicU64,
     budget: std::sync::Mutex<Budget>,
     pub stats: EngineStats,
 }
@@ -277,6 +279,7 @@ impl Engine {
             cfg,
             gens,
             hosts,
+            reclaim: AtomicU64::new(0),
             stats: EngineStats::default(),
         });
         // moka has no background thread: run its housekeeping (eviction, size accounting).
@@ -1331,10 +1334,35 @@ impl Engine {
 
     /// Reclaims purged objects from the tiers in the background (a purge itself never walks
     /// the cache).
+    /// Single-flight: a purge during a running sweep asks for one more sweep instead of
+    /// starting a second walk of the disk.
     fn spawn_reclaim(self: &Arc<Self>) {
+        if self
+            .reclaim
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                Some((s + 1).min(2))
+            })
+            .unwrap_or(0)
+            != 0
+        {
+            return;
+        }
         let engine = Arc::downgrade(self);
         tokio::spawn(async move {
-            let Some(e) = engine.upgrade() else { return };
+            loop {
+                let Some(e) = engine.upgrade() else { return };
+                e.reclaim_once().await;
+                // 2 → 1: another purge came in meanwhile, sweep again; 1 → 0: done.
+                if e.reclaim.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    return;
+                }
+            }
+        });
+    }
+
+    async fn reclaim_once(self: &Arc<Self>) {
+        {
+            let e = self;
             // Memory copies are dropped when a lookup meets them, or evicted by size.
             if let Some(disk) = &e.disk {
                 let mut removed = 0u64;
@@ -1364,7 +1392,7 @@ impl Engine {
                     }
                 }
             }
-        });
+        }
     }
 
     /// Removes every stored variant of a key from both tiers (RFC 9111 §4.4 invalidation,
