@@ -538,66 +538,65 @@ impl Engine {
     ) -> Joined {
         use dashmap::mapref::entry::Entry;
         let current = self.gens.current();
-        let mut entry = self.fills.entry(variant);
-        if let Entry::Occupied(e) = &entry {
-            let fill = e.get();
-            // Join a running fetch; or a finished one that is about to make its stored copy
-            // visible, when this request found no copy at all. Never one that started before
-            // a purge, and never a finished one when this request holds a stale copy (its
-            // answer is what made the copy stale).
-            let joinable = fill.purge_seq == current
-                && !fill.is_cancelled()
-                && (!fill.completed() || (stale.is_none() && fill.stores()));
-            if joinable {
-                self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
-                let fill = fill.clone();
-                let reader = fill.reader();
-                return Joined {
-                    fill,
-                    leader: false,
-                    reader,
-                };
+        let vacant = loop {
+            match self.fills.entry(variant) {
+                Entry::Occupied(e) => {
+                    let fill = e.get();
+                    // Join a running fetch; or a finished one that is about to make its stored
+                    // copy visible, when this request found no copy at all. Never one that
+                    // started before a purge, and never a finished one when this request holds
+                    // a stale copy (its answer is what made the copy stale).
+                    let joinable = fill.purge_seq == current
+                        && !fill.is_cancelled()
+                        && (!fill.completed() || (stale.is_none() && fill.stores()));
+                    if joinable {
+                        self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                        let fill = fill.clone();
+                        let reader = fill.reader();
+                        return Joined {
+                            fill,
+                            leader: false,
+                            reader,
+                        };
+                    }
+                    // Replace it: removed under the shard lock, then look again (another
+                    // request may have started a current fill meanwhile; that one is joinable).
+                    e.remove();
+                }
+                Entry::Vacant(v) => break v,
             }
-            drop(entry);
-            self.fills.remove(&variant);
-            entry = self.fills.entry(variant);
+        };
+        let fill = Fill::started_at(variant, current);
+        let reader = fill.reader();
+        vacant.insert(fill.clone());
+        self.stats.fills.fetch_add(1, Ordering::Relaxed);
+        if self.hosts.len() < MAX_TRACKED_HOSTS
+            && let Some(host) = req.norm.key.as_str().split('/').next()
+            && !self.hosts.contains_key(host)
+        {
+            self.hosts.insert(host.to_string(), ());
         }
-        match entry {
-            Entry::Occupied(_) => unreachable!("the stale fill was just removed"),
-            Entry::Vacant(v) => {
-                let fill = Fill::started_at(variant, current);
-                let reader = fill.reader();
-                v.insert(fill.clone());
-                self.stats.fills.fetch_add(1, Ordering::Relaxed);
-                if self.hosts.len() < MAX_TRACKED_HOSTS
-                    && let Some(host) = req.norm.key.as_str().split('/').next()
-                    && !self.hosts.contains_key(host)
-                {
-                    self.hosts.insert(host.to_string(), ());
-                }
-                let job = FillJob {
-                    admit: policy::AdmitOptions {
-                        surrogate: self.cfg.surrogate_name.clone(),
-                        default_ttl: req.default_ttl,
-                    },
-                    purge_seq: current,
-                    norm: clone_parts(&req.norm.parts),
-                    key_text: req.norm.key.as_str().to_string(),
-                    primary,
-                    upstream: clone_parts(&req.upstream),
-                    stale_meta: stale.map(|s| s.meta().clone()),
-                    stale_body: match stale {
-                        Some(Stored::Memory(m)) => Some(m.body.clone()),
-                        _ => None,
-                    },
-                };
-                tokio::spawn(Arc::clone(self).run_fill(fill.clone(), job));
-                Joined {
-                    fill,
-                    leader: true,
-                    reader,
-                }
-            }
+        let job = FillJob {
+            admit: policy::AdmitOptions {
+                surrogate: self.cfg.surrogate_name.clone(),
+                default_ttl: req.default_ttl,
+            },
+            purge_seq: current,
+            norm: clone_parts(&req.norm.parts),
+            key_text: req.norm.key.as_str().to_string(),
+            primary,
+            upstream: clone_parts(&req.upstream),
+            stale_meta: stale.map(|s| s.meta().clone()),
+            stale_body: match stale {
+                Some(Stored::Memory(m)) => Some(m.body.clone()),
+                _ => None,
+            },
+        };
+        tokio::spawn(Arc::clone(self).run_fill(fill.clone(), job));
+        Joined {
+            fill,
+            leader: true,
+            reader,
         }
     }
 
