@@ -202,7 +202,7 @@ pub struct Engine {
     /// Background reclamation state: 0 idle, 1 running, 2 running and asked to run again.
     reclaim: AtomicU64,
     budget: std::sync::Mutex<Budget>,
-    pub stats: EngineStats,
+    pub stats: Arc<EngineStats>,
 }
 
 /// Token bucket for background revalidations.
@@ -280,7 +280,7 @@ impl Engine {
             gens,
             hosts,
             reclaim: AtomicU64::new(0),
-            stats: EngineStats::default(),
+            stats: Arc::new(EngineStats::default()),
         });
         // moka has no background thread: run its housekeeping (eviction, size accounting).
         let weak = Arc::downgrade(&engine);
@@ -1135,14 +1135,13 @@ impl Engine {
         size: Option<u64>,
     ) -> mpsc::Sender<DiskMsg> {
         let (tx, mut rx) = mpsc::channel::<DiskMsg>(256);
-        let errors = Arc::new(AtomicU64::new(0));
-        let stats_errors = errors.clone();
+        let stats = self.stats.clone();
         tokio::spawn(async move {
             let mut writer = match disk.begin_write(key, size).await {
                 Ok(w) => w,
                 Err(e) => {
                     warn!(error = %e, "disk tier write failed to start; serving without disk (check cache_dir space and permissions)");
-                    stats_errors.fetch_add(1, Ordering::Relaxed);
+                    stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             };
@@ -1151,12 +1150,14 @@ impl Engine {
                     DiskMsg::Data(d) => {
                         if let Err(e) = writer.write(&d).await {
                             warn!(error = %e, "disk tier write failed; object not stored on disk (check cache_dir space)");
+                            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
                             return;
                         }
                     }
                     DiskMsg::Commit(meta, done) => {
                         if let Err(e) = writer.commit(&meta).await {
                             warn!(error = %e, "disk tier commit failed; object not stored on disk");
+                            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
                         }
                         let _ = done.send(());
                         return;
@@ -1165,7 +1166,6 @@ impl Engine {
             }
             // Sender dropped without Commit: the write is abandoned and never visible.
         });
-        let _ = errors;
         tx
     }
 

@@ -467,6 +467,21 @@ impl Collector for Collector_ {
                 "Requests that joined another request's upstream fetch instead of making their own.",
                 &[(&[], engine.stats.coalesced.load(Ordering::Relaxed))],
             )?;
+            counter(
+                &mut enc,
+                "outpost_disk_write_errors",
+                "Disk tier writes that failed (the object was served, not stored on disk).",
+                &[(&[], engine.stats.disk_write_errors.load(Ordering::Relaxed))],
+            )?;
+            counter(
+                &mut enc,
+                "outpost_disk_writes_abandoned",
+                "Disk tier writes given up because the disk was slower than the client.",
+                &[(
+                    &[],
+                    engine.stats.disk_writes_abandoned.load(Ordering::Relaxed),
+                )],
+            )?;
             let usage = engine.usage();
             let objs: Vec<([(&str, &str); 1], f64)> = usage
                 .iter()
