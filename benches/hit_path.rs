@@ -66,6 +66,9 @@
 
 mod support;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -13,8 +13,19 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Uri, request};
 
 /// Fixed-size stable hash of a cache key (or of a key plus its Vary values).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyHash(pub [u8; 32]);
+
+/// Maps keyed by `KeyHash` (the tiers' indexes, Vary, coalescing) hash only its first eight
+/// bytes: they are already uniformly distributed (blake3), and the maps' own keyed hasher
+/// still mixes them, so hashing all 32 would only cost time on every lookup.
+impl std::hash::Hash for KeyHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
 
 impl KeyHash {
     pub fn of(text: &str) -> Self {
@@ -217,23 +228,12 @@ impl NormalizedRequest {
         headers: &HeaderMap,
         opts: &KeyOptions,
     ) -> Result<Self, KeyError> {
-        let host = effective_host(uri, headers)?;
-        let path = uri.path();
-        if !path.starts_with('/') {
-            return Err(KeyError::BadPath);
-        }
-        let query = uri
-            .query()
-            .map(|q| normalize_query(q, &opts.ignore_query_params));
-        let mut text = String::with_capacity(host.len() + path.len() + 16);
-        text.push_str(&host);
-        text.push_str(path);
-        if let Some(q) = query.as_deref().filter(|q| !q.is_empty()) {
-            text.push('?');
-            text.push_str(q);
-        }
-        let abs = format!("http://{text}");
-        let abs_uri: Uri = abs.parse().map_err(|_| KeyError::BadPath)?;
+        let text = key_text(uri, headers, opts)?;
+        let host = &text[..text.find('/').unwrap_or(text.len())];
+        let abs_uri: Uri = format!("http://{text}")
+            .parse()
+            .map_err(|_| KeyError::BadPath)?;
+        let host_value = HeaderValue::from_str(host).map_err(|_| KeyError::BadHost)?;
         let cache_method = if method == Method::HEAD {
             Method::GET
         } else {
@@ -242,10 +242,7 @@ impl NormalizedRequest {
         let mut builder = http::Request::builder().method(cache_method).uri(abs_uri);
         if let Some(h) = builder.headers_mut() {
             *h = headers.clone();
-            h.insert(
-                header::HOST,
-                HeaderValue::from_str(&host).map_err(|_| KeyError::BadHost)?,
-            );
+            h.insert(header::HOST, host_value);
             // One spelling per coding bucket, so Vary: Accept-Encoding matches across browsers.
             if h.contains_key(header::ACCEPT_ENCODING) {
                 let bucket = Coding::negotiate(h).as_str();
@@ -263,57 +260,79 @@ impl NormalizedRequest {
     }
 }
 
-/// Host from the URI authority (HTTP/2, absolute-form) or the Host header, lower-cased, with a
-/// trailing dot and the default port removed.
-fn effective_host(uri: &Uri, headers: &HeaderMap) -> Result<String, KeyError> {
+/// The key text of a request: `host/path?query`, the host from the URI authority (HTTP/2,
+/// absolute-form) or the Host header, lower-cased, with a trailing dot and the default port
+/// removed; query parameters sorted, ignored ones dropped. [`KeyHash::of`] this text is the
+/// primary key. Both the hit fast path and [`NormalizedRequest`] build keys here.
+pub fn key_text(uri: &Uri, headers: &HeaderMap, opts: &KeyOptions) -> Result<String, KeyError> {
     let raw = match uri.authority() {
-        Some(a) => a.as_str().to_string(),
+        Some(a) => a.as_str(),
         None => headers
             .get(header::HOST)
             .ok_or(KeyError::MissingHost)?
             .to_str()
-            .map_err(|_| KeyError::BadHost)?
-            .to_string(),
+            .map_err(|_| KeyError::BadHost)?,
     };
-    let raw = raw.rsplit('@').next().unwrap_or("").trim();
-    if raw.is_empty() {
-        return Err(KeyError::MissingHost);
-    }
-    let mut host = raw.to_ascii_lowercase();
+    let mut host = raw.rsplit('@').next().unwrap_or("").trim();
     if let Some(stripped) = host.strip_suffix(":80") {
-        host = stripped.to_string();
+        host = stripped;
     }
     if let Some(stripped) = host.strip_suffix('.') {
-        host = stripped.to_string();
+        host = stripped;
+    }
+    if host.is_empty() {
+        return Err(KeyError::MissingHost);
     }
     if host.bytes().any(|b| {
         !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_'))
     }) {
         return Err(KeyError::BadHost);
     }
-    Ok(host)
+    let path = uri.path();
+    if !path.starts_with('/') {
+        return Err(KeyError::BadPath);
+    }
+    let query = uri.query().filter(|q| !q.is_empty());
+    let mut text =
+        String::with_capacity(host.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    text.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+    text.push_str(path);
+    if let Some(q) = query {
+        let start = text.len();
+        text.push('?');
+        push_normalized_query(&mut text, q, &opts.ignore_query_params);
+        if text.len() == start + 1 {
+            text.truncate(start);
+        }
+    }
+    Ok(text)
 }
 
-/// Sorts query parameters (stable for equal names) and drops ignored ones.
-fn normalize_query(q: &str, ignore: &[String]) -> String {
-    let mut params: Vec<&str> = q
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .filter(|p| {
-            let name = p.split('=').next().unwrap_or("");
-            !ignore.iter().any(|i| match i.strip_suffix('*') {
+/// Appends the query's parameters sorted by name (stable for equal names), without the ignored
+/// ones.
+fn push_normalized_query(out: &mut String, q: &str, ignore: &[String]) {
+    fn name_of(p: &str) -> &str {
+        p.split('=').next().unwrap_or("")
+    }
+    let kept = |p: &&str| {
+        let name = name_of(p);
+        !p.is_empty()
+            && !ignore.iter().any(|i| match i.strip_suffix('*') {
                 // `utm_*` ignores every parameter starting with `utm_`.
                 Some(prefix) => name.starts_with(prefix),
                 None => i == name,
             })
-        })
-        .collect();
-    params.sort_by(|a, b| {
-        let na = a.split('=').next().unwrap_or("");
-        let nb = b.split('=').next().unwrap_or("");
-        na.cmp(nb)
-    });
-    params.join("&")
+    };
+    let mut params: Vec<&str> = q.split('&').filter(kept).collect();
+    if params.len() > 1 {
+        params.sort_by(|a, b| name_of(a).cmp(name_of(b)));
+    }
+    for (i, p) in params.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(p);
+    }
 }
 
 #[cfg(test)]

@@ -1,17 +1,39 @@
-//! Memory tier: moka, weighed in bytes. A hit clones an `Arc` and a `Bytes` (two refcount
-//! bumps), never the body. moka shards internally, so a hit takes no global lock.
+//! Memory tier: moka, weighed in bytes. A hit clones an `Arc` (one refcount bump), never the
+//! body. moka shards internally, so a hit takes no global lock.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use moka::future::Cache;
 
+use super::hit::PreparedHead;
 use super::key::KeyHash;
 use super::meta::MemObject;
 
+/// One object of the memory tier, with the response head the hit fast path prepared for it.
+/// The head lives and dies with this entry: a replaced object (a new fill, a 304 update) is a
+/// new entry with an empty slot, so a head never outlives the metadata it was built from.
+pub struct MemEntry {
+    pub obj: MemObject,
+    head: OnceLock<PreparedHead>,
+}
+
+impl MemEntry {
+    /// The prepared head, if a hit has built it.
+    pub fn head(&self) -> Option<&PreparedHead> {
+        self.head.get()
+    }
+
+    /// Keeps `head` unless another hit got there first; returns the one kept.
+    pub fn set_head(&self, head: PreparedHead) -> &PreparedHead {
+        let _ = self.head.set(head);
+        self.head.get().unwrap_or_else(|| unreachable!("set above"))
+    }
+}
+
 #[derive(Clone)]
 pub struct MemoryTier {
-    cache: Cache<KeyHash, MemObject>,
+    cache: Cache<KeyHash, Arc<MemEntry>>,
     capacity: u64,
     evictions: Arc<AtomicU64>,
 }
@@ -23,7 +45,7 @@ impl MemoryTier {
         let cache = Cache::builder()
             .name("outpost-memory")
             .max_capacity(capacity)
-            .weigher(|_k: &KeyHash, v: &MemObject| v.weight())
+            .weigher(|_k: &KeyHash, v: &Arc<MemEntry>| v.obj.weight())
             .eviction_listener(move |_k, _v, cause| {
                 if cause == moka::notification::RemovalCause::Size {
                     counted.fetch_add(1, Ordering::Relaxed);
@@ -53,12 +75,21 @@ impl MemoryTier {
     }
 
     pub async fn get(&self, key: &KeyHash) -> Option<MemObject> {
+        self.cache.get(key).await.map(|e| e.obj.clone())
+    }
+
+    /// The entry itself, for the hit fast path (one refcount bump).
+    pub async fn entry(&self, key: &KeyHash) -> Option<Arc<MemEntry>> {
         self.cache.get(key).await
     }
 
     pub async fn insert(&self, key: KeyHash, obj: MemObject) {
         if self.fits(obj.body.len() as u64) {
-            self.cache.insert(key, obj).await;
+            let entry = MemEntry {
+                obj,
+                head: OnceLock::new(),
+            };
+            self.cache.insert(key, Arc::new(entry)).await;
         }
     }
 

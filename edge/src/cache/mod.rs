@@ -14,6 +14,7 @@ pub mod cache_control;
 pub mod clock;
 pub mod disk;
 pub mod fill;
+pub mod hit;
 pub mod invalidation;
 pub mod key;
 pub mod memory;
@@ -1239,9 +1240,7 @@ impl Engine {
         let key = encoded_key(base, coding);
         let stored = self.lookup(&key).await?;
         let meta = stored.meta().clone();
-        if meta.stored_at_ms != base_meta.stored_at_ms
-            || meta.body_len == 0 && base_meta.body_len != 0
-        {
+        if !hit::encoded_matches(&meta, base_meta) {
             return None;
         }
         let body = self.body_of(key, &stored).await?;

@@ -47,6 +47,14 @@ impl AtomicHistogram {
 }
 
 impl HistogramSnapshot {
+    /// Adds another snapshot's counts (shards of one histogram).
+    pub fn add(&mut self, other: &HistogramSnapshot) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts) {
+            *a += b;
+        }
+        self.sum_nanos += other.sum_nanos;
+    }
+
     pub fn count(&self) -> u64 {
         self.counts.iter().sum()
     }

@@ -47,12 +47,34 @@ pub fn tier_index(t: Tier) -> usize {
     }
 }
 
+/// The counters every request touches. Each worker thread adds to its own shard (its own
+/// cache lines), so answering requests on many cores never contends on one counter; a scrape
+/// sums the shards.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct RequestShard {
+    requests: [[AtomicU64; 3]; 6],
+    response_bytes: [AtomicU64; 6],
+    durations: [AtomicHistogram; 6],
+}
+
+/// Shards per node: enough that worker threads rarely share one.
+const SHARDS: usize = 16;
+
+/// This thread's shard index: threads are numbered as they first record something.
+fn shard_index() -> usize {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    INDEX.with(|i| *i)
+}
+
 /// Every counter of one edge node.
 #[derive(Debug)]
 pub struct EdgeMetrics {
-    pub requests: [[AtomicU64; 3]; 6],
-    pub response_bytes: [AtomicU64; 6],
-    pub durations: [AtomicHistogram; 6],
+    shards: Box<[RequestShard]>,
     pub origin_duration: AtomicHistogram,
     /// Origin responses by status code (index = code, 0..=599).
     pub origin_status: Vec<AtomicU64>,
@@ -71,9 +93,7 @@ const TOP_CAPACITY: usize = 512;
 impl EdgeMetrics {
     pub fn new(node: &str) -> Arc<Self> {
         Arc::new(Self {
-            requests: Default::default(),
-            response_bytes: Default::default(),
-            durations: Default::default(),
+            shards: (0..SHARDS).map(|_| RequestShard::default()).collect(),
             origin_duration: AtomicHistogram::default(),
             origin_status: (0..600).map(|_| AtomicU64::new(0)).collect(),
             origin_errors: Default::default(),
@@ -109,16 +129,43 @@ impl EdgeMetrics {
         elapsed: Duration,
     ) {
         let c = cache_index(cache);
-        self.requests[c][tier_index(tier)].fetch_add(1, Ordering::Relaxed);
+        let shard = self.shard();
+        shard.requests[c][tier_index(tier)].fetch_add(1, Ordering::Relaxed);
         if let Some(b) = bytes {
-            self.response_bytes[c].fetch_add(b, Ordering::Relaxed);
+            shard.response_bytes[c].fetch_add(b, Ordering::Relaxed);
         }
-        self.durations[c].observe(elapsed);
+        shard.durations[c].observe(elapsed);
+    }
+
+    fn shard(&self) -> &RequestShard {
+        &self.shards[shard_index()]
     }
 
     /// Adds body bytes counted while streaming (length unknown up front).
     pub fn add_bytes(&self, cache: CacheStatus, bytes: u64) {
-        self.response_bytes[cache_index(cache)].fetch_add(bytes, Ordering::Relaxed);
+        self.shard().response_bytes[cache_index(cache)].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Requests answered, by cache result and tier.
+    pub fn requests(&self) -> [[u64; 3]; 6] {
+        let mut out = [[0u64; 3]; 6];
+        for shard in &self.shards {
+            for (c, row) in shard.requests.iter().enumerate() {
+                for (t, v) in row.iter().enumerate() {
+                    out[c][t] += v.load(Ordering::Relaxed);
+                }
+            }
+        }
+        out
+    }
+
+    /// Time to the response head of requests with cache result `c` (see [`cache_index`]).
+    pub fn durations(&self, c: usize) -> HistogramSnapshot {
+        let mut out = HistogramSnapshot::default();
+        for shard in &self.shards {
+            out.add(&shard.durations[c].snapshot());
+        }
+        out
     }
 
     pub fn record_origin(&self, status: Option<u16>, error_kind: Option<&str>, elapsed: Duration) {
@@ -173,17 +220,15 @@ impl EdgeMetrics {
 
     /// Requests per cache result, summed over tiers.
     pub fn totals(&self) -> [u64; 6] {
-        let mut t = [0u64; 6];
-        for (i, row) in self.requests.iter().enumerate() {
-            t[i] = row.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-        }
-        t
+        self.requests().map(|row| row.iter().sum())
     }
 
     pub fn bytes(&self) -> [u64; 6] {
         let mut b = [0u64; 6];
-        for (i, c) in self.response_bytes.iter().enumerate() {
-            b[i] = c.load(Ordering::Relaxed);
+        for shard in &self.shards {
+            for (i, c) in shard.response_bytes.iter().enumerate() {
+                b[i] += c.load(Ordering::Relaxed);
+            }
         }
         b
     }
@@ -296,12 +341,9 @@ impl Collector for Collector_ {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = &self.0;
         let mut req = Vec::new();
-        for (c, row) in m.requests.iter().enumerate() {
+        for (c, row) in m.requests().iter().enumerate() {
             for (t, v) in row.iter().enumerate() {
-                req.push((
-                    [("cache", CACHE_LABELS[c]), ("tier", TIER_LABELS[t])],
-                    v.load(Ordering::Relaxed),
-                ));
+                req.push(([("cache", CACHE_LABELS[c]), ("tier", TIER_LABELS[t])], *v));
             }
         }
         let req_ref: Vec<(&[(&str, &str)], u64)> = req.iter().map(|(l, v)| (&l[..], *v)).collect();
@@ -337,14 +379,13 @@ impl Collector for Collector_ {
             &[(&[], hit_ratio(&bytes).unwrap_or(f64::NAN))],
         )?;
 
-        let durs: Vec<(Vec<(String, String)>, HistogramSnapshot)> = m
-            .durations
+        let durs: Vec<(Vec<(String, String)>, HistogramSnapshot)> = CACHE_LABELS
             .iter()
             .enumerate()
-            .map(|(i, h)| {
+            .map(|(i, label)| {
                 (
-                    vec![("cache".to_string(), CACHE_LABELS[i].to_string())],
-                    h.snapshot(),
+                    vec![("cache".to_string(), label.to_string())],
+                    m.durations(i),
                 )
             })
             .collect();

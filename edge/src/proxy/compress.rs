@@ -61,6 +61,7 @@ use http::{Method, StatusCode};
 use tokio_util::io::{ReaderStream, StreamReader};
 use tracing::debug;
 
+use crate::cache::hit::Codings;
 use crate::cache::key::{Coding, KeyHash};
 use crate::cache::meta::CachedMeta;
 use crate::cache::status::CacheStatus;
@@ -602,6 +603,30 @@ impl Compressor {
         self.cfg.types.iter().any(|p| p.matches(top, sub))
     }
 
+    /// How the answer to a request depends on its `Accept-Encoding`: not at all, by compressing
+    /// an identity body (or serving a stored encoded variant), or by decoding a body the
+    /// origin encoded.
+    pub fn codings(&self, served: &Served) -> Codings {
+        if !self.cfg.enabled
+            || served.status != StatusCode::OK
+            || served.headers.contains_key(header::CONTENT_RANGE)
+        {
+            return Codings::Ignored;
+        }
+        match encoded(&served.headers) {
+            Encoded::No if self.compressible(&served.headers, served.body.len()) => {
+                Codings::Negotiated
+            }
+            Encoded::No | Encoded::Other => Codings::Ignored,
+            Encoded::Known(_) => Codings::FullPath,
+        }
+    }
+
+    /// Counts an encoded variant served by the hit fast path.
+    pub fn count_variant_hit(&self) {
+        CompressionStats::add(&self.cfg.stats.variant_hits, 1);
+    }
+
     /// Turns the engine's answer into the one this client gets: encoded, decoded or as is.
     pub async fn apply(
         &self,
@@ -610,21 +635,15 @@ impl Compressor {
         method: &Method,
         req: &HeaderMap,
     ) -> Served {
-        if !self.cfg.enabled
-            || served.status != StatusCode::OK
-            || served.headers.contains_key(header::CONTENT_RANGE)
-        {
-            return served;
-        }
-        match encoded(&served.headers) {
-            Encoded::No => {}
-            Encoded::Known(coding) => {
-                return self.origin_encoded(served, coding, method, req).await;
+        match self.codings(&served) {
+            Codings::Ignored => return served,
+            Codings::FullPath => {
+                if let Encoded::Known(coding) = encoded(&served.headers) {
+                    return self.origin_encoded(served, coding, method, req).await;
+                }
+                return served;
             }
-            Encoded::Other => return served,
-        }
-        if !self.compressible(&served.headers, served.body.len()) {
-            return served;
+            Codings::Negotiated => {}
         }
         // From here on the response depends on Accept-Encoding: every path below carries
         // `Vary: Accept-Encoding` (a stored variant's headers already do).

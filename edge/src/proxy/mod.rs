@@ -12,6 +12,7 @@
 
 pub mod compress;
 pub mod headers;
+mod hit;
 pub mod respond;
 pub mod shield;
 pub mod upstream;
@@ -116,33 +117,39 @@ impl Proxy {
                 .unwrap_or_default();
             (req.method().clone(), host, path)
         });
-        let uri = req.uri().clone();
-        let is_head = req.method() == Method::HEAD;
-        let resp = self.route(req, peer).await;
-        let outcome = resp
-            .extensions()
-            .get::<Outcome>()
-            .copied()
-            .unwrap_or(Outcome {
-                cache: CacheStatus::Error,
-                tier: crate::cache::status::Tier::None,
-                upstream: None,
-            });
-        let elapsed = started.elapsed();
-        // Body bytes actually sent: none for HEAD, whatever its Content-Length says.
-        let len = if is_head {
-            Some(0)
-        } else {
-            resp.headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
+        let (resp, outcome, len, missed) = match self.fast_hit(&req).await {
+            Some(hit) => (hit.response, hit.outcome, Some(hit.sent), None),
+            None => {
+                let missed = req.uri().path_and_query().cloned();
+                let is_head = req.method() == Method::HEAD;
+                let resp = self.route(req, peer).await;
+                let outcome = resp
+                    .extensions()
+                    .get::<Outcome>()
+                    .copied()
+                    .unwrap_or(Outcome {
+                        cache: CacheStatus::Error,
+                        tier: crate::cache::status::Tier::None,
+                        upstream: None,
+                    });
+                // Body bytes actually sent: none for HEAD, whatever its Content-Length says.
+                let len = if is_head {
+                    Some(0)
+                } else {
+                    resp.headers()
+                        .get(header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                };
+                (resp, outcome, len, missed)
+            }
         };
+        let elapsed = started.elapsed();
         self.metrics
             .record_request(outcome.cache, outcome.tier, len, elapsed);
         if outcome.cache == CacheStatus::Miss {
             self.metrics
-                .record_miss(uri.path_and_query().map_or("/", |p| p.as_str()));
+                .record_miss(missed.as_ref().map_or("/", |p| p.as_str()));
         }
         if let Some((method, host, path)) = request_line {
             debug!(

@@ -88,7 +88,9 @@ pub fn respond(
     resp
 }
 
-fn build(
+/// The response without the [`Outcome`] extension. A response without `Date` gets one from
+/// hyper on the way out (RFC 9110 §6.6.1), from a clock it reads once a second.
+pub(super) fn build(
     served: Served,
     method: &Method,
     req_headers: &HeaderMap,
@@ -114,11 +116,6 @@ fn build(
     {
         let age = policy::age(m, now).as_secs();
         headers.insert(header::AGE, HeaderValue::from(age));
-    }
-    if !headers.contains_key(header::DATE)
-        && let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(SystemTime::now()))
-    {
-        headers.insert(header::DATE, v);
     }
     headers.append(header::VIA, id.via.clone());
     if id.strip_surrogate_control {
@@ -419,6 +416,13 @@ fn cache_status(
             -(m.staleness(now).as_secs() as i64)
         }
     });
+    if cache == CacheStatus::Hit
+        && let Some(t) = ttl.and_then(|t| u64::try_from(t).ok())
+    {
+        let mut s = String::new();
+        push_hit_status(&mut s, name, t);
+        return s;
+    }
     let mut s = String::from(name);
     match cache {
         CacheStatus::Hit => s.push_str("; hit"),
@@ -463,19 +467,31 @@ fn cache_status(
 
 /// Cache-Status is a list: upstream caches' entries come first, ours last (RFC 9211 §2).
 fn append_cache_status(headers: &mut HeaderMap, ours: &str) {
-    let existing: Vec<String> = headers
-        .get_all(CACHE_STATUS)
-        .iter()
-        .filter_map(|v| v.to_str().ok().map(str::to_string))
-        .collect();
-    let mut all = existing.join(", ");
-    if !all.is_empty() {
-        all.push_str(", ");
-    }
+    let mut all = upstream_cache_status(headers);
     all.push_str(ours);
     if let Ok(v) = HeaderValue::from_str(&all) {
         headers.insert(CACHE_STATUS, v);
     }
+}
+
+/// The upstream caches' `Cache-Status` entries followed by ", ", or an empty string.
+pub(super) fn upstream_cache_status(headers: &HeaderMap) -> String {
+    let mut all = String::new();
+    for v in headers.get_all(CACHE_STATUS) {
+        if let Ok(v) = v.to_str() {
+            all.push_str(v);
+            all.push_str(", ");
+        }
+    }
+    all
+}
+
+/// Our `Cache-Status` entry for a fresh hit: `name; hit; ttl=N`.
+pub(super) fn push_hit_status(out: &mut String, name: &str, ttl: u64) {
+    use std::fmt::Write;
+    out.push_str(name);
+    out.push_str("; hit; ttl=");
+    let _ = write!(out, "{ttl}");
 }
 
 #[cfg(test)]
