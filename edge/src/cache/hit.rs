@@ -11,12 +11,13 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
 
+use super::Engine;
 use super::clock::unix_ms;
+use super::encoded::{encoded_key, encoded_matches};
 use super::invalidation::Verdict;
 use super::key::{Coding, KeyHash};
 use super::memory::MemEntry;
 use super::meta::CachedMeta;
-use super::{Engine, encoded_key};
 
 /// How a prepared response depends on the request's `Accept-Encoding`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,9 +104,4 @@ impl Engine {
             .await?;
         encoded_matches(&entry.obj.meta, base.meta()).then_some(entry)
     }
-}
-
-/// Is `variant` an encoded variant stored from this version of `base` (same store time)?
-pub(super) fn encoded_matches(variant: &CachedMeta, base: &CachedMeta) -> bool {
-    variant.stored_at_ms == base.stored_at_ms && (variant.body_len != 0 || base.body_len == 0)
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -58,4 +59,10 @@ pub trait Upstream: Send + Sync + 'static {
         &self,
         req: Request<UpstreamBody>,
     ) -> BoxFuture<'static, Result<Response<UpstreamBody>, UpstreamError>>;
+}
+
+pub fn empty_body() -> UpstreamBody {
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }

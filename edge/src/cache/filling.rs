@@ -1,0 +1,636 @@
+//! The fill: one upstream fetch per key at a time (joined by concurrent requests), its decision
+//! (store, pass, revalidated), streaming to its readers, and storing the body in both tiers.
+//! [`super::fill`] holds the coalescing primitive; this is the engine's task around it.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, request};
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::disk::DiskTier;
+use super::fill::{self, Fill, FillHead, FillResult};
+use super::key::KeyHash;
+use super::meta::{CachedMeta, MemObject};
+use super::policy::{self, Admission, Freshness};
+use super::status::{CacheStatus, PassReason, Tier};
+use super::upstream::{self, UpstreamBody, UpstreamError, empty_body};
+use super::{
+    CacheRequest, Engine, MAX_TRACKED_HOSTS, Served, ServedBody, Stored, VaryEntry, error_served,
+    pinned,
+};
+use crate::proxy::headers::strip_hop_by_hop;
+
+/// Request headers that would turn our fetch into a conditional or partial one. The cache
+/// fetches whole objects and evaluates the client's conditions itself (RFC 9111 §4.3.2).
+const CLIENT_CONDITIONALS: [HeaderName; 6] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+    header::RANGE,
+];
+
+/// A request's place in a fill: whether it started it, and its reader.
+pub(super) struct Joined {
+    fill: Arc<Fill>,
+    leader: bool,
+    reader: Option<fill::FillReader>,
+}
+
+enum DiskMsg {
+    Data(Bytes),
+    /// Commit with this metadata, then signal.
+    Commit(Arc<CachedMeta>, tokio::sync::oneshot::Sender<()>),
+}
+
+struct FillJob {
+    admit: policy::AdmitOptions,
+    /// Purge sequence when the fetch started: a purge that lands while it runs covers it.
+    purge_seq: u64,
+    norm: request::Parts,
+    key_text: String,
+    primary: KeyHash,
+    upstream: request::Parts,
+    stale_meta: Option<Arc<CachedMeta>>,
+    stale_body: Option<Bytes>,
+}
+
+fn clone_parts(p: &request::Parts) -> request::Parts {
+    let mut out = Request::builder()
+        .method(p.method.clone())
+        .uri(p.uri.clone())
+        .version(p.version)
+        .body(())
+        .expect("cloned from a valid request")
+        .into_parts()
+        .0;
+    out.headers = p.headers.clone();
+    out
+}
+
+impl Engine {
+    /// Joins the running fill for this key, or starts one (the caller is then its leader).
+    /// The reader is registered before the fill can stream, so no chunk is dropped before the
+    /// caller reads it; `None` means the fill already dropped its first bytes.
+    pub(super) fn fill_or_join(
+        self: &Arc<Self>,
+        req: &CacheRequest,
+        primary: KeyHash,
+        variant: KeyHash,
+        stale: Option<&Stored>,
+    ) -> Joined {
+        use dashmap::mapref::entry::Entry;
+        let current = self.gens.current();
+        let vacant = loop {
+            match self.fills.entry(variant) {
+                Entry::Occupied(e) => {
+                    let fill = e.get();
+                    // Join a running fetch; or a finished one that is about to make its stored
+                    // copy visible, when this request found no copy at all. Never one that
+                    // started before a purge, and never a finished one when this request holds
+                    // a stale copy (its answer is what made the copy stale).
+                    let joinable = fill.purge_seq == current
+                        && !fill.is_cancelled()
+                        && (!fill.completed() || (stale.is_none() && fill.stores()));
+                    if joinable {
+                        self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                        let fill = fill.clone();
+                        let reader = fill.reader();
+                        return Joined {
+                            fill,
+                            leader: false,
+                            reader,
+                        };
+                    }
+                    // Replace it: removed under the shard lock, then look again (another
+                    // request may have started a current fill meanwhile; that one is joinable).
+                    e.remove();
+                }
+                Entry::Vacant(v) => break v,
+            }
+        };
+        let fill = Fill::started_at(variant, current);
+        let reader = fill.reader();
+        vacant.insert(fill.clone());
+        self.stats.fills.fetch_add(1, Ordering::Relaxed);
+        if self.hosts.len() < MAX_TRACKED_HOSTS
+            && let Some(host) = req.norm.key.as_str().split('/').next()
+            && !self.hosts.contains_key(host)
+        {
+            self.hosts.insert(host.to_string(), ());
+        }
+        let job = FillJob {
+            admit: policy::AdmitOptions {
+                surrogate: self.cfg.surrogate_name.clone(),
+                default_ttl: req.default_ttl,
+            },
+            purge_seq: current,
+            norm: clone_parts(&req.norm.parts),
+            key_text: req.norm.key.as_str().to_string(),
+            primary,
+            upstream: clone_parts(&req.upstream),
+            stale_meta: stale.map(|s| s.meta().clone()),
+            stale_body: match stale {
+                Some(Stored::Memory(m)) => Some(m.body.clone()),
+                _ => None,
+            },
+        };
+        tokio::spawn(Arc::clone(self).run_fill(fill.clone(), job));
+        Joined {
+            fill,
+            leader: true,
+            reader,
+        }
+    }
+
+    pub(super) async fn await_fill(
+        self: &Arc<Self>,
+        req: CacheRequest,
+        joined: Joined,
+        primary: KeyHash,
+        stale: Option<Stored>,
+        now: SystemTime,
+    ) -> Served {
+        let fill = joined.fill.clone();
+        let mut served = self
+            .await_fill_inner(req, joined, primary, stale, now)
+            .await;
+        if served.upstream_time.is_none() {
+            served.upstream_time = fill.upstream_time();
+        }
+        served
+    }
+
+    async fn await_fill_inner(
+        self: &Arc<Self>,
+        req: CacheRequest,
+        joined: Joined,
+        primary: KeyHash,
+        stale: Option<Stored>,
+        now: SystemTime,
+    ) -> Served {
+        let Joined {
+            fill,
+            leader,
+            reader,
+        } = joined;
+        let result = fill.result().await;
+        let serve_stale = |err: Option<UpstreamError>| async {
+            let stored = stale.as_ref()?;
+            let meta = stored.meta().clone();
+            if !policy::within_sie(&meta, &req.norm.parts.headers, now) {
+                return None;
+            }
+            let body = self.body_of(fill.key, stored).await?;
+            let mut s = self.served_from(fill.key, stored, meta, body, CacheStatus::Stale, now);
+            s.upstream_error = err;
+            Some(s)
+        };
+        match result {
+            FillResult::Failed(e) => {
+                if let Some(s) = serve_stale(Some(e.clone())).await {
+                    return s;
+                }
+                let mut s = error_served(e.status(), &e.to_string(), now);
+                s.upstream_error = Some(e);
+                s
+            }
+            FillResult::Revalidated(meta) => {
+                let Some(stored) = stale.as_ref() else {
+                    return self.pass(req, PassReason::NotShareable, now).await;
+                };
+                match self.body_of(fill.key, stored).await {
+                    Some(body) => self.served_from(
+                        fill.key,
+                        stored,
+                        meta,
+                        body,
+                        CacheStatus::Revalidated,
+                        now,
+                    ),
+                    None => self.pass(req, PassReason::NotShareable, now).await,
+                }
+            }
+            FillResult::Streaming(head) => {
+                if head.status.is_server_error()
+                    && let Some(s) = serve_stale(Some(UpstreamError::Protocol(format!(
+                        "upstream answered {}",
+                        head.status
+                    ))))
+                    .await
+                {
+                    return s;
+                }
+                if !leader {
+                    let mine = if head.vary.is_empty() {
+                        primary
+                    } else {
+                        primary.variant(&head.vary, &req.norm.parts.headers)
+                    };
+                    // A collapsed request may reuse the leader's response only when it is
+                    // fresh for this request (RFC 9111 §4): a response stale on arrival, or
+                    // one this request's directives reject, is fetched on its own.
+                    let fresh = head.meta.as_deref().is_some_and(|m| {
+                        policy::freshness(m, &req.norm.parts, self.clock.now()) == Freshness::Fresh
+                    });
+                    if !head.shareable || mine != head.store_key || !fresh {
+                        return self.pass(req, PassReason::NotShareable, now).await;
+                    }
+                }
+                let Some(reader) = reader else {
+                    // The fill already dropped its first bytes (a large object streaming
+                    // through). If it has completed, its copy is about to be visible: wait for
+                    // it and serve from cache; otherwise fetch on our own.
+                    if fill.completed() {
+                        fill.settled().await;
+                        if let Some(stored) = self.lookup(&head.store_key).await
+                            && let Some(body) = self.body_of(head.store_key, &stored).await
+                        {
+                            let meta = stored.meta().clone();
+                            return self.served_from(
+                                head.store_key,
+                                &stored,
+                                meta,
+                                body,
+                                CacheStatus::Hit,
+                                now,
+                            );
+                        }
+                    }
+                    return self.pass(req, PassReason::NotShareable, now).await;
+                };
+                let mut headers = head.headers.clone();
+                if leader {
+                    for c in &head.set_cookie {
+                        headers.append(header::SET_COOKIE, c.clone());
+                    }
+                }
+                let cache = if head.meta.is_some() {
+                    CacheStatus::Miss
+                } else {
+                    CacheStatus::Pass(PassReason::Uncacheable)
+                };
+                Served {
+                    upstream_time: None,
+                    key: head.meta.is_some().then_some(head.store_key),
+                    status: head.status,
+                    headers,
+                    body: ServedBody::Stream {
+                        stream: reader.into_stream().boxed(),
+                        len: head.content_length,
+                    },
+                    stored: head.meta.is_some(),
+                    meta: head.meta.clone(),
+                    cache,
+                    tier: Tier::None,
+                    upstream_error: None,
+                    now,
+                }
+            }
+        }
+    }
+
+    /// Sends the client's request upstream as is and streams the answer; nothing is stored.
+    pub(super) async fn pass(
+        &self,
+        req: CacheRequest,
+        reason: PassReason,
+        now: SystemTime,
+    ) -> Served {
+        let mut parts = req.upstream;
+        parts.method = req.method.clone();
+        parts
+            .extensions
+            .insert(upstream::RouteKey(req.norm.key.hash()));
+        let upstream_req = Request::from_parts(parts, empty_body());
+        let sent = std::time::Instant::now();
+        let fetched = self.upstream.fetch(upstream_req).await;
+        let upstream_time = Some(sent.elapsed());
+        match fetched {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let len = content_length(&parts.headers);
+                Served {
+                    upstream_time,
+                    key: None,
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: ServedBody::Stream {
+                        stream: body_stream(body),
+                        len,
+                    },
+                    meta: None,
+                    cache: CacheStatus::Pass(reason),
+                    tier: Tier::None,
+                    stored: false,
+                    upstream_error: None,
+                    now,
+                }
+            }
+            Err(e) => {
+                let mut s = error_served(e.status(), &e.to_string(), now);
+                s.upstream_time = upstream_time;
+                s.upstream_error = Some(e);
+                s
+            }
+        }
+    }
+
+    /// The fill task: fetch, decide, stream to readers, store.
+    async fn run_fill(self: Arc<Self>, fill: Arc<Fill>, job: FillJob) {
+        self.fill_inner(&fill, job).await;
+        self.fills
+            .remove_if(&fill.key, |_, f| Arc::ptr_eq(f, &fill));
+    }
+
+    async fn fill_inner(&self, fill: &Arc<Fill>, job: FillJob) {
+        let mut up = clone_parts(&job.upstream);
+        up.method = Method::GET;
+        up.extensions.insert(upstream::RouteKey(job.primary));
+        for h in CLIENT_CONDITIONALS {
+            up.headers.remove(h);
+        }
+        if let Some(meta) = &job.stale_meta {
+            if let Some(etag) = meta.etag().and_then(|e| HeaderValue::from_str(e).ok()) {
+                up.headers.insert(header::IF_NONE_MATCH, etag);
+            }
+            if let Some(lm) = meta
+                .last_modified()
+                .and_then(|e| HeaderValue::from_str(e).ok())
+            {
+                up.headers.insert(header::IF_MODIFIED_SINCE, lm);
+            }
+        }
+        let sent = std::time::Instant::now();
+        let fetched = self
+            .upstream
+            .fetch(Request::from_parts(up, empty_body()))
+            .await;
+        fill.set_upstream_time(sent.elapsed());
+        let resp = match fetched {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(key = %job.key_text, error = %e, "fill failed");
+                fill.publish(FillResult::Failed(e));
+                return;
+            }
+        };
+        let now = self.clock.now();
+        let (mut parts, body) = resp.into_parts();
+
+        if parts.status == StatusCode::NOT_MODIFIED
+            && let Some(old) = &job.stale_meta
+        {
+            match policy::apply_not_modified(old, &job.norm, &parts, now, &job.admit) {
+                Some(mut updated) => {
+                    updated.purge_seq = job.purge_seq;
+                    let updated = Arc::new(updated);
+                    self.update_stored_meta(fill.key, &updated, job.stale_body.clone())
+                        .await;
+                    fill.publish(FillResult::Revalidated(updated));
+                }
+                None => {
+                    // The merged response may no longer be stored: drop the old copy.
+                    self.remove_object(fill.key).await;
+                    fill.publish(FillResult::Failed(UpstreamError::Protocol(
+                        "304 turned the stored response uncacheable".into(),
+                    )))
+                }
+            }
+            return;
+        }
+
+        let admission = if policy::status_may_be_stored(parts.status) {
+            policy::admit(&job.norm, &parts, &job.key_text, now, &job.admit)
+        } else {
+            Admission::Pass(PassReason::Uncacheable)
+        };
+        let content_length = content_length(&parts.headers);
+        let mut admission = admission;
+        if content_length.is_some_and(|n| n > self.cfg.max_object_size) {
+            admission = Admission::Pass(PassReason::TooLarge);
+        }
+        strip_hop_by_hop(&mut parts.headers);
+        let (meta, vary, store_key, set_cookie) = match admission {
+            Admission::Store(mut meta) => {
+                meta.purge_seq = job.purge_seq;
+                let set_cookie: Vec<HeaderValue> = parts
+                    .headers
+                    .get_all(header::SET_COOKIE)
+                    .iter()
+                    .cloned()
+                    .collect();
+                parts.headers.remove(header::SET_COOKIE);
+                let vary = meta.vary_names();
+                let store_key = self.register_variant(job.primary, &vary, &job.norm.headers);
+                (Some(meta), vary, store_key, set_cookie)
+            }
+            Admission::Pass(reason) => {
+                debug!(key = %job.key_text, reason = reason.as_str(), "not storing");
+                // An old stored copy that the new answer replaces must not be served again; a
+                // 5xx replaces nothing (stale-if-error may still serve the copy).
+                if job.stale_meta.is_some() && !parts.status.is_server_error() {
+                    self.remove_object(fill.key).await;
+                }
+                (None, Vec::new(), fill.key, Vec::new())
+            }
+        };
+        let storing = meta.is_some();
+        if storing && let Some(pinned) = &self.pinned {
+            // The origin's answer replaces a pushed object a soft purge sent back to it.
+            let path = job.norm.uri.path_and_query().map_or("/", |p| p.as_str());
+            if pinned.contains(path) {
+                pinned.delete(path).await;
+                self.memory.remove(&pinned::pinned_key(path)).await;
+            }
+        }
+        fill.set_keep_all(storing && content_length.is_some_and(|n| self.memory.fits(n)));
+        let head = Arc::new(FillHead {
+            status: parts.status,
+            headers: parts.headers.clone(),
+            set_cookie,
+            meta: meta.as_ref().map(|m| Arc::new((**m).clone())),
+            content_length,
+            shareable: storing,
+            vary,
+            store_key,
+        });
+        fill.publish(FillResult::Streaming(head));
+
+        let mut disk_tx = match (&self.disk, storing) {
+            (Some(disk), true) => {
+                Some(self.spawn_disk_writer(disk.clone(), store_key, content_length))
+            }
+            _ => None,
+        };
+        let mut body = body;
+        let mut total: u64 = 0;
+        let mut storing = storing;
+        loop {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    total += data.len() as u64;
+                    if storing && total > self.cfg.max_object_size {
+                        storing = false;
+                        disk_tx = None;
+                        fill.set_keep_all(false);
+                    }
+                    if let Some(tx) = &disk_tx
+                        && tx.try_send(DiskMsg::Data(data.clone())).is_err()
+                    {
+                        // The disk is slower than the client: give up the disk copy rather than
+                        // slow anyone down.
+                        self.stats
+                            .disk_writes_abandoned
+                            .fetch_add(1, Ordering::Relaxed);
+                        disk_tx = None;
+                    }
+                    fill.push(data);
+                    if !storing && fill.reader_count() == 0 {
+                        fill.finish(Err("no reader left".into()));
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    warn!(key = %job.key_text, error = %e, "upstream body failed mid-stream");
+                    fill.finish(Err(format!("upstream body failed: {e}")));
+                    return;
+                }
+            }
+        }
+        if content_length.is_some_and(|n| n != total) {
+            fill.finish(Err("upstream body shorter than its Content-Length".into()));
+            return;
+        }
+        let Some(mut meta) = meta.filter(|_| storing) else {
+            fill.finish(Ok(()));
+            return;
+        };
+        meta.body_len = total;
+        let meta = Arc::new(*meta);
+        if self.memory.fits(total)
+            && let Some(body) = fill.assembled()
+        {
+            self.memory
+                .insert(
+                    store_key,
+                    MemObject {
+                        meta: meta.clone(),
+                        body,
+                    },
+                )
+                .await;
+        }
+        let committed = disk_tx.and_then(|tx| {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            tx.try_send(DiskMsg::Commit(meta, done_tx))
+                .ok()
+                .map(|_| done_rx)
+        });
+        fill.finish(Ok(()));
+        // Stay in the fill map until the disk copy is visible, so a request arriving in between
+        // finds this fill (and waits for the commit) rather than fetching again.
+        if let Some(done) = committed {
+            let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
+        }
+        if fill.is_cancelled() {
+            // Invalidated while we fetched: what we stored is already out of date.
+            self.remove_object(store_key).await;
+        }
+    }
+
+    fn spawn_disk_writer(
+        &self,
+        disk: Arc<DiskTier>,
+        key: KeyHash,
+        size: Option<u64>,
+    ) -> mpsc::Sender<DiskMsg> {
+        let (tx, mut rx) = mpsc::channel::<DiskMsg>(256);
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            let mut writer = match disk.begin_write(key, size).await {
+                Ok(w) => w,
+                Err(e) => {
+                    warn!(error = %e, "disk tier write failed to start; serving without disk (check cache_dir space and permissions)");
+                    stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            while let Some(msg) = rx.recv().await {
+                match msg {
+                    DiskMsg::Data(d) => {
+                        if let Err(e) = writer.write(&d).await {
+                            warn!(error = %e, "disk tier write failed; object not stored on disk (check cache_dir space)");
+                            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                    DiskMsg::Commit(meta, done) => {
+                        if let Err(e) = writer.commit(&meta).await {
+                            warn!(error = %e, "disk tier commit failed; object not stored on disk");
+                            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = done.send(());
+                        return;
+                    }
+                }
+            }
+            // Sender dropped without Commit: the write is abandoned and never visible.
+        });
+        tx
+    }
+
+    /// Records Vary names for a primary key and returns the variant key for this request.
+    fn register_variant(
+        &self,
+        primary: KeyHash,
+        names: &[HeaderName],
+        headers: &HeaderMap,
+    ) -> KeyHash {
+        if names.is_empty() {
+            self.vary.remove(&primary);
+            return primary;
+        }
+        let variant = primary.variant(names, headers);
+        let mut e = self.vary.entry(primary).or_insert_with(|| VaryEntry {
+            names: names.into(),
+            variants: Vec::new(),
+        });
+        if &*e.names != names {
+            e.names = names.into();
+            e.variants.clear();
+        }
+        if !e.variants.contains(&variant) {
+            e.variants.push(variant);
+        }
+        variant
+    }
+}
+
+fn body_stream(body: UpstreamBody) -> BoxStream<'static, io::Result<Bytes>> {
+    http_body_util::BodyDataStream::new(body)
+        .map_err(io::Error::other)
+        .boxed()
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}

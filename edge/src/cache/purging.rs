@@ -1,0 +1,193 @@
+//! Removing objects: purges (exact URL, prefix, tag, all; hard or soft), RFC 9111 §4.4
+//! invalidation, and the background reclamation of purged objects from the tiers.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tracing::debug;
+
+use super::key::KeyHash;
+use super::{Engine, STORED_CODINGS, encoded_key, invalidation};
+
+/// What a purge covers (exact URLs are `host/path?query` keys or bare paths).
+#[derive(Debug, Clone, Default)]
+pub struct PurgeSpec {
+    pub urls: Vec<String>,
+    pub prefixes: Vec<String>,
+    pub tags: Vec<String>,
+    pub all: bool,
+    pub soft: bool,
+}
+
+/// The result of a purge.
+#[derive(Debug, Clone)]
+pub struct PurgeOutcome {
+    pub seq: u64,
+    /// Objects removed or marked right away (exact URLs); `None` where counting would mean
+    /// walking the cache (prefix, tag, all).
+    pub matched: Option<u64>,
+}
+
+impl Engine {
+    /// Purges by exact URL, prefix, tag or everything, hard or soft. Prefix, tag and all are
+    /// O(1) in the number of cached objects (a generation is recorded and persisted); exact
+    /// URLs are also removed from both tiers right away (hard) with every Vary variant.
+    pub async fn purge(self: &Arc<Self>, spec: &PurgeSpec) -> io::Result<PurgeOutcome> {
+        use invalidation::Scope;
+        let mut scopes: Vec<Scope> = Vec::new();
+        if spec.all {
+            scopes.push(Scope::All);
+        }
+        scopes.extend(spec.prefixes.iter().map(|p| Scope::Prefix(key_form(p))));
+        scopes.extend(spec.tags.iter().map(|t| Scope::Tag(t.clone())));
+        // Exact URLs are recorded as exact scopes too, so that a soft purge works for them and
+        // a hard purge survives a restart even before the objects are reclaimed.
+        let exact: Vec<String> = spec.urls.iter().map(|u| key_form(u)).collect();
+        scopes.extend(exact.iter().map(|k| Scope::Exact(k.clone())));
+        let seq = self.gens.purge(&scopes, spec.soft).await?;
+        let mut matched = None;
+        if !exact.is_empty() && !spec.soft {
+            let mut n = 0;
+            for k in &exact {
+                for key in self.expand_hosts(k) {
+                    let primary = KeyHash::of(&key);
+                    if self.holds(primary).await {
+                        n += 1;
+                    }
+                    self.invalidate(primary).await;
+                }
+            }
+            matched = Some(n);
+        }
+        if !spec.soft && (spec.all || !spec.prefixes.is_empty() || !spec.tags.is_empty()) {
+            self.spawn_reclaim();
+        }
+        Ok(PurgeOutcome { seq, matched })
+    }
+
+    /// `host/path` stays; a bare `/path` means that path on every host seen.
+    fn expand_hosts(&self, key: &str) -> Vec<String> {
+        if key.starts_with('/') {
+            self.hosts
+                .iter()
+                .map(|h| format!("{}{key}", h.key()))
+                .collect()
+        } else {
+            vec![key.to_string()]
+        }
+    }
+
+    async fn holds(&self, primary: KeyHash) -> bool {
+        self.vary.contains_key(&primary)
+            || self.memory.get(&primary).await.is_some()
+            || self.disk.as_ref().is_some_and(|d| d.contains(&primary))
+    }
+
+    /// Reclaims purged objects from the tiers in the background (a purge itself never walks
+    /// the cache).
+    /// Single-flight: a purge during a running sweep asks for one more sweep instead of
+    /// starting a second walk of the disk.
+    fn spawn_reclaim(self: &Arc<Self>) {
+        if self
+            .reclaim
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                Some((s + 1).min(2))
+            })
+            .unwrap_or(0)
+            != 0
+        {
+            return;
+        }
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(e) = engine.upgrade() else { return };
+                e.reclaim_once().await;
+                // 2 → 1: another purge came in meanwhile, sweep again; 1 → 0: done.
+                if e.reclaim.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    return;
+                }
+            }
+        });
+    }
+
+    async fn reclaim_once(self: &Arc<Self>) {
+        {
+            let e = self;
+            // Memory copies are dropped when a lookup meets them, or evicted by size.
+            if let Some(disk) = &e.disk {
+                let mut removed = 0u64;
+                for key in disk.keys() {
+                    if let Some(hit) = disk.get(&key).await
+                        && e.gens
+                            .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
+                            == invalidation::Verdict::Gone
+                    {
+                        e.remove_object(key).await;
+                        removed += 1;
+                    }
+                }
+                if removed > 0 {
+                    debug!(removed, "reclaimed purged objects from disk");
+                }
+            }
+            if let Some(pinned) = &e.pinned {
+                for key in pinned.tier().keys() {
+                    if let Some(hit) = pinned.tier().get(&key).await
+                        && e.gens
+                            .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
+                            == invalidation::Verdict::Gone
+                    {
+                        pinned.delete(&hit.meta.key).await;
+                        e.memory.remove(&key).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes every stored variant of a key from both tiers (RFC 9111 §4.4 invalidation,
+    /// exact-URL purge).
+    pub async fn invalidate(&self, primary: KeyHash) {
+        let variants = self
+            .vary
+            .remove(&primary)
+            .map(|(_, e)| e.variants)
+            .unwrap_or_default();
+        for k in std::iter::once(primary).chain(variants.iter().copied()) {
+            // A fetch still running for the key must not bring the old answer back.
+            if let Some((_, fill)) = self.fills.remove(&k) {
+                fill.cancel();
+            }
+            self.remove_object(k).await;
+        }
+    }
+
+    /// Removes an object and its encoded variants from both tiers.
+    pub(super) async fn remove_object(&self, key: KeyHash) {
+        for k in std::iter::once(key).chain(STORED_CODINGS.iter().map(|c| encoded_key(key, c))) {
+            self.memory.remove(&k).await;
+            if let Some(d) = &self.disk {
+                d.remove(&k).await;
+            }
+        }
+    }
+}
+
+/// The key form of a purge target: `http://host/p?q` → `host/p?q`; `/p` stays a path.
+fn key_form(target: &str) -> String {
+    let t = target.trim();
+    let t = t
+        .strip_prefix("http://")
+        .or_else(|| t.strip_prefix("https://"))
+        .unwrap_or(t);
+    if t.starts_with('/') {
+        t.to_string()
+    } else {
+        match t.split_once('/') {
+            Some((host, rest)) => format!("{}/{rest}", host.to_ascii_lowercase()),
+            None => format!("{}/", t.to_ascii_lowercase()),
+        }
+    }
+}

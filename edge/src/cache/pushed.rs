@@ -1,0 +1,109 @@
+//! The engine's side of pushed objects: serving them ahead of the cache, and the admin
+//! operations (push, forward, delete, list) over the pinned store ([`pinned`]).
+
+use std::io;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+
+use super::meta::CachedMeta;
+use super::status::CacheStatus;
+use super::{CacheRequest, Engine, Served, Stored, invalidation, pinned};
+
+impl Engine {
+    /// A pushed object for this path, if any: always a HIT (it is authoritative) unless a purge
+    /// covered it: a hard purge deletes it, a soft purge serves it STALE while the origin is
+    /// asked for the current version.
+    pub(super) async fn serve_pushed(
+        self: &Arc<Self>,
+        req: &CacheRequest,
+        now: SystemTime,
+    ) -> Option<Served> {
+        let pinned = self.pinned.as_ref()?;
+        let path = req.norm.key.path();
+        if !pinned.contains(path) {
+            return None;
+        }
+        let key = pinned::pinned_key(path);
+        let stored = match self.memory.get(&key).await {
+            Some(m) => Stored::Memory(m),
+            None => Stored::Pinned(pinned.get(path).await?),
+        };
+        let meta = stored.meta().clone();
+        match self.gens.check(&meta.key, &meta.tags, meta.purge_seq) {
+            invalidation::Verdict::Gone => {
+                pinned.delete(path).await;
+                self.memory.remove(&key).await;
+                None
+            }
+            invalidation::Verdict::Stale => {
+                let body = self.body_of(key, &stored).await?;
+                let variant = self.variant_of(req.norm.key.hash(), &req.norm.parts.headers);
+                self.revalidate_in_background(req, variant, &meta);
+                Some(self.served_from(key, &stored, meta, body, CacheStatus::Stale, now))
+            }
+            invalidation::Verdict::Valid => {
+                let body = self.body_of(key, &stored).await?;
+                Some(self.served_from(key, &stored, meta, body, CacheStatus::Hit, now))
+            }
+        }
+    }
+
+    /// Stores a pushed object (see [`pinned`]).
+    pub async fn push<S, E>(
+        &self,
+        spec: pinned::PushSpec,
+        body: S,
+    ) -> Result<(pinned::PushedInfo, bool), pinned::PushError>
+    where
+        S: futures_util::Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let Some(store) = &self.pinned else {
+            return Err(pinned::PushError::Storage(io::Error::other(
+                "pushing needs a disk tier: set cache.dir (or --cache-dir)",
+            )));
+        };
+        let path = spec.path.clone();
+        let out = store
+            .push(spec, body, self.clock.now(), self.gens.current())
+            .await?;
+        self.memory.remove(&pinned::pinned_key(&path)).await;
+        Ok(out)
+    }
+
+    /// A pushed object's metadata, size and body stream (to forward it to other nodes).
+    pub async fn pushed_body(
+        &self,
+        path: &str,
+    ) -> Option<(Arc<CachedMeta>, u64, BoxStream<'static, io::Result<Bytes>>)> {
+        let store = self.pinned.as_ref()?;
+        let hit = store.get(path).await?;
+        let stream = store.tier().stream(pinned::pinned_key(path), &hit).boxed();
+        Some((hit.meta.clone(), hit.entry.size, stream))
+    }
+
+    pub async fn delete_pushed(&self, path: &str) -> bool {
+        let Some(store) = &self.pinned else {
+            return false;
+        };
+        self.memory.remove(&pinned::pinned_key(path)).await;
+        store.delete(path).await
+    }
+
+    pub async fn list_pushed(&self, prefix: &str) -> Vec<pinned::PushedInfo> {
+        match &self.pinned {
+            Some(store) => {
+                store
+                    .list(prefix, |m| {
+                        self.gens.check(&m.key, &m.tags, m.purge_seq) != invalidation::Verdict::Gone
+                    })
+                    .await
+            }
+            None => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Background revalidation of stale objects (soft purges, stale-while-revalidate) within a
+//! budget, and storing the metadata a 304 refreshed.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tracing::warn;
+
+use super::key::KeyHash;
+use super::meta::{CachedMeta, MemObject};
+use super::{CacheRequest, Engine, Stored};
+
+/// Token bucket for background revalidations.
+pub(super) struct Budget {
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Budget {
+    /// A full bucket: `per_sec` tokens.
+    pub(super) fn full(per_sec: u32) -> Self {
+        Self {
+            tokens: f64::from(per_sec),
+            last: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Engine {
+    /// Takes one token from the revalidation budget.
+    fn revalidation_allowed(&self) -> bool {
+        let rate = f64::from(self.cfg.revalidations_per_sec.max(1));
+        let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(rate);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Starts one background revalidation for a stale object, unless one runs already or the
+    /// budget is spent (the object is then served stale and revalidated by a later request).
+    pub(super) fn revalidate_in_background(
+        self: &Arc<Self>,
+        req: &CacheRequest,
+        variant: KeyHash,
+        meta: &Arc<CachedMeta>,
+    ) {
+        // One revalidation per key: skip when a current fetch is already running (one that
+        // started before a purge does not count; fill_or_join replaces it).
+        if let Some(f) = self.fills.get(&variant)
+            && f.purge_seq == self.gens.current()
+            && !f.completed()
+        {
+            return;
+        }
+        if !self.revalidation_allowed() {
+            return;
+        }
+        let primary = req.norm.key.hash();
+        let stale = Stored::Memory(MemObject {
+            meta: meta.clone(),
+            body: Bytes::new(),
+        });
+        // Nobody reads a background revalidation: drop the reader at once.
+        drop(self.fill_or_join(req, primary, variant, Some(&stale)));
+    }
+
+    /// Replaces a stored object's metadata after a 304, keeping its body: in memory (with
+    /// `body`, or the body memory already holds) and on disk.
+    pub(super) async fn update_stored_meta(
+        &self,
+        key: KeyHash,
+        meta: &Arc<CachedMeta>,
+        body: Option<Bytes>,
+    ) {
+        let body = match body.filter(|b| !b.is_empty() || meta.body_len == 0) {
+            Some(b) => Some(b),
+            None => self.memory.get(&key).await.map(|m| m.body),
+        };
+        if let Some(body) = body {
+            self.memory
+                .insert(
+                    key,
+                    MemObject {
+                        meta: meta.clone(),
+                        body,
+                    },
+                )
+                .await;
+        }
+        if let Some(disk) = &self.disk
+            && let Err(e) = disk.update_meta(&key, meta).await
+        {
+            warn!(error = %e, "disk tier metadata update failed");
+        }
+    }
+}
