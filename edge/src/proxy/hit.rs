@@ -179,9 +179,397 @@ impl Proxy {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, SystemTime};
 
+    use futures_util::FutureExt;
+    use futures_util::future::BoxFuture;
+    use http_body_util::{BodyExt, Empty, Full};
+
     use super::*;
+    use crate::cache::clock::Clock;
+    use crate::cache::key::KeyOptions;
+    use crate::cache::pinned::PushSpec;
+    use crate::cache::upstream::{BoxError, Upstream, UpstreamBody, UpstreamError};
+    use crate::cache::{Engine, EngineConfig, PurgeSpec};
+    use crate::observe::metrics::EdgeMetrics;
+    use crate::proxy::Versioning;
+    use crate::proxy::compress::CompressionConfig;
+    use crate::proxy::respond::Identity;
+
+    const HOST: &str = "site.test";
+
+    type Fields = &'static [(&'static str, &'static str)];
+
+    /// An in-process origin: fixed responses by path; it counts what it is asked.
+    struct Origin {
+        routes: HashMap<&'static str, (u16, Fields, Bytes)>,
+        asked: AtomicU64,
+    }
+
+    impl Upstream for Origin {
+        fn fetch(
+            &self,
+            req: Request<UpstreamBody>,
+        ) -> BoxFuture<'static, Result<Response<UpstreamBody>, UpstreamError>> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            let (status, headers, body) = self.routes.get(req.uri().path()).cloned().unwrap_or((
+                404,
+                &[],
+                Bytes::from_static(b"none"),
+            ));
+            async move {
+                let mut r = Response::new(Full::new(body).map_err(BoxError::from).boxed());
+                *r.status_mut() = StatusCode::from_u16(status).expect("status");
+                for (k, v) in headers {
+                    r.headers_mut().append(*k, HeaderValue::from_static(v));
+                }
+                Ok(r)
+            }
+            .boxed()
+        }
+    }
+
+    struct Setup {
+        proxy: Arc<Proxy>,
+        origin: Arc<Origin>,
+        clock: Clock,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn setup() -> Setup {
+        let html: Bytes = "<p>compress me</p>\n".repeat(300).into();
+        let mut routes: HashMap<&str, (u16, Fields, Bytes)> = HashMap::new();
+        routes.insert(
+            "/asset.bin",
+            (
+                200,
+                &[
+                    ("cache-control", "public, max-age=100"),
+                    ("content-type", "application/octet-stream"),
+                    ("etag", "\"v1\""),
+                    ("via", "1.1 origin-proxy"),
+                    ("cache-status", "origin-cache; hit"),
+                    ("surrogate-key", "assets"),
+                    ("x-custom", "kept"),
+                ],
+                Bytes::from_static(b"0123456789"),
+            ),
+        );
+        routes.insert(
+            "/page.html",
+            (
+                200,
+                &[
+                    ("cache-control", "max-age=100"),
+                    ("content-type", "text/html; charset=utf-8"),
+                    ("etag", "\"p1\""),
+                ],
+                html,
+            ),
+        );
+        routes.insert(
+            "/gone",
+            (
+                404,
+                &[("cache-control", "max-age=100")],
+                Bytes::from_static(b"not here"),
+            ),
+        );
+        let origin = Arc::new(Origin {
+            routes,
+            asked: AtomicU64::new(0),
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let clock = Clock::manual();
+        let engine = Engine::open(
+            EngineConfig {
+                memory_bytes: 64 << 20,
+                disk: Some((dir.path().to_path_buf(), 64 << 20)),
+                max_object_size: 8 << 20,
+                surrogate_name: "outpost".into(),
+                revalidations_per_sec: 10,
+            },
+            origin.clone(),
+            clock.clone(),
+        )
+        .await
+        .expect("engine");
+        let id = Identity {
+            name: "outpost".into(),
+            via: HeaderValue::from_static("1.1 outpost"),
+            surrogate_capability: HeaderValue::from_static("outpost=\"Surrogate/1.0\""),
+            strip_surrogate_control: true,
+            strip_tags: true,
+        };
+        let proxy = Arc::new(Proxy::new(
+            engine,
+            origin.clone(),
+            id,
+            KeyOptions::default(),
+            Versioning::default(),
+            EdgeMetrics::new("test"),
+            CompressionConfig::default(),
+        ));
+        Setup {
+            proxy,
+            origin,
+            clock,
+            _dir: dir,
+        }
+    }
+
+    fn request(
+        method: Method,
+        path: &str,
+        headers: &[(&'static str, &'static str)],
+    ) -> Request<Empty<Bytes>> {
+        let mut r = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", HOST)
+            .body(Empty::new())
+            .expect("request");
+        for (k, v) in headers {
+            r.headers_mut().append(*k, HeaderValue::from_static(v));
+        }
+        r
+    }
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:1".parse().expect("addr")
+    }
+
+    async fn body_of(r: Response<RespBody>) -> (StatusCode, HeaderMap, Bytes) {
+        let (parts, body) = r.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (parts.status, parts.headers, body)
+    }
+
+    /// Fetches through the full path until the fast path has the object in memory.
+    async fn warm(s: &Setup, path: &str, headers: &[(&'static str, &'static str)]) {
+        for _ in 0..200 {
+            let r = s
+                .proxy
+                .clone()
+                .handle(request(Method::GET, path, headers), peer())
+                .await;
+            body_of(r).await;
+            if s.proxy
+                .fast_hit(&request(Method::GET, path, headers))
+                .await
+                .is_some()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{path} never became a fast hit");
+    }
+
+    /// The fast path's answer, and the full path's answer to the same request.
+    async fn both(
+        s: &Setup,
+        method: Method,
+        path: &str,
+        headers: &[(&'static str, &'static str)],
+    ) -> (
+        (StatusCode, HeaderMap, Bytes),
+        (StatusCode, HeaderMap, Bytes),
+    ) {
+        // The manual clock runs on with real time: `Age` and the ttl may cross a second
+        // between the two calls. That happens at most once in a few quick tries.
+        let mut last = None;
+        for _ in 0..3 {
+            let fast = s
+                .proxy
+                .fast_hit(&request(method.clone(), path, headers))
+                .await
+                .unwrap_or_else(|| panic!("{method} {path} {headers:?}: not a fast hit"));
+            let fast = body_of(fast.response).await;
+            let full = body_of(
+                s.proxy
+                    .route(request(method.clone(), path, headers), peer())
+                    .await,
+            )
+            .await;
+            if fast == full {
+                return (fast, full);
+            }
+            last = Some((fast, full));
+        }
+        last.expect("three tries")
+    }
+
+    fn secs(headers: &HeaderMap, name: &str) -> u64 {
+        headers[name]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("seconds")
+    }
+
+    #[tokio::test]
+    async fn fast_hits_answer_exactly_like_the_full_path() {
+        let s = setup().await;
+        warm(&s, "/asset.bin", &[]).await;
+        warm(&s, "/gone", &[]).await;
+        warm(&s, "/page.html", &[]).await;
+        warm(&s, "/page.html", &[("accept-encoding", "gzip, br")]).await;
+        let asked = s.origin.asked.load(Ordering::SeqCst);
+        s.clock.advance(Duration::from_secs(7));
+
+        let cases: [(Method, &str, Fields); 6] = [
+            (Method::GET, "/asset.bin", &[]),
+            (Method::HEAD, "/asset.bin", &[]),
+            (Method::GET, "/gone", &[]),
+            (Method::GET, "/page.html", &[]),
+            (
+                Method::GET,
+                "/page.html",
+                &[("accept-encoding", "br;q=1, gzip;q=0.5")],
+            ),
+            (Method::HEAD, "/page.html", &[("accept-encoding", "br")]),
+        ];
+        for (method, path, headers) in cases {
+            let (fast, full) = both(&s, method.clone(), path, headers).await;
+            assert_eq!(fast, full, "{method} {path} {headers:?}");
+        }
+        assert_eq!(
+            s.origin.asked.load(Ordering::SeqCst),
+            asked,
+            "every answer was a hit"
+        );
+
+        // What the comparison covered.
+        let (fast, _) = both(&s, Method::GET, "/asset.bin", &[]).await;
+        assert!((7..=8).contains(&secs(&fast.1, "age")), "{:?}", fast.1);
+        let status = fast.1["cache-status"].to_str().expect("ascii");
+        let ttl: u64 = status
+            .strip_prefix("origin-cache; hit, outpost; hit; ttl=")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("cache-status: {status}"));
+        assert!((91..=93).contains(&ttl), "{status}");
+        assert_eq!(fast.1["x-cache"], "HIT");
+        assert_eq!(fast.1["x-custom"], "kept");
+        assert!(
+            fast.1.get("surrogate-key").is_none(),
+            "tags are stripped at the edge"
+        );
+        let via: Vec<_> = fast.1.get_all("via").iter().collect();
+        assert_eq!(via, ["1.1 origin-proxy", "1.1 outpost"]);
+        assert_eq!(fast.2, "0123456789");
+        let (fast, _) = both(&s, Method::GET, "/page.html", &[("accept-encoding", "br")]).await;
+        assert_eq!(fast.1["content-encoding"], "br");
+        assert_eq!(fast.1["vary"], "Accept-Encoding");
+        let (fast, _) = both(&s, Method::GET, "/page.html", &[]).await;
+        assert!(fast.1.get("content-encoding").is_none());
+        assert_eq!(fast.1["vary"], "Accept-Encoding");
+        let (fast, _) = both(&s, Method::GET, "/gone", &[]).await;
+        assert_eq!(fast.0, StatusCode::NOT_FOUND);
+        assert_eq!(fast.2, "not here");
+
+        // Age keeps growing with the clock, from the same prepared head.
+        s.clock.advance(Duration::from_secs(30));
+        let (fast, full) = both(&s, Method::GET, "/asset.bin", &[]).await;
+        assert_eq!(fast, full);
+        assert!((37..=38).contains(&secs(&fast.1, "age")), "{:?}", fast.1);
+    }
+
+    #[tokio::test]
+    async fn the_full_path_keeps_what_the_prepared_head_does_not_cover() {
+        let s = setup().await;
+        warm(&s, "/asset.bin", &[]).await;
+        warm(&s, "/page.html", &[]).await;
+        for headers in [
+            &[("range", "bytes=0-3")][..],
+            &[("if-none-match", "\"v1\"")],
+            &[("if-modified-since", "Tue, 01 Jul 2025 10:00:00 GMT")],
+            &[("cache-control", "max-age=0")],
+            &[("pragma", "no-cache")],
+            &[("authorization", "Bearer x")],
+        ] {
+            let r = s
+                .proxy
+                .fast_hit(&request(Method::GET, "/asset.bin", headers))
+                .await;
+            assert!(r.is_none(), "{headers:?} must take the full path");
+        }
+        let post = s
+            .proxy
+            .fast_hit(&request(Method::POST, "/asset.bin", &[]))
+            .await;
+        assert!(post.is_none());
+        // A compressible object whose encoded variant is not in memory yet.
+        let gz = s
+            .proxy
+            .fast_hit(&request(
+                Method::GET,
+                "/page.html",
+                &[("accept-encoding", "gzip")],
+            ))
+            .await;
+        assert!(
+            gz.is_none(),
+            "the full path compresses and stores the variant first"
+        );
+
+        // A purge ends fast hits at once.
+        s.proxy
+            .engine
+            .purge(&PurgeSpec {
+                tags: vec!["assets".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("purge");
+        assert!(
+            s.proxy
+                .fast_hit(&request(Method::GET, "/asset.bin", &[]))
+                .await
+                .is_none()
+        );
+
+        // So does staleness.
+        s.clock.advance(Duration::from_secs(101));
+        assert!(
+            s.proxy
+                .fast_hit(&request(Method::GET, "/page.html", &[]))
+                .await
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pushed_path_is_never_answered_from_the_cached_object() {
+        let s = setup().await;
+        warm(&s, "/page.html", &[]).await;
+        let spec = PushSpec {
+            path: "/page.html".into(),
+            content_type: "text/plain".into(),
+            cache_control: "max-age=60".into(),
+            tags: vec![],
+            content_length: None,
+        };
+        let body =
+            futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"pushed"))]);
+        s.proxy.engine.push(spec, body).await.expect("push");
+        assert!(
+            s.proxy
+                .fast_hit(&request(Method::GET, "/page.html", &[]))
+                .await
+                .is_none()
+        );
+        let r = s
+            .proxy
+            .clone()
+            .handle(request(Method::GET, "/page.html", &[]), peer())
+            .await;
+        assert_eq!(body_of(r).await.2, "pushed");
+    }
 
     #[test]
     fn age_grows_from_the_prepared_value() {

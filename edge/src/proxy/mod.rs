@@ -24,7 +24,6 @@ use std::time::Instant;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tracing::debug;
 
 use self::headers::strip_hop_by_hop;
@@ -33,6 +32,22 @@ use crate::cache::key::{KeyOptions, NormalizedRequest};
 use crate::cache::status::{CacheStatus, PassReason};
 use crate::cache::upstream::{BoxError, Upstream};
 use crate::cache::{CacheRequest, Engine};
+
+/// A request body the proxy can forward: hyper's `Incoming` on the data port, any body in tests.
+pub trait RequestBody: Send + 'static {
+    /// The body as sent upstream on a pass-through.
+    fn into_upstream(self) -> crate::cache::upstream::UpstreamBody;
+}
+
+impl<B> RequestBody for B
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn into_upstream(self) -> crate::cache::upstream::UpstreamBody {
+        self.map_err(Into::into).boxed()
+    }
+}
 
 /// Versioned URLs (cache busting): `/app.js?v=3` and `?v=4` are distinct objects.
 #[derive(Debug, Clone, Default)]
@@ -93,9 +108,9 @@ impl Proxy {
         self.compression.stats()
     }
 
-    pub async fn handle(
+    pub async fn handle<B: RequestBody>(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<B>,
         peer: SocketAddr,
     ) -> Response<RespBody> {
         let started = Instant::now();
@@ -222,7 +237,7 @@ impl Proxy {
         }));
     }
 
-    async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<RespBody> {
+    async fn route<B: RequestBody>(&self, req: Request<B>, peer: SocketAddr) -> Response<RespBody> {
         let settings = self.settings.load();
         let (mut parts, body) = req.into_parts();
         let norm = match NormalizedRequest::new(
@@ -294,7 +309,7 @@ impl Proxy {
         parts
             .extensions
             .insert(crate::cache::upstream::RouteKey(norm.key.hash()));
-        let upstream_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+        let upstream_req = Request::from_parts(parts, body.into_upstream());
         let now = self.engine.clock().now();
         let sent = std::time::Instant::now();
         match self.upstream.fetch(upstream_req).await {
