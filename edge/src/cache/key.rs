@@ -18,7 +18,7 @@ pub struct KeyHash(pub [u8; 32]);
 
 /// Maps keyed by `KeyHash` (the tiers' indexes, Vary, coalescing) hash only its first eight
 /// bytes: they are already uniformly distributed (blake3), and the maps' own keyed hasher
-/// still mixes them, so hashing all 32 would only cost time on every lookup.
+/// ([`KeyHasher`]) still mixes them, so hashing all 32 would only cost time on every lookup.
 impl std::hash::Hash for KeyHash {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         let mut first = [0u8; 8];
@@ -81,6 +81,10 @@ impl KeyHash {
         KeyHash(*h.finalize().as_bytes())
     }
 }
+
+/// The hasher of maps keyed by [`KeyHash`]: a few instructions for one `u64`, and seeded per
+/// process, so request URLs cannot be ground into colliding buckets.
+pub type KeyHasher = foldhash::fast::RandomState;
 
 impl fmt::Debug for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -273,7 +277,9 @@ pub fn key_text(uri: &Uri, headers: &HeaderMap, opts: &KeyOptions) -> Result<Str
             .to_str()
             .map_err(|_| KeyError::BadHost)?,
     };
-    let mut host = raw.rsplit('@').next().unwrap_or("").trim();
+    // Userinfo (`user@host`) can only come with an absolute-form target.
+    let raw = raw.rfind('@').map_or(raw, |at| &raw[at + 1..]);
+    let mut host = raw.trim_ascii();
     if let Some(stripped) = host.strip_suffix(":80") {
         host = stripped;
     }
@@ -283,9 +289,10 @@ pub fn key_text(uri: &Uri, headers: &HeaderMap, opts: &KeyOptions) -> Result<Str
     if host.is_empty() {
         return Err(KeyError::MissingHost);
     }
-    if host.bytes().any(|b| {
-        !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_'))
-    }) {
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_'))
+    {
         return Err(KeyError::BadHost);
     }
     let path = uri.path();
@@ -295,7 +302,8 @@ pub fn key_text(uri: &Uri, headers: &HeaderMap, opts: &KeyOptions) -> Result<Str
     let query = uri.query().filter(|q| !q.is_empty());
     let mut text =
         String::with_capacity(host.len() + path.len() + query.map_or(0, |q| q.len() + 1));
-    text.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+    text.push_str(host);
+    text.make_ascii_lowercase();
     text.push_str(path);
     if let Some(q) = query {
         let start = text.len();

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use moka::future::Cache;
 
 use super::hit::PreparedHead;
-use super::key::KeyHash;
+use super::key::{KeyHash, KeyHasher};
 use super::meta::MemObject;
 
 /// One object of the memory tier, with the response head the hit fast path prepared for it.
@@ -33,7 +33,7 @@ impl MemEntry {
 
 #[derive(Clone)]
 pub struct MemoryTier {
-    cache: Cache<KeyHash, Arc<MemEntry>>,
+    cache: Cache<KeyHash, Arc<MemEntry>, KeyHasher>,
     capacity: u64,
     evictions: Arc<AtomicU64>,
 }
@@ -51,7 +51,7 @@ impl MemoryTier {
                     counted.fetch_add(1, Ordering::Relaxed);
                 }
             })
-            .build();
+            .build_with_hasher(KeyHasher::default());
         Self {
             cache,
             capacity,

@@ -52,7 +52,7 @@ use http::{Method, StatusCode, request};
 use self::clock::Clock;
 use self::disk::{DiskHit, DiskTier};
 use self::fill::Fill;
-use self::key::{KeyHash, NormalizedRequest};
+use self::key::{KeyHash, KeyHasher, NormalizedRequest};
 use self::memory::MemoryTier;
 use self::meta::{CachedMeta, MemObject};
 use self::policy::Freshness;
@@ -131,8 +131,8 @@ impl Stored {
 pub struct Engine {
     memory: MemoryTier,
     disk: Option<Arc<DiskTier>>,
-    vary: DashMap<KeyHash, VaryEntry>,
-    fills: DashMap<KeyHash, Arc<Fill>>,
+    vary: DashMap<KeyHash, VaryEntry, KeyHasher>,
+    fills: DashMap<KeyHash, Arc<Fill>, KeyHasher>,
     upstream: Arc<dyn Upstream>,
     clock: Clock,
     cfg: EngineConfig,
@@ -160,7 +160,8 @@ impl Engine {
             cfg.disk.as_ref().map(|(dir, _)| dir.join("purges.json")),
         )?;
         let hosts: DashMap<String, ()> = DashMap::new();
-        let vary: DashMap<KeyHash, VaryEntry> = DashMap::new();
+        let vary: DashMap<KeyHash, VaryEntry, KeyHasher> =
+            DashMap::with_hasher(KeyHasher::default());
         let disk = match &cfg.disk {
             Some((dir, cap)) => {
                 let (tier, metas) = DiskTier::open(dir, *cap).await?;
@@ -193,7 +194,7 @@ impl Engine {
             memory,
             disk,
             vary,
-            fills: DashMap::new(),
+            fills: DashMap::with_hasher(KeyHasher::default()),
             upstream,
             clock,
             budget: std::sync::Mutex::new(Budget::full(cfg.revalidations_per_sec)),

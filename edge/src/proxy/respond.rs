@@ -488,10 +488,9 @@ pub(super) fn upstream_cache_status(headers: &HeaderMap) -> String {
 
 /// Our `Cache-Status` entry for a fresh hit: `name; hit; ttl=N`.
 pub(super) fn push_hit_status(out: &mut String, name: &str, ttl: u64) {
-    use std::fmt::Write;
     out.push_str(name);
     out.push_str("; hit; ttl=");
-    let _ = write!(out, "{ttl}");
+    out.push_str(itoa::Buffer::new().format(ttl));
 }
 
 #[cfg(test)]
