@@ -348,9 +348,11 @@ impl EdgeServer {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let proxy = proxy.clone();
+            // Requests clone this connection's own handle, not the node-wide Arc: two cores
+            // answering requests never bounce one reference count between them.
+            let conn_proxy = Arc::new(proxy.clone());
             let svc = service_fn(move |req: Request<Incoming>| {
-                let proxy = proxy.clone();
+                let proxy = conn_proxy.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
             });
             let builder = builder.clone();

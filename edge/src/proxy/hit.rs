@@ -354,7 +354,6 @@ mod tests {
         for _ in 0..200 {
             let r = s
                 .proxy
-                .clone()
                 .handle(request(Method::GET, path, headers), peer())
                 .await;
             body_of(r).await;
@@ -565,7 +564,6 @@ mod tests {
         );
         let r = s
             .proxy
-            .clone()
             .handle(request(Method::GET, "/page.html", &[]), peer())
             .await;
         assert_eq!(body_of(r).await.2, "pushed");

@@ -109,7 +109,7 @@ impl Proxy {
     }
 
     pub async fn handle<B: RequestBody>(
-        self: Arc<Self>,
+        &self,
         req: Request<B>,
         peer: SocketAddr,
     ) -> Response<RespBody> {
