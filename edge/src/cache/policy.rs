@@ -259,6 +259,12 @@ pub fn admit(
     let mut headers = resp.headers.clone();
     strip_hop_by_hop(&mut headers);
     headers.remove(header::SET_COOKIE);
+    // RFC 9110 §6.6.1: a response cached without Date gets the time it was received.
+    if !headers.contains_key(header::DATE)
+        && let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+    {
+        headers.insert(header::DATE, date);
+    }
     let has_validator =
         headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED);
     if ttl.is_zero() && !has_validator && swr.is_zero() && sie.is_zero() {
@@ -409,6 +415,13 @@ pub fn apply_not_modified(
         }
         headers.append(name.clone(), value.clone());
     }
+    // A 304 without Date was received now (RFC 9110 §6.6.1): the stored Date must not keep
+    // the first response's time, or an Expires lifetime would be counted from it.
+    if !not_modified.headers.contains_key(header::DATE)
+        && let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+    {
+        headers.insert(header::DATE, date);
+    }
     let vary = vary_names(&headers)?;
     let mut parts = http::Response::builder()
         .status(meta.status)
@@ -509,6 +522,27 @@ mod tests {
         assert_eq!(freshness(&m, &req(&[]), now), Freshness::Fresh);
         let later = now + Duration::from_secs(201);
         assert_eq!(freshness(&m, &req(&[]), later), Freshness::Stale);
+    }
+
+    #[test]
+    fn a_response_without_date_is_stored_with_its_receipt_time() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let m = store(
+            &req(&[]),
+            &resp(200, &[("cache-control", "max-age=60")]),
+            now,
+        )
+        .unwrap();
+        assert_eq!(m.headers["date"], "Tue, 14 Nov 2023 22:13:20 GMT");
+        let dated = [
+            ("cache-control", "max-age=60"),
+            ("date", "Mon, 13 Nov 2023 00:00:00 GMT"),
+        ];
+        let m = store(&req(&[]), &resp(200, &dated), now).unwrap();
+        assert_eq!(
+            m.headers["date"], "Mon, 13 Nov 2023 00:00:00 GMT",
+            "an origin's Date is kept"
+        );
     }
 
     #[test]
@@ -861,5 +895,27 @@ mod tests {
         let other = resp(304, &[("etag", "\"v2\"")]);
         let u = apply_not_modified(&m, &req(&[]), &other, later, &AdmitOptions::default()).unwrap();
         assert_eq!(u.headers["etag"], "\"v1\"");
+    }
+
+    #[test]
+    fn a_304_without_date_dates_the_update_and_expires_counts_from_it() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let dated = [
+            ("date", "Tue, 14 Nov 2023 22:13:20 GMT"),
+            ("expires", "Tue, 14 Nov 2023 22:14:20 GMT"),
+            ("etag", "\"v1\""),
+        ];
+        let m = store(&req(&[]), &resp(200, &dated), t0).unwrap();
+        assert_eq!(ttl(&m, t0), Duration::from_secs(60));
+        // Revalidated two minutes later by a 304 that has no Date and moves Expires on.
+        let later = t0 + Duration::from_secs(120);
+        let nm = resp(304, &[("expires", "Tue, 14 Nov 2023 22:16:20 GMT")]);
+        let u = apply_not_modified(&m, &req(&[]), &nm, later, &AdmitOptions::default()).unwrap();
+        assert_eq!(u.headers["date"], "Tue, 14 Nov 2023 22:15:20 GMT");
+        assert_eq!(
+            ttl(&u, later),
+            Duration::from_secs(60),
+            "Expires minus the 304's time"
+        );
     }
 }
