@@ -1019,6 +1019,36 @@ async fn request_no_store_is_not_stored() {
 
 /// POST to a cached URL passes through (the origin sees the POST and its body) and invalidates
 /// the stored GET: the next GET is a MISS.
+/// Upstream requests name the client (X-Forwarded-For, appended) and the scheme it used
+/// (X-Forwarded-Proto: set by an edge, whatever the client claimed; kept by a shield, which
+/// hears it from an edge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_name_the_client_and_its_scheme() {
+    let origin = TestOrigin::start().await;
+    origin.route("/fwd", cacheable("x", "no-store"));
+    let spoofed = [
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-for", "10.0.0.1"),
+    ];
+    let edge = Edge::start(&origin).await;
+    get(&client(), &edge.url("/fwd"), &spoofed).await;
+    let seen = origin.last_request("/fwd").expect("origin request");
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"), "{seen:?}");
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("10.0.0.1, 127.0.0.1"),
+        "{seen:?}"
+    );
+
+    let shield = Edge::start_with(origin.addr(), |cfg| cfg.role = outpost_edge::Role::Shield).await;
+    get(&client(), &shield.url("/fwd"), &spoofed).await;
+    let seen = origin.last_request("/fwd").expect("origin request");
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"), "{seen:?}");
+    get(&client(), &shield.url("/fwd"), &[]).await;
+    let seen = origin.last_request("/fwd").expect("origin request");
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"), "{seen:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_passes_through_and_invalidates() {
     let origin = TestOrigin::start().await;

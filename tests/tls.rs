@@ -264,6 +264,12 @@ async fn h1_and_h2_over_tls_with_tls12_and_tls13() {
     assert_eq!(r.version(), reqwest::Version::HTTP_11);
     assert_eq!(r.headers()["x-cache"], "MISS");
     assert_eq!(r.text().await.unwrap(), "over tls");
+    let upstream = origin.last_request("/a").expect("the origin saw the miss");
+    assert_eq!(
+        upstream.header("x-forwarded-proto"),
+        Some("https"),
+        "{upstream:?}"
+    );
 
     // ALPN offers h2 first: reqwest's default client speaks HTTP/2 over TLS.
     let h2 = https_client(&pki.ca_pem()).build().unwrap();

@@ -29,6 +29,7 @@ use crate::cache::{Engine, EngineConfig};
 use crate::config::EdgeConfig;
 use crate::observe::metrics::EdgeMetrics;
 use crate::observe::window::Windows;
+use crate::proxy::Client;
 use crate::proxy::Proxy;
 use crate::proxy::respond::Identity;
 use crate::proxy::shield::ShieldUpstream;
@@ -190,6 +191,7 @@ impl EdgeServer {
             name: cfg.name.clone(),
             strip_surrogate_control: cfg.role == crate::config::Role::Edge,
             strip_tags: cfg.role == crate::config::Role::Edge && cfg.strip_tag_headers,
+            sets_forwarded_proto: cfg.role == crate::config::Role::Edge,
             surrogate_capability: HeaderValue::from_str(&format!("{}=\"Surrogate/1.0\"", cfg.name))
                 .unwrap_or(HeaderValue::from_static("outpost=\"Surrogate/1.0\"")),
             via: HeaderValue::from_str(&format!("1.1 {}", cfg.name))
@@ -351,9 +353,13 @@ impl EdgeServer {
             // Requests clone this connection's own handle, not the node-wide Arc: two cores
             // answering requests never bounce one reference count between them.
             let conn_proxy = Arc::new(proxy.clone());
+            let client = Client {
+                addr: peer,
+                tls: tls.is_some(),
+            };
             let svc = service_fn(move |req: Request<Incoming>| {
                 let proxy = conn_proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+                async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
             });
             let builder = builder.clone();
             let watcher = graceful.watcher();

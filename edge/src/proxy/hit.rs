@@ -180,7 +180,6 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::net::SocketAddr;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{Duration, SystemTime};
@@ -196,9 +195,9 @@ mod tests {
     use crate::cache::upstream::{BoxError, Upstream, UpstreamBody, UpstreamError};
     use crate::cache::{Engine, EngineConfig, PurgeSpec};
     use crate::observe::metrics::EdgeMetrics;
-    use crate::proxy::Versioning;
     use crate::proxy::compress::CompressionConfig;
     use crate::proxy::respond::Identity;
+    use crate::proxy::{Client, Versioning};
 
     const HOST: &str = "site.test";
 
@@ -304,6 +303,7 @@ mod tests {
             surrogate_capability: HeaderValue::from_static("outpost=\"Surrogate/1.0\""),
             strip_surrogate_control: true,
             strip_tags: true,
+            sets_forwarded_proto: true,
         };
         let proxy = Arc::new(Proxy::new(
             engine,
@@ -339,8 +339,11 @@ mod tests {
         r
     }
 
-    fn peer() -> SocketAddr {
-        "127.0.0.1:1".parse().expect("addr")
+    fn peer() -> Client {
+        Client {
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            tls: false,
+        }
     }
 
     async fn body_of(r: Response<RespBody>) -> (StatusCode, HeaderMap, Bytes) {

@@ -33,6 +33,14 @@ use crate::cache::status::{CacheStatus, PassReason};
 use crate::cache::upstream::{BoxError, Upstream};
 use crate::cache::{CacheRequest, Engine};
 
+/// The client end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Client {
+    pub addr: SocketAddr,
+    /// The request came over TLS (the HTTPS listener).
+    pub tls: bool,
+}
+
 /// A request body the proxy can forward: hyper's `Incoming` on the data port, any body in tests.
 pub trait RequestBody: Send + 'static {
     /// The body as sent upstream on a pass-through.
@@ -111,8 +119,9 @@ impl Proxy {
     pub async fn handle<B: RequestBody>(
         &self,
         req: Request<B>,
-        peer: SocketAddr,
+        client: Client,
     ) -> Response<RespBody> {
+        let peer = client.addr;
         let started = Instant::now();
         // The access log is a debug event: build its fields only when it will be written, so
         // the hit path allocates nothing for it otherwise.
@@ -137,7 +146,7 @@ impl Proxy {
             None => {
                 let missed = req.uri().path_and_query().cloned();
                 let is_head = req.method() == Method::HEAD;
-                let resp = self.route(req, peer).await;
+                let resp = self.route(req, client).await;
                 let outcome = resp
                     .extensions()
                     .get::<Outcome>()
@@ -237,7 +246,7 @@ impl Proxy {
         }));
     }
 
-    async fn route<B: RequestBody>(&self, req: Request<B>, peer: SocketAddr) -> Response<RespBody> {
+    async fn route<B: RequestBody>(&self, req: Request<B>, client: Client) -> Response<RespBody> {
         let settings = self.settings.load();
         let (mut parts, body) = req.into_parts();
         let norm = match NormalizedRequest::new(
@@ -272,7 +281,13 @@ impl Proxy {
             headers::SURROGATE_CAPABILITY,
             self.id.surrogate_capability.clone(),
         );
-        append_forwarded_for(&mut parts.headers, peer);
+        append_forwarded_for(&mut parts.headers, client.addr);
+        if self.id.sets_forwarded_proto || !parts.headers.contains_key(headers::X_FORWARDED_PROTO) {
+            let proto = if client.tls { "https" } else { "http" };
+            parts
+                .headers
+                .insert(headers::X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
         parts.uri = origin_form(&parts.uri);
         parts.version = http::Version::HTTP_11;
         let versioned = !settings.versioning.param.is_empty()

@@ -36,6 +36,9 @@ pub struct Identity {
     /// Remove the tag headers (`Surrogate-Key`, `Cache-Tag`) before clients see them; they are
     /// stored with the object for purges. A shield keeps them for the edges.
     pub strip_tags: bool,
+    /// Set `X-Forwarded-Proto` upstream from the client connection (an edge faces clients);
+    /// a shield keeps the value its edges sent.
+    pub sets_forwarded_proto: bool,
 }
 
 pub fn full(b: Bytes) -> RespBody {
