@@ -101,8 +101,70 @@ pub struct Generations {
     tag_max: AtomicU64,
     exact: DashMap<String, Gen>,
     exact_max: AtomicU64,
-    file: Option<PathBuf>,
+    persister: Option<Persister>,
     write: Mutex<()>,
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<(), (io::ErrorKind, String)>>;
+
+/// Writes `purges.json` on a thread of its own, so a purge is never queued behind cache I/O
+/// on the blocking pool. Each write is synced before it is acknowledged; purges that arrive
+/// while a write is under way are written together by the next one (each state includes
+/// every earlier purge).
+struct Persister {
+    tx: std::sync::mpsc::Sender<(Vec<u8>, Reply)>,
+}
+
+impl Persister {
+    fn start(file: PathBuf) -> io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<(Vec<u8>, Reply)>();
+        std::thread::Builder::new()
+            .name("outpost-purges".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut latest = first.0;
+                    let mut replies = vec![first.1];
+                    while let Ok((data, reply)) = rx.try_recv() {
+                        latest = data;
+                        replies.push(reply);
+                    }
+                    let result =
+                        write_synced(&file, &latest).map_err(|e| (e.kind(), e.to_string()));
+                    for reply in replies {
+                        let _ = reply.send(result.clone());
+                    }
+                }
+            })?;
+        Ok(Self { tx })
+    }
+
+    async fn write(&self, data: Vec<u8>) -> io::Result<()> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((data, reply))
+            .map_err(|_| io::Error::other("the purge-state writer has stopped"))?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((kind, msg))) => Err(io::Error::new(kind, msg)),
+            Err(_) => Err(io::Error::other("the purge-state writer has stopped")),
+        }
+    }
+}
+
+/// Replaces `file` atomically and durably: a temporary file, fsync, rename, fsync of the
+/// directory.
+fn write_synced(file: &std::path::Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = file.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, file)?;
+    if let Some(dir) = file.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl Generations {
@@ -139,7 +201,7 @@ impl Generations {
             tag_max: AtomicU64::new(tag_max),
             exact: persisted.exact.into_iter().collect(),
             exact_max: AtomicU64::new(exact_max),
-            file,
+            persister: file.map(Persister::start).transpose()?,
             write: Mutex::new(()),
         })
     }
@@ -152,7 +214,7 @@ impl Generations {
     /// Records a purge of several scopes under one new sequence number and persists it before
     /// returning. O(number of scopes), independent of the number of cached objects.
     pub async fn purge(&self, scopes: &[Scope], soft: bool) -> io::Result<u64> {
-        let _guard = self.write.lock().await;
+        let guard = self.write.lock().await;
         let seq = self.seq.load(Ordering::Acquire) + 1;
         for scope in scopes {
             match scope {
@@ -180,14 +242,18 @@ impl Generations {
         // Publish the sequence last: an object stored concurrently records an older sequence
         // and is therefore covered by this purge.
         self.seq.store(seq, Ordering::Release);
-        self.persist().await?;
+        let Some(persister) = &self.persister else {
+            return Ok(seq);
+        };
+        // The state is taken under the lock, so states reach the writer in sequence order;
+        // the write is awaited outside it, so concurrent purges share one write.
+        let data = self.state_json()?;
+        drop(guard);
+        persister.write(data).await?;
         Ok(seq)
     }
 
-    async fn persist(&self) -> io::Result<()> {
-        let Some(file) = &self.file else {
-            return Ok(());
-        };
+    fn state_json(&self) -> io::Result<Vec<u8>> {
         let state = Persisted {
             seq: self.seq.load(Ordering::Acquire),
             all: *self.all.read().unwrap_or_else(|p| p.into_inner()),
@@ -207,10 +273,7 @@ impl Generations {
                 .map(|e| (e.key().clone(), *e.value()))
                 .collect(),
         };
-        let data = serde_json::to_vec(&state).map_err(io::Error::other)?;
-        let tmp = file.with_extension("json.tmp");
-        tokio::fs::write(&tmp, &data).await?;
-        tokio::fs::rename(&tmp, file).await
+        serde_json::to_vec(&state).map_err(io::Error::other)
     }
 
     /// Is an object (key text `host/path?query`, its tags, the sequence it was stored at)
@@ -321,5 +384,47 @@ mod tests {
         assert!(g.current() > stored);
         assert_eq!(g.check("h/x", &[], stored), Verdict::Gone);
         assert_eq!(g.check("h/x", &[], g.current()), Verdict::Valid);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_purges_are_all_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("purges.json");
+        let g = std::sync::Arc::new(Generations::load(Some(f.clone())).unwrap());
+        let stored = g.current();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let g = g.clone();
+            tasks.spawn(async move { g.purge(&[Scope::Tag(format!("t{i}"))], false).await });
+        }
+        let mut seqs: Vec<u64> = tasks
+            .join_all()
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 40, "one sequence number per purge");
+        drop(g);
+        // Every purge that returned is on disk, whichever write carried it.
+        let g = Generations::load(Some(f)).unwrap();
+        for i in 0..40 {
+            assert_eq!(
+                g.check("h/x", &tags(&[&format!("t{i}")]), stored),
+                Verdict::Gone,
+                "t{i}"
+            );
+        }
+        assert!(!dir.path().join("purges.json.tmp").exists());
+    }
+
+    #[tokio::test]
+    async fn a_purge_that_cannot_be_persisted_reports_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("gone").join("purges.json");
+        let g = Generations::load(Some(f)).unwrap();
+        let err = g.purge(&[Scope::All], false).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
 }
