@@ -27,18 +27,7 @@ use super::{
     CacheRequest, Engine, MAX_TRACKED_HOSTS, Served, ServedBody, Stored, VaryEntry, error_served,
     pinned,
 };
-use crate::proxy::headers::strip_hop_by_hop;
-
-/// Request headers that would turn our fetch into a conditional or partial one. The cache
-/// fetches whole objects and evaluates the client's conditions itself (RFC 9111 §4.3.2).
-const CLIENT_CONDITIONALS: [HeaderName; 6] = [
-    header::IF_NONE_MATCH,
-    header::IF_MODIFIED_SINCE,
-    header::IF_MATCH,
-    header::IF_UNMODIFIED_SINCE,
-    header::IF_RANGE,
-    header::RANGE,
-];
+use crate::proxy::headers::{CLIENT_CONDITIONALS, strip_hop_by_hop};
 
 /// A request's place in a fill: whether it started it, and its reader.
 pub(super) struct Joined {

@@ -5,6 +5,17 @@
 use http::HeaderMap;
 use http::header::{self, HeaderName};
 
+/// Request fields that make a request conditional or partial. The cache fetches whole objects
+/// and evaluates the client's conditions itself (RFC 9111 §4.3.2).
+pub const CLIENT_CONDITIONALS: [HeaderName; 6] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+    header::RANGE,
+];
+
 // Header names used on every response, parsed once (a `&str` name is re-parsed per call).
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");

@@ -17,7 +17,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 
 use super::Proxy;
-use super::headers::CACHE_STATUS;
+use super::headers::{CACHE_STATUS, CLIENT_CONDITIONALS};
 use super::respond::{self, Outcome, RespBody, full, push_hit_status, upstream_cache_status};
 use crate::cache::hit::{Codings, FreshHit, PreparedHead};
 use crate::cache::key::{Coding, key_text};
@@ -27,18 +27,9 @@ use crate::cache::status::{CacheStatus, Tier};
 use crate::cache::{Served, ServedBody};
 
 /// Request fields that make a hit depend on more than the stored object: freshness
-/// directives, credentials, conditionals and ranges.
-const FULL_PATH_FIELDS: [HeaderName; 9] = [
-    header::CACHE_CONTROL,
-    header::PRAGMA,
-    header::AUTHORIZATION,
-    header::IF_NONE_MATCH,
-    header::IF_MODIFIED_SINCE,
-    header::IF_MATCH,
-    header::IF_UNMODIFIED_SINCE,
-    header::IF_RANGE,
-    header::RANGE,
-];
+/// directives and credentials, and (with [`CLIENT_CONDITIONALS`]) conditionals and ranges.
+const FULL_PATH_FIELDS: [HeaderName; 3] =
+    [header::CACHE_CONTROL, header::PRAGMA, header::AUTHORIZATION];
 
 /// A fast-path answer: the response, what the cache did, and the body bytes it sends.
 pub(super) struct FastHit {
@@ -59,7 +50,7 @@ impl Proxy {
         for name in req.headers().keys() {
             if name == header::ACCEPT_ENCODING {
                 accept_encoding = true;
-            } else if FULL_PATH_FIELDS.contains(name) {
+            } else if FULL_PATH_FIELDS.contains(name) || CLIENT_CONDITIONALS.contains(name) {
                 return None;
             }
         }
