@@ -1716,6 +1716,56 @@ async fn purges_apply_to_pushed_objects() {
     edge.stop().await;
 }
 
+/// A soft purge of a pushed object that the origin answers with 304 (its file has not changed
+/// since the push): the pushed object is current again, a HIT with no further origin request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_purged_pushed_object_confirmed_by_304_is_a_hit_again() {
+    let origin = TestOrigin::start().await;
+    origin.route_fn("/p/same.js", |req, _| {
+        if req.header("if-modified-since").is_some() || req.header("if-none-match").is_some() {
+            Reply::not_modified()
+        } else {
+            Reply::ok("origin copy").header("cache-control", "max-age=600")
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let edge = Edge::start(&origin, dir.path(), Extra::default()).await;
+    let c = client();
+    let r = push(&c, &edge, "/p/same.js", b"pushed copy", &[]).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(get(&c, &edge, "/p/same.js").await.x_cache(), "HIT");
+
+    purge(&c, &edge, json!({ "urls": ["/p/same.js"], "soft": true })).await;
+    let r = get(&c, &edge, "/p/same.js").await;
+    assert_eq!(
+        (r.x_cache(), r.text().as_str()),
+        ("STALE", "pushed copy"),
+        "{r:?}"
+    );
+    assert_eq!(origin.wait_hits("/p/same.js", 1, WAIT).await, 1);
+    let asked = origin.last_request("/p/same.js").expect("revalidation");
+    assert!(
+        asked.header("if-modified-since").is_some(),
+        "the revalidation is conditional: {asked:?}"
+    );
+    let r = get_hit(&c, &edge, "/p/same.js").await;
+    assert_eq!(
+        (r.x_cache(), r.text().as_str()),
+        ("HIT", "pushed copy"),
+        "{r:?}"
+    );
+    for _ in 0..3 {
+        assert_eq!(get(&c, &edge, "/p/same.js").await.x_cache(), "HIT");
+    }
+    assert_eq!(origin.hits("/p/same.js"), 1, "one revalidation, then hits");
+    assert_eq!(
+        list(&c, &edge, "/p/").await.len(),
+        1,
+        "still a pushed object"
+    );
+    edge.stop().await;
+}
+
 /// A small memory tier and disk tier under pressure from ~40 pulled objects of 32 KiB: pulled
 /// objects are evicted, pushed ones never are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -381,6 +381,15 @@ impl Engine {
         if parts.status == StatusCode::NOT_MODIFIED
             && let Some(old) = &job.stale_meta
         {
+            // A pushed object (served ahead of the cache) that a soft purge sent back to the
+            // origin, confirmed unchanged.
+            let path = job.norm.uri.path_and_query().map_or("/", |p| p.as_str());
+            if self.pinned.as_ref().is_some_and(|p| p.contains(path))
+                && let Some(confirmed) = self.confirm_pushed(path, old, job.purge_seq).await
+            {
+                fill.publish(FillResult::Revalidated(confirmed));
+                return;
+            }
             match policy::apply_not_modified(old, &job.norm, &parts, now, &job.admit) {
                 Some(mut updated) => {
                     updated.purge_seq = job.purge_seq;

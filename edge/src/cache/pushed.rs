@@ -86,6 +86,33 @@ impl Engine {
         Some((hit.meta.clone(), hit.entry.size, stream))
     }
 
+    /// The origin answered 304 for a pushed object that a soft purge sent back to it: the
+    /// object is current again, with the headers the operator pushed. `seq` is the purge
+    /// sequence when the revalidation started (a later purge still applies). `None` if the
+    /// path holds no pushed object, or a new push replaced the one that was revalidated.
+    pub(super) async fn confirm_pushed(
+        &self,
+        path: &str,
+        revalidated: &CachedMeta,
+        seq: u64,
+    ) -> Option<Arc<CachedMeta>> {
+        let store = self.pinned.as_ref()?;
+        let current = store.get(path).await?;
+        if current.meta.stored_at_ms != revalidated.stored_at_ms {
+            return None;
+        }
+        let mut meta = (*current.meta).clone();
+        meta.purge_seq = seq;
+        let meta = Arc::new(meta);
+        let key = pinned::pinned_key(path);
+        if let Err(e) = store.tier().update_meta(&key, &meta).await {
+            tracing::warn!(path, error = %e, "updating a revalidated pushed object failed");
+            return None;
+        }
+        self.memory.remove(&key).await;
+        Some(meta)
+    }
+
     pub async fn delete_pushed(&self, path: &str) -> bool {
         let Some(store) = &self.pinned else {
             return false;
