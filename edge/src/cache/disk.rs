@@ -13,12 +13,18 @@
 //! temporary file that start-up deletes. Every read is checked against the integrity hash; a
 //! mismatch deletes the entry and is treated as a miss.
 //!
+//! Hits: the parsed metadata of recently hit objects is held in memory (a second moka cache,
+//! bounded in bytes), so a hit on one of them reads only its body. A held copy is tied to the
+//! index entry it was read for and to that entry's metadata generation (bumped by a 304
+//! update), so a replaced body or a rewritten metadata file is never answered with the old
+//! metadata.
+//!
 //! Layout under `cache_dir`: `content/` (cacache), `meta/xx/<key-hash>.json`, `meta/.tmp/`.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use cacache::Integrity;
@@ -33,35 +39,94 @@ use tracing::{debug, info, warn};
 use super::key::KeyHash;
 use super::meta::CachedMeta;
 
-/// What the in-memory index knows about one object on disk.
-#[derive(Debug, Clone)]
+/// What the in-memory index knows about one object on disk. A commit under a key installs a
+/// new entry (a new `Arc`), so an entry's identity stands for one stored body.
+#[derive(Debug)]
 pub struct DiskEntry {
     pub sri: Integrity,
     pub size: u64,
     /// The content was checked against its hash since this process started (it wrote it, or
     /// a full read verified it). Entries loaded at start-up begin unverified.
-    pub verified: Arc<std::sync::atomic::AtomicBool>,
+    pub verified: AtomicBool,
+    /// Bumped after each rewrite of the metadata file (a 304 update): metadata held in memory
+    /// from an earlier generation is not used again.
+    meta_gen: AtomicU64,
 }
 
-#[derive(Serialize, Deserialize)]
+impl DiskEntry {
+    fn new(sri: Integrity, size: u64, verified: bool) -> Arc<Self> {
+        Arc::new(Self {
+            sri,
+            size,
+            verified: AtomicBool::new(verified),
+            meta_gen: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The metadata file as read.
+#[derive(Deserialize)]
 struct MetaFile {
     integrity: String,
     size: u64,
     meta: CachedMeta,
 }
 
-/// A disk lookup result: metadata read, body not yet read.
+/// The metadata file as written: the same fields, borrowing the metadata.
+#[derive(Serialize)]
+struct MetaFileOut<'a> {
+    integrity: String,
+    size: u64,
+    meta: &'a CachedMeta,
+}
+
+/// Parsed metadata held in memory, valid for one index entry at one metadata generation.
+#[derive(Clone)]
+struct HeldMeta {
+    entry: Arc<DiskEntry>,
+    generation: u64,
+    meta: Arc<CachedMeta>,
+    /// Bytes charged: twice the metadata file's length, a rough measure of the parsed form
+    /// (header maps and the policy's copies of the headers).
+    weight: u32,
+}
+
+impl HeldMeta {
+    fn new(entry: Arc<DiskEntry>, generation: u64, meta: Arc<CachedMeta>, file_len: usize) -> Self {
+        Self {
+            entry,
+            generation,
+            meta,
+            weight: file_len.saturating_mul(2).try_into().unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// Memory for held metadata: 1/32 of the tier's capacity, between 1 MiB and 64 MiB (at a few
+/// KiB per object, the metadata of some 10-30 thousand hot objects).
+fn held_meta_budget(capacity: u64) -> u64 {
+    (capacity / 32).clamp(1 << 20, 64 << 20)
+}
+
+/// A disk lookup result: metadata known, body not yet read.
 #[derive(Debug, Clone)]
 pub struct DiskHit {
     pub meta: Arc<CachedMeta>,
-    pub entry: DiskEntry,
+    pub entry: Arc<DiskEntry>,
 }
+
+/// Bodies up to this size are read whole in one blocking call rather than streamed: a stream
+/// holds up to two 64 KiB chunks per request anyway, and each chunk of a stream is a separate
+/// trip to the blocking pool.
+pub const WHOLE_READ_MAX: u64 = 128 * 1024;
 
 pub struct DiskTier {
     content: PathBuf,
     meta_dir: PathBuf,
     tmp_dir: PathBuf,
     index: moka::sync::Cache<KeyHash, Arc<DiskEntry>>,
+    /// Metadata of recently hit objects (see the module docs).
+    held: moka::sync::Cache<KeyHash, HeldMeta>,
     refs: Arc<DashMap<String, u32>>,
     tmp_seq: AtomicU64,
     evictions: AtomicU64,
@@ -105,11 +170,17 @@ impl DiskTier {
                 });
             })
             .build();
+        let held = moka::sync::Cache::builder()
+            .name("outpost-disk-meta")
+            .max_capacity(held_meta_budget(capacity))
+            .weigher(|_k: &KeyHash, h: &HeldMeta| h.weight)
+            .build();
         let tier = Arc::new(Self {
             content,
             meta_dir,
             tmp_dir,
             index,
+            held,
             refs: Arc::new(DashMap::new()),
             tmp_seq: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -126,14 +197,8 @@ impl DiskTier {
                 continue;
             };
             tier.incref(&sri);
-            tier.index.insert(
-                key,
-                Arc::new(DiskEntry {
-                    sri,
-                    size: file.size,
-                    verified: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-                }),
-            );
+            tier.index
+                .insert(key, DiskEntry::new(sri, file.size, false));
             metas.push((key, Arc::new(file.meta)));
         }
         if !metas.is_empty() {
@@ -172,6 +237,7 @@ impl DiskTier {
                 && !self.index.contains_key(&d.key)
             {
                 let _ = tokio::fs::remove_file(self.meta_path(&d.key)).await;
+                self.held.invalidate(&d.key);
                 self.evictions.fetch_add(1, Ordering::Relaxed);
                 debug!(key = %d.key, size = d.entry.size, "disk eviction");
             }
@@ -192,15 +258,59 @@ impl DiskTier {
         self.index.contains_key(key)
     }
 
-    /// Looks up metadata. A missing or unreadable metadata file is a miss (and is cleaned up).
+    /// Looks up an object: its metadata from memory when held, else from its file (and then
+    /// held). A missing or unreadable metadata file is a miss (and is cleaned up).
     pub async fn get(&self, key: &KeyHash) -> Option<DiskHit> {
+        self.lookup(key, true).await
+    }
+
+    /// Like [`DiskTier::get`], but metadata read from a file is not held: for sweeps over every
+    /// object, which must not push the hot objects' metadata out.
+    pub async fn peek(&self, key: &KeyHash) -> Option<DiskHit> {
+        self.lookup(key, false).await
+    }
+
+    async fn lookup(&self, key: &KeyHash, hold: bool) -> Option<DiskHit> {
         let entry = self.index.get(key)?;
+        // Read before the file: a 304 update bumps it after renaming the new file into place.
+        let generation = entry.meta_gen.load(Ordering::Acquire);
+        if let Some(h) = self.held.get(key)
+            && Arc::ptr_eq(&h.entry, &entry)
+            && h.generation == generation
+        {
+            return Some(DiskHit {
+                meta: h.meta,
+                entry,
+            });
+        }
+        let (meta, file_len) = self.read_meta(key, &entry).await?;
+        if hold {
+            self.held.insert(
+                *key,
+                HeldMeta::new(entry.clone(), generation, meta.clone(), file_len),
+            );
+        }
+        Some(DiskHit { meta, entry })
+    }
+
+    /// Reads and parses an object's metadata file; `None` (a miss) when it is missing, damaged,
+    /// of another format version, or describes other content than `entry`.
+    async fn read_meta(
+        &self,
+        key: &KeyHash,
+        entry: &DiskEntry,
+    ) -> Option<(Arc<CachedMeta>, usize)> {
         match tokio::fs::read(self.meta_path(key)).await {
             Ok(data) => match serde_json::from_slice::<MetaFile>(&data) {
-                Ok(f) if f.meta.version == super::meta::META_VERSION => Some(DiskHit {
-                    meta: Arc::new(f.meta),
-                    entry: (*entry).clone(),
-                }),
+                Ok(f) if f.meta.version == super::meta::META_VERSION => {
+                    if f.integrity.parse::<Integrity>().ok().as_ref() != Some(&entry.sri) {
+                        // A commit renamed a new file into place and has not indexed it yet;
+                        // never pair one body with another's metadata.
+                        debug!(key = %key, "disk metadata names other content than the index");
+                        return None;
+                    }
+                    Some((Arc::new(f.meta), data.len()))
+                }
                 Ok(f) => {
                     warn!(key = %key, version = f.meta.version, "disk metadata of another format version, dropping entry");
                     self.remove(key).await;
@@ -215,15 +325,25 @@ impl DiskTier {
             Err(e) => {
                 warn!(key = %key, error = %e, "disk metadata unreadable, dropping entry");
                 self.index.invalidate(key);
+                self.held.invalidate(key);
                 None
             }
         }
     }
 
-    /// Reads a whole body and verifies its integrity. A corrupt body is removed.
+    /// Reads a whole body and verifies its integrity, in one trip to the blocking pool (open,
+    /// read and hash there, off the async workers). A corrupt body is removed.
     pub async fn read_all(&self, key: &KeyHash, hit: &DiskHit) -> io::Result<Bytes> {
-        match cacache::read_hash(&self.content, &hit.entry.sri).await {
-            Ok(data) => Ok(Bytes::from(data)),
+        let content = self.content.clone();
+        let sri = hit.entry.sri.clone();
+        let read = tokio::task::spawn_blocking(move || cacache::read_hash_sync(&content, &sri))
+            .await
+            .map_err(io::Error::other)?;
+        match read {
+            Ok(data) => {
+                hit.entry.verified.store(true, Ordering::Release);
+                Ok(Bytes::from(data))
+            }
             Err(e) => {
                 warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
                 self.remove(key).await;
@@ -356,7 +476,8 @@ impl DiskTier {
         })
     }
 
-    async fn write_meta_file(&self, key: &KeyHash, file: &MetaFile) -> io::Result<()> {
+    /// Writes a metadata file atomically (temporary file, then rename); returns its length.
+    async fn write_meta_file(&self, key: &KeyHash, file: &MetaFileOut<'_>) -> io::Result<usize> {
         let data = serde_json::to_vec(file).map_err(io::Error::other)?;
         let path = self.meta_path(key);
         if let Some(dir) = path.parent() {
@@ -373,29 +494,44 @@ impl DiskTier {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
-        Ok(())
+        Ok(data.len())
     }
 
     /// Replaces the metadata of a stored object (after a 304), keeping its body.
-    pub async fn update_meta(&self, key: &KeyHash, meta: &CachedMeta) -> io::Result<()> {
+    pub async fn update_meta(&self, key: &KeyHash, meta: &Arc<CachedMeta>) -> io::Result<()> {
         let Some(entry) = self.index.get(key) else {
             return Ok(());
         };
-        self.write_meta_file(
-            key,
-            &MetaFile {
-                integrity: entry.sri.to_string(),
-                size: entry.size,
-                meta: meta.clone(),
-            },
-        )
-        .await
+        let file_len = self
+            .write_meta_file(
+                key,
+                &MetaFileOut {
+                    integrity: entry.sri.to_string(),
+                    size: entry.size,
+                    meta,
+                },
+            )
+            .await?;
+        // After the rename: a lookup that sees the new generation reads the new file.
+        let generation = entry.meta_gen.fetch_add(1, Ordering::AcqRel) + 1;
+        if self
+            .index
+            .get(key)
+            .is_some_and(|current| Arc::ptr_eq(&current, &entry))
+        {
+            self.held.insert(
+                *key,
+                HeldMeta::new(entry, generation, meta.clone(), file_len),
+            );
+        }
+        Ok(())
     }
 
     /// Removes an object (metadata first, so it can never be found half-removed).
     pub async fn remove(&self, key: &KeyHash) {
         let _ = tokio::fs::remove_file(self.meta_path(key)).await;
         self.index.invalidate(key);
+        self.held.invalidate(key);
     }
 
     /// Objects evicted for space since start.
@@ -405,6 +541,7 @@ impl DiskTier {
 
     pub fn run_pending_tasks(&self) {
         self.index.run_pending_tasks();
+        self.held.run_pending_tasks();
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -435,9 +572,9 @@ impl DiskWriter {
         self.written
     }
 
-    pub async fn commit(self, meta: &CachedMeta) -> io::Result<()> {
+    pub async fn commit(self, meta: &Arc<CachedMeta>) -> io::Result<()> {
         let meta = meta.clone();
-        self.commit_with(move |_, _| meta).await.map(|_| ())
+        self.finish(move |_, _| meta).await.map(|_| ())
     }
 
     /// Commits, building the metadata once the content hash and size are known (pushed
@@ -446,32 +583,41 @@ impl DiskWriter {
         self,
         meta: impl FnOnce(&Integrity, u64) -> CachedMeta,
     ) -> io::Result<Integrity> {
+        self.finish(|sri, size| Arc::new(meta(sri, size))).await
+    }
+
+    async fn finish(
+        self,
+        meta: impl FnOnce(&Integrity, u64) -> Arc<CachedMeta>,
+    ) -> io::Result<Integrity> {
         let sri = self
             .writer
             .commit()
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
-        let file = MetaFile {
+        let meta = meta(&sri, self.written);
+        let file = MetaFileOut {
             integrity: sri.to_string(),
             size: self.written,
-            meta: meta(&sri, self.written),
+            meta: &meta,
         };
         // Reference first, so a concurrent eviction of an identical body keeps the content.
         self.tier.incref(&sri);
-        if let Err(e) = self.tier.write_meta_file(&self.key, &file).await {
-            if self.tier.decref(&sri) {
-                let _ = cacache::remove_hash(&self.tier.content, &sri).await;
+        let file_len = match self.tier.write_meta_file(&self.key, &file).await {
+            Ok(n) => n,
+            Err(e) => {
+                if self.tier.decref(&sri) {
+                    let _ = cacache::remove_hash(&self.tier.content, &sri).await;
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-        self.tier.index.insert(
-            self.key,
-            Arc::new(DiskEntry {
-                sri: sri.clone(),
-                size: self.written,
-                verified: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            }),
-        );
+        };
+        let entry = DiskEntry::new(sri.clone(), self.written, true);
+        self.tier.index.insert(self.key, entry.clone());
+        // Just written: the first hit needs no metadata read.
+        self.tier
+            .held
+            .insert(self.key, HeldMeta::new(entry, 0, meta, file_len));
         Ok(sri)
     }
 }
@@ -534,4 +680,175 @@ fn scan_meta_dir(dir: &Path) -> Vec<(KeyHash, MetaFile)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use http::{Request, Response};
+
+    use super::*;
+    use crate::cache::policy::{self, Admission, AdmitOptions};
+
+    fn meta(etag: &str) -> Arc<CachedMeta> {
+        let req = Request::get("http://example.test/a")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let resp = Response::builder()
+            .header("cache-control", "max-age=60")
+            .header("etag", etag)
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let opts = AdmitOptions {
+            surrogate: "edge".into(),
+            default_ttl: None,
+        };
+        match policy::admit(&req, &resp, "example.test/a", SystemTime::now(), &opts) {
+            Admission::Store(m) => Arc::new(*m),
+            Admission::Pass(r) => panic!("not admitted: {}", r.as_str()),
+        }
+    }
+
+    /// A tier of 1 GiB in a fresh directory (kept alive by the returned guard).
+    async fn tier() -> (tempfile::TempDir, Arc<DiskTier>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+        (dir, tier)
+    }
+
+    async fn store(tier: &Arc<DiskTier>, key: KeyHash, body: &[u8], meta: &Arc<CachedMeta>) {
+        let mut w = tier
+            .begin_write(key, Some(body.len() as u64))
+            .await
+            .unwrap();
+        w.write(body).await.unwrap();
+        w.commit(meta).await.unwrap();
+    }
+
+    async fn etag_of(tier: &DiskTier, key: &KeyHash) -> Option<String> {
+        let hit = tier.get(key).await?;
+        Some(hit.meta.etag().unwrap_or_default().to_string())
+    }
+
+    fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// A 304 rewrites the metadata file: later hits answer the new metadata, even when a
+    /// lookup that read the old file holds it after the update, and so does a restart.
+    #[tokio::test]
+    async fn update_replaces_held_metadata() {
+        let (dir, tier) = tier().await;
+        let key = KeyHash::of("example.test/a");
+        store(&tier, key, b"body", &meta("\"a\"")).await;
+        assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"a\""));
+        let late = tier
+            .held
+            .get(&key)
+            .expect("held after the commit and the hit");
+
+        tier.update_meta(&key, &meta("\"b\"")).await.unwrap();
+        assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"b\""));
+        tier.held.insert(key, late);
+        assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"b\""));
+        let hit = tier.get(&key).await.unwrap();
+        assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], b"body");
+
+        let (reopened, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+        assert_eq!(etag_of(&reopened, &key).await.as_deref(), Some("\"b\""));
+    }
+
+    /// Metadata held for an entry that a new commit has replaced (a lookup racing the commit
+    /// holds it late) is never paired with the new body.
+    #[tokio::test]
+    async fn metadata_held_for_a_replaced_entry_is_not_used() {
+        let (_dir, tier) = tier().await;
+        let key = KeyHash::of("example.test/a");
+        store(&tier, key, b"old body", &meta("\"old\"")).await;
+        tier.get(&key).await.unwrap();
+        let late = tier
+            .held
+            .get(&key)
+            .expect("held after the commit and the hit");
+
+        store(&tier, key, b"new body", &meta("\"new\"")).await;
+        tier.held.insert(key, late);
+        let hit = tier.get(&key).await.unwrap();
+        assert_eq!(hit.meta.etag(), Some("\"new\""));
+        assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], b"new body");
+    }
+
+    /// Holding the metadata skips no integrity check: a body damaged on disk after it was
+    /// written and hit fails its read and the entry is gone.
+    #[tokio::test]
+    async fn damaged_body_with_held_metadata_is_removed() {
+        let (dir, tier) = tier().await;
+        let key = KeyHash::of("example.test/a");
+        store(&tier, key, b"a body that will be damaged", &meta("\"a\"")).await;
+        let hit = tier.get(&key).await.unwrap();
+        assert!(tier.read_all(&key, &hit).await.is_ok());
+
+        let files = files_under(&dir.path().join("content").join("content-v2"));
+        assert!(!files.is_empty(), "no content file to damage");
+        for f in &files {
+            let len = std::fs::metadata(f).unwrap().len() as usize;
+            let mut perms = std::fs::metadata(f).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perms.set_readonly(false);
+            std::fs::set_permissions(f, perms).unwrap();
+            std::fs::write(f, vec![b'#'; len]).unwrap();
+        }
+        let hit = tier.get(&key).await.expect("metadata is held");
+        assert!(tier.read_all(&key, &hit).await.is_err());
+        assert!(
+            tier.get(&key).await.is_none(),
+            "the damaged entry is removed"
+        );
+    }
+
+    /// A metadata file that names other content than the index entry (a commit between its
+    /// rename and its index insert) is a miss, never another object's metadata.
+    #[tokio::test]
+    async fn metadata_file_of_other_content_is_a_miss() {
+        let (_dir, tier) = tier().await;
+        let (one, two) = (KeyHash::of("example.test/1"), KeyHash::of("example.test/2"));
+        store(&tier, one, b"body one", &meta("\"1\"")).await;
+        store(&tier, two, b"body two", &meta("\"2\"")).await;
+        std::fs::copy(tier.meta_path(&two), tier.meta_path(&one)).unwrap();
+        tier.held.invalidate(&one);
+        assert!(tier.get(&one).await.is_none());
+        assert_eq!(etag_of(&tier, &two).await.as_deref(), Some("\"2\""));
+    }
+
+    /// Sweeps (`peek`) read metadata without holding it; hits (`get`) hold it.
+    #[tokio::test]
+    async fn peek_does_not_hold_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = KeyHash::of("example.test/a");
+        {
+            let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+            store(&tier, key, b"body", &meta("\"a\"")).await;
+        }
+        let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+        assert!(tier.peek(&key).await.is_some());
+        tier.run_pending_tasks();
+        assert_eq!(tier.held.entry_count(), 0);
+        assert!(tier.get(&key).await.is_some());
+        tier.run_pending_tasks();
+        assert_eq!(tier.held.entry_count(), 1);
+    }
 }
