@@ -10,8 +10,16 @@
 //!
 //! Crash safety: a fill writes content first, then renames its metadata file into place. A crash
 //! before the rename leaves only unreferenced content (never visible); a crash mid-write leaves a
-//! temporary file that start-up deletes. Every read is checked against the integrity hash; a
-//! mismatch deletes the entry and is treated as a miss.
+//! temporary file that start-up deletes.
+//!
+//! Integrity: every read is checked, and a damaged body is removed and treated as a miss. A
+//! stream is hashed as it goes (its last chunk held back until the hash matched). A whole read
+//! is hashed too, except when the content file is the very file whose bytes last matched the
+//! hash in this process, unchanged since: same device, inode, length, mtime and ctime, with
+//! those times older than that read by [`STAMP_SETTLE`] (so a change within one timestamp tick
+//! cannot hide). Any write, truncation or replacement through the file system is caught that
+//! way; what is not caught until the next start (when every entry begins unchecked) is damage
+//! below the file system that leaves the file's metadata alone.
 //!
 //! Hits: the parsed metadata of recently hit objects is held in memory (a second moka cache,
 //! bounded in bytes), so a hit on one of them reads only its body. A held copy is tied to the
@@ -25,6 +33,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use cacache::Integrity;
@@ -51,6 +61,12 @@ pub struct DiskEntry {
     /// Bumped after each rewrite of the metadata file (a 304 update): metadata held in memory
     /// from an earlier generation is not used again.
     meta_gen: AtomicU64,
+    /// The content file as it was when a whole read last found its bytes matching the hash
+    /// (see the module docs); `None` until then.
+    checked_file: Mutex<Option<FileStamp>>,
+    /// The content file's path, kept once a whole read needed it (deriving it takes a few
+    /// allocations per read otherwise).
+    content_path: OnceLock<PathBuf>,
 }
 
 impl DiskEntry {
@@ -60,8 +76,70 @@ impl DiskEntry {
             size,
             verified: AtomicBool::new(verified),
             meta_gen: AtomicU64::new(0),
+            checked_file: Mutex::new(None),
+            content_path: OnceLock::new(),
         })
     }
+}
+
+/// A content file as the file system describes it. A write, truncation or replacement changes
+/// at least one field, provided the times were taken a timestamp tick after the previous change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How much older than a read a file's times must be before its stamp may stand in for the
+/// hash: file systems with coarse timestamps (ticks of milliseconds, on some up to 2 s) give a
+/// change made in the same tick as the file's last one the same times. Git's "racily clean"
+/// index entries are the same problem.
+pub const STAMP_SETTLE: Duration = Duration::from_secs(3);
+
+impl FileStamp {
+    #[cfg(unix)]
+    fn of(md: &std::fs::Metadata) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        Some(Self {
+            dev: md.dev(),
+            ino: md.ino(),
+            len: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn of(_: &std::fs::Metadata) -> Option<Self> {
+        None
+    }
+
+    /// Both times lie at least [`STAMP_SETTLE`] before `now`.
+    fn settled(&self, now: SystemTime) -> bool {
+        let Some(limit) = now
+            .checked_sub(STAMP_SETTLE)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        else {
+            return false;
+        };
+        let limit = (
+            i64::try_from(limit.as_secs()).unwrap_or(i64::MAX),
+            i64::from(limit.subsec_nanos()),
+        );
+        self.mtime < limit && self.ctime < limit
+    }
+}
+
+/// How a whole read made sure of its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checked {
+    /// Hashed and compared with the integrity.
+    Hashed,
+    /// The file is the one whose bytes last matched the hash, unchanged.
+    Unchanged,
 }
 
 /// The metadata file as read.
@@ -121,7 +199,7 @@ pub struct DiskHit {
 pub const WHOLE_READ_MAX: u64 = 128 * 1024;
 
 pub struct DiskTier {
-    content: PathBuf,
+    content: Arc<Path>,
     meta_dir: PathBuf,
     tmp_dir: PathBuf,
     index: moka::sync::Cache<KeyHash, Arc<DiskEntry>>,
@@ -145,7 +223,7 @@ impl DiskTier {
         root: &Path,
         capacity: u64,
     ) -> io::Result<(Arc<Self>, Vec<(KeyHash, Arc<CachedMeta>)>)> {
-        let content = root.join("content");
+        let content: Arc<Path> = root.join("content").into();
         let meta_dir = root.join("meta");
         let tmp_dir = meta_dir.join(".tmp");
         tokio::fs::create_dir_all(&content).await?;
@@ -206,6 +284,18 @@ impl DiskTier {
         }
         tokio::spawn(Arc::clone(&tier).run_deleter(rx));
         Ok((tier, metas))
+    }
+
+    /// Where cacache keeps a body (its `content-v2` layout). Should that layout change, whole
+    /// reads find nothing here and fall back to cacache's own checked read.
+    fn content_path(&self, sri: &Integrity) -> PathBuf {
+        let (algorithm, hex) = sri.to_hex();
+        self.content
+            .join("content-v2")
+            .join(algorithm.to_string())
+            .join(&hex[..2])
+            .join(&hex[2..4])
+            .join(&hex[4..])
     }
 
     fn meta_path(&self, key: &KeyHash) -> PathBuf {
@@ -331,16 +421,23 @@ impl DiskTier {
         }
     }
 
-    /// Reads a whole body and verifies its integrity, in one trip to the blocking pool (open,
-    /// read and hash there, off the async workers). A corrupt body is removed.
+    /// Reads a whole body and checks it (see the module docs on integrity), in one trip to the
+    /// blocking pool: open, read and hash happen there, off the async workers. A damaged body
+    /// is removed.
     pub async fn read_all(&self, key: &KeyHash, hit: &DiskHit) -> io::Result<Bytes> {
         let content = self.content.clone();
-        let sri = hit.entry.sri.clone();
-        let read = tokio::task::spawn_blocking(move || cacache::read_hash_sync(&content, &sri))
-            .await
-            .map_err(io::Error::other)?;
+        let entry = hit.entry.clone();
+        entry
+            .content_path
+            .get_or_init(|| self.content_path(&entry.sri));
+        let read = tokio::task::spawn_blocking(move || {
+            let path = entry.content_path.get().expect("set above");
+            read_checked(path, &content, &entry, SystemTime::now())
+        })
+        .await
+        .map_err(io::Error::other)?;
         match read {
-            Ok(data) => {
+            Ok((data, _)) => {
                 hit.entry.verified.store(true, Ordering::Release);
                 Ok(Bytes::from(data))
             }
@@ -622,6 +719,51 @@ impl DiskWriter {
     }
 }
 
+/// Reads the body at `path` whole, checked: hashed, unless the file is the one whose bytes last
+/// matched the hash, unchanged (same stamp before and after this read, settled at `now`). A
+/// successful hash of a settled, stable file records its stamp. At most `entry.size + 1` bytes
+/// are read: a file of another length is damaged.
+fn read_checked(
+    path: &Path,
+    cache: &Path,
+    entry: &DiskEntry,
+    now: SystemTime,
+) -> io::Result<(Vec<u8>, Checked)> {
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let data = cacache::read_hash_sync(cache, &entry.sri).map_err(io::Error::other)?;
+            return Ok((data, Checked::Hashed));
+        }
+        Err(e) => return Err(e),
+    };
+    let before = FileStamp::of(&file.metadata()?);
+    let mut data = Vec::with_capacity(usize::try_from(entry.size).unwrap_or(0));
+    (&mut file).take(entry.size + 1).read_to_end(&mut data)?;
+    if data.len() as u64 != entry.size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "content is {} bytes, the index says {}",
+                data.len(),
+                entry.size
+            ),
+        ));
+    }
+    let after = FileStamp::of(&file.metadata()?);
+    let stable = before.is_some() && before == after;
+    let checked = &entry.checked_file;
+    if stable && *checked.lock().unwrap_or_else(PoisonError::into_inner) == before {
+        return Ok((data, Checked::Unchanged));
+    }
+    entry.sri.check(&data).map_err(io::Error::other)?;
+    if stable && before.is_some_and(|s| s.settled(now)) {
+        *checked.lock().unwrap_or_else(PoisonError::into_inner) = before;
+    }
+    Ok((data, Checked::Hashed))
+}
+
 async fn remove_dir_contents(dir: &Path) {
     let Ok(mut rd) = tokio::fs::read_dir(dir).await else {
         return;
@@ -805,12 +947,7 @@ mod tests {
         let files = files_under(&dir.path().join("content").join("content-v2"));
         assert!(!files.is_empty(), "no content file to damage");
         for f in &files {
-            let len = std::fs::metadata(f).unwrap().len() as usize;
-            let mut perms = std::fs::metadata(f).unwrap().permissions();
-            #[allow(clippy::permissions_set_readonly_false)]
-            perms.set_readonly(false);
-            std::fs::set_permissions(f, perms).unwrap();
-            std::fs::write(f, vec![b'#'; len]).unwrap();
+            damage_in_place(f);
         }
         let hit = tier.get(&key).await.expect("metadata is held");
         assert!(tier.read_all(&key, &hit).await.is_err());
@@ -850,5 +987,79 @@ mod tests {
         assert!(tier.get(&key).await.is_some());
         tier.run_pending_tasks();
         assert_eq!(tier.held.entry_count(), 1);
+    }
+
+    /// Overwrites a file in place (same inode) with `#` bytes of the same length.
+    fn damage_in_place(path: &Path) {
+        let len = std::fs::metadata(path).unwrap().len() as usize;
+        let mut perms = std::fs::metadata(path).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(path, perms).unwrap();
+        std::fs::write(path, vec![b'#'; len]).unwrap();
+    }
+
+    /// A tier holding one body, `the body`: (guard, tier, its entry, its content file, the
+    /// cacache directory).
+    async fn one_body() -> (
+        tempfile::TempDir,
+        Arc<DiskTier>,
+        Arc<DiskEntry>,
+        PathBuf,
+        PathBuf,
+    ) {
+        let (dir, tier) = tier().await;
+        let key = KeyHash::of("example.test/a");
+        store(&tier, key, b"the body", &meta("\"a\"")).await;
+        let entry = tier.get(&key).await.unwrap().entry;
+        let path = tier.content_path(&entry.sri);
+        let content = dir.path().join("content");
+        (dir, tier, entry, path, content)
+    }
+
+    /// A whole read skips the hash only for the file whose bytes last matched it, unchanged;
+    /// a file replaced under the same name (a new inode) is hashed again and fails.
+    #[tokio::test]
+    async fn unchanged_file_skips_the_hash_replaced_file_does_not() {
+        let (dir, _tier, entry, path, content) = one_body().await;
+        assert!(
+            path.is_file(),
+            "cacache's content layout moved: {}",
+            path.display()
+        );
+        // Seconds later, once the file's times have settled.
+        let later = SystemTime::now() + STAMP_SETTLE * 2;
+
+        let (data, how) = read_checked(&path, &content, &entry, later).unwrap();
+        assert_eq!((&data[..], how), (&b"the body"[..], Checked::Hashed));
+        let (data, how) = read_checked(&path, &content, &entry, later).unwrap();
+        assert_eq!((&data[..], how), (&b"the body"[..], Checked::Unchanged));
+
+        let replacement = dir.path().join("replacement");
+        std::fs::write(&replacement, b"####_###").unwrap();
+        std::fs::rename(&replacement, &path).unwrap();
+        assert!(read_checked(&path, &content, &entry, later).is_err());
+    }
+
+    /// A file whose times are too recent to trust (a change in the same timestamp tick would
+    /// keep them) is hashed on every read, so damage in place is still caught.
+    #[tokio::test]
+    async fn recent_file_is_hashed_on_every_read() {
+        let (_dir, _tier, entry, path, content) = one_body().await;
+
+        let (_, how) = read_checked(&path, &content, &entry, SystemTime::now()).unwrap();
+        assert_eq!(how, Checked::Hashed);
+        assert_eq!(*entry.checked_file.lock().unwrap(), None);
+        damage_in_place(&path);
+        assert!(read_checked(&path, &content, &entry, SystemTime::now()).is_err());
+    }
+
+    /// Where the content is not at the expected place, cacache's own checked read finds it.
+    #[tokio::test]
+    async fn content_elsewhere_falls_back_to_cacache() {
+        let (dir, _tier, entry, _path, content) = one_body().await;
+        let nowhere = dir.path().join("nowhere");
+        let (data, how) = read_checked(&nowhere, &content, &entry, SystemTime::now()).unwrap();
+        assert_eq!((&data[..], how), (&b"the body"[..], Checked::Hashed));
     }
 }
