@@ -272,8 +272,9 @@ impl Engine {
         disk.get(key).await.map(Stored::Disk)
     }
 
-    /// Turns a stored object into a body: memory as is; a disk body small enough is read whole,
-    /// verified and promoted to memory; a larger one streams from disk.
+    /// Turns a stored object into a body: memory as is; a disk body small enough is read whole
+    /// and verified (and promoted to memory when the memory tier takes it); a larger one streams
+    /// from disk. `None` when the disk copy failed its integrity check (it is then removed).
     async fn body_of(&self, key: KeyHash, stored: &Stored) -> Option<ServedBody> {
         match stored {
             Stored::Memory(m) => Some(ServedBody::Full(m.body.clone())),
@@ -282,17 +283,20 @@ impl Engine {
                     Stored::Pinned(_) => self.pinned.as_ref()?.tier(),
                     _ => self.disk.as_ref()?,
                 };
-                if self.memory.fits(hit.entry.size) {
+                let promote = self.memory.fits(hit.entry.size);
+                if promote || hit.entry.size <= disk::WHOLE_READ_MAX {
                     let body = disk.read_all(&key, hit).await.ok()?;
-                    self.memory
-                        .insert(
-                            key,
-                            MemObject {
-                                meta: hit.meta.clone(),
-                                body: body.clone(),
-                            },
-                        )
-                        .await;
+                    if promote {
+                        self.memory
+                            .insert(
+                                key,
+                                MemObject {
+                                    meta: hit.meta.clone(),
+                                    body: body.clone(),
+                                },
+                            )
+                            .await;
+                    }
                     Some(ServedBody::Full(body))
                 } else {
                     if !disk.verify(&key, hit).await {

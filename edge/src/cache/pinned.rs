@@ -139,7 +139,7 @@ impl PinnedStore {
     pub async fn list(&self, prefix: &str, live: impl Fn(&CachedMeta) -> bool) -> Vec<PushedInfo> {
         let mut out = Vec::new();
         for key in self.tier.keys() {
-            let Some(hit) = self.tier.get(&key).await else {
+            let Some(hit) = self.tier.peek(&key).await else {
                 continue;
             };
             if !hit.meta.key.starts_with(prefix) || !live(&hit.meta) {

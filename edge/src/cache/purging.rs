@@ -119,7 +119,7 @@ impl Engine {
             if let Some(disk) = &e.disk {
                 let mut removed = 0u64;
                 for key in disk.keys() {
-                    if let Some(hit) = disk.get(&key).await
+                    if let Some(hit) = disk.peek(&key).await
                         && e.gens
                             .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
                             == invalidation::Verdict::Gone
@@ -134,7 +134,7 @@ impl Engine {
             }
             if let Some(pinned) = &e.pinned {
                 for key in pinned.tier().keys() {
-                    if let Some(hit) = pinned.tier().get(&key).await
+                    if let Some(hit) = pinned.tier().peek(&key).await
                         && e.gens
                             .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
                             == invalidation::Verdict::Gone

@@ -10,58 +10,144 @@
 //!
 //! Crash safety: a fill writes content first, then renames its metadata file into place. A crash
 //! before the rename leaves only unreferenced content (never visible); a crash mid-write leaves a
-//! temporary file that start-up deletes. Every read is checked against the integrity hash; a
-//! mismatch deletes the entry and is treated as a miss.
+//! temporary file that start-up deletes.
+//!
+//! Integrity: every read is checked, and a damaged body is removed and treated as a miss. A
+//! stream is hashed as it goes (its last chunk held back until the hash matched). A whole read
+//! is hashed too, except when the content file is the very file whose bytes last matched the
+//! hash in this process, unchanged since: same device, inode, length, mtime and ctime, with
+//! those times older than that read by [`STAMP_SETTLE`] (so a change within one timestamp tick
+//! cannot hide). Any write, truncation or replacement through the file system is caught that
+//! way; what is not caught until the next start (when every entry begins unchecked) is damage
+//! below the file system that leaves the file's metadata alone.
+//!
+//! Hits: the parsed metadata of recently hit objects is held in memory (a second moka cache,
+//! bounded in bytes), so a hit on one of them reads only its body. A held copy is tied to the
+//! index entry it was read for and to that entry's metadata generation (bumped by a 304
+//! update), so a replaced body or a rewritten metadata file is never answered with the old
+//! metadata.
 //!
 //! Layout under `cache_dir`: `content/` (cacache), `meta/xx/<key-hash>.json`, `meta/.tmp/`.
+//!
+//! Files: this one holds the index, the held metadata and the metadata files; `reader` reads
+//! bodies (whole, streamed, verified); `writer` writes them.
+
+mod reader;
+#[cfg(test)]
+mod tests;
+mod writer;
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
-use bytes::Bytes;
 use cacache::Integrity;
 use dashmap::DashMap;
-use futures_util::Stream;
 use moka::notification::RemovalCause;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use self::reader::FileStamp;
 use super::key::KeyHash;
 use super::meta::CachedMeta;
 
-/// What the in-memory index knows about one object on disk.
-#[derive(Debug, Clone)]
+pub use self::reader::{STAMP_SETTLE, WHOLE_READ_MAX};
+pub use self::writer::DiskWriter;
+
+/// What the in-memory index knows about one object on disk. A commit under a key installs a
+/// new entry (a new `Arc`), so an entry's identity stands for one stored body.
+#[derive(Debug)]
 pub struct DiskEntry {
     pub sri: Integrity,
     pub size: u64,
     /// The content was checked against its hash since this process started (it wrote it, or
     /// a full read verified it). Entries loaded at start-up begin unverified.
-    pub verified: Arc<std::sync::atomic::AtomicBool>,
+    pub verified: AtomicBool,
+    /// Bumped after each rewrite of the metadata file (a 304 update): metadata held in memory
+    /// from an earlier generation is not used again.
+    meta_gen: AtomicU64,
+    /// The content file as it was when a whole read last found its bytes matching the hash
+    /// (see the module docs); `None` until then.
+    checked_file: Mutex<Option<FileStamp>>,
+    /// The content file's path, kept once a whole read needed it (deriving it takes a few
+    /// allocations per read otherwise).
+    content_path: OnceLock<PathBuf>,
 }
 
-#[derive(Serialize, Deserialize)]
+impl DiskEntry {
+    fn new(sri: Integrity, size: u64, verified: bool) -> Arc<Self> {
+        Arc::new(Self {
+            sri,
+            size,
+            verified: AtomicBool::new(verified),
+            meta_gen: AtomicU64::new(0),
+            checked_file: Mutex::new(None),
+            content_path: OnceLock::new(),
+        })
+    }
+}
+
+/// The metadata file as read.
+#[derive(Deserialize)]
 struct MetaFile {
     integrity: String,
     size: u64,
     meta: CachedMeta,
 }
 
-/// A disk lookup result: metadata read, body not yet read.
+/// The metadata file as written: the same fields, borrowing the metadata.
+#[derive(Serialize)]
+struct MetaFileOut<'a> {
+    integrity: String,
+    size: u64,
+    meta: &'a CachedMeta,
+}
+
+/// Parsed metadata held in memory, valid for one index entry at one metadata generation.
+#[derive(Clone)]
+struct HeldMeta {
+    entry: Arc<DiskEntry>,
+    generation: u64,
+    meta: Arc<CachedMeta>,
+    /// Bytes charged: twice the metadata file's length, a rough measure of the parsed form
+    /// (header maps and the policy's copies of the headers).
+    weight: u32,
+}
+
+impl HeldMeta {
+    fn new(entry: Arc<DiskEntry>, generation: u64, meta: Arc<CachedMeta>, file_len: usize) -> Self {
+        Self {
+            entry,
+            generation,
+            meta,
+            weight: file_len.saturating_mul(2).try_into().unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// Memory for held metadata: 1/32 of the tier's capacity, between 1 MiB and 64 MiB (at a few
+/// KiB per object, the metadata of some 10-30 thousand hot objects).
+fn held_meta_budget(capacity: u64) -> u64 {
+    (capacity / 32).clamp(1 << 20, 64 << 20)
+}
+
+/// A disk lookup result: metadata known, body not yet read.
 #[derive(Debug, Clone)]
 pub struct DiskHit {
     pub meta: Arc<CachedMeta>,
-    pub entry: DiskEntry,
+    pub entry: Arc<DiskEntry>,
 }
 
 pub struct DiskTier {
-    content: PathBuf,
+    content: Arc<Path>,
     meta_dir: PathBuf,
     tmp_dir: PathBuf,
     index: moka::sync::Cache<KeyHash, Arc<DiskEntry>>,
+    /// Metadata of recently hit objects (see the module docs).
+    held: moka::sync::Cache<KeyHash, HeldMeta>,
     refs: Arc<DashMap<String, u32>>,
     tmp_seq: AtomicU64,
     evictions: AtomicU64,
@@ -80,7 +166,7 @@ impl DiskTier {
         root: &Path,
         capacity: u64,
     ) -> io::Result<(Arc<Self>, Vec<(KeyHash, Arc<CachedMeta>)>)> {
-        let content = root.join("content");
+        let content: Arc<Path> = root.join("content").into();
         let meta_dir = root.join("meta");
         let tmp_dir = meta_dir.join(".tmp");
         tokio::fs::create_dir_all(&content).await?;
@@ -105,11 +191,17 @@ impl DiskTier {
                 });
             })
             .build();
+        let held = moka::sync::Cache::builder()
+            .name("outpost-disk-meta")
+            .max_capacity(held_meta_budget(capacity))
+            .weigher(|_k: &KeyHash, h: &HeldMeta| h.weight)
+            .build();
         let tier = Arc::new(Self {
             content,
             meta_dir,
             tmp_dir,
             index,
+            held,
             refs: Arc::new(DashMap::new()),
             tmp_seq: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -126,14 +218,8 @@ impl DiskTier {
                 continue;
             };
             tier.incref(&sri);
-            tier.index.insert(
-                key,
-                Arc::new(DiskEntry {
-                    sri,
-                    size: file.size,
-                    verified: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-                }),
-            );
+            tier.index
+                .insert(key, DiskEntry::new(sri, file.size, false));
             metas.push((key, Arc::new(file.meta)));
         }
         if !metas.is_empty() {
@@ -172,6 +258,7 @@ impl DiskTier {
                 && !self.index.contains_key(&d.key)
             {
                 let _ = tokio::fs::remove_file(self.meta_path(&d.key)).await;
+                self.held.invalidate(&d.key);
                 self.evictions.fetch_add(1, Ordering::Relaxed);
                 debug!(key = %d.key, size = d.entry.size, "disk eviction");
             }
@@ -192,15 +279,59 @@ impl DiskTier {
         self.index.contains_key(key)
     }
 
-    /// Looks up metadata. A missing or unreadable metadata file is a miss (and is cleaned up).
+    /// Looks up an object: its metadata from memory when held, else from its file (and then
+    /// held). A missing or unreadable metadata file is a miss (and is cleaned up).
     pub async fn get(&self, key: &KeyHash) -> Option<DiskHit> {
+        self.lookup(key, true).await
+    }
+
+    /// Like [`DiskTier::get`], but metadata read from a file is not held: for sweeps over every
+    /// object, which must not push the hot objects' metadata out.
+    pub async fn peek(&self, key: &KeyHash) -> Option<DiskHit> {
+        self.lookup(key, false).await
+    }
+
+    async fn lookup(&self, key: &KeyHash, hold: bool) -> Option<DiskHit> {
         let entry = self.index.get(key)?;
+        // Read before the file: a 304 update bumps it after renaming the new file into place.
+        let generation = entry.meta_gen.load(Ordering::Acquire);
+        if let Some(h) = self.held.get(key)
+            && Arc::ptr_eq(&h.entry, &entry)
+            && h.generation == generation
+        {
+            return Some(DiskHit {
+                meta: h.meta,
+                entry,
+            });
+        }
+        let (meta, file_len) = self.read_meta(key, &entry).await?;
+        if hold {
+            self.held.insert(
+                *key,
+                HeldMeta::new(entry.clone(), generation, meta.clone(), file_len),
+            );
+        }
+        Some(DiskHit { meta, entry })
+    }
+
+    /// Reads and parses an object's metadata file; `None` (a miss) when it is missing, damaged,
+    /// of another format version, or describes other content than `entry`.
+    async fn read_meta(
+        &self,
+        key: &KeyHash,
+        entry: &DiskEntry,
+    ) -> Option<(Arc<CachedMeta>, usize)> {
         match tokio::fs::read(self.meta_path(key)).await {
             Ok(data) => match serde_json::from_slice::<MetaFile>(&data) {
-                Ok(f) if f.meta.version == super::meta::META_VERSION => Some(DiskHit {
-                    meta: Arc::new(f.meta),
-                    entry: (*entry).clone(),
-                }),
+                Ok(f) if f.meta.version == super::meta::META_VERSION => {
+                    if f.integrity.parse::<Integrity>().ok().as_ref() != Some(&entry.sri) {
+                        // A commit renamed a new file into place and has not indexed it yet;
+                        // never pair one body with another's metadata.
+                        debug!(key = %key, "disk metadata names other content than the index");
+                        return None;
+                    }
+                    Some((Arc::new(f.meta), data.len()))
+                }
                 Ok(f) => {
                     warn!(key = %key, version = f.meta.version, "disk metadata of another format version, dropping entry");
                     self.remove(key).await;
@@ -215,148 +346,14 @@ impl DiskTier {
             Err(e) => {
                 warn!(key = %key, error = %e, "disk metadata unreadable, dropping entry");
                 self.index.invalidate(key);
+                self.held.invalidate(key);
                 None
             }
         }
     }
 
-    /// Reads a whole body and verifies its integrity. A corrupt body is removed.
-    pub async fn read_all(&self, key: &KeyHash, hit: &DiskHit) -> io::Result<Bytes> {
-        match cacache::read_hash(&self.content, &hit.entry.sri).await {
-            Ok(data) => Ok(Bytes::from(data)),
-            Err(e) => {
-                warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
-                self.remove(key).await;
-                Err(io::Error::other(e.to_string()))
-            }
-        }
-    }
-
-    /// Checks a stored body against its hash by reading it through once (without keeping
-    /// it). A mismatch removes the entry. Used before the first stream of an object loaded from
-    /// a previous run, so a damaged object is a miss rather than a response.
-    pub async fn verify(&self, key: &KeyHash, hit: &DiskHit) -> bool {
-        if hit.entry.verified.load(Ordering::Acquire) {
-            return true;
-        }
-        let ok = async {
-            let mut r = cacache::Reader::open_hash(&self.content, hit.entry.sri.clone())
-                .await
-                .ok()?;
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                match r.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(_) => return None,
-                }
-            }
-            r.check().ok()
-        }
-        .await
-        .is_some();
-        if ok {
-            hit.entry.verified.store(true, Ordering::Release);
-        } else {
-            warn!(key = %key, "disk entry failed its integrity check, dropping it");
-            self.remove(key).await;
-        }
-        ok
-    }
-
-    /// Streams a body in chunks. The last chunk is held back until the integrity check at the
-    /// end has passed: on a mismatch the stream ends with an error *before* the final bytes,
-    /// so a client never receives a damaged body presented as complete, and the entry is
-    /// removed.
-    pub fn stream(
-        self: &Arc<Self>,
-        key: KeyHash,
-        hit: &DiskHit,
-    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        struct St {
-            tier: Arc<DiskTier>,
-            sri: Integrity,
-            reader: Option<cacache::Reader>,
-            pending: Option<Bytes>,
-            done: bool,
-        }
-        let st = St {
-            tier: Arc::clone(self),
-            sri: hit.entry.sri.clone(),
-            reader: None,
-            pending: None,
-            done: false,
-        };
-        futures_util::stream::unfold(st, move |mut st| async move {
-            loop {
-                if st.done {
-                    return None;
-                }
-                if st.reader.is_none() {
-                    match cacache::Reader::open_hash(&st.tier.content, st.sri.clone()).await {
-                        Ok(r) => st.reader = Some(r),
-                        Err(e) => {
-                            st.tier.remove(&key).await;
-                            st.done = true;
-                            return Some((Err(io::Error::other(e.to_string())), st));
-                        }
-                    }
-                }
-                let reader = st.reader.as_mut().expect("opened above");
-                let mut buf = vec![0u8; 64 * 1024];
-                match reader.read(&mut buf).await {
-                    Ok(0) => {
-                        st.done = true;
-                        let reader = st.reader.take().expect("opened above");
-                        return match reader.check() {
-                            Ok(_) => st.pending.take().map(|last| (Ok(last), st)),
-                            Err(e) => {
-                                warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
-                                st.tier.remove(&key).await;
-                                st.pending = None;
-                                Some((Err(io::Error::other("integrity check failed")), st))
-                            }
-                        };
-                    }
-                    Ok(n) => {
-                        buf.truncate(n);
-                        if let Some(prev) = st.pending.replace(Bytes::from(buf)) {
-                            return Some((Ok(prev), st));
-                        }
-                    }
-                    Err(e) => {
-                        st.done = true;
-                        return Some((Err(e), st));
-                    }
-                }
-            }
-        })
-    }
-
-    /// Starts writing a body. Nothing is visible until [`DiskWriter::commit`]; dropping the
-    /// writer discards the partial content.
-    pub async fn begin_write(
-        self: &Arc<Self>,
-        key: KeyHash,
-        size: Option<u64>,
-    ) -> io::Result<DiskWriter> {
-        // No `.size(n)`: with cacache's `mmap` feature a known size up to 1 MiB maps a buffer
-        // that only accepts the body in one write, and fills arrive in network-sized pieces.
-        // Our metadata file records the size, and the fill checks Content-Length itself.
-        let _ = size;
-        let writer = cacache::WriteOpts::new()
-            .open_hash(&self.content)
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(DiskWriter {
-            tier: Arc::clone(self),
-            key,
-            writer,
-            written: 0,
-        })
-    }
-
-    async fn write_meta_file(&self, key: &KeyHash, file: &MetaFile) -> io::Result<()> {
+    /// Writes a metadata file atomically (temporary file, then rename); returns its length.
+    async fn write_meta_file(&self, key: &KeyHash, file: &MetaFileOut<'_>) -> io::Result<usize> {
         let data = serde_json::to_vec(file).map_err(io::Error::other)?;
         let path = self.meta_path(key);
         if let Some(dir) = path.parent() {
@@ -373,29 +370,44 @@ impl DiskTier {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
-        Ok(())
+        Ok(data.len())
     }
 
     /// Replaces the metadata of a stored object (after a 304), keeping its body.
-    pub async fn update_meta(&self, key: &KeyHash, meta: &CachedMeta) -> io::Result<()> {
+    pub async fn update_meta(&self, key: &KeyHash, meta: &Arc<CachedMeta>) -> io::Result<()> {
         let Some(entry) = self.index.get(key) else {
             return Ok(());
         };
-        self.write_meta_file(
-            key,
-            &MetaFile {
-                integrity: entry.sri.to_string(),
-                size: entry.size,
-                meta: meta.clone(),
-            },
-        )
-        .await
+        let file_len = self
+            .write_meta_file(
+                key,
+                &MetaFileOut {
+                    integrity: entry.sri.to_string(),
+                    size: entry.size,
+                    meta,
+                },
+            )
+            .await?;
+        // After the rename: a lookup that sees the new generation reads the new file.
+        let generation = entry.meta_gen.fetch_add(1, Ordering::AcqRel) + 1;
+        if self
+            .index
+            .get(key)
+            .is_some_and(|current| Arc::ptr_eq(&current, &entry))
+        {
+            self.held.insert(
+                *key,
+                HeldMeta::new(entry, generation, meta.clone(), file_len),
+            );
+        }
+        Ok(())
     }
 
     /// Removes an object (metadata first, so it can never be found half-removed).
     pub async fn remove(&self, key: &KeyHash) {
         let _ = tokio::fs::remove_file(self.meta_path(key)).await;
         self.index.invalidate(key);
+        self.held.invalidate(key);
     }
 
     /// Objects evicted for space since start.
@@ -405,6 +417,7 @@ impl DiskTier {
 
     pub fn run_pending_tasks(&self) {
         self.index.run_pending_tasks();
+        self.held.run_pending_tasks();
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -413,66 +426,6 @@ impl DiskTier {
 
     pub fn weighted_size(&self) -> u64 {
         self.index.weighted_size()
-    }
-}
-
-/// An in-progress disk write. `commit` makes it visible; drop aborts.
-pub struct DiskWriter {
-    tier: Arc<DiskTier>,
-    key: KeyHash,
-    writer: cacache::Writer,
-    written: u64,
-}
-
-impl DiskWriter {
-    pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.writer.write_all(chunk).await?;
-        self.written += chunk.len() as u64;
-        Ok(())
-    }
-
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    pub async fn commit(self, meta: &CachedMeta) -> io::Result<()> {
-        let meta = meta.clone();
-        self.commit_with(move |_, _| meta).await.map(|_| ())
-    }
-
-    /// Commits, building the metadata once the content hash and size are known (pushed
-    /// objects derive their ETag from the hash). Returns the hash.
-    pub async fn commit_with(
-        self,
-        meta: impl FnOnce(&Integrity, u64) -> CachedMeta,
-    ) -> io::Result<Integrity> {
-        let sri = self
-            .writer
-            .commit()
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        let file = MetaFile {
-            integrity: sri.to_string(),
-            size: self.written,
-            meta: meta(&sri, self.written),
-        };
-        // Reference first, so a concurrent eviction of an identical body keeps the content.
-        self.tier.incref(&sri);
-        if let Err(e) = self.tier.write_meta_file(&self.key, &file).await {
-            if self.tier.decref(&sri) {
-                let _ = cacache::remove_hash(&self.tier.content, &sri).await;
-            }
-            return Err(e);
-        }
-        self.tier.index.insert(
-            self.key,
-            Arc::new(DiskEntry {
-                sri: sri.clone(),
-                size: self.written,
-                verified: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            }),
-        );
-        Ok(sri)
     }
 }
 

@@ -1,0 +1,271 @@
+//! Reading bodies: whole (one blocking call, checked by hash or by an unchanged file stamp),
+//! verified ahead of a first stream, or streamed with the hash checked before the last chunk.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use cacache::Integrity;
+use futures_util::Stream;
+use tokio::io::AsyncReadExt;
+use tracing::warn;
+
+use super::{DiskEntry, DiskHit, DiskTier};
+use crate::cache::key::KeyHash;
+
+/// Bodies up to this size are read whole in one blocking call rather than streamed: a stream
+/// holds up to two 64 KiB chunks per request anyway, and each chunk of a stream is a separate
+/// trip to the blocking pool.
+pub const WHOLE_READ_MAX: u64 = 128 * 1024;
+
+/// A content file as the file system describes it. A write, truncation or replacement changes
+/// at least one field, provided the times were taken a timestamp tick after the previous change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How much older than a read a file's times must be before its stamp may stand in for the
+/// hash: file systems with coarse timestamps (ticks of milliseconds, on some up to 2 s) give a
+/// change made in the same tick as the file's last one the same times. Git's "racily clean"
+/// index entries are the same problem.
+pub const STAMP_SETTLE: Duration = Duration::from_secs(3);
+
+impl FileStamp {
+    #[cfg(unix)]
+    fn of(md: &std::fs::Metadata) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        Some(Self {
+            dev: md.dev(),
+            ino: md.ino(),
+            len: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn of(_: &std::fs::Metadata) -> Option<Self> {
+        None
+    }
+
+    /// Both times lie at least [`STAMP_SETTLE`] before `now`.
+    fn settled(&self, now: SystemTime) -> bool {
+        let Some(limit) = now
+            .checked_sub(STAMP_SETTLE)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        else {
+            return false;
+        };
+        let limit = (
+            i64::try_from(limit.as_secs()).unwrap_or(i64::MAX),
+            i64::from(limit.subsec_nanos()),
+        );
+        self.mtime < limit && self.ctime < limit
+    }
+}
+
+/// How a whole read made sure of its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Checked {
+    /// Hashed and compared with the integrity.
+    Hashed,
+    /// The file is the one whose bytes last matched the hash, unchanged.
+    Unchanged,
+}
+
+impl DiskTier {
+    /// Where cacache keeps a body (its `content-v2` layout). Should that layout change, whole
+    /// reads find nothing here and fall back to cacache's own checked read.
+    pub(super) fn content_path(&self, sri: &Integrity) -> PathBuf {
+        let (algorithm, hex) = sri.to_hex();
+        self.content
+            .join("content-v2")
+            .join(algorithm.to_string())
+            .join(&hex[..2])
+            .join(&hex[2..4])
+            .join(&hex[4..])
+    }
+
+    /// Reads a whole body and checks it (see the module docs on integrity), in one trip to the
+    /// blocking pool: open, read and hash happen there, off the async workers. A damaged body
+    /// is removed.
+    pub async fn read_all(&self, key: &KeyHash, hit: &DiskHit) -> io::Result<Bytes> {
+        let content = self.content.clone();
+        let entry = hit.entry.clone();
+        entry
+            .content_path
+            .get_or_init(|| self.content_path(&entry.sri));
+        let read = tokio::task::spawn_blocking(move || {
+            let path = entry.content_path.get().expect("set above");
+            read_checked(path, &content, &entry, SystemTime::now())
+        })
+        .await
+        .map_err(io::Error::other)?;
+        match read {
+            Ok((data, _)) => {
+                hit.entry.verified.store(true, Ordering::Release);
+                Ok(Bytes::from(data))
+            }
+            Err(e) => {
+                warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
+                self.remove(key).await;
+                Err(io::Error::other(e.to_string()))
+            }
+        }
+    }
+
+    /// Checks a stored body against its hash by reading it through once (without keeping
+    /// it). A mismatch removes the entry. Used before the first stream of an object loaded from
+    /// a previous run, so a damaged object is a miss rather than a response.
+    pub async fn verify(&self, key: &KeyHash, hit: &DiskHit) -> bool {
+        if hit.entry.verified.load(Ordering::Acquire) {
+            return true;
+        }
+        let ok = async {
+            let mut r = cacache::Reader::open_hash(&self.content, hit.entry.sri.clone())
+                .await
+                .ok()?;
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+            r.check().ok()
+        }
+        .await
+        .is_some();
+        if ok {
+            hit.entry.verified.store(true, Ordering::Release);
+        } else {
+            warn!(key = %key, "disk entry failed its integrity check, dropping it");
+            self.remove(key).await;
+        }
+        ok
+    }
+
+    /// Streams a body in chunks. The last chunk is held back until the integrity check at the
+    /// end has passed: on a mismatch the stream ends with an error *before* the final bytes,
+    /// so a client never receives a damaged body presented as complete, and the entry is
+    /// removed.
+    pub fn stream(
+        self: &Arc<Self>,
+        key: KeyHash,
+        hit: &DiskHit,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        struct St {
+            tier: Arc<DiskTier>,
+            sri: Integrity,
+            reader: Option<cacache::Reader>,
+            pending: Option<Bytes>,
+            done: bool,
+        }
+        let st = St {
+            tier: Arc::clone(self),
+            sri: hit.entry.sri.clone(),
+            reader: None,
+            pending: None,
+            done: false,
+        };
+        futures_util::stream::unfold(st, move |mut st| async move {
+            loop {
+                if st.done {
+                    return None;
+                }
+                if st.reader.is_none() {
+                    match cacache::Reader::open_hash(&st.tier.content, st.sri.clone()).await {
+                        Ok(r) => st.reader = Some(r),
+                        Err(e) => {
+                            st.tier.remove(&key).await;
+                            st.done = true;
+                            return Some((Err(io::Error::other(e.to_string())), st));
+                        }
+                    }
+                }
+                let reader = st.reader.as_mut().expect("opened above");
+                let mut buf = vec![0u8; 64 * 1024];
+                match reader.read(&mut buf).await {
+                    Ok(0) => {
+                        st.done = true;
+                        let reader = st.reader.take().expect("opened above");
+                        return match reader.check() {
+                            Ok(_) => st.pending.take().map(|last| (Ok(last), st)),
+                            Err(e) => {
+                                warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
+                                st.tier.remove(&key).await;
+                                st.pending = None;
+                                Some((Err(io::Error::other("integrity check failed")), st))
+                            }
+                        };
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if let Some(prev) = st.pending.replace(Bytes::from(buf)) {
+                            return Some((Ok(prev), st));
+                        }
+                    }
+                    Err(e) => {
+                        st.done = true;
+                        return Some((Err(e), st));
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Reads the body at `path` whole, checked: hashed, unless the file is the one whose bytes last
+/// matched the hash, unchanged (same stamp before and after this read, settled at `now`). A
+/// successful hash of a settled, stable file records its stamp. At most `entry.size + 1` bytes
+/// are read: a file of another length is damaged.
+pub(super) fn read_checked(
+    path: &Path,
+    cache: &Path,
+    entry: &DiskEntry,
+    now: SystemTime,
+) -> io::Result<(Vec<u8>, Checked)> {
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let data = cacache::read_hash_sync(cache, &entry.sri).map_err(io::Error::other)?;
+            return Ok((data, Checked::Hashed));
+        }
+        Err(e) => return Err(e),
+    };
+    let before = FileStamp::of(&file.metadata()?);
+    let mut data = Vec::with_capacity(usize::try_from(entry.size).unwrap_or(0));
+    (&mut file).take(entry.size + 1).read_to_end(&mut data)?;
+    if data.len() as u64 != entry.size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "content is {} bytes, the index says {}",
+                data.len(),
+                entry.size
+            ),
+        ));
+    }
+    let after = FileStamp::of(&file.metadata()?);
+    let stable = before.is_some() && before == after;
+    let checked = &entry.checked_file;
+    if stable && *checked.lock().unwrap_or_else(PoisonError::into_inner) == before {
+        return Ok((data, Checked::Unchanged));
+    }
+    entry.sri.check(&data).map_err(io::Error::other)?;
+    if stable && before.is_some_and(|s| s.settled(now)) {
+        *checked.lock().unwrap_or_else(PoisonError::into_inner) = before;
+    }
+    Ok((data, Checked::Hashed))
+}

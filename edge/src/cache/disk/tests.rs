@@ -1,0 +1,239 @@
+//! Unit tests of the disk tier: held metadata, checked reads.
+
+use std::time::SystemTime;
+
+use http::{Request, Response};
+
+use super::reader::{Checked, read_checked};
+use super::*;
+use crate::cache::policy::{self, Admission, AdmitOptions};
+
+fn meta(etag: &str) -> Arc<CachedMeta> {
+    let req = Request::get("http://example.test/a")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    let resp = Response::builder()
+        .header("cache-control", "max-age=60")
+        .header("etag", etag)
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    let opts = AdmitOptions {
+        surrogate: "edge".into(),
+        default_ttl: None,
+    };
+    match policy::admit(&req, &resp, "example.test/a", SystemTime::now(), &opts) {
+        Admission::Store(m) => Arc::new(*m),
+        Admission::Pass(r) => panic!("not admitted: {}", r.as_str()),
+    }
+}
+
+/// A tier of 1 GiB in a fresh directory (kept alive by the returned guard).
+async fn tier() -> (tempfile::TempDir, Arc<DiskTier>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+    (dir, tier)
+}
+
+async fn store(tier: &Arc<DiskTier>, key: KeyHash, body: &[u8], meta: &Arc<CachedMeta>) {
+    let mut w = tier
+        .begin_write(key, Some(body.len() as u64))
+        .await
+        .unwrap();
+    w.write(body).await.unwrap();
+    w.commit(meta).await.unwrap();
+}
+
+async fn etag_of(tier: &DiskTier, key: &KeyHash) -> Option<String> {
+    let hit = tier.get(key).await?;
+    Some(hit.meta.etag().unwrap_or_default().to_string())
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A 304 rewrites the metadata file: later hits answer the new metadata, even when a
+/// lookup that read the old file holds it after the update, and so does a restart.
+#[tokio::test]
+async fn update_replaces_held_metadata() {
+    let (dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, b"body", &meta("\"a\"")).await;
+    assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"a\""));
+    let late = tier
+        .held
+        .get(&key)
+        .expect("held after the commit and the hit");
+
+    tier.update_meta(&key, &meta("\"b\"")).await.unwrap();
+    assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"b\""));
+    tier.held.insert(key, late);
+    assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"b\""));
+    let hit = tier.get(&key).await.unwrap();
+    assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], b"body");
+
+    let (reopened, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+    assert_eq!(etag_of(&reopened, &key).await.as_deref(), Some("\"b\""));
+}
+
+/// Metadata held for an entry that a new commit has replaced (a lookup racing the commit
+/// holds it late) is never paired with the new body.
+#[tokio::test]
+async fn metadata_held_for_a_replaced_entry_is_not_used() {
+    let (_dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, b"old body", &meta("\"old\"")).await;
+    tier.get(&key).await.unwrap();
+    let late = tier
+        .held
+        .get(&key)
+        .expect("held after the commit and the hit");
+
+    store(&tier, key, b"new body", &meta("\"new\"")).await;
+    tier.held.insert(key, late);
+    let hit = tier.get(&key).await.unwrap();
+    assert_eq!(hit.meta.etag(), Some("\"new\""));
+    assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], b"new body");
+}
+
+/// Holding the metadata skips no integrity check: a body damaged on disk after it was
+/// written and hit fails its read and the entry is gone.
+#[tokio::test]
+async fn damaged_body_with_held_metadata_is_removed() {
+    let (dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, b"a body that will be damaged", &meta("\"a\"")).await;
+    let hit = tier.get(&key).await.unwrap();
+    assert!(tier.read_all(&key, &hit).await.is_ok());
+
+    let files = files_under(&dir.path().join("content").join("content-v2"));
+    assert!(!files.is_empty(), "no content file to damage");
+    for f in &files {
+        damage_in_place(f);
+    }
+    let hit = tier.get(&key).await.expect("metadata is held");
+    assert!(tier.read_all(&key, &hit).await.is_err());
+    assert!(
+        tier.get(&key).await.is_none(),
+        "the damaged entry is removed"
+    );
+}
+
+/// A metadata file that names other content than the index entry (a commit between its
+/// rename and its index insert) is a miss, never another object's metadata.
+#[tokio::test]
+async fn metadata_file_of_other_content_is_a_miss() {
+    let (_dir, tier) = tier().await;
+    let (one, two) = (KeyHash::of("example.test/1"), KeyHash::of("example.test/2"));
+    store(&tier, one, b"body one", &meta("\"1\"")).await;
+    store(&tier, two, b"body two", &meta("\"2\"")).await;
+    std::fs::copy(tier.meta_path(&two), tier.meta_path(&one)).unwrap();
+    tier.held.invalidate(&one);
+    assert!(tier.get(&one).await.is_none());
+    assert_eq!(etag_of(&tier, &two).await.as_deref(), Some("\"2\""));
+}
+
+/// Sweeps (`peek`) read metadata without holding it; hits (`get`) hold it.
+#[tokio::test]
+async fn peek_does_not_hold_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyHash::of("example.test/a");
+    {
+        let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+        store(&tier, key, b"body", &meta("\"a\"")).await;
+    }
+    let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+    assert!(tier.peek(&key).await.is_some());
+    tier.run_pending_tasks();
+    assert_eq!(tier.held.entry_count(), 0);
+    assert!(tier.get(&key).await.is_some());
+    tier.run_pending_tasks();
+    assert_eq!(tier.held.entry_count(), 1);
+}
+
+/// Overwrites a file in place (same inode) with `#` bytes of the same length.
+fn damage_in_place(path: &Path) {
+    let len = std::fs::metadata(path).unwrap().len() as usize;
+    let mut perms = std::fs::metadata(path).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(path, perms).unwrap();
+    std::fs::write(path, vec![b'#'; len]).unwrap();
+}
+
+/// A tier holding one body, `the body`: (guard, tier, its entry, its content file, the
+/// cacache directory).
+async fn one_body() -> (
+    tempfile::TempDir,
+    Arc<DiskTier>,
+    Arc<DiskEntry>,
+    PathBuf,
+    PathBuf,
+) {
+    let (dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, b"the body", &meta("\"a\"")).await;
+    let entry = tier.get(&key).await.unwrap().entry;
+    let path = tier.content_path(&entry.sri);
+    let content = dir.path().join("content");
+    (dir, tier, entry, path, content)
+}
+
+/// A whole read skips the hash only for the file whose bytes last matched it, unchanged;
+/// a file replaced under the same name (a new inode) is hashed again and fails.
+#[tokio::test]
+async fn unchanged_file_skips_the_hash_replaced_file_does_not() {
+    let (dir, _tier, entry, path, content) = one_body().await;
+    assert!(
+        path.is_file(),
+        "cacache's content layout moved: {}",
+        path.display()
+    );
+    // Seconds later, once the file's times have settled.
+    let later = SystemTime::now() + STAMP_SETTLE * 2;
+
+    let (data, how) = read_checked(&path, &content, &entry, later).unwrap();
+    assert_eq!((&data[..], how), (&b"the body"[..], Checked::Hashed));
+    let (data, how) = read_checked(&path, &content, &entry, later).unwrap();
+    assert_eq!((&data[..], how), (&b"the body"[..], Checked::Unchanged));
+
+    let replacement = dir.path().join("replacement");
+    std::fs::write(&replacement, b"####_###").unwrap();
+    std::fs::rename(&replacement, &path).unwrap();
+    assert!(read_checked(&path, &content, &entry, later).is_err());
+}
+
+/// A file whose times are too recent to trust (a change in the same timestamp tick would
+/// keep them) is hashed on every read, so damage in place is still caught.
+#[tokio::test]
+async fn recent_file_is_hashed_on_every_read() {
+    let (_dir, _tier, entry, path, content) = one_body().await;
+
+    let (_, how) = read_checked(&path, &content, &entry, SystemTime::now()).unwrap();
+    assert_eq!(how, Checked::Hashed);
+    assert_eq!(*entry.checked_file.lock().unwrap(), None);
+    damage_in_place(&path);
+    assert!(read_checked(&path, &content, &entry, SystemTime::now()).is_err());
+}
+
+/// Where the content is not at the expected place, cacache's own checked read finds it.
+#[tokio::test]
+async fn content_elsewhere_falls_back_to_cacache() {
+    let (dir, _tier, entry, _path, content) = one_body().await;
+    let nowhere = dir.path().join("nowhere");
+    let (data, how) = read_checked(&nowhere, &content, &entry, SystemTime::now()).unwrap();
+    assert_eq!((&data[..], how), (&b"the body"[..], Checked::Hashed));
+}
