@@ -106,30 +106,33 @@ pub struct Generations {
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<(), (io::ErrorKind, String)>>;
+type Done = tokio::sync::oneshot::Receiver<Result<(), (io::ErrorKind, String)>>;
 
 /// Writes `purges.json` on a thread of its own, so a purge is never queued behind cache I/O
 /// on the blocking pool. Each write is synced before it is acknowledged; purges that arrive
-/// while a write is under way are written together by the next one (each state includes
-/// every earlier purge).
+/// while a write is under way are written together by the next one, which writes the newest
+/// state among them (each state includes every earlier purge).
 struct Persister {
-    tx: std::sync::mpsc::Sender<(Vec<u8>, Reply)>,
+    tx: std::sync::mpsc::Sender<(u64, Vec<u8>, Reply)>,
 }
 
 impl Persister {
     fn start(file: PathBuf) -> io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<(Vec<u8>, Reply)>();
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<u8>, Reply)>();
         std::thread::Builder::new()
             .name("outpost-purges".into())
             .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut latest = first.0;
-                    let mut replies = vec![first.1];
-                    while let Ok((data, reply)) = rx.try_recv() {
-                        latest = data;
+                while let Ok((seq, data, reply)) = rx.recv() {
+                    let mut newest = (seq, data);
+                    let mut replies = vec![reply];
+                    while let Ok((seq, data, reply)) = rx.try_recv() {
+                        if seq > newest.0 {
+                            newest = (seq, data);
+                        }
                         replies.push(reply);
                     }
                     let result =
-                        write_synced(&file, &latest).map_err(|e| (e.kind(), e.to_string()));
+                        write_synced(&file, &newest.1).map_err(|e| (e.kind(), e.to_string()));
                     for reply in replies {
                         let _ = reply.send(result.clone());
                     }
@@ -138,16 +141,22 @@ impl Persister {
         Ok(Self { tx })
     }
 
-    async fn write(&self, data: Vec<u8>) -> io::Result<()> {
+    /// Queues the state of purge `seq`; the receiver resolves once a state at least that new
+    /// is on disk.
+    fn submit(&self, seq: u64, data: Vec<u8>) -> io::Result<Done> {
         let (reply, done) = tokio::sync::oneshot::channel();
         self.tx
-            .send((data, reply))
+            .send((seq, data, reply))
             .map_err(|_| io::Error::other("the purge-state writer has stopped"))?;
-        match done.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err((kind, msg))) => Err(io::Error::new(kind, msg)),
-            Err(_) => Err(io::Error::other("the purge-state writer has stopped")),
-        }
+        Ok(done)
+    }
+}
+
+async fn written(done: Done) -> io::Result<()> {
+    match done.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err((kind, msg))) => Err(io::Error::new(kind, msg)),
+        Err(_) => Err(io::Error::other("the purge-state writer has stopped")),
     }
 }
 
@@ -245,11 +254,11 @@ impl Generations {
         let Some(persister) = &self.persister else {
             return Ok(seq);
         };
-        // The state is taken under the lock, so states reach the writer in sequence order;
-        // the write is awaited outside it, so concurrent purges share one write.
-        let data = self.state_json()?;
+        // The state is taken and queued under the lock; the write is awaited outside it, so
+        // concurrent purges share one write.
+        let done = persister.submit(seq, self.state_json()?)?;
         drop(guard);
-        persister.write(data).await?;
+        written(done).await?;
         Ok(seq)
     }
 
