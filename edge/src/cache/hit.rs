@@ -72,18 +72,12 @@ impl FreshHit {
 }
 
 impl Engine {
-    /// A fresh, unpurged object in the memory tier for the key text `host/path?query` and the
-    /// request's headers (Vary). The caller has already ruled out request directives that
-    /// change freshness (Cache-Control, Pragma, Authorization). Pushed paths take the full
-    /// path.
-    pub async fn fresh_hit(&self, key_text: &str, headers: &HeaderMap) -> Option<FreshHit> {
-        if let Some(p) = &self.pinned {
-            let path = key_text.find('/').map_or("/", |i| &key_text[i..]);
-            if p.contains(path) {
-                return None;
-            }
-        }
-        let key = self.variant_of(KeyHash::of(key_text), headers);
+    /// A fresh, unpurged object in the memory tier for the primary key and the request's
+    /// headers (Vary). The caller has already ruled out request directives that change
+    /// freshness (Cache-Control, Pragma, Authorization), and pushed paths
+    /// ([`Engine::is_pushed`]).
+    pub async fn fresh_hit(&self, primary: KeyHash, headers: &HeaderMap) -> Option<FreshHit> {
+        let key = self.variant_of(primary, headers);
         let entry = self.memory.entry(&key).await?;
         let now = self.clock.now();
         let meta = &entry.obj.meta;
@@ -93,6 +87,17 @@ impl Engine {
             return None;
         }
         Some(FreshHit { key, entry, now })
+    }
+
+    /// Is a pushed object stored for this path (`/path?query` of the key)? One atomic load
+    /// until anything was ever pushed.
+    pub fn is_pushed(&self, path: &str) -> bool {
+        self.pinned.as_ref().is_some_and(|p| p.contains(path))
+    }
+
+    /// Could any path be a pushed one? (False until something is pushed.)
+    pub fn may_have_pushed(&self) -> bool {
+        self.pinned.as_ref().is_some_and(|p| p.any())
     }
 
     /// The encoded variant of a fresh hit, if the memory tier holds one made from this very

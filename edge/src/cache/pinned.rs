@@ -75,7 +75,12 @@ impl PinnedStore {
     }
 
     pub fn contains(&self, path: &str) -> bool {
-        self.any.load(Ordering::Acquire) && self.tier.contains(&pinned_key(path))
+        self.any() && self.tier.contains(&pinned_key(path))
+    }
+
+    /// Was anything ever pushed (or found at start-up)?
+    pub fn any(&self) -> bool {
+        self.any.load(Ordering::Acquire)
     }
 
     pub async fn get(&self, path: &str) -> Option<DiskHit> {

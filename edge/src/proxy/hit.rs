@@ -16,11 +16,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 
-use super::Proxy;
 use super::headers::{CACHE_STATUS, CLIENT_CONDITIONALS};
-use super::respond::{self, Outcome, RespBody, full, push_hit_status, upstream_cache_status};
+use super::respond::{
+    self, HIT_TTL, Outcome, RespBody, full, push_hit_status, upstream_cache_status,
+};
+use super::{Proxy, RouteSettings};
 use crate::cache::hit::{Codings, FreshHit, PreparedHead};
-use crate::cache::key::{Coding, key_text};
+use crate::cache::key::{Coding, KeyHash, key_text};
 use crate::cache::memory::MemEntry;
 use crate::cache::policy;
 use crate::cache::status::{CacheStatus, Tier};
@@ -30,6 +32,105 @@ use crate::cache::{Served, ServedBody};
 /// directives and credentials, and (with [`CLIENT_CONDITIONALS`]) conditionals and ranges.
 const FULL_PATH_FIELDS: [HeaderName; 3] =
     [header::CACHE_CONTROL, header::PRAGMA, header::AUTHORIZATION];
+
+/// `Age` values below this many seconds come from a table built once: no allocation and no
+/// shared reference count per hit.
+const AGE_TABLE: u64 = 3600;
+
+fn age_value(secs: u64) -> HeaderValue {
+    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    if secs >= AGE_TABLE {
+        return HeaderValue::from(secs);
+    }
+    let table = TABLE.get_or_init(|| {
+        // One string holding every number, made 'static once for the process's lifetime.
+        let mut all = String::new();
+        let mut ends = Vec::with_capacity(AGE_TABLE as usize);
+        for n in 0..AGE_TABLE {
+            all.push_str(itoa::Buffer::new().format(n));
+            ends.push(all.len());
+        }
+        let all: &'static str = Box::leak(all.into_boxed_str());
+        let mut start = 0;
+        ends.into_iter()
+            .map(|end| {
+                let v = HeaderValue::from_static(&all[start..end]);
+                start = end;
+                v
+            })
+            .collect()
+    });
+    table[secs as usize].clone()
+}
+
+/// Entries in each thread's key memo (a power of two).
+const MEMO_SLOTS: usize = 256;
+
+/// One remembered key computation.
+struct Memo {
+    /// [`RouteSettings::generation`] it was computed under.
+    generation: u64,
+    /// The raw request target: authority (or Host) and path-and-query, as received.
+    host: Box<[u8]>,
+    target: Box<str>,
+    hash: KeyHash,
+    /// The path part of the key text (`/path?normalised-query`).
+    path: Box<str>,
+}
+
+thread_local! {
+    /// Recent key computations of this thread, direct-mapped by the raw target. Building the
+    /// key text (host normalisation, sorted query) and its blake3 hash is most of what a hit
+    /// costs besides the lookup, and hot URLs repeat. An entry counts only under the settings
+    /// generation it was made with: a reload, or another node in the same process, never
+    /// reuses it.
+    static MEMO: std::cell::RefCell<Vec<Option<Memo>>> =
+        std::cell::RefCell::new((0..MEMO_SLOTS).map(|_| None).collect());
+}
+
+/// The primary key of a request, and the path part of its key text when `need_path`. `None`
+/// for a target the full path must judge (it answers 400).
+fn key_of(
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    settings: &RouteSettings,
+    need_path: bool,
+) -> Option<(KeyHash, Option<String>)> {
+    let host = match uri.authority() {
+        Some(a) => a.as_str().as_bytes(),
+        None => headers.get(header::HOST)?.as_bytes(),
+    };
+    let target = uri.path_and_query()?.as_str();
+    let generation = settings.generation;
+    let slot = {
+        use std::hash::BuildHasher;
+        let h = foldhash::fast::FixedState::default().hash_one((generation, host, target));
+        (h as usize) & (MEMO_SLOTS - 1)
+    };
+    let known = MEMO.with_borrow(|memo| {
+        memo[slot]
+            .as_ref()
+            .filter(|m| m.generation == generation && *m.host == *host && *m.target == *target)
+            .map(|m| (m.hash, need_path.then(|| m.path.to_string())))
+    });
+    if known.is_some() {
+        return known;
+    }
+    let text = key_text(uri, headers, &settings.key_opts).ok()?;
+    let hash = KeyHash::of(&text);
+    let path = &text[text.find('/').unwrap_or(text.len())..];
+    let out = (hash, need_path.then(|| path.to_string()));
+    MEMO.with_borrow_mut(|memo| {
+        memo[slot] = Some(Memo {
+            generation,
+            host: host.into(),
+            target: target.into(),
+            hash,
+            path: path.into(),
+        });
+    });
+    Some(out)
+}
 
 /// A fast-path answer: the response, what the cache did, and the body bytes it sends.
 pub(super) struct FastHit {
@@ -54,8 +155,14 @@ impl Proxy {
                 return None;
             }
         }
-        let text = key_text(req.uri(), req.headers(), &self.settings.load().key_opts).ok()?;
-        let hit = self.engine.fresh_hit(&text, req.headers()).await?;
+        let need_path = self.engine.may_have_pushed();
+        let (primary, path) = key_of(req.uri(), req.headers(), &self.settings.load(), need_path)?;
+        if let Some(path) = path
+            && self.engine.is_pushed(&path)
+        {
+            return None;
+        }
+        let hit = self.engine.fresh_hit(primary, req.headers()).await?;
         let head = match hit.entry.head() {
             Some(h) => h,
             None => hit.entry.set_head(self.prepare(&hit, None).await),
@@ -92,11 +199,15 @@ impl Proxy {
         let mut headers = head.headers.clone();
         // Both fields are in the prepared map already: these replace values in place, so the
         // cloned map never grows.
-        headers.insert(header::AGE, HeaderValue::from(head.age(hit.now)));
-        let mut status =
-            String::with_capacity(head.cache_status_prefix.len() + self.id.name.len() + 24);
+        headers.insert(header::AGE, age_value(head.age(hit.now)));
+        let mut ttl = itoa::Buffer::new();
+        let ttl = ttl.format(hit.ttl_secs());
+        // Exactly the length it will have: the bytes become the header value without a copy.
+        let mut status = String::with_capacity(
+            head.cache_status_prefix.len() + self.id.name.len() + HIT_TTL.len() + ttl.len(),
+        );
         status.push_str(&head.cache_status_prefix);
-        push_hit_status(&mut status, &self.id.name, hit.ttl_secs());
+        push_hit_status(&mut status, &self.id.name, ttl);
         if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(status)) {
             headers.insert(CACHE_STATUS, v);
         }
@@ -188,7 +299,7 @@ mod tests {
     use crate::observe::metrics::EdgeMetrics;
     use crate::proxy::compress::CompressionConfig;
     use crate::proxy::respond::Identity;
-    use crate::proxy::{Client, Versioning};
+    use crate::proxy::{Client, RouteSettings, Versioning};
 
     const HOST: &str = "site.test";
 
@@ -561,6 +672,44 @@ mod tests {
             .handle(request(Method::GET, "/page.html", &[]), peer())
             .await;
         assert_eq!(body_of(r).await.2, "pushed");
+    }
+
+    #[test]
+    fn the_key_memo_follows_the_settings_and_normalises_like_the_full_path() {
+        let uri = |u: &str| u.parse::<http::Uri>().expect("uri");
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("Site.Test"));
+        let ignoring = RouteSettings::new(
+            KeyOptions {
+                ignore_query_params: vec!["utm_*".into()],
+            },
+            Versioning::default(),
+        );
+        let keeping = RouteSettings::new(KeyOptions::default(), Versioning::default());
+        let target = uri("/p?utm_source=x&b=2&a=1");
+        for _ in 0..2 {
+            // The second round comes from the memo.
+            let (k, path) = key_of(&target, &h, &ignoring, true).expect("key");
+            assert_eq!(k, KeyHash::of("site.test/p?a=1&b=2"));
+            assert_eq!(path.as_deref(), Some("/p?a=1&b=2"));
+            let (k, path) = key_of(&target, &h, &keeping, false).expect("key");
+            assert_eq!(k, KeyHash::of("site.test/p?a=1&b=2&utm_source=x"));
+            assert_eq!(path, None);
+        }
+        // The raw target is the memo's key: another Host is another entry.
+        let mut other = HeaderMap::new();
+        other.insert(header::HOST, HeaderValue::from_static("other.test"));
+        let (k, _) = key_of(&target, &other, &ignoring, false).expect("key");
+        assert_eq!(k, KeyHash::of("other.test/p?a=1&b=2"));
+        // Targets the full path rejects are never remembered.
+        assert!(key_of(&uri("/p"), &HeaderMap::new(), &ignoring, false).is_none());
+    }
+
+    #[test]
+    fn age_values_from_the_table_and_beyond() {
+        for n in [0, 1, 59, 3599, 3600, 86_400] {
+            assert_eq!(age_value(n), HeaderValue::from(n), "{n}");
+        }
     }
 
     #[test]

@@ -72,6 +72,20 @@ pub struct Versioning {
 pub struct RouteSettings {
     pub key_opts: KeyOptions,
     pub versioning: Versioning,
+    /// Unique in the process (every node, every reload): what the hit path's key memo was
+    /// computed under.
+    pub generation: u64,
+}
+
+impl RouteSettings {
+    fn new(key_opts: KeyOptions, versioning: Versioning) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self {
+            key_opts,
+            versioning,
+            generation: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
 }
 
 pub struct Proxy {
@@ -103,10 +117,7 @@ impl Proxy {
             engine,
             upstream,
             id,
-            settings: arc_swap::ArcSwap::from_pointee(RouteSettings {
-                key_opts,
-                versioning,
-            }),
+            settings: arc_swap::ArcSwap::from_pointee(RouteSettings::new(key_opts, versioning)),
             compression: compress::Compressor::new(compression),
         }
     }
@@ -240,10 +251,8 @@ impl Proxy {
 
     /// Replaces the reloadable settings (key options, versioning).
     pub fn reload(&self, key_opts: KeyOptions, versioning: Versioning) {
-        self.settings.store(Arc::new(RouteSettings {
-            key_opts,
-            versioning,
-        }));
+        self.settings
+            .store(Arc::new(RouteSettings::new(key_opts, versioning)));
     }
 
     async fn route<B: RequestBody>(&self, req: Request<B>, client: Client) -> Response<RespBody> {

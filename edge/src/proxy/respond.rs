@@ -423,7 +423,7 @@ fn cache_status(
         && let Some(t) = ttl.and_then(|t| u64::try_from(t).ok())
     {
         let mut s = String::new();
-        push_hit_status(&mut s, name, t);
+        push_hit_status(&mut s, name, itoa::Buffer::new().format(t));
         return s;
     }
     let mut s = String::from(name);
@@ -489,11 +489,14 @@ pub(super) fn upstream_cache_status(headers: &HeaderMap) -> String {
     all
 }
 
+/// What follows the cache name in a fresh hit's `Cache-Status` entry, before the ttl.
+pub(super) const HIT_TTL: &str = "; hit; ttl=";
+
 /// Our `Cache-Status` entry for a fresh hit: `name; hit; ttl=N`.
-pub(super) fn push_hit_status(out: &mut String, name: &str, ttl: u64) {
+pub(super) fn push_hit_status(out: &mut String, name: &str, ttl: &str) {
     out.push_str(name);
-    out.push_str("; hit; ttl=");
-    out.push_str(itoa::Buffer::new().format(ttl));
+    out.push_str(HIT_TTL);
+    out.push_str(ttl);
 }
 
 #[cfg(test)]
