@@ -393,9 +393,10 @@ const NOT_UPDATED_BY_304: [&str; 7] = [
 ];
 
 /// Applies a 304 to a stored response (RFC 9111 §3.2, §4.3.4): every header of the 304
-/// replaces all stored instances of that field, except [`NOT_UPDATED_BY_304`] and hop-by-hop
-/// fields. Returns the updated metadata with a fresh policy, or `None` if the merged response
-/// can no longer be stored (it now says `Vary: *` or Surrogate-Control `no-store`).
+/// replaces all stored instances of that field, except the fields that describe the stored
+/// body (`NOT_UPDATED_BY_304`) and hop-by-hop fields. Returns the updated metadata with a
+/// fresh policy, or `None` if the merged response can no longer be stored (it now says
+/// `Vary: *` or Surrogate-Control `no-store`).
 pub fn apply_not_modified(
     meta: &CachedMeta,
     req: &request::Parts,
