@@ -102,11 +102,12 @@
 //! hits ran at 47% of plain (CPU 37%).
 //!
 //! Target (>= 90% of plain at 1 KiB) not met yet. Instruction counts (callgrind, repeatable on
-//! a shared machine), per request in hyper's connection task: plain 9.1k, edge 15.4k, of which
-//! the proxy's handler is ~4.9k: moka's `get` ~1.1k (read recording, housekeeping), cloning the
-//! prepared header map ~0.8k, inserting Age and Cache-Status ~0.4k, the key memo ~0.4k; hyper
-//! encoding the headers plain does not send (Age, Via, Cache-Status, X-Cache, Accept-Ranges)
-//! costs ~0.9k more. A hot object's reference counts (entry, body, shared header values) are
+//! a shared machine), per request in hyper's connection task: plain 9.1k, edge 15.4k (15.0k
+//! after a8ea1c5 put the memory tier on moka's synchronous cache, whose `get` is ~0.76k), of
+//! which the proxy's handler is ~4.9k: moka's async `get` ~1.1k (read recording,
+//! housekeeping), cloning the prepared header map ~0.8k, inserting Age and Cache-Status ~0.4k,
+//! the key memo ~0.4k; hyper encoding the headers plain does not send (Age, Via,
+//! Cache-Status, X-Cache, Accept-Ranges) costs ~0.9k more. A hot object's reference counts (entry, body, shared header values) are
 //! also touched by both cores on every hit.
 
 mod support;

@@ -1019,6 +1019,34 @@ async fn request_no_store_is_not_stored() {
 
 /// POST to a cached URL passes through (the origin sees the POST and its body) and invalidates
 /// the stored GET: the next GET is a MISS.
+/// A client that has just read a whole MISS and asks again gets a HIT: the memory copy is
+/// visible before the body's last bytes are released to readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_right_after_a_miss_is_a_hit() {
+    let origin = TestOrigin::start().await;
+    for i in 0..40 {
+        origin.route(
+            &format!("/again/{i}"),
+            cacheable(pattern(3000 + i, i as u64), "max-age=600"),
+        );
+    }
+    let edge = Edge::start(&origin).await;
+    let c = client();
+    for i in 0..40 {
+        let url = edge.url(&format!("/again/{i}"));
+        let first = get(&c, &url, &[]).await;
+        assert_eq!(first.x_cache(), "MISS", "{i}");
+        let again = get(&c, &url, &[]).await;
+        assert_eq!(
+            again.x_cache(),
+            "HIT",
+            "request {i} right after its MISS: {again:?}"
+        );
+        assert_eq!(again.body, first.body);
+    }
+    assert_eq!(origin.hits("/again/0"), 1);
+}
+
 /// Upstream requests name the client (X-Forwarded-For, appended) and the scheme it used
 /// (X-Forwarded-Proto: set by an edge, whatever the client claimed; kept by a shield, which
 /// hears it from an edge).

@@ -159,6 +159,19 @@ impl Fill {
         self.bump();
     }
 
+    /// Appends a chunk without waking readers yet: the last chunk of a body that is about to be
+    /// stored is held until the stored copy is visible ([`Fill::release`]).
+    pub fn push_held(&self, chunk: Bytes) {
+        let mut st = self.lock();
+        st.chunks.push_back(chunk);
+        trim(&mut st);
+    }
+
+    /// Wakes readers for chunks appended with [`Fill::push_held`].
+    pub fn release(&self) {
+        self.bump();
+    }
+
     pub fn finish(&self, outcome: Result<(), String>) {
         self.lock().done = Some(outcome);
         self.bump();

@@ -475,6 +475,7 @@ impl Engine {
         let mut body = body;
         let mut total: u64 = 0;
         let mut storing = storing;
+        let mut in_memory = false;
         loop {
             match body.frame().await {
                 None => break,
@@ -498,7 +499,34 @@ impl Engine {
                             .fetch_add(1, Ordering::Relaxed);
                         disk_tx = None;
                     }
-                    fill.push(data);
+                    let last = content_length == Some(total);
+                    if last
+                        && storing
+                        && self.memory.fits(total)
+                        && let Some(m) = meta.as_deref()
+                    {
+                        // The client has the whole body once it reads this chunk, and may ask
+                        // again at once: make the memory copy visible first, so that request
+                        // is a HIT rather than a late joiner of this fill.
+                        fill.push_held(data);
+                        if let Some(body) = fill.assembled() {
+                            let mut m = m.clone();
+                            m.body_len = total;
+                            self.memory
+                                .insert(
+                                    store_key,
+                                    MemObject {
+                                        meta: Arc::new(m),
+                                        body,
+                                    },
+                                )
+                                .await;
+                            in_memory = true;
+                        }
+                        fill.release();
+                    } else {
+                        fill.push(data);
+                    }
                     if !storing && fill.reader_count() == 0 {
                         fill.finish(Err("no reader left".into()));
                         return;
@@ -506,13 +534,21 @@ impl Engine {
                 }
                 Some(Err(e)) => {
                     warn!(key = %job.key_text, error = %e, "upstream body failed mid-stream");
+                    if in_memory {
+                        self.memory.remove(&store_key).await;
+                    }
                     fill.finish(Err(format!("upstream body failed: {e}")));
                     return;
                 }
             }
         }
         if content_length.is_some_and(|n| n != total) {
-            fill.finish(Err("upstream body shorter than its Content-Length".into()));
+            if in_memory {
+                self.memory.remove(&store_key).await;
+            }
+            fill.finish(Err(
+                "upstream body longer or shorter than its Content-Length".into(),
+            ));
             return;
         }
         let Some(mut meta) = meta.filter(|_| storing) else {
@@ -521,7 +557,8 @@ impl Engine {
         };
         meta.body_len = total;
         let meta = Arc::new(*meta);
-        if self.memory.fits(total)
+        if !in_memory
+            && self.memory.fits(total)
             && let Some(body) = fill.assembled()
         {
             self.memory
