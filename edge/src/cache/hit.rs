@@ -1,5 +1,5 @@
 //! The engine's side of the hit fast path: a fresh, valid object of the memory tier found from
-//! the request's key text and headers alone, with no normalised request built and nothing
+//! the request's primary key and headers alone, with no normalised request built and nothing
 //! allocated. `None` always means "take the full path"; this lookup has no side effects.
 //!
 //! The front end prepares the response head of an object once ([`PreparedHead`], kept in the

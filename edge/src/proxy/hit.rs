@@ -4,9 +4,9 @@
 //! engine, runs the compression and respond phases and formats every header again. For the
 //! common hit none of that changes from one request to the next, so the response head is built
 //! once per stored object, by those same phases ([`respond::build`]), and kept in the object's
-//! memory entry ([`PreparedHead`]). A hit then costs: the key text and its hash, one moka
-//! lookup, a header map clone, and two header values that change with time (`Age` and the
-//! `Cache-Status` ttl).
+//! memory entry ([`PreparedHead`]). A hit then costs: its key (remembered per thread for
+//! recent targets), one moka lookup, a header map clone, and two header values that change
+//! with time (`Age` and the `Cache-Status` ttl).
 //!
 //! Anything the prepared head does not cover takes the full path, which gives the same answer:
 //! request directives (Cache-Control, Pragma), credentials, conditionals and ranges, pushed
