@@ -1017,8 +1017,6 @@ async fn request_no_store_is_not_stored() {
     assert_eq!(origin.hits("/ns"), 2);
 }
 
-/// POST to a cached URL passes through (the origin sees the POST and its body) and invalidates
-/// the stored GET: the next GET is a MISS.
 /// A client that has just read a whole MISS and asks again gets a HIT: the memory copy is
 /// visible before the body's last bytes are released to readers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1045,6 +1043,39 @@ async fn a_request_right_after_a_miss_is_a_hit() {
         assert_eq!(again.body, first.body);
     }
     assert_eq!(origin.hits("/again/0"), 1);
+}
+
+/// The same for an object that only the disk tier keeps: a request that arrives after the fill
+/// finished but before its disk copy is committed waits for the commit, then is a HIT. (Such a
+/// request once waited forever: nothing woke it when the commit landed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_right_after_a_disk_only_miss_is_a_hit() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    for i in 0..30 {
+        origin.route(
+            &format!("/big/{i}"),
+            cacheable(pattern(200 * 1024 + i, i as u64), "max-age=600"),
+        );
+    }
+    let edge = Edge::start_with(origin.addr(), |c| {
+        c.cache_dir = Some(dir.path().to_path_buf());
+        // Memory objects are at most memory/8 = 128 KiB: these are kept on disk only.
+        c.memory = 1 << 20;
+    })
+    .await;
+    let c = client();
+    for i in 0..30 {
+        let url = edge.url(&format!("/big/{i}"));
+        let first = get(&c, &url, &[]).await;
+        assert_eq!(first.x_cache(), "MISS", "{i}");
+        let again = tokio::time::timeout(Duration::from_secs(10), get(&c, &url, &[]))
+            .await
+            .unwrap_or_else(|_| panic!("request {i} right after its MISS hung"));
+        assert_eq!(again.x_cache(), "HIT", "request {i}: {again:?}");
+        assert_eq!(again.body, first.body);
+        assert_eq!(origin.hits(&format!("/big/{i}")), 1);
+    }
 }
 
 /// Upstream requests name the client (X-Forwarded-For, appended) and the scheme it used
@@ -1077,6 +1108,8 @@ async fn forwarded_headers_name_the_client_and_its_scheme() {
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"), "{seen:?}");
 }
 
+/// POST to a cached URL passes through (the origin sees the POST and its body) and invalidates
+/// the stored GET: the next GET is a MISS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_passes_through_and_invalidates() {
     let origin = TestOrigin::start().await;

@@ -18,6 +18,13 @@ use std::time::Duration;
 /// not, and `cargo bench -- --test` adds `--test`. Without `--bench`, or with `--test`, the
 /// benches do a tiny smoke run so they cannot rot.
 pub fn smoke_mode() -> bool {
+    // Logs of the servers under test, when asked for (`RUST_LOG=outpost_edge=debug`).
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let args: Vec<String> = std::env::args().collect();
     args.iter().any(|a| a == "--test") || !args.iter().any(|a| a == "--bench")
 }

@@ -69,6 +69,17 @@ struct State {
     settled: bool,
 }
 
+/// Held by the task that runs a fill: when the task ends, however it ends (returned, panicked,
+/// or dropped with its runtime), the fill is concluded, so no reader or waiter waits forever.
+/// Waiters hold the fill themselves, so they cannot count on its channel closing.
+pub struct Concluding(pub Arc<Fill>);
+
+impl Drop for Concluding {
+    fn drop(&mut self) {
+        self.0.conclude();
+    }
+}
+
 pub struct Fill {
     pub key: KeyHash,
     /// The purge sequence when the fill started: after any later purge, nobody joins it.
@@ -184,9 +195,21 @@ impl Fill {
         trim(&mut st);
     }
 
-    /// Marks the fill as settled: whatever it stored is now visible to lookups.
-    pub fn settle(&self) {
-        self.lock().settled = true;
+    /// Ends the fill for everyone still waiting on it: whatever it stored is now visible to
+    /// lookups (it is settled), and a fill that never got an answer or a whole body says so.
+    fn conclude(&self) {
+        {
+            let mut st = self.lock();
+            if st.result.is_none() {
+                st.result = Some(FillResult::Failed(UpstreamError::Protocol(
+                    "the fill ended without an answer".into(),
+                )));
+            }
+            if st.done.is_none() {
+                st.done = Some(Err("the fill ended before the body did".into()));
+            }
+            st.settled = true;
+        }
         self.bump();
     }
 
@@ -195,7 +218,7 @@ impl Fill {
         matches!(self.lock().done, Some(Ok(())))
     }
 
-    /// Waits until [`settle`](Self::settle) was called.
+    /// Waits until the task running the fill has ended ([`Concluding`]).
     pub async fn settled(&self) {
         let mut rx = self.version.subscribe();
         loop {
@@ -346,6 +369,8 @@ impl Drop for FillReader {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use futures_util::StreamExt;
 
@@ -363,6 +388,39 @@ mod tests {
         fill.finish(Ok(()));
         assert_eq!(s1.next().await.unwrap().unwrap(), "cd");
         assert!(s1.next().await.is_none());
+    }
+
+    /// Waiters hold the fill, so its channel never closes under them: the end of the task
+    /// that runs it must wake them, however that task ends.
+    #[tokio::test]
+    async fn the_end_of_the_fill_task_wakes_every_waiter() {
+        let fill = Fill::new(KeyHash::of("k"));
+        let settled = tokio::spawn({
+            let f = fill.clone();
+            async move { f.settled().await }
+        });
+        let result = tokio::spawn({
+            let f = fill.clone();
+            async move { f.result().await }
+        });
+        let reader = fill.reader().unwrap();
+        let task = tokio::spawn({
+            let f = fill.clone();
+            async move {
+                let _conclude = Concluding(f);
+                tokio::task::yield_now().await;
+                panic!("the fill task dies before any answer");
+            }
+        });
+        assert!(task.await.is_err());
+        let wait = Duration::from_secs(10);
+        tokio::time::timeout(wait, settled).await.unwrap().unwrap();
+        let r = tokio::time::timeout(wait, result).await.unwrap().unwrap();
+        assert!(matches!(r, FillResult::Failed(_)), "{r:?}");
+        let s: Vec<_> = tokio::time::timeout(wait, reader.into_stream().collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert!(matches!(s.as_slice(), [Err(_)]), "{s:?}");
     }
 
     #[tokio::test]

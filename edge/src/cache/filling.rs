@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::disk::DiskTier;
-use super::fill::{self, Fill, FillHead, FillResult};
+use super::fill::{self, Concluding, Fill, FillHead, FillResult};
 use super::key::KeyHash;
 use super::meta::{CachedMeta, MemObject};
 use super::policy::{self, Admission, Freshness};
@@ -338,6 +338,8 @@ impl Engine {
 
     /// The fill task: fetch, decide, stream to readers, store.
     async fn run_fill(self: Arc<Self>, fill: Arc<Fill>, job: FillJob) {
+        // Dropped last: waiters wake once the stored copy is visible and the fill is gone.
+        let _conclude = Concluding(fill.clone());
         self.fill_inner(&fill, job).await;
         self.fills
             .remove_if(&fill.key, |_, f| Arc::ptr_eq(f, &fill));
