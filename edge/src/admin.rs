@@ -125,6 +125,7 @@ impl AdminState {
             let auth = self.auth.load_full();
             return outpost_purge_api::handle(req, &self.operator, &auth, &self.limits)
                 .await
+                .map(|r| r.map(RespBody::boxed))
                 .unwrap_or_else(|| plain(StatusCode::NOT_FOUND, "not found"));
         }
         let read_only = matches!(
@@ -138,7 +139,7 @@ impl AdminState {
                 .load()
                 .check(req.headers(), outpost_purge_api::Scope::Read)
         {
-            return outpost_purge_api::error_response(&outpost_purge_api::AdminError::Auth(e));
+            return crate::admin::api_error(&outpost_purge_api::AdminError::Auth(e));
         }
         match path.as_str() {
             "/" | "/status" => {
@@ -192,6 +193,11 @@ impl AdminState {
             ),
         }
     }
+}
+
+/// The purge API's error response for `e`.
+pub fn api_error(e: &outpost_purge_api::AdminError) -> Response<RespBody> {
+    outpost_purge_api::error_response(e).map(RespBody::boxed)
 }
 
 pub fn json<T: Serialize>(v: &T) -> Response<RespBody> {

@@ -690,7 +690,7 @@ pub fn admin_reload(
         return r;
     }
     if let Err(e) = auth.check(headers, outpost_purge_api::Scope::Push) {
-        return outpost_purge_api::error_response(&outpost_purge_api::AdminError::Auth(e));
+        return crate::admin::api_error(&outpost_purge_api::AdminError::Auth(e));
     }
     let Some(tls) = tls else {
         return plain(

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 
-use super::headers::{CACHE_STATUS, CLIENT_CONDITIONALS};
+use super::headers::{CACHE_STATUS, CLIENT_CONDITIONALS, X_CACHE};
 use super::respond::{
     self, HIT_TTL, Outcome, RespBody, full, push_hit_status, upstream_cache_status,
 };
@@ -132,6 +132,37 @@ fn key_of(
     Some(out)
 }
 
+/// Entries in each thread's table of finished heads (a power of two).
+const STAMPED_SLOTS: usize = 256;
+
+/// Largest body a thread keeps its own handle of ([`STAMPED`]): this bounds what the table can
+/// keep alive after the memory tier dropped an object (`STAMPED_SLOTS` × this, per thread).
+const STAMPED_BODY_MAX: usize = 16 * 1024;
+
+/// A prepared head finished for one `Age` and `Cache-Status` ttl, and the object's body.
+struct Stamped {
+    /// [`MemEntry::id`] of the object it belongs to.
+    entry: u64,
+    age: u64,
+    ttl: u64,
+    headers: HeaderMap,
+    /// The entry's body behind a reference count of this thread's own, for small bodies.
+    body: Option<Bytes>,
+}
+
+thread_local! {
+    /// Finished response heads of this thread, direct-mapped by memory entry. `Age` and the
+    /// ttl change once a second, so a hot object's head is finished about once a second per
+    /// thread and only cloned for the hits in between. Its names and values are this thread's
+    /// own copies, and a small body is shared through a handle of this thread's own
+    /// (`Bytes::from_owner`, no copy of the bytes): cloning and dropping them per hit touches
+    /// reference counts that no other core writes, where the shared ones would bounce between
+    /// cores on every hit of a hot object. Entry ids are never reused, so a replaced object (a
+    /// new fill, a 304 update) never matches an old slot.
+    static STAMPED: std::cell::RefCell<Vec<Option<Stamped>>> =
+        std::cell::RefCell::new((0..STAMPED_SLOTS).map(|_| None).collect());
+}
+
 /// A fast-path answer: the response, what the cache did, and the body bytes it sends.
 pub(super) struct FastHit {
     pub response: Response<RespBody>,
@@ -165,7 +196,8 @@ impl Proxy {
         let hit = self.engine.fresh_hit(primary, req.headers()).await?;
         let head = match hit.entry.head() {
             Some(h) => h,
-            None => hit.entry.set_head(self.prepare(&hit, None).await),
+            // Boxed: once per object, and it keeps this future (moved by hyper per request) small.
+            None => hit.entry.set_head(Box::pin(self.prepare(&hit, None)).await),
         };
         let coding = match head.codings {
             Codings::Ignored => Coding::Identity,
@@ -180,7 +212,7 @@ impl Proxy {
         let variant = self.engine.fresh_encoded(&hit, coding).await?;
         let head = match variant.head() {
             Some(h) => h,
-            None => variant.set_head(self.prepare(&hit, Some(&variant)).await),
+            None => variant.set_head(Box::pin(self.prepare(&hit, Some(&variant))).await),
         };
         if !head_only {
             self.compression.count_variant_hit();
@@ -196,28 +228,41 @@ impl Proxy {
         head: &PreparedHead,
         head_only: bool,
     ) -> FastHit {
-        let mut headers = head.headers.clone();
-        // Both fields are in the prepared map already: these replace values in place, so the
-        // cloned map never grows.
-        headers.insert(header::AGE, age_value(head.age(hit.now)));
-        let mut ttl = itoa::Buffer::new();
-        let ttl = ttl.format(hit.ttl_secs());
-        // Exactly the length it will have: the bytes become the header value without a copy.
-        let mut status = String::with_capacity(
-            head.cache_status_prefix.len() + self.id.name.len() + HIT_TTL.len() + ttl.len(),
-        );
-        status.push_str(&head.cache_status_prefix);
-        push_hit_status(&mut status, &self.id.name, ttl);
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(status)) {
-            headers.insert(CACHE_STATUS, v);
-        }
+        let (age, ttl) = (head.age(hit.now), hit.ttl_secs());
+        let (headers, body) = STAMPED.with_borrow_mut(|slots| {
+            let slot = &mut slots[entry.id as usize & (STAMPED_SLOTS - 1)];
+            match slot {
+                Some(s) if s.entry == entry.id => {
+                    if (s.age, s.ttl) != (age, ttl) {
+                        (s.age, s.ttl) = (age, ttl);
+                        s.headers = self.stamp(head, age, ttl);
+                    }
+                }
+                _ => {
+                    let body = &entry.obj.body;
+                    *slot = Some(Stamped {
+                        entry: entry.id,
+                        age,
+                        ttl,
+                        headers: self.stamp(head, age, ttl),
+                        // The same bytes, counted by this thread alone (see STAMPED).
+                        body: (body.len() <= STAMPED_BODY_MAX)
+                            .then(|| Bytes::from_owner(body.clone())),
+                    });
+                }
+            }
+            let s = slot
+                .as_ref()
+                .unwrap_or_else(|| unreachable!("filled above"));
+            (s.headers.clone(), s.body.clone())
+        });
         let no_body = head_only
             || head.status == StatusCode::NO_CONTENT
             || head.status == StatusCode::NOT_MODIFIED;
         let (body, sent) = if no_body {
             (Bytes::new(), 0)
         } else {
-            let b = entry.obj.body.clone();
+            let b = body.unwrap_or_else(|| entry.obj.body.clone());
             let n = b.len() as u64;
             (b, n)
         };
@@ -233,6 +278,38 @@ impl Proxy {
             },
             sent,
         }
+    }
+
+    /// `head` finished for one `Age` and ttl, in this thread's own allocations (see
+    /// [`STAMPED`]).
+    fn stamp(&self, head: &PreparedHead, age: u64, ttl: u64) -> HeaderMap {
+        let mut headers = HeaderMap::with_capacity(head.headers.len());
+        for (name, value) in &head.headers {
+            // Standard names and our own are static (no count to share); others are copied.
+            let name = if [CACHE_STATUS, X_CACHE].contains(name) {
+                name.clone()
+            } else {
+                HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone())
+            };
+            let mut copy =
+                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            copy.set_sensitive(value.is_sensitive());
+            headers.append(name, copy);
+        }
+        // Both fields are in the prepared map already: these replace values in place, so the
+        // order of fields is the full path's.
+        headers.insert(header::AGE, age_value(age));
+        let mut ttl_text = itoa::Buffer::new();
+        let ttl_text = ttl_text.format(ttl);
+        let mut status = String::with_capacity(
+            head.cache_status_prefix.len() + self.id.name.len() + HIT_TTL.len() + ttl_text.len(),
+        );
+        status.push_str(&head.cache_status_prefix);
+        push_hit_status(&mut status, &self.id.name, ttl_text);
+        if let Ok(v) = HeaderValue::from_str(&status) {
+            headers.insert(CACHE_STATUS, v);
+        }
+        headers
     }
 
     /// Builds the head of the hit's object, or of an encoded variant of it, with the full
@@ -514,6 +591,21 @@ mod tests {
             .expect("ascii")
             .parse()
             .expect("seconds")
+    }
+
+    /// hyper moves each request's future a few times before and while polling it: the future
+    /// of a hit must stay small, so the full path's (several KiB) is boxed.
+    #[tokio::test]
+    async fn a_request_future_is_small() {
+        let s = setup().await;
+        let f = s
+            .proxy
+            .handle(request(Method::GET, "/page.html", &[]), peer());
+        assert!(
+            size_of_val(&f) <= 2048,
+            "handle's future is {} bytes",
+            size_of_val(&f)
+        );
     }
 
     #[tokio::test]

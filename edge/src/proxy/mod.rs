@@ -157,7 +157,9 @@ impl Proxy {
             None => {
                 let missed = req.uri().path_and_query().cloned();
                 let is_head = req.method() == Method::HEAD;
-                let resp = self.route(req, client).await;
+                // Boxed: the full path's state machine is several KiB, and hyper moves the
+                // request's future a few times; unboxed, every hit would copy it.
+                let resp = Box::pin(self.route(req, client)).await;
                 let outcome = resp
                     .extensions()
                     .get::<Outcome>()
@@ -199,7 +201,7 @@ impl Proxy {
         if len.is_none() {
             let metrics = self.metrics.clone();
             return resp.map(|b| {
-                http_body_util::BodyExt::boxed_unsync(crate::observe::counting::CountingBody::new(
+                RespBody::boxed(crate::observe::counting::CountingBody::new(
                     b,
                     metrics,
                     outcome.cache,
@@ -232,7 +234,7 @@ impl Proxy {
             );
         };
         if let Err(e) = auth.load().check(headers, outpost_purge_api::Scope::Purge) {
-            return outpost_purge_api::error_response(&outpost_purge_api::AdminError::Auth(e));
+            return crate::admin::api_error(&outpost_purge_api::AdminError::Auth(e));
         }
         let soft = headers
             .get("soft-purge")
@@ -245,7 +247,7 @@ impl Proxy {
         };
         match operator.purge_local(&req).await {
             Ok(receipt) => crate::admin::json(&receipt),
-            Err(e) => outpost_purge_api::error_response(&e),
+            Err(e) => crate::admin::api_error(&e),
         }
     }
 

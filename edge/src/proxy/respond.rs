@@ -4,12 +4,16 @@
 //! `Cache-Status` (RFC 9211) and `X-Cache`.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 
 use super::headers::{CACHE_STATUS, CACHE_TAG, SURROGATE_CONTROL, SURROGATE_KEY, X_CACHE};
@@ -19,8 +23,55 @@ use crate::cache::status::CacheStatus;
 use crate::cache::upstream::BoxError;
 use crate::cache::{Served, ServedBody};
 
-/// Response bodies: streams from fills and disk are `Send` but not `Sync`.
-pub type RespBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+/// A response body: a whole body in one piece, as every memory hit and generated response
+/// has (no allocation and no dynamic dispatch per response), or any other body, boxed
+/// (streams from fills and disk are `Send` but not `Sync`).
+pub struct RespBody(BodyKind);
+
+enum BodyKind {
+    Full(Full<Bytes>),
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl RespBody {
+    /// Boxes any body.
+    pub fn boxed<B>(body: B) -> Self
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self(BodyKind::Boxed(body.map_err(Into::into).boxed_unsync()))
+    }
+}
+
+impl http_body::Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            BodyKind::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            BodyKind::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            BodyKind::Full(b) => b.is_end_stream(),
+            BodyKind::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            BodyKind::Full(b) => b.size_hint(),
+            BodyKind::Boxed(b) => b.size_hint(),
+        }
+    }
+}
 
 /// Per-node identity used in `Via` and `Cache-Status`.
 #[derive(Debug, Clone)]
@@ -42,13 +93,11 @@ pub struct Identity {
 }
 
 pub fn full(b: Bytes) -> RespBody {
-    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+    RespBody(BodyKind::Full(Full::new(b)))
 }
 
 fn stream_body(s: futures_util::stream::BoxStream<'static, io::Result<Bytes>>) -> RespBody {
-    BodyExt::boxed_unsync(StreamBody::new(
-        s.map_ok(hyper::body::Frame::data).map_err(BoxError::from),
-    ))
+    RespBody::boxed(StreamBody::new(s.map_ok(Frame::data)))
 }
 
 /// A short plain-text response, used for every error the edge generates.
