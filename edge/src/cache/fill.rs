@@ -67,6 +67,8 @@ struct State {
     trimmed: bool,
     /// The fill has finished storing (or gave up): a lookup now sees its result.
     settled: bool,
+    /// Chunks at the end of `chunks` that readers may not take yet ([`Fill::push_held`]).
+    held: usize,
 }
 
 /// Held by the task that runs a fill: when the task ends, however it ends (returned, panicked,
@@ -172,14 +174,18 @@ impl Fill {
 
     /// Appends a chunk without waking readers yet: the last chunk of a body that is about to be
     /// stored is held until the stored copy is visible ([`Fill::release`]).
+    /// Readers do not see it, even one that happens to be polling right now, until
+    /// [`Fill::release`].
     pub fn push_held(&self, chunk: Bytes) {
         let mut st = self.lock();
         st.chunks.push_back(chunk);
+        st.held += 1;
         trim(&mut st);
     }
 
-    /// Wakes readers for chunks appended with [`Fill::push_held`].
+    /// Shows readers the chunks appended with [`Fill::push_held`], and wakes them.
     pub fn release(&self) {
+        self.lock().held = 0;
         self.bump();
     }
 
@@ -208,6 +214,7 @@ impl Fill {
             if st.done.is_none() {
                 st.done = Some(Err("the fill ended before the body did".into()));
             }
+            st.held = 0;
             st.settled = true;
         }
         self.bump();
@@ -315,7 +322,9 @@ impl FillReader {
     fn next_now(&mut self) -> Next {
         let mut st = self.fill.lock();
         let idx = self.cursor - st.base.min(self.cursor);
+        let visible = st.chunks.len() - st.held;
         if self.cursor >= st.base
+            && idx < visible
             && let Some(c) = st.chunks.get(idx).cloned()
         {
             self.cursor += 1;
@@ -421,6 +430,27 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(s.as_slice(), [Err(_)]), "{s:?}");
+    }
+
+    /// A held chunk is invisible to readers, even to one polling while it is appended, until
+    /// it is released: the stored copy must be visible before a client can have the whole body.
+    #[tokio::test]
+    async fn held_chunks_are_invisible_until_released() {
+        let fill = Fill::new(KeyHash::of("k"));
+        let mut reader = fill.reader().unwrap();
+        fill.push(Bytes::from_static(b"ab"));
+        fill.push_held(Bytes::from_static(b"cd"));
+        assert!(matches!(reader.next_now(), Next::Chunk(c) if c == "ab"));
+        assert!(matches!(reader.next_now(), Next::Wait));
+        assert_eq!(
+            fill.assembled().unwrap(),
+            "abcd",
+            "the stored copy has every chunk"
+        );
+        fill.release();
+        assert!(matches!(reader.next_now(), Next::Chunk(c) if c == "cd"));
+        fill.finish(Ok(()));
+        assert!(matches!(reader.next_now(), Next::End));
     }
 
     #[tokio::test]
