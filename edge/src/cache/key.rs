@@ -21,13 +21,18 @@ pub struct KeyHash(pub [u8; 32]);
 /// ([`KeyHasher`]) still mixes them, so hashing all 32 would only cost time on every lookup.
 impl std::hash::Hash for KeyHash {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(first));
+        state.write_u64(self.first_u64());
     }
 }
 
 impl KeyHash {
+    /// The first eight bytes: already uniformly distributed (see the `Hash` impl).
+    pub fn first_u64(&self) -> u64 {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        u64::from_le_bytes(first)
+    }
+
     pub fn of(text: &str) -> Self {
         Self(*blake3::hash(text.as_bytes()).as_bytes())
     }

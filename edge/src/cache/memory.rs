@@ -125,12 +125,8 @@ impl MemoryTier {
     /// The entry itself, for the hit fast path (one refcount bump), from this thread's table
     /// of recent hits when it is there ([`RECENT`]).
     pub async fn entry(&self, key: &KeyHash) -> Option<Arc<MemEntry>> {
-        let slot = {
-            let mut first = [0u8; 8];
-            first.copy_from_slice(&key.0[..8]);
-            (u64::from_le_bytes(first) ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as usize
-                & (RECENT_SLOTS - 1)
-        };
+        let slot = (key.first_u64() ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as usize
+            & (RECENT_SLOTS - 1);
         let recent = RECENT.with_borrow_mut(|slots| match &mut slots[slot] {
             Some(r) if r.tier == self.id && r.key == *key => {
                 r.uses = r.uses.wrapping_add(1);

@@ -231,16 +231,17 @@ impl Proxy {
         let (age, ttl) = (head.age(hit.now), hit.ttl_secs());
         let (headers, body) = STAMPED.with_borrow_mut(|slots| {
             let slot = &mut slots[entry.id as usize & (STAMPED_SLOTS - 1)];
-            match slot {
+            let s = match slot {
                 Some(s) if s.entry == entry.id => {
                     if (s.age, s.ttl) != (age, ttl) {
                         (s.age, s.ttl) = (age, ttl);
                         s.headers = self.stamp(head, age, ttl);
                     }
+                    s
                 }
                 _ => {
                     let body = &entry.obj.body;
-                    *slot = Some(Stamped {
+                    slot.insert(Stamped {
                         entry: entry.id,
                         age,
                         ttl,
@@ -248,12 +249,9 @@ impl Proxy {
                         // The same bytes, counted by this thread alone (see STAMPED).
                         body: (body.len() <= STAMPED_BODY_MAX)
                             .then(|| Bytes::from_owner(body.clone())),
-                    });
+                    })
                 }
-            }
-            let s = slot
-                .as_ref()
-                .unwrap_or_else(|| unreachable!("filled above"));
+            };
             (s.headers.clone(), s.body.clone())
         });
         let no_body = head_only
