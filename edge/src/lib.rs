@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod drain;
 pub mod observe;
 pub mod operator;
 pub mod proxy;

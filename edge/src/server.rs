@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use http::Request;
 use http::header::HeaderValue;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -275,7 +275,7 @@ impl EdgeServer {
         // The admin port outlives the drain, so `/readyz` answers 503 to new connections (and a
         // selector withdraws this node) until the last in-flight request is done.
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
+        let drain = crate::drain::Drain::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -357,12 +357,22 @@ impl EdgeServer {
                 addr: peer,
                 tls: tls.is_some(),
             };
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let proxy = conn_proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
-            });
+            // A fresh memory hit is answered within the call, and its request dropped there;
+            // anything else continues in a boxed future (see `Proxy::start`).
+            let svc =
+                service_fn(
+                    move |req: Request<Incoming>| match conn_proxy.start(req, client) {
+                        Ok(resp) => Either::Left(std::future::ready(Ok::<_, Infallible>(resp))),
+                        Err(pending) => {
+                            let proxy = conn_proxy.clone();
+                            Either::Right(Box::pin(async move {
+                                Ok::<_, Infallible>(proxy.finish(pending).await)
+                            }))
+                        }
+                    },
+                );
             let builder = builder.clone();
-            let watcher = graceful.watcher();
+            let watcher = drain.watcher();
             let first_bytes = self.cfg.header_read_timeout;
             if let Some(tls) = tls {
                 // The handshake runs here, in the connection's task, under its own timeout.
@@ -396,13 +406,10 @@ impl EdgeServer {
         info!("edge draining");
         drop(self.listener);
         drop(self.tls);
-        let graceful = Arc::try_unwrap(graceful).ok();
-        if let Some(g) = graceful {
-            tokio::select! {
-                _ = g.shutdown() => {}
-                _ = tokio::time::sleep(self.cfg.drain_timeout) => {
-                    warn!("drain timeout reached; closing remaining connections");
-                }
+        tokio::select! {
+            _ = drain.shutdown() => {}
+            _ = tokio::time::sleep(self.cfg.drain_timeout) => {
+                warn!("drain timeout reached; closing remaining connections");
             }
         }
         let _ = admin_stop_tx.send(true);

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, request};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
@@ -24,8 +24,7 @@ use super::policy::{self, Admission, Freshness};
 use super::status::{CacheStatus, PassReason, Tier};
 use super::upstream::{self, UpstreamBody, UpstreamError, empty_body};
 use super::{
-    CacheRequest, Engine, MAX_TRACKED_HOSTS, Served, ServedBody, Stored, VaryEntry, error_served,
-    pinned,
+    CacheRequest, Engine, MAX_TRACKED_HOSTS, Served, ServedBody, Stored, error_served, pinned,
 };
 use crate::proxy::headers::{CLIENT_CONDITIONALS, strip_hop_by_hop};
 
@@ -433,7 +432,7 @@ impl Engine {
                     .collect();
                 parts.headers.remove(header::SET_COOKIE);
                 let vary = meta.vary_names();
-                let store_key = self.register_variant(job.primary, &vary, &job.norm.headers);
+                let store_key = self.vary.register(job.primary, &vary, &job.norm.headers);
                 (Some(meta), vary, store_key, set_cookie)
             }
             Admission::Pass(reason) => {
@@ -630,32 +629,6 @@ impl Engine {
             // Sender dropped without Commit: the write is abandoned and never visible.
         });
         tx
-    }
-
-    /// Records Vary names for a primary key and returns the variant key for this request.
-    fn register_variant(
-        &self,
-        primary: KeyHash,
-        names: &[HeaderName],
-        headers: &HeaderMap,
-    ) -> KeyHash {
-        if names.is_empty() {
-            self.vary.remove(&primary);
-            return primary;
-        }
-        let variant = primary.variant(names, headers);
-        let mut e = self.vary.entry(primary).or_insert_with(|| VaryEntry {
-            names: names.into(),
-            variants: Vec::new(),
-        });
-        if &*e.names != names {
-            e.names = names.into();
-            e.variants.clear();
-        }
-        if !e.variants.contains(&variant) {
-            e.variants.push(variant);
-        }
-        variant
     }
 }
 

@@ -1,13 +1,15 @@
 //! The engine's side of the hit fast path: a fresh, valid object of the memory tier found from
 //! the request's primary key and headers alone, with no normalised request built and nothing
-//! allocated. `None` always means "take the full path"; this lookup has no side effects.
+//! allocated, and nothing awaited (the data port answers such a hit within hyper's call to the
+//! service). `None` always means "take the full path"; this lookup has no side effects.
 //!
 //! The front end prepares the response head of an object once ([`PreparedHead`], kept in the
 //! object's memory entry) and reuses it for every later hit, adding only what changes with
 //! time (`Age`, the `Cache-Status` ttl).
 
+use std::ops::Deref;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use http::{HeaderMap, StatusCode};
 
@@ -16,7 +18,7 @@ use super::clock::unix_ms;
 use super::encoded::{encoded_key, encoded_matches};
 use super::invalidation::Verdict;
 use super::key::{Coding, KeyHash};
-use super::memory::MemEntry;
+use super::memory::{EntryRef, MemEntry};
 use super::meta::CachedMeta;
 
 /// How a prepared response depends on the request's `Accept-Encoding`.
@@ -40,34 +42,51 @@ pub struct PreparedHead {
     /// Upstream caches' `Cache-Status` entries and ", ", or empty (RFC 9211: ours comes last).
     pub cache_status_prefix: String,
     pub codings: Codings,
-    /// `Age` at `at`; from there it grows by one second per second (RFC 9111 §4.2.3).
-    pub age_at: Duration,
-    pub at: SystemTime,
+    /// `Age` at `at_ms`, in milliseconds; from there it grows by one second per second (RFC
+    /// 9111 §4.2.3).
+    pub age_at_ms: u64,
+    /// When it was prepared, in Unix milliseconds.
+    pub at_ms: u64,
 }
 
 impl PreparedHead {
-    /// `Age` at `now`, whole seconds.
-    pub fn age(&self, now: SystemTime) -> u64 {
-        (self.age_at + now.duration_since(self.at).unwrap_or_default()).as_secs()
+    /// `Age` at `now_ms` (Unix milliseconds), whole seconds. Integer arithmetic: a hit
+    /// computes this once per request.
+    pub fn age(&self, now_ms: u64) -> u64 {
+        (self.age_at_ms + now_ms.saturating_sub(self.at_ms)) / 1000
     }
 }
 
-/// A fresh memory hit.
-pub struct FreshHit {
+/// A fresh memory hit. As the lookup returns it, it holds the entry through this thread's
+/// handle ([`EntryRef`]); [`FreshHit::to_owned`] makes one that can be held across an await.
+pub struct FreshHit<E = Arc<MemEntry>> {
     /// The variant key the object is stored under.
     pub key: KeyHash,
-    pub entry: Arc<MemEntry>,
+    pub entry: E,
     pub now: SystemTime,
+    /// `now` in Unix milliseconds.
+    pub now_ms: u64,
 }
 
-impl FreshHit {
+impl<E: Deref<Target = MemEntry>> FreshHit<E> {
     pub fn meta(&self) -> &Arc<CachedMeta> {
         &self.entry.obj.meta
     }
 
     /// Remaining freshness in whole seconds, for `Cache-Status: ttl=`.
     pub fn ttl_secs(&self) -> u64 {
-        self.meta().fresh_until_ms.saturating_sub(unix_ms(self.now)) / 1000
+        self.meta().fresh_until_ms.saturating_sub(self.now_ms) / 1000
+    }
+}
+
+impl FreshHit<EntryRef> {
+    pub fn to_owned(&self) -> FreshHit {
+        FreshHit {
+            key: self.key,
+            entry: self.entry.to_arc(),
+            now: self.now,
+            now_ms: self.now_ms,
+        }
     }
 }
 
@@ -76,17 +95,23 @@ impl Engine {
     /// headers (Vary). The caller has already ruled out request directives that change
     /// freshness (Cache-Control, Pragma, Authorization), and pushed paths
     /// ([`Engine::is_pushed`]).
-    pub async fn fresh_hit(&self, primary: KeyHash, headers: &HeaderMap) -> Option<FreshHit> {
+    pub fn fresh_hit(&self, primary: KeyHash, headers: &HeaderMap) -> Option<FreshHit<EntryRef>> {
         let key = self.variant_of(primary, headers);
-        let entry = self.memory.entry(&key).await?;
+        let entry = self.memory.entry(&key)?;
         let now = self.clock.now();
+        let now_ms = unix_ms(now);
         let meta = &entry.obj.meta;
-        if unix_ms(now) >= meta.fresh_until_ms
+        if now_ms >= meta.fresh_until_ms
             || self.gens.check(&meta.key, &meta.tags, meta.purge_seq) != Verdict::Valid
         {
             return None;
         }
-        Some(FreshHit { key, entry, now })
+        Some(FreshHit {
+            key,
+            entry,
+            now,
+            now_ms,
+        })
     }
 
     /// Is a pushed object stored for this path (`/path?query` of the key)? One atomic load
@@ -102,11 +127,12 @@ impl Engine {
 
     /// The encoded variant of a fresh hit, if the memory tier holds one made from this very
     /// version of the object.
-    pub async fn fresh_encoded(&self, base: &FreshHit, coding: Coding) -> Option<Arc<MemEntry>> {
-        let entry = self
-            .memory
-            .entry(&encoded_key(base.key, coding.as_str()))
-            .await?;
+    pub fn fresh_encoded<E: Deref<Target = MemEntry>>(
+        &self,
+        base: &FreshHit<E>,
+        coding: Coding,
+    ) -> Option<EntryRef> {
+        let entry = self.memory.entry(&encoded_key(base.key, coding.as_str()))?;
         encoded_matches(&entry.obj.meta, base.meta()).then_some(entry)
     }
 }

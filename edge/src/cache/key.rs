@@ -134,7 +134,8 @@ impl Coding {
             let Ok(v) = v.to_str() else { continue };
             for item in v.split(',') {
                 let mut parts = item.split(';');
-                let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+                // Compared without case and without allocating: hits negotiate per request.
+                let name = parts.next().unwrap_or("").trim();
                 if name.is_empty() {
                     continue;
                 }
@@ -149,11 +150,12 @@ impl Coding {
                         q = val.trim().parse().unwrap_or(0.0);
                     }
                 }
-                match name.as_str() {
-                    "br" => q_br = Some(q),
-                    "gzip" | "x-gzip" => q_gzip = Some(q),
-                    "*" => q_star = Some(q),
-                    _ => {}
+                if name.eq_ignore_ascii_case("br") {
+                    q_br = Some(q);
+                } else if name.eq_ignore_ascii_case("gzip") || name.eq_ignore_ascii_case("x-gzip") {
+                    q_gzip = Some(q);
+                } else if name == "*" {
+                    q_star = Some(q);
                 }
             }
         }
@@ -414,6 +416,10 @@ mod tests {
         assert_eq!(Coding::negotiate(&ae("*")), Coding::Br);
         assert_eq!(Coding::negotiate(&ae("identity;q=0")), Coding::Identity);
         assert_eq!(Coding::negotiate(&HeaderMap::new()), Coding::Identity);
+        // Coding names are case-insensitive (RFC 9110 §8.4.1).
+        assert_eq!(Coding::negotiate(&ae("GZip, BR;q=0.1")), Coding::Gzip);
+        assert_eq!(Coding::negotiate(&ae("X-GZIP")), Coding::Gzip);
+        assert_eq!(Coding::negotiate(&ae("deflate, Br")), Coding::Br);
         let p = KeyHash::of("h/");
         let names = vec![header::ACCEPT_ENCODING];
         assert_eq!(

@@ -1,8 +1,11 @@
 //! Memory tier: moka, weighed in bytes. A hit clones an `Arc` (one refcount bump), never the
 //! body. moka shards internally, so a hit takes no global lock. moka's synchronous cache: no
 //! call here ever waits on I/O, and its `get` costs a third fewer instructions than the async
-//! one's (callgrind, hit_path bench). The methods stay `async` for the engine's callers.
+//! one's (callgrind, hit_path bench). The methods the engine's fill and lookup paths call stay
+//! `async`; [`MemoryTier::entry`], the hit fast path's, is a plain function.
 
+use std::ops::Deref;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -38,6 +41,40 @@ impl MemEntry {
     }
 }
 
+/// A memory entry as a hit holds it: through this thread's own handle from its table of recent
+/// hits (`RECENT`), or moka's `Arc`. Taking and dropping the thread's handle touches no
+/// reference count another core writes: with moka's `Arc`, every hit on a hot object moved
+/// that count's cache line between the cores serving it (twice per hit).
+#[derive(Clone)]
+pub enum EntryRef {
+    Local(Rc<Held>),
+    Shared(Arc<MemEntry>),
+}
+
+/// moka's `Arc` of an entry, held by one thread behind a reference count of its own.
+pub struct Held(Arc<MemEntry>);
+
+impl EntryRef {
+    /// The entry as an `Arc`, to hold across an await or hand to another thread.
+    pub fn to_arc(&self) -> Arc<MemEntry> {
+        match self {
+            EntryRef::Local(held) => held.0.clone(),
+            EntryRef::Shared(arc) => arc.clone(),
+        }
+    }
+}
+
+impl Deref for EntryRef {
+    type Target = MemEntry;
+
+    fn deref(&self) -> &MemEntry {
+        match self {
+            EntryRef::Local(held) => &held.0,
+            EntryRef::Shared(arc) => arc,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct MemoryTier {
     cache: Cache<KeyHash, Arc<MemEntry>, KeyHasher>,
@@ -53,17 +90,44 @@ const RECENT_SLOTS: usize = 256;
 
 /// One hit in this many from a thread's table also reads moka, so its eviction policy keeps
 /// seeing how hot the object is (its frequency counters saturate at 15 anyway).
-const RECENT_TOUCH: u32 = 16;
+const RECENT_TOUCH: u32 = 64;
 
-/// Largest body the table holds on to: it bounds what the table can keep alive after moka
-/// dropped an entry (`RECENT_SLOTS` × this, per thread) until the slot is looked at again.
-const RECENT_BODY_MAX: usize = 16 * 1024;
+/// Largest body a per-thread table of the hit path holds on to (this one, and the proxy's
+/// table of finished heads).
+pub const TABLE_BODY_MAX: usize = 256 * 1024;
+
+/// Body bytes one such table may hold in all. What a table holds can outlive its object in the
+/// memory tier until the slot is reused: this bounds that memory, beyond the tier's own
+/// capacity, to twice this per worker thread.
+pub const TABLE_BODY_BYTES: usize = 4 << 20;
+
+/// The body bytes a per-thread table holds, against [`TABLE_BODY_BYTES`].
+#[derive(Debug, Default)]
+pub struct TableBytes(usize);
+
+impl TableBytes {
+    /// A slot drops a body of `old` bytes (0 for none) and would take one of `new`: true when
+    /// the new one fits (it is then counted), false when the slot must stay without.
+    pub fn replace(&mut self, old: usize, new: usize) -> bool {
+        self.0 -= old;
+        let fits = new <= TABLE_BODY_MAX && self.0 + new <= TABLE_BODY_BYTES;
+        if fits {
+            self.0 += new;
+        }
+        fits
+    }
+}
 
 struct Recent {
     tier: u64,
     key: KeyHash,
-    entry: Arc<MemEntry>,
+    entry: Rc<Held>,
     uses: u32,
+}
+
+struct RecentTable {
+    slots: Vec<Option<Recent>>,
+    bytes: TableBytes,
 }
 
 thread_local! {
@@ -73,8 +137,10 @@ thread_local! {
     /// object those cost as much as the rest of a hit, so most hits take the entry from
     /// here instead. An entry moka dropped is marked before the call that dropped it returns
     /// (a new fill replacing it, a purge or DELETE removing it), and is never handed out again.
-    static RECENT: std::cell::RefCell<Vec<Option<Recent>>> =
-        std::cell::RefCell::new((0..RECENT_SLOTS).map(|_| None).collect());
+    static RECENT: std::cell::RefCell<RecentTable> = std::cell::RefCell::new(RecentTable {
+        slots: (0..RECENT_SLOTS).map(|_| None).collect(),
+        bytes: TableBytes::default(),
+    });
 }
 
 impl MemoryTier {
@@ -122,16 +188,17 @@ impl MemoryTier {
         self.cache.get(key).map(|e| e.obj.clone())
     }
 
-    /// The entry itself, for the hit fast path (one refcount bump), from this thread's table
-    /// of recent hits when it is there ([`RECENT`]).
-    pub async fn entry(&self, key: &KeyHash) -> Option<Arc<MemEntry>> {
+    /// The entry itself, for the hit fast path, from this thread's table of recent hits when
+    /// it is there (`RECENT`, [`EntryRef`]).
+    pub fn entry(&self, key: &KeyHash) -> Option<EntryRef> {
         let slot = (key.first_u64() ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as usize
             & (RECENT_SLOTS - 1);
-        let recent = RECENT.with_borrow_mut(|slots| match &mut slots[slot] {
+        let recent = RECENT.with_borrow_mut(|table| match &mut table.slots[slot] {
             Some(r) if r.tier == self.id && r.key == *key => {
                 r.uses = r.uses.wrapping_add(1);
-                let usable = r.uses % RECENT_TOUCH != 0 && !r.entry.removed.load(Ordering::Acquire);
-                usable.then(|| r.entry.clone())
+                let usable =
+                    r.uses % RECENT_TOUCH != 0 && !r.entry.0.removed.load(Ordering::Acquire);
+                usable.then(|| EntryRef::Local(r.entry.clone()))
             }
             _ => None,
         });
@@ -139,18 +206,25 @@ impl MemoryTier {
             return recent;
         }
         let entry = self.cache.get(key);
-        RECENT.with_borrow_mut(|slots| {
-            slots[slot] = entry
-                .as_ref()
-                .filter(|e| e.obj.body.len() <= RECENT_BODY_MAX)
-                .map(|e| Recent {
-                    tier: self.id,
-                    key: *key,
-                    entry: e.clone(),
-                    uses: 0,
-                });
-        });
-        entry
+        // The slot takes this entry, or is emptied (a miss, a body over the table's bounds):
+        // it never keeps one that moka dropped alive for long.
+        RECENT.with_borrow_mut(|table| {
+            let old = table.slots[slot]
+                .take()
+                .map_or(0, |r| r.entry.0.obj.body.len());
+            let entry = entry?;
+            if !table.bytes.replace(old, entry.obj.body.len()) {
+                return Some(EntryRef::Shared(entry));
+            }
+            let local = Rc::new(Held(entry));
+            table.slots[slot] = Some(Recent {
+                tier: self.id,
+                key: *key,
+                entry: local.clone(),
+                uses: 0,
+            });
+            Some(EntryRef::Local(local))
+        })
     }
 
     pub async fn insert(&self, key: KeyHash, obj: MemObject) {
@@ -194,6 +268,10 @@ mod tests {
     use crate::cache::meta::{CachedMeta, META_VERSION};
 
     fn object(body: &'static str) -> MemObject {
+        object_of(Bytes::from_static(body.as_bytes()))
+    }
+
+    fn object_of(body: Bytes) -> MemObject {
         let req = http::Request::new(()).into_parts().0;
         let resp = http::Response::new(()).into_parts().0;
         let now = std::time::SystemTime::now();
@@ -213,12 +291,12 @@ mod tests {
                 tags: Vec::new(),
                 purge_seq: 0,
             }),
-            body: Bytes::from_static(body.as_bytes()),
+            body,
         }
     }
 
     async fn body_of(tier: &MemoryTier, key: &KeyHash) -> Option<Bytes> {
-        tier.entry(key).await.map(|e| e.obj.body.clone())
+        tier.entry(key).map(|e| e.obj.body.clone())
     }
 
     /// The per-thread table of recent hits never hands out what moka replaced or removed, not
@@ -245,6 +323,55 @@ mod tests {
         tier.insert(key, object("three")).await;
         for _ in 0..(3 * RECENT_TOUCH) {
             assert_eq!(body_of(&tier, &key).await.unwrap(), "three");
+        }
+    }
+
+    #[test]
+    fn table_bytes_bound_each_body_and_the_total() {
+        let mut t = TableBytes::default();
+        assert!(t.replace(0, TABLE_BODY_MAX));
+        assert!(!t.replace(0, TABLE_BODY_MAX + 1), "too large on its own");
+        let mut held = TABLE_BODY_MAX;
+        while t.replace(0, TABLE_BODY_MAX) {
+            held += TABLE_BODY_MAX;
+        }
+        assert!(held <= TABLE_BODY_BYTES && held + TABLE_BODY_MAX > TABLE_BODY_BYTES);
+        // Releasing one makes room for another.
+        assert!(t.replace(TABLE_BODY_MAX, 10));
+        assert!(!t.replace(0, TABLE_BODY_MAX));
+        assert!(t.replace(10, TABLE_BODY_MAX));
+    }
+
+    /// Bodies beyond the table's bounds are served from moka's entry, as they are.
+    #[tokio::test]
+    async fn large_bodies_and_a_full_table_still_hit() {
+        let tier = MemoryTier::new(1 << 30);
+        let large = Bytes::from(vec![7u8; TABLE_BODY_MAX + 1]);
+        let key = KeyHash::of("site.test/large");
+        tier.insert(key, object_of(large.clone())).await;
+        for _ in 0..3 {
+            let e = tier.entry(&key).expect("hit");
+            assert!(matches!(e, EntryRef::Shared(_)));
+            assert_eq!(e.obj.body, large);
+        }
+        // More bodies of the largest size than the table may hold at once: every one hits.
+        let n = TABLE_BODY_BYTES / TABLE_BODY_MAX + 4;
+        let keys: Vec<KeyHash> = (0..n)
+            .map(|i| KeyHash::of(&format!("site.test/{i}")))
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            tier.insert(*k, object_of(Bytes::from(vec![i as u8; TABLE_BODY_MAX])))
+                .await;
+        }
+        for _ in 0..2 {
+            let mut local = 0;
+            for (i, k) in keys.iter().enumerate() {
+                let e = tier.entry(k).expect("hit");
+                local += usize::from(matches!(e, EntryRef::Local(_)));
+                assert_eq!(e.obj.body.len(), TABLE_BODY_MAX);
+                assert_eq!(e.obj.body[0], i as u8);
+            }
+            assert!(local <= TABLE_BODY_BYTES / TABLE_BODY_MAX, "{local} held");
         }
     }
 }

@@ -37,6 +37,7 @@ mod revalidation;
 mod served;
 pub mod status;
 pub mod upstream;
+mod vary;
 
 use std::io;
 use std::path::PathBuf;
@@ -46,7 +47,7 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use futures_util::StreamExt;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap};
 use http::{Method, StatusCode, request};
 
 use self::clock::Clock;
@@ -98,11 +99,6 @@ pub struct EngineStats {
     pub disk_writes_abandoned: AtomicU64,
 }
 
-struct VaryEntry {
-    names: Arc<[HeaderName]>,
-    variants: Vec<KeyHash>,
-}
-
 /// A stored object found by a lookup.
 #[derive(Clone)]
 enum Stored {
@@ -131,7 +127,7 @@ impl Stored {
 pub struct Engine {
     memory: MemoryTier,
     disk: Option<Arc<DiskTier>>,
-    vary: DashMap<KeyHash, VaryEntry, KeyHasher>,
+    vary: vary::VaryIndex,
     fills: DashMap<KeyHash, Arc<Fill>, KeyHasher>,
     upstream: Arc<dyn Upstream>,
     clock: Clock,
@@ -160,8 +156,7 @@ impl Engine {
             cfg.disk.as_ref().map(|(dir, _)| dir.join("purges.json")),
         )?;
         let hosts: DashMap<String, ()> = DashMap::new();
-        let vary: DashMap<KeyHash, VaryEntry, KeyHasher> =
-            DashMap::with_hasher(KeyHasher::default());
+        let vary = vary::VaryIndex::default();
         let disk = match &cfg.disk {
             Some((dir, cap)) => {
                 let (tier, metas) = DiskTier::open(dir, *cap).await?;
@@ -172,14 +167,7 @@ impl Engine {
                     if m.vary.is_empty() {
                         continue;
                     }
-                    let primary = KeyHash::of(&m.key);
-                    let mut e = vary.entry(primary).or_insert_with(|| VaryEntry {
-                        names: m.vary_names().into(),
-                        variants: Vec::new(),
-                    });
-                    if !e.variants.contains(&variant) {
-                        e.variants.push(variant);
-                    }
+                    vary.restore(KeyHash::of(&m.key), m.vary_names().into(), variant);
                 }
                 Some(tier)
             }
@@ -258,10 +246,7 @@ impl Engine {
     }
 
     fn variant_of(&self, primary: KeyHash, headers: &HeaderMap) -> KeyHash {
-        match self.vary.get(&primary) {
-            Some(e) => primary.variant(&e.names, headers),
-            None => primary,
-        }
+        self.vary.variant_of(primary, headers)
     }
 
     async fn lookup(&self, key: &KeyHash) -> Option<Stored> {

@@ -79,7 +79,7 @@ impl Engine {
     }
 
     async fn holds(&self, primary: KeyHash) -> bool {
-        self.vary.contains_key(&primary)
+        self.vary.contains(primary)
             || self.memory.get(&primary).await.is_some()
             || self.disk.as_ref().is_some_and(|d| d.contains(&primary))
     }
@@ -150,11 +150,7 @@ impl Engine {
     /// Removes every stored variant of a key from both tiers (RFC 9111 §4.4 invalidation,
     /// exact-URL purge).
     pub async fn invalidate(&self, primary: KeyHash) {
-        let variants = self
-            .vary
-            .remove(&primary)
-            .map(|(_, e)| e.variants)
-            .unwrap_or_default();
+        let variants = self.vary.remove(primary);
         for k in std::iter::once(primary).chain(variants.iter().copied()) {
             // A fetch still running for the key must not bring the old answer back.
             if let Some((_, fill)) = self.fills.remove(&k) {

@@ -5,12 +5,19 @@
 //! common hit none of that changes from one request to the next, so the response head is built
 //! once per stored object, by those same phases ([`respond::build`]), and kept in the object's
 //! memory entry ([`PreparedHead`]). A hit then costs: its key (remembered per thread for
-//! recent targets), one moka lookup, a header map clone, and two header values that change
-//! with time (`Age` and the `Cache-Status` ttl).
+//! recent targets), a lookup of the memory tier (through the thread's table of recent hits),
+//! and a clone of a head finished for the current `Age` and `Cache-Status` ttl (per thread,
+//! once a second). None of it awaits: the data port answers a hit within hyper's call to its
+//! service ([`Proxy::hit_now`]); only the first hit on an object, which prepares its head,
+//! continues in a future ([`Proxy::hit_later`]). Cores serving the same hot object do not
+//! write the same memory (but for one moka read in sixteen, which keeps its eviction policy
+//! informed), so they do not slow each other down.
 //!
 //! Anything the prepared head does not cover takes the full path, which gives the same answer:
 //! request directives (Cache-Control, Pragma), credentials, conditionals and ranges, pushed
 //! paths, stale or purged objects, and encoded variants not in memory yet.
+
+use std::ops::Deref;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -23,7 +30,7 @@ use super::respond::{
 use super::{Proxy, RouteSettings};
 use crate::cache::hit::{Codings, FreshHit, PreparedHead};
 use crate::cache::key::{Coding, KeyHash, key_text};
-use crate::cache::memory::MemEntry;
+use crate::cache::memory::{EntryRef, MemEntry, TableBytes};
 use crate::cache::policy;
 use crate::cache::status::{CacheStatus, Tier};
 use crate::cache::{Served, ServedBody};
@@ -88,17 +95,18 @@ thread_local! {
         std::cell::RefCell::new((0..MEMO_SLOTS).map(|_| None).collect());
 }
 
-/// The primary key of a request, and the path part of its key text when `need_path`. `None`
-/// for a target the full path must judge (it answers 400).
+/// The primary key of a request (`host`: its first Host field), and the path part of its key
+/// text when `need_path`. `None` for a target the full path must judge (it answers 400).
 fn key_of(
     uri: &http::Uri,
+    host: Option<&HeaderValue>,
     headers: &HeaderMap,
     settings: &RouteSettings,
     need_path: bool,
 ) -> Option<(KeyHash, Option<String>)> {
     let host = match uri.authority() {
         Some(a) => a.as_str().as_bytes(),
-        None => headers.get(header::HOST)?.as_bytes(),
+        None => host?.as_bytes(),
     };
     let target = uri.path_and_query()?.as_str();
     let generation = settings.generation;
@@ -135,10 +143,6 @@ fn key_of(
 /// Entries in each thread's table of finished heads (a power of two).
 const STAMPED_SLOTS: usize = 256;
 
-/// Largest body a thread keeps its own handle of ([`STAMPED`]): this bounds what the table can
-/// keep alive after the memory tier dropped an object (`STAMPED_SLOTS` × this, per thread).
-const STAMPED_BODY_MAX: usize = 16 * 1024;
-
 /// A prepared head finished for one `Age` and `Cache-Status` ttl, and the object's body.
 struct Stamped {
     /// [`MemEntry::id`] of the object it belongs to.
@@ -146,21 +150,29 @@ struct Stamped {
     age: u64,
     ttl: u64,
     headers: HeaderMap,
-    /// The entry's body behind a reference count of this thread's own, for small bodies.
+    /// The entry's body behind a reference count of this thread's own, when it fits the
+    /// table's bounds ([`TableBytes`]).
     body: Option<Bytes>,
+}
+
+struct StampedTable {
+    slots: Vec<Option<Stamped>>,
+    bytes: TableBytes,
 }
 
 thread_local! {
     /// Finished response heads of this thread, direct-mapped by memory entry. `Age` and the
     /// ttl change once a second, so a hot object's head is finished about once a second per
     /// thread and only cloned for the hits in between. Its names and values are this thread's
-    /// own copies, and a small body is shared through a handle of this thread's own
+    /// own copies, and the body is shared through a handle of this thread's own
     /// (`Bytes::from_owner`, no copy of the bytes): cloning and dropping them per hit touches
     /// reference counts that no other core writes, where the shared ones would bounce between
     /// cores on every hit of a hot object. Entry ids are never reused, so a replaced object (a
     /// new fill, a 304 update) never matches an old slot.
-    static STAMPED: std::cell::RefCell<Vec<Option<Stamped>>> =
-        std::cell::RefCell::new((0..STAMPED_SLOTS).map(|_| None).collect());
+    static STAMPED: std::cell::RefCell<StampedTable> = std::cell::RefCell::new(StampedTable {
+        slots: (0..STAMPED_SLOTS).map(|_| None).collect(),
+        bytes: TableBytes::default(),
+    });
 }
 
 /// A fast-path answer: the response, what the cache did, and the body bytes it sends.
@@ -170,67 +182,163 @@ pub(super) struct FastHit {
     pub sent: u64,
 }
 
+/// What a request's lookup on the hit fast path found.
+pub(super) enum Lookup {
+    /// A fresh memory hit, answered.
+    Hit(FastHit),
+    /// A fresh memory hit whose response head (or its encoded variant's) is not prepared yet:
+    /// [`Proxy::hit_later`] prepares it, once per object, and answers.
+    Unprepared(Box<Unprepared>),
+    /// Anything else: the full path.
+    Full,
+}
+
+/// A fresh hit waiting for its head, and what the request asked that the head depends on.
+pub(super) struct Unprepared {
+    hit: FreshHit,
+    asked: Asked,
+}
+
+/// The parts of a request a prepared head depends on.
+#[derive(Clone, Copy)]
+struct Asked {
+    head_only: bool,
+    accept_encoding: bool,
+}
+
+/// One step towards a fast-path answer.
+enum Step {
+    Answer(FastHit),
+    /// The object's head (`None`) or this encoded variant's must be prepared first.
+    Prepare(Option<EntryRef>),
+    Full,
+}
+
 impl Proxy {
-    /// Answers a fresh memory hit, or `None` for the full path. No side effects but counters.
-    pub(super) async fn fast_hit<B>(&self, req: &Request<B>) -> Option<FastHit> {
+    /// Looks a GET or HEAD up on the hit fast path, with no await: the data port answers a
+    /// [`Lookup::Hit`] within hyper's call to the service, and drops the request there. No
+    /// side effects but counters.
+    pub(super) fn hit_now<B>(&self, req: &Request<B>) -> Lookup {
         let head_only = match *req.method() {
             Method::GET => false,
             Method::HEAD => true,
-            _ => return None,
+            _ => return Lookup::Full,
         };
         let mut accept_encoding = false;
-        for name in req.headers().keys() {
-            if name == header::ACCEPT_ENCODING {
+        let mut host = None;
+        // Every field, once: the Host value is taken here rather than looked up.
+        for (name, value) in req.headers() {
+            if name == header::HOST {
+                host = host.or(Some(value));
+            } else if name == header::ACCEPT_ENCODING {
                 accept_encoding = true;
             } else if FULL_PATH_FIELDS.contains(name) || CLIENT_CONDITIONALS.contains(name) {
-                return None;
+                return Lookup::Full;
             }
         }
         let need_path = self.engine.may_have_pushed();
-        let (primary, path) = key_of(req.uri(), req.headers(), &self.settings.load(), need_path)?;
+        let Some((primary, path)) = key_of(
+            req.uri(),
+            host,
+            req.headers(),
+            &self.settings.load(),
+            need_path,
+        ) else {
+            return Lookup::Full;
+        };
         if let Some(path) = path
             && self.engine.is_pushed(&path)
         {
-            return None;
+            return Lookup::Full;
         }
-        let hit = self.engine.fresh_hit(primary, req.headers()).await?;
-        let head = match hit.entry.head() {
-            Some(h) => h,
-            // Boxed: once per object, and it keeps this future (moved by hyper per request) small.
-            None => hit.entry.set_head(Box::pin(self.prepare(&hit, None)).await),
+        let Some(hit) = self.engine.fresh_hit(primary, req.headers()) else {
+            return Lookup::Full;
+        };
+        let asked = Asked {
+            head_only,
+            accept_encoding,
+        };
+        match self.step(req.headers(), asked, &hit) {
+            Step::Answer(answer) => Lookup::Hit(answer),
+            Step::Prepare(_) => Lookup::Unprepared(Box::new(Unprepared {
+                hit: hit.to_owned(),
+                asked,
+            })),
+            Step::Full => Lookup::Full,
+        }
+    }
+
+    /// Prepares the heads an [`Lookup::Unprepared`] hit lacks, then answers it (`None`: the
+    /// full path after all).
+    pub(super) async fn hit_later(
+        &self,
+        headers: &HeaderMap,
+        unprepared: Box<Unprepared>,
+    ) -> Option<FastHit> {
+        let Unprepared { hit, asked } = *unprepared;
+        // At most twice: the object's head, then its encoded variant's.
+        loop {
+            // This thread's entry handles are not `Send`: none is held across the await.
+            let variant = match self.step(headers, asked, &hit) {
+                Step::Answer(answer) => return Some(answer),
+                Step::Full => return None,
+                Step::Prepare(variant) => variant.map(|v| v.to_arc()),
+            };
+            // Boxed: this future is part of every request's, which hyper moves.
+            match variant {
+                None => {
+                    hit.entry.set_head(Box::pin(self.prepare(&hit, None)).await);
+                }
+                Some(variant) => {
+                    variant.set_head(Box::pin(self.prepare(&hit, Some(&variant))).await);
+                }
+            }
+        }
+    }
+
+    /// The answer to a fresh hit from its prepared heads, if they are there.
+    fn step<E: Deref<Target = MemEntry>>(
+        &self,
+        headers: &HeaderMap,
+        asked: Asked,
+        hit: &FreshHit<E>,
+    ) -> Step {
+        let Some(head) = hit.entry.head() else {
+            return Step::Prepare(None);
         };
         let coding = match head.codings {
             Codings::Ignored => Coding::Identity,
-            Codings::FullPath => return None,
-            Codings::Negotiated if accept_encoding => Coding::negotiate(req.headers()),
+            Codings::FullPath => return Step::Full,
+            Codings::Negotiated if asked.accept_encoding => Coding::negotiate(headers),
             Codings::Negotiated => Coding::Identity,
         };
         if coding == Coding::Identity {
-            return Some(self.answer(&hit, &hit.entry, head, head_only));
+            return Step::Answer(self.answer(hit, &hit.entry, head, asked.head_only));
         }
         // An encoded variant: its own entry, with its own prepared head.
-        let variant = self.engine.fresh_encoded(&hit, coding).await?;
-        let head = match variant.head() {
-            Some(h) => h,
-            None => variant.set_head(Box::pin(self.prepare(&hit, Some(&variant))).await),
+        let Some(variant) = self.engine.fresh_encoded(hit, coding) else {
+            return Step::Full;
         };
-        if !head_only {
+        let Some(head) = variant.head() else {
+            return Step::Prepare(Some(variant));
+        };
+        if !asked.head_only {
             self.compression.count_variant_hit();
         }
-        Some(self.answer(&hit, &variant, head, head_only))
+        Step::Answer(self.answer(hit, &variant, head, asked.head_only))
     }
 
     /// The response for one hit: the prepared head plus `Age` and `Cache-Status` for now.
-    fn answer(
+    fn answer<E: Deref<Target = MemEntry>>(
         &self,
-        hit: &FreshHit,
+        hit: &FreshHit<E>,
         entry: &MemEntry,
         head: &PreparedHead,
         head_only: bool,
     ) -> FastHit {
-        let (age, ttl) = (head.age(hit.now), hit.ttl_secs());
-        let (headers, body) = STAMPED.with_borrow_mut(|slots| {
-            let slot = &mut slots[entry.id as usize & (STAMPED_SLOTS - 1)];
+        let (age, ttl) = (head.age(hit.now_ms), hit.ttl_secs());
+        let (headers, body) = STAMPED.with_borrow_mut(|table| {
+            let slot = &mut table.slots[entry.id as usize & (STAMPED_SLOTS - 1)];
             let s = match slot {
                 Some(s) if s.entry == entry.id => {
                     if (s.age, s.ttl) != (age, ttl) {
@@ -241,14 +349,15 @@ impl Proxy {
                 }
                 _ => {
                     let body = &entry.obj.body;
+                    let old = slot.take().and_then(|s| s.body).map_or(0, |b| b.len());
+                    let keep = table.bytes.replace(old, body.len());
                     slot.insert(Stamped {
                         entry: entry.id,
                         age,
                         ttl,
                         headers: self.stamp(head, age, ttl),
                         // The same bytes, counted by this thread alone (see STAMPED).
-                        body: (body.len() <= STAMPED_BODY_MAX)
-                            .then(|| Bytes::from_owner(body.clone())),
+                        body: keep.then(|| Bytes::from_owner(body.clone())),
                     })
                 }
             };
@@ -348,8 +457,8 @@ impl Proxy {
             headers: built.headers,
             cache_status_prefix,
             codings,
-            age_at: policy::age(&meta, hit.now),
-            at: hit.now,
+            age_at_ms: policy::age(&meta, hit.now).as_millis() as u64,
+            at_ms: hit.now_ms,
         }
     }
 }
@@ -359,7 +468,7 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use futures_util::FutureExt;
     use futures_util::future::BoxFuture;
@@ -529,6 +638,17 @@ mod tests {
         (parts.status, parts.headers, body)
     }
 
+    impl Proxy {
+        /// The fast path as a request meets it: at once, or after preparing heads.
+        async fn fast_hit<B>(&self, req: &Request<B>) -> Option<FastHit> {
+            match self.hit_now(req) {
+                Lookup::Hit(hit) => Some(hit),
+                Lookup::Unprepared(u) => self.hit_later(req.headers(), u).await,
+                Lookup::Full => None,
+            }
+        }
+    }
+
     /// Fetches through the full path until the fast path has the object in memory.
     async fn warm(s: &Setup, path: &str, headers: &[(&'static str, &'static str)]) {
         for _ in 0..200 {
@@ -604,6 +724,49 @@ mod tests {
             "handle's future is {} bytes",
             size_of_val(&f)
         );
+    }
+
+    /// The data port answers a prepared hit within hyper's call to its service: no future,
+    /// and the request is dropped there (see `Proxy::start`).
+    #[tokio::test]
+    async fn a_hit_is_answered_at_once_once_its_head_is_prepared() {
+        let s = setup().await;
+        let get = || request(Method::GET, "/asset.bin", &[]);
+        assert!(matches!(s.proxy.hit_now(&get()), Lookup::Full), "cold");
+        // Until the object is in memory (this origin sends no Content-Length: a disk hit
+        // promotes it); no fast-path lookup has prepared its head yet.
+        let mut lookup = Lookup::Full;
+        for _ in 0..200 {
+            body_of(s.proxy.handle(get(), peer()).await).await;
+            lookup = s.proxy.hit_now(&get());
+            if !matches!(lookup, Lookup::Full) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(matches!(lookup, Lookup::Unprepared(_)));
+        let Err(pending) = s.proxy.start(get(), peer()) else {
+            panic!("answered before its head was prepared");
+        };
+        let (status, headers, body) = body_of(s.proxy.finish(pending).await).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"0123456789"[..]));
+        assert_eq!(headers[X_CACHE], "HIT");
+        for _ in 0..3 {
+            let Ok(resp) = s.proxy.start(get(), peer()) else {
+                panic!("a prepared hit waits");
+            };
+            let (status, headers, body) = body_of(resp).await;
+            assert_eq!((status, &body[..]), (StatusCode::OK, &b"0123456789"[..]));
+            assert_eq!(headers[X_CACHE], "HIT");
+        }
+        assert_eq!(s.origin.asked.load(Ordering::SeqCst), 1);
+        // A request the prepared head does not cover still takes the full path.
+        let conditional = request(Method::GET, "/asset.bin", &[("if-none-match", "\"v1\"")]);
+        let Err(pending) = s.proxy.start(conditional, peer()) else {
+            panic!("a conditional request answered from the prepared head");
+        };
+        let (status, _, _) = body_of(s.proxy.finish(pending).await).await;
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
     }
 
     #[tokio::test]
@@ -779,20 +942,21 @@ mod tests {
         let target = uri("/p?utm_source=x&b=2&a=1");
         for _ in 0..2 {
             // The second round comes from the memo.
-            let (k, path) = key_of(&target, &h, &ignoring, true).expect("key");
+            let (k, path) = key_of(&target, h.get(header::HOST), &h, &ignoring, true).expect("key");
             assert_eq!(k, KeyHash::of("site.test/p?a=1&b=2"));
             assert_eq!(path.as_deref(), Some("/p?a=1&b=2"));
-            let (k, path) = key_of(&target, &h, &keeping, false).expect("key");
+            let (k, path) = key_of(&target, h.get(header::HOST), &h, &keeping, false).expect("key");
             assert_eq!(k, KeyHash::of("site.test/p?a=1&b=2&utm_source=x"));
             assert_eq!(path, None);
         }
         // The raw target is the memo's key: another Host is another entry.
         let mut other = HeaderMap::new();
         other.insert(header::HOST, HeaderValue::from_static("other.test"));
-        let (k, _) = key_of(&target, &other, &ignoring, false).expect("key");
+        let (k, _) =
+            key_of(&target, other.get(header::HOST), &other, &ignoring, false).expect("key");
         assert_eq!(k, KeyHash::of("other.test/p?a=1&b=2"));
         // Targets the full path rejects are never remembered.
-        assert!(key_of(&uri("/p"), &HeaderMap::new(), &ignoring, false).is_none());
+        assert!(key_of(&uri("/p"), None, &HeaderMap::new(), &ignoring, false).is_none());
     }
 
     #[test]
@@ -804,19 +968,20 @@ mod tests {
 
     #[test]
     fn age_grows_from_the_prepared_value() {
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let at = 1_000_000;
         let head = PreparedHead {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
             cache_status_prefix: String::new(),
             codings: Codings::Ignored,
-            age_at: Duration::from_millis(2_500),
-            at,
+            age_at_ms: 2_500,
+            at_ms: at,
         };
         assert_eq!(head.age(at), 2);
-        assert_eq!(head.age(at + Duration::from_millis(499)), 2);
-        assert_eq!(head.age(at + Duration::from_millis(500)), 3);
+        assert_eq!(head.age(at + 499), 2);
+        assert_eq!(head.age(at + 500), 3);
+        assert_eq!(head.age(at + 3_600_000), 3602);
         // A clock stepping back never makes the age smaller than it was prepared with.
-        assert_eq!(head.age(at - Duration::from_secs(5)), 2);
+        assert_eq!(head.age(at - 5_000), 2);
     }
 }

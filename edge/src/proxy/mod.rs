@@ -88,6 +88,47 @@ impl RouteSettings {
     }
 }
 
+/// A request [`Proxy::start`] could not answer at once; [`Proxy::finish`] does.
+pub struct Pending<B> {
+    req: Request<B>,
+    client: Client,
+    started: Instant,
+    /// A fresh hit whose head is still to be prepared; `None`: the full path.
+    unprepared: Option<Box<hit::Unprepared>>,
+}
+
+/// The request fields of an access log line.
+struct AccessLine {
+    method: Method,
+    host: String,
+    path: String,
+}
+
+/// The access log's fields, built only when the access log (a debug event) is written, so
+/// that a hit allocates nothing for it otherwise.
+fn access_line<B>(req: &Request<B>) -> Option<AccessLine> {
+    if !tracing::enabled!(target: "outpost::access", tracing::Level::DEBUG) {
+        return None;
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    Some(AccessLine {
+        method: req.method().clone(),
+        host,
+        path,
+    })
+}
+
 pub struct Proxy {
     pub engine: Arc<Engine>,
     pub metrics: Arc<crate::observe::metrics::EdgeMetrics>,
@@ -127,60 +168,111 @@ impl Proxy {
         self.compression.stats()
     }
 
+    /// Answers one request.
     pub async fn handle<B: RequestBody>(
         &self,
         req: Request<B>,
         client: Client,
     ) -> Response<RespBody> {
-        let peer = client.addr;
+        match self.start(req, client) {
+            Ok(resp) => resp,
+            Err(pending) => self.finish(pending).await,
+        }
+    }
+
+    /// Answers a fresh memory hit at once, with no await, or hands the request back for
+    /// [`Proxy::finish`]. The data port calls this within hyper's call to its service, so a hit's
+    /// request is dropped before hyper reads from the connection again: a request still alive
+    /// then holds hyper's read buffer, which made it allocate a new buffer for every request.
+    pub fn start<B: RequestBody>(
+        &self,
+        req: Request<B>,
+        client: Client,
+    ) -> Result<Response<RespBody>, Box<Pending<B>>> {
         let started = Instant::now();
-        // The access log is a debug event: build its fields only when it will be written, so
-        // the hit path allocates nothing for it otherwise.
-        let log = tracing::enabled!(target: "outpost::access", tracing::Level::DEBUG);
-        let request_line = log.then(|| {
-            let host = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-                .or_else(|| req.uri().authority().map(|a| a.to_string()))
-                .unwrap_or_default();
-            let path = req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_default();
-            (req.method().clone(), host, path)
-        });
-        let (resp, outcome, len, missed) = match self.fast_hit(&req).await {
-            Some(hit) => (hit.response, hit.outcome, Some(hit.sent), None),
-            None => {
-                let missed = req.uri().path_and_query().cloned();
-                let is_head = req.method() == Method::HEAD;
-                // Boxed: the full path's state machine is several KiB, and hyper moves the
-                // request's future a few times; unboxed, every hit would copy it.
-                let resp = Box::pin(self.route(req, client)).await;
-                let outcome = resp
-                    .extensions()
-                    .get::<Outcome>()
-                    .copied()
-                    .unwrap_or(Outcome {
-                        cache: CacheStatus::Error,
-                        tier: crate::cache::status::Tier::None,
-                        upstream: None,
-                    });
-                // Body bytes actually sent: none for HEAD, whatever its Content-Length says.
-                let len = if is_head {
-                    Some(0)
-                } else {
-                    resp.headers()
-                        .get(header::CONTENT_LENGTH)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<u64>().ok())
-                };
-                (resp, outcome, len, missed)
+        let unprepared = match self.hit_now(&req) {
+            hit::Lookup::Hit(hit) => {
+                return Ok(self.conclude_hit(client, started, access_line(&req), hit));
             }
+            hit::Lookup::Unprepared(u) => Some(u),
+            hit::Lookup::Full => None,
         };
+        // Boxed: the result stays as small as a response (it is moved a few times).
+        Err(Box::new(Pending {
+            req,
+            client,
+            started,
+            unprepared,
+        }))
+    }
+
+    /// Answers a request [`Proxy::start`] handed back.
+    pub async fn finish<B: RequestBody>(&self, pending: Box<Pending<B>>) -> Response<RespBody> {
+        let Pending {
+            req,
+            client,
+            started,
+            unprepared,
+        } = *pending;
+        let log = access_line(&req);
+        let prepared = match unprepared {
+            // Boxed, as the full path below: hyper moves this future per request.
+            Some(u) => Box::pin(self.hit_later(req.headers(), u)).await,
+            None => None,
+        };
+        if let Some(hit) = prepared {
+            return self.conclude_hit(client, started, log, hit);
+        }
+        let missed = req.uri().path_and_query().cloned();
+        let is_head = req.method() == Method::HEAD;
+        // Boxed: the full path's state machine is several KiB, and hyper moves the request's
+        // future a few times; unboxed, every request would copy it.
+        let resp = Box::pin(self.route(req, client)).await;
+        let outcome = resp
+            .extensions()
+            .get::<Outcome>()
+            .copied()
+            .unwrap_or(Outcome {
+                cache: CacheStatus::Error,
+                tier: crate::cache::status::Tier::None,
+                upstream: None,
+            });
+        // Body bytes actually sent: none for HEAD, whatever its Content-Length says.
+        let len = if is_head {
+            Some(0)
+        } else {
+            resp.headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        self.conclude(client, started, log, resp, outcome, len, missed)
+    }
+
+    fn conclude_hit(
+        &self,
+        client: Client,
+        started: Instant,
+        log: Option<AccessLine>,
+        hit: hit::FastHit,
+    ) -> Response<RespBody> {
+        let len = Some(hit.sent);
+        self.conclude(client, started, log, hit.response, hit.outcome, len, None)
+    }
+
+    /// Metrics and the access log for an answered request. `len`: the body bytes it sends,
+    /// when known; otherwise the body counts them as they go.
+    #[allow(clippy::too_many_arguments)]
+    fn conclude(
+        &self,
+        client: Client,
+        started: Instant,
+        log: Option<AccessLine>,
+        resp: Response<RespBody>,
+        outcome: Outcome,
+        len: Option<u64>,
+        missed: Option<http::uri::PathAndQuery>,
+    ) -> Response<RespBody> {
         let elapsed = started.elapsed();
         self.metrics
             .record_request(outcome.cache, outcome.tier, len, elapsed);
@@ -188,10 +280,10 @@ impl Proxy {
             self.metrics
                 .record_miss(missed.as_ref().map_or("/", |p| p.as_str()));
         }
-        if let Some((method, host, path)) = request_line {
+        if let Some(AccessLine { method, host, path }) = log {
             debug!(
                 target: "outpost::access",
-                %peer, %method, %host, %path, status = resp.status().as_u16(),
+                peer = %client.addr, %method, %host, %path, status = resp.status().as_u16(),
                 bytes = len, cache = outcome.cache.as_str(), tier = outcome.tier.as_str(),
                 upstream_ms = outcome.upstream.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
                 total_ms = elapsed.as_secs_f64() * 1000.0,

@@ -1,0 +1,226 @@
+//! Vary (RFC 9111 §4.1): which request fields select among the stored variants of a URL. The
+//! index maps a primary key to the field names its responses nominate and the variant keys
+//! stored under them.
+//!
+//! Every lookup asks it, hits included. A concurrent map's read takes its shard's lock: an
+//! atomic write to a cache line that every core serving the URL writes too. So each thread
+//! remembers recent answers ([`MEMO`]), valid while the index's generation is unchanged; the
+//! generation moves only when the names of some primary key change (a new URL with Vary, a
+//! change of Vary, an invalidation), not when a variant is added.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use http::header::{self, HeaderMap, HeaderName};
+
+use super::key::{Coding, KeyHash, KeyHasher};
+
+struct VaryEntry {
+    names: Arc<[HeaderName]>,
+    variants: Vec<KeyHash>,
+}
+
+/// Primary keys with Vary, their names and their stored variants.
+pub(super) struct VaryIndex {
+    map: DashMap<KeyHash, VaryEntry, KeyHasher>,
+    /// Changes whenever the names of any primary key change; unique in the process, so a
+    /// thread's memo never mistakes another index's answers (several nodes in one process)
+    /// for this one's.
+    generation: AtomicU64,
+}
+
+/// Source of index generations.
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
+/// Entries in each thread's memo (a power of two).
+const MEMO_SLOTS: usize = 256;
+
+/// One remembered answer.
+struct Memo {
+    generation: u64,
+    primary: KeyHash,
+    /// The names, or `None`: no Vary (the object is stored under its primary key).
+    names: Option<Arc<[HeaderName]>>,
+    /// When the names are exactly `Accept-Encoding` (the common case), the variant key for
+    /// each negotiated coding: the key depends on nothing else.
+    by_coding: [Option<KeyHash>; 3],
+}
+
+thread_local! {
+    /// Recent answers of this thread, direct-mapped by primary key.
+    static MEMO: std::cell::RefCell<Vec<Option<Memo>>> =
+        std::cell::RefCell::new((0..MEMO_SLOTS).map(|_| None).collect());
+}
+
+fn coding_index(c: Coding) -> usize {
+    match c {
+        Coding::Br => 0,
+        Coding::Gzip => 1,
+        Coding::Identity => 2,
+    }
+}
+
+impl Default for VaryIndex {
+    fn default() -> Self {
+        Self {
+            map: DashMap::with_hasher(KeyHasher::default()),
+            generation: AtomicU64::new(GENERATIONS.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+}
+
+impl VaryIndex {
+    /// Called after the names of a primary key changed (the map already holds the change).
+    fn names_changed(&self) {
+        self.generation.store(
+            GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            Ordering::Release,
+        );
+    }
+
+    /// The key a request's variant is stored under: the primary key itself when its responses
+    /// have no Vary.
+    pub fn variant_of(&self, primary: KeyHash, headers: &HeaderMap) -> KeyHash {
+        let generation = self.generation.load(Ordering::Acquire);
+        let slot = primary.first_u64() as usize & (MEMO_SLOTS - 1);
+        MEMO.with_borrow_mut(|memo| {
+            let m = match &mut memo[slot] {
+                Some(m) if m.generation == generation && m.primary == primary => m,
+                s => s.insert(Memo {
+                    generation,
+                    primary,
+                    names: self.map.get(&primary).map(|e| e.names.clone()),
+                    by_coding: [None; 3],
+                }),
+            };
+            let Some(names) = &m.names else {
+                return primary;
+            };
+            if let [only] = &names[..]
+                && only == header::ACCEPT_ENCODING
+            {
+                let c = coding_index(Coding::negotiate(headers));
+                *m.by_coding[c].get_or_insert_with(|| primary.variant(names, headers))
+            } else {
+                primary.variant(names, headers)
+            }
+        })
+    }
+
+    /// Records the names a response for `primary` nominates; returns the key of this
+    /// request's variant.
+    pub fn register(&self, primary: KeyHash, names: &[HeaderName], headers: &HeaderMap) -> KeyHash {
+        if names.is_empty() {
+            if self.map.remove(&primary).is_some() {
+                self.names_changed();
+            }
+            return primary;
+        }
+        let variant = primary.variant(names, headers);
+        let mut changed = false;
+        {
+            let mut e = self.map.entry(primary).or_insert_with(|| {
+                changed = true;
+                VaryEntry {
+                    names: names.into(),
+                    variants: Vec::new(),
+                }
+            });
+            if &*e.names != names {
+                e.names = names.into();
+                e.variants.clear();
+                changed = true;
+            }
+            if !e.variants.contains(&variant) {
+                e.variants.push(variant);
+            }
+        }
+        if changed {
+            self.names_changed();
+        }
+        variant
+    }
+
+    /// Records a variant found on disk at start-up.
+    pub fn restore(&self, primary: KeyHash, names: Arc<[HeaderName]>, variant: KeyHash) {
+        let mut e = self.map.entry(primary).or_insert_with(|| VaryEntry {
+            names,
+            variants: Vec::new(),
+        });
+        if !e.variants.contains(&variant) {
+            e.variants.push(variant);
+        }
+        drop(e);
+        self.names_changed();
+    }
+
+    /// Forgets a primary key; returns the variant keys it had.
+    pub fn remove(&self, primary: KeyHash) -> Vec<KeyHash> {
+        match self.map.remove(&primary) {
+            Some((_, e)) => {
+                self.names_changed();
+                e.variants
+            }
+            None => Vec::new(),
+        }
+    }
+
+    pub fn contains(&self, primary: KeyHash) -> bool {
+        self.map.contains_key(&primary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    /// The memo answers exactly like the map, through every change of names, on the thread
+    /// that remembered the old answer.
+    #[test]
+    fn remembered_answers_follow_every_change() {
+        let index = VaryIndex::default();
+        let other = VaryIndex::default();
+        let p = KeyHash::of("site.test/a");
+        let br = headers(&[("accept-encoding", "br, gzip"), ("accept-language", "de")]);
+        let gz = headers(&[("accept-encoding", "gzip"), ("accept-language", "fr")]);
+        let ae = [header::ACCEPT_ENCODING];
+        let lang = [header::ACCEPT_LANGUAGE];
+        for _ in 0..2 {
+            assert_eq!(index.variant_of(p, &br), p, "no Vary yet");
+        }
+        let v_br = index.register(p, &ae, &br);
+        assert_eq!(v_br, p.variant(&ae, &br));
+        for _ in 0..2 {
+            assert_eq!(index.variant_of(p, &br), v_br);
+            assert_eq!(index.variant_of(p, &gz), p.variant(&ae, &gz));
+            assert_eq!(other.variant_of(p, &br), p, "another index");
+        }
+        // Another variant under the same names: no change of generation needed.
+        let before = index.generation.load(Ordering::Relaxed);
+        index.register(p, &ae, &gz);
+        assert_eq!(index.generation.load(Ordering::Relaxed), before);
+        // The names change.
+        index.register(p, &lang, &gz);
+        assert_eq!(index.variant_of(p, &br), p.variant(&lang, &br));
+        assert_ne!(index.variant_of(p, &br), index.variant_of(p, &gz));
+        // A response without Vary, then an invalidation.
+        index.register(p, &[], &gz);
+        assert_eq!(index.variant_of(p, &br), p);
+        index.register(p, &ae, &br);
+        assert_eq!(index.variant_of(p, &br), v_br);
+        assert_eq!(index.remove(p), vec![v_br]);
+        assert_eq!(index.variant_of(p, &br), p);
+        assert!(!index.contains(p));
+    }
+}
