@@ -175,6 +175,51 @@ thread_local! {
     });
 }
 
+/// Fields whose values repeat across objects and over time (a site has a few content types
+/// and caching rules; the values the edge adds are constants). A finished head holds them as
+/// `'static` values: cloning and dropping one per hit touches no reference count, where a
+/// copy costs two atomic operations per field and hit (with the other values, ~3% of a 1 KiB
+/// hit's server CPU, perf).
+const INTERNED_FIELDS: [HeaderName; 7] = [
+    header::CONTENT_TYPE,
+    header::CACHE_CONTROL,
+    header::ACCEPT_RANGES,
+    header::VARY,
+    header::CONTENT_ENCODING,
+    header::VIA,
+    X_CACHE,
+];
+
+/// Interned values are never freed: at most this many, of at most [`INTERNED_LEN_MAX`] bytes
+/// each, in the process (64 KiB). Values beyond are copied as other fields are.
+const INTERNED_MAX: usize = 256;
+const INTERNED_LEN_MAX: usize = 256;
+
+/// `value` as a `'static` value, if it is, or can be made, one of the interned values.
+fn interned(value: &HeaderValue) -> Option<HeaderValue> {
+    static TABLE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::LazyLock::new(Default::default);
+    let bytes = value.as_bytes();
+    // What `HeaderValue::from_static` accepts: visible ASCII, spaces and tabs.
+    if bytes.len() > INTERNED_LEN_MAX
+        || !bytes.iter().all(|&b| b == b'\t' || (32..127).contains(&b))
+    {
+        return None;
+    }
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    let stat: &'static str = match table.get(text) {
+        Some(s) => s,
+        None if table.len() < INTERNED_MAX => {
+            let s: &'static str = Box::leak(text.into());
+            table.insert(s);
+            s
+        }
+        None => return None,
+    };
+    Some(HeaderValue::from_static(stat))
+}
+
 /// A fast-path answer: the response, what the cache did, and the body bytes it sends.
 pub(super) struct FastHit {
     pub response: Response<RespBody>,
@@ -392,14 +437,20 @@ impl Proxy {
     fn stamp(&self, head: &PreparedHead, age: u64, ttl: u64) -> HeaderMap {
         let mut headers = HeaderMap::with_capacity(head.headers.len());
         for (name, value) in &head.headers {
-            // Standard names and our own are static (no count to share); others are copied.
+            // Standard names and our own are static (no count to share); others are copied, and
+            // so are values but the interned ones.
             let name = if [CACHE_STATUS, X_CACHE].contains(name) {
                 name.clone()
             } else {
                 HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone())
             };
-            let mut copy =
-                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            let mut copy = INTERNED_FIELDS
+                .contains(&name)
+                .then(|| interned(value))
+                .flatten()
+                .unwrap_or_else(|| {
+                    HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone())
+                });
             copy.set_sensitive(value.is_sensitive());
             headers.append(name, copy);
         }
@@ -957,6 +1008,21 @@ mod tests {
         assert_eq!(k, KeyHash::of("other.test/p?a=1&b=2"));
         // Targets the full path rejects are never remembered.
         assert!(key_of(&uri("/p"), None, &HeaderMap::new(), &ignoring, false).is_none());
+    }
+
+    #[test]
+    fn interned_values_are_the_same_bytes_and_bounded() {
+        let v = HeaderValue::from_static("text/css; charset=utf-8");
+        let copy = HeaderValue::from_bytes(v.as_bytes()).expect("value");
+        let (a, b) = (interned(&copy).expect("interned"), interned(&v).expect("interned"));
+        assert_eq!((&a, &b), (&v, &v));
+        // The same leaked bytes both times.
+        assert_eq!(a.as_bytes().as_ptr(), b.as_bytes().as_ptr());
+        // Bytes `from_static` refuses, and long values, are left to be copied.
+        let obs_text = HeaderValue::from_bytes(b"caf\xc3\xa9").expect("obs-text");
+        assert!(interned(&obs_text).is_none());
+        let long = HeaderValue::from_str(&"x".repeat(INTERNED_LEN_MAX + 1)).expect("value");
+        assert!(interned(&long).is_none());
     }
 
     #[test]
