@@ -1014,7 +1014,10 @@ mod tests {
     fn interned_values_are_the_same_bytes_and_bounded() {
         let v = HeaderValue::from_static("text/css; charset=utf-8");
         let copy = HeaderValue::from_bytes(v.as_bytes()).expect("value");
-        let (a, b) = (interned(&copy).expect("interned"), interned(&v).expect("interned"));
+        let (a, b) = (
+            interned(&copy).expect("interned"),
+            interned(&v).expect("interned"),
+        );
         assert_eq!((&a, &b), (&v, &v));
         // The same leaked bytes both times.
         assert_eq!(a.as_bytes().as_ptr(), b.as_bytes().as_ptr());
