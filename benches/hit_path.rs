@@ -144,7 +144,7 @@
 //!   8 KiB buffer for every request); connections drain through `edge::drain` (hyper-util's
 //!   `GracefulShutdown` locked a watch channel on every poll); per hit, no atomic write to a
 //!   line another core writes (thread-local handles on memory entries, a per-thread memo of
-//!   the Vary index instead of a DashMap read lock, moka read on one hit in 64); per-thread
+//!   the Vary index instead of a DashMap read lock); per-thread
 //!   tables keep bodies up to 256 KiB under a 4 MiB budget, so 100 KiB hits get the same path.
 //! - f18712c: header values that repeat (Content-Type, Cache-Control, Via, X-Cache, ...) are
 //!   `'static` in finished heads, so cloning and encoding them touches no reference count.

@@ -1,5 +1,6 @@
-//! Memory tier: moka, weighed in bytes. A hit clones an `Arc` (one refcount bump), never the
-//! body. moka shards internally, so a hit takes no global lock. moka's synchronous cache: no
+//! Memory tier: moka, weighed in bytes. A hit takes a handle on the entry (this thread's own,
+//! see [`EntryRef`], or moka's `Arc`), never a copy of the body. moka shards internally, so a
+//! hit takes no global lock. moka's synchronous cache: no
 //! call here ever waits on I/O, and its `get` costs a third fewer instructions than the async
 //! one's (callgrind, hit_path bench). The methods the engine's fill and lookup paths call stay
 //! `async`; [`MemoryTier::entry`], the hit fast path's, is a plain function.
@@ -90,7 +91,7 @@ const RECENT_SLOTS: usize = 256;
 
 /// One hit in this many from a thread's table also reads moka, so its eviction policy keeps
 /// seeing how hot the object is (its frequency counters saturate at 15 anyway).
-const RECENT_TOUCH: u32 = 64;
+const RECENT_TOUCH: u32 = 16;
 
 /// Largest body a per-thread table of the hit path holds on to (this one, and the proxy's
 /// table of finished heads).

@@ -4,9 +4,10 @@
 //!
 //! Every lookup asks it, hits included. A concurrent map's read takes its shard's lock: an
 //! atomic write to a cache line that every core serving the URL writes too. So each thread
-//! remembers recent answers ([`MEMO`]), valid while the index's generation is unchanged; the
-//! generation moves only when the names of some primary key change (a new URL with Vary, a
-//! change of Vary, an invalidation), not when a variant is added.
+//! remembers recent answers ([`MEMO`]), valid while the generation of the key's group is
+//! unchanged. A group's generation moves only when the names of one of its primary keys
+//! change (a new URL with Vary, a change of Vary, an invalidation), not when a variant is
+//! added; keys fall in [`GROUPS`] groups, so such a change forgets a small part of the memos.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,11 +25,14 @@ struct VaryEntry {
 /// Primary keys with Vary, their names and their stored variants.
 pub(super) struct VaryIndex {
     map: DashMap<KeyHash, VaryEntry, KeyHasher>,
-    /// Changes whenever the names of any primary key change; unique in the process, so a
-    /// thread's memo never mistakes another index's answers (several nodes in one process)
-    /// for this one's.
-    generation: AtomicU64,
+    /// Per group of primary keys: changes whenever the names of one of its keys change.
+    /// Values are unique in the process, so a thread's memo never mistakes another index's
+    /// answers (several nodes in one process) for this one's.
+    generations: Box<[AtomicU64]>,
 }
+
+/// Groups of primary keys with a generation of their own (a power of two).
+const GROUPS: usize = 64;
 
 /// Source of index generations.
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
@@ -65,15 +69,23 @@ impl Default for VaryIndex {
     fn default() -> Self {
         Self {
             map: DashMap::with_hasher(KeyHasher::default()),
-            generation: AtomicU64::new(GENERATIONS.fetch_add(1, Ordering::Relaxed)),
+            generations: (0..GROUPS)
+                .map(|_| AtomicU64::new(GENERATIONS.fetch_add(1, Ordering::Relaxed)))
+                .collect(),
         }
     }
 }
 
 impl VaryIndex {
-    /// Called after the names of a primary key changed (the map already holds the change).
-    fn names_changed(&self) {
-        self.generation.store(
+    fn generation(&self, primary: KeyHash) -> &AtomicU64 {
+        // Not the bits the memo's slot comes from: keys of one slot spread over the groups.
+        &self.generations[(primary.first_u64() >> 32) as usize & (GROUPS - 1)]
+    }
+
+    /// Called after the names of `primary` changed (the map already holds the change). The new
+    /// value was never used before: a memo made under any earlier one no longer matches.
+    fn names_changed(&self, primary: KeyHash) {
+        self.generation(primary).store(
             GENERATIONS.fetch_add(1, Ordering::Relaxed),
             Ordering::Release,
         );
@@ -82,7 +94,7 @@ impl VaryIndex {
     /// The key a request's variant is stored under: the primary key itself when its responses
     /// have no Vary.
     pub fn variant_of(&self, primary: KeyHash, headers: &HeaderMap) -> KeyHash {
-        let generation = self.generation.load(Ordering::Acquire);
+        let generation = self.generation(primary).load(Ordering::Acquire);
         let slot = primary.first_u64() as usize & (MEMO_SLOTS - 1);
         MEMO.with_borrow_mut(|memo| {
             let m = match &mut memo[slot] {
@@ -113,7 +125,7 @@ impl VaryIndex {
     pub fn register(&self, primary: KeyHash, names: &[HeaderName], headers: &HeaderMap) -> KeyHash {
         if names.is_empty() {
             if self.map.remove(&primary).is_some() {
-                self.names_changed();
+                self.names_changed(primary);
             }
             return primary;
         }
@@ -137,7 +149,7 @@ impl VaryIndex {
             }
         }
         if changed {
-            self.names_changed();
+            self.names_changed(primary);
         }
         variant
     }
@@ -152,14 +164,14 @@ impl VaryIndex {
             e.variants.push(variant);
         }
         drop(e);
-        self.names_changed();
+        self.names_changed(primary);
     }
 
     /// Forgets a primary key; returns the variant keys it had.
     pub fn remove(&self, primary: KeyHash) -> Vec<KeyHash> {
         match self.map.remove(&primary) {
             Some((_, e)) => {
-                self.names_changed();
+                self.names_changed(primary);
                 e.variants
             }
             None => Vec::new(),
@@ -207,9 +219,17 @@ mod tests {
             assert_eq!(other.variant_of(p, &br), p, "another index");
         }
         // Another variant under the same names: no change of generation needed.
-        let before = index.generation.load(Ordering::Relaxed);
+        let before = index.generation(p).load(Ordering::Relaxed);
         index.register(p, &ae, &gz);
-        assert_eq!(index.generation.load(Ordering::Relaxed), before);
+        assert_eq!(index.generation(p).load(Ordering::Relaxed), before);
+        // A new URL with Vary in another group leaves this key's memos alone.
+        let q = (0..)
+            .map(|i| KeyHash::of(&format!("site.test/q{i}")))
+            .find(|q| !std::ptr::eq(index.generation(*q), index.generation(p)))
+            .expect("a key in another group");
+        index.register(q, &ae, &br);
+        assert_eq!(index.generation(p).load(Ordering::Relaxed), before);
+        assert_eq!(index.variant_of(q, &br), q.variant(&ae, &br));
         // The names change.
         index.register(p, &lang, &gz);
         assert_eq!(index.variant_of(p, &br), p.variant(&lang, &br));

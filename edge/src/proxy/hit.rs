@@ -17,7 +17,10 @@
 //! request directives (Cache-Control, Pragma), credentials, conditionals and ranges, pushed
 //! paths, stale or purged objects, and encoded variants not in memory yet.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::ops::Deref;
+use std::sync::{LazyLock, Mutex};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -163,12 +166,13 @@ struct StampedTable {
 thread_local! {
     /// Finished response heads of this thread, direct-mapped by memory entry. `Age` and the
     /// ttl change once a second, so a hot object's head is finished about once a second per
-    /// thread and only cloned for the hits in between. Its names and values are this thread's
-    /// own copies, and the body is shared through a handle of this thread's own
-    /// (`Bytes::from_owner`, no copy of the bytes): cloning and dropping them per hit touches
-    /// reference counts that no other core writes, where the shared ones would bounce between
-    /// cores on every hit of a hot object. Entry ids are never reused, so a replaced object (a
-    /// new fill, a 304 update) never matches an old slot.
+    /// thread and only cloned for the hits in between. Its names and values are `'static` or
+    /// this thread's own copies, and the body, when it fits the table's bounds
+    /// ([`TableBytes`]; otherwise the entry's shared `Bytes`), is shared through a handle of
+    /// this thread's own (`Bytes::from_owner`, no copy of the bytes): cloning and dropping
+    /// them per hit touches reference counts that no other core writes, where the shared ones
+    /// would bounce between cores on every hit of a hot object. Entry ids are never reused,
+    /// so a replaced object (a new fill, a 304 update) never matches an old slot.
     static STAMPED: std::cell::RefCell<StampedTable> = std::cell::RefCell::new(StampedTable {
         slots: (0..STAMPED_SLOTS).map(|_| None).collect(),
         bytes: TableBytes::default(),
@@ -195,10 +199,17 @@ const INTERNED_FIELDS: [HeaderName; 7] = [
 const INTERNED_MAX: usize = 256;
 const INTERNED_LEN_MAX: usize = 256;
 
-/// `value` as a `'static` value, if it is, or can be made, one of the interned values.
+/// `value` as a `'static` value, if it is, or can be made, one of the interned values. Each
+/// thread remembers what the process-wide table answered, so a thread finishing heads takes
+/// its lock only for values it has not met yet.
 fn interned(value: &HeaderValue) -> Option<HeaderValue> {
-    static TABLE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
-        std::sync::LazyLock::new(Default::default);
+    type Known = (HashSet<&'static str>, HashSet<Box<str>>);
+    static TABLE: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Default::default);
+    thread_local! {
+        /// Values this thread found in the table, and values the full table refused (at most
+        /// `INTERNED_MAX`, then forgotten).
+        static KNOWN: RefCell<Known> = RefCell::default();
+    }
     let bytes = value.as_bytes();
     // What `HeaderValue::from_static` accepts: visible ASCII, spaces and tabs.
     if bytes.len() > INTERNED_LEN_MAX
@@ -207,17 +218,40 @@ fn interned(value: &HeaderValue) -> Option<HeaderValue> {
         return None;
     }
     let text = std::str::from_utf8(bytes).ok()?;
-    let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
-    let stat: &'static str = match table.get(text) {
-        Some(s) => s,
-        None if table.len() < INTERNED_MAX => {
-            let s: &'static str = Box::leak(text.into());
-            table.insert(s);
-            s
+    let known = KNOWN.with_borrow(|(found, refused)| match found.get(text) {
+        Some(s) => Some(Some(*s)),
+        None => refused.contains(text).then_some(None),
+    });
+    let stat = match known {
+        Some(known) => known,
+        None => {
+            let stat = {
+                let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+                match table.get(text) {
+                    Some(s) => Some(*s),
+                    None if table.len() < INTERNED_MAX => {
+                        let s: &'static str = Box::leak(text.into());
+                        table.insert(s);
+                        Some(s)
+                    }
+                    None => None,
+                }
+            };
+            KNOWN.with_borrow_mut(|(found, refused)| match stat {
+                Some(s) => {
+                    found.insert(s);
+                }
+                None => {
+                    if refused.len() >= INTERNED_MAX {
+                        refused.clear();
+                    }
+                    refused.insert(text.into());
+                }
+            });
+            stat
         }
-        None => return None,
     };
-    Some(HeaderValue::from_static(stat))
+    stat.map(HeaderValue::from_static)
 }
 
 /// A fast-path answer: the response, what the cache did, and the body bytes it sends.
