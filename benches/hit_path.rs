@@ -191,6 +191,10 @@
 //! median, not in every run. What is left is mostly inherent to a cache in front of hyper:
 //! cloning the finished head (~1.3k instructions) and hyper encoding the five fields plain
 //! does not send (Age, Via, Cache-Status, X-Cache, Accept-Ranges; ~0.9k).
+//!
+//! After the review mend (92a5301: Vary memo per key group, lock-free interning, moka read on
+//! one hit in 16 again), two runs of 5 rounds: 1 KiB 94.4% and 91.4% (CPU 92.0%, 88.4%),
+//! 100 KiB 90.0% and 93.8% (CPU 91.6%, 93.1%); plain at 123-156k and 49-53k req/s.
 
 mod support;
 
