@@ -126,9 +126,20 @@ struct Recent {
     uses: u32,
 }
 
-struct RecentTable {
-    slots: Vec<Option<Recent>>,
-    bytes: TableBytes,
+/// A per-thread, direct-mapped table of the hit path: its slots and the body bytes they hold.
+pub struct SlotTable<T> {
+    pub slots: Vec<Option<T>>,
+    pub bytes: TableBytes,
+}
+
+impl<T> SlotTable<T> {
+    /// `n` empty slots (a power of two, for masking).
+    pub fn new(n: usize) -> Self {
+        Self {
+            slots: (0..n).map(|_| None).collect(),
+            bytes: TableBytes::default(),
+        }
+    }
 }
 
 thread_local! {
@@ -138,10 +149,8 @@ thread_local! {
     /// object those cost as much as the rest of a hit, so most hits take the entry from
     /// here instead. An entry moka dropped is marked before the call that dropped it returns
     /// (a new fill replacing it, a purge or DELETE removing it), and is never handed out again.
-    static RECENT: std::cell::RefCell<RecentTable> = std::cell::RefCell::new(RecentTable {
-        slots: (0..RECENT_SLOTS).map(|_| None).collect(),
-        bytes: TableBytes::default(),
-    });
+    static RECENT: std::cell::RefCell<SlotTable<Recent>> =
+        std::cell::RefCell::new(SlotTable::new(RECENT_SLOTS));
 }
 
 impl MemoryTier {

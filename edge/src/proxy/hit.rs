@@ -33,7 +33,7 @@ use super::respond::{
 use super::{Proxy, RouteSettings};
 use crate::cache::hit::{Codings, FreshHit, PreparedHead};
 use crate::cache::key::{Coding, KeyHash, key_text};
-use crate::cache::memory::{EntryRef, MemEntry, TableBytes};
+use crate::cache::memory::{EntryRef, MemEntry, SlotTable};
 use crate::cache::policy;
 use crate::cache::status::{CacheStatus, Tier};
 use crate::cache::{Served, ServedBody};
@@ -154,13 +154,8 @@ struct Stamped {
     ttl: u64,
     headers: HeaderMap,
     /// The entry's body behind a reference count of this thread's own, when it fits the
-    /// table's bounds ([`TableBytes`]).
+    /// table's bounds ([`TableBytes`](crate::cache::memory::TableBytes)).
     body: Option<Bytes>,
-}
-
-struct StampedTable {
-    slots: Vec<Option<Stamped>>,
-    bytes: TableBytes,
 }
 
 thread_local! {
@@ -168,15 +163,14 @@ thread_local! {
     /// ttl change once a second, so a hot object's head is finished about once a second per
     /// thread and only cloned for the hits in between. Its names and values are `'static` or
     /// this thread's own copies, and the body, when it fits the table's bounds
-    /// ([`TableBytes`]; otherwise the entry's shared `Bytes`), is shared through a handle of
-    /// this thread's own (`Bytes::from_owner`, no copy of the bytes): cloning and dropping
-    /// them per hit touches reference counts that no other core writes, where the shared ones
-    /// would bounce between cores on every hit of a hot object. Entry ids are never reused,
-    /// so a replaced object (a new fill, a 304 update) never matches an old slot.
-    static STAMPED: std::cell::RefCell<StampedTable> = std::cell::RefCell::new(StampedTable {
-        slots: (0..STAMPED_SLOTS).map(|_| None).collect(),
-        bytes: TableBytes::default(),
-    });
+    /// ([`TableBytes`](crate::cache::memory::TableBytes); otherwise the entry's shared
+    /// `Bytes`), is shared through a handle of this thread's own (`Bytes::from_owner`, no copy
+    /// of the bytes): cloning and dropping them per hit touches reference counts that no other
+    /// core writes, where the shared ones would bounce between cores on every hit of a hot
+    /// object. Entry ids are never reused, so a replaced object (a new fill, a 304 update)
+    /// never matches an old slot.
+    static STAMPED: std::cell::RefCell<SlotTable<Stamped>> =
+        std::cell::RefCell::new(SlotTable::new(STAMPED_SLOTS));
 }
 
 /// Fields whose values repeat across objects and over time (a site has a few content types
