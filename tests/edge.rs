@@ -578,8 +578,8 @@ async fn stale_if_error_with_dead_origin_then_502_beyond_window() {
     );
     assert!(r.body.len() < 1024, "short body: {}", r.text());
     assert!(
-        r.text().to_lowercase().contains("connect"),
-        "the body names the failure: {}",
+        r.text().contains("the origin could not be reached"),
+        "the body names the failure, not the internal error chain: {}",
         r.text()
     );
     assert!(!r.text().contains("last good body"));
@@ -638,12 +638,20 @@ async fn dead_origin_without_stale_if_error_is_502() {
     origin.stop().await;
     let r = get(&c, &edge.url("/cold"), &[]).await;
     assert_eq!(r.status, 502, "{r:?}");
-    assert!(r.text().to_lowercase().contains("connect"), "{}", r.text());
+    assert!(
+        r.text().contains("the origin could not be reached"),
+        "{}",
+        r.text()
+    );
 
     edge.advance(5);
     let r = get(&c, &edge.url("/plain"), &[]).await;
     assert_eq!(r.status, 502, "stale without stale-if-error: {r:?}");
-    assert!(r.text().to_lowercase().contains("connect"), "{}", r.text());
+    assert!(
+        r.text().contains("the origin could not be reached"),
+        "{}",
+        r.text()
+    );
     assert_ne!(r.text(), "body");
 }
 

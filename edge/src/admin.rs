@@ -220,25 +220,79 @@ pub fn json<T: Serialize>(v: &T) -> Response<RespBody> {
 }
 
 /// Serves the admin listener until `stop` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+/// Bounds of the admin listener's connections (see [`crate::conn`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    /// For a new connection's first request and every request head after it.
+    pub header_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    limits: AdminLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let builder = Arc::new(builder);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let drain = crate::drain::Drain::new();
+    let mut warnings = crate::conn::AcceptWarnings::new("admin");
     loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("never closed"),
+            _ = stop.changed() => break,
+        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = stop.changed() => break,
         };
-        let Ok((tcp, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                let _ = warnings.failed(&e);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
         };
         let state = state.clone();
         let builder = builder.clone();
+        let watcher = drain.watcher();
         tokio::spawn(async move {
+            let _slot = slot;
+            let crate::conn::Opening::Serve(io) =
+                crate::conn::opening(tcp, limits.header_timeout, 16 << 10).await
+            else {
+                return;
+            };
+            let activity = Arc::new(crate::conn::Activity::default());
+            let conn_activity = activity.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(state.handle(req).await) }
+                let in_flight = conn_activity.begin();
+                async move {
+                    let resp = state.handle(req).await;
+                    drop(in_flight);
+                    Ok::<_, Infallible>(resp)
+                }
             });
-            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
+            let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+            if let Err(e) = watcher
+                .watch_idle(conn, Some((activity, limits.idle_timeout)))
+                .await
+            {
                 debug!(error = %e, "admin connection ended with an error");
             }
         });

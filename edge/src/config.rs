@@ -72,6 +72,8 @@ struct RawUpstream {
     ca_file: Option<Setting<String>>,
     sni: Option<Setting<String>>,
     insecure_skip_verify: Option<Setting<bool>>,
+    forward_headers: Option<Vec<Setting<String>>>,
+    strip_headers: Option<Vec<Setting<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,7 +121,15 @@ struct RawLimits {
     upstream_connect_timeout: Option<Setting<RawDuration>>,
     upstream_first_byte_timeout: Option<Setting<RawDuration>>,
     upstream_max_connections: Option<Setting<u64>>,
+    upstream_body_timeout: Option<Setting<RawDuration>>,
+    stale_if_error_wait: Option<Setting<RawDuration>>,
+    origin_breaker_failures: Option<Setting<u64>>,
+    origin_breaker_cooldown: Option<Setting<RawDuration>>,
     drain_timeout: Option<Setting<RawDuration>>,
+    idle_timeout: Option<Setting<RawDuration>>,
+    max_connections: Option<Setting<u64>>,
+    admin_max_connections: Option<Setting<u64>>,
+    max_uri_size: Option<Setting<RawSize>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,7 +191,30 @@ pub struct EdgeConfig {
     pub upstream_connect_timeout: Duration,
     pub upstream_first_byte_timeout: Duration,
     pub upstream_max_connections: usize,
+    /// Longest pause between two pieces of an upstream body: the fill is abandoned and the
+    /// upstream connection closed past it.
+    pub upstream_body_timeout: Duration,
+    /// How long a client waits on a failing origin before a `stale-if-error` copy is served.
+    pub stale_if_error_wait: Duration,
+    /// Consecutive connect failures or timeouts that open an origin's circuit breaker (0: off).
+    pub origin_breaker_failures: u32,
+    /// How long an open breaker fails requests at once before one probe goes through.
+    pub origin_breaker_cooldown: Duration,
     pub drain_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/1 keep-alive is
+    /// bounded by `header_read_timeout` too).
+    pub idle_timeout: Duration,
+    /// Open client connections per listener (data, TLS); more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Open connections on the admin listener.
+    pub admin_max_connections: usize,
+    /// Longest request target: 414 above.
+    pub max_uri_size: u64,
+    /// `[upstream] forward_headers`: forwarding fields sent upstream although they can change
+    /// the response; each is part of the cache key.
+    pub forward_headers: Vec<http::HeaderName>,
+    /// `[upstream] strip_headers`: request fields never sent upstream.
+    pub strip_headers: Vec<http::HeaderName>,
     /// `[compression]`: br / gzip negotiation and encoded variants.
     pub compression: CompressionConfig,
     /// Admin API tokens (plus `OUTPOST_ADMIN_TOKEN`, added at start-up).
@@ -385,6 +418,71 @@ impl EdgeConfig {
             &raw.limits.drain_timeout,
             10,
         );
+        let body_timeout = dur(
+            &mut d,
+            "limits.upstream_body_timeout",
+            &raw.limits.upstream_body_timeout,
+            30,
+        );
+        let sie_wait = dur(
+            &mut d,
+            "limits.stale_if_error_wait",
+            &raw.limits.stale_if_error_wait,
+            2,
+        );
+        let breaker_cooldown = dur(
+            &mut d,
+            "limits.origin_breaker_cooldown",
+            &raw.limits.origin_breaker_cooldown,
+            2,
+        );
+        let idle_timeout = dur(&mut d, "limits.idle_timeout", &raw.limits.idle_timeout, 60);
+        let max_uri_size = size(
+            &mut d,
+            "limits.max_uri_size",
+            &raw.limits.max_uri_size,
+            8 << 10,
+        );
+        let mut count = |field: &str, s: &Option<Setting<u64>>, default: u64, min: u64| {
+            s.as_ref().map_or(Some(default), |s| {
+                if s.value < min {
+                    d.error(field, s, format!("must be at least {min}"));
+                    None
+                } else {
+                    Some(s.value)
+                }
+            })
+        };
+        let breaker_failures = count(
+            "limits.origin_breaker_failures",
+            &raw.limits.origin_breaker_failures,
+            5,
+            0,
+        );
+        let max_connections = count(
+            "limits.max_connections",
+            &raw.limits.max_connections,
+            8192,
+            1,
+        );
+        let admin_max_connections = count(
+            "limits.admin_max_connections",
+            &raw.limits.admin_max_connections,
+            128,
+            1,
+        );
+        let forward_headers = header_names(
+            &mut d,
+            "upstream.forward_headers",
+            raw.upstream.forward_headers.as_deref(),
+            true,
+        );
+        let strip_headers = header_names(
+            &mut d,
+            "upstream.strip_headers",
+            raw.upstream.strip_headers.as_deref(),
+            false,
+        );
         if let Some(m) = &raw.cache.memory
             && memory == Some(0)
         {
@@ -457,6 +555,16 @@ impl EdgeConfig {
             upstream_first_byte_timeout: first_byte.expect("checked"),
             upstream_max_connections: max_conns.expect("checked"),
             drain_timeout: drain.expect("checked"),
+            upstream_body_timeout: body_timeout.expect("checked"),
+            stale_if_error_wait: sie_wait.expect("checked"),
+            origin_breaker_failures: breaker_failures.expect("checked").min(u32::MAX as u64) as u32,
+            origin_breaker_cooldown: breaker_cooldown.expect("checked"),
+            idle_timeout: idle_timeout.expect("checked"),
+            max_connections: max_connections.expect("checked") as usize,
+            admin_max_connections: admin_max_connections.expect("checked") as usize,
+            max_uri_size: max_uri_size.expect("checked"),
+            forward_headers,
+            strip_headers,
             admin_tokens,
             public_metrics: raw.admin.public_metrics.unwrap_or(true),
             max_push_size: max_push_size.expect("checked"),
@@ -592,6 +700,47 @@ fn tls_config(
 }
 
 /// Validates `[upstream]` (reads `ca_file`).
+/// Header names of `[upstream] forward_headers` / `strip_headers`. `dangerous_only`: every
+/// name must be one of the forwarding fields stripped by default (any other is forwarded
+/// anyway, so listing it would mislead).
+fn header_names(
+    d: &mut Diagnostics,
+    field: &str,
+    raw: Option<&[Setting<String>]>,
+    dangerous_only: bool,
+) -> Vec<http::HeaderName> {
+    let mut out = Vec::new();
+    for s in raw.unwrap_or_default() {
+        let lower = s.value.trim().to_ascii_lowercase();
+        match http::HeaderName::from_bytes(lower.as_bytes()) {
+            Ok(name) => {
+                if dangerous_only
+                    && !crate::proxy::request::DANGEROUS_FORWARDING.contains(&name.as_str())
+                {
+                    d.error(
+                        field,
+                        s,
+                        format!(
+                            "{:?} is forwarded already; list only fields stripped by default: {}",
+                            s.value,
+                            crate::proxy::request::DANGEROUS_FORWARDING.join(", ")
+                        ),
+                    );
+                } else if crate::proxy::headers::is_hop_by_hop(&name)
+                    || name == http::header::HOST
+                    || name == http::header::CONTENT_LENGTH
+                {
+                    d.error(field, s, format!("{:?} is managed by Outpost", s.value));
+                } else {
+                    out.push(name);
+                }
+            }
+            Err(_) => d.error(field, s, format!("{:?} is not a header name", s.value)),
+        }
+    }
+    out
+}
+
 fn upstream_tls_config(d: &mut Diagnostics, raw: &RawUpstream) -> crate::tls::UpstreamTlsConfig {
     let mut c = crate::tls::UpstreamTlsConfig::default();
     if let Some(s) = &raw.ca_file {

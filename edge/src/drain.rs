@@ -89,7 +89,23 @@ pub struct Watcher {
 impl Watcher {
     /// `conn`, shut down gracefully when the drain starts.
     pub fn watch<C: GracefulConnection>(self, conn: C) -> Watched<C> {
+        self.watch_idle(conn, None)
+    }
+
+    /// `conn`, shut down gracefully when the drain starts, or once it has been idle (no request
+    /// in flight, none started) for the timeout of `idle`.
+    pub fn watch_idle<C: GracefulConnection>(
+        self,
+        conn: C,
+        idle: Option<(Arc<crate::conn::Activity>, std::time::Duration)>,
+    ) -> Watched<C> {
         Watched {
+            idle: idle.map(|(activity, timeout)| IdleCheck {
+                activity,
+                timeout,
+                sleep: Box::pin(tokio::time::sleep(timeout)),
+                seen: 0,
+            }),
             conn,
             reg: Registration {
                 id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
@@ -108,6 +124,32 @@ pin_project_lite::pin_project! {
         #[pin]
         conn: C,
         reg: Registration,
+        idle: Option<IdleCheck>,
+    }
+}
+
+/// A connection's idle timer: checked when it fires, re-armed while requests come.
+struct IdleCheck {
+    activity: Arc<crate::conn::Activity>,
+    timeout: std::time::Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Requests started when the timer was last armed.
+    seen: u64,
+}
+
+impl IdleCheck {
+    /// True once the connection has been idle for the timeout.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let (started, busy) = self.activity.snapshot();
+            if !busy && started == self.seen {
+                return true;
+            }
+            self.seen = started;
+            let next = tokio::time::Instant::now() + self.timeout;
+            self.sleep.as_mut().reset(next);
+        }
+        false
     }
 }
 
@@ -143,7 +185,9 @@ impl<C: GracefulConnection> Future for Watched<C> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let mut this = self.project();
-        if !this.reg.shutting_down && this.reg.draining(cx.waker()) {
+        if !this.reg.shutting_down
+            && (this.reg.draining(cx.waker()) || this.idle.as_mut().is_some_and(|i| i.expired(cx)))
+        {
             this.reg.shutting_down = true;
             this.conn.as_mut().graceful_shutdown();
         }

@@ -10,9 +10,12 @@
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod conn;
 pub mod drain;
 pub mod observe;
 pub mod operator;
+#[cfg(test)]
+mod proptests;
 pub mod proxy;
 pub mod server;
 pub mod stats_client;

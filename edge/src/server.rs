@@ -121,6 +121,9 @@ impl EdgeServer {
                 origin: cfg.origin.clone(),
                 connect_timeout: cfg.upstream_connect_timeout,
                 first_byte_timeout: cfg.upstream_first_byte_timeout,
+                body_timeout: cfg.upstream_body_timeout,
+                breaker_failures: cfg.origin_breaker_failures,
+                breaker_cooldown: cfg.origin_breaker_cooldown,
                 max_connections: cfg.upstream_max_connections,
                 metrics: Some(metrics.clone()),
                 tls: upstream_tls,
@@ -201,25 +204,19 @@ impl EdgeServer {
             engine,
             upstream,
             id,
-            KeyOptions {
-                ignore_query_params: cfg.ignore_query_params.clone(),
-            },
-            crate::proxy::Versioning {
-                param: cfg.version_param.clone(),
-                strip_upstream: cfg.strip_version_param,
-                ttl: cfg.versioned_ttl,
-            },
+            route_of(&cfg),
             metrics.clone(),
             cfg.compression.clone(),
         ));
+        // The data port's PURGE does what the admin API does: apply, then forward.
         proxy.set_operator(
             crate::operator::EdgeOperator {
                 engine: proxy.engine.clone(),
                 metrics: proxy.metrics.clone(),
                 node: cfg.name.clone(),
-                peers: Vec::new(),
-                siblings: Vec::new(),
-                peer_token: None,
+                peers: cfg.shields.clone(),
+                siblings: cfg.peers.clone(),
+                peer_token: peer_token.clone(),
             },
             auth.clone(),
         );
@@ -326,7 +323,12 @@ impl EdgeServer {
                 disk_capacity: self.cfg.cache_dir.as_ref().map(|_| self.cfg.disk),
                 tls: self.tls.as_ref().map(|(_, t)| t.clone()),
             });
-            tokio::spawn(crate::admin::serve(admin, state, admin_stop_rx))
+            let limits = crate::admin::AdminLimits {
+                header_timeout: self.cfg.header_read_timeout,
+                idle_timeout: self.cfg.idle_timeout,
+                max_connections: self.cfg.admin_max_connections,
+            };
+            tokio::spawn(crate::admin::serve(admin, state, limits, admin_stop_rx))
         });
         let proxy = self.proxy.clone();
         let mut stop = stop_rx.clone();
@@ -334,7 +336,16 @@ impl EdgeServer {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.cfg.max_connections));
+        let mut accept_warnings = crate::conn::AcceptWarnings::new("data");
+        let max_line = self.cfg.max_uri_size.min(usize::MAX as u64) as usize + 64;
+        let idle = self.cfg.idle_timeout;
         loop {
+            // A slot first: past the cap, new connections wait in the kernel's backlog.
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => s.expect("never closed"),
+                _ = stop.changed() => break,
+            };
             let (accepted, tls) = tokio::select! {
                 r = self.listener.accept() => (r, None),
                 r = accept_tls(self.tls.as_ref()) => r,
@@ -344,7 +355,7 @@ impl EdgeServer {
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off a little, never stop serving.
-                    warn!(error = %e, "accept failed; raise the open-files limit (ulimit -n) if this repeats");
+                    let _ = accept_warnings.failed(&e);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
@@ -357,16 +368,24 @@ impl EdgeServer {
                 addr: peer,
                 tls: tls.is_some(),
             };
+            let activity = Arc::new(crate::conn::Activity::default());
+            let conn_activity = activity.clone();
             // A fresh memory hit is answered within the call, and its request dropped there;
             // anything else continues in a boxed future (see `Proxy::start`).
             let svc =
                 service_fn(
                     move |req: Request<Incoming>| match conn_proxy.start(req, client) {
-                        Ok(resp) => Either::Left(std::future::ready(Ok::<_, Infallible>(resp))),
+                        Ok(resp) => {
+                            conn_activity.answered();
+                            Either::Left(std::future::ready(Ok::<_, Infallible>(resp)))
+                        }
                         Err(pending) => {
                             let proxy = conn_proxy.clone();
+                            let in_flight = conn_activity.begin();
                             Either::Right(Box::pin(async move {
-                                Ok::<_, Infallible>(proxy.finish(pending).await)
+                                let resp = proxy.finish(pending).await;
+                                drop(in_flight);
+                                Ok::<_, Infallible>(resp)
                             }))
                         }
                     },
@@ -377,6 +396,7 @@ impl EdgeServer {
             if let Some(tls) = tls {
                 // The handshake runs here, in the connection's task, under its own timeout.
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let stream = match tls.accept(tcp).await {
                         Ok(s) => s,
                         Err(e) => {
@@ -384,22 +404,25 @@ impl EdgeServer {
                             return;
                         }
                     };
-                    let Some(io) = crate::tls::request_started(stream, first_bytes).await else {
+                    let crate::conn::Opening::Serve(io) =
+                        crate::conn::opening(stream, first_bytes, max_line).await
+                    else {
                         return;
                     };
                     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-                    let _ = watcher.watch(conn).await;
+                    let _ = watcher.watch_idle(conn, Some((activity, idle))).await;
                 });
                 continue;
             }
             tokio::spawn(async move {
-                if !request_started(&tcp, first_bytes).await {
+                let _slot = slot;
+                let crate::conn::Opening::Serve(io) =
+                    crate::conn::opening(tcp, first_bytes, max_line).await
+                else {
                     return;
-                }
-                let conn = builder
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .into_owned();
-                let _ = watcher.watch(conn).await;
+                };
+                let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+                let _ = watcher.watch_idle(conn, Some((activity, idle))).await;
             });
         }
         self.draining.store(true, Ordering::Relaxed);
@@ -433,34 +456,26 @@ async fn accept_tls(
     }
 }
 
-/// The HTTP/2 connection preface; a client that sends a prefix of it and stalls is h2.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Waits until a connection has shown which protocol it speaks, within `limit`. hyper-util's
-/// protocol detection has no timeout of its own and hyper's header timer starts only once
-/// HTTP/1 is chosen, so a client that connects and sends nothing (or a stalled h2 preface)
-/// would hold a slot forever.
-async fn request_started(tcp: &tokio::net::TcpStream, limit: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut buf = [0u8; 24];
-    loop {
-        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return false,
-            Ok(Ok(n)) => n,
-        };
-        // Not the h2 preface: HTTP/1, whose header timeout hyper enforces from here.
-        if n >= H2_PREFACE.len() || buf[..n] != H2_PREFACE[..n] {
-            return true;
-        }
-        // A prefix of the preface: wait for more (peek returns at once while data is
-        // buffered, so pause briefly instead of spinning).
-        if tokio::time::timeout_at(deadline, tcp.readable())
-            .await
-            .is_err()
-        {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+/// The request phase's settings from a config (at start-up and on reload).
+fn route_of(cfg: &EdgeConfig) -> crate::proxy::Route {
+    let key_opts = KeyOptions {
+        ignore_query_params: cfg.ignore_query_params.clone(),
+        keyed_headers: Vec::new(),
+    };
+    crate::proxy::Route {
+        key_opts: crate::proxy::request::keyed(key_opts, &cfg.forward_headers),
+        versioning: crate::proxy::Versioning {
+            param: cfg.version_param.clone(),
+            strip_upstream: cfg.strip_version_param,
+            ttl: cfg.versioned_ttl,
+        },
+        forward: crate::proxy::request::ForwardPolicy::new(
+            &cfg.forward_headers,
+            &cfg.strip_headers,
+        ),
+        limits: crate::proxy::request::RequestLimits {
+            max_uri: cfg.max_uri_size.min(usize::MAX as u64) as usize,
+        },
     }
 }
 
@@ -517,16 +532,7 @@ impl Reloader {
             cur.tls.as_ref().map(|t| t.listen) != new.tls.as_ref().map(|t| t.listen),
         );
         check("upstream", cur.upstream_tls != new.upstream_tls);
-        self.proxy.reload(
-            KeyOptions {
-                ignore_query_params: new.ignore_query_params.clone(),
-            },
-            crate::proxy::Versioning {
-                param: new.version_param.clone(),
-                strip_upstream: new.strip_version_param,
-                ttl: new.versioned_ttl,
-            },
-        );
+        self.proxy.reload(route_of(&new));
         self.auth.store(Arc::new(auth));
         self.public_metrics
             .store(new.public_metrics, Ordering::Relaxed);
@@ -534,6 +540,9 @@ impl Reloader {
         cur.version_param = new.version_param;
         cur.strip_version_param = new.strip_version_param;
         cur.versioned_ttl = new.versioned_ttl;
+        cur.forward_headers = new.forward_headers;
+        cur.strip_headers = new.strip_headers;
+        cur.max_uri_size = new.max_uri_size;
         cur.admin_tokens = new.admin_tokens;
         cur.public_metrics = new.public_metrics;
         if let (Some(state), Some(mut tls)) = (&self.tls, new.tls) {

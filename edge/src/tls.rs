@@ -17,10 +17,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -34,7 +32,6 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -562,102 +559,6 @@ impl TlsState {
     }
 }
 
-/// The HTTP/2 connection preface; a client that sends a prefix of it and stalls is h2.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Waits, within `limit`, until a TLS connection has shown which protocol it speaks (the
-/// same guard as the plain listener's: hyper-util's protocol detection has no timeout of its
-/// own, so a client that completes the handshake and then sends nothing would hold a slot
-/// forever). The bytes read are replayed to the HTTP server.
-pub async fn request_started<S: AsyncRead + Unpin>(
-    mut io: S,
-    limit: Duration,
-) -> Option<Prefixed<S>> {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut buf = Vec::with_capacity(4096);
-    loop {
-        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
-            Ok(Ok(_)) => {}
-        }
-        let n = buf.len().min(H2_PREFACE.len());
-        if buf.len() >= H2_PREFACE.len() || buf[..n] != H2_PREFACE[..n] {
-            return Some(Prefixed {
-                prefix: buf,
-                pos: 0,
-                inner: io,
-            });
-        }
-        if buf.capacity() == buf.len() {
-            buf.reserve(4096);
-        }
-    }
-}
-
-/// A stream with bytes already read from it put back in front.
-pub struct Prefixed<S> {
-    prefix: Vec<u8>,
-    pos: usize,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if this.pos < this.prefix.len() {
-            let n = (this.prefix.len() - this.pos).min(buf.remaining());
-            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.pos = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
 fn millis(d: Duration) -> u64 {
     d.as_millis().clamp(1, u128::from(u64::MAX)) as u64
 }
@@ -850,7 +751,12 @@ impl UpstreamTls {
                 )),
             _ => builder,
         };
-        builder.enable_http1().enable_http2().wrap_connector(http)
+        // HTTP/1.1 only, as nginx and Varnish speak to upstreams: the request target is
+        // origin-form and the Host field is the site's authority, the one the cache key was
+        // built from. Over HTTP/2, `:authority` would name the next hop's address instead, and
+        // an upstream that (rightly, RFC 9113 §8.3.1) refuses a Host that disagrees with it
+        // would refuse every request.
+        builder.enable_http1().wrap_connector(http)
     }
 }
 

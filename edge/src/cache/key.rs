@@ -220,6 +220,10 @@ pub struct KeyOptions {
     /// Query parameters left out of the key (for example tracking parameters); an entry
     /// ending in `*` matches every name with that prefix (`utm_*`).
     pub ignore_query_params: Vec<String>,
+    /// Request fields forwarded upstream although they can change what the origin serves
+    /// (`[upstream] forward_headers`): each one present is part of the key, after a `#`
+    /// (never part of a request target) as `#name=value`.
+    pub keyed_headers: Vec<HeaderName>,
 }
 
 /// A request in the one normalised form used for the key and for every policy call.
@@ -241,7 +245,8 @@ impl NormalizedRequest {
     ) -> Result<Self, KeyError> {
         let text = key_text(uri, headers, opts)?;
         let host = &text[..text.find('/').unwrap_or(text.len())];
-        let abs_uri: Uri = format!("http://{text}")
+        let target = &text[..text.find('#').unwrap_or(text.len())];
+        let abs_uri: Uri = format!("http://{target}")
             .parse()
             .map_err(|_| KeyError::BadPath)?;
         let host_value = HeaderValue::from_str(host).map_err(|_| KeyError::BadHost)?;
@@ -284,8 +289,10 @@ pub fn key_text(uri: &Uri, headers: &HeaderMap, opts: &KeyOptions) -> Result<Str
             .to_str()
             .map_err(|_| KeyError::BadHost)?,
     };
-    // Userinfo (`user@host`) can only come with an absolute-form target.
-    let raw = raw.rfind('@').map_or(raw, |at| &raw[at + 1..]);
+    // Userinfo (`user@host`) is no part of a host: refused, never stripped.
+    if raw.contains('@') {
+        return Err(KeyError::BadHost);
+    }
     let mut host = raw.trim_ascii();
     if let Some(stripped) = host.strip_suffix(":80") {
         host = stripped;
@@ -318,6 +325,14 @@ pub fn key_text(uri: &Uri, headers: &HeaderMap, opts: &KeyOptions) -> Result<Str
         push_normalized_query(&mut text, q, &opts.ignore_query_params);
         if text.len() == start + 1 {
             text.truncate(start);
+        }
+    }
+    for name in &opts.keyed_headers {
+        for v in headers.get_all(name) {
+            text.push('#');
+            text.push_str(name.as_str());
+            text.push('=');
+            text.push_str(&String::from_utf8_lossy(v.as_bytes()));
         }
     }
     Ok(text)
@@ -365,6 +380,7 @@ mod tests {
             &h,
             &KeyOptions {
                 ignore_query_params: vec!["utm_source".into(), "fb*".into()],
+                ..Default::default()
             },
         )
     }
@@ -392,6 +408,25 @@ mod tests {
     fn bad_hosts() {
         assert_eq!(norm("/", None).unwrap_err(), KeyError::MissingHost);
         assert_eq!(norm("/", Some("a b")).unwrap_err(), KeyError::BadHost);
+        assert_eq!(norm("/", Some("user@h")).unwrap_err(), KeyError::BadHost);
+        assert_eq!(norm("http://u@h/", None).unwrap_err(), KeyError::BadHost);
+    }
+
+    #[test]
+    fn keyed_headers_are_part_of_the_key() {
+        let opts = KeyOptions {
+            keyed_headers: vec![HeaderName::from_static("x-forwarded-host")],
+            ..Default::default()
+        };
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("h"));
+        let plain = NormalizedRequest::new(&Method::GET, &"/a".parse().unwrap(), &h, &opts);
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil"));
+        let keyed = NormalizedRequest::new(&Method::GET, &"/a".parse().unwrap(), &h, &opts);
+        let (plain, keyed) = (plain.unwrap(), keyed.unwrap());
+        assert_ne!(plain.key, keyed.key);
+        assert_eq!(keyed.key.as_str(), "h/a#x-forwarded-host=evil");
+        assert_eq!(keyed.parts.uri, plain.parts.uri);
     }
 
     #[test]

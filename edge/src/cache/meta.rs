@@ -116,9 +116,10 @@ pub fn tags_of(headers: &HeaderMap) -> Vec<String> {
     }
     for v in headers.get_all("cache-tag") {
         if let Ok(v) = v.to_str() {
+            // Comma-separated; whitespace separates too, so a tag never holds a space (a
+            // `Surrogate-Key` purge could not name it).
             tags.extend(
-                v.split(',')
-                    .map(str::trim)
+                v.split(|c: char| c == ',' || c.is_ascii_whitespace())
                     .filter(|t| !t.is_empty())
                     .map(str::to_string),
             );

@@ -13,24 +13,33 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type UpstreamBody = BoxBody<Bytes, BoxError>;
 
 /// Why upstream could not produce a response. Each kind maps to one status for the client.
+///
+/// `Display` is what a client may read: it names the failure, never the internal error chain
+/// (addresses, resolver and TLS messages stay in the logs, through [`UpstreamError::detail`]).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum UpstreamError {
-    #[error("cannot connect to upstream: {0}")]
+    #[error("the origin could not be reached")]
     Connect(String),
-    #[error("upstream did not answer within {0:?}")]
+    #[error("the origin did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("upstream failed: {0}")]
+    #[error("the origin sent an invalid or incomplete response")]
     Protocol(String),
-    #[error("too many concurrent requests to upstream")]
+    #[error("too many requests to the origin are in flight")]
     Overloaded,
+    /// The origin's circuit breaker is open after repeated failures: failed at once.
+    #[error("the origin is failing; requests to it are paused for a moment")]
+    Unavailable,
 }
 
 impl UpstreamError {
-    /// 504 for a timeout (RFC 9110 §15.6.5), 502 for everything else (§15.6.3).
+    /// 504 for a timeout (RFC 9110 §15.6.5), 503 when we hold requests back, 502 for
+    /// everything else (§15.6.3).
     pub fn status(&self) -> StatusCode {
         match self {
             UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            UpstreamError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamError::Overloaded | UpstreamError::Unavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -42,6 +51,15 @@ impl UpstreamError {
             UpstreamError::Timeout(_) => "timeout",
             UpstreamError::Protocol(_) => "protocol",
             UpstreamError::Overloaded => "overloaded",
+            UpstreamError::Unavailable => "breaker_open",
+        }
+    }
+
+    /// The whole story, for logs only.
+    pub fn detail(&self) -> String {
+        match self {
+            UpstreamError::Connect(d) | UpstreamError::Protocol(d) => format!("{self}: {d}"),
+            _ => self.to_string(),
         }
     }
 }

@@ -23,7 +23,13 @@ pub const CACHE_LABELS: [&str; 6] = ["hit", "miss", "stale", "revalidated", "pas
 /// Tiers in label order.
 pub const TIER_LABELS: [&str; 3] = ["memory", "disk", "none"];
 /// Upstream failure kinds in label order (see `UpstreamError::kind`).
-pub const ORIGIN_ERROR_LABELS: [&str; 4] = ["connect", "timeout", "protocol", "overloaded"];
+pub const ORIGIN_ERROR_LABELS: [&str; 5] = [
+    "connect",
+    "timeout",
+    "protocol",
+    "overloaded",
+    "breaker_open",
+];
 /// Purge kinds and modes in label order.
 pub const PURGE_KINDS: [&str; 4] = ["url", "prefix", "tag", "all"];
 pub const PURGE_MODES: [&str; 2] = ["hard", "soft"];
@@ -78,7 +84,7 @@ pub struct EdgeMetrics {
     pub origin_duration: AtomicHistogram,
     /// Origin responses by status code (index = code, 0..=599).
     pub origin_status: Vec<AtomicU64>,
-    pub origin_errors: [AtomicU64; 4],
+    pub origin_errors: [AtomicU64; 5],
     pub purges: [[AtomicU64; 2]; 4],
     compression: std::sync::OnceLock<Arc<crate::proxy::compress::CompressionStats>>,
     pub started: Instant,
@@ -190,7 +196,18 @@ impl EdgeMetrics {
 
     /// Counts a miss for a URL (space-saving: when full, the least counted entry is replaced
     /// and the newcomer inherits its count, which bounds the error).
+    ///
+    /// Query strings are never kept: they carry signatures and tokens, and `/stats` may be
+    /// public. A URL with a query counts as its path followed by `?…`.
     pub fn record_miss(&self, url: &str) {
+        let redacted;
+        let url = match url.split_once('?') {
+            Some((path, _)) => {
+                redacted = format!("{path}?…");
+                redacted.as_str()
+            }
+            None => url,
+        };
         let mut m = self.missed.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = m.get_mut(url) {
             *c += 1;

@@ -168,5 +168,11 @@ mod tests {
         m.record_miss("/b");
         m.record_miss("/a");
         assert_eq!(m.top_missed(1), vec![("/a".to_string(), 2)]);
+        // Query strings (signatures, tokens) are never kept.
+        m.record_miss("/signed?sig=s3cr3t&exp=1");
+        m.record_miss("/signed?sig=other");
+        m.record_miss("/signed?sig=third");
+        let top = m.top_missed(1);
+        assert_eq!(top, vec![("/signed?…".to_string(), 3)]);
     }
 }

@@ -1,6 +1,6 @@
 //! Hop-by-hop header handling (RFC 9110 §7.6.1): Connection and the fields it names,
 //! Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding and Upgrade are stripped in both
-//! directions. Every other field passes through untouched.
+//! directions. What else a request may carry upstream is decided in [`super::request`].
 
 use http::HeaderMap;
 use http::header::{self, HeaderName};
@@ -41,16 +41,20 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
 
-/// Removes hop-by-hop fields, including those the Connection header nominates.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+/// The fields a message's Connection header nominates as hop-by-hop.
+pub fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes()).ok())
-        .collect();
-    for name in named {
+        .collect()
+}
+
+/// Removes hop-by-hop fields, including those the Connection header nominates.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in connection_named(headers) {
         headers.remove(name);
     }
     for name in HOP_BY_HOP {

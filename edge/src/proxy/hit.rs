@@ -26,6 +26,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 
+#[cfg(test)]
+use super::Route;
 use super::headers::{CACHE_STATUS, CLIENT_CONDITIONALS, X_CACHE};
 use super::respond::{
     self, HIT_TTL, Outcome, RespBody, full, push_hit_status, upstream_cache_status,
@@ -39,9 +41,16 @@ use crate::cache::status::{CacheStatus, Tier};
 use crate::cache::{Served, ServedBody};
 
 /// Request fields that make a hit depend on more than the stored object: freshness
-/// directives and credentials, and (with [`CLIENT_CONDITIONALS`]) conditionals and ranges.
-const FULL_PATH_FIELDS: [HeaderName; 3] =
-    [header::CACHE_CONTROL, header::PRAGMA, header::AUTHORIZATION];
+/// directives and credentials, and (with [`CLIENT_CONDITIONALS`]) conditionals and ranges;
+/// and fields the request phase must judge first (a body's framing, expectations).
+const FULL_PATH_FIELDS: [HeaderName; 6] = [
+    header::CACHE_CONTROL,
+    header::PRAGMA,
+    header::AUTHORIZATION,
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::EXPECT,
+];
 
 /// `Age` values below this many seconds come from a table built once: no allocation and no
 /// shared reference count per hit.
@@ -112,6 +121,16 @@ fn key_of(
         None => host?.as_bytes(),
     };
     let target = uri.path_and_query()?.as_str();
+    let opts = &settings.route.key_opts;
+    if target.len() > settings.route.limits.max_uri {
+        return None;
+    }
+    if !opts.keyed_headers.is_empty() {
+        // The key holds request fields beyond the target: no memo.
+        let text = key_text(uri, headers, opts).ok()?;
+        let path = &text[text.find('/').unwrap_or(text.len())..];
+        return Some((KeyHash::of(&text), need_path.then(|| path.to_string())));
+    }
     let generation = settings.generation;
     let slot = {
         use std::hash::BuildHasher;
@@ -127,7 +146,7 @@ fn key_of(
     if known.is_some() {
         return known;
     }
-    let text = key_text(uri, headers, &settings.key_opts).ok()?;
+    let text = key_text(uri, headers, opts).ok()?;
     let hash = KeyHash::of(&text);
     let path = &text[text.find('/').unwrap_or(text.len())..];
     let out = (hash, need_path.then(|| path.to_string()));
@@ -291,23 +310,40 @@ impl Proxy {
     /// Looks a GET or HEAD up on the hit fast path, with no await: the data port answers a
     /// [`Lookup::Hit`] within hyper's call to the service, and drops the request there. No
     /// side effects but counters.
-    pub(super) fn hit_now<B>(&self, req: &Request<B>) -> Lookup {
+    pub(super) fn hit_now<B: super::RequestBody>(&self, req: &Request<B>) -> Lookup {
         let head_only = match *req.method() {
             Method::GET => false,
             Method::HEAD => true,
             _ => return Lookup::Full,
         };
+        // A body, or a scheme other than http(s): the request phase refuses them.
+        if req.body().has_body()
+            || req
+                .uri()
+                .scheme_str()
+                .is_some_and(|s| s != "http" && s != "https")
+        {
+            return Lookup::Full;
+        }
         let mut accept_encoding = false;
         let mut host = None;
         // Every field, once: the Host value is taken here rather than looked up.
         for (name, value) in req.headers() {
             if name == header::HOST {
-                host = host.or(Some(value));
+                if host.is_some() {
+                    // Two Host fields: refused by the request phase.
+                    return Lookup::Full;
+                }
+                host = Some(value);
             } else if name == header::ACCEPT_ENCODING {
                 accept_encoding = true;
             } else if FULL_PATH_FIELDS.contains(name) || CLIENT_CONDITIONALS.contains(name) {
                 return Lookup::Full;
             }
+        }
+        // An authority in the target and a Host field: the request phase checks they agree.
+        if host.is_some() && req.uri().authority().is_some() {
+            return Lookup::Full;
         }
         let need_path = self.engine.may_have_pushed();
         let Some((primary, path)) = key_of(
@@ -562,7 +598,7 @@ mod tests {
     use crate::observe::metrics::EdgeMetrics;
     use crate::proxy::compress::CompressionConfig;
     use crate::proxy::respond::Identity;
-    use crate::proxy::{Client, RouteSettings, Versioning};
+    use crate::proxy::{Client, RouteSettings};
 
     const HOST: &str = "site.test";
 
@@ -674,8 +710,7 @@ mod tests {
             engine,
             origin.clone(),
             id,
-            KeyOptions::default(),
-            Versioning::default(),
+            Route::default(),
             EdgeMetrics::new("test"),
             CompressionConfig::default(),
         ));
@@ -719,7 +754,10 @@ mod tests {
 
     impl Proxy {
         /// The fast path as a request meets it: at once, or after preparing heads.
-        async fn fast_hit<B>(&self, req: &Request<B>) -> Option<FastHit> {
+        async fn fast_hit<B: crate::proxy::RequestBody>(
+            &self,
+            req: &Request<B>,
+        ) -> Option<FastHit> {
             match self.hit_now(req) {
                 Lookup::Hit(hit) => Some(hit),
                 Lookup::Unprepared(u) => self.hit_later(req.headers(), u).await,
@@ -1011,13 +1049,14 @@ mod tests {
         let uri = |u: &str| u.parse::<http::Uri>().expect("uri");
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("Site.Test"));
-        let ignoring = RouteSettings::new(
-            KeyOptions {
+        let ignoring = RouteSettings::of(Route {
+            key_opts: KeyOptions {
                 ignore_query_params: vec!["utm_*".into()],
+                ..Default::default()
             },
-            Versioning::default(),
-        );
-        let keeping = RouteSettings::new(KeyOptions::default(), Versioning::default());
+            ..Default::default()
+        });
+        let keeping = RouteSettings::of(Route::default());
         let target = uri("/p?utm_source=x&b=2&a=1");
         for _ in 0..2 {
             // The second round comes from the memo.

@@ -13,6 +13,7 @@
 pub mod compress;
 pub mod headers;
 mod hit;
+pub mod request;
 pub mod respond;
 pub mod shield;
 pub mod upstream;
@@ -45,6 +46,8 @@ pub struct Client {
 pub trait RequestBody: Send + 'static {
     /// The body as sent upstream on a pass-through.
     fn into_upstream(self) -> crate::cache::upstream::UpstreamBody;
+    /// The request carries content (HTTP/1 framing that announces some, or HTTP/2 DATA).
+    fn has_body(&self) -> bool;
 }
 
 impl<B> RequestBody for B
@@ -54,6 +57,10 @@ where
 {
     fn into_upstream(self) -> crate::cache::upstream::UpstreamBody {
         self.map_err(Into::into).boxed()
+    }
+
+    fn has_body(&self) -> bool {
+        !http_body::Body::is_end_stream(self)
     }
 }
 
@@ -68,21 +75,29 @@ pub struct Versioning {
     pub ttl: std::time::Duration,
 }
 
-/// Per-request settings that a reload can replace.
-pub struct RouteSettings {
+/// What the request phase is configured with; a reload (SIGHUP) replaces it whole.
+#[derive(Debug, Clone, Default)]
+pub struct Route {
     pub key_opts: KeyOptions,
     pub versioning: Versioning,
+    /// Which client fields go upstream.
+    pub forward: request::ForwardPolicy,
+    pub limits: request::RequestLimits,
+}
+
+/// Per-request settings that a reload can replace.
+pub struct RouteSettings {
+    pub route: Route,
     /// Unique in the process (every node, every reload): what the hit path's key memo was
     /// computed under.
     pub generation: u64,
 }
 
 impl RouteSettings {
-    fn new(key_opts: KeyOptions, versioning: Versioning) -> Self {
+    fn of(route: Route) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
-            key_opts,
-            versioning,
+            route,
             generation: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -146,8 +161,7 @@ impl Proxy {
         engine: Arc<Engine>,
         upstream: Arc<dyn Upstream>,
         id: Identity,
-        key_opts: KeyOptions,
-        versioning: Versioning,
+        route: Route,
         metrics: Arc<crate::observe::metrics::EdgeMetrics>,
         compression: compress::CompressionConfig,
     ) -> Self {
@@ -158,7 +172,7 @@ impl Proxy {
             engine,
             upstream,
             id,
-            settings: arc_swap::ArcSwap::from_pointee(RouteSettings::new(key_opts, versioning)),
+            settings: arc_swap::ArcSwap::from_pointee(RouteSettings::of(route)),
             compression: compress::Compressor::new(compression),
         }
     }
@@ -313,7 +327,9 @@ impl Proxy {
     }
 
     /// `PURGE /path` (Varnish / Squid convention): the admin token with the purge scope is
-    /// required; hard by default, soft with `Soft-Purge: 1`.
+    /// required, always (a node without admin tokens refuses PURGE on its data port); hard by
+    /// default, soft with `Soft-Purge: 1`. Applied and forwarded exactly as `outpost purge`
+    /// does through the admin API: to this node's shields and sibling peers.
     async fn purge_method(
         &self,
         headers: &http::HeaderMap,
@@ -325,94 +341,93 @@ impl Proxy {
                 "PURGE is not enabled on this node",
             );
         };
-        if let Err(e) = auth.load().check(headers, outpost_purge_api::Scope::Purge) {
+        let auth = auth.load();
+        if auth.is_open() {
+            return plain(
+                StatusCode::FORBIDDEN,
+                "PURGE on the data port needs an admin token: configure [admin] tokens (or OUTPOST_ADMIN_TOKEN) and send it as a Bearer token",
+            );
+        }
+        if let Err(e) = auth.check(headers, outpost_purge_api::Scope::Purge) {
             return crate::admin::api_error(&outpost_purge_api::AdminError::Auth(e));
         }
         let soft = headers
             .get("soft-purge")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
+        // The absolute URL of the key (its host and target), as `outpost purge` sends it, so
+        // shields and peers read it the same way.
+        let key = norm.key.as_str();
+        let target = &key[..key.find('#').unwrap_or(key.len())];
         let req = outpost_purge_api::PurgeRequest {
-            urls: vec![norm.key.as_str().to_string()],
+            urls: vec![format!("http://{target}")],
             soft,
             ..Default::default()
         };
-        match operator.purge_local(&req).await {
+        match outpost_purge_api::AdminBackend::purge(operator, req).await {
             Ok(receipt) => crate::admin::json(&receipt),
             Err(e) => crate::admin::api_error(&e),
         }
     }
 
-    /// Replaces the reloadable settings (key options, versioning).
-    pub fn reload(&self, key_opts: KeyOptions, versioning: Versioning) {
-        self.settings
-            .store(Arc::new(RouteSettings::new(key_opts, versioning)));
+    /// Replaces the reloadable settings (key options, versioning, forwarding, limits).
+    pub fn reload(&self, route: Route) {
+        self.settings.store(Arc::new(RouteSettings::of(route)));
     }
 
     async fn route<B: RequestBody>(&self, req: Request<B>, client: Client) -> Response<RespBody> {
         let settings = self.settings.load();
-        let (mut parts, body) = req.into_parts();
+        let has_body = req.body().has_body();
+        let (parts, body) = req.into_parts();
+        if let Err(refused) = request::check(&parts, has_body, settings.route.limits) {
+            return refuse(&refused, has_body);
+        }
         let norm = match NormalizedRequest::new(
             &parts.method,
             &parts.uri,
             &parts.headers,
-            &settings.key_opts,
+            &settings.route.key_opts,
         ) {
             Ok(n) => n,
             Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
         };
+        // Purge, cache or pass is decided before anything is prepared.
+        if parts.method.as_str() == "PURGE" {
+            return self.purge_method(&parts.headers, &norm).await;
+        }
+        let cacheable = parts.method == Method::GET || parts.method == Method::HEAD;
         // A fresh memory hit needs none of the upstream preparation below.
-        if (parts.method == Method::GET || parts.method == Method::HEAD)
-            && let Some(served) = self.engine.fresh_memory_hit(&norm).await
-        {
+        if cacheable && let Some(served) = self.engine.fresh_memory_hit(&norm).await {
             let served = self
                 .compression
                 .apply(&self.engine, served, &parts.method, &parts.headers)
                 .await;
             return respond(served, &parts.method, &parts.headers, &self.id);
         }
-        // What goes upstream: origin-form target, end-to-end headers, Host kept, Via added.
-        let host = norm.parts.headers.get(header::HOST).cloned();
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some(h) = host
-            && !parts.headers.contains_key(header::HOST)
-        {
-            parts.headers.insert(header::HOST, h);
+        let hop = request::Hop {
+            via: &self.id.via,
+            surrogate_capability: &self.id.surrogate_capability,
+            client,
+            sets_forwarded_proto: self.id.sets_forwarded_proto,
+        };
+        let mut upstream = request::upstream_head(&parts, &norm, &settings.route.forward, &hop);
+        let versioning = &settings.route.versioning;
+        let versioned =
+            !versioning.param.is_empty() && query_has(upstream.uri.query(), &versioning.param);
+        if versioned && versioning.strip_upstream {
+            upstream.uri = without_param(&upstream.uri, &versioning.param);
         }
-        parts.headers.append(header::VIA, self.id.via.clone());
-        parts.headers.append(
-            headers::SURROGATE_CAPABILITY,
-            self.id.surrogate_capability.clone(),
-        );
-        append_forwarded_for(&mut parts.headers, client.addr);
-        if self.id.sets_forwarded_proto || !parts.headers.contains_key(headers::X_FORWARDED_PROTO) {
-            let proto = if client.tls { "https" } else { "http" };
-            parts
-                .headers
-                .insert(headers::X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        }
-        parts.uri = origin_form(&parts.uri);
-        parts.version = http::Version::HTTP_11;
-        let versioned = !settings.versioning.param.is_empty()
-            && query_has(parts.uri.query(), &settings.versioning.param);
-        if versioned && settings.versioning.strip_upstream {
-            parts.uri = without_param(&parts.uri, &settings.versioning.param);
-        }
-
-        if parts.method.as_str() == "PURGE" {
-            return self.purge_method(&parts.headers, &norm).await;
-        }
-        let client_headers = parts.headers.clone();
-        if parts.method == Method::GET || parts.method == Method::HEAD {
-            let method = parts.method.clone();
-            self.compression.prepare_upstream(&mut parts.headers);
+        let method = parts.method;
+        let client_headers = parts.headers;
+        if cacheable {
+            self.compression.prepare_upstream(&mut upstream.headers);
             let served = self
                 .engine
                 .serve(CacheRequest {
                     norm,
                     method: method.clone(),
-                    upstream: parts,
-                    default_ttl: versioned.then_some(settings.versioning.ttl),
+                    upstream,
+                    default_ttl: versioned.then_some(versioning.ttl),
                 })
                 .await;
             let served = self
@@ -423,11 +438,21 @@ impl Proxy {
         }
 
         // Unsafe and unknown methods pass through with their body.
-        let method = parts.method.clone();
-        parts
+        upstream
             .extensions
             .insert(crate::cache::upstream::RouteKey(norm.key.hash()));
-        let upstream_req = Request::from_parts(parts, body.into_upstream());
+        // A client body that breaks mid-way (bad chunked framing, a reset) is the client's
+        // fault: 400, not an origin error.
+        let body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = body_failed.clone();
+        let body = body
+            .into_upstream()
+            .map_err(move |e| {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                e
+            })
+            .boxed();
+        let upstream_req = Request::from_parts(upstream, body);
         let now = self.engine.clock().now();
         let sent = std::time::Instant::now();
         match self.upstream.fetch(upstream_req).await {
@@ -458,6 +483,13 @@ impl Proxy {
                 r.headers_mut().remove(header::CONTENT_LENGTH);
                 r
             }
+            Err(_) if body_failed.load(std::sync::atomic::Ordering::Relaxed) => refuse(
+                &request::Refusal {
+                    status: StatusCode::BAD_REQUEST,
+                    reason: "the request body is malformed or was cut short",
+                },
+                true,
+            ),
             Err(e) => plain(e.status(), &e.to_string()),
         }
     }
@@ -482,7 +514,7 @@ impl Proxy {
                 &Method::GET,
                 &uri,
                 &headers,
-                &self.settings.load().key_opts,
+                &self.settings.load().route.key_opts,
             ) else {
                 continue;
             };
@@ -528,22 +560,19 @@ fn without_param(uri: &Uri, param: &str) -> Uri {
     pq.parse().unwrap_or_else(|_| uri.clone())
 }
 
-fn origin_form(uri: &Uri) -> Uri {
-    uri.path_and_query()
-        .map(|pq| Uri::from(pq.clone()))
-        .unwrap_or_else(|| Uri::from_static("/"))
-}
-
-fn append_forwarded_for(headers: &mut http::HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let value = match headers
-        .get(headers::X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(headers::X_FORWARDED_FOR, v);
+/// The answer to a refused request. One whose body was not read closes the connection, so
+/// nothing of that body is ever read as the next request.
+fn refuse(refused: &request::Refusal, unread_body: bool) -> Response<RespBody> {
+    let mut r = plain(refused.status, refused.reason);
+    if unread_body {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    if refused.status == StatusCode::METHOD_NOT_ALLOWED {
+        r.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, PURGE"),
+        );
+    }
+    r
 }

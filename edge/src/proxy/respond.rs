@@ -323,7 +323,7 @@ fn slice_stream(
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum RangeSpec {
+pub(crate) enum RangeSpec {
     Satisfiable(u64, u64),
     Unsatisfiable,
     /// Not a single byte range we serve: send the whole representation (RFC 9110 §14.2).
@@ -331,7 +331,7 @@ enum RangeSpec {
 }
 
 /// Parses a single `bytes=` range. Multiple ranges are answered with the full object.
-fn parse_range(value: &[u8], total: u64) -> RangeSpec {
+pub(crate) fn parse_range(value: &[u8], total: u64) -> RangeSpec {
     let Ok(s) = std::str::from_utf8(value) else {
         return RangeSpec::Ignore;
     };

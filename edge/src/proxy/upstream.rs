@@ -1,6 +1,14 @@
-//! The upstream client: a pooled hyper-util client with connect and first-byte timeouts and a
-//! per-origin cap on concurrent requests (hyper's pool races a new connection whenever none is
-//! idle and has no cap of its own).
+//! The upstream client: a pooled hyper-util client with connect, first-byte and body-idle
+//! timeouts, a per-origin cap on concurrent requests (hyper's pool races a new connection
+//! whenever none is idle and has no cap of its own), and a circuit breaker: after
+//! `origin_breaker_failures` consecutive connect failures or timeouts, requests fail at once
+//! (503) for `origin_breaker_cooldown`, then one probe goes through and its result closes or
+//! reopens the breaker. A cache with stale copies serves them meanwhile.
+//!
+//! An upstream connection goes back to the pool only when hyper read a complete, well-framed
+//! response on it: a body that stalls past the idle timeout, fails, or is dropped unread
+//! closes its connection. What the request carries is decided by the request phase
+//! ([`super::request`]); framing headers are never forwarded, hyper frames the body it sends.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +31,11 @@ pub struct UpstreamConfig {
     pub origin: Uri,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
+    /// Longest pause between two pieces of a response body.
+    pub body_timeout: Duration,
+    /// Consecutive failures that open the circuit breaker (0: never).
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
     pub max_connections: usize,
     /// Where upstream latency, statuses and errors are counted.
     pub metrics: Option<Arc<crate::observe::metrics::EdgeMetrics>>,
@@ -31,7 +44,7 @@ pub struct UpstreamConfig {
     pub tls: Option<crate::tls::UpstreamTls>,
 }
 
-/// The connector: plain HTTP, or TLS (hyper-rustls, ALPN h2 then http/1.1) for `https://`.
+/// The connector: plain HTTP, or TLS (hyper-rustls, ALPN http/1.1) for `https://`.
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 pub struct HyperUpstream {
@@ -40,7 +53,79 @@ pub struct HyperUpstream {
     authority: http::uri::Authority,
     permits: Arc<Semaphore>,
     first_byte_timeout: Duration,
+    body_timeout: Duration,
+    breaker: Arc<Breaker>,
     metrics: Option<Arc<crate::observe::metrics::EdgeMetrics>>,
+}
+
+/// A circuit breaker per upstream (see the module docs).
+struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    epoch: std::time::Instant,
+    failures: std::sync::atomic::AtomicU32,
+    /// Milliseconds since `epoch` until which requests fail at once (0: closed).
+    open_until: std::sync::atomic::AtomicU64,
+}
+
+impl Breaker {
+    fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            threshold,
+            cooldown,
+            epoch: std::time::Instant::now(),
+            failures: Default::default(),
+            open_until: Default::default(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// May a request go upstream now? While open, no; once the cooldown is over, exactly one
+    /// caller (the probe) gets through and pushes the reopening out by another cooldown.
+    fn admit(&self) -> bool {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let until = self.open_until.load(Acquire);
+        if until == 0 {
+            return true;
+        }
+        let now = self.now_ms();
+        now >= until
+            && self
+                .open_until
+                .compare_exchange(
+                    until,
+                    now + self.cooldown.as_millis() as u64,
+                    AcqRel,
+                    Acquire,
+                )
+                .is_ok()
+    }
+
+    fn record(&self, ok: bool) {
+        use std::sync::atomic::Ordering::{AcqRel, Release};
+        if ok {
+            self.failures.store(0, Release);
+            self.open_until.store(0, Release);
+            return;
+        }
+        if self.threshold == 0 {
+            return;
+        }
+        let n = self.failures.fetch_add(1, AcqRel) + 1;
+        if n >= self.threshold {
+            let until = self.now_ms() + self.cooldown.as_millis() as u64;
+            if self.open_until.swap(until, AcqRel) == 0 {
+                tracing::warn!(
+                    failures = n,
+                    cooldown_ms = self.cooldown.as_millis() as u64,
+                    "origin failing: circuit breaker open, requests fail at once until a probe succeeds"
+                );
+            }
+        }
+    }
 }
 
 impl HyperUpstream {
@@ -71,6 +156,8 @@ impl HyperUpstream {
                 .expect("validated origin has an authority"),
             permits: Arc::new(Semaphore::new(cfg.max_connections)),
             first_byte_timeout: cfg.first_byte_timeout,
+            body_timeout: cfg.body_timeout,
+            breaker: Arc::new(Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown)),
             metrics: cfg.metrics.clone(),
         }
     }
@@ -112,12 +199,29 @@ impl Upstream for HyperUpstream {
         let client = self.client.clone();
         let permits = self.permits.clone();
         let timeout = self.first_byte_timeout;
+        let body_timeout = self.body_timeout;
+        let breaker = self.breaker.clone();
         let (mut parts, body) = req.into_parts();
         parts.uri = self.absolute(&parts.uri);
         let metrics = self.metrics.clone();
         async move {
             let started = std::time::Instant::now();
-            let result = Self::send(client, permits, timeout, parts, body).await;
+            let result = if breaker.admit() {
+                let r = Self::send(client, permits, timeout, parts, body).await;
+                match &r {
+                    Ok(_) => breaker.record(true),
+                    Err(UpstreamError::Connect(_) | UpstreamError::Timeout(_)) => {
+                        breaker.record(false)
+                    }
+                    Err(_) => {}
+                }
+                r.map(|resp| resp.map(|b| IdleTimeout::new(b, body_timeout).boxed()))
+            } else {
+                Err(UpstreamError::Unavailable)
+            };
+            if let Err(e) = &result {
+                tracing::debug!(error = %e.detail(), "upstream request failed");
+            }
             if let Some(m) = metrics {
                 match &result {
                     Ok(r) => m.record_origin(Some(r.status().as_u16()), None, started.elapsed()),
@@ -189,5 +293,63 @@ impl HyperUpstream {
                 .boxed()
             }))
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream body that fails when no piece of it arrives within the timeout: the fill
+    /// is abandoned (nothing partial is stored), the client's response is cut (never presented
+    /// as complete), the concurrency permit is returned and the connection is closed.
+    struct IdleTimeout {
+        #[pin]
+        body: UpstreamBody,
+        timeout: Duration,
+        #[pin]
+        sleep: tokio::time::Sleep,
+    }
+}
+
+impl IdleTimeout {
+    fn new(body: UpstreamBody, timeout: Duration) -> Self {
+        Self {
+            body,
+            timeout,
+            sleep: tokio::time::sleep(timeout),
+        }
+    }
+}
+
+impl http_body::Body for IdleTimeout {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.project();
+        match this.body.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + *this.timeout;
+                this.sleep.reset(next);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match this.sleep.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(BoxError::from(format!(
+                    "the origin sent nothing for {:?} in the middle of a body",
+                    this.timeout
+                ))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }

@@ -1,0 +1,891 @@
+//! The edge under hostile input (issue 13): raw bytes over HTTP/1 and HTTP/2 against a real
+//! `EdgeServer` on 127.0.0.1, with a real origin behind it: the programmable test origin, or,
+//! where an attack needs an origin that frames requests the way nginx does, [`StrictOrigin`], a
+//! keep-alive origin that honours a GET's Content-Length.
+//!
+//! Each test is a regression test of one class of attack: request smuggling through a GET
+//! body, host confusion, unkeyed forwarding fields, anonymous purges, connections that never
+//! finish or never end, origins that stall or fail, and imprecise statuses.
+
+#[path = "support/test_origin.rs"]
+mod test_origin;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use outpost_config::Source;
+use outpost_edge::{EdgeConfig, EdgeOverrides, EdgeServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use test_origin::{Reply, TestOrigin};
+
+/// Upper bound of every wait.
+const WAIT: Duration = Duration::from_secs(20);
+
+const HOST: &str = "site.test";
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+struct Edge {
+    addr: SocketAddr,
+    admin: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Edge {
+    async fn start(
+        origin: SocketAddr,
+        extra_toml: &str,
+        tweak: impl FnOnce(&mut EdgeConfig),
+    ) -> Edge {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"http://{origin}\"\n{extra_toml}"
+        );
+        let mut cfg = EdgeConfig::from_source(
+            &Source::inline("adversarial.toml", text),
+            EdgeOverrides::default(),
+        )
+        .unwrap_or_else(|e| panic!("test config: {e}"));
+        cfg.memory = 64 << 20;
+        cfg.drain_timeout = Duration::from_secs(2);
+        cfg.upstream_first_byte_timeout = Duration::from_secs(10);
+        tweak(&mut cfg);
+        let server = EdgeServer::bind(cfg)
+            .await
+            .unwrap_or_else(|e| panic!("edge bind: {e}"));
+        let addr = server.local_addr();
+        let admin = server.admin_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        Edge {
+            addr,
+            admin,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .build()
+        .expect("client")
+}
+
+struct Resp {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+async fn get(url: &str, headers: &[(&str, &str)]) -> Resp {
+    let mut rb = client().get(url);
+    for (n, v) in headers {
+        rb = rb.header(*n, *v);
+    }
+    let r = rb.send().await.expect("request");
+    Resp {
+        status: r.status().as_u16(),
+        headers: r.headers().clone(),
+        body: r.bytes().await.expect("body"),
+    }
+}
+
+/// Writes `request` on a new connection and reads until the edge closes it or `WAIT` passes.
+/// Returns what was read and whether the edge closed the connection.
+async fn raw(addr: SocketAddr, request: &[u8]) -> (String, bool) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr) = tcp.into_split();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        let closed = loop {
+            match tokio::time::timeout(WAIT, rd.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => break false,
+            }
+        };
+        (String::from_utf8_lossy(&got).into_owned(), closed)
+    });
+    let _ = wr.write_all(request).await;
+    let _ = wr.flush().await;
+    let out = reader.await.expect("reader");
+    drop(wr);
+    out
+}
+
+/// The status code of the first response in `raw` output.
+fn status_of(raw: &str) -> u16 {
+    raw.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads until EOF: the time the peer took to close, or `None` if it was still open after
+/// `within`.
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(
+            tokio::time::Instant::from_std(started + within),
+            tcp.read(&mut buf),
+        )
+        .await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+fn cacheable(body: &'static str) -> Reply {
+    Reply::ok(body).header("cache-control", "max-age=300")
+}
+
+// ---------------------------------------------------------------------------------------------
+// A strict keep-alive origin (frames requests as nginx does)
+// ---------------------------------------------------------------------------------------------
+
+/// One request as the strict origin read it.
+#[derive(Debug, Clone)]
+struct Seen {
+    target: String,
+    headers: Vec<(String, String)>,
+}
+
+/// A keep-alive HTTP/1.1 origin that reads a request's body by its Content-Length, whatever
+/// the method (as nginx does), and answers `/<name>` with the body `<name>` and max-age=300.
+struct StrictOrigin {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl StrictOrigin {
+    async fn start() -> StrictOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(Self::serve(tcp, log.clone()));
+            }
+        });
+        StrictOrigin { addr, seen }
+    }
+
+    async fn serve(mut tcp: TcpStream, log: Arc<Mutex<Vec<Seen>>>) {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let mut lines = head.split("\r\n");
+            let target = lines
+                .next()
+                .and_then(|l| l.split(' ').nth(1))
+                .unwrap_or("/")
+                .to_string();
+            let headers: Vec<(String, String)> = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            let len: usize = headers
+                .iter()
+                .find(|(n, _)| n == "content-length")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            buf.drain(..end);
+            // The body, by Content-Length, from this connection's next bytes.
+            while buf.len() < len {
+                let mut chunk = [0u8; 4096];
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..len);
+            log.lock().expect("log").push(Seen {
+                target: target.clone(),
+                headers,
+            });
+            let body = target.trim_start_matches('/').to_string();
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncache-control: max-age=300\r\ncontent-type: text/plain\r\n\r\n{body}",
+                body.len()
+            );
+            if tcp.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("log").clone()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Smuggling through a GET body
+// ---------------------------------------------------------------------------------------------
+
+/// The review's repro: a GET with a Content-Length and a body, then a GET whose header carries
+/// a request line. Before the fix the edge forwarded the Content-Length without the body, the
+/// origin read the second request as the first one's body, and `/secret.txt`'s bytes were
+/// cached as `/b2.txt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_with_a_body_cannot_smuggle_a_request_into_the_cache() {
+    let origin = StrictOrigin::start().await;
+    let edge = Edge::start(origin.addr, "", |c| c.upstream_max_connections = 1).await;
+    let body = "x".repeat(29);
+    let smuggle =
+        format!("GET /a2.txt HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: 29\r\n\r\n{body}");
+    let (out, _) = raw(edge.addr, smuggle.as_bytes()).await;
+    assert_eq!(status_of(&out), 400, "a GET with a body is refused: {out}");
+    let pad = format!(
+        "GET /b2.txt HTTP/1.1\r\nhost: {HOST}\r\nx-pad: GET /secret.txt HTTP/1.1\r\nconnection: close\r\n\r\n"
+    );
+    let (out, _) = raw(edge.addr, pad.as_bytes()).await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    assert!(
+        out.ends_with("b2.txt"),
+        "b2 answered with its own body: {out}"
+    );
+    let clean = get(&edge.url("/b2.txt"), &[("host", HOST)]).await;
+    assert_eq!(clean.body, "b2.txt", "the cache holds b2's own bytes");
+    // The origin read exactly the requests the edge meant to send.
+    let seen = origin.seen();
+    assert!(
+        seen.iter().all(|s| s.target != "/secret.txt"),
+        "no smuggled request reached the origin: {seen:?}"
+    );
+}
+
+/// The class: no GET or HEAD the edge sends upstream carries framing, whatever the client sent
+/// (an empty body with `Content-Length: 0` is accepted and not forwarded as such).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_fields_never_go_upstream_on_cacheable_requests() {
+    let origin = StrictOrigin::start().await;
+    let edge = Edge::start(origin.addr, "", |_| {}).await;
+    for (i, method) in ["GET", "HEAD"].iter().enumerate() {
+        let req = format!(
+            "{method} /f{i} HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        let (out, _) = raw(edge.addr, req.as_bytes()).await;
+        assert_eq!(status_of(&out), 200, "{out}");
+    }
+    let chunked = format!(
+        "GET /f9 HTTP/1.1\r\nhost: {HOST}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let (out, closed) = raw(edge.addr, chunked.as_bytes()).await;
+    assert_eq!(status_of(&out), 400, "a chunked GET body is refused: {out}");
+    assert!(
+        closed,
+        "and the connection closed, so its body is never read as a request"
+    );
+    for s in origin.seen() {
+        for (n, _) in &s.headers {
+            assert!(
+                n != "content-length" && n != "transfer-encoding",
+                "{n} forwarded on {s:?}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Host confusion
+// ---------------------------------------------------------------------------------------------
+
+/// The origin receives exactly the authority the key was built from; ambiguous authorities get
+/// 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_receives_the_authority_the_key_was_built_from() {
+    let origin = TestOrigin::start().await;
+    origin.route("/h", cacheable("page"));
+    let edge = Edge::start(origin.addr(), "", |_| {}).await;
+
+    // Absolute form with another Host: the target's authority wins, upstream and in the key.
+    let req =
+        format!("GET http://{HOST}/h HTTP/1.1\r\nhost: evil.test\r\nconnection: close\r\n\r\n");
+    let (out, _) = raw(edge.addr, req.as_bytes()).await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    assert_eq!(
+        origin.last_request("/h").expect("fetched").header("host"),
+        Some(HOST)
+    );
+    let clean = get(&edge.url("/h"), &[("host", HOST)]).await;
+    assert_eq!(
+        clean.header("x-cache"),
+        "HIT",
+        "same key as the absolute form"
+    );
+    let evil = get(&edge.url("/h"), &[("host", "evil.test")]).await;
+    assert_eq!(evil.header("x-cache"), "MISS", "evil.test is its own key");
+    assert_eq!(
+        origin.last_request("/h").expect("fetched").header("host"),
+        Some("evil.test")
+    );
+
+    // Spellings of one host: the origin gets the normalised one the key holds.
+    for spelling in ["Site.Test.", "site.test:80"] {
+        origin.route("/n", cacheable("n"));
+        let req = format!(
+            "GET /n?s={spelling} HTTP/1.1\r\nhost: {spelling}\r\nconnection: close\r\n\r\n"
+        );
+        let (out, _) = raw(edge.addr, req.as_bytes()).await;
+        assert_eq!(status_of(&out), 200, "{out}");
+        let seen = origin.last_request("/n").expect("fetched");
+        assert_eq!(seen.header("host"), Some(HOST), "for Host: {spelling}");
+        assert_eq!(seen.headers.get_all("host").iter().count(), 1);
+    }
+
+    // Ambiguous: refused before anything is looked up or sent.
+    let before = origin.total_hits();
+    for req in [
+        format!("GET /h HTTP/1.1\r\nhost: {HOST}\r\nhost: evil.test\r\nconnection: close\r\n\r\n"),
+        format!("GET /h HTTP/1.1\r\nhost: user@{HOST}\r\nconnection: close\r\n\r\n"),
+        format!("GET http://user@{HOST}/h HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n"),
+        format!("GET ftp://{HOST}/h HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n"),
+    ] {
+        let (out, _) = raw(edge.addr, req.as_bytes()).await;
+        assert_eq!(status_of(&out), 400, "{req:?} -> {out}");
+    }
+    assert_eq!(
+        origin.total_hits(),
+        before,
+        "nothing refused reached the origin"
+    );
+}
+
+/// HTTP/2: a `host` field that disagrees with `:authority` is malformed (RFC 9113 §8.3.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_authority_and_host_must_agree() {
+    let origin = TestOrigin::start().await;
+    origin.route("/h2", cacheable("h2 page"));
+    let edge = Edge::start(origin.addr(), "", |_| {}).await;
+    let tcp = TcpStream::connect(edge.addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut send = async |host: Option<&str>| {
+        let mut b = http::Request::get(format!("http://{HOST}/h2"));
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        let req = b
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("response");
+        resp.status().as_u16()
+    };
+    assert_eq!(send(Some("evil.test")).await, 400);
+    assert_eq!(origin.hits("/h2"), 0, "refused before the origin");
+    assert_eq!(send(Some(HOST)).await, 200);
+    assert_eq!(send(None).await, 200);
+    assert_eq!(
+        origin.last_request("/h2").expect("fetched").header("host"),
+        Some(HOST)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Unkeyed forwarding fields
+// ---------------------------------------------------------------------------------------------
+
+const DANGEROUS: [(&str, &str); 9] = [
+    ("x-forwarded-host", "evil.test"),
+    ("x-original-url", "/admin"),
+    ("x-rewrite-url", "/admin"),
+    ("forwarded", "host=evil.test;proto=https"),
+    ("x-http-method-override", "DELETE"),
+    ("x-forwarded-scheme", "nothttp"),
+    ("x-forwarded-port", "1"),
+    ("x-forwarded-prefix", "/evil"),
+    ("x-host", "evil.test"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_fields_that_rewrite_requests_are_stripped_by_default() {
+    let origin = TestOrigin::start().await;
+    origin.route("/p", cacheable("p"));
+    let edge = Edge::start(
+        origin.addr(),
+        "[upstream]\nstrip_headers = [\"X-Debug\"]\n",
+        |_| {},
+    )
+    .await;
+    let mut headers = DANGEROUS.to_vec();
+    headers.push(("host", HOST));
+    headers.push(("x-debug", "1"));
+    headers.push(("x-kept", "yes"));
+    let r = get(&edge.url("/p"), &headers).await;
+    assert_eq!(r.status, 200);
+    let seen = origin.last_request("/p").expect("fetched");
+    for (name, _) in DANGEROUS.iter().chain([&("x-debug", "")]) {
+        assert_eq!(seen.header(name), None, "{name} reached the origin");
+    }
+    assert_eq!(seen.header("x-kept"), Some("yes"));
+}
+
+/// An operator may forward one of them; then it is part of the key, so one client's value is
+/// never served to another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_rewriting_field_is_keyed() {
+    let origin = TestOrigin::start().await;
+    origin.route("/k", cacheable("k"));
+    let edge = Edge::start(
+        origin.addr(),
+        "[upstream]\nforward_headers = [\"X-Forwarded-Host\"]\n",
+        |_| {},
+    )
+    .await;
+    let attacker = get(
+        &edge.url("/k"),
+        &[("host", HOST), ("x-forwarded-host", "evil.test")],
+    )
+    .await;
+    assert_eq!(attacker.header("x-cache"), "MISS");
+    assert_eq!(
+        origin
+            .last_request("/k")
+            .expect("fetched")
+            .header("x-forwarded-host"),
+        Some("evil.test")
+    );
+    let victim = get(&edge.url("/k"), &[("host", HOST)]).await;
+    assert_eq!(
+        victim.header("x-cache"),
+        "MISS",
+        "the attacker's variant is not served"
+    );
+    assert_eq!(origin.hits("/k"), 2);
+    let again = get(
+        &edge.url("/k"),
+        &[("host", HOST), ("x-forwarded-host", "evil.test")],
+    )
+    .await;
+    assert_eq!(again.header("x-cache"), "HIT");
+}
+
+#[test]
+fn forward_headers_accepts_only_fields_stripped_by_default() {
+    let text = "listen = \"127.0.0.1:0\"\norigin = \"http://127.0.0.1:1\"\n[upstream]\nforward_headers = [\"accept\"]\nstrip_headers = [\"content-length\"]\n";
+    let err = EdgeConfig::from_source(&Source::inline("bad.toml", text), EdgeOverrides::default())
+        .expect_err("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("upstream.forward_headers"), "{msg}");
+    assert!(msg.contains("upstream.strip_headers"), "{msg}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. PURGE on the data port
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_on_the_data_port_needs_a_token_even_without_admin_tokens() {
+    let origin = TestOrigin::start().await;
+    origin.route("/pp", cacheable("pp"));
+    let edge = Edge::start(origin.addr(), "", |_| {}).await;
+    get(&edge.url("/pp"), &[("host", HOST)]).await;
+    let r = client()
+        .request(
+            reqwest::Method::from_bytes(b"PURGE").expect("method"),
+            edge.url("/pp"),
+        )
+        .header("host", HOST)
+        .send()
+        .await
+        .expect("purge");
+    assert_eq!(r.status().as_u16(), 403);
+    let after = get(&edge.url("/pp"), &[("host", HOST)]).await;
+    assert_eq!(
+        after.header("x-cache"),
+        "HIT",
+        "an anonymous PURGE purges nothing"
+    );
+}
+
+/// A PURGE on an edge's data port reaches its shield, as `outpost purge` does: the shield does
+/// not refill the edge with the purged copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_on_the_data_port_is_forwarded_to_shields() {
+    const TOKEN: &str = "purge-token-7f3a";
+    let origin = TestOrigin::start().await;
+    origin.route_seq(
+        "/sp",
+        vec![cacheable("v1"), cacheable("v2"), cacheable("v3")],
+    );
+    let tokens = format!("[admin]\ntokens = [{{ secret = \"{TOKEN}\", scopes = [\"purge\"] }}]\n");
+    let shield = Edge::start(
+        origin.addr(),
+        &format!("role = \"shield\"\nname = \"shield-a\"\n{tokens}"),
+        |_| {},
+    )
+    .await;
+    let edge_toml = format!(
+        "name = \"edge-a\"\n{tokens}[[shields]]\nname = \"shield-a\"\nurl = \"http://{}\"\nadmin = \"{}\"\n",
+        shield.addr,
+        shield.admin.expect("shield admin")
+    );
+    let edge = Edge::start(origin.addr(), &edge_toml, |_| {}).await;
+    assert_eq!(get(&edge.url("/sp"), &[("host", HOST)]).await.body, "v1");
+    assert_eq!(origin.hits("/sp"), 1);
+    let r = client()
+        .request(
+            reqwest::Method::from_bytes(b"PURGE").expect("method"),
+            edge.url("/sp"),
+        )
+        .header("host", HOST)
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("purge");
+    assert_eq!(r.status().as_u16(), 200);
+    let receipt: serde_json::Value =
+        serde_json::from_slice(&r.bytes().await.expect("receipt")).expect("json");
+    let nodes = receipt["nodes"].as_array().expect("nodes");
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n["node"] == "shield-a" && n["ok"] == true),
+        "{receipt}"
+    );
+    let after = get(&edge.url("/sp"), &[("host", HOST)]).await;
+    assert_eq!(
+        after.body, "v2",
+        "the shield refetched instead of refilling v1"
+    );
+    assert_eq!(origin.hits("/sp"), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Connections bounded in time and count
+// ---------------------------------------------------------------------------------------------
+
+/// A prefix of the HTTP/2 preface, then a stall or a half-close: closed within the header
+/// timeout (before the fix, never closed, and polled every 5 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_h2_preface_is_closed_within_the_header_timeout() {
+    let origin = TestOrigin::start().await;
+    let edge = Edge::start(origin.addr(), "", |c| {
+        c.header_read_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut stalled = TcpStream::connect(edge.addr).await.expect("connect");
+    stalled
+        .write_all(b"PRI * HTTP/2.0\r\n")
+        .await
+        .expect("write");
+    let mut half = TcpStream::connect(edge.addr).await.expect("connect");
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.expect("write");
+    half.shutdown().await.expect("half-close");
+    assert!(
+        closed_within(&mut half, WAIT).await.is_some(),
+        "half-closed preface connection left open"
+    );
+    assert!(
+        closed_within(&mut stalled, WAIT).await.is_some(),
+        "stalled preface connection left open"
+    );
+}
+
+/// An idle HTTP/2 connection is closed after the idle timeout, although its client answers
+/// every PING (hyper's client does); an idle HTTP/1 keep-alive connection too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let origin = TestOrigin::start().await;
+    origin.route("/i", cacheable("i"));
+    let edge = Edge::start(origin.addr(), "", |c| {
+        c.idle_timeout = Duration::from_secs(1);
+        c.header_read_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let tcp = TcpStream::connect(edge.addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    let conn_task = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{HOST}/i"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("request");
+    assert_eq!(
+        sender.send_request(req).await.expect("response").status(),
+        200
+    );
+    let ended = tokio::time::timeout(WAIT, conn_task).await;
+    assert!(ended.is_ok(), "the idle h2 connection was never closed");
+
+    let mut h1 = TcpStream::connect(edge.addr).await.expect("connect");
+    h1.write_all(format!("GET /i HTTP/1.1\r\nhost: {HOST}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    assert!(
+        closed_within(&mut h1, WAIT).await.is_some(),
+        "the idle HTTP/1 keep-alive connection was never closed"
+    );
+}
+
+/// With every connection slot held by clients that send nothing, a new client waits (in the
+/// backlog) rather than taking the node past its cap, and is served once the silent ones are
+/// closed by their header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_and_a_canary_is_served_after_the_silent_ones_go() {
+    let origin = TestOrigin::start().await;
+    origin.route("/c", cacheable("canary"));
+    let edge = Edge::start(origin.addr(), "", |c| {
+        c.max_connections = 3;
+        c.header_read_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(edge.addr).await.expect("connect"));
+    }
+    // Give the accept loop time to take all three slots.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let canary = tokio::spawn({
+        let url = edge.url("/c");
+        async move { get(&url, &[("host", HOST)]).await.status }
+    });
+    // Well before the silent ones' header timeout (2 s), the canary still waits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !canary.is_finished(),
+        "the canary was served while every slot was held"
+    );
+    for s in &mut silent {
+        assert!(
+            closed_within(s, WAIT).await.is_some(),
+            "silent connection kept"
+        );
+    }
+    assert_eq!(canary.await.expect("canary"), 200);
+}
+
+/// The admin listener bounds its connections as the data port does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_closes_slow_and_silent_connections() {
+    let origin = TestOrigin::start().await;
+    let edge = Edge::start(origin.addr(), "", |c| {
+        c.header_read_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let admin = edge.admin.expect("admin");
+    let mut silent = TcpStream::connect(admin).await.expect("connect");
+    let mut slow = TcpStream::connect(admin).await.expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .expect("write");
+    assert!(
+        closed_within(&mut silent, WAIT).await.is_some(),
+        "silent admin connection kept"
+    );
+    assert!(
+        closed_within(&mut slow, WAIT).await.is_some(),
+        "slowloris admin connection kept"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8, 11. Origins that stall or fail
+// ---------------------------------------------------------------------------------------------
+
+/// An origin that sends the head and half the body, then stalls: the client's response is cut
+/// within the body timeout (never presented as complete), nothing is stored, and the upstream
+/// permit comes back, so the next miss is served (before the fix: 503 for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_origin_body_times_out_and_frees_its_permit() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/stall",
+        Reply::ok(vec![b'x'; 4096])
+            .header("cache-control", "max-age=300")
+            .slow_body(2048, Duration::from_secs(3600)),
+    );
+    origin.route("/next", cacheable("next"));
+    let edge = Edge::start(origin.addr(), "", |c| {
+        c.upstream_max_connections = 1;
+        c.upstream_body_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let r = client()
+        .get(edge.url("/stall"))
+        .header("host", HOST)
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.is_err(), "a cut body is never complete");
+    let next = get(&edge.url("/next"), &[("host", HOST)]).await;
+    assert_eq!(next.status, 200, "the permit came back");
+    assert_eq!(next.body, "next");
+    let again = client()
+        .get(edge.url("/stall"))
+        .header("host", HOST)
+        .send()
+        .await
+        .expect("head");
+    assert_ne!(
+        again.headers().get("x-cache").and_then(|v| v.to_str().ok()),
+        Some("HIT"),
+        "a cut body is never stored"
+    );
+}
+
+/// After repeated failures the origin is left alone for the cooldown: requests fail at once
+/// (503) instead of each opening a connection (before: thousands of attempts a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_origin_trips_the_circuit_breaker() {
+    // An origin that accepts and never answers: each request is a first-byte timeout.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    let edge = Edge::start(addr, "", |c| {
+        c.upstream_first_byte_timeout = Duration::from_millis(300);
+        c.origin_breaker_failures = 3;
+        c.origin_breaker_cooldown = Duration::from_secs(600);
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        statuses.push(
+            get(&edge.url(&format!("/b{i}")), &[("host", HOST)])
+                .await
+                .status,
+        );
+    }
+    assert_eq!(&statuses[..3], &[504, 504, 504], "{statuses:?}");
+    assert!(statuses[3..].iter().all(|s| *s == 503), "{statuses:?}");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "no connection while the breaker is open"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. Precise statuses, no internal errors
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_precise_statuses() {
+    let origin = TestOrigin::start().await;
+    origin.route("/s", cacheable("s"));
+    origin.route("/post", Reply::ok("posted"));
+    let edge = Edge::start(origin.addr(), "", |_| {}).await;
+
+    let long = format!(
+        "GET /{} HTTP/1.1\r\nhost: {HOST}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let (out, _) = raw(edge.addr, long.as_bytes()).await;
+    assert_eq!(status_of(&out), 414, "{}", &out[..out.len().min(200)]);
+
+    let expect =
+        format!("GET /s HTTP/1.1\r\nhost: {HOST}\r\nexpect: bogus\r\nconnection: close\r\n\r\n");
+    assert_eq!(status_of(&raw(edge.addr, expect.as_bytes()).await.0), 417);
+
+    let trace = format!("TRACE /s HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n");
+    assert_eq!(status_of(&raw(edge.addr, trace.as_bytes()).await.0), 405);
+    assert_eq!(origin.hits("/s"), 0, "TRACE is never forwarded");
+
+    let bad_chunks = format!(
+        "POST /post HTTP/1.1\r\nhost: {HOST}\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    );
+    let (out, _) = raw(edge.addr, bad_chunks.as_bytes()).await;
+    assert_eq!(
+        status_of(&out),
+        400,
+        "a malformed request body is the client's: {out}"
+    );
+    assert!(!out.contains("error"), "no internal error text: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_failures_never_show_internal_error_chains() {
+    let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = dead.local_addr().expect("addr");
+    drop(dead);
+    let edge = Edge::start(addr, "", |_| {}).await;
+    let r = get(&edge.url("/x"), &[("host", HOST)]).await;
+    assert_eq!(r.status, 502);
+    let body = String::from_utf8_lossy(&r.body);
+    assert_eq!(body.trim(), "the origin could not be reached");
+    let post = client()
+        .post(edge.url("/x"))
+        .header("host", HOST)
+        .body("data")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(post.status().as_u16(), 502);
+    let body = post.text().await.expect("body");
+    assert!(!body.contains("tcp") && !body.contains("Connect"), "{body}");
+}
