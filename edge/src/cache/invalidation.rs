@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// What an invalidation check says about one object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,9 +244,10 @@ impl Persister {
                         }
                     }
                     let Some(next) = next else { continue };
-                    let written = serde_json::to_vec(&next)
-                        .map_err(io::Error::other)
-                        .and_then(|data| write_synced(&file, &data));
+                    let written = match serde_json::to_vec(&next) {
+                        Ok(data) => write_synced(&file, &data),
+                        Err(e) => Err((io::Error::other(e), false)),
+                    };
                     match written {
                         Ok(()) => {
                             for (scopes, soft, seq, _) in &batch {
@@ -258,8 +259,19 @@ impl Persister {
                                 let _ = reply.send(Ok(seq));
                             }
                         }
-                        Err(e) => {
+                        Err((e, renamed)) => {
                             warn!(file = %file.display(), error = %e, purges = batch.len(), "purge state not written; purges refused");
+                            if renamed {
+                                // The new state is in place but its directory entry is not
+                                // known to be durable: put the last acknowledged state back,
+                                // so the refused purges cannot come into force at a restart.
+                                let restored = serde_json::to_vec(&state)
+                                    .map_err(|e| (io::Error::other(e), false))
+                                    .and_then(|data| write_synced(&file, &data));
+                                if let Err((e, _)) = restored {
+                                    error!(file = %file.display(), error = %e, "purge state could not be restored; refused purges may apply after a restart");
+                                }
+                            }
                             for (_, _, _, reply) in batch {
                                 let _ = reply.send(Err((e.kind(), e.to_string())));
                             }
@@ -299,8 +311,9 @@ fn tmp_path(file: &Path) -> PathBuf {
 }
 
 /// Replaces `file` atomically and durably: a temporary file, fsync, rename, fsync of the
-/// directory. A failed write removes its temporary file (a full disk must not leave one).
-fn write_synced(file: &Path, data: &[u8]) -> io::Result<()> {
+/// directory. A failed write removes its temporary file (a full disk must not leave one); the
+/// error says whether the rename had happened (only the directory sync failed).
+fn write_synced(file: &Path, data: &[u8]) -> Result<(), (io::Error, bool)> {
     use std::io::Write;
     let tmp = tmp_path(file);
     let staged = (|| {
@@ -312,12 +325,17 @@ fn write_synced(file: &Path, data: &[u8]) -> io::Result<()> {
     })();
     if let Err(e) = staged {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        return Err((e, false));
     }
-    if let Some(dir) = file.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
+    match file.parent() {
+        Some(dir) if dir.as_os_str().is_empty() => std::fs::File::open(".")
+            .and_then(|d| d.sync_all())
+            .map_err(|e| (e, true)),
+        Some(dir) => std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| (e, true)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 impl Generations {
