@@ -157,10 +157,13 @@ impl Engine {
         )?;
         let hosts: DashMap<String, ()> = DashMap::new();
         let vary = vary::VaryIndex::default();
+        // The largest purge sequence stored objects recorded (see `Generations::raise_floor`).
+        let mut stored_seq = 0;
         let disk = match &cfg.disk {
             Some((dir, cap)) => {
                 let (tier, metas) = DiskTier::open(dir, *cap).await?;
                 for (variant, m) in metas {
+                    stored_seq = stored_seq.max(m.purge_seq);
                     if hosts.len() < MAX_TRACKED_HOSTS {
                         hosts.insert(m.key.split('/').next().unwrap_or("").to_string(), ());
                     }
@@ -177,6 +180,10 @@ impl Engine {
             Some((dir, _)) => Some(pinned::PinnedStore::open(&dir.join("pushed")).await?),
             None => None,
         };
+        if let Some(p) = &pinned {
+            stored_seq = stored_seq.max(p.loaded_purge_seq());
+        }
+        gens.raise_floor(stored_seq);
         let engine = Arc::new(Self {
             pinned,
             memory,

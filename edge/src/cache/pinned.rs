@@ -55,6 +55,8 @@ pub struct PinnedStore {
     /// Set once anything was ever pushed (or found at start-up): until then a lookup by path,
     /// which every hit makes, costs one load.
     any: AtomicBool,
+    /// The largest purge sequence among the objects found at start-up.
+    loaded_purge_seq: u64,
 }
 
 /// The key a pushed path is stored under (never collides with a cache key: those never start
@@ -69,9 +71,20 @@ pub fn pinned_key(path: &str) -> KeyHash {
 
 impl PinnedStore {
     pub async fn open(dir: &Path) -> io::Result<Self> {
-        let (tier, _) = DiskTier::open(dir, u64::MAX).await?;
+        let (tier, metas) = DiskTier::open(dir, u64::MAX).await?;
         let any = AtomicBool::new(!tier.keys().is_empty());
-        Ok(Self { tier, any })
+        let loaded_purge_seq = metas.iter().map(|(_, m)| m.purge_seq).max().unwrap_or(0);
+        Ok(Self {
+            tier,
+            any,
+            loaded_purge_seq,
+        })
+    }
+
+    /// The largest purge sequence among the objects found at start-up (the purge sequence
+    /// must not restart below it).
+    pub fn loaded_purge_seq(&self) -> u64 {
+        self.loaded_purge_seq
     }
 
     pub fn contains(&self, path: &str) -> bool {

@@ -9,11 +9,18 @@
 //! (weighed in bytes) whose eviction listener deletes content that no entry references any more.
 //!
 //! Crash safety: a fill writes content first, then renames its metadata file into place. A crash
-//! before the rename leaves only unreferenced content (never visible); a crash mid-write leaves a
-//! temporary file that start-up deletes.
+//! before the rename leaves only unreferenced content (never visible), which a background sweep
+//! at start-up removes; a crash mid-write leaves a temporary file that start-up deletes.
 //!
-//! Integrity: every read is checked, and a damaged body is removed and treated as a miss. A
-//! stream is hashed as it goes (its last chunk held back until the hash matched). A whole read
+//! Metadata integrity: a metadata file starts with a line holding the blake3 hash of the JSON
+//! that follows. A file that fails it (damage, a hand edit, the first format that had none) is
+//! a miss: it is removed and counted, never served. It is checked whenever it is read from
+//! disk; metadata already parsed and held in memory is not checked again.
+//!
+//! Body integrity: every read is checked, and a damaged body is removed and treated as a miss.
+//! A stream is hashed and counted as it goes (its last chunk held back until the hash and the
+//! recorded length matched), and the content file's length is checked before a stream starts,
+//! so a body is never cut short under a Content-Length that promises more. A whole read
 //! is hashed too, except when the content file is the very file whose bytes last matched the
 //! hash in this process, unchanged since: same device, inode, length, mtime and ctime, with
 //! those times older than that read by [`STAMP_SETTLE`] (so a change within one timestamp tick
@@ -27,7 +34,8 @@
 //! update), so a replaced body or a rewritten metadata file is never answered with the old
 //! metadata.
 //!
-//! Layout under `cache_dir`: `content/` (cacache), `meta/xx/<key-hash>.json`, `meta/.tmp/`.
+//! Layout under `cache_dir`: `content/` (cacache), `meta/xx/<key-hash>.json` (the checksum
+//! line, then the JSON), `meta/.tmp/`.
 //!
 //! Files: this one holds the index, the held metadata and the metadata files; `reader` reads
 //! bodies (whole, streamed, verified); `writer` writes them.
@@ -42,6 +50,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use cacache::Integrity;
 use dashmap::DashMap;
@@ -88,6 +97,59 @@ impl DiskEntry {
             content_path: OnceLock::new(),
         })
     }
+}
+
+/// How a metadata file starts: the format, then the blake3 hash (hex) of the JSON that
+/// follows the line. Files without it (the first format, which had no checksum) or with a
+/// mismatching hash are misses and removed, never served (issue 13, item 9).
+const META_FILE_TAG: &[u8] = b"outpost-meta/2 blake3=";
+
+/// Why a metadata file was not used.
+#[derive(Debug, thiserror::Error)]
+enum MetaReject {
+    #[error("not a checksummed metadata file (an older format, or damaged)")]
+    Format,
+    #[error("metadata checksum mismatch")]
+    Checksum,
+    #[error("unparsable metadata: {0}")]
+    Parse(String),
+    #[error("metadata format version {0}")]
+    Version(u32),
+}
+
+/// Serialises a metadata file: the tag line with the checksum, then the JSON.
+fn encode_meta_file(file: &MetaFileOut<'_>) -> io::Result<Vec<u8>> {
+    let json = serde_json::to_vec(file).map_err(io::Error::other)?;
+    let mut out = Vec::with_capacity(META_FILE_TAG.len() + 65 + json.len());
+    out.extend_from_slice(META_FILE_TAG);
+    out.extend_from_slice(blake3::hash(&json).to_hex().as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Parses a metadata file, checking its checksum first and its format version after.
+fn decode_meta_file(data: &[u8]) -> Result<MetaFile, MetaReject> {
+    let rest = data.strip_prefix(META_FILE_TAG).ok_or(MetaReject::Format)?;
+    let (hex, json) = rest
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|i| (&rest[..i], &rest[i + 1..]))
+        .ok_or(MetaReject::Format)?;
+    let expected = std::str::from_utf8(hex)
+        .ok()
+        .and_then(|h| blake3::Hash::from_hex(h).ok())
+        .ok_or(MetaReject::Format)?;
+    // blake3::Hash compares in constant time; timing does not matter here, equality does.
+    if blake3::hash(json) != expected {
+        return Err(MetaReject::Checksum);
+    }
+    let file: MetaFile =
+        serde_json::from_slice(json).map_err(|e| MetaReject::Parse(e.to_string()))?;
+    if file.meta.version != super::meta::META_VERSION {
+        return Err(MetaReject::Version(file.meta.version));
+    }
+    Ok(file)
 }
 
 /// The metadata file as read.
@@ -151,6 +213,11 @@ pub struct DiskTier {
     refs: Arc<DashMap<String, u32>>,
     tmp_seq: AtomicU64,
     evictions: AtomicU64,
+    /// Metadata files dropped for failing their checksum or format check.
+    rejected: AtomicU64,
+    /// Unreferenced content files removed by the start-up sweep.
+    swept: AtomicU64,
+    sweep_done: AtomicBool,
 }
 
 struct Deletion {
@@ -166,6 +233,7 @@ impl DiskTier {
         root: &Path,
         capacity: u64,
     ) -> io::Result<(Arc<Self>, Vec<(KeyHash, Arc<CachedMeta>)>)> {
+        let started = SystemTime::now();
         let content: Arc<Path> = root.join("content").into();
         let meta_dir = root.join("meta");
         let tmp_dir = meta_dir.join(".tmp");
@@ -205,13 +273,24 @@ impl DiskTier {
             refs: Arc::new(DashMap::new()),
             tmp_seq: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            swept: AtomicU64::new(0),
+            sweep_done: AtomicBool::new(false),
         });
-        let loaded = {
+        let (loaded, rejected) = {
             let dir = tier.meta_dir.clone();
             tokio::task::spawn_blocking(move || scan_meta_dir(&dir))
                 .await
                 .map_err(io::Error::other)?
         };
+        if rejected > 0 {
+            warn!(
+                files = rejected,
+                dir = %root.display(),
+                "dropped disk metadata that failed its checksum or is of an older format; those objects are misses"
+            );
+            tier.rejected.fetch_add(rejected, Ordering::Relaxed);
+        }
         let mut metas = Vec::with_capacity(loaded.len());
         for (key, file) in loaded {
             let Ok(sri) = file.integrity.parse::<Integrity>() else {
@@ -226,6 +305,8 @@ impl DiskTier {
             info!(objects = metas.len(), dir = %root.display(), "disk tier loaded");
         }
         tokio::spawn(Arc::clone(&tier).run_deleter(rx));
+        // After the index is loaded (every referenced body is known), in the background.
+        tokio::spawn(Arc::clone(&tier).sweep_unreferenced(started));
         Ok((tier, metas))
     }
 
@@ -322,9 +403,11 @@ impl DiskTier {
         entry: &DiskEntry,
     ) -> Option<(Arc<CachedMeta>, usize)> {
         match tokio::fs::read(self.meta_path(key)).await {
-            Ok(data) => match serde_json::from_slice::<MetaFile>(&data) {
-                Ok(f) if f.meta.version == super::meta::META_VERSION => {
-                    if f.integrity.parse::<Integrity>().ok().as_ref() != Some(&entry.sri) {
+            Ok(data) => match decode_meta_file(&data) {
+                Ok(f) => {
+                    if f.integrity.parse::<Integrity>().ok().as_ref() != Some(&entry.sri)
+                        || f.size != entry.size
+                    {
                         // A commit renamed a new file into place and has not indexed it yet;
                         // never pair one body with another's metadata.
                         debug!(key = %key, "disk metadata names other content than the index");
@@ -332,13 +415,9 @@ impl DiskTier {
                     }
                     Some((Arc::new(f.meta), data.len()))
                 }
-                Ok(f) => {
-                    warn!(key = %key, version = f.meta.version, "disk metadata of another format version, dropping entry");
-                    self.remove(key).await;
-                    None
-                }
                 Err(e) => {
-                    warn!(key = %key, error = %e, "corrupt disk metadata, dropping entry");
+                    warn!(key = %key, error = %e, "disk metadata failed its check, dropping entry");
+                    self.rejected.fetch_add(1, Ordering::Relaxed);
                     self.remove(key).await;
                     None
                 }
@@ -354,7 +433,7 @@ impl DiskTier {
 
     /// Writes a metadata file atomically (temporary file, then rename); returns its length.
     async fn write_meta_file(&self, key: &KeyHash, file: &MetaFileOut<'_>) -> io::Result<usize> {
-        let data = serde_json::to_vec(file).map_err(io::Error::other)?;
+        let data = encode_meta_file(file)?;
         let path = self.meta_path(key);
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await?;
@@ -415,6 +494,92 @@ impl DiskTier {
         self.evictions.load(Ordering::Relaxed)
     }
 
+    /// Metadata files dropped since start because they failed their checksum or format check.
+    pub fn rejected_metadata(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Unreferenced content files the start-up sweep removed, and whether it has finished.
+    pub fn swept(&self) -> (u64, bool) {
+        (
+            self.swept.load(Ordering::Relaxed),
+            self.sweep_done.load(Ordering::Acquire),
+        )
+    }
+
+    /// Removes content files that no index entry references: a crash between a fill's content
+    /// commit and its metadata rename leaves one, outside the size accounting (issue 13, item
+    /// 15). Runs once, in the background, at start-up. Only files last written before the
+    /// start (less [`STAMP_SETTLE`], for coarse timestamps) are candidates, so a body a fill
+    /// of this run is committing is never taken, and a candidate's reference count is checked
+    /// again right before it goes.
+    async fn sweep_unreferenced(self: Arc<Self>, started: SystemTime) {
+        let cutoff = started.checked_sub(STAMP_SETTLE).unwrap_or(UNIX_EPOCH);
+        let tier = Arc::clone(&self);
+        let swept = tokio::task::spawn_blocking(move || tier.sweep_blocking(cutoff))
+            .await
+            .unwrap_or_default();
+        if swept.0 > 0 {
+            info!(
+                files = swept.0,
+                bytes = swept.1,
+                dir = %self.content.display(),
+                "removed unreferenced content"
+            );
+        }
+        self.swept.fetch_add(swept.0, Ordering::Relaxed);
+        self.sweep_done.store(true, Ordering::Release);
+    }
+
+    /// Walks cacache's `content-v2/<algorithm>/xx/yy/<rest>`; returns (files, bytes) removed.
+    fn sweep_blocking(&self, cutoff: SystemTime) -> (u64, u64) {
+        let dirs = |p: &Path| -> Vec<(String, PathBuf)> {
+            std::fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+                .collect()
+        };
+        let (mut files, mut bytes) = (0, 0);
+        for (algorithm, algo_dir) in dirs(&self.content.join("content-v2")) {
+            let Ok(algorithm) = algorithm.parse::<cacache::Algorithm>() else {
+                continue;
+            };
+            for (a, a_dir) in dirs(&algo_dir) {
+                for (b, b_dir) in dirs(&a_dir) {
+                    for (rest, path) in dirs(&b_dir) {
+                        let Ok(sri) = Integrity::from_hex(format!("{a}{b}{rest}"), algorithm)
+                        else {
+                            continue;
+                        };
+                        let key = sri.to_string();
+                        if self.refs.contains_key(&key) {
+                            continue;
+                        }
+                        let Ok(md) = std::fs::symlink_metadata(&path) else {
+                            continue;
+                        };
+                        let old = md.modified().is_ok_and(|t| t < cutoff);
+                        if !md.is_file() || !old || self.refs.contains_key(&key) {
+                            continue;
+                        }
+                        match std::fs::remove_file(&path) {
+                            Ok(()) => {
+                                files += 1;
+                                bytes += md.len();
+                            }
+                            Err(e) => {
+                                debug!(file = %path.display(), error = %e, "removing unreferenced content");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (files, bytes)
+    }
+
     pub fn run_pending_tasks(&self) {
         self.index.run_pending_tasks();
         self.held.run_pending_tasks();
@@ -443,12 +608,13 @@ async fn remove_dir_contents(dir: &Path) {
     }
 }
 
-/// Reads every metadata file. Unparsable files are deleted (logged): they can only come from an
-/// older format or from damage, and either way they must not be served.
-fn scan_meta_dir(dir: &Path) -> Vec<(KeyHash, MetaFile)> {
+/// Reads every metadata file, checking each. Files that fail (a checksum mismatch, an older
+/// format, damage) are deleted, never served; returns the good ones and how many failed.
+fn scan_meta_dir(dir: &Path) -> (Vec<(KeyHash, MetaFile)>, u64) {
     let mut out = Vec::new();
+    let mut rejected = 0;
     let Ok(shards) = std::fs::read_dir(dir) else {
-        return out;
+        return (out, rejected);
     };
     for shard in shards.flatten() {
         let path = shard.path();
@@ -467,24 +633,23 @@ fn scan_meta_dir(dir: &Path) -> Vec<(KeyHash, MetaFile)> {
             else {
                 continue;
             };
-            let parsed = std::fs::read(&p)
-                .map_err(|e| e.to_string())
-                .and_then(|d| serde_json::from_slice::<MetaFile>(&d).map_err(|e| e.to_string()))
-                .and_then(|f| {
-                    if f.meta.version == super::meta::META_VERSION {
-                        Ok(f)
-                    } else {
-                        Err(format!("metadata format version {}", f.meta.version))
-                    }
-                });
-            match parsed {
+            let data = match std::fs::read(&p) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(file = %p.display(), error = %e, "disk metadata unreadable, skipping it");
+                    continue;
+                }
+            };
+            match decode_meta_file(&data) {
                 Ok(file) => out.push((key, file)),
                 Err(e) => {
-                    warn!(file = %p.display(), error = %e, "dropping unreadable disk metadata");
+                    // One line per file at debug; the count goes into one warning.
+                    debug!(file = %p.display(), error = %e, "dropping disk metadata");
+                    rejected += 1;
                     let _ = std::fs::remove_file(&p);
                 }
             }
         }
     }
-    out
+    (out, rejected)
 }

@@ -123,42 +123,57 @@ impl DiskTier {
         }
     }
 
-    /// Checks a stored body against its hash by reading it through once (without keeping
-    /// it). A mismatch removes the entry. Used before the first stream of an object loaded from
-    /// a previous run, so a damaged object is a miss rather than a response.
+    /// Makes sure a stored body can be streamed as the complete response its length
+    /// announces. Before the first stream of an object loaded from a previous run, it reads
+    /// the body through once (without keeping it), checking its hash and its length; later,
+    /// the content file's length is compared with the recorded one (one `stat`). A mismatch
+    /// removes the entry, so the request is a miss rather than a truncated or damaged response
+    /// presented as complete (issue 13, item 9).
     pub async fn verify(&self, key: &KeyHash, hit: &DiskHit) -> bool {
-        if hit.entry.verified.load(Ordering::Acquire) {
-            return true;
-        }
-        let ok = async {
-            let mut r = cacache::Reader::open_hash(&self.content, hit.entry.sri.clone())
-                .await
-                .ok()?;
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                match r.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(_) => return None,
-                }
+        let size = hit.entry.size;
+        let ok = if hit.entry.verified.load(Ordering::Acquire) {
+            let path = hit
+                .entry
+                .content_path
+                .get_or_init(|| self.content_path(&hit.entry.sri));
+            match tokio::fs::metadata(path).await {
+                Ok(md) => md.len() == size,
+                // Not where cacache's layout puts it: the stream's own checks decide.
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
             }
-            r.check().ok()
-        }
-        .await
-        .is_some();
+        } else {
+            let read = async {
+                let mut r = cacache::Reader::open_hash(&self.content, hit.entry.sri.clone())
+                    .await
+                    .ok()?;
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => total += n as u64,
+                        Err(_) => return None,
+                    }
+                }
+                r.check().ok()?;
+                Some(total)
+            }
+            .await;
+            read == Some(size)
+        };
         if ok {
             hit.entry.verified.store(true, Ordering::Release);
         } else {
-            warn!(key = %key, "disk entry failed its integrity check, dropping it");
+            warn!(key = %key, size, "disk entry failed its integrity or length check, dropping it");
             self.remove(key).await;
         }
         ok
     }
 
     /// Streams a body in chunks. The last chunk is held back until the integrity check at the
-    /// end has passed: on a mismatch the stream ends with an error *before* the final bytes,
-    /// so a client never receives a damaged body presented as complete, and the entry is
-    /// removed.
+    /// end has passed and the length matched the recorded one: on a mismatch the stream ends
+    /// with an error *before* the final bytes, so a client never receives a damaged or
+    /// truncated body presented as complete, and the entry is removed.
     pub fn stream(
         self: &Arc<Self>,
         key: KeyHash,
@@ -170,6 +185,9 @@ impl DiskTier {
             reader: Option<cacache::Reader>,
             pending: Option<Bytes>,
             done: bool,
+            /// Bytes read so far, and the recorded length.
+            read: u64,
+            size: u64,
         }
         let st = St {
             tier: Arc::clone(self),
@@ -177,6 +195,8 @@ impl DiskTier {
             reader: None,
             pending: None,
             done: false,
+            read: 0,
+            size: hit.entry.size,
         };
         futures_util::stream::unfold(st, move |mut st| async move {
             loop {
@@ -200,7 +220,15 @@ impl DiskTier {
                         st.done = true;
                         let reader = st.reader.take().expect("opened above");
                         return match reader.check() {
-                            Ok(_) => st.pending.take().map(|last| (Ok(last), st)),
+                            Ok(_) if st.read == st.size => {
+                                st.pending.take().map(|last| (Ok(last), st))
+                            }
+                            Ok(_) => {
+                                warn!(key = %key, read = st.read, size = st.size, "disk entry is not the recorded length, dropping it");
+                                st.tier.remove(&key).await;
+                                st.pending = None;
+                                Some((Err(io::Error::other("content length mismatch")), st))
+                            }
                             Err(e) => {
                                 warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
                                 st.tier.remove(&key).await;
@@ -211,6 +239,14 @@ impl DiskTier {
                     }
                     Ok(n) => {
                         buf.truncate(n);
+                        st.read += n as u64;
+                        if st.read > st.size {
+                            warn!(key = %key, size = st.size, "disk entry is longer than recorded, dropping it");
+                            st.tier.remove(&key).await;
+                            st.done = true;
+                            st.pending = None;
+                            return Some((Err(io::Error::other("content length mismatch")), st));
+                        }
                         if let Some(prev) = st.pending.replace(Bytes::from(buf)) {
                             return Some((Ok(prev), st));
                         }

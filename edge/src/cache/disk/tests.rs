@@ -237,3 +237,160 @@ async fn content_elsewhere_falls_back_to_cacache() {
     let (data, how) = read_checked(&nowhere, &content, &entry, SystemTime::now()).unwrap();
     assert_eq!((&data[..], how), (&b"the body"[..], Checked::Hashed));
 }
+
+/// Edits the JSON of a metadata file in place, keeping its first line (and so its now stale
+/// checksum), as a hand edit or damage would.
+fn tamper(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let data = std::fs::read(path).unwrap();
+    let start = data.iter().position(|&b| b == b'{').unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&data[start..]).unwrap();
+    edit(&mut v);
+    let mut out = data[..start].to_vec();
+    out.extend_from_slice(&serde_json::to_vec(&v).unwrap());
+    std::fs::write(path, out).unwrap();
+}
+
+/// An edit of a metadata file's JSON.
+type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+
+/// The three edits of issue 13, item 9: the size, a byte of Content-Type, the status.
+fn edits() -> Vec<(&'static str, Edit)> {
+    vec![
+        (
+            "size",
+            Box::new(|v| {
+                let n = v["size"].as_u64().unwrap();
+                v["size"] = (n - 3).into();
+                v["meta"]["body_len"] = (n - 3).into();
+            }),
+        ),
+        (
+            "content-type",
+            Box::new(|v| v["meta"]["headers"]["content-type"] = "text/htmm".into()),
+        ),
+        ("status", Box::new(|v| v["meta"]["status"] = 404.into())),
+    ]
+}
+
+fn meta_with_type(etag: &str) -> Arc<CachedMeta> {
+    let mut m = (*meta(etag)).clone();
+    m.headers
+        .insert("content-type", http::HeaderValue::from_static("text/html"));
+    Arc::new(m)
+}
+
+/// Issue 13, item 9: metadata edited on disk is a miss (its entry removed and counted), both
+/// at start-up and when a running tier reads the file; never served as edited.
+#[tokio::test]
+async fn tampered_metadata_is_a_miss() {
+    for (what, edit) in edits() {
+        for reopen in [true, false] {
+            let (dir, tier) = tier().await;
+            let key = KeyHash::of("example.test/a");
+            store(&tier, key, b"the whole body", &meta_with_type("\"a\"")).await;
+            let path = tier.meta_path(&key);
+            tamper(&path, &edit);
+            let tier = if reopen {
+                DiskTier::open(dir.path(), 1 << 30).await.unwrap().0
+            } else {
+                tier.held.invalidate(&key);
+                tier
+            };
+            assert!(tier.get(&key).await.is_none(), "{what} (reopen: {reopen})");
+            assert_eq!(tier.rejected_metadata(), 1, "{what} (reopen: {reopen})");
+            assert!(!path.exists(), "{what}: the tampered file stays");
+            assert!(!tier.contains(&key));
+        }
+    }
+}
+
+/// Metadata of the first format (plain JSON, no checksum) is a miss, never a misread.
+#[tokio::test]
+async fn metadata_without_a_checksum_is_a_miss() {
+    let (dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, b"body", &meta("\"a\"")).await;
+    let path = tier.meta_path(&key);
+    let data = std::fs::read(&path).unwrap();
+    let start = data.iter().position(|&b| b == b'{').unwrap();
+    std::fs::write(&path, &data[start..]).unwrap();
+    let (tier, metas) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+    assert!(metas.is_empty());
+    assert!(tier.get(&key).await.is_none());
+    assert_eq!(tier.rejected_metadata(), 1);
+}
+
+/// Issue 13, item 9: before a stream, the content file must have the recorded length; a
+/// body grown or cut on disk is a miss, even for an entry already checked in this run.
+#[tokio::test]
+async fn content_of_another_length_is_not_streamed() {
+    for grow in [true, false] {
+        let (_dir, tier) = tier().await;
+        let key = KeyHash::of("example.test/a");
+        let body = vec![b'x'; 300 * 1024];
+        store(&tier, key, &body, &meta("\"a\"")).await;
+        let hit = tier.get(&key).await.unwrap();
+        assert!(tier.verify(&key, &hit).await);
+        let path = tier.content_path(&hit.entry.sri);
+        damage_in_place(&path);
+        let mut data = std::fs::read(&path).unwrap();
+        if grow {
+            data.extend_from_slice(b"more");
+        } else {
+            data.truncate(data.len() - 1000);
+        }
+        std::fs::write(&path, data).unwrap();
+        assert!(!tier.verify(&key, &hit).await, "grow: {grow}");
+        assert!(tier.get(&key).await.is_none(), "grow: {grow}");
+    }
+}
+
+/// Sets a file's modification time an hour back (before any start-up in the test).
+fn age(path: &Path) {
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(SystemTime::now() - std::time::Duration::from_secs(3600))
+        .unwrap();
+}
+
+/// Issue 13, item 15: at start-up, content no index entry references (a crash between the
+/// content commit and the metadata rename) is removed in the background and counted; content
+/// that is referenced stays.
+#[tokio::test]
+async fn unreferenced_content_is_swept_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyHash::of("example.test/a");
+    let content = dir.path().join("content");
+    let orphan_path = {
+        let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+        store(&tier, key, b"kept body", &meta("\"a\"")).await;
+        // A body committed without its metadata file, as a crash before the rename leaves it.
+        let orphan = cacache::write_hash(&content, b"orphan body").await.unwrap();
+        tier.content_path(&orphan)
+    };
+    assert!(orphan_path.is_file(), "{}", orphan_path.display());
+    for f in files_under(&content.join("content-v2")) {
+        age(&f);
+    }
+    // Written just now: it could be a fill of the new run between its content commit and its
+    // metadata file, so the sweep leaves it.
+    let fresh = cacache::write_hash(&content, b"a fill in progress")
+        .await
+        .unwrap();
+    let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !tier.swept().1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweep never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(tier.swept(), (1, true));
+    assert!(!orphan_path.exists(), "the unreferenced body stays");
+    assert!(
+        tier.content_path(&fresh).is_file(),
+        "a body of this run went"
+    );
+    let hit = tier.get(&key).await.unwrap();
+    assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], b"kept body");
+}

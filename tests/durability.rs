@@ -1,0 +1,496 @@
+//! Durability of the disk tier and the purge state, end to end on a real edge: `EdgeServer`
+//! in-process over real sockets on 127.0.0.1 (data and admin ports picked by the OS, a disk tier
+//! in a tempdir), in front of the programmable test origin, which counts every request. Each
+//! test restarts the edge on the same cache directory, with files changed in between as a full
+//! disk, a crash or a hand edit would leave them (issue 13, items 7, 9 and 15).
+//!
+//! - a purge whose state cannot be written is refused (500) and changes nothing, before and
+//!   after a restart, and leaves no `purges.json.tmp`; the purge sequence never goes backwards,
+//!   even when `purges.json` is lost;
+//! - metadata edited on disk (size, Content-Type, status) is a MISS refetched from the origin,
+//!   never the edited response;
+//! - content no metadata references and a stale `purges.json.tmp` are removed at start-up.
+//!
+//! The tests may run as root, where a read-only directory does not stop a write: a failing
+//! write is made by putting a directory where `purges.json` goes, so the rename onto it fails.
+//! Every wait is bounded ([`WAIT`]); nothing asserts on speed.
+
+#[path = "support/test_origin.rs"]
+mod test_origin;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use outpost_config::Source;
+use outpost_edge::cache::Engine;
+use outpost_edge::{EdgeConfig, EdgeServer};
+use serde_json::{Value, json};
+use test_origin::{Reply, TestOrigin};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Upper bound of every wait.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Every data-port request names this site, so keys survive a restart on new ports.
+const HOST: &str = "cdn.example.test";
+
+const ROOT: &str = "root-4e1b7a9c2d6f3e80";
+
+// ---------------------------------------------------------------------------------------------
+// Harness (the pattern of tests/purge.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// An edge running in this process.
+struct Edge {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    engine: Option<Arc<Engine>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Edge {
+    /// Starts an edge on `dir` with 1 MiB of memory: objects above 128 KiB stream from disk.
+    async fn start(origin: &TestOrigin, dir: &Path) -> Edge {
+        let text = format!(
+            r#"name = "edge-d"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+origin = "{origin}"
+
+[cache]
+dir = "{dir}"
+memory = "1MiB"
+
+[limits]
+drain_timeout = "2s"
+
+[admin]
+tokens = [{{ secret = "{ROOT}", scopes = ["purge", "push", "read"] }}]
+"#,
+            origin = origin.base_url(),
+            dir = dir.display(),
+        );
+        let cfg = EdgeConfig::from_source(&Source::inline("edge.toml", text), Default::default())
+            .unwrap_or_else(|e| panic!("invalid edge config: {e}"));
+        let server = EdgeServer::bind(cfg).await.expect("bind the edge");
+        let addr = server.local_addr();
+        let admin = server.admin_addr().expect("admin listener");
+        let engine = server.engine();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        Edge {
+            addr,
+            admin,
+            engine: Some(engine),
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the edge and waits (bounded) until it has drained.
+    async fn stop(mut self) {
+        self.engine = None;
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("the edge did not stop within the drain bound")
+                .expect("the edge task panicked");
+        }
+    }
+
+    fn engine(&self) -> &Arc<Engine> {
+        self.engine.as_ref().expect("running edge")
+    }
+
+    /// Waits (bounded) until the disk tier holds exactly `n` objects, so a restart finds them.
+    async fn wait_disk_objects(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            self.engine().run_pending_tasks().await;
+            let disk = self.engine().usage()[1].1;
+            if disk == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the disk tier never held {n} objects (has {disk})"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .build()
+        .expect("reqwest client")
+}
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn x_cache(&self) -> &str {
+        self.header("x-cache").unwrap_or("")
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// GET on the data port with the site's Host.
+async fn get(c: &reqwest::Client, edge: &Edge, path: &str) -> Resp {
+    let url = format!("http://{}{path}", edge.addr);
+    let r = c
+        .get(&url)
+        .header("host", HOST)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: body: {e}"));
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// GETs until the answer comes from cache (bounded): a request just after a fill may still
+/// join it. Callers prove the hit with the origin's count.
+async fn get_hit(c: &reqwest::Client, edge: &Edge, path: &str) -> Resp {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = get(c, edge, path).await;
+        if r.x_cache() == "HIT" || tokio::time::Instant::now() >= deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// `POST /purge` on the admin API with the root token: (status, body).
+async fn purge(c: &reqwest::Client, edge: &Edge, body: Value) -> (u16, Value) {
+    let r = c
+        .post(format!("http://{}/purge", edge.admin))
+        .header("authorization", format!("Bearer {ROOT}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("POST /purge");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("purge answer");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A purge the edge must acknowledge; returns its sequence number.
+async fn purged(c: &reqwest::Client, edge: &Edge, body: Value) -> u64 {
+    let (status, answer) = purge(c, edge, body.clone()).await;
+    assert_eq!(status, 200, "POST /purge {body}: {answer}");
+    answer["seq"].as_u64().expect("a sequence number")
+}
+
+/// `path` answers `<path> v<n>` (n counts the origin's requests), fresh for 10 minutes.
+fn cacheable(origin: &TestOrigin, path: &'static str) {
+    origin.route_fn(path, move |_, n| {
+        Reply::ok(format!("{path} v{n}"))
+            .header("cache-control", "public, max-age=600")
+            .header("content-type", "text/plain")
+    });
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The metadata files of the (non-pushed) disk tier.
+fn meta_files(cache_dir: &Path) -> Vec<PathBuf> {
+    files_under(&cache_dir.join("meta"))
+        .into_iter()
+        .filter(|p| !p.components().any(|c| c.as_os_str() == ".tmp"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 7: a purge counts only once it is durable
+// ---------------------------------------------------------------------------------------------
+
+/// Issue 13, item 7. A purge-all whose state cannot be written answers 500 and does not take
+/// effect (the object stays a HIT, before and after a restart) and leaves no temporary file;
+/// the next acknowledged purge follows the last acknowledged sequence. Then `purges.json` is
+/// lost altogether: after the restart the sequence continues above every stored object's, so
+/// a purge-all still covers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_purge_changes_nothing_and_the_sequence_never_goes_backwards() {
+    let origin = TestOrigin::start().await;
+    cacheable(&origin, "/a.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("purges.json");
+    let c = client();
+
+    let edge = Edge::start(&origin, dir.path()).await;
+    assert_eq!(get(&c, &edge, "/a.txt").await.x_cache(), "MISS");
+    edge.wait_disk_objects(1).await;
+    let first = purged(&c, &edge, json!({ "all": true })).await;
+    let r = get(&c, &edge, "/a.txt").await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "/a.txt v1"));
+    assert_eq!(get_hit(&c, &edge, "/a.txt").await.x_cache(), "HIT");
+    edge.wait_disk_objects(1).await;
+
+    // The disk refuses the next write of the purge state.
+    std::fs::rename(&state, dir.path().join("saved.json")).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    let (status, answer) = purge(&c, &edge, json!({ "all": true })).await;
+    assert_eq!(status, 500, "{answer}");
+    let (status, answer) = purge(&c, &edge, json!({ "urls": ["/a.txt"] })).await;
+    assert_eq!(status, 500, "{answer}");
+    assert!(
+        !dir.path().join("purges.json.tmp").exists(),
+        "a failed write left purges.json.tmp"
+    );
+    let r = get(&c, &edge, "/a.txt").await;
+    assert_eq!(
+        (r.x_cache(), r.text().as_str()),
+        ("HIT", "/a.txt v1"),
+        "a refused purge took effect: {r:?}"
+    );
+    edge.stop().await;
+
+    // The disk is fixed; the refused purges stay refused across the restart.
+    std::fs::remove_dir(&state).unwrap();
+    std::fs::rename(dir.path().join("saved.json"), &state).unwrap();
+    let edge = Edge::start(&origin, dir.path()).await;
+    let r = get(&c, &edge, "/a.txt").await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT", "/a.txt v1"));
+    let second = purged(&c, &edge, json!({ "all": true })).await;
+    assert_eq!(
+        second,
+        first + 1,
+        "the refused purges used sequence numbers"
+    );
+    let r = get(&c, &edge, "/a.txt").await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "/a.txt v2"));
+    assert_eq!(get_hit(&c, &edge, "/a.txt").await.x_cache(), "HIT");
+    edge.wait_disk_objects(1).await;
+    edge.stop().await;
+
+    // The purge state is lost; the stored object recorded sequence `second`.
+    std::fs::remove_file(&state).unwrap();
+    let edge = Edge::start(&origin, dir.path()).await;
+    assert_eq!(get(&c, &edge, "/a.txt").await.x_cache(), "HIT");
+    let third = purged(&c, &edge, json!({ "all": true })).await;
+    assert!(
+        third > second,
+        "the sequence went back from {second} to {third}"
+    );
+    let r = get(&c, &edge, "/a.txt").await;
+    assert_eq!(
+        (r.x_cache(), r.text().as_str()),
+        ("MISS", "/a.txt v3"),
+        "a purge-all after the restart missed an object stored before it: {r:?}"
+    );
+    assert_eq!(origin.hits("/a.txt"), 4);
+    edge.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 9: metadata on disk is checked
+// ---------------------------------------------------------------------------------------------
+
+/// Edits the JSON of a metadata file, keeping whatever precedes it (a checksum line), as a
+/// hand edit would.
+fn tamper(path: &Path, edit: &dyn Fn(&mut Value)) {
+    let data = std::fs::read(path).unwrap();
+    let start = data.iter().position(|&b| b == b'{').expect("JSON metadata");
+    let mut v: Value = serde_json::from_slice(&data[start..]).unwrap();
+    edit(&mut v);
+    let mut out = data[..start].to_vec();
+    out.extend_from_slice(&serde_json::to_vec(&v).unwrap());
+    std::fs::write(path, out).unwrap();
+}
+
+/// Issue 13, item 9. A 400 KB object (streamed from disk: memory is 1 MiB) is stored, the edge
+/// stops, its metadata file is edited (the size 1000 bytes short, one byte of Content-Type,
+/// the status 200 → 404), and the edge starts again: the next GET is a MISS answered by the
+/// origin in full, never the edited response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_metadata_is_a_miss_refetched_from_the_origin() {
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let edits: Vec<(&str, Edit)> = vec![
+        (
+            "size",
+            Box::new(|v| {
+                let n = v["size"].as_u64().expect("size");
+                v["size"] = (n - 1000).into();
+                v["meta"]["body_len"] = (n - 1000).into();
+            }),
+        ),
+        (
+            "content-type",
+            Box::new(|v| {
+                let t = &mut v["meta"]["headers"]["content-type"];
+                let flipped = t.as_str().expect("content-type").replace("plain", "plaim");
+                *t = flipped.into();
+            }),
+        ),
+        ("status", Box::new(|v| v["meta"]["status"] = 404.into())),
+    ];
+    let body: Bytes = (0..400_000u32)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    for (what, edit) in edits {
+        let origin = TestOrigin::start().await;
+        let b = body.clone();
+        origin.route_fn("/big.bin", move |_, _| {
+            Reply::ok(b.clone())
+                .header("cache-control", "public, max-age=600")
+                .header("content-type", "text/plain")
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let c = client();
+        let edge = Edge::start(&origin, dir.path()).await;
+        let r = get(&c, &edge, "/big.bin").await;
+        assert_eq!((r.status, r.x_cache()), (200, "MISS"), "{what}");
+        edge.wait_disk_objects(1).await;
+        edge.stop().await;
+
+        let files = meta_files(dir.path());
+        assert_eq!(files.len(), 1, "{what}: {files:?}");
+        tamper(&files[0], &edit);
+
+        let edge = Edge::start(&origin, dir.path()).await;
+        let r = get(&c, &edge, "/big.bin").await;
+        assert_eq!(
+            (r.status, r.x_cache(), r.header("content-type")),
+            (200, "MISS", Some("text/plain")),
+            "{what}: the edited metadata was served"
+        );
+        assert!(
+            r.body == body,
+            "{what}: {} bytes, not the object",
+            r.body.len()
+        );
+        assert_eq!(origin.hits("/big.bin"), 2, "{what}");
+        // The refetched copy is stored afresh and served whole.
+        let r = get_hit(&c, &edge, "/big.bin").await;
+        assert_eq!((r.status, r.x_cache()), (200, "HIT"), "{what}");
+        assert!(r.body == body, "{what}: the new copy is not the object");
+        edge.stop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 15: leftovers are cleaned up at start-up
+// ---------------------------------------------------------------------------------------------
+
+/// Issue 13, item 15. A content file no metadata references (a crash between the content
+/// commit and the metadata rename leaves one) and an empty `purges.json.tmp` (a full disk) are
+/// gone after a restart, while the stored object is still a HIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreferenced_content_and_a_stale_purge_state_tmp_are_removed_at_start_up() {
+    let origin = TestOrigin::start().await;
+    cacheable(&origin, "/kept.txt");
+    cacheable(&origin, "/lost.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let edge = Edge::start(&origin, dir.path()).await;
+    assert_eq!(get(&c, &edge, "/kept.txt").await.x_cache(), "MISS");
+    edge.wait_disk_objects(1).await;
+    let content = dir.path().join("content").join("content-v2");
+    let kept_content = files_under(&content);
+    assert_eq!(get(&c, &edge, "/lost.txt").await.x_cache(), "MISS");
+    edge.wait_disk_objects(2).await;
+    edge.stop().await;
+
+    // A crash after /lost.txt's content was committed, before its metadata was renamed in.
+    let lost_meta: Vec<PathBuf> = meta_files(dir.path())
+        .into_iter()
+        .filter(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("/lost.txt")))
+        .collect();
+    assert_eq!(lost_meta.len(), 1);
+    std::fs::remove_file(&lost_meta[0]).unwrap();
+    let orphans: Vec<PathBuf> = files_under(&content)
+        .into_iter()
+        .filter(|p| !kept_content.contains(p))
+        .collect();
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    // A leftover of another crash, under a made-up hash.
+    let planted = content
+        .join("sha256")
+        .join("0f")
+        .join("1e")
+        .join("2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0");
+    std::fs::create_dir_all(planted.parent().unwrap()).unwrap();
+    std::fs::write(&planted, b"leaked").unwrap();
+    // Both were written before the restart (the sweep spares files of the new run).
+    for f in orphans.iter().chain([&planted]) {
+        std::fs::File::options()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
+    }
+    let tmp = dir.path().join("purges.json.tmp");
+    std::fs::write(&tmp, b"").unwrap();
+
+    let edge = Edge::start(&origin, dir.path()).await;
+    assert!(!tmp.exists(), "purges.json.tmp survived the start");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while orphans.iter().chain([&planted]).any(|p| p.exists()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "unreferenced content was not removed at start-up"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        kept_content.iter().all(|p| p.exists()),
+        "referenced content went"
+    );
+    let r = get(&c, &edge, "/kept.txt").await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT", "/kept.txt v0"));
+    assert_eq!(origin.hits("/kept.txt"), 1);
+    edge.stop().await;
+}
