@@ -149,6 +149,7 @@ fn main() {
                 max_object_size: 1 << 20,
                 surrogate_name: "bench".into(),
                 revalidations_per_sec: 100,
+            stale_if_error_wait: std::time::Duration::from_secs(2),
             },
             origin.clone(),
             Clock::system(),

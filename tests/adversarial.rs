@@ -889,3 +889,36 @@ async fn origin_failures_never_show_internal_error_chains() {
     let body = post.text().await.expect("body");
     assert!(!body.contains("tcp") && !body.contains("Connect"), "{body}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. stale-if-error with a hung origin
+// ---------------------------------------------------------------------------------------------
+
+/// A stale copy that `stale-if-error` allows is served after `stale_if_error_wait`, not after
+/// the upstream's first-byte timeout: the origin here would answer in a minute, past the
+/// client's own 20 s limit (before the fix the client waited the full 30 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_origin_costs_a_stale_if_error_client_only_the_short_wait() {
+    let origin = TestOrigin::start().await;
+    origin.route_seq(
+        "/sie",
+        vec![
+            Reply::ok("old copy").header("cache-control", "max-age=1, stale-if-error=600"),
+            Reply::ok("too late").head_delay(Duration::from_secs(60)),
+        ],
+    );
+    let edge = Edge::start(origin.addr(), "", |c| {
+        c.upstream_first_byte_timeout = Duration::from_secs(120);
+        c.stale_if_error_wait = Duration::from_millis(300);
+    })
+    .await;
+    assert_eq!(
+        get(&edge.url("/sie"), &[("host", HOST)]).await.body,
+        "old copy"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = get(&edge.url("/sie"), &[("host", HOST)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-cache"), "STALE");
+    assert_eq!(r.body, "old copy");
+}

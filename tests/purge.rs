@@ -2286,6 +2286,7 @@ async fn a_request_after_a_purge_does_not_join_a_fetch_started_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let edge = Edge::start(&origin, dir.path(), Extra::default()).await;
     // Requests held at the origin must outlive the waits below.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let c = reqwest::Client::builder()
         .no_proxy()
         .timeout(WAIT * 3)

@@ -141,6 +141,7 @@ impl EdgeServer {
                 max_object_size: cfg.max_object_size,
                 surrogate_name: cfg.name.clone(),
                 revalidations_per_sec: 100,
+                stale_if_error_wait: cfg.stale_if_error_wait,
             },
             upstream.clone(),
             clock,

@@ -172,7 +172,21 @@ impl Engine {
             leader,
             reader,
         } = joined;
-        let result = fill.result().await;
+        // With a copy stale-if-error allows, a slow or hung origin costs the client at most
+        // `stale_if_error_wait`: then the copy is served and the fill goes on without it.
+        let wait = self.cfg.stale_if_error_wait;
+        let sie_copy = stale.as_ref().is_some_and(|s| {
+            let meta = s.meta().clone();
+            policy::within_sie(&meta, &req.norm.parts.headers, now)
+        });
+        let result = if sie_copy && !wait.is_zero() {
+            match tokio::time::timeout(wait, fill.result()).await {
+                Ok(r) => r,
+                Err(_) => FillResult::Failed(UpstreamError::Timeout(wait)),
+            }
+        } else {
+            fill.result().await
+        };
         let serve_stale = |err: Option<UpstreamError>| async {
             let stored = stale.as_ref()?;
             let meta = stored.meta().clone();

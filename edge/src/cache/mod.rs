@@ -77,6 +77,10 @@ pub struct EngineConfig {
     /// Background revalidations per second (soft purges, stale-while-revalidate); protects
     /// the origin from a stampede after a soft purge of everything.
     pub revalidations_per_sec: u32,
+    /// How long a request waits on a fill (or revalidation) before a stored copy that
+    /// `stale-if-error` still allows is served instead; the fill goes on in the background.
+    /// Zero waits for the upstream's own timeouts.
+    pub stale_if_error_wait: Duration,
 }
 
 /// A cacheable request (GET or HEAD) as the engine sees it.
