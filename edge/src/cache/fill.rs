@@ -243,14 +243,14 @@ impl Fill {
         self.lock().cursors.len()
     }
 
-    /// The whole body, if every chunk was kept (one copy, once per fill).
+    /// The whole body, if every chunk was kept: one copy, once per fill, into an allocation of
+    /// exactly its length, even for a single chunk. Chunks from hyper are slices of its read
+    /// buffers, which can be much larger than the slice (a 1 KiB body read with a 400 KiB
+    /// buffer); the memory tier charges the body's length, so it must hold no more than that.
     pub fn assembled(&self) -> Option<Bytes> {
         let st = self.lock();
         if st.trimmed || !st.keep_all {
             return None;
-        }
-        if st.chunks.len() == 1 {
-            return st.chunks.front().cloned();
         }
         let len = st.chunks.iter().map(Bytes::len).sum();
         let mut out = BytesMut::with_capacity(len);
