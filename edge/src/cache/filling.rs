@@ -36,7 +36,8 @@ pub(super) struct Joined {
 }
 
 enum DiskMsg {
-    Data(Bytes),
+    /// A chunk, and its share of the engine's disk queue budget (given back once written).
+    Data(Bytes, fill::Charge),
     /// Commit with this metadata, then signal.
     Commit(Arc<CachedMeta>, tokio::sync::oneshot::Sender<()>),
 }
@@ -454,7 +455,15 @@ impl Engine {
                 self.memory.remove(&pinned::pinned_key(path)).await;
             }
         }
-        fill.set_keep_all(storing && content_length.is_some_and(|n| self.memory.fits(n)));
+        // A body kept for the memory tier is held twice at its end (the chunks, then the
+        // compact copy): both count against the engine's budget until the copy is stored.
+        let mut memory_charge = match content_length {
+            Some(n) if storing && self.memory.fits(n) => {
+                self.memory_fills.take(n.saturating_mul(2))
+            }
+            _ => None,
+        };
+        fill.set_keep_all(memory_charge.is_some());
         let head = Arc::new(FillHead {
             status: parts.status,
             headers: parts.headers.clone(),
@@ -489,12 +498,17 @@ impl Engine {
                         storing = false;
                         disk_tx = None;
                         fill.set_keep_all(false);
+                        memory_charge = None;
                     }
                     if let Some(tx) = &disk_tx
-                        && tx.try_send(DiskMsg::Data(data.clone())).is_err()
+                        && self
+                            .disk_queue
+                            .take(data.len() as u64)
+                            .is_none_or(|c| tx.try_send(DiskMsg::Data(data.clone(), c)).is_err())
                     {
-                        // The disk is slower than the client: give up the disk copy rather than
-                        // slow anyone down.
+                        // The disk is slower than the client (its queue, or every writer's
+                        // queues together, are full): give up the disk copy rather than slow
+                        // anyone down or hold the body in memory.
                         self.stats
                             .disk_writes_abandoned
                             .fetch_add(1, Ordering::Relaxed);
@@ -524,6 +538,7 @@ impl Engine {
                                 .await;
                             in_memory = true;
                         }
+                        memory_charge = None;
                         fill.release();
                     } else {
                         fill.push(data);
@@ -572,6 +587,7 @@ impl Engine {
                 )
                 .await;
         }
+        drop(memory_charge);
         let committed = disk_tx.and_then(|tx| {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             tx.try_send(DiskMsg::Commit(meta, done_tx))
@@ -609,7 +625,7 @@ impl Engine {
             };
             while let Some(msg) = rx.recv().await {
                 match msg {
-                    DiskMsg::Data(d) => {
+                    DiskMsg::Data(d, _charge) => {
                         if let Err(e) = writer.write(&d).await {
                             warn!(error = %e, "disk tier write failed; object not stored on disk (check cache_dir space)");
                             stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
