@@ -8,6 +8,7 @@ use tracing::warn;
 
 use super::key::KeyHash;
 use super::meta::{CachedMeta, MemObject};
+use super::policy::owned_headers;
 use super::{Engine, ServedBody};
 
 /// Content codings the engine stores as separate variants of an object.
@@ -38,8 +39,19 @@ impl Engine {
     }
 
     /// Stores an encoded variant beside its identity object (memory, and disk when present).
-    pub async fn put_encoded(&self, base: KeyHash, coding: &str, meta: CachedMeta, body: Bytes) {
+    /// The body is copied once into an allocation of exactly its length (an encoder's output
+    /// buffer can be up to twice as large, and the memory tier charges the length), and the
+    /// headers into owned bytes ([`owned_headers`]).
+    pub async fn put_encoded(
+        &self,
+        base: KeyHash,
+        coding: &str,
+        mut meta: CachedMeta,
+        body: Bytes,
+    ) {
         let key = encoded_key(base, coding);
+        let body = Bytes::copy_from_slice(&body);
+        meta.headers = owned_headers(&meta.headers);
         let meta = Arc::new(meta);
         self.memory
             .insert(

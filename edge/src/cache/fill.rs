@@ -24,6 +24,59 @@ use super::key::KeyHash;
 use super::meta::CachedMeta;
 use super::upstream::UpstreamError;
 
+/// Bytes that fills hold beyond what the tiers count, bounded for the whole engine: the body a
+/// fill keeps for the memory tier while it arrives (and the copy made at its end), and the
+/// chunks queued for the disk writer. Without a bound, every concurrent fill of a large object
+/// adds its whole body to the process's memory, outside `--memory`.
+#[derive(Debug)]
+pub struct Budget {
+    used: std::sync::atomic::AtomicU64,
+    limit: u64,
+}
+
+impl Budget {
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(Self {
+            used: std::sync::atomic::AtomicU64::new(0),
+            limit,
+        })
+    }
+
+    /// Takes `n` bytes of the budget, or `None` when they do not fit now.
+    pub fn take(self: &Arc<Self>, n: u64) -> Option<Charge> {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&total| total <= self.limit)
+            })
+            .ok()?;
+        Some(Charge {
+            budget: self.clone(),
+            n,
+        })
+    }
+
+    /// Bytes taken now.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Bytes taken from a [`Budget`], given back when dropped.
+#[derive(Debug)]
+pub struct Charge {
+    budget: Arc<Budget>,
+    n: u64,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(self.n, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// The head of a response streaming through a fill.
 #[derive(Debug)]
 pub struct FillHead {
@@ -243,21 +296,32 @@ impl Fill {
         self.lock().cursors.len()
     }
 
-    /// The whole body, if every chunk was kept (one copy, once per fill).
+    /// The whole body, if every chunk was kept: one copy, once per fill, into an allocation of
+    /// exactly its length, even for a single chunk. Chunks from hyper are slices of its read
+    /// buffers, which can be much larger than the slice (a 1 KiB body read with a 400 KiB
+    /// buffer); the memory tier charges the body's length, so it must hold no more than that.
+    ///
+    /// The kept chunks are then replaced by slices of the copy, at the same offsets: readers
+    /// still behind get the same bytes, and the fill no longer holds a second copy of the body
+    /// (nor the read buffers the chunks came from).
     pub fn assembled(&self) -> Option<Bytes> {
-        let st = self.lock();
+        let mut st = self.lock();
         if st.trimmed || !st.keep_all {
             return None;
-        }
-        if st.chunks.len() == 1 {
-            return st.chunks.front().cloned();
         }
         let len = st.chunks.iter().map(Bytes::len).sum();
         let mut out = BytesMut::with_capacity(len);
         for c in &st.chunks {
             out.extend_from_slice(c);
         }
-        Some(out.freeze())
+        let out = out.freeze();
+        let mut at = 0;
+        for c in st.chunks.iter_mut() {
+            let end = at + c.len();
+            *c = out.slice(at..end);
+            at = end;
+        }
+        Some(out)
     }
 
     /// Waits for the fill's result.
@@ -462,6 +526,38 @@ mod tests {
         let s: Vec<_> = fill.reader().unwrap().into_stream().collect().await;
         assert_eq!(s.len(), 2);
         assert_eq!(fill.assembled().unwrap(), "abcd");
+    }
+
+    #[test]
+    fn budget_bounds_what_is_held_at_once() {
+        let b = Budget::new(100);
+        let a = b.take(60).unwrap();
+        assert!(b.take(41).is_none(), "over the limit");
+        let c = b.take(40).unwrap();
+        assert_eq!(b.used(), 100);
+        drop(a);
+        assert_eq!(b.used(), 40);
+        assert!(b.take(60).is_some());
+        drop(c);
+        assert_eq!(b.used(), 0);
+    }
+
+    /// The stored copy replaces the kept chunks: the fill holds one copy of the body, and a
+    /// reader still behind reads the same bytes.
+    #[tokio::test]
+    async fn assembling_replaces_the_chunks_with_slices_of_the_copy() {
+        let fill = Fill::new(KeyHash::of("k"));
+        let mut reader = fill.reader().unwrap();
+        let buf = Bytes::from(vec![7u8; 1000]);
+        fill.push(buf.slice(0..2));
+        fill.push(buf.slice(10..13));
+        fill.finish(Ok(()));
+        let body = fill.assembled().unwrap();
+        assert_eq!(body.len(), 5);
+        assert!(buf.is_unique(), "no chunk holds the read buffer any more");
+        assert!(matches!(reader.next_now(), Next::Chunk(c) if c.len() == 2));
+        assert!(matches!(reader.next_now(), Next::Chunk(c) if c.len() == 3));
+        assert!(matches!(reader.next_now(), Next::End));
     }
 
     #[tokio::test]

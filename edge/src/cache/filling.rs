@@ -36,7 +36,8 @@ pub(super) struct Joined {
 }
 
 enum DiskMsg {
-    Data(Bytes),
+    /// A chunk, and its share of the engine's disk queue budget (given back once written).
+    Data(Bytes, fill::Charge),
     /// Commit with this metadata, then signal.
     Commit(Arc<CachedMeta>, tokio::sync::oneshot::Sender<()>),
 }
@@ -468,7 +469,15 @@ impl Engine {
                 self.memory.remove(&pinned::pinned_key(path)).await;
             }
         }
-        fill.set_keep_all(storing && content_length.is_some_and(|n| self.memory.fits(n)));
+        // A body kept for the memory tier is held twice at its end (the chunks, then the
+        // compact copy): both count against the engine's budget until the copy is stored.
+        let mut memory_charge = match content_length {
+            Some(n) if storing && self.memory.fits(n) => {
+                self.memory_fills.take(n.saturating_mul(2))
+            }
+            _ => None,
+        };
+        fill.set_keep_all(memory_charge.is_some());
         let head = Arc::new(FillHead {
             status: parts.status,
             headers: parts.headers.clone(),
@@ -503,12 +512,17 @@ impl Engine {
                         storing = false;
                         disk_tx = None;
                         fill.set_keep_all(false);
+                        memory_charge = None;
                     }
                     if let Some(tx) = &disk_tx
-                        && tx.try_send(DiskMsg::Data(data.clone())).is_err()
+                        && self
+                            .disk_queue
+                            .take(data.len() as u64)
+                            .is_none_or(|c| tx.try_send(DiskMsg::Data(data.clone(), c)).is_err())
                     {
-                        // The disk is slower than the client: give up the disk copy rather than
-                        // slow anyone down.
+                        // The disk is slower than the client (its queue, or every writer's
+                        // queues together, are full): give up the disk copy rather than slow
+                        // anyone down or hold the body in memory.
                         self.stats
                             .disk_writes_abandoned
                             .fetch_add(1, Ordering::Relaxed);
@@ -538,6 +552,7 @@ impl Engine {
                                 .await;
                             in_memory = true;
                         }
+                        memory_charge = None;
                         fill.release();
                     } else {
                         fill.push(data);
@@ -586,6 +601,7 @@ impl Engine {
                 )
                 .await;
         }
+        drop(memory_charge);
         let committed = disk_tx.and_then(|tx| {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             tx.try_send(DiskMsg::Commit(meta, done_tx))
@@ -623,7 +639,7 @@ impl Engine {
             };
             while let Some(msg) = rx.recv().await {
                 match msg {
-                    DiskMsg::Data(d) => {
+                    DiskMsg::Data(d, _charge) => {
                         if let Err(e) = writer.write(&d).await {
                             warn!(error = %e, "disk tier write failed; object not stored on disk (check cache_dir space)");
                             stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
@@ -657,4 +673,175 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Nothing stored may keep a buffer it does not own. hyper's header values, URIs and body
+    //! chunks are slices of the connection's read buffer: the origin here hands out exactly
+    //! such slices (of one large buffer per response), and so does the client's request.
+
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use futures_util::FutureExt;
+    use futures_util::future::BoxFuture;
+    use http::{HeaderValue, Method, Response, Uri};
+    use http_body_util::{BodyExt, Full};
+
+    use super::super::clock::Clock;
+    use super::super::key::{KeyOptions, NormalizedRequest};
+    use super::super::upstream::{Upstream, UpstreamBody};
+    use super::super::{CacheRequest, EngineConfig, ServedBody};
+    use super::*;
+
+    /// Like hyper's read buffer: 256 KiB, of which a response uses a small part.
+    const READ_BUFFER: usize = 256 * 1024;
+    const BODY: usize = 10_000;
+
+    /// A buffer of `READ_BUFFER` bytes that starts with `text`, and the range of `text` in it.
+    fn read_buffer(text: &[u8]) -> Bytes {
+        let mut v = vec![b'x'; READ_BUFFER];
+        v[..text.len()].copy_from_slice(text);
+        Bytes::from(v)
+    }
+
+    /// A value sliced out of `buf`, as hyper makes it (the text starts at `at`).
+    fn sliced(buf: &Bytes, at: usize, len: usize) -> HeaderValue {
+        HeaderValue::from_maybe_shared(buf.slice(at..at + len)).unwrap()
+    }
+
+    /// An origin whose every header value and body is a slice of a read buffer it keeps a
+    /// handle on, so the test can see whether anything else still holds one.
+    #[derive(Default)]
+    struct SlicingOrigin {
+        buffers: Mutex<Vec<Bytes>>,
+    }
+
+    impl Upstream for SlicingOrigin {
+        fn fetch(
+            &self,
+            _req: Request<UpstreamBody>,
+        ) -> BoxFuture<'static, Result<http::Response<UpstreamBody>, UpstreamError>> {
+            let fields: [(&str, &[u8]); 6] = [
+                ("cache-control", b"public, max-age=3600"),
+                ("content-type", b"application/octet-stream"),
+                ("etag", b"\"v1\""),
+                ("vary", b"accept-language"),
+                ("surrogate-key", b"a b"),
+                ("x-origin-note", b"kept"),
+            ];
+            let mut text = Vec::new();
+            let mut at = Vec::new();
+            for (_, v) in fields {
+                at.push(text.len());
+                text.extend_from_slice(v);
+            }
+            let body_at = text.len();
+            text.extend((0..BODY).map(|i| (i % 251) as u8));
+            let buf = read_buffer(&text);
+            let mut resp = Response::new(
+                Full::new(buf.slice(body_at..body_at + BODY))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            );
+            for ((name, v), at) in fields.iter().zip(at) {
+                resp.headers_mut().append(*name, sliced(&buf, at, v.len()));
+            }
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(BODY));
+            self.buffers.lock().unwrap().push(buf);
+            async move { Ok(resp) }.boxed()
+        }
+    }
+
+    /// A GET whose URI and header values are slices of a client read buffer.
+    fn request(client_buf: &Bytes) -> CacheRequest {
+        let uri = Uri::from_maybe_shared(client_buf.slice(0..6)).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, sliced(client_buf, 6, 9));
+        headers.insert(header::ACCEPT_LANGUAGE, sliced(client_buf, 15, 2));
+        headers.insert(header::USER_AGENT, sliced(client_buf, 17, 4));
+        let norm =
+            NormalizedRequest::new(&Method::GET, &uri, &headers, &KeyOptions::default()).unwrap();
+        let mut upstream = Request::new(());
+        *upstream.uri_mut() = uri;
+        *upstream.headers_mut() = headers;
+        CacheRequest {
+            norm,
+            method: Method::GET,
+            upstream: upstream.into_parts().0,
+            default_ttl: None,
+        }
+    }
+
+    async fn stores_nothing_foreign(disk: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Arc::new(SlicingOrigin::default());
+        let engine = Engine::open(
+            EngineConfig {
+                memory_bytes: 64 << 20,
+                disk: disk.then(|| (dir.path().to_path_buf(), 64 << 20)),
+                max_object_size: 8 << 20,
+                surrogate_name: "outpost".into(),
+                revalidations_per_sec: 10,
+            },
+            origin.clone(),
+            Clock::manual(),
+        )
+        .await
+        .unwrap();
+        let client_buf = read_buffer(b"/a?b=1site.testdecurl");
+        // The answer's own headers are the origin's (they may share its buffer): keep only
+        // its body.
+        let (cache, body) = {
+            let served = engine.serve(request(&client_buf)).await;
+            (served.cache, served.body)
+        };
+        assert_eq!(cache, CacheStatus::Miss);
+        let ServedBody::Stream { stream, .. } = body else {
+            panic!("a miss streams");
+        };
+        let body: Vec<Bytes> = stream.try_collect().await.unwrap();
+        assert_eq!(body.iter().map(Bytes::len).sum::<usize>(), BODY);
+        drop(body);
+        // The fill ends once the object is stored (on disk too): then only the stored copy
+        // is left, and it must hold none of the buffers.
+        for _ in 0..500 {
+            if engine.fills.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(engine.fills.is_empty(), "the fill never ended");
+        engine.run_pending_tasks().await;
+        let again = engine.serve(request(&client_buf)).await;
+        assert_eq!(again.cache, CacheStatus::Hit, "stored");
+        assert_eq!(again.body.len(), Some(BODY as u64));
+        drop(again);
+        let [(_, in_memory, _), (_, on_disk, _)] = engine.usage();
+        assert_eq!((in_memory, on_disk), (1, u64::from(disk)));
+        let buffers = origin.buffers.lock().unwrap();
+        assert_eq!(buffers.len(), 1, "one fetch");
+        for buf in buffers.iter() {
+            assert!(
+                buf.is_unique(),
+                "a stored header value, URI or body still holds the origin's read buffer"
+            );
+        }
+        assert!(
+            client_buf.is_unique(),
+            "a stored header value or URI still holds the client's read buffer"
+        );
+    }
+
+    #[tokio::test]
+    async fn stored_objects_hold_no_read_buffer_memory_only() {
+        stores_nothing_foreign(false).await;
+    }
+
+    #[tokio::test]
+    async fn stored_objects_hold_no_read_buffer_with_disk() {
+        stores_nothing_foreign(true).await;
+    }
 }

@@ -76,6 +76,53 @@ impl Deref for EntryRef {
     }
 }
 
+/// What a memory entry costs beyond its body and its metadata's variable parts: moka's entry
+/// (its node, the key held twice, the access and write order deques, the hash table slot), the
+/// `Arc`s of the entry and of its metadata, and allocator rounding.
+const ENTRY_OVERHEAD: usize = 512;
+
+/// Bytes the memory tier charges for an object: everything the entry holds, not just its body.
+/// The body is charged by length, which is its real size: every body the tier takes was copied
+/// into an allocation of exactly its length (`Fill::assembled`, `put_encoded`, a disk read of
+/// exactly the stored size). The metadata is charged for its header map, the policy (which keeps
+/// its own copy of the response's headers and the request's), the prepared head a first hit
+/// adds (one more map of the same headers), the key, tags and Vary names, and the structs.
+pub fn entry_weight(obj: &MemObject) -> u32 {
+    let meta = &obj.meta;
+    let headers = header_map_bytes(&meta.headers);
+    let strings = |v: &[String]| -> usize {
+        v.iter()
+            .map(|s| std::mem::size_of::<String>() + s.len())
+            .sum()
+    };
+    let policy = headers + POLICY_FIXED;
+    let head = headers + std::mem::size_of::<PreparedHead>() + 256;
+    let total = obj.body.len()
+        + std::mem::size_of::<MemEntry>()
+        + std::mem::size_of::<super::meta::CachedMeta>()
+        + meta.key.len()
+        + strings(&meta.tags)
+        + strings(&meta.vary)
+        + headers
+        + policy
+        + head
+        + ENTRY_OVERHEAD;
+    total.try_into().unwrap_or(u32::MAX)
+}
+
+/// The policy's parts that do not grow with the response's headers: the stored request's few
+/// headers and URI, and its two parsed Cache-Control maps.
+const POLICY_FIXED: usize = 1024;
+
+/// Heap bytes of a header map: its slots (a name, a value, the hash and links of each, and
+/// the index), the values and names themselves (every name charged as if allocated).
+pub fn header_map_bytes(map: &http::HeaderMap) -> usize {
+    let slot =
+        std::mem::size_of::<http::HeaderName>() + std::mem::size_of::<http::HeaderValue>() + 40;
+    let bytes: usize = map.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    map.capacity() * slot + map.len() * 48 + bytes
+}
+
 #[derive(Clone)]
 pub struct MemoryTier {
     cache: Cache<KeyHash, Arc<MemEntry>, KeyHasher>,
@@ -160,7 +207,7 @@ impl MemoryTier {
         let cache = Cache::builder()
             .name("outpost-memory")
             .max_capacity(capacity)
-            .weigher(|_k: &KeyHash, v: &Arc<MemEntry>| v.obj.weight())
+            .weigher(|_k: &KeyHash, v: &Arc<MemEntry>| entry_weight(&v.obj))
             // moka calls this in the thread that replaces or removes an entry, before that
             // call returns; evictions, during its housekeeping.
             .eviction_listener(move |_k, v: Arc<MemEntry>, cause| {

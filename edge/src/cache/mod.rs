@@ -144,7 +144,20 @@ pub struct Engine {
     reclaim: AtomicU64,
     budget: std::sync::Mutex<Budget>,
     pub stats: Arc<EngineStats>,
+    /// Fill bodies kept for the memory tier ([`fill::Budget`], [`MEMORY_FILL_BUDGET`]).
+    memory_fills: Arc<fill::Budget>,
+    /// Chunks queued for disk writers ([`DISK_QUEUE_BUDGET`]).
+    disk_queue: Arc<fill::Budget>,
 }
+
+/// Bytes of bodies that fills may hold at once for the memory tier, counted twice (the chunks
+/// as they arrive, then the compact copy the tier keeps). A fill that does not fit streams
+/// through without a memory copy (a disk tier still stores it; a later hit promotes it).
+pub const MEMORY_FILL_BUDGET: u64 = 24 << 20;
+
+/// Bytes of chunks queued for disk writers at once. A fill whose writer falls that far behind
+/// gives up its disk copy, as it does when its own queue is full.
+pub const DISK_QUEUE_BUDGET: u64 = 8 << 20;
 
 const MAX_TRACKED_HOSTS: usize = 1024;
 
@@ -202,6 +215,8 @@ impl Engine {
             hosts,
             reclaim: AtomicU64::new(0),
             stats: Arc::new(EngineStats::default()),
+            memory_fills: fill::Budget::new(MEMORY_FILL_BUDGET),
+            disk_queue: fill::Budget::new(DISK_QUEUE_BUDGET),
         });
         // moka has no background thread: run its housekeeping (eviction, size accounting).
         let weak = Arc::downgrade(&engine);

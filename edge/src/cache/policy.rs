@@ -8,12 +8,17 @@
 //! - the request stored in the policy keeps only `host`, `cache-control`, `pragma`, the headers
 //!   the response varies on and the *presence* of `authorization`: no Cookie or credential value
 //!   is ever persisted;
-//! - 304 header merging per RFC 9111 §3.2 / §4.3.4 (the crate drops repeated fields).
+//! - 304 header merging per RFC 9111 §3.2 / §4.3.4 (the crate drops repeated fields);
+//! - everything stored (the metadata's headers, the policy's request and response) owns its
+//!   bytes ([`owned_headers`]): hyper's header values and URIs are slices of the connection's
+//!   read buffer, and one kept value would keep that whole buffer (up to hundreds of KiB, body
+//!   bytes included) alive for as long as the object is cached.
 
 use std::time::{Duration, SystemTime};
 
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{StatusCode, request, response};
+use http::{StatusCode, Uri, request, response};
 use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy};
 
 use super::cache_control::Directives;
@@ -76,13 +81,63 @@ fn policy_request(req: &request::Parts, vary: &[HeaderName]) -> request::Parts {
     }
     let mut out = http::Request::builder()
         .method(req.method.clone())
-        .uri(req.uri.clone())
+        .uri(owned_uri(&req.uri))
         .body(())
         .expect("method and uri come from a valid request")
         .into_parts()
         .0;
-    out.headers = headers;
+    out.headers = owned_headers(&headers);
     out
+}
+
+/// A copy of `map` that shares no bytes with it: the values are copied into one new buffer of
+/// exactly their total length (one allocation for all of them), each value a slice of it.
+/// Names are shared: standard names are static, and hyper and h2 copy every other name into
+/// an allocation of its own.
+///
+/// Every header map kept beyond a request goes through this. hyper hands out header values
+/// that are slices of the connection's read buffer, which also holds the body bytes read with
+/// the head; a stored value would keep that whole buffer (up to ~400 KiB) alive as long as the
+/// object stays cached, outside anything the tiers count.
+pub fn owned_headers(map: &HeaderMap) -> HeaderMap {
+    let total = map.iter().map(|(_, v)| v.len()).sum();
+    let mut buf = BytesMut::with_capacity(total);
+    for (_, v) in map {
+        buf.extend_from_slice(v.as_bytes());
+    }
+    let buf: Bytes = buf.freeze();
+    let mut out = HeaderMap::with_capacity(map.keys_len());
+    let mut at = 0;
+    for (name, v) in map {
+        let end = at + v.len();
+        // The bytes were a valid value already; the fallback cannot happen.
+        let mut copy =
+            HeaderValue::from_maybe_shared(buf.slice(at..end)).unwrap_or_else(|_| v.clone());
+        copy.set_sensitive(v.is_sensitive());
+        out.append(name.clone(), copy);
+        at = end;
+    }
+    out
+}
+
+/// A copy of `uri` in a new allocation of its own (hyper's request URIs are slices of the
+/// read buffer, like its header values: see [`owned_headers`]).
+pub fn owned_uri(uri: &Uri) -> Uri {
+    Uri::try_from(uri.to_string()).unwrap_or_else(|_| uri.clone())
+}
+
+/// The policy of a response being stored. http-cache-semantics keeps the request's and the
+/// response's header maps and the URI as given: `preq` comes from [`policy_request`] (already
+/// owned), the response's headers are copied here ([`owned_headers`]).
+fn stored_policy(preq: &request::Parts, presp: &response::Parts, now: SystemTime) -> CachePolicy {
+    let mut resp = http::Response::builder()
+        .status(presp.status)
+        .body(())
+        .expect("status from a valid response")
+        .into_parts()
+        .0;
+    resp.headers = owned_headers(&presp.headers);
+    CachePolicy::new_options(preq, &resp, now, options())
 }
 
 /// What the policy crate should see of a response:
@@ -250,7 +305,7 @@ pub fn admit(
         return Admission::Pass(PassReason::Uncacheable);
     }
     let preq = policy_request(req, &vary);
-    let policy = CachePolicy::new_options(&preq, &presp, now, options());
+    let policy = stored_policy(&preq, &presp, now);
     if !policy.is_storable() {
         return Admission::Pass(PassReason::Uncacheable);
     }
@@ -275,7 +330,7 @@ pub fn admit(
         version: META_VERSION,
         key: key.to_string(),
         status: resp.status,
-        headers,
+        headers: owned_headers(&headers),
         policy,
         stored_at_ms: 0,
         fresh_until_ms: 0,
@@ -433,13 +488,13 @@ pub fn apply_not_modified(
     parts.headers = headers.clone();
     let presp = policy_response(&parts, opts)?;
     let preq = policy_request(req, &vary);
-    let policy = CachePolicy::new_options(&preq, &presp, now, options());
+    let policy = stored_policy(&preq, &presp, now);
     let resp_cc = Directives::parse(&presp.headers);
     let (swr, sie) = stale_windows(&resp_cc);
     let ttl = policy.time_to_live(now);
     let tags = super::meta::tags_of(&headers);
     let mut updated = CachedMeta {
-        headers,
+        headers: owned_headers(&headers),
         policy,
         swr_secs: swr.as_secs(),
         sie_secs: sie.as_secs(),
