@@ -785,6 +785,7 @@ mod tests {
                 max_object_size: 8 << 20,
                 surrogate_name: "outpost".into(),
                 revalidations_per_sec: 10,
+                stale_if_error_wait: std::time::Duration::ZERO,
             },
             origin.clone(),
             Clock::manual(),
