@@ -884,6 +884,51 @@ async fn idle_connections_are_closed_and_slow_downloads_are_not() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_a_response_is_closed_once_idle() {
+    // Larger than what the kernel's socket buffers can hold, so the response stays in flight.
+    const BIG: usize = 32 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big.bin"), vec![7u8; BIG]).unwrap();
+    let origin = Origin::start_tuned(dir.path(), None, |cfg| {
+        cfg.header_read_timeout = Duration::from_secs(60);
+        cfg.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(origin.addr).await.unwrap();
+    s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 1024];
+    let n = tokio::time::timeout(WAIT, s.read(&mut first))
+        .await
+        .expect("response in time")
+        .unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200 "));
+    // Stop reading: the server can write no more, the body yields no chunk, the connection
+    // makes no progress. Well past the idle timeout (and its shutdown grace) it is closed,
+    // and draining what is left gets only part of the body.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut rest = 0usize;
+    let mut chunk = vec![0u8; 1 << 20];
+    let drained = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => rest += n,
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "connection still open");
+    assert!(
+        n + rest < BIG,
+        "the whole body arrived: the stalled connection was kept"
+    );
+}
+
+#[tokio::test]
 async fn connections_past_the_cap_wait_for_a_slot() {
     let origin = Origin::start_tuned(&site(), None, |cfg| {
         cfg.header_read_timeout = Duration::from_secs(60);

@@ -6,7 +6,7 @@
 //! root = "../site"                 # required; relative to this file's directory
 //! rules = "origin-rules.toml"      # optional; relative to this file's directory
 //! header_read_timeout = "10s"      # optional; first bytes, then each HTTP/1 request head
-//! idle_timeout = "60s"             # optional; a connection with no request in flight is closed
+//! idle_timeout = "60s"             # optional; a connection making no progress is closed
 //! max_connections = 1024           # optional; more clients wait in the listen backlog
 //! drain_timeout = "10s"            # optional; how long shutdown waits for open connections
 //! ```
@@ -53,8 +53,8 @@ pub struct OriginConfig {
     /// Time allowed for a new connection's first bytes (before HTTP/1 or HTTP/2 is known),
     /// then for each HTTP/1 request head.
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight (response bodies included) for this long is
-    /// shut down.
+    /// A connection that makes no progress for this long is shut down: no request handled,
+    /// started or ended, no response body chunk taken by the client.
     pub idle_timeout: Duration,
     /// Client connections open at once; more wait in the kernel's listen backlog.
     pub max_connections: usize,

@@ -6,10 +6,11 @@
 //!   a client that connects and sends nothing, or a prefix of the HTTP/2 preface
 //!   (`PRI * HTTP/2.0\r\n`) and then stalls, would otherwise keep its task and descriptor for
 //!   good. The bytes read are put back in front of the stream ([`Replay`]).
-//! - **Idle**: [`Activity`] counts a connection's requests; a request is in flight until its
-//!   response body has been sent or dropped. [`serve_http`] shuts a connection down gracefully
-//!   once none has been in flight for `idle_timeout` (HTTP/2 clients that answer PINGs
-//!   included; an HTTP/1 keep-alive connection is also bounded by the header read timeout).
+//! - **Idle**: [`Activity`] tracks a connection's requests and the chunks its response bodies
+//!   yield. [`serve_http`] shuts a connection down once it has made no progress for
+//!   `idle_timeout`: no request handled, started or ended, no body chunk taken by the client.
+//!   That covers idle HTTP/2 clients that answer PINGs and clients that stopped reading a
+//!   response; an HTTP/1 keep-alive connection is also bounded by the header read timeout.
 //! - **Count**: the accept loop takes one of `max_connections` slots before it accepts, so past
 //!   the cap new clients wait in the kernel's listen backlog.
 //! - **Accept failures** (EMFILE at the descriptor limit and friends) are logged by
@@ -32,7 +33,7 @@ use tracing::warn;
 /// The HTTP/2 client connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// After an idle connection is told to shut down, how long it may take to do so.
+/// After an idle connection is told to shut down, how long it may take to do so (at most).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Reads a new HTTP connection's first bytes within `limit`: enough to tell HTTP/1 (any byte
@@ -152,55 +153,65 @@ impl Quiet {
     }
 }
 
-/// One HTTP connection's requests, for its idle timeout.
+/// What one HTTP connection is doing, for its idle timeout: requests being handled (their
+/// response head not ready yet), and a count that moves whenever a request starts or ends
+/// and whenever a response body yields a chunk (that is, whenever the client takes one).
 #[derive(Debug, Default)]
 pub struct Activity {
-    /// Requests started on the connection.
-    started: AtomicU64,
-    /// Requests not answered yet.
-    in_flight: AtomicU32,
+    progress: AtomicU64,
+    handling: AtomicU32,
 }
 
 impl Activity {
-    /// A request starts; it is in flight while the guard lives.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.started.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+    /// A request starts; it is being handled while the guard lives.
+    pub fn begin(self: &Arc<Self>) -> Handling {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+        self.handling.fetch_add(1, Ordering::Relaxed);
+        Handling(self.clone())
     }
 
-    /// Requests started so far; `None` while one is in flight.
+    fn moved(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The progress count; `None` while a request is being handled.
     fn progress(&self) -> Option<u64> {
-        (self.in_flight.load(Ordering::Relaxed) == 0).then(|| self.started.load(Ordering::Relaxed))
+        (self.handling.load(Ordering::Relaxed) == 0).then(|| self.progress.load(Ordering::Relaxed))
     }
 }
 
-/// A request in flight ([`Activity::begin`]).
-pub struct InFlight(Arc<Activity>);
+/// A request being handled ([`Activity::begin`]).
+pub struct Handling(Arc<Activity>);
 
-impl Drop for InFlight {
+impl Drop for Handling {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.handling.fetch_sub(1, Ordering::Relaxed);
+        self.0.moved();
     }
 }
 
-/// A response body that keeps its request in flight until it has been sent or dropped, so a
-/// long download is not taken for an idle connection.
-pub struct InFlightBody<B> {
+/// A response body that counts as progress on its connection each chunk it yields, and once
+/// more when it ends or is dropped. A download the client keeps reading is not idle; one the
+/// client stopped reading (hyper cannot write, so asks for no more chunks) is, and its
+/// connection is closed after the idle timeout.
+pub struct ProgressBody<B> {
     body: B,
-    _in_flight: InFlight,
+    activity: Arc<Activity>,
 }
 
-impl<B> InFlightBody<B> {
-    pub fn new(body: B, in_flight: InFlight) -> Self {
-        Self {
-            body,
-            _in_flight: in_flight,
-        }
+impl<B> ProgressBody<B> {
+    pub fn new(body: B, activity: Arc<Activity>) -> Self {
+        Self { body, activity }
     }
 }
 
-impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlightBody<B> {
+impl<B> Drop for ProgressBody<B> {
+    fn drop(&mut self) {
+        self.activity.moved();
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for ProgressBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -208,7 +219,12 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlightBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if polled.is_ready() {
+            this.activity.moved();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -221,8 +237,9 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlightBody<B> {
 }
 
 /// Drives an HTTP connection to its end. It is shut down gracefully when `stop` resolves, or
-/// once no request has been in flight for `idle`; an idle connection that does not finish its
-/// shutdown within a few seconds (an HTTP/2 peer that never acknowledges it) is dropped.
+/// once its [`Activity`] has made no progress for `idle`; an idle connection that does not
+/// finish its shutdown within a short grace (`idle`, at most 5 s: an HTTP/2 peer that never
+/// acknowledges it, a response the client stopped reading) is dropped.
 pub async fn serve_http<C: GracefulConnection>(
     conn: C,
     activity: &Activity,
@@ -243,7 +260,7 @@ pub async fn serve_http<C: GracefulConnection>(
             () = quiet.next(), if !stopping => {
                 if quiet.expired(activity.progress()) {
                     conn.as_mut().graceful_shutdown();
-                    return tokio::time::timeout(SHUTDOWN_GRACE, conn)
+                    return tokio::time::timeout(idle.min(SHUTDOWN_GRACE), conn)
                         .await
                         .unwrap_or(Ok(()));
                 }

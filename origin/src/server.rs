@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::OriginConfig;
-use crate::conn::{self, AcceptWarnings, Activity, InFlightBody};
+use crate::conn::{self, AcceptWarnings, Activity, ProgressBody};
 use crate::handler::Site;
 use crate::respond::Body;
 
@@ -164,12 +164,14 @@ impl OriginServer {
                     let requests = activity.clone();
                     let service = service_fn(move |req: Request<Incoming>| {
                         let site = site.clone();
-                        let in_flight = requests.begin();
+                        let activity = requests.clone();
+                        let handling = requests.begin();
                         async move {
                             let resp = access_logged(&site, req).await;
-                            // In flight until its body has been sent or dropped.
+                            drop(handling);
+                            // Each chunk the client takes is progress (see `conn`).
                             Ok::<_, Infallible>(
-                                resp.map(|body| InFlightBody::new(body, in_flight).boxed()),
+                                resp.map(|body| ProgressBody::new(body, activity).boxed()),
                             )
                         }
                     });
