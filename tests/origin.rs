@@ -42,7 +42,16 @@ struct Origin {
 impl Origin {
     /// Serves `root` with the rules file `rules` (none: built-in rules).
     async fn start(root: &Path, rules: Option<&Path>) -> Origin {
-        let cfg = OriginConfig::load(
+        Origin::start_tuned(root, rules, |_| {}).await
+    }
+
+    /// Like [`Origin::start`], with `tune` applied to the configuration first.
+    async fn start_tuned(
+        root: &Path,
+        rules: Option<&Path>,
+        tune: impl FnOnce(&mut OriginConfig),
+    ) -> Origin {
+        let mut cfg = OriginConfig::load(
             None,
             OriginOverrides {
                 listen: Some("127.0.0.1:0".into()),
@@ -51,6 +60,7 @@ impl Origin {
             },
         )
         .unwrap_or_else(|e| panic!("test config: {e}"));
+        tune(&mut cfg);
         let server = OriginServer::bind(cfg).await.expect("bind 127.0.0.1:0");
         let addr = server.local_addr();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -730,6 +740,218 @@ async fn slow_request_heads_are_cut_off() {
 
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+// Bounds (issue 13, item 5): every connection bounded in time and count.
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// True when the server closes `s` (EOF or reset) within [`WAIT`]; what it sends first is
+/// ignored.
+async fn closed_within_wait(s: &mut TcpStream) -> bool {
+    let drained = async {
+        let mut chunk = [0u8; 16 << 10];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, drained).await.is_ok()
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length from `s`, `pause` between reads of at
+/// most 16 KiB. Returns the status and the body length.
+async fn read_h1_response(s: &mut TcpStream, pause: Duration) -> (u16, usize) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 << 10];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before the response head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut got = buf.len() - head_end;
+    while got < len {
+        tokio::time::sleep(pause).await;
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed after {got} of {len} body bytes");
+        got += n;
+    }
+    (status, got)
+}
+
+#[tokio::test]
+async fn silent_and_stalled_h2_preface_connections_are_closed_within_the_header_timeout() {
+    let origin = Origin::start_tuned(&site(), None, |cfg| {
+        cfg.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Connects and sends nothing.
+    let mut silent = TcpStream::connect(origin.addr).await.unwrap();
+    // A prefix of the h2 preface, then silence: hyper-util's protocol detection waits for
+    // the rest with no timeout of its own.
+    let mut prefix = TcpStream::connect(origin.addr).await.unwrap();
+    prefix.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // The same prefix, then a half-close.
+    let mut half = TcpStream::connect(origin.addr).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    half.shutdown().await.unwrap();
+    // The whole preface, then silence (no SETTINGS, no request).
+    let mut preface = TcpStream::connect(origin.addr).await.unwrap();
+    preface
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    for (what, s) in [
+        ("silent", &mut silent),
+        ("preface prefix", &mut prefix),
+        ("half-closed preface prefix", &mut half),
+    ] {
+        assert!(closed_within_wait(s).await, "{what} connection kept");
+    }
+    // The full preface is bounded by the idle timeout (60 s by default) and h2 PINGs; it is
+    // not a detection stall. The server still serves both protocols.
+    drop(preface);
+    let (status, _) = raw_request(origin.addr, "GET", "/").await;
+    assert_eq!(status, 200);
+    let resp = h2c_client().get(origin.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_slow_downloads_are_not() {
+    let origin = Origin::start_tuned(&site(), None, |cfg| {
+        // Long enough that only the idle timeout can close the connections below.
+        cfg.header_read_timeout = Duration::from_secs(60);
+        cfg.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+
+    // HTTP/2 (h2c): one request, then the connection is kept open and PINGs are answered.
+    let tcp = TcpStream::connect(origin.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(origin.url("/"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+    tokio::time::timeout(WAIT, conn)
+        .await
+        .expect("idle h2c connection closed")
+        .unwrap()
+        .expect("closed cleanly (GOAWAY)");
+
+    // HTTP/1.1 keep-alive: one request, then silence.
+    let mut h1 = TcpStream::connect(origin.addr).await.unwrap();
+    h1.write_all(b"GET / HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_h1_response(&mut h1, Duration::ZERO).await.0, 200);
+    assert!(closed_within_wait(&mut h1).await, "idle keep-alive kept");
+
+    // A download read slowly, for longer than the idle timeout, through a small receive
+    // buffer: it is a request in flight, not an idle connection, and arrives whole.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(origin.addr).await.unwrap();
+    slow.write_all(b"GET /assets/media/sample.bin HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, len) = tokio::time::timeout(
+        Duration::from_secs(60),
+        read_h1_response(&mut slow, Duration::from_millis(5)),
+    )
+    .await
+    .expect("download in time");
+    assert_eq!((status, len), (200, SAMPLE_LEN));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_a_response_is_closed_once_idle() {
+    // Larger than what the kernel's socket buffers can hold, so the response stays in flight.
+    const BIG: usize = 32 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big.bin"), vec![7u8; BIG]).unwrap();
+    let origin = Origin::start_tuned(dir.path(), None, |cfg| {
+        cfg.header_read_timeout = Duration::from_secs(60);
+        cfg.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(origin.addr).await.unwrap();
+    s.write_all(b"GET /big.bin HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 1024];
+    let n = tokio::time::timeout(WAIT, s.read(&mut first))
+        .await
+        .expect("response in time")
+        .unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200 "));
+    // Stop reading: the server can write no more, the body yields no chunk, the connection
+    // makes no progress. Well past the idle timeout (and its shutdown grace) it is closed,
+    // and draining what is left gets only part of the body.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut rest = 0usize;
+    let mut chunk = vec![0u8; 1 << 20];
+    let drained = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => rest += n,
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "connection still open");
+    assert!(
+        n + rest < BIG,
+        "the whole body arrived: the stalled connection was kept"
+    );
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_for_a_slot() {
+    let origin = Origin::start_tuned(&site(), None, |cfg| {
+        cfg.header_read_timeout = Duration::from_secs(60);
+        cfg.max_connections = 2;
+    })
+    .await;
+    let first = TcpStream::connect(origin.addr).await.unwrap();
+    let _second = TcpStream::connect(origin.addr).await.unwrap();
+    // Both slots are taken by silent clients: the third waits in the kernel's backlog.
+    let mut third = TcpStream::connect(origin.addr).await.unwrap();
+    third
+        .write_all(b"GET / HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        .await
+        .unwrap();
+    let early = tokio::time::timeout(
+        Duration::from_millis(500),
+        read_h1_response(&mut third, Duration::ZERO),
+    )
+    .await;
+    assert!(early.is_err(), "served past the cap: {early:?}");
+    drop(first);
+    let served = tokio::time::timeout(WAIT, read_h1_response(&mut third, Duration::ZERO)).await;
+    assert_eq!(served.expect("served once a slot is free").0, 200);
 }
 
 #[test]

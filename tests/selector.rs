@@ -815,6 +815,209 @@ async fn shutdown_stops_accepting() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Bounds (issue 13, item 5): every connection on both listeners bounded in time and count
+
+/// True when the peer closes `s` (EOF or reset) within [`WAIT`]; what it sends first is
+/// ignored.
+async fn closed_within_wait(s: &mut TcpStream) -> bool {
+    let drained = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, drained).await.is_ok()
+}
+
+/// The selector's `/metrics` value of an unlabelled counter.
+async fn counter(sel: &Running, name: &str) -> f64 {
+    let text = sel.admin_get("/metrics").await.text().await.unwrap();
+    parse_exposition(&text)
+        .into_iter()
+        .find(|(n, labels, _)| n == name && labels.is_empty())
+        .map(|s| s.2)
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+}
+
+#[tokio::test]
+async fn idle_spliced_connections_are_closed_and_busy_ones_kept() {
+    let a = Edge::start("a").await;
+    let sel = Running::start(&format!(
+        "policy = \"hash\"\n{CALM_PROBES}[limits]\nidle_timeout = \"600ms\"\n{}",
+        a.node("")
+    ))
+    .await;
+
+    // A client that connects and never sends a byte: the node waits for a request, the
+    // client for a response. Without an idle timeout both descriptors stay for good.
+    let mut silent = connect(sel.addr, ip("127.0.0.1")).await.unwrap();
+    // A client that got its answer and keeps the connection open, then stalls.
+    let (mut done, edge) = hold(sel.addr).await;
+    assert_eq!(edge, "a");
+    // A client that half-closes after a partial request (this stand-in node then closes too;
+    // the timeout is for a node that would not).
+    let mut half = connect(sel.addr, ip("127.0.0.1")).await.unwrap();
+    half.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    half.shutdown().await.unwrap();
+
+    // A busy connection is kept past the timeout: a request every 100 ms for 2 s.
+    let (mut busy, _) = hold(sel.addr).await;
+    let mut buf = Vec::new();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        busy.write_all(b"GET / HTTP/1.1\r\nhost: outpost.test\r\n\r\n")
+            .await
+            .unwrap();
+        let (status, body) = tokio::time::timeout(WAIT, read_response(&mut busy, &mut buf))
+            .await
+            .expect("response in time")
+            .expect("a busy connection stays open");
+        assert_eq!((status, body.as_str()), (200, "a"));
+    }
+
+    assert!(closed_within_wait(&mut silent).await, "silent client kept");
+    assert!(closed_within_wait(&mut done).await, "stalled client kept");
+    assert!(
+        closed_within_wait(&mut half).await,
+        "half-closed client kept"
+    );
+    assert!(
+        closed_within_wait(&mut busy).await,
+        "busy client kept once idle"
+    );
+    eventually("three idle closes counted", || async {
+        counter(&sel, "outpost_selector_idle_closed_connections_total").await >= 3.0
+    })
+    .await;
+    sel.shutdown().await;
+}
+
+#[tokio::test]
+async fn spliced_connections_past_the_cap_wait_for_a_slot() {
+    let a = Edge::start("a").await;
+    let sel = Running::start(&format!(
+        "policy = \"hash\"\n{CALM_PROBES}[limits]\nmax_connections = 2\n{}",
+        a.node("")
+    ))
+    .await;
+    let (first, _) = hold(sel.addr).await;
+    let (second, _) = hold(sel.addr).await;
+    // The third connects (the kernel's backlog takes it) but is not served while both slots
+    // are taken.
+    let mut third = connect(sel.addr, ip("127.0.0.1")).await.unwrap();
+    third
+        .write_all(b"GET / HTTP/1.1\r\nhost: outpost.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let early = tokio::time::timeout(
+        Duration::from_millis(500),
+        read_response(&mut third, &mut buf),
+    )
+    .await;
+    assert!(early.is_err(), "served past the cap: {early:?}");
+    // A slot frees up: the waiting client is served.
+    drop(first);
+    let (status, body) = tokio::time::timeout(WAIT, read_response(&mut third, &mut buf))
+        .await
+        .expect("served once a slot is free")
+        .unwrap();
+    assert_eq!((status, body.as_str()), (200, "a"));
+    drop((second, third));
+    sel.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_connections_are_bounded_in_time() {
+    let a = Edge::start("a").await;
+    let sel = Running::start(&format!(
+        "policy = \"hash\"\n{CALM_PROBES}[limits]\nadmin_header_read_timeout = \"300ms\"\nadmin_idle_timeout = \"600ms\"\n{}",
+        a.node("")
+    ))
+    .await;
+    // Nothing sent; a prefix of the HTTP/2 preface then silence; the same prefix then a
+    // half-close; half an HTTP/1 head then silence. Each is closed.
+    let mut silent = TcpStream::connect(sel.admin).await.unwrap();
+    let mut prefix = TcpStream::connect(sel.admin).await.unwrap();
+    prefix.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut half = TcpStream::connect(sel.admin).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    half.shutdown().await.unwrap();
+    let mut slow = TcpStream::connect(sel.admin).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    for (what, s) in [
+        ("silent", &mut silent),
+        ("h2 preface prefix", &mut prefix),
+        ("half-closed prefix", &mut half),
+        ("slow head", &mut slow),
+    ] {
+        assert!(closed_within_wait(s).await, "{what} connection kept");
+    }
+
+    // An HTTP/2 client that made a request and keeps the connection (answering PINGs):
+    // closed once idle.
+    let tcp = TcpStream::connect(sel.admin).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/healthz", sel.admin))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    tokio::time::timeout(WAIT, conn)
+        .await
+        .expect("idle h2 connection closed")
+        .unwrap()
+        .expect("closed cleanly (GOAWAY)");
+    // The admin port still answers.
+    assert_eq!(sel.admin_get("/healthz").await.status(), 200);
+    sel.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_connections_past_the_cap_wait_for_a_slot() {
+    let a = Edge::start("a").await;
+    let sel = Running::start(&format!(
+        "policy = \"hash\"\n{CALM_PROBES}[limits]\nadmin_max_connections = 1\nadmin_header_read_timeout = \"2s\"\n{}",
+        a.node("")
+    ))
+    .await;
+    let hog = TcpStream::connect(sel.admin).await.unwrap();
+    // The slot is taken by a silent client: a request waits in the backlog...
+    let mut waiting = TcpStream::connect(sel.admin).await.unwrap();
+    waiting
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let early = tokio::time::timeout(
+        Duration::from_millis(500),
+        read_response(&mut waiting, &mut buf),
+    )
+    .await;
+    assert!(early.is_err(), "served past the cap: {early:?}");
+    // ...until the silent one is closed at its header timeout.
+    let (status, body) = tokio::time::timeout(WAIT, read_response(&mut waiting, &mut buf))
+        .await
+        .expect("served once the slot is free")
+        .unwrap();
+    assert_eq!((status, body.trim()), (200, "ok"));
+    drop(hog);
+    sel.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Config
 
 #[test]

@@ -5,7 +5,9 @@
 //! listen = "127.0.0.1:9000"        # default 127.0.0.1:9000
 //! root = "../site"                 # required; relative to this file's directory
 //! rules = "origin-rules.toml"      # optional; relative to this file's directory
-//! header_read_timeout = "10s"      # optional; slow-loris guard for HTTP/1
+//! header_read_timeout = "10s"      # optional; first bytes, then each HTTP/1 request head
+//! idle_timeout = "60s"             # optional; a connection making no progress is closed
+//! max_connections = 1024           # optional; more clients wait in the listen backlog
 //! drain_timeout = "10s"            # optional; how long shutdown waits for open connections
 //! ```
 //!
@@ -25,6 +27,10 @@ use crate::rules::Rules;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9000";
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Above this a connection cap is surely a typo (and tokio's semaphore has a limit).
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 
 /// Command-line flags of `outpost origin`; each replaces the file's value when set.
 #[derive(Debug, Clone, Default)]
@@ -44,8 +50,14 @@ pub struct OriginConfig {
     /// The site root, canonicalised (absolute, symlinks resolved).
     pub root: PathBuf,
     pub rules: Rules,
-    /// Time allowed for a client to send the request head (HTTP/1).
+    /// Time allowed for a new connection's first bytes (before HTTP/1 or HTTP/2 is known),
+    /// then for each HTTP/1 request head.
     pub header_read_timeout: Duration,
+    /// A connection that makes no progress for this long is shut down: no request handled,
+    /// started or ended, no response body chunk taken by the client.
+    pub idle_timeout: Duration,
+    /// Client connections open at once; more wait in the kernel's listen backlog.
+    pub max_connections: usize,
     /// Time shutdown waits for open connections before closing them.
     pub drain_timeout: Duration,
 }
@@ -57,6 +69,8 @@ struct RawOriginConfig {
     root: Option<Setting<String>>,
     rules: Option<Setting<String>>,
     header_read_timeout: Option<Setting<RawDuration>>,
+    idle_timeout: Option<Setting<RawDuration>>,
+    max_connections: Option<Setting<i64>>,
     drain_timeout: Option<Setting<RawDuration>>,
 }
 
@@ -151,6 +165,29 @@ impl OriginConfig {
             raw.header_read_timeout.as_ref(),
             DEFAULT_HEADER_READ_TIMEOUT,
         );
+        let idle_timeout = positive_duration(
+            &mut d,
+            "idle_timeout",
+            raw.idle_timeout.as_ref(),
+            DEFAULT_IDLE_TIMEOUT,
+        );
+        let max_connections = match &raw.max_connections {
+            None => Some(DEFAULT_MAX_CONNECTIONS),
+            Some(s) => match usize::try_from(s.value) {
+                Ok(n) if (1..=MAX_CONNECTIONS_LIMIT).contains(&n) => Some(n),
+                _ => {
+                    d.error(
+                        "max_connections",
+                        s,
+                        format!(
+                            "must be between 1 and {MAX_CONNECTIONS_LIMIT}, not {}",
+                            s.value
+                        ),
+                    );
+                    None
+                }
+            },
+        };
         let drain_timeout = positive_duration(
             &mut d,
             "drain_timeout",
@@ -158,19 +195,33 @@ impl OriginConfig {
             DEFAULT_DRAIN_TIMEOUT,
         );
 
-        let result = d.finish(|| (listen, root, header_read_timeout, drain_timeout));
+        let result = d.finish(|| {
+            (
+                listen,
+                root,
+                header_read_timeout,
+                idle_timeout,
+                max_connections,
+                drain_timeout,
+            )
+        });
         match result {
-            Ok((Some(listen), Some(root), Some(header_read_timeout), Some(drain_timeout)))
-                if rule_errors.is_empty() =>
-            {
-                Ok(OriginConfig {
-                    listen,
-                    root,
-                    rules: rules.unwrap_or_default(),
-                    header_read_timeout,
-                    drain_timeout,
-                })
-            }
+            Ok((
+                Some(listen),
+                Some(root),
+                Some(header_read_timeout),
+                Some(idle_timeout),
+                Some(max_connections),
+                Some(drain_timeout),
+            )) if rule_errors.is_empty() => Ok(OriginConfig {
+                listen,
+                root,
+                rules: rules.unwrap_or_default(),
+                header_read_timeout,
+                idle_timeout,
+                max_connections,
+                drain_timeout,
+            }),
             Ok(_) => Err(ConfigErrors(rule_errors)),
             Err(mut errors) => {
                 errors.0.extend(rule_errors);
@@ -232,6 +283,40 @@ mod tests {
         assert_eq!(cfg.rules.len(), 1);
         assert_eq!(cfg.drain_timeout, Duration::from_secs(2));
         assert_eq!(cfg.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+        assert_eq!(cfg.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(cfg.max_connections, DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn connection_bounds_parse_and_are_checked() {
+        let dir = site_dir();
+        let cfg = load_text(
+            dir.path(),
+            "root = \"site\"\nidle_timeout = \"90s\"\nmax_connections = 7\n",
+            OriginOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(90));
+        assert_eq!(cfg.max_connections, 7);
+        let err = load_text(
+            dir.path(),
+            "root = \"site\"\nidle_timeout = \"0s\"\nmax_connections = 0\n",
+            OriginOverrides::default(),
+        )
+        .unwrap_err();
+        let found: Vec<_> = err.0.iter().map(|e| (e.field.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [("idle_timeout", Some(2)), ("max_connections", Some(3))],
+            "{err}"
+        );
+        let err = load_text(
+            dir.path(),
+            "root = \"site\"\nmax_connections = 99999999999\n",
+            OriginOverrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.mentions("max_connections"), "{err}");
     }
 
     #[test]

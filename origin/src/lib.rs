@@ -8,6 +8,7 @@
 //! - [`config`]: `OriginConfig` from a TOML file plus flags, every error reported together.
 //! - [`rules`]: glob rules that pick `Cache-Control` and `Surrogate-Key` per path.
 //! - [`server`]: the listener, accept loop, access log and graceful shutdown.
+//! - `conn`: what bounds every connection in time and count; rate-limited accept warnings.
 //! - [`handler`]: the request pipeline, method to response.
 //! - [`path`]: sanitising the request path (traversal and encoding tricks are 400).
 //! - [`file`](mod@file): mapping a path to a regular file inside the root (symlink escapes are 403).
@@ -19,6 +20,7 @@
 
 pub mod conditional;
 pub mod config;
+mod conn;
 pub mod error;
 pub mod file;
 pub mod handler;

@@ -1,10 +1,13 @@
 //! The listener: accept loop, HTTP/1.1 and h2c per connection, access log, graceful shutdown.
 //!
-//! Connections are served by hyper-util's auto builder, which reads the connection preface to pick
-//! HTTP/1.1 or HTTP/2 with prior knowledge (h2c). The HTTP/1 header read timeout needs a timer set
-//! on the HTTP/1 builder, or it silently does nothing. An `accept()` error (EMFILE when the process
-//! runs out of file descriptors, a connection reset before accept) never ends the loop: it is
-//! logged and the loop sleeps briefly, so a burst of errors cannot spin a core.
+//! Connections are served by hyper-util's auto builder for HTTP/1.1 and HTTP/2 with prior knowledge
+//! (h2c), after [`conn::opening`] has read the first bytes under the header read timeout (the
+//! builder's own detection has no timeout). The HTTP/1 header read timeout needs a timer set on the
+//! HTTP/1 builder, or it silently does nothing. Every connection is bounded in time (first bytes,
+//! each HTTP/1 head, the idle timeout) and in count (`max_connections`); see [`conn`]. An
+//! `accept()` error (EMFILE when the process runs out of file descriptors, a connection reset
+//! before accept) never ends the loop: it is logged (at most once per 10 s) and the loop sleeps
+//! briefly, so a burst of errors cannot spin a core or flood the log.
 //!
 //! Shutdown: when the shutdown future resolves, the listener is closed, every open connection is
 //! told to finish its in-flight requests and close, and `run` waits up to `drain_timeout` for that.
@@ -18,16 +21,18 @@ use std::time::{Duration, Instant};
 
 use http::header::CONTENT_LENGTH;
 use http::{Method, Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::OriginConfig;
+use crate::conn::{self, AcceptWarnings, Activity, ProgressBody};
 use crate::handler::Site;
 use crate::respond::Body;
 
@@ -40,6 +45,8 @@ pub struct OriginServer {
     local_addr: SocketAddr,
     site: Arc<Site>,
     header_read_timeout: Duration,
+    idle_timeout: Duration,
+    max_connections: usize,
     drain_timeout: Duration,
 }
 
@@ -56,6 +63,8 @@ impl OriginServer {
                 rules: cfg.rules,
             }),
             header_read_timeout: cfg.header_read_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_connections: cfg.max_connections,
             drain_timeout: cfg.drain_timeout,
         })
     }
@@ -76,6 +85,8 @@ impl OriginServer {
             local_addr,
             site,
             header_read_timeout,
+            idle_timeout,
+            max_connections,
             drain_timeout,
         } = self;
 
@@ -84,58 +95,91 @@ impl OriginServer {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout);
-        builder.http2().timer(TokioTimer::new());
+        // A peer that stops answering PINGs is dropped; one that answers them is bounded by the
+        // idle timeout.
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let builder = Arc::new(builder);
 
-        let graceful = GracefulShutdown::new();
         info!(
             listen = %local_addr,
             root = %site.root.display(),
             rules = site.rules.len(),
+            max_connections,
             "origin serving"
         );
 
+        // Turns true on shutdown: every connection finishes its in-flight requests and closes.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(max_connections));
+        let mut warnings = AcceptWarnings::new("origin");
         // Connection tasks live in a JoinSet so that the ones still open after the drain timeout
         // can be aborted, not left running detached.
         let mut connections = JoinSet::new();
         tokio::pin!(shutdown);
-        loop {
-            let (stream, peer) = tokio::select! {
+        'accept: loop {
+            // A slot first: past the cap, new clients wait in the kernel's backlog.
+            let slot = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                s = slots.clone().acquire_owned() => s.expect("never closed"),
                 // Reap finished connection tasks so the set does not grow without bound.
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    // A connection that died before we accepted it is the client's business.
-                    Err(e) if is_connection_error(&e) => {
-                        debug!(error = %e, "connection failed before accept");
-                        continue;
-                    }
-                    Err(e) => {
-                        error!(
-                            error = %e,
-                            "accept failed; if this says \"too many open files\", raise the descriptor limit (ulimit -n) or reduce concurrent clients"
-                        );
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                },
+            };
+            let (stream, peer) = loop {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break 'accept,
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => break pair,
+                        // A connection that died before we accepted it is the client's business.
+                        Err(e) if is_connection_error(&e) => {
+                            debug!(error = %e, "connection failed before accept");
+                        }
+                        Err(e) => {
+                            warnings.failed(&e);
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        }
+                    },
+                }
             };
             if let Err(e) = stream.set_nodelay(true) {
                 debug!(error = %e, %peer, "cannot set TCP_NODELAY");
             }
             let site = site.clone();
-            let service = service_fn(move |req: Request<Incoming>| {
-                let site = site.clone();
-                async move { Ok::<_, Infallible>(access_logged(&site, req).await) }
-            });
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let conn = graceful.watch(conn);
+            let builder = builder.clone();
+            let mut stop = stop_rx.clone();
             connections.spawn(
                 async move {
-                    if let Err(e) = conn.await {
+                    let _slot = slot;
+                    let Some(io) = conn::opening(stream, header_read_timeout).await else {
+                        debug!("connection closed, failed or silent before its first request");
+                        return;
+                    };
+                    let activity = Arc::new(Activity::default());
+                    let requests = activity.clone();
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let site = site.clone();
+                        let activity = requests.clone();
+                        let handling = requests.begin();
+                        async move {
+                            let resp = access_logged(&site, req).await;
+                            drop(handling);
+                            // Each chunk the client takes is progress (see `conn`).
+                            Ok::<_, Infallible>(
+                                resp.map(|body| ProgressBody::new(body, activity).boxed()),
+                            )
+                        }
+                    });
+                    let conn = builder.serve_connection(TokioIo::new(io), service);
+                    let stopped = async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    };
+                    if let Err(e) = conn::serve_http(conn, &activity, idle_timeout, stopped).await {
                         // Clients vanish, time out reading headers or speak garbage; not an
                         // operator's problem.
                         debug!(error = %e, "connection ended with an error");
@@ -146,14 +190,18 @@ impl OriginServer {
         }
 
         drop(listener);
-        let open = graceful.count();
         info!(
-            open_connections = open,
+            open_connections = connections.len(),
             "origin shutting down; draining connections"
         );
-        tokio::select! {
-            () = graceful.shutdown() => info!("origin stopped"),
-            () = tokio::time::sleep(drain_timeout) => {
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(drain_timeout, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        match drained {
+            Ok(()) => info!("origin stopped"),
+            Err(_) => {
                 warn!(
                     drain_timeout_s = drain_timeout.as_secs_f64(),
                     remaining = connections.len(),

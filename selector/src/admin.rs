@@ -16,10 +16,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tracing::{debug, warn};
+use tracing::debug;
 
+use crate::conn::{self, AcceptWarnings, Activity};
 use crate::health::HealthState;
 use crate::metrics::CONTENT_TYPE;
 use crate::pool::Pool;
@@ -89,26 +90,59 @@ pub(crate) fn report(pool: &Pool) -> NodesReport {
     }
 }
 
-/// Serves the admin port until `stop` changes or its sender drops.
-pub(crate) async fn serve(listener: TcpListener, pool: Arc<Pool>, mut stop: watch::Receiver<bool>) {
+/// Bounds of the admin listener's connections (see `conn`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_connections: usize,
+    /// For a new connection's first bytes, then for each HTTP/1 request head.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// Serves the admin port until `stop` changes or its sender drops. Connections still open
+/// then are closed with it.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    pool: Arc<Pool>,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
+        .header_read_timeout(limits.header_read_timeout);
+    // A peer that stops answering PINGs is dropped; one that answers them is bounded by the
+    // idle timeout.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut warnings = AcceptWarnings::new("admin");
     let mut conns = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
+    'accept: loop {
+        // A slot first: past the cap, new connections wait in the kernel's backlog.
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("never closed"),
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             _ = stop.changed() => break,
+        };
+        let accepted = loop {
+            tokio::select! {
+                r = listener.accept() => break r,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                _ = stop.changed() => break 'accept,
+            }
         };
         let tcp = match accepted {
             Ok((tcp, _)) => tcp,
             Err(e) => {
                 // EMFILE and friends: back off a little, never stop serving.
-                warn!(error = %e, "admin accept failed");
+                warnings.failed(&e);
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
@@ -116,11 +150,20 @@ pub(crate) async fn serve(listener: TcpListener, pool: Arc<Pool>, mut stop: watc
         let pool = pool.clone();
         let builder = builder.clone();
         conns.spawn(async move {
+            let _slot = slot;
+            let Some(io) = conn::opening(tcp, limits.header_read_timeout).await else {
+                return;
+            };
+            let activity = Arc::new(Activity::default());
+            let requests = activity.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
-                let pool = pool.clone();
-                async move { Ok::<_, Infallible>(respond(&req, &pool)) }
+                let _in_flight = requests.begin();
+                std::future::ready(Ok::<_, Infallible>(respond(&req, &pool)))
             });
-            if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            let served =
+                conn::serve_http(conn, &activity, limits.idle_timeout, std::future::pending());
+            if let Err(e) = served.await {
                 debug!(error = %e, "admin connection failed");
             }
         });

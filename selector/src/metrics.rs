@@ -27,6 +27,7 @@ pub(crate) struct Metrics {
     up: Family<NodeLabel, Gauge>,
     probe_rtt: Family<NodeLabel, Gauge<f64, AtomicU64>>,
     pub unroutable: Counter,
+    pub idle_closed: Counter,
 }
 
 /// One node's handles into the families. They share their atomics with the registry, so the
@@ -49,6 +50,7 @@ impl Metrics {
         let up = Family::<NodeLabel, Gauge>::default();
         let probe_rtt = Family::<NodeLabel, Gauge<f64, AtomicU64>>::default();
         let unroutable = Counter::default();
+        let idle_closed = Counter::default();
         registry.register(
             "connections",
             "Client connections spliced to each node",
@@ -80,6 +82,11 @@ impl Metrics {
             "Client connections closed because no node could take them",
             unroutable.clone(),
         );
+        registry.register(
+            "idle_closed_connections",
+            "Spliced connections closed after limits.idle_timeout with no byte either way",
+            idle_closed.clone(),
+        );
         Self {
             registry,
             connections,
@@ -88,6 +95,7 @@ impl Metrics {
             up,
             probe_rtt,
             unroutable,
+            idle_closed,
         }
     }
 
@@ -126,6 +134,7 @@ mod tests {
         a.up.set(1);
         a.probe_rtt.set(0.0015);
         m.unroutable.inc();
+        m.idle_closed.inc();
         let text = m.render();
         for needle in [
             "outpost_selector_connections_total{node=\"edge-a\"} 1",
@@ -134,6 +143,7 @@ mod tests {
             "outpost_selector_node_up{node=\"edge-a\"} 1",
             "outpost_selector_probe_rtt_seconds{node=\"edge-a\"} 0.0015",
             "outpost_selector_unroutable_connections_total 1",
+            "outpost_selector_idle_closed_connections_total 1",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

@@ -4,7 +4,8 @@
 //! accept ─► locate client (source prefix) ─► rank up nodes (policy) ─► connect to the best
 //!             ▲                                                            │ refused / timed out:
 //!             └─────── next node in the ranking, node marked down ◄────────┘ (passive check)
-//! connected ─► splice bytes both ways (copy_bidirectional) until both sides close
+//! connected ─► splice bytes both ways until both sides close, or until no byte has moved
+//!              either way for `limits.idle_timeout` (then both are dropped)
 //! ```
 //!
 //! The selector works at L4: it never parses what flows through, so TLS passes untouched and
@@ -18,6 +19,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use crate::conn::{self, Spliced};
 use crate::error::Error;
 use crate::health::HealthState;
 use crate::node::Node;
@@ -29,6 +31,7 @@ pub(crate) async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
     connect_timeout: Duration,
+    idle_timeout: Duration,
 ) {
     let choice = pool.choose(peer.ip());
     let mut tried = 0;
@@ -45,13 +48,19 @@ pub(crate) async fn serve(
             Ok(mut upstream) => {
                 node.metrics.connections.inc();
                 debug!(node = %node.spec.name, retries = tried - 1, "spliced");
-                match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    Ok((to_node, to_client)) => {
+                match conn::splice(&mut client, &mut upstream, idle_timeout).await {
+                    Spliced::Closed { to_node, to_client } => {
                         debug!(node = %node.spec.name, to_node, to_client, "connection closed");
+                    }
+                    Spliced::Idle => {
+                        pool.metrics.idle_closed.inc();
+                        debug!(node = %node.spec.name, ?idle_timeout, "idle connection closed");
                     }
                     // Resets and timeouts from either side end the connection; they are
                     // the client's or the node's business, not a selector failure.
-                    Err(e) => debug!(node = %node.spec.name, error = %e, "connection ended"),
+                    Spliced::Failed(e) => {
+                        debug!(node = %node.spec.name, error = %e, "connection ended");
+                    }
                 }
                 drop(active);
                 return;

@@ -1,5 +1,7 @@
 //! [`Selector`]: binds the listeners, then runs the accept loop, the probes and the admin
-//! port until shutdown. Accept errors (EMFILE and friends) are logged and the loop goes on.
+//! port until shutdown. At most `limits.max_connections` spliced connections are open at once
+//! (see `conn`). Accept errors (EMFILE and friends) are logged at most once per 10 s and the
+//! loop goes on.
 //! Shutdown stops accepting, lets spliced connections finish (bounded by `drain_timeout`), then
 //! stops the probes and the admin port.
 
@@ -10,12 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug_span, info, warn};
 
 use crate::admin::{self, NodesReport};
 use crate::config::SelectorConfig;
+use crate::conn::AcceptWarnings;
 use crate::health::{self, HealthConfig};
 use crate::pool::Pool;
 use crate::proxy;
@@ -80,7 +83,17 @@ impl Selector {
         }
         let (listen, admin_addr) = (self.local_addr(), self.admin_addr());
         if let Some(admin) = self.admin {
-            background.spawn(admin::serve(admin, self.pool.clone(), stop_rx.clone()));
+            let limits = admin::Limits {
+                max_connections: self.cfg.admin_max_connections,
+                header_read_timeout: self.cfg.admin_header_read_timeout,
+                idle_timeout: self.cfg.admin_idle_timeout,
+            };
+            background.spawn(admin::serve(
+                admin,
+                self.pool.clone(),
+                limits,
+                stop_rx.clone(),
+            ));
         }
         info!(
             listen = %listen,
@@ -90,26 +103,47 @@ impl Selector {
             "selector listening"
         );
         let mut conns = JoinSet::new();
+        let slots = Arc::new(Semaphore::new(self.cfg.max_connections));
+        let mut warnings = AcceptWarnings::new("listen");
         tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                r = self.listener.accept() => r,
+        'accept: loop {
+            // A slot first: past the cap, new clients wait in the kernel's backlog.
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => s.expect("never closed"),
                 Some(_) = conns.join_next(), if !conns.is_empty() => continue,
                 _ = &mut shutdown => break,
+            };
+            let accepted = loop {
+                tokio::select! {
+                    r = self.listener.accept() => break r,
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                    _ = &mut shutdown => break 'accept,
+                }
             };
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    warn!(error = %e, "accept failed; raise the open-files limit (ulimit -n) if this repeats");
+                    // EMFILE and friends: back off a little, never stop serving.
+                    warnings.failed(&e);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
             };
             let _ = tcp.set_nodelay(true);
             let span = debug_span!("connection", %peer);
+            let serve = proxy::serve(
+                self.pool.clone(),
+                tcp,
+                peer,
+                self.cfg.connect_timeout,
+                self.cfg.idle_timeout,
+            );
             conns.spawn(
-                proxy::serve(self.pool.clone(), tcp, peer, self.cfg.connect_timeout)
-                    .instrument(span),
+                async move {
+                    serve.await;
+                    drop(slot);
+                }
+                .instrument(span),
             );
         }
         drop(self.listener);

@@ -8,7 +8,8 @@
 //! admin_listen = "127.0.0.1:9090"
 //! policy = "nearest"        # latency | weighted-round-robin | least-connections | hash
 //! [health]                  # probe_interval, probe_timeout, rise, fall
-//! [limits]                  # connect_timeout, drain_timeout
+//! [limits]                  # connect_timeout, drain_timeout, max_connections, idle_timeout,
+//!                           # admin_max_connections, admin_header_read_timeout, admin_idle_timeout
 //! [regions]
 //! eu = { lat = 48.8566, lon = 2.3522 }
 //! [clients]
@@ -76,6 +77,11 @@ struct RawHealth {
 struct RawLimits {
     connect_timeout: Option<Setting<RawDuration>>,
     drain_timeout: Option<Setting<RawDuration>>,
+    max_connections: Option<Setting<i64>>,
+    idle_timeout: Option<Setting<RawDuration>>,
+    admin_max_connections: Option<Setting<i64>>,
+    admin_header_read_timeout: Option<Setting<RawDuration>>,
+    admin_idle_timeout: Option<Setting<RawDuration>>,
 }
 
 /// Command-line flags that override the file.
@@ -139,10 +145,29 @@ pub struct SelectorConfig {
     pub connect_timeout: Duration,
     /// On shutdown, how long spliced connections may go on before they are closed.
     pub drain_timeout: Duration,
+    /// Spliced connections open at once (each holds two descriptors). Past it, new clients
+    /// wait in the kernel's listen backlog until one closes.
+    pub max_connections: usize,
+    /// A spliced connection with no byte in either direction for this long is closed: a
+    /// half-open or stalled client cannot hold its descriptors forever.
+    pub idle_timeout: Duration,
+    /// Connections open at once on the admin listener; more wait in the backlog.
+    pub admin_max_connections: usize,
+    /// Time an admin client gets to send its first bytes, and then each request head.
+    pub admin_header_read_timeout: Duration,
+    /// An admin connection with no request in flight for this long is closed.
+    pub admin_idle_timeout: Duration,
 }
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+const DEFAULT_ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Above this a connection cap is surely a typo (and tokio's semaphore has a limit).
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 
 impl SelectorConfig {
     /// Defaults everywhere: policy `nearest`, no admin listener, no client table, probes every
@@ -157,6 +182,11 @@ impl SelectorConfig {
             health: HealthConfig::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            admin_max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            admin_header_read_timeout: DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
+            admin_idle_timeout: DEFAULT_ADMIN_IDLE_TIMEOUT,
         }
     }
 
@@ -231,6 +261,36 @@ impl SelectorConfig {
             &raw.limits.drain_timeout,
             DEFAULT_DRAIN_TIMEOUT,
         );
+        let idle_timeout = dur(
+            &mut d,
+            "limits.idle_timeout",
+            &raw.limits.idle_timeout,
+            DEFAULT_IDLE_TIMEOUT,
+        );
+        let admin_header_read_timeout = dur(
+            &mut d,
+            "limits.admin_header_read_timeout",
+            &raw.limits.admin_header_read_timeout,
+            DEFAULT_ADMIN_HEADER_READ_TIMEOUT,
+        );
+        let admin_idle_timeout = dur(
+            &mut d,
+            "limits.admin_idle_timeout",
+            &raw.limits.admin_idle_timeout,
+            DEFAULT_ADMIN_IDLE_TIMEOUT,
+        );
+        let max_connections = connections(
+            &mut d,
+            "limits.max_connections",
+            &raw.limits.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+        );
+        let admin_max_connections = connections(
+            &mut d,
+            "limits.admin_max_connections",
+            &raw.limits.admin_max_connections,
+            DEFAULT_ADMIN_MAX_CONNECTIONS,
+        );
 
         let regions = Regions::validate(&mut d, &raw.regions);
         let clients = place::clients(&mut d, &raw.clients, &regions);
@@ -245,7 +305,38 @@ impl SelectorConfig {
             health: health.expect("checked"),
             connect_timeout: connect_timeout.expect("checked"),
             drain_timeout: drain_timeout.expect("checked"),
+            max_connections: max_connections.expect("checked"),
+            idle_timeout: idle_timeout.expect("checked"),
+            admin_max_connections: admin_max_connections.expect("checked"),
+            admin_header_read_timeout: admin_header_read_timeout.expect("checked"),
+            admin_idle_timeout: admin_idle_timeout.expect("checked"),
         })
+    }
+}
+
+/// A connection cap: 1 to [`MAX_CONNECTIONS_LIMIT`].
+fn connections(
+    d: &mut Diagnostics,
+    field: &str,
+    s: &Option<Setting<i64>>,
+    default: usize,
+) -> Option<usize> {
+    let Some(s) = s else {
+        return Some(default);
+    };
+    match usize::try_from(s.value) {
+        Ok(n) if (1..=MAX_CONNECTIONS_LIMIT).contains(&n) => Some(n),
+        _ => {
+            d.error(
+                field,
+                s,
+                format!(
+                    "must be between 1 and {MAX_CONNECTIONS_LIMIT}, not {}",
+                    s.value
+                ),
+            );
+            None
+        }
     }
 }
 

@@ -346,3 +346,45 @@ fn built_in_code() {
     assert_eq!(c.nodes[0].weight, 2);
     assert_eq!(c.policy, PolicyKind::Nearest);
 }
+
+#[test]
+fn connection_limits_parse_default_and_are_checked() {
+    const NODE: &str = "[[nodes]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\nadmin = \"127.0.0.1:3\"\nlat = 1\nlon = 2\n";
+    let c = load(&format!("listen = \"127.0.0.1:1\"\n{NODE}")).unwrap();
+    assert_eq!(c.max_connections, DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+    assert_eq!(c.admin_max_connections, DEFAULT_ADMIN_MAX_CONNECTIONS);
+    assert_eq!(
+        c.admin_header_read_timeout,
+        DEFAULT_ADMIN_HEADER_READ_TIMEOUT
+    );
+    assert_eq!(c.admin_idle_timeout, DEFAULT_ADMIN_IDLE_TIMEOUT);
+    let c = load(&format!(
+        "listen = \"127.0.0.1:1\"\n[limits]\nmax_connections = 10\nidle_timeout = \"2m\"\nadmin_max_connections = 3\nadmin_header_read_timeout = \"2s\"\nadmin_idle_timeout = \"5s\"\n{NODE}"
+    ))
+    .unwrap();
+    assert_eq!(c.max_connections, 10);
+    assert_eq!(c.idle_timeout, Duration::from_secs(120));
+    assert_eq!(c.admin_max_connections, 3);
+    assert_eq!(c.admin_header_read_timeout, Duration::from_secs(2));
+    assert_eq!(c.admin_idle_timeout, Duration::from_secs(5));
+
+    let e = load(&format!(
+        "listen = \"127.0.0.1:1\"\n[limits]\nmax_connections = 0\nidle_timeout = \"0s\"\nadmin_max_connections = -4\nadmin_header_read_timeout = \"soon\"\nadmin_idle_timeout = \"0s\"\n{NODE}"
+    ))
+    .unwrap_err();
+    for (field, line) in [
+        ("limits.max_connections", 3),
+        ("limits.idle_timeout", 4),
+        ("limits.admin_max_connections", 5),
+        ("limits.admin_header_read_timeout", 6),
+        ("limits.admin_idle_timeout", 7),
+    ] {
+        assert_eq!(line_of_field(&e, field), Some(line), "{field}: {e}");
+    }
+    let e = load(&format!(
+        "listen = \"127.0.0.1:1\"\n[limits]\nmax_connections = 100000000000\n{NODE}"
+    ))
+    .unwrap_err();
+    assert_eq!(line_of_field(&e, "limits.max_connections"), Some(3), "{e}");
+}
