@@ -36,6 +36,21 @@
 //! | same, `MIMALLOC_PURGE_DELAY=0` | memory | 129, 127, 130, 132 | 148.9 MiB | over |
 //! | same, `MIMALLOC_PURGE_DELAY=0` | disk | 204, 217, 219, 225 | 361.2 MiB | over |
 //! | 54b49e2 built with glibc malloc, 2 rounds | memory | 116, 109 | 127.9 MiB | within |
+//! | + large bodies in own mappings, 32 blocking threads | memory | 150, 138, 147, 142 | 164.2 MiB | over |
+//! | same | disk | 162, 193, 186, 183 | 211.5 MiB | over |
+//! | + mappings from 64 KiB | memory | 130, 125, 126, 127 | 157.5 MiB | over |
+//! | same | disk | 185, 168, 168, 184 | 229.0 MiB | over |
+//! | + held disk metadata out of `--memory`, moka settled per 1/16 of capacity inserted, fill budget 16 MiB | memory | 119, 133, 126, 131 | 151.0 MiB | over |
+//! | same | disk | 153, 162, 151, 173 | 183.3 MiB | over |
+//!
+//! Later rows (same day, same machine, main after the merge of the memory work): bodies the
+//! memory tier keeps at or above 64 KiB live in anonymous mappings of their own (freed to the
+//! kernel by their last reference, on any thread); the blocking pool is capped at 32 threads;
+//! the parsed metadata the disk tiers hold comes out of `--memory` (the memory tier gets the
+//! rest); the memory tier runs moka's housekeeping whenever 1/16 of its capacity was inserted
+//! since the last run (it waited for 64 writes: up to 64 large objects over capacity).
+//! End-of-round RSS of the memory case is now at the bound; the peaks above it are fills in
+//! flight (the fill budget, 16 MiB counted twice, plus hyper's read buffers).
 //!
 //! Before, RSS grew with every byte filled (to disk too) and did not come back: each stored
 //! object pinned hyper read buffers. After, it is flat from round to round. What is left over

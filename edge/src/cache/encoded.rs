@@ -50,7 +50,7 @@ impl Engine {
         body: Bytes,
     ) {
         let key = encoded_key(base, coding);
-        let body = Bytes::copy_from_slice(&body);
+        let body = super::buffer::compact([body.as_ref()]);
         meta.headers = owned_headers(&meta.headers);
         let meta = Arc::new(meta);
         self.memory

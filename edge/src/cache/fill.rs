@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::Stream;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
@@ -309,12 +309,7 @@ impl Fill {
         if st.trimmed || !st.keep_all {
             return None;
         }
-        let len = st.chunks.iter().map(Bytes::len).sum();
-        let mut out = BytesMut::with_capacity(len);
-        for c in &st.chunks {
-            out.extend_from_slice(c);
-        }
-        let out = out.freeze();
+        let out = super::buffer::compact(st.chunks.iter().map(|c| c.as_ref()));
         let mut at = 0;
         for c in st.chunks.iter_mut() {
             let end = at + c.len();

@@ -128,6 +128,8 @@ pub struct MemoryTier {
     cache: Cache<KeyHash, Arc<MemEntry>, KeyHasher>,
     capacity: u64,
     evictions: Arc<AtomicU64>,
+    /// Bytes inserted since moka last ran its housekeeping from here (see [`MemoryTier::insert`]).
+    unsettled: Arc<AtomicU64>,
     /// Unique in the process: tells tiers apart in the per-thread table (several nodes can
     /// run in one process).
     id: u64,
@@ -222,6 +224,7 @@ impl MemoryTier {
             cache,
             capacity,
             evictions,
+            unsettled: Arc::new(AtomicU64::new(0)),
             id: NEXT_TIER.fetch_add(1, Ordering::Relaxed),
         }
     }
@@ -293,7 +296,16 @@ impl MemoryTier {
                 head: OnceLock::new(),
                 removed: AtomicBool::new(false),
             };
+            let len = entry.obj.body.len() as u64;
             self.cache.insert(key, Arc::new(entry));
+            // moka evicts in its housekeeping, which it runs only after 64 pending writes or a
+            // timer: 64 large objects would overshoot the capacity by hundreds of MB. Settle
+            // once the bytes inserted since the last settling reach 1/16 of the capacity.
+            let unsettled = self.unsettled.fetch_add(len, Ordering::Relaxed) + len;
+            if unsettled >= self.capacity / 16 {
+                self.unsettled.store(0, Ordering::Relaxed);
+                self.cache.run_pending_tasks();
+            }
         }
     }
 
@@ -349,6 +361,30 @@ mod tests {
                 purge_seq: 0,
             }),
             body,
+        }
+    }
+
+    /// Large objects inserted back to back are evicted as they come: what the tier holds never
+    /// runs far past its capacity waiting for moka's housekeeping (it ran only after 64
+    /// pending writes, and 60 objects of an eighth of the capacity each were all held).
+    #[tokio::test]
+    async fn large_inserts_never_overshoot_the_capacity() {
+        let capacity = 64 << 20;
+        let tier = MemoryTier::new(capacity);
+        let body = Bytes::from(vec![7u8; (capacity / 8) as usize - 4096]);
+        for i in 0..60u32 {
+            tier.insert(KeyHash::of(&format!("k{i}")), object_of(body.clone()))
+                .await;
+            let held: u64 = tier
+                .cache
+                .iter()
+                .map(|(_, e)| e.obj.body.len() as u64)
+                .sum();
+            assert!(
+                held <= capacity + capacity / 16 + body.len() as u64,
+                "after {} inserts the tier holds {held} bytes for {capacity}",
+                i + 1
+            );
         }
     }
 

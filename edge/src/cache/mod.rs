@@ -18,6 +18,7 @@
 //! a response with `Vary` is stored under a secondary key (primary hash + the request's values of
 //! the nominated headers); the engine remembers, per primary key, the names and the variants seen.
 
+pub mod buffer;
 pub mod cache_control;
 pub mod clock;
 pub mod disk;
@@ -153,7 +154,7 @@ pub struct Engine {
 /// Bytes of bodies that fills may hold at once for the memory tier, counted twice (the chunks
 /// as they arrive, then the compact copy the tier keeps). A fill that does not fit streams
 /// through without a memory copy (a disk tier still stores it; a later hit promotes it).
-pub const MEMORY_FILL_BUDGET: u64 = 24 << 20;
+pub const MEMORY_FILL_BUDGET: u64 = 16 << 20;
 
 /// Bytes of chunks queued for disk writers at once. A fill whose writer falls that far behind
 /// gives up its disk copy, as it does when its own queue is full.
@@ -168,7 +169,13 @@ impl Engine {
         upstream: Arc<dyn Upstream>,
         clock: Clock,
     ) -> io::Result<Arc<Self>> {
-        let memory = MemoryTier::new(cfg.memory_bytes);
+        // `--memory` covers the memory tier and the metadata the disk tiers hold parsed.
+        let held_budget = if cfg.disk.is_some() {
+            disk::held_meta_budget(cfg.memory_bytes)
+        } else {
+            0
+        };
+        let memory = MemoryTier::new(cfg.memory_bytes.saturating_sub(2 * held_budget).max(1));
         let gens = invalidation::Generations::load(
             cfg.disk.as_ref().map(|(dir, _)| dir.join("purges.json")),
         )?;
@@ -178,7 +185,7 @@ impl Engine {
         let mut stored_seq = 0;
         let disk = match &cfg.disk {
             Some((dir, cap)) => {
-                let (tier, metas) = DiskTier::open(dir, *cap).await?;
+                let (tier, metas) = DiskTier::open(dir, *cap, held_budget).await?;
                 for (variant, m) in metas {
                     stored_seq = stored_seq.max(m.purge_seq);
                     if hosts.len() < MAX_TRACKED_HOSTS {
@@ -194,7 +201,9 @@ impl Engine {
             None => None,
         };
         let pinned = match &cfg.disk {
-            Some((dir, _)) => Some(pinned::PinnedStore::open(&dir.join("pushed")).await?),
+            Some((dir, _)) => {
+                Some(pinned::PinnedStore::open(&dir.join("pushed"), held_budget).await?)
+            }
             None => None,
         };
         if let Some(p) = &pinned {
@@ -296,8 +305,10 @@ impl Engine {
                 };
                 let promote = self.memory.fits(hit.entry.size);
                 if promote || hit.entry.size <= disk::WHOLE_READ_MAX {
-                    let body = disk.read_all(&key, hit).await.ok()?;
+                    let mut body = disk.read_all(&key, hit).await.ok()?;
                     if promote {
+                        // The memory tier's copy: compact, mapped when large (see `buffer`).
+                        body = buffer::compact([body.as_ref()]);
                         self.memory
                             .insert(
                                 key,

@@ -70,8 +70,9 @@ pub fn pinned_key(path: &str) -> KeyHash {
 }
 
 impl PinnedStore {
-    pub async fn open(dir: &Path) -> io::Result<Self> {
-        let (tier, metas) = DiskTier::open(dir, u64::MAX).await?;
+    /// `held_budget`: memory for the metadata of recently served pushed objects.
+    pub async fn open(dir: &Path, held_budget: u64) -> io::Result<Self> {
+        let (tier, metas) = DiskTier::open(dir, u64::MAX, held_budget).await?;
         let any = AtomicBool::new(!tier.keys().is_empty());
         let loaded_purge_seq = metas.iter().map(|(_, m)| m.purge_seq).max().unwrap_or(0);
         Ok(Self {

@@ -190,10 +190,11 @@ impl HeldMeta {
     }
 }
 
-/// Memory for held metadata: 1/32 of the tier's capacity, between 1 MiB and 64 MiB (at a few
-/// KiB per object, the metadata of some 10-30 thousand hot objects).
-fn held_meta_budget(capacity: u64) -> u64 {
-    (capacity / 32).clamp(1 << 20, 64 << 20)
+/// Memory for held metadata, out of the operator's `--memory`: 1/16 of it, between 256 KiB and
+/// 64 MiB (at a few KiB per object, the metadata of some thousands of hot objects). The
+/// engine gives the memory tier what is left, so the two together stay within `--memory`.
+pub fn held_meta_budget(memory: u64) -> u64 {
+    (memory / 16).clamp(256 << 10, 64 << 20)
 }
 
 /// A disk lookup result: metadata known, body not yet read.
@@ -232,6 +233,7 @@ impl DiskTier {
     pub async fn open(
         root: &Path,
         capacity: u64,
+        held_budget: u64,
     ) -> io::Result<(Arc<Self>, Vec<(KeyHash, Arc<CachedMeta>)>)> {
         let started = SystemTime::now();
         let content: Arc<Path> = root.join("content").into();
@@ -261,7 +263,7 @@ impl DiskTier {
             .build();
         let held = moka::sync::Cache::builder()
             .name("outpost-disk-meta")
-            .max_capacity(held_meta_budget(capacity))
+            .max_capacity(held_budget)
             .weigher(|_k: &KeyHash, h: &HeldMeta| h.weight)
             .build();
         let tier = Arc::new(Self {

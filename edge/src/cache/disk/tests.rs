@@ -34,7 +34,7 @@ fn meta(etag: &str) -> Arc<CachedMeta> {
 /// A tier of 1 GiB in a fresh directory (kept alive by the returned guard).
 async fn tier() -> (tempfile::TempDir, Arc<DiskTier>) {
     let dir = tempfile::tempdir().unwrap();
-    let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+    let (tier, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
     (dir, tier)
 }
 
@@ -85,7 +85,7 @@ async fn update_replaces_held_metadata() {
     let hit = tier.get(&key).await.unwrap();
     assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], b"body");
 
-    let (reopened, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+    let (reopened, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
     assert_eq!(etag_of(&reopened, &key).await.as_deref(), Some("\"b\""));
 }
 
@@ -152,10 +152,10 @@ async fn peek_does_not_hold_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let key = KeyHash::of("example.test/a");
     {
-        let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+        let (tier, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
         store(&tier, key, b"body", &meta("\"a\"")).await;
     }
-    let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+    let (tier, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
     assert!(tier.peek(&key).await.is_some());
     tier.run_pending_tasks();
     assert_eq!(tier.held.entry_count(), 0);
@@ -291,7 +291,10 @@ async fn tampered_metadata_is_a_miss() {
             let path = tier.meta_path(&key);
             tamper(&path, &edit);
             let tier = if reopen {
-                DiskTier::open(dir.path(), 1 << 30).await.unwrap().0
+                DiskTier::open(dir.path(), 1 << 30, 4 << 20)
+                    .await
+                    .unwrap()
+                    .0
             } else {
                 tier.held.invalidate(&key);
                 tier
@@ -314,7 +317,7 @@ async fn metadata_without_a_checksum_is_a_miss() {
     let data = std::fs::read(&path).unwrap();
     let start = data.iter().position(|&b| b == b'{').unwrap();
     std::fs::write(&path, &data[start..]).unwrap();
-    let (tier, metas) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+    let (tier, metas) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
     assert!(metas.is_empty());
     assert!(tier.get(&key).await.is_none());
     assert_eq!(tier.rejected_metadata(), 1);
@@ -361,7 +364,7 @@ async fn unreferenced_content_is_swept_at_start_up() {
     let key = KeyHash::of("example.test/a");
     let content = dir.path().join("content");
     let orphan_path = {
-        let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+        let (tier, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
         store(&tier, key, b"kept body", &meta("\"a\"")).await;
         // A body committed without its metadata file, as a crash before the rename leaves it.
         let orphan = cacache::write_hash(&content, b"orphan body").await.unwrap();
@@ -376,7 +379,7 @@ async fn unreferenced_content_is_swept_at_start_up() {
     let fresh = cacache::write_hash(&content, b"a fill in progress")
         .await
         .unwrap();
-    let (tier, _) = DiskTier::open(dir.path(), 1 << 30).await.unwrap();
+    let (tier, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     while !tier.swept().1 {
         assert!(
