@@ -220,7 +220,7 @@ pub fn json<T: Serialize>(v: &T) -> Response<RespBody> {
 }
 
 /// Serves the admin listener until `stop` turns true.
-/// Bounds of the admin listener's connections (see [`crate::conn`]).
+/// Bounds of the admin listener's connections (see [`outpost_net`] and [`crate::drain`]).
 #[derive(Debug, Clone, Copy)]
 pub struct AdminLimits {
     /// For a new connection's first request and every request head after it.
@@ -249,7 +249,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let drain = crate::drain::Drain::new();
-    let mut warnings = crate::conn::AcceptWarnings::new("admin");
+    let mut warnings = outpost_net::AcceptWarnings::new("admin");
     loop {
         let slot = tokio::select! {
             s = slots.clone().acquire_owned() => s.expect("never closed"),
@@ -272,12 +272,11 @@ pub async fn serve(
         let watcher = drain.watcher();
         tokio::spawn(async move {
             let _slot = slot;
-            let crate::conn::Opening::Serve(io) =
-                crate::conn::opening(tcp, limits.header_timeout, 16 << 10).await
+            let Some(io) = outpost_net::opening(tcp, limits.header_timeout, Some(16 << 10)).await
             else {
                 return;
             };
-            let activity = Arc::new(crate::conn::Activity::default());
+            let activity = Arc::new(outpost_net::Activity::default());
             let conn_activity = activity.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();

@@ -6,6 +6,11 @@
 //! (~270 instructions of a ~12k-instruction memory hit, callgrind). Here a connection polls one
 //! atomic flag; it hands its task's waker to the drain once (again only if the waker changes),
 //! and the drain wakes every registered connection when it starts.
+//!
+//! The same poll checks a connection's idle timeout ([`Watcher::watch_idle`]): its
+//! [`Activity`] counts the requests started and in flight, and a [`Quiet`] ticker (one sleep per
+//! connection, no clock read per request) shuts down a connection with no request in flight and
+//! none started for the timeout, HTTP/2 clients that answer PINGs included.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use hyper_util::server::graceful::GracefulConnection;
+use outpost_net::{Activity, Quiet};
 use tokio::sync::watch;
 
 #[derive(Default)]
@@ -97,10 +103,10 @@ impl Watcher {
     pub fn watch_idle<C: GracefulConnection>(
         self,
         conn: C,
-        idle: Option<(Arc<crate::conn::Activity>, std::time::Duration)>,
+        idle: Option<(Arc<Activity>, std::time::Duration)>,
     ) -> Watched<C> {
         Watched {
-            idle: idle.map(|(activity, timeout)| IdleCheck::new(activity, timeout)),
+            idle: idle.map(|(activity, timeout)| (activity, Quiet::new(timeout))),
             conn,
             reg: Registration {
                 id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
@@ -119,55 +125,7 @@ pin_project_lite::pin_project! {
         #[pin]
         conn: C,
         reg: Registration,
-        idle: Option<IdleCheck>,
-    }
-}
-
-/// A connection's idle timer. It ticks [`IDLE_TICKS`] times per timeout and counts the ticks
-/// with no request in flight and none started since the last; the connection is idle once a
-/// whole timeout's worth of ticks were quiet, so it closes between 1 and 1.25 timeouts after its
-/// last request, with no clock read per request.
-struct IdleCheck {
-    activity: Arc<crate::conn::Activity>,
-    step: std::time::Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
-    /// Requests started at the last tick.
-    seen: u64,
-    /// Consecutive quiet ticks.
-    quiet: u32,
-}
-
-const IDLE_TICKS: u32 = 4;
-
-impl IdleCheck {
-    fn new(activity: Arc<crate::conn::Activity>, timeout: std::time::Duration) -> Self {
-        let step = (timeout / IDLE_TICKS).max(std::time::Duration::from_millis(1));
-        Self {
-            activity,
-            step,
-            sleep: Box::pin(tokio::time::sleep(step)),
-            seen: 0,
-            quiet: 0,
-        }
-    }
-
-    /// True once the connection has been idle for the timeout.
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        while self.sleep.as_mut().poll(cx).is_ready() {
-            let (started, busy) = self.activity.snapshot();
-            if busy || started != self.seen {
-                self.quiet = 0;
-            } else {
-                self.quiet += 1;
-                if self.quiet >= IDLE_TICKS {
-                    return true;
-                }
-            }
-            self.seen = started;
-            let next = tokio::time::Instant::now() + self.step;
-            self.sleep.as_mut().reset(next);
-        }
-        false
+        idle: Option<(Arc<Activity>, Quiet)>,
     }
 }
 
@@ -204,7 +162,10 @@ impl<C: GracefulConnection> Future for Watched<C> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let mut this = self.project();
         if !this.reg.shutting_down
-            && (this.reg.draining(cx.waker()) || this.idle.as_mut().is_some_and(|i| i.expired(cx)))
+            && (this.reg.draining(cx.waker())
+                || this.idle.as_mut().is_some_and(|(activity, quiet)| {
+                    quiet.poll_expired(cx, || activity.snapshot()).is_ready()
+                }))
         {
             this.reg.shutting_down = true;
             this.conn.as_mut().graceful_shutdown();

@@ -10,7 +10,6 @@
 pub mod admin;
 pub mod cache;
 pub mod config;
-pub mod conn;
 pub mod drain;
 pub mod observe;
 pub mod operator;

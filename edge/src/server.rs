@@ -338,7 +338,7 @@ impl EdgeServer {
             let _ = stop_tx.send(true);
         });
         let slots = Arc::new(tokio::sync::Semaphore::new(self.cfg.max_connections));
-        let mut accept_warnings = crate::conn::AcceptWarnings::new("data");
+        let mut accept_warnings = outpost_net::AcceptWarnings::new("data");
         let max_line = self.cfg.max_uri_size.min(usize::MAX as u64) as usize + 64;
         let idle = self.cfg.idle_timeout;
         loop {
@@ -369,7 +369,7 @@ impl EdgeServer {
                 addr: peer,
                 tls: tls.is_some(),
             };
-            let activity = Arc::new(crate::conn::Activity::default());
+            let activity = Arc::new(outpost_net::Activity::default());
             let conn_activity = activity.clone();
             // A fresh memory hit is answered within the call, and its request dropped there;
             // anything else continues in a boxed future (see `Proxy::start`).
@@ -405,8 +405,7 @@ impl EdgeServer {
                             return;
                         }
                     };
-                    let crate::conn::Opening::Serve(io) =
-                        crate::conn::opening(stream, first_bytes, max_line).await
+                    let Some(io) = outpost_net::opening(stream, first_bytes, Some(max_line)).await
                     else {
                         return;
                     };
@@ -417,9 +416,7 @@ impl EdgeServer {
             }
             tokio::spawn(async move {
                 let _slot = slot;
-                let crate::conn::Opening::Serve(io) =
-                    crate::conn::opening(tcp, first_bytes, max_line).await
-                else {
+                let Some(io) = outpost_net::opening(tcp, first_bytes, Some(max_line)).await else {
                     return;
                 };
                 let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();

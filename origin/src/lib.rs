@@ -8,7 +8,8 @@
 //! - [`config`]: `OriginConfig` from a TOML file plus flags, every error reported together.
 //! - [`rules`]: glob rules that pick `Cache-Control` and `Surrogate-Key` per path.
 //! - [`server`]: the listener, accept loop, access log and graceful shutdown.
-//! - `conn`: what bounds every connection in time and count; rate-limited accept warnings.
+//! - `conn`: what bounds every connection in time and count, on `outpost-net`: request and
+//!   body progress, the idle shutdown.
 //! - [`handler`]: the request pipeline, method to response.
 //! - [`path`]: sanitising the request path (traversal and encoding tricks are 400).
 //! - [`file`](mod@file): mapping a path to a regular file inside the root (symlink escapes are 403).

@@ -1,7 +1,7 @@
 //! The listener: accept loop, HTTP/1.1 and h2c per connection, access log, graceful shutdown.
 //!
 //! Connections are served by hyper-util's auto builder for HTTP/1.1 and HTTP/2 with prior knowledge
-//! (h2c), after [`conn::opening`] has read the first bytes under the header read timeout (the
+//! (h2c), after [`outpost_net::opening`] has read the first bytes under the header read timeout (the
 //! builder's own detection has no timeout). The HTTP/1 header read timeout needs a timer set on the
 //! HTTP/1 builder, or it silently does nothing. Every connection is bounded in time (first bytes,
 //! each HTTP/1 head, the idle timeout) and in count (`max_connections`); see [`conn`]. An
@@ -26,13 +26,14 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use outpost_net::{AcceptWarnings, Activity};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::OriginConfig;
-use crate::conn::{self, AcceptWarnings, Activity, ProgressBody};
+use crate::conn::{self, Handling, ProgressBody};
 use crate::handler::Site;
 use crate::respond::Body;
 
@@ -156,7 +157,8 @@ impl OriginServer {
             connections.spawn(
                 async move {
                     let _slot = slot;
-                    let Some(io) = conn::opening(stream, header_read_timeout).await else {
+                    let Some(io) = outpost_net::opening(stream, header_read_timeout, None).await
+                    else {
                         debug!("connection closed, failed or silent before its first request");
                         return;
                     };
@@ -165,7 +167,7 @@ impl OriginServer {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let site = site.clone();
                         let activity = requests.clone();
-                        let handling = requests.begin();
+                        let handling = Handling::begin(&requests);
                         async move {
                             let resp = access_logged(&site, req).await;
                             drop(handling);

@@ -14,13 +14,14 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use outpost_net::{AcceptWarnings, Activity};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::debug;
 
-use crate::conn::{self, AcceptWarnings, Activity};
+use crate::conn;
 use crate::health::HealthState;
 use crate::metrics::CONTENT_TYPE;
 use crate::pool::Pool;
@@ -151,7 +152,7 @@ pub(crate) async fn serve(
         let builder = builder.clone();
         conns.spawn(async move {
             let _slot = slot;
-            let Some(io) = conn::opening(tcp, limits.header_read_timeout).await else {
+            let Some(io) = outpost_net::opening(tcp, limits.header_read_timeout, None).await else {
                 return;
             };
             let activity = Arc::new(Activity::default());

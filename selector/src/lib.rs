@@ -15,7 +15,7 @@
 //! | `node` | one node's live state: health, smoothed RTT, connection counters |
 //! | `pool` | all nodes, and the ranked choice for one connection (fail-open when none is up) |
 //! | `proxy` | one connection: choose, connect with retry on the next node, splice |
-//! | `conn` | what bounds every connection in time and count; rate-limited accept warnings |
+//! | `conn` | what bounds every connection in time and count, on `outpost-net`: the idle splice, the admin port's idle shutdown |
 //! | `metrics` | the Prometheus registry behind `/metrics` |
 //! | [`admin`] | the admin port: `/metrics`, `/nodes`, `/healthz`, `/readyz` |
 //! | [`server`] | [`Selector`]: bind, accept loop, shutdown |

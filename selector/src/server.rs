@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use outpost_net::AcceptWarnings;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -18,7 +19,6 @@ use tracing::{Instrument, debug_span, info, warn};
 
 use crate::admin::{self, NodesReport};
 use crate::config::SelectorConfig;
-use crate::conn::AcceptWarnings;
 use crate::health::{self, HealthConfig};
 use crate::pool::Pool;
 use crate::proxy;
