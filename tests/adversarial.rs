@@ -866,6 +866,21 @@ async fn bad_requests_get_precise_statuses() {
         "a malformed request body is the client's: {out}"
     );
     assert!(!out.contains("error"), "no internal error text: {out}");
+    // ... and never counted as an origin error.
+    let metrics = client()
+        .get(format!("http://{}/metrics", edge.admin.expect("admin")))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let origin_errors: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("outpost_origin_errors"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(origin_errors, 0.0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,9 @@ pub enum UpstreamError {
     /// The origin's circuit breaker is open after repeated failures: failed at once.
     #[error("the origin is failing; requests to it are paused for a moment")]
     Unavailable,
+    /// The request body being forwarded failed: its framing was malformed or the client left.
+    #[error("the request body is malformed or was cut short")]
+    ClientBody,
 }
 
 impl UpstreamError {
@@ -40,6 +43,7 @@ impl UpstreamError {
             UpstreamError::Overloaded | UpstreamError::Unavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            UpstreamError::ClientBody => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -52,6 +56,7 @@ impl UpstreamError {
             UpstreamError::Protocol(_) => "protocol",
             UpstreamError::Overloaded => "overloaded",
             UpstreamError::Unavailable => "breaker_open",
+            UpstreamError::ClientBody => "client_body",
         }
     }
 

@@ -185,7 +185,15 @@ fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
         src = s.source();
     }
     if e.is_connect() {
-        UpstreamError::Connect(msg)
+        return UpstreamError::Connect(msg);
+    }
+    // The request body we were forwarding failed (the client's framing broke, or it left):
+    // the client's fault, not the origin's.
+    let user_body = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(|h| h.is_user());
+    if user_body {
+        UpstreamError::ClientBody
     } else {
         UpstreamError::Protocol(msg)
     }
@@ -225,6 +233,8 @@ impl Upstream for HyperUpstream {
             if let Some(m) = metrics {
                 match &result {
                     Ok(r) => m.record_origin(Some(r.status().as_u16()), None, started.elapsed()),
+                    // Not the origin's failure: not counted as one.
+                    Err(UpstreamError::ClientBody) => {}
                     Err(e) => m.record_origin(None, Some(e.kind()), started.elapsed()),
                 }
             }
