@@ -195,6 +195,14 @@
 //! After the review mend (92a5301: Vary memo per key group, lock-free interning, moka read on
 //! one hit in 16 again), two runs of 5 rounds: 1 KiB 94.4% and 91.4% (CPU 92.0%, 88.4%),
 //! 100 KiB 90.0% and 93.8% (CPU 91.6%, 93.1%); plain at 123-156k and 49-53k req/s.
+//!
+//! Issue 13 (safety) work, 2026-12-04, one run of 3 rounds each, same machine shared with builds:
+//! request checks before the cache, a per-connection activity count, first bytes replayed
+//! through `Prefixed`, purge state behind one more `Arc`, owned header bytes. 1 KiB memory hits
+//! 89.1% and 99.3% of plain (CPU/req 9.4 and 9.7 µs against 8.4 and 9.1), within session 4's
+//! range. 100 KiB memory hits fell to 76.3% (21.9 µs against 17.4) while the memory tier kept
+//! bodies from 64 KiB in mappings of their own (4 KiB pages); with mappings only from 1 MiB,
+//! 98.1% (24.7 µs against 23.1 in a busier run). Disk hits: 1 KiB 33.0%, 100 KiB 38.0%.
 
 mod support;
 
