@@ -610,6 +610,35 @@ async fn remove_dir_contents(dir: &Path) {
     }
 }
 
+/// A metadata file of the first format (the JSON alone, no checksum line) of the current
+/// metadata version, rewritten in place with its checksum (write to a temporary file, then
+/// rename). `None` when it is not one, or cannot be rewritten.
+fn migrate_first_format(path: &Path, data: &[u8]) -> Option<MetaFile> {
+    if data.first() != Some(&b'{') {
+        return None;
+    }
+    let file: MetaFile = serde_json::from_slice(data).ok()?;
+    if file.meta.version != super::meta::META_VERSION {
+        return None;
+    }
+    let encoded = encode_meta_file(&MetaFileOut {
+        integrity: file.integrity.clone(),
+        size: file.size,
+        meta: &file.meta,
+    })
+    .ok()?;
+    let tmp = path.with_extension("json.migrating");
+    let written = std::fs::write(&tmp, &encoded)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return None;
+    }
+    debug!(file = %path.display(), "metadata rewritten with a checksum");
+    Some(file)
+}
+
 /// Reads every metadata file, checking each. Files that fail (a checksum mismatch, an older
 /// format, damage) are deleted, never served; returns the good ones and how many failed.
 fn scan_meta_dir(dir: &Path) -> (Vec<(KeyHash, MetaFile)>, u64) {
@@ -644,6 +673,12 @@ fn scan_meta_dir(dir: &Path) -> (Vec<(KeyHash, MetaFile)>, u64) {
             };
             match decode_meta_file(&data) {
                 Ok(file) => out.push((key, file)),
+                // Written before metadata had a checksum: rewritten with one, so an upgrade
+                // loses nothing (pushed objects included). Its body is still checked against
+                // its content hash and recorded length before it is served.
+                Err(MetaReject::Format) if let Some(file) = migrate_first_format(&p, &data) => {
+                    out.push((key, file));
+                }
                 Err(e) => {
                     // One line per file at debug; the count goes into one warning.
                     debug!(file = %p.display(), error = %e, "dropping disk metadata");

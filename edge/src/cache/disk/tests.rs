@@ -309,14 +309,33 @@ async fn tampered_metadata_is_a_miss() {
 
 /// Metadata of the first format (plain JSON, no checksum) is a miss, never a misread.
 #[tokio::test]
-async fn metadata_without_a_checksum_is_a_miss() {
+async fn metadata_without_a_checksum_is_migrated_at_start_up_only() {
     let (dir, tier) = tier().await;
     let key = KeyHash::of("example.test/a");
     store(&tier, key, b"body", &meta("\"a\"")).await;
     let path = tier.meta_path(&key);
     let data = std::fs::read(&path).unwrap();
     let start = data.iter().position(|&b| b == b'{').unwrap();
-    std::fs::write(&path, &data[start..]).unwrap();
+    let first_format = data[start..].to_vec();
+    // Written by a version before checksums: kept across the upgrade, rewritten with one.
+    std::fs::write(&path, &first_format).unwrap();
+    let (tier, metas) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    assert_eq!(metas.len(), 1);
+    assert!(tier.get(&key).await.is_some());
+    assert_eq!(tier.rejected_metadata(), 0);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        data,
+        "rewritten with its checksum"
+    );
+    // A first-format file of another metadata version is dropped, never misread.
+    let other = String::from_utf8(first_format.clone()).unwrap().replacen(
+        "\"version\":1",
+        "\"version\":999",
+        1,
+    );
+    assert_ne!(other.as_bytes(), &first_format[..]);
+    std::fs::write(&path, other).unwrap();
     let (tier, metas) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
     assert!(metas.is_empty());
     assert!(tier.get(&key).await.is_none());
