@@ -150,6 +150,7 @@ fn main() {
                 surrogate_name: "bench".into(),
                 revalidations_per_sec: 100,
             stale_if_error_wait: std::time::Duration::from_secs(2),
+            send_timeout: std::time::Duration::from_secs(60),
             },
             origin.clone(),
             Clock::system(),

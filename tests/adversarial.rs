@@ -36,6 +36,7 @@ const HOST: &str = "site.test";
 struct Edge {
     addr: SocketAddr,
     admin: Option<SocketAddr>,
+    engine: Arc<outpost_edge::cache::Engine>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -63,6 +64,7 @@ impl Edge {
             .unwrap_or_else(|e| panic!("edge bind: {e}"));
         let addr = server.local_addr();
         let admin = server.admin_addr();
+        let engine = server.engine();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
@@ -70,6 +72,7 @@ impl Edge {
         Edge {
             addr,
             admin,
+            engine,
             stop: Some(stop),
             task: Some(task),
         }
@@ -936,4 +939,57 @@ async fn a_hung_origin_costs_a_stale_if_error_client_only_the_short_wait() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-cache"), "STALE");
     assert_eq!(r.body, "old copy");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A client that does not read cannot make a fill hold a large body
+// ---------------------------------------------------------------------------------------------
+
+/// A client asks for a large object (too large for the memory tier, so it streams) and reads
+/// nothing. The fill stops reading upstream a window ahead of it instead of buffering the whole
+/// body in memory, and after the send timeout the client is dropped; a second client of the
+/// same object, which reads, gets the whole body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_dropped_after_the_send_timeout() {
+    let origin = TestOrigin::start().await;
+    let big = 48 << 20;
+    origin.route(
+        "/big",
+        Reply::ok(vec![b'b'; big])
+            .header("cache-control", "max-age=300")
+            .slow_body(64 << 10, Duration::ZERO),
+    );
+    let edge = Edge::start(origin.addr(), "", |c| {
+        c.send_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut stalled = TcpStream::connect(edge.addr).await.expect("connect");
+    stalled
+        .write_all(format!("GET /big HTTP/1.1\r\nhost: {HOST}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    // Reads nothing; the edge gives up on it after the send timeout.
+    let dropped = async {
+        for _ in 0..200 {
+            if edge
+                .engine
+                .stats
+                .slow_readers_dropped
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    assert!(
+        dropped.await,
+        "the client that reads nothing was never dropped"
+    );
+    let r = get(&edge.url("/big"), &[("host", HOST)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), big);
+    drop(stalled);
 }

@@ -127,6 +127,7 @@ struct RawLimits {
     origin_breaker_cooldown: Option<Setting<RawDuration>>,
     drain_timeout: Option<Setting<RawDuration>>,
     idle_timeout: Option<Setting<RawDuration>>,
+    send_timeout: Option<Setting<RawDuration>>,
     max_connections: Option<Setting<u64>>,
     admin_max_connections: Option<Setting<u64>>,
     max_uri_size: Option<Setting<RawSize>>,
@@ -204,6 +205,9 @@ pub struct EdgeConfig {
     /// A connection with no request in flight for this long is closed (HTTP/1 keep-alive is
     /// bounded by `header_read_timeout` too).
     pub idle_timeout: Duration,
+    /// A client that takes no byte of a streaming response for this long, while the fill it
+    /// reads from waits on it, is dropped (nginx's `send_timeout`).
+    pub send_timeout: Duration,
     /// Open client connections per listener (data, TLS); more wait in the kernel's backlog.
     pub max_connections: usize,
     /// Open connections on the admin listener.
@@ -437,6 +441,7 @@ impl EdgeConfig {
             2,
         );
         let idle_timeout = dur(&mut d, "limits.idle_timeout", &raw.limits.idle_timeout, 60);
+        let send_timeout = dur(&mut d, "limits.send_timeout", &raw.limits.send_timeout, 60);
         let max_uri_size = size(
             &mut d,
             "limits.max_uri_size",
@@ -560,6 +565,7 @@ impl EdgeConfig {
             origin_breaker_failures: breaker_failures.expect("checked").min(u32::MAX as u64) as u32,
             origin_breaker_cooldown: breaker_cooldown.expect("checked"),
             idle_timeout: idle_timeout.expect("checked"),
+            send_timeout: send_timeout.expect("checked"),
             max_connections: max_connections.expect("checked") as usize,
             admin_max_connections: admin_max_connections.expect("checked") as usize,
             max_uri_size: max_uri_size.expect("checked"),

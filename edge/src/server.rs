@@ -142,6 +142,7 @@ impl EdgeServer {
                 surrogate_name: cfg.name.clone(),
                 revalidations_per_sec: 100,
                 stale_if_error_wait: cfg.stale_if_error_wait,
+                send_timeout: cfg.send_timeout,
             },
             upstream.clone(),
             clock,

@@ -6,9 +6,13 @@
 //! arrive, not when the fill ends. Chunks are shared `Bytes` (no copy per reader).
 //!
 //! Memory: a fill that will enter the memory tier keeps every chunk (they become the cached
-//! body). Any other fill drops chunks once every current reader has passed them, so a large
-//! object streams through with a bounded window. A request arriving after chunks were dropped
-//! cannot join; it fetches on its own.
+//! body; the engine's budget bounds them). Any other fill drops chunks once every current reader
+//! has passed them, and reads upstream no further than [`FILL_WINDOW`] bytes ahead of its
+//! slowest reader ([`Fill::wait_for_room`]): a client that reads slowly, or not at all, cannot
+//! make the fill hold a large body in memory. A reader that takes nothing for the send timeout
+//! while the fill waits for it is dropped (its response is cut), as nginx's `send_timeout`
+//! closes such a client, so it cannot hold the fill (and its upstream connection) either. A
+//! request arriving after chunks were dropped cannot join; it fetches on its own.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -23,6 +27,9 @@ use tokio::sync::watch;
 use super::key::KeyHash;
 use super::meta::CachedMeta;
 use super::upstream::UpstreamError;
+
+/// How far a fill that is not kept for the memory tier reads ahead of its slowest reader.
+pub const FILL_WINDOW: usize = 2 << 20;
 
 /// Bytes that fills hold beyond what the tiers count, bounded for the whole engine: the body a
 /// fill keeps for the memory tier while it arrives (and the copy made at its end), and the
@@ -122,6 +129,10 @@ struct State {
     settled: bool,
     /// Chunks at the end of `chunks` that readers may not take yet ([`Fill::push_held`]).
     held: usize,
+    /// Bytes in `chunks`.
+    buffered: usize,
+    /// Readers dropped for taking nothing while the fill waited on them.
+    dropped: std::collections::HashSet<u64>,
 }
 
 /// Held by the task that runs a fill: when the task ends, however it ends (returned, panicked,
@@ -143,6 +154,8 @@ pub struct Fill {
     cancelled: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     version: watch::Sender<u64>,
+    /// Woken when readers free chunks ([`Fill::wait_for_room`]).
+    drained: tokio::sync::Notify,
     /// Time the upstream took to answer (nanoseconds; 0 until it did).
     upstream_nanos: std::sync::atomic::AtomicU64,
 }
@@ -163,8 +176,55 @@ impl Fill {
                 ..State::default()
             }),
             version: watch::channel(0).0,
+            drained: tokio::sync::Notify::new(),
             upstream_nanos: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Waits until the fill may read on: it keeps every chunk (the memory tier's budget bounds
+    /// it), or its readers are less than `window` bytes behind. A reader that frees nothing for
+    /// `stall` while the fill waits on it is dropped (its response fails; it no longer holds
+    /// chunks). Returns how many readers were dropped.
+    pub async fn wait_for_room(&self, window: usize, stall: std::time::Duration) -> usize {
+        let mut dropped = 0;
+        loop {
+            let freed = self.drained.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let st = self.lock();
+                if st.keep_all || st.buffered <= window {
+                    return dropped;
+                }
+            }
+            if tokio::time::timeout(stall, freed).await.is_err() {
+                dropped += self.drop_slowest();
+            }
+        }
+    }
+
+    /// Drops the readers furthest behind (see [`Fill::wait_for_room`]).
+    fn drop_slowest(&self) -> usize {
+        let n = {
+            let mut st = self.lock();
+            let Some(min) = st.cursors.values().copied().min() else {
+                return 0;
+            };
+            let slow: Vec<u64> = st
+                .cursors
+                .iter()
+                .filter(|(_, c)| **c == min)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &slow {
+                st.cursors.remove(id);
+                st.dropped.insert(*id);
+            }
+            trim(&mut st);
+            slow.len()
+        };
+        self.bump();
+        n
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -219,6 +279,7 @@ impl Fill {
     pub fn push(&self, chunk: Bytes) {
         {
             let mut st = self.lock();
+            st.buffered += chunk.len();
             st.chunks.push_back(chunk);
             trim(&mut st);
         }
@@ -231,6 +292,7 @@ impl Fill {
     /// [`Fill::release`].
     pub fn push_held(&self, chunk: Bytes) {
         let mut st = self.lock();
+        st.buffered += chunk.len();
         st.chunks.push_back(chunk);
         st.held += 1;
         trim(&mut st);
@@ -356,8 +418,10 @@ fn trim(st: &mut State) {
         return;
     }
     let min = st.cursors.values().copied().min().unwrap_or(usize::MAX);
-    while st.base < min && !st.chunks.is_empty() {
-        st.chunks.pop_front();
+    while st.base < min
+        && let Some(c) = st.chunks.pop_front()
+    {
+        st.buffered -= c.len();
         st.base += 1;
         st.trimmed = true;
     }
@@ -380,6 +444,9 @@ enum Next {
 impl FillReader {
     fn next_now(&mut self) -> Next {
         let mut st = self.fill.lock();
+        if st.dropped.contains(&self.id) {
+            return Next::Error("the client took nothing for the send timeout".into());
+        }
         let idx = self.cursor - st.base.min(self.cursor);
         let visible = st.chunks.len() - st.held;
         if self.cursor >= st.base
@@ -388,7 +455,11 @@ impl FillReader {
         {
             self.cursor += 1;
             st.cursors.insert(self.id, self.cursor);
+            let before = st.buffered;
             trim(&mut st);
+            if st.buffered < before {
+                self.fill.drained.notify_waiters();
+            }
             return Next::Chunk(c);
         }
         match &st.done {
@@ -431,7 +502,9 @@ impl Drop for FillReader {
     fn drop(&mut self) {
         let mut st = self.fill.lock();
         st.cursors.remove(&self.id);
+        st.dropped.remove(&self.id);
         trim(&mut st);
+        self.fill.drained.notify_waiters();
     }
 }
 
@@ -456,6 +529,57 @@ mod tests {
         fill.finish(Ok(()));
         assert_eq!(s1.next().await.unwrap().unwrap(), "cd");
         assert!(s1.next().await.is_none());
+    }
+
+    /// A streaming fill reads no further than the window ahead of its slowest reader, and a
+    /// reader that takes nothing for the stall time while the fill waits is dropped: memory
+    /// stays bounded and the fill goes on for the others.
+    #[tokio::test]
+    async fn a_slow_reader_holds_back_the_fill_then_is_dropped() {
+        let fill = Fill::new(KeyHash::of("k"));
+        fill.set_keep_all(false);
+        let slow = fill.reader().unwrap();
+        let fast = fill.reader().unwrap();
+        let mut fast = Box::pin(fast.into_stream());
+        let mut slow = Box::pin(slow.into_stream());
+        let pusher = tokio::spawn({
+            let fill = fill.clone();
+            async move {
+                let mut dropped = 0;
+                for _ in 0..64 {
+                    dropped += fill.wait_for_room(4096, Duration::from_secs(1)).await;
+                    fill.push(Bytes::from(vec![0u8; 1024]));
+                }
+                fill.finish(Ok(()));
+                dropped
+            }
+        });
+        // The fast reader keeps up; the slow one reads nothing.
+        let mut got = 0;
+        for _ in 0..5 {
+            got += fast.next().await.unwrap().unwrap().len();
+        }
+        // Well within the stall time, the fill is held back.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !pusher.is_finished(),
+            "the fill ran ahead of the slow reader"
+        );
+        assert!(
+            fill.lock().buffered <= 4096 + 1024,
+            "{}",
+            fill.lock().buffered
+        );
+        // Past the stall time the slow reader is dropped and the fill completes.
+        while let Some(c) = fast.next().await {
+            got += c.unwrap().len();
+        }
+        assert_eq!(got, 64 * 1024);
+        assert_eq!(pusher.await.unwrap(), 1);
+        assert!(
+            slow.next().await.unwrap().is_err(),
+            "the slow reader's body fails"
+        );
     }
 
     /// Waiters hold the fill, so its channel never closes under them: the end of the task

@@ -501,6 +501,15 @@ impl Engine {
         let mut storing = storing;
         let mut in_memory = false;
         loop {
+            // Never further ahead of the slowest reader than the window (unless kept whole).
+            let dropped = fill
+                .wait_for_room(fill::FILL_WINDOW, self.cfg.send_timeout)
+                .await;
+            if dropped > 0 {
+                self.stats
+                    .slow_readers_dropped
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
+            }
             match body.frame().await {
                 None => break,
                 Some(Ok(frame)) => {
@@ -786,6 +795,7 @@ mod tests {
                 surrogate_name: "outpost".into(),
                 revalidations_per_sec: 10,
                 stale_if_error_wait: std::time::Duration::ZERO,
+                send_timeout: std::time::Duration::from_secs(60),
             },
             origin.clone(),
             Clock::manual(),

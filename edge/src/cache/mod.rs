@@ -82,6 +82,9 @@ pub struct EngineConfig {
     /// `stale-if-error` still allows is served instead; the fill goes on in the background.
     /// Zero waits for the upstream's own timeouts.
     pub stale_if_error_wait: Duration,
+    /// A reader of a streaming fill that takes nothing for this long while the fill waits on
+    /// it is dropped (`limits.send_timeout`; see [`fill`]).
+    pub send_timeout: Duration,
 }
 
 /// A cacheable request (GET or HEAD) as the engine sees it.
@@ -102,6 +105,8 @@ pub struct EngineStats {
     pub coalesced: AtomicU64,
     pub disk_write_errors: AtomicU64,
     pub disk_writes_abandoned: AtomicU64,
+    /// Readers dropped for taking nothing for the send timeout while their fill waited.
+    pub slow_readers_dropped: AtomicU64,
 }
 
 /// A stored object found by a lookup.

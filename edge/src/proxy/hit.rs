@@ -693,6 +693,7 @@ mod tests {
                 surrogate_name: "outpost".into(),
                 revalidations_per_sec: 10,
                 stale_if_error_wait: std::time::Duration::ZERO,
+                send_timeout: std::time::Duration::from_secs(60),
             },
             origin.clone(),
             clock.clone(),

@@ -310,12 +310,17 @@ pin_project_lite::pin_project! {
     /// An upstream body that fails when no piece of it arrives within the timeout: the fill
     /// is abandoned (nothing partial is stored), the client's response is cut (never presented
     /// as complete), the concurrency permit is returned and the connection is closed.
+    ///
+    /// The clock runs only while the body is being waited on: a consumer that pauses between
+    /// two pieces (a fill waiting for a slow reader) is not the origin's silence.
     struct IdleTimeout {
         #[pin]
         body: UpstreamBody,
         timeout: Duration,
         #[pin]
         sleep: tokio::time::Sleep,
+        // The sleep is armed for the piece being waited on now.
+        waiting: bool,
     }
 }
 
@@ -325,6 +330,7 @@ impl IdleTimeout {
             body,
             timeout,
             sleep: tokio::time::sleep(timeout),
+            waiting: false,
         }
     }
 }
@@ -338,11 +344,15 @@ impl http_body::Body for IdleTimeout {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         use std::task::Poll;
-        let this = self.project();
+        let mut this = self.project();
+        if !*this.waiting {
+            let next = tokio::time::Instant::now() + *this.timeout;
+            this.sleep.as_mut().reset(next);
+            *this.waiting = true;
+        }
         match this.body.poll_frame(cx) {
             Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + *this.timeout;
-                this.sleep.reset(next);
+                *this.waiting = false;
                 Poll::Ready(frame)
             }
             Poll::Pending => match this.sleep.poll(cx) {
