@@ -988,6 +988,20 @@ async fn a_client_that_does_not_read_is_dropped_after_the_send_timeout() {
         dropped.await,
         "the client that reads nothing was never dropped"
     );
+    let metrics = client()
+        .get(format!("http://{}/metrics", edge.admin.expect("admin")))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("outpost_slow_readers_dropped") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
     let r = get(&edge.url("/big"), &[("host", HOST)]).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), big);

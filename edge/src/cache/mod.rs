@@ -280,6 +280,14 @@ impl Engine {
         )
     }
 
+    /// Disk metadata files dropped for failing their checksum or format check, and content
+    /// files removed by the start-up sweep, since start.
+    pub fn disk_integrity(&self) -> (u64, u64) {
+        self.disk
+            .as_ref()
+            .map_or((0, 0), |d| (d.rejected_metadata(), d.swept().0))
+    }
+
     /// Pushed objects held.
     pub fn pushed_count(&self) -> u64 {
         self.pinned.as_ref().map_or(0, |p| p.tier().entry_count())

@@ -540,6 +540,28 @@ impl Collector for Collector_ {
                     engine.stats.disk_writes_abandoned.load(Ordering::Relaxed),
                 )],
             )?;
+            counter(
+                &mut enc,
+                "outpost_slow_readers_dropped",
+                "Clients dropped for taking no byte of a streaming response for the send timeout.",
+                &[(
+                    &[],
+                    engine.stats.slow_readers_dropped.load(Ordering::Relaxed),
+                )],
+            )?;
+            let (rejected, swept) = engine.disk_integrity();
+            counter(
+                &mut enc,
+                "outpost_disk_metadata_rejected",
+                "Disk metadata files dropped for failing their checksum or format check (the objects were misses).",
+                &[(&[], rejected)],
+            )?;
+            counter(
+                &mut enc,
+                "outpost_disk_content_swept",
+                "Content files no index entry referenced, removed by the start-up sweep.",
+                &[(&[], swept)],
+            )?;
             let usage = engine.usage();
             let objs: Vec<([(&str, &str); 1], f64)> = usage
                 .iter()
