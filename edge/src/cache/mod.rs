@@ -150,20 +150,52 @@ pub struct Engine {
     reclaim: AtomicU64,
     budget: std::sync::Mutex<Budget>,
     pub stats: Arc<EngineStats>,
-    /// Fill bodies kept for the memory tier ([`fill::Budget`], [`MEMORY_FILL_BUDGET`]).
+    /// Fill bodies kept for the memory tier ([`fill::Budget`], [`MemoryShares`]).
     memory_fills: Arc<fill::Budget>,
-    /// Chunks queued for disk writers ([`DISK_QUEUE_BUDGET`]).
+    /// Chunks queued for disk writers ([`MemoryShares`]).
     disk_queue: Arc<fill::Budget>,
 }
 
-/// Bytes of bodies that fills may hold at once for the memory tier, counted twice (the chunks
-/// as they arrive, then the compact copy the tier keeps). A fill that does not fit streams
-/// through without a memory copy (a disk tier still stores it; a later hit promotes it).
-pub const MEMORY_FILL_BUDGET: u64 = 16 << 20;
+/// How `--memory` is shared out. It covers everything the cache holds, not only the memory
+/// tier: the parsed metadata the disk tiers keep (1/16 each, see
+/// [`disk::held_meta_budget`]), the bodies fills hold for the memory tier while they arrive,
+/// counted twice (the chunks, then the compact copy), and the chunks queued for disk writers.
+/// The memory tier gets the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryShares {
+    pub tier: u64,
+    /// Parsed metadata held by each disk tier (the cache's and the pushed objects').
+    pub held_meta: u64,
+    /// Fill bodies for the memory tier: a fill that does not fit streams through without a
+    /// memory copy (a disk tier still stores it; a later hit promotes it). A fifth of what the
+    /// tier gets, so the largest object the tier takes (an eighth of it) fits twice over.
+    pub memory_fills: u64,
+    /// Disk writer queues: a fill whose writer falls that far behind gives up its disk copy.
+    pub disk_queue: u64,
+}
 
-/// Bytes of chunks queued for disk writers at once. A fill whose writer falls that far behind
-/// gives up its disk copy, as it does when its own queue is full.
-pub const DISK_QUEUE_BUDGET: u64 = 8 << 20;
+impl MemoryShares {
+    pub fn of(memory: u64, disk: bool) -> Self {
+        let held_meta = if disk {
+            disk::held_meta_budget(memory)
+        } else {
+            0
+        };
+        let disk_queue = if disk {
+            (memory / 16).clamp(1 << 20, 64 << 20)
+        } else {
+            0
+        };
+        let rest = memory.saturating_sub(2 * held_meta + disk_queue);
+        let memory_fills = (rest / 5).clamp(1 << 20, 256 << 20).min(rest / 2);
+        Self {
+            tier: rest.saturating_sub(memory_fills).max(1),
+            held_meta,
+            memory_fills,
+            disk_queue,
+        }
+    }
+}
 
 const MAX_TRACKED_HOSTS: usize = 1024;
 
@@ -174,13 +206,9 @@ impl Engine {
         upstream: Arc<dyn Upstream>,
         clock: Clock,
     ) -> io::Result<Arc<Self>> {
-        // `--memory` covers the memory tier and the metadata the disk tiers hold parsed.
-        let held_budget = if cfg.disk.is_some() {
-            disk::held_meta_budget(cfg.memory_bytes)
-        } else {
-            0
-        };
-        let memory = MemoryTier::new(cfg.memory_bytes.saturating_sub(2 * held_budget).max(1));
+        let shares = MemoryShares::of(cfg.memory_bytes, cfg.disk.is_some());
+        let held_budget = shares.held_meta;
+        let memory = MemoryTier::new(shares.tier);
         let gens = invalidation::Generations::load(
             cfg.disk.as_ref().map(|(dir, _)| dir.join("purges.json")),
         )?;
@@ -229,8 +257,8 @@ impl Engine {
             hosts,
             reclaim: AtomicU64::new(0),
             stats: Arc::new(EngineStats::default()),
-            memory_fills: fill::Budget::new(MEMORY_FILL_BUDGET),
-            disk_queue: fill::Budget::new(DISK_QUEUE_BUDGET),
+            memory_fills: fill::Budget::new(shares.memory_fills),
+            disk_queue: fill::Budget::new(shares.disk_queue),
         });
         // moka has no background thread: run its housekeeping (eviction, size accounting).
         let weak = Arc::downgrade(&engine);
