@@ -457,12 +457,12 @@ async fn accept_tls(
 
 /// The request phase's settings from a config (at start-up and on reload).
 fn route_of(cfg: &EdgeConfig) -> crate::proxy::Route {
-    let key_opts = KeyOptions {
-        ignore_query_params: cfg.ignore_query_params.clone(),
-        keyed_headers: Vec::new(),
-    };
     crate::proxy::Route {
-        key_opts: crate::proxy::request::keyed(key_opts, &cfg.forward_headers),
+        // Every forwarding field the operator forwards is part of the key.
+        key_opts: KeyOptions {
+            ignore_query_params: cfg.ignore_query_params.clone(),
+            keyed_headers: cfg.forward_headers.clone(),
+        },
         versioning: crate::proxy::Versioning {
             param: cfg.version_param.clone(),
             strip_upstream: cfg.strip_version_param,

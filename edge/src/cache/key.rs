@@ -197,6 +197,11 @@ impl CacheKey {
         self.hash
     }
 
+    /// The key's host and request target (`host/path?query`), without keyed request fields.
+    pub fn target(&self) -> &str {
+        target_of(&self.text)
+    }
+
     /// The path part of the key (`/a/b?x=1` without the host).
     pub fn path(&self) -> &str {
         self.text.find('/').map(|i| &self.text[i..]).unwrap_or("/")
@@ -245,8 +250,7 @@ impl NormalizedRequest {
     ) -> Result<Self, KeyError> {
         let text = key_text(uri, headers, opts)?;
         let host = &text[..text.find('/').unwrap_or(text.len())];
-        let target = &text[..text.find('#').unwrap_or(text.len())];
-        let abs_uri: Uri = format!("http://{target}")
+        let abs_uri: Uri = format!("http://{}", target_of(&text))
             .parse()
             .map_err(|_| KeyError::BadPath)?;
         let host_value = HeaderValue::from_str(host).map_err(|_| KeyError::BadHost)?;
@@ -274,6 +278,11 @@ impl NormalizedRequest {
             parts,
         })
     }
+}
+
+/// A key text without its keyed request fields (after `#`, see [`KeyOptions::keyed_headers`]).
+fn target_of(text: &str) -> &str {
+    &text[..text.find('#').unwrap_or(text.len())]
 }
 
 /// The key text of a request: `host/path?query`, the host from the URI authority (HTTP/2,

@@ -125,31 +125,33 @@ fn key_of(
     if target.len() > settings.route.limits.max_uri {
         return None;
     }
-    if !opts.keyed_headers.is_empty() {
-        // The key holds request fields beyond the target: no memo.
-        let text = key_text(uri, headers, opts).ok()?;
-        let path = &text[text.find('/').unwrap_or(text.len())..];
-        return Some((KeyHash::of(&text), need_path.then(|| path.to_string())));
-    }
+    // The memo is keyed by the target alone: a key that holds request fields (keyed forwarding
+    // headers) is computed every time.
+    let memoised = opts.keyed_headers.is_empty();
     let generation = settings.generation;
     let slot = {
         use std::hash::BuildHasher;
         let h = foldhash::fast::FixedState::default().hash_one((generation, host, target));
         (h as usize) & (MEMO_SLOTS - 1)
     };
-    let known = MEMO.with_borrow(|memo| {
-        memo[slot]
-            .as_ref()
-            .filter(|m| m.generation == generation && *m.host == *host && *m.target == *target)
-            .map(|m| (m.hash, need_path.then(|| m.path.to_string())))
-    });
-    if known.is_some() {
-        return known;
+    if memoised {
+        let known = MEMO.with_borrow(|memo| {
+            memo[slot]
+                .as_ref()
+                .filter(|m| m.generation == generation && *m.host == *host && *m.target == *target)
+                .map(|m| (m.hash, need_path.then(|| m.path.to_string())))
+        });
+        if known.is_some() {
+            return known;
+        }
     }
     let text = key_text(uri, headers, opts).ok()?;
     let hash = KeyHash::of(&text);
     let path = &text[text.find('/').unwrap_or(text.len())..];
     let out = (hash, need_path.then(|| path.to_string()));
+    if !memoised {
+        return Some(out);
+    }
     MEMO.with_borrow_mut(|memo| {
         memo[slot] = Some(Memo {
             generation,

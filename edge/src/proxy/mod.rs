@@ -357,10 +357,8 @@ impl Proxy {
             .is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
         // The absolute URL of the key (its host and target), as `outpost purge` sends it, so
         // shields and peers read it the same way.
-        let key = norm.key.as_str();
-        let target = &key[..key.find('#').unwrap_or(key.len())];
         let req = outpost_purge_api::PurgeRequest {
-            urls: vec![format!("http://{target}")],
+            urls: vec![format!("http://{}", norm.key.target())],
             soft,
             ..Default::default()
         };
@@ -441,18 +439,7 @@ impl Proxy {
         upstream
             .extensions
             .insert(crate::cache::upstream::RouteKey(norm.key.hash()));
-        // A client body that breaks mid-way (bad chunked framing, a reset) is the client's
-        // fault: 400, not an origin error.
-        let body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = body_failed.clone();
-        let body = body
-            .into_upstream()
-            .map_err(move |e| {
-                flag.store(true, std::sync::atomic::Ordering::Relaxed);
-                e
-            })
-            .boxed();
-        let upstream_req = Request::from_parts(upstream, body);
+        let upstream_req = Request::from_parts(upstream, body.into_upstream());
         let now = self.engine.clock().now();
         let sent = std::time::Instant::now();
         match self.upstream.fetch(upstream_req).await {
@@ -483,9 +470,11 @@ impl Proxy {
                 r.headers_mut().remove(header::CONTENT_LENGTH);
                 r
             }
-            Err(_) if body_failed.load(std::sync::atomic::Ordering::Relaxed) => refuse(
+            // A client body that broke mid-way (bad chunked framing, a reset) is the client's
+            // fault: 400, and the rest of that body is never read as a request.
+            Err(e @ crate::cache::upstream::UpstreamError::ClientBody) => refuse(
                 &request::Refusal {
-                    status: StatusCode::BAD_REQUEST,
+                    status: e.status(),
                     reason: "the request body is malformed or was cut short",
                 },
                 true,

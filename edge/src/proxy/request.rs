@@ -20,7 +20,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version, request};
 
 use super::headers::{self, is_hop_by_hop};
-use crate::cache::key::{KeyOptions, NormalizedRequest};
+use crate::cache::key::NormalizedRequest;
 
 /// Forwarding and override fields stripped from upstream requests unless the operator forwards
 /// them: each lets a client change what the origin serves (host, path, method, scheme) without
@@ -269,15 +269,10 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: std::net::SocketAddr) {
     }
 }
 
-/// The key options with the forwarded dangerous fields keyed.
-pub fn keyed(mut opts: KeyOptions, forward: &[HeaderName]) -> KeyOptions {
-    opts.keyed_headers = forward.to_vec();
-    opts
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::key::KeyOptions;
 
     fn parts(
         method: &str,
