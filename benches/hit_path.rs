@@ -203,6 +203,21 @@
 //! range. 100 KiB memory hits fell to 76.3% (21.9 µs against 17.4) while the memory tier kept
 //! bodies from 64 KiB in mappings of their own (4 KiB pages); with mappings only from 1 MiB,
 //! 98.1% (24.7 µs against 23.1 in a busier run). Disk hits: 1 KiB 33.0%, 100 KiB 38.0%.
+//!
+//! A/B at the end of that work: old = 2fa70dd, new = d4ac586, full bench, alternating
+//! old/new three times (each run 3 rounds; "vs plain" against plain hyper in the same run,
+//! CPU/req of the edge case):
+//!
+//! | case               | old vs plain (runs)   | new vs plain (runs)   | old CPU/req      | new CPU/req      |
+//! |--------------------|-----------------------|-----------------------|------------------|------------------|
+//! | edge-memory 1KiB   | 98.6%, 88.9%, 96.6%   | 92.7%, 91.4%, 94.6%   | 10.3, 8.7, 8.7 µs | 9.0, 9.2, 8.5 µs |
+//! | edge-disk 1KiB     | 36.6%, 33.2%, 35.0%   | 34.7%, 35.5%, 35.3%   | 37.6, 35.6, 35.1 µs | 35.9, 34.4, 34.1 µs |
+//! | edge-memory 100KiB | 83.9%, 82.8%, 75.8%   | 76.4%, 78.1%, 76.0%   | 21.2, 22.3, 20.9 µs | 20.5, 23.8, 21.8 µs |
+//! | edge-disk 100KiB   | 44.2%, 38.8%, 40.3%   | 39.5%, 39.3%, 41.5%   | 63.4, 66.8, 64.6 µs | 62.9, 68.0, 62.9 µs |
+//!
+//! Medians: 1 KiB memory hits 96.6% -> 92.7% of plain (CPU 8.7 -> 9.0 µs); 100 KiB memory hits
+//! 82.8% -> 76.4% (CPU 21.2 -> 21.8 µs); disk hits unchanged. The 1 KiB runs overlap; the
+//! 100 KiB ratio looks ~6 points lower, at ~3% more CPU per hit, not investigated further.
 
 mod support;
 
