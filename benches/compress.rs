@@ -1,5 +1,5 @@
 //! Compression: (1) single-core throughput of each codec and level on text and JSON, through
-//! the whole-buffer functions the edge uses (`outpost_edge::proxy::compress::{encode, decode}`,
+//! the whole-buffer functions the edge uses (`outpost_edge::compress::{encode, decode}`,
 //! flate2 with zlib-rs and brotli 9); (2) hit-path requests per second for a stored br / gzip
 //! variant next to the identity object of the same resource (the baseline; they should be
 //! equal, since a variant hit compresses nothing).
@@ -73,7 +73,7 @@ use outpost_config::Source;
 use outpost_edge::cache::clock::Clock;
 use outpost_edge::cache::key::Coding;
 use outpost_edge::cache::upstream::{Upstream, UpstreamBody, UpstreamError};
-use outpost_edge::proxy::compress::{self, CompressionStats};
+use outpost_edge::compress::{self, CompressionStats};
 use outpost_edge::{EdgeConfig, EdgeOverrides, EdgeServer};
 
 use support::client::{Conn, XCache};

@@ -222,7 +222,7 @@
 mod support;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: outpost_alloc::MiMalloc = outpost_alloc::MiMalloc;
 
 use std::io;
 use std::net::SocketAddr;
@@ -272,6 +272,7 @@ impl Case {
 }
 
 fn main() {
+    outpost_alloc::tune(); // as `outpost` does
     let smoke = support::smoke_mode();
     let (conns, warmup, measure, rounds) = if smoke {
         (2, Duration::ZERO, Duration::from_millis(200), 1)

@@ -17,9 +17,10 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// mimalloc: the hit path allocates a few small blocks per request on every worker thread;
-/// glibc's allocator showed up in profiles with arena lock waits and consolidation.
+/// glibc's allocator showed up in profiles with arena lock waits and consolidation. `main`
+/// tunes it to return freed pages at once (`outpost_alloc::tune`), so RSS follows `--memory`.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: outpost_alloc::MiMalloc = outpost_alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -199,6 +200,7 @@ struct PushArgs {
 }
 
 fn main() -> ExitCode {
+    outpost_alloc::tune();
     // Exactly one rustls provider in the graph (aws-lc-rs); install it before anything that
     // could build a TLS config, or rustls panics when it cannot pick one.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

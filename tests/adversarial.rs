@@ -868,7 +868,16 @@ async fn bad_requests_get_precise_statuses() {
         400,
         "a malformed request body is the client's: {out}"
     );
-    assert!(!out.contains("error"), "no internal error text: {out}");
+    // No internal error text: not in the body, and Proxy-Status (RFC 9209) names only the
+    // error type and the client-safe message.
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    assert!(!body.contains("error"), "no internal error text: {out}");
+    assert!(
+        head.contains(
+            "proxy-status: outpost; error=http_request_error; details=\"the request body is malformed or was cut short\""
+        ),
+        "{out}"
+    );
     // ... and never counted as an origin error.
     let metrics = client()
         .get(format!("http://{}/metrics", edge.admin.expect("admin")))

@@ -28,7 +28,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use outpost_config::Source;
 use outpost_edge::cache::{Engine, PurgeSpec};
-use outpost_edge::proxy::compress::{CompressionSnapshot, CompressionStats};
+use outpost_edge::compress::{CompressionSnapshot, CompressionStats};
 use outpost_edge::{EdgeConfig, EdgeOverrides, EdgeServer};
 use outpost_origin::{OriginConfig, OriginOverrides, OriginServer};
 use tokio::net::TcpListener;

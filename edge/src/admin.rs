@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -19,9 +19,12 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use crate::cache::Engine;
+use crate::error::EdgeError;
 use crate::observe::metrics::{CACHE_LABELS, EdgeMetrics, hit_ratio};
 use crate::observe::window::{Point, WindowStats, Windows};
-use crate::proxy::respond::{RespBody, full, plain};
+use crate::tls::TlsState;
+use outpost_http::body::{RespBody, full, json, plain};
+use outpost_purge_api::AdminError;
 
 /// The status page: self-contained HTML, CSS and JS (no asset from the internet); it polls
 /// `/stats` every second and draws the last 15 minutes on a canvas.
@@ -126,7 +129,7 @@ impl AdminState {
             return outpost_purge_api::handle(req, &self.operator, &auth, &self.limits)
                 .await
                 .map(|r| r.map(RespBody::boxed))
-                .unwrap_or_else(|| plain(StatusCode::NOT_FOUND, "not found"));
+                .unwrap_or_else(|| admin_error(AdminError::NotFound(path)));
         }
         let read_only = matches!(
             path.as_str(),
@@ -139,7 +142,7 @@ impl AdminState {
                 .load()
                 .check(req.headers(), outpost_purge_api::Scope::Read)
         {
-            return crate::admin::api_error(&outpost_purge_api::AdminError::Auth(e));
+            return admin_error(AdminError::Auth(e));
         }
         match path.as_str() {
             "/" | "/status" => {
@@ -166,7 +169,7 @@ impl AdminState {
                 r
             }
             "/stats" => json(&self.stats()),
-            "/tls/reload" => crate::tls::admin_reload(
+            "/tls/reload" => tls_reload(
                 self.tls.as_deref(),
                 &self.auth.load(),
                 req.method(),
@@ -187,36 +190,70 @@ impl AdminState {
                 );
                 r
             }
-            _ => plain(
-                StatusCode::NOT_FOUND,
-                "not found: the admin port serves /, /healthz, /readyz, /metrics, /stats, /usage, /purge, /objects and /tls/reload",
-            ),
+            _ => admin_error(AdminError::NotFound(format!(
+                "{path} (the admin port serves /, /healthz, /readyz, /metrics, /stats, /usage, /purge, /objects and /tls/reload)"
+            ))),
         }
     }
 }
 
-/// The purge API's error response for `e`.
-pub fn api_error(e: &outpost_purge_api::AdminError) -> Response<RespBody> {
-    outpost_purge_api::error_response(e).map(RespBody::boxed)
+/// Every admin error is JSON ([`outpost_purge_api::error_response`]).
+fn admin_error(e: AdminError) -> Response<RespBody> {
+    crate::error::error_response(&EdgeError::Admin(e), "")
 }
 
-pub fn json<T: Serialize>(v: &T) -> Response<RespBody> {
-    match serde_json::to_vec(v) {
-        Ok(b) => {
-            let mut r = Response::new(full(Bytes::from(b)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
-        }
-        Err(e) => plain(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("internal error: encoding JSON: {e}"),
+/// `POST /tls/reload` on the admin port: re-reads the certificate files. Needs a token with
+/// the `push` scope (unless the admin API is open). 200 with the certificates now served;
+/// 422 with the reason when the new files are broken (the running certificates stay); 404
+/// when this node has no TLS listener.
+fn tls_reload(
+    tls: Option<&TlsState>,
+    auth: &outpost_purge_api::Auth,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Response<RespBody> {
+    if method != Method::POST {
+        return admin_error(AdminError::MethodNotAllowed {
+            path: "/tls/reload",
+            allow: "POST",
+        });
+    }
+    if let Err(e) = auth.check(headers, outpost_purge_api::Scope::Push) {
+        return admin_error(AdminError::Auth(e));
+    }
+    let Some(tls) = tls else {
+        return admin_error(AdminError::NotFound(
+            "this node has no TLS listener (set [tls] in its config)".into(),
+        ));
+    };
+    #[derive(Serialize)]
+    struct Reloaded {
+        reloaded: bool,
+        certs: Vec<crate::tls::CertSummary>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    }
+    let (status, body) = match tls.reload() {
+        Ok(certs) => (
+            StatusCode::OK,
+            Reloaded {
+                reloaded: true,
+                certs,
+                error: None,
+            },
         ),
-    }
+        Err(e) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Reloaded {
+                reloaded: false,
+                certs: tls.certs(),
+                error: Some(format!("{e} (the running certificates are kept)")),
+            },
+        ),
+    };
+    let mut r = json(&body);
+    *r.status_mut() = status;
+    r
 }
 
 /// Serves the admin listener until `stop` turns true.

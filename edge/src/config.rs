@@ -9,7 +9,17 @@ use http::Uri;
 use outpost_config::{ConfigErrors, Diagnostics, RawDuration, RawSize, Setting, Source};
 use serde::Deserialize;
 
-use crate::proxy::compress::{CompressionConfig, MediaPattern};
+use crate::compress::{CompressionConfig, MediaPattern};
+
+/// One shield as configured.
+#[derive(Debug, Clone)]
+pub struct ShieldSpec {
+    pub name: String,
+    /// Data port, e.g. `http://127.0.0.1:8090`.
+    pub url: http::Uri,
+    /// Admin address for active health checks (`/healthz`); without it only passive checks.
+    pub admin: Option<std::net::SocketAddr>,
+}
 
 /// Role of a node: an edge faces clients; a shield sits between edges and the origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -170,7 +180,7 @@ pub struct EdgeConfig {
     pub admin_listen: Option<SocketAddr>,
     pub origin: Uri,
     /// Shields in front of the origin (empty: go to the origin directly).
-    pub shields: Vec<crate::proxy::shield::ShieldSpec>,
+    pub shields: Vec<ShieldSpec>,
     pub shield_health_interval: Duration,
     /// Sibling nodes (name, admin address) a purge is forwarded to.
     pub peers: Vec<(String, SocketAddr)>,
@@ -340,7 +350,7 @@ impl EdgeConfig {
                 );
             }
             if let Some(url) = url {
-                shields.push(crate::proxy::shield::ShieldSpec {
+                shields.push(ShieldSpec {
                     name: sh.name.value.clone(),
                     url,
                     admin,
@@ -721,7 +731,7 @@ fn header_names(
         match http::HeaderName::from_bytes(lower.as_bytes()) {
             Ok(name) => {
                 if dangerous_only
-                    && !crate::proxy::request::DANGEROUS_FORWARDING.contains(&name.as_str())
+                    && !outpost_http::headers::DANGEROUS_FORWARDING.contains(&name.as_str())
                 {
                     d.error(
                         field,
@@ -729,10 +739,10 @@ fn header_names(
                         format!(
                             "{:?} is forwarded already; list only fields stripped by default: {}",
                             s.value,
-                            crate::proxy::request::DANGEROUS_FORWARDING.join(", ")
+                            outpost_http::headers::DANGEROUS_FORWARDING.join(", ")
                         ),
                     );
-                } else if crate::proxy::headers::is_hop_by_hop(&name)
+                } else if outpost_http::headers::is_hop_by_hop(&name)
                     || name == http::header::HOST
                     || name == http::header::CONTENT_LENGTH
                 {

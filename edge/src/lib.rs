@@ -8,9 +8,10 @@
 //! - [`config`]: `edge.toml` and flags, validated into [`config::EdgeConfig`].
 
 pub mod admin;
-pub mod cache;
+pub mod compress;
 pub mod config;
 pub mod drain;
+pub mod error;
 pub mod observe;
 pub mod operator;
 #[cfg(test)]
@@ -21,4 +22,6 @@ pub mod stats_client;
 pub mod tls;
 
 pub use config::{EdgeConfig, EdgeOverrides, Role};
+/// The engine, its own crate below the proxy.
+pub use outpost_cache as cache;
 pub use server::{EdgeServer, StartError};

@@ -16,8 +16,8 @@ use tracing::{info, warn};
 
 use crate::cache::pinned;
 use crate::cache::{Engine, PurgeSpec};
+use crate::config::ShieldSpec;
 use crate::observe::metrics::EdgeMetrics;
-use crate::proxy::shield::ShieldSpec;
 
 /// The admin tokens, replaceable by a config reload.
 pub type SharedAuth = Arc<arc_swap::ArcSwap<outpost_purge_api::Auth>>;

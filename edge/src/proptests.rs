@@ -9,8 +9,9 @@ use proptest::prelude::*;
 
 use crate::cache::cache_control::Directives;
 use crate::cache::key::{KeyOptions, NormalizedRequest, key_text};
-use crate::proxy::request::{self, DANGEROUS_FORWARDING, ForwardPolicy, Hop, RequestLimits};
+use crate::proxy::request::{self, ForwardPolicy, Hop, RequestLimits};
 use crate::proxy::respond::{RangeSpec, parse_range};
+use outpost_http::headers::DANGEROUS_FORWARDING;
 
 fn config() -> ProptestConfig {
     ProptestConfig {

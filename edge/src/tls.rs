@@ -22,8 +22,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Response, StatusCode};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -36,8 +34,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
-
-use crate::proxy::respond::{RespBody, plain};
 
 /// A certificate expiring sooner than this is logged as a warning when it is loaded.
 const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
@@ -572,61 +568,6 @@ fn warn_expiring(certs: &[LoadedCert]) {
             "TLS certificate expires soon"
         );
     }
-}
-
-/// `POST /tls/reload` on the admin port: re-reads the certificate files. Needs a token with
-/// the `push` scope (unless the admin API is open). 200 with the certificates now served;
-/// 422 with the reason when the new files are broken (the running certificates stay); 404
-/// when this node has no TLS listener.
-pub fn admin_reload(
-    tls: Option<&TlsState>,
-    auth: &outpost_purge_api::Auth,
-    method: &Method,
-    headers: &HeaderMap,
-) -> Response<RespBody> {
-    if method != Method::POST {
-        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "use POST /tls/reload");
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return r;
-    }
-    if let Err(e) = auth.check(headers, outpost_purge_api::Scope::Push) {
-        return crate::admin::api_error(&outpost_purge_api::AdminError::Auth(e));
-    }
-    let Some(tls) = tls else {
-        return plain(
-            StatusCode::NOT_FOUND,
-            "this node has no TLS listener (set [tls] in its config)",
-        );
-    };
-    #[derive(Serialize)]
-    struct Reloaded {
-        reloaded: bool,
-        certs: Vec<CertSummary>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        error: Option<String>,
-    }
-    let (status, body) = match tls.reload() {
-        Ok(certs) => (
-            StatusCode::OK,
-            Reloaded {
-                reloaded: true,
-                certs,
-                error: None,
-            },
-        ),
-        Err(e) => (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Reloaded {
-                reloaded: false,
-                certs: tls.certs(),
-                error: Some(format!("{e} (the running certificates are kept)")),
-            },
-        ),
-    };
-    let mut r = crate::admin::json(&body);
-    *r.status_mut() = status;
-    r
 }
 
 // ---------------------------------------------------------------------------------------------

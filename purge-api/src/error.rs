@@ -37,6 +37,10 @@ pub enum AdminError {
     /// Missing or invalid token (401) or a token without the needed scope (403).
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// Refused by the node's policy whatever the token (e.g. PURGE on a data port of a node
+    /// without admin tokens).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// The named thing does not exist.
     #[error("not found: {0}")]
     NotFound(String),
@@ -73,6 +77,7 @@ impl AdminError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Auth(a) => a.status(),
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

@@ -86,7 +86,7 @@ pub struct EdgeMetrics {
     pub origin_status: Vec<AtomicU64>,
     pub origin_errors: [AtomicU64; 5],
     pub purges: [[AtomicU64; 2]; 4],
-    compression: std::sync::OnceLock<Arc<crate::proxy::compress::CompressionStats>>,
+    compression: std::sync::OnceLock<Arc<crate::compress::CompressionStats>>,
     pub started: Instant,
     pub node: String,
     engine: std::sync::OnceLock<Weak<Engine>>,
@@ -113,7 +113,7 @@ impl EdgeMetrics {
     }
 
     /// Compression counters live with the compression layer; they are read at scrape time.
-    pub fn attach_compression(&self, stats: Arc<crate::proxy::compress::CompressionStats>) {
+    pub fn attach_compression(&self, stats: Arc<crate::compress::CompressionStats>) {
         let _ = self.compression.set(stats);
     }
 

@@ -28,10 +28,7 @@ use http::{Method, Request, Response, StatusCode};
 
 #[cfg(test)]
 use super::Route;
-use super::headers::{CACHE_STATUS, CLIENT_CONDITIONALS, X_CACHE};
-use super::respond::{
-    self, HIT_TTL, Outcome, RespBody, full, push_hit_status, upstream_cache_status,
-};
+use super::respond::{self, HIT_TTL, Outcome, push_hit_status, upstream_cache_status};
 use super::{Proxy, RouteSettings};
 use crate::cache::hit::{Codings, FreshHit, PreparedHead};
 use crate::cache::key::{Coding, KeyHash, key_text};
@@ -39,6 +36,8 @@ use crate::cache::memory::{EntryRef, MemEntry, SlotTable};
 use crate::cache::policy;
 use crate::cache::status::{CacheStatus, Tier};
 use crate::cache::{Served, ServedBody};
+use outpost_http::body::{RespBody, full};
+use outpost_http::headers::{CACHE_STATUS, CLIENT_CONDITIONALS, X_CACHE};
 
 /// Request fields that make a hit depend on more than the stored object: freshness
 /// directives and credentials, and (with [`CLIENT_CONDITIONALS`]) conditionals and ranges;
@@ -552,6 +551,7 @@ impl Proxy {
             tier: Tier::Memory,
             stored: true,
             upstream_error: None,
+            failure: None,
             now: hit.now,
         };
         let codings = if variant.is_some() {
@@ -560,11 +560,9 @@ impl Proxy {
             self.compression.codings(&served)
         };
         if codings == Codings::Negotiated {
-            // What an identity client gets of a compressible object.
-            served = self
-                .compression
-                .apply(&self.engine, served, &Method::GET, &HeaderMap::new())
-                .await;
+            // What an identity client gets of a compressible object (the compression phase's
+            // answer to a request without Accept-Encoding).
+            crate::compress::variant::merge_vary(&mut served.headers);
         }
         let cache_status_prefix = upstream_cache_status(&served.headers);
         let (built, _) =
@@ -597,8 +595,8 @@ mod tests {
     use crate::cache::pinned::PushSpec;
     use crate::cache::upstream::{BoxError, Upstream, UpstreamBody, UpstreamError};
     use crate::cache::{Engine, EngineConfig, PurgeSpec};
+    use crate::compress::CompressionConfig;
     use crate::observe::metrics::EdgeMetrics;
-    use crate::proxy::compress::CompressionConfig;
     use crate::proxy::respond::Identity;
     use crate::proxy::{Client, RouteSettings};
 

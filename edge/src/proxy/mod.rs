@@ -11,7 +11,6 @@
 //! ```
 
 pub mod compress;
-pub mod headers;
 mod hit;
 pub mod request;
 pub mod respond;
@@ -22,17 +21,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::header;
+use http::{Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use tracing::debug;
 
-use self::headers::strip_hop_by_hop;
-use self::respond::{Identity, Outcome, RespBody, plain, respond};
+use self::respond::{Identity, Outcome, respond};
 use crate::cache::key::{KeyOptions, NormalizedRequest};
 use crate::cache::status::{CacheStatus, PassReason};
 use crate::cache::upstream::{BoxError, Upstream};
 use crate::cache::{CacheRequest, Engine};
+use crate::error::EdgeError;
+use outpost_http::body::{RespBody, json};
+use outpost_http::headers::strip_hop_by_hop;
 
 /// The client end of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -163,7 +164,7 @@ impl Proxy {
         id: Identity,
         route: Route,
         metrics: Arc<crate::observe::metrics::EdgeMetrics>,
-        compression: compress::CompressionConfig,
+        compression: crate::compress::CompressionConfig,
     ) -> Self {
         metrics.attach_engine(&engine);
         Self {
@@ -178,7 +179,7 @@ impl Proxy {
     }
 
     /// The compression phase's counters.
-    pub fn compression_stats(&self) -> &Arc<compress::CompressionStats> {
+    pub fn compression_stats(&self) -> &Arc<crate::compress::CompressionStats> {
         self.compression.stats()
     }
 
@@ -335,21 +336,21 @@ impl Proxy {
         headers: &http::HeaderMap,
         norm: &NormalizedRequest,
     ) -> Response<RespBody> {
+        use outpost_purge_api::AdminError;
         let Some((operator, auth)) = self.operator.get() else {
-            return plain(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "PURGE is not enabled on this node",
-            );
+            return self.error(&EdgeError::Admin(AdminError::MethodNotAllowed {
+                path: "this node's data port",
+                allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+            }));
         };
         let auth = auth.load();
         if auth.is_open() {
-            return plain(
-                StatusCode::FORBIDDEN,
-                "PURGE on the data port needs an admin token: configure [admin] tokens (or OUTPOST_ADMIN_TOKEN) and send it as a Bearer token",
-            );
+            return self.error(&EdgeError::Admin(AdminError::Forbidden(
+                "PURGE on the data port needs an admin token: configure [admin] tokens (or OUTPOST_ADMIN_TOKEN) and send it as a Bearer token".into(),
+            )));
         }
         if let Err(e) = auth.check(headers, outpost_purge_api::Scope::Purge) {
-            return crate::admin::api_error(&outpost_purge_api::AdminError::Auth(e));
+            return self.error(&EdgeError::Admin(AdminError::Auth(e)));
         }
         let soft = headers
             .get("soft-purge")
@@ -363,9 +364,14 @@ impl Proxy {
             ..Default::default()
         };
         match outpost_purge_api::AdminBackend::purge(operator, req).await {
-            Ok(receipt) => crate::admin::json(&receipt),
-            Err(e) => crate::admin::api_error(&e),
+            Ok(receipt) => json(&receipt),
+            Err(e) => self.error(&EdgeError::Admin(e)),
         }
+    }
+
+    /// An error answer of this node ([`crate::error::error_response`]).
+    fn error(&self, err: &EdgeError) -> Response<RespBody> {
+        crate::error::error_response(err, &self.id.name)
     }
 
     /// Replaces the reloadable settings (key options, versioning, forwarding, limits).
@@ -377,8 +383,11 @@ impl Proxy {
         let settings = self.settings.load();
         let has_body = req.body().has_body();
         let (parts, body) = req.into_parts();
-        if let Err(refused) = request::check(&parts, has_body, settings.route.limits) {
-            return refuse(&refused, has_body);
+        if let Err(refusal) = request::check(&parts, has_body, settings.route.limits) {
+            return self.error(&EdgeError::Refused {
+                refusal,
+                unread_body: has_body,
+            });
         }
         let norm = match NormalizedRequest::new(
             &parts.method,
@@ -387,7 +396,7 @@ impl Proxy {
             &settings.route.key_opts,
         ) {
             Ok(n) => n,
-            Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+            Err(e) => return self.error(&EdgeError::BadRequest(e.to_string())),
         };
         // Purge, cache or pass is decided before anything is prepared.
         if parts.method.as_str() == "PURGE" {
@@ -396,11 +405,14 @@ impl Proxy {
         let cacheable = parts.method == Method::GET || parts.method == Method::HEAD;
         // A fresh memory hit needs none of the upstream preparation below.
         if cacheable && let Some(served) = self.engine.fresh_memory_hit(&norm).await {
-            let served = self
+            return match self
                 .compression
                 .apply(&self.engine, served, &parts.method, &parts.headers)
-                .await;
-            return respond(served, &parts.method, &parts.headers, &self.id);
+                .await
+            {
+                Ok(served) => respond(served, &parts.method, &parts.headers, &self.id),
+                Err(e) => self.error(&e),
+            };
         }
         let hop = request::Hop {
             via: &self.id.via,
@@ -428,11 +440,14 @@ impl Proxy {
                     default_ttl: versioned.then_some(versioning.ttl),
                 })
                 .await;
-            let served = self
+            return match self
                 .compression
                 .apply(&self.engine, served, &method, &client_headers)
-                .await;
-            return respond(served, &method, &client_headers, &self.id);
+                .await
+            {
+                Ok(served) => respond(served, &method, &client_headers, &self.id),
+                Err(e) => self.error(&e),
+            };
         }
 
         // Unsafe and unknown methods pass through with their body.
@@ -462,6 +477,7 @@ impl Proxy {
                     tier: crate::cache::status::Tier::None,
                     stored: false,
                     upstream_error: None,
+                    failure: None,
                     upstream_time: Some(sent.elapsed()),
                     now,
                 };
@@ -472,14 +488,16 @@ impl Proxy {
             }
             // A client body that broke mid-way (bad chunked framing, a reset) is the client's
             // fault: 400, and the rest of that body is never read as a request.
-            Err(e @ crate::cache::upstream::UpstreamError::ClientBody) => refuse(
-                &request::Refusal {
-                    status: e.status(),
-                    reason: "the request body is malformed or was cut short",
-                },
-                true,
-            ),
-            Err(e) => plain(e.status(), &e.to_string()),
+            Err(e @ crate::cache::upstream::UpstreamError::ClientBody) => {
+                self.error(&EdgeError::Refused {
+                    refusal: request::Refusal {
+                        status: e.status(),
+                        reason: "the request body is malformed or was cut short",
+                    },
+                    unread_body: true,
+                })
+            }
+            Err(e) => self.error(&EdgeError::Upstream(e)),
         }
     }
 
@@ -547,21 +565,4 @@ fn without_param(uri: &Uri, param: &str) -> Uri {
         format!("{path}?{}", rest.join("&"))
     };
     pq.parse().unwrap_or_else(|_| uri.clone())
-}
-
-/// The answer to a refused request. One whose body was not read closes the connection, so
-/// nothing of that body is ever read as the next request.
-fn refuse(refused: &request::Refusal, unread_body: bool) -> Response<RespBody> {
-    let mut r = plain(refused.status, refused.reason);
-    if unread_body {
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    if refused.status == StatusCode::METHOD_NOT_ALLOWED {
-        r.headers_mut().insert(
-            header::ALLOW,
-            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, PURGE"),
-        );
-    }
-    r
 }

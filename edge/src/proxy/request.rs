@@ -19,31 +19,9 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version, request};
 
-use super::headers::{self, is_hop_by_hop};
 use crate::cache::key::NormalizedRequest;
-
-/// Forwarding and override fields stripped from upstream requests unless the operator forwards
-/// them: each lets a client change what the origin serves (host, path, method, scheme) without
-/// changing the cache key.
-pub const DANGEROUS_FORWARDING: [&str; 17] = [
-    "forwarded",
-    "x-forwarded-host",
-    "x-forwarded-server",
-    "x-forwarded-scheme",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-path",
-    "x-forwarded-uri",
-    "x-original-url",
-    "x-original-uri",
-    "x-original-host",
-    "x-rewrite-url",
-    "x-host",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-http-host-override",
-];
+pub use crate::error::Refusal;
+use outpost_http::headers::{self, DANGEROUS_FORWARDING, is_hop_by_hop};
 
 /// Which client fields are forwarded upstream (from `[upstream]`).
 #[derive(Debug, Clone, Default)]
@@ -72,19 +50,6 @@ impl ForwardPolicy {
 
     fn strips(&self, name: &HeaderName) -> bool {
         self.strip.contains(name)
-    }
-}
-
-/// A request refused before the cache sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub reason: &'static str,
-}
-
-impl Refusal {
-    const fn new(status: StatusCode, reason: &'static str) -> Self {
-        Self { status, reason }
     }
 }
 

@@ -4,74 +4,22 @@
 //! `Cache-Status` (RFC 9211) and `X-Cache`.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
-use http_body::{Frame, SizeHint};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body::Frame;
+use http_body_util::StreamBody;
+use outpost_http::body::{RespBody, full, plain};
 
-use super::headers::{CACHE_STATUS, CACHE_TAG, SURROGATE_CONTROL, SURROGATE_KEY, X_CACHE};
 use crate::cache::meta::CachedMeta;
 use crate::cache::policy;
 use crate::cache::status::CacheStatus;
-use crate::cache::upstream::BoxError;
 use crate::cache::{Served, ServedBody};
-
-/// A response body: a whole body in one piece, as every memory hit and generated response
-/// has (no allocation and no dynamic dispatch per response), or any other body, boxed
-/// (streams from fills and disk are `Send` but not `Sync`).
-pub struct RespBody(BodyKind);
-
-enum BodyKind {
-    Full(Full<Bytes>),
-    Boxed(UnsyncBoxBody<Bytes, BoxError>),
-}
-
-impl RespBody {
-    /// Boxes any body.
-    pub fn boxed<B>(body: B) -> Self
-    where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
-        Self(BodyKind::Boxed(body.map_err(Into::into).boxed_unsync()))
-    }
-}
-
-impl http_body::Body for RespBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().0 {
-            BodyKind::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
-            BodyKind::Boxed(b) => Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.0 {
-            BodyKind::Full(b) => b.is_end_stream(),
-            BodyKind::Boxed(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.0 {
-            BodyKind::Full(b) => b.size_hint(),
-            BodyKind::Boxed(b) => b.size_hint(),
-        }
-    }
-}
+use crate::error::{EdgeError, error_response};
+use outpost_http::headers::{CACHE_STATUS, CACHE_TAG, SURROGATE_CONTROL, SURROGATE_KEY, X_CACHE};
 
 /// Per-node identity used in `Via` and `Cache-Status`.
 #[derive(Debug, Clone)]
@@ -92,25 +40,8 @@ pub struct Identity {
     pub sets_forwarded_proto: bool,
 }
 
-pub fn full(b: Bytes) -> RespBody {
-    RespBody(BodyKind::Full(Full::new(b)))
-}
-
 fn stream_body(s: futures_util::stream::BoxStream<'static, io::Result<Bytes>>) -> RespBody {
     RespBody::boxed(StreamBody::new(s.map_ok(Frame::data)))
-}
-
-/// A short plain-text response, used for every error the edge generates.
-pub fn plain(status: StatusCode, msg: &str) -> Response<RespBody> {
-    let mut r = Response::new(full(Bytes::from(format!("{msg}\n"))));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
 }
 
 /// What the cache did for a response, carried in the response's extensions to the layer that
@@ -150,15 +81,26 @@ pub(super) fn build(
 ) -> Response<RespBody> {
     let Served {
         status,
-        mut headers,
+        headers,
         body,
         meta,
         cache,
         stored,
         now,
         upstream_error,
+        failure,
         ..
     } = served;
+    // An engine failure: the error's text and headers (`Proxy-Status`), then the same
+    // decorations as any answer (Via, Cache-Status, X-Cache).
+    let (mut headers, body) = match failure {
+        Some(f) => {
+            let err = EdgeError::from(f);
+            let (head, _) = error_response(&err, &id.name).into_parts();
+            (head.headers, ServedBody::Full(crate::error::body_of(&err)))
+        }
+        None => (headers, body),
+    };
     let from_store = matches!(
         cache,
         CacheStatus::Hit | CacheStatus::Stale | CacheStatus::Revalidated

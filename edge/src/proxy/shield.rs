@@ -22,16 +22,7 @@ use tracing::{info, warn};
 use super::upstream::{HyperUpstream, UpstreamConfig};
 use crate::cache::key::KeyHash;
 use crate::cache::upstream::{RouteKey, Upstream, UpstreamBody, UpstreamError};
-
-/// One shield as configured.
-#[derive(Debug, Clone)]
-pub struct ShieldSpec {
-    pub name: String,
-    /// Data port, e.g. `http://127.0.0.1:8090`.
-    pub url: Uri,
-    /// Admin address for active health checks (`/healthz`); without it only passive checks.
-    pub admin: Option<SocketAddr>,
-}
+use crate::config::ShieldSpec;
 
 struct ShieldNode {
     spec: ShieldSpec,

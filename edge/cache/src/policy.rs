@@ -24,7 +24,7 @@ use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy};
 use super::cache_control::Directives;
 use super::meta::{CachedMeta, META_VERSION};
 use super::status::PassReason;
-use crate::proxy::headers::{is_hop_by_hop, strip_hop_by_hop};
+use outpost_http::headers::{is_hop_by_hop, strip_hop_by_hop};
 
 /// What to do with a response from upstream.
 #[derive(Debug)]

@@ -6,7 +6,7 @@ use http::{Request, Response};
 
 use super::reader::{Checked, read_checked};
 use super::*;
-use crate::cache::policy::{self, Admission, AdmitOptions};
+use crate::policy::{self, Admission, AdmitOptions};
 
 fn meta(etag: &str) -> Arc<CachedMeta> {
     let req = Request::get("http://example.test/a")

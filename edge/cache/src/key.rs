@@ -120,16 +120,42 @@ impl Coding {
         }
     }
 
-    /// Picks the coding for a request from `Accept-Encoding` with q-values (RFC 9110 §12.5.3):
-    /// br, then gzip, then identity. `q=0` refuses a coding; `*` covers codings not listed.
-    /// Identity is chosen when nothing else is acceptable, even if the client refused it: a
-    /// server may send identity rather than 406, and a cache answering 406 for a cacheable
-    /// resource would help nobody.
+    /// The coding a name from `Accept-Encoding` or `Content-Encoding` names (any case;
+    /// `x-gzip` is gzip).
+    pub fn named(name: &str) -> Option<Coding> {
+        if name.eq_ignore_ascii_case("br") {
+            Some(Coding::Br)
+        } else if name.eq_ignore_ascii_case("gzip") || name.eq_ignore_ascii_case("x-gzip") {
+            Some(Coding::Gzip)
+        } else if name.eq_ignore_ascii_case("identity") {
+            Some(Coding::Identity)
+        } else {
+            None
+        }
+    }
+
+    /// Picks the coding for a request from `Accept-Encoding` ([`Accepted::negotiate`]).
     pub fn negotiate(headers: &HeaderMap) -> Coding {
-        let mut q_br: Option<f32> = None;
-        let mut q_gzip: Option<f32> = None;
-        let mut q_star: Option<f32> = None;
-        let mut any = false;
+        Accepted::parse(headers).negotiate()
+    }
+}
+
+/// A request's `Accept-Encoding`, parsed once (RFC 9110 §12.5.3): the q-value of each coding
+/// Outpost serves and of `*`. The one parser of the field: the cache key's bucket
+/// ([`Accepted::negotiate`]) and the compression phase's checks ([`Accepted::accepts`]) read it
+/// the same way.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Accepted {
+    br: Option<f32>,
+    gzip: Option<f32>,
+    star: Option<f32>,
+    /// The field lists at least one coding.
+    any: bool,
+}
+
+impl Accepted {
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut a = Accepted::default();
         for v in headers.get_all(header::ACCEPT_ENCODING) {
             let Ok(v) = v.to_str() else { continue };
             for item in v.split(',') {
@@ -139,7 +165,8 @@ impl Coding {
                 if name.is_empty() {
                     continue;
                 }
-                any = true;
+                a.any = true;
+                // The last q parameter counts; one that does not parse refuses (q=0).
                 let mut q = 1.0f32;
                 for p in parts {
                     if let Some(val) = p
@@ -150,20 +177,47 @@ impl Coding {
                         q = val.trim().parse().unwrap_or(0.0);
                     }
                 }
-                if name.eq_ignore_ascii_case("br") {
-                    q_br = Some(q);
-                } else if name.eq_ignore_ascii_case("gzip") || name.eq_ignore_ascii_case("x-gzip") {
-                    q_gzip = Some(q);
-                } else if name == "*" {
-                    q_star = Some(q);
+                if name == "*" {
+                    a.star = Some(q);
+                } else {
+                    match Coding::named(name) {
+                        Some(Coding::Br) => a.br = Some(q),
+                        Some(Coding::Gzip) => a.gzip = Some(q),
+                        _ => {}
+                    }
                 }
             }
         }
-        if !any {
+        a
+    }
+
+    /// The q-value of `coding`: its own entry, else `*`'s; unlisted is 0.
+    fn q(&self, coding: Coding) -> f32 {
+        let own = match coding {
+            Coding::Br => self.br,
+            Coding::Gzip => self.gzip,
+            Coding::Identity => return 1.0,
+        };
+        own.or(self.star).unwrap_or(0.0)
+    }
+
+    /// Whether `coding` may be sent: q > 0 for it, or for `*` when it is not listed. Identity
+    /// always may (see [`Accepted::negotiate`]); without Accept-Encoding nothing else may.
+    pub fn accepts(&self, coding: Coding) -> bool {
+        self.q(coding) > 0.0
+    }
+
+    /// The coding for the request: br, then gzip, then identity. `q=0` refuses a coding; `*`
+    /// covers codings not listed. Identity is chosen when nothing else is acceptable, even if
+    /// the client refused it: a server may send identity rather than 406, and a cache answering
+    /// 406 for a cacheable resource would help nobody. Without the field (or with an empty
+    /// one), identity.
+    pub fn negotiate(&self) -> Coding {
+        if !self.any {
             return Coding::Identity;
         }
-        let br = q_br.or(q_star).unwrap_or(0.0);
-        let gz = q_gzip.or(q_star).unwrap_or(0.0);
+        let br = self.q(Coding::Br);
+        let gz = self.q(Coding::Gzip);
         if br > 0.0 && br >= gz {
             Coding::Br
         } else if gz > 0.0 {

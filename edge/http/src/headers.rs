@@ -1,6 +1,7 @@
 //! Hop-by-hop header handling (RFC 9110 §7.6.1): Connection and the fields it names,
 //! Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding and Upgrade are stripped in both
-//! directions. What else a request may carry upstream is decided in [`super::request`].
+//! directions. [`DANGEROUS_FORWARDING`]: the fields that let a client rewrite what an origin
+//! serves, stripped from upstream requests unless the operator keys on them.
 
 use http::HeaderMap;
 use http::header::{self, HeaderName};
@@ -25,6 +26,29 @@ pub const CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
 pub const SURROGATE_CAPABILITY: HeaderName = HeaderName::from_static("surrogate-capability");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Forwarding and override fields stripped from upstream requests unless the operator forwards
+/// them: each lets a client change what the origin serves (host, path, method, scheme) without
+/// changing the cache key.
+pub const DANGEROUS_FORWARDING: [&str; 17] = [
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-path",
+    "x-forwarded-uri",
+    "x-original-url",
+    "x-original-uri",
+    "x-original-host",
+    "x-rewrite-url",
+    "x-host",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-http-host-override",
+];
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",

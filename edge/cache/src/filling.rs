@@ -23,10 +23,8 @@ use super::meta::{CachedMeta, MemObject};
 use super::policy::{self, Admission, Freshness};
 use super::status::{CacheStatus, PassReason, Tier};
 use super::upstream::{self, UpstreamBody, UpstreamError, empty_body};
-use super::{
-    CacheRequest, Engine, MAX_TRACKED_HOSTS, Served, ServedBody, Stored, error_served, pinned,
-};
-use crate::proxy::headers::{CLIENT_CONDITIONALS, strip_hop_by_hop};
+use super::{CacheRequest, Engine, Failure, MAX_TRACKED_HOSTS, Served, ServedBody, Stored, pinned};
+use outpost_http::headers::{CLIENT_CONDITIONALS, strip_hop_by_hop};
 
 /// A request's place in a fill: whether it started it, and its reader.
 pub(super) struct Joined {
@@ -204,9 +202,7 @@ impl Engine {
                 if let Some(s) = serve_stale(Some(e.clone())).await {
                     return s;
                 }
-                let mut s = error_served(e.status(), &e.to_string(), now);
-                s.upstream_error = Some(e);
-                s
+                Served::failed(Failure::Upstream(e), now)
             }
             FillResult::Revalidated(meta) => {
                 let Some(stored) = stale.as_ref() else {
@@ -297,6 +293,7 @@ impl Engine {
                     cache,
                     tier: Tier::None,
                     upstream_error: None,
+                    failure: None,
                     now,
                 }
             }
@@ -338,13 +335,13 @@ impl Engine {
                     tier: Tier::None,
                     stored: false,
                     upstream_error: None,
+                    failure: None,
                     now,
                 }
             }
             Err(e) => {
-                let mut s = error_served(e.status(), &e.to_string(), now);
+                let mut s = Served::failed(Failure::Upstream(e), now);
                 s.upstream_time = upstream_time;
-                s.upstream_error = Some(e);
                 s
             }
         }

@@ -9,7 +9,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use outpost_http::BoxError;
 pub type UpstreamBody = BoxBody<Bytes, BoxError>;
 
 /// Why upstream could not produce a response. Each kind maps to one status for the client.

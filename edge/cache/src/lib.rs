@@ -49,7 +49,7 @@ use std::time::{Duration, SystemTime};
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use http::header::{self, HeaderMap};
-use http::{Method, StatusCode, request};
+use http::{Method, request};
 
 use self::clock::Clock;
 use self::disk::{DiskHit, DiskTier};
@@ -64,7 +64,7 @@ use self::upstream::Upstream;
 
 pub use self::encoded::{STORED_CODINGS, encoded_key};
 pub use self::purging::{PurgeOutcome, PurgeSpec};
-pub use self::served::{Served, ServedBody, error_served};
+pub use self::served::{Failure, Served, ServedBody};
 pub use self::upstream::empty_body;
 
 /// Engine settings (from the edge config).
@@ -395,6 +395,7 @@ impl Engine {
             tier: stored.tier(),
             stored: true,
             upstream_error: None,
+            failure: None,
             now,
         }
     }
@@ -505,11 +506,7 @@ impl Engine {
             }
         }
         if only_if_cached {
-            return error_served(
-                StatusCode::GATEWAY_TIMEOUT,
-                "only-if-cached: no stored response satisfies this request",
-                now,
-            );
+            return Served::failed(Failure::NotCached, now);
         }
         let joined = self.fill_or_join(&req, primary, variant, stale.as_ref());
         self.await_fill(req, joined, primary, stale, now).await

@@ -8,8 +8,8 @@ use cacache::Integrity;
 use tokio::io::AsyncWriteExt;
 
 use super::{DiskEntry, DiskTier, HeldMeta, MetaFileOut};
-use crate::cache::key::KeyHash;
-use crate::cache::meta::CachedMeta;
+use crate::key::KeyHash;
+use crate::meta::CachedMeta;
 
 impl DiskTier {
     /// Starts writing a body. Nothing is visible until [`DiskWriter::commit`]; dropping the

@@ -334,7 +334,7 @@ mod tests {
     use http_cache_semantics::{CacheOptions, CachePolicy};
 
     use super::*;
-    use crate::cache::meta::{CachedMeta, META_VERSION};
+    use crate::meta::{CachedMeta, META_VERSION};
 
     fn object(body: &'static str) -> MemObject {
         object_of(Bytes::from_static(body.as_bytes()))

@@ -15,7 +15,7 @@ use tokio::io::AsyncReadExt;
 use tracing::warn;
 
 use super::{DiskEntry, DiskHit, DiskTier};
-use crate::cache::key::KeyHash;
+use crate::key::KeyHash;
 
 /// Bodies up to this size are read whole in one blocking call rather than streamed: a stream
 /// holds up to two 64 KiB chunks per request anyway, and each chunk of a stream is a separate

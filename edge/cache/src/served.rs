@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use http::StatusCode;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::HeaderMap;
 
 use super::key::KeyHash;
 use super::meta::CachedMeta;
@@ -54,6 +54,8 @@ pub struct Served {
     pub stored: bool,
     /// The upstream failure behind an error or stale answer.
     pub upstream_error: Option<UpstreamError>,
+    /// Set when the engine answered without an object ([`Served::failed`]).
+    pub failure: Option<Failure>,
     /// When the decision was taken.
     pub now: SystemTime,
     /// The key the answer is stored under (when it is stored).
@@ -62,26 +64,45 @@ pub struct Served {
     pub upstream_time: Option<Duration>,
 }
 
-/// A short plain-text error answer that names the failure.
-pub fn error_served(status: StatusCode, message: &str, now: SystemTime) -> Served {
-    let body = Bytes::from(format!("{message}\n"));
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Served {
-        upstream_time: None,
-        key: None,
-        status,
-        headers,
-        body: ServedBody::Full(body),
-        meta: None,
-        cache: CacheStatus::Error,
-        tier: Tier::None,
-        stored: false,
-        upstream_error: None,
-        now,
+/// Why the engine answered without an object. The engine owns no response formats: the proxy
+/// turns a failure into the client's error response (`outpost_edge::error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The upstream failed and nothing stored may stand in.
+    Upstream(UpstreamError),
+    /// `Cache-Control: only-if-cached` and nothing stored satisfies the request
+    /// (RFC 9111 §5.2.1.7): 504.
+    NotCached,
+}
+
+impl Failure {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Failure::Upstream(e) => e.status(),
+            Failure::NotCached => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+impl Served {
+    /// An answer without an object: its status and no body; the proxy renders the failure.
+    pub fn failed(failure: Failure, now: SystemTime) -> Served {
+        Served {
+            upstream_time: None,
+            key: None,
+            status: failure.status(),
+            headers: HeaderMap::new(),
+            body: ServedBody::Empty,
+            meta: None,
+            cache: CacheStatus::Error,
+            tier: Tier::None,
+            stored: false,
+            upstream_error: match &failure {
+                Failure::Upstream(e) => Some(e.clone()),
+                Failure::NotCached => None,
+            },
+            failure: Some(failure),
+            now,
+        }
     }
 }
