@@ -140,7 +140,7 @@
 //! lines the two cores both wrote:
 //! - ebfb549: a fresh memory hit is answered within hyper's call to the service, so its
 //!   request is dropped before hyper reads the connection again (while a request lived on in
-//!   the service future, its header bytes pinned hyper's read buffer and hyper allocated a new
+//!   the service future, its header bytes push_store hyper's read buffer and hyper allocated a new
 //!   8 KiB buffer for every request); connections drain through `edge::drain` (hyper-util's
 //!   `GracefulShutdown` locked a watch channel on every poll); per hit, no atomic write to a
 //!   line another core writes (thread-local handles on memory entries, a per-thread memo of

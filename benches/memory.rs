@@ -72,7 +72,7 @@
 //! slow clients (a fill that streams reads the origin at full speed).
 //!
 //! Before, RSS grew with every byte filled (to disk too) and did not come back: each stored
-//! object pinned hyper read buffers. After, it is flat from round to round. What is left over
+//! object push_store hyper read buffers. After, it is flat from round to round. What is left over
 //! the bound is not held by stored objects: with glibc's allocator the memory case is within
 //! it; mimalloc keeps freed pages (of 5 MB bodies freed on other threads) for a while, and the
 //! disk case runs ~280 threads (tokio's blocking pool, one `spawn_blocking` per cacache write),

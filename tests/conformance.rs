@@ -1,5 +1,5 @@
 //! Conformance gate: the public HTTP caching test suite (cache-tests, npm `http-cache-tests`,
-//! pinned in `conformance/package.json`) run against Outpost.
+//! push_store in `conformance/package.json`) run against Outpost.
 //!
 //! `cache_tests_conformance_gate` starts the suite's origin server (node, loopback only), the
 //! system under test in front of it, runs the suite's CLI through it, scores the results with

@@ -14,7 +14,7 @@ use outpost_purge_api::{
 };
 use tracing::{info, warn};
 
-use crate::cache::pinned;
+use crate::cache::push_store;
 use crate::cache::{Engine, PurgeSpec};
 use crate::config::ShieldSpec;
 use crate::observe::metrics::EdgeMetrics;
@@ -28,7 +28,7 @@ pub struct EdgeOperator {
     pub metrics: Arc<EdgeMetrics>,
     pub node: String,
     /// This edge's shields: purges and pushes are forwarded to them.
-    pub peers: Vec<ShieldSpec>,
+    pub shields: Vec<ShieldSpec>,
     /// Sibling nodes: purges (not pushes; a sibling pulls a pushed object from the shield) are
     /// forwarded to them.
     pub siblings: Vec<(String, std::net::SocketAddr)>,
@@ -92,7 +92,7 @@ impl EdgeOperator {
     /// Sends a stored pushed object to every shield behind this edge, so the whole tier serves
     /// it. Failures are logged with what to do; the local push stands.
     async fn forward_push(&self, path: &str) {
-        for peer in &self.peers {
+        for peer in &self.shields {
             let Some(admin) = peer.admin else { continue };
             let Some((meta, size, body)) = self.engine.pushed_body(path).await else {
                 return;
@@ -138,7 +138,7 @@ impl AdminBackend for EdgeOperator {
                 ..req.clone()
             };
             let targets = this
-                .peers
+                .shields
                 .iter()
                 .filter_map(|p| p.admin.map(|a| (p.name.clone(), a)))
                 .chain(this.siblings.iter().cloned());
@@ -176,7 +176,7 @@ impl AdminBackend for EdgeOperator {
         let engine = self.engine.clone();
         let this = self.clone();
         async move {
-            let spec = pinned::PushSpec {
+            let spec = push_store::PushSpec {
                 path: spec.path,
                 content_type: spec.content_type,
                 cache_control: spec.cache_control,
@@ -193,13 +193,13 @@ impl AdminBackend for EdgeOperator {
                         created,
                     })
                 }
-                Err(pinned::PushError::Body(msg)) => Err(AdminError::BadRequest(msg)),
-                Err(pinned::PushError::Storage(e))
+                Err(push_store::PushError::Body(msg)) => Err(AdminError::BadRequest(msg)),
+                Err(push_store::PushError::Storage(e))
                     if e.to_string().contains("needs a disk tier") =>
                 {
                     Err(AdminError::Unavailable(e.to_string()))
                 }
-                Err(pinned::PushError::Storage(e)) => Err(AdminError::Internal(format!(
+                Err(push_store::PushError::Storage(e)) => Err(AdminError::Internal(format!(
                     "storing the object failed: {e} (check cache_dir space)"
                 ))),
             }

@@ -31,9 +31,9 @@ use crate::observe::metrics::EdgeMetrics;
 use crate::observe::window::Windows;
 use crate::proxy::Client;
 use crate::proxy::Proxy;
+use crate::proxy::http_client::{HyperUpstream, UpstreamConfig};
 use crate::proxy::respond::Identity;
 use crate::proxy::shield::ShieldUpstream;
-use crate::proxy::upstream::{HyperUpstream, UpstreamConfig};
 
 /// A bound, ready edge node.
 pub struct EdgeServer {
@@ -216,7 +216,7 @@ impl EdgeServer {
                 engine: proxy.engine.clone(),
                 metrics: proxy.metrics.clone(),
                 node: cfg.name.clone(),
-                peers: cfg.shields.clone(),
+                shields: cfg.shields.clone(),
                 siblings: cfg.peers.clone(),
                 peer_token: peer_token.clone(),
             },
@@ -301,7 +301,7 @@ impl EdgeServer {
                 engine: self.proxy.engine.clone(),
                 metrics: self.proxy.metrics.clone(),
                 node: self.cfg.name.clone(),
-                peers: self.cfg.shields.clone(),
+                shields: self.cfg.shields.clone(),
                 siblings: self.cfg.peers.clone(),
                 peer_token: self.peer_token.clone(),
             };

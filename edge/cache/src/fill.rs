@@ -1,690 +1,857 @@
-//! Coalescing: one upstream fetch per key, shared by every request that arrives while it runs.
-//!
-//! A [`Fill`] is owned by a spawned task, not by any client, so a client that disconnects does
-//! not abort a fill others wait on. The task publishes a [`FillResult`] once upstream answers,
-//! then appends body chunks; each reader follows with its own cursor and receives bytes as they
-//! arrive, not when the fill ends. Chunks are shared `Bytes` (no copy per reader).
-//!
-//! Memory: a fill that will enter the memory tier keeps every chunk (they become the cached
-//! body; the engine's budget bounds them). Any other fill drops chunks once every current reader
-//! has passed them, and reads upstream no further than [`FILL_WINDOW`] bytes ahead of its
-//! slowest reader ([`Fill::wait_for_room`]): a client that reads slowly, or not at all, cannot
-//! make the fill hold a large body in memory. A reader that takes nothing for the send timeout
-//! while the fill waits for it is dropped (its response is cut), as nginx's `send_timeout`
-//! closes such a client, so it cannot hold the fill (and its upstream connection) either. A
-//! request arriving after chunks were dropped cannot join; it fetches on its own.
+//! The fill: one upstream fetch per key at a time (joined by concurrent requests), its decision
+//! (store, pass, revalidated), streaming to its readers, and storing the body in both tiers.
+//! [`super::coalesce`] holds the coalescing primitive; this is the engine's task around it.
 
-use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures_util::Stream;
-use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, StatusCode};
-use tokio::sync::watch;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, StatusCode, request};
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
 
+use super::coalesce::{self, Concluding, Fill, FillHead, FillResult};
+use super::disk::DiskTier;
 use super::key::KeyHash;
-use super::meta::CachedMeta;
-use super::upstream::UpstreamError;
+use super::meta::{CachedMeta, MemObject};
+use super::policy::{self, Admission, Freshness};
+use super::status::{CacheStatus, PassReason, Tier};
+use super::upstream::{self, UpstreamBody, UpstreamError, empty_body};
+use super::{
+    CacheRequest, Engine, Failure, MAX_TRACKED_HOSTS, Served, ServedBody, Stored, push_store,
+};
+use outpost_http::headers::{CLIENT_CONDITIONALS, strip_hop_by_hop};
 
-/// How far a fill that is not kept for the memory tier reads ahead of its slowest reader.
-pub const FILL_WINDOW: usize = 2 << 20;
-
-/// Bytes that fills hold beyond what the tiers count, bounded for the whole engine: the body a
-/// fill keeps for the memory tier while it arrives (and the copy made at its end), and the
-/// chunks queued for the disk writer. Without a bound, every concurrent fill of a large object
-/// adds its whole body to the process's memory, outside `--memory`.
-#[derive(Debug)]
-pub struct Budget {
-    used: std::sync::atomic::AtomicU64,
-    limit: u64,
+/// A request's place in a fill: whether it started it, and its reader.
+pub(super) struct Joined {
+    fill: Arc<Fill>,
+    leader: bool,
+    reader: Option<coalesce::FillReader>,
 }
 
-impl Budget {
-    pub fn new(limit: u64) -> Arc<Self> {
-        Arc::new(Self {
-            used: std::sync::atomic::AtomicU64::new(0),
-            limit,
-        })
+enum DiskMsg {
+    /// A chunk, and its share of the engine's disk queue budget (given back once written).
+    Data(Bytes, coalesce::Charge),
+    /// Commit with this metadata, then signal.
+    Commit(Arc<CachedMeta>, tokio::sync::oneshot::Sender<()>),
+}
+
+struct FillJob {
+    admit: policy::AdmitOptions,
+    /// Purge sequence when the fetch started: a purge that lands while it runs covers it.
+    purge_seq: u64,
+    norm: request::Parts,
+    key_text: String,
+    primary: KeyHash,
+    upstream: request::Parts,
+    stale_meta: Option<Arc<CachedMeta>>,
+    stale_body: Option<Bytes>,
+}
+
+fn clone_parts(p: &request::Parts) -> request::Parts {
+    let mut out = Request::builder()
+        .method(p.method.clone())
+        .uri(p.uri.clone())
+        .version(p.version)
+        .body(())
+        .expect("cloned from a valid request")
+        .into_parts()
+        .0;
+    out.headers = p.headers.clone();
+    out
+}
+
+impl Engine {
+    /// Joins the running fill for this key, or starts one (the caller is then its leader).
+    /// The reader is registered before the fill can stream, so no chunk is dropped before the
+    /// caller reads it; `None` means the fill already dropped its first bytes.
+    pub(super) fn fill_or_join(
+        self: &Arc<Self>,
+        req: &CacheRequest,
+        primary: KeyHash,
+        variant: KeyHash,
+        stale: Option<&Stored>,
+    ) -> Joined {
+        use dashmap::mapref::entry::Entry;
+        let current = self.gens.current();
+        let vacant = loop {
+            match self.fills.entry(variant) {
+                Entry::Occupied(e) => {
+                    let fill = e.get();
+                    // Join a running fetch; or a finished one that is about to make its stored
+                    // copy visible, when this request found no copy at all. Never one that
+                    // started before a purge, and never a finished one when this request holds
+                    // a stale copy (its answer is what made the copy stale).
+                    let joinable = fill.purge_seq == current
+                        && !fill.is_cancelled()
+                        && (!fill.completed() || (stale.is_none() && fill.stores()));
+                    if joinable {
+                        self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                        let fill = fill.clone();
+                        let reader = fill.reader();
+                        return Joined {
+                            fill,
+                            leader: false,
+                            reader,
+                        };
+                    }
+                    // Replace it: removed under the shard lock, then look again (another
+                    // request may have started a current fill meanwhile; that one is joinable).
+                    e.remove();
+                }
+                Entry::Vacant(v) => break v,
+            }
+        };
+        let fill = Fill::started_at(variant, current);
+        let reader = fill.reader();
+        vacant.insert(fill.clone());
+        self.stats.fills.fetch_add(1, Ordering::Relaxed);
+        if self.hosts.len() < MAX_TRACKED_HOSTS
+            && let Some(host) = req.norm.key.as_str().split('/').next()
+            && !self.hosts.contains_key(host)
+        {
+            self.hosts.insert(host.to_string(), ());
+        }
+        let job = FillJob {
+            admit: policy::AdmitOptions {
+                surrogate: self.cfg.surrogate_name.clone(),
+                default_ttl: req.default_ttl,
+            },
+            purge_seq: current,
+            norm: clone_parts(&req.norm.parts),
+            key_text: req.norm.key.as_str().to_string(),
+            primary,
+            upstream: clone_parts(&req.upstream),
+            stale_meta: stale.map(|s| s.meta().clone()),
+            stale_body: match stale {
+                Some(Stored::Memory(m)) => Some(m.body.clone()),
+                _ => None,
+            },
+        };
+        tokio::spawn(Arc::clone(self).run_fill(fill.clone(), job));
+        Joined {
+            fill,
+            leader: true,
+            reader,
+        }
     }
 
-    /// Takes `n` bytes of the budget, or `None` when they do not fit now.
-    pub fn take(self: &Arc<Self>, n: u64) -> Option<Charge> {
-        use std::sync::atomic::Ordering;
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(n).filter(|&total| total <= self.limit)
-            })
-            .ok()?;
-        Some(Charge {
-            budget: self.clone(),
-            n,
-        })
+    pub(super) async fn await_fill(
+        self: &Arc<Self>,
+        req: CacheRequest,
+        joined: Joined,
+        primary: KeyHash,
+        stale: Option<Stored>,
+        now: SystemTime,
+    ) -> Served {
+        let fill = joined.fill.clone();
+        let mut served = self
+            .await_fill_inner(req, joined, primary, stale, now)
+            .await;
+        if served.upstream_time.is_none() {
+            served.upstream_time = fill.upstream_time();
+        }
+        served
     }
 
-    /// Bytes taken now.
-    pub fn used(&self) -> u64 {
-        self.used.load(std::sync::atomic::Ordering::Acquire)
-    }
-}
-
-/// Bytes taken from a [`Budget`], given back when dropped.
-#[derive(Debug)]
-pub struct Charge {
-    budget: Arc<Budget>,
-    n: u64,
-}
-
-impl Drop for Charge {
-    fn drop(&mut self) {
-        self.budget
-            .used
-            .fetch_sub(self.n, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// The head of a response streaming through a fill.
-#[derive(Debug)]
-pub struct FillHead {
-    pub status: StatusCode,
-    /// Headers for every reader (hop-by-hop and, when stored, Set-Cookie removed).
-    pub headers: HeaderMap,
-    /// Set-Cookie values of a stored response: only the request that caused the fill gets them.
-    pub set_cookie: Vec<HeaderValue>,
-    /// Present when the response is being stored.
-    pub meta: Option<Arc<CachedMeta>>,
-    pub content_length: Option<u64>,
-    /// May requests other than the leader use this response?
-    pub shareable: bool,
-    /// Header names the response varies on.
-    pub vary: Vec<HeaderName>,
-    /// The key the response is stored under (primary, or the leader's variant).
-    pub store_key: KeyHash,
-}
-
-/// What a fill produced.
-#[derive(Debug, Clone)]
-pub enum FillResult {
-    /// A response is streaming through the fill.
-    Streaming(Arc<FillHead>),
-    /// Upstream answered 304: the stored object is valid again, with this metadata.
-    Revalidated(Arc<CachedMeta>),
-    /// Upstream could not be reached or failed before sending a response head.
-    Failed(UpstreamError),
-}
-
-#[derive(Default)]
-struct State {
-    result: Option<FillResult>,
-    chunks: VecDeque<Bytes>,
-    /// Index (in the whole body) of `chunks[0]`.
-    base: usize,
-    cursors: HashMap<u64, usize>,
-    next_reader: u64,
-    done: Option<Result<(), String>>,
-    keep_all: bool,
-    trimmed: bool,
-    /// The fill has finished storing (or gave up): a lookup now sees its result.
-    settled: bool,
-    /// Chunks at the end of `chunks` that readers may not take yet ([`Fill::push_held`]).
-    held: usize,
-    /// Bytes in `chunks`.
-    buffered: usize,
-    /// Readers dropped for taking nothing while the fill waited on them.
-    dropped: std::collections::HashSet<u64>,
-}
-
-/// Held by the task that runs a fill: when the task ends, however it ends (returned, panicked,
-/// or dropped with its runtime), the fill is concluded, so no reader or waiter waits forever.
-/// Waiters hold the fill themselves, so they cannot count on its channel closing.
-pub struct Concluding(pub Arc<Fill>);
-
-impl Drop for Concluding {
-    fn drop(&mut self) {
-        self.0.conclude();
-    }
-}
-
-pub struct Fill {
-    pub key: KeyHash,
-    /// The purge sequence when the fill started: after any later purge, nobody joins it.
-    pub purge_seq: u64,
-    /// Set when the key was invalidated while the fill ran: what it stores is removed again.
-    cancelled: std::sync::atomic::AtomicBool,
-    state: Mutex<State>,
-    version: watch::Sender<u64>,
-    /// Woken when readers free chunks ([`Fill::wait_for_room`]).
-    drained: tokio::sync::Notify,
-    /// Time the upstream took to answer (nanoseconds; 0 until it did).
-    upstream_nanos: std::sync::atomic::AtomicU64,
-}
-
-impl Fill {
-    pub fn new(key: KeyHash) -> Arc<Self> {
-        Self::started_at(key, 0)
-    }
-
-    /// A fill that started at purge sequence `purge_seq`.
-    pub fn started_at(key: KeyHash, purge_seq: u64) -> Arc<Self> {
-        Arc::new(Self {
-            key,
-            purge_seq,
-            cancelled: std::sync::atomic::AtomicBool::new(false),
-            state: Mutex::new(State {
-                keep_all: true,
-                ..State::default()
-            }),
-            version: watch::channel(0).0,
-            drained: tokio::sync::Notify::new(),
-            upstream_nanos: std::sync::atomic::AtomicU64::new(0),
-        })
-    }
-
-    /// Waits until the fill may read on: it keeps every chunk (the memory tier's budget bounds
-    /// it), or its readers are less than `window` bytes behind. A reader that frees nothing for
-    /// `stall` while the fill waits on it is dropped (its response fails; it no longer holds
-    /// chunks). Returns how many readers were dropped.
-    pub async fn wait_for_room(&self, window: usize, stall: std::time::Duration) -> usize {
-        let mut dropped = 0;
-        loop {
-            let freed = self.drained.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            {
-                let st = self.lock();
-                if st.keep_all || st.buffered <= window {
-                    return dropped;
+    async fn await_fill_inner(
+        self: &Arc<Self>,
+        req: CacheRequest,
+        joined: Joined,
+        primary: KeyHash,
+        stale: Option<Stored>,
+        now: SystemTime,
+    ) -> Served {
+        let Joined {
+            fill,
+            leader,
+            reader,
+        } = joined;
+        // With a copy stale-if-error allows, a slow or hung origin costs the client at most
+        // `stale_if_error_wait`: then the copy is served and the fill goes on without it.
+        let wait = self.cfg.stale_if_error_wait;
+        let sie_copy = stale.as_ref().is_some_and(|s| {
+            let meta = s.meta().clone();
+            policy::within_sie(&meta, &req.norm.parts.headers, now)
+        });
+        let result = if sie_copy && !wait.is_zero() {
+            match tokio::time::timeout(wait, fill.result()).await {
+                Ok(r) => r,
+                Err(_) => FillResult::Failed(UpstreamError::Timeout(wait)),
+            }
+        } else {
+            fill.result().await
+        };
+        let serve_stale = |err: Option<UpstreamError>| async {
+            let stored = stale.as_ref()?;
+            let meta = stored.meta().clone();
+            if !policy::within_sie(&meta, &req.norm.parts.headers, now) {
+                return None;
+            }
+            let body = self.body_of(fill.key, stored).await?;
+            let mut s = self.served_from(fill.key, stored, meta, body, CacheStatus::Stale, now);
+            s.upstream_error = err;
+            Some(s)
+        };
+        match result {
+            FillResult::Failed(e) => {
+                if let Some(s) = serve_stale(Some(e.clone())).await {
+                    return s;
+                }
+                Served::failed(Failure::Upstream(e), now)
+            }
+            FillResult::Revalidated(meta) => {
+                let Some(stored) = stale.as_ref() else {
+                    return self.pass(req, PassReason::NotShareable, now).await;
+                };
+                match self.body_of(fill.key, stored).await {
+                    Some(body) => self.served_from(
+                        fill.key,
+                        stored,
+                        meta,
+                        body,
+                        CacheStatus::Revalidated,
+                        now,
+                    ),
+                    None => self.pass(req, PassReason::NotShareable, now).await,
                 }
             }
-            if tokio::time::timeout(stall, freed).await.is_err() {
-                dropped += self.drop_slowest();
+            FillResult::Streaming(head) => {
+                if head.status.is_server_error()
+                    && let Some(s) = serve_stale(Some(UpstreamError::Protocol(format!(
+                        "upstream answered {}",
+                        head.status
+                    ))))
+                    .await
+                {
+                    return s;
+                }
+                if !leader {
+                    let mine = if head.vary.is_empty() {
+                        primary
+                    } else {
+                        primary.variant(&head.vary, &req.norm.parts.headers)
+                    };
+                    // A collapsed request may reuse the leader's response only when it is
+                    // fresh for this request (RFC 9111 §4): a response stale on arrival, or
+                    // one this request's directives reject, is fetched on its own.
+                    let fresh = head.meta.as_deref().is_some_and(|m| {
+                        policy::freshness(m, &req.norm.parts, self.clock.now()) == Freshness::Fresh
+                    });
+                    if !head.shareable || mine != head.store_key || !fresh {
+                        return self.pass(req, PassReason::NotShareable, now).await;
+                    }
+                }
+                let Some(reader) = reader else {
+                    // The fill already dropped its first bytes (a large object streaming
+                    // through). If it has completed, its copy is about to be visible: wait for
+                    // it and serve from cache; otherwise fetch on our own.
+                    if fill.completed() {
+                        fill.settled().await;
+                        if let Some(stored) = self.lookup(&head.store_key).await
+                            && let Some(body) = self.body_of(head.store_key, &stored).await
+                        {
+                            let meta = stored.meta().clone();
+                            return self.served_from(
+                                head.store_key,
+                                &stored,
+                                meta,
+                                body,
+                                CacheStatus::Hit,
+                                now,
+                            );
+                        }
+                    }
+                    return self.pass(req, PassReason::NotShareable, now).await;
+                };
+                let mut headers = head.headers.clone();
+                if leader {
+                    for c in &head.set_cookie {
+                        headers.append(header::SET_COOKIE, c.clone());
+                    }
+                }
+                let cache = if head.meta.is_some() {
+                    CacheStatus::Miss
+                } else {
+                    CacheStatus::Pass(PassReason::Uncacheable)
+                };
+                Served {
+                    upstream_time: None,
+                    key: head.meta.is_some().then_some(head.store_key),
+                    status: head.status,
+                    headers,
+                    body: ServedBody::Stream {
+                        stream: reader.into_stream().boxed(),
+                        len: head.content_length,
+                    },
+                    stored: head.meta.is_some(),
+                    meta: head.meta.clone(),
+                    cache,
+                    tier: Tier::None,
+                    upstream_error: None,
+                    failure: None,
+                    now,
+                }
             }
         }
     }
 
-    /// Drops the readers furthest behind (see [`Fill::wait_for_room`]).
-    fn drop_slowest(&self) -> usize {
-        let n = {
-            let mut st = self.lock();
-            let Some(min) = st.cursors.values().copied().min() else {
-                return 0;
-            };
-            let slow: Vec<u64> = st
-                .cursors
-                .iter()
-                .filter(|(_, c)| **c == min)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in &slow {
-                st.cursors.remove(id);
-                st.dropped.insert(*id);
+    /// Sends the client's request upstream as is and streams the answer; nothing is stored.
+    pub(super) async fn pass(
+        &self,
+        req: CacheRequest,
+        reason: PassReason,
+        now: SystemTime,
+    ) -> Served {
+        let mut parts = req.upstream;
+        parts.method = req.method.clone();
+        parts
+            .extensions
+            .insert(upstream::RouteKey(req.norm.key.hash()));
+        let upstream_req = Request::from_parts(parts, empty_body());
+        let sent = std::time::Instant::now();
+        let fetched = self.upstream.fetch(upstream_req).await;
+        let upstream_time = Some(sent.elapsed());
+        match fetched {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let len = content_length(&parts.headers);
+                Served {
+                    upstream_time,
+                    key: None,
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: ServedBody::Stream {
+                        stream: body_stream(body),
+                        len,
+                    },
+                    meta: None,
+                    cache: CacheStatus::Pass(reason),
+                    tier: Tier::None,
+                    stored: false,
+                    upstream_error: None,
+                    failure: None,
+                    now,
+                }
             }
-            trim(&mut st);
-            slow.len()
+            Err(e) => {
+                let mut s = Served::failed(Failure::Upstream(e), now);
+                s.upstream_time = upstream_time;
+                s
+            }
+        }
+    }
+
+    /// The fill task: fetch, decide, stream to readers, store.
+    async fn run_fill(self: Arc<Self>, fill: Arc<Fill>, job: FillJob) {
+        // Dropped last: waiters wake once the stored copy is visible and the fill is gone.
+        let _conclude = Concluding(fill.clone());
+        self.fill_inner(&fill, job).await;
+        self.fills
+            .remove_if(&fill.key, |_, f| Arc::ptr_eq(f, &fill));
+    }
+
+    async fn fill_inner(&self, fill: &Arc<Fill>, job: FillJob) {
+        let mut up = clone_parts(&job.upstream);
+        up.method = Method::GET;
+        up.extensions.insert(upstream::RouteKey(job.primary));
+        for h in CLIENT_CONDITIONALS {
+            up.headers.remove(h);
+        }
+        if let Some(meta) = &job.stale_meta {
+            if let Some(etag) = meta.etag().and_then(|e| HeaderValue::from_str(e).ok()) {
+                up.headers.insert(header::IF_NONE_MATCH, etag);
+            }
+            if let Some(lm) = meta
+                .last_modified()
+                .and_then(|e| HeaderValue::from_str(e).ok())
+            {
+                up.headers.insert(header::IF_MODIFIED_SINCE, lm);
+            }
+        }
+        let sent = std::time::Instant::now();
+        let fetched = self
+            .upstream
+            .fetch(Request::from_parts(up, empty_body()))
+            .await;
+        fill.set_upstream_time(sent.elapsed());
+        let resp = match fetched {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(key = %job.key_text, error = %e, "fill failed");
+                fill.publish(FillResult::Failed(e));
+                return;
+            }
         };
-        self.bump();
-        n
-    }
+        let now = self.clock.now();
+        let (mut parts, body) = resp.into_parts();
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock cannot leave the state half-updated in a way that
-        // matters more than losing the fill, so poisoning is ignored.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn bump(&self) {
-        self.version.send_modify(|v| *v += 1);
-    }
-
-    /// Marks the fill as overtaken by an invalidation of its key.
-    pub fn cancel(&self) {
-        self.cancelled
-            .store(true, std::sync::atomic::Ordering::Release);
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// True when the fill is storing its response (its head said so).
-    pub fn stores(&self) -> bool {
-        matches!(&self.lock().result, Some(FillResult::Streaming(h)) if h.meta.is_some())
-    }
-
-    /// Records how long upstream took to answer.
-    pub fn set_upstream_time(&self, d: std::time::Duration) {
-        self.upstream_nanos.store(
-            d.as_nanos().min(u128::from(u64::MAX)) as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-    }
-
-    pub fn upstream_time(&self) -> Option<std::time::Duration> {
-        match self
-            .upstream_nanos
-            .load(std::sync::atomic::Ordering::Relaxed)
+        if parts.status == StatusCode::NOT_MODIFIED
+            && let Some(old) = &job.stale_meta
         {
-            0 => None,
-            n => Some(std::time::Duration::from_nanos(n)),
-        }
-    }
-
-    pub fn publish(&self, result: FillResult) {
-        self.lock().result = Some(result);
-        self.bump();
-    }
-
-    /// Appends a body chunk.
-    pub fn push(&self, chunk: Bytes) {
-        {
-            let mut st = self.lock();
-            st.buffered += chunk.len();
-            st.chunks.push_back(chunk);
-            trim(&mut st);
-        }
-        self.bump();
-    }
-
-    /// Appends a chunk without waking readers yet: the last chunk of a body that is about to be
-    /// stored is held until the stored copy is visible ([`Fill::release`]).
-    /// Readers do not see it, even one that happens to be polling right now, until
-    /// [`Fill::release`].
-    pub fn push_held(&self, chunk: Bytes) {
-        let mut st = self.lock();
-        st.buffered += chunk.len();
-        st.chunks.push_back(chunk);
-        st.held += 1;
-        trim(&mut st);
-    }
-
-    /// Shows readers the chunks appended with [`Fill::push_held`], and wakes them.
-    pub fn release(&self) {
-        self.lock().held = 0;
-        self.bump();
-    }
-
-    pub fn finish(&self, outcome: Result<(), String>) {
-        self.lock().done = Some(outcome);
-        self.bump();
-    }
-
-    /// Whether chunks must be kept for the memory tier. Turning it off trims at once.
-    pub fn set_keep_all(&self, keep: bool) {
-        let mut st = self.lock();
-        st.keep_all = keep;
-        trim(&mut st);
-    }
-
-    /// Ends the fill for everyone still waiting on it: whatever it stored is now visible to
-    /// lookups (it is settled), and a fill that never got an answer or a whole body says so.
-    fn conclude(&self) {
-        {
-            let mut st = self.lock();
-            if st.result.is_none() {
-                st.result = Some(FillResult::Failed(UpstreamError::Protocol(
-                    "the fill ended without an answer".into(),
-                )));
-            }
-            if st.done.is_none() {
-                st.done = Some(Err("the fill ended before the body did".into()));
-            }
-            st.held = 0;
-            st.settled = true;
-        }
-        self.bump();
-    }
-
-    /// True once the body was received completely.
-    pub fn completed(&self) -> bool {
-        matches!(self.lock().done, Some(Ok(())))
-    }
-
-    /// Waits until the task running the fill has ended ([`Concluding`]).
-    pub async fn settled(&self) {
-        let mut rx = self.version.subscribe();
-        loop {
-            rx.borrow_and_update();
-            if self.lock().settled {
+            // A pushed object (served ahead of the cache) that a soft purge sent back to the
+            // origin, confirmed unchanged.
+            let path = job.norm.uri.path_and_query().map_or("/", |p| p.as_str());
+            if self.pinned.as_ref().is_some_and(|p| p.contains(path))
+                && let Some(confirmed) = self.confirm_pushed(path, old, job.purge_seq).await
+            {
+                fill.publish(FillResult::Revalidated(confirmed));
                 return;
             }
-            if rx.changed().await.is_err() {
-                return;
+            match policy::apply_not_modified(old, &job.norm, &parts, now, &job.admit) {
+                Some(mut updated) => {
+                    updated.purge_seq = job.purge_seq;
+                    let updated = Arc::new(updated);
+                    self.update_stored_meta(fill.key, &updated, job.stale_body.clone())
+                        .await;
+                    fill.publish(FillResult::Revalidated(updated));
+                }
+                None => {
+                    // The merged response may no longer be stored: drop the old copy.
+                    self.remove_object(fill.key).await;
+                    fill.publish(FillResult::Failed(UpstreamError::Protocol(
+                        "304 turned the stored response uncacheable".into(),
+                    )))
+                }
+            }
+            return;
+        }
+
+        let admission = if policy::status_may_be_stored(parts.status) {
+            policy::admit(&job.norm, &parts, &job.key_text, now, &job.admit)
+        } else {
+            Admission::Pass(PassReason::Uncacheable)
+        };
+        let content_length = content_length(&parts.headers);
+        let mut admission = admission;
+        if content_length.is_some_and(|n| n > self.cfg.max_object_size) {
+            admission = Admission::Pass(PassReason::TooLarge);
+        }
+        strip_hop_by_hop(&mut parts.headers);
+        let (meta, vary, store_key, set_cookie) = match admission {
+            Admission::Store(mut meta) => {
+                meta.purge_seq = job.purge_seq;
+                let set_cookie: Vec<HeaderValue> = parts
+                    .headers
+                    .get_all(header::SET_COOKIE)
+                    .iter()
+                    .cloned()
+                    .collect();
+                parts.headers.remove(header::SET_COOKIE);
+                let vary = meta.vary_names();
+                let store_key = self.vary.register(job.primary, &vary, &job.norm.headers);
+                (Some(meta), vary, store_key, set_cookie)
+            }
+            Admission::Pass(reason) => {
+                debug!(key = %job.key_text, reason = reason.as_str(), "not storing");
+                // An old stored copy that the new answer replaces must not be served again; a
+                // 5xx replaces nothing (stale-if-error may still serve the copy).
+                if job.stale_meta.is_some() && !parts.status.is_server_error() {
+                    self.remove_object(fill.key).await;
+                }
+                (None, Vec::new(), fill.key, Vec::new())
+            }
+        };
+        let storing = meta.is_some();
+        if storing && let Some(pinned) = &self.pinned {
+            // The origin's answer replaces a pushed object a soft purge sent back to it.
+            let path = job.norm.uri.path_and_query().map_or("/", |p| p.as_str());
+            if pinned.contains(path) {
+                pinned.delete(path).await;
+                self.memory.remove(&push_store::pinned_key(path)).await;
             }
         }
-    }
+        // A body kept for the memory tier is held twice at its end (the chunks, then the
+        // compact copy): both count against the engine's budget until the copy is stored.
+        let mut memory_charge = match content_length {
+            Some(n) if storing && self.memory.fits(n) => {
+                self.memory_fills.take(n.saturating_mul(2))
+            }
+            _ => None,
+        };
+        fill.set_keep_all(memory_charge.is_some());
+        let head = Arc::new(FillHead {
+            status: parts.status,
+            headers: parts.headers.clone(),
+            set_cookie,
+            meta: meta.as_ref().map(|m| Arc::new((**m).clone())),
+            content_length,
+            shareable: storing,
+            vary,
+            store_key,
+        });
+        fill.publish(FillResult::Streaming(head));
 
-    pub fn reader_count(&self) -> usize {
-        self.lock().cursors.len()
-    }
-
-    /// The whole body, if every chunk was kept: one copy, once per fill, into an allocation of
-    /// exactly its length, even for a single chunk. Chunks from hyper are slices of its read
-    /// buffers, which can be much larger than the slice (a 1 KiB body read with a 400 KiB
-    /// buffer); the memory tier charges the body's length, so it must hold no more than that.
-    ///
-    /// The kept chunks are then replaced by slices of the copy, at the same offsets: readers
-    /// still behind get the same bytes, and the fill no longer holds a second copy of the body
-    /// (nor the read buffers the chunks came from).
-    pub fn assembled(&self) -> Option<Bytes> {
-        let mut st = self.lock();
-        if st.trimmed || !st.keep_all {
-            return None;
-        }
-        let out = super::buffer::compact(st.chunks.iter().map(|c| c.as_ref()));
-        let mut at = 0;
-        for c in st.chunks.iter_mut() {
-            let end = at + c.len();
-            *c = out.slice(at..end);
-            at = end;
-        }
-        Some(out)
-    }
-
-    /// Waits for the fill's result.
-    pub async fn result(&self) -> FillResult {
-        let mut rx = self.version.subscribe();
+        let mut disk_tx = match (&self.disk, storing) {
+            (Some(disk), true) => {
+                Some(self.spawn_disk_writer(disk.clone(), store_key, content_length))
+            }
+            _ => None,
+        };
+        let mut body = body;
+        let mut total: u64 = 0;
+        let mut storing = storing;
+        let mut in_memory = false;
         loop {
-            rx.borrow_and_update();
-            if let Some(r) = self.lock().result.clone() {
-                return r;
+            // Never further ahead of the slowest reader than the window (unless kept whole).
+            let dropped = fill
+                .wait_for_room(coalesce::FILL_WINDOW, self.cfg.send_timeout)
+                .await;
+            if dropped > 0 {
+                self.stats
+                    .slow_readers_dropped
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
             }
-            if rx.changed().await.is_err() {
-                return FillResult::Failed(UpstreamError::Protocol("fill abandoned".into()));
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    total += data.len() as u64;
+                    if storing && total > self.cfg.max_object_size {
+                        storing = false;
+                        disk_tx = None;
+                        fill.set_keep_all(false);
+                        memory_charge = None;
+                    }
+                    if let Some(tx) = &disk_tx
+                        && self
+                            .disk_queue
+                            .take(data.len() as u64)
+                            .is_none_or(|c| tx.try_send(DiskMsg::Data(data.clone(), c)).is_err())
+                    {
+                        // The disk is slower than the client (its queue, or every writer's
+                        // queues together, are full): give up the disk copy rather than slow
+                        // anyone down or hold the body in memory.
+                        self.stats
+                            .disk_writes_abandoned
+                            .fetch_add(1, Ordering::Relaxed);
+                        disk_tx = None;
+                    }
+                    let last = content_length == Some(total);
+                    if last
+                        && storing
+                        && self.memory.fits(total)
+                        && let Some(m) = meta.as_deref()
+                    {
+                        // The client has the whole body once it reads this chunk, and may ask
+                        // again at once: make the memory copy visible first, so that request
+                        // is a HIT rather than a late joiner of this fill.
+                        fill.push_held(data);
+                        if let Some(body) = fill.assembled() {
+                            let mut m = m.clone();
+                            m.body_len = total;
+                            self.memory
+                                .insert(
+                                    store_key,
+                                    MemObject {
+                                        meta: Arc::new(m),
+                                        body,
+                                    },
+                                )
+                                .await;
+                            in_memory = true;
+                        }
+                        memory_charge = None;
+                        fill.release();
+                    } else {
+                        fill.push(data);
+                    }
+                    if !storing && fill.reader_count() == 0 {
+                        fill.finish(Err("no reader left".into()));
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    warn!(key = %job.key_text, error = %e, "upstream body failed mid-stream");
+                    if in_memory {
+                        self.memory.remove(&store_key).await;
+                    }
+                    fill.finish(Err(format!("upstream body failed: {e}")));
+                    return;
+                }
             }
         }
-    }
-
-    /// A reader from the first byte, or `None` if the start was already dropped.
-    pub fn reader(self: &Arc<Self>) -> Option<FillReader> {
-        let mut st = self.lock();
-        if st.trimmed {
-            return None;
+        if content_length.is_some_and(|n| n != total) {
+            if in_memory {
+                self.memory.remove(&store_key).await;
+            }
+            fill.finish(Err(
+                "upstream body longer or shorter than its Content-Length".into(),
+            ));
+            return;
         }
-        let id = st.next_reader;
-        st.next_reader += 1;
-        let start = st.base;
-        st.cursors.insert(id, start);
-        Some(FillReader {
-            fill: Arc::clone(self),
-            id,
-            cursor: start,
-        })
-    }
-}
-
-fn trim(st: &mut State) {
-    if st.keep_all {
-        return;
-    }
-    let min = st.cursors.values().copied().min().unwrap_or(usize::MAX);
-    while st.base < min
-        && let Some(c) = st.chunks.pop_front()
-    {
-        st.buffered -= c.len();
-        st.base += 1;
-        st.trimmed = true;
-    }
-}
-
-/// One reader's position in a fill.
-pub struct FillReader {
-    fill: Arc<Fill>,
-    id: u64,
-    cursor: usize,
-}
-
-enum Next {
-    Chunk(Bytes),
-    End,
-    Error(String),
-    Wait,
-}
-
-impl FillReader {
-    fn next_now(&mut self) -> Next {
-        let mut st = self.fill.lock();
-        if st.dropped.contains(&self.id) {
-            return Next::Error("the client took nothing for the send timeout".into());
-        }
-        let idx = self.cursor - st.base.min(self.cursor);
-        let visible = st.chunks.len() - st.held;
-        if self.cursor >= st.base
-            && idx < visible
-            && let Some(c) = st.chunks.get(idx).cloned()
+        let Some(mut meta) = meta.filter(|_| storing) else {
+            fill.finish(Ok(()));
+            return;
+        };
+        meta.body_len = total;
+        let meta = Arc::new(*meta);
+        if !in_memory
+            && self.memory.fits(total)
+            && let Some(body) = fill.assembled()
         {
-            self.cursor += 1;
-            st.cursors.insert(self.id, self.cursor);
-            let before = st.buffered;
-            trim(&mut st);
-            if st.buffered < before {
-                self.fill.drained.notify_waiters();
-            }
-            return Next::Chunk(c);
+            self.memory
+                .insert(
+                    store_key,
+                    MemObject {
+                        meta: meta.clone(),
+                        body,
+                    },
+                )
+                .await;
         }
-        match &st.done {
-            Some(Ok(())) => Next::End,
-            Some(Err(e)) => Next::Error(e.clone()),
-            None => Next::Wait,
+        drop(memory_charge);
+        let committed = disk_tx.and_then(|tx| {
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            tx.try_send(DiskMsg::Commit(meta, done_tx))
+                .ok()
+                .map(|_| done_rx)
+        });
+        fill.finish(Ok(()));
+        // Stay in the fill map until the disk copy is visible, so a request arriving in between
+        // finds this fill (and waits for the commit) rather than fetching again.
+        if let Some(done) = committed {
+            let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
+        }
+        if fill.is_cancelled() {
+            // Invalidated while we fetched: what we stored is already out of date.
+            self.remove_object(store_key).await;
         }
     }
 
-    async fn next(&mut self) -> Option<io::Result<Bytes>> {
-        let mut rx = self.fill.version.subscribe();
-        loop {
-            rx.borrow_and_update();
-            match self.next_now() {
-                Next::Chunk(c) => return Some(Ok(c)),
-                Next::End => return None,
-                Next::Error(e) => return Some(Err(io::Error::other(e))),
-                Next::Wait => {
-                    if rx.changed().await.is_err() {
-                        return Some(Err(io::Error::other("fill abandoned")));
+    fn spawn_disk_writer(
+        &self,
+        disk: Arc<DiskTier>,
+        key: KeyHash,
+        size: Option<u64>,
+    ) -> mpsc::Sender<DiskMsg> {
+        let (tx, mut rx) = mpsc::channel::<DiskMsg>(256);
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            let mut writer = match disk.begin_write(key, size).await {
+                Ok(w) => w,
+                Err(e) => {
+                    warn!(error = %e, "disk tier write failed to start; serving without disk (check cache_dir space and permissions)");
+                    stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            while let Some(msg) = rx.recv().await {
+                match msg {
+                    DiskMsg::Data(d, _charge) => {
+                        if let Err(e) = writer.write(&d).await {
+                            warn!(error = %e, "disk tier write failed; object not stored on disk (check cache_dir space)");
+                            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                    DiskMsg::Commit(meta, done) => {
+                        if let Err(e) = writer.commit(&meta).await {
+                            warn!(error = %e, "disk tier commit failed; object not stored on disk");
+                            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = done.send(());
+                        return;
                     }
                 }
             }
-        }
-    }
-
-    pub fn into_stream(self) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        futures_util::stream::unfold(Some(self), |reader| async move {
-            let mut reader = reader?;
-            match reader.next().await {
-                Some(Ok(c)) => Some((Ok(c), Some(reader))),
-                Some(Err(e)) => Some((Err(e), None)),
-                None => None,
-            }
-        })
+            // Sender dropped without Commit: the write is abandoned and never visible.
+        });
+        tx
     }
 }
 
-impl Drop for FillReader {
-    fn drop(&mut self) {
-        let mut st = self.fill.lock();
-        st.cursors.remove(&self.id);
-        st.dropped.remove(&self.id);
-        trim(&mut st);
-        self.fill.drained.notify_waiters();
-    }
+fn body_stream(body: UpstreamBody) -> BoxStream<'static, io::Result<Bytes>> {
+    http_body_util::BodyDataStream::new(body)
+        .map_err(io::Error::other)
+        .boxed()
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    //! Nothing stored may keep a buffer it does not own. hyper's header values, URIs and body
+    //! chunks are slices of the connection's read buffer: the origin here hands out exactly
+    //! such slices (of one large buffer per response), and so does the client's request.
 
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use futures_util::FutureExt;
+    use futures_util::future::BoxFuture;
+    use http::{HeaderValue, Method, Response, Uri};
+    use http_body_util::{BodyExt, Full};
+
+    use super::super::clock::Clock;
+    use super::super::key::{KeyOptions, NormalizedRequest};
+    use super::super::upstream::{Upstream, UpstreamBody};
+    use super::super::{CacheRequest, EngineConfig, ServedBody};
     use super::*;
-    use futures_util::StreamExt;
 
-    #[tokio::test]
-    async fn readers_get_bytes_as_they_arrive_and_late_join_after_trim_fails() {
-        let fill = Fill::new(KeyHash::of("k"));
-        fill.set_keep_all(false);
-        let r1 = fill.reader().unwrap();
-        let mut s1 = Box::pin(r1.into_stream());
-        fill.push(Bytes::from_static(b"ab"));
-        assert_eq!(s1.next().await.unwrap().unwrap(), "ab");
-        // Everyone passed chunk 0, so it is gone and a new reader cannot start from byte 0.
-        fill.push(Bytes::from_static(b"cd"));
-        assert!(fill.reader().is_none());
-        fill.finish(Ok(()));
-        assert_eq!(s1.next().await.unwrap().unwrap(), "cd");
-        assert!(s1.next().await.is_none());
+    /// Like hyper's read buffer: 256 KiB, of which a response uses a small part.
+    const READ_BUFFER: usize = 256 * 1024;
+    const BODY: usize = 10_000;
+
+    /// A buffer of `READ_BUFFER` bytes that starts with `text`, and the range of `text` in it.
+    fn read_buffer(text: &[u8]) -> Bytes {
+        let mut v = vec![b'x'; READ_BUFFER];
+        v[..text.len()].copy_from_slice(text);
+        Bytes::from(v)
     }
 
-    /// A streaming fill reads no further than the window ahead of its slowest reader, and a
-    /// reader that takes nothing for the stall time while the fill waits is dropped: memory
-    /// stays bounded and the fill goes on for the others.
-    #[tokio::test]
-    async fn a_slow_reader_holds_back_the_fill_then_is_dropped() {
-        let fill = Fill::new(KeyHash::of("k"));
-        fill.set_keep_all(false);
-        let slow = fill.reader().unwrap();
-        let fast = fill.reader().unwrap();
-        let mut fast = Box::pin(fast.into_stream());
-        let mut slow = Box::pin(slow.into_stream());
-        let pusher = tokio::spawn({
-            let fill = fill.clone();
-            async move {
-                let mut dropped = 0;
-                for _ in 0..64 {
-                    dropped += fill.wait_for_room(4096, Duration::from_secs(1)).await;
-                    fill.push(Bytes::from(vec![0u8; 1024]));
-                }
-                fill.finish(Ok(()));
-                dropped
+    /// A value sliced out of `buf`, as hyper makes it (the text starts at `at`).
+    fn sliced(buf: &Bytes, at: usize, len: usize) -> HeaderValue {
+        HeaderValue::from_maybe_shared(buf.slice(at..at + len)).unwrap()
+    }
+
+    /// An origin whose every header value and body is a slice of a read buffer it keeps a
+    /// handle on, so the test can see whether anything else still holds one.
+    #[derive(Default)]
+    struct SlicingOrigin {
+        buffers: Mutex<Vec<Bytes>>,
+    }
+
+    impl Upstream for SlicingOrigin {
+        fn fetch(
+            &self,
+            _req: Request<UpstreamBody>,
+        ) -> BoxFuture<'static, Result<http::Response<UpstreamBody>, UpstreamError>> {
+            let fields: [(&str, &[u8]); 6] = [
+                ("cache-control", b"public, max-age=3600"),
+                ("content-type", b"application/octet-stream"),
+                ("etag", b"\"v1\""),
+                ("vary", b"accept-language"),
+                ("surrogate-key", b"a b"),
+                ("x-origin-note", b"kept"),
+            ];
+            let mut text = Vec::new();
+            let mut at = Vec::new();
+            for (_, v) in fields {
+                at.push(text.len());
+                text.extend_from_slice(v);
             }
-        });
-        // The fast reader keeps up; the slow one reads nothing.
-        let mut got = 0;
-        for _ in 0..5 {
-            got += fast.next().await.unwrap().unwrap().len();
-        }
-        // Well within the stall time, the fill is held back.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(
-            !pusher.is_finished(),
-            "the fill ran ahead of the slow reader"
-        );
-        assert!(
-            fill.lock().buffered <= 4096 + 1024,
-            "{}",
-            fill.lock().buffered
-        );
-        // Past the stall time the slow reader is dropped and the fill completes.
-        while let Some(c) = fast.next().await {
-            got += c.unwrap().len();
-        }
-        assert_eq!(got, 64 * 1024);
-        assert_eq!(pusher.await.unwrap(), 1);
-        assert!(
-            slow.next().await.unwrap().is_err(),
-            "the slow reader's body fails"
-        );
-    }
-
-    /// Waiters hold the fill, so its channel never closes under them: the end of the task
-    /// that runs it must wake them, however that task ends.
-    #[tokio::test]
-    async fn the_end_of_the_fill_task_wakes_every_waiter() {
-        let fill = Fill::new(KeyHash::of("k"));
-        let settled = tokio::spawn({
-            let f = fill.clone();
-            async move { f.settled().await }
-        });
-        let result = tokio::spawn({
-            let f = fill.clone();
-            async move { f.result().await }
-        });
-        let reader = fill.reader().unwrap();
-        let task = tokio::spawn({
-            let f = fill.clone();
-            async move {
-                let _conclude = Concluding(f);
-                tokio::task::yield_now().await;
-                panic!("the fill task dies before any answer");
+            let body_at = text.len();
+            text.extend((0..BODY).map(|i| (i % 251) as u8));
+            let buf = read_buffer(&text);
+            let mut resp = Response::new(
+                Full::new(buf.slice(body_at..body_at + BODY))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            );
+            for ((name, v), at) in fields.iter().zip(at) {
+                resp.headers_mut().append(*name, sliced(&buf, at, v.len()));
             }
-        });
-        assert!(task.await.is_err());
-        let wait = Duration::from_secs(10);
-        tokio::time::timeout(wait, settled).await.unwrap().unwrap();
-        let r = tokio::time::timeout(wait, result).await.unwrap().unwrap();
-        assert!(matches!(r, FillResult::Failed(_)), "{r:?}");
-        let s: Vec<_> = tokio::time::timeout(wait, reader.into_stream().collect::<Vec<_>>())
-            .await
-            .unwrap();
-        assert!(matches!(s.as_slice(), [Err(_)]), "{s:?}");
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(BODY));
+            self.buffers.lock().unwrap().push(buf);
+            async move { Ok(resp) }.boxed()
+        }
     }
 
-    /// A held chunk is invisible to readers, even to one polling while it is appended, until
-    /// it is released: the stored copy must be visible before a client can have the whole body.
-    #[tokio::test]
-    async fn held_chunks_are_invisible_until_released() {
-        let fill = Fill::new(KeyHash::of("k"));
-        let mut reader = fill.reader().unwrap();
-        fill.push(Bytes::from_static(b"ab"));
-        fill.push_held(Bytes::from_static(b"cd"));
-        assert!(matches!(reader.next_now(), Next::Chunk(c) if c == "ab"));
-        assert!(matches!(reader.next_now(), Next::Wait));
-        assert_eq!(
-            fill.assembled().unwrap(),
-            "abcd",
-            "the stored copy has every chunk"
+    /// A GET whose URI and header values are slices of a client read buffer.
+    fn request(client_buf: &Bytes) -> CacheRequest {
+        let uri = Uri::from_maybe_shared(client_buf.slice(0..6)).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, sliced(client_buf, 6, 9));
+        headers.insert(header::ACCEPT_LANGUAGE, sliced(client_buf, 15, 2));
+        headers.insert(header::USER_AGENT, sliced(client_buf, 17, 4));
+        let norm =
+            NormalizedRequest::new(&Method::GET, &uri, &headers, &KeyOptions::default()).unwrap();
+        let mut upstream = Request::new(());
+        *upstream.uri_mut() = uri;
+        *upstream.headers_mut() = headers;
+        CacheRequest {
+            norm,
+            method: Method::GET,
+            upstream: upstream.into_parts().0,
+            default_ttl: None,
+        }
+    }
+
+    async fn stores_nothing_foreign(disk: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Arc::new(SlicingOrigin::default());
+        let engine = Engine::open(
+            EngineConfig {
+                memory_bytes: 64 << 20,
+                disk: disk.then(|| (dir.path().to_path_buf(), 64 << 20)),
+                max_object_size: 8 << 20,
+                surrogate_name: "outpost".into(),
+                revalidations_per_sec: 10,
+                stale_if_error_wait: std::time::Duration::ZERO,
+                send_timeout: std::time::Duration::from_secs(60),
+            },
+            origin.clone(),
+            Clock::manual(),
+        )
+        .await
+        .unwrap();
+        let client_buf = read_buffer(b"/a?b=1site.testdecurl");
+        // The answer's own headers are the origin's (they may share its buffer): keep only
+        // its body.
+        let (cache, body) = {
+            let served = engine.serve(request(&client_buf)).await;
+            (served.cache, served.body)
+        };
+        assert_eq!(cache, CacheStatus::Miss);
+        let ServedBody::Stream { stream, .. } = body else {
+            panic!("a miss streams");
+        };
+        let body: Vec<Bytes> = stream.try_collect().await.unwrap();
+        assert_eq!(body.iter().map(Bytes::len).sum::<usize>(), BODY);
+        drop(body);
+        // The fill ends once the object is stored (on disk too): then only the stored copy
+        // is left, and it must hold none of the buffers.
+        for _ in 0..500 {
+            if engine.fills.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(engine.fills.is_empty(), "the fill never ended");
+        engine.run_pending_tasks().await;
+        let again = engine.serve(request(&client_buf)).await;
+        assert_eq!(again.cache, CacheStatus::Hit, "stored");
+        assert_eq!(again.body.len(), Some(BODY as u64));
+        drop(again);
+        let [(_, in_memory, _), (_, on_disk, _)] = engine.usage();
+        assert_eq!((in_memory, on_disk), (1, u64::from(disk)));
+        let buffers = origin.buffers.lock().unwrap();
+        assert_eq!(buffers.len(), 1, "one fetch");
+        for buf in buffers.iter() {
+            assert!(
+                buf.is_unique(),
+                "a stored header value, URI or body still holds the origin's read buffer"
+            );
+        }
+        assert!(
+            client_buf.is_unique(),
+            "a stored header value or URI still holds the client's read buffer"
         );
-        fill.release();
-        assert!(matches!(reader.next_now(), Next::Chunk(c) if c == "cd"));
-        fill.finish(Ok(()));
-        assert!(matches!(reader.next_now(), Next::End));
     }
 
     #[tokio::test]
-    async fn keep_all_allows_late_readers_and_assembles() {
-        let fill = Fill::new(KeyHash::of("k"));
-        fill.push(Bytes::from_static(b"ab"));
-        fill.push(Bytes::from_static(b"cd"));
-        fill.finish(Ok(()));
-        let s: Vec<_> = fill.reader().unwrap().into_stream().collect().await;
-        assert_eq!(s.len(), 2);
-        assert_eq!(fill.assembled().unwrap(), "abcd");
-    }
-
-    #[test]
-    fn budget_bounds_what_is_held_at_once() {
-        let b = Budget::new(100);
-        let a = b.take(60).unwrap();
-        assert!(b.take(41).is_none(), "over the limit");
-        let c = b.take(40).unwrap();
-        assert_eq!(b.used(), 100);
-        drop(a);
-        assert_eq!(b.used(), 40);
-        assert!(b.take(60).is_some());
-        drop(c);
-        assert_eq!(b.used(), 0);
-    }
-
-    /// The stored copy replaces the kept chunks: the fill holds one copy of the body, and a
-    /// reader still behind reads the same bytes.
-    #[tokio::test]
-    async fn assembling_replaces_the_chunks_with_slices_of_the_copy() {
-        let fill = Fill::new(KeyHash::of("k"));
-        let mut reader = fill.reader().unwrap();
-        let buf = Bytes::from(vec![7u8; 1000]);
-        fill.push(buf.slice(0..2));
-        fill.push(buf.slice(10..13));
-        fill.finish(Ok(()));
-        let body = fill.assembled().unwrap();
-        assert_eq!(body.len(), 5);
-        assert!(buf.is_unique(), "no chunk holds the read buffer any more");
-        assert!(matches!(reader.next_now(), Next::Chunk(c) if c.len() == 2));
-        assert!(matches!(reader.next_now(), Next::Chunk(c) if c.len() == 3));
-        assert!(matches!(reader.next_now(), Next::End));
+    async fn stored_objects_hold_no_read_buffer_memory_only() {
+        stores_nothing_foreign(false).await;
     }
 
     #[tokio::test]
-    async fn errors_reach_readers() {
-        let fill = Fill::new(KeyHash::of("k"));
-        let r = fill.reader().unwrap();
-        fill.finish(Err("upstream reset".into()));
-        let mut s = Box::pin(r.into_stream());
-        assert!(s.next().await.unwrap().is_err());
+    async fn stored_objects_hold_no_read_buffer_with_disk() {
+        stores_nothing_foreign(true).await;
     }
 }

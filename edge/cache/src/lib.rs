@@ -1,18 +1,23 @@
-//! The caching engine. It has no sockets: upstream is a trait ([`upstream::Upstream`]), so the
-//! engine is tested and benched on its own.
+//! The caching engine, `outpost-cache`: the second floor of the edge, above the HTTP vocabulary
+//! (`outpost-http`) and below the proxy (`outpost-edge`), which the compiler keeps it from
+//! importing. It has no sockets: upstream is a trait ([`upstream::Upstream`]) and time an input
+//! ([`clock::Clock`]), so the engine is tested and benched on its own. It owns no response
+//! formats either: an answer is data ([`Served`]), a failure too ([`Failure`]); the proxy turns
+//! them into responses.
 //!
-//! Modules: [`key`] (normalised key, stable hash), [`cache_control`] (the directives the policy
-//! crate ignores), [`policy`] (the only caller of http-cache-semantics), [`meta`] (what is
-//! stored), [`memory`] and [`disk`] (the tiers), [`fill`] (coalescing and streaming),
-//! [`status`] (the outcome enum), [`clock`] (time as an input), [`invalidation`] (purge
-//! generations), [`pinned`] (the store of pushed objects), [`upstream`] (the trait).
+//! Modules: [`key`] (normalised key, stable hash, Accept-Encoding), [`cache_control`] (the
+//! directives the policy crate ignores), [`policy`] (the only caller of http-cache-semantics),
+//! [`meta`] (what is stored), [`memory`] and [`disk`] (the tiers), [`coalesce`] (one fetch per
+//! key, its readers, the fill budgets), [`status`] (the outcome enum), [`clock`] (time as an
+//! input), [`purge_log`] (purge generations, durable), [`push_store`] (the store of pushed
+//! objects), [`fresh`] (the fresh-hit lookup of the fast path), [`upstream`] (the trait).
 //!
 //! The engine itself is split by concept, each file an `impl Engine` block: this file opens the
-//! tiers, looks objects up and answers (`serve`, the memory hit fast path); `filling` runs the
-//! fetch-and-store task a miss starts and answers from it (or passes); `revalidation` refreshes
-//! stale objects in the background; `purging` removes objects (purge, invalidate, reclaim);
-//! `pushed` serves and manages pushed objects; `encoded` keeps compressed variants; `served`
-//! is the answer type ([`Served`]).
+//! tiers, looks objects up and answers (`serve`); `fill` runs the fetch-and-store task a miss
+//! starts and answers from it (or passes); `revalidation` refreshes stale objects in the
+//! background; `purge` removes objects (purge, invalidate, reclaim); `push` serves and manages
+//! pushed objects; `encoded` keeps compressed variants; `served` is the answer type
+//! ([`Served`]).
 //!
 //! Lookup order: memory, then disk (a disk hit small enough is promoted to memory). Variants:
 //! a response with `Vary` is stored under a secondary key (primary hash + the request's values of
@@ -21,19 +26,19 @@
 pub mod buffer;
 pub mod cache_control;
 pub mod clock;
+pub mod coalesce;
 pub mod disk;
 mod encoded;
-pub mod fill;
-mod filling;
-pub mod hit;
-pub mod invalidation;
+mod fill;
+pub mod fresh;
 pub mod key;
 pub mod memory;
 pub mod meta;
-pub mod pinned;
 pub mod policy;
-mod purging;
-mod pushed;
+mod purge;
+pub mod purge_log;
+mod push;
+pub mod push_store;
 mod revalidation;
 mod served;
 pub mod status;
@@ -52,8 +57,8 @@ use http::header::{self, HeaderMap};
 use http::{Method, request};
 
 use self::clock::Clock;
+use self::coalesce::Fill;
 use self::disk::{DiskHit, DiskTier};
-use self::fill::Fill;
 use self::key::{KeyHash, KeyHasher, NormalizedRequest};
 use self::memory::MemoryTier;
 use self::meta::{CachedMeta, MemObject};
@@ -63,7 +68,7 @@ use self::status::{CacheStatus, PassReason, Tier};
 use self::upstream::Upstream;
 
 pub use self::encoded::{STORED_CODINGS, encoded_key};
-pub use self::purging::{PurgeOutcome, PurgeSpec};
+pub use self::purge::{PurgeOutcome, PurgeSpec};
 pub use self::served::{Failure, Served, ServedBody};
 pub use self::upstream::empty_body;
 
@@ -83,7 +88,7 @@ pub struct EngineConfig {
     /// Zero waits for the upstream's own timeouts.
     pub stale_if_error_wait: Duration,
     /// A reader of a streaming fill that takes nothing for this long while the fill waits on
-    /// it is dropped (`limits.send_timeout`; see [`fill`]).
+    /// it is dropped (`limits.send_timeout`; see [`coalesce`]).
     pub send_timeout: Duration,
 }
 
@@ -142,18 +147,18 @@ pub struct Engine {
     upstream: Arc<dyn Upstream>,
     clock: Clock,
     cfg: EngineConfig,
-    gens: invalidation::Generations,
-    pinned: Option<pinned::PinnedStore>,
+    gens: purge_log::Generations,
+    pinned: Option<push_store::PinnedStore>,
     /// Hosts seen, so a purge of a bare path can reach every host's copy (bounded).
     hosts: DashMap<String, ()>,
     /// Background reclamation state: 0 idle, 1 running, 2 running and asked to run again.
     reclaim: AtomicU64,
     budget: std::sync::Mutex<Budget>,
     pub stats: Arc<EngineStats>,
-    /// Fill bodies kept for the memory tier ([`fill::Budget`], [`MemoryShares`]).
-    memory_fills: Arc<fill::Budget>,
+    /// Fill bodies kept for the memory tier ([`coalesce::Budget`], [`MemoryShares`]).
+    memory_fills: Arc<coalesce::Budget>,
     /// Chunks queued for disk writers ([`MemoryShares`]).
-    disk_queue: Arc<fill::Budget>,
+    disk_queue: Arc<coalesce::Budget>,
 }
 
 /// How `--memory` is shared out. It covers everything the cache holds, not only the memory
@@ -209,7 +214,7 @@ impl Engine {
         let shares = MemoryShares::of(cfg.memory_bytes, cfg.disk.is_some());
         let held_budget = shares.held_meta;
         let memory = MemoryTier::new(shares.tier);
-        let gens = invalidation::Generations::load(
+        let gens = purge_log::Generations::load(
             cfg.disk.as_ref().map(|(dir, _)| dir.join("purges.json")),
         )?;
         let hosts: DashMap<String, ()> = DashMap::new();
@@ -235,7 +240,7 @@ impl Engine {
         };
         let pinned = match &cfg.disk {
             Some((dir, _)) => {
-                Some(pinned::PinnedStore::open(&dir.join("pushed"), held_budget).await?)
+                Some(push_store::PinnedStore::open(&dir.join("pushed"), held_budget).await?)
             }
             None => None,
         };
@@ -257,8 +262,8 @@ impl Engine {
             hosts,
             reclaim: AtomicU64::new(0),
             stats: Arc::new(EngineStats::default()),
-            memory_fills: fill::Budget::new(shares.memory_fills),
-            disk_queue: fill::Budget::new(shares.disk_queue),
+            memory_fills: coalesce::Budget::new(shares.memory_fills),
+            disk_queue: coalesce::Budget::new(shares.disk_queue),
         });
         // moka has no background thread: run its housekeeping (eviction, size accounting).
         let weak = Arc::downgrade(&engine);
@@ -413,7 +418,7 @@ impl Engine {
         let variant = self.variant_of(norm.key.hash(), &norm.parts.headers);
         let obj = self.memory.get(&variant).await?;
         let meta = obj.meta.clone();
-        if self.gens.check(&meta.key, &meta.tags, meta.purge_seq) != invalidation::Verdict::Valid
+        if self.gens.check(&meta.key, &meta.tags, meta.purge_seq) != purge_log::Verdict::Valid
             || policy::freshness(&meta, &norm.parts, now) != Freshness::Fresh
         {
             return None;
@@ -445,9 +450,9 @@ impl Engine {
             Some(stored) => {
                 let m = stored.meta();
                 match self.gens.check(&m.key, &m.tags, m.purge_seq) {
-                    invalidation::Verdict::Valid => Some((stored, false)),
-                    invalidation::Verdict::Stale => Some((stored, true)),
-                    invalidation::Verdict::Gone => {
+                    purge_log::Verdict::Valid => Some((stored, false)),
+                    purge_log::Verdict::Stale => Some((stored, true)),
+                    purge_log::Verdict::Gone => {
                         // Purged: reclaim it now; this request is a miss.
                         self.remove_object(variant).await;
                         None

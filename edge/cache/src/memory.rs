@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use moka::sync::Cache;
 
-use super::hit::PreparedHead;
+use super::fresh::PreparedHead;
 use super::key::{KeyHash, KeyHasher};
 use super::meta::MemObject;
 

@@ -257,7 +257,7 @@ impl EdgeMetrics {
     /// A registry holding this node's collector.
     pub fn registry(self: &Arc<Self>) -> Registry {
         let mut r = Registry::default();
-        r.register_collector(Box::new(Collector_(self.clone())));
+        r.register_collector(Box::new(EdgeCollector(self.clone())));
         r
     }
 
@@ -277,8 +277,9 @@ pub fn hit_ratio(t: &[u64; 6]) -> Option<f64> {
     (all > 0).then(|| served as f64 / all as f64)
 }
 
+/// Encodes the edge's metrics at scrape time (prometheus-client's `Collector`).
 #[derive(Debug)]
-struct Collector_(Arc<EdgeMetrics>);
+struct EdgeCollector(Arc<EdgeMetrics>);
 
 fn counter(
     enc: &mut DescriptorEncoder,
@@ -354,7 +355,7 @@ fn histogram(
     Ok(())
 }
 
-impl Collector for Collector_ {
+impl Collector for EdgeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let m = &self.0;
         let mut req = Vec::new();

@@ -14,7 +14,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
 use tracing::debug;
 
-use crate::cache::hit::Codings;
+use crate::cache::fresh::Codings;
 use crate::cache::key::{Coding, KeyHash};
 use crate::cache::meta::CachedMeta;
 use crate::cache::status::CacheStatus;

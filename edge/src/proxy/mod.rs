@@ -11,11 +11,11 @@
 //! ```
 
 pub mod compress;
-mod hit;
+mod fast_hit;
+pub mod http_client;
 pub mod request;
 pub mod respond;
 pub mod shield;
-pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -110,7 +110,7 @@ pub struct Pending<B> {
     client: Client,
     started: Instant,
     /// A fresh hit whose head is still to be prepared; `None`: the full path.
-    unprepared: Option<Box<hit::Unprepared>>,
+    unprepared: Option<Box<fast_hit::Unprepared>>,
 }
 
 /// The request fields of an access log line.
@@ -206,11 +206,11 @@ impl Proxy {
     ) -> Result<Response<RespBody>, Box<Pending<B>>> {
         let started = Instant::now();
         let unprepared = match self.hit_now(&req) {
-            hit::Lookup::Hit(hit) => {
+            fast_hit::Lookup::Hit(hit) => {
                 return Ok(self.conclude_hit(client, started, access_line(&req), hit));
             }
-            hit::Lookup::Unprepared(u) => Some(u),
-            hit::Lookup::Full => None,
+            fast_hit::Lookup::Unprepared(u) => Some(u),
+            fast_hit::Lookup::Full => None,
         };
         // Boxed: the result stays as small as a response (it is moved a few times).
         Err(Box::new(Pending {
@@ -242,7 +242,7 @@ impl Proxy {
         let is_head = req.method() == Method::HEAD;
         // Boxed: the full path's state machine is several KiB, and hyper moves the request's
         // future a few times; unboxed, every request would copy it.
-        let resp = Box::pin(self.route(req, client)).await;
+        let resp = Box::pin(self.full_path(req, client)).await;
         let outcome = resp
             .extensions()
             .get::<Outcome>()
@@ -269,7 +269,7 @@ impl Proxy {
         client: Client,
         started: Instant,
         log: Option<AccessLine>,
-        hit: hit::FastHit,
+        hit: fast_hit::FastHit,
     ) -> Response<RespBody> {
         let len = Some(hit.sent);
         self.conclude(client, started, log, hit.response, hit.outcome, len, None)
@@ -379,7 +379,12 @@ impl Proxy {
         self.settings.store(Arc::new(RouteSettings::of(route)));
     }
 
-    async fn route<B: RequestBody>(&self, req: Request<B>, client: Client) -> Response<RespBody> {
+    /// Everything but the fast hit: the request phase, then purge, cache or pass.
+    async fn full_path<B: RequestBody>(
+        &self,
+        req: Request<B>,
+        client: Client,
+    ) -> Response<RespBody> {
         let settings = self.settings.load();
         let has_body = req.body().has_body();
         let (parts, body) = req.into_parts();

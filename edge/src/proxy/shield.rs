@@ -19,7 +19,7 @@ use futures_util::future::BoxFuture;
 use http::{Method, Request, Uri};
 use tracing::{info, warn};
 
-use super::upstream::{HyperUpstream, UpstreamConfig};
+use super::http_client::{HyperUpstream, UpstreamConfig};
 use crate::cache::key::KeyHash;
 use crate::cache::upstream::{RouteKey, Upstream, UpstreamBody, UpstreamError};
 use crate::config::ShieldSpec;

@@ -1,5 +1,5 @@
 //! The engine's side of pushed objects: serving them ahead of the cache, and the admin
-//! operations (push, forward, delete, list) over the pinned store ([`pinned`]).
+//! operations (push, forward, delete, list) over the pinned store ([`push_store`]).
 
 use std::io;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use futures_util::stream::BoxStream;
 
 use super::meta::CachedMeta;
 use super::status::CacheStatus;
-use super::{CacheRequest, Engine, Served, Stored, invalidation, pinned};
+use super::{CacheRequest, Engine, Served, Stored, purge_log, push_store};
 
 impl Engine {
     /// A pushed object for this path, if any: always a HIT (it is authoritative) unless a purge
@@ -27,43 +27,43 @@ impl Engine {
         if !pinned.contains(path) {
             return None;
         }
-        let key = pinned::pinned_key(path);
+        let key = push_store::pinned_key(path);
         let stored = match self.memory.get(&key).await {
             Some(m) => Stored::Memory(m),
             None => Stored::Pinned(pinned.get(path).await?),
         };
         let meta = stored.meta().clone();
         match self.gens.check(&meta.key, &meta.tags, meta.purge_seq) {
-            invalidation::Verdict::Gone => {
+            purge_log::Verdict::Gone => {
                 pinned.delete(path).await;
                 self.memory.remove(&key).await;
                 None
             }
-            invalidation::Verdict::Stale => {
+            purge_log::Verdict::Stale => {
                 let body = self.body_of(key, &stored).await?;
                 let variant = self.variant_of(req.norm.key.hash(), &req.norm.parts.headers);
                 self.revalidate_in_background(req, variant, &meta);
                 Some(self.served_from(key, &stored, meta, body, CacheStatus::Stale, now))
             }
-            invalidation::Verdict::Valid => {
+            purge_log::Verdict::Valid => {
                 let body = self.body_of(key, &stored).await?;
                 Some(self.served_from(key, &stored, meta, body, CacheStatus::Hit, now))
             }
         }
     }
 
-    /// Stores a pushed object (see [`pinned`]).
+    /// Stores a pushed object (see [`push_store`]).
     pub async fn push<S, E>(
         &self,
-        spec: pinned::PushSpec,
+        spec: push_store::PushSpec,
         body: S,
-    ) -> Result<(pinned::PushedInfo, bool), pinned::PushError>
+    ) -> Result<(push_store::PushedInfo, bool), push_store::PushError>
     where
         S: futures_util::Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
     {
         let Some(store) = &self.pinned else {
-            return Err(pinned::PushError::Storage(io::Error::other(
+            return Err(push_store::PushError::Storage(io::Error::other(
                 "pushing needs a disk tier: set cache.dir (or --cache-dir)",
             )));
         };
@@ -71,7 +71,7 @@ impl Engine {
         let out = store
             .push(spec, body, self.clock.now(), self.gens.current())
             .await?;
-        self.memory.remove(&pinned::pinned_key(&path)).await;
+        self.memory.remove(&push_store::pinned_key(&path)).await;
         Ok(out)
     }
 
@@ -82,7 +82,10 @@ impl Engine {
     ) -> Option<(Arc<CachedMeta>, u64, BoxStream<'static, io::Result<Bytes>>)> {
         let store = self.pinned.as_ref()?;
         let hit = store.get(path).await?;
-        let stream = store.tier().stream(pinned::pinned_key(path), &hit).boxed();
+        let stream = store
+            .tier()
+            .stream(push_store::pinned_key(path), &hit)
+            .boxed();
         Some((hit.meta.clone(), hit.entry.size, stream))
     }
 
@@ -104,7 +107,7 @@ impl Engine {
         let mut meta = (*current.meta).clone();
         meta.purge_seq = seq;
         let meta = Arc::new(meta);
-        let key = pinned::pinned_key(path);
+        let key = push_store::pinned_key(path);
         if let Err(e) = store.tier().update_meta(&key, &meta).await {
             tracing::warn!(path, error = %e, "updating a revalidated pushed object failed");
             return None;
@@ -117,16 +120,16 @@ impl Engine {
         let Some(store) = &self.pinned else {
             return false;
         };
-        self.memory.remove(&pinned::pinned_key(path)).await;
+        self.memory.remove(&push_store::pinned_key(path)).await;
         store.delete(path).await
     }
 
-    pub async fn list_pushed(&self, prefix: &str) -> Vec<pinned::PushedInfo> {
+    pub async fn list_pushed(&self, prefix: &str) -> Vec<push_store::PushedInfo> {
         match &self.pinned {
             Some(store) => {
                 store
                     .list(prefix, |m| {
-                        self.gens.check(&m.key, &m.tags, m.purge_seq) != invalidation::Verdict::Gone
+                        self.gens.check(&m.key, &m.tags, m.purge_seq) != purge_log::Verdict::Gone
                     })
                     .await
             }

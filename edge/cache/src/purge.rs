@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use tracing::debug;
 
 use super::key::KeyHash;
-use super::{Engine, STORED_CODINGS, encoded_key, invalidation};
+use super::{Engine, STORED_CODINGS, encoded_key, purge_log};
 
 /// What a purge covers (exact URLs are `host/path?query` keys or bare paths).
 #[derive(Debug, Clone, Default)]
@@ -34,7 +34,7 @@ impl Engine {
     /// O(1) in the number of cached objects (a generation is recorded and persisted); exact
     /// URLs are also removed from both tiers right away (hard) with every Vary variant.
     pub async fn purge(self: &Arc<Self>, spec: &PurgeSpec) -> io::Result<PurgeOutcome> {
-        use invalidation::Scope;
+        use purge_log::Scope;
         let mut scopes: Vec<Scope> = Vec::new();
         if spec.all {
             scopes.push(Scope::All);
@@ -122,7 +122,7 @@ impl Engine {
                     if let Some(hit) = disk.peek(&key).await
                         && e.gens
                             .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
-                            == invalidation::Verdict::Gone
+                            == purge_log::Verdict::Gone
                     {
                         e.remove_object(key).await;
                         removed += 1;
@@ -137,7 +137,7 @@ impl Engine {
                     if let Some(hit) = pinned.tier().peek(&key).await
                         && e.gens
                             .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
-                            == invalidation::Verdict::Gone
+                            == purge_log::Verdict::Gone
                     {
                         pinned.delete(&hit.meta.key).await;
                         e.memory.remove(&key).await;

@@ -30,7 +30,7 @@ use http::{Method, Request, Response, StatusCode};
 use super::Route;
 use super::respond::{self, HIT_TTL, Outcome, push_hit_status, upstream_cache_status};
 use super::{Proxy, RouteSettings};
-use crate::cache::hit::{Codings, FreshHit, PreparedHead};
+use crate::cache::fresh::{Codings, FreshHit, PreparedHead};
 use crate::cache::key::{Coding, KeyHash, key_text};
 use crate::cache::memory::{EntryRef, MemEntry, SlotTable};
 use crate::cache::policy;
@@ -592,7 +592,7 @@ mod tests {
     use super::*;
     use crate::cache::clock::Clock;
     use crate::cache::key::KeyOptions;
-    use crate::cache::pinned::PushSpec;
+    use crate::cache::push_store::PushSpec;
     use crate::cache::upstream::{BoxError, Upstream, UpstreamBody, UpstreamError};
     use crate::cache::{Engine, EngineConfig, PurgeSpec};
     use crate::compress::CompressionConfig;
@@ -810,7 +810,7 @@ mod tests {
             let fast = body_of(fast.response).await;
             let full = body_of(
                 s.proxy
-                    .route(request(method.clone(), path, headers), peer())
+                    .full_path(request(method.clone(), path, headers), peer())
                     .await,
             )
             .await;

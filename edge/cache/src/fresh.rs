@@ -16,10 +16,10 @@ use http::{HeaderMap, StatusCode};
 use super::Engine;
 use super::clock::unix_ms;
 use super::encoded::{encoded_key, encoded_matches};
-use super::invalidation::Verdict;
 use super::key::{Coding, KeyHash};
 use super::memory::{EntryRef, MemEntry};
 use super::meta::CachedMeta;
+use super::purge_log::Verdict;
 
 /// How a prepared response depends on the request's `Accept-Encoding`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
