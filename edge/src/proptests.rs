@@ -9,7 +9,8 @@ use proptest::prelude::*;
 
 use crate::cache::cache_control::Directives;
 use crate::cache::key::{KeyOptions, NormalizedRequest, key_text};
-use crate::proxy::request::{self, ForwardPolicy, Hop, RequestLimits};
+use crate::proxy::forward::{self, ForwardPolicy, Hop};
+use crate::proxy::request::{self, RequestLimits};
 use crate::proxy::respond::{RangeSpec, parse_range};
 use outpost_http::headers::DANGEROUS_FORWARDING;
 
@@ -130,7 +131,7 @@ proptest! {
             client: crate::proxy::Client { addr: "127.0.0.1:1".parse().unwrap(), tls: false },
             sets_forwarded_proto: true,
         };
-        let up = request::upstream_head(&parts, &norm, &ForwardPolicy::new(&[], &[]), &hop);
+        let up = forward::upstream_head(&parts, &norm, &ForwardPolicy::new(&[], &[]), &hop);
         prop_assert_eq!(up.headers.get_all(http::header::HOST).iter().count(), 1);
         prop_assert_eq!(up.headers.get(http::header::HOST).unwrap().to_str().unwrap(), host.as_str());
         let named: Vec<String> = client_headers

@@ -468,7 +468,7 @@ fn route_of(cfg: &EdgeConfig) -> crate::proxy::Route {
             strip_upstream: cfg.strip_version_param,
             ttl: cfg.versioned_ttl,
         },
-        forward: crate::proxy::request::ForwardPolicy::new(
+        forward: crate::proxy::forward::ForwardPolicy::new(
             &cfg.forward_headers,
             &cfg.strip_headers,
         ),

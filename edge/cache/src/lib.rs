@@ -192,7 +192,9 @@ impl MemoryShares {
             0
         };
         let rest = memory.saturating_sub(2 * held_meta + disk_queue);
-        let memory_fills = (rest / 5).clamp(1 << 20, 256 << 20).min(rest / 2);
+        // Rounded up: the tier gets at most 4/5 of `rest`, so twice its largest object (an
+        // eighth of it) always fits.
+        let memory_fills = rest.div_ceil(5).clamp(1 << 20, 256 << 20).min(rest / 2);
         Self {
             tier: rest.saturating_sub(memory_fills).max(1),
             held_meta,
@@ -403,35 +405,6 @@ impl Engine {
             failure: None,
             now,
         }
-    }
-
-    /// The hit fast path: a fresh, valid object in the memory tier, decided without touching
-    /// anything that only a trip upstream needs. `None` means "take the full path" (it has no
-    /// side effects). Pushed paths always take the full path.
-    pub async fn fresh_memory_hit(&self, norm: &NormalizedRequest) -> Option<Served> {
-        if let Some(p) = &self.pinned
-            && p.contains(norm.key.path())
-        {
-            return None;
-        }
-        let now = self.clock.now();
-        let variant = self.variant_of(norm.key.hash(), &norm.parts.headers);
-        let obj = self.memory.get(&variant).await?;
-        let meta = obj.meta.clone();
-        if self.gens.check(&meta.key, &meta.tags, meta.purge_seq) != purge_log::Verdict::Valid
-            || policy::freshness(&meta, &norm.parts, now) != Freshness::Fresh
-        {
-            return None;
-        }
-        let body = ServedBody::Full(obj.body.clone());
-        Some(self.served_from(
-            variant,
-            &Stored::Memory(obj),
-            meta,
-            body,
-            CacheStatus::Hit,
-            now,
-        ))
     }
 
     /// Answers a GET or HEAD from cache or upstream.

@@ -20,7 +20,7 @@
 //!   clients that send none (curl, scripts) rarely decode.
 //! - **Buckets**: the cache key hashes the bucket (`br`, `gzip`, `identity`, see
 //!   `cache::key`), and the upstream request carries the bucket name as its Accept-Encoding
-//!   (`Compressor::prepare_upstream`), so what an origin varies on is exactly what the key
+//!   (`proxy::forward::upstream_request`), so what an origin varies on is exactly what the key
 //!   holds.
 //! - **Never compressed**: responses that already have a Content-Encoding, `Cache-Control:
 //!   no-transform` (response, RFC 9110 §7.7; or request, RFC 9111 §5.2.1.6), anything but 200

@@ -10,7 +10,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt, TryStreamExt};
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, StatusCode};
 use tracing::debug;
 
@@ -58,16 +58,6 @@ impl Compressor {
             Coding::Br => self.cfg.brotli_quality,
             Coding::Gzip => self.cfg.gzip_level,
             Coding::Identity => 0,
-        }
-    }
-
-    /// Sets the upstream request's Accept-Encoding to the client's bucket (`br`, `gzip` or
-    /// `identity`), the value the cache key holds, so an origin that varies on it answers
-    /// exactly what the key stands for.
-    pub fn prepare_upstream(&self, upstream: &mut HeaderMap) {
-        if self.cfg.enabled {
-            let bucket = Coding::negotiate(upstream).as_str();
-            upstream.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(bucket));
         }
     }
 
@@ -445,6 +435,7 @@ impl Stream for Metered {
 mod tests {
     use super::*;
     use crate::compress::{MediaPattern, decode_stream};
+    use http::HeaderValue;
 
     fn ae(v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -1,18 +1,29 @@
-//! The proxy: one module per phase of the request path.
+//! The proxy: the request path, one module per phase. One path: the fast hit is its first
+//! phase, not a second rule (it answers only what the full path would answer the same way,
+//! and a test proves it).
 //!
 //! ```text
-//! accept (server.rs: h1/h2c, header timeout, size limits)
-//!   → request (this file): validate, normalise, build the CacheKey; GET/HEAD go to the cache,
-//!     every other method passes through (and a success invalidates the URL, RFC 9111 §4.4)
-//!   → lookup / freshness / coalesce / admit / store (crate::cache::Engine)
-//!   → upstream (upstream.rs): pooled client, timeouts, per-origin cap
-//!   → compress (compress.rs): negotiate br / gzip / identity, serve or store encoded variants
-//!   → respond (respond.rs): client conditionals, Range, HEAD, Age, Via, Cache-Status, X-Cache
+//! accept (server.rs: h1 / h2 / TLS, header timeout, connection caps and idle bounds)
+//!   → Proxy::start: fast hit (fast_hit.rs): a fresh memory object whose prepared head
+//!     covers the request is answered at once, with no await
+//!   → Proxy::finish → Proxy::full_path:
+//!       request (request.rs): check, build the key (once), dispatch
+//!         ├ Purge → purge.rs: admin token, applied and forwarded as `outpost purge` does
+//!         ├ Cache → forward.rs (the one upstream request builder)
+//!         │         → crate::cache::Engine::serve: lookup, freshness, coalesce, fill, store
+//!         │           (upstream: http_client.rs to the origin, shield.rs to shields)
+//!         │         → compress.rs: br / gzip / identity, stored variants
+//!         │         → respond.rs: conditionals, Range, HEAD, Age, Via, Cache-Status
+//!         └ Pass  → forward.rs → upstream → respond.rs (a success invalidates, RFC 9111 §4.4)
+//!       an error at any phase → crate::error::error_response (Proxy-Status)
+//!   → conclude: metrics and the access log
 //! ```
 
 pub mod compress;
 mod fast_hit;
+pub mod forward;
 pub mod http_client;
+mod purge;
 pub mod request;
 pub mod respond;
 pub mod shield;
@@ -26,13 +37,14 @@ use http::{Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use tracing::debug;
 
+use self::request::Dispatch;
 use self::respond::{Identity, Outcome, respond};
 use crate::cache::key::{KeyOptions, NormalizedRequest};
 use crate::cache::status::{CacheStatus, PassReason};
 use crate::cache::upstream::{BoxError, Upstream};
 use crate::cache::{CacheRequest, Engine};
 use crate::error::EdgeError;
-use outpost_http::body::{RespBody, json};
+use outpost_http::body::RespBody;
 use outpost_http::headers::strip_hop_by_hop;
 
 /// The client end of a connection.
@@ -82,7 +94,7 @@ pub struct Route {
     pub key_opts: KeyOptions,
     pub versioning: Versioning,
     /// Which client fields go upstream.
-    pub forward: request::ForwardPolicy,
+    pub forward: forward::ForwardPolicy,
     pub limits: request::RequestLimits,
 }
 
@@ -327,48 +339,6 @@ impl Proxy {
         let _ = self.operator.set((operator, auth));
     }
 
-    /// `PURGE /path` (Varnish / Squid convention): the admin token with the purge scope is
-    /// required, always (a node without admin tokens refuses PURGE on its data port); hard by
-    /// default, soft with `Soft-Purge: 1`. Applied and forwarded exactly as `outpost purge`
-    /// does through the admin API: to this node's shields and sibling peers.
-    async fn purge_method(
-        &self,
-        headers: &http::HeaderMap,
-        norm: &NormalizedRequest,
-    ) -> Response<RespBody> {
-        use outpost_purge_api::AdminError;
-        let Some((operator, auth)) = self.operator.get() else {
-            return self.error(&EdgeError::Admin(AdminError::MethodNotAllowed {
-                path: "this node's data port",
-                allow: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
-            }));
-        };
-        let auth = auth.load();
-        if auth.is_open() {
-            return self.error(&EdgeError::Admin(AdminError::Forbidden(
-                "PURGE on the data port needs an admin token: configure [admin] tokens (or OUTPOST_ADMIN_TOKEN) and send it as a Bearer token".into(),
-            )));
-        }
-        if let Err(e) = auth.check(headers, outpost_purge_api::Scope::Purge) {
-            return self.error(&EdgeError::Admin(AdminError::Auth(e)));
-        }
-        let soft = headers
-            .get("soft-purge")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
-        // The absolute URL of the key (its host and target), as `outpost purge` sends it, so
-        // shields and peers read it the same way.
-        let req = outpost_purge_api::PurgeRequest {
-            urls: vec![format!("http://{}", norm.key.target())],
-            soft,
-            ..Default::default()
-        };
-        match outpost_purge_api::AdminBackend::purge(operator, req).await {
-            Ok(receipt) => json(&receipt),
-            Err(e) => self.error(&EdgeError::Admin(e)),
-        }
-    }
-
     /// An error answer of this node ([`crate::error::error_response`]).
     fn error(&self, err: &EdgeError) -> Response<RespBody> {
         crate::error::error_response(err, &self.id.name)
@@ -388,74 +358,72 @@ impl Proxy {
         let settings = self.settings.load();
         let has_body = req.body().has_body();
         let (parts, body) = req.into_parts();
-        if let Err(refusal) = request::check(&parts, has_body, settings.route.limits) {
-            return self.error(&EdgeError::Refused {
-                refusal,
-                unread_body: has_body,
-            });
+        match request::dispatch(&parts, has_body, &settings.route) {
+            Err(e) => self.error(&e),
+            Ok(Dispatch::Purge(norm)) => self.purge(&parts.headers, &norm).await,
+            Ok(Dispatch::Cache(norm)) => self.cache(parts, norm, client, &settings.route).await,
+            Ok(Dispatch::Pass(norm)) => self.pass(parts, body, norm, client, &settings.route).await,
         }
-        let norm = match NormalizedRequest::new(
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            &settings.route.key_opts,
-        ) {
-            Ok(n) => n,
-            Err(e) => return self.error(&EdgeError::BadRequest(e.to_string())),
-        };
-        // Purge, cache or pass is decided before anything is prepared.
-        if parts.method.as_str() == "PURGE" {
-            return self.purge_method(&parts.headers, &norm).await;
-        }
-        let cacheable = parts.method == Method::GET || parts.method == Method::HEAD;
-        // A fresh memory hit needs none of the upstream preparation below.
-        if cacheable && let Some(served) = self.engine.fresh_memory_hit(&norm).await {
-            return match self
-                .compression
-                .apply(&self.engine, served, &parts.method, &parts.headers)
-                .await
-            {
-                Ok(served) => respond(served, &parts.method, &parts.headers, &self.id),
-                Err(e) => self.error(&e),
-            };
-        }
-        let hop = request::Hop {
+    }
+
+    /// What this node adds to every upstream request.
+    fn hop(&self, client: Client) -> forward::Hop<'_> {
+        forward::Hop {
             via: &self.id.via,
             surrogate_capability: &self.id.surrogate_capability,
             client,
             sets_forwarded_proto: self.id.sets_forwarded_proto,
-        };
-        let mut upstream = request::upstream_head(&parts, &norm, &settings.route.forward, &hop);
-        let versioning = &settings.route.versioning;
-        let versioned =
-            !versioning.param.is_empty() && query_has(upstream.uri.query(), &versioning.param);
-        if versioned && versioning.strip_upstream {
-            upstream.uri = without_param(&upstream.uri, &versioning.param);
         }
+    }
+
+    /// GET and HEAD: the engine answers (from a tier, a fill, or upstream), then the
+    /// compression and respond phases.
+    async fn cache(
+        &self,
+        parts: http::request::Parts,
+        norm: NormalizedRequest,
+        client: Client,
+        route: &Route,
+    ) -> Response<RespBody> {
+        let (upstream, versioned) = forward::upstream_request(
+            &parts,
+            &norm,
+            route,
+            &self.hop(client),
+            self.compression.config().enabled,
+        );
+        let served = self
+            .engine
+            .serve(CacheRequest {
+                norm,
+                method: parts.method.clone(),
+                upstream,
+                default_ttl: versioned.then_some(route.versioning.ttl),
+            })
+            .await;
+        match self
+            .compression
+            .apply(&self.engine, served, &parts.method, &parts.headers)
+            .await
+        {
+            Ok(served) => respond(served, &parts.method, &parts.headers, &self.id),
+            Err(e) => self.error(&e),
+        }
+    }
+
+    /// Unsafe and unknown methods pass through with their body.
+    async fn pass<B: RequestBody>(
+        &self,
+        parts: http::request::Parts,
+        body: B,
+        norm: NormalizedRequest,
+        client: Client,
+        route: &Route,
+    ) -> Response<RespBody> {
+        let (mut upstream, _) =
+            forward::upstream_request(&parts, &norm, route, &self.hop(client), false);
         let method = parts.method;
         let client_headers = parts.headers;
-        if cacheable {
-            self.compression.prepare_upstream(&mut upstream.headers);
-            let served = self
-                .engine
-                .serve(CacheRequest {
-                    norm,
-                    method: method.clone(),
-                    upstream,
-                    default_ttl: versioned.then_some(versioning.ttl),
-                })
-                .await;
-            return match self
-                .compression
-                .apply(&self.engine, served, &method, &client_headers)
-                .await
-            {
-                Ok(served) => respond(served, &method, &client_headers, &self.id),
-                Err(e) => self.error(&e),
-            };
-        }
-
-        // Unsafe and unknown methods pass through with their body.
         upstream
             .extensions
             .insert(crate::cache::upstream::RouteKey(norm.key.hash()));
@@ -549,25 +517,4 @@ where
         use futures_util::{StreamExt, TryStreamExt};
         self.map_err(std::io::Error::other).boxed()
     }
-}
-
-fn query_has(query: Option<&str>, param: &str) -> bool {
-    query.is_some_and(|q| q.split('&').any(|p| p.split('=').next() == Some(param)))
-}
-
-/// The URI without one query parameter.
-fn without_param(uri: &Uri, param: &str) -> Uri {
-    let path = uri.path();
-    let rest: Vec<&str> = uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty() && p.split('=').next() != Some(param))
-        .collect();
-    let pq = if rest.is_empty() {
-        path.to_string()
-    } else {
-        format!("{path}?{}", rest.join("&"))
-    };
-    pq.parse().unwrap_or_else(|_| uri.clone())
 }

@@ -1,4 +1,5 @@
-//! The request phase: what a client may send, and exactly what goes upstream.
+//! The request phase: what a client may send, and what the request is ([`dispatch`]: purge,
+//! cache or pass, decided before anything else is prepared).
 //!
 //! [`check`] refuses what the cache could misread before anything is looked up: ambiguous
 //! authorities (two Host fields, an HTTP/2 `:authority` that disagrees with `host`, userinfo, a
@@ -6,52 +7,13 @@
 //! body would have to be forwarded to mean anything, and forwarding its framing without it
 //! smuggles the next request on a pooled connection), an `Expect` other than `100-continue`
 //! (RFC 9110 §10.1.1), TRACE, and an oversized target.
-//!
-//! [`UpstreamHeaders::build`] is the one place an upstream request head is made. It copies the
-//! client's fields through a deny list: hop-by-hop fields, framing (`Content-Length` is
-//! recomputed by the client from the body actually sent), and the forwarding and override
-//! fields origins and frameworks trust to rewrite a request (`X-Forwarded-Host`,
-//! `X-Original-URL`, `Forwarded`, `X-HTTP-Method-Override`, ...), which the cache key does not
-//! hold. An operator may forward some of those (`[upstream] forward_headers`); each one
-//! forwarded is then part of the cache key ([`KeyOptions::keyed_headers`]). `Host` is always the
-//! authority the key was built from.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, StatusCode, Uri, Version, request};
+use http::header;
+use http::{Method, StatusCode, Version, request};
 
 use crate::cache::key::NormalizedRequest;
+use crate::error::EdgeError;
 pub use crate::error::Refusal;
-use outpost_http::headers::{self, DANGEROUS_FORWARDING, is_hop_by_hop};
-
-/// Which client fields are forwarded upstream (from `[upstream]`).
-#[derive(Debug, Clone, Default)]
-pub struct ForwardPolicy {
-    /// Stripped from every upstream request: [`DANGEROUS_FORWARDING`] minus
-    /// `forward_headers`, plus `strip_headers`.
-    strip: Vec<HeaderName>,
-}
-
-impl ForwardPolicy {
-    /// `forward`: names from [`DANGEROUS_FORWARDING`] the operator forwards (and so keys on);
-    /// `strip`: further names never forwarded.
-    pub fn new(forward: &[HeaderName], strip: &[HeaderName]) -> Self {
-        let mut names: Vec<HeaderName> = DANGEROUS_FORWARDING
-            .iter()
-            .map(|n| HeaderName::from_static(n))
-            .filter(|n| !forward.contains(n))
-            .collect();
-        for n in strip {
-            if !names.contains(n) && !forward.contains(n) {
-                names.push(n.clone());
-            }
-        }
-        Self { strip: names }
-    }
-
-    fn strips(&self, name: &HeaderName) -> bool {
-        self.strip.contains(name)
-    }
-}
 
 /// Limits of the request phase.
 #[derive(Debug, Clone, Copy)]
@@ -154,90 +116,41 @@ fn same_authority(a: &[u8], b: &[u8]) -> bool {
     norm(a).eq_ignore_ascii_case(norm(b))
 }
 
-/// What the proxy adds to every upstream request.
-pub struct Hop<'a> {
-    pub via: &'a HeaderValue,
-    pub surrogate_capability: &'a HeaderValue,
-    pub client: super::Client,
-    /// Set `X-Forwarded-Proto` from the client connection (edges); shields keep the edge's.
-    pub sets_forwarded_proto: bool,
+/// What the proxy does with a request, decided once, before anything else is prepared.
+pub enum Dispatch {
+    /// `PURGE`: an admin operation on the key ([`super::purge`]).
+    Purge(NormalizedRequest),
+    /// GET or HEAD: the cache answers.
+    Cache(NormalizedRequest),
+    /// Any other method: passed through with its body (and a success invalidates the URL).
+    Pass(NormalizedRequest),
 }
 
-/// Builds the head of an upstream request: the one place one is made (see the module docs).
-pub fn upstream_head(
+/// The request phase: refuses what [`check`] refuses, builds the cache key (the one time per
+/// request it is built), and dispatches.
+pub fn dispatch(
     parts: &request::Parts,
-    norm: &NormalizedRequest,
-    policy: &ForwardPolicy,
-    hop: &Hop<'_>,
-) -> request::Parts {
-    let (mut out, ()) = http::Request::new(()).into_parts();
-    out.method = parts.method.clone();
-    out.version = Version::HTTP_11;
-    out.uri = origin_form(&parts.uri);
-    out.extensions = parts.extensions.clone();
-    out.headers = forwarded_fields(&parts.headers, policy);
-    // Exactly the authority the key was built from.
-    if let Some(h) = norm.parts.headers.get(header::HOST) {
-        out.headers.insert(header::HOST, h.clone());
-    }
-    out.headers.append(header::VIA, hop.via.clone());
-    out.headers.append(
-        headers::SURROGATE_CAPABILITY,
-        hop.surrogate_capability.clone(),
-    );
-    append_forwarded_for(&mut out.headers, hop.client.addr);
-    if hop.sets_forwarded_proto || !out.headers.contains_key(headers::X_FORWARDED_PROTO) {
-        let proto = if hop.client.tls { "https" } else { "http" };
-        out.headers
-            .insert(headers::X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    }
-    out
-}
-
-/// The client's fields that may go upstream: no hop-by-hop field (nor one `Connection` names),
-/// no framing, no Host (set from the key), nothing the policy strips.
-fn forwarded_fields(client: &HeaderMap, policy: &ForwardPolicy) -> HeaderMap {
-    let named = headers::connection_named(client);
-    let mut out = HeaderMap::with_capacity(client.len() + 4);
-    for (name, value) in client {
-        if is_hop_by_hop(name)
-            || name == header::CONTENT_LENGTH
-            || name == header::HOST
-            || name == header::EXPECT
-            || named.contains(name)
-            || policy.strips(name)
-        {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
-    out
-}
-
-fn origin_form(uri: &Uri) -> Uri {
-    uri.path_and_query()
-        .map(|pq| Uri::from(pq.clone()))
-        .unwrap_or_else(|| Uri::from_static("/"))
-}
-
-fn append_forwarded_for(headers: &mut HeaderMap, peer: std::net::SocketAddr) {
-    let ip = peer.ip().to_string();
-    let value = match headers
-        .get(headers::X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(headers::X_FORWARDED_FOR, v);
-    }
+    has_body: bool,
+    route: &super::Route,
+) -> Result<Dispatch, EdgeError> {
+    check(parts, has_body, route.limits).map_err(|refusal| EdgeError::Refused {
+        refusal,
+        unread_body: has_body,
+    })?;
+    let norm = NormalizedRequest::new(&parts.method, &parts.uri, &parts.headers, &route.key_opts)
+        .map_err(|e| EdgeError::BadRequest(e.to_string()))?;
+    Ok(if parts.method.as_str() == "PURGE" {
+        Dispatch::Purge(norm)
+    } else if parts.method == Method::GET || parts.method == Method::HEAD {
+        Dispatch::Cache(norm)
+    } else {
+        Dispatch::Pass(norm)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::key::KeyOptions;
 
     fn parts(
         method: &str,
@@ -323,72 +236,5 @@ mod tests {
                 .status,
             414
         );
-    }
-
-    #[test]
-    fn upstream_head_forwards_only_chosen_fields() {
-        let client = parts(
-            "GET",
-            "http://h.example/a?x=1",
-            Version::HTTP_11,
-            &[
-                ("host", "evil.example"),
-                ("content-length", "29"),
-                ("connection", "x-secret"),
-                ("x-secret", "1"),
-                ("x-forwarded-host", "evil.example"),
-                ("x-original-url", "/admin"),
-                ("forwarded", "host=evil"),
-                ("x-http-method-override", "DELETE"),
-                ("x-forwarded-for", "10.0.0.1"),
-                ("accept", "text/html"),
-                ("x-custom", "kept"),
-                ("x-drop-me", "1"),
-            ],
-        );
-        let norm = NormalizedRequest::new(
-            &client.method,
-            &client.uri,
-            &client.headers,
-            &KeyOptions::default(),
-        )
-        .unwrap();
-        let policy = ForwardPolicy::new(&[], &[HeaderName::from_static("x-drop-me")]);
-        let via = HeaderValue::from_static("1.1 edge");
-        let cap = HeaderValue::from_static("edge=\"Surrogate/1.0\"");
-        let hop = Hop {
-            via: &via,
-            surrogate_capability: &cap,
-            client: super::super::Client {
-                addr: "192.0.2.7:5000".parse().unwrap(),
-                tls: false,
-            },
-            sets_forwarded_proto: true,
-        };
-        let up = upstream_head(&client, &norm, &policy, &hop);
-        assert_eq!(up.uri, "/a?x=1");
-        assert_eq!(up.headers["host"], "h.example");
-        assert_eq!(up.headers.get_all("host").iter().count(), 1);
-        for gone in [
-            "content-length",
-            "connection",
-            "x-secret",
-            "x-forwarded-host",
-            "x-original-url",
-            "forwarded",
-            "x-http-method-override",
-            "x-drop-me",
-        ] {
-            assert!(!up.headers.contains_key(gone), "{gone} was forwarded");
-        }
-        assert_eq!(up.headers["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
-        assert_eq!(up.headers["x-forwarded-proto"], "http");
-        assert_eq!(up.headers["accept"], "text/html");
-        assert_eq!(up.headers["x-custom"], "kept");
-        assert_eq!(up.headers["via"], "1.1 edge");
-        // An operator may forward one of them: then it is forwarded.
-        let policy = ForwardPolicy::new(&[HeaderName::from_static("x-forwarded-host")], &[]);
-        let up = upstream_head(&client, &norm, &policy, &hop);
-        assert_eq!(up.headers["x-forwarded-host"], "evil.example");
     }
 }
