@@ -11,12 +11,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use outpost_edge::EdgeConfig;
-use outpost_edge::cache::clock::Clock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::support::edge::{Edge, loopback_config};
+use crate::support::edge::{Clock, Edge, loopback_config};
 use crate::support::files::{bytes_under, files_under, pattern};
 use crate::support::http::{get, get_hit, raw_exchange, send};
 use crate::support::test_origin::{Gate, Reply, TestOrigin};

@@ -25,12 +25,10 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use outpost_edge::cache::PurgeSpec;
-use outpost_edge::proxy::compress::{CompressionSnapshot, CompressionStats};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use crate::support::edge::{self, config};
+use crate::support::edge::{self, CompressionSnapshot, CompressionStats, PurgeSpec, config};
 use crate::support::site::SiteOrigin;
 use crate::support::{client_within, repo};
 

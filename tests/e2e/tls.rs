@@ -13,8 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outpost_config::Source;
-use outpost_edge::server::Reloader;
-use outpost_edge::tls::TlsState;
 use outpost_edge::{EdgeConfig, EdgeOverrides};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -25,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::support::edge::{Edge, bind, config};
+use crate::support::edge::{Edge, Reloader, TlsState, bind, config};
 use crate::support::proc::outpost;
 use crate::support::test_origin::{Reply, TestOrigin};
 use crate::support::{client_within, https_client as https_client_within, init};

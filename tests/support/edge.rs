@@ -7,9 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_config::Source;
-use outpost_edge::cache::Engine;
-use outpost_edge::cache::clock::Clock;
 use outpost_edge::{EdgeConfig, EdgeOverrides, EdgeServer};
+
+// The edge's inner types that tests reach for, named in this one place (their modules move as
+// the edge is refactored).
+pub use outpost_edge::cache::clock::Clock;
+pub use outpost_edge::cache::{Engine, PurgeSpec};
+pub use outpost_edge::proxy::compress::{CompressionSnapshot, CompressionStats};
+pub use outpost_edge::server::Reloader;
+pub use outpost_edge::tls::TlsState;
 
 use super::{Listening, Serving, WAIT, eventually};
 
