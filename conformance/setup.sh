@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the conformance gate (tests/conformance.rs) needs: node and npm, then the pinned
+# Installs what the conformance gate (tests/e2e/conformance.rs) needs: node and npm, then the pinned
 # http-cache-tests package in conformance/node_modules. Idempotent; run before `cargo test`.
 set -euo pipefail
 

@@ -12,7 +12,7 @@ fi
 
 bash conformance/setup.sh
 
-# The status page is checked in a real browser (tests/status_page.rs); install Debian's
+# The status page is checked in a real browser (tests/e2e/status_page.rs); install Debian's
 # Chromium when it is missing. If it cannot be installed, that test skips loudly.
 if ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" -eq 0 ]; then

@@ -9,11 +9,7 @@
 //! Every request is counted per path (atomically) and recorded with its headers, so tests prove
 //! hits by counting origin requests and assert what the edge sent (conditional requests,
 //! missing `Range`, pass-through bodies). [`TestOrigin::stop`] closes the listener and every open
-//! connection (a dead origin); [`TestOrigin::restart`] listens again on the same port with the
-//! same script and counters.
-
-// Each test binary that includes this module uses a different part of it.
-#![allow(dead_code)]
+//! connection (a dead origin).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -127,16 +123,6 @@ impl Reply {
 
     pub fn close_after(mut self, bytes: usize) -> Self {
         self.close_after = Some(bytes);
-        self
-    }
-
-    pub fn chunked(mut self) -> Self {
-        self.content_length = false;
-        self
-    }
-
-    pub fn close(mut self) -> Self {
-        self.close = true;
         self
     }
 
@@ -286,30 +272,12 @@ impl TestOrigin {
         }
     }
 
-    /// Stops listening and closes every open connection: the origin is dead until
-    /// [`restart`](Self::restart).
+    /// Stops listening and closes every open connection: the origin is dead from then on.
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
             let _ = r.stop.send(());
             let _ = tokio::time::timeout(Duration::from_secs(10), r.task).await;
         }
-    }
-
-    /// Listens again on the same address, keeping routes and counters.
-    pub async fn restart(&mut self) {
-        self.stop().await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("cannot listen again on {}: {e}", self.addr),
-            }
-        };
-        self.running = Some(spawn(listener, self.state.clone()));
     }
 }
 

@@ -13,205 +13,48 @@
 //!
 //! The tests may run as root, where a read-only directory does not stop a write: a failing
 //! write is made by putting a directory where `purges.json` goes, so the rename onto it fails.
-//! Every wait is bounded ([`WAIT`]); nothing asserts on speed.
+//! Every wait is bounded (`WAIT`); nothing asserts on speed.
 
-#[path = "support/test_origin.rs"]
-mod test_origin;
-
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::HeaderMap;
-use outpost_config::Source;
-use outpost_edge::cache::Engine;
-use outpost_edge::{EdgeConfig, EdgeServer};
 use serde_json::{Value, json};
-use test_origin::{Reply, TestOrigin};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-/// Upper bound of every wait.
-const WAIT: Duration = Duration::from_secs(30);
-
-/// Every data-port request names this site, so keys survive a restart on new ports.
-const HOST: &str = "cdn.example.test";
-
-const ROOT: &str = "root-4e1b7a9c2d6f3e80";
+use crate::support::admin::{self, Extra, ROOT, get, get_hit, purge_as};
+use crate::support::edge::Edge;
+use crate::support::eventually;
+use crate::support::files::files_under;
+use crate::support::test_origin::{Reply, TestOrigin};
+use crate::support::{WAIT, client};
 
 // ---------------------------------------------------------------------------------------------
-// Harness (the pattern of tests/purge.rs)
+// Harness (the admin edge of the purge tests)
 // ---------------------------------------------------------------------------------------------
 
-/// An edge running in this process.
-struct Edge {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    engine: Option<Arc<Engine>>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+/// Starts an edge on `dir` with 1 MiB of memory: objects above 128 KiB stream from disk.
+async fn start_edge(origin: &TestOrigin, dir: &Path) -> Edge {
+    let extra = Extra {
+        name: Some("edge-d"),
+        cache: "memory = \"1MiB\"",
+        ..Extra::default()
+    };
+    admin::start(origin, dir, extra).await
 }
 
-impl Edge {
-    /// Starts an edge on `dir` with 1 MiB of memory: objects above 128 KiB stream from disk.
-    async fn start(origin: &TestOrigin, dir: &Path) -> Edge {
-        let text = format!(
-            r#"name = "edge-d"
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-origin = "{origin}"
-
-[cache]
-dir = "{dir}"
-memory = "1MiB"
-
-[limits]
-drain_timeout = "2s"
-
-[admin]
-tokens = [{{ secret = "{ROOT}", scopes = ["purge", "push", "read"] }}]
-"#,
-            origin = origin.base_url(),
-            dir = dir.display(),
-        );
-        let cfg = EdgeConfig::from_source(&Source::inline("edge.toml", text), Default::default())
-            .unwrap_or_else(|e| panic!("invalid edge config: {e}"));
-        let server = EdgeServer::bind(cfg).await.expect("bind the edge");
-        let addr = server.local_addr();
-        let admin = server.admin_addr().expect("admin listener");
-        let engine = server.engine();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
-        Edge {
-            addr,
-            admin,
-            engine: Some(engine),
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    /// Stops the edge and waits (bounded) until it has drained.
-    async fn stop(mut self) {
-        self.engine = None;
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(WAIT, task)
-                .await
-                .expect("the edge did not stop within the drain bound")
-                .expect("the edge task panicked");
-        }
-    }
-
-    fn engine(&self) -> &Arc<Engine> {
-        self.engine.as_ref().expect("running edge")
-    }
-
-    /// Waits (bounded) until the disk tier holds exactly `n` objects, so a restart finds them.
-    async fn wait_disk_objects(&self, n: u64) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            self.engine().run_pending_tasks().await;
-            let disk = self.engine().usage()[1].1;
-            if disk == n {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the disk tier never held {n} objects (has {disk})"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(WAIT)
-        .build()
-        .expect("reqwest client")
-}
-
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn x_cache(&self) -> &str {
-        self.header("x-cache").unwrap_or("")
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// GET on the data port with the site's Host.
-async fn get(c: &reqwest::Client, edge: &Edge, path: &str) -> Resp {
-    let url = format!("http://{}{path}", edge.addr);
-    let r = c
-        .get(&url)
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let body = r
-        .bytes()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: body: {e}"));
-    Resp {
-        status,
-        headers,
-        body,
-    }
-}
-
-/// GETs until the answer comes from cache (bounded): a request just after a fill may still
-/// join it. Callers prove the hit with the origin's count.
-async fn get_hit(c: &reqwest::Client, edge: &Edge, path: &str) -> Resp {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let r = get(c, edge, path).await;
-        if r.x_cache() == "HIT" || tokio::time::Instant::now() >= deadline {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+/// Waits (bounded) until the disk tier holds exactly `n` objects, so a restart finds them.
+async fn wait_disk_exactly(edge: &Edge, n: u64) {
+    eventually(
+        &format!("the disk tier holds exactly {n} objects"),
+        async || edge.disk_objects().await == n,
+    )
+    .await;
 }
 
 /// `POST /purge` on the admin API with the root token: (status, body).
 async fn purge(c: &reqwest::Client, edge: &Edge, body: Value) -> (u16, Value) {
-    let r = c
-        .post(format!("http://{}/purge", edge.admin))
-        .header("authorization", format!("Bearer {ROOT}"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("POST /purge");
-    let status = r.status().as_u16();
-    let text = r.text().await.expect("purge answer");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    let r = purge_as(c, edge, Some(ROOT), body).await;
+    (r.status, r.json_or_text())
 }
 
 /// A purge the edge must acknowledge; returns its sequence number.
@@ -228,19 +71,6 @@ fn cacheable(origin: &TestOrigin, path: &'static str) {
             .header("cache-control", "public, max-age=600")
             .header("content-type", "text/plain")
     });
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// The metadata files of the (non-pushed) disk tier.
@@ -268,14 +98,14 @@ async fn a_refused_purge_changes_nothing_and_the_sequence_never_goes_backwards()
     let state = dir.path().join("purges.json");
     let c = client();
 
-    let edge = Edge::start(&origin, dir.path()).await;
+    let edge = start_edge(&origin, dir.path()).await;
     assert_eq!(get(&c, &edge, "/a.txt").await.x_cache(), "MISS");
-    edge.wait_disk_objects(1).await;
+    wait_disk_exactly(&edge, 1).await;
     let first = purged(&c, &edge, json!({ "all": true })).await;
     let r = get(&c, &edge, "/a.txt").await;
     assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "/a.txt v1"));
     assert_eq!(get_hit(&c, &edge, "/a.txt").await.x_cache(), "HIT");
-    edge.wait_disk_objects(1).await;
+    wait_disk_exactly(&edge, 1).await;
 
     // The disk refuses the next write of the purge state.
     std::fs::rename(&state, dir.path().join("saved.json")).unwrap();
@@ -299,7 +129,7 @@ async fn a_refused_purge_changes_nothing_and_the_sequence_never_goes_backwards()
     // The disk is fixed; the refused purges stay refused across the restart.
     std::fs::remove_dir(&state).unwrap();
     std::fs::rename(dir.path().join("saved.json"), &state).unwrap();
-    let edge = Edge::start(&origin, dir.path()).await;
+    let edge = start_edge(&origin, dir.path()).await;
     let r = get(&c, &edge, "/a.txt").await;
     assert_eq!((r.x_cache(), r.text().as_str()), ("HIT", "/a.txt v1"));
     let second = purged(&c, &edge, json!({ "all": true })).await;
@@ -311,12 +141,12 @@ async fn a_refused_purge_changes_nothing_and_the_sequence_never_goes_backwards()
     let r = get(&c, &edge, "/a.txt").await;
     assert_eq!((r.x_cache(), r.text().as_str()), ("MISS", "/a.txt v2"));
     assert_eq!(get_hit(&c, &edge, "/a.txt").await.x_cache(), "HIT");
-    edge.wait_disk_objects(1).await;
+    wait_disk_exactly(&edge, 1).await;
     edge.stop().await;
 
     // The purge state is lost; the stored object recorded sequence `second`.
     std::fs::remove_file(&state).unwrap();
-    let edge = Edge::start(&origin, dir.path()).await;
+    let edge = start_edge(&origin, dir.path()).await;
     assert_eq!(get(&c, &edge, "/a.txt").await.x_cache(), "HIT");
     let third = purged(&c, &edge, json!({ "all": true })).await;
     assert!(
@@ -389,17 +219,17 @@ async fn tampered_metadata_is_a_miss_refetched_from_the_origin() {
         });
         let dir = tempfile::tempdir().unwrap();
         let c = client();
-        let edge = Edge::start(&origin, dir.path()).await;
+        let edge = start_edge(&origin, dir.path()).await;
         let r = get(&c, &edge, "/big.bin").await;
         assert_eq!((r.status, r.x_cache()), (200, "MISS"), "{what}");
-        edge.wait_disk_objects(1).await;
+        wait_disk_exactly(&edge, 1).await;
         edge.stop().await;
 
         let files = meta_files(dir.path());
         assert_eq!(files.len(), 1, "{what}: {files:?}");
         tamper(&files[0], &edit);
 
-        let edge = Edge::start(&origin, dir.path()).await;
+        let edge = start_edge(&origin, dir.path()).await;
         let r = get(&c, &edge, "/big.bin").await;
         assert_eq!(
             (r.status, r.x_cache(), r.header("content-type")),
@@ -434,13 +264,13 @@ async fn unreferenced_content_and_a_stale_purge_state_tmp_are_removed_at_start_u
     cacheable(&origin, "/lost.txt");
     let dir = tempfile::tempdir().unwrap();
     let c = client();
-    let edge = Edge::start(&origin, dir.path()).await;
+    let edge = start_edge(&origin, dir.path()).await;
     assert_eq!(get(&c, &edge, "/kept.txt").await.x_cache(), "MISS");
-    edge.wait_disk_objects(1).await;
+    wait_disk_exactly(&edge, 1).await;
     let content = dir.path().join("content").join("content-v2");
     let kept_content = files_under(&content);
     assert_eq!(get(&c, &edge, "/lost.txt").await.x_cache(), "MISS");
-    edge.wait_disk_objects(2).await;
+    wait_disk_exactly(&edge, 2).await;
     edge.stop().await;
 
     // A crash after /lost.txt's content was committed, before its metadata was renamed in.
@@ -475,7 +305,7 @@ async fn unreferenced_content_and_a_stale_purge_state_tmp_are_removed_at_start_u
     let tmp = dir.path().join("purges.json.tmp");
     std::fs::write(&tmp, b"").unwrap();
 
-    let edge = Edge::start(&origin, dir.path()).await;
+    let edge = start_edge(&origin, dir.path()).await;
     assert!(!tmp.exists(), "purges.json.tmp survived the start");
     let deadline = tokio::time::Instant::now() + WAIT;
     while orphans.iter().chain([&planted]).any(|p| p.exists()) {

@@ -1,11 +1,13 @@
 //! Every file in `configs/` parses and validates, and the binary rejects bad config with exit
 //! code 64 and a message naming the field, before binding anything.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
+
+use crate::support::proc::outpost;
+use crate::support::repo;
 
 fn configs_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")
+    repo().join("configs")
 }
 
 #[test]
@@ -33,7 +35,7 @@ fn every_shipped_config_file_parses() {
                     .map_err(|e| e.to_string())
             }
             other => Err(format!(
-                "no parser registered for configs/{other}: add it to tests/configs.rs"
+                "no parser registered for configs/{other}: add it to tests/e2e/configs.rs"
             )),
         };
         if let Err(e) = result {
@@ -42,13 +44,6 @@ fn every_shipped_config_file_parses() {
         seen += 1;
     }
     assert!(seen >= 3, "expected at least 3 config files, saw {seen}");
-}
-
-fn outpost(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(args)
-        .output()
-        .expect("run outpost")
 }
 
 #[test]

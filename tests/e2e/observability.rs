@@ -9,27 +9,24 @@
 //!   `/readyz` 503;
 //! - `outpost stats --admin URL [--watch]`.
 //!
-//! The browser test of the status page is in `tests/status_page.rs`.
+//! The browser test of the status page is in `status_page`.
 //! Every wait is a bounded poll; nothing asserts on speed.
 
-#[path = "support/test_origin.rs"]
-mod test_origin;
-
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
-use outpost_config::Source;
-use outpost_edge::{EdgeConfig, EdgeServer};
 use prometheus_parse::{Scrape, Value};
-use test_origin::{Reply, TestOrigin};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+
+use crate::support::client;
+use crate::support::edge::Edge;
+use crate::support::http::x_cache;
+use crate::support::ports::refused_addr;
+use crate::support::proc::{BIN, NodeProc, Spawn};
+use crate::support::test_origin::{Reply, TestOrigin};
 
 /// Upper bound of every wait.
 const WAIT: Duration = Duration::from_secs(30);
-const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 const NODE: &str = "obs-edge-1";
 
 const OBJ_LEN: usize = 1000;
@@ -43,77 +40,18 @@ const TIERS: [&str; 3] = ["memory", "disk", "none"];
 // Harness
 // ---------------------------------------------------------------------------------------------
 
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(WAIT)
-        .build()
-        .expect("reqwest client")
-}
-
-/// An in-process edge; sending on `stop` drains it, dropping the `Node` aborts it.
-struct Node {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Node {
-    async fn start(origin: &TestOrigin, extra: &str) -> Node {
-        let text = format!(
-            "name = \"{NODE}\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"{}\"\n{extra}",
-            origin.base_url()
-        );
-        let cfg =
-            EdgeConfig::from_source(&Source::inline("obs-edge.toml", text), Default::default())
-                .unwrap_or_else(|e| panic!("test config: {e}"));
-        let server = EdgeServer::bind(cfg)
-            .await
-            .unwrap_or_else(|e| panic!("edge bind: {e}"));
-        let addr = server.local_addr();
-        let admin = server.admin_addr().expect("admin_listen is set");
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = rx.await;
-        }));
-        Node {
-            addr,
-            admin,
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.admin)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
-
-fn x_cache(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-cache")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("<none>")
-        .to_string()
+/// An in-process edge named [`NODE`] in front of `origin`; `extra` is appended to its config.
+async fn start_node(origin: &TestOrigin, extra: &str) -> Edge {
+    Edge::from_toml(&format!(
+        "name = \"{NODE}\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"{}\"\n{extra}",
+        origin.base_url()
+    ))
+    .await
 }
 
 /// Scripts the origin and drives the known mix through `node`: 1 miss, then 9 hits of the same
 /// cacheable object, then 2 passes (a `no-store` GET and a POST). Asserts each answer's X-Cache.
-async fn drive_known_mix(origin: &TestOrigin, node: &Node) {
+async fn drive_known_mix(origin: &TestOrigin, node: &Edge) {
     origin.route(
         "/obj",
         Reply::ok(vec![b'o'; OBJ_LEN]).header("cache-control", "public, max-age=600"),
@@ -185,7 +123,7 @@ fn number(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     }
 }
 
-async fn scrape(c: &reqwest::Client, node: &Node) -> (String, Scrape) {
+async fn scrape(c: &reqwest::Client, node: &Edge) -> (String, Scrape) {
     let r = c
         .get(node.admin_url("/metrics"))
         .send()
@@ -204,7 +142,7 @@ async fn scrape(c: &reqwest::Client, node: &Node) -> (String, Scrape) {
 #[tokio::test]
 async fn known_mix_counts_exactly_in_metrics_and_stats() {
     let origin = TestOrigin::start().await;
-    let node = Node::start(&origin, "").await;
+    let node = start_node(&origin, "").await;
     drive_known_mix(&origin, &node).await;
     let c = client();
 
@@ -405,7 +343,7 @@ async fn response_bytes_count_only_body_bytes_sent() {
             .header("cache-control", "public, max-age=600")
             .header("etag", "\"v1\""),
     );
-    let node = Node::start(&origin, "").await;
+    let node = start_node(&origin, "").await;
     let c = client();
     let r = c.get(node.url("/h")).send().await.expect("GET");
     assert_eq!(x_cache(&r), "MISS");
@@ -457,121 +395,14 @@ async fn response_bytes_count_only_body_bytes_sent() {
 // 2. SIGHUP reload of the real binary; the access log
 // ---------------------------------------------------------------------------------------------
 
-/// A running `outpost edge` process with its stderr in a file; dropping it kills the process.
-struct EdgeProc {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl EdgeProc {
-    /// Starts the binary with JSON logs and waits (bounded) for its "edge listening" line.
-    fn spawn(config: &Path, log: &Path, rust_log: &str) -> EdgeProc {
-        let out = std::fs::File::create(log).expect("create the edge log");
-        let child = Command::new(BIN)
-            .args(["--log-format", "json", "edge", "--config"])
-            .arg(config)
-            .env("RUST_LOG", rust_log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .expect("spawn outpost edge");
-        let mut p = EdgeProc {
-            child,
-            addr: "0.0.0.0:0".parse().expect("addr"),
-            log: log.to_path_buf(),
-        };
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            if let Some(line) = p
-                .events()
-                .into_iter()
-                .find(|e| e["fields"]["message"] == "edge listening")
-            {
-                p.addr = line["fields"]["listen"]
-                    .as_str()
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or_else(|| panic!("no listen address in {line}"));
-                return p;
-            }
-            p.assert_running("while starting");
-            assert!(
-                std::time::Instant::now() < deadline,
-                "outpost edge did not log \"edge listening\":\n{}",
-                p.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Every JSON log line written so far.
-    fn events(&self) -> Vec<serde_json::Value> {
-        self.log_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn count(&self, message: &str) -> usize {
-        self.events()
-            .iter()
-            .filter(|e| e["fields"]["message"] == message)
-            .count()
-    }
-
-    fn assert_running(&mut self, when: &str) {
-        if let Some(status) = self.child.try_wait().expect("try_wait") {
-            panic!(
-                "outpost edge exited {when} ({status}):\n{}",
-                self.log_text()
-            );
-        }
-    }
-
-    /// Sends a signal with the `kill` command.
-    fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .args([format!("-{sig}"), self.pid()])
-            .status()
-            .expect("run kill");
-        assert!(st.success(), "kill -{sig} {}", self.pid());
-    }
-
-    /// Waits (bounded) until a log line with this message appears `n` times.
-    async fn wait_for_message(&mut self, message: &str, n: usize) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while self.count(message) < n {
-            self.assert_running(&format!("while waiting for {message:?}"));
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no {message:?} log line (#{n}) within {WAIT:?}:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
-
-impl Drop for EdgeProc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Starts `outpost --log-format json edge --config <config>` with `RUST_LOG=<rust_log>` and its
+/// output in `log`.
+async fn spawn_json_edge(config: &Path, log: &Path, rust_log: &str) -> NodeProc {
+    let config = config.display().to_string();
+    Spawn::new(["--log-format", "json", "edge", "--config", &config])
+        .env("RUST_LOG", rust_log)
+        .start(log)
+        .await
 }
 
 fn reload_config(origin: &TestOrigin, ttl: &str, memory: &str, broken: bool) -> String {
@@ -587,7 +418,7 @@ fn reload_config(origin: &TestOrigin, ttl: &str, memory: &str, broken: bool) -> 
 }
 
 /// Two GETs of the same URL: (X-Cache of the first, X-Cache of the second).
-async fn twice(c: &reqwest::Client, p: &EdgeProc, path: &str) -> (String, String) {
+async fn twice(c: &reqwest::Client, p: &NodeProc, path: &str) -> (String, String) {
     let mut out = Vec::new();
     for _ in 0..2 {
         let r = c.get(p.url(path)).send().await.expect("GET");
@@ -609,7 +440,7 @@ async fn sighup_reload_applies_ttl_and_a_broken_config_keeps_the_old_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("edge.toml");
     std::fs::write(&config, reload_config(&origin, "0s", "64MiB", false)).expect("write config");
-    let mut p = EdgeProc::spawn(&config, &dir.path().join("edge.log"), "info");
+    let mut p = spawn_json_edge(&config, &dir.path().join("edge.log"), "info").await;
     let c = client();
 
     // versioned_ttl = 0s: nothing is reused. Without freshness or validators the response is
@@ -684,18 +515,7 @@ async fn sighup_reload_applies_ttl_and_a_broken_config_keeps_the_old_one() {
 
     // SIGTERM: graceful shutdown, exit 0.
     p.signal("TERM");
-    let deadline = std::time::Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = p.child.try_wait().expect("try_wait") {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "outpost edge did not exit after SIGTERM:\n{}",
-            p.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    let status = p.wait_exit().await;
     assert!(
         status.success(),
         "exit after SIGTERM: {status}\n{}",
@@ -721,14 +541,15 @@ async fn access_log_has_one_line_per_request_with_its_fields() {
         ),
     )
     .expect("write config");
-    let mut p = EdgeProc::spawn(
+    let mut p = spawn_json_edge(
         &config,
         &dir.path().join("edge.log"),
         "info,outpost::access=debug",
-    );
+    )
+    .await;
     let c = client();
     // A MISS, then GETs until a HIT: a request sent the instant the first body arrived can
-    // still join the finished fill (a MISS without an origin request), as in tests/edge.rs.
+    // still join the finished fill (a MISS without an origin request), as in `caching`.
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     while seen.last().is_none_or(|x| x != "HIT") {
@@ -809,7 +630,7 @@ async fn graceful_drain_finishes_a_slow_in_flight_response() {
             .header("cache-control", "max-age=60")
             .slow_body(PIECE, Duration::from_millis(120)),
     );
-    let mut node = Node::start(&origin, "[limits]\ndrain_timeout = \"60s\"\n").await;
+    let mut node = start_node(&origin, "[limits]\ndrain_timeout = \"60s\"\n").await;
     let c = client();
     // A keep-alive admin connection opened before the drain.
     let admin = client();
@@ -837,12 +658,7 @@ async fn graceful_drain_finishes_a_slow_in_flight_response() {
     });
 
     // Shut the node down while the response is in flight.
-    node.stop
-        .take()
-        .expect("stop")
-        .send(())
-        .expect("node running");
-    let task = node.task.take().expect("task");
+    node.begin_stop();
 
     // New data connections are refused once the drain has begun.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -891,12 +707,11 @@ async fn graceful_drain_finishes_a_slow_in_flight_response() {
         "every byte of the in-flight response"
     );
     assert!(got == body, "the in-flight body is intact");
-    tokio::time::timeout(WAIT * 2, task)
-        .await
-        .expect("run() returns once the drain is over")
-        .expect("run task");
+    let addr = node.addr;
+    // run() returns once the drain is over.
+    node.stop_within(WAIT * 2).await;
     assert!(
-        tokio::net::TcpStream::connect(node.addr).await.is_err(),
+        tokio::net::TcpStream::connect(addr).await.is_err(),
         "connections are refused after shutdown"
     );
     if observed_at < finished_at {
@@ -924,9 +739,9 @@ async fn graceful_drain_finishes_a_slow_in_flight_response() {
 #[tokio::test]
 async fn stats_cli_prints_the_table_and_fails_clearly_on_a_dead_address() {
     let origin = TestOrigin::start().await;
-    let node = Node::start(&origin, "").await;
+    let node = start_node(&origin, "").await;
     drive_known_mix(&origin, &node).await;
-    let admin = format!("http://{}", node.admin);
+    let admin = format!("http://{}", node.admin());
 
     let out = tokio::time::timeout(
         WAIT,
@@ -998,9 +813,8 @@ async fn stats_cli_prints_the_table_and_fails_clearly_on_a_dead_address() {
     );
 
     // A dead address: non-zero exit and a clear message on stderr.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead_addr = dead.local_addr().expect("addr");
-    drop(dead);
+    let dead = refused_addr();
+    let dead_addr = dead.addr;
     let out = tokio::time::timeout(
         WAIT,
         tokio::process::Command::new(BIN)

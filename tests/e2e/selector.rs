@@ -7,21 +7,23 @@
 //! wait is bounded; nothing asserts on speed.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use outpost_config::Source;
-use outpost_selector::{NodesReport, Selector, SelectorConfig, SelectorOverrides};
+use outpost_selector::{SelectorConfig, SelectorOverrides};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-const WAIT: Duration = Duration::from_secs(10);
+use crate::support::eventually_within;
+use crate::support::http::closed_within;
+use crate::support::selector::{RunningSelector as Running, SELECTOR_WAIT};
+
+const WAIT: Duration = SELECTOR_WAIT;
 
 // ---------------------------------------------------------------------------------------------
 // Stand-in edges
@@ -246,104 +248,11 @@ async fn count(addr: SocketAddr, n: usize) -> BTreeMap<String, usize> {
     seen
 }
 
-fn http() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::builder().timeout(WAIT).build().unwrap()
-}
-
 // ---------------------------------------------------------------------------------------------
-// The selector
+// The selector (`support::selector`)
 
-/// A running selector; dropping it stops it.
-struct Running {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Running {
-    /// Starts a selector from a config file body; listen and admin_listen are set here.
-    async fn start(body: &str) -> Running {
-        let text = format!("listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{body}");
-        let cfg = SelectorConfig::from_source(
-            &Source::inline("test-selector.toml", text),
-            SelectorOverrides::default(),
-        )
-        .unwrap_or_else(|e| panic!("test config: {e}"));
-        let selector = Selector::bind(cfg).await.expect("bind 127.0.0.1:0");
-        let addr = selector.local_addr();
-        let admin = selector.admin_addr().expect("admin listener");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(selector.run(async move {
-            let _ = stopped.await;
-        }));
-        Running {
-            addr,
-            admin,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    async fn admin_get(&self, path: &str) -> reqwest::Response {
-        http()
-            .get(format!("http://{}{path}", self.admin))
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn nodes(&self) -> NodesReport {
-        let text = self.admin_get("/nodes").await.text().await.unwrap();
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("/nodes: {e}\n{text}"))
-    }
-
-    async fn node_state(&self, name: &str) -> String {
-        let report = self.nodes().await;
-        let node = report.nodes.into_iter().find(|n| n.name == name).unwrap();
-        node.state
-    }
-
-    /// Waits (bounded) until the selector reports `name` in `state`.
-    async fn wait_state(&self, name: &str, state: &str) {
-        eventually(&format!("{name} is {state}"), || async {
-            self.node_state(name).await == state
-        })
-        .await;
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let task = self.task.take().unwrap();
-        tokio::time::timeout(WAIT, task)
-            .await
-            .expect("selector stops in time")
-            .unwrap();
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("not true within {WAIT:?}: {what}");
+async fn eventually(what: &str, check: impl AsyncFnMut() -> bool) {
+    eventually_within(WAIT, what, check).await;
 }
 
 /// For tests about health: probes every 100 ms. `fall = 2` keeps one probe that a loaded
@@ -820,16 +729,7 @@ async fn shutdown_stops_accepting() {
 /// True when the peer closes `s` (EOF or reset) within [`WAIT`]; what it sends first is
 /// ignored.
 async fn closed_within_wait(s: &mut TcpStream) -> bool {
-    let drained = async {
-        let mut chunk = [0u8; 4096];
-        loop {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, drained).await.is_ok()
+    closed_within(s, WAIT).await.is_some()
 }
 
 /// The selector's `/metrics` value of an unlabelled counter.

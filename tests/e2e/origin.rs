@@ -6,7 +6,7 @@
 //! `python3 -c "import random; random.seed(42); open('sample.bin','wb').write(random.randbytes(2*1024*1024))"`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,108 +16,29 @@ use http::header::{
     IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED,
     RANGE, SERVER,
 };
-use outpost_origin::{OriginConfig, OriginOverrides, OriginServer, Rules};
+use outpost_origin::{OriginConfig, OriginOverrides, Rules};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+
+use crate::support::http::{closed_within, raw_request as raw_exchange};
+use crate::support::site::SiteOrigin as Origin;
+use crate::support::{client_within, h2c_client as h2c_client_within, repo};
 
 const SAMPLE_LEN: usize = 2 * 1024 * 1024;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn site() -> PathBuf {
     repo().join("site")
 }
 
-/// A running origin; dropping it shuts the server down.
-struct Origin {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-impl Origin {
-    /// Serves `root` with the rules file `rules` (none: built-in rules).
-    async fn start(root: &Path, rules: Option<&Path>) -> Origin {
-        Origin::start_tuned(root, rules, |_| {}).await
-    }
-
-    /// Like [`Origin::start`], with `tune` applied to the configuration first.
-    async fn start_tuned(
-        root: &Path,
-        rules: Option<&Path>,
-        tune: impl FnOnce(&mut OriginConfig),
-    ) -> Origin {
-        let mut cfg = OriginConfig::load(
-            None,
-            OriginOverrides {
-                listen: Some("127.0.0.1:0".into()),
-                root: Some(root.display().to_string()),
-                rules: rules.map(|r| r.display().to_string()),
-            },
-        )
-        .unwrap_or_else(|e| panic!("test config: {e}"));
-        tune(&mut cfg);
-        let server = OriginServer::bind(cfg).await.expect("bind 127.0.0.1:0");
-        let addr = server.local_addr();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        Origin {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    /// The repo's sample site with configs/origin-rules.toml.
-    async fn sample_site() -> Origin {
-        Origin::start(&site(), Some(&repo().join("configs/origin-rules.toml"))).await
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    async fn shutdown(mut self) -> std::io::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let task = self.task.take().expect("running");
-        tokio::time::timeout(Duration::from_secs(15), task)
-            .await
-            .expect("shutdown within the drain timeout")
-            .expect("server task")
-    }
-}
-
-impl Drop for Origin {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
+/// Every request of these tests is bounded by a minute (none of them waits on purpose).
+const REQUEST_BOUND: Duration = Duration::from_secs(60);
 
 fn client() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("reqwest client")
+    client_within(REQUEST_BOUND)
 }
 
 fn h2c_client() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .expect("reqwest h2c client")
+    h2c_client_within(REQUEST_BOUND)
 }
 
 fn header(resp: &reqwest::Response, name: http::HeaderName) -> &str {
@@ -130,22 +51,9 @@ fn header(resp: &reqwest::Response, name: http::HeaderName) -> &str {
 
 /// Sends one raw HTTP/1.1 request and returns the status and the whole response text.
 async fn raw_request(addr: SocketAddr, method: &str, target: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
     let req =
         format!("{method} {target} HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
-        .await
-        .expect("response in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    (status, text)
+    raw_exchange(addr, &req, Duration::from_secs(10)).await
 }
 
 #[tokio::test]
@@ -708,22 +616,11 @@ async fn shutdown_lets_an_in_flight_download_finish() {
 
 #[tokio::test]
 async fn slow_request_heads_are_cut_off() {
-    let mut cfg = OriginConfig::load(
-        None,
-        OriginOverrides {
-            listen: Some("127.0.0.1:0".into()),
-            root: Some(site().display().to_string()),
-            rules: None,
-        },
-    )
-    .unwrap();
-    cfg.header_read_timeout = Duration::from_millis(300);
-    let server = OriginServer::bind(cfg).await.unwrap();
-    let addr = server.local_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
+    let origin = Origin::start_tuned(&site(), None, |cfg| {
+        cfg.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let addr = origin.addr;
 
     // Half a request head, then silence: the server must not wait forever (slow loris).
     let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -738,8 +635,7 @@ async fn slow_request_heads_are_cut_off() {
         "connection still open after the header read timeout"
     );
 
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    origin.shutdown().await.unwrap();
 }
 
 // Bounds (issue 13, item 5): every connection bounded in time and count.
@@ -749,16 +645,7 @@ const WAIT: Duration = Duration::from_secs(10);
 /// True when the server closes `s` (EOF or reset) within [`WAIT`]; what it sends first is
 /// ignored.
 async fn closed_within_wait(s: &mut TcpStream) -> bool {
-    let drained = async {
-        let mut chunk = [0u8; 16 << 10];
-        loop {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, drained).await.is_ok()
+    closed_within(s, WAIT).await.is_some()
 }
 
 /// Reads one HTTP/1.1 response with a Content-Length from `s`, `pause` between reads of at

@@ -3,27 +3,26 @@
 //!
 //! `cache_tests_conformance_gate` starts the suite's origin server (node, loopback only), the
 //! system under test in front of it, runs the suite's CLI through it, scores the results with
-//! `support/cachetests.rs` and fails when fewer required tests pass than
+//! `tests/support/cachetests.rs` and fails when fewer required tests pass than
 //! `conformance/baseline.toml` records. See `conformance/README.md`.
 //!
 //! The other tests check the scorer: synthetic cases, and cross-checks against the team's
 //! reference tool (`shared/tools/cachetests_score.py`) on the published result files in
 //! `shared/cache-tests/`.
 
-#[path = "support/cachetests.rs"]
-mod cachetests;
-
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read as _, Seek as _, SeekFrom};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cachetests::{Audience, Definitions, Kind, Results, Score, Verdict};
+use crate::support::cachetests::{self, Audience, Definitions, Kind, Results, Score, Verdict};
+use crate::support::proc::{BIN, listening};
+use crate::support::repo;
 
 /// The npm package that holds the suite.
 const SUITE_PACKAGE: &str = "http-cache-tests";
@@ -34,7 +33,7 @@ const TIMEOUT_ENV: &str = "OUTPOST_CONFORMANCE_TIMEOUT_SECS";
 /// A full run takes about 20 s against a bare origin; the suite pauses 3 s between the
 /// requests of some tests and runs them 100 at a time, so a slow cache could take minutes.
 const DEFAULT_CLI_TIMEOUT: Duration = Duration::from_secs(15 * 60);
-/// How long a freshly started server may take to accept connections.
+/// How long a freshly started server may take to say where it listens.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ------------------------------------------------------------------------------ the gate
@@ -64,12 +63,6 @@ fn cache_tests_conformance_gate() {
     let defs = Definitions::from_json(&defs_json)
         .unwrap_or_else(|e| panic!("definitions from conformance/export-tests.mjs: {e}"));
 
-    // Three ports picked together so that they differ; the edge only needs two of them.
-    let ports = free_loopback_ports(3);
-    let suite_addr = SocketAddr::from(([127, 0, 0, 1], ports[0]));
-    let edge_addr = SocketAddr::from(([127, 0, 0, 1], ports[1]));
-    let admin_addr = SocketAddr::from(([127, 0, 0, 1], ports[2]));
-
     // Declared before the guard, so that the processes are gone before the directory is.
     let cache_dir = tempfile::tempdir().expect("create a cache directory");
     let mut children = Children::default();
@@ -85,7 +78,8 @@ fn cache_tests_conformance_gate() {
         .arg("server/server.mjs")
         .current_dir(&package)
         .env("npm_config_protocol", "http")
-        .env("npm_config_port", suite_addr.port().to_string())
+        // Port 0: the OS picks one, and the server prints it ("Listening on http://host:port/").
+        .env("npm_config_port", "0")
         .env("npm_config_pidfile", out.join("server.pid"));
     let server = children.spawn(
         "cache-tests server",
@@ -93,7 +87,7 @@ fn cache_tests_conformance_gate() {
         &server_log,
         &server_log,
     );
-    wait_for_listener(&mut children, server, suite_addr, &server_log);
+    let suite_addr = wait_for_log(&mut children, server, &server_log, suite_listening);
 
     let (base_url, target_line) = match target {
         Target::Direct => (
@@ -106,21 +100,26 @@ fn cache_tests_conformance_gate() {
                 "--origin".to_owned(),
                 format!("http://{suite_addr}"),
                 "--listen".to_owned(),
-                edge_addr.to_string(),
+                "127.0.0.1:0".to_owned(),
                 "--admin-listen".to_owned(),
-                admin_addr.to_string(),
+                "127.0.0.1:0".to_owned(),
                 "--cache-dir".to_owned(),
                 cache_dir.path().display().to_string(),
             ];
-            let mut edge_cmd = Command::new(env!("CARGO_BIN_EXE_outpost"));
-            edge_cmd.args(&args).current_dir(&root);
+            let mut edge_cmd = Command::new(BIN);
+            edge_cmd
+                .args(&args)
+                .current_dir(&root)
+                // The "edge listening" line names the bound addresses.
+                .env("RUST_LOG", "info,hyper=warn,h2=warn");
             let edge = children.spawn(
                 "outpost edge",
                 &mut edge_cmd,
                 &out.join("edge.stdout.log"),
                 &out.join("edge.stderr.log"),
             );
-            wait_for_listener(&mut children, edge, edge_addr, &out.join("edge.stderr.log"));
+            let edge_log = out.join("edge.stderr.log");
+            let (edge_addr, _) = wait_for_log(&mut children, edge, &edge_log, listening);
             (
                 format!("http://{edge_addr}"),
                 format!("edge: outpost {}", args.join(" ")),
@@ -251,7 +250,7 @@ impl Target {
 }
 
 fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    repo()
 }
 
 /// `target/conformance`, under CARGO_TARGET_DIR when that is set.
@@ -306,35 +305,42 @@ fn node_stdout(dir: &Path, args: &[&str]) -> String {
     String::from_utf8(output.stdout).expect("node printed UTF-8")
 }
 
-/// Loopback ports that were free a moment ago, all different.
-fn free_loopback_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local_addr").port())
-        .collect()
+/// The address in the suite server's "Listening on http://<host>:<port>/" line.
+fn suite_listening(log: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|l| l.starts_with("Listening on "))?;
+    let host_port = line
+        .strip_prefix("Listening on ")?
+        .split("://")
+        .nth(1)?
+        .trim_end_matches('/');
+    let port: u16 = host_port.rsplit(':').next()?.parse().ok()?;
+    Some(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
-/// Waits until `addr` accepts connections; fails early, with the log, if the process exits.
-fn wait_for_listener(children: &mut Children, child: usize, addr: SocketAddr, log: &Path) {
+/// Waits until `found` reads what it needs from the child's log (where it listens); fails
+/// early, with the log, if the process exits.
+fn wait_for_log<T>(
+    children: &mut Children,
+    child: usize,
+    log: &Path,
+    found: impl Fn(&str) -> Option<T>,
+) -> T {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
+        if let Some(t) = found(&fs::read_to_string(log).unwrap_or_default()) {
+            return t;
         }
         let name = children.name(child).to_owned();
         if let Some(status) = children.try_wait(child) {
             panic!(
-                "{name} exited ({status}) before accepting connections on {addr}; {}:\n{}",
+                "{name} exited ({status}) before saying where it listens; {}:\n{}",
                 log.display(),
                 tail(log)
             );
         }
         assert!(
             Instant::now() < deadline,
-            "{name} did not accept connections on {addr} within {STARTUP_TIMEOUT:?}; {}:\n{}",
+            "{name} did not say where it listens within {STARTUP_TIMEOUT:?}; {}:\n{}",
             log.display(),
             tail(log)
         );

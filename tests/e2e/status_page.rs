@@ -5,38 +5,21 @@
 //! `scripts/test.sh` installs the `chromium` package when it is missing; when it still cannot be
 //! found, this test prints a loud message and skips.
 
-#[path = "support/test_origin.rs"]
-mod test_origin;
-
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use outpost_config::Source;
-use outpost_edge::{EdgeConfig, EdgeServer};
-use test_origin::{Reply, TestOrigin};
-use tokio::sync::oneshot;
+use crate::support::client_within;
+use crate::support::edge::Edge;
+use crate::support::http::x_cache;
+use crate::support::test_origin::{Reply, TestOrigin};
 
 /// Upper bound of every wait (the browser gets twice this, it starts slowly on a busy machine).
 const WAIT: Duration = Duration::from_secs(45);
 const NODE: &str = "status-edge-7";
 
 fn client() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(WAIT)
-        .build()
-        .expect("reqwest client")
-}
-
-fn x_cache(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-cache")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("<none>")
-        .to_string()
+    client_within(WAIT)
 }
 
 fn find_chromium() -> Option<PathBuf> {
@@ -78,33 +61,12 @@ fn body_tag(dom: &str) -> &str {
     &dom[start..end]
 }
 
-struct Node {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    _stop: oneshot::Sender<()>,
-}
-
-async fn start_node(origin: &TestOrigin) -> Node {
-    let text = format!(
+async fn start_node(origin: &TestOrigin) -> Edge {
+    Edge::from_toml(&format!(
         "name = \"{NODE}\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"{}\"\n",
         origin.base_url()
-    );
-    let cfg = EdgeConfig::from_source(&Source::inline("status.toml", text), Default::default())
-        .unwrap_or_else(|e| panic!("test config: {e}"));
-    let server = EdgeServer::bind(cfg)
-        .await
-        .unwrap_or_else(|e| panic!("edge bind: {e}"));
-    let addr = server.local_addr();
-    let admin = server.admin_addr().expect("admin_listen is set");
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(server.run(async move {
-        let _ = rx.await;
-    }));
-    Node {
-        addr,
-        admin,
-        _stop: tx,
-    }
+    ))
+    .await
 }
 
 #[tokio::test]
@@ -153,7 +115,7 @@ async fn status_page_renders_and_draws_in_headless_chromium() {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let s: serde_json::Value = serde_json::from_slice(
-            &c.get(format!("http://{}/stats", node.admin))
+            &c.get(format!("http://{}/stats", node.admin()))
                 .send()
                 .await
                 .expect("GET /stats")
@@ -175,7 +137,7 @@ async fn status_page_renders_and_draws_in_headless_chromium() {
 
     // The page is self-contained: no asset from the internet.
     let html = c
-        .get(format!("http://{}/", node.admin))
+        .get(format!("http://{}/", node.admin()))
         .send()
         .await
         .expect("GET /")
@@ -187,7 +149,7 @@ async fn status_page_renders_and_draws_in_headless_chromium() {
     }
 
     let profile = tempfile::tempdir().expect("tempdir");
-    let url = format!("http://{}/", node.admin);
+    let url = format!("http://{}/", node.admin());
     let run = |budget_ms: u64| {
         let mut cmd = tokio::process::Command::new(&chromium);
         cmd.args([

@@ -8,117 +8,32 @@
 //!
 //! Each restart uses new ports, so every request carries the same `Host` (the cache key's host).
 
-#[path = "support/test_origin.rs"]
-mod test_origin;
-
-use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use test_origin::{Reply, TestOrigin};
 
-/// Upper bound of every wait.
-const WAIT: Duration = Duration::from_secs(30);
+use crate::support::files::pattern;
+use crate::support::proc::{NodeProc, Spawn};
+use crate::support::test_origin::{Reply, TestOrigin};
+use crate::support::{WAIT, client, http};
 
 const HOST: &str = "cdn.example.test";
 
-/// A running `outpost edge` process; dropping it kills the process.
-struct EdgeProc {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
+/// Starts `outpost edge --cache-dir <cache_dir>` in front of `origin`, its log in
+/// `<logs>/<name>.log`.
+async fn spawn_edge(origin: &TestOrigin, cache_dir: &Path, logs: &Path, name: &str) -> NodeProc {
+    let cache_dir = cache_dir.display().to_string();
+    Spawn::edge(&origin.base_url(), &["--cache-dir", &cache_dir])
+        .start(&logs.join(format!("{name}.log")))
+        .await
 }
 
-fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr")
-}
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(WAIT)
-        .build()
-        .expect("reqwest client")
-}
-
-impl EdgeProc {
-    /// Starts the binary and waits (bounded) until its admin port answers /healthz.
-    async fn spawn(origin: &TestOrigin, cache_dir: &Path, logs: &Path, name: &str) -> EdgeProc {
-        let addr = free_addr();
-        let mut admin = free_addr();
-        while admin == addr {
-            admin = free_addr();
-        }
-        let log = logs.join(format!("{name}.log"));
-        let out = File::create(&log).expect("create the edge log");
-        let child = Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .args([
-                "edge",
-                "--origin",
-                &origin.base_url(),
-                "--listen",
-                &addr.to_string(),
-                "--admin-listen",
-                &admin.to_string(),
-                "--cache-dir",
-                &cache_dir.display().to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log handle"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn outpost edge");
-        let mut p = EdgeProc {
-            child,
-            addr,
-            admin,
-            log,
-        };
-        let c = client();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(status) = p.child.try_wait().expect("try_wait") {
-                panic!(
-                    "outpost edge exited early ({status}):\n{}",
-                    std::fs::read_to_string(&p.log).unwrap_or_default()
-                );
-            }
-            let ready = c
-                .get(format!("http://{}/healthz", p.admin))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if ready && tokio::net::TcpStream::connect(p.addr).await.is_ok() {
-                return p;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                panic!(
-                    "outpost edge did not come up:\n{}",
-                    std::fs::read_to_string(&p.log).unwrap_or_default()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
+impl NodeProc {
     /// (memory objects, disk objects) from the admin port's /usage.
     async fn usage(&self) -> (u64, u64) {
         let text = client()
-            .get(format!("http://{}/usage", self.admin))
+            .get(self.admin_url("/usage"))
             .send()
             .await
             .expect("GET /usage")
@@ -155,77 +70,12 @@ impl EdgeProc {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-
-    /// SIGKILL.
-    fn kill9(mut self) {
-        self.child.kill().expect("kill -9 the edge");
-        self.child.wait().expect("reap the edge");
-    }
-
-    /// SIGTERM, then waits (bounded) for a clean exit.
-    async fn terminate(mut self) -> ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill -TERM");
-        assert!(status.success(), "kill -TERM failed");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                return s;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                panic!(
-                    "the edge did not exit after SIGTERM; log:\n{}",
-                    self.log_text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for EdgeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Deterministic, incompressible-looking bytes.
-fn pattern(len: usize, seed: u64) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
 }
 
 /// GET with the fixed Host; returns (status, X-Cache, body).
 async fn get(c: &reqwest::Client, url: &str) -> (u16, String, Bytes) {
-    let r = c
-        .get(url)
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = r.status().as_u16();
-    let x_cache = r
-        .headers()
-        .get("x-cache")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("(none)")
-        .to_string();
-    let body = r
-        .bytes()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: response body failed: {e}"));
-    (status, x_cache, body)
+    let r = http::get(c, url, &[("host", HOST)]).await;
+    (r.status, r.x_cache().to_string(), r.body)
 }
 
 /// A `kill -9` during a large fill (8 MiB streamed slowly in 64 KiB chunks, 20 ms apart): after
@@ -250,7 +100,7 @@ async fn kill9_during_large_fill_never_leaves_a_truncated_object() {
         ],
     );
 
-    let edge = EdgeProc::spawn(&origin, cache.path(), logs.path(), "edge-1").await;
+    let edge = spawn_edge(&origin, cache.path(), logs.path(), "edge-1").await;
     let c = client();
     let mut resp = c
         .get(edge.url("/large.bin"))
@@ -272,7 +122,7 @@ async fn kill9_during_large_fill_never_leaves_a_truncated_object() {
     edge.kill9();
     drop(resp);
 
-    let edge = EdgeProc::spawn(&origin, cache.path(), logs.path(), "edge-2").await;
+    let edge = spawn_edge(&origin, cache.path(), logs.path(), "edge-2").await;
     assert_eq!(
         edge.usage().await.1,
         0,
@@ -307,7 +157,7 @@ async fn survives_sigterm_and_kill9(size: usize, seed: u64) {
             .header("cache-control", "max-age=3600"),
     );
 
-    let edge = EdgeProc::spawn(&origin, cache.path(), logs.path(), "edge-1").await;
+    let edge = spawn_edge(&origin, cache.path(), logs.path(), "edge-1").await;
     let c = client();
     let (status, x_cache, got) = get(&c, &edge.url("/kept.bin")).await;
     assert_eq!((status, x_cache.as_str()), (200, "MISS"));
@@ -316,7 +166,7 @@ async fn survives_sigterm_and_kill9(size: usize, seed: u64) {
     let status = edge.terminate().await;
     assert!(status.success(), "SIGTERM exit status: {status}");
 
-    let edge = EdgeProc::spawn(&origin, cache.path(), logs.path(), "edge-2").await;
+    let edge = spawn_edge(&origin, cache.path(), logs.path(), "edge-2").await;
     assert_eq!(
         edge.usage().await.1,
         1,
@@ -333,7 +183,7 @@ async fn survives_sigterm_and_kill9(size: usize, seed: u64) {
     assert_eq!(origin.hits("/kept.bin"), 1);
     edge.kill9();
 
-    let edge = EdgeProc::spawn(&origin, cache.path(), logs.path(), "edge-3").await;
+    let edge = spawn_edge(&origin, cache.path(), logs.path(), "edge-3").await;
     let c = client();
     let (status, x_cache, got) = get(&c, &edge.url("/kept.bin")).await;
     assert_eq!(

@@ -1,57 +1,60 @@
 //! Topology: edges in front of shields in front of the origin (issue "Topology").
 //! Real sockets on 127.0.0.1, ports picked by the OS.
 
-#[path = "support/test_origin.rs"]
-mod test_origin;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use outpost_config::Source;
-use outpost_edge::{EdgeConfig, EdgeServer};
-use test_origin::{Reply, TestOrigin};
-use tokio::sync::oneshot;
+use crate::support::client_within;
+use crate::support::edge::Edge;
+use crate::support::ports::refused_addr;
+use crate::support::test_origin::{Reply, TestOrigin};
 
-struct Node {
-    addr: SocketAddr,
-    admin: Option<SocketAddr>,
-    _stop: oneshot::Sender<()>,
+/// A node to put in a `[[shields]]` table: its data address and its admin address, if any.
+trait Shield {
+    fn data(&self) -> SocketAddr;
+    fn admin(&self) -> Option<SocketAddr>;
 }
 
-async fn node(text: &str) -> Node {
-    let cfg = EdgeConfig::from_source(&Source::inline("node.toml", text), Default::default())
-        .expect("valid node config");
-    let server = EdgeServer::bind(cfg).await.expect("bind node");
-    let addr = server.local_addr();
-    let admin = server.admin_addr();
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(server.run(async move {
-        let _ = rx.await;
-    }));
-    Node {
-        addr,
-        admin,
-        _stop: tx,
+impl Shield for Edge {
+    fn data(&self) -> SocketAddr {
+        self.addr
+    }
+    fn admin(&self) -> Option<SocketAddr> {
+        self.admin
     }
 }
 
-async fn shield(name: &str, origin: &str) -> Node {
+/// A shield that is not there.
+impl Shield for SocketAddr {
+    fn data(&self) -> SocketAddr {
+        *self
+    }
+    fn admin(&self) -> Option<SocketAddr> {
+        None
+    }
+}
+
+async fn node(text: &str) -> Edge {
+    Edge::from_toml(text).await
+}
+
+async fn shield(name: &str, origin: &str) -> Edge {
     node(&format!(
         "role = \"shield\"\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"{origin}\"\n"
     ))
     .await
 }
 
-async fn edge(name: &str, origin: &str, shields: &[(&str, &Node)]) -> Node {
+async fn edge(name: &str, origin: &str, shields: &[(&str, &dyn Shield)]) -> Edge {
     let mut text = format!(
         "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\norigin = \"{origin}\"\nshield_health_interval = \"200ms\"\n"
     );
     for (n, s) in shields {
         text.push_str(&format!(
             "[[shields]]\nname = \"{n}\"\nurl = \"http://{}\"\n",
-            s.addr
+            s.data()
         ));
-        if let Some(a) = s.admin {
+        if let Some(a) = s.admin() {
             text.push_str(&format!("admin = \"{a}\"\n"));
         }
     }
@@ -59,14 +62,10 @@ async fn edge(name: &str, origin: &str, shields: &[(&str, &Node)]) -> Node {
 }
 
 fn client() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
+    client_within(Duration::from_secs(10))
 }
 
-async fn get(c: &reqwest::Client, node: &Node, path: &str) -> (u16, String, String, String) {
+async fn get(c: &reqwest::Client, node: &Edge, path: &str) -> (u16, String, String, String) {
     // Every edge serves one site: clients name it in Host, whichever edge they reach (in
     // production through the selector or DNS), so edges and shields agree on cache keys.
     let r = c
@@ -124,15 +123,8 @@ async fn edges_fall_back_to_the_origin_when_every_shield_is_down() {
         Reply::ok("direct").header("cache-control", "max-age=60"),
     );
     // A shield address with nothing listening.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
-    let ghost = Node {
-        addr: dead_addr,
-        admin: None,
-        _stop: oneshot::channel().0,
-    };
-    let e = edge("edge-a", &origin.base_url(), &[("ghost", &ghost)]).await;
+    let dead = refused_addr();
+    let e = edge("edge-a", &origin.base_url(), &[("ghost", &dead.addr)]).await;
     let (st, _, cs, body) = get(&client(), &e, "/x").await;
     assert_eq!((st, body.as_str()), (200, "direct"));
     assert!(cs.starts_with("edge-a; fwd=miss"), "{cs}");
@@ -189,14 +181,7 @@ async fn keys_spread_over_shields_and_a_dead_shield_is_skipped() {
         &origin.base_url(),
         &[
             ("s1", &s1),
-            (
-                "s2",
-                &Node {
-                    addr: "127.0.0.1:9".parse().unwrap(),
-                    admin: None,
-                    _stop: oneshot::channel().0,
-                },
-            ),
+            ("s2", &"127.0.0.1:9".parse::<SocketAddr>().unwrap()),
             ("s3", &s3),
         ],
     )
@@ -217,7 +202,7 @@ async fn keys_spread_over_shields_and_a_dead_shield_is_skipped() {
 
 const TOKEN: &str = "topology-secret";
 
-async fn with_admin(text: String) -> Node {
+async fn with_admin(text: String) -> Edge {
     node(&format!(
         "admin_listen = \"127.0.0.1:0\"\n{text}[cache]\ndir = \"{}\"\n[admin]\ntokens = [{{ secret = \"{TOKEN}\", scopes = [\"purge\", \"push\", \"read\"] }}]\n",
         tempfile::tempdir().unwrap().keep().display()

@@ -14,9 +14,11 @@ use outpost_purge_api::{
     run_push,
 };
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::net::TcpListener;
+
+use crate::support::files::write;
+use crate::support::http::raw_request;
+use crate::support::{Serving, WAIT, client};
 
 const ROOT: &str = "root-token";
 const READER: &str = "reader-token";
@@ -131,7 +133,7 @@ impl AdminBackend for MemBackend {
 struct Node {
     addr: SocketAddr,
     backend: MemBackend,
-    _stop: oneshot::Sender<()>,
+    _server: Serving,
 }
 
 impl Node {
@@ -150,26 +152,14 @@ async fn start(limits: AdminLimits) -> Node {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let backend = MemBackend::default();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(outpost_purge_api::serve(
-        listener,
-        Arc::new(backend.clone()),
-        Arc::new(auth),
-        limits,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let served = Arc::new(backend.clone());
     Node {
         addr,
         backend,
-        _stop: stop,
+        _server: Serving::spawn(|stopped| {
+            outpost_purge_api::serve(listener, served, Arc::new(auth), limits, stopped)
+        }),
     }
-}
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::new()
 }
 
 /// The JSON body of an answer (reqwest is built without its `json` feature).
@@ -186,15 +176,10 @@ async fn error_text(r: reqwest::Response) -> String {
 
 /// Sends raw HTTP/1.1 bytes (reqwest normalises `..` and `%2e%2e` away) and returns the status.
 async fn raw_status(addr: SocketAddr, request_line: &str) -> u16 {
-    let mut s = TcpStream::connect(addr).await.unwrap();
     let req = format!(
         "{request_line}\r\nHost: {addr}\r\nAuthorization: Bearer {ROOT}\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
     );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out);
-    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+    raw_request(addr, &req, WAIT).await.0
 }
 
 #[tokio::test]
@@ -457,11 +442,6 @@ async fn traversal_is_400() {
         assert_eq!(raw_status(node.addr, line).await, 400, "{line}");
     }
     assert_eq!(node.backend.len(), 0);
-}
-
-fn write(path: &std::path::Path, data: &[u8]) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, data).unwrap();
 }
 
 #[tokio::test]

@@ -1,25 +1,19 @@
 //! HTTPS end to end (issue 8): the edge's TLS listener (TLS 1.3 and 1.2, ALPN h2 and
 //! http/1.1), SNI with wildcard and default certificates, start-up errors for bad certificate
 //! files, hot reload that keeps open connections, `https://` origins and shields verified with
-//! a configured CA, the handshake timeout, and `outpost demo --tls`.
+//! a configured CA and the handshake timeout. (`outpost demo --tls` is in `demo`.)
 //!
 //! Every certificate and private key is generated here with rcgen into a temporary directory;
 //! none is committed.
 
-#[path = "support/test_origin.rs"]
-mod test_origin;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outpost_config::Source;
-use outpost_edge::server::Reloader;
-use outpost_edge::tls::TlsState;
-use outpost_edge::{EdgeConfig, EdgeOverrides, EdgeServer};
+use outpost_edge::{EdgeConfig, EdgeOverrides};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
@@ -27,19 +21,17 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use test_origin::{Reply, TestOrigin};
+use crate::support::edge::{Edge, Reloader, TlsState, bind, config};
+use crate::support::proc::outpost;
+use crate::support::test_origin::{Reply, TestOrigin};
+use crate::support::{client_within, https_client as https_client_within, init};
 
 /// Upper bound of every wait and request.
 const WAIT: Duration = Duration::from_secs(20);
 const PUSH_TOKEN: &str = "tls-push-token";
 const READ_TOKEN: &str = "tls-read-token";
-
-fn install_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
 
 // ---------------------------------------------------------------------------------------------
 // Certificates
@@ -130,19 +122,7 @@ struct TlsEdge {
     admin_addr: SocketAddr,
     tls: Arc<TlsState>,
     reloader: Reloader,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Drop for TlsEdge {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
+    _edge: Edge,
 }
 
 /// The config text of an edge in front of `origin` (127.0.0.1:0 everywhere); `extra` holds
@@ -156,37 +136,23 @@ fn edge_toml(origin: &str, extra: &str) -> String {
     )
 }
 
-fn config(text: &str) -> EdgeConfig {
-    EdgeConfig::from_source(
-        &Source::inline("tls-test.toml", text.to_string()),
-        EdgeOverrides::default(),
-    )
-    .unwrap_or_else(|e| panic!("test config: {e}"))
+fn tls_config(text: &str) -> EdgeConfig {
+    config("tls-test.toml", text)
 }
 
 impl TlsEdge {
     async fn start(text: &str) -> TlsEdge {
-        install_provider();
-        let server = EdgeServer::bind(config(text))
-            .await
-            .unwrap_or_else(|e| panic!("edge bind: {e}"));
-        let addr = server.local_addr();
-        let tls_addr = server.tls_addr().expect("a TLS listener");
-        let admin_addr = server.admin_addr().expect("an admin listener");
+        let server = bind(tls_config(text)).await;
         let tls = server.tls_state().expect("TLS state");
         let reloader = server.reloader();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
+        let edge = Edge::run(server);
         TlsEdge {
-            addr,
-            tls_addr,
-            admin_addr,
+            addr: edge.addr,
+            tls_addr: edge.tls_addr.expect("a TLS listener"),
+            admin_addr: edge.admin.expect("an admin listener"),
             tls,
             reloader,
-            stop: Some(stop),
-            task: Some(task),
+            _edge: edge,
         }
     }
 
@@ -195,7 +161,7 @@ impl TlsEdge {
     }
 
     async fn reload(&self, token: Option<&str>) -> (u16, serde_json::Value) {
-        let mut req = reqwest::Client::new().post(format!("http://{}/tls/reload", self.admin_addr));
+        let mut req = client_within(WAIT).post(format!("http://{}/tls/reload", self.admin_addr));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -211,11 +177,7 @@ impl TlsEdge {
 
 /// A reqwest client that trusts only `ca_pem` and reports the peer's certificate.
 fn https_client(ca_pem: &str) -> reqwest::ClientBuilder {
-    install_provider();
-    reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
-        .tls_info(true)
-        .timeout(WAIT)
+    https_client_within(ca_pem, WAIT)
 }
 
 /// The DER of the certificate the server presented.
@@ -312,7 +274,7 @@ async fn h1_and_h2_over_tls_with_tls12_and_tls13() {
     }
 
     // The plain data port still serves (the same object: the key is host + path).
-    let r = reqwest::Client::new()
+    let r = client_within(WAIT)
         .get(format!("http://{}/a", edge.addr))
         .header("host", format!("localhost:{}", edge.tls_addr.port()))
         .send()
@@ -427,7 +389,7 @@ async fn presented_cert(addr: SocketAddr, sni: &str, ca_pem: &str) -> Vec<u8> {
             self.1.supported_verify_schemes()
         }
     }
-    install_provider();
+    init();
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -456,18 +418,15 @@ async fn presented_cert(addr: SocketAddr, sni: &str, ca_pem: &str) -> Vec<u8> {
 
 /// Runs `outpost edge` with these extra arguments; returns (exit code, stderr).
 fn edge_fails(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args([
-            "edge",
-            "--listen",
-            "127.0.0.1:0",
-            "--origin",
-            "http://127.0.0.1:9",
-        ])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run outpost edge");
+    let mut all = vec![
+        "edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--origin",
+        "http://127.0.0.1:9",
+    ];
+    all.extend_from_slice(args);
+    let out = outpost(&all);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -523,10 +482,7 @@ fn bad_certificate_or_key_is_a_config_error_naming_the_file() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["edge", "--config", &s(&file)])
-        .output()
-        .unwrap();
+    let out = outpost(&["edge", "--config", &s(&file)]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(
@@ -626,7 +582,10 @@ async fn reload_switches_the_certificate_and_keeps_open_connections() {
             cert_entry(&cert3, &key3, false)
         ),
     );
-    let kept = edge.reloader.apply(config(&text3)).expect("reload applies");
+    let kept = edge
+        .reloader
+        .apply(tls_config(&text3))
+        .expect("reload applies");
     assert!(kept.is_empty(), "{kept:?}");
     assert!(
         get(client(())).await == v3.der,
@@ -668,7 +627,7 @@ impl Drop for TlsOrigin {
 
 impl TlsOrigin {
     async fn start(leaf: &Leaf) -> TlsOrigin {
-        install_provider();
+        init();
         let certs = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
@@ -746,7 +705,7 @@ async fn https_origin_verified_with_a_configured_ca_and_sni_override() {
         ),
     ))
     .await;
-    let plain = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let plain = client_within(WAIT);
     let r = plain
         .get(format!("http://{}/x", edge.addr))
         .send()
@@ -823,22 +782,14 @@ async fn https_origin_verified_with_a_configured_ca_and_sni_override() {
     assert_eq!(origin.hits.load(Ordering::SeqCst), 2);
 }
 
-/// An edge without a TLS listener; returns its data address and the stop handle, or why it
+/// An edge without a TLS listener; returns its data address and the running edge, or why it
 /// could not start.
-async fn start_plain_edge(
-    origin: &str,
-    extra: &str,
-) -> Result<(SocketAddr, oneshot::Sender<()>), String> {
-    install_provider();
-    let server = EdgeServer::bind(config(&edge_toml(origin, extra)))
+async fn start_plain_edge(origin: &str, extra: &str) -> Result<(SocketAddr, Edge), String> {
+    let server = outpost_edge::EdgeServer::bind(tls_config(&edge_toml(origin, extra)))
         .await
         .map_err(|e| e.to_string())?;
-    let addr = server.local_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
-    Ok((addr, stop))
+    let edge = Edge::run(server);
+    Ok((edge.addr, edge))
 }
 
 #[tokio::test]
@@ -967,116 +918,4 @@ async fn handshake_timeout_frees_the_slot_and_others_are_served() {
         "{:?}",
         t0.elapsed()
     );
-}
-
-// ---------------------------------------------------------------------------------------------
-// outpost demo --tls
-// ---------------------------------------------------------------------------------------------
-
-/// A base port whose demo layout with one edge and --tls is free right now.
-fn free_base() -> u16 {
-    for attempt in 0..200u32 {
-        let base = 20000 + ((std::process::id() * 6007 + attempt * 104729) % 30000) as u16;
-        let ports = (0..4)
-            .flat_map(|i| [base + i, base + 1000 + i])
-            .chain([base + 2002, base + 2003]);
-        if ports
-            .clone()
-            .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
-        {
-            return base;
-        }
-    }
-    panic!("no free port range for the demo");
-}
-
-#[tokio::test]
-async fn demo_with_tls_serves_https_with_the_printed_ca() {
-    use std::io::BufRead;
-    let base = free_base();
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "demo",
-            "--tls",
-            "--edges",
-            "1",
-            "--base-port",
-            &base.to_string(),
-            "--cache-dir",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start outpost demo --tls");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut table = String::new();
-    while !table.contains("cache directories") {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(l) => {
-                table.push_str(&l);
-                table.push('\n');
-            }
-            Err(_) => {
-                let _ = child.kill();
-                panic!("demo printed no table in time:\n{table}");
-            }
-        }
-    }
-    let ca = table
-        .lines()
-        .find_map(|l| l.strip_prefix("CA certificate (for curl --cacert): "))
-        .unwrap_or_else(|| panic!("no CA path in:\n{table}"))
-        .to_string();
-    let https_port = base + 3 + 2000;
-    assert!(
-        table.contains(&format!("https://localhost:{https_port}")),
-        "{table}"
-    );
-    let ca_pem = std::fs::read_to_string(&ca).unwrap();
-    let client = https_client(&ca_pem).build().unwrap();
-    let result = async {
-        let mut last = String::new();
-        for _ in 0..50 {
-            match client
-                .get(format!("https://localhost:{https_port}/"))
-                .send()
-                .await
-            {
-                Ok(r) => return Ok((r.status(), r.version(), r.text().await.unwrap_or_default())),
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err(last)
-    }
-    .await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap();
-    let (code, version, body) = result.unwrap_or_else(|e| panic!("GET over TLS: {e}"));
-    assert_eq!(code, 200);
-    assert_eq!(version, reqwest::Version::HTTP_2);
-    let index =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/site/index.html")).unwrap();
-    assert_eq!(
-        body, index,
-        "the sample site through edge-1 over https and the https shield"
-    );
-    assert!(status.unwrap().success());
 }

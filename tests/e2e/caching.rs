@@ -1,30 +1,25 @@
-//! End-to-end tests of the edge (`outpost-edge`): a real `EdgeServer` on 127.0.0.1:0 in front of
-//! the programmable test origin (`support/test_origin.rs`), driven by reqwest (HTTP/1.1 and h2c)
+//! HTTP caching by the edge (`outpost-edge`): a real `EdgeServer` on 127.0.0.1:0 in front of
+//! the programmable test origin (`tests/support/test_origin.rs`), driven by reqwest (HTTP/1.1 and h2c)
 //! and, for malformed traffic, by raw TCP.
 //!
 //! Hits are proved by counting origin requests. Time that matters to caching moves through the
 //! edge's manual clock (`Clock::advance`), never by sleeping; every wait is a bounded poll.
 
-#[path = "support/test_origin.rs"]
-mod test_origin;
-
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderMap;
-use outpost_config::Source;
-use outpost_edge::cache::Engine;
-use outpost_edge::cache::clock::Clock;
-use outpost_edge::{EdgeConfig, EdgeOverrides, EdgeServer};
+use outpost_edge::EdgeConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 
-use test_origin::{Gate, Reply, TestOrigin};
+use crate::support::edge::{Clock, Edge, loopback_config};
+use crate::support::files::{bytes_under, files_under, pattern};
+use crate::support::http::{get, get_hit, raw_exchange, send};
+use crate::support::test_origin::{Gate, Reply, TestOrigin};
+use crate::support::{client_within, eventually, h2c_client};
 
 /// Upper bound of every poll loop and client request.
 const WAIT: Duration = Duration::from_secs(20);
@@ -38,24 +33,8 @@ const HOST: (&str, &str) = ("host", "cdn.example.test");
 // Harness
 // ---------------------------------------------------------------------------------------------
 
-/// A running edge; dropping it stops the server.
-struct Edge {
-    addr: SocketAddr,
-    engine: Option<Arc<Engine>>,
-    clock: Clock,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
 fn base_config(origin: SocketAddr) -> EdgeConfig {
-    let text = format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"http://{origin}\"\n"
-    );
-    let mut cfg = EdgeConfig::from_source(
-        &Source::inline("edge-test.toml", text),
-        EdgeOverrides::default(),
-    )
-    .unwrap_or_else(|e| panic!("test config: {e}"));
+    let mut cfg = loopback_config("edge-test.toml", origin, "");
     cfg.memory = 64 << 20;
     cfg.drain_timeout = Duration::from_secs(5);
     cfg.upstream_connect_timeout = Duration::from_secs(3);
@@ -63,252 +42,26 @@ fn base_config(origin: SocketAddr) -> EdgeConfig {
     cfg
 }
 
-impl Edge {
-    /// An edge with a manual clock and no disk tier.
-    async fn start(origin: &TestOrigin) -> Edge {
-        Edge::start_with(origin.addr(), |_| {}).await
-    }
-
-    /// An edge whose config `tweak` adjusts (cache_dir, sizes, limits).
-    async fn start_with(origin: SocketAddr, tweak: impl FnOnce(&mut EdgeConfig)) -> Edge {
-        let mut cfg = base_config(origin);
-        tweak(&mut cfg);
-        let clock = Clock::manual();
-        let server = EdgeServer::bind_with(cfg, clock.clone(), None)
-            .await
-            .unwrap_or_else(|e| panic!("edge bind: {e}"));
-        let addr = server.local_addr();
-        let engine = server.engine();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        Edge {
-            addr,
-            engine: Some(engine),
-            clock,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn engine(&self) -> &Arc<Engine> {
-        self.engine.as_ref().expect("running edge")
-    }
-
-    fn advance(&self, secs: u64) {
-        self.clock.advance(Duration::from_secs(secs));
-    }
-
-    /// Resolves the shutdown future and waits for `run` to return.
-    async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let task = self.task.take().expect("running");
-        tokio::time::timeout(WAIT, task)
-            .await
-            .expect("edge stops within the drain timeout")
-            .expect("edge task");
-        self.engine = None;
-    }
+/// An edge with a manual clock and no disk tier.
+async fn start_edge(origin: &TestOrigin) -> Edge {
+    start_edge_with(origin.addr(), |_| {}).await
 }
 
-impl Drop for Edge {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
+/// An edge with a manual clock whose config `tweak` adjusts (cache_dir, sizes, limits).
+async fn start_edge_with(origin: SocketAddr, tweak: impl FnOnce(&mut EdgeConfig)) -> Edge {
+    let mut cfg = base_config(origin);
+    tweak(&mut cfg);
+    Edge::start_with_clock(cfg, Clock::manual()).await
 }
 
 fn client() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(WAIT)
-        .build()
-        .expect("reqwest client")
-}
-
-fn h2c_client() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(WAIT)
-        .http2_prior_knowledge()
-        .build()
-        .expect("reqwest h2c client")
-}
-
-/// A whole response.
-struct Resp {
-    status: u16,
-    version: http::Version,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl std::fmt::Debug for Resp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Bodies can be large and binary: show their length and a short prefix only.
-        let prefix = String::from_utf8_lossy(&self.body[..self.body.len().min(80)]).into_owned();
-        f.debug_struct("Resp")
-            .field("status", &self.status)
-            .field("version", &self.version)
-            .field("headers", &self.headers)
-            .field("body_len", &self.body.len())
-            .field("body_prefix", &prefix)
-            .finish()
-    }
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn x_cache(&self) -> &str {
-        self.header("x-cache").unwrap_or("(none)")
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-async fn send(
-    c: &reqwest::Client,
-    method: reqwest::Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: Option<&'static str>,
-) -> Resp {
-    let mut rb = c.request(method.clone(), url);
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    if let Some(b) = body {
-        rb = rb.body(b);
-    }
-    let r = rb
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let status = r.status().as_u16();
-    let version = r.version();
-    let headers = r.headers().clone();
-    let body = r
-        .bytes()
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url}: response body failed: {e}"));
-    Resp {
-        status,
-        version,
-        headers,
-        body,
-    }
-}
-
-async fn get(c: &reqwest::Client, url: &str, headers: &[(&str, &str)]) -> Resp {
-    send(c, reqwest::Method::GET, url, headers, None).await
-}
-
-/// GETs until the edge answers from cache (bounded). A request that arrives just after a fill
-/// finished streaming may still join that fill (X-Cache MISS, no origin request); the caller
-/// proves the hit by the origin count.
-async fn get_hit(c: &reqwest::Client, url: &str, headers: &[(&str, &str)]) -> Resp {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let r = get(c, url, headers).await;
-        if r.x_cache() == "HIT" || tokio::time::Instant::now() >= deadline {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// Polls `cond` until it holds, or panics naming `what` after [`WAIT`].
-async fn wait_until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if cond().await {
-            return;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("timed out waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// (objects, bytes) of the disk tier after housekeeping.
-async fn disk_usage(engine: &Engine) -> (u64, u64) {
-    engine.run_pending_tasks().await;
-    let u = engine.usage();
-    (u[1].1, u[1].2)
-}
-
-async fn memory_usage(engine: &Engine) -> (u64, u64) {
-    engine.run_pending_tasks().await;
-    let u = engine.usage();
-    (u[0].1, u[0].2)
-}
-
-async fn wait_disk_objects(engine: &Engine, n: u64) {
-    wait_until(&format!("the disk tier holds {n} object(s)"), async || {
-        disk_usage(engine).await.0 >= n
-    })
-    .await;
-}
-
-/// Deterministic, incompressible-looking bytes (distinct per seed).
-fn pattern(len: usize, seed: u64) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
+    client_within(WAIT)
 }
 
 fn cacheable(body: impl Into<Bytes>, cc: &str) -> Reply {
     Reply::ok(body)
         .header("content-type", "application/octet-stream")
         .header("cache-control", cc)
-}
-
-/// Every regular file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else if p.is_file() {
-            out.push(p);
-        }
-    }
-    out
-}
-
-fn bytes_under(dir: &Path) -> u64 {
-    files_under(dir)
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum()
 }
 
 /// Overwrites every cached body under `<cache_dir>/content/content-v2/` with garbage of the
@@ -324,31 +77,6 @@ fn corrupt_content(cache_dir: &Path) -> usize {
         std::fs::write(f, vec![b'#'; len]).expect("overwrite a content file");
     }
     files.len()
-}
-
-/// Sends raw bytes and reads until the peer closes (or `WAIT`). Returns what was read and
-/// whether the connection was closed by the peer.
-async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (String, bool) {
-    let tcp = TcpStream::connect(addr).await.expect("connect to the edge");
-    let (mut rd, mut wr) = tcp.into_split();
-    // Read concurrently: a server that refuses a request may close before we finish writing.
-    let reader = tokio::spawn(async move {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        let closed = loop {
-            match tokio::time::timeout(WAIT, rd.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => break true,
-                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-                Err(_) => break false,
-            }
-        };
-        (String::from_utf8_lossy(&got).into_owned(), closed)
-    });
-    let _ = wr.write_all(request).await;
-    let _ = wr.flush().await;
-    let out = reader.await.expect("reader task");
-    drop(wr);
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,7 +102,7 @@ async fn fresh_hit_then_304_revalidation_updates_stored_headers() {
                 .header("x-new", "from-304"),
         ],
     );
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/page");
 
@@ -454,7 +182,7 @@ async fn revalidation_answered_with_200_replaces_the_object() {
             cacheable("version two, longer", "max-age=100").header("etag", "\"two\""),
         ],
     );
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/doc");
     assert_eq!(get(&c, &url, &[]).await.text(), "version one");
@@ -499,7 +227,7 @@ async fn stale_while_revalidate_serves_stale_and_revalidates_once() {
                 .gated(&gate),
         ],
     );
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/swr");
     assert_eq!(get(&c, &url, &[]).await.text(), "old content");
@@ -553,7 +281,7 @@ async fn stale_if_error_with_dead_origin_then_502_beyond_window() {
         "/sie",
         cacheable("last good body", "max-age=1, stale-if-error=60"),
     );
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/sie");
     assert_eq!(get(&c, &url, &[]).await.x_cache(), "MISS");
@@ -599,7 +327,7 @@ async fn stale_if_error_with_origin_500() {
                 .body("origin exploded"),
         ],
     );
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/sie500");
     assert_eq!(get(&c, &url, &[]).await.x_cache(), "MISS");
@@ -631,7 +359,7 @@ async fn stale_if_error_with_origin_500() {
 async fn dead_origin_without_stale_if_error_is_502() {
     let mut origin = TestOrigin::start().await;
     origin.route("/plain", cacheable("body", "max-age=1"));
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     assert_eq!(get(&c, &edge.url("/plain"), &[]).await.x_cache(), "MISS");
 
@@ -667,7 +395,7 @@ async fn vary_variants_are_cached_separately() {
         let lang = req.header("accept-language").unwrap_or("none").to_string();
         cacheable(format!("hello in {lang}"), "max-age=600").header("vary", "Accept-Language")
     });
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/greeting");
     let en = [("accept-language", "en")];
@@ -696,7 +424,7 @@ async fn vary_star_is_never_served_from_cache() {
     origin.route_fn("/star", |_, n| {
         cacheable(format!("answer {n}"), "max-age=600").header("vary", "*")
     });
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     for i in 0..3 {
         let r = get(&c, &edge.url("/star"), &[]).await;
@@ -716,7 +444,7 @@ async fn range_on_cached_object_is_206() {
     let body = pattern(100_000, 1);
     let origin = TestOrigin::start().await;
     origin.route("/bin", cacheable(body.clone(), "max-age=600"));
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/bin");
     assert_eq!(get(&c, &url, &[]).await.body, body);
@@ -750,7 +478,7 @@ async fn range_on_miss_fetches_whole_object_once() {
         "/bin",
         cacheable(body.clone(), "max-age=600").slow_body(16 * 1024, Duration::from_millis(2)),
     );
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/bin");
 
@@ -775,7 +503,7 @@ async fn range_on_miss_fetches_whole_object_once() {
 async fn unsatisfiable_range_is_416() {
     let origin = TestOrigin::start().await;
     origin.route("/small", cacheable("0123456789", "max-age=600"));
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/small");
     assert_eq!(get(&c, &url, &[]).await.text(), "0123456789");
@@ -791,13 +519,13 @@ async fn unsatisfiable_range_is_416() {
 async fn head_is_answered_from_stored_get() {
     let origin = TestOrigin::start().await;
     origin.route("/h", cacheable(pattern(4321, 3), "max-age=600"));
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/h");
     assert_eq!(get(&c, &url, &[]).await.body.len(), 4321);
     assert_eq!(get_hit(&c, &url, &[]).await.x_cache(), "HIT");
 
-    let r = send(&c, reqwest::Method::HEAD, &url, &[], None).await;
+    let r = send(&c, "HEAD", &url, &[], None).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.x_cache(), "HIT", "{r:?}");
     assert!(r.body.is_empty());
@@ -811,11 +539,11 @@ async fn head_on_miss_fills_the_cache() {
     let body = pattern(5000, 4);
     let origin = TestOrigin::start().await;
     origin.route("/h", cacheable(body.clone(), "max-age=600"));
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/h");
 
-    let r = send(&c, reqwest::Method::HEAD, &url, &[], None).await;
+    let r = send(&c, "HEAD", &url, &[], None).await;
     assert_eq!(r.status, 200);
     assert!(r.body.is_empty());
     assert_eq!(r.header("content-length"), Some("5000"), "{r:?}");
@@ -844,7 +572,7 @@ async fn coalescing_storm_makes_one_origin_request() {
             .head_delay(Duration::from_millis(300))
             .slow_body(16 * 1024, Duration::from_millis(5)),
     );
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/hot");
     let mut set = JoinSet::new();
@@ -880,7 +608,7 @@ async fn uncacheable_response_while_coalescing_is_not_shared() {
                 .header("cache-control", cc)
                 .head_delay(Duration::from_millis(300))
         });
-        let edge = Edge::start(&origin).await;
+        let edge = start_edge(&origin).await;
         let c = client();
         let url = edge.url("/me");
         const N: usize = 20;
@@ -925,7 +653,7 @@ async fn set_cookie_is_never_shared() {
         "/nonpublic",
         cacheable("with cookie", "max-age=60").header("set-cookie", "sid=secret-2"),
     );
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
 
     let r = get(&c, &edge.url("/public"), &[]).await;
@@ -957,7 +685,7 @@ async fn set_cookie_is_never_shared() {
 async fn request_only_if_cached_on_miss_is_504() {
     let origin = TestOrigin::start().await;
     origin.route("/x", cacheable("x", "max-age=600"));
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let r = get(&c, &edge.url("/x"), &[("cache-control", "only-if-cached")]).await;
     assert_eq!(r.status, 504, "{r:?}");
@@ -990,7 +718,7 @@ async fn request_no_cache_revalidates_upstream() {
                 .header("cache-control", "max-age=600"),
         ],
     );
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/nc");
     get(&c, &url, &[]).await;
@@ -1012,7 +740,7 @@ async fn request_no_cache_revalidates_upstream() {
 async fn request_no_store_is_not_stored() {
     let origin = TestOrigin::start().await;
     origin.route("/ns", cacheable("body", "max-age=600"));
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/ns");
     let r = get(&c, &url, &[("cache-control", "no-store")]).await;
@@ -1036,7 +764,7 @@ async fn a_request_right_after_a_miss_is_a_hit() {
             cacheable(pattern(3000 + i, i as u64), "max-age=600"),
         );
     }
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     for i in 0..40 {
         let url = edge.url(&format!("/again/{i}"));
@@ -1066,7 +794,7 @@ async fn a_request_right_after_a_disk_only_miss_is_a_hit() {
             cacheable(pattern(200 * 1024 + i, i as u64), "max-age=600"),
         );
     }
-    let edge = Edge::start_with(origin.addr(), |c| {
+    let edge = start_edge_with(origin.addr(), |c| {
         c.cache_dir = Some(dir.path().to_path_buf());
         // Memory objects are at most memory/8 = 128 KiB: these are kept on disk only.
         c.memory = 1 << 20;
@@ -1097,7 +825,7 @@ async fn forwarded_headers_name_the_client_and_its_scheme() {
         ("x-forwarded-proto", "https"),
         ("x-forwarded-for", "10.0.0.1"),
     ];
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     get(&client(), &edge.url("/fwd"), &spoofed).await;
     let seen = origin.last_request("/fwd").expect("origin request");
     assert_eq!(seen.header("x-forwarded-proto"), Some("http"), "{seen:?}");
@@ -1107,7 +835,7 @@ async fn forwarded_headers_name_the_client_and_its_scheme() {
         "{seen:?}"
     );
 
-    let shield = Edge::start_with(origin.addr(), |cfg| cfg.role = outpost_edge::Role::Shield).await;
+    let shield = start_edge_with(origin.addr(), |cfg| cfg.role = outpost_edge::Role::Shield).await;
     get(&client(), &shield.url("/fwd"), &spoofed).await;
     let seen = origin.last_request("/fwd").expect("origin request");
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"), "{seen:?}");
@@ -1130,7 +858,7 @@ async fn post_passes_through_and_invalidates() {
             cacheable(format!("item version {n}"), "max-age=600")
         }
     });
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/item");
     assert_eq!(get(&c, &url, &[]).await.text(), "item version 0");
@@ -1139,10 +867,10 @@ async fn post_passes_through_and_invalidates() {
 
     let r = send(
         &c,
-        reqwest::Method::POST,
+        "POST",
         &url,
         &[("content-type", "text/plain")],
-        Some("payload"),
+        Some("payload".into()),
     )
     .await;
     assert_eq!(r.status, 200);
@@ -1172,9 +900,9 @@ async fn h1_and_h2c_share_one_entry() {
     let origin = TestOrigin::start().await;
     origin.route("/a", cacheable("shared a", "max-age=600"));
     origin.route("/b", cacheable("shared b", "max-age=600"));
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let h1 = client();
-    let h2 = h2c_client();
+    let h2 = h2c_client(WAIT);
 
     let r = get(&h1, &edge.url("/a"), &[]).await;
     assert_eq!((r.version, r.x_cache()), (http::Version::HTTP_11, "MISS"));
@@ -1202,7 +930,7 @@ async fn upstream_closing_mid_body_is_not_stored() {
             cacheable(body.clone(), "max-age=600"),
         ],
     );
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let c = client();
     let url = edge.url("/trunc");
     let first = async {
@@ -1241,19 +969,15 @@ async fn restart_keeps_disk_objects() {
     origin.route("/keep", cacheable(body.clone(), "max-age=3600"));
     let with_disk = |c: &mut EdgeConfig| c.cache_dir = Some(dir.path().to_path_buf());
 
-    let edge = Edge::start_with(origin.addr(), with_disk).await;
+    let edge = start_edge_with(origin.addr(), with_disk).await;
     let c = client();
     assert_eq!(get(&c, &edge.url("/keep"), &[HOST]).await.x_cache(), "MISS");
-    wait_disk_objects(edge.engine(), 1).await;
-    edge.shutdown().await;
+    edge.wait_disk_objects(1).await;
+    edge.stop_within(WAIT).await;
 
-    let edge = Edge::start_with(origin.addr(), with_disk).await;
-    assert_eq!(
-        disk_usage(edge.engine()).await.0,
-        1,
-        "the disk index was rebuilt"
-    );
-    assert_eq!(memory_usage(edge.engine()).await.0, 0);
+    let edge = start_edge_with(origin.addr(), with_disk).await;
+    assert_eq!(edge.tier_usage(1).await.0, 1, "the disk index was rebuilt");
+    assert_eq!(edge.tier_usage(0).await.0, 0);
     let c = client();
     let r = get(&c, &edge.url("/keep"), &[HOST]).await;
     assert_eq!(r.x_cache(), "HIT", "{r:?}");
@@ -1267,8 +991,8 @@ async fn restart_keeps_disk_objects() {
         1,
         "no origin request after the restart"
     );
-    wait_until("the disk hit is promoted to memory", async || {
-        memory_usage(edge.engine()).await.0 >= 1
+    eventually("the disk hit is promoted to memory", async || {
+        edge.tier_usage(0).await.0 >= 1
     })
     .await;
     let r = get(&c, &edge.url("/keep"), &[HOST]).await;
@@ -1286,13 +1010,13 @@ async fn corrupted_disk_entry_is_a_miss() {
     origin.route("/c", cacheable(body.clone(), "max-age=3600"));
     let with_disk = |c: &mut EdgeConfig| c.cache_dir = Some(dir.path().to_path_buf());
 
-    let edge = Edge::start_with(origin.addr(), with_disk).await;
+    let edge = start_edge_with(origin.addr(), with_disk).await;
     let c = client();
     assert_eq!(get(&c, &edge.url("/c"), &[HOST]).await.body, body);
-    wait_disk_objects(edge.engine(), 1).await;
-    edge.shutdown().await;
+    edge.wait_disk_objects(1).await;
+    edge.stop_within(WAIT).await;
 
-    let edge = Edge::start_with(origin.addr(), with_disk).await;
+    let edge = start_edge_with(origin.addr(), with_disk).await;
     assert!(
         corrupt_content(dir.path()) >= 1,
         "no content file to corrupt"
@@ -1318,13 +1042,13 @@ async fn corrupted_large_disk_entry_is_never_served() {
         // Memory objects are at most memory/8 = 128 KiB: this one streams from disk.
         c.memory = 1 << 20;
     };
-    let edge = Edge::start_with(origin.addr(), tweak).await;
+    let edge = start_edge_with(origin.addr(), tweak).await;
     let c = client();
     assert_eq!(get(&c, &edge.url("/big"), &[HOST]).await.body, body);
-    wait_disk_objects(edge.engine(), 1).await;
-    edge.shutdown().await;
+    edge.wait_disk_objects(1).await;
+    edge.stop_within(WAIT).await;
 
-    let edge = Edge::start_with(origin.addr(), tweak).await;
+    let edge = start_edge_with(origin.addr(), tweak).await;
     assert!(
         corrupt_content(dir.path()) >= 1,
         "no content file to corrupt"
@@ -1371,7 +1095,7 @@ async fn disk_eviction_keeps_usage_under_the_bound() {
     for (i, b) in bodies.iter().enumerate() {
         origin.route(&format!("/obj/{i}"), cacheable(b.clone(), "max-age=3600"));
     }
-    let edge = Edge::start_with(origin.addr(), |c| {
+    let edge = start_edge_with(origin.addr(), |c| {
         c.cache_dir = Some(dir.path().to_path_buf());
         c.disk = DISK;
         c.memory = 256 << 10;
@@ -1388,7 +1112,7 @@ async fn disk_eviction_keeps_usage_under_the_bound() {
     // object (all bodies differ) and the total is under the bound.
     let deadline = tokio::time::Instant::now() + WAIT;
     let (objects, weighted, on_disk, files) = loop {
-        let (objects, weighted) = disk_usage(edge.engine()).await;
+        let (objects, weighted) = edge.tier_usage(1).await;
         let files = files_under(&content.join("content-v2")).len() as u64;
         let on_disk = bytes_under(&content);
         let settled = on_disk <= limit && objects > 0 && files == objects;
@@ -1423,7 +1147,7 @@ async fn disk_eviction_keeps_usage_under_the_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_request_line_is_400() {
     let origin = TestOrigin::start().await;
-    let edge = Edge::start(&origin).await;
+    let edge = start_edge(&origin).await;
     let (resp, _) = raw_exchange(edge.addr, b"BROKEN REQUEST LINE\r\nHost: x\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 400"), "got {resp:?}");
     let (resp, _) = raw_exchange(edge.addr, b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -1436,7 +1160,7 @@ async fn malformed_request_line_is_400() {
 async fn oversized_header_block_is_431() {
     let origin = TestOrigin::start().await;
     origin.route("/", cacheable("root", "max-age=60"));
-    let edge = Edge::start_with(origin.addr(), |c| c.max_header_size = 8 << 10).await;
+    let edge = start_edge_with(origin.addr(), |c| c.max_header_size = 8 << 10).await;
     let mut req = b"GET / HTTP/1.1\r\nHost: example.test\r\n".to_vec();
     for i in 0..20 {
         req.extend_from_slice(format!("x-pad-{i}: {}\r\n", "a".repeat(1000)).as_bytes());
@@ -1455,7 +1179,7 @@ async fn oversized_header_block_is_431() {
 async fn slowloris_is_closed_after_header_read_timeout() {
     let origin = TestOrigin::start().await;
     origin.route("/ok", cacheable("still serving", "max-age=60"));
-    let edge = Edge::start_with(origin.addr(), |c| {
+    let edge = start_edge_with(origin.addr(), |c| {
         c.header_read_timeout = Duration::from_secs(1)
     })
     .await;
@@ -1503,7 +1227,7 @@ async fn slowloris_is_closed_after_header_read_timeout() {
 async fn silent_connection_is_closed_after_header_read_timeout() {
     let origin = TestOrigin::start().await;
     origin.route("/ok", cacheable("still serving", "max-age=60"));
-    let edge = Edge::start_with(origin.addr(), |c| {
+    let edge = start_edge_with(origin.addr(), |c| {
         c.header_read_timeout = Duration::from_secs(1)
     })
     .await;

@@ -11,7 +11,6 @@
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,20 +25,15 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use outpost_config::Source;
-use outpost_edge::cache::{Engine, PurgeSpec};
-use outpost_edge::compress::{CompressionSnapshot, CompressionStats};
-use outpost_edge::{EdgeConfig, EdgeOverrides, EdgeServer};
-use outpost_origin::{OriginConfig, OriginOverrides, OriginServer};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+use crate::support::edge::{self, CompressionSnapshot, CompressionStats, PurgeSpec, config};
+use crate::support::site::SiteOrigin;
+use crate::support::{client_within, repo};
+
 /// Upper bound of every poll loop.
 const WAIT: Duration = Duration::from_secs(20);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn site_file(path: &str) -> Vec<u8> {
     std::fs::read(repo().join("site").join(path.trim_start_matches('/')))
@@ -112,29 +106,10 @@ fn varies_on_accept_encoding(h: &HeaderMap) -> bool {
 // Harness
 // ---------------------------------------------------------------------------------------------
 
-/// The repo's site/ with configs/origin-rules.toml; dropping the sender stops it.
-async fn site_origin() -> (SocketAddr, oneshot::Sender<()>) {
-    let cfg = OriginConfig::load(
-        None,
-        OriginOverrides {
-            listen: Some("127.0.0.1:0".into()),
-            root: Some(repo().join("site").display().to_string()),
-            rules: Some(
-                repo()
-                    .join("configs/origin-rules.toml")
-                    .display()
-                    .to_string(),
-            ),
-        },
-    )
-    .unwrap_or_else(|e| panic!("origin config: {e}"));
-    let server = OriginServer::bind(cfg).await.expect("origin bind");
-    let addr = server.local_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
-    (addr, stop)
+/// The repo's site/ with configs/origin-rules.toml; dropping the origin stops it.
+async fn site_origin() -> (SocketAddr, SiteOrigin) {
+    let origin = SiteOrigin::sample_site().await;
+    (origin.addr, origin)
 }
 
 const BOMB_LEN: usize = 32 << 20;
@@ -232,13 +207,18 @@ fn tiny_response(path: &str, bomb: &Bytes) -> Response<TinyBody> {
     r
 }
 
-/// A running edge; dropping it stops the server.
+/// A running edge and its compression counters; dropping it stops the server.
 struct Edge {
-    addr: SocketAddr,
-    engine: Arc<Engine>,
+    inner: edge::Edge,
     stats: Arc<CompressionStats>,
-    _stop: oneshot::Sender<()>,
     _dir: Option<tempfile::TempDir>,
+}
+
+impl std::ops::Deref for Edge {
+    type Target = edge::Edge;
+    fn deref(&self) -> &edge::Edge {
+        &self.inner
+    }
 }
 
 impl Edge {
@@ -258,32 +238,13 @@ impl Edge {
                 None => String::new(),
             }
         );
-        let cfg = EdgeConfig::from_source(
-            &Source::inline("edge-compression.toml", text),
-            EdgeOverrides::default(),
-        )
-        .unwrap_or_else(|e| panic!("edge config: {e}"));
+        let cfg = config("edge-compression.toml", text);
         let stats = cfg.compression.stats.clone();
-        let server = EdgeServer::bind(cfg)
-            .await
-            .unwrap_or_else(|e| panic!("edge bind: {e}"));
-        let addr = server.local_addr();
-        let engine = server.engine();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
         Edge {
-            addr,
-            engine,
+            inner: edge::Edge::start(cfg).await,
             stats,
-            _stop: stop,
             _dir: dir,
         }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
     }
 
     fn stats(&self) -> CompressionSnapshot {
@@ -303,12 +264,10 @@ impl Edge {
     }
 }
 
+/// No proxy from the environment (as every client here), and automatic decompression is off
+/// (reqwest is built without its gzip / brotli features).
 fn client() -> reqwest::Client {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(WAIT)
-        .build()
-        .expect("client")
+    client_within(WAIT)
 }
 
 struct Got {
@@ -712,7 +671,7 @@ async fn variants_live_on_disk_and_a_purge_removes_every_variant() {
     let c = client();
     let url = edge.url("/index.html");
     let want = site_file("/index.html");
-    let disk_objects = |e: &Edge| e.engine.usage()[1].1;
+    let disk_objects = |e: &Edge| e.engine().usage()[1].1;
 
     let first = get(&c, &url, Some("br")).await;
     assert_eq!(first.decoded(), want);
@@ -722,7 +681,7 @@ async fn variants_live_on_disk_and_a_purge_removes_every_variant() {
             tokio::time::Instant::now() < deadline,
             "identity + br on disk"
         );
-        edge.engine.run_pending_tasks().await;
+        edge.engine().run_pending_tasks().await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let hit = get(&c, &url, Some("br")).await;
@@ -730,14 +689,14 @@ async fn variants_live_on_disk_and_a_purge_removes_every_variant() {
     assert_eq!(hit.body, first.body);
     assert_eq!(edge.stats().compressions(), 1);
 
-    edge.engine
+    edge.engine()
         .purge(&PurgeSpec {
             urls: vec!["/index.html".into()],
             ..Default::default()
         })
         .await
         .expect("purge");
-    edge.engine.run_pending_tasks().await;
+    edge.engine().run_pending_tasks().await;
     assert_eq!(disk_objects(&edge), 0, "identity and br variant both gone");
     let after = get(&c, &url, Some("br")).await;
     assert_eq!(after.x_cache(), "MISS");
