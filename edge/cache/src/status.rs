@@ -1,5 +1,6 @@
-//! The one enum that names every cache outcome; it feeds `Cache-Status`, `X-Cache`, logs and
-//! metrics so the three always agree.
+//! The one vocabulary of cache outcomes: [`CacheStatus`] and [`Tier`] name every outcome, and
+//! their words, labels and indices here feed `Cache-Status`, `X-Cache`, logs and metrics, so
+//! all of them always agree. Nothing else spells an outcome.
 
 /// What the cache did for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,8 +35,41 @@ pub enum PassReason {
 }
 
 impl CacheStatus {
-    /// The short word used by `X-Cache`, logs and metric labels.
-    pub fn as_str(self) -> &'static str {
+    /// Every kind of outcome, in index order (one `Pass` stands for every reason).
+    pub const KINDS: [CacheStatus; 6] = [
+        CacheStatus::Hit,
+        CacheStatus::Miss,
+        CacheStatus::Stale,
+        CacheStatus::Revalidated,
+        CacheStatus::Pass(PassReason::Method),
+        CacheStatus::Error,
+    ];
+
+    /// The metric labels of [`CacheStatus::KINDS`], in the same order.
+    pub const LABELS: [&'static str; 6] = {
+        let mut out = [""; 6];
+        let mut i = 0;
+        while i < 6 {
+            out[i] = Self::KINDS[i].label();
+            i += 1;
+        }
+        out
+    };
+
+    /// This outcome's position in [`CacheStatus::KINDS`] (metric arrays).
+    pub const fn index(self) -> usize {
+        match self {
+            CacheStatus::Hit => 0,
+            CacheStatus::Miss => 1,
+            CacheStatus::Stale => 2,
+            CacheStatus::Revalidated => 3,
+            CacheStatus::Pass(_) => 4,
+            CacheStatus::Error => 5,
+        }
+    }
+
+    /// The short word used by `X-Cache` and logs.
+    pub const fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",
             CacheStatus::Miss => "MISS",
@@ -47,7 +81,7 @@ impl CacheStatus {
     }
 
     /// Lower-case label for metrics (`cache="hit"`).
-    pub fn label(self) -> &'static str {
+    pub const fn label(self) -> &'static str {
         match self {
             CacheStatus::Hit => "hit",
             CacheStatus::Miss => "miss",
@@ -60,7 +94,7 @@ impl CacheStatus {
 }
 
 impl PassReason {
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             PassReason::Method => "method",
             PassReason::Uncacheable => "uncacheable",
@@ -80,11 +114,48 @@ pub enum Tier {
 }
 
 impl Tier {
-    pub fn as_str(self) -> &'static str {
+    /// Every tier, in index order.
+    pub const ALL: [Tier; 3] = [Tier::Memory, Tier::Disk, Tier::None];
+
+    /// The metric labels of [`Tier::ALL`], in the same order.
+    pub const LABELS: [&'static str; 3] = [
+        Tier::ALL[0].as_str(),
+        Tier::ALL[1].as_str(),
+        Tier::ALL[2].as_str(),
+    ];
+
+    /// This tier's position in [`Tier::ALL`].
+    pub const fn index(self) -> usize {
+        match self {
+            Tier::Memory => 0,
+            Tier::Disk => 1,
+            Tier::None => 2,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
         match self {
             Tier::Memory => "memory",
             Tier::Disk => "disk",
             Tier::None => "none",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_labels_and_indices_agree() {
+        for (i, k) in CacheStatus::KINDS.iter().enumerate() {
+            assert_eq!(k.index(), i);
+            assert_eq!(CacheStatus::LABELS[i], k.label());
+            assert_eq!(k.label(), k.as_str().to_ascii_lowercase());
+        }
+        for (i, t) in Tier::ALL.iter().enumerate() {
+            assert_eq!(t.index(), i);
+            assert_eq!(Tier::LABELS[i], t.as_str());
         }
     }
 }

@@ -48,6 +48,16 @@ impl UpstreamError {
         }
     }
 
+    /// The kinds that count as origin errors (a broken client body does not), in metric
+    /// label order: [`UpstreamError::kind`] of each.
+    pub const ORIGIN_KINDS: [&'static str; 5] = [
+        "connect",
+        "timeout",
+        "protocol",
+        "overloaded",
+        "breaker_open",
+    ];
+
     /// Short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -88,4 +98,23 @@ pub fn empty_body() -> UpstreamBody {
     http_body_util::Empty::<Bytes>::new()
         .map_err(|never| match never {})
         .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_kinds_are_the_kinds_of_origin_errors() {
+        let all = [
+            UpstreamError::Connect(String::new()),
+            UpstreamError::Timeout(Duration::ZERO),
+            UpstreamError::Protocol(String::new()),
+            UpstreamError::Overloaded,
+            UpstreamError::Unavailable,
+        ];
+        let kinds: Vec<&str> = all.iter().map(UpstreamError::kind).collect();
+        assert_eq!(kinds, UpstreamError::ORIGIN_KINDS);
+        assert!(!UpstreamError::ORIGIN_KINDS.contains(&UpstreamError::ClientBody.kind()));
+    }
 }

@@ -17,41 +17,17 @@ use prometheus_client::registry::Registry;
 use super::histogram::{AtomicHistogram, HistogramSnapshot};
 use crate::cache::Engine;
 use crate::cache::status::{CacheStatus, Tier};
+use crate::cache::upstream::UpstreamError;
 
-/// Cache results in label order.
-pub const CACHE_LABELS: [&str; 6] = ["hit", "miss", "stale", "revalidated", "pass", "error"];
-/// Tiers in label order.
-pub const TIER_LABELS: [&str; 3] = ["memory", "disk", "none"];
-/// Upstream failure kinds in label order (see `UpstreamError::kind`).
-pub const ORIGIN_ERROR_LABELS: [&str; 5] = [
-    "connect",
-    "timeout",
-    "protocol",
-    "overloaded",
-    "breaker_open",
-];
+/// Cache results in label order (the cache vocabulary's, [`CacheStatus::LABELS`]).
+pub const CACHE_LABELS: [&str; 6] = CacheStatus::LABELS;
+/// Tiers in label order ([`Tier::LABELS`]).
+pub const TIER_LABELS: [&str; 3] = Tier::LABELS;
+/// Upstream failure kinds in label order ([`UpstreamError::ORIGIN_KINDS`]).
+pub const ORIGIN_ERROR_LABELS: [&str; 5] = UpstreamError::ORIGIN_KINDS;
 /// Purge kinds and modes in label order.
 pub const PURGE_KINDS: [&str; 4] = ["url", "prefix", "tag", "all"];
 pub const PURGE_MODES: [&str; 2] = ["hard", "soft"];
-
-pub fn cache_index(c: CacheStatus) -> usize {
-    match c {
-        CacheStatus::Hit => 0,
-        CacheStatus::Miss => 1,
-        CacheStatus::Stale => 2,
-        CacheStatus::Revalidated => 3,
-        CacheStatus::Pass(_) => 4,
-        CacheStatus::Error => 5,
-    }
-}
-
-pub fn tier_index(t: Tier) -> usize {
-    match t {
-        Tier::Memory => 0,
-        Tier::Disk => 1,
-        Tier::None => 2,
-    }
-}
 
 /// The counters every request touches. Each worker thread adds to its own shard (its own
 /// cache lines), so answering requests on many cores never contends on one counter; a scrape
@@ -134,9 +110,9 @@ impl EdgeMetrics {
         bytes: Option<u64>,
         elapsed: Duration,
     ) {
-        let c = cache_index(cache);
+        let c = cache.index();
         let shard = self.shard();
-        shard.requests[c][tier_index(tier)].fetch_add(1, Ordering::Relaxed);
+        shard.requests[c][tier.index()].fetch_add(1, Ordering::Relaxed);
         if let Some(b) = bytes {
             shard.response_bytes[c].fetch_add(b, Ordering::Relaxed);
         }
@@ -149,7 +125,7 @@ impl EdgeMetrics {
 
     /// Adds body bytes counted while streaming (length unknown up front).
     pub fn add_bytes(&self, cache: CacheStatus, bytes: u64) {
-        self.shard().response_bytes[cache_index(cache)].fetch_add(bytes, Ordering::Relaxed);
+        self.shard().response_bytes[cache.index()].fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Requests answered, by cache result and tier.
@@ -165,7 +141,7 @@ impl EdgeMetrics {
         out
     }
 
-    /// Time to the response head of requests with cache result `c` (see [`cache_index`]).
+    /// Time to the response head of requests with cache result `c` (see [`CacheStatus::index`]).
     pub fn durations(&self, c: usize) -> HistogramSnapshot {
         let mut out = HistogramSnapshot::default();
         for shard in &self.shards {

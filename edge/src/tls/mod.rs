@@ -16,24 +16,28 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
+
+mod certs;
+mod der;
+mod upstream;
+
+pub use certs::{CertError, CertFile, CertSpec, LoadedCert};
+pub use der::validity;
+pub use upstream::{UpstreamTls, UpstreamTlsConfig, load_ca_file};
 
 /// A certificate expiring sooner than this is logged as a warning when it is loaded.
 const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
@@ -45,229 +49,6 @@ pub fn provider() -> Arc<CryptoProvider> {
     PROVIDER
         .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .clone()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Certificates
-
-/// One `[[tls.certs]]` entry: PEM files (the certificate file holds the leaf first, then any
-/// intermediates; the key file one PKCS#8, PKCS#1 or SEC1 private key).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertSpec {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Served to clients that send no SNI (or a name no certificate covers). When no entry
-    /// says so, the first one is the default.
-    pub default: bool,
-}
-
-/// Which file of a [`CertSpec`] a problem is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CertFile {
-    Cert,
-    Key,
-}
-
-/// A certificate pair that cannot be used. The message names the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertError {
-    pub file: CertFile,
-    pub message: String,
-}
-
-impl fmt::Display for CertError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for CertError {}
-
-/// A checked certificate pair, ready to serve.
-#[derive(Debug, Clone)]
-pub struct LoadedCert {
-    pub spec: CertSpec,
-    /// DNS names from the subjectAltName extension, lower-case (`*.example.com` included).
-    pub names: Vec<String>,
-    pub not_after: SystemTime,
-    pub key: Arc<CertifiedKey>,
-}
-
-impl LoadedCert {
-    /// Reads and checks one pair: both files readable PEM, the key matching the leaf
-    /// certificate, the leaf not expired.
-    pub fn load(spec: &CertSpec) -> Result<Self, CertError> {
-        let cert_err = |message: String| CertError {
-            file: CertFile::Cert,
-            message,
-        };
-        let key_err = |message: String| CertError {
-            file: CertFile::Key,
-            message,
-        };
-        let cert_path = spec.cert.display();
-        let key_path = spec.key.display();
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&spec.cert)
-            .and_then(|it| it.collect::<Result<_, _>>())
-            .map_err(|e| cert_err(pem_problem("certificate", &cert_path, e)))?;
-        if chain.is_empty() {
-            return Err(cert_err(format!(
-                "certificate file {cert_path} holds no PEM CERTIFICATE block"
-            )));
-        }
-        let key = PrivateKeyDer::from_pem_file(&spec.key).map_err(|e| {
-            key_err(match e {
-                rustls::pki_types::pem::Error::NoItemsFound => format!(
-                    "private key file {key_path} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)"
-                ),
-                e => pem_problem("private key", &key_path, e),
-            })
-        })?;
-        let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| {
-            cert_err(format!(
-                "the first certificate in {cert_path} is not a usable X.509 certificate: {e}"
-            ))
-        })?;
-        let mut names: Vec<String> = leaf
-            .valid_dns_names()
-            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
-            .collect();
-        names.dedup();
-        let (_, not_after) = validity(&chain[0]).ok_or_else(|| {
-            cert_err(format!(
-                "cannot read the validity period of the certificate in {cert_path}"
-            ))
-        })?;
-        if not_after < SystemTime::now() {
-            return Err(cert_err(format!(
-                "the certificate in {cert_path} expired on {}",
-                httpdate::fmt_http_date(not_after)
-            )));
-        }
-        let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => key_err(format!(
-                "the private key in {key_path} does not match the certificate in {cert_path}"
-            )),
-            e => key_err(format!("cannot use the private key in {key_path}: {e}")),
-        })?;
-        Ok(Self {
-            spec: spec.clone(),
-            names,
-            not_after,
-            key: Arc::new(key),
-        })
-    }
-
-    /// Loads every pair; all or nothing, every problem reported.
-    pub fn load_all(specs: &[CertSpec]) -> Result<Vec<Self>, Vec<CertError>> {
-        let mut ok = Vec::new();
-        let mut errors = Vec::new();
-        for spec in specs {
-            match Self::load(spec) {
-                Ok(c) => ok.push(c),
-                Err(e) => errors.push(e),
-            }
-        }
-        if errors.is_empty() {
-            Ok(ok)
-        } else {
-            Err(errors)
-        }
-    }
-}
-
-fn pem_problem(what: &str, path: &dyn fmt::Display, e: rustls::pki_types::pem::Error) -> String {
-    match e {
-        rustls::pki_types::pem::Error::Io(e) => format!("cannot read {what} file {path}: {e}"),
-        e => format!("{what} file {path} is not valid PEM: {e}"),
-    }
-}
-
-/// `notBefore` and `notAfter` of a DER certificate.
-pub fn validity(cert: &[u8]) -> Option<(SystemTime, SystemTime)> {
-    let (tag, cert, _) = der_next(cert)?;
-    if tag != 0x30 {
-        return None;
-    }
-    let (tag, mut tbs, _) = der_next(cert)?;
-    if tag != 0x30 {
-        return None;
-    }
-    // [0] version (optional), serialNumber, signature, issuer, then validity.
-    let mut skipped = 0;
-    while skipped < 3 || tbs.first() == Some(&0xa0) {
-        let (tag, _, rest) = der_next(tbs)?;
-        tbs = rest;
-        if tag != 0xa0 {
-            skipped += 1;
-        }
-    }
-    let (tag, validity, _) = der_next(tbs)?;
-    if tag != 0x30 {
-        return None;
-    }
-    let (t1, v1, rest) = der_next(validity)?;
-    let (t2, v2, _) = der_next(rest)?;
-    Some((der_time(t1, v1)?, der_time(t2, v2)?))
-}
-
-/// One DER element: (tag, contents, rest).
-fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        rest = &rest[n..];
-        len
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
-/// UTCTime (`YYMMDDHHMMSSZ`) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
-fn der_time(tag: u8, v: &[u8]) -> Option<SystemTime> {
-    let s = std::str::from_utf8(v).ok()?.strip_suffix('Z')?;
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (year, rest) = match tag {
-        0x17 if s.len() == 12 => {
-            let yy = num(0..2)?;
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, 2)
-        }
-        0x18 if s.len() == 14 => (num(0..4)?, 4),
-        _ => return None,
-    };
-    let at = |i: usize| num(rest + i..rest + i + 2);
-    let (month, day, h, m, sec) = (at(0)?, at(2)?, at(4)?, at(6)?, at(8)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
-        return None;
-    }
-    let secs = days_from_civil(year, month, day) * 86400 + h * 3600 + m * 60 + sec;
-    Some(if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    })
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -570,190 +351,12 @@ fn warn_expiring(certs: &[LoadedCert]) {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Upstream
-
-/// The validated `[upstream]` section: how `https://` origins and shields are verified.
-#[derive(Debug, Clone, Default)]
-pub struct UpstreamTlsConfig {
-    /// CA certificates that replace the system roots (`ca_file`).
-    pub ca_file: Option<PathBuf>,
-    pub ca_certs: Vec<CertificateDer<'static>>,
-    /// Server name sent to (and verified against) the origin instead of its URL's host.
-    pub sni: Option<ServerName<'static>>,
-    /// No certificate verification at all. Only for tests and emergencies.
-    pub insecure_skip_verify: bool,
-}
-
-impl PartialEq for UpstreamTlsConfig {
-    fn eq(&self, other: &Self) -> bool {
-        self.ca_file == other.ca_file
-            && self.ca_certs == other.ca_certs
-            && self.sni == other.sni
-            && self.insecure_skip_verify == other.insecure_skip_verify
-    }
-}
-
-/// Reads a PEM file of CA certificates (at least one, each a valid trust anchor).
-pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let shown = path.display();
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| pem_problem("CA", &shown, e))?;
-    if certs.is_empty() {
-        return Err(format!("CA file {shown} holds no PEM CERTIFICATE block"));
-    }
-    let mut roots = RootCertStore::empty();
-    for (i, c) in certs.iter().enumerate() {
-        roots.add(c.clone()).map_err(|e| {
-            format!(
-                "certificate #{} in CA file {shown} is not a usable CA certificate: {e}",
-                i + 1
-            )
-        })?;
-    }
-    Ok(certs)
-}
-
-/// What the upstream client needs: the rustls config and an SNI override for one origin.
-#[derive(Debug, Clone)]
-pub struct UpstreamTls {
-    pub client: Arc<ClientConfig>,
-    /// `(origin authority, name)`: the override applies to that origin only, never to shields.
-    pub sni: Option<(http::uri::Authority, ServerName<'static>)>,
-}
-
-impl UpstreamTls {
-    /// Builds the client config: `ca_file` roots, else the system roots, else (with
-    /// `insecure_skip_verify`) none. Fails when the system has no usable root certificate.
-    pub fn new(cfg: &UpstreamTlsConfig, origin: &http::Uri) -> Result<Self, String> {
-        let builder = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS client config: {e}"))?;
-        let client = if cfg.insecure_skip_verify {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
-                .with_no_client_auth()
-        } else if !cfg.ca_certs.is_empty() {
-            let mut roots = RootCertStore::empty();
-            for c in &cfg.ca_certs {
-                roots
-                    .add(c.clone())
-                    .map_err(|e| format!("[upstream] ca_file: {e}"))?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        } else {
-            use hyper_rustls::ConfigBuilderExt;
-            builder
-                .with_native_roots()
-                .map_err(|e| {
-                    format!(
-                        "cannot load the system's root certificates for https upstreams: {e} (install ca-certificates or set [upstream] ca_file)"
-                    )
-                })?
-                .with_no_client_auth()
-        };
-        Ok(Self {
-            client: Arc::new(client),
-            sni: cfg
-                .sni
-                .clone()
-                .and_then(|name| Some((origin.authority()?.clone(), name))),
-        })
-    }
-
-    /// A config that trusts nothing, for clients that only ever speak plain http.
-    pub fn plain_only() -> Self {
-        let client = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .expect("aws-lc-rs supports the default versions")
-            .with_root_certificates(RootCertStore::empty())
-            .with_no_client_auth();
-        Self {
-            client: Arc::new(client),
-            sni: None,
-        }
-    }
-
-    /// The connector of one upstream (origin or shield) at `target`.
-    pub fn connector(
-        &self,
-        target: &http::Uri,
-        http: hyper_util::client::legacy::connect::HttpConnector,
-    ) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*self.client).clone())
-            .https_or_http();
-        let builder = match &self.sni {
-            Some((authority, name)) if Some(authority) == target.authority() => builder
-                .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
-                    name.clone(),
-                )),
-            _ => builder,
-        };
-        // HTTP/1.1 only, as nginx and Varnish speak to upstreams: the request target is
-        // origin-form and the Host field is the site's authority, the one the cache key was
-        // built from. Over HTTP/2, `:authority` would name the next hop's address instead, and
-        // an upstream that (rightly, RFC 9113 §8.3.1) refuses a Host that disagrees with it
-        // would refuse every request.
-        builder.enable_http1().wrap_connector(http)
-    }
-}
-
-/// `insecure_skip_verify`: accepts any certificate (the handshake signature is still
-/// checked, so the connection is at least encrypted to whoever answered).
-#[derive(Debug)]
-struct NoVerification(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        debug!(server = ?server_name, "upstream certificate NOT verified (insecure_skip_verify)");
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::time::UNIX_EPOCH;
+
+    use super::der::days_from_civil;
     use super::*;
 
     struct Pair {
