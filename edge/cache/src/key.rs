@@ -302,9 +302,20 @@ impl NormalizedRequest {
         headers: &HeaderMap,
         opts: &KeyOptions,
     ) -> Result<Self, KeyError> {
-        let text = key_text(uri, headers, opts)?;
+        Self::with_key(
+            method,
+            headers,
+            CacheKey::new(key_text(uri, headers, opts)?),
+        )
+    }
+
+    /// [`NormalizedRequest::new`] with the key already built ([`key_text`]) from this request
+    /// under the same options: the hit fast path builds it, and a request it hands on to the
+    /// full path is not keyed twice.
+    pub fn with_key(method: &Method, headers: &HeaderMap, key: CacheKey) -> Result<Self, KeyError> {
+        let text = key.as_str();
         let host = &text[..text.find('/').unwrap_or(text.len())];
-        let abs_uri: Uri = format!("http://{}", target_of(&text))
+        let abs_uri: Uri = format!("http://{}", target_of(text))
             .parse()
             .map_err(|_| KeyError::BadPath)?;
         let host_value = HeaderValue::from_str(host).map_err(|_| KeyError::BadHost)?;
@@ -327,10 +338,7 @@ impl NormalizedRequest {
             .body(())
             .map_err(|_| KeyError::BadPath)?
             .into_parts();
-        Ok(Self {
-            key: CacheKey::new(text),
-            parts,
-        })
+        Ok(Self { key, parts })
     }
 }
 

@@ -52,10 +52,6 @@ impl CachedMeta {
         from_unix_ms(self.fresh_until_ms)
     }
 
-    pub fn stored_at(&self) -> SystemTime {
-        from_unix_ms(self.stored_at_ms)
-    }
-
     /// How long past freshness the object is at `now` (zero while fresh).
     pub fn staleness(&self, now: SystemTime) -> Duration {
         now.duration_since(self.fresh_until()).unwrap_or_default()

@@ -49,10 +49,6 @@ impl Compressor {
         &self.cfg
     }
 
-    pub fn stats(&self) -> &Arc<CompressionStats> {
-        &self.cfg.stats
-    }
-
     fn level(&self, coding: Coding) -> u32 {
         match coding {
             Coding::Br => self.cfg.brotli_quality,

@@ -31,7 +31,7 @@ use super::Route;
 use super::respond::{self, HIT_TTL, Outcome, push_hit_status, upstream_cache_status};
 use super::{Proxy, RouteSettings};
 use crate::cache::fresh::{Codings, FreshHit, PreparedHead};
-use crate::cache::key::{Coding, KeyHash, key_text};
+use crate::cache::key::{CacheKey, Coding, key_text};
 use crate::cache::memory::{EntryRef, MemEntry, SlotTable};
 use crate::cache::policy;
 use crate::cache::status::{CacheStatus, Tier};
@@ -91,9 +91,9 @@ struct Memo {
     /// The raw request target: authority (or Host) and path-and-query, as received.
     host: Box<[u8]>,
     target: Box<str>,
-    hash: KeyHash,
-    /// The path part of the key text (`/path?normalised-query`).
-    path: Box<str>,
+    /// The key (its text and hash), handed on to the full path when the fast path does not
+    /// answer, so no request is keyed twice.
+    key: CacheKey,
 }
 
 thread_local! {
@@ -106,15 +106,14 @@ thread_local! {
         std::cell::RefCell::new((0..MEMO_SLOTS).map(|_| None).collect());
 }
 
-/// The primary key of a request (`host`: its first Host field), and the path part of its key
-/// text when `need_path`. `None` for a target the full path must judge (it answers 400).
+/// The key of a request (`host`: its first Host field), as the full path would build it
+/// ([`key_text`]). `None` for a target the full path must judge (it answers 400).
 fn key_of(
     uri: &http::Uri,
     host: Option<&HeaderValue>,
     headers: &HeaderMap,
     settings: &RouteSettings,
-    need_path: bool,
-) -> Option<(KeyHash, Option<String>)> {
+) -> Option<CacheKey> {
     let host = match uri.authority() {
         Some(a) => a.as_str().as_bytes(),
         None => host?.as_bytes(),
@@ -138,29 +137,24 @@ fn key_of(
             memo[slot]
                 .as_ref()
                 .filter(|m| m.generation == generation && *m.host == *host && *m.target == *target)
-                .map(|m| (m.hash, need_path.then(|| m.path.to_string())))
+                .map(|m| m.key.clone())
         });
         if known.is_some() {
             return known;
         }
     }
-    let text = key_text(uri, headers, opts).ok()?;
-    let hash = KeyHash::of(&text);
-    let path = &text[text.find('/').unwrap_or(text.len())..];
-    let out = (hash, need_path.then(|| path.to_string()));
-    if !memoised {
-        return Some(out);
-    }
-    MEMO.with_borrow_mut(|memo| {
-        memo[slot] = Some(Memo {
-            generation,
-            host: host.into(),
-            target: target.into(),
-            hash,
-            path: path.into(),
+    let key = CacheKey::new(key_text(uri, headers, opts).ok()?);
+    if memoised {
+        MEMO.with_borrow_mut(|memo| {
+            memo[slot] = Some(Memo {
+                generation,
+                host: host.into(),
+                target: target.into(),
+                key: key.clone(),
+            });
         });
-    });
-    Some(out)
+    }
+    Some(key)
 }
 
 /// Entries in each thread's table of finished heads (a power of two).
@@ -282,8 +276,9 @@ pub(super) enum Lookup {
     /// A fresh memory hit whose response head (or its encoded variant's) is not prepared yet:
     /// [`Proxy::hit_later`] prepares it, once per object, and answers.
     Unprepared(Box<Unprepared>),
-    /// Anything else: the full path.
-    Full,
+    /// Anything else: the full path, with the request's key when the lookup built it (and
+    /// the settings generation it was built under).
+    Full(Option<(u64, CacheKey)>),
 }
 
 /// A fresh hit waiting for its head, and what the request asked that the head depends on.
@@ -315,7 +310,7 @@ impl Proxy {
         let head_only = match *req.method() {
             Method::GET => false,
             Method::HEAD => true,
-            _ => return Lookup::Full,
+            _ => return Lookup::Full(None),
         };
         // A body, or a scheme other than http(s): the request phase refuses them.
         if req.body().has_body()
@@ -324,7 +319,7 @@ impl Proxy {
                 .scheme_str()
                 .is_some_and(|s| s != "http" && s != "https")
         {
-            return Lookup::Full;
+            return Lookup::Full(None);
         }
         let mut accept_encoding = false;
         let mut host = None;
@@ -333,36 +328,29 @@ impl Proxy {
             if name == header::HOST {
                 if host.is_some() {
                     // Two Host fields: refused by the request phase.
-                    return Lookup::Full;
+                    return Lookup::Full(None);
                 }
                 host = Some(value);
             } else if name == header::ACCEPT_ENCODING {
                 accept_encoding = true;
             } else if FULL_PATH_FIELDS.contains(name) || CLIENT_CONDITIONALS.contains(name) {
-                return Lookup::Full;
+                return Lookup::Full(None);
             }
         }
         // An authority in the target and a Host field: the request phase checks they agree.
         if host.is_some() && req.uri().authority().is_some() {
-            return Lookup::Full;
+            return Lookup::Full(None);
         }
-        let need_path = self.engine.may_have_pushed();
-        let Some((primary, path)) = key_of(
-            req.uri(),
-            host,
-            req.headers(),
-            &self.settings.load(),
-            need_path,
-        ) else {
-            return Lookup::Full;
+        let settings = self.settings.load();
+        let Some(key) = key_of(req.uri(), host, req.headers(), &settings) else {
+            return Lookup::Full(None);
         };
-        if let Some(path) = path
-            && self.engine.is_pushed(&path)
-        {
-            return Lookup::Full;
+        let keyed = |key| Lookup::Full(Some((settings.generation, key)));
+        if self.engine.may_have_pushed() && self.engine.is_pushed(key.path()) {
+            return keyed(key);
         }
-        let Some(hit) = self.engine.fresh_hit(primary, req.headers()) else {
-            return Lookup::Full;
+        let Some(hit) = self.engine.fresh_hit(key.hash(), req.headers()) else {
+            return keyed(key);
         };
         let asked = Asked {
             head_only,
@@ -374,7 +362,7 @@ impl Proxy {
                 hit: hit.to_owned(),
                 asked,
             })),
-            Step::Full => Lookup::Full,
+            Step::Full => keyed(key),
         }
     }
 
@@ -591,7 +579,7 @@ mod tests {
 
     use super::*;
     use crate::cache::clock::Clock;
-    use crate::cache::key::KeyOptions;
+    use crate::cache::key::{KeyHash, KeyOptions, NormalizedRequest};
     use crate::cache::push_store::PushSpec;
     use crate::cache::upstream::{BoxError, Upstream, UpstreamBody, UpstreamError};
     use crate::cache::{Engine, EngineConfig, PurgeSpec};
@@ -763,7 +751,7 @@ mod tests {
             match self.hit_now(req) {
                 Lookup::Hit(hit) => Some(hit),
                 Lookup::Unprepared(u) => self.hit_later(req.headers(), u).await,
-                Lookup::Full => None,
+                Lookup::Full(_) => None,
             }
         }
     }
@@ -810,7 +798,7 @@ mod tests {
             let fast = body_of(fast.response).await;
             let full = body_of(
                 s.proxy
-                    .full_path(request(method.clone(), path, headers), peer())
+                    .full_path(request(method.clone(), path, headers), peer(), None)
                     .await,
             )
             .await;
@@ -851,14 +839,14 @@ mod tests {
     async fn a_hit_is_answered_at_once_once_its_head_is_prepared() {
         let s = setup().await;
         let get = || request(Method::GET, "/asset.bin", &[]);
-        assert!(matches!(s.proxy.hit_now(&get()), Lookup::Full), "cold");
+        assert!(matches!(s.proxy.hit_now(&get()), Lookup::Full(_)), "cold");
         // Until the object is in memory (this origin sends no Content-Length: a disk hit
         // promotes it); no fast-path lookup has prepared its head yet.
-        let mut lookup = Lookup::Full;
+        let mut lookup = Lookup::Full(None);
         for _ in 0..200 {
             body_of(s.proxy.handle(get(), peer()).await).await;
             lookup = s.proxy.hit_now(&get());
-            if !matches!(lookup, Lookup::Full) {
+            if !matches!(lookup, Lookup::Full(_)) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1062,21 +1050,23 @@ mod tests {
         let target = uri("/p?utm_source=x&b=2&a=1");
         for _ in 0..2 {
             // The second round comes from the memo.
-            let (k, path) = key_of(&target, h.get(header::HOST), &h, &ignoring, true).expect("key");
-            assert_eq!(k, KeyHash::of("site.test/p?a=1&b=2"));
-            assert_eq!(path.as_deref(), Some("/p?a=1&b=2"));
-            let (k, path) = key_of(&target, h.get(header::HOST), &h, &keeping, false).expect("key");
-            assert_eq!(k, KeyHash::of("site.test/p?a=1&b=2&utm_source=x"));
-            assert_eq!(path, None);
+            let k = key_of(&target, h.get(header::HOST), &h, &ignoring).expect("key");
+            assert_eq!(k.hash(), KeyHash::of("site.test/p?a=1&b=2"));
+            assert_eq!(k.path(), "/p?a=1&b=2");
+            // Exactly the key the full path builds, so it can take this one over.
+            let full = NormalizedRequest::new(&Method::GET, &target, &h, &ignoring.route.key_opts);
+            assert_eq!(k, full.expect("normalised").key);
+            let k = key_of(&target, h.get(header::HOST), &h, &keeping).expect("key");
+            assert_eq!(k.hash(), KeyHash::of("site.test/p?a=1&b=2&utm_source=x"));
+            assert_eq!(k.path(), "/p?a=1&b=2&utm_source=x");
         }
         // The raw target is the memo's key: another Host is another entry.
         let mut other = HeaderMap::new();
         other.insert(header::HOST, HeaderValue::from_static("other.test"));
-        let (k, _) =
-            key_of(&target, other.get(header::HOST), &other, &ignoring, false).expect("key");
-        assert_eq!(k, KeyHash::of("other.test/p?a=1&b=2"));
+        let k = key_of(&target, other.get(header::HOST), &other, &ignoring).expect("key");
+        assert_eq!(k.hash(), KeyHash::of("other.test/p?a=1&b=2"));
         // Targets the full path rejects are never remembered.
-        assert!(key_of(&uri("/p"), None, &HeaderMap::new(), &ignoring, false).is_none());
+        assert!(key_of(&uri("/p"), None, &HeaderMap::new(), &ignoring).is_none());
     }
 
     #[test]

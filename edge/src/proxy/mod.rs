@@ -39,7 +39,7 @@ use tracing::debug;
 
 use self::request::Dispatch;
 use self::respond::{Identity, Outcome, respond};
-use crate::cache::key::{KeyOptions, NormalizedRequest};
+use crate::cache::key::{CacheKey, KeyOptions, NormalizedRequest};
 use crate::cache::status::{CacheStatus, PassReason};
 use crate::cache::upstream::{BoxError, Upstream};
 use crate::cache::{CacheRequest, Engine};
@@ -123,6 +123,8 @@ pub struct Pending<B> {
     started: Instant,
     /// A fresh hit whose head is still to be prepared; `None`: the full path.
     unprepared: Option<Box<fast_hit::Unprepared>>,
+    /// The key the fast path built, and the settings generation it was built under.
+    key: Option<(u64, CacheKey)>,
 }
 
 /// The request fields of an access log line.
@@ -190,11 +192,6 @@ impl Proxy {
         }
     }
 
-    /// The compression phase's counters.
-    pub fn compression_stats(&self) -> &Arc<crate::compress::CompressionStats> {
-        self.compression.stats()
-    }
-
     /// Answers one request.
     pub async fn handle<B: RequestBody>(
         &self,
@@ -217,12 +214,12 @@ impl Proxy {
         client: Client,
     ) -> Result<Response<RespBody>, Box<Pending<B>>> {
         let started = Instant::now();
-        let unprepared = match self.hit_now(&req) {
+        let (unprepared, key) = match self.hit_now(&req) {
             fast_hit::Lookup::Hit(hit) => {
                 return Ok(self.conclude_hit(client, started, access_line(&req), hit));
             }
-            fast_hit::Lookup::Unprepared(u) => Some(u),
-            fast_hit::Lookup::Full => None,
+            fast_hit::Lookup::Unprepared(u) => (Some(u), None),
+            fast_hit::Lookup::Full(key) => (None, key),
         };
         // Boxed: the result stays as small as a response (it is moved a few times).
         Err(Box::new(Pending {
@@ -230,6 +227,7 @@ impl Proxy {
             client,
             started,
             unprepared,
+            key,
         }))
     }
 
@@ -240,6 +238,7 @@ impl Proxy {
             client,
             started,
             unprepared,
+            key,
         } = *pending;
         let log = access_line(&req);
         let prepared = match unprepared {
@@ -254,7 +253,7 @@ impl Proxy {
         let is_head = req.method() == Method::HEAD;
         // Boxed: the full path's state machine is several KiB, and hyper moves the request's
         // future a few times; unboxed, every request would copy it.
-        let resp = Box::pin(self.full_path(req, client)).await;
+        let resp = Box::pin(self.full_path(req, client, key)).await;
         let outcome = resp
             .extensions()
             .get::<Outcome>()
@@ -349,16 +348,21 @@ impl Proxy {
         self.settings.store(Arc::new(RouteSettings::of(route)));
     }
 
-    /// Everything but the fast hit: the request phase, then purge, cache or pass.
+    /// Everything but the fast hit: the request phase, then purge, cache or pass. `key`: the
+    /// key the fast path built, used when the settings have not changed since.
     async fn full_path<B: RequestBody>(
         &self,
         req: Request<B>,
         client: Client,
+        key: Option<(u64, CacheKey)>,
     ) -> Response<RespBody> {
         let settings = self.settings.load();
+        let key = key
+            .filter(|(generation, _)| *generation == settings.generation)
+            .map(|(_, key)| key);
         let has_body = req.body().has_body();
         let (parts, body) = req.into_parts();
-        match request::dispatch(&parts, has_body, &settings.route) {
+        match request::dispatch(&parts, has_body, &settings.route, key) {
             Err(e) => self.error(&e),
             Ok(Dispatch::Purge(norm)) => self.purge(&parts.headers, &norm).await,
             Ok(Dispatch::Cache(norm)) => self.cache(parts, norm, client, &settings.route).await,

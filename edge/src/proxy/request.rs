@@ -11,7 +11,7 @@
 use http::header;
 use http::{Method, StatusCode, Version, request};
 
-use crate::cache::key::NormalizedRequest;
+use crate::cache::key::{CacheKey, NormalizedRequest};
 use crate::error::EdgeError;
 pub use crate::error::Refusal;
 
@@ -126,19 +126,23 @@ pub enum Dispatch {
     Pass(NormalizedRequest),
 }
 
-/// The request phase: refuses what [`check`] refuses, builds the cache key (the one time per
-/// request it is built), and dispatches.
+/// The request phase: refuses what [`check`] refuses, builds the cache key (unless the fast
+/// path built it already: `key`; a request is keyed once), and dispatches.
 pub fn dispatch(
     parts: &request::Parts,
     has_body: bool,
     route: &super::Route,
+    key: Option<CacheKey>,
 ) -> Result<Dispatch, EdgeError> {
     check(parts, has_body, route.limits).map_err(|refusal| EdgeError::Refused {
         refusal,
         unread_body: has_body,
     })?;
-    let norm = NormalizedRequest::new(&parts.method, &parts.uri, &parts.headers, &route.key_opts)
-        .map_err(|e| EdgeError::BadRequest(e.to_string()))?;
+    let norm = match key {
+        Some(key) => NormalizedRequest::with_key(&parts.method, &parts.headers, key),
+        None => NormalizedRequest::new(&parts.method, &parts.uri, &parts.headers, &route.key_opts),
+    }
+    .map_err(|e| EdgeError::BadRequest(e.to_string()))?;
     Ok(if parts.method.as_str() == "PURGE" {
         Dispatch::Purge(norm)
     } else if parts.method == Method::GET || parts.method == Method::HEAD {
