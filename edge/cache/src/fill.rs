@@ -694,11 +694,10 @@ mod tests {
     use bytes::Bytes;
     use futures_util::FutureExt;
     use futures_util::future::BoxFuture;
-    use http::{HeaderValue, Method, Response, Uri};
+    use http::{HeaderValue, Response, Uri};
     use http_body_util::{BodyExt, Full};
 
     use super::super::clock::Clock;
-    use super::super::key::{KeyOptions, NormalizedRequest};
     use super::super::upstream::{Upstream, UpstreamBody};
     use super::super::{CacheRequest, EngineConfig, ServedBody};
     use super::*;
@@ -770,17 +769,7 @@ mod tests {
         headers.insert(header::HOST, sliced(client_buf, 6, 9));
         headers.insert(header::ACCEPT_LANGUAGE, sliced(client_buf, 15, 2));
         headers.insert(header::USER_AGENT, sliced(client_buf, 17, 4));
-        let norm =
-            NormalizedRequest::new(&Method::GET, &uri, &headers, &KeyOptions::default()).unwrap();
-        let mut upstream = Request::new(());
-        *upstream.uri_mut() = uri;
-        *upstream.headers_mut() = headers;
-        CacheRequest {
-            norm,
-            method: Method::GET,
-            upstream: upstream.into_parts().0,
-            default_ttl: None,
-        }
+        crate::tests::cache_request(uri, headers)
     }
 
     async fn stores_nothing_foreign(disk: bool) {

@@ -45,6 +45,9 @@ pub mod status;
 pub mod upstream;
 mod vary;
 
+#[cfg(test)]
+mod tests;
+
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,0 +1,118 @@
+//! The fill task: what it stores, where, and what it refuses to store.
+
+use super::*;
+use crate::status::PassReason;
+
+#[tokio::test]
+async fn a_fill_stores_the_object_in_both_tiers() {
+    let rig = Rig::disk().await;
+    let body = "x".repeat(100_000);
+    rig.origin.fresh("/big", &body);
+    rig.check("/big", Miss, &body).await;
+    rig.settle().await;
+    assert_eq!(rig.objects().await, (1, 1));
+    let fills = rig
+        .engine
+        .stats
+        .fills
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(fills, 1);
+    rig.check("/big", Hit, &body).await;
+}
+
+/// Twice: the answer passes with `reason`, and nothing is stored.
+async fn passes_and_is_not_stored(
+    request: Fields<'_>,
+    response: Fields<'_>,
+    body: &str,
+    reason: PassReason,
+) {
+    let rig = Rig::memory().await;
+    rig.origin.serve("/p", response, body);
+    for round in 1..=2 {
+        rig.check_with("/p", request, CacheStatus::Pass(reason), body)
+            .await;
+        assert_eq!(rig.origin.calls("/p"), round, "{response:?}");
+    }
+    assert_eq!(rig.objects().await, (0, 0));
+}
+
+#[tokio::test]
+async fn an_uncacheable_response_passes_and_is_not_stored() {
+    for response in [
+        &[("cache-control", "no-store")][..],
+        &[("cache-control", "private, max-age=60")],
+        &[FRESH_60[0], ("vary", "*")],
+        &[FRESH_60[0], ("set-cookie", "id=1")],
+    ] {
+        passes_and_is_not_stored(&[], response, "mine", PassReason::Uncacheable).await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "bug: the fill drops its pass reason; every passed fill reports PassReason::Uncacheable"]
+async fn an_object_over_max_object_size_passes_as_too_large() {
+    let body = "x".repeat(MAX_OBJECT as usize + 1);
+    passes_and_is_not_stored(&[], FRESH_60, &body, PassReason::TooLarge).await;
+}
+
+#[tokio::test]
+#[ignore = "bug: the fill drops its pass reason; every passed fill reports PassReason::Uncacheable"]
+async fn a_request_with_no_store_passes_as_request_no_store() {
+    let no_store = &[("cache-control", "no-store")];
+    passes_and_is_not_stored(no_store, FRESH_60, "mine", PassReason::RequestNoStore).await;
+}
+
+#[tokio::test]
+async fn an_object_over_max_object_size_is_not_stored() {
+    let rig = Rig::memory().await;
+    let body = "x".repeat(MAX_OBJECT as usize + 1);
+    rig.origin.fresh("/huge", &body);
+    for round in 1..=2 {
+        let a = rig.get("/huge").await;
+        assert!(matches!(a.cache, CacheStatus::Pass(_)), "{a:?}");
+        assert_eq!(a.body.len(), body.len());
+        assert_eq!(rig.origin.calls("/huge"), round);
+    }
+}
+
+#[tokio::test]
+async fn set_cookie_goes_only_to_the_request_that_caused_the_fill() {
+    let rig = Rig::memory().await;
+    let fields = &[
+        ("cache-control", "public, max-age=60"),
+        ("set-cookie", "id=1"),
+    ];
+    rig.origin.serve("/c", fields, "shared");
+    let first = rig.check("/c", Miss, "shared").await;
+    assert_eq!(first.headers["set-cookie"], "id=1");
+    let second = rig.check("/c", Hit, "shared").await;
+    assert!(second.headers.get("set-cookie").is_none(), "{second:?}");
+}
+
+#[tokio::test]
+async fn a_body_cut_short_fails_its_reader_and_is_not_stored() {
+    let rig = Rig::disk().await;
+    rig.origin
+        .script("/cut", |_| cut_short(FRESH_60, b"part", 100));
+    let cut = rig.get("/cut").await;
+    assert_eq!((cut.cache, &cut.body[..]), (Miss, &b"part"[..]));
+    assert!(cut.body_error.is_some(), "{cut:?}");
+    rig.settle().await;
+    assert_eq!(rig.objects().await, (0, 0));
+    rig.origin.fresh("/cut", "whole");
+    rig.check("/cut", Miss, "whole").await;
+    assert_eq!(rig.origin.calls("/cut"), 2);
+}
+
+#[tokio::test]
+async fn a_404_with_freshness_is_stored_like_any_answer() {
+    let rig = Rig::memory().await;
+    rig.origin
+        .script("/gone", |_| reply(404, FRESH_60, "not here"));
+    for cache in [Miss, Hit] {
+        let a = rig.check("/gone", cache, "not here").await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND);
+    }
+    assert_eq!(rig.origin.calls("/gone"), 1);
+}

@@ -1,0 +1,103 @@
+//! Answering a request: hit, miss, stale, only-if-cached, Vary variants.
+
+use super::*;
+
+#[tokio::test]
+async fn a_miss_is_fetched_and_stored_then_hits_from_memory() {
+    let rig = Rig::memory().await;
+    rig.origin.fresh("/a", "alpha");
+    let miss = rig.check("/a", Miss, "alpha").await;
+    assert_eq!(miss.status, StatusCode::OK);
+    assert_eq!(miss.headers["cache-control"], "max-age=60");
+    rig.advance(30);
+    assert_eq!(rig.check("/a", Hit, "alpha").await.tier, Tier::Memory);
+    assert_eq!(rig.origin.calls("/a"), 1);
+}
+
+#[tokio::test]
+async fn each_url_is_its_own_object() {
+    let rig = Rig::memory().await;
+    rig.origin.fresh("/a", "alpha");
+    rig.origin.fresh("/a?v=2", "alpha two");
+    rig.check("/a", Miss, "alpha").await;
+    rig.check("/a?v=2", Miss, "alpha two").await;
+    rig.check("/a?v=2", Hit, "alpha two").await;
+    rig.check("/a", Hit, "alpha").await;
+    assert_eq!((rig.origin.calls("/a"), rig.origin.calls("/a?v=2")), (1, 1));
+}
+
+#[tokio::test]
+async fn a_copy_past_its_freshness_is_fetched_again() {
+    let rig = Rig::memory().await;
+    rig.origin.fresh("/a", "one");
+    rig.check("/a", Miss, "one").await;
+    rig.origin.fresh("/a", "two");
+    rig.advance(59);
+    rig.check("/a", Hit, "one").await;
+    rig.advance(2);
+    rig.check("/a", Miss, "two").await;
+    rig.check("/a", Hit, "two").await;
+    assert_eq!(rig.origin.calls("/a"), 2);
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_stale_copy_when_upstream_fails() {
+    let rig = Rig::memory().await;
+    let cc = &[("cache-control", "max-age=10, stale-if-error=60")];
+    rig.origin.serve("/a", cc, "kept");
+    rig.check("/a", Miss, "kept").await;
+    rig.origin.fail("/a");
+    rig.advance(11);
+    let stale = rig.check("/a", Stale, "kept").await;
+    assert_eq!(stale.upstream_error, Some(refused()));
+    // Past the window the failure is the answer.
+    rig.advance(60);
+    rig.get("/a")
+        .await
+        .expect_failure(Failure::Upstream(refused()));
+    assert_eq!(rig.origin.calls("/a"), 3);
+}
+
+#[tokio::test]
+async fn only_if_cached_without_a_copy_is_not_cached_and_asks_nobody() {
+    let rig = Rig::memory().await;
+    rig.origin.fresh("/a", "alpha");
+    let only = &[("cache-control", "only-if-cached")];
+    let none = rig.get_with("/a", only).await;
+    none.expect_failure(Failure::NotCached);
+    assert_eq!(none.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(rig.origin.calls("/a"), 0);
+    rig.check("/a", Miss, "alpha").await;
+    rig.check_with("/a", only, Hit, "alpha").await;
+    // A stale copy does not satisfy it either.
+    rig.advance(61);
+    rig.get_with("/a", only)
+        .await
+        .expect_failure(Failure::NotCached);
+    assert_eq!(rig.origin.calls("/a"), 1);
+}
+
+#[tokio::test]
+async fn vary_keeps_one_variant_per_request_value() {
+    let rig = Rig::memory().await;
+    rig.origin.greet_by_language("/v");
+    let en: Fields = &[("accept-language", "en")];
+    let fr: Fields = &[("accept-language", "fr")];
+    for cache in [Miss, Hit] {
+        rig.check_with("/v", en, cache, "hello in en").await;
+        rig.check_with("/v", fr, cache, "hello in fr").await;
+        rig.check("/v", cache, "hello in none").await;
+    }
+    assert_eq!(rig.origin.calls("/v"), 3);
+}
+
+#[tokio::test]
+async fn a_copy_on_disk_is_served_after_reopening_then_from_memory() {
+    let rig = Rig::disk().await;
+    rig.origin.fresh("/a", "durable");
+    rig.check("/a", Miss, "durable").await;
+    let rig = rig.reopen().await;
+    assert_eq!(rig.check("/a", Hit, "durable").await.tier, Tier::Disk);
+    assert_eq!(rig.check("/a", Hit, "durable").await.tier, Tier::Memory);
+    assert_eq!(rig.origin.calls("/a"), 1);
+}
