@@ -218,6 +218,25 @@
 //! Medians: 1 KiB memory hits 96.6% -> 92.7% of plain (CPU 8.7 -> 9.0 µs); 100 KiB memory hits
 //! 82.8% -> 76.4% (CPU 21.2 -> 21.8 µs); disk hits unchanged. The 1 KiB runs overlap; the
 //! 100 KiB ratio looks ~6 points lower, at ~3% more CPU per hit, not investigated further.
+//!
+//! Issue 14 (the floor plan), 2026-12-04: the engine in its own crate, one request path (the
+//! middle hit path gone, the fast path's key handed on), one error type, the allocator told to
+//! return freed pages at once (`outpost_alloc::tune`, which this bench calls as `outpost`
+//! does). A/B with nothing else running: old = d7f67fe (start of the work), new = 90d0925
+//! (the request path complete; later commits touch fills, not hits), alternating old/new three
+//! times (3 rounds per run):
+//!
+//! | case               | old vs plain (runs)   | new vs plain (runs)   | old CPU/req          | new CPU/req          |
+//! |--------------------|-----------------------|-----------------------|----------------------|----------------------|
+//! | edge-memory 1KiB   | 94.2%, 90.9%, 92.2%   | 93.0%, 90.8%, 90.4%   | 8.7, 11.1, 8.8 µs    | 8.5, 8.7, 9.5 µs     |
+//! | edge-disk 1KiB     | 34.6%, 36.8%, 33.1%   | 33.6%, 32.1%, 33.2%   | 33.8, 38.1, 34.8 µs  | 37.9, 35.4, 36.2 µs  |
+//! | edge-memory 100KiB | 84.0%, 64.6%, 77.3%   | 87.6%, 76.7%, 81.5%   | 20.2, 24.8, 21.5 µs  | 20.9, 21.5, 20.7 µs  |
+//! | edge-disk 100KiB   | 40.1%, 33.6%, 40.6%   | 39.2%, 42.2%, 32.5%   | 63.4, 79.3, 63.9 µs  | 66.8, 64.6, 78.1 µs  |
+//!
+//! Medians: 1 KiB memory hits 92.2% -> 90.8% of plain (CPU 8.8 -> 8.7 µs); 100 KiB memory hits
+//! 77.3% -> 81.5% (CPU 21.5 -> 20.9 µs): within run-to-run noise (the old runs alone span
+//! 64.6-84.0% at 100 KiB). Disk hits: 1 KiB CPU 34.8 -> 36.2 µs (+4%, inside the old runs'
+//! spread of 33.8-38.1), 100 KiB 63.9 -> 66.8 µs; plain hyper ran at 98-125k req/s (1 KiB).
 
 mod support;
 

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use super::key::KeyHash;
 use super::meta::CachedMeta;
+use super::status::PassReason;
 use super::upstream::UpstreamError;
 
 /// How far a fill that is not kept for the memory tier reads ahead of its slowest reader.
@@ -94,6 +95,8 @@ pub struct FillHead {
     pub set_cookie: Vec<HeaderValue>,
     /// Present when the response is being stored.
     pub meta: Option<Arc<CachedMeta>>,
+    /// Why it is not stored, when it is not (Cache-Status `detail`, metrics).
+    pub pass_reason: Option<PassReason>,
     pub content_length: Option<u64>,
     /// May requests other than the leader use this response?
     pub shareable: bool,

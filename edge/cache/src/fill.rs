@@ -276,10 +276,9 @@ impl Engine {
                         headers.append(header::SET_COOKIE, c.clone());
                     }
                 }
-                let cache = if head.meta.is_some() {
-                    CacheStatus::Miss
-                } else {
-                    CacheStatus::Pass(PassReason::Uncacheable)
+                let cache = match (&head.meta, head.pass_reason) {
+                    (Some(_), _) => CacheStatus::Miss,
+                    (None, reason) => CacheStatus::Pass(reason.unwrap_or(PassReason::Uncacheable)),
                 };
                 Served {
                     upstream_time: None,
@@ -409,13 +408,17 @@ impl Engine {
                 Some(mut updated) => {
                     updated.purge_seq = job.purge_seq;
                     let updated = Arc::new(updated);
-                    self.update_stored_meta(fill.key, &updated, job.stale_body.clone())
-                        .await;
+                    if self.is_current(fill) {
+                        self.update_stored_meta(fill.key, &updated, job.stale_body.clone())
+                            .await;
+                    }
                     fill.publish(FillResult::Revalidated(updated));
                 }
                 None => {
                     // The merged response may no longer be stored: drop the old copy.
-                    self.remove_object(fill.key).await;
+                    if self.is_current(fill) {
+                        self.remove_object(fill.key).await;
+                    }
                     fill.publish(FillResult::Failed(UpstreamError::Protocol(
                         "304 turned the stored response uncacheable".into(),
                     )))
@@ -435,6 +438,10 @@ impl Engine {
             admission = Admission::Pass(PassReason::TooLarge);
         }
         strip_hop_by_hop(&mut parts.headers);
+        let pass_reason = match &admission {
+            Admission::Pass(reason) => Some(*reason),
+            Admission::Store(_) => None,
+        };
         let (meta, vary, store_key, set_cookie) = match admission {
             Admission::Store(mut meta) => {
                 meta.purge_seq = job.purge_seq;
@@ -453,7 +460,10 @@ impl Engine {
                 debug!(key = %job.key_text, reason = reason.as_str(), "not storing");
                 // An old stored copy that the new answer replaces must not be served again; a
                 // 5xx replaces nothing (stale-if-error may still serve the copy).
-                if job.stale_meta.is_some() && !parts.status.is_server_error() {
+                if job.stale_meta.is_some()
+                    && !parts.status.is_server_error()
+                    && self.is_current(fill)
+                {
                     self.remove_object(fill.key).await;
                 }
                 (None, Vec::new(), fill.key, Vec::new())
@@ -482,6 +492,7 @@ impl Engine {
             headers: parts.headers.clone(),
             set_cookie,
             meta: meta.as_ref().map(|m| Arc::new((**m).clone())),
+            pass_reason,
             content_length,
             shareable: storing,
             vary,
@@ -541,6 +552,7 @@ impl Engine {
                         && storing
                         && self.memory.fits(total)
                         && let Some(m) = meta.as_deref()
+                        && self.is_current(fill)
                     {
                         // The client has the whole body once it reads this chunk, and may ask
                         // again at once: make the memory copy visible first, so that request
@@ -595,7 +607,10 @@ impl Engine {
         };
         meta.body_len = total;
         let meta = Arc::new(*meta);
+        // A fill a purge replaced stores nothing: the newer fill's copy is the current one.
+        let current = self.is_current(fill);
         if !in_memory
+            && current
             && self.memory.fits(total)
             && let Some(body) = fill.assembled()
         {
@@ -610,7 +625,8 @@ impl Engine {
                 .await;
         }
         drop(memory_charge);
-        let committed = disk_tx.and_then(|tx| {
+        let stored_seq = meta.purge_seq;
+        let committed = disk_tx.filter(|_| current).and_then(|tx| {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             tx.try_send(DiskMsg::Commit(meta, done_tx))
                 .ok()
@@ -622,10 +638,25 @@ impl Engine {
         if let Some(done) = committed {
             let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
         }
-        if fill.is_cancelled() {
-            // Invalidated while we fetched: what we stored is already out of date.
+        // Invalidated while we fetched: what we stored is already out of date. Only ours goes:
+        // a fill that started after the purge stored a copy with a later purge sequence.
+        if fill.is_cancelled()
+            && self
+                .lookup(&store_key)
+                .await
+                .is_some_and(|s| s.meta().purge_seq == stored_seq)
+        {
             self.remove_object(store_key).await;
         }
+    }
+
+    /// Whether `fill` is still the fill of its key: a purge (or a later request after one)
+    /// replaces it, and then what it fetched must neither replace nor remove the copy the
+    /// newer fill stores.
+    fn is_current(&self, fill: &Arc<Fill>) -> bool {
+        self.fills
+            .get(&fill.key)
+            .is_some_and(|f| Arc::ptr_eq(f.value(), fill))
     }
 
     fn spawn_disk_writer(

@@ -292,6 +292,9 @@ impl Engine {
         if let Some(d) = &self.disk {
             d.run_pending_tasks();
         }
+        if let Some(p) = &self.pinned {
+            p.tier().run_pending_tasks();
+        }
     }
 
     /// (objects, bytes) per tier, after housekeeping.

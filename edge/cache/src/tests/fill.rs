@@ -50,14 +50,12 @@ async fn an_uncacheable_response_passes_and_is_not_stored() {
 }
 
 #[tokio::test]
-#[ignore = "bug: the fill drops its pass reason; every passed fill reports PassReason::Uncacheable"]
 async fn an_object_over_max_object_size_passes_as_too_large() {
     let body = "x".repeat(MAX_OBJECT as usize + 1);
     passes_and_is_not_stored(&[], FRESH_60, &body, PassReason::TooLarge).await;
 }
 
 #[tokio::test]
-#[ignore = "bug: the fill drops its pass reason; every passed fill reports PassReason::Uncacheable"]
 async fn a_request_with_no_store_passes_as_request_no_store() {
     let no_store = &[("cache-control", "no-store")];
     passes_and_is_not_stored(no_store, FRESH_60, "mine", PassReason::RequestNoStore).await;

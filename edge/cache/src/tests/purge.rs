@@ -118,7 +118,6 @@ async fn a_hard_purge_survives_reopening_and_the_sequence_only_grows() {
 /// The fetch that started before a purge answers last: its answer must not replace (or, for
 /// an exact-URL purge, remove) the one fetched after the purge.
 #[tokio::test]
-#[ignore = "bug: a fill that started before a purge overwrites or removes the copy fetched after it"]
 async fn a_fetch_that_started_before_a_purge_does_not_undo_the_one_after_it() {
     for purge in [
         spec(|s| s.prefixes = vec!["/".into()]),

@@ -50,7 +50,6 @@ async fn a_pushed_object_is_a_hit_for_its_path_and_nothing_is_asked() {
 }
 
 #[tokio::test]
-#[ignore = "bug: Engine::run_pending_tasks skips the pinned tier, so pushed_count() stays 0"]
 async fn pushed_count_counts_pushed_objects_after_housekeeping() {
     let rig = pushed().await;
     rig.engine.run_pending_tasks().await;
