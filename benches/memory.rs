@@ -65,12 +65,30 @@
 //! tier, the parsed disk metadata, the fill bodies kept for the memory tier and the disk writer
 //! queues; the tier gets what is left (41.6 MiB here with a disk tier, 51.2 MiB without).
 //!
-//! Not met yet: the bound at peaks (memory case +11 MiB, disk case +39 MiB). Left:
-//! the allocator's retention (`MIMALLOC_PURGE_DELAY=0` alone takes 20 MiB off; setting it from
-//! code needs unsafe FFI, which the workspace forbids), the disk path's transient memory (the
-//! writer queue budget, cacache's write buffers, 32 blocking threads' heaps), and reads ahead of
-//! slow clients (a fill that streams reads the origin at full speed).
+//! Session 6 (2026-12-04, same machine, nothing else running unless said): the allocator told
+//! to return freed pages at once (`outpost_alloc::tune`: mimalloc's purge delay 0; it used to
+//! keep freed pages for 1 s and purge them only when their thread allocated again).
 //!
+//! | edge build | case | end of rounds (MiB) | max RSS | |
+//! |---|---|---|---:|---|
+//! | d7f67fe run with `MIMALLOC_PURGE_DELAY=0`, 3 rounds | memory | 110, 111, 115 | 125.2 MiB | within |
+//! | same | disk | 124, 125, 117 | 134.4 MiB | over |
+//! | `outpost_alloc::tune` (7bf0ff7), 3 rounds, beside a build | memory | 114, 110, 112 | 120.6 MiB | within |
+//! | same | disk | 121, 136, 127 | 157.9 MiB | over |
+//! | 48798b4, 4 rounds | memory | 113, 120, 117, 117 | 127.8 MiB | within |
+//! | same | disk | 134, 121, 127, 134 | 145.3 MiB | over |
+//! | same, 3 rounds, two more runs | disk | 118-132 | 140.5, 142.5 MiB | over |
+//!
+//! Met for the memory tier alone; not met with a disk tier (+12 to +17 MiB at peaks). Where the
+//! disk case's extra goes, measured: the heap is the same in both cases (heaptrack, a build on
+//! glibc's allocator: peak heap 65.9 MiB with a disk tier, 66.5 MiB without; the largest
+//! consumer is the memory tier's bodies, 42-55 MiB). At the disk case's peak RSS (smaps) the
+//! process runs 36 threads (3 without a disk tier): the blocking pool that cacache's writes
+//! use, each thread with a stack and allocator pages of its own, plus the large bodies'
+//! mappings. Capping the pool at 8 threads instead of 32 did not lower the peaks (148 and 151
+//! MiB against 140 and 142). What is left is the disk path's threads and transient buffers,
+//! which issue 15 (the disk tier) rebuilds.
+
 //! Before, RSS grew with every byte filled (to disk too) and did not come back: each stored
 //! object push_store hyper read buffers. After, it is flat from round to round. What is left over
 //! the bound is not held by stored objects: with glibc's allocator the memory case is within
