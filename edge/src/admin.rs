@@ -67,6 +67,10 @@ pub struct Stats {
     pub byte_hit_ratio: Option<f64>,
     pub windows: Vec<WindowStats>,
     pub tiers: Vec<TierStats>,
+    /// What became of storable responses on their way to disk (`outpost_disk_admissions`);
+    /// empty without a disk tier.
+    #[serde(default)]
+    pub disk_admissions: std::collections::BTreeMap<String, u64>,
     pub top_missed: Vec<Missed>,
     pub series: Vec<Point>,
 }
@@ -111,6 +115,15 @@ impl AdminState {
                     capacity: self.disk_capacity,
                 },
             ],
+            disk_admissions: if self.engine.has_disk() {
+                crate::cache::status::DiskAdmission::LABELS
+                    .iter()
+                    .map(|l| l.to_string())
+                    .zip(self.engine.stats.disk_admissions())
+                    .collect()
+            } else {
+                Default::default()
+            },
             top_missed: self
                 .metrics
                 .top_missed(10)

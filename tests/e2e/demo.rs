@@ -12,17 +12,38 @@ use crate::support::ports::free_demo_base;
 use crate::support::proc::BIN;
 use crate::support::repo;
 
-/// Starts `outpost demo <args> --cache-dir <dir>` in the repo and reads its stdout until a
-/// line contains `until` (bounded); returns the process and what it printed.
-fn start_demo(args: &[&str], dir: &Path, until: &str) -> (Child, String) {
+/// Starts `outpost demo <args> --base-port P --cache-dir <dir>` in the repo on a base port
+/// whose `offsets` were free, and reads its stdout until a line contains `until` (bounded);
+/// returns the process, what it printed and the base port. The ports are probed, not held, so a demo that
+/// exits before printing `until` (another process took a port) is started again on another
+/// base, a few times.
+fn start_demo(args: &[&str], offsets: &[u16], dir: &Path, until: &str) -> (Child, String, u16) {
+    let mut failures = String::new();
+    for _ in 0..5 {
+        let base = free_demo_base(offsets);
+        match try_start_demo(args, &base.to_string(), dir, until) {
+            Ok((child, table)) => return (child, table, base),
+            Err(e) => failures.push_str(&format!("--base-port {base}: {e}\n")),
+        }
+    }
+    panic!("outpost demo did not start:\n{failures}");
+}
+
+fn try_start_demo(
+    args: &[&str],
+    base: &str,
+    dir: &Path,
+    until: &str,
+) -> Result<(Child, String), String> {
     let mut child = Command::new(BIN)
         .current_dir(repo())
         .arg("demo")
         .args(args)
+        .args(["--base-port", base])
         .arg("--cache-dir")
         .arg(dir)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start outpost demo");
     let stdout = child.stdout.take().unwrap();
@@ -42,13 +63,22 @@ fn start_demo(args: &[&str], dir: &Path, until: &str) -> (Child, String) {
                 table.push_str(&l);
                 table.push('\n');
             }
-            Err(_) => {
+            Err(e) => {
                 let _ = child.kill();
-                panic!("demo printed no table in time:\n{table}");
+                let _ = child.wait();
+                let mut err = String::new();
+                if let Some(mut stderr) = child.stderr.take() {
+                    let _ = stderr.read_to_string(&mut err);
+                }
+                let why = match e {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => "printed no table in time",
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => "exited",
+                };
+                return Err(format!("{why}:\n{table}\nstderr:\n{err}"));
             }
         }
     }
-    (child, table)
+    Ok((child, table))
 }
 
 fn site_index() -> String {
@@ -71,10 +101,10 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 #[test]
 fn demo_serves_the_site_through_the_selector_and_stops_on_signal() {
     // The whole layout with two edges: P..P+5 and P+1000..P+1005.
-    let base = free_demo_base(&[0, 1, 2, 3, 4, 5, 1000, 1001, 1002, 1003, 1004, 1005]);
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, table) = start_demo(
-        &["--edges", "2", "--base-port", &base.to_string()],
+    let (mut child, table, base) = start_demo(
+        &["--edges", "2"],
+        &[0, 1, 2, 3, 4, 5, 1000, 1001, 1002, 1003, 1004, 1005],
         dir.path(),
         "Try:",
     );
@@ -119,10 +149,10 @@ fn demo_serves_the_site_through_the_selector_and_stops_on_signal() {
 async fn demo_with_tls_serves_https_with_the_printed_ca() {
     // The layout with one edge and --tls: P..P+3, P+1000..P+1003, and HTTPS on the shield and
     // the edge (P+2002, P+2003).
-    let base = free_demo_base(&[0, 1, 2, 3, 1000, 1001, 1002, 1003, 2002, 2003]);
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, table) = start_demo(
-        &["--tls", "--edges", "1", "--base-port", &base.to_string()],
+    let (mut child, table, base) = start_demo(
+        &["--tls", "--edges", "1"],
+        &[0, 1, 2, 3, 1000, 1001, 1002, 1003, 2002, 2003],
         dir.path(),
         "cache directories",
     );

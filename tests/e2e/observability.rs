@@ -18,12 +18,12 @@ use std::time::Duration;
 
 use prometheus_parse::{Scrape, Value};
 
-use crate::support::client;
 use crate::support::edge::Edge;
 use crate::support::http::x_cache;
 use crate::support::ports::refused_addr;
 use crate::support::proc::{BIN, NodeProc, Spawn};
 use crate::support::test_origin::{Reply, TestOrigin};
+use crate::support::{client, eventually};
 
 /// Upper bound of every wait.
 const WAIT: Duration = Duration::from_secs(30);
@@ -330,6 +330,57 @@ async fn known_mix_counts_exactly_in_metrics_and_stats() {
     let (_, again) = scrape(&c, &node).await;
     assert_eq!(number(&again, "outpost_cache_hit_ratio", &[]), 0.75);
     drop(node);
+}
+
+/// With a disk tier, every storable response is counted by what became of its disk copy, in
+/// `outpost_disk_admissions_total{result}` and in `/stats` (which the status page shows).
+#[tokio::test]
+async fn disk_admissions_count_every_storable_response() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = start_node(
+        &origin,
+        &format!("[cache]\ndir = \"{}\"\n", dir.path().display()),
+    )
+    .await;
+    for i in 0..3 {
+        let path = format!("/stored{i}");
+        origin.route(&path, Reply::ok("x").header("cache-control", "max-age=600"));
+        let r = client().get(node.url(&path)).send().await.expect("GET");
+        assert_eq!(x_cache(&r), "MISS");
+        r.bytes().await.expect("body");
+    }
+    let c = client();
+    eventually("three disk copies are counted", async || {
+        let (_, m) = scrape(&c, &node).await;
+        number(&m, "outpost_disk_admissions_total", &[("result", "stored")]) == 3.0
+    })
+    .await;
+    let (_, m) = scrape(&c, &node).await;
+    for result in [
+        "queue_full",
+        "too_large",
+        "error",
+        "incomplete",
+        "superseded",
+    ] {
+        assert_eq!(
+            number(&m, "outpost_disk_admissions_total", &[("result", result)]),
+            0.0,
+            "{result}"
+        );
+    }
+    let body = c
+        .get(node.admin_url("/stats"))
+        .send()
+        .await
+        .expect("GET /stats")
+        .bytes()
+        .await
+        .expect("/stats body");
+    let s: serde_json::Value = serde_json::from_slice(&body).expect("/stats is JSON");
+    assert_eq!(s["disk_admissions"]["stored"], 3, "{s:#}");
+    assert_eq!(s["disk_admissions"]["queue_full"], 0, "{s:#}");
 }
 
 /// `outpost_response_bytes_total` counts body bytes sent: none for HEAD or 304, the range for

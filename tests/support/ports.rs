@@ -14,13 +14,20 @@
 use std::net::TcpListener;
 use std::sync::Mutex;
 
-/// A base port P such that P + o was free just now for every offset `o`.
+/// A base port P such that P + o was free just now for every offset `o`. Bases are taken
+/// below 32768, where Linux hands out no ephemeral ports (`ip_local_port_range` starts there),
+/// so another test's `127.0.0.1:0` listener never lands in the range. It is still a probe, not
+/// a held port: callers retry on a bind failure (see `tests/e2e/demo.rs`).
 pub fn free_demo_base(offsets: &[u16]) -> u16 {
+    assert!(
+        offsets.iter().all(|o| *o <= 2700),
+        "offsets stay below 32768"
+    );
     static TAKEN: Mutex<Vec<(u16, u16)>> = Mutex::new(Vec::new());
     let span = offsets.iter().copied().max().unwrap_or(0);
     let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
     for attempt in 0..200u32 {
-        let base = 20000 + ((std::process::id() * 7919 + attempt * 104729) % 30000) as u16;
+        let base = 20000 + ((std::process::id() * 7919 + attempt * 104729) % 10000) as u16;
         let end = base + span;
         if taken.iter().any(|&(b, e)| base <= e && b <= end) {
             continue;

@@ -21,7 +21,7 @@ use super::disk::DiskTier;
 use super::key::KeyHash;
 use super::meta::{CachedMeta, MemObject};
 use super::policy::{self, Admission, Freshness};
-use super::status::{CacheStatus, PassReason, Tier};
+use super::status::{CacheStatus, DiskAdmission, DiskVerdict, PassReason, Tier};
 use super::upstream::{self, UpstreamBody, UpstreamError, empty_body};
 use super::{
     CacheRequest, Engine, Failure, MAX_TRACKED_HOSTS, Served, ServedBody, Stored, push_store,
@@ -500,10 +500,16 @@ impl Engine {
         });
         fill.publish(FillResult::Streaming(head));
 
+        // Every storable response with a disk tier ends in one `DiskAdmission`, counted by
+        // its writer task: the fill says why when it gives the disk copy up.
+        let verdict = Arc::new(DiskVerdict::new());
         let mut disk_tx = match (&self.disk, storing) {
-            (Some(disk), true) => {
-                Some(self.spawn_disk_writer(disk.clone(), store_key, content_length))
-            }
+            (Some(disk), true) => Some(self.spawn_disk_writer(
+                disk.clone(),
+                store_key,
+                content_length,
+                verdict.clone(),
+            )),
             _ => None,
         };
         let mut body = body;
@@ -529,6 +535,7 @@ impl Engine {
                     total += data.len() as u64;
                     if storing && total > self.cfg.max_object_size {
                         storing = false;
+                        verdict.abandon(DiskAdmission::TooLarge);
                         disk_tx = None;
                         fill.set_keep_all(false);
                         memory_charge = None;
@@ -545,6 +552,7 @@ impl Engine {
                         self.stats
                             .disk_writes_abandoned
                             .fetch_add(1, Ordering::Relaxed);
+                        verdict.abandon(DiskAdmission::QueueFull);
                         disk_tx = None;
                     }
                     let last = content_length == Some(total);
@@ -626,11 +634,18 @@ impl Engine {
         }
         drop(memory_charge);
         let stored_seq = meta.purge_seq;
+        if !current {
+            verdict.abandon(DiskAdmission::Superseded);
+        }
         let committed = disk_tx.filter(|_| current).and_then(|tx| {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-            tx.try_send(DiskMsg::Commit(meta, done_tx))
-                .ok()
-                .map(|_| done_rx)
+            match tx.try_send(DiskMsg::Commit(meta, done_tx)) {
+                Ok(()) => Some(done_rx),
+                Err(_) => {
+                    verdict.abandon(DiskAdmission::QueueFull);
+                    None
+                }
+            }
         });
         fill.finish(Ok(()));
         // Stay in the fill map until the disk copy is visible, so a request arriving in between
@@ -664,40 +679,63 @@ impl Engine {
         disk: Arc<DiskTier>,
         key: KeyHash,
         size: Option<u64>,
+        verdict: Arc<DiskVerdict>,
     ) -> mpsc::Sender<DiskMsg> {
-        let (tx, mut rx) = mpsc::channel::<DiskMsg>(256);
+        let (tx, rx) = mpsc::channel::<DiskMsg>(256);
         let stats = self.stats.clone();
         tokio::spawn(async move {
-            let mut writer = match disk.begin_write(key, size).await {
-                Ok(w) => w,
-                Err(e) => {
-                    warn!(error = %e, "disk tier write failed to start; serving without disk (check cache_dir space and permissions)");
-                    stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            };
-            while let Some(msg) = rx.recv().await {
-                match msg {
-                    DiskMsg::Data(d, _charge) => {
-                        if let Err(e) = writer.write(&d).await {
-                            warn!(error = %e, "disk tier write failed; object not stored on disk (check cache_dir space)");
-                            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
-                            return;
-                        }
-                    }
-                    DiskMsg::Commit(meta, done) => {
-                        if let Err(e) = writer.commit(&meta).await {
-                            warn!(error = %e, "disk tier commit failed; object not stored on disk");
-                            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let _ = done.send(());
-                        return;
-                    }
-                }
-            }
-            // Sender dropped without Commit: the write is abandoned and never visible.
+            let outcome = Self::write_to_disk(disk, key, size, rx, &stats).await;
+            // Ended without a commit: the fill gave the copy up and said why, or the body
+            // never completed.
+            let outcome =
+                outcome.unwrap_or_else(|| verdict.reason().unwrap_or(DiskAdmission::Incomplete));
+            stats.count_disk_admission(outcome);
         });
         tx
+    }
+
+    /// Runs one disk write: `Some` when it ended in the disk (stored, or an error), `None`
+    /// when the fill stopped sending before a commit.
+    async fn write_to_disk(
+        disk: Arc<DiskTier>,
+        key: KeyHash,
+        size: Option<u64>,
+        mut rx: mpsc::Receiver<DiskMsg>,
+        stats: &super::EngineStats,
+    ) -> Option<DiskAdmission> {
+        let mut writer = match disk.begin_write(key, size).await {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "disk tier write failed to start; serving without disk (check cache_dir space and permissions)");
+                stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                return Some(DiskAdmission::Error);
+            }
+        };
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                DiskMsg::Data(d, _charge) => {
+                    if let Err(e) = writer.write(&d).await {
+                        warn!(error = %e, "disk tier write failed; object not stored on disk (check cache_dir space)");
+                        stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                        return Some(DiskAdmission::Error);
+                    }
+                }
+                DiskMsg::Commit(meta, done) => {
+                    let outcome = match writer.commit(&meta).await {
+                        Ok(()) => DiskAdmission::Stored,
+                        Err(e) => {
+                            warn!(error = %e, "disk tier commit failed; object not stored on disk");
+                            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                            DiskAdmission::Error
+                        }
+                    };
+                    let _ = done.send(());
+                    return Some(outcome);
+                }
+            }
+        }
+        // Sender dropped without Commit: the write is abandoned and never visible.
+        None
     }
 }
 

@@ -115,6 +115,20 @@ pub struct EngineStats {
     pub disk_writes_abandoned: AtomicU64,
     /// Readers dropped for taking nothing for the send timeout while their fill waited.
     pub slow_readers_dropped: AtomicU64,
+    /// What became of each storable response on its way to disk, by
+    /// [`DiskAdmission::index`](status::DiskAdmission::index).
+    pub disk_admissions: [AtomicU64; 6],
+}
+
+impl EngineStats {
+    pub fn count_disk_admission(&self, a: status::DiskAdmission) {
+        self.disk_admissions[a.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts by [`DiskAdmission::LABELS`](status::DiskAdmission::LABELS) order.
+    pub fn disk_admissions(&self) -> [u64; 6] {
+        std::array::from_fn(|i| self.disk_admissions[i].load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// A stored object found by a lookup.
@@ -295,6 +309,11 @@ impl Engine {
         if let Some(p) = &self.pinned {
             p.tier().run_pending_tasks();
         }
+    }
+
+    /// Whether this engine has a disk tier.
+    pub fn has_disk(&self) -> bool {
+        self.disk.is_some()
     }
 
     /// (objects, bytes) per tier, after housekeeping.

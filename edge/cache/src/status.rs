@@ -105,6 +105,95 @@ impl PassReason {
     }
 }
 
+/// What became of a storable response on its way to the disk tier. Every storable response
+/// of an engine with a disk tier ends in exactly one of these (`outpost_disk_admissions`), so
+/// none is dropped silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DiskAdmission {
+    /// Committed: visible on disk.
+    Stored,
+    /// The writer fell behind the client (its queue, or all queues together, full).
+    QueueFull,
+    /// A body of unannounced length passed `max_object_size` while it streamed.
+    TooLarge,
+    /// The disk refused a write or a commit.
+    Error,
+    /// The body never completed (the upstream failed, its length was wrong, or every reader
+    /// left an object nobody stores).
+    Incomplete,
+    /// A purge replaced the fill: the copy fetched after the purge is the one kept.
+    Superseded,
+}
+
+impl DiskAdmission {
+    /// Every outcome, in index order.
+    pub const ALL: [DiskAdmission; 6] = [
+        DiskAdmission::Stored,
+        DiskAdmission::QueueFull,
+        DiskAdmission::TooLarge,
+        DiskAdmission::Error,
+        DiskAdmission::Incomplete,
+        DiskAdmission::Superseded,
+    ];
+
+    /// The metric labels of [`DiskAdmission::ALL`], in the same order.
+    pub const LABELS: [&'static str; 6] = [
+        "stored",
+        "queue_full",
+        "too_large",
+        "error",
+        "incomplete",
+        "superseded",
+    ];
+
+    pub const fn index(self) -> usize {
+        match self {
+            DiskAdmission::Stored => 0,
+            DiskAdmission::QueueFull => 1,
+            DiskAdmission::TooLarge => 2,
+            DiskAdmission::Error => 3,
+            DiskAdmission::Incomplete => 4,
+            DiskAdmission::Superseded => 5,
+        }
+    }
+
+    pub const fn label(self) -> &'static str {
+        Self::LABELS[self.index()]
+    }
+
+    fn from_index(i: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(i)).copied()
+    }
+}
+
+/// The outcome a fill decided for its disk copy, shared with the disk writer task, which
+/// counts it once the write ends (the fill may no longer be able to reach it: a full queue).
+#[derive(Debug, Default)]
+pub struct DiskVerdict(std::sync::atomic::AtomicU8);
+
+impl DiskVerdict {
+    const UNSET: u8 = u8::MAX;
+
+    pub fn new() -> Self {
+        Self(std::sync::atomic::AtomicU8::new(Self::UNSET))
+    }
+
+    /// The fill gives up the disk copy for `why` (the first reason given stands).
+    pub fn abandon(&self, why: DiskAdmission) {
+        let _ = self.0.compare_exchange(
+            Self::UNSET,
+            why.index() as u8,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        );
+    }
+
+    /// Why the fill gave up, if it did.
+    pub fn reason(&self) -> Option<DiskAdmission> {
+        DiskAdmission::from_index(self.0.load(std::sync::atomic::Ordering::Acquire))
+    }
+}
+
 /// Which tier answered a lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tier {
@@ -153,6 +242,19 @@ mod tests {
             assert_eq!(CacheStatus::LABELS[i], k.label());
             assert_eq!(k.label(), k.as_str().to_ascii_lowercase());
         }
+        for (i, a) in DiskAdmission::ALL.iter().enumerate() {
+            assert_eq!(a.index(), i);
+            assert_eq!(DiskAdmission::from_index(i as u8), Some(*a));
+        }
+        let v = DiskVerdict::new();
+        assert_eq!(v.reason(), None);
+        v.abandon(DiskAdmission::QueueFull);
+        v.abandon(DiskAdmission::Superseded);
+        assert_eq!(
+            v.reason(),
+            Some(DiskAdmission::QueueFull),
+            "the first reason stands"
+        );
         for (i, t) in Tier::ALL.iter().enumerate() {
             assert_eq!(t.index(), i);
             assert_eq!(Tier::LABELS[i], t.as_str());

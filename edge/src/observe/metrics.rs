@@ -16,7 +16,7 @@ use prometheus_client::registry::Registry;
 
 use super::histogram::{AtomicHistogram, HistogramSnapshot};
 use crate::cache::Engine;
-use crate::cache::status::{CacheStatus, Tier};
+use crate::cache::status::{CacheStatus, DiskAdmission, Tier};
 use crate::cache::upstream::UpstreamError;
 
 /// Cache results in label order (the cache vocabulary's, [`CacheStatus::LABELS`]).
@@ -517,6 +517,24 @@ impl Collector for EdgeCollector {
                     engine.stats.disk_writes_abandoned.load(Ordering::Relaxed),
                 )],
             )?;
+            if engine.has_disk() {
+                let counts = engine.stats.disk_admissions();
+                let labels: Vec<[(&str, &str); 1]> = DiskAdmission::LABELS
+                    .iter()
+                    .map(|l| [("result", *l)])
+                    .collect();
+                let families: Vec<(&[(&str, &str)], u64)> = labels
+                    .iter()
+                    .zip(counts)
+                    .map(|(l, v)| (&l[..], v))
+                    .collect();
+                counter(
+                    &mut enc,
+                    "outpost_disk_admissions",
+                    "Storable responses by what became of their disk copy: stored, or why not (queue_full: the disk was slower than the client; too_large: passed max_object_size while streaming; error: the disk refused; incomplete: the body never completed; superseded: a purge replaced the fetch).",
+                    &families,
+                )?;
+            }
             counter(
                 &mut enc,
                 "outpost_slow_readers_dropped",

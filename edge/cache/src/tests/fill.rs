@@ -114,3 +114,41 @@ async fn a_404_with_freshness_is_stored_like_any_answer() {
     }
     assert_eq!(rig.origin.calls("/gone"), 1);
 }
+
+/// `outpost_disk_admissions`: what became of each storable response on its way to disk.
+fn admissions(rig: &Rig) -> [u64; 6] {
+    rig.engine.stats.disk_admissions()
+}
+
+/// Every storable response of an engine with a disk tier ends in exactly one admission
+/// outcome: nothing reaches the disk, or fails to, without being counted.
+#[tokio::test]
+async fn every_storable_response_ends_in_one_disk_admission() {
+    let rig = Rig::disk().await;
+    for i in 0..5 {
+        let path = format!("/o{i}");
+        rig.origin.fresh(&path, "body");
+        rig.check(&path, Miss, "body").await;
+    }
+    // No Content-Length, and more than max_object_size: given up while it streams.
+    rig.origin.script("/big", |_| {
+        let frames = (0..=MAX_OBJECT as usize / CHUNK)
+            .map(|_| Ok(Bytes::from(vec![b'x'; CHUNK])))
+            .collect();
+        response(StatusCode::OK, fields(FRESH_60), frames)
+    });
+    let big = rig.get("/big").await;
+    assert!(big.body.len() as u64 > MAX_OBJECT, "{big:?}");
+    // The upstream fails mid-body.
+    rig.origin
+        .script("/cut", |_| cut_short(FRESH_60, b"abc", 10));
+    assert!(rig.get("/cut").await.body_error.is_some());
+    rig.settle().await;
+    eventually("every disk write has ended", || {
+        admissions(&rig).iter().sum::<u64>() == 7
+    })
+    .await;
+    // stored, queue_full, too_large, error, incomplete, superseded
+    assert_eq!(admissions(&rig), [5, 0, 1, 0, 1, 0]);
+    assert_eq!(rig.objects().await.1, 5);
+}

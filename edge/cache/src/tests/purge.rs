@@ -115,6 +115,30 @@ async fn a_hard_purge_survives_reopening_and_the_sequence_only_grows() {
     assert_eq!(rig.origin.calls("/a"), 2);
 }
 
+/// `/a` answers `v1`, `v2`, ... The first fetch is held while `purge` runs and a second
+/// fetch, started after it, answers (`v2`); then the first answers (`v1`). Returns once both
+/// fills have settled.
+async fn fetch_across_a_purge(rig: &Rig, purge: &PurgeSpec) {
+    let version = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    rig.origin.script("/a", move |_| {
+        let v = version.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        ok(FRESH_60, format!("v{v}"))
+    });
+    let first_gate = rig.origin.hold("/a");
+    let before = rig.spawn_get("/a", &[]);
+    eventually("the first fetch is asked", || rig.origin.calls("/a") == 1).await;
+    rig.engine.purge(purge).await.expect("purge");
+    let second_gate = rig.origin.hold("/a");
+    let after = rig.spawn_get("/a", &[]);
+    eventually("a second fetch is asked", || rig.origin.calls("/a") == 2).await;
+    second_gate.open();
+    answers(vec![after]).await[0].expect(Miss, "v2");
+    first_gate.open();
+    // Its whole body read, a fill has stored its memory copy.
+    answers(vec![before]).await[0].expect(Miss, "v1");
+    rig.settle().await;
+}
+
 /// The fetch that started before a purge answers last: its answer must not replace (or, for
 /// an exact-URL purge, remove) the one fetched after the purge.
 #[tokio::test]
@@ -124,26 +148,24 @@ async fn a_fetch_that_started_before_a_purge_does_not_undo_the_one_after_it() {
         spec(|s| s.urls = vec!["/a".into()]),
     ] {
         let rig = Rig::memory().await;
-        let version = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        rig.origin.script("/a", move |_| {
-            let v = version.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            ok(FRESH_60, format!("v{v}"))
-        });
-        let first_gate = rig.origin.hold("/a");
-        let before = rig.spawn_get("/a", &[]);
-        eventually("the first fetch is asked", || rig.origin.calls("/a") == 1).await;
-        rig.engine.purge(&purge).await.expect("purge");
-        let second_gate = rig.origin.hold("/a");
-        let after = rig.spawn_get("/a", &[]);
-        eventually("a second fetch is asked", || rig.origin.calls("/a") == 2).await;
-        second_gate.open();
-        answers(vec![after]).await[0].expect(Miss, "v2");
-        first_gate.open();
-        // Its whole body read, a fill has stored its memory copy.
-        answers(vec![before]).await[0].expect(Miss, "v1");
-        rig.settle().await;
+        fetch_across_a_purge(&rig, &purge).await;
         let next = rig.get("/a").await;
         assert_eq!(next.cache, Hit, "after {purge:?}: {next:?}");
         next.expect(Hit, "v2");
     }
+}
+
+/// The fill a purge replaced neither stores on disk nor is lost from the count: it ends as
+/// `superseded`, the one after the purge as `stored`.
+#[tokio::test]
+async fn a_fill_a_purge_replaced_is_counted_as_superseded() {
+    let rig = Rig::disk().await;
+    fetch_across_a_purge(&rig, &spec(|s| s.prefixes = vec!["/".into()])).await;
+    let counted = || rig.engine.stats.disk_admissions();
+    eventually("both disk writes have ended", || {
+        counted().iter().sum::<u64>() == 2
+    })
+    .await;
+    assert_eq!(counted(), [1, 0, 0, 0, 0, 1]);
+    rig.check("/a", Hit, "v2").await;
 }
