@@ -634,6 +634,7 @@ impl Engine {
         }
         drop(memory_charge);
         let stored_seq = meta.purge_seq;
+        let committed_meta = meta.clone();
         if !current {
             verdict.abandon(DiskAdmission::Superseded);
         }
@@ -652,6 +653,18 @@ impl Engine {
         // finds this fill (and waits for the commit) rather than fetching again.
         if let Some(done) = committed {
             let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
+            // A revalidation that started while the commit ran (it replaced this fill) found
+            // no disk copy to update and refreshed only the memory copy: carry its metadata
+            // over to the copy that just landed, or a restart would find the old one.
+            if !self.is_current(fill)
+                && let Some(disk) = &self.disk
+                && let Some(obj) = self.memory.get(&store_key).await
+                && !Arc::ptr_eq(&obj.meta, &committed_meta)
+                && obj.meta.purge_seq == stored_seq
+                && let Err(e) = disk.update_meta(&store_key, &obj.meta).await
+            {
+                warn!(error = %e, "disk tier metadata update failed");
+            }
         }
         // Invalidated while we fetched: what we stored is already out of date. Only ours goes:
         // a fill that started after the purge stored a copy with a later purge sequence.

@@ -88,7 +88,6 @@ async fn a_304_refresh_is_kept_on_disk_across_reopening() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a 304 that lands before the first fill's disk commit is lost on disk"]
 async fn a_304_refresh_racing_the_disk_write_is_kept_on_disk() {
     a_304_refresh_is_kept_on_disk(true).await;
 }
