@@ -24,7 +24,9 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 use tokio::sync::watch;
 
-use super::key::KeyHash;
+use dashmap::DashMap;
+
+use super::key::{KeyHash, KeyHasher};
 use super::meta::CachedMeta;
 use super::status::PassReason;
 use super::upstream::UpstreamError;
@@ -136,6 +138,100 @@ struct State {
     buffered: usize,
     /// Readers dropped for taking nothing while the fill waited on them.
     dropped: std::collections::HashSet<u64>,
+}
+
+/// The fills in flight, at most one per key, and the budgets their bodies draw on: the
+/// engine's coalescing state. A fill enters when a request starts it and leaves when its task
+/// ends ([`Fills::ended`]), when a request replaces it (a fill from before a purge, or a
+/// finished one a request may not reuse), or when its key is invalidated ([`Fills::cancel`]).
+pub struct Fills {
+    map: DashMap<KeyHash, Arc<Fill>, KeyHasher>,
+    /// Fill bodies kept for the memory tier ([`crate::MemoryShares::memory_fills`]).
+    pub memory: Arc<Budget>,
+    /// Chunks queued for disk writers ([`crate::MemoryShares::disk_queue`]).
+    pub disk_queue: Arc<Budget>,
+}
+
+/// A request's place in a fill, as [`Fills::join_or_start`] found it.
+pub enum Place {
+    /// It joined a running (or just finished) fill.
+    Joined(Arc<Fill>, Option<FillReader>),
+    /// It started a new fill: its task is the caller's to spawn.
+    Started(Arc<Fill>, Option<FillReader>),
+}
+
+impl Fills {
+    pub fn new(memory: u64, disk_queue: u64) -> Self {
+        Self {
+            map: DashMap::with_hasher(KeyHasher::default()),
+            memory: Budget::new(memory),
+            disk_queue: Budget::new(disk_queue),
+        }
+    }
+
+    /// Joins the fill of `key` when `joinable` accepts it; otherwise replaces it (or fills the
+    /// gap) with a new fill started at purge sequence `purge_seq`. The reader is taken under
+    /// the map's shard lock, before the fill can move on.
+    pub fn join_or_start(
+        &self,
+        key: KeyHash,
+        purge_seq: u64,
+        joinable: impl Fn(&Fill) -> bool,
+    ) -> Place {
+        use dashmap::mapref::entry::Entry;
+        let vacant = loop {
+            match self.map.entry(key) {
+                Entry::Occupied(e) => {
+                    let fill = e.get();
+                    if joinable(fill) {
+                        let fill = fill.clone();
+                        let reader = fill.reader();
+                        return Place::Joined(fill, reader);
+                    }
+                    // Replace it: removed under the shard lock, then look again (another
+                    // request may have started a current fill meanwhile; that one is joinable).
+                    e.remove();
+                }
+                Entry::Vacant(v) => break v,
+            }
+        };
+        let fill = Fill::started_at(key, purge_seq);
+        let reader = fill.reader();
+        vacant.insert(fill.clone());
+        Place::Started(fill, reader)
+    }
+
+    /// Whether `fill` is still the fill of its key: a purge (or a request after one) replaces
+    /// it, and then what it fetched must neither replace nor remove the copy the newer fill
+    /// stores.
+    pub fn is_current(&self, fill: &Arc<Fill>) -> bool {
+        self.map
+            .get(&fill.key)
+            .is_some_and(|f| Arc::ptr_eq(f.value(), fill))
+    }
+
+    /// The task of `fill` ended: it leaves the map, unless a newer fill took its key.
+    pub fn ended(&self, fill: &Arc<Fill>) {
+        self.map.remove_if(&fill.key, |_, f| Arc::ptr_eq(f, fill));
+    }
+
+    /// Takes the fill of `key` out and cancels it: the key was invalidated, so what it
+    /// stores is removed again (see `fill.rs`).
+    pub fn cancel(&self, key: &KeyHash) {
+        if let Some((_, fill)) = self.map.remove(key) {
+            fill.cancel();
+        }
+    }
+
+    /// The fill of `key`, if one is in the map.
+    pub fn get(&self, key: &KeyHash) -> Option<Arc<Fill>> {
+        self.map.get(key).map(|f| f.value().clone())
+    }
+
+    /// No fill is in the map.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
 }
 
 /// Held by the task that runs a fill: when the task ends, however it ends (returned, panicked,

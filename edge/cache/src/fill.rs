@@ -23,9 +23,7 @@ use super::meta::{CachedMeta, MemObject};
 use super::policy::{self, Admission, Freshness};
 use super::status::{CacheStatus, DiskAdmission, DiskVerdict, PassReason, Tier};
 use super::upstream::{self, UpstreamBody, UpstreamError, empty_body};
-use super::{
-    CacheRequest, Engine, Failure, MAX_TRACKED_HOSTS, Served, ServedBody, Stored, push_store,
-};
+use super::{CacheRequest, Engine, Failure, Served, ServedBody, Stored, push_store};
 use outpost_http::headers::{CLIENT_CONDITIONALS, strip_hop_by_hop};
 
 /// A request's place in a fill: whether it started it, and its reader.
@@ -78,46 +76,29 @@ impl Engine {
         variant: KeyHash,
         stale: Option<&Stored>,
     ) -> Joined {
-        use dashmap::mapref::entry::Entry;
-        let current = self.gens.current();
-        let vacant = loop {
-            match self.fills.entry(variant) {
-                Entry::Occupied(e) => {
-                    let fill = e.get();
-                    // Join a running fetch; or a finished one that is about to make its stored
-                    // copy visible, when this request found no copy at all. Never one that
-                    // started before a purge, and never a finished one when this request holds
-                    // a stale copy (its answer is what made the copy stale).
-                    let joinable = fill.purge_seq == current
-                        && !fill.is_cancelled()
-                        && (!fill.completed() || (stale.is_none() && fill.stores()));
-                    if joinable {
-                        self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
-                        let fill = fill.clone();
-                        let reader = fill.reader();
-                        return Joined {
-                            fill,
-                            leader: false,
-                            reader,
-                        };
-                    }
-                    // Replace it: removed under the shard lock, then look again (another
-                    // request may have started a current fill meanwhile; that one is joinable).
-                    e.remove();
-                }
-                Entry::Vacant(v) => break v,
-            }
+        let current = self.purges.log.current();
+        // Join a running fetch; or a finished one that is about to make its stored copy
+        // visible, when this request found no copy at all. Never one that started before a
+        // purge, and never a finished one when this request holds a stale copy (its answer is
+        // what made the copy stale).
+        let joinable = |fill: &Fill| {
+            fill.purge_seq == current
+                && !fill.is_cancelled()
+                && (!fill.completed() || (stale.is_none() && fill.stores()))
         };
-        let fill = Fill::started_at(variant, current);
-        let reader = fill.reader();
-        vacant.insert(fill.clone());
+        let (fill, reader) = match self.fills.join_or_start(variant, current, joinable) {
+            coalesce::Place::Joined(fill, reader) => {
+                self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+                return Joined {
+                    fill,
+                    leader: false,
+                    reader,
+                };
+            }
+            coalesce::Place::Started(fill, reader) => (fill, reader),
+        };
         self.stats.fills.fetch_add(1, Ordering::Relaxed);
-        if self.hosts.len() < MAX_TRACKED_HOSTS
-            && let Some(host) = req.norm.key.as_str().split('/').next()
-            && !self.hosts.contains_key(host)
-        {
-            self.hosts.insert(host.to_string(), ());
-        }
+        self.purges.track_host(req.norm.key.as_str());
         let job = FillJob {
             admit: policy::AdmitOptions {
                 surrogate: self.cfg.surrogate_name.clone(),
@@ -353,8 +334,7 @@ impl Engine {
         // Dropped last: waiters wake once the stored copy is visible and the fill is gone.
         let _conclude = Concluding(fill.clone());
         self.fill_inner(&fill, job).await;
-        self.fills
-            .remove_if(&fill.key, |_, f| Arc::ptr_eq(f, &fill));
+        self.fills.ended(&fill);
     }
 
     async fn fill_inner(&self, fill: &Arc<Fill>, job: FillJob) {
@@ -408,7 +388,7 @@ impl Engine {
                 Some(mut updated) => {
                     updated.purge_seq = job.purge_seq;
                     let updated = Arc::new(updated);
-                    if self.is_current(fill) {
+                    if self.fills.is_current(fill) {
                         self.update_stored_meta(fill.key, &updated, job.stale_body.clone())
                             .await;
                     }
@@ -416,7 +396,7 @@ impl Engine {
                 }
                 None => {
                     // The merged response may no longer be stored: drop the old copy.
-                    if self.is_current(fill) {
+                    if self.fills.is_current(fill) {
                         self.remove_object(fill.key).await;
                     }
                     fill.publish(FillResult::Failed(UpstreamError::Protocol(
@@ -462,7 +442,7 @@ impl Engine {
                 // 5xx replaces nothing (stale-if-error may still serve the copy).
                 if job.stale_meta.is_some()
                     && !parts.status.is_server_error()
-                    && self.is_current(fill)
+                    && self.fills.is_current(fill)
                 {
                     self.remove_object(fill.key).await;
                 }
@@ -482,7 +462,7 @@ impl Engine {
         // compact copy): both count against the engine's budget until the copy is stored.
         let mut memory_charge = match content_length {
             Some(n) if storing && self.memory.fits(n) => {
-                self.memory_fills.take(n.saturating_mul(2))
+                self.fills.memory.take(n.saturating_mul(2))
             }
             _ => None,
         };
@@ -542,6 +522,7 @@ impl Engine {
                     }
                     if let Some(tx) = &disk_tx
                         && self
+                            .fills
                             .disk_queue
                             .take(data.len() as u64)
                             .is_none_or(|c| tx.try_send(DiskMsg::Data(data.clone(), c)).is_err())
@@ -560,7 +541,7 @@ impl Engine {
                         && storing
                         && self.memory.fits(total)
                         && let Some(m) = meta.as_deref()
-                        && self.is_current(fill)
+                        && self.fills.is_current(fill)
                     {
                         // The client has the whole body once it reads this chunk, and may ask
                         // again at once: make the memory copy visible first, so that request
@@ -616,7 +597,7 @@ impl Engine {
         meta.body_len = total;
         let meta = Arc::new(*meta);
         // A fill a purge replaced stores nothing: the newer fill's copy is the current one.
-        let current = self.is_current(fill);
+        let current = self.fills.is_current(fill);
         if !in_memory
             && current
             && self.memory.fits(total)
@@ -656,7 +637,7 @@ impl Engine {
             // A revalidation that started while the commit ran (it replaced this fill) found
             // no disk copy to update and refreshed only the memory copy: carry its metadata
             // over to the copy that just landed, or a restart would find the old one.
-            if !self.is_current(fill)
+            if !self.fills.is_current(fill)
                 && let Some(disk) = &self.disk
                 && let Some(obj) = self.memory.get(&store_key).await
                 && !Arc::ptr_eq(&obj.meta, &committed_meta)
@@ -676,15 +657,6 @@ impl Engine {
         {
             self.remove_object(store_key).await;
         }
-    }
-
-    /// Whether `fill` is still the fill of its key: a purge (or a later request after one)
-    /// replaces it, and then what it fetched must neither replace nor remove the copy the
-    /// newer fill stores.
-    fn is_current(&self, fill: &Arc<Fill>) -> bool {
-        self.fills
-            .get(&fill.key)
-            .is_some_and(|f| Arc::ptr_eq(f.value(), fill))
     }
 
     fn spawn_disk_writer(

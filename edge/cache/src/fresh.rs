@@ -102,7 +102,7 @@ impl Engine {
         let now_ms = unix_ms(now);
         let meta = &entry.obj.meta;
         if now_ms >= meta.fresh_until_ms
-            || self.gens.check(&meta.key, &meta.tags, meta.purge_seq) != Verdict::Valid
+            || self.purges.log.check(&meta.key, &meta.tags, meta.purge_seq) != Verdict::Valid
         {
             return None;
         }

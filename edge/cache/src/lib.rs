@@ -54,15 +54,13 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
-use dashmap::DashMap;
 use futures_util::StreamExt;
 use http::header::{self, HeaderMap};
 use http::{Method, request};
 
 use self::clock::Clock;
-use self::coalesce::Fill;
 use self::disk::{DiskHit, DiskTier};
-use self::key::{KeyHash, KeyHasher, NormalizedRequest};
+use self::key::{KeyHash, NormalizedRequest};
 use self::memory::MemoryTier;
 use self::meta::{CachedMeta, MemObject};
 use self::policy::Freshness;
@@ -160,22 +158,16 @@ pub struct Engine {
     memory: MemoryTier,
     disk: Option<Arc<DiskTier>>,
     vary: vary::VaryIndex,
-    fills: DashMap<KeyHash, Arc<Fill>, KeyHasher>,
+    /// The fills in flight and their budgets (coalescing).
+    fills: coalesce::Fills,
     upstream: Arc<dyn Upstream>,
     clock: Clock,
     cfg: EngineConfig,
-    gens: purge_log::Generations,
+    /// The purge log, the hosts seen and the reclamation state.
+    purges: purge::Purges,
     pinned: Option<push_store::PinnedStore>,
-    /// Hosts seen, so a purge of a bare path can reach every host's copy (bounded).
-    hosts: DashMap<String, ()>,
-    /// Background reclamation state: 0 idle, 1 running, 2 running and asked to run again.
-    reclaim: AtomicU64,
     budget: std::sync::Mutex<Budget>,
     pub stats: Arc<EngineStats>,
-    /// Fill bodies kept for the memory tier ([`coalesce::Budget`], [`MemoryShares`]).
-    memory_fills: Arc<coalesce::Budget>,
-    /// Chunks queued for disk writers ([`MemoryShares`]).
-    disk_queue: Arc<coalesce::Budget>,
 }
 
 /// How `--memory` is shared out. It covers everything the cache holds, not only the memory
@@ -221,8 +213,6 @@ impl MemoryShares {
     }
 }
 
-const MAX_TRACKED_HOSTS: usize = 1024;
-
 impl Engine {
     /// Opens the tiers (rebuilding the disk index) and returns a ready engine.
     pub async fn open(
@@ -236,7 +226,7 @@ impl Engine {
         let gens = purge_log::Generations::load(
             cfg.disk.as_ref().map(|(dir, _)| dir.join("purges.json")),
         )?;
-        let hosts: DashMap<String, ()> = DashMap::new();
+        let purges = purge::Purges::new(gens);
         let vary = vary::VaryIndex::default();
         // The largest purge sequence stored objects recorded (see `Generations::raise_floor`).
         let mut stored_seq = 0;
@@ -245,9 +235,7 @@ impl Engine {
                 let (tier, metas) = DiskTier::open(dir, *cap, held_budget).await?;
                 for (variant, m) in metas {
                     stored_seq = stored_seq.max(m.purge_seq);
-                    if hosts.len() < MAX_TRACKED_HOSTS {
-                        hosts.insert(m.key.split('/').next().unwrap_or("").to_string(), ());
-                    }
+                    purges.track_host(&m.key);
                     if m.vary.is_empty() {
                         continue;
                     }
@@ -266,23 +254,19 @@ impl Engine {
         if let Some(p) = &pinned {
             stored_seq = stored_seq.max(p.loaded_purge_seq());
         }
-        gens.raise_floor(stored_seq);
+        purges.log.raise_floor(stored_seq);
         let engine = Arc::new(Self {
             pinned,
             memory,
             disk,
             vary,
-            fills: DashMap::with_hasher(KeyHasher::default()),
+            fills: coalesce::Fills::new(shares.memory_fills, shares.disk_queue),
             upstream,
             clock,
             budget: std::sync::Mutex::new(Budget::full(cfg.revalidations_per_sec)),
             cfg,
-            gens,
-            hosts,
-            reclaim: AtomicU64::new(0),
+            purges,
             stats: Arc::new(EngineStats::default()),
-            memory_fills: coalesce::Budget::new(shares.memory_fills),
-            disk_queue: coalesce::Budget::new(shares.disk_queue),
         });
         // moka has no background thread: run its housekeeping (eviction, size accounting).
         let weak = Arc::downgrade(&engine);
@@ -447,7 +431,7 @@ impl Engine {
         let found = match self.lookup(&variant).await {
             Some(stored) => {
                 let m = stored.meta();
-                match self.gens.check(&m.key, &m.tags, m.purge_seq) {
+                match self.purges.log.check(&m.key, &m.tags, m.purge_seq) {
                     purge_log::Verdict::Valid => Some((stored, false)),
                     purge_log::Verdict::Stale => Some((stored, true)),
                     purge_log::Verdict::Gone => {

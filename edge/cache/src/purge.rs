@@ -3,12 +3,17 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
 
 use tracing::debug;
 
 use super::key::KeyHash;
 use super::{Engine, STORED_CODINGS, encoded_key, purge_log};
+
+/// Hosts remembered for purges of a bare path (a bound: hosts come from requests).
+const MAX_TRACKED_HOSTS: usize = 1024;
 
 /// What a purge covers (exact URLs are `host/path?query` keys or bare paths).
 #[derive(Debug, Clone, Default)]
@@ -29,6 +34,48 @@ pub struct PurgeOutcome {
     pub matched: Option<u64>,
 }
 
+/// The engine's purge state: the durable purge log (generations), the hosts seen (so a purge
+/// of a bare path reaches every host's copy; bounded), and the single-flight state of the
+/// background reclamation of purged objects.
+pub(super) struct Purges {
+    pub(super) log: purge_log::Generations,
+    hosts: DashMap<String, ()>,
+    /// 0 idle, 1 running, 2 running and asked to run again.
+    reclaim: AtomicU64,
+}
+
+impl Purges {
+    pub(super) fn new(log: purge_log::Generations) -> Self {
+        Self {
+            log,
+            hosts: DashMap::new(),
+            reclaim: AtomicU64::new(0),
+        }
+    }
+
+    /// Remembers the host of a key text (`host/path?query`), up to [`MAX_TRACKED_HOSTS`].
+    pub(super) fn track_host(&self, key_text: &str) {
+        if self.hosts.len() < MAX_TRACKED_HOSTS
+            && let Some(host) = key_text.split('/').next()
+            && !self.hosts.contains_key(host)
+        {
+            self.hosts.insert(host.to_string(), ());
+        }
+    }
+
+    /// `host/path` stays; a bare `/path` means that path on every host seen.
+    fn expand_hosts(&self, key: &str) -> Vec<String> {
+        if key.starts_with('/') {
+            self.hosts
+                .iter()
+                .map(|h| format!("{}{key}", h.key()))
+                .collect()
+        } else {
+            vec![key.to_string()]
+        }
+    }
+}
+
 impl Engine {
     /// Purges by exact URL, prefix, tag or everything, hard or soft. Prefix, tag and all are
     /// O(1) in the number of cached objects (a generation is recorded and persisted); exact
@@ -45,12 +92,12 @@ impl Engine {
         // a hard purge survives a restart even before the objects are reclaimed.
         let exact: Vec<String> = spec.urls.iter().map(|u| key_form(u)).collect();
         scopes.extend(exact.iter().map(|k| Scope::Exact(k.clone())));
-        let seq = self.gens.purge(&scopes, spec.soft).await?;
+        let seq = self.purges.log.purge(&scopes, spec.soft).await?;
         let mut matched = None;
         if !exact.is_empty() && !spec.soft {
             let mut n = 0;
             for k in &exact {
-                for key in self.expand_hosts(k) {
+                for key in self.purges.expand_hosts(k) {
                     let primary = KeyHash::of(&key);
                     if self.holds(primary).await {
                         n += 1;
@@ -66,18 +113,6 @@ impl Engine {
         Ok(PurgeOutcome { seq, matched })
     }
 
-    /// `host/path` stays; a bare `/path` means that path on every host seen.
-    fn expand_hosts(&self, key: &str) -> Vec<String> {
-        if key.starts_with('/') {
-            self.hosts
-                .iter()
-                .map(|h| format!("{}{key}", h.key()))
-                .collect()
-        } else {
-            vec![key.to_string()]
-        }
-    }
-
     async fn holds(&self, primary: KeyHash) -> bool {
         self.vary.contains(primary)
             || self.memory.get(&primary).await.is_some()
@@ -90,6 +125,7 @@ impl Engine {
     /// starting a second walk of the disk.
     fn spawn_reclaim(self: &Arc<Self>) {
         if self
+            .purges
             .reclaim
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
                 Some((s + 1).min(2))
@@ -105,7 +141,7 @@ impl Engine {
                 let Some(e) = engine.upgrade() else { return };
                 e.reclaim_once().await;
                 // 2 → 1: another purge came in meanwhile, sweep again; 1 → 0: done.
-                if e.reclaim.fetch_sub(1, Ordering::AcqRel) == 1 {
+                if e.purges.reclaim.fetch_sub(1, Ordering::AcqRel) == 1 {
                     return;
                 }
             }
@@ -120,7 +156,8 @@ impl Engine {
                 let mut removed = 0u64;
                 for key in disk.keys() {
                     if let Some(hit) = disk.peek(&key).await
-                        && e.gens
+                        && e.purges
+                            .log
                             .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
                             == purge_log::Verdict::Gone
                     {
@@ -135,7 +172,8 @@ impl Engine {
             if let Some(pinned) = &e.pinned {
                 for key in pinned.tier().keys() {
                     if let Some(hit) = pinned.tier().peek(&key).await
-                        && e.gens
+                        && e.purges
+                            .log
                             .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
                             == purge_log::Verdict::Gone
                     {
@@ -153,9 +191,7 @@ impl Engine {
         let variants = self.vary.remove(primary);
         for k in std::iter::once(primary).chain(variants.iter().copied()) {
             // A fetch still running for the key must not bring the old answer back.
-            if let Some((_, fill)) = self.fills.remove(&k) {
-                fill.cancel();
-            }
+            self.fills.cancel(&k);
             self.remove_object(k).await;
         }
     }

@@ -33,7 +33,7 @@ impl Engine {
             None => Stored::Pinned(pinned.get(path).await?),
         };
         let meta = stored.meta().clone();
-        match self.gens.check(&meta.key, &meta.tags, meta.purge_seq) {
+        match self.purges.log.check(&meta.key, &meta.tags, meta.purge_seq) {
             purge_log::Verdict::Gone => {
                 pinned.delete(path).await;
                 self.memory.remove(&key).await;
@@ -69,7 +69,7 @@ impl Engine {
         };
         let path = spec.path.clone();
         let out = store
-            .push(spec, body, self.clock.now(), self.gens.current())
+            .push(spec, body, self.clock.now(), self.purges.log.current())
             .await?;
         self.memory.remove(&push_store::pinned_key(&path)).await;
         Ok(out)
@@ -129,7 +129,8 @@ impl Engine {
             Some(store) => {
                 store
                     .list(prefix, |m| {
-                        self.gens.check(&m.key, &m.tags, m.purge_seq) != purge_log::Verdict::Gone
+                        self.purges.log.check(&m.key, &m.tags, m.purge_seq)
+                            != purge_log::Verdict::Gone
                     })
                     .await
             }

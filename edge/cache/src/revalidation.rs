@@ -53,7 +53,7 @@ impl Engine {
         // One revalidation per key: skip when a current fetch is already running (one that
         // started before a purge does not count; fill_or_join replaces it).
         if let Some(f) = self.fills.get(&variant)
-            && f.purge_seq == self.gens.current()
+            && f.purge_seq == self.purges.log.current()
             && !f.completed()
         {
             return;
