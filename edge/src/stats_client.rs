@@ -92,7 +92,28 @@ pub fn render(s: &Stats) -> String {
                 .map_or_else(String::new, |c| format!(" of {}", human(c)))
         ));
     }
+    if !s.disk_admissions.is_empty() {
+        out.push_str(&disk_admissions(&s.disk_admissions));
+    }
     out
+}
+
+/// `disk admissions: 7 of 9 stored (queue_full 1, incomplete 1)`: what became of storable
+/// responses on their way to disk.
+fn disk_admissions(a: &std::collections::BTreeMap<String, u64>) -> String {
+    let total: u64 = a.values().sum();
+    let stored = a.get("stored").copied().unwrap_or(0);
+    let why: Vec<String> = a
+        .iter()
+        .filter(|(k, v)| k.as_str() != "stored" && **v > 0)
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    let why = if why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", why.join(", "))
+    };
+    format!("disk admissions: {stored} of {total} stored{why}\n")
 }
 
 /// Prints once, or every second with `watch` (until interrupted).
@@ -108,5 +129,25 @@ pub async fn run(admin: &str, watch: bool) -> Result<(), String> {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn disk_admissions_name_what_was_not_stored() {
+        let a = [
+            ("stored", 7),
+            ("queue_full", 1),
+            ("incomplete", 1),
+            ("error", 0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(
+            super::disk_admissions(&a),
+            "disk admissions: 7 of 9 stored (incomplete 1, queue_full 1)\n"
+        );
     }
 }
