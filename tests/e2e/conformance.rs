@@ -364,7 +364,11 @@ impl Suite {
         let layout = Layout::of(&source).expect("checked by locate");
         let commit = checkout_commit(&source);
         let dir = target_dir(root).join("cache-tests-suite");
-        let stamp = format!("{}\n{}\n", source.display(), commit.as_deref().unwrap_or("?"));
+        let stamp = format!(
+            "{}\n{}\n",
+            source.display(),
+            commit.as_deref().unwrap_or("?")
+        );
         let stamp_path = dir.join(".outpost-copied-from");
         let fresh = commit.is_some()
             && fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp)
@@ -516,8 +520,8 @@ fn write_results_requested() -> bool {
 fn write_published_results(conformance: &Path, suite: &Suite, raw: &str) -> String {
     let dir = conformance.join("results");
     fs::create_dir_all(&dir).expect("create conformance/results");
-    let results: serde_json::Value = serde_json::from_str(raw.trim_start())
-        .expect("the CLI's results are one JSON object");
+    let results: serde_json::Value =
+        serde_json::from_str(raw.trim_start()).expect("the CLI's results are one JSON object");
     let mut json = serde_json::to_string_pretty(&results).expect("serialize results");
     json.push('\n');
     fs::write(dir.join("outpost.json"), json).expect("write conformance/results/outpost.json");
@@ -1423,7 +1427,10 @@ fn scorer_matches_reference_tool() {
     assert!(!files.is_empty(), "no local-*.json in {}", dir.display());
     let defs =
         Definitions::from_json(&fs::read_to_string(dir.join(SHARED_DEFINITIONS)).unwrap()).unwrap();
-    let definitions = [OsString::from("--tests"), dir.join(SHARED_DEFINITIONS).into()];
+    let definitions = [
+        OsString::from("--tests"),
+        dir.join(SHARED_DEFINITIONS).into(),
+    ];
     compare_with_reference_tool(&definitions, &defs, &files);
 }
 
@@ -1452,7 +1459,11 @@ fn scorer_matches_reference_tool_on_current_suite() {
         .filter(|path| path.extension().is_some_and(|e| e == "json"))
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no results/*.json in {}", suite.display());
+    assert!(
+        !files.is_empty(),
+        "no results/*.json in {}",
+        suite.display()
+    );
     let ours = workspace_root().join("conformance/results/outpost.json");
     if ours.is_file() {
         files.push(ours);
