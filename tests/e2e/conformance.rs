@@ -1,16 +1,20 @@
-//! Conformance gate: the public HTTP caching test suite (cache-tests, npm `http-cache-tests`,
-//! push_store in `conformance/package.json`) run against Outpost.
+//! Conformance gate: the public HTTP caching test suite (cache-tests) run against Outpost.
 //!
-//! `cache_tests_conformance_gate` starts the suite's origin server (node, loopback only), the
-//! system under test in front of it, runs the suite's CLI through it, scores the results with
-//! `tests/support/cachetests.rs` and fails when fewer required tests pass than
-//! `conformance/baseline.toml` records. See `conformance/README.md`.
+//! `cache_tests_conformance_gate` runs the current suite: a cache-tests checkout from
+//! `$OUTPOST_CACHE_TESTS_DIR`, else `../shared/cache-tests-suite`, copied to
+//! `target/cache-tests-suite/` (with `npm ci --omit=dev` there); without either, the pinned npm
+//! package `http-cache-tests` (`conformance/package.json`). It starts the suite's origin server
+//! (node, loopback only), the system under test in front of it, runs the suite's CLI through
+//! it, scores the results with `tests/support/cachetests.rs` and fails when fewer required
+//! tests pass than the suite's baseline records (`conformance/current/baseline.toml` for a
+//! checkout, `conformance/baseline.toml` for the package). See `conformance/README.md`.
 //!
 //! The other tests check the scorer: synthetic cases, and cross-checks against the team's
 //! reference tool (`shared/tools/cachetests_score.py`) on the published result files in
-//! `shared/cache-tests/`.
+//! `shared/cache-tests/` and `shared/cache-tests-suite/results/`.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read as _, Seek as _, SeekFrom};
@@ -24,8 +28,17 @@ use crate::support::cachetests::{self, Audience, Definitions, Kind, Results, Sco
 use crate::support::proc::{BIN, listening};
 use crate::support::repo;
 
-/// The npm package that holds the suite.
+/// The npm package that holds the pinned (fallback) suite.
 const SUITE_PACKAGE: &str = "http-cache-tests";
+/// A cache-tests checkout (the git layout or the npm package layout) to run instead of
+/// `../shared/cache-tests-suite`.
+const SUITE_DIR_ENV: &str = "OUTPOST_CACHE_TESTS_DIR";
+/// `OUTPOST_CACHE_TESTS_DIR=pinned` runs the pinned npm package even when a checkout is there.
+const PINNED: &str = "pinned";
+/// The snapshot of the current suite beside the checkout (read-only in CI).
+const SHARED_SUITE: &str = "../shared/cache-tests-suite";
+/// `1`: the gate also writes `conformance/results/outpost.json` and `index.mjs`.
+const WRITE_RESULTS_ENV: &str = "OUTPOST_CONFORMANCE_WRITE_RESULTS";
 /// Selects the system under test: `edge` (default) or `direct`.
 const TARGET_ENV: &str = "OUTPOST_CONFORMANCE_TARGET";
 /// Overrides the time allowed for the suite's CLI, in seconds.
@@ -42,23 +55,23 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 fn cache_tests_conformance_gate() {
     let root = workspace_root();
     let conformance = root.join("conformance");
-    let package = conformance.join("node_modules").join(SUITE_PACKAGE);
-    assert!(
-        package.join("package.json").is_file(),
-        "\n\n{SUITE_PACKAGE} is not installed in {}.\n\
-         Run `bash conformance/setup.sh` (installs node/npm if missing, then `npm ci`) \
-         before `cargo test`.\n\n",
-        conformance.join("node_modules").display()
-    );
     let target = Target::from_env();
+    let suite = Suite::locate(&root);
     let out = out_dir(&root);
     fs::create_dir_all(&out).expect("create target/conformance");
     for stale in ["results.json", "summary.txt", "cli.stderr.log"] {
         let _ = fs::remove_file(out.join(stale));
     }
 
-    let suite_version = package_version(&package);
-    let defs_json = node_stdout(&conformance, &["--no-warnings", "export-tests.mjs"]);
+    let defs_json = node_stdout(
+        &conformance,
+        &[
+            "--no-warnings",
+            "export-tests.mjs",
+            &suite.dir.display().to_string(),
+            suite.layout.cli(),
+        ],
+    );
     fs::write(out.join("tests.json"), &defs_json).expect("write target/conformance/tests.json");
     let defs = Definitions::from_json(&defs_json)
         .unwrap_or_else(|e| panic!("definitions from conformance/export-tests.mjs: {e}"));
@@ -75,8 +88,8 @@ fn cache_tests_conformance_gate() {
     server_cmd
         .arg("--import")
         .arg(conformance.join("bind-loopback.mjs"))
-        .arg("server/server.mjs")
-        .current_dir(&package)
+        .arg(suite.layout.server())
+        .current_dir(&suite.dir)
         .env("npm_config_protocol", "http")
         // Port 0: the OS picks one, and the server prints it ("Listening on http://host:port/").
         .env("npm_config_port", "0")
@@ -133,8 +146,8 @@ fn cache_tests_conformance_gate() {
     let cli_stderr = out.join("cli.stderr.log");
     let mut cli_cmd = Command::new("node");
     cli_cmd
-        .args(["--no-warnings", "cli.mjs"])
-        .current_dir(&package)
+        .args(["--no-warnings", suite.layout.cli()])
+        .current_dir(&suite.dir)
         .env("npm_config_base", &base_url)
         .env("npm_config_id", "")
         .env("npm_package_config_id", "");
@@ -167,15 +180,18 @@ fn cache_tests_conformance_gate() {
 
     let score = cachetests::score(&defs, &results, Audience::CDN)
         .unwrap_or_else(|e| panic!("scoring {}: {e}", results_path.display()));
-    let baseline = Baseline::load(&conformance.join("baseline.toml"), target);
-    let known = KnownFailures::load(&conformance.join("known-failures.toml"));
+    let files = suite.gate_files(&conformance);
+    let baseline_path = files.join("baseline.toml");
+    let known_path = files.join("known-failures.toml");
+    let baseline = Baseline::load(&baseline_path, target);
+    let known = KnownFailures::load(&known_path);
 
     let mut summary = String::new();
     let _ = writeln!(summary, "== cache-tests conformance gate");
     let _ = writeln!(
         summary,
-        "suite:   {SUITE_PACKAGE} {suite_version}: {} tests apply to a shared cache / CDN \
-         ({} defined, {} results)",
+        "suite:   {}: {} tests apply to a shared cache / CDN ({} defined, {} results)",
+        suite.label,
         score.applicable,
         defs.len(),
         results.len()
@@ -192,10 +208,10 @@ fn cache_tests_conformance_gate() {
     let _ = writeln!(summary);
     summary.push_str(&score.report(&results));
     let _ = writeln!(summary);
-    let verdict = baseline.check(&score, target);
+    let verdict = baseline.check(&score, target, &rel(&root, &baseline_path));
     summary.push_str(&verdict.text);
     if target == Target::Edge {
-        summary.push_str(&known.check(&score));
+        summary.push_str(&known.check(&score, &rel(&root, &known_path)));
     } else {
         let _ = writeln!(
             summary,
@@ -210,10 +226,19 @@ fn cache_tests_conformance_gate() {
         results_path.display(),
         summary_path.display()
     );
+    if write_results_requested() {
+        assert!(
+            target == Target::Edge,
+            "{WRITE_RESULTS_ENV}=1 publishes Outpost's results; it needs target `edge`"
+        );
+        let written = write_published_results(&conformance, &suite, &raw);
+        println!("published:   {written}");
+    }
 
     assert!(
         verdict.ok,
-        "cache-tests conformance fell below conformance/baseline.toml [{}]; see {}",
+        "cache-tests conformance fell below {} [{}]; see {}",
+        rel(&root, &baseline_path),
         target.as_str(),
         summary_path.display()
     );
@@ -249,12 +274,318 @@ impl Target {
     }
 }
 
+// ------------------------------------------------------------------------------ the suite
+
+/// Where a suite keeps its server and CLI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// The cache-tests git repository since 2023: `test-engine/{server/server.mjs,cli.mjs}`.
+    Git,
+    /// The npm package `http-cache-tests` 0.4.x: `server/server.mjs`, `cli.mjs`.
+    Package,
+}
+
+impl Layout {
+    fn of(dir: &Path) -> Option<Layout> {
+        if dir.join("test-engine/cli.mjs").is_file() {
+            Some(Layout::Git)
+        } else if dir.join("cli.mjs").is_file() && dir.join("server/server.mjs").is_file() {
+            Some(Layout::Package)
+        } else {
+            None
+        }
+    }
+
+    fn server(self) -> &'static str {
+        match self {
+            Layout::Git => "test-engine/server/server.mjs",
+            Layout::Package => "server/server.mjs",
+        }
+    }
+
+    fn cli(self) -> &'static str {
+        match self {
+            Layout::Git => "test-engine/cli.mjs",
+            Layout::Package => "cli.mjs",
+        }
+    }
+}
+
+/// The suite the gate runs.
+#[derive(Debug)]
+struct Suite {
+    /// Where it runs (a copy under target/ for a checkout, the package itself for npm).
+    dir: PathBuf,
+    layout: Layout,
+    /// `current`: a checkout (`OUTPOST_CACHE_TESTS_DIR` or `../shared/cache-tests-suite`);
+    /// `package`: the pinned npm package.
+    source: SuiteSource,
+    /// What the summary calls it.
+    label: String,
+    /// The suite's git commit (the `COMMIT` file or `git rev-parse`), or the package version.
+    commit: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SuiteSource {
+    Current,
+    Package,
+}
+
+impl Suite {
+    /// `$OUTPOST_CACHE_TESTS_DIR` when set (`pinned`: the npm package), else
+    /// `../shared/cache-tests-suite` when present, else the pinned npm package. A checkout is copied to `target/cache-tests-suite/` and its
+    /// runtime dependencies installed there (`npm ci --omit=dev`), since shared/ is read-only.
+    fn locate(root: &Path) -> Suite {
+        let checkout = match std::env::var_os(SUITE_DIR_ENV).filter(|v| !v.is_empty()) {
+            Some(value) if value == PINNED => None,
+            Some(dir) => {
+                let dir = PathBuf::from(dir);
+                assert!(
+                    Layout::of(&dir).is_some(),
+                    "{SUITE_DIR_ENV}={}: not a cache-tests checkout (no test-engine/cli.mjs, \
+                     nor cli.mjs and server/server.mjs)",
+                    dir.display()
+                );
+                Some(dir)
+            }
+            None => Some(root.join(SHARED_SUITE)).filter(|dir| Layout::of(dir).is_some()),
+        };
+        match checkout {
+            Some(source) => Suite::from_checkout(root, &source),
+            None => Suite::package(root),
+        }
+    }
+
+    fn from_checkout(root: &Path, source: &Path) -> Suite {
+        let source = source
+            .canonicalize()
+            .unwrap_or_else(|e| panic!("{}: {e}", source.display()));
+        let layout = Layout::of(&source).expect("checked by locate");
+        let commit = checkout_commit(&source);
+        let dir = target_dir(root).join("cache-tests-suite");
+        let stamp = format!(
+            "{}\n{}\n",
+            source.display(),
+            commit.as_deref().unwrap_or("?")
+        );
+        let stamp_path = dir.join(".outpost-copied-from");
+        let fresh = commit.is_some()
+            && fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp)
+            && checkout_commit(&dir) == commit;
+        if fresh {
+            eprintln!(
+                "conformance: {} is already a copy of {} at {}",
+                dir.display(),
+                source.display(),
+                commit.as_deref().unwrap_or("?")
+            );
+        } else {
+            if dir.exists() {
+                fs::remove_dir_all(&dir)
+                    .unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+            }
+            copy_tree(&source, &dir);
+            if let (false, Some(commit)) = (dir.join("COMMIT").exists(), &commit) {
+                fs::write(dir.join("COMMIT"), format!("{commit}\n")).expect("write COMMIT");
+            }
+            fs::write(&stamp_path, &stamp).expect("write the copy stamp");
+            eprintln!(
+                "conformance: copied {} to {}",
+                source.display(),
+                dir.display()
+            );
+        }
+        if !dir.join("node_modules").is_dir() {
+            eprintln!("conformance: npm ci --omit=dev in {}", dir.display());
+            let output = Command::new("npm")
+                .args(["ci", "--omit=dev", "--no-audit", "--no-fund"])
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run npm ({e}); run `bash conformance/setup.sh` to install it")
+                });
+            assert!(
+                output.status.success(),
+                "npm ci --omit=dev in {} failed ({}):\n{}\n{}",
+                dir.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let commit = commit.unwrap_or_else(|| "unknown".to_owned());
+        Suite {
+            label: format!(
+                "cache-tests {} (from {})",
+                &commit[..commit.len().min(7)],
+                source.display()
+            ),
+            dir,
+            layout,
+            source: SuiteSource::Current,
+            commit,
+        }
+    }
+
+    fn package(root: &Path) -> Suite {
+        let conformance = root.join("conformance");
+        let dir = conformance.join("node_modules").join(SUITE_PACKAGE);
+        assert!(
+            dir.join("package.json").is_file(),
+            "\n\nNo cache-tests suite: {SUITE_DIR_ENV} is not set, {SHARED_SUITE} is missing, \
+             and {SUITE_PACKAGE} is not installed in {}.\n\
+             Run `bash conformance/setup.sh` (installs node/npm if missing, then `npm ci`) \
+             before `cargo test`.\n\n",
+            conformance.join("node_modules").display()
+        );
+        let version = package_version(&dir);
+        Suite {
+            label: format!("{SUITE_PACKAGE} {version} (npm package, the fallback)"),
+            layout: Layout::Package,
+            dir,
+            source: SuiteSource::Package,
+            commit: format!("{SUITE_PACKAGE}@{version}"),
+        }
+    }
+
+    /// The directory holding this suite's `baseline.toml` and `known-failures.toml`.
+    fn gate_files(&self, conformance: &Path) -> PathBuf {
+        match self.source {
+            SuiteSource::Current => conformance.join("current"),
+            SuiteSource::Package => conformance.to_path_buf(),
+        }
+    }
+}
+
+/// The commit of a suite checkout: its `COMMIT` file, else `git rev-parse HEAD`.
+fn checkout_commit(dir: &Path) -> Option<String> {
+    if let Ok(text) = fs::read_to_string(dir.join("COMMIT")) {
+        let commit = text.trim();
+        if !commit.is_empty() {
+            return Some(commit.to_owned());
+        }
+    }
+    if !dir.join(".git").exists() {
+        return None;
+    }
+    let output = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let commit = String::from_utf8(output.stdout).ok()?.trim().to_owned();
+    Some(commit).filter(|c| !c.is_empty())
+}
+
+/// Copies a suite checkout, leaving out `.git` and `node_modules`.
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap_or_else(|e| panic!("create {}: {e}", to.display()));
+    let entries = fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display()));
+    for entry in entries {
+        let entry = entry.expect("directory entry");
+        let name = entry.file_name();
+        if name == ".git" || name == "node_modules" {
+            continue;
+        }
+        let (src, dst) = (entry.path(), to.join(&name));
+        let kind = entry.file_type().expect("file type");
+        if kind.is_dir() {
+            copy_tree(&src, &dst);
+        } else if kind.is_file() || src.is_file() {
+            fs::copy(&src, &dst)
+                .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
+        }
+    }
+}
+
+/// `path` relative to the repository root when it is inside it, for messages.
+fn rel(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+fn write_results_requested() -> bool {
+    std::env::var(WRITE_RESULTS_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
+/// Writes `conformance/results/outpost.json` (the CLI's results object, the format of the
+/// suite's own `results/*.json`) and `conformance/results/index.mjs` (the entry the suite's
+/// `results/index.mjs` would list, plus the suite commit the results belong to).
+fn write_published_results(conformance: &Path, suite: &Suite, raw: &str) -> String {
+    let dir = conformance.join("results");
+    fs::create_dir_all(&dir).expect("create conformance/results");
+    let results: serde_json::Value =
+        serde_json::from_str(raw.trim_start()).expect("the CLI's results are one JSON object");
+    let mut json = serde_json::to_string_pretty(&results).expect("serialize results");
+    json.push('\n');
+    fs::write(dir.join("outpost.json"), json).expect("write conformance/results/outpost.json");
+    let entry = serde_json::json!([{
+        "file": "outpost.json",
+        "name": "Outpost",
+        "type": "rev-proxy",
+        "version": outpost_version(),
+        "suite_commit": suite.commit,
+    }]);
+    let index = format!(
+        "// Outpost's entry for the cache-tests results index (results/index.mjs), written by\n\
+         // {WRITE_RESULTS_ENV}=1 cargo test --test e2e conformance::cache_tests_conformance_gate.\n\
+         // suite_commit is the cache-tests commit the results were produced with.\n\
+         export default {}\n",
+        serde_json::to_string_pretty(&entry).expect("serialize the index entry")
+    );
+    fs::write(dir.join("index.mjs"), index).expect("write conformance/results/index.mjs");
+    format!(
+        "{} and index.mjs (suite {})",
+        dir.join("outpost.json").display(),
+        suite.commit
+    )
+}
+
+/// `outpost --version` of the binary under test, plus the repository commit when known.
+fn outpost_version() -> String {
+    let output = Command::new(BIN)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run outpost --version");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let version = text
+        .split_whitespace()
+        .last()
+        .unwrap_or("unknown")
+        .to_owned();
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|c| !c.is_empty());
+    match commit {
+        Some(commit) => format!("{version} ({commit})"),
+        None => version,
+    }
+}
+
 fn workspace_root() -> PathBuf {
     repo()
 }
 
 /// `target/conformance`, under CARGO_TARGET_DIR when that is set.
 fn out_dir(root: &Path) -> PathBuf {
+    target_dir(root).join("conformance")
+}
+
+/// `target`, or CARGO_TARGET_DIR when that is set.
+fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|dir| {
@@ -265,7 +596,6 @@ fn out_dir(root: &Path) -> PathBuf {
             }
         })
         .unwrap_or_else(|| root.join("target"))
-        .join("conformance")
 }
 
 fn cli_timeout() -> Duration {
@@ -497,7 +827,7 @@ impl Baseline {
         })
     }
 
-    fn check(&self, score: &Score, target: Target) -> BaselineVerdict {
+    fn check(&self, score: &Score, target: Target, file: &str) -> BaselineVerdict {
         let mut text = String::new();
         let mut ok = true;
         let rows = [
@@ -518,13 +848,13 @@ impl Baseline {
                 ok = false;
                 "BELOW BASELINE"
             } else if got > want {
-                "ok; above the baseline, raise it in conformance/baseline.toml"
+                "ok; above the baseline, raise it"
             } else {
                 "ok"
             };
             let _ = writeln!(
                 text,
-                "baseline [{}] {key} = {want}: got {got}: {state}",
+                "baseline {file} [{}] {key} = {want}: got {got}: {state}",
                 target.as_str()
             );
         }
@@ -570,7 +900,7 @@ impl KnownFailures {
 
     /// Warnings (never failures) for required tests that fail without being listed, and notes
     /// for listed tests that no longer fail or that the suite does not have.
-    fn check(&self, score: &Score) -> String {
+    fn check(&self, score: &Score, file: &str) -> String {
         let mut text = String::new();
         let unlisted: Vec<_> = score
             .own_failures(Kind::Required)
@@ -578,15 +908,14 @@ impl KnownFailures {
             .collect();
         let _ = writeln!(
             text,
-            "known failures: {} listed in conformance/known-failures.toml, {} failing required \
-             tests not listed",
+            "known failures: {} listed in {file}, {} failing required tests not listed",
             self.reasons.len(),
             unlisted.len()
         );
         for t in unlisted {
             let _ = writeln!(
                 text,
-                "WARNING: required test {} fails ({}) and is not in conformance/known-failures.toml",
+                "WARNING: required test {} fails ({}) and is not in {file}",
                 t.id,
                 t.verdict.as_str()
             );
@@ -749,10 +1078,12 @@ fn parse_basic_string(s: &str) -> Result<(String, &str), String> {
 #[test]
 fn committed_gate_files_parse() {
     let conformance = workspace_root().join("conformance");
-    for target in [Target::Direct, Target::Edge] {
-        Baseline::load(&conformance.join("baseline.toml"), target);
+    for files in [conformance.clone(), conformance.join("current")] {
+        for target in [Target::Direct, Target::Edge] {
+            Baseline::load(&files.join("baseline.toml"), target);
+        }
+        KnownFailures::load(&files.join("known-failures.toml"));
     }
-    KnownFailures::load(&conformance.join("known-failures.toml"));
 }
 
 #[test]
@@ -1092,15 +1423,64 @@ fn scorer_matches_reference_tool() {
     let Some(dir) = shared_cache_tests() else {
         return;
     };
-    let tool = dir.join("../tools/cachetests_score.py");
     let files = shared_result_files(&dir);
     assert!(!files.is_empty(), "no local-*.json in {}", dir.display());
+    let defs =
+        Definitions::from_json(&fs::read_to_string(dir.join(SHARED_DEFINITIONS)).unwrap()).unwrap();
+    let definitions = [
+        OsString::from("--tests"),
+        dir.join(SHARED_DEFINITIONS).into(),
+    ];
+    compare_with_reference_tool(&definitions, &defs, &files);
+}
+
+/// The same on the current suite (`../shared/cache-tests-suite`): its published `results/*.json`
+/// and Outpost's `conformance/results/outpost.json`, the definitions read the gate's way
+/// (`conformance/export-tests.mjs`) and the tool's way (`--suite DIR`).
+#[test]
+fn scorer_matches_reference_tool_on_current_suite() {
+    let suite = workspace_root().join(SHARED_SUITE);
+    if Layout::of(&suite).is_none() {
+        eprintln!(
+            "\n!!! SKIPPED: {} not found; the scorer is not cross-checked on the current suite\n",
+            suite.display()
+        );
+        return;
+    }
+    let suite = suite.canonicalize().unwrap();
+    let json = node_stdout(
+        &workspace_root().join("conformance"),
+        &["--no-warnings", "export-tests.mjs", suite.to_str().unwrap()],
+    );
+    let defs = Definitions::from_json(&json).unwrap();
+    let mut files: Vec<PathBuf> = fs::read_dir(suite.join("results"))
+        .expect("read the suite's results/")
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(
+        !files.is_empty(),
+        "no results/*.json in {}",
+        suite.display()
+    );
+    let ours = workspace_root().join("conformance/results/outpost.json");
+    if ours.is_file() {
+        files.push(ours);
+    }
+    let definitions = [OsString::from("--suite"), suite.into()];
+    compare_with_reference_tool(&definitions, &defs, &files);
+}
+
+/// Runs `shared/tools/cachetests_score.py DEFINITIONS --json FILES` (skips when python3 is
+/// missing) and compares every count and verdict with the Rust scorer's on `defs`.
+fn compare_with_reference_tool(definitions: &[OsString], defs: &Definitions, files: &[PathBuf]) {
+    let tool = workspace_root().join("../shared/tools/cachetests_score.py");
     let output = match Command::new("python3")
         .arg(&tool)
-        .arg("--tests")
-        .arg(dir.join(SHARED_DEFINITIONS))
+        .args(definitions)
         .arg("--json")
-        .args(&files)
+        .args(files)
         .output()
     {
         Ok(output) => output,
@@ -1122,9 +1502,9 @@ fn scorer_matches_reference_tool() {
     let reference = reference.as_array().unwrap();
     assert_eq!(reference.len(), files.len());
     for (file, want) in files.iter().zip(reference) {
-        let name = file.file_name().unwrap().to_str().unwrap();
-        let (defs, results) = load_shared(&dir, name);
-        let score = cachetests::score(&defs, &results, Audience::CDN).unwrap();
+        let name = file.display().to_string();
+        let results = Results::from_json(&fs::read_to_string(file).unwrap()).unwrap();
+        let score = cachetests::score(defs, &results, Audience::CDN).unwrap();
         assert_eq!(want["passed"], score.raw_passed, "{name}: passed");
         assert_eq!(want["applicable"], score.applicable, "{name}: applicable");
         for kind in Kind::ALL {
