@@ -216,8 +216,25 @@ pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<re
             );
         }
     }
-    if age_is_invalid(&resp.headers) {
-        headers.insert(header::AGE, HeaderValue::from_static("2147483648"));
+    // RFC 9111 §5.3: an invalid Expires means "already expired". The date parser accepts
+    // repeated spaces in the comma forms, which the HTTP-date grammar does not.
+    if headers
+        .get(header::EXPIRES)
+        .is_some_and(|v| !expires_is_well_formed(v.as_bytes()))
+    {
+        headers.insert(
+            header::EXPIRES,
+            HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"),
+        );
+    }
+    // RFC 9111 §5.1: a list-valued Age counts by its first member; an invalid one is ignored.
+    match first_age(&resp.headers) {
+        Some(age) => {
+            headers.insert(header::AGE, age);
+        }
+        None => {
+            headers.remove(header::AGE);
+        }
     }
     // RFC 9111 §3: any final status may be stored when the response has explicit freshness.
     // The policy crate only understands a fixed list of codes, so it evaluates such a response
@@ -245,17 +262,23 @@ pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<re
     Some(out)
 }
 
-/// RFC 9111 §5.1: Age is one non-negative integer; anything else is invalid.
-fn age_is_invalid(headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(header::AGE).iter();
-    let Some(first) = values.next() else {
-        return false;
-    };
-    if values.next().is_some() {
-        return true;
+/// Spacing per the HTTP-date grammar (RFC 9110 §5.6.7): IMF-fixdate and the obsolete RFC 850
+/// form (the ones with a comma) separate their parts with exactly one space; only asctime
+/// pads a one-digit day with a second one. The rest of the date is the parser's to judge.
+fn expires_is_well_formed(v: &[u8]) -> bool {
+    !(v.contains(&b',') && v.windows(2).any(|w| w == b"  "))
+}
+
+/// The Age a cache uses (RFC 9111 §5.1): "a cache encountering a message with a list-based Age
+/// field value SHOULD use the first member of the field value, discarding subsequent ones", and
+/// one that is then not a non-negative integer is ignored (`None`, as when there is no Age).
+fn first_age(headers: &HeaderMap) -> Option<HeaderValue> {
+    let first = headers.get(header::AGE)?.to_str().ok()?;
+    let member = first.split(',').next().unwrap_or("").trim();
+    if member.is_empty() || !member.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    let v = first.as_bytes();
-    v.is_empty() || !v.iter().all(u8::is_ascii_digit)
+    HeaderValue::from_str(member).ok()
 }
 
 /// Header names listed in Vary (lower-case), sorted. `None` for `Vary: *`, which never matches.
@@ -709,9 +732,37 @@ mod tests {
     }
 
     #[test]
-    fn invalid_age_is_stale_and_directives_are_case_insensitive() {
+    fn an_expires_spaced_against_the_date_grammar_means_expired() {
         let now = SystemTime::now();
-        for age in ["abc", "-7200", "1.5", "0, 7200"] {
+        for (expires, expected) in [
+            ("Thu, 18  Aug  2050 02:01:18 GMT", Freshness::Stale),
+            ("Thu, 18 Aug 2050 02:01:18 GMT", Freshness::Fresh),
+            ("THU, 18 Aug 2050 02:01:18 GMT", Freshness::Fresh),
+        ] {
+            let m = store(
+                &req(&[]),
+                &resp(200, &[("expires", expires), ("etag", "\"a\"")]),
+                now,
+            )
+            .unwrap();
+            assert_eq!(freshness(&m, &req(&[]), now), expected, "{expires}");
+        }
+    }
+
+    #[test]
+    fn age_counts_by_its_first_member_and_directives_are_case_insensitive() {
+        let now = SystemTime::now();
+        // RFC 9111 §5.1: the first member of a list counts; an invalid Age is ignored (the
+        // response is as fresh as its max-age says); a valid old one makes it stale.
+        for (age, expected) in [
+            ("abc", Freshness::Fresh),
+            ("-7200", Freshness::Fresh),
+            ("1.5", Freshness::Fresh),
+            ("0, 7200", Freshness::Fresh),
+            ("7200, 0", Freshness::Stale),
+            ("7200", Freshness::Stale),
+            ("2147483648", Freshness::Stale),
+        ] {
             let m = store(
                 &req(&[]),
                 &resp(
@@ -725,7 +776,7 @@ mod tests {
                 now,
             )
             .unwrap();
-            assert_eq!(freshness(&m, &req(&[]), now), Freshness::Stale, "{age}");
+            assert_eq!(freshness(&m, &req(&[]), now), expected, "{age}");
         }
         let m = store(
             &req(&[]),
