@@ -148,6 +148,7 @@ fn main() {
                 disk: Some((dir.path().to_path_buf(), 1 << 20)),
                 max_object_size: 1 << 20,
                 surrogate_name: "bench".into(),
+                targeted_cache_control: outpost_edge::cache::default_targeted_cache_control(),
                 revalidations_per_sec: 100,
             stale_if_error_wait: std::time::Duration::from_secs(2),
             send_timeout: std::time::Duration::from_secs(60),

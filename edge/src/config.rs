@@ -121,6 +121,7 @@ struct RawCache {
     strip_version_param: Option<bool>,
     strip_tag_headers: Option<bool>,
     versioned_ttl: Option<Setting<RawDuration>>,
+    targeted_cache_control: Option<Vec<Setting<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,6 +230,9 @@ pub struct EdgeConfig {
     pub forward_headers: Vec<http::HeaderName>,
     /// `[upstream] strip_headers`: request fields never sent upstream.
     pub strip_headers: Vec<http::HeaderName>,
+    /// `[cache] targeted_cache_control`: targeted cache-control fields (RFC 9213), most
+    /// specific first; the first one present and valid replaces Cache-Control for this node.
+    pub targeted_cache_control: Vec<http::HeaderName>,
     /// `[compression]`: br / gzip negotiation and encoded variants.
     pub compression: CompressionConfig,
     /// Admin API tokens (plus `OUTPOST_ADMIN_TOKEN`, added at start-up).
@@ -498,6 +502,12 @@ impl EdgeConfig {
             raw.upstream.strip_headers.as_deref(),
             false,
         );
+        // RFC 9213 §2.1: CDN-Cache-Control, unless the operator names the fields (for example
+        // a field of this CDN's own first, or none at all: `[]`).
+        let targeted_cache_control = match raw.cache.targeted_cache_control.as_deref() {
+            None => vec![http::HeaderName::from_static("cdn-cache-control")],
+            Some(names) => header_names(&mut d, "cache.targeted_cache_control", Some(names), false),
+        };
         if let Some(m) = &raw.cache.memory
             && memory == Some(0)
         {
@@ -581,6 +591,7 @@ impl EdgeConfig {
             max_uri_size: max_uri_size.expect("checked"),
             forward_headers,
             strip_headers,
+            targeted_cache_control,
             admin_tokens,
             public_metrics: raw.admin.public_metrics.unwrap_or(true),
             max_push_size: max_push_size.expect("checked"),

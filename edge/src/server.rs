@@ -140,6 +140,7 @@ impl EdgeServer {
                 disk: cfg.cache_dir.clone().map(|d| (d, cfg.disk)),
                 max_object_size: cfg.max_object_size,
                 surrogate_name: cfg.name.clone(),
+                targeted_cache_control: cfg.targeted_cache_control.clone().into(),
                 revalidations_per_sec: 100,
                 stale_if_error_wait: cfg.stale_if_error_wait,
                 send_timeout: cfg.send_timeout,

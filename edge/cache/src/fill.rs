@@ -103,6 +103,7 @@ impl Engine {
             admit: policy::AdmitOptions {
                 surrogate: self.cfg.surrogate_name.clone(),
                 default_ttl: req.default_ttl,
+                targeted: self.cfg.targeted_cache_control.clone(),
             },
             purge_seq: current,
             norm: clone_parts(&req.norm.parts),
@@ -835,6 +836,7 @@ mod tests {
                 disk: disk.then(|| (dir.path().to_path_buf(), 64 << 20)),
                 max_object_size: 8 << 20,
                 surrogate_name: "outpost".into(),
+                targeted_cache_control: crate::default_targeted_cache_control(),
                 revalidations_per_sec: 10,
                 stale_if_error_wait: std::time::Duration::ZERO,
                 send_timeout: std::time::Duration::from_secs(60),

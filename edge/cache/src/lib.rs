@@ -81,6 +81,9 @@ pub struct EngineConfig {
     pub max_object_size: u64,
     /// Our device token for `Surrogate-Control` targeting (the node name).
     pub surrogate_name: String,
+    /// Targeted cache-control fields (RFC 9213), most specific first: `CDN-Cache-Control` by
+    /// default (`[cache] targeted_cache_control`).
+    pub targeted_cache_control: Arc<[http::HeaderName]>,
     /// Background revalidations per second (soft purges, stale-while-revalidate); protects
     /// the origin from a stampede after a soft purge of everything.
     pub revalidations_per_sec: u32,
@@ -91,6 +94,11 @@ pub struct EngineConfig {
     /// A reader of a streaming fill that takes nothing for this long while the fill waits on
     /// it is dropped (`limits.send_timeout`; see [`coalesce`]).
     pub send_timeout: Duration,
+}
+
+/// The targeted cache-control fields a node obeys by default (RFC 9213): `CDN-Cache-Control`.
+pub fn default_targeted_cache_control() -> Arc<[http::HeaderName]> {
+    Arc::from([http::HeaderName::from_static("cdn-cache-control")])
 }
 
 /// A cacheable request (GET or HEAD) as the engine sees it.

@@ -14,6 +14,7 @@
 //!   read buffer, and one kept value would keep that whole buffer (up to hundreds of KiB, body
 //!   bytes included) alive for as long as the object is cached.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -155,12 +156,25 @@ pub struct AdmitOptions {
     pub surrogate: String,
     /// Freshness for a response that carries none of its own (versioned URLs: `?v=3`).
     pub default_ttl: Option<Duration>,
+    /// Targeted cache-control fields (RFC 9213), most specific first: the first one present
+    /// and valid replaces Cache-Control for this cache.
+    pub targeted: Arc<[HeaderName]>,
 }
 
 pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<response::Parts> {
     let surrogate = opts.surrogate.as_str();
     let mut headers = resp.headers.clone();
-    let mut cc = Directives::parse(&resp.headers);
+    // RFC 9213 §2.1: a valid targeted field (CDN-Cache-Control) replaces Cache-Control's
+    // directives for this cache; an invalid one is ignored.
+    if let Some(targeted) = targeted_directives(&resp.headers, &opts.targeted) {
+        headers.remove(header::CACHE_CONTROL);
+        if !targeted.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&targeted)
+        {
+            headers.insert(header::CACHE_CONTROL, v);
+        }
+    }
+    let mut cc = Directives::parse(&headers);
     // RFC 9111 §5.2.2.3: `must-understand` stores only status codes whose caching rules we
     // know, and for those it overrides `no-store`.
     if cc.has("must-understand") {
@@ -260,6 +274,55 @@ pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<re
         .0;
     out.headers = headers;
     Some(out)
+}
+
+/// Directives an integer must carry in a targeted field (RFC 9213 §2.1: "a cache MUST
+/// ignore the field" when a directive has a value of the wrong type).
+const INTEGER_DIRECTIVES: [&str; 4] = [
+    "max-age",
+    "s-maxage",
+    "stale-while-revalidate",
+    "stale-if-error",
+];
+
+/// The first of `names` present in `headers` whose field lines parse together as a Structured
+/// Field Dictionary (RFC 9651) with the right value types, as Cache-Control text. `None` when
+/// no targeted field is present and valid (Cache-Control then applies as usual).
+fn targeted_directives(headers: &HeaderMap, names: &[HeaderName]) -> Option<String> {
+    names.iter().find_map(|name| {
+        let lines: Vec<&[u8]> = headers
+            .get_all(name)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if lines.is_empty() {
+            return None;
+        }
+        let field = lines.join(&b","[..]);
+        let dict: sfv::Dictionary = sfv::Parser::new(&field).parse_dictionary().ok()?;
+        let mut out: Vec<String> = Vec::with_capacity(dict.len());
+        for (key, entry) in &dict {
+            let key = key.as_str();
+            let sfv::ListEntry::Item(item) = entry else {
+                return None;
+            };
+            match &item.bare_item {
+                sfv::BareItem::Integer(n) => {
+                    let n = i64::from(*n);
+                    if n < 0 {
+                        return None;
+                    }
+                    out.push(format!("{key}={n}"));
+                }
+                _ if INTEGER_DIRECTIVES.contains(&key) => return None,
+                sfv::BareItem::Boolean(false) => {}
+                // A flag, or a qualified directive (`private="set-cookie"`) kept unqualified:
+                // the stricter reading.
+                _ => out.push(key.to_string()),
+            }
+        }
+        Some(out.join(", "))
+    })
 }
 
 /// Spacing per the HTTP-date grammar (RFC 9110 §5.6.7): IMF-fixdate and the obsolete RFC 850
@@ -575,10 +638,58 @@ mod tests {
         let opts = AdmitOptions {
             surrogate: "outpost".into(),
             default_ttl: None,
+            targeted: crate::default_targeted_cache_control(),
         };
         match admit(r, p, "example.com/a", now, &opts) {
             Admission::Store(m) => Some(*m),
             Admission::Pass(_) => None,
+        }
+    }
+
+    /// RFC 9213: a valid CDN-Cache-Control replaces Cache-Control for this cache; an invalid
+    /// one (not a Structured Field dictionary, or a directive of the wrong type) is ignored.
+    #[test]
+    fn cdn_cache_control_replaces_cache_control_when_valid() {
+        let now = SystemTime::now();
+        let fresh = |h: &[(&str, &str)]| {
+            store(&req(&[]), &resp(200, h), now).map(|m| freshness(&m, &req(&[]), now))
+        };
+        // Stored for the CDN although Cache-Control forbids it, and the reverse.
+        let cdn_fresh = [
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=3600"),
+        ];
+        assert_eq!(fresh(&cdn_fresh), Some(Freshness::Fresh));
+        let cdn_private = [
+            ("cache-control", "max-age=3600"),
+            ("cdn-cache-control", "private"),
+        ];
+        assert_eq!(fresh(&cdn_private), None);
+        let cdn_no_store = [
+            ("cache-control", "max-age=3600"),
+            ("cdn-cache-control", "no-store"),
+        ];
+        assert_eq!(fresh(&cdn_no_store), None);
+        let cdn_short = [
+            ("cache-control", "max-age=3600"),
+            ("cdn-cache-control", "max-age=0"),
+            ("etag", "\"a\""),
+        ];
+        assert_eq!(fresh(&cdn_short), Some(Freshness::Stale));
+        let unknown = [("cdn-cache-control", "foobar, max-age=3600")];
+        assert_eq!(fresh(&unknown), Some(Freshness::Fresh));
+        // Invalid: Cache-Control applies (no-store).
+        for invalid in [
+            "max-age=10000, &&&&&",
+            "max-age=\"10000\"",
+            "max-age =100",
+            "max-age=-1",
+        ] {
+            let h = [
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", invalid),
+            ];
+            assert_eq!(fresh(&h), None, "{invalid}");
         }
     }
 
@@ -839,6 +950,7 @@ mod tests {
         let opts = AdmitOptions {
             surrogate: "outpost".into(),
             default_ttl: Some(Duration::from_secs(86400)),
+            targeted: crate::default_targeted_cache_control(),
         };
         let admit_with = |h: &[(&str, &str)]| match admit(&req(&[]), &resp(200, h), "k", now, &opts)
         {

@@ -679,6 +679,7 @@ mod tests {
                 disk: Some((dir.path().to_path_buf(), 64 << 20)),
                 max_object_size: 8 << 20,
                 surrogate_name: "outpost".into(),
+                targeted_cache_control: crate::cache::default_targeted_cache_control(),
                 revalidations_per_sec: 10,
                 stale_if_error_wait: std::time::Duration::ZERO,
                 send_timeout: std::time::Duration::from_secs(60),

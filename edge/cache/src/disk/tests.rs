@@ -24,6 +24,7 @@ fn meta(etag: &str) -> Arc<CachedMeta> {
     let opts = AdmitOptions {
         surrogate: "edge".into(),
         default_ttl: None,
+        targeted: crate::default_targeted_cache_control(),
     };
     match policy::admit(&req, &resp, "example.test/a", SystemTime::now(), &opts) {
         Admission::Store(m) => Arc::new(*m),

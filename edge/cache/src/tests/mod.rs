@@ -361,6 +361,7 @@ fn config(dir: Option<&Path>) -> EngineConfig {
         disk: dir.map(|d| (d.to_path_buf(), 64 << 20)),
         max_object_size: MAX_OBJECT,
         surrogate_name: "outpost".into(),
+        targeted_cache_control: crate::default_targeted_cache_control(),
         revalidations_per_sec: 10,
         stale_if_error_wait: Duration::ZERO,
         send_timeout: Duration::from_secs(60),
