@@ -149,6 +149,7 @@ fn main() {
                 max_object_size: 1 << 20,
                 surrogate_name: "bench".into(),
                 targeted_cache_control: outpost_edge::cache::default_targeted_cache_control(),
+                stale_on_error: std::time::Duration::ZERO,
                 revalidations_per_sec: 100,
             stale_if_error_wait: std::time::Duration::from_secs(2),
             send_timeout: std::time::Duration::from_secs(60),

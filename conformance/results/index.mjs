@@ -7,6 +7,6 @@ export default [
     "name": "Outpost",
     "suite_commit": "b55b8bda3dbb8c927c04e85bd8d496a8caa3e4ba",
     "type": "rev-proxy",
-    "version": "0.1.0 (30e940e)"
+    "version": "0.1.0 (8fa1ecf)"
   }
 ]

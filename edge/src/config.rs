@@ -122,6 +122,7 @@ struct RawCache {
     strip_tag_headers: Option<bool>,
     versioned_ttl: Option<Setting<RawDuration>>,
     targeted_cache_control: Option<Vec<Setting<String>>>,
+    stale_on_error: Option<Setting<RawDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +234,9 @@ pub struct EdgeConfig {
     /// `[cache] targeted_cache_control`: targeted cache-control fields (RFC 9213), most
     /// specific first; the first one present and valid replaces Cache-Control for this node.
     pub targeted_cache_control: Vec<http::HeaderName>,
+    /// `[cache] stale_on_error`: how long past freshness a stored copy stands in for an
+    /// unreachable or failing (5xx) upstream when the response has no `stale-if-error`.
+    pub stale_on_error: std::time::Duration,
     /// `[compression]`: br / gzip negotiation and encoded variants.
     pub compression: CompressionConfig,
     /// Admin API tokens (plus `OUTPOST_ADMIN_TOKEN`, added at start-up).
@@ -382,6 +386,14 @@ impl EdgeConfig {
             "cache.versioned_ttl",
             &raw.cache.versioned_ttl,
             365 * 24 * 3600,
+        );
+        // RFC 9111 §4.2.4 lets a cache serve stale when the origin cannot be reached; a
+        // minute bridges a restart or a blip without hiding an outage for long.
+        let stale_on_error = dur(
+            &mut d,
+            "cache.stale_on_error",
+            &raw.cache.stale_on_error,
+            60,
         );
         let disk = size(&mut d, "cache.disk", &raw.cache.disk, 10 << 30);
         let max_object_size = size(
@@ -592,6 +604,7 @@ impl EdgeConfig {
             forward_headers,
             strip_headers,
             targeted_cache_control,
+            stale_on_error: stale_on_error.expect("checked"),
             admin_tokens,
             public_metrics: raw.admin.public_metrics.unwrap_or(true),
             max_push_size: max_push_size.expect("checked"),

@@ -141,6 +141,7 @@ impl EdgeServer {
                 max_object_size: cfg.max_object_size,
                 surrogate_name: cfg.name.clone(),
                 targeted_cache_control: cfg.targeted_cache_control.clone().into(),
+                stale_on_error: cfg.stale_on_error,
                 revalidations_per_sec: 100,
                 stale_if_error_wait: cfg.stale_if_error_wait,
                 send_timeout: cfg.send_timeout,

@@ -353,13 +353,13 @@ async fn stale_if_error_with_origin_500() {
     assert_eq!(r.text(), "good body");
 }
 
-/// No stale-if-error: a dead origin is a 502 (connect error), not a hang, for a cold key and
-/// for a stale stored object.
+/// No stale-if-error and `stale_on_error` off: a dead origin is a 502 (connect error), not a
+/// hang, for a cold key and for a stale stored object.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_origin_without_stale_if_error_is_502() {
     let mut origin = TestOrigin::start().await;
     origin.route("/plain", cacheable("body", "max-age=1"));
-    let edge = start_edge(&origin).await;
+    let edge = start_edge_with(origin.addr(), |c| c.stale_on_error = Duration::ZERO).await;
     let c = client();
     assert_eq!(get(&c, &edge.url("/plain"), &[]).await.x_cache(), "MISS");
 
@@ -381,6 +381,34 @@ async fn dead_origin_without_stale_if_error_is_502() {
         r.text()
     );
     assert_ne!(r.text(), "body");
+}
+
+/// RFC 9111 §4.2.4, by default: a stale copy stands in for a dead origin for `stale_on_error`
+/// (60 s) past its freshness, marked STALE, but never under must-revalidate, and never later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_origin_is_bridged_by_a_stale_copy_for_stale_on_error() {
+    let mut origin = TestOrigin::start().await;
+    origin.route("/plain", cacheable("body", "max-age=1"));
+    origin.route("/strict", cacheable("strict", "max-age=1, must-revalidate"));
+    let edge = start_edge(&origin).await;
+    let c = client();
+    assert_eq!(get(&c, &edge.url("/plain"), &[]).await.x_cache(), "MISS");
+    assert_eq!(get(&c, &edge.url("/strict"), &[]).await.x_cache(), "MISS");
+
+    origin.stop().await;
+    edge.advance(5);
+    let r = get(&c, &edge.url("/plain"), &[]).await;
+    assert_eq!((r.status, r.x_cache()), (200, "STALE"), "{r:?}");
+    assert_eq!(r.text(), "body");
+    let strict = get(&c, &edge.url("/strict"), &[]).await;
+    assert_eq!(
+        strict.status, 502,
+        "must-revalidate forbids stale: {strict:?}"
+    );
+
+    edge.advance(120);
+    let r = get(&c, &edge.url("/plain"), &[]).await;
+    assert_eq!(r.status, 502, "past stale_on_error: {r:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

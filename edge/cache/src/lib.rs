@@ -84,6 +84,9 @@ pub struct EngineConfig {
     /// Targeted cache-control fields (RFC 9213), most specific first: `CDN-Cache-Control` by
     /// default (`[cache] targeted_cache_control`).
     pub targeted_cache_control: Arc<[http::HeaderName]>,
+    /// How long past freshness a stored copy may stand in for a failing upstream when the
+    /// response has no `stale-if-error` of its own (`[cache] stale_on_error`).
+    pub stale_on_error: Duration,
     /// Background revalidations per second (soft purges, stale-while-revalidate); protects
     /// the origin from a stampede after a soft purge of everything.
     pub revalidations_per_sec: u32,

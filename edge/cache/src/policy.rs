@@ -159,6 +159,9 @@ pub struct AdmitOptions {
     /// Targeted cache-control fields (RFC 9213), most specific first: the first one present
     /// and valid replaces Cache-Control for this cache.
     pub targeted: Arc<[HeaderName]>,
+    /// How long past freshness a stored response may stand in when the upstream cannot be
+    /// reached or answers 5xx, without a `stale-if-error` of its own (RFC 9111 §4.2.4).
+    pub stale_on_error: Duration,
 }
 
 pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<response::Parts> {
@@ -421,7 +424,7 @@ pub fn admit(
         stored_at_ms: 0,
         fresh_until_ms: 0,
         swr_secs: swr.as_secs(),
-        sie_secs: sie.as_secs(),
+        sie_secs: error_window(&resp_cc, sie, opts.stale_on_error).as_secs(),
         body_len: 0,
         vary: vary.iter().map(|n| n.as_str().to_string()).collect(),
         tags: super::meta::tags_of(&resp.headers),
@@ -433,6 +436,21 @@ pub fn admit(
 
 /// `stale-while-revalidate` / `stale-if-error` windows, unless the response forbids serving
 /// stale (`must-revalidate`, `proxy-revalidate`, `no-cache`: RFC 9111 §5.2.2).
+/// The stale-if-error window stored with a response: its own `stale-if-error`, or the node's
+/// `stale_on_error` when that is longer. RFC 9111 §4.2.4: never when a directive forbids
+/// serving stale (no-cache, must-revalidate, proxy-revalidate, or s-maxage, which carries
+/// proxy-revalidate's meaning for a shared cache, §5.2.2.10).
+fn error_window(cc: &Directives, own: Duration, node: Duration) -> Duration {
+    if cc.has("no-cache")
+        || cc.has("must-revalidate")
+        || cc.has("proxy-revalidate")
+        || cc.has("s-maxage")
+    {
+        return own;
+    }
+    own.max(node)
+}
+
 fn stale_windows(cc: &Directives) -> (Duration, Duration) {
     if cc.has("must-revalidate") || cc.has("proxy-revalidate") || cc.has("no-cache") {
         return (Duration::ZERO, Duration::ZERO);
@@ -583,7 +601,7 @@ pub fn apply_not_modified(
         headers: owned_headers(&headers),
         policy,
         swr_secs: swr.as_secs(),
-        sie_secs: sie.as_secs(),
+        sie_secs: error_window(&resp_cc, sie, opts.stale_on_error).as_secs(),
         vary: vary.iter().map(|n| n.as_str().to_string()).collect(),
         tags,
         ..meta.clone()
@@ -639,10 +657,47 @@ mod tests {
             surrogate: "outpost".into(),
             default_ttl: None,
             targeted: crate::default_targeted_cache_control(),
+            stale_on_error: Duration::ZERO,
         };
         match admit(r, p, "example.com/a", now, &opts) {
             Admission::Store(m) => Some(*m),
             Admission::Pass(_) => None,
+        }
+    }
+
+    /// RFC 9111 §4.2.4: the node's stale-on-error window applies unless a directive forbids
+    /// serving stale; a longer `stale-if-error` of the response's own wins.
+    #[test]
+    fn stale_on_error_stands_aside_for_directives_that_forbid_stale() {
+        let node = Duration::from_secs(60);
+        let own = |cc: &str| {
+            error_window(
+                &Directives::parse(&{
+                    let mut h = HeaderMap::new();
+                    h.insert(header::CACHE_CONTROL, HeaderValue::from_str(cc).unwrap());
+                    h
+                }),
+                stale_windows(&Directives::parse(&{
+                    let mut h = HeaderMap::new();
+                    h.insert(header::CACHE_CONTROL, HeaderValue::from_str(cc).unwrap());
+                    h
+                }))
+                .1,
+                node,
+            )
+        };
+        assert_eq!(own("max-age=10"), node);
+        assert_eq!(
+            own("max-age=10, stale-if-error=600"),
+            Duration::from_secs(600)
+        );
+        for forbids in [
+            "max-age=10, must-revalidate",
+            "max-age=10, proxy-revalidate",
+            "no-cache",
+            "s-maxage=10",
+        ] {
+            assert_eq!(own(forbids), Duration::ZERO, "{forbids}");
         }
     }
 
@@ -951,6 +1006,7 @@ mod tests {
             surrogate: "outpost".into(),
             default_ttl: Some(Duration::from_secs(86400)),
             targeted: crate::default_targeted_cache_control(),
+            stale_on_error: Duration::ZERO,
         };
         let admit_with = |h: &[(&str, &str)]| match admit(&req(&[]), &resp(200, h), "k", now, &opts)
         {

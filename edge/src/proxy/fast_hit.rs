@@ -680,6 +680,7 @@ mod tests {
                 max_object_size: 8 << 20,
                 surrogate_name: "outpost".into(),
                 targeted_cache_control: crate::cache::default_targeted_cache_control(),
+                stale_on_error: std::time::Duration::ZERO,
                 revalidations_per_sec: 10,
                 stale_if_error_wait: std::time::Duration::ZERO,
                 send_timeout: std::time::Duration::from_secs(60),

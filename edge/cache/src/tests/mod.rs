@@ -362,6 +362,7 @@ fn config(dir: Option<&Path>) -> EngineConfig {
         max_object_size: MAX_OBJECT,
         surrogate_name: "outpost".into(),
         targeted_cache_control: crate::default_targeted_cache_control(),
+        stale_on_error: std::time::Duration::ZERO,
         revalidations_per_sec: 10,
         stale_if_error_wait: Duration::ZERO,
         send_timeout: Duration::from_secs(60),
