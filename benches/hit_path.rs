@@ -237,6 +237,21 @@
 //! 77.3% -> 81.5% (CPU 21.5 -> 20.9 µs): within run-to-run noise (the old runs alone span
 //! 64.6-84.0% at 100 KiB). Disk hits: 1 KiB CPU 34.8 -> 36.2 µs (+4%, inside the old runs'
 //! spread of 33.8-38.1), 100 KiB 63.9 -> 66.8 µs; plain hyper ran at 98-125k req/s (1 KiB).
+//!
+//! Again at the end of the session, old = d7f67fe, new = b7dee19 (the session's last commit:
+//! conformance and disk-admission work on top), alternating three times, nothing else running:
+//!
+//! | case               | old vs plain (runs)   | new vs plain (runs)   | old CPU/req          | new CPU/req          |
+//! |--------------------|-----------------------|-----------------------|----------------------|----------------------|
+//! | edge-memory 1KiB   | 91.8%, 92.2%, 89.1%   | 93.0%, 92.3%, 96.5%   | 8.9, 8.6, 10.7 µs    | 8.6, 10.7, 8.9 µs    |
+//! | edge-disk 1KiB     | 34.6%, 34.2%, 32.6%   | 33.2%, 32.9%, 34.7%   | 35.7, 34.3, 35.4 µs  | 35.9, 43.8, 35.3 µs  |
+//! | edge-memory 100KiB | 78.1%, 83.3%, 81.1%   | 84.3%, 91.6%, 74.7%   | 26.5, 21.2, 20.8 µs  | 20.3, 21.2, 21.5 µs  |
+//! | edge-disk 100KiB   | 30.1%, 42.2%, 42.3%   | 41.3%, 41.2%, 39.9%   | 89.3, 61.9, 60.6 µs  | 64.7, 65.5, 61.5 µs  |
+//!
+//! Medians: memory 1 KiB 91.8% -> 93.0% (CPU 8.9 -> 8.9 µs), memory 100 KiB 81.1% -> 84.3%
+//! (21.2 -> 21.2 µs), disk 1 KiB 34.2% -> 33.2% (35.4 -> 35.9 µs), disk 100 KiB 42.2% -> 41.2%
+//! (61.9 -> 64.7 µs): memory hits unchanged within noise; disk hits 1-4% more CPU, inside the
+//! runs' spread.
 
 mod support;
 

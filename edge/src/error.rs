@@ -9,11 +9,11 @@
 //!   (`{"error": "..."}`, `outpost_purge_api::error_response`), whatever the port.
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use outpost_cache::Failure;
 use outpost_cache::upstream::UpstreamError;
-use outpost_http::body::{RespBody, plain};
+use outpost_http::body::{RespBody, full};
 use outpost_purge_api::AdminError;
 
 pub const PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
@@ -142,12 +142,28 @@ pub fn error_response(err: &EdgeError, node: &str) -> Response<RespBody> {
     if let EdgeError::Admin(e) = err {
         return outpost_purge_api::error_response(e).map(RespBody::boxed);
     }
-    let mut r = plain(err.status(), &err.to_string());
-    let h = r.headers_mut();
+    let (headers, body) = proxy_error_parts(err, node);
+    let mut r = Response::new(full(body));
+    *r.status_mut() = err.status();
+    *r.headers_mut() = headers;
+    r
+}
+
+/// The fields and body of an error the proxy answers (not an admin one): its message as plain
+/// text, `no-store`, `Proxy-Status`, and for a refusal `Connection: close` (an unread body)
+/// and `Allow` (405). The respond phase decorates an engine failure's with the same.
+pub fn proxy_error_parts(err: &EdgeError, node: &str) -> (HeaderMap, Bytes) {
+    let message = err.to_string();
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(kind) = err.proxy_status_type()
         && let Ok(v) = HeaderValue::from_str(&format!(
             "{node}; error={kind}; details={}",
-            sf_string(&err.to_string())
+            sf_string(&message)
         ))
     {
         h.insert(PROXY_STATUS, v);
@@ -169,7 +185,7 @@ pub fn error_response(err: &EdgeError, node: &str) -> Response<RespBody> {
             );
         }
     }
-    r
+    (h, Bytes::from(message + "\n"))
 }
 
 /// `text` as a structured-field string (RFC 8941 §3.3.3): printable ASCII, quoted, with `"`
@@ -189,11 +205,6 @@ fn sf_string(text: &str) -> String {
     }
     out.push('"');
     out
-}
-
-/// The error body text, for callers that decorate an engine failure themselves.
-pub fn body_of(err: &EdgeError) -> Bytes {
-    Bytes::from(format!("{err}\n"))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ mod cache_status;
 mod range;
 mod validators;
 
-use crate::error::{EdgeError, error_response};
+use crate::error::{EdgeError, proxy_error_parts};
 pub(crate) use cache_status::{HIT_TTL, push_hit_status, upstream_cache_status};
 use cache_status::{append_cache_status, cache_status};
 use outpost_http::headers::{CACHE_STATUS, CACHE_TAG, SURROGATE_CONTROL, SURROGATE_KEY, X_CACHE};
@@ -106,8 +106,8 @@ pub(super) fn build(
     let (mut headers, body) = match failure {
         Some(f) => {
             let err = EdgeError::from(f);
-            let (head, _) = error_response(&err, &id.name).into_parts();
-            (head.headers, ServedBody::Full(crate::error::body_of(&err)))
+            let (headers, body) = proxy_error_parts(&err, &id.name);
+            (headers, ServedBody::Full(body))
         }
         None => (headers, body),
     };
