@@ -439,6 +439,13 @@ impl Fill {
         matches!(self.lock().done, Some(Ok(())))
     }
 
+    /// Every byte of a body of `len` bytes has arrived: the fill completes as soon as its task
+    /// runs again (the client that started it may already have the whole body).
+    pub fn has_all_of(&self, len: u64) -> bool {
+        let st = self.lock();
+        (st.base + st.buffered) as u64 >= len
+    }
+
     /// Waits until the task running the fill has ended ([`Concluding`]).
     pub async fn settled(&self) {
         let mut rx = self.version.subscribe();

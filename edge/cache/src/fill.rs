@@ -233,9 +233,11 @@ impl Engine {
                 }
                 let Some(reader) = reader else {
                     // The fill already dropped its first bytes (a large object streaming
-                    // through). If it has completed, its copy is about to be visible: wait for
-                    // it and serve from cache; otherwise fetch on our own.
-                    if fill.completed() {
+                    // through). If it has completed, or has every byte and only its task has
+                    // not run yet (its client may already have the whole body and be asking
+                    // again), its copy is about to be visible: wait for it and serve from
+                    // cache; otherwise fetch on our own.
+                    if fill.completed() || head.content_length.is_some_and(|n| fill.has_all_of(n)) {
                         fill.settled().await;
                         if let Some(stored) = self.lookup(&head.store_key).await
                             && let Some(body) = self.body_of(head.store_key, &stored).await
