@@ -440,6 +440,9 @@ impl EdgeServer {
         if let Some(t) = admin_task {
             let _ = tokio::time::timeout(Duration::from_secs(1), t).await;
         }
+        // The disk index syncs in batches: make the last objects stored durable, and release
+        // the cache directory.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.proxy.engine.close()).await;
         info!("edge stopped");
     }
 }

@@ -74,11 +74,48 @@ fn cacheable(origin: &TestOrigin, path: &'static str) {
 }
 
 /// The metadata files of the (non-pushed) disk tier.
-fn meta_files(cache_dir: &Path) -> Vec<PathBuf> {
-    files_under(&cache_dir.join("meta"))
-        .into_iter()
-        .filter(|p| !p.components().any(|c| c.as_os_str() == ".tmp"))
+/// The disk index's table of metadata records (its on-disk format: key hash → blake3 of
+/// the JSON, then the JSON), opened while the edge is stopped.
+const OBJECTS: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("objects");
+const ENTRIES: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("entries");
+
+fn index_db(cache_dir: &Path) -> redb::Database {
+    redb::Database::open(cache_dir.join("index.redb")).expect("open the disk index")
+}
+
+/// Every metadata record: (key hash, record).
+fn records(cache_dir: &Path) -> Vec<([u8; 32], Vec<u8>)> {
+    use redb::{ReadableDatabase, ReadableTable};
+    let db = index_db(cache_dir);
+    let txn = db.begin_read().unwrap();
+    let table = txn.open_table(OBJECTS).unwrap();
+    table
+        .range(..)
+        .unwrap()
+        .map(|r| {
+            let (k, v) = r.unwrap();
+            (*k.value(), v.value().to_vec())
+        })
         .collect()
+}
+
+/// Replaces a record (`Some`) or removes an object's record and entry (`None`).
+fn set_record(cache_dir: &Path, key: &[u8; 32], record: Option<&[u8]>) {
+    let db = index_db(cache_dir);
+    let txn = db.begin_write().unwrap();
+    {
+        let mut objects = txn.open_table(OBJECTS).unwrap();
+        match record {
+            Some(r) => {
+                objects.insert(key, r).unwrap();
+            }
+            None => {
+                objects.remove(key).unwrap();
+                txn.open_table(ENTRIES).unwrap().remove(key).unwrap();
+            }
+        }
+    }
+    txn.commit().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,20 +204,18 @@ async fn a_refused_purge_changes_nothing_and_the_sequence_never_goes_backwards()
 // Item 9: metadata on disk is checked
 // ---------------------------------------------------------------------------------------------
 
-/// Edits the JSON of a metadata file, keeping whatever precedes it (a checksum line), as a
-/// hand edit would.
-fn tamper(path: &Path, edit: &dyn Fn(&mut Value)) {
-    let data = std::fs::read(path).unwrap();
-    let start = data.iter().position(|&b| b == b'{').expect("JSON metadata");
-    let mut v: Value = serde_json::from_slice(&data[start..]).unwrap();
+/// Edits the JSON of a metadata record, keeping its checksum (now stale), as a hand edit or
+/// damage would.
+fn tamper(cache_dir: &Path, key: &[u8; 32], record: &[u8], edit: &dyn Fn(&mut Value)) {
+    let mut v: Value = serde_json::from_slice(&record[32..]).expect("JSON metadata");
     edit(&mut v);
-    let mut out = data[..start].to_vec();
+    let mut out = record[..32].to_vec();
     out.extend_from_slice(&serde_json::to_vec(&v).unwrap());
-    std::fs::write(path, out).unwrap();
+    set_record(cache_dir, key, Some(&out));
 }
 
 /// Issue 13, item 9. A 400 KB object (streamed from disk: memory is 1 MiB) is stored, the edge
-/// stops, its metadata file is edited (the size 1000 bytes short, one byte of Content-Type,
+/// stops, its metadata record is edited (the size 1000 bytes short, one byte of Content-Type,
 /// the status 200 → 404), and the edge starts again: the next GET is a MISS answered by the
 /// origin in full, never the edited response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,9 +260,9 @@ async fn tampered_metadata_is_a_miss_refetched_from_the_origin() {
         wait_disk_exactly(&edge, 1).await;
         edge.stop().await;
 
-        let files = meta_files(dir.path());
-        assert_eq!(files.len(), 1, "{what}: {files:?}");
-        tamper(&files[0], &edit);
+        let stored = records(dir.path());
+        assert_eq!(stored.len(), 1, "{what}");
+        tamper(dir.path(), &stored[0].0, &stored[0].1, &edit);
 
         let edge = start_edge(&origin, dir.path()).await;
         let r = get(&c, &edge, "/big.bin").await;
@@ -255,7 +290,7 @@ async fn tampered_metadata_is_a_miss_refetched_from_the_origin() {
 // ---------------------------------------------------------------------------------------------
 
 /// Issue 13, item 15. A content file no metadata references (a crash between the content
-/// commit and the metadata rename leaves one) and an empty `purges.json.tmp` (a full disk) are
+/// commit and the metadata commit leaves one) and an empty `purges.json.tmp` (a full disk) are
 /// gone after a restart, while the stored object is still a HIT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreferenced_content_and_a_stale_purge_state_tmp_are_removed_at_start_up() {
@@ -273,13 +308,14 @@ async fn unreferenced_content_and_a_stale_purge_state_tmp_are_removed_at_start_u
     wait_disk_exactly(&edge, 2).await;
     edge.stop().await;
 
-    // A crash after /lost.txt's content was committed, before its metadata was renamed in.
-    let lost_meta: Vec<PathBuf> = meta_files(dir.path())
+    // A crash after /lost.txt's content was committed, before its metadata was.
+    let lost: Vec<[u8; 32]> = records(dir.path())
         .into_iter()
-        .filter(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("/lost.txt")))
+        .filter(|(_, r)| String::from_utf8_lossy(r).contains("/lost.txt"))
+        .map(|(k, _)| k)
         .collect();
-    assert_eq!(lost_meta.len(), 1);
-    std::fs::remove_file(&lost_meta[0]).unwrap();
+    assert_eq!(lost.len(), 1);
+    set_record(dir.path(), &lost[0], None);
     let orphans: Vec<PathBuf> = files_under(&content)
         .into_iter()
         .filter(|p| !kept_content.contains(p))

@@ -66,8 +66,8 @@ impl Engine {
             let disk = disk.clone();
             tokio::spawn(async move {
                 let result = async {
-                    let mut w = disk.begin_write(key, Some(body.len() as u64)).await?;
-                    w.write(&body).await?;
+                    let mut w = disk.begin_write(key);
+                    w.write(body.clone()).await?;
                     w.commit(&meta).await
                 }
                 .await;

@@ -488,12 +488,9 @@ impl Engine {
         // its writer task: the fill says why when it gives the disk copy up.
         let verdict = Arc::new(DiskVerdict::new());
         let mut disk_tx = match (&self.disk, storing) {
-            (Some(disk), true) => Some(self.spawn_disk_writer(
-                disk.clone(),
-                store_key,
-                content_length,
-                verdict.clone(),
-            )),
+            (Some(disk), true) => {
+                Some(self.spawn_disk_writer(disk.clone(), store_key, verdict.clone()))
+            }
             _ => None,
         };
         let mut body = body;
@@ -667,13 +664,12 @@ impl Engine {
         &self,
         disk: Arc<DiskTier>,
         key: KeyHash,
-        size: Option<u64>,
         verdict: Arc<DiskVerdict>,
     ) -> mpsc::Sender<DiskMsg> {
         let (tx, rx) = mpsc::channel::<DiskMsg>(256);
         let stats = self.stats.clone();
         tokio::spawn(async move {
-            let outcome = Self::write_to_disk(disk, key, size, rx, &stats).await;
+            let outcome = Self::write_to_disk(disk, key, rx, &stats).await;
             // Ended without a commit: the fill gave the copy up and said why, or the body
             // never completed.
             let outcome =
@@ -688,25 +684,24 @@ impl Engine {
     async fn write_to_disk(
         disk: Arc<DiskTier>,
         key: KeyHash,
-        size: Option<u64>,
         mut rx: mpsc::Receiver<DiskMsg>,
         stats: &super::EngineStats,
     ) -> Option<DiskAdmission> {
-        let mut writer = match disk.begin_write(key, size).await {
-            Ok(w) => w,
-            Err(e) => {
-                warn!(error = %e, "disk tier write failed to start; serving without disk (check cache_dir space and permissions)");
-                stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
-                return Some(DiskAdmission::Error);
-            }
-        };
+        let mut writer = disk.begin_write(key);
+        // The queue budget of chunks the writer holds until it writes them out.
+        let mut held = Vec::new();
         while let Some(msg) = rx.recv().await {
             match msg {
-                DiskMsg::Data(d, _charge) => {
-                    if let Err(e) = writer.write(&d).await {
-                        warn!(error = %e, "disk tier write failed; object not stored on disk (check cache_dir space)");
-                        stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
-                        return Some(DiskAdmission::Error);
+                DiskMsg::Data(d, charge) => {
+                    held.push(charge);
+                    match writer.write(d).await {
+                        Ok(true) => held.clear(),
+                        Ok(false) => {}
+                        Err(e) => {
+                            warn!(error = %e, "disk tier write failed; object not stored on disk (check cache_dir space)");
+                            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                            return Some(DiskAdmission::Error);
+                        }
                     }
                 }
                 DiskMsg::Commit(meta, done) => {

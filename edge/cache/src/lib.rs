@@ -241,17 +241,12 @@ impl Engine {
         let vary = vary::VaryIndex::default();
         // The largest purge sequence stored objects recorded (see `Generations::raise_floor`).
         let mut stored_seq = 0;
+        let mut loading = None;
         let disk = match &cfg.disk {
             Some((dir, cap)) => {
-                let (tier, metas) = DiskTier::open(dir, *cap, held_budget).await?;
-                for (variant, m) in metas {
-                    stored_seq = stored_seq.max(m.purge_seq);
-                    purges.track_host(&m.key);
-                    if m.vary.is_empty() {
-                        continue;
-                    }
-                    vary.restore(KeyHash::of(&m.key), m.vary_names().into(), variant);
-                }
+                let (tier, rx) = DiskTier::open(dir, *cap, held_budget).await?;
+                stored_seq = stored_seq.max(tier.max_purge_seq().await);
+                loading = Some(rx);
                 Some(tier)
             }
             None => None,
@@ -279,6 +274,9 @@ impl Engine {
             purges,
             stats: Arc::new(EngineStats::default()),
         });
+        if let Some(rx) = loading {
+            tokio::spawn(Self::index_loaded(Arc::downgrade(&engine), rx));
+        }
         // moka has no background thread: run its housekeeping (eviction, size accounting).
         let weak = Arc::downgrade(&engine);
         tokio::spawn(async move {
@@ -290,6 +288,47 @@ impl Engine {
             }
         });
         Ok(engine)
+    }
+
+    /// Feeds what the disk tier's start-up load finds into the engine's own indexes: the
+    /// hosts (for purges of bare paths), the Vary index, and the purge sequence floor.
+    async fn index_loaded(
+        engine: std::sync::Weak<Self>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<disk::Loaded>>,
+    ) {
+        while let Some(batch) = rx.recv().await {
+            let Some(e) = engine.upgrade() else { return };
+            let mut seq = 0;
+            for l in batch {
+                seq = seq.max(l.purge_seq);
+                e.purges.track_host(&l.key_text);
+                if !l.vary.is_empty() {
+                    e.vary.restore(KeyHash::of(&l.key_text), vary_names(&l.vary), l.key);
+                }
+            }
+            e.purges.log.raise_floor(seq);
+        }
+    }
+
+    /// Makes every stored object durable (the disk index syncs in batches).
+    pub async fn flush(&self) {
+        if let Some(d) = &self.disk {
+            d.flush().await;
+        }
+        if let Some(p) = &self.pinned {
+            p.tier().flush().await;
+        }
+    }
+
+    /// At shutdown: makes every stored object durable and closes the disk tiers' databases,
+    /// so the next process (or engine) can open them. Lookups after this are misses.
+    pub async fn close(&self) {
+        if let Some(d) = &self.disk {
+            d.close().await;
+        }
+        if let Some(p) = &self.pinned {
+            p.tier().close().await;
+        }
     }
 
     pub fn clock(&self) -> &Clock {
@@ -431,7 +470,16 @@ impl Engine {
     pub async fn serve(self: &Arc<Self>, req: CacheRequest) -> Served {
         let now = self.clock.now();
         let primary = req.norm.key.hash();
-        let variant = self.variant_of(primary, &req.norm.parts.headers);
+        let mut variant = self.variant_of(primary, &req.norm.parts.headers);
+        if variant == primary
+            && let Some(disk) = &self.disk
+            && let Some(names) = disk.unloaded_vary(&primary).await
+        {
+            // The start-up load has not reached this URL's variants yet.
+            variant = self
+                .vary
+                .restore_names(primary, vary_names(&names), &req.norm.parts.headers);
+        }
         let req_cc = cache_control::Directives::parse(&req.norm.parts.headers);
         let only_if_cached = req_cc.has("only-if-cached");
 
@@ -509,4 +557,12 @@ impl Engine {
         let joined = self.fill_or_join(&req, primary, variant, stale.as_ref());
         self.await_fill(req, joined, primary, stale, now).await
     }
+}
+
+/// Vary names as the disk index keeps them (comma-separated, lower-case).
+fn vary_names(joined: &str) -> Arc<[http::HeaderName]> {
+    joined
+        .split(',')
+        .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
+        .collect()
 }

@@ -72,9 +72,10 @@ pub fn pinned_key(path: &str) -> KeyHash {
 impl PinnedStore {
     /// `held_budget`: memory for the metadata of recently served pushed objects.
     pub async fn open(dir: &Path, held_budget: u64) -> io::Result<Self> {
-        let (tier, metas) = DiskTier::open(dir, u64::MAX, held_budget).await?;
+        // Every pushed path must be known before the first request: the load is waited for.
+        let (tier, loaded) = DiskTier::open_loaded(dir, u64::MAX, held_budget).await?;
         let any = AtomicBool::new(!tier.keys().is_empty());
-        let loaded_purge_seq = metas.iter().map(|(_, m)| m.purge_seq).max().unwrap_or(0);
+        let loaded_purge_seq = loaded.iter().map(|l| l.purge_seq).max().unwrap_or(0);
         Ok(Self {
             tier,
             any,
@@ -122,11 +123,11 @@ impl PinnedStore {
         self.any.store(true, Ordering::Release);
         let key = pinned_key(&spec.path);
         let existed = self.tier.contains(&key);
-        let mut writer = self.tier.begin_write(key, spec.content_length).await?;
+        let mut writer = self.tier.begin_write(key);
         let mut body = std::pin::pin!(body);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| PushError::Body(e.to_string()))?;
-            writer.write(&chunk).await?;
+            writer.write(chunk).await?;
         }
         let mut info = None;
         let sri = writer

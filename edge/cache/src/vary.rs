@@ -167,6 +167,22 @@ impl VaryIndex {
         self.names_changed(primary);
     }
 
+    /// Records the names stored for `primary` on disk, found before the start-up load reached
+    /// its variants; returns the key of this request's variant.
+    pub fn restore_names(
+        &self,
+        primary: KeyHash,
+        names: Arc<[HeaderName]>,
+        headers: &HeaderMap,
+    ) -> KeyHash {
+        self.map.entry(primary).or_insert_with(|| VaryEntry {
+            names,
+            variants: Vec::new(),
+        });
+        self.names_changed(primary);
+        self.variant_of(primary, headers)
+    }
+
     /// Forgets a primary key; returns the variant keys it had.
     pub fn remove(&self, primary: KeyHash) -> Vec<KeyHash> {
         match self.map.remove(&primary) {

@@ -1,21 +1,36 @@
 //! Disk tier: body content in cacache (content-addressed, written to `tmp/` and renamed on
-//! commit, verified by its integrity hash on read), metadata in one small JSON file per object
-//! that is replaced atomically (write + rename).
+//! commit, verified by its integrity hash on read), metadata in a redb database ([`store`]),
+//! every object also held in a moka index in memory (weighed in bytes) for size accounting and
+//! LRU eviction; its eviction listener deletes the metadata and any content that no entry
+//! references any more.
 //!
 //! Why not cacache's own index: its buckets are append-only (every rewrite of a key, such as a
 //! 304 metadata update, adds a line that `find` must read forever) and it has no garbage
-//! collection. Our metadata files are overwritten in place by rename, so the index never grows
-//! beyond one file per live object, and size accounting plus LRU eviction come from a moka index
-//! (weighed in bytes) whose eviction listener deletes content that no entry references any more.
+//! collection. Why not one metadata file per object (the first design): every miss paid for a
+//! file create, write and rename through several blocking-pool hops, a cold start read every
+//! file before serving, and the cost grew with the directory. Measured choices are in
+//! [`store`].
 //!
-//! Crash safety: a fill writes content first, then renames its metadata file into place. A crash
-//! before the rename leaves only unreferenced content (never visible), which a background sweep
-//! at start-up removes; a crash mid-write leaves a temporary file that start-up deletes.
+//! Writes: a body is gathered in memory up to [`STREAM_CHUNK`] and then written in one job
+//! (create, write, rename) on the blocking pool, at most [`WRITE_JOBS`] jobs at a time, so
+//! writes never take more threads than that and never delay reads; a longer body is written
+//! in jobs of that size. The metadata then joins the index writer's next group commit, and the
+//! object is visible once that commit is durable. Disk reads never queue behind writes: redb
+//! readers do not wait for its writer.
 //!
-//! Metadata integrity: a metadata file starts with a line holding the blake3 hash of the JSON
-//! that follows. A file that fails it (damage, a hand edit, the first format that had none) is
-//! a miss: it is removed and counted, never served. It is checked whenever it is read from
-//! disk; metadata already parsed and held in memory is not checked again.
+//! Start-up serves at once. The index is loaded in the background (`outpost-disk-load`
+//! thread) from the compact `entries` table; a lookup for a key the load has not reached reads
+//! its record directly, and a URL with Vary finds its names in the `vary` table. Writes and
+//! removals made while the load runs are remembered, so the load never brings back an object
+//! removed meanwhile, nor replaces a newer one. Crash safety: content is committed (renamed)
+//! before its metadata; a crash in between leaves only unreferenced content (never visible),
+//! which a sweep after the load removes. See [`store`] for what a kill -9 can lose.
+//!
+//! Metadata integrity: a record starts with the blake3 hash of the JSON that follows. A record
+//! that fails it is a miss: it is removed and counted, never served. It is checked whenever it
+//! is read from the database; metadata already parsed and held in memory is not checked again.
+//! Metadata files of the previous design (`meta/`) are imported at start-up, checked the same
+//! way, and their directory removed.
 //!
 //! Body integrity: every read is checked, and a damaged body is removed and treated as a miss.
 //! A stream is hashed and counted as it goes (its last chunk held back until the hash and the
@@ -31,16 +46,15 @@
 //! Hits: the parsed metadata of recently hit objects is held in memory (a second moka cache,
 //! bounded in bytes), so a hit on one of them reads only its body. A held copy is tied to the
 //! index entry it was read for and to that entry's metadata generation (bumped by a 304
-//! update), so a replaced body or a rewritten metadata file is never answered with the old
-//! metadata.
+//! update), so a replaced body or rewritten metadata is never answered with the old metadata.
 //!
-//! Layout under `cache_dir`: `content/` (cacache), `meta/xx/<key-hash>.json` (the checksum
-//! line, then the JSON), `meta/.tmp/`.
+//! Layout under `cache_dir`: `content/` (cacache), `index.redb`.
 //!
-//! Files: this one holds the index, the held metadata and the metadata files; `reader` reads
-//! bodies (whole, streamed, verified); `writer` writes them.
+//! Files: this one holds the index, the held metadata and the start-up load; `store` the
+//! database; `reader` reads bodies (whole, streamed, verified); `writer` writes them.
 
 mod reader;
+mod store;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -49,22 +63,24 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cacache::Integrity;
 use dashmap::DashMap;
 use moka::notification::RemovalCause;
+use moka::ops::compute::Op as ComputeOp;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
 use self::reader::FileStamp;
-use super::key::KeyHash;
+use self::store::{EntryRecord, Pending, Put, Store};
+use super::key::{KeyHash, KeyHasher};
 use super::meta::CachedMeta;
 
 pub use self::reader::{STAMP_SETTLE, WHOLE_READ_MAX};
-pub use self::writer::DiskWriter;
+pub use self::writer::{DiskWriter, STREAM_CHUNK, WRITE_JOBS};
 
 /// What the in-memory index knows about one object on disk. A commit under a key installs a
 /// new entry (a new `Arc`), so an entry's identity stands for one stored body.
@@ -99,15 +115,14 @@ impl DiskEntry {
     }
 }
 
-/// How a metadata file starts: the format, then the blake3 hash (hex) of the JSON that
-/// follows the line. Files without it (the first format, which had no checksum) or with a
-/// mismatching hash are misses and removed, never served (issue 13, item 9).
+/// How a metadata file of the previous design starts: the format, then the blake3 hash (hex)
+/// of the JSON that follows the line. Such files are imported at start-up.
 const META_FILE_TAG: &[u8] = b"outpost-meta/2 blake3=";
 
-/// Why a metadata file was not used.
+/// Why a metadata record was not used.
 #[derive(Debug, thiserror::Error)]
 enum MetaReject {
-    #[error("not a checksummed metadata file (an older format, or damaged)")]
+    #[error("not a metadata record of this format (an older format, or damaged)")]
     Format,
     #[error("metadata checksum mismatch")]
     Checksum,
@@ -117,18 +132,35 @@ enum MetaReject {
     Version(u32),
 }
 
-/// Serialises a metadata file: the tag line with the checksum, then the JSON.
-fn encode_meta_file(file: &MetaFileOut<'_>) -> io::Result<Vec<u8>> {
+/// Serialises a metadata record: the blake3 hash of the JSON, then the JSON.
+fn encode_record(file: &MetaFileOut<'_>) -> io::Result<Vec<u8>> {
     let json = serde_json::to_vec(file).map_err(io::Error::other)?;
-    let mut out = Vec::with_capacity(META_FILE_TAG.len() + 65 + json.len());
-    out.extend_from_slice(META_FILE_TAG);
-    out.extend_from_slice(blake3::hash(&json).to_hex().as_bytes());
-    out.push(b'\n');
+    let mut out = Vec::with_capacity(32 + json.len());
+    out.extend_from_slice(blake3::hash(&json).as_bytes());
     out.extend_from_slice(&json);
     Ok(out)
 }
 
-/// Parses a metadata file, checking its checksum first and its format version after.
+/// Parses a metadata record, checking its checksum first and its format version after.
+fn decode_record(data: &[u8]) -> Result<MetaFile, MetaReject> {
+    let (hash, json) = data.split_first_chunk::<32>().ok_or(MetaReject::Format)?;
+    // blake3::Hash compares in constant time; timing does not matter here, equality does.
+    if blake3::hash(json) != blake3::Hash::from_bytes(*hash) {
+        return Err(MetaReject::Checksum);
+    }
+    parse_meta_json(json)
+}
+
+fn parse_meta_json(json: &[u8]) -> Result<MetaFile, MetaReject> {
+    let file: MetaFile =
+        serde_json::from_slice(json).map_err(|e| MetaReject::Parse(e.to_string()))?;
+    if file.meta.version != super::meta::META_VERSION {
+        return Err(MetaReject::Version(file.meta.version));
+    }
+    Ok(file)
+}
+
+/// Parses a metadata file of the previous design (the tag line with the checksum, then JSON).
 fn decode_meta_file(data: &[u8]) -> Result<MetaFile, MetaReject> {
     let rest = data.strip_prefix(META_FILE_TAG).ok_or(MetaReject::Format)?;
     let (hex, json) = rest
@@ -140,19 +172,13 @@ fn decode_meta_file(data: &[u8]) -> Result<MetaFile, MetaReject> {
         .ok()
         .and_then(|h| blake3::Hash::from_hex(h).ok())
         .ok_or(MetaReject::Format)?;
-    // blake3::Hash compares in constant time; timing does not matter here, equality does.
     if blake3::hash(json) != expected {
         return Err(MetaReject::Checksum);
     }
-    let file: MetaFile =
-        serde_json::from_slice(json).map_err(|e| MetaReject::Parse(e.to_string()))?;
-    if file.meta.version != super::meta::META_VERSION {
-        return Err(MetaReject::Version(file.meta.version));
-    }
-    Ok(file)
+    parse_meta_json(json)
 }
 
-/// The metadata file as read.
+/// The metadata record as read.
 #[derive(Deserialize)]
 struct MetaFile {
     integrity: String,
@@ -160,12 +186,31 @@ struct MetaFile {
     meta: CachedMeta,
 }
 
-/// The metadata file as written: the same fields, borrowing the metadata.
+/// The metadata record as written: the same fields, borrowing the metadata.
 #[derive(Serialize)]
 struct MetaFileOut<'a> {
     integrity: String,
     size: u64,
     meta: &'a CachedMeta,
+}
+
+impl MetaFileOut<'_> {
+    /// The store's put for this record.
+    fn put(&self, key: KeyHash) -> io::Result<Put> {
+        let vary = self.meta.vary.join(",");
+        Ok(Put {
+            key,
+            record: encode_record(self)?.into(),
+            vary: (!vary.is_empty()).then(|| (KeyHash::of(&self.meta.key), vary.clone())),
+            entry: EntryRecord {
+                size: self.size,
+                purge_seq: self.meta.purge_seq,
+                integrity: self.integrity.clone(),
+                key_text: self.meta.key.clone(),
+                vary,
+            },
+        })
+    }
 }
 
 /// Parsed metadata held in memory, valid for one index entry at one metadata generation.
@@ -174,8 +219,8 @@ struct HeldMeta {
     entry: Arc<DiskEntry>,
     generation: u64,
     meta: Arc<CachedMeta>,
-    /// Bytes charged: twice the metadata file's length, a rough measure of the parsed form
-    /// (header maps and the policy's copies of the headers).
+    /// Bytes charged: twice the record's length, a rough measure of the parsed form (header
+    /// maps and the policy's copies of the headers).
     weight: u32,
 }
 
@@ -204,21 +249,48 @@ pub struct DiskHit {
     pub entry: Arc<DiskEntry>,
 }
 
+/// What the start-up load found for one object, for the engine's own indexes (Vary, hosts).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub key: KeyHash,
+    pub key_text: String,
+    /// The Vary names (comma-separated), empty without Vary.
+    pub vary: String,
+    pub purge_seq: u64,
+}
+
+/// Progress of the start-up load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadState {
+    pub done: bool,
+    /// Objects indexed by the load so far.
+    pub loaded: u64,
+    /// Time the load took, once done.
+    pub millis: u64,
+}
+
 pub struct DiskTier {
+    root: PathBuf,
     content: Arc<Path>,
-    meta_dir: PathBuf,
-    tmp_dir: PathBuf,
+    store: Arc<Store>,
     index: moka::sync::Cache<KeyHash, Arc<DiskEntry>>,
     /// Metadata of recently hit objects (see the module docs).
     held: moka::sync::Cache<KeyHash, HeldMeta>,
     refs: Arc<DashMap<String, u32>>,
-    tmp_seq: AtomicU64,
     evictions: AtomicU64,
-    /// Metadata files dropped for failing their checksum or format check.
+    /// Metadata records dropped for failing their checksum or format check.
     rejected: AtomicU64,
     /// Unreferenced content files removed by the start-up sweep.
     swept: AtomicU64,
     sweep_done: AtomicBool,
+    /// The start-up load is running (see the module docs).
+    loading: AtomicBool,
+    loaded: AtomicU64,
+    load_millis: AtomicU64,
+    /// Keys written or removed while the load runs.
+    touched: DashMap<KeyHash, (), KeyHasher>,
+    /// Write jobs on the blocking pool (see [`WRITE_JOBS`]).
+    write_jobs: Arc<Semaphore>,
 }
 
 struct Deletion {
@@ -228,22 +300,25 @@ struct Deletion {
 }
 
 impl DiskTier {
-    /// Opens (or creates) the tier and rebuilds its index from the metadata files. Returns the
-    /// tier and every loaded object's metadata (the caller rebuilds its Vary index from them).
+    /// Opens (or creates) the tier and starts loading its index in the background. The tier
+    /// serves at once; the receiver gets what the load finds, in batches, and closes when the
+    /// load is done.
     pub async fn open(
         root: &Path,
         capacity: u64,
         held_budget: u64,
-    ) -> io::Result<(Arc<Self>, Vec<(KeyHash, Arc<CachedMeta>)>)> {
+    ) -> io::Result<(Arc<Self>, mpsc::UnboundedReceiver<Vec<Loaded>>)> {
         let started = SystemTime::now();
         let content: Arc<Path> = root.join("content").into();
-        let meta_dir = root.join("meta");
-        let tmp_dir = meta_dir.join(".tmp");
         tokio::fs::create_dir_all(&content).await?;
-        tokio::fs::create_dir_all(&tmp_dir).await?;
         // Interrupted writes never become visible; their leftovers go now.
-        remove_dir_contents(&tmp_dir).await;
         remove_dir_contents(&content.join("tmp")).await;
+        let store = {
+            let root = root.to_path_buf();
+            tokio::task::spawn_blocking(move || Store::open(&root))
+                .await
+                .map_err(io::Error::other)??
+        };
 
         let (tx, rx) = mpsc::unbounded_channel::<Deletion>();
         let index = moka::sync::Cache::builder()
@@ -267,54 +342,196 @@ impl DiskTier {
             .weigher(|_k: &KeyHash, h: &HeldMeta| h.weight)
             .build();
         let tier = Arc::new(Self {
+            root: root.to_path_buf(),
             content,
-            meta_dir,
-            tmp_dir,
+            store: Arc::new(store),
             index,
             held,
             refs: Arc::new(DashMap::new()),
-            tmp_seq: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             swept: AtomicU64::new(0),
             sweep_done: AtomicBool::new(false),
+            loading: AtomicBool::new(true),
+            loaded: AtomicU64::new(0),
+            load_millis: AtomicU64::new(0),
+            touched: DashMap::with_hasher(KeyHasher::default()),
+            write_jobs: Arc::new(Semaphore::new(WRITE_JOBS)),
         });
-        let (loaded, rejected) = {
-            let dir = tier.meta_dir.clone();
-            tokio::task::spawn_blocking(move || scan_meta_dir(&dir))
-                .await
-                .map_err(io::Error::other)?
-        };
-        if rejected > 0 {
-            warn!(
-                files = rejected,
-                dir = %root.display(),
-                "dropped disk metadata that failed its checksum or is of an older format; those objects are misses"
-            );
-            tier.rejected.fetch_add(rejected, Ordering::Relaxed);
-        }
-        let mut metas = Vec::with_capacity(loaded.len());
-        for (key, file) in loaded {
-            let Ok(sri) = file.integrity.parse::<Integrity>() else {
-                continue;
-            };
-            tier.incref(&sri);
-            tier.index
-                .insert(key, DiskEntry::new(sri, file.size, false));
-            metas.push((key, Arc::new(file.meta)));
-        }
-        if !metas.is_empty() {
-            info!(objects = metas.len(), dir = %root.display(), "disk tier loaded");
-        }
-        tokio::spawn(Arc::clone(&tier).run_deleter(rx));
-        // After the index is loaded (every referenced body is known), in the background.
-        tokio::spawn(Arc::clone(&tier).sweep_unreferenced(started));
-        Ok((tier, metas))
+        // Holds the tier weakly: the tier owns the sending side (in its index's eviction
+        // listener), so the task ends when the tier is dropped, which closes the database.
+        tokio::spawn(Self::run_deleter(Arc::downgrade(&tier), rx));
+        let (loaded_tx, loaded_rx) = mpsc::unbounded_channel();
+        let loader = Arc::clone(&tier);
+        std::thread::Builder::new()
+            .name("outpost-disk-load".into())
+            .spawn(move || loader.load(started, &loaded_tx))?;
+        Ok((tier, loaded_rx))
     }
 
-    fn meta_path(&self, key: &KeyHash) -> PathBuf {
-        let hex = key.hex();
-        self.meta_dir.join(&hex[..2]).join(format!("{hex}.json"))
+    /// Opens the tier and waits for the whole load (for stores whose every key must be known
+    /// before the first request, such as pushed objects).
+    pub async fn open_loaded(
+        root: &Path,
+        capacity: u64,
+        held_budget: u64,
+    ) -> io::Result<(Arc<Self>, Vec<Loaded>)> {
+        let (tier, mut rx) = Self::open(root, capacity, held_budget).await?;
+        let mut all = Vec::new();
+        while let Some(batch) = rx.recv().await {
+            all.extend(batch);
+        }
+        Ok((tier, all))
+    }
+
+    /// The start-up load (on its own thread): imports metadata files of the previous design,
+    /// indexes every entry, then sweeps unreferenced content.
+    fn load(&self, started: SystemTime, out: &mpsc::UnboundedSender<Vec<Loaded>>) {
+        let t0 = std::time::Instant::now();
+        self.import_meta_files();
+        let loaded = self.store.load(4096, |batch| {
+            let mut found = Vec::with_capacity(batch.len());
+            for (key, e) in batch {
+                let Ok(sri) = e.integrity.parse::<Integrity>() else {
+                    self.store.delete(key);
+                    continue;
+                };
+                if self.install(key, DiskEntry::new(sri, e.size, false)).is_some() {
+                    found.push(Loaded {
+                        key,
+                        key_text: e.key_text,
+                        vary: e.vary,
+                        purge_seq: e.purge_seq,
+                    });
+                }
+            }
+            self.loaded.fetch_add(found.len() as u64, Ordering::Relaxed);
+            // Stops when nobody listens any more (the engine closed).
+            out.send(found).is_ok()
+        });
+        let millis = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.load_millis.store(millis, Ordering::Relaxed);
+        self.loading.store(false, Ordering::Release);
+        self.touched.clear();
+        match loaded {
+            Ok(n) if n > 0 => {
+                info!(objects = self.loaded.load(Ordering::Relaxed), millis, dir = %self.root.display(), "disk tier loaded");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, dir = %self.root.display(), "disk index load failed; objects not loaded are misses");
+            }
+        }
+        let rejected = self.rejected.load(Ordering::Relaxed);
+        if rejected > 0 {
+            warn!(
+                records = rejected,
+                dir = %self.root.display(),
+                "dropped disk metadata that failed its checksum or is of an older format; those objects are misses"
+            );
+        }
+        // After the load (every referenced body is known).
+        let cutoff = started.checked_sub(STAMP_SETTLE).unwrap_or(UNIX_EPOCH);
+        let (files, bytes) = self.sweep_blocking(cutoff);
+        if files > 0 {
+            info!(files, bytes, dir = %self.content.display(), "removed unreferenced content");
+        }
+        self.swept.fetch_add(files, Ordering::Relaxed);
+        self.sweep_done.store(true, Ordering::Release);
+    }
+
+    /// Indexes an entry found on disk unless this process wrote or removed the key since the
+    /// load began; never replaces an entry already indexed. Returns the entry indexed.
+    fn install(&self, key: KeyHash, entry: Arc<DiskEntry>) -> Option<Arc<DiskEntry>> {
+        if self.touched.contains_key(&key) {
+            return None;
+        }
+        self.incref(&entry.sri);
+        let indexed = self
+            .index
+            .entry(key)
+            .or_insert_with(|| Arc::clone(&entry));
+        if !indexed.is_fresh() {
+            // Already indexed (the load and a lookup raced): that one stands.
+            self.decref(&entry.sri);
+            return Some(indexed.into_value());
+        }
+        // A write or removal that came in between checking and indexing: take ours back.
+        if self.touched.contains_key(&key) {
+            self.index.entry(key).and_compute_with(|cur| match cur {
+                Some(e) if Arc::ptr_eq(e.value(), &entry) => ComputeOp::Remove,
+                _ => ComputeOp::Nop,
+            });
+            return None;
+        }
+        Some(entry)
+    }
+
+    /// Notes a write or removal of `key` while the load runs.
+    fn touch(&self, key: KeyHash) {
+        if self.loading.load(Ordering::Acquire) {
+            self.touched.insert(key, ());
+        }
+    }
+
+    /// Progress of the start-up load.
+    pub fn load_state(&self) -> LoadState {
+        LoadState {
+            done: !self.loading.load(Ordering::Acquire),
+            loaded: self.loaded.load(Ordering::Relaxed),
+            millis: self.load_millis.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Imports the metadata files of the previous design (`meta/xx/<key>.json`) into the
+    /// store, then removes them. Files that fail their check are dropped and counted.
+    fn import_meta_files(&self) {
+        let dir = self.root.join("meta");
+        let Ok(shards) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let mut imported = 0u64;
+        for shard in shards.flatten() {
+            let Ok(files) = std::fs::read_dir(shard.path()) else {
+                continue;
+            };
+            let mut puts = Vec::new();
+            for f in files.flatten() {
+                let p = f.path();
+                let Some(key) = p
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(KeyHash::from_hex)
+                else {
+                    continue;
+                };
+                let put = std::fs::read(&p)
+                    .ok()
+                    .and_then(|data| decode_meta_file(&data).ok())
+                    .and_then(|file| {
+                        MetaFileOut {
+                            integrity: file.integrity,
+                            size: file.size,
+                            meta: &file.meta,
+                        }
+                        .put(key)
+                        .ok()
+                    });
+                match put {
+                    Some(put) => puts.push(put),
+                    None => {
+                        self.rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            imported += self.store.put_all_blocking(puts);
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            warn!(error = %e, dir = %dir.display(), "could not remove imported metadata files");
+        }
+        if imported > 0 {
+            info!(objects = imported, dir = %self.root.display(), "imported metadata files into the disk index");
+        }
     }
 
     fn incref(&self, sri: &Integrity) {
@@ -335,12 +552,19 @@ impl DiskTier {
         gone
     }
 
-    async fn run_deleter(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Deletion>) {
+    async fn run_deleter(tier: Weak<Self>, mut rx: mpsc::UnboundedReceiver<Deletion>) {
         while let Some(d) = rx.recv().await {
+            let Some(this) = tier.upgrade() else { return };
+            this.delete(d).await;
+        }
+    }
+
+    async fn delete(&self, d: Deletion) {
+        {
             if matches!(d.cause, RemovalCause::Size | RemovalCause::Expired)
                 && !self.index.contains_key(&d.key)
             {
-                let _ = tokio::fs::remove_file(self.meta_path(&d.key)).await;
+                self.store.delete(d.key);
                 self.held.invalidate(&d.key);
                 self.evictions.fetch_add(1, Ordering::Relaxed);
                 debug!(key = %d.key, size = d.entry.size, "disk eviction");
@@ -358,25 +582,29 @@ impl DiskTier {
         self.index.iter().map(|(k, _)| *k).collect()
     }
 
+    /// Whether the index holds the key (while the load runs, an object not loaded yet is not
+    /// known here; [`DiskTier::get`] finds it).
     pub fn contains(&self, key: &KeyHash) -> bool {
         self.index.contains_key(key)
     }
 
-    /// Looks up an object: its metadata from memory when held, else from its file (and then
-    /// held). A missing or unreadable metadata file is a miss (and is cleaned up).
+    /// Looks up an object: its metadata from memory when held, else from the store (and then
+    /// held). Missing or damaged metadata is a miss (and is cleaned up).
     pub async fn get(&self, key: &KeyHash) -> Option<DiskHit> {
         self.lookup(key, true).await
     }
 
-    /// Like [`DiskTier::get`], but metadata read from a file is not held: for sweeps over every
-    /// object, which must not push the hot objects' metadata out.
+    /// Like [`DiskTier::get`], but metadata read from the store is not held: for sweeps over
+    /// every object, which must not push the hot objects' metadata out.
     pub async fn peek(&self, key: &KeyHash) -> Option<DiskHit> {
         self.lookup(key, false).await
     }
 
     async fn lookup(&self, key: &KeyHash, hold: bool) -> Option<DiskHit> {
-        let entry = self.index.get(key)?;
-        // Read before the file: a 304 update bumps it after renaming the new file into place.
+        let Some(entry) = self.index.get(key) else {
+            return self.find_unloaded(key, hold).await;
+        };
+        // Read before the record: a 304 update bumps it after its new record is committed.
         let generation = entry.meta_gen.load(Ordering::Acquire);
         if let Some(h) = self.held.get(key)
             && Arc::ptr_eq(&h.entry, &entry)
@@ -387,71 +615,104 @@ impl DiskTier {
                 entry,
             });
         }
-        let (meta, file_len) = self.read_meta(key, &entry).await?;
+        let (file, len) = self.read_record(key).await?;
+        if file.integrity.parse::<Integrity>().ok().as_ref() != Some(&entry.sri)
+            || file.size != entry.size
+        {
+            // A commit replaced the record and has not indexed it yet; never pair one body
+            // with another's metadata.
+            debug!(key = %key, "disk metadata names other content than the index");
+            return None;
+        }
+        let meta = Arc::new(file.meta);
         if hold {
             self.held.insert(
                 *key,
-                HeldMeta::new(entry.clone(), generation, meta.clone(), file_len),
+                HeldMeta::new(entry.clone(), generation, meta.clone(), len),
             );
         }
         Some(DiskHit { meta, entry })
     }
 
-    /// Reads and parses an object's metadata file; `None` (a miss) when it is missing, damaged,
-    /// of another format version, or describes other content than `entry`.
-    async fn read_meta(
-        &self,
-        key: &KeyHash,
-        entry: &DiskEntry,
-    ) -> Option<(Arc<CachedMeta>, usize)> {
-        match tokio::fs::read(self.meta_path(key)).await {
-            Ok(data) => match decode_meta_file(&data) {
-                Ok(f) => {
-                    if f.integrity.parse::<Integrity>().ok().as_ref() != Some(&entry.sri)
-                        || f.size != entry.size
-                    {
-                        // A commit renamed a new file into place and has not indexed it yet;
-                        // never pair one body with another's metadata.
-                        debug!(key = %key, "disk metadata names other content than the index");
+    /// While the load runs: an object it has not reached yet, read from the store and indexed.
+    async fn find_unloaded(&self, key: &KeyHash, hold: bool) -> Option<DiskHit> {
+        if !self.loading.load(Ordering::Acquire) || self.touched.contains_key(key) {
+            return None;
+        }
+        let (file, len) = self.read_record(key).await?;
+        let sri = file.integrity.parse::<Integrity>().ok()?;
+        let entry = self.install(*key, DiskEntry::new(sri, file.size, false))?;
+        if entry.sri.to_string() != file.integrity || entry.size != file.size {
+            return None;
+        }
+        let meta = Arc::new(file.meta);
+        if hold {
+            let generation = entry.meta_gen.load(Ordering::Acquire);
+            self.held.insert(
+                *key,
+                HeldMeta::new(entry.clone(), generation, meta.clone(), len),
+            );
+        }
+        Some(DiskHit { meta, entry })
+    }
+
+    /// Reads and checks an object's record: a write not committed yet first, else the store.
+    /// `None` (a miss) when there is none; a damaged one is removed and counted.
+    async fn read_record(&self, key: &KeyHash) -> Option<(MetaFile, usize)> {
+        let data: Arc<[u8]> = match self.store.pending(key) {
+            Some(Pending::Put(record)) => record,
+            Some(Pending::Delete) => return None,
+            None => {
+                let store = Arc::clone(&self.store);
+                let k = *key;
+                match tokio::task::spawn_blocking(move || store.get(&k)).await {
+                    Ok(Ok(Some(data))) => data.into(),
+                    Ok(Ok(None)) => {
+                        self.index.invalidate(key);
+                        self.held.invalidate(key);
                         return None;
                     }
-                    Some((Arc::new(f.meta), data.len()))
+                    Ok(Err(e)) => {
+                        warn!(key = %key, error = %e, "disk metadata unreadable; a miss");
+                        return None;
+                    }
+                    Err(_) => return None,
                 }
-                Err(e) => {
-                    warn!(key = %key, error = %e, "disk metadata failed its check, dropping entry");
-                    self.rejected.fetch_add(1, Ordering::Relaxed);
-                    self.remove(key).await;
-                    None
-                }
-            },
+            }
+        };
+        match decode_record(&data) {
+            Ok(f) => Some((f, data.len())),
             Err(e) => {
-                warn!(key = %key, error = %e, "disk metadata unreadable, dropping entry");
-                self.index.invalidate(key);
-                self.held.invalidate(key);
+                warn!(key = %key, error = %e, "disk metadata failed its check, dropping entry");
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                self.remove(key).await;
                 None
             }
         }
     }
 
-    /// Writes a metadata file atomically (temporary file, then rename); returns its length.
-    async fn write_meta_file(&self, key: &KeyHash, file: &MetaFileOut<'_>) -> io::Result<usize> {
-        let data = encode_meta_file(file)?;
-        let path = self.meta_path(key);
-        if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await?;
+    /// The Vary names stored for a primary key the load has not reached yet (`None` once the
+    /// load is done: the engine's own index knows them then).
+    pub async fn unloaded_vary(&self, primary: &KeyHash) -> Option<String> {
+        if !self.loading.load(Ordering::Acquire) {
+            return None;
         }
-        let tmp = self.tmp_dir.join(format!(
-            "{}.{}.{}",
-            key.hex(),
-            std::process::id(),
-            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
-        ));
-        tokio::fs::write(&tmp, &data).await?;
-        if let Err(e) = tokio::fs::rename(&tmp, &path).await {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
-        }
-        Ok(data.len())
+        let store = Arc::clone(&self.store);
+        let k = *primary;
+        tokio::task::spawn_blocking(move || store.vary(&k))
+            .await
+            .ok()?
+            .ok()?
+    }
+
+    /// The largest purge sequence any stored object recorded.
+    pub async fn max_purge_seq(&self) -> u64 {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.max_purge_seq())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0)
     }
 
     /// Replaces the metadata of a stored object (after a 304), keeping its body.
@@ -459,36 +720,52 @@ impl DiskTier {
         let Some(entry) = self.index.get(key) else {
             return Ok(());
         };
-        let file_len = self
-            .write_meta_file(
-                key,
-                &MetaFileOut {
-                    integrity: entry.sri.to_string(),
-                    size: entry.size,
-                    meta,
-                },
-            )
-            .await?;
-        // After the rename: a lookup that sees the new generation reads the new file.
+        let put = MetaFileOut {
+            integrity: entry.sri.to_string(),
+            size: entry.size,
+            meta,
+        }
+        .put(*key)?;
+        let len = put.record.len();
+        self.touch(*key);
+        self.store.put(put).await?;
+        // After the commit: a lookup that sees the new generation reads the new record.
         let generation = entry.meta_gen.fetch_add(1, Ordering::AcqRel) + 1;
         if self
             .index
             .get(key)
             .is_some_and(|current| Arc::ptr_eq(&current, &entry))
         {
-            self.held.insert(
-                *key,
-                HeldMeta::new(entry, generation, meta.clone(), file_len),
-            );
+            self.held
+                .insert(*key, HeldMeta::new(entry, generation, meta.clone(), len));
         }
         Ok(())
     }
 
-    /// Removes an object (metadata first, so it can never be found half-removed).
+    /// Removes an object (from the store first, so it can never be found half-removed).
     pub async fn remove(&self, key: &KeyHash) {
-        let _ = tokio::fs::remove_file(self.meta_path(key)).await;
+        self.touch(*key);
+        self.store.delete(*key);
         self.index.invalidate(key);
         self.held.invalidate(key);
+    }
+
+    /// Makes every write durable and closes the database (at shutdown).
+    pub async fn close(&self) {
+        self.store.close().await;
+    }
+
+    /// Waits until every metadata write queued so far is durable.
+    pub async fn flush(&self) {
+        self.store.flush().await;
+    }
+
+    /// Index transactions committed, and failed, since start.
+    pub fn index_commits(&self) -> (u64, u64) {
+        (
+            self.store.commits.load(Ordering::Relaxed),
+            self.store.errors.load(Ordering::Relaxed),
+        )
     }
 
     /// Objects evicted for space since start.
@@ -496,7 +773,7 @@ impl DiskTier {
         self.evictions.load(Ordering::Relaxed)
     }
 
-    /// Metadata files dropped since start because they failed their checksum or format check.
+    /// Metadata records dropped since start because they failed their checksum or format check.
     pub fn rejected_metadata(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
     }
@@ -509,31 +786,13 @@ impl DiskTier {
         )
     }
 
-    /// Removes content files that no index entry references: a crash between a fill's content
-    /// commit and its metadata rename leaves one, outside the size accounting (issue 13, item
-    /// 15). Runs once, in the background, at start-up. Only files last written before the
-    /// start (less [`STAMP_SETTLE`], for coarse timestamps) are candidates, so a body a fill
-    /// of this run is committing is never taken, and a candidate's reference count is checked
-    /// again right before it goes.
-    async fn sweep_unreferenced(self: Arc<Self>, started: SystemTime) {
-        let cutoff = started.checked_sub(STAMP_SETTLE).unwrap_or(UNIX_EPOCH);
-        let tier = Arc::clone(&self);
-        let swept = tokio::task::spawn_blocking(move || tier.sweep_blocking(cutoff))
-            .await
-            .unwrap_or_default();
-        if swept.0 > 0 {
-            info!(
-                files = swept.0,
-                bytes = swept.1,
-                dir = %self.content.display(),
-                "removed unreferenced content"
-            );
-        }
-        self.swept.fetch_add(swept.0, Ordering::Relaxed);
-        self.sweep_done.store(true, Ordering::Release);
-    }
-
     /// Walks cacache's `content-v2/<algorithm>/xx/yy/<rest>`; returns (files, bytes) removed.
+    /// Removes content files that no index entry references: a crash between a fill's content
+    /// commit and its metadata commit leaves one, outside the size accounting (issue 13, item
+    /// 15). Runs once, after the start-up load. Only files last written before the start (less
+    /// [`STAMP_SETTLE`], for coarse timestamps) are candidates, so a body a fill of this run
+    /// is committing is never taken, and a candidate's reference count is checked again right
+    /// before it goes.
     fn sweep_blocking(&self, cutoff: SystemTime) -> (u64, u64) {
         let dirs = |p: &Path| -> Vec<(String, PathBuf)> {
             std::fs::read_dir(p)
@@ -608,85 +867,4 @@ async fn remove_dir_contents(dir: &Path) {
             let _ = tokio::fs::remove_file(&p).await;
         }
     }
-}
-
-/// A metadata file of the first format (the JSON alone, no checksum line) of the current
-/// metadata version, rewritten in place with its checksum (write to a temporary file, then
-/// rename). `None` when it is not one, or cannot be rewritten.
-fn migrate_first_format(path: &Path, data: &[u8]) -> Option<MetaFile> {
-    if data.first() != Some(&b'{') {
-        return None;
-    }
-    let file: MetaFile = serde_json::from_slice(data).ok()?;
-    if file.meta.version != super::meta::META_VERSION {
-        return None;
-    }
-    let encoded = encode_meta_file(&MetaFileOut {
-        integrity: file.integrity.clone(),
-        size: file.size,
-        meta: &file.meta,
-    })
-    .ok()?;
-    let tmp = path.with_extension("json.migrating");
-    let written = std::fs::write(&tmp, &encoded)
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        return None;
-    }
-    debug!(file = %path.display(), "metadata rewritten with a checksum");
-    Some(file)
-}
-
-/// Reads every metadata file, checking each. Files that fail (a checksum mismatch, an older
-/// format, damage) are deleted, never served; returns the good ones and how many failed.
-fn scan_meta_dir(dir: &Path) -> (Vec<(KeyHash, MetaFile)>, u64) {
-    let mut out = Vec::new();
-    let mut rejected = 0;
-    let Ok(shards) = std::fs::read_dir(dir) else {
-        return (out, rejected);
-    };
-    for shard in shards.flatten() {
-        let path = shard.path();
-        if !path.is_dir() || path.file_name().is_some_and(|n| n == ".tmp") {
-            continue;
-        }
-        let Ok(files) = std::fs::read_dir(&path) else {
-            continue;
-        };
-        for f in files.flatten() {
-            let p = f.path();
-            let Some(key) = p
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(KeyHash::from_hex)
-            else {
-                continue;
-            };
-            let data = match std::fs::read(&p) {
-                Ok(d) => d,
-                Err(e) => {
-                    warn!(file = %p.display(), error = %e, "disk metadata unreadable, skipping it");
-                    continue;
-                }
-            };
-            match decode_meta_file(&data) {
-                Ok(file) => out.push((key, file)),
-                // Written before metadata had a checksum: rewritten with one, so an upgrade
-                // loses nothing (pushed objects included). Its body is still checked against
-                // its content hash and recorded length before it is served.
-                Err(MetaReject::Format) if let Some(file) = migrate_first_format(&p, &data) => {
-                    out.push((key, file));
-                }
-                Err(e) => {
-                    // One line per file at debug; the count goes into one warning.
-                    debug!(file = %p.display(), error = %e, "dropping disk metadata");
-                    rejected += 1;
-                    let _ = std::fs::remove_file(&p);
-                }
-            }
-        }
-    }
-    (out, rejected)
 }

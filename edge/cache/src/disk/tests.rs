@@ -2,6 +2,7 @@
 
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use http::{Request, Response};
 
 use super::reader::{Checked, read_checked};
@@ -36,16 +37,13 @@ fn meta(etag: &str) -> Arc<CachedMeta> {
 /// A tier of 1 GiB in a fresh directory (kept alive by the returned guard).
 async fn tier() -> (tempfile::TempDir, Arc<DiskTier>) {
     let dir = tempfile::tempdir().unwrap();
-    let (tier, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
     (dir, tier)
 }
 
 async fn store(tier: &Arc<DiskTier>, key: KeyHash, body: &[u8], meta: &Arc<CachedMeta>) {
-    let mut w = tier
-        .begin_write(key, Some(body.len() as u64))
-        .await
-        .unwrap();
-    w.write(body).await.unwrap();
+    let mut w = tier.begin_write(key);
+    w.write(Bytes::copy_from_slice(body)).await.unwrap();
     w.commit(meta).await.unwrap();
 }
 
@@ -87,7 +85,9 @@ async fn update_replaces_held_metadata() {
     let hit = tier.get(&key).await.unwrap();
     assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], b"body");
 
-    let (reopened, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    // One tier per directory at a time: the database is locked while open.
+    drop(tier);
+    let (reopened, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
     assert_eq!(etag_of(&reopened, &key).await.as_deref(), Some("\"b\""));
 }
 
@@ -134,15 +134,16 @@ async fn damaged_body_with_held_metadata_is_removed() {
     );
 }
 
-/// A metadata file that names other content than the index entry (a commit between its
-/// rename and its index insert) is a miss, never another object's metadata.
+/// A metadata record that names other content than the index entry (a commit between its
+/// store commit and its index insert) is a miss, never another object's metadata.
 #[tokio::test]
-async fn metadata_file_of_other_content_is_a_miss() {
+async fn metadata_record_of_other_content_is_a_miss() {
     let (_dir, tier) = tier().await;
     let (one, two) = (KeyHash::of("example.test/1"), KeyHash::of("example.test/2"));
     store(&tier, one, b"body one", &meta("\"1\"")).await;
     store(&tier, two, b"body two", &meta("\"2\"")).await;
-    std::fs::copy(tier.meta_path(&two), tier.meta_path(&one)).unwrap();
+    let record = tier.store.get(&two).unwrap().unwrap();
+    tier.store.put_raw(one, &record);
     tier.held.invalidate(&one);
     assert!(tier.get(&one).await.is_none());
     assert_eq!(etag_of(&tier, &two).await.as_deref(), Some("\"2\""));
@@ -154,10 +155,10 @@ async fn peek_does_not_hold_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let key = KeyHash::of("example.test/a");
     {
-        let (tier, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
         store(&tier, key, b"body", &meta("\"a\"")).await;
     }
-    let (tier, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
     assert!(tier.peek(&key).await.is_some());
     tier.run_pending_tasks();
     assert_eq!(tier.held.entry_count(), 0);
@@ -240,16 +241,15 @@ async fn content_elsewhere_falls_back_to_cacache() {
     assert_eq!((&data[..], how), (&b"the body"[..], Checked::Hashed));
 }
 
-/// Edits the JSON of a metadata file in place, keeping its first line (and so its now stale
-/// checksum), as a hand edit or damage would.
-fn tamper(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let data = std::fs::read(path).unwrap();
-    let start = data.iter().position(|&b| b == b'{').unwrap();
-    let mut v: serde_json::Value = serde_json::from_slice(&data[start..]).unwrap();
+/// Edits the JSON of a metadata record in place, keeping its checksum (now stale), as a hand
+/// edit or damage would.
+fn tamper(tier: &DiskTier, key: KeyHash, edit: impl FnOnce(&mut serde_json::Value)) {
+    let data = tier.store.get(&key).unwrap().unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&data[32..]).unwrap();
     edit(&mut v);
-    let mut out = data[..start].to_vec();
+    let mut out = data[..32].to_vec();
     out.extend_from_slice(&serde_json::to_vec(&v).unwrap());
-    std::fs::write(path, out).unwrap();
+    tier.store.put_raw(key, &out);
 }
 
 /// An edit of a metadata file's JSON.
@@ -290,10 +290,11 @@ async fn tampered_metadata_is_a_miss() {
             let (dir, tier) = tier().await;
             let key = KeyHash::of("example.test/a");
             store(&tier, key, b"the whole body", &meta_with_type("\"a\"")).await;
-            let path = tier.meta_path(&key);
-            tamper(&path, &edit);
+            tier.flush().await;
+            tamper(&tier, key, &edit);
             let tier = if reopen {
-                DiskTier::open(dir.path(), 1 << 30, 4 << 20)
+                drop(tier);
+                DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
                     .await
                     .unwrap()
                     .0
@@ -303,45 +304,60 @@ async fn tampered_metadata_is_a_miss() {
             };
             assert!(tier.get(&key).await.is_none(), "{what} (reopen: {reopen})");
             assert_eq!(tier.rejected_metadata(), 1, "{what} (reopen: {reopen})");
-            assert!(!path.exists(), "{what}: the tampered file stays");
+            tier.flush().await;
+            assert!(
+                tier.store.get(&key).unwrap().is_none(),
+                "{what}: the tampered record stays"
+            );
             assert!(!tier.contains(&key));
         }
     }
 }
 
-/// Metadata of the first format (plain JSON, no checksum) is a miss, never a misread.
+/// Metadata files of the previous design (one checksummed JSON file per object) are imported
+/// at start-up; one that fails its check is dropped and counted, never misread.
 #[tokio::test]
-async fn metadata_without_a_checksum_is_migrated_at_start_up_only() {
-    let (dir, tier) = tier().await;
-    let key = KeyHash::of("example.test/a");
-    store(&tier, key, b"body", &meta("\"a\"")).await;
-    let path = tier.meta_path(&key);
-    let data = std::fs::read(&path).unwrap();
-    let start = data.iter().position(|&b| b == b'{').unwrap();
-    let first_format = data[start..].to_vec();
-    // Written by a version before checksums: kept across the upgrade, rewritten with one.
-    std::fs::write(&path, &first_format).unwrap();
-    let (tier, metas) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
-    assert_eq!(metas.len(), 1);
-    assert!(tier.get(&key).await.is_some());
-    assert_eq!(tier.rejected_metadata(), 0);
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        data,
-        "rewritten with its checksum"
-    );
-    // A first-format file of another metadata version is dropped, never misread.
-    let other = String::from_utf8(first_format.clone()).unwrap().replacen(
-        "\"version\":1",
-        "\"version\":999",
-        1,
-    );
-    assert_ne!(other.as_bytes(), &first_format[..]);
-    std::fs::write(&path, other).unwrap();
-    let (tier, metas) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
-    assert!(metas.is_empty());
-    assert!(tier.get(&key).await.is_none());
+async fn metadata_files_of_the_previous_design_are_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = (KeyHash::of("example.test/a"), KeyHash::of("example.test/b"));
+    let sri = {
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+        store(&tier, good, b"body", &meta("\"a\"")).await;
+        let hit = tier.get(&good).await.unwrap();
+        tier.flush().await;
+        hit.entry.sri.to_string()
+    };
+    // The database goes; the content stays, as an upgrade from files would find it.
+    std::fs::remove_file(dir.path().join("index.redb")).unwrap();
+    let legacy = |m: &CachedMeta, version: u32| {
+        let mut m = m.clone();
+        m.version = version;
+        let json = serde_json::to_vec(&MetaFileOut {
+            integrity: sri.clone(),
+            size: 4,
+            meta: &m,
+        })
+        .unwrap();
+        let mut out = META_FILE_TAG.to_vec();
+        out.extend_from_slice(blake3::hash(&json).to_hex().as_bytes());
+        out.push(b'\n');
+        out.extend_from_slice(&json);
+        out
+    };
+    for (key, version) in [(good, crate::meta::META_VERSION), (bad, 999)] {
+        let hex = key.hex();
+        let shard = dir.path().join("meta").join(&hex[..2]);
+        std::fs::create_dir_all(&shard).unwrap();
+        std::fs::write(shard.join(format!("{hex}.json")), legacy(&meta("\"a\""), version))
+            .unwrap();
+    }
+    let (tier, loaded) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].key, good);
+    assert_eq!(etag_of(&tier, &good).await.as_deref(), Some("\"a\""));
+    assert!(tier.get(&bad).await.is_none());
     assert_eq!(tier.rejected_metadata(), 1);
+    assert!(!dir.path().join("meta").exists(), "imported files are removed");
 }
 
 /// Issue 13, item 9: before a stream, the content file must have the recorded length; a
@@ -385,7 +401,7 @@ async fn unreferenced_content_is_swept_at_start_up() {
     let key = KeyHash::of("example.test/a");
     let content = dir.path().join("content");
     let orphan_path = {
-        let (tier, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
         store(&tier, key, b"kept body", &meta("\"a\"")).await;
         // A body committed without its metadata file, as a crash before the rename leaves it.
         let orphan = cacache::write_hash(&content, b"orphan body").await.unwrap();
@@ -400,7 +416,7 @@ async fn unreferenced_content_is_swept_at_start_up() {
     let fresh = cacache::write_hash(&content, b"a fill in progress")
         .await
         .unwrap();
-    let (tier, _) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     while !tier.swept().1 {
         assert!(

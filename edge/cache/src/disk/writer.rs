@@ -1,38 +1,52 @@
-//! Writing bodies: content first, then the metadata file renamed into place; nothing is
-//! visible before [`DiskWriter::commit`].
+//! Writing bodies: content first (gathered, then written in few jobs on the blocking pool), then
+//! the metadata in the index's next group commit; nothing is visible before
+//! [`DiskWriter::commit`] returns.
 
-use std::io;
+use std::io::{self, Write};
+use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use cacache::Integrity;
-use tokio::io::AsyncWriteExt;
 
 use super::{DiskEntry, DiskTier, HeldMeta, MetaFileOut};
 use crate::key::KeyHash;
 use crate::meta::CachedMeta;
 
+/// A body is gathered in memory up to this many bytes before a job writes it: a body up to
+/// this size costs one job (create, write, rename), a longer one a job per this many bytes.
+pub const STREAM_CHUNK: u64 = 256 * 1024;
+
+/// Write jobs on the blocking pool at once, across the tier: writes never take more threads
+/// than this, whatever the miss rate, and reads never wait for them.
+pub const WRITE_JOBS: usize = 2;
+
 impl DiskTier {
     /// Starts writing a body. Nothing is visible until [`DiskWriter::commit`]; dropping the
-    /// writer discards the partial content.
-    pub async fn begin_write(
-        self: &Arc<Self>,
-        key: KeyHash,
-        size: Option<u64>,
-    ) -> io::Result<DiskWriter> {
-        // No `.size(n)`: with cacache's `mmap` feature a known size up to 1 MiB maps a buffer
-        // that only accepts the body in one write, and fills arrive in network-sized pieces.
-        // Our metadata file records the size, and the fill checks Content-Length itself.
-        let _ = size;
-        let writer = cacache::WriteOpts::new()
-            .open_hash(&self.content)
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(DiskWriter {
+    /// writer discards the partial content. Does no I/O.
+    pub fn begin_write(self: &Arc<Self>, key: KeyHash) -> DiskWriter {
+        DiskWriter {
             tier: Arc::clone(self),
             key,
-            writer,
+            gathered: Vec::new(),
+            gathered_len: 0,
+            file: None,
             written: 0,
-        })
+        }
+    }
+
+    /// Runs one write job on the blocking pool, within the tier's [`WRITE_JOBS`].
+    async fn write_job<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let _slot = Arc::clone(&self.write_jobs)
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
+        tokio::task::spawn_blocking(job)
+            .await
+            .map_err(io::Error::other)?
     }
 }
 
@@ -40,14 +54,58 @@ impl DiskTier {
 pub struct DiskWriter {
     tier: Arc<DiskTier>,
     key: KeyHash,
-    writer: cacache::Writer,
+    /// Chunks not written yet.
+    gathered: Vec<Bytes>,
+    gathered_len: u64,
+    /// The content file, once a body outgrew [`STREAM_CHUNK`].
+    file: Option<cacache::SyncWriter>,
     written: u64,
 }
 
+fn open_content(content: &Path) -> io::Result<cacache::SyncWriter> {
+    // No `.size(n)`: with cacache's `mmap` feature a known size maps a buffer that only accepts
+    // the body in one write. The record keeps the size, and the fill checks Content-Length.
+    cacache::WriteOpts::new()
+        .open_hash_sync(content)
+        .map_err(|e| io::Error::other(e.to_string()))
+}
+
+fn write_chunks(file: &mut cacache::SyncWriter, chunks: &[Bytes]) -> io::Result<()> {
+    chunks.iter().try_for_each(|c| file.write_all(c))
+}
+
 impl DiskWriter {
-    pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.writer.write_all(chunk).await?;
+    /// Adds a chunk; true when it and every chunk before it have been written out (until
+    /// then the writer holds them).
+    pub async fn write(&mut self, chunk: Bytes) -> io::Result<bool> {
         self.written += chunk.len() as u64;
+        self.gathered_len += chunk.len() as u64;
+        self.gathered.push(chunk);
+        if self.gathered_len < STREAM_CHUNK {
+            return Ok(false);
+        }
+        self.write_gathered().await?;
+        Ok(true)
+    }
+
+    /// Writes what was gathered, opening the content file first if needed.
+    async fn write_gathered(&mut self) -> io::Result<()> {
+        let chunks = std::mem::take(&mut self.gathered);
+        self.gathered_len = 0;
+        let file = self.file.take();
+        let content = self.tier.content.clone();
+        let file = self
+            .tier
+            .write_job(move || {
+                let mut file = match file {
+                    Some(f) => f,
+                    None => open_content(&content)?,
+                };
+                write_chunks(&mut file, &chunks)?;
+                Ok(file)
+            })
+            .await?;
+        self.file = Some(file);
         Ok(())
     }
 
@@ -73,34 +131,48 @@ impl DiskWriter {
         self,
         meta: impl FnOnce(&Integrity, u64) -> Arc<CachedMeta>,
     ) -> io::Result<Integrity> {
-        let sri = self
-            .writer
-            .commit()
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        let meta = meta(&sri, self.written);
-        let file = MetaFileOut {
+        let Self {
+            tier,
+            key,
+            gathered,
+            file,
+            written,
+            ..
+        } = self;
+        let content = tier.content.clone();
+        // The last (for most bodies the only) job: write what is left, rename into place.
+        let sri = tier
+            .write_job(move || {
+                let mut file = match file {
+                    Some(f) => f,
+                    None => open_content(&content)?,
+                };
+                write_chunks(&mut file, &gathered)?;
+                file.commit().map_err(|e| io::Error::other(e.to_string()))
+            })
+            .await?;
+        let meta = meta(&sri, written);
+        let put = MetaFileOut {
             integrity: sri.to_string(),
-            size: self.written,
+            size: written,
             meta: &meta,
-        };
+        }
+        .put(key)?;
+        let len = put.record.len();
         // Reference first, so a concurrent eviction of an identical body keeps the content.
-        self.tier.incref(&sri);
-        let file_len = match self.tier.write_meta_file(&self.key, &file).await {
-            Ok(n) => n,
-            Err(e) => {
-                if self.tier.decref(&sri) {
-                    let _ = cacache::remove_hash(&self.tier.content, &sri).await;
-                }
-                return Err(e);
+        tier.incref(&sri);
+        tier.touch(key);
+        if let Err(e) = tier.store.put(put).await {
+            if tier.decref(&sri) {
+                let _ = cacache::remove_hash(&tier.content, &sri).await;
             }
-        };
-        let entry = DiskEntry::new(sri.clone(), self.written, true);
-        self.tier.index.insert(self.key, entry.clone());
+            return Err(e);
+        }
+        let entry = DiskEntry::new(sri.clone(), written, true);
+        tier.index.insert(key, entry.clone());
         // Just written: the first hit needs no metadata read.
-        self.tier
-            .held
-            .insert(self.key, HeldMeta::new(entry, 0, meta, file_len));
+        tier.held
+            .insert(key, HeldMeta::new(entry, 0, meta, len));
         Ok(sri)
     }
 }

@@ -1,0 +1,540 @@
+//! The disk tier's index: one redb database (`index.redb`) with every object's metadata, written
+//! by one thread in group commits.
+//!
+//! Tables, all keyed by the 32-byte key hash:
+//! - `objects`: the metadata record a hit needs (a blake3 checksum, then the JSON of the content
+//!   hash, the size and the stored response's metadata); read on a lookup whose metadata is not
+//!   held in memory.
+//! - `entries`: a compact record per object (size, purge sequence, content hash, key text, Vary
+//!   names), all that the start-up load needs: it never reads the larger `objects` records.
+//! - `vary`: primary key → the Vary names its responses nominate, so a request that arrives
+//!   before the load reached its variants still finds them.
+//! - `state`: the largest purge sequence any stored object recorded.
+//!
+//! Writes: every put and delete goes to the writer thread (`outpost-disk-index`), which takes
+//! whatever has queued up and commits it in one transaction (group commit), durably
+//! (`Durability::Immediate`, with quick repair so that opening after a crash does not walk
+//! the tree). Until its transaction commits, a write is visible to this process through
+//! [`Store::pending`]. A put's caller waits for its commit before the object counts as stored.
+//! What a kill -9 can lose: the writes queued or in the transaction being committed, that is,
+//! objects whose fills ended within one commit (a fraction of a millisecond on an SSD, a few
+//! disk syncs on a spinning disk) plus whatever queued behind it. They are misses after the
+//! restart; their content files are unreferenced and swept.
+//!
+//! Why redb: measured against fjall (an LSM tree) and LMDB (heed) for this workload (see the
+//! disk tier's module docs for the numbers), it is pure Rust, has MVCC readers that never wait
+//! for the writer (a disk hit never queues behind writes), crash-safe commits, a bounded read
+//! cache and no background threads of its own.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use crate::key::{KeyHash, KeyHasher};
+
+const OBJECTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("objects");
+const ENTRIES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("entries");
+const VARY: TableDefinition<&[u8; 32], &str> = TableDefinition::new("vary");
+const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
+const MAX_PURGE_SEQ: &str = "max_purge_seq";
+
+/// Writes committed in one transaction at most.
+const BATCH_MAX: usize = 4096;
+
+/// A commit is made durable (synced) when the last durable one is older than this; commits in
+/// between are not synced. When writes stop, the last ones are synced after this long too.
+/// A kill -9 thus loses at most the objects stored within this window before it.
+pub const DURABLE_EVERY: Duration = Duration::from_millis(50);
+
+/// Memory redb may use to cache pages it read (its default is 1 GiB). Hot objects' metadata is
+/// held decoded above it, so this only serves cold lookups and the start-up load.
+const READ_CACHE: usize = 4 << 20;
+
+/// A write not yet committed.
+#[derive(Clone)]
+pub(super) enum Pending {
+    Put(Arc<[u8]>),
+    Delete,
+}
+
+/// What the start-up load learns about one object.
+pub(super) struct EntryRecord {
+    pub size: u64,
+    pub purge_seq: u64,
+    pub integrity: String,
+    pub key_text: String,
+    pub vary: String,
+}
+
+impl EntryRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            1 + 16 + 6 + self.integrity.len() + self.key_text.len() + self.vary.len(),
+        );
+        out.push(1);
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.purge_seq.to_le_bytes());
+        for s in [&self.integrity, &self.key_text, &self.vary] {
+            let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
+        }
+        out
+    }
+
+    fn decode(data: &[u8]) -> Option<Self> {
+        let (&version, mut rest) = data.split_first()?;
+        if version != 1 {
+            return None;
+        }
+        let u64_at = |rest: &mut &[u8]| -> Option<u64> {
+            let (n, tail) = rest.split_first_chunk::<8>()?;
+            *rest = tail;
+            Some(u64::from_le_bytes(*n))
+        };
+        let size = u64_at(&mut rest)?;
+        let purge_seq = u64_at(&mut rest)?;
+        let mut text = || -> Option<String> {
+            let (len, tail) = rest.split_first_chunk::<2>()?;
+            let len = usize::from(u16::from_le_bytes(*len));
+            let s = std::str::from_utf8(tail.get(..len)?).ok()?.to_string();
+            rest = &tail[len..];
+            Some(s)
+        };
+        Some(Self {
+            size,
+            purge_seq,
+            integrity: text()?,
+            key_text: text()?,
+            vary: text()?,
+        })
+    }
+}
+
+/// A put: the record a lookup reads, the entry the start-up load reads.
+pub(super) struct Put {
+    pub key: KeyHash,
+    pub record: Arc<[u8]>,
+    pub entry: EntryRecord,
+    /// (primary key, names) when the object varies.
+    pub vary: Option<(KeyHash, String)>,
+}
+
+enum Op {
+    Put(Put, u64, Option<oneshot::Sender<io::Result<()>>>),
+    Delete(KeyHash, u64),
+    Flush(oneshot::Sender<()>),
+    /// Commit what came before, sync, and stop (closing the database).
+    Close(oneshot::Sender<()>),
+}
+
+pub(super) struct Store {
+    /// `None` once closed.
+    db: ArcSwapOption<Database>,
+    tx: mpsc::Sender<Op>,
+    /// Writes queued or being committed, with the ticket of the latest for each key.
+    pending: Arc<DashMap<KeyHash, (u64, Pending), KeyHasher>>,
+    tickets: AtomicU64,
+    /// Transactions committed, and writes that failed, since start.
+    pub commits: Arc<AtomicU64>,
+    pub errors: Arc<AtomicU64>,
+}
+
+fn stopped() -> io::Error {
+    db_error("the index writer has stopped")
+}
+
+fn db_error(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("disk index: {e}"))
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`. A database that cannot be opened (damaged
+    /// below redb's own crash safety) is moved aside and replaced by an empty one: its objects
+    /// become misses, and their content is swept as unreferenced.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        let path = dir.join("index.redb");
+        let db = match open_db(&path) {
+            Ok(db) => db,
+            Err(e) if damaged(&e) => {
+                let aside = dir.join(format!(
+                    "index.redb.damaged-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs()
+                ));
+                warn!(error = %e, file = %path.display(), moved_to = %aside.display(),
+                    "disk index is damaged; starting with an empty one (its objects are misses)");
+                std::fs::rename(&path, &aside)?;
+                open_db(&path).map_err(db_error)?
+            }
+            Err(e) => return Err(db_error(e)),
+        };
+        let db = Arc::new(db);
+        // The tables exist from the start, so readers never meet a missing one.
+        {
+            let txn = db.begin_write().map_err(db_error)?;
+            txn.open_table(OBJECTS).map_err(db_error)?;
+            txn.open_table(ENTRIES).map_err(db_error)?;
+            txn.open_table(VARY).map_err(db_error)?;
+            txn.open_table(STATE).map_err(db_error)?;
+            txn.commit().map_err(db_error)?;
+        }
+        let (tx, rx) = mpsc::channel();
+        let pending = Arc::new(DashMap::with_hasher(KeyHasher::default()));
+        let commits = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let writer = Writer {
+            db: Arc::clone(&db),
+            last_durable: Instant::now(),
+            dirty: false,
+            pending: Arc::clone(&pending),
+            commits: Arc::clone(&commits),
+            errors: Arc::clone(&errors),
+        };
+        std::thread::Builder::new()
+            .name("outpost-disk-index".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Self {
+            db: ArcSwapOption::from(Some(db)),
+            tx,
+            pending,
+            tickets: AtomicU64::new(1),
+            commits,
+            errors,
+        })
+    }
+
+    /// A write to `key` not yet committed: `Some(Put)` or `Some(Delete)`.
+    pub fn pending(&self, key: &KeyHash) -> Option<Pending> {
+        self.pending.get(key).map(|p| p.1.clone())
+    }
+
+    /// Queues a put; the receiver tells when it has committed.
+    fn enqueue(&self, put: Put) -> io::Result<oneshot::Receiver<io::Result<()>>> {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        self.pending
+            .insert(put.key, (ticket, Pending::Put(Arc::clone(&put.record))));
+        let (done, wait) = oneshot::channel();
+        let key = put.key;
+        if self.tx.send(Op::Put(put, ticket, Some(done))).is_err() {
+            self.pending.remove_if(&key, |_, p| p.0 == ticket);
+            return Err(stopped());
+        }
+        Ok(wait)
+    }
+
+    /// Queues a put and waits for its commit.
+    pub async fn put(&self, put: Put) -> io::Result<()> {
+        self.enqueue(put)?.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Queues puts and waits for their commits, blocking (not on an async worker). Returns
+    /// how many committed.
+    pub fn put_all_blocking(&self, puts: Vec<Put>) -> u64 {
+        let waits: Vec<_> = puts.into_iter().filter_map(|p| self.enqueue(p).ok()).collect();
+        waits
+            .into_iter()
+            .map(|w| u64::from(matches!(w.blocking_recv(), Ok(Ok(())))))
+            .sum()
+    }
+
+    /// Queues a delete (not waited for: until it commits, lookups see it as pending).
+    pub fn delete(&self, key: KeyHash) {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        self.pending.insert(key, (ticket, Pending::Delete));
+        let _ = self.tx.send(Op::Delete(key, ticket));
+    }
+
+    /// Waits until every write queued before this call has committed durably.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Op::Flush(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    fn db(&self) -> io::Result<Arc<Database>> {
+        self.db.load_full().ok_or_else(|| db_error("closed"))
+    }
+
+    /// Commits and syncs every write queued so far, then closes the database (its lock is
+    /// released for the next process, or the next tier in this one). Later reads and writes
+    /// fail, as misses and errors.
+    pub async fn close(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Op::Close(done)).is_ok() {
+            let _ = wait.await;
+        }
+        self.db.store(None);
+    }
+
+    /// Reads a committed record (blocking: call off the async workers).
+    pub fn get(&self, key: &KeyHash) -> io::Result<Option<Vec<u8>>> {
+        let txn = self.db()?.begin_read().map_err(db_error)?;
+        let table = txn.open_table(OBJECTS).map_err(db_error)?;
+        Ok(table
+            .get(&key.0)
+            .map_err(db_error)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Replaces a record as it is, checksum and all (tests edit records as damage would).
+    #[cfg(test)]
+    pub fn put_raw(&self, key: KeyHash, record: &[u8]) {
+        let txn = self.db().unwrap().begin_write().unwrap();
+        txn.open_table(OBJECTS)
+            .unwrap()
+            .insert(&key.0, record)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    /// The Vary names stored for a primary key (blocking).
+    pub fn vary(&self, primary: &KeyHash) -> io::Result<Option<String>> {
+        let txn = self.db()?.begin_read().map_err(db_error)?;
+        let table = txn.open_table(VARY).map_err(db_error)?;
+        Ok(table
+            .get(&primary.0)
+            .map_err(db_error)?
+            .map(|v| v.value().to_string()))
+    }
+
+    /// The largest purge sequence a stored object recorded.
+    pub fn max_purge_seq(&self) -> io::Result<u64> {
+        let txn = self.db()?.begin_read().map_err(db_error)?;
+        let table = txn.open_table(STATE).map_err(db_error)?;
+        Ok(table
+            .get(MAX_PURGE_SEQ)
+            .map_err(db_error)?
+            .map_or(0, |v| v.value()))
+    }
+
+    /// Reads every entry (blocking), handing them to `f` in batches of up to `batch`. Entries
+    /// that do not decode are deleted. Returns how many were read.
+    pub fn load(
+        &self,
+        batch: usize,
+        mut f: impl FnMut(Vec<(KeyHash, EntryRecord)>) -> bool,
+    ) -> io::Result<u64> {
+        let txn = self.db()?.begin_read().map_err(db_error)?;
+        let table = txn.open_table(ENTRIES).map_err(db_error)?;
+        let mut out = Vec::with_capacity(batch);
+        let mut total = 0;
+        for item in table.range(..).map_err(db_error)? {
+            let (k, v) = item.map_err(db_error)?;
+            let key = KeyHash(*k.value());
+            match EntryRecord::decode(v.value()) {
+                Some(e) => out.push((key, e)),
+                None => self.delete(key),
+            }
+            if out.len() >= batch {
+                total += out.len() as u64;
+                if !f(std::mem::replace(&mut out, Vec::with_capacity(batch))) {
+                    return Ok(total);
+                }
+            }
+        }
+        total += out.len() as u64;
+        if !out.is_empty() {
+            f(out);
+        }
+        Ok(total)
+    }
+}
+
+/// Opens the database. Another instance in this process that is closing it (a restart in
+/// place) holds its lock for a moment: that is waited for, up to a few seconds.
+fn open_db(path: &PathBuf) -> Result<Database, redb::DatabaseError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Database::builder().set_cache_size(READ_CACHE).create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Errors that mean the file itself is unusable (rather than, say, unreadable).
+fn damaged(e: &redb::DatabaseError) -> bool {
+    matches!(
+        e,
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))
+            | redb::DatabaseError::UpgradeRequired(_)
+            | redb::DatabaseError::RepairAborted
+    )
+}
+
+/// The writer thread's side.
+struct Writer {
+    db: Arc<Database>,
+    /// When a commit was last made durable.
+    last_durable: Instant,
+    /// The last commit was not durable.
+    dirty: bool,
+    pending: Arc<DashMap<KeyHash, (u64, Pending), KeyHasher>>,
+    commits: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        loop {
+            // Quiet for a while with commits that are not durable yet: make them durable.
+            let first = if self.dirty {
+                match rx.recv_timeout(DURABLE_EVERY) {
+                    Ok(op) => op,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.settle();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(op) => op,
+                    Err(_) => break,
+                }
+            };
+            let mut ops = vec![first];
+            while ops.len() < BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            let result = self.commit(&ops);
+            if self.dirty && ops.iter().any(|op| matches!(op, Op::Flush(_) | Op::Close(_))) {
+                self.settle();
+            }
+            if let Err(e) = &result {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, writes = ops.len(), "disk index commit failed; those objects are not stored");
+            } else {
+                self.commits.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Put(put, ticket, done) => {
+                        self.pending.remove_if(&put.key, |_, p| p.0 == ticket);
+                        if let Some(done) = done {
+                            let _ = done.send(match &result {
+                                Ok(()) => Ok(()),
+                                Err(e) => Err(db_error(e)),
+                            });
+                        }
+                    }
+                    Op::Delete(key, ticket) => {
+                        self.pending.remove_if(&key, |_, p| p.0 == ticket);
+                    }
+                    Op::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                    Op::Close(done) => closing.push(done),
+                }
+            }
+            if !closing.is_empty() {
+                if self.dirty {
+                    self.settle();
+                }
+                drop(self);
+                for done in closing {
+                    let _ = done.send(());
+                }
+                return;
+            }
+        }
+        if self.dirty {
+            self.settle();
+        }
+    }
+
+    fn commit(&mut self, ops: &[Op]) -> Result<(), redb::Error> {
+        if ops
+            .iter()
+            .all(|op| matches!(op, Op::Flush(_) | Op::Close(_)))
+        {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write()?;
+        let durable = self.last_durable.elapsed() >= DURABLE_EVERY;
+        let durability = if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        txn.set_durability(durability)
+            .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+        txn.set_quick_repair(true);
+        {
+            let mut objects = txn.open_table(OBJECTS)?;
+            let mut entries = txn.open_table(ENTRIES)?;
+            let mut vary = txn.open_table(VARY)?;
+            let mut state = txn.open_table(STATE)?;
+            let mut max_seq = state.get(MAX_PURGE_SEQ)?.map_or(0, |v| v.value());
+            let seq_before = max_seq;
+            for op in ops {
+                match op {
+                    Op::Put(put, _, _) => {
+                        objects.insert(&put.key.0, &*put.record)?;
+                        entries.insert(&put.key.0, put.entry.encode().as_slice())?;
+                        if let Some((primary, names)) = &put.vary {
+                            vary.insert(&primary.0, names.as_str())?;
+                        }
+                        max_seq = max_seq.max(put.entry.purge_seq);
+                    }
+                    Op::Delete(key, _) => {
+                        objects.remove(&key.0)?;
+                        entries.remove(&key.0)?;
+                    }
+                    Op::Flush(_) | Op::Close(_) => {}
+                }
+            }
+            if max_seq != seq_before {
+                state.insert(MAX_PURGE_SEQ, max_seq)?;
+            }
+        }
+        txn.commit()?;
+        if durable {
+            self.last_durable = Instant::now();
+        }
+        self.dirty = !durable;
+        Ok(())
+    }
+
+    /// Makes the last commits durable if some were not (when the queue has gone quiet).
+    fn settle(&mut self) {
+        let result = self
+            .db
+            .begin_write()
+            .map_err(redb::Error::from)
+            .and_then(|mut txn| {
+                let _ = txn.set_durability(Durability::Immediate);
+                txn.set_quick_repair(true);
+                txn.commit().map_err(redb::Error::from)
+            });
+        match result {
+            Ok(()) => {
+                self.last_durable = Instant::now();
+                self.dirty = false;
+            }
+            Err(e) => {
+                self.dirty = false;
+                warn!(error = %e, "disk index sync failed");
+            }
+        }
+    }
+}
