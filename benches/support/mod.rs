@@ -4,11 +4,14 @@
 //! - [`client`]: a minimal keep-alive HTTP/1.1 client over a raw `TcpStream`.
 //! - [`loadgen`]: the closed-loop load generator built on it.
 //! - [`servers`]: the in-process origin, the plain hyper baseline server and an edge.
+//! - [`disk`]: an origin on a socket with a body per URL, an in-process edge with an admin
+//!   port, unique misses, `/stats` disk admissions (`disk_miss`, `restart`).
 
 // Each bench binary uses only part of this module.
 #![allow(dead_code)]
 
 pub mod client;
+pub mod disk;
 pub mod loadgen;
 pub mod servers;
 

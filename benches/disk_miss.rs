@@ -1,0 +1,472 @@
+//! Disk miss: what a miss costs with a disk tier next to the same miss without one (issue 15,
+//! "disk tier"). Target: with the disk tier, a miss costs at most 1.2x the CPU of the same miss
+//! without one. With OUTPOST_BENCH_PREFILL, the disk miss is measured again after the disk tier
+//! was filled with that many more objects, so its cost at ~10k and at 1M stored objects can be
+//! compared (it should be flat).
+//!
+//! Run: `cargo bench --bench disk_miss` (release; ~30 s), and
+//! `OUTPOST_BENCH_PREFILL=1000000 cargo bench --bench disk_miss` for the flat cases (the
+//! prefill runs at the disk edge's miss rate: up to tens of minutes for 1M objects). Settings:
+//! OUTPOST_BENCH_SECS (measured seconds per case per round, 3), OUTPOST_BENCH_WARMUP_SECS (1),
+//! OUTPOST_BENCH_ROUNDS (3), OUTPOST_BENCH_CONNS (16), OUTPOST_BENCH_PREFILL (objects added to
+//! the disk edge before the "flat" cases; 0: no flat cases), OUTPOST_BENCH_FILL_CONNS
+//! (connections of the prefill, 64), OUTPOST_BENCH_MEMORY_MIB (`--memory` of both edges, 64),
+//! OUTPOST_BENCH_DISK_GIB (`--disk`, 16), OUTPOST_BENCH_TMPDIR (where the cache directory goes;
+//! default target/tmp, on the build's disk), OUTPOST_BENCH_SERVER_THREADS (edge runtime
+//! workers; cores), OUTPOST_BENCH_CLIENT_THREADS (2), OUTPOST_BENCH_ORIGIN_THREADS (1).
+//! Positional arguments filter cases by name (`-- disk`; the ratios need both). `cargo test
+//! --benches` or `cargo bench --bench disk_miss -- --test` only does a short smoke run (a
+//! prefill of 200 objects included).
+//!
+//! Setup: one process, three tokio runtimes: the edges' (workers named `edge-worker-N`, blocking
+//! pool `edge-blocking`, at most 32 blocking threads as `outpost` runs), the origin's
+//! (`bench-origin`) and the load generator's (`bench-client`). The origin is a hyper HTTP/1
+//! server on 127.0.0.1 answering any path with 1 KiB (the path's bytes, then a fixed pattern:
+//! no two URLs share a body, so content-addressed storage cannot deduplicate them),
+//! `Cache-Control: public, max-age=3600`, `application/octet-stream` (never compressed). Two
+//! `EdgeServer`s in front of it through their own upstream client (keep-alive): "memory" (memory
+//! tier only) and "disk" (the same plus `--cache-dir` in a temp dir and `--disk 16GiB`), both
+//! `--memory 64MiB`. Closed loop: each of 16 keep-alive connections (benches/support/client.rs)
+//! sends its next GET for a URL never asked before when the previous answer is read; every
+//! answer must be a 200 `X-Cache: MISS` of 1024 bytes or the bench fails. Cases alternate
+//! within each round (memory, disk, memory, disk, …). After each disk case the bench waits until
+//! the disk tier has decided on every miss it was sent (the `disk_admissions` counters of
+//! `/stats` on the edge's admin port add up to the misses sent), prints them, and counts any
+//! CPU spent meanwhile (disk work that lags the responses is part of the miss's cost); the
+//! bench fails if they never add up. Prefill: OUTPOST_BENCH_PREFILL unique misses over 64
+//! connections to the disk edge, then the same wait; then rounds of "memory/flat" and
+//! "disk/flat" alternate as before.
+//!
+//! Columns: req/s (median of rounds), latency percentiles over all rounds, "disk objects" =
+//! objects in the disk tier after the case (from `/stats`), "rt CPU/req" = CPU time of the edge
+//! runtime's worker threads per request (/proc schedstat, warm-up included), "other CPU/req" =
+//! CPU of every other thread of the process that is neither the load generator, the origin nor
+//! the main thread (the blocking pool, disk writers; whole-process CPU from /proc/self/stat,
+//! exited threads included, minus those), "CPU/req" = the sum; "req/s vs memory" and "CPU vs
+//! memory" = the disk case over the memory case of the same round (median of rounds): the
+//! target is CPU vs memory ≤ 1.20x. Client, origin and edges share the cores, so req/s moves
+//! with the machine's load more than CPU/req does.
+//!
+//! Numbers: to be measured on an idle machine (`cargo bench --bench disk_miss`, and with
+//! `OUTPOST_BENCH_PREFILL=1000000`).
+
+mod support;
+
+#[global_allocator]
+static GLOBAL: outpost_alloc::MiMalloc = outpost_alloc::MiMalloc;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::disk::{
+    InProcessEdge, Origin, Until, process_cpu, temp_dir, tids_cpu, tids_named, unique_misses,
+    wait_settled,
+};
+use support::{Latencies, env_secs, env_u64, fmt_dur, median};
+
+/// Body length of every object.
+const LEN: usize = 1024;
+/// Blocking threads of the edges' runtime, as `outpost` sets it (src/main.rs).
+const MAX_BLOCKING: usize = 32;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Memory,
+    Disk,
+}
+
+struct Case {
+    kind: Kind,
+    /// 0: before the prefill; 1: after it (the "flat" cases).
+    phase: usize,
+    rps: Vec<f64>,
+    /// Per round, µs per request: edge runtime workers, other threads.
+    rt_us: Vec<f64>,
+    other_us: Vec<f64>,
+    latencies: Vec<u32>,
+    disk_objects: Option<u64>,
+}
+
+impl Case {
+    fn name(&self) -> &'static str {
+        match (self.kind, self.phase) {
+            (Kind::Memory, 0) => "memory",
+            (Kind::Disk, 0) => "disk",
+            (Kind::Memory, _) => "memory/flat",
+            (Kind::Disk, _) => "disk/flat",
+        }
+    }
+
+    fn cpu_us(&self) -> Vec<f64> {
+        self.rt_us
+            .iter()
+            .zip(&self.other_us)
+            .map(|(a, b)| a + b)
+            .collect()
+    }
+}
+
+struct Settings {
+    conns: usize,
+    warmup: Duration,
+    measure: Duration,
+    rounds: u64,
+    prefill: u64,
+    fill_conns: usize,
+    memory: u64,
+    disk: u64,
+}
+
+/// CPU counters at one moment.
+struct Cpu {
+    process: Duration,
+    edge_rt: Duration,
+    /// Load generator, origin and main thread.
+    excluded: Duration,
+}
+
+fn main() {
+    outpost_alloc::tune(); // as `outpost` does
+    let smoke = support::smoke_mode();
+    let s = if smoke {
+        Settings {
+            conns: 2,
+            warmup: Duration::ZERO,
+            measure: Duration::from_millis(200),
+            rounds: 1,
+            prefill: 200,
+            fill_conns: 8,
+            memory: 64 << 20,
+            disk: 1 << 30,
+        }
+    } else {
+        Settings {
+            conns: env_u64("OUTPOST_BENCH_CONNS", 16).max(1) as usize,
+            warmup: env_secs("OUTPOST_BENCH_WARMUP_SECS", 1.0),
+            measure: env_secs("OUTPOST_BENCH_SECS", 3.0),
+            rounds: env_u64("OUTPOST_BENCH_ROUNDS", 3).max(1),
+            prefill: env_u64("OUTPOST_BENCH_PREFILL", 0),
+            fill_conns: env_u64("OUTPOST_BENCH_FILL_CONNS", 64).max(1) as usize,
+            memory: env_u64("OUTPOST_BENCH_MEMORY_MIB", 64) << 20,
+            disk: env_u64("OUTPOST_BENCH_DISK_GIB", 16) << 30,
+        }
+    };
+    let filters = support::filters();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let workers = env_u64("OUTPOST_BENCH_SERVER_THREADS", cores).max(1) as usize;
+    let made = Arc::new(AtomicUsize::new(0));
+    // tokio starts the workers while building the runtime, before anything can use its blocking
+    // pool: the first `workers` threads it names are the workers.
+    let edge_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .max_blocking_threads(MAX_BLOCKING)
+        .thread_name_fn(move || {
+            let i = made.fetch_add(1, Ordering::Relaxed);
+            if i < workers {
+                format!("edge-worker-{i}")
+            } else {
+                "edge-blocking".to_string()
+            }
+        })
+        .enable_all()
+        .build()
+        .expect("edge runtime");
+    let runtime = |name: &str, threads: u64| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1) as usize)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    };
+    let origin_rt = runtime("bench-origin", env_u64("OUTPOST_BENCH_ORIGIN_THREADS", 1));
+    let client_rt = runtime("bench-client", env_u64("OUTPOST_BENCH_CLIENT_THREADS", 2));
+    let worker_tids = {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let t = tids_named("edge-worker");
+            if t.len() == workers {
+                break t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "found {} edge worker threads, expected {workers}",
+                t.len()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let main_tid = std::process::id();
+    let cpu_now = || -> Option<Cpu> {
+        let mut excluded = tids_named("bench-client");
+        excluded.extend(tids_named("bench-origin"));
+        excluded.push(main_tid);
+        Some(Cpu {
+            process: process_cpu()?,
+            edge_rt: tids_cpu(&worker_tids)?,
+            excluded: tids_cpu(&excluded)?,
+        })
+    };
+
+    let origin = origin_rt.block_on(Origin::start(LEN));
+    let dir = temp_dir();
+    let cache_dir = dir.path().join("cache");
+    let mem_edge = edge_rt.block_on(InProcessEdge::start(origin.addr, s.memory, None));
+    let disk_edge = edge_rt.block_on(InProcessEdge::start(
+        origin.addr,
+        s.memory,
+        Some((&cache_dir, s.disk)),
+    ));
+
+    let phases = if s.prefill > 0 { 2 } else { 1 };
+    let mut cases: Vec<Case> = (0..phases)
+        .flat_map(|phase| {
+            [Kind::Memory, Kind::Disk].map(|kind| Case {
+                kind,
+                phase,
+                rps: Vec::new(),
+                rt_us: Vec::new(),
+                other_us: Vec::new(),
+                latencies: Vec::new(),
+                disk_objects: None,
+            })
+        })
+        .filter(|c| filters.is_empty() || filters.iter().any(|f| c.name().contains(f.as_str())))
+        .collect();
+    println!(
+        "disk_miss{}: {} KiB unique misses, {} connections, {} round(s) of {} warm-up + {} per \
+         case, --memory {} MiB, --disk {} GiB, prefill {}, edge runtime {workers} workers, \
+         cache dir {}",
+        if smoke { " (smoke run)" } else { "" },
+        LEN / 1024,
+        s.conns,
+        s.rounds,
+        fmt_dur(s.warmup),
+        fmt_dur(s.measure),
+        s.memory >> 20,
+        s.disk >> 30,
+        s.prefill,
+        cache_dir.display(),
+    );
+
+    // Storable misses the disk edge was sent (each must end in exactly one admission outcome).
+    let mut disk_sent = 0u64;
+    let mut mismatches = Vec::new();
+    let mut settle = |sent: u64, what: &str, timeout: Duration| {
+        let (state, settled, waited) =
+            wait_settled(disk_edge.admin, sent, timeout).expect("/stats of the disk edge");
+        let check = match state.decided() {
+            Some(n) if n == sent => "ok".to_string(),
+            Some(n) => {
+                mismatches.push(format!("{what}: {n} admission outcomes for {sent} misses"));
+                format!("MISMATCH: {n} outcomes for {sent} misses")
+            }
+            None => "counters not exposed".to_string(),
+        };
+        let waited = if settled {
+            fmt_dur(waited)
+        } else {
+            format!("gave up after {}", fmt_dur(waited))
+        };
+        println!(
+            "    disk admissions after {what}: {} of {sent} storable misses ({check}; waited {}), \
+             disk tier {} objects",
+            state.describe(),
+            waited,
+            state.objects.map_or("?".to_string(), |n| n.to_string()),
+        );
+        if let Some(a) = &state.admissions {
+            let dropped: u64 = a
+                .iter()
+                .filter(|(k, _)| k.as_str() != "stored")
+                .map(|(_, v)| v)
+                .sum();
+            if dropped > 0 {
+                println!(
+                    "    note: {dropped} misses were not stored: the disk case did less work \
+                     than a stored miss"
+                );
+            }
+        }
+        state.objects
+    };
+
+    for phase in 0..phases {
+        if phase == 1 {
+            let started = Instant::now();
+            let run = client_rt
+                .block_on(unique_misses(
+                    disk_edge.addr,
+                    "/prefill/",
+                    0,
+                    s.fill_conns,
+                    Until::Count(s.prefill),
+                    LEN as u64,
+                ))
+                .unwrap_or_else(|e| panic!("prefill: {e}"));
+            disk_sent += run.all_requests;
+            let misses = started.elapsed();
+            println!(
+                "  prefill: {} misses in {:.1} s ({:.0}/s)",
+                run.all_requests,
+                misses.as_secs_f64(),
+                run.all_requests as f64 / misses.as_secs_f64().max(1e-9)
+            );
+            settle(disk_sent, "the prefill", Duration::from_secs(600));
+            println!(
+                "  prefill done in {:.1} s (disk writes included)",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        for round in 0..s.rounds {
+            for case in cases.iter_mut().filter(|c| c.phase == phase) {
+                let edge = match case.kind {
+                    Kind::Memory => &mem_edge,
+                    Kind::Disk => &disk_edge,
+                };
+                let name = case.name();
+                let limit = s.warmup + s.measure + Duration::from_secs(30);
+                let before = cpu_now();
+                let run = client_rt
+                    .block_on(async {
+                        tokio::time::timeout(
+                            limit,
+                            unique_misses(
+                                edge.addr,
+                                &format!("/{name}/{round}/"),
+                                0,
+                                s.conns,
+                                Until::Time {
+                                    warmup: s.warmup,
+                                    measure: s.measure,
+                                },
+                                LEN as u64,
+                            ),
+                        )
+                        .await
+                    })
+                    .unwrap_or_else(|_| panic!("{name}: hung (no progress for 30 s)"))
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert!(run.requests > 0, "{name}: no request completed");
+                if case.kind == Kind::Disk {
+                    disk_sent += run.all_requests;
+                    case.disk_objects = settle(disk_sent, name, Duration::from_secs(60));
+                }
+                let after = cpu_now();
+                let per_req = |d: Duration| d.as_secs_f64() * 1e6 / run.all_requests as f64;
+                let cpu = before.zip(after).map(|(b, a)| {
+                    let rt = a.edge_rt.saturating_sub(b.edge_rt);
+                    let excluded = a.excluded.saturating_sub(b.excluded);
+                    let other = a
+                        .process
+                        .saturating_sub(b.process)
+                        .saturating_sub(rt + excluded);
+                    (per_req(rt), per_req(other))
+                });
+                println!(
+                    "  round {}/{} {name:<12} {:>8.0} req/s {:>10} rt CPU/req {:>10} other CPU/req",
+                    round + 1,
+                    s.rounds,
+                    run.rps(),
+                    cpu.map_or("-".into(), |c| format!("{:.1} µs", c.0)),
+                    cpu.map_or("-".into(), |c| format!("{:.1} µs", c.1)),
+                );
+                case.rps.push(run.rps());
+                if let Some((rt, other)) = cpu {
+                    case.rt_us.push(rt);
+                    case.other_us.push(other);
+                }
+                case.latencies.extend_from_slice(run.latency.values());
+            }
+        }
+    }
+
+    report(&cases);
+    // Stop the edges (and their disk writers) before the cache directory goes.
+    edge_rt.block_on(async {
+        mem_edge.stop().await;
+        disk_edge.stop().await;
+    });
+    drop(edge_rt);
+    drop(dir);
+    if !mismatches.is_empty() {
+        eprintln!(
+            "disk_miss: the disk admission counters do not add up to the storable misses:\n  {}",
+            mismatches.join("\n  ")
+        );
+        std::process::exit(1);
+    }
+}
+
+fn report(cases: &[Case]) {
+    println!();
+    println!(
+        "| {:<12} | {:>12} | {:>8} | {:>8} | {:>8} | {:>11} | {:>13} | {:>9} | {:>15} | {:>13} |",
+        "case",
+        "disk objects",
+        "req/s",
+        "p50",
+        "p99",
+        "rt CPU/req",
+        "other CPU/req",
+        "CPU/req",
+        "req/s vs memory",
+        "CPU vs memory"
+    );
+    println!(
+        "|{}|{}:|{}:|{}:|{}:|{}:|{}:|{}:|{}:|{}:|",
+        "-".repeat(14),
+        "-".repeat(13),
+        "-".repeat(9),
+        "-".repeat(9),
+        "-".repeat(9),
+        "-".repeat(12),
+        "-".repeat(14),
+        "-".repeat(10),
+        "-".repeat(16),
+        "-".repeat(14),
+    );
+    let us = |v: &[f64]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.1} µs", median(v.to_vec()))
+        }
+    };
+    for case in cases {
+        let lat = Latencies::new(case.latencies.clone());
+        // Memory and disk ran back to back in each round: compare them per round.
+        let memory = cases
+            .iter()
+            .find(|m| m.kind == Kind::Memory && m.phase == case.phase)
+            .filter(|_| case.kind == Kind::Disk);
+        let paired = |disk: &[f64], mem: &[f64]| {
+            let per_round: Vec<f64> = disk.iter().zip(mem).map(|(d, m)| d / m).collect();
+            if per_round.is_empty() {
+                String::new()
+            } else {
+                format!("{:.2}x", median(per_round))
+            }
+        };
+        let (rps_ratio, cpu_ratio) = memory.map_or_else(Default::default, |m| {
+            (
+                paired(&case.rps, &m.rps),
+                paired(&case.cpu_us(), &m.cpu_us()),
+            )
+        });
+        println!(
+            "| {:<12} | {:>12} | {:>8.0} | {:>8} | {:>8} | {:>11} | {:>13} | {:>9} | {:>15} | {:>13} |",
+            case.name(),
+            case.disk_objects.map_or("-".to_string(), |n| n.to_string()),
+            median(case.rps.clone()),
+            fmt_dur(lat.pct(50.0)),
+            fmt_dur(lat.pct(99.0)),
+            us(&case.rt_us),
+            us(&case.other_us),
+            us(&case.cpu_us()),
+            rps_ratio,
+            cpu_ratio,
+        );
+    }
+}
