@@ -71,8 +71,21 @@ pub struct Stats {
     /// empty without a disk tier.
     #[serde(default)]
     pub disk_admissions: std::collections::BTreeMap<String, u64>,
+    /// The disk tier's start-up load of its index (it serves while loading); `None` without
+    /// a disk tier.
+    #[serde(default)]
+    pub disk_load: Option<DiskLoad>,
     pub top_missed: Vec<Missed>,
     pub series: Vec<Point>,
+}
+
+#[derive(Serialize, serde::Deserialize, Debug, Clone, Copy)]
+pub struct DiskLoad {
+    pub done: bool,
+    /// Objects indexed by the load so far.
+    pub loaded: u64,
+    /// How long the load took, once done.
+    pub millis: u64,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
@@ -124,6 +137,11 @@ impl AdminState {
             } else {
                 Default::default()
             },
+            disk_load: self.engine.disk_load().map(|l| DiskLoad {
+                done: l.done,
+                loaded: l.loaded,
+                millis: l.millis,
+            }),
             top_missed: self
                 .metrics
                 .top_missed(10)

@@ -95,6 +95,17 @@ pub fn render(s: &Stats) -> String {
     if !s.disk_admissions.is_empty() {
         out.push_str(&disk_admissions(&s.disk_admissions));
     }
+    match s.disk_load {
+        Some(l) if l.done => out.push_str(&format!(
+            "disk index: {} objects loaded at start-up in {} ms\n",
+            l.loaded, l.millis
+        )),
+        Some(l) => out.push_str(&format!(
+            "disk index: loading ({} objects so far; serving meanwhile)\n",
+            l.loaded
+        )),
+        None => {}
+    }
     out
 }
 

@@ -74,8 +74,9 @@ fn cacheable(origin: &TestOrigin, path: &'static str) {
 }
 
 /// The metadata files of the (non-pushed) disk tier.
-/// The disk index's table of metadata records (its on-disk format: key hash → blake3 of
-/// the JSON, then the JSON), opened while the edge is stopped.
+/// The disk index's table of metadata records (its on-disk format: key hash → blake3 of the
+/// rest, the JSON's length as a little-endian u32, the JSON, an inline body), opened while
+/// the edge is stopped.
 const OBJECTS: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("objects");
 const ENTRIES: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("entries");
 
@@ -207,10 +208,14 @@ async fn a_refused_purge_changes_nothing_and_the_sequence_never_goes_backwards()
 /// Edits the JSON of a metadata record, keeping its checksum (now stale), as a hand edit or
 /// damage would.
 fn tamper(cache_dir: &Path, key: &[u8; 32], record: &[u8], edit: &dyn Fn(&mut Value)) {
-    let mut v: Value = serde_json::from_slice(&record[32..]).expect("JSON metadata");
+    let len = u32::from_le_bytes(record[32..36].try_into().unwrap()) as usize;
+    let mut v: Value = serde_json::from_slice(&record[36..36 + len]).expect("JSON metadata");
     edit(&mut v);
+    let json = serde_json::to_vec(&v).unwrap();
     let mut out = record[..32].to_vec();
-    out.extend_from_slice(&serde_json::to_vec(&v).unwrap());
+    out.extend_from_slice(&u32::try_from(json.len()).unwrap().to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&record[36 + len..]);
     set_record(cache_dir, key, Some(&out));
 }
 
@@ -296,7 +301,12 @@ async fn tampered_metadata_is_a_miss_refetched_from_the_origin() {
 async fn unreferenced_content_and_a_stale_purge_state_tmp_are_removed_at_start_up() {
     let origin = TestOrigin::start().await;
     cacheable(&origin, "/kept.txt");
-    cacheable(&origin, "/lost.txt");
+    // Large enough for a content file of its own (smaller bodies are kept in their record).
+    origin.route_fn("/lost.txt", |_, n| {
+        Reply::ok(format!("/lost.txt v{n} {}", "x".repeat(20_000)))
+            .header("cache-control", "public, max-age=600")
+            .header("content-type", "text/plain")
+    });
     let dir = tempfile::tempdir().unwrap();
     let c = client();
     let edge = start_edge(&origin, dir.path()).await;

@@ -303,7 +303,8 @@ impl Engine {
                 seq = seq.max(l.purge_seq);
                 e.purges.track_host(&l.key_text);
                 if !l.vary.is_empty() {
-                    e.vary.restore(KeyHash::of(&l.key_text), vary_names(&l.vary), l.key);
+                    e.vary
+                        .restore(KeyHash::of(&l.key_text), vary_names(&l.vary), l.key);
                 }
             }
             e.purges.log.raise_floor(seq);
@@ -380,6 +381,16 @@ impl Engine {
         self.disk
             .as_ref()
             .map_or((0, 0), |d| (d.rejected_metadata(), d.swept().0))
+    }
+
+    /// Progress of the disk tier's start-up load (`None` without a disk tier).
+    pub fn disk_load(&self) -> Option<disk::LoadState> {
+        self.disk.as_ref().map(|d| d.load_state())
+    }
+
+    /// Disk index transactions committed, and failed, since start.
+    pub fn disk_index_commits(&self) -> (u64, u64) {
+        self.disk.as_ref().map_or((0, 0), |d| d.index_commits())
     }
 
     /// Pushed objects held.

@@ -548,9 +548,30 @@ impl Collector for EdgeCollector {
             counter(
                 &mut enc,
                 "outpost_disk_metadata_rejected",
-                "Disk metadata files dropped for failing their checksum or format check (the objects were misses).",
+                "Disk metadata records dropped for failing their checksum or format check (the objects were misses).",
                 &[(&[], rejected)],
             )?;
+            if let Some(load) = engine.disk_load() {
+                gauge(
+                    &mut enc,
+                    "outpost_disk_index_loading",
+                    "1 while the disk tier loads its index at start-up (it serves meanwhile, reading entries not loaded yet directly).",
+                    &[(&[], if load.done { 0.0 } else { 1.0 })],
+                )?;
+                gauge(
+                    &mut enc,
+                    "outpost_disk_index_loaded_objects",
+                    "Objects the start-up load of the disk index has indexed.",
+                    &[(&[], load.loaded as f64)],
+                )?;
+                let (ok, failed) = engine.disk_index_commits();
+                counter(
+                    &mut enc,
+                    "outpost_disk_index_commits",
+                    "Group commits of the disk index (each makes a batch of stored objects durable), by result.",
+                    &[(&[("result", "ok")], ok), (&[("result", "error")], failed)],
+                )?;
+            }
             counter(
                 &mut enc,
                 "outpost_disk_content_swept",

@@ -64,8 +64,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use cacache::Integrity;
 use dashmap::DashMap;
 use moka::notification::RemovalCause;
@@ -80,7 +81,7 @@ use super::key::{KeyHash, KeyHasher};
 use super::meta::CachedMeta;
 
 pub use self::reader::{STAMP_SETTLE, WHOLE_READ_MAX};
-pub use self::writer::{DiskWriter, STREAM_CHUNK, WRITE_JOBS};
+pub use self::writer::{DiskWriter, INLINE_MAX, STREAM_CHUNK, WRITE_JOBS};
 
 /// What the in-memory index knows about one object on disk. A commit under a key installs a
 /// new entry (a new `Arc`), so an entry's identity stands for one stored body.
@@ -88,6 +89,8 @@ pub use self::writer::{DiskWriter, STREAM_CHUNK, WRITE_JOBS};
 pub struct DiskEntry {
     pub sri: Integrity,
     pub size: u64,
+    /// The body is kept in the index record itself (see [`INLINE_MAX`]), not in cacache.
+    pub inline: bool,
     /// The content was checked against its hash since this process started (it wrote it, or
     /// a full read verified it). Entries loaded at start-up begin unverified.
     pub verified: AtomicBool,
@@ -100,18 +103,47 @@ pub struct DiskEntry {
     /// The content file's path, kept once a whole read needed it (deriving it takes a few
     /// allocations per read otherwise).
     content_path: OnceLock<PathBuf>,
+    /// When a read of the body last succeeded (milliseconds on the tier's monotonic clock;
+    /// 0: never), see [`DiskEntry::hot`].
+    last_read: AtomicU64,
+}
+
+/// A body read within this long is read on the async worker that asks for it, not on the
+/// blocking pool: its pages are in the page cache (it was just read), so the read costs a
+/// copy and a few system calls, less than the trip to another thread and back. A body not
+/// read for longer may need the disk, and goes to the blocking pool. nginx, by default,
+/// reads every body on its event loop.
+const HOT_FOR: Duration = Duration::from_secs(2);
+
+/// Milliseconds since the first call in this process (never 0).
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
 }
 
 impl DiskEntry {
-    fn new(sri: Integrity, size: u64, verified: bool) -> Arc<Self> {
+    fn new(sri: Integrity, size: u64, verified: bool, inline: bool) -> Arc<Self> {
         Arc::new(Self {
             sri,
             size,
+            inline,
             verified: AtomicBool::new(verified),
             meta_gen: AtomicU64::new(0),
             checked_file: Mutex::new(None),
             content_path: OnceLock::new(),
+            last_read: AtomicU64::new(0),
         })
+    }
+
+    /// The body was read recently (see [`HOT_FOR`]).
+    pub(super) fn hot(&self) -> bool {
+        let last = self.last_read.load(Ordering::Relaxed);
+        last != 0 && now_ms().saturating_sub(last) < HOT_FOR.as_millis() as u64
+    }
+
+    pub(super) fn mark_read(&self) {
+        self.last_read.store(now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -132,23 +164,62 @@ enum MetaReject {
     Version(u32),
 }
 
-/// Serialises a metadata record: the blake3 hash of the JSON, then the JSON.
-fn encode_record(file: &MetaFileOut<'_>) -> io::Result<Vec<u8>> {
+/// Serialises a metadata record: the blake3 hash of all that follows, the JSON's length (u32,
+/// little-endian), the JSON, then the body when it is kept inline.
+fn encode_record(file: &MetaFileOut<'_>, body: &[u8]) -> io::Result<Vec<u8>> {
     let json = serde_json::to_vec(file).map_err(io::Error::other)?;
-    let mut out = Vec::with_capacity(32 + json.len());
-    out.extend_from_slice(blake3::hash(&json).as_bytes());
+    let len = u32::try_from(json.len()).map_err(io::Error::other)?;
+    let mut out = Vec::with_capacity(36 + json.len() + body.len());
+    out.extend_from_slice(&[0; 32]);
+    out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&json);
+    out.extend_from_slice(body);
+    let hash = blake3::hash(&out[32..]);
+    out[..32].copy_from_slice(hash.as_bytes());
     Ok(out)
 }
 
-/// Parses a metadata record, checking its checksum first and its format version after.
-fn decode_record(data: &[u8]) -> Result<MetaFile, MetaReject> {
-    let (hash, json) = data.split_first_chunk::<32>().ok_or(MetaReject::Format)?;
+/// Parses a metadata record, checking its checksum first and its format version after;
+/// returns the metadata and the inline body (empty when the body is in cacache).
+fn decode_record(data: &[u8]) -> Result<(MetaFile, &[u8]), MetaReject> {
+    let (hash, rest) = data.split_first_chunk::<32>().ok_or(MetaReject::Format)?;
     // blake3::Hash compares in constant time; timing does not matter here, equality does.
-    if blake3::hash(json) != blake3::Hash::from_bytes(*hash) {
+    if blake3::hash(rest) != blake3::Hash::from_bytes(*hash) {
         return Err(MetaReject::Checksum);
     }
-    parse_meta_json(json)
+    let (len, rest) = rest.split_first_chunk::<4>().ok_or(MetaReject::Format)?;
+    let len = usize::try_from(u32::from_le_bytes(*len)).map_err(|_| MetaReject::Format)?;
+    if rest.len() < len {
+        return Err(MetaReject::Format);
+    }
+    let (json, body) = rest.split_at(len);
+    let file = parse_meta_json(json)?;
+    let expected = if file.inline { file.size } else { 0 };
+    if body.len() as u64 != expected {
+        return Err(MetaReject::Format);
+    }
+    Ok((file, body))
+}
+
+/// Where an entry's inline body lies in its record, checked without parsing the metadata:
+/// the checksum holds, the body has the entry's size, and the JSON begins with the entry's
+/// integrity (its first field), so a record written for other content is never taken.
+fn record_body(data: &[u8], entry: &DiskEntry) -> Option<std::ops::Range<usize>> {
+    let (hash, rest) = data.split_first_chunk::<32>()?;
+    if blake3::hash(rest) != blake3::Hash::from_bytes(*hash) {
+        return None;
+    }
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+    let json = rest.get(..len)?;
+    let sri = entry.sri.to_string();
+    let head = json
+        .strip_prefix(b"{\"integrity\":\"")?
+        .strip_prefix(sri.as_bytes())?;
+    if !head.starts_with(b"\"") || (rest.len() - len) as u64 != entry.size {
+        return None;
+    }
+    Some(36 + len..data.len())
 }
 
 fn parse_meta_json(json: &[u8]) -> Result<MetaFile, MetaReject> {
@@ -183,6 +254,9 @@ fn decode_meta_file(data: &[u8]) -> Result<MetaFile, MetaReject> {
 struct MetaFile {
     integrity: String,
     size: u64,
+    /// The body follows the JSON in the record.
+    #[serde(default)]
+    inline: bool,
     meta: CachedMeta,
 }
 
@@ -191,18 +265,20 @@ struct MetaFile {
 struct MetaFileOut<'a> {
     integrity: String,
     size: u64,
+    inline: bool,
     meta: &'a CachedMeta,
 }
 
 impl MetaFileOut<'_> {
-    /// The store's put for this record.
-    fn put(&self, key: KeyHash) -> io::Result<Put> {
+    /// The store's put for this record; `body` when it is kept inline (else empty).
+    fn put(&self, key: KeyHash, body: &[u8]) -> io::Result<Put> {
         let vary = self.meta.vary.join(",");
         Ok(Put {
             key,
-            record: encode_record(self)?.into(),
+            record: encode_record(self, body)?.into(),
             vary: (!vary.is_empty()).then(|| (KeyHash::of(&self.meta.key), vary.clone())),
             entry: EntryRecord {
+                inline: self.inline,
                 size: self.size,
                 purge_seq: self.meta.purge_seq,
                 integrity: self.integrity.clone(),
@@ -247,6 +323,8 @@ pub fn held_meta_budget(memory: u64) -> u64 {
 pub struct DiskHit {
     pub meta: Arc<CachedMeta>,
     pub entry: Arc<DiskEntry>,
+    /// An inline body, when the lookup read it along with the metadata.
+    body: Option<Bytes>,
 }
 
 /// What the start-up load found for one object, for the engine's own indexes (Vary, hosts).
@@ -387,6 +465,8 @@ impl DiskTier {
     /// The start-up load (on its own thread): imports metadata files of the previous design,
     /// indexes every entry, then sweeps unreferenced content.
     fn load(&self, started: SystemTime, out: &mpsc::UnboundedSender<Vec<Loaded>>) {
+        #[cfg(test)]
+        load_gate::wait(&self.root);
         let t0 = std::time::Instant::now();
         self.import_meta_files();
         let loaded = self.store.load(4096, |batch| {
@@ -396,7 +476,10 @@ impl DiskTier {
                     self.store.delete(key);
                     continue;
                 };
-                if self.install(key, DiskEntry::new(sri, e.size, false)).is_some() {
+                if self
+                    .install(key, DiskEntry::new(sri, e.size, false, e.inline))
+                    .is_some()
+                {
                     found.push(Loaded {
                         key,
                         key_text: e.key_text,
@@ -446,14 +529,11 @@ impl DiskTier {
         if self.touched.contains_key(&key) {
             return None;
         }
-        self.incref(&entry.sri);
-        let indexed = self
-            .index
-            .entry(key)
-            .or_insert_with(|| Arc::clone(&entry));
+        self.incref(&entry);
+        let indexed = self.index.entry(key).or_insert_with(|| Arc::clone(&entry));
         if !indexed.is_fresh() {
             // Already indexed (the load and a lookup raced): that one stands.
-            self.decref(&entry.sri);
+            self.decref(&entry);
             return Some(indexed.into_value());
         }
         // A write or removal that came in between checking and indexing: take ours back.
@@ -512,9 +592,10 @@ impl DiskTier {
                         MetaFileOut {
                             integrity: file.integrity,
                             size: file.size,
+                            inline: false,
                             meta: &file.meta,
                         }
-                        .put(key)
+                        .put(key, &[])
                         .ok()
                     });
                 match put {
@@ -534,13 +615,19 @@ impl DiskTier {
         }
     }
 
-    fn incref(&self, sri: &Integrity) {
-        *self.refs.entry(sri.to_string()).or_insert(0) += 1;
+    /// Counts a reference to an entry's content file (inline bodies have none).
+    fn incref(&self, entry: &DiskEntry) {
+        if !entry.inline {
+            *self.refs.entry(entry.sri.to_string()).or_insert(0) += 1;
+        }
     }
 
-    /// Drops one reference; true when the content is no longer referenced.
-    fn decref(&self, sri: &Integrity) -> bool {
-        let k = sri.to_string();
+    /// Drops one reference; true when the content file is no longer referenced.
+    fn decref(&self, entry: &DiskEntry) -> bool {
+        if entry.inline {
+            return false;
+        }
+        let k = entry.sri.to_string();
         let mut gone = false;
         if let Some(mut n) = self.refs.get_mut(&k) {
             *n = n.saturating_sub(1);
@@ -569,7 +656,7 @@ impl DiskTier {
                 self.evictions.fetch_add(1, Ordering::Relaxed);
                 debug!(key = %d.key, size = d.entry.size, "disk eviction");
             }
-            if self.decref(&d.entry.sri)
+            if self.decref(&d.entry)
                 && let Err(e) = cacache::remove_hash(&self.content, &d.entry.sri).await
             {
                 debug!(error = %e, "removing unreferenced content");
@@ -613,11 +700,13 @@ impl DiskTier {
             return Some(DiskHit {
                 meta: h.meta,
                 entry,
+                body: None,
             });
         }
-        let (file, len) = self.read_record(key).await?;
+        let (file, body, len) = self.read_record(key).await?;
         if file.integrity.parse::<Integrity>().ok().as_ref() != Some(&entry.sri)
             || file.size != entry.size
+            || file.inline != entry.inline
         {
             // A commit replaced the record and has not indexed it yet; never pair one body
             // with another's metadata.
@@ -631,7 +720,7 @@ impl DiskTier {
                 HeldMeta::new(entry.clone(), generation, meta.clone(), len),
             );
         }
-        Some(DiskHit { meta, entry })
+        Some(DiskHit { meta, entry, body })
     }
 
     /// While the load runs: an object it has not reached yet, read from the store and indexed.
@@ -639,10 +728,13 @@ impl DiskTier {
         if !self.loading.load(Ordering::Acquire) || self.touched.contains_key(key) {
             return None;
         }
-        let (file, len) = self.read_record(key).await?;
+        let (file, body, len) = self.read_record(key).await?;
         let sri = file.integrity.parse::<Integrity>().ok()?;
-        let entry = self.install(*key, DiskEntry::new(sri, file.size, false))?;
-        if entry.sri.to_string() != file.integrity || entry.size != file.size {
+        let entry = self.install(*key, DiskEntry::new(sri, file.size, false, file.inline))?;
+        if entry.sri.to_string() != file.integrity
+            || entry.size != file.size
+            || entry.inline != file.inline
+        {
             return None;
         }
         let meta = Arc::new(file.meta);
@@ -653,14 +745,15 @@ impl DiskTier {
                 HeldMeta::new(entry.clone(), generation, meta.clone(), len),
             );
         }
-        Some(DiskHit { meta, entry })
+        Some(DiskHit { meta, entry, body })
     }
 
     /// Reads and checks an object's record: a write not committed yet first, else the store.
-    /// `None` (a miss) when there is none; a damaged one is removed and counted.
-    async fn read_record(&self, key: &KeyHash) -> Option<(MetaFile, usize)> {
-        let data: Arc<[u8]> = match self.store.pending(key) {
-            Some(Pending::Put(record)) => record,
+    /// Returns the metadata, the inline body (if any) and the record's length. `None` (a miss)
+    /// when there is none; a damaged one is removed and counted.
+    async fn read_record(&self, key: &KeyHash) -> Option<(MetaFile, Option<Bytes>, usize)> {
+        let data: Bytes = match self.store.pending(key) {
+            Some(Pending::Put(record)) => Bytes::from_owner(record),
             Some(Pending::Delete) => return None,
             None => {
                 let store = Arc::clone(&self.store);
@@ -681,12 +774,52 @@ impl DiskTier {
             }
         };
         match decode_record(&data) {
-            Ok(f) => Some((f, data.len())),
+            Ok((f, body)) => {
+                let body = f.inline.then(|| data.slice_ref(body));
+                Some((f, body, data.len()))
+            }
             Err(e) => {
                 warn!(key = %key, error = %e, "disk metadata failed its check, dropping entry");
                 self.rejected.fetch_add(1, Ordering::Relaxed);
                 self.remove(key).await;
                 None
+            }
+        }
+    }
+
+    /// An inline body: the one the lookup read, else the record's, checked (its checksum, and
+    /// that it is the record of this very entry) without parsing the metadata again. A hot
+    /// entry's record is read on this thread (see [`HOT_FOR`]).
+    pub(super) async fn inline_body(&self, key: &KeyHash, hit: &DiskHit) -> io::Result<Bytes> {
+        if let Some(b) = &hit.body {
+            hit.entry.mark_read();
+            return Ok(b.clone());
+        }
+        let data: Bytes = match self.store.pending(key) {
+            Some(Pending::Put(record)) => Bytes::from_owner(record),
+            Some(Pending::Delete) => return Err(io::Error::other("removed")),
+            None if hit.entry.hot() => self.store.get(key)?.map(Bytes::from).unwrap_or_default(),
+            None => {
+                let store = Arc::clone(&self.store);
+                let k = *key;
+                tokio::task::spawn_blocking(move || store.get(&k))
+                    .await
+                    .map_err(io::Error::other)??
+                    .map(Bytes::from)
+                    .unwrap_or_default()
+            }
+        };
+        match record_body(&data, &hit.entry) {
+            Some(range) => {
+                hit.entry.mark_read();
+                Ok(data.slice(range))
+            }
+            None if data.is_empty() => Err(io::Error::other("inline body gone")),
+            None => {
+                // Another entry's record (a commit in between) or a damaged one: a miss; a
+                // damaged one is found and counted by the next lookup that parses it.
+                self.held.invalidate(key);
+                Err(io::Error::other("inline body does not match its entry"))
             }
         }
     }
@@ -720,12 +853,24 @@ impl DiskTier {
         let Some(entry) = self.index.get(key) else {
             return Ok(());
         };
+        // An inline body is rewritten with its record.
+        let body = if entry.inline {
+            let hit = DiskHit {
+                meta: meta.clone(),
+                entry: entry.clone(),
+                body: None,
+            };
+            self.inline_body(key, &hit).await?
+        } else {
+            Bytes::new()
+        };
         let put = MetaFileOut {
             integrity: entry.sri.to_string(),
             size: entry.size,
+            inline: entry.inline,
             meta,
         }
-        .put(*key)?;
+        .put(*key, &body)?;
         let len = put.record.len();
         self.touch(*key);
         self.store.put(put).await?;
@@ -852,6 +997,34 @@ impl DiskTier {
 
     pub fn weighted_size(&self) -> u64 {
         self.index.weighted_size()
+    }
+}
+
+/// Tests hold the start-up load of a directory back, to see the tier serve before it.
+#[cfg(test)]
+pub(crate) mod load_gate {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+    use std::sync::mpsc::{Receiver, Sender, channel};
+
+    static GATES: Mutex<Vec<(PathBuf, Receiver<()>)>> = Mutex::new(Vec::new());
+
+    /// Holds the next load of `root` until the sender sends or is dropped.
+    pub(crate) fn hold(root: &Path) -> Sender<()> {
+        let (tx, rx) = channel();
+        GATES.lock().unwrap().push((root.to_path_buf(), rx));
+        tx
+    }
+
+    pub(super) fn wait(root: &Path) {
+        let gate = {
+            let mut gates = GATES.lock().unwrap();
+            let at = gates.iter().position(|(p, _)| p == root);
+            at.map(|i| gates.swap_remove(i).1)
+        };
+        if let Some(rx) = gate {
+            let _ = rx.recv();
+        }
     }
 }
 

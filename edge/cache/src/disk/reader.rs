@@ -99,20 +99,29 @@ impl DiskTier {
     /// blocking pool: open, read and hash happen there, off the async workers. A damaged body
     /// is removed.
     pub async fn read_all(&self, key: &KeyHash, hit: &DiskHit) -> io::Result<Bytes> {
-        let content = self.content.clone();
+        if hit.entry.inline {
+            return self.inline_body(key, hit).await;
+        }
         let entry = hit.entry.clone();
         entry
             .content_path
             .get_or_init(|| self.content_path(&entry.sri));
-        let read = tokio::task::spawn_blocking(move || {
+        let read = if entry.hot() {
             let path = entry.content_path.get().expect("set above");
-            read_checked(path, &content, &entry, SystemTime::now())
-        })
-        .await
-        .map_err(io::Error::other)?;
+            read_checked(path, &self.content, &entry, SystemTime::now())
+        } else {
+            let content = self.content.clone();
+            tokio::task::spawn_blocking(move || {
+                let path = entry.content_path.get().expect("set above");
+                read_checked(path, &content, &entry, SystemTime::now())
+            })
+            .await
+            .map_err(io::Error::other)?
+        };
         match read {
             Ok((data, _)) => {
                 hit.entry.verified.store(true, Ordering::Release);
+                hit.entry.mark_read();
                 Ok(Bytes::from(data))
             }
             Err(e) => {
@@ -130,6 +139,10 @@ impl DiskTier {
     /// removes the entry, so the request is a miss rather than a truncated or damaged response
     /// presented as complete (issue 13, item 9).
     pub async fn verify(&self, key: &KeyHash, hit: &DiskHit) -> bool {
+        if hit.entry.inline {
+            // Checked with its record, as it is read.
+            return true;
+        }
         let size = hit.entry.size;
         let ok = if hit.entry.verified.load(Ordering::Acquire) {
             let path = hit
@@ -181,6 +194,8 @@ impl DiskTier {
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         struct St {
             tier: Arc<DiskTier>,
+            /// An inline body: read from its record, in one piece.
+            inline: Option<DiskHit>,
             sri: Integrity,
             reader: Option<cacache::Reader>,
             pending: Option<Bytes>,
@@ -191,6 +206,7 @@ impl DiskTier {
         }
         let st = St {
             tier: Arc::clone(self),
+            inline: hit.entry.inline.then(|| hit.clone()),
             sri: hit.entry.sri.clone(),
             reader: None,
             pending: None,
@@ -202,6 +218,11 @@ impl DiskTier {
             loop {
                 if st.done {
                     return None;
+                }
+                if let Some(hit) = st.inline.take() {
+                    st.done = true;
+                    let body = st.tier.inline_body(&key, &hit).await;
+                    return Some((body, st));
                 }
                 if st.reader.is_none() {
                     match cacache::Reader::open_hash(&st.tier.content, st.sri.clone()).await {

@@ -13,13 +13,14 @@
 //!
 //! Writes: every put and delete goes to the writer thread (`outpost-disk-index`), which takes
 //! whatever has queued up and commits it in one transaction (group commit), durably
-//! (`Durability::Immediate`, with quick repair so that opening after a crash does not walk
-//! the tree). Until its transaction commits, a write is visible to this process through
-//! [`Store::pending`]. A put's caller waits for its commit before the object counts as stored.
-//! What a kill -9 can lose: the writes queued or in the transaction being committed, that is,
-//! objects whose fills ended within one commit (a fraction of a millisecond on an SSD, a few
-//! disk syncs on a spinning disk) plus whatever queued behind it. They are misses after the
-//! restart; their content files are unreferenced and swept.
+//! (`Durability::Immediate`: synced, with quick repair so that opening after a crash does not
+//! walk the tree), at most one commit per [`GATHER`] while writes keep coming. Until its
+//! transaction commits, a write is visible to this process through [`Store::pending`]. A
+//! put's caller waits for its commit before the object counts as stored, so an object counted
+//! as stored survives a kill -9. What a kill -9 can lose: the objects whose commit had not
+//! ended, that is, those whose bodies were complete within the last [`GATHER`] plus one
+//! commit (a sync: well under a millisecond on an SSD, some on a spinning disk). They are
+//! misses after the restart, and their content files, unreferenced, are swept.
 //!
 //! Why redb: measured against fjall (an LSM tree) and LMDB (heed) for this workload (see the
 //! disk tier's module docs for the numbers), it is pure Rust, has MVCC readers that never wait
@@ -50,10 +51,9 @@ const MAX_PURGE_SEQ: &str = "max_purge_seq";
 /// Writes committed in one transaction at most.
 const BATCH_MAX: usize = 4096;
 
-/// A commit is made durable (synced) when the last durable one is older than this; commits in
-/// between are not synced. When writes stop, the last ones are synced after this long too.
-/// A kill -9 thus loses at most the objects stored within this window before it.
-pub const DURABLE_EVERY: Duration = Duration::from_millis(50);
+/// Commits are at least this far apart while writes keep coming, so that each carries a
+/// batch: a commit rewrites the tree's upper pages and syncs, whatever its size.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// Memory redb may use to cache pages it read (its default is 1 GiB). Hot objects' metadata is
 /// held decoded above it, so this only serves cold lookups and the start-up load.
@@ -68,6 +68,8 @@ pub(super) enum Pending {
 
 /// What the start-up load learns about one object.
 pub(super) struct EntryRecord {
+    /// The body is in the record (not in cacache).
+    pub inline: bool,
     pub size: u64,
     pub purge_seq: u64,
     pub integrity: String,
@@ -78,9 +80,10 @@ pub(super) struct EntryRecord {
 impl EntryRecord {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            1 + 16 + 6 + self.integrity.len() + self.key_text.len() + self.vary.len(),
+            2 + 16 + 6 + self.integrity.len() + self.key_text.len() + self.vary.len(),
         );
         out.push(1);
+        out.push(u8::from(self.inline));
         out.extend_from_slice(&self.size.to_le_bytes());
         out.extend_from_slice(&self.purge_seq.to_le_bytes());
         for s in [&self.integrity, &self.key_text, &self.vary] {
@@ -92,10 +95,11 @@ impl EntryRecord {
     }
 
     fn decode(data: &[u8]) -> Option<Self> {
-        let (&version, mut rest) = data.split_first()?;
+        let (&version, rest) = data.split_first()?;
         if version != 1 {
             return None;
         }
+        let (&flags, mut rest) = rest.split_first()?;
         let u64_at = |rest: &mut &[u8]| -> Option<u64> {
             let (n, tail) = rest.split_first_chunk::<8>()?;
             *rest = tail;
@@ -111,6 +115,7 @@ impl EntryRecord {
             Some(s)
         };
         Some(Self {
+            inline: flags & 1 == 1,
             size,
             purge_seq,
             integrity: text()?,
@@ -196,8 +201,7 @@ impl Store {
         let errors = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             db: Arc::clone(&db),
-            last_durable: Instant::now(),
-            dirty: false,
+            last_commit: Instant::now(),
             pending: Arc::clone(&pending),
             commits: Arc::clone(&commits),
             errors: Arc::clone(&errors),
@@ -242,7 +246,10 @@ impl Store {
     /// Queues puts and waits for their commits, blocking (not on an async worker). Returns
     /// how many committed.
     pub fn put_all_blocking(&self, puts: Vec<Put>) -> u64 {
-        let waits: Vec<_> = puts.into_iter().filter_map(|p| self.enqueue(p).ok()).collect();
+        let waits: Vec<_> = puts
+            .into_iter()
+            .filter_map(|p| self.enqueue(p).ok())
+            .collect();
         waits
             .into_iter()
             .map(|w| u64::from(matches!(w.blocking_recv(), Ok(Ok(())))))
@@ -380,10 +387,7 @@ fn damaged(e: &redb::DatabaseError) -> bool {
 /// The writer thread's side.
 struct Writer {
     db: Arc<Database>,
-    /// When a commit was last made durable.
-    last_durable: Instant,
-    /// The last commit was not durable.
-    dirty: bool,
+    last_commit: Instant,
     pending: Arc<DashMap<KeyHash, (u64, Pending), KeyHasher>>,
     commits: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
@@ -392,22 +396,11 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         loop {
-            // Quiet for a while with commits that are not durable yet: make them durable.
-            let first = if self.dirty {
-                match rx.recv_timeout(DURABLE_EVERY) {
-                    Ok(op) => op,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.settle();
-                        continue;
-                    }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match rx.recv() {
-                    Ok(op) => op,
-                    Err(_) => break,
-                }
-            };
+            let Ok(first) = rx.recv() else { break };
+            // Let a batch gather: one commit per GATHER at most while writes keep coming.
+            if let Some(wait) = GATHER.checked_sub(self.last_commit.elapsed()) {
+                std::thread::sleep(wait);
+            }
             let mut ops = vec![first];
             while ops.len() < BATCH_MAX {
                 match rx.try_recv() {
@@ -416,9 +409,6 @@ impl Writer {
                 }
             }
             let result = self.commit(&ops);
-            if self.dirty && ops.iter().any(|op| matches!(op, Op::Flush(_) | Op::Close(_))) {
-                self.settle();
-            }
             if let Err(e) = &result {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, writes = ops.len(), "disk index commit failed; those objects are not stored");
@@ -447,18 +437,12 @@ impl Writer {
                 }
             }
             if !closing.is_empty() {
-                if self.dirty {
-                    self.settle();
-                }
                 drop(self);
                 for done in closing {
                     let _ = done.send(());
                 }
                 return;
             }
-        }
-        if self.dirty {
-            self.settle();
         }
     }
 
@@ -470,13 +454,7 @@ impl Writer {
             return Ok(());
         }
         let mut txn = self.db.begin_write()?;
-        let durable = self.last_durable.elapsed() >= DURABLE_EVERY;
-        let durability = if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        };
-        txn.set_durability(durability)
+        txn.set_durability(Durability::Immediate)
             .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
         txn.set_quick_repair(true);
         {
@@ -508,33 +486,7 @@ impl Writer {
             }
         }
         txn.commit()?;
-        if durable {
-            self.last_durable = Instant::now();
-        }
-        self.dirty = !durable;
+        self.last_commit = Instant::now();
         Ok(())
-    }
-
-    /// Makes the last commits durable if some were not (when the queue has gone quiet).
-    fn settle(&mut self) {
-        let result = self
-            .db
-            .begin_write()
-            .map_err(redb::Error::from)
-            .and_then(|mut txn| {
-                let _ = txn.set_durability(Durability::Immediate);
-                txn.set_quick_repair(true);
-                txn.commit().map_err(redb::Error::from)
-            });
-        match result {
-            Ok(()) => {
-                self.last_durable = Instant::now();
-                self.dirty = false;
-            }
-            Err(e) => {
-                self.dirty = false;
-                warn!(error = %e, "disk index sync failed");
-            }
-        }
     }
 }

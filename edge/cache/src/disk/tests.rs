@@ -37,7 +37,9 @@ fn meta(etag: &str) -> Arc<CachedMeta> {
 /// A tier of 1 GiB in a fresh directory (kept alive by the returned guard).
 async fn tier() -> (tempfile::TempDir, Arc<DiskTier>) {
     let dir = tempfile::tempdir().unwrap();
-    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        .await
+        .unwrap();
     (dir, tier)
 }
 
@@ -87,7 +89,9 @@ async fn update_replaces_held_metadata() {
 
     // One tier per directory at a time: the database is locked while open.
     drop(tier);
-    let (reopened, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    let (reopened, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        .await
+        .unwrap();
     assert_eq!(etag_of(&reopened, &key).await.as_deref(), Some("\"b\""));
 }
 
@@ -117,7 +121,7 @@ async fn metadata_held_for_a_replaced_entry_is_not_used() {
 async fn damaged_body_with_held_metadata_is_removed() {
     let (dir, tier) = tier().await;
     let key = KeyHash::of("example.test/a");
-    store(&tier, key, b"a body that will be damaged", &meta("\"a\"")).await;
+    store(&tier, key, &body(), &meta("\"a\"")).await;
     let hit = tier.get(&key).await.unwrap();
     assert!(tier.read_all(&key, &hit).await.is_ok());
 
@@ -155,10 +159,14 @@ async fn peek_does_not_hold_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let key = KeyHash::of("example.test/a");
     {
-        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+            .await
+            .unwrap();
         store(&tier, key, b"body", &meta("\"a\"")).await;
     }
-    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        .await
+        .unwrap();
     assert!(tier.peek(&key).await.is_some());
     tier.run_pending_tasks();
     assert_eq!(tier.held.entry_count(), 0);
@@ -177,7 +185,12 @@ fn damage_in_place(path: &Path) {
     std::fs::write(path, vec![b'#'; len]).unwrap();
 }
 
-/// A tier holding one body, `the body`: (guard, tier, its entry, its content file, the
+/// A body too large to be kept inline: `the body` repeated.
+fn body() -> Vec<u8> {
+    b"the body".repeat(INLINE_MAX as usize / 8 + 1)
+}
+
+/// A tier holding one body, [`body`]: (guard, tier, its entry, its content file, the
 /// cacache directory).
 async fn one_body() -> (
     tempfile::TempDir,
@@ -188,7 +201,7 @@ async fn one_body() -> (
 ) {
     let (dir, tier) = tier().await;
     let key = KeyHash::of("example.test/a");
-    store(&tier, key, b"the body", &meta("\"a\"")).await;
+    store(&tier, key, &body(), &meta("\"a\"")).await;
     let entry = tier.get(&key).await.unwrap().entry;
     let path = tier.content_path(&entry.sri);
     let content = dir.path().join("content");
@@ -209,12 +222,12 @@ async fn unchanged_file_skips_the_hash_replaced_file_does_not() {
     let later = SystemTime::now() + STAMP_SETTLE * 2;
 
     let (data, how) = read_checked(&path, &content, &entry, later).unwrap();
-    assert_eq!((&data[..], how), (&b"the body"[..], Checked::Hashed));
+    assert_eq!((&data[..], how), (&body()[..], Checked::Hashed));
     let (data, how) = read_checked(&path, &content, &entry, later).unwrap();
-    assert_eq!((&data[..], how), (&b"the body"[..], Checked::Unchanged));
+    assert_eq!((&data[..], how), (&body()[..], Checked::Unchanged));
 
     let replacement = dir.path().join("replacement");
-    std::fs::write(&replacement, b"####_###").unwrap();
+    std::fs::write(&replacement, vec![b'#'; body().len()]).unwrap();
     std::fs::rename(&replacement, &path).unwrap();
     assert!(read_checked(&path, &content, &entry, later).is_err());
 }
@@ -238,17 +251,21 @@ async fn content_elsewhere_falls_back_to_cacache() {
     let (dir, _tier, entry, _path, content) = one_body().await;
     let nowhere = dir.path().join("nowhere");
     let (data, how) = read_checked(&nowhere, &content, &entry, SystemTime::now()).unwrap();
-    assert_eq!((&data[..], how), (&b"the body"[..], Checked::Hashed));
+    assert_eq!((&data[..], how), (&body()[..], Checked::Hashed));
 }
 
 /// Edits the JSON of a metadata record in place, keeping its checksum (now stale), as a hand
 /// edit or damage would.
 fn tamper(tier: &DiskTier, key: KeyHash, edit: impl FnOnce(&mut serde_json::Value)) {
     let data = tier.store.get(&key).unwrap().unwrap();
-    let mut v: serde_json::Value = serde_json::from_slice(&data[32..]).unwrap();
+    let len = u32::from_le_bytes(data[32..36].try_into().unwrap()) as usize;
+    let mut v: serde_json::Value = serde_json::from_slice(&data[36..36 + len]).unwrap();
     edit(&mut v);
+    let json = serde_json::to_vec(&v).unwrap();
     let mut out = data[..32].to_vec();
-    out.extend_from_slice(&serde_json::to_vec(&v).unwrap());
+    out.extend_from_slice(&u32::try_from(json.len()).unwrap().to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&data[36 + len..]);
     tier.store.put_raw(key, &out);
 }
 
@@ -321,7 +338,9 @@ async fn metadata_files_of_the_previous_design_are_imported() {
     let dir = tempfile::tempdir().unwrap();
     let (good, bad) = (KeyHash::of("example.test/a"), KeyHash::of("example.test/b"));
     let sri = {
-        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+            .await
+            .unwrap();
         store(&tier, good, b"body", &meta("\"a\"")).await;
         let hit = tier.get(&good).await.unwrap();
         tier.flush().await;
@@ -335,6 +354,7 @@ async fn metadata_files_of_the_previous_design_are_imported() {
         let json = serde_json::to_vec(&MetaFileOut {
             integrity: sri.clone(),
             size: 4,
+            inline: false,
             meta: &m,
         })
         .unwrap();
@@ -348,16 +368,24 @@ async fn metadata_files_of_the_previous_design_are_imported() {
         let hex = key.hex();
         let shard = dir.path().join("meta").join(&hex[..2]);
         std::fs::create_dir_all(&shard).unwrap();
-        std::fs::write(shard.join(format!("{hex}.json")), legacy(&meta("\"a\""), version))
-            .unwrap();
+        std::fs::write(
+            shard.join(format!("{hex}.json")),
+            legacy(&meta("\"a\""), version),
+        )
+        .unwrap();
     }
-    let (tier, loaded) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    let (tier, loaded) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        .await
+        .unwrap();
     assert_eq!(loaded.len(), 1);
     assert_eq!(loaded[0].key, good);
     assert_eq!(etag_of(&tier, &good).await.as_deref(), Some("\"a\""));
     assert!(tier.get(&bad).await.is_none());
     assert_eq!(tier.rejected_metadata(), 1);
-    assert!(!dir.path().join("meta").exists(), "imported files are removed");
+    assert!(
+        !dir.path().join("meta").exists(),
+        "imported files are removed"
+    );
 }
 
 /// Issue 13, item 9: before a stream, the content file must have the recorded length; a
@@ -401,7 +429,9 @@ async fn unreferenced_content_is_swept_at_start_up() {
     let key = KeyHash::of("example.test/a");
     let content = dir.path().join("content");
     let orphan_path = {
-        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+            .await
+            .unwrap();
         store(&tier, key, b"kept body", &meta("\"a\"")).await;
         // A body committed without its metadata file, as a crash before the rename leaves it.
         let orphan = cacache::write_hash(&content, b"orphan body").await.unwrap();
@@ -416,7 +446,9 @@ async fn unreferenced_content_is_swept_at_start_up() {
     let fresh = cacache::write_hash(&content, b"a fill in progress")
         .await
         .unwrap();
-    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        .await
+        .unwrap();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     while !tier.swept().1 {
         assert!(
@@ -433,4 +465,58 @@ async fn unreferenced_content_is_swept_at_start_up() {
     );
     let hit = tier.get(&key).await.unwrap();
     assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], b"kept body");
+}
+
+/// A body up to `INLINE_MAX` is kept in its record (no content file), a larger one in
+/// cacache; both read back whole, and across a restart.
+#[tokio::test]
+async fn small_bodies_are_inline_large_ones_in_cacache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (small, large) = (KeyHash::of("example.test/s"), KeyHash::of("example.test/l"));
+    let small_body = vec![b's'; INLINE_MAX as usize];
+    {
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+            .await
+            .unwrap();
+        store(&tier, small, &small_body, &meta("\"s\"")).await;
+        store(&tier, large, &body(), &meta("\"l\"")).await;
+        let files = files_under(&dir.path().join("content").join("content-v2"));
+        assert_eq!(
+            files.len(),
+            1,
+            "one content file, for the large body: {files:?}"
+        );
+        assert!(tier.get(&small).await.unwrap().entry.inline);
+        assert!(!tier.get(&large).await.unwrap().entry.inline);
+    }
+    let (tier, loaded) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        .await
+        .unwrap();
+    assert_eq!(loaded.len(), 2);
+    for (key, want) in [(small, small_body), (large, body())] {
+        let hit = tier.get(&key).await.unwrap();
+        assert_eq!(tier.read_all(&key, &hit).await.unwrap(), want);
+        let streamed: Vec<u8> = futures_util::StreamExt::collect::<Vec<_>>(tier.stream(key, &hit))
+            .await
+            .into_iter()
+            .flat_map(|c| c.unwrap().to_vec())
+            .collect();
+        assert_eq!(streamed, want);
+    }
+}
+
+/// An inline body damaged in its record is a miss: the record fails its checksum.
+#[tokio::test]
+async fn damaged_inline_body_is_a_miss() {
+    let (_dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, b"a small body", &meta("\"a\"")).await;
+    tier.flush().await;
+    let mut record = tier.store.get(&key).unwrap().unwrap();
+    let last = record.len() - 1;
+    record[last] ^= 1;
+    tier.store.put_raw(key, &record);
+    tier.held.invalidate(&key);
+    assert!(tier.get(&key).await.is_none());
+    assert_eq!(tier.rejected_metadata(), 1);
 }

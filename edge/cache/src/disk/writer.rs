@@ -17,6 +17,13 @@ use crate::meta::CachedMeta;
 /// this size costs one job (create, write, rename), a longer one a job per this many bytes.
 pub const STREAM_CHUNK: u64 = 256 * 1024;
 
+/// Bodies up to this size are kept inline in their index record instead of a content file of
+/// their own: for a small body, a file costs far more than its bytes (a new inode, a 4 KiB
+/// block, a rename between directories that the file system serialises, often a new
+/// directory), on every miss, and an open and a close on every hit. Apache Traffic Server keeps
+/// small objects in its log the same way. Larger bodies go to cacache.
+pub const INLINE_MAX: u64 = 16 * 1024;
+
 /// Write jobs on the blocking pool at once, across the tier: writes never take more threads
 /// than this, whatever the miss rate, and reads never wait for them.
 pub const WRITE_JOBS: usize = 2;
@@ -139,40 +146,50 @@ impl DiskWriter {
             written,
             ..
         } = self;
-        let content = tier.content.clone();
-        // The last (for most bodies the only) job: write what is left, rename into place.
-        let sri = tier
-            .write_job(move || {
-                let mut file = match file {
-                    Some(f) => f,
-                    None => open_content(&content)?,
-                };
-                write_chunks(&mut file, &gathered)?;
-                file.commit().map_err(|e| io::Error::other(e.to_string()))
-            })
-            .await?;
+        let inline = file.is_none() && written <= INLINE_MAX;
+        let (sri, body) = if inline {
+            let body = match gathered.as_slice() {
+                [one] => one.clone(),
+                chunks => Bytes::from(chunks.concat()),
+            };
+            (Integrity::from(&body[..]), body)
+        } else {
+            let content = tier.content.clone();
+            // The last (for most bodies the only) job: write what is left, rename into place.
+            let sri = tier
+                .write_job(move || {
+                    let mut file = match file {
+                        Some(f) => f,
+                        None => open_content(&content)?,
+                    };
+                    write_chunks(&mut file, &gathered)?;
+                    file.commit().map_err(|e| io::Error::other(e.to_string()))
+                })
+                .await?;
+            (sri, Bytes::new())
+        };
         let meta = meta(&sri, written);
         let put = MetaFileOut {
             integrity: sri.to_string(),
             size: written,
+            inline,
             meta: &meta,
         }
-        .put(key)?;
+        .put(key, &body)?;
         let len = put.record.len();
+        let entry = DiskEntry::new(sri.clone(), written, true, inline);
         // Reference first, so a concurrent eviction of an identical body keeps the content.
-        tier.incref(&sri);
+        tier.incref(&entry);
         tier.touch(key);
         if let Err(e) = tier.store.put(put).await {
-            if tier.decref(&sri) {
+            if tier.decref(&entry) {
                 let _ = cacache::remove_hash(&tier.content, &sri).await;
             }
             return Err(e);
         }
-        let entry = DiskEntry::new(sri.clone(), written, true);
         tier.index.insert(key, entry.clone());
         // Just written: the first hit needs no metadata read.
-        tier.held
-            .insert(key, HeldMeta::new(entry, 0, meta, len));
+        tier.held.insert(key, HeldMeta::new(entry, 0, meta, len));
         Ok(sri)
     }
 }
