@@ -47,8 +47,25 @@
 //! target is CPU vs memory ≤ 1.20x. Client, origin and edges share the cores, so req/s moves
 //! with the machine's load more than CPU/req does.
 //!
-//! Numbers: to be measured on an idle machine (`cargo bench --bench disk_miss`, and with
-//! `OUTPOST_BENCH_PREFILL=1000000`).
+//! Numbers: 2 cores / 24 GiB, 2026-12-05, nothing else running, `cargo bench --bench disk_miss`
+//! (3 rounds of 3 s), before = d35198b (a JSON metadata file per object beside its cacache
+//! content file, each step a tokio::fs hop), after = the redb index (metadata group-committed,
+//! bodies up to 16 KiB inline in their record); each built from its own tree, two runs each,
+//! alternating:
+//!
+//! | build  | run | memory CPU/req | disk CPU/req (runtime + other) | disk req/s | CPU vs memory |
+//! |--------|-----|---------------:|-------------------------------:|-----------:|--------------:|
+//! | before | 1   |        91.8 µs |          413.6 µs (213 + 191)  |      4 268 |         4.45x |
+//! | after  | 1   |        76.0 µs |          179.6 µs (123 + 57)   |      7 199 |         2.29x |
+//! | before | 2   |        61.7 µs |         1381.6 µs (182 + 1199) |      1 319 |        22.40x |
+//! | after  | 2   |        66.1 µs |          180.7 µs (124 + 56)   |      7 390 |         2.74x |
+//!
+//! Before, most of the cost was the kernel's: ext4 allocating an inode for each temporary file
+//! and each new cacache directory (slow while many inodes were recently freed, as in run 2,
+//! after run 1's directory was deleted), and cross-directory renames, which the file system
+//! serialises. After, a 1 KiB miss writes no file: the cost is the index's (its writer thread,
+//! ~55 µs per object: a B-tree insert of a ~3 KB record, synced in group commits) and the
+//! runtime's share (encoding the record, the hand-offs). Target (≤ 1.2x) not met: 2.3-2.7x.
 
 mod support;
 

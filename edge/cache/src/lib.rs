@@ -211,7 +211,9 @@ impl MemoryShares {
         } else {
             0
         };
-        let rest = memory.saturating_sub(2 * held_meta + disk_queue);
+        // The disk indexes' page caches (the cache's and the pushed objects').
+        let index_caches = if disk { 2 * disk::INDEX_READ_CACHE } else { 0 };
+        let rest = memory.saturating_sub(2 * held_meta + disk_queue + index_caches);
         // Rounded up: the tier gets at most 4/5 of `rest`, so twice its largest object (an
         // eighth of it) always fits.
         let memory_fills = rest.div_ceil(5).clamp(1 << 20, 256 << 20).min(rest / 2);

@@ -81,31 +81,78 @@ use super::key::{KeyHash, KeyHasher};
 use super::meta::CachedMeta;
 
 pub use self::reader::{STAMP_SETTLE, WHOLE_READ_MAX};
+pub use self::store::READ_CACHE as INDEX_READ_CACHE;
 pub use self::writer::{DiskWriter, INLINE_MAX, STREAM_CHUNK, WRITE_JOBS};
 
 /// What the in-memory index knows about one object on disk. A commit under a key installs a
-/// new entry (a new `Arc`), so an entry's identity stands for one stored body.
+/// new entry (a new `Arc`), so an entry's identity stands for one stored body. Every stored
+/// object has one, so it is kept small (about 100 bytes): what only whole reads of content
+/// files need is allocated on the first such read.
 #[derive(Debug)]
 pub struct DiskEntry {
-    pub sri: Integrity,
+    sri: Sri,
     pub size: u64,
     /// The body is kept in the index record itself (see [`INLINE_MAX`]), not in cacache.
     pub inline: bool,
     /// The content was checked against its hash since this process started (it wrote it, or
     /// a full read verified it). Entries loaded at start-up begin unverified.
     pub verified: AtomicBool,
-    /// Bumped after each rewrite of the metadata file (a 304 update): metadata held in memory
+    /// Bumped after each rewrite of the metadata (a 304 update): metadata held in memory
     /// from an earlier generation is not used again.
     meta_gen: AtomicU64,
-    /// The content file as it was when a whole read last found its bytes matching the hash
-    /// (see the module docs); `None` until then.
-    checked_file: Mutex<Option<FileStamp>>,
-    /// The content file's path, kept once a whole read needed it (deriving it takes a few
-    /// allocations per read otherwise).
-    content_path: OnceLock<PathBuf>,
     /// When a read of the body last succeeded (milliseconds on the tier's monotonic clock;
     /// 0: never), see [`DiskEntry::hot`].
     last_read: AtomicU64,
+    /// The content file's path and last checked state, from the first whole read on.
+    file: OnceLock<Box<ContentFile>>,
+}
+
+/// A content hash, compact: cacache writes SHA-256, kept as its 32 bytes; any other boxed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sri {
+    Sha256([u8; 32]),
+    Other(Box<Integrity>),
+}
+
+impl Sri {
+    fn of(sri: Integrity) -> Self {
+        let (algorithm, hex) = sri.to_hex();
+        let mut digest = [0u8; 32];
+        let decoded = sri.hashes.len() == 1
+            && algorithm == cacache::Algorithm::Sha256
+            && hex.len() == 64
+            && (0..32).all(|i| {
+                u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                    .map(|b| digest[i] = b)
+                    .is_ok()
+            });
+        if decoded {
+            Self::Sha256(digest)
+        } else {
+            Self::Other(Box::new(sri))
+        }
+    }
+
+    fn integrity(&self) -> Integrity {
+        match self {
+            Self::Sha256(d) => {
+                let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+                Integrity::from_hex(hex, cacache::Algorithm::Sha256)
+                    .expect("64 hex digits are a SHA-256 digest")
+            }
+            Self::Other(i) => (**i).clone(),
+        }
+    }
+}
+
+/// What whole reads of a content file keep about it.
+#[derive(Debug)]
+struct ContentFile {
+    /// The content file's path (deriving it takes a few allocations).
+    path: PathBuf,
+    /// The file as it was when a whole read last found its bytes matching the hash (see the
+    /// module docs); `None` until then.
+    checked: Mutex<Option<FileStamp>>,
 }
 
 /// A body read within this long is read on the async worker that asks for it, not on the
@@ -125,14 +172,28 @@ fn now_ms() -> u64 {
 impl DiskEntry {
     fn new(sri: Integrity, size: u64, verified: bool, inline: bool) -> Arc<Self> {
         Arc::new(Self {
-            sri,
+            sri: Sri::of(sri),
             size,
             inline,
             verified: AtomicBool::new(verified),
             meta_gen: AtomicU64::new(0),
-            checked_file: Mutex::new(None),
-            content_path: OnceLock::new(),
             last_read: AtomicU64::new(0),
+            file: OnceLock::new(),
+        })
+    }
+
+    /// The content hash.
+    pub fn sri(&self) -> Integrity {
+        self.sri.integrity()
+    }
+
+    /// The content file's state, created by `path` on first use.
+    fn content_file(&self, path: impl FnOnce() -> PathBuf) -> &ContentFile {
+        self.file.get_or_init(|| {
+            Box::new(ContentFile {
+                path: path(),
+                checked: Mutex::new(None),
+            })
         })
     }
 
@@ -212,7 +273,7 @@ fn record_body(data: &[u8], entry: &DiskEntry) -> Option<std::ops::Range<usize>>
     let (len, rest) = rest.split_first_chunk::<4>()?;
     let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
     let json = rest.get(..len)?;
-    let sri = entry.sri.to_string();
+    let sri = entry.sri().to_string();
     let head = json
         .strip_prefix(b"{\"integrity\":\"")?
         .strip_prefix(sri.as_bytes())?;
@@ -618,7 +679,7 @@ impl DiskTier {
     /// Counts a reference to an entry's content file (inline bodies have none).
     fn incref(&self, entry: &DiskEntry) {
         if !entry.inline {
-            *self.refs.entry(entry.sri.to_string()).or_insert(0) += 1;
+            *self.refs.entry(entry.sri().to_string()).or_insert(0) += 1;
         }
     }
 
@@ -627,7 +688,7 @@ impl DiskTier {
         if entry.inline {
             return false;
         }
-        let k = entry.sri.to_string();
+        let k = entry.sri().to_string();
         let mut gone = false;
         if let Some(mut n) = self.refs.get_mut(&k) {
             *n = n.saturating_sub(1);
@@ -657,7 +718,7 @@ impl DiskTier {
                 debug!(key = %d.key, size = d.entry.size, "disk eviction");
             }
             if self.decref(&d.entry)
-                && let Err(e) = cacache::remove_hash(&self.content, &d.entry.sri).await
+                && let Err(e) = cacache::remove_hash(&self.content, &d.entry.sri()).await
             {
                 debug!(error = %e, "removing unreferenced content");
             }
@@ -704,7 +765,13 @@ impl DiskTier {
             });
         }
         let (file, body, len) = self.read_record(key).await?;
-        if file.integrity.parse::<Integrity>().ok().as_ref() != Some(&entry.sri)
+        if file
+            .integrity
+            .parse::<Integrity>()
+            .ok()
+            .map(Sri::of)
+            .as_ref()
+            != Some(&entry.sri)
             || file.size != entry.size
             || file.inline != entry.inline
         {
@@ -731,7 +798,7 @@ impl DiskTier {
         let (file, body, len) = self.read_record(key).await?;
         let sri = file.integrity.parse::<Integrity>().ok()?;
         let entry = self.install(*key, DiskEntry::new(sri, file.size, false, file.inline))?;
-        if entry.sri.to_string() != file.integrity
+        if entry.sri().to_string() != file.integrity
             || entry.size != file.size
             || entry.inline != file.inline
         {
@@ -865,7 +932,7 @@ impl DiskTier {
             Bytes::new()
         };
         let put = MetaFileOut {
-            integrity: entry.sri.to_string(),
+            integrity: entry.sri().to_string(),
             size: entry.size,
             inline: entry.inline,
             meta,

@@ -103,16 +103,14 @@ impl DiskTier {
             return self.inline_body(key, hit).await;
         }
         let entry = hit.entry.clone();
-        entry
-            .content_path
-            .get_or_init(|| self.content_path(&entry.sri));
+        entry.content_file(|| self.content_path(&entry.sri()));
         let read = if entry.hot() {
-            let path = entry.content_path.get().expect("set above");
+            let path = &entry.content_file(PathBuf::new).path;
             read_checked(path, &self.content, &entry, SystemTime::now())
         } else {
             let content = self.content.clone();
             tokio::task::spawn_blocking(move || {
-                let path = entry.content_path.get().expect("set above");
+                let path = &entry.content_file(PathBuf::new).path;
                 read_checked(path, &content, &entry, SystemTime::now())
             })
             .await
@@ -145,10 +143,10 @@ impl DiskTier {
         }
         let size = hit.entry.size;
         let ok = if hit.entry.verified.load(Ordering::Acquire) {
-            let path = hit
+            let path = &hit
                 .entry
-                .content_path
-                .get_or_init(|| self.content_path(&hit.entry.sri));
+                .content_file(|| self.content_path(&hit.entry.sri()))
+                .path;
             match tokio::fs::metadata(path).await {
                 Ok(md) => md.len() == size,
                 // Not where cacache's layout puts it: the stream's own checks decide.
@@ -156,7 +154,7 @@ impl DiskTier {
             }
         } else {
             let read = async {
-                let mut r = cacache::Reader::open_hash(&self.content, hit.entry.sri.clone())
+                let mut r = cacache::Reader::open_hash(&self.content, hit.entry.sri())
                     .await
                     .ok()?;
                 let mut buf = vec![0u8; 256 * 1024];
@@ -207,7 +205,7 @@ impl DiskTier {
         let st = St {
             tier: Arc::clone(self),
             inline: hit.entry.inline.then(|| hit.clone()),
-            sri: hit.entry.sri.clone(),
+            sri: hit.entry.sri(),
             reader: None,
             pending: None,
             done: false,
@@ -296,7 +294,7 @@ pub(super) fn read_checked(
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let data = cacache::read_hash_sync(cache, &entry.sri).map_err(io::Error::other)?;
+            let data = cacache::read_hash_sync(cache, &entry.sri()).map_err(io::Error::other)?;
             return Ok((data, Checked::Hashed));
         }
         Err(e) => return Err(e),
@@ -316,11 +314,11 @@ pub(super) fn read_checked(
     }
     let after = FileStamp::of(&file.metadata()?);
     let stable = before.is_some() && before == after;
-    let checked = &entry.checked_file;
+    let checked = &entry.content_file(|| path.to_path_buf()).checked;
     if stable && *checked.lock().unwrap_or_else(PoisonError::into_inner) == before {
         return Ok((data, Checked::Unchanged));
     }
-    entry.sri.check(&data).map_err(io::Error::other)?;
+    entry.sri().check(&data).map_err(io::Error::other)?;
     if stable && before.is_some_and(|s| s.settled(now)) {
         *checked.lock().unwrap_or_else(PoisonError::into_inner) = before;
     }

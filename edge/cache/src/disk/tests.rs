@@ -203,7 +203,7 @@ async fn one_body() -> (
     let key = KeyHash::of("example.test/a");
     store(&tier, key, &body(), &meta("\"a\"")).await;
     let entry = tier.get(&key).await.unwrap().entry;
-    let path = tier.content_path(&entry.sri);
+    let path = tier.content_path(&entry.sri());
     let content = dir.path().join("content");
     (dir, tier, entry, path, content)
 }
@@ -240,7 +240,14 @@ async fn recent_file_is_hashed_on_every_read() {
 
     let (_, how) = read_checked(&path, &content, &entry, SystemTime::now()).unwrap();
     assert_eq!(how, Checked::Hashed);
-    assert_eq!(*entry.checked_file.lock().unwrap(), None);
+    assert_eq!(
+        *entry
+            .content_file(|| unreachable!("read above"))
+            .checked
+            .lock()
+            .unwrap(),
+        None
+    );
     damage_in_place(&path);
     assert!(read_checked(&path, &content, &entry, SystemTime::now()).is_err());
 }
@@ -344,7 +351,7 @@ async fn metadata_files_of_the_previous_design_are_imported() {
         store(&tier, good, b"body", &meta("\"a\"")).await;
         let hit = tier.get(&good).await.unwrap();
         tier.flush().await;
-        hit.entry.sri.to_string()
+        hit.entry.sri().to_string()
     };
     // The database goes; the content stays, as an upgrade from files would find it.
     std::fs::remove_file(dir.path().join("index.redb")).unwrap();
@@ -399,7 +406,7 @@ async fn content_of_another_length_is_not_streamed() {
         store(&tier, key, &body, &meta("\"a\"")).await;
         let hit = tier.get(&key).await.unwrap();
         assert!(tier.verify(&key, &hit).await);
-        let path = tier.content_path(&hit.entry.sri);
+        let path = tier.content_path(&hit.entry.sri());
         damage_in_place(&path);
         let mut data = std::fs::read(&path).unwrap();
         if grow {
@@ -519,4 +526,20 @@ async fn damaged_inline_body_is_a_miss() {
     tier.held.invalidate(&key);
     assert!(tier.get(&key).await.is_none());
     assert_eq!(tier.rejected_metadata(), 1);
+}
+
+/// An entry keeps a SHA-256 content hash as its 32 bytes and gives back the same integrity;
+/// any other algorithm is kept as it is.
+#[test]
+fn content_hashes_are_kept_compact_and_exact() {
+    let sha = Integrity::from(b"some body");
+    assert!(matches!(Sri::of(sha.clone()), Sri::Sha256(_)));
+    assert_eq!(Sri::of(sha.clone()).integrity(), sha);
+    assert_eq!(
+        Sri::of(sha.clone()).integrity().to_string(),
+        sha.to_string()
+    );
+    let other = cacache::Integrity::from_hex("00ff", cacache::Algorithm::Xxh3).unwrap();
+    assert!(matches!(Sri::of(other.clone()), Sri::Other(_)));
+    assert_eq!(Sri::of(other.clone()).integrity(), other);
 }
