@@ -88,6 +88,22 @@
 //! mappings. Capping the pool at 8 threads instead of 32 did not lower the peaks (148 and 151
 //! MiB against 140 and 142). What is left is the disk path's threads and transient buffers,
 //! which issue 15 (the disk tier) rebuilds.
+//!
+//! Session 7 (2026-12-05, same machine, nothing else running), after the disk tier's rebuild
+//! (issue 15): metadata in a redb index written by one thread, content written in jobs of
+//! 256 KiB at most 2 at a time, evictions' file removals in those same jobs (they took a
+//! blocking thread each), the index's page caches counted in `--memory`:
+//!
+//! | edge build | case | end of rounds 1-4 (MiB) | max RSS | |
+//! |---|---|---|---:|---|
+//! | 1af40e7 (removals still one thread each) | memory | 116, 113, 117, 112 | 123.5 MiB | within |
+//! | same | disk | 124, 125, 127, 123 | 130.9 MiB | over |
+//! | + removals as write jobs | disk | 112, 119, 116, 115 | 127.9 MiB | within |
+//! | same, two more runs | memory | 112-116; 109-114 | 124.9, 120.8 MiB | within |
+//! | same | disk | 115-127; 117-122 | 133.4, 126.1 MiB | over once |
+//!
+//! The disk case is down from 140-145 MiB to 126-133 MiB, at the bound: met in two runs of
+//! three.
 
 //! Before, RSS grew with every byte filled (to disk too) and did not come back: each stored
 //! object push_store hyper read buffers. After, it is flat from round to round. What is left over

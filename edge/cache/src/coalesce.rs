@@ -136,6 +136,8 @@ struct State {
     held: usize,
     /// Bytes in `chunks`.
     buffered: usize,
+    /// Bytes of the chunks already dropped from the front (`base` counts chunks).
+    dropped_bytes: usize,
     /// Readers dropped for taking nothing while the fill waited on them.
     dropped: std::collections::HashSet<u64>,
 }
@@ -443,7 +445,7 @@ impl Fill {
     /// runs again (the client that started it may already have the whole body).
     pub fn has_all_of(&self, len: u64) -> bool {
         let st = self.lock();
-        (st.base + st.buffered) as u64 >= len
+        (st.dropped_bytes + st.buffered) as u64 >= len
     }
 
     /// Waits until the task running the fill has ended ([`Concluding`]).
@@ -528,6 +530,7 @@ fn trim(st: &mut State) {
         && let Some(c) = st.chunks.pop_front()
     {
         st.buffered -= c.len();
+        st.dropped_bytes += c.len();
         st.base += 1;
         st.trimmed = true;
     }
@@ -686,6 +689,27 @@ mod tests {
             slow.next().await.unwrap().is_err(),
             "the slow reader's body fails"
         );
+    }
+
+    /// A fill whose readers took (and so dropped) its first chunks still knows it has every
+    /// byte: `has_all_of` counts the bytes dropped, not the chunks (it counted chunks, so a
+    /// request right after a large MISS fetched on its own while the copy was being stored).
+    #[tokio::test]
+    async fn a_trimmed_fill_still_knows_it_has_every_byte() {
+        let fill = Fill::new(KeyHash::of("k"));
+        fill.set_keep_all(false);
+        let mut reader = Box::pin(fill.reader().unwrap().into_stream());
+        for _ in 0..8 {
+            fill.push(Bytes::from(vec![0u8; 1024]));
+        }
+        for _ in 0..6 {
+            reader.next().await.unwrap().unwrap();
+        }
+        // The next push trims what the reader has taken.
+        fill.push(Bytes::from(vec![0u8; 1024]));
+        assert!(fill.reader().is_none(), "the first chunks are dropped");
+        assert!(fill.has_all_of(9 * 1024));
+        assert!(!fill.has_all_of(9 * 1024 + 1));
     }
 
     /// Waiters hold the fill, so its channel never closes under them: the end of the task

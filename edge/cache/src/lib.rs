@@ -183,13 +183,15 @@ pub struct Engine {
 
 /// How `--memory` is shared out. It covers everything the cache holds, not only the memory
 /// tier: the parsed metadata the disk tiers keep (1/16 each, see
-/// [`disk::held_meta_budget`]), the bodies fills hold for the memory tier while they arrive,
+/// [`disk::held_meta_budget`]) and their index page caches (as much again), the bodies fills
+/// hold for the memory tier while they arrive,
 /// counted twice (the chunks, then the compact copy), and the chunks queued for disk writers.
 /// The memory tier gets the rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryShares {
     pub tier: u64,
-    /// Parsed metadata held by each disk tier (the cache's and the pushed objects').
+    /// Parsed metadata held by each disk tier (the cache's and the pushed objects'), and the
+    /// page cache of each one's index.
     pub held_meta: u64,
     /// Fill bodies for the memory tier: a fill that does not fit streams through without a
     /// memory copy (a disk tier still stores it; a later hit promotes it). A fifth of what the
@@ -211,9 +213,9 @@ impl MemoryShares {
         } else {
             0
         };
-        // The disk indexes' page caches (the cache's and the pushed objects').
-        let index_caches = if disk { 2 * disk::INDEX_READ_CACHE } else { 0 };
-        let rest = memory.saturating_sub(2 * held_meta + disk_queue + index_caches);
+        // Each disk tier (the cache's and the pushed objects') holds metadata and has an index
+        // page cache of as much again.
+        let rest = memory.saturating_sub(4 * held_meta + disk_queue);
         // Rounded up: the tier gets at most 4/5 of `rest`, so twice its largest object (an
         // eighth of it) always fits.
         let memory_fills = rest.div_ceil(5).clamp(1 << 20, 256 << 20).min(rest / 2);

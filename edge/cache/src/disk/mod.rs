@@ -69,8 +69,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use cacache::Integrity;
 use dashmap::DashMap;
-use moka::notification::RemovalCause;
-use moka::ops::compute::Op as ComputeOp;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
@@ -81,7 +79,6 @@ use super::key::{KeyHash, KeyHasher};
 use super::meta::CachedMeta;
 
 pub use self::reader::{STAMP_SETTLE, WHOLE_READ_MAX};
-pub use self::store::READ_CACHE as INDEX_READ_CACHE;
 pub use self::writer::{DiskWriter, INLINE_MAX, STREAM_CHUNK, WRITE_JOBS};
 
 /// What the in-memory index knows about one object on disk. A commit under a key installs a
@@ -105,6 +102,53 @@ pub struct DiskEntry {
     last_read: AtomicU64,
     /// The content file's path and last checked state, from the first whole read on.
     file: OnceLock<Box<ContentFile>>,
+    /// The tier's count of entries per content file (`None` for an inline body): this entry
+    /// counts as one reference from its creation to its drop, so a content file goes only when
+    /// no entry (indexed, held, or read by a stream) names it any more.
+    refs: Option<Arc<ContentRefs>>,
+}
+
+/// How many entries name each content file; a file whose count drops to zero is removed.
+pub(super) struct ContentRefs {
+    counts: DashMap<String, u32>,
+    /// Content files no entry names any more, for the remover task.
+    unreferenced: mpsc::UnboundedSender<Integrity>,
+}
+
+impl ContentRefs {
+    fn incref(&self, sri: &Integrity) {
+        *self.counts.entry(sri.to_string()).or_insert(0) += 1;
+    }
+
+    fn decref(&self, sri: Integrity) {
+        let k = sri.to_string();
+        let mut gone = false;
+        if let Some(mut n) = self.counts.get_mut(&k) {
+            *n = n.saturating_sub(1);
+            gone = *n == 0;
+        }
+        if gone && self.counts.remove_if(&k, |_, n| *n == 0).is_some() {
+            let _ = self.unreferenced.send(sri);
+        }
+    }
+
+    fn is_referenced(&self, sri: &str) -> bool {
+        self.counts.contains_key(sri)
+    }
+}
+
+impl std::fmt::Debug for ContentRefs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ContentRefs")
+    }
+}
+
+impl Drop for DiskEntry {
+    fn drop(&mut self) {
+        if let Some(refs) = &self.refs {
+            refs.decref(self.sri.integrity());
+        }
+    }
 }
 
 /// A content hash, compact: cacache writes SHA-256, kept as its 32 bytes; any other boxed.
@@ -170,7 +214,18 @@ fn now_ms() -> u64 {
 }
 
 impl DiskEntry {
-    fn new(sri: Integrity, size: u64, verified: bool, inline: bool) -> Arc<Self> {
+    /// A new entry; one referencing a content file (not inline) counts in `refs`.
+    fn new(
+        sri: Integrity,
+        size: u64,
+        verified: bool,
+        inline: bool,
+        refs: &Arc<ContentRefs>,
+    ) -> Arc<Self> {
+        let refs = (!inline).then(|| {
+            refs.incref(&sri);
+            Arc::clone(refs)
+        });
         Arc::new(Self {
             sri: Sri::of(sri),
             size,
@@ -179,6 +234,7 @@ impl DiskEntry {
             meta_gen: AtomicU64::new(0),
             last_read: AtomicU64::new(0),
             file: OnceLock::new(),
+            refs,
         })
     }
 
@@ -373,8 +429,9 @@ impl HeldMeta {
 }
 
 /// Memory for held metadata, out of the operator's `--memory`: 1/16 of it, between 256 KiB and
-/// 64 MiB (at a few KiB per object, the metadata of some thousands of hot objects). The
-/// engine gives the memory tier what is left, so the two together stay within `--memory`.
+/// 64 MiB (at a few KiB per object, the metadata of some thousands of hot objects); the
+/// index's page cache gets as much again. The engine gives the memory tier what is left, so
+/// they stay within `--memory` together.
 pub fn held_meta_budget(memory: u64) -> u64 {
     (memory / 16).clamp(256 << 10, 64 << 20)
 }
@@ -412,10 +469,10 @@ pub struct DiskTier {
     root: PathBuf,
     content: Arc<Path>,
     store: Arc<Store>,
-    index: moka::sync::Cache<KeyHash, Arc<DiskEntry>>,
+    index: Index,
     /// Metadata of recently hit objects (see the module docs).
     held: moka::sync::Cache<KeyHash, HeldMeta>,
-    refs: Arc<DashMap<String, u32>>,
+    refs: Arc<ContentRefs>,
     evictions: AtomicU64,
     /// Metadata records dropped for failing their checksum or format check.
     rejected: AtomicU64,
@@ -432,10 +489,43 @@ pub struct DiskTier {
     write_jobs: Arc<Semaphore>,
 }
 
+/// An entry evicted for space.
 struct Deletion {
     key: KeyHash,
     entry: Arc<DiskEntry>,
-    cause: RemovalCause,
+}
+
+/// The in-memory index of every object on disk: quick_cache, weighed in bytes. At a million
+/// objects its own cost per entry matters: moka's (the first choice) was ~300 bytes, about
+/// three times the entry itself.
+type Index = quick_cache::sync::Cache<
+    KeyHash,
+    Arc<DiskEntry>,
+    EntryWeight,
+    quick_cache::DefaultHashBuilder,
+    Evictions,
+>;
+
+/// What an entry weighs against `--disk`: its body and ~2 KiB of metadata.
+#[derive(Clone)]
+struct EntryWeight;
+
+impl quick_cache::Weighter<KeyHash, Arc<DiskEntry>> for EntryWeight {
+    fn weight(&self, _key: &KeyHash, entry: &Arc<DiskEntry>) -> u64 {
+        entry.size.saturating_add(2048)
+    }
+}
+
+/// Hands entries evicted for space to the deleter task.
+#[derive(Clone)]
+struct Evictions(mpsc::UnboundedSender<Deletion>);
+
+impl quick_cache::Lifecycle<KeyHash, Arc<DiskEntry>> for Evictions {
+    type RequestState = ();
+
+    fn on_evict(&self, _state: &mut (), key: KeyHash, entry: Arc<DiskEntry>) {
+        let _ = self.0.send(Deletion { key, entry });
+    }
 }
 
 impl DiskTier {
@@ -454,27 +544,30 @@ impl DiskTier {
         remove_dir_contents(&content.join("tmp")).await;
         let store = {
             let root = root.to_path_buf();
-            tokio::task::spawn_blocking(move || Store::open(&root))
+            // The index's page cache gets as much as the held metadata: hot objects' metadata
+            // is held decoded above it, so it serves cold lookups and the start-up load.
+            tokio::task::spawn_blocking(move || Store::open(&root, held_budget))
                 .await
                 .map_err(io::Error::other)??
         };
 
         let (tx, rx) = mpsc::unbounded_channel::<Deletion>();
-        let index = moka::sync::Cache::builder()
-            .name("outpost-disk-index")
-            .max_capacity(capacity)
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .weigher(|_k: &KeyHash, e: &Arc<DiskEntry>| {
-                (e.size + 2048).try_into().unwrap_or(u32::MAX)
-            })
-            .eviction_listener(move |key: Arc<KeyHash>, entry, cause| {
-                let _ = tx.send(Deletion {
-                    key: *key,
-                    entry,
-                    cause,
-                });
-            })
-            .build();
+        // Sized for objects of ~64 KiB on average; the shards grow past it as needed.
+        let estimated = usize::try_from(capacity / (64 << 10))
+            .unwrap_or(usize::MAX)
+            .clamp(1024, 1 << 20);
+        let index = Index::with(
+            estimated,
+            capacity,
+            EntryWeight,
+            quick_cache::DefaultHashBuilder::default(),
+            Evictions(tx),
+        );
+        let (unreferenced, unreferenced_rx) = mpsc::unbounded_channel();
+        let refs = Arc::new(ContentRefs {
+            counts: DashMap::new(),
+            unreferenced,
+        });
         let held = moka::sync::Cache::builder()
             .name("outpost-disk-meta")
             .max_capacity(held_budget)
@@ -486,7 +579,7 @@ impl DiskTier {
             store: Arc::new(store),
             index,
             held,
-            refs: Arc::new(DashMap::new()),
+            refs,
             evictions: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             swept: AtomicU64::new(0),
@@ -497,9 +590,10 @@ impl DiskTier {
             touched: DashMap::with_hasher(KeyHasher::default()),
             write_jobs: Arc::new(Semaphore::new(WRITE_JOBS)),
         });
-        // Holds the tier weakly: the tier owns the sending side (in its index's eviction
-        // listener), so the task ends when the tier is dropped, which closes the database.
+        // These hold the tier weakly: the tier owns their senders (its index's lifecycle, its
+        // content references), so they end when the tier is dropped, closing the database.
         tokio::spawn(Self::run_deleter(Arc::downgrade(&tier), rx));
+        tokio::spawn(Self::run_remover(Arc::downgrade(&tier), unreferenced_rx));
         let (loaded_tx, loaded_rx) = mpsc::unbounded_channel();
         let loader = Arc::clone(&tier);
         std::thread::Builder::new()
@@ -538,7 +632,10 @@ impl DiskTier {
                     continue;
                 };
                 if self
-                    .install(key, DiskEntry::new(sri, e.size, false, e.inline))
+                    .install(
+                        key,
+                        DiskEntry::new(sri, e.size, false, e.inline, &self.refs),
+                    )
                     .is_some()
                 {
                     found.push(Loaded {
@@ -590,19 +687,19 @@ impl DiskTier {
         if self.touched.contains_key(&key) {
             return None;
         }
-        self.incref(&entry);
-        let indexed = self.index.entry(key).or_insert_with(|| Arc::clone(&entry));
-        if !indexed.is_fresh() {
+        let indexed = self
+            .index
+            .get_or_insert_with(&key, || {
+                Ok::<_, std::convert::Infallible>(Arc::clone(&entry))
+            })
+            .unwrap_or_else(|never| match never {});
+        if !Arc::ptr_eq(&indexed, &entry) {
             // Already indexed (the load and a lookup raced): that one stands.
-            self.decref(&entry);
-            return Some(indexed.into_value());
+            return Some(indexed);
         }
         // A write or removal that came in between checking and indexing: take ours back.
         if self.touched.contains_key(&key) {
-            self.index.entry(key).and_compute_with(|cur| match cur {
-                Some(e) if Arc::ptr_eq(e.value(), &entry) => ComputeOp::Remove,
-                _ => ComputeOp::Nop,
-            });
+            self.index.remove_if(&key, |e| Arc::ptr_eq(e, &entry));
             return None;
         }
         Some(entry)
@@ -676,58 +773,50 @@ impl DiskTier {
         }
     }
 
-    /// Counts a reference to an entry's content file (inline bodies have none).
-    fn incref(&self, entry: &DiskEntry) {
-        if !entry.inline {
-            *self.refs.entry(entry.sri().to_string()).or_insert(0) += 1;
-        }
-    }
-
-    /// Drops one reference; true when the content file is no longer referenced.
-    fn decref(&self, entry: &DiskEntry) -> bool {
-        if entry.inline {
-            return false;
-        }
-        let k = entry.sri().to_string();
-        let mut gone = false;
-        if let Some(mut n) = self.refs.get_mut(&k) {
-            *n = n.saturating_sub(1);
-            gone = *n == 0;
-        }
-        if gone {
-            self.refs.remove_if(&k, |_, n| *n == 0);
-        }
-        gone
-    }
-
     async fn run_deleter(tier: Weak<Self>, mut rx: mpsc::UnboundedReceiver<Deletion>) {
         while let Some(d) = rx.recv().await {
             let Some(this) = tier.upgrade() else { return };
-            this.delete(d).await;
+            this.evicted(d);
         }
     }
 
-    async fn delete(&self, d: Deletion) {
-        {
-            if matches!(d.cause, RemovalCause::Size | RemovalCause::Expired)
-                && !self.index.contains_key(&d.key)
-            {
-                self.store.delete(d.key);
-                self.held.invalidate(&d.key);
-                self.evictions.fetch_add(1, Ordering::Relaxed);
-                debug!(key = %d.key, size = d.entry.size, "disk eviction");
+    /// An entry evicted for space: its record goes (unless the key was stored again
+    /// meanwhile); its content file goes with the last entry that names it.
+    fn evicted(&self, d: Deletion) {
+        if !self.index.contains_key(&d.key) {
+            self.store.delete(d.key);
+            self.held.invalidate(&d.key);
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+            debug!(key = %d.key, size = d.entry.size, "disk eviction");
+        }
+    }
+
+    async fn run_remover(tier: Weak<Self>, mut rx: mpsc::UnboundedReceiver<Integrity>) {
+        while let Some(sri) = rx.recv().await {
+            let Some(this) = tier.upgrade() else { return };
+            // Named again meanwhile (the same body stored anew): it stays.
+            if !this.refs.is_referenced(&sri.to_string()) {
+                this.remove_content(sri).await;
             }
-            if self.decref(&d.entry)
-                && let Err(e) = cacache::remove_hash(&self.content, &d.entry.sri()).await
-            {
-                debug!(error = %e, "removing unreferenced content");
-            }
+        }
+    }
+
+    /// Removes a content file no entry references, as a write job: removals share the
+    /// writes' few threads instead of taking a blocking thread each (an eviction storm
+    /// would otherwise grow the blocking pool, and each thread's memory with it).
+    async fn remove_content(&self, sri: Integrity) {
+        let content = self.content.clone();
+        let removed = self
+            .write_job(move || cacache::remove_hash_sync(&content, &sri).map_err(io::Error::other))
+            .await;
+        if let Err(e) = removed {
+            debug!(error = %e, "removing unreferenced content");
         }
     }
 
     /// A snapshot of the keys on disk (for background reclamation).
     pub fn keys(&self) -> Vec<KeyHash> {
-        self.index.iter().map(|(k, _)| *k).collect()
+        self.index.iter().map(|(k, _)| k).collect()
     }
 
     /// Whether the index holds the key (while the load runs, an object not loaded yet is not
@@ -797,7 +886,10 @@ impl DiskTier {
         }
         let (file, body, len) = self.read_record(key).await?;
         let sri = file.integrity.parse::<Integrity>().ok()?;
-        let entry = self.install(*key, DiskEntry::new(sri, file.size, false, file.inline))?;
+        let entry = self.install(
+            *key,
+            DiskEntry::new(sri, file.size, false, file.inline, &self.refs),
+        )?;
         if entry.sri().to_string() != file.integrity
             || entry.size != file.size
             || entry.inline != file.inline
@@ -828,7 +920,7 @@ impl DiskTier {
                 match tokio::task::spawn_blocking(move || store.get(&k)).await {
                     Ok(Ok(Some(data))) => data.into(),
                     Ok(Ok(None)) => {
-                        self.index.invalidate(key);
+                        self.index.remove(key);
                         self.held.invalidate(key);
                         return None;
                     }
@@ -958,7 +1050,7 @@ impl DiskTier {
     pub async fn remove(&self, key: &KeyHash) {
         self.touch(*key);
         self.store.delete(*key);
-        self.index.invalidate(key);
+        self.index.remove(key);
         self.held.invalidate(key);
     }
 
@@ -1027,14 +1119,14 @@ impl DiskTier {
                             continue;
                         };
                         let key = sri.to_string();
-                        if self.refs.contains_key(&key) {
+                        if self.refs.is_referenced(&key) {
                             continue;
                         }
                         let Ok(md) = std::fs::symlink_metadata(&path) else {
                             continue;
                         };
                         let old = md.modified().is_ok_and(|t| t < cutoff);
-                        if !md.is_file() || !old || self.refs.contains_key(&key) {
+                        if !md.is_file() || !old || self.refs.is_referenced(&key) {
                             continue;
                         }
                         match std::fs::remove_file(&path) {
@@ -1054,16 +1146,15 @@ impl DiskTier {
     }
 
     pub fn run_pending_tasks(&self) {
-        self.index.run_pending_tasks();
         self.held.run_pending_tasks();
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.index.entry_count()
+        self.index.len() as u64
     }
 
     pub fn weighted_size(&self) -> u64 {
-        self.index.weighted_size()
+        self.index.weight()
     }
 }
 

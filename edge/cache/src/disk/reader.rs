@@ -194,6 +194,8 @@ impl DiskTier {
             tier: Arc<DiskTier>,
             /// An inline body: read from its record, in one piece.
             inline: Option<DiskHit>,
+            /// Keeps the content file referenced while it streams.
+            _entry: Arc<DiskEntry>,
             sri: Integrity,
             reader: Option<cacache::Reader>,
             pending: Option<Bytes>,
@@ -205,6 +207,7 @@ impl DiskTier {
         let st = St {
             tier: Arc::clone(self),
             inline: hit.entry.inline.then(|| hit.clone()),
+            _entry: Arc::clone(&hit.entry),
             sri: hit.entry.sri(),
             reader: None,
             pending: None,

@@ -68,10 +68,6 @@ const BATCH_MAX: usize = 4096;
 /// batch: a commit rewrites the tree's upper pages and syncs, whatever its size.
 const GATHER: Duration = Duration::from_millis(5);
 
-/// Memory redb may use to cache pages it read (its default is 1 GiB). Hot objects' metadata is
-/// held decoded above it, so this only serves cold lookups and the start-up load.
-pub const READ_CACHE: u64 = 4 << 20;
-
 /// A write not yet committed.
 #[derive(Clone)]
 pub(super) enum Pending {
@@ -179,9 +175,11 @@ impl Store {
     /// Opens (or creates) the database under `dir`. A database that cannot be opened (damaged
     /// below redb's own crash safety) is moved aside and replaced by an empty one: its objects
     /// become misses, and their content is swept as unreferenced.
-    pub fn open(dir: &Path) -> io::Result<Self> {
+    /// `cache`: memory redb may use to cache the pages it read (its default is 1 GiB).
+    pub fn open(dir: &Path, cache: u64) -> io::Result<Self> {
         let path = dir.join("index.redb");
-        let db = match open_db(&path) {
+        let cache = usize::try_from(cache).unwrap_or(usize::MAX);
+        let db = match open_db(&path, cache) {
             Ok(db) => db,
             Err(e) if damaged(&e) => {
                 let aside = dir.join(format!(
@@ -194,7 +192,7 @@ impl Store {
                 warn!(error = %e, file = %path.display(), moved_to = %aside.display(),
                     "disk index is damaged; starting with an empty one (its objects are misses)");
                 std::fs::rename(&path, &aside)?;
-                open_db(&path).map_err(db_error)?
+                open_db(&path, cache).map_err(db_error)?
             }
             Err(e) => return Err(db_error(e)),
         };
@@ -378,13 +376,10 @@ impl Store {
 
 /// Opens the database. Another instance in this process that is closing it (a restart in
 /// place) holds its lock for a moment: that is waited for, up to a few seconds.
-fn open_db(path: &PathBuf) -> Result<Database, redb::DatabaseError> {
+fn open_db(path: &PathBuf, cache: usize) -> Result<Database, redb::DatabaseError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match Database::builder()
-            .set_cache_size(usize::try_from(READ_CACHE).unwrap_or(usize::MAX))
-            .create(path)
-        {
+        match Database::builder().set_cache_size(cache).create(path) {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }

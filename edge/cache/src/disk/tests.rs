@@ -543,3 +543,58 @@ fn content_hashes_are_kept_compact_and_exact() {
     assert!(matches!(Sri::of(other.clone()), Sri::Other(_)));
     assert_eq!(Sri::of(other.clone()).integrity(), other);
 }
+
+/// Polls (bounded) until `cond` holds.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
+}
+
+/// A content file goes with the last entry that names it: two keys storing the same body
+/// share one file, which stays while either holds it, and while a stream still reads it.
+#[tokio::test]
+async fn a_content_file_goes_with_the_last_entry_naming_it() {
+    let (dir, tier) = tier().await;
+    let (one, two) = (KeyHash::of("example.test/1"), KeyHash::of("example.test/2"));
+    store(&tier, one, &body(), &meta("\"1\"")).await;
+    store(&tier, two, &body(), &meta("\"2\"")).await;
+    let content = dir.path().join("content").join("content-v2");
+    assert_eq!(
+        files_under(&content).len(),
+        1,
+        "one file for the shared body"
+    );
+
+    tier.remove(&one).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(
+        files_under(&content).len(),
+        1,
+        "still named by the other key"
+    );
+
+    // A stream started before the last removal keeps the file until it ends.
+    let hit = tier.get(&two).await.unwrap();
+    let stream = tier.stream(two, &hit);
+    drop(hit);
+    tier.remove(&two).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(files_under(&content).len(), 1, "a stream still reads it");
+    let streamed: Vec<u8> = futures_util::StreamExt::collect::<Vec<_>>(stream)
+        .await
+        .into_iter()
+        .flat_map(|c| c.unwrap().to_vec())
+        .collect();
+    assert_eq!(streamed, body());
+    // The held metadata's copy of the entry goes at the tier's next housekeeping.
+    until("the unnamed file goes", || {
+        tier.run_pending_tasks();
+        files_under(&content).is_empty()
+    })
+    .await;
+}

@@ -43,7 +43,7 @@ impl DiskTier {
     }
 
     /// Runs one write job on the blocking pool, within the tier's [`WRITE_JOBS`].
-    async fn write_job<T: Send + 'static>(
+    pub(super) async fn write_job<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
@@ -177,16 +177,11 @@ impl DiskWriter {
         }
         .put(key, &body)?;
         let len = put.record.len();
-        let entry = DiskEntry::new(sri.clone(), written, true, inline);
-        // Reference first, so a concurrent eviction of an identical body keeps the content.
-        tier.incref(&entry);
+        // The entry references its content from here on, so a concurrent eviction of an
+        // identical body keeps the file; dropped on an error, it lets the file go.
+        let entry = DiskEntry::new(sri.clone(), written, true, inline, &tier.refs);
         tier.touch(key);
-        if let Err(e) = tier.store.put(put).await {
-            if tier.decref(&entry) {
-                let _ = cacache::remove_hash(&tier.content, &sri).await;
-            }
-            return Err(e);
-        }
+        tier.store.put(put).await?;
         tier.index.insert(key, entry.clone());
         // Just written: the first hit needs no metadata read.
         tier.held.insert(key, HeldMeta::new(entry, 0, meta, len));
