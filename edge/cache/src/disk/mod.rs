@@ -1,8 +1,9 @@
 //! Disk tier: body content in cacache (content-addressed, written to `tmp/` and renamed on
-//! commit, verified by its integrity hash on read), metadata in a redb database ([`store`]),
-//! every object also held in a moka index in memory (weighed in bytes) for size accounting and
-//! LRU eviction; its eviction listener deletes the metadata and any content that no entry
-//! references any more.
+//! commit, verified by its integrity hash on read) or, for small bodies, inline in its record;
+//! metadata in a redb database ([`store`]); every object also in an index in memory
+//! (quick_cache, weighed in bytes, about 100 bytes per entry plus its own) for size accounting
+//! and eviction. An eviction deletes the object's record; a content file goes once no entry
+//! (indexed, held, or being streamed) names it.
 //!
 //! Why not cacache's own index: its buckets are append-only (every rewrite of a key, such as a
 //! 304 metadata update, adds a line that `find` must read forever) and it has no garbage
