@@ -1159,6 +1159,20 @@ impl DiskTier {
     }
 }
 
+async fn remove_dir_contents(dir: &Path) {
+    let Ok(mut rd) = tokio::fs::read_dir(dir).await else {
+        return;
+    };
+    while let Ok(Some(e)) = rd.next_entry().await {
+        let p = e.path();
+        if p.is_dir() {
+            let _ = tokio::fs::remove_dir_all(&p).await;
+        } else {
+            let _ = tokio::fs::remove_file(&p).await;
+        }
+    }
+}
+
 /// Tests hold the start-up load of a directory back, to see the tier serve before it.
 #[cfg(test)]
 pub(crate) mod load_gate {
@@ -1183,20 +1197,6 @@ pub(crate) mod load_gate {
         };
         if let Some(rx) = gate {
             let _ = rx.recv();
-        }
-    }
-}
-
-async fn remove_dir_contents(dir: &Path) {
-    let Ok(mut rd) = tokio::fs::read_dir(dir).await else {
-        return;
-    };
-    while let Ok(Some(e)) = rd.next_entry().await {
-        let p = e.path();
-        if p.is_dir() {
-            let _ = tokio::fs::remove_dir_all(&p).await;
-        } else {
-            let _ = tokio::fs::remove_file(&p).await;
         }
     }
 }
