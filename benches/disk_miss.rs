@@ -66,6 +66,19 @@
 //! serialises. After, a 1 KiB miss writes no file: the cost is the index's (its writer thread,
 //! ~55 µs per object: a B-tree insert of a ~3 KB record, synced in group commits) and the
 //! runtime's share (encoding the record, the hand-offs). Target (≤ 1.2x) not met: 2.3-2.7x.
+//!
+//! Flat (`OUTPOST_BENCH_PREFILL=1000000`, 40184a6, same day): the prefill ran at 4 984
+//! misses/s (200.6 s); then, against the same case at 87 600 objects:
+//!
+//! | case      | disk objects | req/s | rt CPU/req | other CPU/req | CPU/req | CPU vs memory |
+//! |-----------|-------------:|------:|-----------:|--------------:|--------:|--------------:|
+//! | disk      |       87 600 | 7 051 |   124.9 µs |       57.3 µs | 173.1 µs |        2.63x |
+//! | disk/flat |    1 144 499 | 4 702 |   121.1 µs |      113.6 µs | 236.9 µs |        3.41x |
+//!
+//! Not flat (+37%, target ≤ 20%): the index writer's share doubles. Records of ~3 KB take a
+//! B-tree leaf page each, so at a million objects the tree's upper pages (~40 MB) no longer fit
+//! the index's page cache (1/16 of `--memory`: 4 MiB here) and each insert reads its path from
+//! the OS page cache.
 
 mod support;
 

@@ -381,6 +381,19 @@ async fn disk_admissions_count_every_storable_response() {
     let s: serde_json::Value = serde_json::from_slice(&body).expect("/stats is JSON");
     assert_eq!(s["disk_admissions"]["stored"], 3, "{s:#}");
     assert_eq!(s["disk_admissions"]["queue_full"], 0, "{s:#}");
+    // The start-up load of the (empty) disk index is done; its commits are counted.
+    assert_eq!(s["disk_load"]["done"], true, "{s:#}");
+    assert_eq!(s["disk_load"]["loaded"], 0, "{s:#}");
+    assert_eq!(number(&m, "outpost_disk_index_loading", &[]), 0.0);
+    assert!(number(&m, "outpost_disk_index_commits_total", &[("result", "ok")]) >= 1.0);
+    assert_eq!(
+        number(
+            &m,
+            "outpost_disk_index_commits_total",
+            &[("result", "error")]
+        ),
+        0.0
+    );
 }
 
 /// `outpost_response_bytes_total` counts body bytes sent: none for HEAD or 304, the range for
