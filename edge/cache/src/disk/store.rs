@@ -388,14 +388,18 @@ fn open_db(path: &PathBuf, cache: usize) -> Result<Database, redb::DatabaseError
     }
 }
 
-/// Errors that mean the file itself is unusable (rather than, say, unreadable).
+/// Errors that mean the file itself is unusable (rather than, say, unreadable): damaged, not
+/// a redb database at all, or of a format this version cannot read.
 fn damaged(e: &redb::DatabaseError) -> bool {
-    matches!(
-        e,
+    match e {
         redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))
-            | redb::DatabaseError::UpgradeRequired(_)
-            | redb::DatabaseError::RepairAborted
-    )
+        | redb::DatabaseError::UpgradeRequired(_)
+        | redb::DatabaseError::RepairAborted => true,
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            io.kind() == io::ErrorKind::InvalidData
+        }
+        _ => false,
+    }
 }
 
 /// The writer thread's side.

@@ -598,3 +598,32 @@ async fn a_content_file_goes_with_the_last_entry_naming_it() {
     })
     .await;
 }
+
+/// An index file that is not a database (damage, a stray file) does not stop the tier: it is
+/// moved aside, and the tier starts empty and stores again.
+#[tokio::test]
+async fn an_index_that_is_not_a_database_is_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("index.redb"),
+        b"not a database at all, just bytes",
+    )
+    .unwrap();
+    let (tier, loaded) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        .await
+        .unwrap();
+    assert!(loaded.is_empty());
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("index.redb.damaged-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged file is kept aside");
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, b"body", &meta("\"a\"")).await;
+    assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"a\""));
+}
