@@ -298,7 +298,7 @@ impl Engine {
     /// hosts (for purges of bare paths), the Vary index, and the purge sequence floor.
     async fn index_loaded(
         engine: std::sync::Weak<Self>,
-        mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<disk::Loaded>>,
+        mut rx: tokio::sync::mpsc::Receiver<Vec<disk::Loaded>>,
     ) {
         while let Some(batch) = rx.recv().await {
             let Some(e) = engine.upgrade() else { return };

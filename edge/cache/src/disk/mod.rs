@@ -393,6 +393,7 @@ impl MetaFileOut<'_> {
         let vary = self.meta.vary.join(",");
         Ok(Put {
             key,
+            expect: None,
             record: encode_record(self, body)?.into(),
             vary: (!vary.is_empty()).then(|| (KeyHash::of(&self.meta.key), vary.clone())),
             entry: EntryRecord {
@@ -486,6 +487,10 @@ pub struct DiskTier {
     load_millis: AtomicU64,
     /// Keys written or removed while the load runs.
     touched: DashMap<KeyHash, (), KeyHasher>,
+    /// Lookups of keys the load had not reached, in flight: `touched` is kept until they end.
+    unloaded_lookups: AtomicU64,
+    /// [`DiskTier::close`] was called: the load stops, and nothing is swept.
+    closing: AtomicBool,
     /// Write jobs on the blocking pool (see [`WRITE_JOBS`]).
     write_jobs: Arc<Semaphore>,
 }
@@ -537,7 +542,7 @@ impl DiskTier {
         root: &Path,
         capacity: u64,
         held_budget: u64,
-    ) -> io::Result<(Arc<Self>, mpsc::UnboundedReceiver<Vec<Loaded>>)> {
+    ) -> io::Result<(Arc<Self>, mpsc::Receiver<Vec<Loaded>>)> {
         let started = SystemTime::now();
         let content: Arc<Path> = root.join("content").into();
         tokio::fs::create_dir_all(&content).await?;
@@ -557,9 +562,22 @@ impl DiskTier {
         let estimated = usize::try_from(capacity / (64 << 10))
             .unwrap_or(usize::MAX)
             .clamp(1024, 1 << 20);
-        let index = Index::with(
-            estimated,
-            capacity,
+        // quick_cache shares the capacity out between shards and refuses an object heavier
+        // than (most of) one shard: at least 1 GiB per shard (one shard below that), so any
+        // object the fill admits (`max_object_size`) fits.
+        let shards = usize::try_from(capacity >> 30)
+            .unwrap_or(usize::MAX)
+            .clamp(1, 8)
+            .next_power_of_two()
+            .min(8);
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity(estimated)
+            .weight_capacity(capacity)
+            .shards(shards)
+            .build()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let index = Index::with_options(
+            options,
             EntryWeight,
             quick_cache::DefaultHashBuilder::default(),
             Evictions(tx),
@@ -589,13 +607,16 @@ impl DiskTier {
             loaded: AtomicU64::new(0),
             load_millis: AtomicU64::new(0),
             touched: DashMap::with_hasher(KeyHasher::default()),
+            unloaded_lookups: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
             write_jobs: Arc::new(Semaphore::new(WRITE_JOBS)),
         });
         // These hold the tier weakly: the tier owns their senders (its index's lifecycle, its
         // content references), so they end when the tier is dropped, closing the database.
         tokio::spawn(Self::run_deleter(Arc::downgrade(&tier), rx));
         tokio::spawn(Self::run_remover(Arc::downgrade(&tier), unreferenced_rx));
-        let (loaded_tx, loaded_rx) = mpsc::unbounded_channel();
+        // Bounded: a slow consumer holds the load back rather than let batches pile up.
+        let (loaded_tx, loaded_rx) = mpsc::channel(2);
         let loader = Arc::clone(&tier);
         std::thread::Builder::new()
             .name("outpost-disk-load".into())
@@ -620,7 +641,7 @@ impl DiskTier {
 
     /// The start-up load (on its own thread): imports metadata files of the previous design,
     /// indexes every entry, then sweeps unreferenced content.
-    fn load(&self, started: SystemTime, out: &mpsc::UnboundedSender<Vec<Loaded>>) {
+    fn load(&self, started: SystemTime, out: &mpsc::Sender<Vec<Loaded>>) {
         #[cfg(test)]
         load_gate::wait(&self.root);
         let t0 = std::time::Instant::now();
@@ -648,15 +669,21 @@ impl DiskTier {
                 }
             }
             self.loaded.fetch_add(found.len() as u64, Ordering::Relaxed);
-            // Stops when nobody listens any more (the engine closed).
-            out.send(found).is_ok()
+            // Stops when nobody listens any more (the engine went) or the tier closes.
+            out.blocking_send(found).is_ok() && !self.closing.load(Ordering::Acquire)
         });
         let millis = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.load_millis.store(millis, Ordering::Relaxed);
         self.loading.store(false, Ordering::Release);
+        // A lookup that saw the load running may still be installing what it read: the keys
+        // touched meanwhile stay known until it is done.
+        while self.unloaded_lookups.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.touched.clear();
+        let complete = matches!(loaded, Ok((_, true)));
         match loaded {
-            Ok(n) if n > 0 => {
+            Ok((n, _)) if n > 0 => {
                 info!(objects = self.loaded.load(Ordering::Relaxed), millis, dir = %self.root.display(), "disk tier loaded");
             }
             Ok(_) => {}
@@ -672,7 +699,14 @@ impl DiskTier {
                 "dropped disk metadata that failed its checksum or is of an older format; those objects are misses"
             );
         }
-        // After the load (every referenced body is known).
+        // Only after a complete load: every body a record names is then known. After a
+        // partial one (closed, or a read error) the unknown ones would look unreferenced.
+        if !complete || self.closing.load(Ordering::Acquire) {
+            if !self.closing.load(Ordering::Acquire) {
+                warn!(dir = %self.root.display(), "disk index load incomplete; unreferenced content is not swept this time");
+            }
+            return;
+        }
         let cutoff = started.checked_sub(STAMP_SETTLE).unwrap_or(UNIX_EPOCH);
         let (files, bytes) = self.sweep_blocking(cutoff);
         if files > 0 {
@@ -730,6 +764,7 @@ impl DiskTier {
             return;
         };
         let mut imported = 0u64;
+        let mut all_committed = true;
         for shard in shards.flatten() {
             let Ok(files) = std::fs::read_dir(shard.path()) else {
                 continue;
@@ -758,13 +793,22 @@ impl DiskTier {
                         .ok()
                     });
                 match put {
+                    // Stored anew since the start (the tier serves at once): that one stands.
+                    Some(_) if self.touched.contains_key(&key) => {}
                     Some(put) => puts.push(put),
                     None => {
                         self.rejected.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
-            imported += self.store.put_all_blocking(puts);
+            let wanted = puts.len() as u64;
+            let committed = self.store.put_all_blocking(puts);
+            imported += committed;
+            all_committed &= committed == wanted;
+        }
+        if !all_committed {
+            warn!(dir = %dir.display(), "some metadata files could not be imported; they stay for the next start");
+            return;
         }
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             warn!(error = %e, dir = %dir.display(), "could not remove imported metadata files");
@@ -784,11 +828,21 @@ impl DiskTier {
     /// An entry evicted for space: its record goes (unless the key was stored again
     /// meanwhile); its content file goes with the last entry that names it.
     fn evicted(&self, d: Deletion) {
-        if !self.index.contains_key(&d.key) {
-            self.store.delete(d.key);
-            self.held.invalidate(&d.key);
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-            debug!(key = %d.key, size = d.entry.size, "disk eviction");
+        // Only this copy's record: a fill may have stored a newer one under the key meanwhile.
+        self.store.delete_if(d.key, d.entry.sri().to_string());
+        self.forget_held(&d.key, &d.entry);
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+        debug!(key = %d.key, size = d.entry.size, "disk eviction");
+    }
+
+    /// Drops the held metadata of `key` if it belongs to `entry` (a newer copy's stays).
+    fn forget_held(&self, key: &KeyHash, entry: &Arc<DiskEntry>) {
+        if self
+            .held
+            .get(key)
+            .is_some_and(|h| Arc::ptr_eq(&h.entry, entry))
+        {
+            self.held.invalidate(key);
         }
     }
 
@@ -854,7 +908,7 @@ impl DiskTier {
                 body: None,
             });
         }
-        let (file, body, len) = self.read_record(key).await?;
+        let (file, body, len) = self.read_record(key, Some(&entry)).await?;
         if file
             .integrity
             .parse::<Integrity>()
@@ -882,10 +936,18 @@ impl DiskTier {
 
     /// While the load runs: an object it has not reached yet, read from the store and indexed.
     async fn find_unloaded(&self, key: &KeyHash, hold: bool) -> Option<DiskHit> {
+        struct InFlight<'a>(&'a AtomicU64);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.unloaded_lookups.fetch_add(1, Ordering::AcqRel);
+        let _in_flight = InFlight(&self.unloaded_lookups);
         if !self.loading.load(Ordering::Acquire) || self.touched.contains_key(key) {
             return None;
         }
-        let (file, body, len) = self.read_record(key).await?;
+        let (file, body, len) = self.read_record(key, None).await?;
         let sri = file.integrity.parse::<Integrity>().ok()?;
         let entry = self.install(
             *key,
@@ -911,7 +973,13 @@ impl DiskTier {
     /// Reads and checks an object's record: a write not committed yet first, else the store.
     /// Returns the metadata, the inline body (if any) and the record's length. `None` (a miss)
     /// when there is none; a damaged one is removed and counted.
-    async fn read_record(&self, key: &KeyHash) -> Option<(MetaFile, Option<Bytes>, usize)> {
+    /// `entry`: the index entry the record is read for, if any; only that entry is dropped when
+    /// the record is missing or damaged (a newer copy stored meanwhile stays).
+    async fn read_record(
+        &self,
+        key: &KeyHash,
+        entry: Option<&Arc<DiskEntry>>,
+    ) -> Option<(MetaFile, Option<Bytes>, usize)> {
         let data: Bytes = match self.store.pending(key) {
             Some(Pending::Put(record)) => Bytes::from_owner(record),
             Some(Pending::Delete) => return None,
@@ -921,8 +989,10 @@ impl DiskTier {
                 match tokio::task::spawn_blocking(move || store.get(&k)).await {
                     Ok(Ok(Some(data))) => data.into(),
                     Ok(Ok(None)) => {
-                        self.index.remove(key);
-                        self.held.invalidate(key);
+                        if let Some(e) = entry {
+                            self.index.remove_if(key, |cur| Arc::ptr_eq(cur, e));
+                            self.forget_held(key, e);
+                        }
                         return None;
                     }
                     Ok(Err(e)) => {
@@ -941,7 +1011,19 @@ impl DiskTier {
             Err(e) => {
                 warn!(key = %key, error = %e, "disk metadata failed its check, dropping entry");
                 self.rejected.fetch_add(1, Ordering::Relaxed);
-                self.remove(key).await;
+                match entry {
+                    // The damaged record is this entry's: it goes, unless a new copy's
+                    // record replaced it meanwhile.
+                    Some(e) => {
+                        self.store.delete_if(*key, e.sri().to_string());
+                        self.index.remove_if(key, |cur| Arc::ptr_eq(cur, e));
+                        self.forget_held(key, e);
+                    }
+                    None => {
+                        self.touch(*key);
+                        self.store.delete(*key);
+                    }
+                }
                 None
             }
         }
@@ -1024,16 +1106,20 @@ impl DiskTier {
         } else {
             Bytes::new()
         };
-        let put = MetaFileOut {
+        let mut put = MetaFileOut {
             integrity: entry.sri().to_string(),
             size: entry.size,
             inline: entry.inline,
             meta,
         }
         .put(*key, &body)?;
+        // Only onto the body it was made for: a fill may have stored a new one meanwhile.
+        put.expect = Some(entry.sri().to_string());
         let len = put.record.len();
         self.touch(*key);
-        self.store.put(put).await?;
+        if !self.store.put(put).await? {
+            return Ok(());
+        }
         // After the commit: a lookup that sees the new generation reads the new record.
         let generation = entry.meta_gen.fetch_add(1, Ordering::AcqRel) + 1;
         if self
@@ -1057,6 +1143,7 @@ impl DiskTier {
 
     /// Makes every write durable and closes the database (at shutdown).
     pub async fn close(&self) {
+        self.closing.store(true, Ordering::Release);
         self.store.close().await;
     }
 

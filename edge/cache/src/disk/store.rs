@@ -21,7 +21,12 @@
 //! as stored survives a kill -9. What a kill -9 can lose: the objects whose commit had not
 //! ended, that is, those whose bodies were complete within the last [`GATHER`] plus one
 //! commit (a sync: well under a millisecond on an SSD, some on a spinning disk). They are
-//! misses after the restart, and their content files, unreferenced, are swept.
+//! misses after the restart, and their content files, unreferenced, are swept. Deletes are
+//! not waited for: an object removed just before a kill -9 (evicted, invalidated by an unsafe
+//! method, or found damaged) can be back after the restart. Purges cannot: the purge log,
+//! written before a purge answers, still covers the object, and the first lookup removes it.
+//! Puts and deletes can be conditional on the content the key holds when they commit, so a
+//! 304's metadata update or an eviction never lands on a newer copy.
 //!
 //! Why redb: candidates measured on this project's 2-core machine (2026-12-05; 100,000 objects
 //! of 1.5 KB metadata plus an 80 B entry, transactions of 64; then 1,000,000 entries):
@@ -89,23 +94,24 @@ pub(super) struct EntryRecord {
 impl EntryRecord {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            2 + 16 + 6 + self.integrity.len() + self.key_text.len() + self.vary.len(),
+            2 + 16 + 12 + self.integrity.len() + self.key_text.len() + self.vary.len(),
         );
-        out.push(1);
+        out.push(2);
         out.push(u8::from(self.inline));
         out.extend_from_slice(&self.size.to_le_bytes());
         out.extend_from_slice(&self.purge_seq.to_le_bytes());
         for s in [&self.integrity, &self.key_text, &self.vary] {
-            let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+            // Strings longer than 4 GiB cannot occur: keys and headers are bounded far below.
+            let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
             out.extend_from_slice(&len.to_le_bytes());
-            out.extend_from_slice(&s.as_bytes()[..usize::from(len)]);
+            out.extend_from_slice(s.as_bytes());
         }
         out
     }
 
     fn decode(data: &[u8]) -> Option<Self> {
         let (&version, rest) = data.split_first()?;
-        if version != 1 {
+        if version != 2 {
             return None;
         }
         let (&flags, mut rest) = rest.split_first()?;
@@ -117,8 +123,8 @@ impl EntryRecord {
         let size = u64_at(&mut rest)?;
         let purge_seq = u64_at(&mut rest)?;
         let mut text = || -> Option<String> {
-            let (len, tail) = rest.split_first_chunk::<2>()?;
-            let len = usize::from(u16::from_le_bytes(*len));
+            let (len, tail) = rest.split_first_chunk::<4>()?;
+            let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
             let s = std::str::from_utf8(tail.get(..len)?).ok()?.to_string();
             rest = &tail[len..];
             Some(s)
@@ -137,6 +143,9 @@ impl EntryRecord {
 /// A put: the record a lookup reads, the entry the start-up load reads.
 pub(super) struct Put {
     pub key: KeyHash,
+    /// Applied only if the object stored under the key now has this content hash (a 304's
+    /// metadata update must not land on a body a newer fill replaced); `None`: always.
+    pub expect: Option<String>,
     pub record: Arc<[u8]>,
     pub entry: EntryRecord,
     /// (primary key, names) when the object varies.
@@ -144,8 +153,11 @@ pub(super) struct Put {
 }
 
 enum Op {
-    Put(Put, u64, Option<oneshot::Sender<io::Result<()>>>),
-    Delete(KeyHash, u64),
+    /// The sender learns whether it was applied (see [`Put::expect`]).
+    Put(Put, u64, Option<oneshot::Sender<io::Result<bool>>>),
+    /// With `Some(hash)`, only if the object stored under the key still has that content
+    /// hash (an eviction must not delete the record of a newer copy).
+    Delete(KeyHash, u64, Option<String>),
     Flush(oneshot::Sender<()>),
     /// Commit what came before, sync, and stop (closing the database).
     Close(oneshot::Sender<()>),
@@ -239,7 +251,7 @@ impl Store {
     }
 
     /// Queues a put; the receiver tells when it has committed.
-    fn enqueue(&self, put: Put) -> io::Result<oneshot::Receiver<io::Result<()>>> {
+    fn enqueue(&self, put: Put) -> io::Result<oneshot::Receiver<io::Result<bool>>> {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         self.pending
             .insert(put.key, (ticket, Pending::Put(Arc::clone(&put.record))));
@@ -252,8 +264,9 @@ impl Store {
         Ok(wait)
     }
 
-    /// Queues a put and waits for its commit.
-    pub async fn put(&self, put: Put) -> io::Result<()> {
+    /// Queues a put and waits for its commit; false when its [`Put::expect`] did not hold
+    /// (nothing was written).
+    pub async fn put(&self, put: Put) -> io::Result<bool> {
         self.enqueue(put)?.await.unwrap_or_else(|_| Err(stopped()))
     }
 
@@ -266,7 +279,7 @@ impl Store {
             .collect();
         waits
             .into_iter()
-            .map(|w| u64::from(matches!(w.blocking_recv(), Ok(Ok(())))))
+            .map(|w| u64::from(matches!(w.blocking_recv(), Ok(Ok(true)))))
             .sum()
     }
 
@@ -274,7 +287,14 @@ impl Store {
     pub fn delete(&self, key: KeyHash) {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         self.pending.insert(key, (ticket, Pending::Delete));
-        let _ = self.tx.send(Op::Delete(key, ticket));
+        let _ = self.tx.send(Op::Delete(key, ticket, None));
+    }
+
+    /// Queues a delete of the record only if it still names content `integrity` (an evicted
+    /// copy); a newer copy's record stays. Not shown as pending: it may not apply.
+    pub fn delete_if(&self, key: KeyHash, integrity: String) {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let _ = self.tx.send(Op::Delete(key, ticket, Some(integrity)));
     }
 
     /// Waits until every write queued before this call has committed durably.
@@ -341,13 +361,14 @@ impl Store {
             .map_or(0, |v| v.value()))
     }
 
-    /// Reads every entry (blocking), handing them to `f` in batches of up to `batch`. Entries
-    /// that do not decode are deleted. Returns how many were read.
+    /// Reads every entry (blocking), handing them to `f` in batches of up to `batch`, until `f`
+    /// returns false. Entries that do not decode are deleted. Returns how many were read, and
+    /// whether that was all of them.
     pub fn load(
         &self,
         batch: usize,
         mut f: impl FnMut(Vec<(KeyHash, EntryRecord)>) -> bool,
-    ) -> io::Result<u64> {
+    ) -> io::Result<(u64, bool)> {
         let txn = self.db()?.begin_read().map_err(db_error)?;
         let table = txn.open_table(ENTRIES).map_err(db_error)?;
         let mut out = Vec::with_capacity(batch);
@@ -362,15 +383,15 @@ impl Store {
             if out.len() >= batch {
                 total += out.len() as u64;
                 if !f(std::mem::replace(&mut out, Vec::with_capacity(batch))) {
-                    return Ok(total);
+                    return Ok((total, false));
                 }
             }
         }
         total += out.len() as u64;
-        if !out.is_empty() {
-            f(out);
+        if !out.is_empty() && !f(out) {
+            return Ok((total, false));
         }
-        Ok(total)
+        Ok((total, true))
     }
 }
 
@@ -426,7 +447,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.commit(&ops);
+            let mut applied = vec![true; ops.len()];
+            let result = self.commit(&ops, &mut applied);
             if let Err(e) = &result {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, writes = ops.len(), "disk index commit failed; those objects are not stored");
@@ -434,18 +456,18 @@ impl Writer {
                 self.commits.fetch_add(1, Ordering::Relaxed);
             }
             let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
-            for op in ops {
+            for (op, applied) in ops.into_iter().zip(applied) {
                 match op {
                     Op::Put(put, ticket, done) => {
                         self.pending.remove_if(&put.key, |_, p| p.0 == ticket);
                         if let Some(done) = done {
                             let _ = done.send(match &result {
-                                Ok(()) => Ok(()),
+                                Ok(()) => Ok(applied),
                                 Err(e) => Err(db_error(e)),
                             });
                         }
                     }
-                    Op::Delete(key, ticket) => {
+                    Op::Delete(key, ticket, _) => {
                         self.pending.remove_if(&key, |_, p| p.0 == ticket);
                     }
                     Op::Flush(done) => {
@@ -464,7 +486,9 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, ops: &[Op]) -> Result<(), redb::Error> {
+    /// Commits `ops` in one transaction; `applied[i]` is set false for a conditional op whose
+    /// condition did not hold.
+    fn commit(&mut self, ops: &[Op], applied: &mut [bool]) -> Result<(), redb::Error> {
         if ops
             .iter()
             .all(|op| matches!(op, Op::Flush(_) | Op::Close(_)))
@@ -482,9 +506,25 @@ impl Writer {
             let mut state = txn.open_table(STATE)?;
             let mut max_seq = state.get(MAX_PURGE_SEQ)?.map_or(0, |v| v.value());
             let seq_before = max_seq;
-            for op in ops {
+            // The content hash the object stored under `key` has now (this transaction's
+            // earlier writes included).
+            let current = |entries: &redb::Table<&[u8; 32], &[u8]>, key: &KeyHash| {
+                entries
+                    .get(&key.0)
+                    .ok()
+                    .flatten()
+                    .and_then(|v| EntryRecord::decode(v.value()))
+                    .map(|e| e.integrity)
+            };
+            for (op, applied) in ops.iter().zip(applied.iter_mut()) {
                 match op {
                     Op::Put(put, _, _) => {
+                        if let Some(expect) = &put.expect
+                            && current(&entries, &put.key).as_ref() != Some(expect)
+                        {
+                            *applied = false;
+                            continue;
+                        }
                         objects.insert(&put.key.0, &*put.record)?;
                         entries.insert(&put.key.0, put.entry.encode().as_slice())?;
                         if let Some((primary, names)) = &put.vary {
@@ -492,7 +532,13 @@ impl Writer {
                         }
                         max_seq = max_seq.max(put.entry.purge_seq);
                     }
-                    Op::Delete(key, _) => {
+                    Op::Delete(key, _, expect) => {
+                        if let Some(expect) = expect
+                            && current(&entries, key).as_ref() != Some(expect)
+                        {
+                            *applied = false;
+                            continue;
+                        }
                         objects.remove(&key.0)?;
                         entries.remove(&key.0)?;
                     }

@@ -627,3 +627,103 @@ async fn an_index_that_is_not_a_database_is_moved_aside() {
     store(&tier, key, b"body", &meta("\"a\"")).await;
     assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"a\""));
 }
+
+/// A start-up load that did not finish (the tier closed under it) sweeps nothing: the bodies
+/// of records it had not reached would look unreferenced.
+#[tokio::test]
+async fn an_unfinished_load_sweeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+            .await
+            .unwrap();
+        for i in 0..3 {
+            let mut big = body();
+            big.push(i);
+            store(
+                &tier,
+                KeyHash::of(&format!("example.test/{i}")),
+                &big,
+                &meta("\"a\""),
+            )
+            .await;
+        }
+        tier.close().await;
+    }
+    let content = dir.path().join("content").join("content-v2");
+    let files = files_under(&content);
+    assert_eq!(files.len(), 3);
+    // Written long before this start, as after any real restart.
+    files.iter().for_each(|f| age(f));
+    let gate = crate::disk::load_gate::hold(dir.path());
+    let (tier, _rx) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    tier.close().await;
+    drop(gate);
+    until("the load ends", || tier.load_state().done).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(
+        files_under(&content).len(),
+        3,
+        "referenced bodies were swept"
+    );
+    assert_eq!(tier.swept(), (0, false));
+}
+
+/// An eviction deletes the evicted copy's record only: a newer copy whose record committed
+/// before the eviction was handled, but which the index does not show yet (its commit has
+/// just returned), keeps its record.
+#[tokio::test]
+async fn an_eviction_never_deletes_a_newer_copy() {
+    let (_dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, b"old body", &meta("\"old\"")).await;
+    let old = tier.get(&key).await.unwrap().entry;
+    // quick_cache evicts the old copy for space...
+    tier.index.remove(&key);
+    // ...while a fill commits a new copy's record, not yet in the index...
+    let new_meta = meta("\"new\"");
+    let new = Integrity::from(&b"new body"[..]);
+    let put = MetaFileOut {
+        integrity: new.to_string(),
+        size: 8,
+        inline: true,
+        meta: &new_meta,
+    }
+    .put(key, b"new body")
+    .unwrap();
+    assert!(tier.store.put(put).await.unwrap());
+    // ...and only then is the eviction handled.
+    tier.evicted(Deletion { key, entry: old });
+    tier.flush().await;
+    let record = tier
+        .store
+        .get(&key)
+        .unwrap()
+        .expect("the new copy's record stays");
+    assert_eq!(decode_record(&record).unwrap().0.integrity, new.to_string());
+}
+
+/// A 304's metadata update made for a body that a new fill has replaced meanwhile is not
+/// written: the new body keeps its own metadata.
+#[tokio::test]
+async fn a_metadata_update_never_lands_on_another_body() {
+    let (_dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, b"old body", &meta("\"old\"")).await;
+    let old = tier.get(&key).await.unwrap().entry;
+    // The update was prepared for the old body (its identity), and lands after a new one.
+    let refreshed = meta("\"old-refreshed\"");
+    let mut put = MetaFileOut {
+        integrity: old.sri().to_string(),
+        size: old.size,
+        inline: old.inline,
+        meta: &refreshed,
+    }
+    .put(key, b"old body")
+    .unwrap();
+    put.expect = Some(old.sri().to_string());
+    store(&tier, key, b"new body", &meta("\"new\"")).await;
+    assert!(!tier.store.put(put).await.unwrap(), "not applied");
+    tier.held.invalidate(&key);
+    assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"new\""));
+}
