@@ -136,6 +136,48 @@ impl ContentRefs {
     fn is_referenced(&self, sri: &str) -> bool {
         self.counts.contains_key(sri)
     }
+
+    /// Runs `unlink` only if no entry names `sri`, holding the count's lock meanwhile: a
+    /// reference taken concurrently waits until the file is gone, and its taker then finds it
+    /// missing (see [`ContentRefs::take_committed`]), never a file removed after it looked.
+    fn remove_if_unreferenced<T>(&self, sri: &str, unlink: impl FnOnce() -> T) -> Option<T> {
+        match self.counts.entry(sri.to_string()) {
+            dashmap::Entry::Occupied(_) => None,
+            dashmap::Entry::Vacant(vacant) => {
+                let done = unlink();
+                drop(vacant);
+                Some(done)
+            }
+        }
+    }
+
+    /// Takes a reference to content a write has just committed (renamed into place) and
+    /// checks that the file is still there: a removal of an identical, unreferenced body may
+    /// have run between the rename and this reference. `false` (no reference kept) if it did.
+    fn take_committed(self: &Arc<Self>, sri: &Integrity, path: &Path) -> Option<ContentRef> {
+        self.incref(sri);
+        let reference = ContentRef {
+            refs: Arc::clone(self),
+            sri: Some(sri.clone()),
+        };
+        // Gone: dropping the reference lets its count fall back.
+        path.is_file().then_some(reference)
+    }
+}
+
+/// A counted reference to a content file not yet held by an entry: given back when dropped
+/// (a write abandoned after its commit), or handed to [`DiskEntry::adopting`].
+pub(super) struct ContentRef {
+    refs: Arc<ContentRefs>,
+    sri: Option<Integrity>,
+}
+
+impl Drop for ContentRef {
+    fn drop(&mut self) {
+        if let Some(sri) = self.sri.take() {
+            self.refs.decref(sri);
+        }
+    }
 }
 
 impl std::fmt::Debug for ContentRefs {
@@ -227,6 +269,23 @@ impl DiskEntry {
             refs.incref(&sri);
             Arc::clone(refs)
         });
+        Self::with_refs(sri, size, verified, inline, refs)
+    }
+
+    /// A new entry for a content file, holding the reference already taken for it.
+    fn adopting(mut reference: ContentRef, size: u64, verified: bool) -> Arc<Self> {
+        let sri = reference.sri.take().expect("a reference is adopted once");
+        let refs = Some(Arc::clone(&reference.refs));
+        Self::with_refs(sri, size, verified, false, refs)
+    }
+
+    fn with_refs(
+        sri: Integrity,
+        size: u64,
+        verified: bool,
+        inline: bool,
+        refs: Option<Arc<ContentRefs>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             sri: Sri::of(sri),
             size,
@@ -861,8 +920,14 @@ impl DiskTier {
     /// would otherwise grow the blocking pool, and each thread's memory with it).
     async fn remove_content(&self, sri: Integrity) {
         let content = self.content.clone();
+        let refs = Arc::clone(&self.refs);
         let removed = self
-            .write_job(move || cacache::remove_hash_sync(&content, &sri).map_err(io::Error::other))
+            .write_job(move || {
+                refs.remove_if_unreferenced(&sri.to_string(), || {
+                    cacache::remove_hash_sync(&content, &sri).map_err(io::Error::other)
+                })
+                .unwrap_or(Ok(()))
+            })
             .await;
         if let Err(e) = removed {
             debug!(error = %e, "removing unreferenced content");
@@ -1214,17 +1279,21 @@ impl DiskTier {
                             continue;
                         };
                         let old = md.modified().is_ok_and(|t| t < cutoff);
-                        if !md.is_file() || !old || self.refs.is_referenced(&key) {
+                        if !md.is_file() || !old {
                             continue;
                         }
-                        match std::fs::remove_file(&path) {
-                            Ok(()) => {
+                        match self
+                            .refs
+                            .remove_if_unreferenced(&key, || std::fs::remove_file(&path))
+                        {
+                            Some(Ok(())) => {
                                 files += 1;
                                 bytes += md.len();
                             }
-                            Err(e) => {
+                            Some(Err(e)) => {
                                 debug!(file = %path.display(), error = %e, "removing unreferenced content");
                             }
+                            None => {}
                         }
                     }
                 }

@@ -727,3 +727,43 @@ async fn a_metadata_update_never_lands_on_another_body() {
     tier.held.invalidate(&key);
     assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"new\""));
 }
+
+/// Removing an unreferenced content file and taking a reference to a just-committed one
+/// exclude each other: the removal never runs while a reference is held, and a reference
+/// taken after a removal finds the file gone (its write then fails, storing nothing) and
+/// leaves no count behind.
+#[tokio::test]
+async fn content_removal_and_new_references_exclude_each_other() {
+    let (dir, tier) = tier().await;
+    let path = dir.path().join("content-file");
+    std::fs::write(&path, b"x").unwrap();
+    let sri = Integrity::from(&b"x"[..]);
+    let key = sri.to_string();
+
+    let held = tier
+        .refs
+        .take_committed(&sri, &path)
+        .expect("the file is there");
+    assert!(
+        tier.refs
+            .remove_if_unreferenced(&key, || std::fs::remove_file(&path))
+            .is_none(),
+        "referenced: not removed"
+    );
+    assert!(path.is_file());
+    drop(held);
+    assert!(
+        !tier.refs.is_referenced(&key),
+        "the count falls back on drop"
+    );
+    assert!(matches!(
+        tier.refs
+            .remove_if_unreferenced(&key, || std::fs::remove_file(&path)),
+        Some(Ok(()))
+    ));
+    assert!(
+        tier.refs.take_committed(&sri, &path).is_none(),
+        "the file is gone"
+    );
+    assert!(!tier.refs.is_referenced(&key), "no count left behind");
+}

@@ -147,26 +147,39 @@ impl DiskWriter {
             ..
         } = self;
         let inline = file.is_none() && written <= INLINE_MAX;
-        let (sri, body) = if inline {
+        let (sri, body, entry) = if inline {
             let body = match gathered.as_slice() {
                 [one] => one.clone(),
                 chunks => Bytes::from(chunks.concat()),
             };
-            (Integrity::from(&body[..]), body)
+            let sri = Integrity::from(&body[..]);
+            let entry = DiskEntry::new(sri.clone(), written, true, true, &tier.refs);
+            (sri, body, entry)
         } else {
             let content = tier.content.clone();
-            // The last (for most bodies the only) job: write what is left, rename into place.
-            let sri = tier
+            let paths = Arc::clone(&tier);
+            // The last (for most bodies the only) job: write what is left, rename into place,
+            // and take the new entry's reference to the file while it is surely there.
+            let (sri, reference) = tier
                 .write_job(move || {
                     let mut file = match file {
                         Some(f) => f,
                         None => open_content(&content)?,
                     };
                     write_chunks(&mut file, &gathered)?;
-                    file.commit().map_err(|e| io::Error::other(e.to_string()))
+                    let sri = file.commit().map_err(|e| io::Error::other(e.to_string()))?;
+                    match paths.refs.take_committed(&sri, &paths.content_path(&sri)) {
+                        Some(reference) => Ok((sri, reference)),
+                        None => Err(io::Error::other(
+                            "the content file was removed as it was committed",
+                        )),
+                    }
                 })
                 .await?;
-            (sri, Bytes::new())
+            // The entry holds that reference from here on, so a concurrent eviction of an
+            // identical body keeps the file; dropped on an error, it lets the file go.
+            let entry = DiskEntry::adopting(reference, written, true);
+            (sri, Bytes::new(), entry)
         };
         let meta = meta(&sri, written);
         let put = MetaFileOut {
@@ -177,9 +190,6 @@ impl DiskWriter {
         }
         .put(key, &body)?;
         let len = put.record.len();
-        // The entry references its content from here on, so a concurrent eviction of an
-        // identical body keeps the file; dropped on an error, it lets the file go.
-        let entry = DiskEntry::new(sri.clone(), written, true, inline, &tier.refs);
         tier.touch(key);
         tier.store.put(put).await?;
         tier.index.insert(key, entry.clone());
