@@ -104,9 +104,10 @@
 //!
 //! | 40184a6 (index on quick_cache, content freed by its last entry) | memory | 111-123 | 125.9, 127.9, 126.1 MiB | within |
 //! | same | disk | 111-127 | 123.3, 127.5, 128.9 MiB | over once, by 0.7 MiB |
+//! | d3ce358 (content removals exclude new references) | disk | 112, 123, 119, 118 | 127.1 MiB | within |
 //!
 //! The disk case is down from 140-145 MiB to 123-129 MiB, at the bound like the memory case:
-//! met in five runs of six.
+//! met in six runs of seven.
 
 //! Before, RSS grew with every byte filled (to disk too) and did not come back: each stored
 //! object push_store hyper read buffers. After, it is flat from round to round. What is left over
