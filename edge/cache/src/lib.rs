@@ -315,16 +315,6 @@ impl Engine {
         }
     }
 
-    /// Makes every stored object durable (the disk index syncs in batches).
-    pub async fn flush(&self) {
-        if let Some(d) = &self.disk {
-            d.flush().await;
-        }
-        if let Some(p) = &self.pinned {
-            p.tier().flush().await;
-        }
-    }
-
     /// At shutdown: makes every stored object durable and closes the disk tiers' databases,
     /// so the next process (or engine) can open them. Lookups after this are misses.
     pub async fn close(&self) {

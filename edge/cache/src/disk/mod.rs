@@ -298,6 +298,19 @@ impl DiskEntry {
         })
     }
 
+    /// The record read describes this entry's body (the same content, size and storage).
+    fn describes(&self, file: &MetaFile) -> bool {
+        file.size == self.size
+            && file.inline == self.inline
+            && file
+                .integrity
+                .parse::<Integrity>()
+                .ok()
+                .map(Sri::of)
+                .as_ref()
+                == Some(&self.sri)
+    }
+
     /// The content hash.
     pub fn sri(&self) -> Integrity {
         self.sri.integrity()
@@ -974,21 +987,27 @@ impl DiskTier {
             });
         }
         let (file, body, len) = self.read_record(key, Some(&entry)).await?;
-        if file
-            .integrity
-            .parse::<Integrity>()
-            .ok()
-            .map(Sri::of)
-            .as_ref()
-            != Some(&entry.sri)
-            || file.size != entry.size
-            || file.inline != entry.inline
-        {
+        if !entry.describes(&file) {
             // A commit replaced the record and has not indexed it yet; never pair one body
             // with another's metadata.
             debug!(key = %key, "disk metadata names other content than the index");
             return None;
         }
+        Some(self.hit(key, entry, generation, file, body, len, hold))
+    }
+
+    /// A hit on `entry` with the record just read for it, its metadata held if `hold`.
+    #[allow(clippy::too_many_arguments)]
+    fn hit(
+        &self,
+        key: &KeyHash,
+        entry: Arc<DiskEntry>,
+        generation: u64,
+        file: MetaFile,
+        body: Option<Bytes>,
+        len: usize,
+        hold: bool,
+    ) -> DiskHit {
         let meta = Arc::new(file.meta);
         if hold {
             self.held.insert(
@@ -996,7 +1015,7 @@ impl DiskTier {
                 HeldMeta::new(entry.clone(), generation, meta.clone(), len),
             );
         }
-        Some(DiskHit { meta, entry, body })
+        DiskHit { meta, entry, body }
     }
 
     /// While the load runs: an object it has not reached yet, read from the store and indexed.
@@ -1018,21 +1037,11 @@ impl DiskTier {
             *key,
             DiskEntry::new(sri, file.size, false, file.inline, &self.refs),
         )?;
-        if entry.sri().to_string() != file.integrity
-            || entry.size != file.size
-            || entry.inline != file.inline
-        {
+        if !entry.describes(&file) {
             return None;
         }
-        let meta = Arc::new(file.meta);
-        if hold {
-            let generation = entry.meta_gen.load(Ordering::Acquire);
-            self.held.insert(
-                *key,
-                HeldMeta::new(entry.clone(), generation, meta.clone(), len),
-            );
-        }
-        Some(DiskHit { meta, entry, body })
+        let generation = entry.meta_gen.load(Ordering::Acquire);
+        Some(self.hit(key, entry, generation, file, body, len, hold))
     }
 
     /// Reads and checks an object's record: a write not committed yet first, else the store.
@@ -1045,27 +1054,18 @@ impl DiskTier {
         key: &KeyHash,
         entry: Option<&Arc<DiskEntry>>,
     ) -> Option<(MetaFile, Option<Bytes>, usize)> {
-        let data: Bytes = match self.store.pending(key) {
-            Some(Pending::Put(record)) => Bytes::from_owner(record),
-            Some(Pending::Delete) => return None,
-            None => {
-                let store = Arc::clone(&self.store);
-                let k = *key;
-                match tokio::task::spawn_blocking(move || store.get(&k)).await {
-                    Ok(Ok(Some(data))) => data.into(),
-                    Ok(Ok(None)) => {
-                        if let Some(e) = entry {
-                            self.index.remove_if(key, |cur| Arc::ptr_eq(cur, e));
-                            self.forget_held(key, e);
-                        }
-                        return None;
-                    }
-                    Ok(Err(e)) => {
-                        warn!(key = %key, error = %e, "disk metadata unreadable; a miss");
-                        return None;
-                    }
-                    Err(_) => return None,
+        let data = match self.fetch_record(key, false).await {
+            Ok(Some(data)) => data,
+            Ok(None) => {
+                if let Some(e) = entry {
+                    self.index.remove_if(key, |cur| Arc::ptr_eq(cur, e));
+                    self.forget_held(key, e);
                 }
+                return None;
+            }
+            Err(e) => {
+                warn!(key = %key, error = %e, "disk metadata unreadable; a miss");
+                return None;
             }
         };
         match decode_record(&data) {
@@ -1094,6 +1094,25 @@ impl DiskTier {
         }
     }
 
+    /// A key's record as this process sees it: a write not committed yet first, else the
+    /// store's, read on this thread when `here` (a hot entry, see [`HOT_FOR`]), else on the
+    /// blocking pool. `None` when there is none, or its delete is pending.
+    async fn fetch_record(&self, key: &KeyHash, here: bool) -> io::Result<Option<Bytes>> {
+        let record = match self.store.pending(key) {
+            Some(Pending::Put(record)) => return Ok(Some(Bytes::from_owner(record))),
+            Some(Pending::Delete) => return Ok(None),
+            None if here => self.store.get(key)?,
+            None => {
+                let store = Arc::clone(&self.store);
+                let k = *key;
+                tokio::task::spawn_blocking(move || store.get(&k))
+                    .await
+                    .map_err(io::Error::other)??
+            }
+        };
+        Ok(record.map(Bytes::from))
+    }
+
     /// An inline body: the one the lookup read, else the record's, checked (its checksum, and
     /// that it is the record of this very entry) without parsing the metadata again. A hot
     /// entry's record is read on this thread (see [`HOT_FOR`]).
@@ -1102,26 +1121,14 @@ impl DiskTier {
             hit.entry.mark_read();
             return Ok(b.clone());
         }
-        let data: Bytes = match self.store.pending(key) {
-            Some(Pending::Put(record)) => Bytes::from_owner(record),
-            Some(Pending::Delete) => return Err(io::Error::other("removed")),
-            None if hit.entry.hot() => self.store.get(key)?.map(Bytes::from).unwrap_or_default(),
-            None => {
-                let store = Arc::clone(&self.store);
-                let k = *key;
-                tokio::task::spawn_blocking(move || store.get(&k))
-                    .await
-                    .map_err(io::Error::other)??
-                    .map(Bytes::from)
-                    .unwrap_or_default()
-            }
+        let Some(data) = self.fetch_record(key, hit.entry.hot()).await? else {
+            return Err(io::Error::other("inline body gone"));
         };
         match record_body(&data, &hit.entry) {
             Some(range) => {
                 hit.entry.mark_read();
                 Ok(data.slice(range))
             }
-            None if data.is_empty() => Err(io::Error::other("inline body gone")),
             None => {
                 // Another entry's record (a commit in between) or a damaged one: a miss; a
                 // damaged one is found and counted by the next lookup that parses it.

@@ -77,8 +77,18 @@ fn open_content(content: &Path) -> io::Result<cacache::SyncWriter> {
         .map_err(|e| io::Error::other(e.to_string()))
 }
 
-fn write_chunks(file: &mut cacache::SyncWriter, chunks: &[Bytes]) -> io::Result<()> {
-    chunks.iter().try_for_each(|c| file.write_all(c))
+/// Writes `chunks` to the content file, opening it first if the body has none yet.
+fn write_out(
+    file: Option<cacache::SyncWriter>,
+    content: &Path,
+    chunks: &[Bytes],
+) -> io::Result<cacache::SyncWriter> {
+    let mut file = match file {
+        Some(f) => f,
+        None => open_content(content)?,
+    };
+    chunks.iter().try_for_each(|c| file.write_all(c))?;
+    Ok(file)
 }
 
 impl DiskWriter {
@@ -103,14 +113,7 @@ impl DiskWriter {
         let content = self.tier.content.clone();
         let file = self
             .tier
-            .write_job(move || {
-                let mut file = match file {
-                    Some(f) => f,
-                    None => open_content(&content)?,
-                };
-                write_chunks(&mut file, &chunks)?;
-                Ok(file)
-            })
+            .write_job(move || write_out(file, &content, &chunks))
             .await?;
         self.file = Some(file);
         Ok(())
@@ -162,12 +165,9 @@ impl DiskWriter {
             // and take the new entry's reference to the file while it is surely there.
             let (sri, reference) = tier
                 .write_job(move || {
-                    let mut file = match file {
-                        Some(f) => f,
-                        None => open_content(&content)?,
-                    };
-                    write_chunks(&mut file, &gathered)?;
-                    let sri = file.commit().map_err(|e| io::Error::other(e.to_string()))?;
+                    let sri = write_out(file, &content, &gathered)?
+                        .commit()
+                        .map_err(|e| io::Error::other(e.to_string()))?;
                     match paths.refs.take_committed(&sri, &paths.content_path(&sri)) {
                         Some(reference) => Ok((sri, reference)),
                         None => Err(io::Error::other(
