@@ -194,6 +194,18 @@ impl Drop for DiskEntry {
     }
 }
 
+/// The SRI string of a SHA-256 digest: `sha256-` and its base64 (44 characters).
+fn sha256_text(digest: &[u8; 32]) -> [u8; 51] {
+    use base64::Engine as _;
+    let mut text = [0u8; 51];
+    text[..7].copy_from_slice(b"sha256-");
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(digest, &mut text[7..])
+        .expect("44 bytes hold the base64 of 32");
+    debug_assert_eq!(written, 44);
+    text
+}
+
 /// A content hash, compact: cacache writes SHA-256, kept as its 32 bytes; any other boxed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Sri {
@@ -223,11 +235,22 @@ impl Sri {
     fn integrity(&self) -> Integrity {
         match self {
             Self::Sha256(d) => {
-                let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
-                Integrity::from_hex(hex, cacache::Algorithm::Sha256)
-                    .expect("64 hex digits are a SHA-256 digest")
+                let text = sha256_text(d);
+                std::str::from_utf8(&text)
+                    .ok()
+                    .and_then(|t| t.parse().ok())
+                    .expect("sha256- and base64 is an SRI string")
             }
             Self::Other(i) => (**i).clone(),
+        }
+    }
+
+    /// Whether `text` is this hash's SRI string (`sha256-…`), without building one: a disk hit
+    /// checks its record with this.
+    fn is_text(&self, text: &[u8]) -> bool {
+        match self {
+            Self::Sha256(d) => text == sha256_text(d),
+            Self::Other(i) => text == i.to_string().as_bytes(),
         }
     }
 }
@@ -402,11 +425,9 @@ fn record_body(data: &[u8], entry: &DiskEntry) -> Option<std::ops::Range<usize>>
     let (len, rest) = rest.split_first_chunk::<4>()?;
     let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
     let json = rest.get(..len)?;
-    let sri = entry.sri().to_string();
-    let head = json
-        .strip_prefix(b"{\"integrity\":\"")?
-        .strip_prefix(sri.as_bytes())?;
-    if !head.starts_with(b"\"") || (rest.len() - len) as u64 != entry.size {
+    let text = json.strip_prefix(b"{\"integrity\":\"")?;
+    let end = text.iter().position(|&b| b == b'"')?;
+    if !entry.sri.is_text(&text[..end]) || (rest.len() - len) as u64 != entry.size {
         return None;
     }
     Some(36 + len..data.len())

@@ -539,9 +539,17 @@ fn content_hashes_are_kept_compact_and_exact() {
         Sri::of(sha.clone()).integrity().to_string(),
         sha.to_string()
     );
+    // A record's integrity text is recognised without building one.
+    let text = sha.to_string();
+    assert!(Sri::of(sha.clone()).is_text(text.as_bytes()));
+    let another = Integrity::from(b"another body").to_string();
+    assert!(!Sri::of(sha.clone()).is_text(another.as_bytes()));
+    assert!(!Sri::of(sha.clone()).is_text(&text.as_bytes()[..50]));
     let other = cacache::Integrity::from_hex("00ff", cacache::Algorithm::Xxh3).unwrap();
     assert!(matches!(Sri::of(other.clone()), Sri::Other(_)));
     assert_eq!(Sri::of(other.clone()).integrity(), other);
+    assert!(Sri::of(other.clone()).is_text(other.to_string().as_bytes()));
+    assert!(!Sri::of(other).is_text(text.as_bytes()));
 }
 
 /// Polls (bounded) until `cond` holds.
