@@ -24,6 +24,18 @@ if ! command -v chromium >/dev/null 2>&1; then
     fi
 fi
 
+# Fleet mode is tested against a real NATS JetStream server (tests/e2e/fleet.rs); install
+# Debian's nats-server when it is missing. If it cannot be installed, those tests skip loudly.
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "scripts/test.sh: installing Debian's nats-server for the fleet tests"
+        (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq nats-server) \
+            || echo "scripts/test.sh: WARNING: nats-server could not be installed; the fleet tests will skip"
+    else
+        echo "scripts/test.sh: WARNING: nats-server missing and not root; the fleet tests will skip"
+    fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -1,5 +1,7 @@
-//! The admin listener: `/healthz` (liveness), `/readyz` (503 while draining), `/metrics`
-//! (OpenMetrics), `/stats` (JSON with rolling windows), `/usage`, and `/` (the status page).
+//! The admin listener: `/healthz` (liveness), `/readyz` (503 while draining, and in fleet mode
+//! until the node has caught up with the fleet's purges), `/metrics` (OpenMetrics), `/stats`
+//! (JSON with rolling windows), `/usage`, `/fleet` (fleet mode: every node and its lag), and `/`
+//! (the status page).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -164,7 +166,7 @@ impl AdminState {
         }
         let read_only = matches!(
             path.as_str(),
-            "/" | "/status" | "/metrics" | "/stats" | "/usage"
+            "/" | "/status" | "/metrics" | "/stats" | "/usage" | "/fleet"
         );
         if read_only
             && !self.public_metrics.load(Ordering::Relaxed)
@@ -188,7 +190,24 @@ impl AdminState {
             "/readyz" if self.draining.load(Ordering::Relaxed) => {
                 plain(StatusCode::SERVICE_UNAVAILABLE, "draining")
             }
-            "/readyz" => plain(StatusCode::OK, "ready"),
+            "/readyz" => match &self.operator.fleet {
+                Some(fleet) if !fleet.ready() => {
+                    let (applied, last) = fleet.progress();
+                    plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!(
+                            "catching up with the fleet's purges: applied {applied} of {last}"
+                        ),
+                    )
+                }
+                _ => plain(StatusCode::OK, "ready"),
+            },
+            "/fleet" => match &self.operator.fleet {
+                Some(fleet) => json(&fleet.status()),
+                None => admin_error(AdminError::NotFound(
+                    "/fleet: this node is not in a fleet (no [fleet] section)".into(),
+                )),
+            },
             "/metrics" => {
                 let mut r = Response::new(full(Bytes::from(self.metrics.encode())));
                 r.headers_mut().insert(
@@ -222,7 +241,7 @@ impl AdminState {
                 r
             }
             _ => admin_error(AdminError::NotFound(format!(
-                "{path} (the admin port serves /, /healthz, /readyz, /metrics, /stats, /usage, /purge, /objects and /tls/reload)"
+                "{path} (the admin port serves /, /healthz, /readyz, /metrics, /stats, /usage, /fleet, /purge, /objects and /tls/reload)"
             ))),
         }
     }

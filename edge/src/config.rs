@@ -57,6 +57,28 @@ struct RawConfig {
     /// `[upstream]`: how https origins and shields are verified.
     #[serde(default)]
     upstream: RawUpstream,
+    /// `[fleet]`: purges through NATS JetStream (absent: this node alone, as before).
+    fleet: Option<RawFleet>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    /// NATS server URLs.
+    servers: Option<Vec<Setting<String>>>,
+    stream: Option<Setting<String>>,
+    token: Option<Setting<String>>,
+    user: Option<Setting<String>>,
+    password: Option<Setting<String>>,
+    creds_file: Option<Setting<String>>,
+    nkey_seed: Option<Setting<String>>,
+    tls_ca_file: Option<Setting<String>>,
+    tls_required: Option<bool>,
+    receipt_wait: Option<Setting<RawDuration>>,
+    max_age: Option<Setting<RawDuration>>,
+    replicas: Option<Setting<u64>>,
+    startup_wait: Option<Setting<RawDuration>>,
+    state_dir: Option<Setting<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -249,6 +271,8 @@ pub struct EdgeConfig {
     pub tls: Option<crate::tls::TlsConfig>,
     /// `[upstream]`: verification of https origins and shields.
     pub upstream_tls: crate::tls::UpstreamTlsConfig,
+    /// `[fleet]`: purges carried to every node through NATS JetStream.
+    pub fleet: Option<outpost_fleet::FleetConfig>,
 }
 
 impl EdgeConfig {
@@ -564,6 +588,10 @@ impl EdgeConfig {
         let compression = compression_config(&mut d, &raw.compression);
         let tls = tls_config(&mut d, raw.tls.as_ref(), listen, admin_listen.flatten());
         let upstream_tls = upstream_tls_config(&mut d, &raw.upstream);
+        let fleet = raw
+            .fleet
+            .as_ref()
+            .and_then(|f| fleet_config(&mut d, f, &name, cache_dir.as_deref()));
         d.finish(|| EdgeConfig {
             role,
             name,
@@ -611,8 +639,155 @@ impl EdgeConfig {
             compression,
             tls,
             upstream_tls,
+            fleet,
         })
     }
+}
+
+/// `[fleet]`. The node's name must be a NATS key (letters, digits, `-`, `_`): `.` would split
+/// it. The state (outbox, applied sequence) needs a directory: `state_dir`, or `fleet/` in the
+/// cache directory.
+fn fleet_config(
+    d: &mut Diagnostics,
+    raw: &RawFleet,
+    node: &str,
+    cache_dir: Option<&Path>,
+) -> Option<outpost_fleet::FleetConfig> {
+    use outpost_fleet::FleetAuth;
+    let before = d.has_errors();
+    let servers: Vec<String> = raw
+        .servers
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, s)| match s.value.parse::<async_nats::ServerAddr>() {
+            Ok(_) => Some(s.value.clone()),
+            Err(e) => {
+                d.error(
+                    &format!("fleet.servers[{i}]"),
+                    s,
+                    format!("not a NATS URL ({e}), for example nats://127.0.0.1:4222"),
+                );
+                None
+            }
+        })
+        .collect();
+    if raw.servers.as_ref().is_none_or(Vec::is_empty) {
+        d.missing(
+            "fleet.servers",
+            "list the NATS servers, for example servers = [\"nats://127.0.0.1:4222\"]",
+        );
+    }
+    let key_ok = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if !key_ok(node) {
+        d.missing(
+            "name",
+            "fleet mode names each node in NATS: use letters, digits, '-' and '_' only",
+        );
+    }
+    let stream = raw
+        .stream
+        .as_ref()
+        .map_or_else(|| "OUTPOST".to_string(), |s| s.value.clone());
+    if let Some(s) = &raw.stream
+        && !key_ok(&s.value)
+    {
+        d.error(
+            "fleet.stream",
+            s,
+            "a stream name holds letters, digits, '-' and '_' only",
+        );
+    }
+    let auth = match (
+        &raw.token,
+        &raw.user,
+        &raw.password,
+        &raw.creds_file,
+        &raw.nkey_seed,
+    ) {
+        (None, None, None, None, None) => FleetAuth::None,
+        (Some(t), None, None, None, None) => FleetAuth::Token(t.value.clone()),
+        (None, Some(u), Some(p), None, None) => {
+            FleetAuth::UserPassword(u.value.clone(), p.value.clone())
+        }
+        (None, None, None, Some(f), None) => FleetAuth::CredsFile(d.path(f)),
+        (None, None, None, None, Some(k)) => FleetAuth::Nkey(k.value.clone()),
+        (None, Some(s), None, None, None) | (None, None, Some(s), None, None) => {
+            d.error("fleet.user", s, "user and password go together");
+            FleetAuth::None
+        }
+        _ => {
+            d.missing(
+                "fleet",
+                "give one kind of NATS credentials: token, user and password, creds_file or nkey_seed",
+            );
+            FleetAuth::None
+        }
+    };
+    let dur = |d: &mut Diagnostics, field: &str, s: &Option<Setting<RawDuration>>, default| {
+        s.as_ref().map_or(Some(default), |s| d.duration(field, s))
+    };
+    let receipt_wait = dur(
+        d,
+        "fleet.receipt_wait",
+        &raw.receipt_wait,
+        Duration::from_secs(1),
+    );
+    let max_age = dur(
+        d,
+        "fleet.max_age",
+        &raw.max_age,
+        Duration::from_secs(7 * 24 * 3600),
+    );
+    let startup_wait = dur(
+        d,
+        "fleet.startup_wait",
+        &raw.startup_wait,
+        Duration::from_secs(10),
+    );
+    let replicas = match &raw.replicas {
+        None => 1,
+        Some(r) if (1..=5).contains(&r.value) => r.value as usize,
+        Some(r) => {
+            d.error(
+                "fleet.replicas",
+                r,
+                "JetStream keeps 1 to 5 copies of a stream",
+            );
+            1
+        }
+    };
+    let state_dir = match (&raw.state_dir, cache_dir) {
+        (Some(s), _) => Some(d.path(s)),
+        (None, Some(c)) => Some(c.join("fleet")),
+        (None, None) => {
+            d.missing(
+                "fleet.state_dir",
+                "fleet mode keeps an outbox of purges on disk: set fleet.state_dir or cache.dir",
+            );
+            None
+        }
+    };
+    if d.has_errors() && !before {
+        return None;
+    }
+    Some(outpost_fleet::FleetConfig {
+        servers,
+        node: node.to_string(),
+        stream,
+        auth,
+        tls_ca_file: raw.tls_ca_file.as_ref().map(|s| d.path(s)),
+        tls_required: raw.tls_required.unwrap_or(false),
+        receipt_wait: receipt_wait?,
+        max_age: max_age?,
+        replicas,
+        startup_wait: startup_wait?,
+        state_dir: state_dir?,
+    })
 }
 
 fn parse_origin(d: &mut Diagnostics, s: &Setting<String>, field: &str) -> Option<Uri> {
@@ -900,6 +1075,52 @@ mod tests {
         assert_eq!(c.memory, 256 << 20);
         assert_eq!(c.role, Role::Edge);
         assert!(c.cache_dir.is_none());
+    }
+
+    #[test]
+    fn fleet_section_defaults_and_errors() {
+        let base =
+            "name = \"edge-a\"\nlisten = \"127.0.0.1:8080\"\norigin = \"http://127.0.0.1:9000\"\n";
+        let c = load(&format!(
+            "{base}[cache]\ndir = \"/var/cache/outpost\"\n[fleet]\nservers = [\"nats://10.0.0.1:4222\", \"nats://10.0.0.2:4222\"]\ntoken = \"s3cret\"\n"
+        ))
+        .unwrap();
+        let f = c.fleet.expect("a fleet");
+        assert_eq!(f.node, "edge-a");
+        assert_eq!(f.stream, "OUTPOST");
+        assert_eq!(f.servers.len(), 2);
+        assert_eq!(f.auth, outpost_fleet::FleetAuth::Token("s3cret".into()));
+        assert_eq!(f.receipt_wait, Duration::from_secs(1));
+        assert_eq!(f.state_dir, PathBuf::from("/var/cache/outpost/fleet"));
+        // Without [fleet], no fleet.
+        assert!(load(base).unwrap().fleet.is_none());
+
+        // Every mistake at once: no servers, a dotted node name, a bad stream name, two kinds
+        // of credentials, a bad wait, and nowhere to keep the outbox.
+        let e = load(
+            "name = \"edge.a\"\nlisten = \"127.0.0.1:8080\"\norigin = \"http://127.0.0.1:9000\"\n[fleet]\nstream = \"a.b\"\ntoken = \"t\"\nuser = \"u\"\nreceipt_wait = \"soon\"\n",
+        )
+        .unwrap_err();
+        for field in [
+            "fleet.servers",
+            "name",
+            "fleet.stream",
+            "fleet",
+            "fleet.receipt_wait",
+            "fleet.state_dir",
+        ] {
+            assert!(e.mentions(field), "{field} missing from {e}");
+        }
+        let e = load(&format!(
+            "{base}[fleet]\nservers = [\"not a url at all\"]\nstate_dir = \"/tmp/x\"\npasword = \"typo\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("pasword"), "{e}");
+        let e = load(&format!(
+            "{base}[fleet]\nservers = [\"nats://ok:4222\", \"http://[::1\"]\nstate_dir = \"/tmp/x\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.mentions("fleet.servers[1]"), "{e}");
     }
 
     #[test]

@@ -33,6 +33,26 @@ pub struct EdgeOperator {
     /// forwarded to them.
     pub siblings: Vec<(String, std::net::SocketAddr)>,
     pub peer_token: Option<String>,
+    /// Fleet mode: purges go to every node through NATS JetStream instead of the one-hop
+    /// forwards to shields and siblings.
+    pub fleet: Option<Arc<outpost_fleet::Fleet>>,
+}
+
+/// What a node of the fleet applies: a purge from another node, on this node only.
+pub struct FleetApplier(pub EdgeOperator);
+
+impl outpost_fleet::Applier for FleetApplier {
+    fn apply(&self, purge: &PurgeRequest) -> BoxFuture<'static, Result<(), String>> {
+        let this = self.0.clone();
+        let purge = purge.clone();
+        async move {
+            this.purge_local(&purge)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        .boxed()
+    }
 }
 
 impl EdgeOperator {
@@ -79,12 +99,55 @@ impl EdgeOperator {
             soft: req.soft,
             kinds: req.kinds(),
             matched: outcome.matched,
-            nodes: vec![NodeResult {
-                node: self.node.clone(),
-                ok: true,
-                error: None,
-            }],
+            nodes: vec![NodeResult::applied(self.node.clone())],
+            fleet_seq: None,
         })
+    }
+
+    /// Fleet mode: publishes an applied purge and lists every node of the fleet in the
+    /// receipt, with the sequence it reports, or as pending after the receipt wait.
+    async fn purge_fleet(
+        &self,
+        fleet: &outpost_fleet::Fleet,
+        req: &PurgeRequest,
+        receipt: &mut PurgeReceipt,
+    ) {
+        use outpost_fleet::Published;
+        let published = match fleet.publish(receipt.id.clone(), req).await {
+            Ok(p) => p,
+            Err(e) => Published::Pending(format!("the fleet outbox could not be written: {e}")),
+        };
+        let seq = match published {
+            Published::At(seq) => seq,
+            Published::Pending(why) => {
+                warn!(id = %receipt.id, reason = %why, "purge applied here; fleet delivery pending");
+                receipt.nodes[0].error = Some(format!("fleet delivery pending: {why}"));
+                receipt.nodes[0].pending = true;
+                return;
+            }
+        };
+        receipt.fleet_seq = Some(seq);
+        let nodes = fleet.receipt(seq, fleet.receipt_wait()).await;
+        receipt.nodes = nodes
+            .into_iter()
+            .map(|n| {
+                let mut r = if n.applied >= seq {
+                    NodeResult::applied(n.node)
+                } else {
+                    let why = format!(
+                        "not confirmed within {:?} (applied {} of {seq})",
+                        fleet.receipt_wait(),
+                        n.applied
+                    );
+                    NodeResult {
+                        pending: true,
+                        ..NodeResult::failed(n.node, why)
+                    }
+                };
+                r.applied_seq = Some(n.applied);
+                r
+            })
+            .collect();
     }
 }
 
@@ -132,6 +195,10 @@ impl AdminBackend for EdgeOperator {
             if req.local {
                 return Ok(receipt);
             }
+            if let Some(fleet) = &this.fleet {
+                this.purge_fleet(fleet, &req, &mut receipt).await;
+                return Ok(receipt);
+            }
             // Fan out to the peers (shields, sibling edges), concurrently, one hop only.
             let forwarded = PurgeRequest {
                 local: true,
@@ -153,10 +220,9 @@ impl AdminBackend for EdgeOperator {
                     if let Err(e) = &result {
                         warn!(node = %name, error = %e, "purge not applied on a peer; retry it there");
                     }
-                    NodeResult {
-                        node: name,
-                        ok: result.is_ok(),
-                        error: result.err(),
+                    match result {
+                        Ok(()) => NodeResult::applied(name),
+                        Err(e) => NodeResult::failed(name, e),
                     }
                 }
             });

@@ -40,13 +40,13 @@ pub struct EdgeServer {
     cfg: EdgeConfig,
     auth: crate::operator::SharedAuth,
     public_metrics: Arc<AtomicBool>,
-    /// A token this node presents to its shields when it forwards a purge.
-    peer_token: Option<String>,
     listener: TcpListener,
     admin: Option<TcpListener>,
     /// The HTTPS listener and its TLS state (`[tls]`).
     tls: Option<(TcpListener, Arc<crate::tls::TlsState>)>,
     proxy: Arc<Proxy>,
+    /// Purges and pushes, for the admin port and the data port's PURGE.
+    operator: crate::operator::EdgeOperator,
     draining: Arc<AtomicBool>,
 }
 
@@ -61,6 +61,8 @@ pub enum StartError {
     },
     #[error("admin token: {0}")]
     Token(String),
+    #[error("fleet: {0}")]
+    Fleet(String),
     #[error(
         "refusing to serve the admin API on {0} without a token: set [admin] tokens in the config or OUTPOST_ADMIN_TOKEN, or listen on a loopback address"
     )]
@@ -212,23 +214,31 @@ impl EdgeServer {
             metrics.clone(),
             cfg.compression.clone(),
         ));
+        let mut operator = crate::operator::EdgeOperator {
+            engine: proxy.engine.clone(),
+            metrics: proxy.metrics.clone(),
+            node: cfg.name.clone(),
+            shields: cfg.shields.clone(),
+            siblings: cfg.peers.clone(),
+            peer_token,
+            fleet: None,
+        };
+        if let Some(fleet_cfg) = &cfg.fleet {
+            // Purges from the fleet apply here only (the operator without the fleet).
+            let applier = Arc::new(crate::operator::FleetApplier(operator.clone()));
+            let fleet = outpost_fleet::Fleet::start(fleet_cfg.clone(), applier)
+                .await
+                .map_err(|e| StartError::Fleet(e.to_string()))?;
+            metrics.attach_fleet(fleet.clone());
+            operator.fleet = Some(fleet);
+        }
         // The data port's PURGE does what the admin API does: apply, then forward.
-        proxy.set_operator(
-            crate::operator::EdgeOperator {
-                engine: proxy.engine.clone(),
-                metrics: proxy.metrics.clone(),
-                node: cfg.name.clone(),
-                shields: cfg.shields.clone(),
-                siblings: cfg.peers.clone(),
-                peer_token: peer_token.clone(),
-            },
-            auth.clone(),
-        );
+        proxy.set_operator(operator.clone(), auth.clone());
         Ok(Self {
+            operator,
             public_metrics: Arc::new(AtomicBool::new(cfg.public_metrics)),
             cfg,
             auth,
-            peer_token,
             listener,
             admin,
             tls,
@@ -299,16 +309,8 @@ impl EdgeServer {
             "edge listening"
         );
         let admin_task = self.admin.map(|admin| {
-            let operator = crate::operator::EdgeOperator {
-                engine: self.proxy.engine.clone(),
-                metrics: self.proxy.metrics.clone(),
-                node: self.cfg.name.clone(),
-                shields: self.cfg.shields.clone(),
-                siblings: self.cfg.peers.clone(),
-                peer_token: self.peer_token.clone(),
-            };
             let state = Arc::new(AdminState {
-                operator,
+                operator: self.operator.clone(),
                 auth: self.auth.clone(),
                 limits: outpost_purge_api::AdminLimits {
                     max_push_bytes: self.cfg.max_push_size,
@@ -442,6 +444,9 @@ impl EdgeServer {
         }
         // The disk index syncs in batches: make the last objects stored durable, and release
         // the cache directory.
+        if let Some(fleet) = &self.operator.fleet {
+            fleet.close().await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.proxy.engine.close()).await;
         info!("edge stopped");
     }

@@ -134,6 +134,10 @@ pub struct PurgeReceipt {
     /// Per-node outcome: one entry on a single node, one per node in fleet mode.
     #[serde(default)]
     pub nodes: Vec<NodeResult>,
+    /// Fleet mode: the purge's sequence in the fleet's stream; absent when it is not in the
+    /// stream yet (NATS unreachable: it waits in the node's outbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_seq: Option<u64>,
 }
 
 impl PurgeReceipt {
@@ -150,6 +154,34 @@ pub struct NodeResult {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Fleet mode: the last stream sequence the node reports applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_seq: Option<u64>,
+    /// Fleet mode: the node had not confirmed the purge when the receipt was written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
+}
+
+impl NodeResult {
+    /// A node that applied the purge.
+    pub fn applied(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            ok: true,
+            error: None,
+            applied_seq: None,
+            pending: false,
+        }
+    }
+
+    /// A node that did not, and why.
+    pub fn failed(node: impl Into<String>, error: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(error.into()),
+            ..Self::applied(node)
+        }
+    }
 }
 
 /// The answer to `PUT /objects/<path>` (201 when created, 200 when replaced).
@@ -285,11 +317,8 @@ mod tests {
             soft: false,
             kinds: vec![PurgeKind::Tag],
             matched: None,
-            nodes: vec![NodeResult {
-                node: "edge-a".into(),
-                ok: true,
-                error: None,
-            }],
+            nodes: vec![NodeResult::applied("edge-a")],
+            fleet_seq: None,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(!json.contains("matched") && json.contains(r#""kinds":["tag"]"#));

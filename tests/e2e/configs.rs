@@ -26,9 +26,11 @@ fn every_shipped_config_file_parses() {
             "origin-rules.toml" => outpost_origin::Rules::load(&path)
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
-            "edge.toml" => outpost_edge::EdgeConfig::load(Some(&path), Default::default())
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            "edge.toml" | "edge-fleet.toml" => {
+                outpost_edge::EdgeConfig::load(Some(&path), Default::default())
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
             "selector.toml" => {
                 outpost_selector::SelectorConfig::load(Some(&path), Default::default())
                     .map(|_| ())
@@ -44,6 +46,34 @@ fn every_shipped_config_file_parses() {
         seen += 1;
     }
     assert!(seen >= 3, "expected at least 3 config files, saw {seen}");
+}
+
+/// The three-server NATS cluster of `configs/nats/` is valid for `nats-server -t` (skipped,
+/// loudly, where nats-server is not installed).
+#[test]
+fn nats_cluster_example_is_valid() {
+    let Some(nats) = crate::support::nats::binary() else {
+        eprintln!("SKIPPED: nats-server is not installed");
+        return;
+    };
+    let mut seen = 0;
+    for entry in std::fs::read_dir(configs_dir().join("nats")).unwrap() {
+        let path = entry.unwrap().path();
+        let out = std::process::Command::new(&nats)
+            .arg("-c")
+            .arg(&path)
+            .arg("-t")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, 3, "a three-server cluster");
 }
 
 #[test]

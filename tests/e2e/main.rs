@@ -16,6 +16,7 @@ mod configs;
 mod conformance;
 mod demo;
 mod durability;
+mod fleet;
 mod observability;
 mod origin;
 mod purge;

@@ -59,11 +59,8 @@ impl AdminBackend for MemBackend {
                 soft: req.soft,
                 kinds: req.kinds(),
                 matched: Some(0),
-                nodes: vec![outpost_purge_api::NodeResult {
-                    node: "test".into(),
-                    ok: true,
-                    error: None,
-                }],
+                nodes: vec![outpost_purge_api::NodeResult::applied("test")],
+                fleet_seq: None,
             })
         }
         .boxed()

@@ -24,6 +24,7 @@ pub mod cachetests;
 pub mod edge;
 pub mod files;
 pub mod http;
+pub mod nats;
 pub mod ports;
 pub mod proc;
 pub mod selector;

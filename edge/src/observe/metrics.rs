@@ -68,6 +68,8 @@ pub struct EdgeMetrics {
     engine: std::sync::OnceLock<Weak<Engine>>,
     /// Most missed URLs (space-saving top-k); touched on the miss path only.
     missed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Fleet mode's state, read at scrape time.
+    fleet: std::sync::OnceLock<Arc<outpost_fleet::Fleet>>,
 }
 
 const TOP_CAPACITY: usize = 512;
@@ -85,7 +87,13 @@ impl EdgeMetrics {
             node: node.to_string(),
             engine: std::sync::OnceLock::new(),
             missed: std::sync::Mutex::new(std::collections::HashMap::new()),
+            fleet: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Fleet counters and each node's lag come from the fleet at scrape time.
+    pub fn attach_fleet(&self, fleet: Arc<outpost_fleet::Fleet>) {
+        let _ = self.fleet.set(fleet);
     }
 
     /// Compression counters live with the compression layer; they are read at scrape time.
@@ -621,6 +629,9 @@ impl Collector for EdgeCollector {
                 &[(&[], engine.pushed_count() as f64)],
             )?;
         }
+        if let Some(fleet) = m.fleet.get() {
+            fleet_metrics(&mut enc, fleet)?;
+        }
         gauge(
             &mut enc,
             "outpost_uptime_seconds",
@@ -629,4 +640,74 @@ impl Collector for EdgeCollector {
         )?;
         Ok(())
     }
+}
+
+/// Fleet mode: purges published, applied and replayed, the outbox, the NATS connection and
+/// every node's lag behind the purge stream.
+fn fleet_metrics(
+    enc: &mut DescriptorEncoder,
+    fleet: &outpost_fleet::Fleet,
+) -> Result<(), std::fmt::Error> {
+    let status = fleet.status();
+    let c = &fleet.counters;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for (name, help, v) in [
+        (
+            "outpost_fleet_purges_published",
+            "Purges this node published to the fleet's stream.",
+            load(&c.published),
+        ),
+        (
+            "outpost_fleet_purges_applied",
+            "Purges from other nodes applied here (replayed ones included).",
+            load(&c.applied),
+        ),
+        (
+            "outpost_fleet_purges_replayed",
+            "Purges applied while catching up after a start.",
+            load(&c.replayed),
+        ),
+        (
+            "outpost_fleet_cache_clears",
+            "Whole-cache clears because purges this node missed had expired from the stream.",
+            load(&c.cleared),
+        ),
+        (
+            "outpost_fleet_publish_failures",
+            "Purges NATS did not acknowledge in time (they wait in the outbox).",
+            load(&c.publish_failures),
+        ),
+    ] {
+        counter(enc, name, help, &[(&[], v)])?;
+    }
+    gauge(
+        enc,
+        "outpost_fleet_outbox_purges",
+        "Purges waiting in this node's outbox for NATS.",
+        &[(&[], status.outbox as f64)],
+    )?;
+    gauge(
+        enc,
+        "outpost_fleet_connected",
+        "1 while this node is connected to NATS.",
+        &[(&[], if status.connected { 1.0 } else { 0.0 })],
+    )?;
+    gauge(
+        enc,
+        "outpost_fleet_ready",
+        "1 once this node has caught up with the purge stream since its start.",
+        &[(&[], if status.ready { 1.0 } else { 0.0 })],
+    )?;
+    let lags: Vec<([(&str, &str); 1], f64)> = status
+        .nodes
+        .iter()
+        .map(|n| ([("node", n.node.as_str())], n.lag as f64))
+        .collect();
+    let lag_ref: Vec<(&[(&str, &str)], f64)> = lags.iter().map(|(l, v)| (&l[..], *v)).collect();
+    gauge(
+        enc,
+        "outpost_fleet_lag",
+        "Purges each node has yet to apply, as this node last saw its report.",
+        &lag_ref,
+    )
 }

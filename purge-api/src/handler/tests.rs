@@ -45,6 +45,7 @@ impl AdminBackend for MemBackend {
                 kinds: req.kinds(),
                 matched: None,
                 nodes: vec![],
+                fleet_seq: None,
             })
         }
         .boxed()

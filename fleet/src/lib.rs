@@ -1,0 +1,741 @@
+//! Fleet mode: every purge accepted by any node reaches every node, through NATS JetStream.
+//!
+//! - **Publish.** A node applies a purge locally, writes it to its durable [outbox], and
+//!   publishes it to the stream (`<stream>.purge`, file storage, kept for `max_age`) with the
+//!   purge id as the message id, so a purge published twice is stored once.
+//! - **Apply.** Every node reads the stream through a durable consumer of its own
+//!   (`node-<name>`), applies each purge another node published (its own it applied before
+//!   publishing; purges are generation bumps, so applying one twice would be harmless too),
+//!   acknowledges it, and records the stream sequence it has applied, in a file of its own and
+//!   in the fleet's node reports (`<stream>_NODES`, the last message of each node's subject
+//!   `<stream>.nodes.<name>`: a key-value bucket made as a plain stream, which NATS 2.9 serves;
+//!   async-nats' key-value API does not work against it).
+//! - **Receipts.** The publishing node waits (up to `receipt_wait`) until every node in the
+//!   reports a sequence at or past the purge's, and lists each with its sequence, or as
+//!   pending.
+//! - **Replay.** A node that starts catches up to the stream's last sequence before it says
+//!   it is ready ([`Fleet::ready`]), so it never serves what the fleet purged while it was
+//!   away. A node whose last applied purge is older than the stream's first (the purges it
+//!   missed have expired) cannot know what was purged: it clears its whole cache instead.
+//! - **NATS unreachable.** Purges still apply locally at once and wait in the outbox; the
+//!   receipt says fleet delivery is pending. A node that never reaches NATS says it is ready
+//!   after `startup_wait`, with a warning, rather than withdraw from service.
+//!
+//! The engine is NATS's: ordering, storage, redelivery and cluster replication are JetStream's.
+//! This crate only decides what is published, when a node counts as caught up, and what a
+//! receipt says. It knows nothing of the edge: the node applies purges through [`Applier`].
+
+mod outbox;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use outpost_purge_api::PurgeRequest;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use self::outbox::Outbox;
+
+/// How a node reaches NATS and what it calls things there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// NATS server URLs (`nats://host:4222`, `tls://…`); the client fails over between them.
+    pub servers: Vec<String>,
+    /// This node's name in the fleet (the node's `name`): letters, digits, `-` and `_`.
+    pub node: String,
+    /// The JetStream stream (and the prefix of its subject and bucket).
+    pub stream: String,
+    pub auth: FleetAuth,
+    /// CA certificates (PEM) for a NATS server with TLS; implies TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_required: bool,
+    /// How long a purge's receipt waits for the other nodes.
+    pub receipt_wait: Duration,
+    /// How long the stream keeps purges: a node away for longer clears its cache on return.
+    pub max_age: Duration,
+    /// Copies of the streams a NATS cluster keeps (1 on a single server, 3 on the usual
+    /// three-server cluster).
+    pub replicas: usize,
+    /// A node that cannot reach NATS at start says it is ready after this long.
+    pub startup_wait: Duration,
+    /// The outbox and this node's applied sequence.
+    pub state_dir: PathBuf,
+}
+
+/// Credentials for NATS.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FleetAuth {
+    #[default]
+    None,
+    Token(String),
+    UserPassword(String, String),
+    /// A `.creds` file (JWT and nkey seed).
+    CredsFile(PathBuf),
+    /// An nkey seed (`SU…`).
+    Nkey(String),
+}
+
+/// A purge as it travels through the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetPurge {
+    pub id: String,
+    /// The node that accepted it.
+    pub origin: String,
+    /// When it was accepted, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub request: PurgeRequest,
+}
+
+/// The node side: how a purge from the fleet is applied here.
+pub trait Applier: Send + Sync + 'static {
+    /// Applies a purge another node accepted, on this node only.
+    fn apply(&self, purge: &PurgeRequest) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// What one node reports in the fleet's bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// The last stream sequence it applied.
+    pub applied: u64,
+    /// When it reported, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Caught up with the stream since its start.
+    pub ready: bool,
+}
+
+/// One node in a receipt or in [`FleetStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    pub node: String,
+    /// The last stream sequence it applied, as last reported.
+    pub applied: u64,
+    /// Sequences it has yet to apply (the stream's last sequence minus `applied`).
+    pub lag: u64,
+    pub ready: bool,
+    pub reported_at_ms: u64,
+}
+
+/// The outcome of publishing one purge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// In the stream at this sequence.
+    At(u64),
+    /// In the outbox: NATS did not acknowledge it (yet); it is published when it can be.
+    Pending(String),
+}
+
+/// `/fleet`: the node's view of the fleet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetStatus {
+    pub node: String,
+    pub stream: String,
+    pub connected: bool,
+    pub ready: bool,
+    /// The stream's last sequence, as last seen.
+    pub last_seq: u64,
+    pub applied: u64,
+    pub outbox: u64,
+    pub published: u64,
+    pub applied_purges: u64,
+    pub replayed: u64,
+    pub cleared: u64,
+    /// The last error talking to NATS, if the last attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub nodes: Vec<NodeState>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct FleetCounters {
+    pub published: AtomicU64,
+    /// Purges from other nodes applied here (replayed ones included).
+    pub applied: AtomicU64,
+    /// Of those, applied while catching up after a start.
+    pub replayed: AtomicU64,
+    /// Whole-cache clears because purges expired unseen.
+    pub cleared: AtomicU64,
+    pub publish_failures: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("fleet state directory {dir}: {source}")]
+    State { dir: PathBuf, source: io::Error },
+    #[error("NATS credentials: {0}")]
+    Credentials(String),
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("node", &self.cfg.node)
+            .field("stream", &self.cfg.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running fleet membership. Cheap to share (`Arc`).
+pub struct Fleet {
+    cfg: FleetConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    applier: Arc<dyn Applier>,
+    outbox: Outbox,
+    /// Wakes the outbox task.
+    outbox_kick: Notify,
+    /// Nodes as reported in the bucket.
+    nodes: Mutex<BTreeMap<String, NodeReport>>,
+    /// Signalled whenever `nodes` changes.
+    nodes_changed: Notify,
+    applied: AtomicU64,
+    last_seq: AtomicU64,
+    caught_up: AtomicBool,
+    /// Ever set up against the stream since the start.
+    reached: AtomicBool,
+    started: Instant,
+    readiness_warned: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    /// The consumer, report watcher and outbox tasks, stopped by [`Fleet::close`].
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub counters: FleetCounters,
+}
+
+/// How long one pull request for purges lives on the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(4);
+
+/// A purge delivered and not acknowledged within this long is delivered again.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Reads this node's applied sequence (0 when never recorded).
+fn read_applied(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+impl Fleet {
+    /// Connects (in the background: NATS need not be up) and starts the fleet's tasks.
+    pub async fn start(
+        cfg: FleetConfig,
+        applier: Arc<dyn Applier>,
+    ) -> Result<Arc<Self>, FleetError> {
+        let state = |source| FleetError::State {
+            dir: cfg.state_dir.clone(),
+            source,
+        };
+        let outbox = Outbox::open(&cfg.state_dir.join("outbox")).map_err(state)?;
+        let applied = read_applied(&cfg.state_dir.join("applied")).unwrap_or(0);
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(format!("outpost {}", cfg.node))
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempt| {
+                Duration::from_millis((100 * 2u64.saturating_pow(attempt.min(5) as u32)).min(2000))
+            })
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => info!("fleet: connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        warn!("fleet: NATS connection lost; purges wait in the outbox")
+                    }
+                    other => info!(event = %other, "fleet: NATS event"),
+                }
+            });
+        opts = match &cfg.auth {
+            FleetAuth::None => opts,
+            FleetAuth::Token(t) => opts.token(t.clone()),
+            FleetAuth::UserPassword(u, p) => opts.user_and_password(u.clone(), p.clone()),
+            FleetAuth::CredsFile(p) => opts
+                .credentials_file(p)
+                .await
+                .map_err(|e| FleetError::Credentials(format!("{}: {e}", p.display())))?,
+            FleetAuth::Nkey(seed) => opts.nkey(seed.clone()),
+        };
+        if let Some(ca) = &cfg.tls_ca_file {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        } else if cfg.tls_required {
+            opts = opts.require_tls(true);
+        }
+        let servers: Vec<async_nats::ServerAddr> =
+            cfg.servers.iter().filter_map(|s| s.parse().ok()).collect();
+        // With retry_on_initial_connect this returns at once; the client connects (and
+        // reconnects) in the background.
+        let client = opts
+            .connect(servers)
+            .await
+            .map_err(|e| FleetError::Credentials(e.to_string()))?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(Duration::from_secs(2));
+        let fleet = Arc::new(Self {
+            cfg,
+            client,
+            js,
+            applier,
+            outbox,
+            outbox_kick: Notify::new(),
+            nodes: Mutex::new(BTreeMap::new()),
+            nodes_changed: Notify::new(),
+            applied: AtomicU64::new(applied),
+            last_seq: AtomicU64::new(0),
+            caught_up: AtomicBool::new(false),
+            reached: AtomicBool::new(false),
+            started: Instant::now(),
+            readiness_warned: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
+            counters: FleetCounters::default(),
+        });
+        *fleet.tasks.lock().unwrap_or_else(|e| e.into_inner()) = vec![
+            tokio::spawn(fleet.clone().consume_forever()),
+            tokio::spawn(fleet.clone().watch_forever()),
+            tokio::spawn(fleet.clone().drain_outbox_forever()),
+        ];
+        Ok(fleet)
+    }
+
+    /// Stops applying and publishing (the node is shutting down): what is not acknowledged
+    /// is delivered again to the next start, and the outbox keeps what was not published.
+    pub async fn close(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.drain()).await;
+    }
+
+    pub fn node(&self) -> &str {
+        &self.cfg.node
+    }
+
+    pub fn receipt_wait(&self) -> Duration {
+        self.cfg.receipt_wait
+    }
+
+    fn subject(&self) -> String {
+        format!("{}.purge", self.cfg.stream)
+    }
+
+    /// The stream of node reports: one subject per node, the last report kept.
+    fn nodes_stream(&self) -> String {
+        format!("{}_NODES", self.cfg.stream)
+    }
+
+    fn node_subject(&self, node: &str) -> String {
+        format!("{}.nodes.{node}", self.cfg.stream)
+    }
+
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Ready to serve: caught up with the stream since the start, or NATS was never reached
+    /// within `startup_wait` (with a warning: purges made meanwhile are applied when it is).
+    pub fn ready(&self) -> bool {
+        if self.caught_up.load(Ordering::Acquire) {
+            return true;
+        }
+        if !self.reached.load(Ordering::Acquire) && self.started.elapsed() >= self.cfg.startup_wait
+        {
+            if !self.readiness_warned.swap(true, Ordering::Relaxed) {
+                warn!(
+                    wait = ?self.cfg.startup_wait,
+                    "fleet: NATS unreachable since the start; ready without catching up (purges made meanwhile apply once NATS is back)"
+                );
+            }
+            return true;
+        }
+        false
+    }
+
+    /// The applied sequence and the stream's last, for `/readyz`.
+    pub fn progress(&self) -> (u64, u64) {
+        (
+            self.applied.load(Ordering::Acquire),
+            self.last_seq.load(Ordering::Acquire),
+        )
+    }
+
+    pub fn outbox_depth(&self) -> u64 {
+        self.outbox.depth()
+    }
+
+    /// Sends a purge this node accepted (and applied) to the fleet: durably into the outbox,
+    /// then to the stream. Waits at most `receipt_wait` for JetStream's acknowledgement.
+    pub async fn publish(&self, id: String, request: &PurgeRequest) -> io::Result<Published> {
+        let purge = FleetPurge {
+            id,
+            origin: self.cfg.node.clone(),
+            at_ms: now_ms(),
+            request: PurgeRequest {
+                local: true,
+                ..request.clone()
+            },
+        };
+        let file = self.outbox.add(&purge)?;
+        let sent = tokio::time::timeout(self.cfg.receipt_wait, self.send(&purge)).await;
+        match sent {
+            Ok(Ok(seq)) => {
+                self.outbox.remove(&file);
+                Ok(Published::At(seq))
+            }
+            Ok(Err(e)) => {
+                self.counters
+                    .publish_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.outbox_kick.notify_one();
+                Ok(Published::Pending(e))
+            }
+            Err(_) => {
+                self.counters
+                    .publish_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                self.outbox_kick.notify_one();
+                Ok(Published::Pending(format!(
+                    "NATS did not acknowledge within {:?}",
+                    self.cfg.receipt_wait
+                )))
+            }
+        }
+    }
+
+    /// Publishes one purge and waits for its acknowledgement.
+    async fn send(&self, purge: &FleetPurge) -> Result<u64, String> {
+        let payload = serde_json::to_vec(purge).map_err(|e| e.to_string())?;
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(&purge.id);
+        let ack = self
+            .js
+            .send_publish(self.subject(), msg)
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        if !ack.duplicate {
+            self.counters.published.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
+        Ok(ack.sequence)
+    }
+
+    /// Each known node and its state, once every node reports `seq` or `wait` has passed.
+    pub async fn receipt(&self, seq: u64, wait: Duration) -> Vec<NodeState> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let changed = self.nodes_changed.notified();
+            let nodes = self.node_states();
+            if nodes.iter().all(|n| n.applied >= seq) {
+                return nodes;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.node_states();
+            }
+        }
+    }
+
+    fn node_states(&self) -> Vec<NodeState> {
+        let last = self.last_seq.load(Ordering::Acquire);
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // This node's own state is known here first.
+        nodes.insert(
+            self.cfg.node.clone(),
+            NodeReport {
+                applied: self.applied.load(Ordering::Acquire),
+                at_ms: now_ms(),
+                ready: self.ready(),
+            },
+        );
+        nodes
+            .into_iter()
+            .map(|(node, r)| NodeState {
+                lag: last.saturating_sub(r.applied),
+                node,
+                applied: r.applied,
+                ready: r.ready,
+                reported_at_ms: r.at_ms,
+            })
+            .collect()
+    }
+
+    pub fn status(&self) -> FleetStatus {
+        let c = &self.counters;
+        FleetStatus {
+            node: self.cfg.node.clone(),
+            stream: self.cfg.stream.clone(),
+            connected: self.connected(),
+            ready: self.ready(),
+            last_seq: self.last_seq.load(Ordering::Acquire),
+            applied: self.applied.load(Ordering::Acquire),
+            outbox: self.outbox_depth(),
+            published: c.published.load(Ordering::Relaxed),
+            applied_purges: c.applied.load(Ordering::Relaxed),
+            replayed: c.replayed.load(Ordering::Relaxed),
+            cleared: c.cleared.load(Ordering::Relaxed),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            nodes: self.node_states(),
+        }
+    }
+
+    async fn stream(&self) -> Result<stream::Stream, String> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: self.cfg.stream.clone(),
+                subjects: vec![self.subject()],
+                storage: stream::StorageType::File,
+                max_age: self.cfg.max_age,
+                num_replicas: self.cfg.replicas,
+                duplicate_window: Duration::from_secs(120).min(self.cfg.max_age),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// The node reports' stream: like a key-value bucket (the last message per subject), made
+    /// as a plain stream so that NATS 2.9 (Debian's) serves it.
+    async fn reports(&self) -> Result<stream::Stream, String> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: self.nodes_stream(),
+                subjects: vec![self.node_subject("*")],
+                storage: stream::StorageType::File,
+                max_messages_per_subject: 1,
+                discard: stream::DiscardPolicy::Old,
+                num_replicas: self.cfg.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Reads the stream through this node's durable consumer, forever (reconnecting).
+    async fn consume_forever(self: Arc<Self>) {
+        let mut warned = false;
+        loop {
+            if let Err(e) = self.consume().await {
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.clone());
+                if !warned || self.reached.load(Ordering::Relaxed) {
+                    warn!(error = %e, "fleet: not reading the purge stream; retrying");
+                }
+                warned = true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn consume(&self) -> Result<(), String> {
+        let mut stream = self.stream().await?;
+        self.reports().await?;
+        let info = stream.info().await.map_err(|e| e.to_string())?.clone();
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        self.last_seq.fetch_max(last, Ordering::AcqRel);
+        let applied = self.applied.load(Ordering::Acquire);
+        // Purges this node never saw have expired (or the stream was made anew): it cannot
+        // know what they purged, so it clears everything.
+        let missed = applied > last || (applied < last && applied + 1 < first);
+        // A new consumer starts after what this node applied (after everything, once it has
+        // cleared its cache); an existing one goes on from its own acknowledgements.
+        let start = if missed { last + 1 } else { applied + 1 };
+        let name = format!("node-{}", self.cfg.node);
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: start.max(1),
+                    },
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    filter_subject: self.subject(),
+                    ack_wait: ACK_WAIT,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if missed {
+            warn!(
+                applied,
+                first,
+                last,
+                "fleet: purges this node missed have expired from the stream; clearing its cache"
+            );
+            let all = PurgeRequest {
+                all: true,
+                local: true,
+                ..Default::default()
+            };
+            self.applier.apply(&all).await?;
+            self.counters.cleared.fetch_add(1, Ordering::Relaxed);
+            self.applied.store(0, Ordering::Release);
+            self.record(last).await;
+        }
+        self.reached.store(true, Ordering::Release);
+        let target = last;
+        if self.applied.load(Ordering::Acquire) >= target {
+            self.mark_caught_up().await;
+        }
+        // Short pull requests: one left on the server by a node that stopped would take the
+        // next purges until it expires, and they would come back only after `ack_wait`.
+        let mut messages = consumer
+            .stream()
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_EXPIRES / 2)
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        while let Some(msg) = messages.next().await {
+            let msg = msg.map_err(|e| e.to_string())?;
+            let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
+            match serde_json::from_slice::<FleetPurge>(&msg.payload) {
+                Ok(purge) if purge.origin != self.cfg.node => {
+                    self.applier.apply(&purge.request).await?;
+                    self.counters.applied.fetch_add(1, Ordering::Relaxed);
+                    if !self.caught_up.load(Ordering::Acquire) {
+                        self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                // This node's own purge: applied when it was accepted.
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(seq, error = %e, "fleet: a message in the purge stream is not a purge; skipped")
+                }
+            }
+            msg.ack().await.map_err(|e| e.to_string())?;
+            self.last_seq.fetch_max(seq, Ordering::AcqRel);
+            self.record(seq).await;
+            if seq >= target {
+                self.mark_caught_up().await;
+            }
+        }
+        Err("the purge stream's subscription ended".into())
+    }
+
+    async fn mark_caught_up(&self) {
+        if !self.caught_up.swap(true, Ordering::AcqRel) {
+            info!(
+                applied = self.applied.load(Ordering::Acquire),
+                "fleet: caught up with the purge stream; ready"
+            );
+            self.record(self.applied.load(Ordering::Acquire)).await;
+        }
+    }
+
+    /// Records `seq` as applied: in this node's file, then in the bucket.
+    async fn record(&self, seq: u64) {
+        self.applied.fetch_max(seq, Ordering::AcqRel);
+        let seq = self.applied.load(Ordering::Acquire);
+        let path = self.cfg.state_dir.join("applied");
+        let tmp = path.with_extension("tmp");
+        if let Err(e) =
+            std::fs::write(&tmp, seq.to_string()).and_then(|()| std::fs::rename(&tmp, &path))
+        {
+            warn!(error = %e, file = %path.display(), "fleet: the applied sequence could not be saved");
+        }
+        let report = NodeReport {
+            applied: seq,
+            at_ms: now_ms(),
+            ready: self.caught_up.load(Ordering::Acquire),
+        };
+        let Ok(json) = serde_json::to_vec(&report) else {
+            return;
+        };
+        let sent = match self
+            .js
+            .publish(self.node_subject(&self.cfg.node), json.into())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = sent {
+            warn!(error = %e, "fleet: the applied sequence could not be reported");
+        }
+    }
+
+    /// Follows the node reports (the last of each node, then every new one), for receipts and
+    /// `/fleet`.
+    async fn watch_forever(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.watch().await {
+                tracing::debug!(error = %e, "fleet: node reports not followed; retrying");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn watch(&self) -> Result<(), String> {
+        let reports = self.reports().await?;
+        let prefix = self.node_subject("");
+        let consumer = reports
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.node_subject("*"),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        while let Some(msg) = messages.next().await {
+            let msg = msg.map_err(|e| e.to_string())?;
+            let Some(node) = msg.subject.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            if let Ok(r) = serde_json::from_slice::<NodeReport>(&msg.payload) {
+                self.nodes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(node.to_string(), r);
+                self.nodes_changed.notify_waiters();
+            }
+        }
+        Err("the node reports' subscription ended".into())
+    }
+
+    /// Publishes what waits in the outbox, oldest first, whenever NATS can take it.
+    async fn drain_outbox_forever(self: Arc<Self>) {
+        loop {
+            let waiting = self.outbox.waiting();
+            let mut stuck = false;
+            for w in waiting {
+                match self.send(&w.purge).await {
+                    Ok(seq) => {
+                        info!(id = %w.purge.id, seq, "fleet: purge from the outbox published");
+                        self.outbox.remove(&w.file);
+                    }
+                    Err(_) => {
+                        stuck = true;
+                        break;
+                    }
+                }
+            }
+            let pause = if stuck {
+                Duration::from_millis(500)
+            } else {
+                Duration::from_secs(5)
+            };
+            let _ = tokio::time::timeout(pause, self.outbox_kick.notified()).await;
+        }
+    }
+}

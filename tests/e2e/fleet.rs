@@ -1,0 +1,250 @@
+//! Fleet mode, end to end, over a real `nats-server -js` on loopback: a purge accepted by one
+//! node reaches every node, with a receipt listing each node and the sequence it applied; a
+//! purge accepted while NATS is down applies locally at once, waits in the node's outbox
+//! (across a restart of that node) and reaches the others when NATS is back; a node that starts
+//! is not ready until it has caught up with the stream.
+//!
+//! The edges run in-process with disk tiers in temp dirs, in front of the counting test
+//! origin. Every wait is bounded; nothing asserts on speed.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::support::admin::{self, Extra, cacheable, get, get_hit, purge};
+use crate::support::edge::Edge;
+use crate::support::http::send;
+use crate::support::nats::Nats;
+use crate::support::test_origin::TestOrigin;
+use crate::support::{client, eventually};
+
+const PATH: &str = "/fleet/site.css";
+
+/// The `[fleet]` section (after the `[admin]` lines of `support::admin`), with a receipt wait
+/// that bounds how long a purge's answer waits for every node.
+fn fleet_section(nats: &Nats, receipt_wait: &str) -> String {
+    format!(
+        "\n[fleet]\nservers = [\"{}\"]\nreceipt_wait = \"{receipt_wait}\"\nstartup_wait = \"30s\"\n",
+        nats.url()
+    )
+}
+
+async fn node(origin: &TestOrigin, dir: &Path, name: &str, fleet: &str) -> Edge {
+    admin::start(
+        origin,
+        dir,
+        Extra {
+            name: Some(name),
+            admin: fleet,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn admin_get(edge: &Edge, path: &str) -> (u16, String) {
+    let r = send(
+        &client(),
+        "GET",
+        &edge.admin_url(path),
+        &[("authorization", &admin::bearer(admin::ROOT))],
+        None,
+    )
+    .await;
+    (r.status, r.text())
+}
+
+async fn ready(edge: &Edge) {
+    eventually("the node is ready (caught up with the fleet)", async || {
+        admin_get(edge, "/readyz").await.0 == 200
+    })
+    .await;
+}
+
+/// Waits until `edge`'s `/fleet` lists `n` nodes.
+async fn sees_nodes(edge: &Edge, n: usize) {
+    eventually("the node sees every node of the fleet", async || {
+        let (status, body) = admin_get(edge, "/fleet").await;
+        status == 200
+            && serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v["nodes"].as_array().map(Vec::len))
+                == Some(n)
+    })
+    .await;
+}
+
+/// Caches PATH on `edge` (a MISS, then HITs).
+async fn cached(edge: &Edge) {
+    let c = client();
+    let r = get(&c, edge, PATH).await;
+    assert_eq!(r.status, 200);
+    admin::settled(edge, 1).await;
+    get_hit(&c, edge, PATH).await;
+}
+
+#[tokio::test]
+async fn a_purge_on_one_node_reaches_every_node_with_a_receipt() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path()).await else {
+        return;
+    };
+    let origin = TestOrigin::start().await;
+    cacheable(&origin, PATH, "");
+    let fleet = fleet_section(&nats, "10s");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for (dir, name) in dirs.iter().zip(["edge-a", "edge-b", "edge-c"]) {
+        nodes.push(node(&origin, dir.path(), name, &fleet).await);
+    }
+    for n in &nodes {
+        ready(n).await;
+        cached(n).await;
+    }
+    assert_eq!(origin.hits(PATH), 3, "each node fetched once");
+    sees_nodes(&nodes[0], 3).await;
+
+    let receipt = purge(&client(), &nodes[0], json!({ "urls": [PATH] })).await;
+    let seq = receipt["fleet_seq"].as_u64().expect("a fleet sequence");
+    let listed = receipt["nodes"].as_array().unwrap();
+    let mut names: Vec<_> = listed.iter().map(|n| n["node"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["edge-a", "edge-b", "edge-c"], "{receipt}");
+    for n in listed {
+        assert_eq!(n["ok"], true, "{receipt}");
+        assert!(n["applied_seq"].as_u64().unwrap() >= seq, "{receipt}");
+        assert!(n.get("pending").is_none(), "{receipt}");
+    }
+    // Every node now misses: the origin is asked once more by each.
+    let c = client();
+    for n in &nodes {
+        let r = get(&c, n, PATH).await;
+        assert_eq!(r.x_cache(), "MISS", "after the fleet purge");
+    }
+    assert_eq!(origin.hits(PATH), 6);
+    // The metrics say who published and who applied.
+    let metric = async |edge: &Edge, line: &str| {
+        let (status, body) = admin_get(edge, "/metrics").await;
+        status == 200 && body.lines().any(|l| l == line)
+    };
+    assert!(metric(&nodes[0], "outpost_fleet_purges_published_total 1").await);
+    assert!(metric(&nodes[0], "outpost_fleet_connected 1.0").await);
+    for n in &nodes[1..] {
+        assert!(metric(n, "outpost_fleet_purges_applied_total 1").await);
+        assert!(metric(n, "outpost_fleet_outbox_purges 0.0").await);
+    }
+}
+
+#[tokio::test]
+async fn purges_made_while_nats_is_down_wait_in_the_outbox_across_a_restart() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(mut nats) = Nats::start(store.path()).await else {
+        return;
+    };
+    let origin = TestOrigin::start().await;
+    cacheable(&origin, PATH, "");
+    let fleet = fleet_section(&nats, "10s");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node(&origin, dir_a.path(), "edge-a", &fleet).await;
+    let b = node(&origin, dir_b.path(), "edge-b", &fleet).await;
+    for n in [&a, &b] {
+        ready(n).await;
+        cached(n).await;
+    }
+
+    nats.stop().await;
+    let receipt = purge(&client(), &a, json!({ "urls": [PATH] })).await;
+    assert!(receipt.get("fleet_seq").is_none(), "{receipt}");
+    assert_eq!(receipt["nodes"][0]["pending"], true, "{receipt}");
+    assert!(
+        receipt["nodes"][0]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("fleet delivery pending"),
+        "{receipt}"
+    );
+    // Applied on A at once.
+    assert_eq!(get(&client(), &a, PATH).await.x_cache(), "MISS");
+    // B still has it: nothing reached it.
+    assert_eq!(get(&client(), &b, PATH).await.x_cache(), "HIT");
+
+    // A restarts with NATS still down: the outbox is on disk.
+    a.stop().await;
+    assert_eq!(
+        std::fs::read_dir(dir_a.path().join("fleet/outbox"))
+            .unwrap()
+            .count(),
+        1,
+        "one purge waits in the outbox"
+    );
+    let a = node(&origin, dir_a.path(), "edge-a", &fleet).await;
+    nats.restart().await;
+    let c = client();
+    eventually("B applies the purge once NATS is back", async || {
+        get(&c, &b, PATH).await.x_cache() == "MISS"
+    })
+    .await;
+    eventually("A's outbox is empty", async || {
+        let (_, body) = admin_get(&a, "/fleet").await;
+        serde_json::from_str::<Value>(&body).is_ok_and(|v| v["outbox"] == 0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_that_was_down_catches_up_before_it_is_ready() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path()).await else {
+        return;
+    };
+    let origin = TestOrigin::start().await;
+    let paths: Vec<&'static str> = (0..20)
+        .map(|i| &*Box::leak(format!("/fleet/o{i}.css").into_boxed_str()))
+        .collect();
+    for p in &paths {
+        cacheable(&origin, p, "");
+    }
+    // C is away for most purges: their receipts wait for it this long.
+    let fleet = fleet_section(&nats, "300ms");
+    let (dir_a, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node(&origin, dir_a.path(), "edge-a", &fleet).await;
+    let c_node = node(&origin, dir_c.path(), "edge-c", &fleet).await;
+    ready(&a).await;
+    ready(&c_node).await;
+    let c = client();
+    for p in &paths {
+        get(&c, &c_node, p).await;
+    }
+    admin::settled(&c_node, paths.len() as u64).await;
+    c_node.stop().await;
+
+    // 20 purges while C is away: each receipt lists C as pending.
+    for p in &paths {
+        let receipt = purge(&client(), &a, json!({ "urls": [p] })).await;
+        let c_entry = receipt["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == "edge-c")
+            .cloned()
+            .unwrap_or_else(|| panic!("edge-c listed: {receipt}"));
+        assert_eq!(c_entry["pending"], true, "{receipt}");
+        assert_eq!(c_entry["ok"], false, "{receipt}");
+    }
+    let c_node = node(&origin, dir_c.path(), "edge-c", &fleet).await;
+    ready(&c_node).await;
+    let (_, body) = admin_get(&c_node, "/fleet").await;
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        status["applied"].as_u64().unwrap() >= status["last_seq"].as_u64().unwrap(),
+        "{status}"
+    );
+    assert_eq!(status["replayed"], paths.len(), "{status}");
+    for p in &paths {
+        assert_eq!(
+            get(&c, &c_node, p).await.x_cache(),
+            "MISS",
+            "{p} after the replay"
+        );
+    }
+}
