@@ -178,6 +178,10 @@ struct PurgeArgs {
     /// Purge everything.
     #[arg(long)]
     all: bool,
+    /// Fleet mode: wait up to this long (e.g. 5s, at most 1m) for every node to confirm; exit
+    /// non-zero if one has not. Default: the node's fleet.receipt_wait.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wait: Option<std::time::Duration>,
 }
 
 #[derive(Args)]
@@ -252,6 +256,7 @@ fn run_purge(args: PurgeArgs) -> ExitCode {
         prefixes: args.prefix,
         tags: args.tag,
         all: args.all,
+        wait: args.wait,
     };
     match runtime().block_on(outpost_purge_api::run_purge(req)) {
         Ok(receipt) => {

@@ -127,7 +127,10 @@ impl EdgeOperator {
             }
         };
         receipt.fleet_seq = Some(seq);
-        let nodes = fleet.receipt(seq, fleet.receipt_wait()).await;
+        let wait = req
+            .wait_ms
+            .map_or(fleet.receipt_wait(), std::time::Duration::from_millis);
+        let nodes = fleet.receipt(seq, wait).await;
         receipt.nodes = nodes
             .into_iter()
             .map(|n| {
@@ -135,8 +138,7 @@ impl EdgeOperator {
                     NodeResult::applied(n.node)
                 } else {
                     let why = format!(
-                        "not confirmed within {:?} (applied {} of {seq})",
-                        fleet.receipt_wait(),
+                        "not confirmed within {wait:?} (applied {} of {seq})",
                         n.applied
                     );
                     NodeResult {

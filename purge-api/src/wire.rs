@@ -25,7 +25,14 @@ pub struct PurgeRequest {
     /// so a purge travels one hop and never loops.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub local: bool,
+    /// Fleet mode: how long the receipt waits for every node to confirm, in milliseconds
+    /// (default: the node's `fleet.receipt_wait`; at most [`MAX_WAIT_MS`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
 }
+
+/// The longest a purge's receipt may wait for the fleet.
+pub const MAX_WAIT_MS: u64 = 60_000;
 
 /// What a purge selected, for receipts and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -56,6 +63,13 @@ impl PurgeRequest {
             return Err(AdminError::bad_request(
                 "empty purge request: give urls, prefixes, tags or all",
             ));
+        }
+        if let Some(w) = self.wait_ms
+            && w > MAX_WAIT_MS
+        {
+            return Err(AdminError::BadRequest(format!(
+                "wait_ms: at most {MAX_WAIT_MS} (a minute), got {w}"
+            )));
         }
         for (field, list) in [("urls", &self.urls), ("prefixes", &self.prefixes)] {
             for (i, u) in list.iter().enumerate() {
@@ -301,6 +315,14 @@ mod tests {
                     ..Default::default()
                 },
                 "urls[0]: spaces and control",
+            ),
+            (
+                PurgeRequest {
+                    all: true,
+                    wait_ms: Some(MAX_WAIT_MS + 1),
+                    ..Default::default()
+                },
+                "wait_ms: at most 60000",
             ),
         ];
         for (req, want) in cases {

@@ -15,6 +15,7 @@ use crate::support::admin::{self, Extra, cacheable, get, get_hit, purge};
 use crate::support::edge::Edge;
 use crate::support::http::send;
 use crate::support::nats::Nats;
+use crate::support::proc::cli;
 use crate::support::test_origin::TestOrigin;
 use crate::support::{client, eventually};
 
@@ -122,6 +123,24 @@ async fn a_purge_on_one_node_reaches_every_node_with_a_receipt() {
         assert_eq!(r.x_cache(), "MISS", "after the fleet purge");
     }
     assert_eq!(origin.hits(PATH), 6);
+    // `outpost purge --wait` prints the same kind of receipt and exits 0 when every node
+    // confirmed.
+    let out = cli(&[
+        "purge",
+        "--admin",
+        &format!("http://{}", nodes[1].admin()),
+        "--token",
+        admin::ROOT,
+        "--wait",
+        "10s",
+        PATH,
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let receipt: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(receipt["nodes"].as_array().unwrap().len(), 3, "{receipt}");
+
     // The metrics say who published and who applied.
     let metric = async |edge: &Edge, line: &str| {
         let (status, body) = admin_get(edge, "/metrics").await;
@@ -129,10 +148,8 @@ async fn a_purge_on_one_node_reaches_every_node_with_a_receipt() {
     };
     assert!(metric(&nodes[0], "outpost_fleet_purges_published_total 1").await);
     assert!(metric(&nodes[0], "outpost_fleet_connected 1.0").await);
-    for n in &nodes[1..] {
-        assert!(metric(n, "outpost_fleet_purges_applied_total 1").await);
-        assert!(metric(n, "outpost_fleet_outbox_purges 0.0").await);
-    }
+    assert!(metric(&nodes[2], "outpost_fleet_purges_applied_total 2").await);
+    assert!(metric(&nodes[2], "outpost_fleet_outbox_purges 0.0").await);
 }
 
 #[tokio::test]
@@ -231,6 +248,25 @@ async fn a_node_that_was_down_catches_up_before_it_is_ready() {
         assert_eq!(c_entry["pending"], true, "{receipt}");
         assert_eq!(c_entry["ok"], false, "{receipt}");
     }
+    // `outpost purge --wait` exits non-zero: C has not confirmed.
+    let out = cli(&[
+        "purge",
+        "--admin",
+        &format!("http://{}", a.admin()),
+        "--token",
+        admin::ROOT,
+        "--wait",
+        "200ms",
+        paths[0],
+    ])
+    .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("some nodes did not apply the purge"),
+        "{stderr}"
+    );
+
     let c_node = node(&origin, dir_c.path(), "edge-c", &fleet).await;
     ready(&c_node).await;
     let (_, body) = admin_get(&c_node, "/fleet").await;
@@ -239,7 +275,8 @@ async fn a_node_that_was_down_catches_up_before_it_is_ready() {
         status["applied"].as_u64().unwrap() >= status["last_seq"].as_u64().unwrap(),
         "{status}"
     );
-    assert_eq!(status["replayed"], paths.len(), "{status}");
+    // The 20 purges and the CLI's.
+    assert_eq!(status["replayed"], paths.len() + 1, "{status}");
     for p in &paths {
         assert_eq!(
             get(&c, &c_node, p).await.x_cache(),

@@ -181,7 +181,9 @@ impl AdminClient {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let (_, body) = self.send(r, REQUEST_TIMEOUT).await?;
+        // The node may wait for the fleet's receipts before it answers.
+        let wait = Duration::from_millis(req.wait_ms.unwrap_or(0));
+        let (_, body) = self.send(r, REQUEST_TIMEOUT + wait).await?;
         decode(&body)
     }
 

@@ -17,6 +17,8 @@ pub struct PurgeArgs {
     pub prefixes: Vec<String>,
     pub tags: Vec<String>,
     pub all: bool,
+    /// Fleet mode: how long the node waits for every node to confirm before it answers.
+    pub wait: Option<std::time::Duration>,
 }
 
 impl fmt::Debug for PurgeArgs {
@@ -29,6 +31,7 @@ impl fmt::Debug for PurgeArgs {
             .field("prefixes", &self.prefixes)
             .field("tags", &self.tags)
             .field("all", &self.all)
+            .field("wait", &self.wait)
             .finish()
     }
 }
@@ -44,6 +47,9 @@ pub async fn run_purge(args: PurgeArgs) -> Result<PurgeReceipt, ClientError> {
         all: args.all,
         soft: args.soft,
         local: false,
+        wait_ms: args
+            .wait
+            .map(|w| w.as_millis().min(u128::from(u64::MAX)) as u64),
     };
     req.validate()
         .map_err(|e| ClientError::Usage(e.to_string()))?;
