@@ -124,6 +124,11 @@ impl InProcessEdge {
                 dir.display().to_string()
             ));
         }
+        Self::from_toml(text).await
+    }
+
+    /// An edge from a whole config (listen addresses included, `127.0.0.1:0` for any port).
+    pub async fn from_toml(text: String) -> Self {
         let cfg = EdgeConfig::from_source(
             &Source::inline("bench-edge.toml", text),
             EdgeOverrides::default(),
