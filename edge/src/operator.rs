@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use outpost_purge_api::{
@@ -53,6 +54,71 @@ impl outpost_fleet::Applier for FleetApplier {
         }
         .boxed()
     }
+
+    fn store_pushed(
+        &self,
+        path: &str,
+        object: &outpost_fleet::PushedObject,
+        body: outpost_fleet::Body,
+    ) -> BoxFuture<'static, Result<String, String>> {
+        let engine = self.0.engine.clone();
+        let spec = push_store::PushSpec {
+            path: path.to_string(),
+            content_type: object.content_type.clone(),
+            cache_control: object.cache_control.clone(),
+            tags: object.tags.clone(),
+            content_length: Some(object.size),
+        };
+        async move {
+            let (info, _) = engine.push(spec, body).await.map_err(|e| e.to_string())?;
+            Ok(info.etag.trim_matches('"').to_string())
+        }
+        .boxed()
+    }
+
+    fn delete_pushed(&self, path: &str) -> BoxFuture<'static, Result<(), String>> {
+        let engine = self.0.engine.clone();
+        let path = path.to_string();
+        async move {
+            engine.delete_pushed(&path).await;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn read_pushed(
+        &self,
+        path: &str,
+    ) -> BoxFuture<'static, Option<(outpost_fleet::PushedObject, outpost_fleet::Body)>> {
+        let engine = self.0.engine.clone();
+        let path = path.to_string();
+        async move {
+            let (meta, size, body) = engine.pushed_body(&path).await?;
+            let header = |name: http::header::HeaderName| {
+                meta.headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let object = outpost_fleet::PushedObject {
+                sha256: header(http::header::ETAG).trim_matches('"').to_string(),
+                size,
+                content_type: header(http::header::CONTENT_TYPE),
+                cache_control: header(http::header::CACHE_CONTROL),
+                tags: meta.tags.clone(),
+            };
+            Some((object, body.map(|r| r.map_err(|e| e.to_string())).boxed()))
+        }
+        .boxed()
+    }
+}
+
+/// A fresh id for something this node sends to the fleet.
+fn fleet_id(node: &str, what: &str) -> String {
+    blake3::hash(format!("{node}:{what}:{:?}", std::time::SystemTime::now()).as_bytes()).to_hex()
+        [..16]
+        .to_string()
 }
 
 impl EdgeOperator {
@@ -254,6 +320,18 @@ impl AdminBackend for EdgeOperator {
             match engine.push(spec, body).await {
                 Ok((info, created)) => {
                     this.forward_push(&info.path).await;
+                    if let Some(fleet) = &this.fleet {
+                        let id = fleet_id(&this.node, &info.path);
+                        match fleet.announce_push(id, &info.path).await {
+                            Ok(outpost_fleet::Published::Pending(why)) => {
+                                warn!(path = %info.path, reason = %why, "push stored here; fleet delivery pending")
+                            }
+                            Err(e) => {
+                                warn!(path = %info.path, error = %e, "push stored here; not sent to the fleet")
+                            }
+                            Ok(outpost_fleet::Published::At(_)) => {}
+                        }
+                    }
                     Ok(PushReceipt {
                         path: info.path,
                         size: info.size,
@@ -276,8 +354,18 @@ impl AdminBackend for EdgeOperator {
     }
 
     fn delete_object(&self, path: String) -> BoxFuture<'static, Result<bool, AdminError>> {
-        let engine = self.engine.clone();
-        async move { Ok(engine.delete_pushed(&path).await) }.boxed()
+        let this = self.clone();
+        async move {
+            let deleted = this.engine.delete_pushed(&path).await;
+            if deleted && let Some(fleet) = &this.fleet {
+                let id = fleet_id(&this.node, &path);
+                if let Err(e) = fleet.announce_delete(id, &path).await {
+                    warn!(path, error = %e, "pushed object deleted here; not sent to the fleet");
+                }
+            }
+            Ok(deleted)
+        }
+        .boxed()
     }
 
     fn list_objects(

@@ -1,4 +1,5 @@
-//! Fleet mode: every purge accepted by any node reaches every node, through NATS JetStream.
+//! Fleet mode: every purge and push accepted by any node reaches every node, through NATS
+//! JetStream.
 //!
 //! - **Publish.** A node applies a purge locally, writes it to its durable [outbox], and
 //!   publishes it to the stream (`<stream>.purge`, file storage, kept for `max_age`) with the
@@ -17,6 +18,13 @@
 //!   it is ready ([`Fleet::ready`]), so it never serves what the fleet purged while it was
 //!   away. A node whose last applied purge is older than the stream's first (the purges it
 //!   missed have expired) cannot know what was purged: it clears its whole cache instead.
+//! - **Pushes.** An object pushed to one node goes to every node: its bytes into the fleet's
+//!   object store (`<stream>_OBJECTS`, named by their SHA-256, so a body is stored once and a
+//!   later version never overwrites one a lagging node has yet to fetch), an announcement into
+//!   the stream (`<stream>.push`, in order with the purges). Each node stores it from the object
+//!   store and checks the hash. Deletes are announced the same way. Chosen over fetching from
+//!   the pusher: the pusher may be down or unreachable from the others when a node catches up,
+//!   and the object store is as durable as the stream.
 //! - **NATS unreachable.** Purges still apply locally at once and wait in the outbox; the
 //!   receipt says fleet delivery is pending. A node that never reaches NATS says it is ready
 //!   after `startup_wait`, with a warning, rather than withdraw from service.
@@ -34,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer, object_store, stream};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use outpost_purge_api::PurgeRequest;
@@ -94,10 +102,61 @@ pub struct FleetPurge {
     pub request: PurgeRequest,
 }
 
-/// The node side: how a purge from the fleet is applied here.
+/// A pushed object's announcement: stored (with its description) or deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetPush {
+    pub id: String,
+    pub origin: String,
+    pub at_ms: u64,
+    /// The object's path (`/css/site.css`).
+    pub path: String,
+    /// `None`: the object was deleted.
+    pub object: Option<PushedObject>,
+}
+
+/// What a node needs to store a pushed object besides its bytes (which travel through the
+/// fleet's object store, named by their SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushedObject {
+    /// Hex SHA-256 of the body.
+    pub sha256: String,
+    pub size: u64,
+    pub content_type: String,
+    pub cache_control: String,
+    pub tags: Vec<String>,
+}
+
+/// A body as the fleet hands it over.
+pub type Body = futures_util::stream::BoxStream<'static, Result<bytes::Bytes, String>>;
+
+/// What waits in the outbox: a purge, or a push or delete to announce (a push's bytes are read
+/// from the node's own store when it is sent, so the outbox holds no bodies).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Outgoing {
+    Purge(FleetPurge),
+    Push { id: String, path: String },
+    Delete { id: String, path: String },
+}
+
+/// The node side: how what the fleet carries is applied here.
 pub trait Applier: Send + Sync + 'static {
     /// Applies a purge another node accepted, on this node only.
     fn apply(&self, purge: &PurgeRequest) -> BoxFuture<'static, Result<(), String>>;
+
+    /// Stores an object pushed on another node; returns the SHA-256 (hex) of what it stored.
+    fn store_pushed(
+        &self,
+        path: &str,
+        object: &PushedObject,
+        body: Body,
+    ) -> BoxFuture<'static, Result<String, String>>;
+
+    /// Deletes a pushed object (one that is not there is fine).
+    fn delete_pushed(&self, path: &str) -> BoxFuture<'static, Result<(), String>>;
+
+    /// An object pushed here, to send to the fleet; `None` when it is gone.
+    fn read_pushed(&self, path: &str) -> BoxFuture<'static, Option<(PushedObject, Body)>>;
 }
 
 /// What one node reports in the fleet's bucket.
@@ -164,6 +223,8 @@ pub struct FleetCounters {
     /// Whole-cache clears because purges expired unseen.
     pub cleared: AtomicU64,
     pub publish_failures: AtomicU64,
+    /// Objects pushed (or deleted) on other nodes and applied here.
+    pub pushes_applied: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +272,9 @@ pub struct Fleet {
 
 /// How long one pull request for purges lives on the server.
 const PULL_EXPIRES: Duration = Duration::from_secs(4);
+
+/// How long a push's announcement waits for its upload before the outbox takes over.
+const PUSH_SEND_WAIT: Duration = Duration::from_secs(30);
 
 /// A purge delivered and not acknowledged within this long is delivered again.
 const ACK_WAIT: Duration = Duration::from_secs(5);
@@ -332,6 +396,14 @@ impl Fleet {
         format!("{}.purge", self.cfg.stream)
     }
 
+    fn push_subject(&self) -> String {
+        format!("{}.push", self.cfg.stream)
+    }
+
+    fn objects_bucket(&self) -> String {
+        format!("{}_OBJECTS", self.cfg.stream)
+    }
+
     /// The stream of node reports: one subject per node, the last report kept.
     fn nodes_stream(&self) -> String {
         format!("{}_NODES", self.cfg.stream)
@@ -379,7 +451,7 @@ impl Fleet {
     /// Sends a purge this node accepted (and applied) to the fleet: durably into the outbox,
     /// then to the stream. Waits at most `receipt_wait` for JetStream's acknowledgement.
     pub async fn publish(&self, id: String, request: &PurgeRequest) -> io::Result<Published> {
-        let purge = FleetPurge {
+        let purge = Outgoing::Purge(FleetPurge {
             id,
             origin: self.cfg.node.clone(),
             at_ms: now_ms(),
@@ -387,9 +459,33 @@ impl Fleet {
                 local: true,
                 ..request.clone()
             },
+        });
+        self.publish_outgoing(purge, self.cfg.receipt_wait).await
+    }
+
+    /// Announces an object pushed here (its bytes go to the fleet's object store), so every
+    /// node stores it; durable like a purge.
+    pub async fn announce_push(&self, id: String, path: &str) -> io::Result<Published> {
+        let push = Outgoing::Push {
+            id,
+            path: path.to_string(),
         };
-        let file = self.outbox.add(&purge)?;
-        let sent = tokio::time::timeout(self.cfg.receipt_wait, self.send(&purge)).await;
+        self.publish_outgoing(push, PUSH_SEND_WAIT).await
+    }
+
+    /// Announces the deletion of an object pushed here.
+    pub async fn announce_delete(&self, id: String, path: &str) -> io::Result<Published> {
+        let delete = Outgoing::Delete {
+            id,
+            path: path.to_string(),
+        };
+        self.publish_outgoing(delete, self.cfg.receipt_wait).await
+    }
+
+    /// Into the outbox, then to NATS within `wait` (or later, by the outbox task).
+    async fn publish_outgoing(&self, out: Outgoing, wait: Duration) -> io::Result<Published> {
+        let file = self.outbox.add(&out)?;
+        let sent = tokio::time::timeout(wait, self.send(&out)).await;
         match sent {
             Ok(Ok(seq)) => {
                 self.outbox.remove(&file);
@@ -415,15 +511,36 @@ impl Fleet {
         }
     }
 
-    /// Publishes one purge and waits for its acknowledgement.
-    async fn send(&self, purge: &FleetPurge) -> Result<u64, String> {
-        let payload = serde_json::to_vec(purge).map_err(|e| e.to_string())?;
+    /// Publishes one message (a push's bytes first) and waits for its acknowledgement.
+    async fn send(&self, out: &Outgoing) -> Result<u64, String> {
+        let (subject, id, payload) = match out {
+            Outgoing::Purge(purge) => (
+                self.subject(),
+                &purge.id,
+                serde_json::to_vec(purge).map_err(|e| e.to_string())?,
+            ),
+            Outgoing::Push { id, path } => {
+                let object = match self.applier.read_pushed(path).await {
+                    Some((object, body)) => {
+                        self.upload(&object, body).await?;
+                        Some(object)
+                    }
+                    // Deleted since: its own announcement follows.
+                    None => return Ok(0),
+                };
+                let push = self.push_message(id, path, object);
+                (self.push_subject(), id, push)
+            }
+            Outgoing::Delete { id, path } => {
+                (self.push_subject(), id, self.push_message(id, path, None))
+            }
+        };
         let msg = jetstream::message::PublishMessage::build()
             .payload(payload.into())
-            .message_id(&purge.id);
+            .message_id(id);
         let ack = self
             .js
-            .send_publish(self.subject(), msg)
+            .send_publish(subject, msg)
             .await
             .map_err(|e| e.to_string())?
             .await
@@ -433,6 +550,77 @@ impl Fleet {
         }
         self.last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
         Ok(ack.sequence)
+    }
+
+    fn push_message(&self, id: &str, path: &str, object: Option<PushedObject>) -> Vec<u8> {
+        let push = FleetPush {
+            id: id.to_string(),
+            origin: self.cfg.node.clone(),
+            at_ms: now_ms(),
+            path: path.to_string(),
+            object,
+        };
+        serde_json::to_vec(&push).unwrap_or_default()
+    }
+
+    async fn objects(&self) -> Result<object_store::ObjectStore, String> {
+        match self.js.get_object_store(self.objects_bucket()).await {
+            Ok(store) => Ok(store),
+            Err(_) => self
+                .js
+                .create_object_store(object_store::Config {
+                    bucket: self.objects_bucket(),
+                    max_age: self.cfg.max_age,
+                    storage: stream::StorageType::File,
+                    num_replicas: self.cfg.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Puts a pushed body into the fleet's object store under its SHA-256 (once: a body
+    /// already there is not sent again).
+    async fn upload(&self, object: &PushedObject, body: Body) -> Result<(), String> {
+        let store = self.objects().await?;
+        if store.info(&object.sha256).await.is_ok() {
+            return Ok(());
+        }
+        let mut reader =
+            tokio_util::io::StreamReader::new(body.map(|r| r.map_err(io::Error::other)));
+        store
+            .put(object.sha256.as_str(), &mut reader)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Stores an object another node pushed, from the object store.
+    async fn fetch_pushed(&self, push: &FleetPush) -> Result<(), String> {
+        let Some(object) = &push.object else {
+            return self.applier.delete_pushed(&push.path).await;
+        };
+        let store = self.objects().await?;
+        let body = match store.get(&object.sha256).await {
+            Ok(o) => tokio_util::io::ReaderStream::new(o)
+                .map(|r| r.map_err(|e| e.to_string()))
+                .boxed(),
+            Err(e) => {
+                // Expired from the store (older than max_age): nothing to fetch.
+                warn!(path = %push.path, error = %e, "fleet: a pushed object's bytes are gone from the object store; not stored here");
+                return Ok(());
+            }
+        };
+        let stored = self.applier.store_pushed(&push.path, object, body).await?;
+        if stored != object.sha256 {
+            self.applier.delete_pushed(&push.path).await?;
+            return Err(format!(
+                "pushed object {} arrived with SHA-256 {stored}, announced {}",
+                push.path, object.sha256
+            ));
+        }
+        Ok(())
     }
 
     /// Each known node and its state, once every node reports `seq` or `wait` has passed.
@@ -501,7 +689,7 @@ impl Fleet {
         self.js
             .get_or_create_stream(stream::Config {
                 name: self.cfg.stream.clone(),
-                subjects: vec![self.subject()],
+                subjects: vec![self.subject(), self.push_subject()],
                 storage: stream::StorageType::File,
                 max_age: self.cfg.max_age,
                 num_replicas: self.cfg.replicas,
@@ -567,7 +755,6 @@ impl Fleet {
                         start_sequence: start.max(1),
                     },
                     ack_policy: consumer::AckPolicy::Explicit,
-                    filter_subject: self.subject(),
                     ack_wait: ACK_WAIT,
                     ..Default::default()
                 },
@@ -608,18 +795,34 @@ impl Fleet {
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(|e| e.to_string())?;
             let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
-            match serde_json::from_slice::<FleetPurge>(&msg.payload) {
-                Ok(purge) if purge.origin != self.cfg.node => {
-                    self.applier.apply(&purge.request).await?;
-                    self.counters.applied.fetch_add(1, Ordering::Relaxed);
-                    if !self.caught_up.load(Ordering::Acquire) {
-                        self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+            if msg.subject.as_str() == self.push_subject() {
+                match serde_json::from_slice::<FleetPush>(&msg.payload) {
+                    Ok(push) if push.origin != self.cfg.node => {
+                        if let Err(e) = self.fetch_pushed(&push).await {
+                            warn!(seq, path = %push.path, error = %e, "fleet: a pushed object was not stored here");
+                        } else {
+                            self.counters.pushes_applied.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(seq, error = %e, "fleet: a push announcement does not parse; skipped")
                     }
                 }
-                // This node's own purge: applied when it was accepted.
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(seq, error = %e, "fleet: a message in the purge stream is not a purge; skipped")
+            } else {
+                match serde_json::from_slice::<FleetPurge>(&msg.payload) {
+                    Ok(purge) if purge.origin != self.cfg.node => {
+                        self.applier.apply(&purge.request).await?;
+                        self.counters.applied.fetch_add(1, Ordering::Relaxed);
+                        if !self.caught_up.load(Ordering::Acquire) {
+                            self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    // This node's own purge: applied when it was accepted.
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(seq, error = %e, "fleet: a message in the purge stream is not a purge; skipped")
+                    }
                 }
             }
             msg.ack().await.map_err(|e| e.to_string())?;
@@ -719,9 +922,9 @@ impl Fleet {
             let waiting = self.outbox.waiting();
             let mut stuck = false;
             for w in waiting {
-                match self.send(&w.purge).await {
+                match self.send(&w.message).await {
                     Ok(seq) => {
-                        info!(id = %w.purge.id, seq, "fleet: purge from the outbox published");
+                        info!(seq, "fleet: a purge or push from the outbox published");
                         self.outbox.remove(&w.file);
                     }
                     Err(_) => {

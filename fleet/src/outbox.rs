@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::FleetPurge;
+use crate::Outgoing;
 
 pub(crate) struct Outbox {
     dir: PathBuf,
@@ -26,7 +26,7 @@ pub(crate) struct Outbox {
 /// One purge waiting in the outbox.
 pub(crate) struct Waiting {
     pub file: PathBuf,
-    pub purge: FleetPurge,
+    pub message: Outgoing,
 }
 
 impl Outbox {
@@ -54,8 +54,8 @@ impl Outbox {
     }
 
     /// Writes `purge` durably; returns its file.
-    pub fn add(&self, purge: &FleetPurge) -> io::Result<PathBuf> {
-        let data = serde_json::to_vec(purge).map_err(io::Error::other)?;
+    pub fn add(&self, message: &Outgoing) -> io::Result<PathBuf> {
+        let data = serde_json::to_vec(message).map_err(io::Error::other)?;
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let file = self.dir.join(format!("{n:020}.json"));
@@ -97,7 +97,7 @@ impl Outbox {
             .filter_map(|file| {
                 let data = std::fs::read(&file).ok()?;
                 match serde_json::from_slice(&data) {
-                    Ok(purge) => Some(Waiting { file, purge }),
+                    Ok(message) => Some(Waiting { file, message }),
                     Err(e) => {
                         tracing::warn!(file = %file.display(), error = %e, "fleet outbox: unreadable purge set aside");
                         let _ = std::fs::rename(&file, file.with_extension("bad"));
@@ -123,10 +123,11 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::FleetPurge;
     use outpost_purge_api::PurgeRequest;
 
-    fn purge(id: &str) -> FleetPurge {
-        FleetPurge {
+    fn purge(id: &str) -> Outgoing {
+        Outgoing::Purge(FleetPurge {
             id: id.into(),
             origin: "a".into(),
             at_ms: 1,
@@ -134,6 +135,13 @@ mod tests {
                 urls: vec![format!("/{id}")],
                 ..Default::default()
             },
+        })
+    }
+
+    fn id(m: &Outgoing) -> &str {
+        match m {
+            Outgoing::Purge(p) => &p.id,
+            Outgoing::Push { id, .. } | Outgoing::Delete { id, .. } => id,
         }
     }
 
@@ -149,15 +157,21 @@ mod tests {
         drop(out);
         let out = Outbox::open(dir.path()).unwrap();
         let w = out.waiting();
-        let ids: Vec<_> = w.iter().map(|w| w.purge.id.as_str()).collect();
+        let ids: Vec<_> = w.iter().map(|w| id(&w.message)).collect();
         assert_eq!(ids, ["p1", "p2", "p3"]);
         assert_eq!(out.depth(), 3);
         out.remove(&w[1].file);
         out.remove(&w[1].file);
         // New purges go after the old ones.
         out.add(&purge("p4")).unwrap();
-        let ids: Vec<_> = out.waiting().into_iter().map(|w| w.purge.id).collect();
-        assert_eq!(ids, ["p1", "p3", "p4"]);
+        out.add(&Outgoing::Push {
+            id: "p5".into(),
+            path: "/x.css".into(),
+        })
+        .unwrap();
+        let w = out.waiting();
+        let ids: Vec<_> = w.iter().map(|w| id(&w.message)).collect();
+        assert_eq!(ids, ["p1", "p3", "p4", "p5"]);
         assert!(!dir.path().join("00000000000000000099.tmp").exists());
     }
 
@@ -167,7 +181,8 @@ mod tests {
         let out = Outbox::open(dir.path()).unwrap();
         out.add(&purge("p1")).unwrap();
         std::fs::write(dir.path().join("00000000000000000007.json"), b"not json").unwrap();
-        let ids: Vec<_> = out.waiting().into_iter().map(|w| w.purge.id).collect();
+        let w = out.waiting();
+        let ids: Vec<_> = w.iter().map(|w| id(&w.message)).collect();
         assert_eq!(ids, ["p1"]);
         assert!(dir.path().join("00000000000000000007.bad").exists());
     }

@@ -285,3 +285,64 @@ async fn a_node_that_was_down_catches_up_before_it_is_ready() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_object_pushed_on_one_node_is_a_hit_on_the_others_and_its_delete_follows() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path()).await else {
+        return;
+    };
+    let origin = TestOrigin::start().await;
+    let fleet = fleet_section(&nats, "10s");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node(&origin, dir_a.path(), "edge-a", &fleet).await;
+    let b = node(&origin, dir_b.path(), "edge-b", &fleet).await;
+    ready(&a).await;
+    ready(&b).await;
+
+    // 300 KB: more than one of the object store's chunks.
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let path = "/fleet/pushed/app.js";
+    let r = admin::push(
+        &client(),
+        &a,
+        path,
+        &body,
+        &[
+            ("content-type", "text/javascript"),
+            ("surrogate-key", "release-9"),
+        ],
+    )
+    .await;
+    assert!(r.status == 201, "{}", r.text());
+    let c = client();
+    // B lists it like an object pushed to it (asked on the admin port: a GET on the data port
+    // before it arrives would go to the origin).
+    eventually("the object pushed on A reaches B", async || {
+        admin::list(&c, &b, "/fleet/").await.len() == 1
+    })
+    .await;
+    let listed = admin::list(&c, &b, "/fleet/").await;
+    assert_eq!(listed[0]["path"], path);
+    let r = get(&c, &b, path).await;
+    assert_eq!(r.x_cache(), "HIT");
+    assert_eq!(r.body.as_ref(), body.as_slice(), "the exact bytes");
+    assert_eq!(r.header("content-type"), Some("text/javascript"));
+    assert_eq!(origin.hits(path), 0, "never fetched from the origin");
+
+    // A delete on A reaches B.
+    let r = send(
+        &c,
+        "DELETE",
+        &a.admin_url(&format!("/objects{path}")),
+        &[("authorization", &admin::bearer(admin::ROOT))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    eventually("the delete reaches B", async || {
+        admin::list(&c, &b, "/fleet/").await.is_empty()
+    })
+    .await;
+    assert_ne!(get(&c, &b, path).await.x_cache(), "HIT");
+}

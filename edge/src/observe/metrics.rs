@@ -673,6 +673,11 @@ fn fleet_metrics(
             load(&c.cleared),
         ),
         (
+            "outpost_fleet_pushes_applied",
+            "Objects pushed or deleted on other nodes and applied here.",
+            load(&c.pushes_applied),
+        ),
+        (
             "outpost_fleet_publish_failures",
             "Purges NATS did not acknowledge in time (they wait in the outbox).",
             load(&c.publish_failures),
