@@ -22,6 +22,8 @@ pub struct DemoArgs {
     pub site: PathBuf,
     pub cache_dir: PathBuf,
     pub tls: bool,
+    /// Every node joins a local nats-server (fleet mode).
+    pub fleet: bool,
 }
 
 /// Offset of a node's HTTPS port from its data port (`--tls`).
@@ -113,6 +115,15 @@ pub async fn run(args: DemoArgs, shutdown: impl std::future::Future<Output = ()>
         );
         return ExitCode::from(64);
     }
+    // --fleet: a local nats-server (JetStream) that every node joins.
+    let nats = if args.fleet {
+        match start_nats(&args.cache_dir.join("nats"), p + NATS_OFFSET).await {
+            Ok(n) => Some(n),
+            Err(code) => return code,
+        }
+    } else {
+        None
+    };
     let tls = if args.tls {
         match generate_tls(&args.cache_dir.join("tls")) {
             Ok(t) => Some(t),
@@ -196,7 +207,13 @@ pub async fn run(args: DemoArgs, shutdown: impl std::future::Future<Output = ()>
                 addr(s + 1000)
             ));
         }
-        if role == "edge" {
+        if nats.is_some() {
+            // Every node joins the fleet: purges and pushes reach all of them through NATS.
+            t.push_str(&format!(
+                "[fleet]\nservers = [\"nats://{}\"]\n",
+                addr(p + NATS_OFFSET)
+            ));
+        } else if role == "edge" {
             // Sibling edges: a purge sent to any edge reaches all of them (and the shield).
             for j in 0..args.edges {
                 let sibling = p + 3 + j;
@@ -270,13 +287,75 @@ pub async fn run(args: DemoArgs, shutdown: impl std::future::Future<Output = ()>
     }));
 
     print_table(&args, p, tls.as_ref().map(|t| t.ca.as_path()), &token);
+    if nats.is_some() {
+        println!(
+            "Fleet: every node joins nats-server on {} (JetStream); see http://{}/fleet",
+            addr(p + NATS_OFFSET),
+            addr(p + 1003)
+        );
+    }
     shutdown.await;
     println!("stopping the demo…");
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
     }
+    if let Some(mut n) = nats {
+        let _ = n.kill().await;
+    }
     ExitCode::SUCCESS
+}
+
+/// The NATS port of `--fleet`: the base port + 900.
+const NATS_OFFSET: u16 = 900;
+
+/// Starts `nats-server -js` on 127.0.0.1:`port`, storing in `store`; waits (5 s at most) until
+/// it accepts connections. Exit 69 (unavailable) with how to install it when it is missing.
+async fn start_nats(store: &std::path::Path, port: u16) -> Result<tokio::process::Child, ExitCode> {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin".into(), "/usr/local/bin".into()])
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file());
+    let Some(bin) = found else {
+        eprintln!(
+            "outpost demo --fleet needs nats-server (NATS with JetStream), which is not installed.\n\
+             On Debian or Ubuntu: sudo apt install nats-server; elsewhere see https://docs.nats.io/running-a-nats-service/introduction/installation"
+        );
+        return Err(ExitCode::from(69));
+    };
+    let mut child = match tokio::process::Command::new(&bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return Err(fail("nats-server", &format!("{}: {e}", bin.display()))),
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if tokio::net::TcpStream::connect(addr(port)).await.is_ok() {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(fail(
+                "nats-server",
+                &format!("exited ({status}); is port {port} (--base-port + 900) free?"),
+            ));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(fail(
+                "nats-server",
+                &format!("not listening on port {port} after 5 s"),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 fn fail(what: &str, e: &str) -> ExitCode {

@@ -143,6 +143,11 @@ struct DemoArgs {
     /// and the edges reach the shield over https.
     #[arg(long)]
     tls: bool,
+    /// Fleet mode: start a local nats-server (JetStream, port P+900; Debian's nats-server
+    /// package) and have every node join it, so purges and pushes reach all of them through
+    /// NATS.
+    #[arg(long)]
+    fleet: bool,
 }
 
 #[derive(Args)]
@@ -221,6 +226,7 @@ fn main() -> ExitCode {
                 site: args.site,
                 cache_dir: args.cache_dir,
                 tls: args.tls,
+                fleet: args.fleet,
             },
             shutdown_signal(),
         )),

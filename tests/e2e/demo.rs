@@ -202,3 +202,55 @@ async fn demo_with_tls_serves_https_with_the_printed_ca() {
     );
     assert!(status.unwrap().success());
 }
+
+/// `outpost demo --fleet` starts nats-server and every node joins the fleet: an edge's `/fleet`
+/// lists the shield and both edges, connected. Skipped, loudly, without nats-server.
+#[test]
+fn demo_with_fleet_joins_every_node_to_nats() {
+    if crate::support::nats::binary().is_none() {
+        eprintln!("SKIPPED: nats-server is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, table, base) = start_demo(
+        &["--edges", "2", "--fleet"],
+        &[0, 1, 2, 3, 4, 900, 1000, 1001, 1002, 1003, 1004],
+        dir.path(),
+        "Fleet:",
+    );
+    assert!(
+        table.contains(&format!("127.0.0.1:{}", base + 900)),
+        "{table}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let fleet = http_get(base + 1003, "/fleet").unwrap_or_default();
+        if [
+            "\"shield\"",
+            "\"edge-1\"",
+            "\"edge-2\"",
+            "\"connected\":true",
+        ]
+        .iter()
+        .all(|n| fleet.contains(n))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fleet never formed: {fleet}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SIGTERM: the demo stops its nodes, then its nats-server.
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "demo did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let nats = format!("127.0.0.1:{}", base + 900);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(&nats).is_ok() {
+        assert!(Instant::now() < deadline, "nats-server outlived the demo");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
