@@ -224,4 +224,9 @@ async fn status_page_renders_and_draws_in_headless_chromium() {
         counters.contains("<td>hit</td><td class=\"n\">9</td>"),
         "counters show 9 hits: {counters}"
     );
+    // Not in a fleet: the fleet panel stays hidden.
+    assert!(
+        dom.contains("id=\"fleet-panel\" hidden") || dom.contains("hidden=\"\" id=\"fleet-panel\""),
+        "the fleet panel is hidden without [fleet]\n{dom}"
+    );
 }
