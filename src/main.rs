@@ -93,6 +93,13 @@ struct EdgeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long)]
     tls_key: Option<String>,
+    /// This node's name (Via, Cache-Status, the fleet), e.g. edge-fra-1.
+    #[arg(long)]
+    name: Option<String>,
+    /// Join a fleet: NATS server URLs, comma-separated, e.g. nats://10.0.0.1:4222 (the rest of
+    /// [fleet] from the config file, or its defaults).
+    #[arg(long)]
+    fleet_servers: Option<String>,
 }
 
 #[derive(Args)]
@@ -387,6 +394,8 @@ fn run_edge(args: EdgeArgs) -> ExitCode {
         tls_listen: args.tls_listen,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
+        name: args.name,
+        fleet_servers: args.fleet_servers,
     };
     let cfg = match outpost_edge::EdgeConfig::load(args.config.as_deref(), overrides.clone()) {
         Ok(c) => c,

@@ -193,6 +193,11 @@ pub struct EdgeOverrides {
     /// `--tls-cert` and `--tls-key`: one certificate pair; replaces `[[tls.certs]]`.
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
+    /// `--name`: the node's name (in Via, Cache-Status and the fleet).
+    pub name: Option<String>,
+    /// `--fleet-servers`: NATS URLs, comma-separated; joins the fleet (a `[fleet]` section with
+    /// its defaults when the file has none).
+    pub fleet_servers: Option<String>,
 }
 
 /// The validated edge configuration.
@@ -305,6 +310,16 @@ impl EdgeConfig {
         }
         if let Some(v) = flags.disk {
             raw.cache.disk = Some(Setting::from_flag("--disk", RawSize::Text(v)));
+        }
+        if let Some(s) = flag("--name", flags.name) {
+            raw.name = Some(s);
+        }
+        if let Some(v) = flags.fleet_servers {
+            raw.fleet.get_or_insert_default().servers = Some(
+                v.split(',')
+                    .map(|u| Setting::from_flag("--fleet-servers", u.trim().to_string()))
+                    .collect(),
+            );
         }
         if let Some(s) = flag("--tls-listen", flags.tls_listen) {
             raw.tls.get_or_insert_default().listen = Some(s);
@@ -1121,6 +1136,20 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.mentions("fleet.servers[1]"), "{e}");
+
+        // Flags: --fleet-servers makes a [fleet] with its defaults; --name names the node.
+        let c = EdgeConfig::from_source(
+            &Source::inline("edge.toml", format!("{base}[cache]\ndir = \"/c\"\n")),
+            EdgeOverrides {
+                name: Some("edge-b".into()),
+                fleet_servers: Some("nats://a:4222, nats://b:4222".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let f = c.fleet.expect("a fleet from the flag");
+        assert_eq!(f.servers, ["nats://a:4222", "nats://b:4222"]);
+        assert_eq!((c.name.as_str(), f.node.as_str()), ("edge-b", "edge-b"));
     }
 
     #[test]

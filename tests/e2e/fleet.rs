@@ -346,3 +346,133 @@ async fn an_object_pushed_on_one_node_is_a_hit_on_the_others_and_its_delete_foll
     .await;
     assert_ne!(get(&c, &b, path).await.x_cache(), "HIT");
 }
+
+/// A real `outpost edge` process, killed with SIGKILL while 500 purges are made on another
+/// node, replays all of them before its `/readyz` says ready, and then serves none of them
+/// from its disk tier.
+#[tokio::test]
+async fn a_node_killed_with_sigkill_replays_500_purges_before_it_is_ready() {
+    use crate::support::admin::HOST;
+    use crate::support::proc::Spawn;
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path()).await else {
+        return;
+    };
+    let origin = TestOrigin::start().await;
+    let paths: Vec<&'static str> = (0..500)
+        .map(|i| &*Box::leak(format!("/k/{i}.css").into_boxed_str()))
+        .collect();
+    for p in &paths {
+        cacheable(&origin, p, "");
+    }
+    let fleet = fleet_section(&nats, "10s");
+    let (dir_a, dir_c, logs) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = node(&origin, dir_a.path(), "edge-a", &fleet).await;
+    let c_dir = dir_c.path().display().to_string();
+    let nats_url = nats.url();
+    let spawn_c = || {
+        Spawn::edge(
+            &origin.base_url(),
+            &[
+                "--name",
+                "edge-c",
+                "--cache-dir",
+                &c_dir,
+                "--fleet-servers",
+                &nats_url,
+            ],
+        )
+    };
+    let mut c_node = spawn_c().start(&logs.path().join("c1.log")).await;
+    let http = client();
+    let get_c = async |node: &crate::support::proc::NodeProc, p: &str| {
+        send(&http, "GET", &node.url(p), &[("host", HOST)], None).await
+    };
+    for p in &paths {
+        assert_eq!(get_c(&c_node, p).await.status, 200);
+    }
+    eventually("C's disk tier holds all 500", async || {
+        let (_, usage) = admin_get_url(&c_node.admin_url("/usage")).await;
+        usage.contains("disk objects=500")
+    })
+    .await;
+    assert_eq!(get_c(&c_node, paths[0]).await.x_cache(), "HIT");
+
+    c_node.signal("KILL");
+    c_node.wait_exit().await;
+    for p in &paths {
+        // Receipts without waiting for C (it is down).
+        purge(&client(), &a, json!({ "urls": [p], "wait_ms": 0 })).await;
+    }
+    let c_node = spawn_c().start(&logs.path().join("c2.log")).await;
+    eventually("C is ready again", async || {
+        admin_get_url(&c_node.admin_url("/readyz")).await.0 == 200
+    })
+    .await;
+    let (_, body) = admin_get_url(&c_node.admin_url("/fleet")).await;
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        status["replayed"], 500,
+        "all replayed before ready: {status}"
+    );
+    assert!(
+        status["applied"].as_u64() >= status["last_seq"].as_u64(),
+        "{status}"
+    );
+    for p in &paths {
+        assert_ne!(get_c(&c_node, p).await.x_cache(), "HIT", "{p} was purged");
+    }
+}
+
+/// A node away for longer than the stream keeps purges cannot know what it missed: it clears
+/// its whole cache when it comes back.
+#[tokio::test]
+async fn a_node_away_longer_than_max_age_clears_its_cache() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path()).await else {
+        return;
+    };
+    let origin = TestOrigin::start().await;
+    cacheable(&origin, PATH, "");
+    cacheable(&origin, "/fleet/other.css", "");
+    let fleet = format!(
+        "\n[fleet]\nservers = [\"{}\"]\nreceipt_wait = \"100ms\"\nmax_age = \"1s\"\n",
+        nats.url()
+    );
+    let (dir_a, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node(&origin, dir_a.path(), "edge-a", &fleet).await;
+    let c_node = node(&origin, dir_c.path(), "edge-c", &fleet).await;
+    ready(&a).await;
+    ready(&c_node).await;
+    let c = client();
+    for p in [PATH, "/fleet/other.css"] {
+        get(&c, &c_node, p).await;
+    }
+    admin::settled(&c_node, 2).await;
+    c_node.stop().await;
+    purge(&client(), &a, json!({ "urls": [PATH] })).await;
+    // The purge expires from the stream while C is away.
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+
+    let c_node = node(&origin, dir_c.path(), "edge-c", &fleet).await;
+    ready(&c_node).await;
+    let (_, body) = admin_get(&c_node, "/fleet").await;
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["cleared"], 1, "{status}");
+    for p in [PATH, "/fleet/other.css"] {
+        assert_eq!(
+            get(&c, &c_node, p).await.x_cache(),
+            "MISS",
+            "{p}: the cache was cleared"
+        );
+    }
+}
+
+async fn admin_get_url(url: &str) -> (u16, String) {
+    let r = send(&client(), "GET", url, &[], None).await;
+    (r.status, r.text())
+}
