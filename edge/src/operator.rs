@@ -94,13 +94,7 @@ impl outpost_fleet::Applier for FleetApplier {
         let path = path.to_string();
         async move {
             let (meta, size, body) = engine.pushed_body(&path).await?;
-            let header = |name: http::header::HeaderName| {
-                meta.headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string()
-            };
+            let header = |name| header_text(&meta, name);
             let object = outpost_fleet::PushedObject {
                 sha256: header(http::header::ETAG).trim_matches('"').to_string(),
                 size,
@@ -114,8 +108,17 @@ impl outpost_fleet::Applier for FleetApplier {
     }
 }
 
-/// A fresh id for something this node sends to the fleet.
-fn fleet_id(node: &str, what: &str) -> String {
+/// A stored header's value as text (empty when absent or not text).
+fn header_text(meta: &crate::cache::meta::CachedMeta, name: http::header::HeaderName) -> String {
+    meta.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A fresh id for a purge or push (receipts, logs, and the fleet's message ids).
+fn fresh_id(node: &str, what: &str) -> String {
     blake3::hash(format!("{node}:{what}:{:?}", std::time::SystemTime::now()).as_bytes()).to_hex()
         [..16]
         .to_string()
@@ -148,17 +151,7 @@ impl EdgeOperator {
             all = req.all,
             "purge applied"
         );
-        let id = blake3::hash(
-            format!(
-                "{}:{}:{:?}",
-                self.node,
-                outcome.seq,
-                std::time::SystemTime::now()
-            )
-            .as_bytes(),
-        )
-        .to_hex()[..16]
-            .to_string();
+        let id = fresh_id(&self.node, &outcome.seq.to_string());
         Ok(PurgeReceipt {
             id,
             seq: outcome.seq,
@@ -228,13 +221,7 @@ impl EdgeOperator {
             let Some((meta, size, body)) = self.engine.pushed_body(path).await else {
                 return;
             };
-            let header = |name: http::header::HeaderName| {
-                meta.headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string()
-            };
+            let header = |name| header_text(&meta, name);
             let headers = outpost_purge_api::PushHeaders {
                 content_type: header(http::header::CONTENT_TYPE),
                 cache_control: header(http::header::CACHE_CONTROL),
@@ -321,7 +308,7 @@ impl AdminBackend for EdgeOperator {
                 Ok((info, created)) => {
                     this.forward_push(&info.path).await;
                     if let Some(fleet) = &this.fleet {
-                        let id = fleet_id(&this.node, &info.path);
+                        let id = fresh_id(&this.node, &info.path);
                         match fleet.announce_push(id, &info.path).await {
                             Ok(outpost_fleet::Published::Pending(why)) => {
                                 warn!(path = %info.path, reason = %why, "push stored here; fleet delivery pending")
@@ -358,7 +345,7 @@ impl AdminBackend for EdgeOperator {
         async move {
             let deleted = this.engine.delete_pushed(&path).await;
             if deleted && let Some(fleet) = &this.fleet {
-                let id = fleet_id(&this.node, &path);
+                let id = fresh_id(&this.node, &path);
                 if let Err(e) = fleet.announce_delete(id, &path).await {
                     warn!(path, error = %e, "pushed object deleted here; not sent to the fleet");
                 }

@@ -44,15 +44,25 @@ async fn node(origin: &TestOrigin, dir: &Path, name: &str, fleet: &str) -> Edge 
 }
 
 async fn admin_get(edge: &Edge, path: &str) -> (u16, String) {
-    let r = send(
-        &client(),
-        "GET",
-        &edge.admin_url(path),
-        &[("authorization", &admin::bearer(admin::ROOT))],
-        None,
-    )
-    .await;
+    admin_get_url(&edge.admin_url(path)).await
+}
+
+/// GET with the root token (a node without tokens ignores it).
+async fn admin_get_url(url: &str) -> (u16, String) {
+    let bearer = admin::bearer(admin::ROOT);
+    let r = send(&client(), "GET", url, &[("authorization", &bearer)], None).await;
     (r.status, r.text())
+}
+
+/// `n` cacheable origin paths `/<dir>/<i>.css`.
+fn cacheable_paths(origin: &TestOrigin, dir: &str, n: usize) -> Vec<&'static str> {
+    let paths: Vec<&'static str> = (0..n)
+        .map(|i| &*Box::leak(format!("/{dir}/{i}.css").into_boxed_str()))
+        .collect();
+    for p in &paths {
+        cacheable(origin, p, "");
+    }
+    paths
 }
 
 async fn ready(edge: &Edge) {
@@ -215,12 +225,7 @@ async fn a_node_that_was_down_catches_up_before_it_is_ready() {
         return;
     };
     let origin = TestOrigin::start().await;
-    let paths: Vec<&'static str> = (0..20)
-        .map(|i| &*Box::leak(format!("/fleet/o{i}.css").into_boxed_str()))
-        .collect();
-    for p in &paths {
-        cacheable(&origin, p, "");
-    }
+    let paths = cacheable_paths(&origin, "fleet/o", 20);
     // C is away for most purges: their receipts wait for it this long.
     let fleet = fleet_section(&nats, "300ms");
     let (dir_a, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -359,12 +364,7 @@ async fn a_node_killed_with_sigkill_replays_500_purges_before_it_is_ready() {
         return;
     };
     let origin = TestOrigin::start().await;
-    let paths: Vec<&'static str> = (0..500)
-        .map(|i| &*Box::leak(format!("/k/{i}.css").into_boxed_str()))
-        .collect();
-    for p in &paths {
-        cacheable(&origin, p, "");
-    }
+    let paths = cacheable_paths(&origin, "k", 500);
     let fleet = fleet_section(&nats, "10s");
     let (dir_a, dir_c, logs) = (
         tempfile::tempdir().unwrap(),
@@ -470,9 +470,4 @@ async fn a_node_away_longer_than_max_age_clears_its_cache() {
             "{p}: the cache was cleared"
         );
     }
-}
-
-async fn admin_get_url(url: &str) -> (u16, String) {
-    let r = send(&client(), "GET", url, &[], None).await;
-    (r.status, r.text())
 }
