@@ -606,7 +606,7 @@ impl EdgeConfig {
         let fleet = raw
             .fleet
             .as_ref()
-            .and_then(|f| fleet_config(&mut d, f, &name, cache_dir.as_deref()));
+            .and_then(|f| fleet_config(&mut d, f, raw.name.as_ref(), cache_dir.as_deref()));
         d.finish(|| EdgeConfig {
             role,
             name,
@@ -665,7 +665,7 @@ impl EdgeConfig {
 fn fleet_config(
     d: &mut Diagnostics,
     raw: &RawFleet,
-    node: &str,
+    name: Option<&Setting<String>>,
     cache_dir: Option<&Path>,
 ) -> Option<outpost_fleet::FleetConfig> {
     use outpost_fleet::FleetAuth;
@@ -698,12 +698,26 @@ fn fleet_config(
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     };
-    if !key_ok(node) {
-        d.missing(
-            "name",
-            "fleet mode names each node in NATS: use letters, digits, '-' and '_' only",
-        );
-    }
+    // Each node's own name: two nodes under one name would share a consumer, and neither
+    // would apply the other's purges.
+    let node = match name {
+        Some(n) if key_ok(&n.value) => n.value.clone(),
+        Some(n) => {
+            d.error(
+                "name",
+                n,
+                "fleet mode names each node in NATS: use letters, digits, '-' and '_' only",
+            );
+            String::new()
+        }
+        None => {
+            d.missing(
+                "name",
+                "fleet mode needs each node's own name: set `name` or pass --name",
+            );
+            String::new()
+        }
+    };
     let stream = raw
         .stream
         .as_ref()
@@ -792,7 +806,7 @@ fn fleet_config(
     }
     Some(outpost_fleet::FleetConfig {
         servers,
-        node: node.to_string(),
+        node,
         stream,
         auth,
         tls_ca_file: raw.tls_ca_file.as_ref().map(|s| d.path(s)),
@@ -1109,6 +1123,12 @@ mod tests {
         assert_eq!(f.state_dir, PathBuf::from("/var/cache/outpost/fleet"));
         // Without [fleet], no fleet.
         assert!(load(base).unwrap().fleet.is_none());
+        // Fleet mode needs each node's own name: the default would be shared.
+        let e = load(
+            "listen = \"127.0.0.1:8080\"\norigin = \"http://127.0.0.1:9000\"\n[fleet]\nservers = [\"nats://a:4222\"]\nstate_dir = \"/tmp/f\"\n",
+        )
+        .unwrap_err();
+        assert!(e.mentions("name"), "{e}");
 
         // Every mistake at once: no servers, a dotted node name, a bad stream name, two kinds
         // of credentials, a bad wait, and nowhere to keep the outbox.

@@ -174,7 +174,15 @@ impl EdgeOperator {
         use outpost_fleet::Published;
         let published = match fleet.publish(receipt.id.clone(), req).await {
             Ok(p) => p,
-            Err(e) => Published::Pending(format!("the fleet outbox could not be written: {e}")),
+            Err(e) => {
+                // Applied here, and it will never reach the others: say so, and fail.
+                warn!(id = %receipt.id, error = %e, "purge applied here; the fleet outbox could not be written");
+                receipt.nodes[0].ok = false;
+                receipt.nodes[0].error = Some(format!(
+                    "applied here only: the fleet outbox could not be written ({e}); purge again"
+                ));
+                return;
+            }
         };
         let seq = match published {
             Published::At(seq) => seq,

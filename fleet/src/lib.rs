@@ -168,6 +168,10 @@ pub struct NodeReport {
     pub at_ms: u64,
     /// Caught up with the stream since its start.
     pub ready: bool,
+    /// A random id of the reporting process: two processes reporting under one name (a copied
+    /// config) are told apart, and warned about.
+    #[serde(default)]
+    pub instance: u64,
 }
 
 /// One node in a receipt or in [`FleetStatus`].
@@ -225,6 +229,8 @@ pub struct FleetCounters {
     pub publish_failures: AtomicU64,
     /// Objects pushed (or deleted) on other nodes and applied here.
     pub pushes_applied: AtomicU64,
+    /// Announced pushes that could not be stored here (logged; the stream goes on).
+    pub push_failures: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,8 +257,20 @@ pub struct Fleet {
     js: jetstream::Context,
     applier: Arc<dyn Applier>,
     outbox: Outbox,
-    /// Wakes the outbox task.
+    /// Wakes the outbox task, the one sender: purges, pushes and deletes go out in the order
+    /// they were accepted.
     outbox_kick: Notify,
+    /// Callers waiting for their outbox entry's sequence.
+    waiters: Mutex<
+        std::collections::HashMap<PathBuf, tokio::sync::oneshot::Sender<Result<u64, String>>>,
+    >,
+    /// This process's id in its reports.
+    instance: u64,
+    /// When this node last reported (reports are spaced while a backlog is applied).
+    last_report: Mutex<Option<Instant>>,
+    /// The stream's creation time (Unix ns) the applied sequence counts in: a stream made anew
+    /// restarts its sequences.
+    stream_created: AtomicU64,
     /// Nodes as reported in the bucket.
     nodes: Mutex<BTreeMap<String, NodeReport>>,
     /// Signalled whenever `nodes` changes.
@@ -270,6 +288,22 @@ pub struct Fleet {
     pub counters: FleetCounters,
 }
 
+/// The object store's digest of a body whose SHA-256 is `hex`: `SHA-256=` and its URL-safe
+/// base64.
+fn object_digest(hex: &str) -> String {
+    use base64::Engine as _;
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    format!(
+        "SHA-256={}",
+        base64::engine::general_purpose::URL_SAFE.encode(bytes)
+    )
+}
+
+/// While a backlog is applied, a node reports its progress this often.
+const REPORT_EVERY: Duration = Duration::from_millis(250);
+
 /// How long one pull request for purges lives on the server.
 const PULL_EXPIRES: Duration = Duration::from_secs(4);
 
@@ -279,15 +313,42 @@ const PUSH_SEND_WAIT: Duration = Duration::from_secs(30);
 /// A purge delivered and not acknowledged within this long is delivered again.
 const ACK_WAIT: Duration = Duration::from_secs(5);
 
+/// Why a message was not published; `permanent`: it never will be.
+struct SendError {
+    permanent: bool,
+    message: String,
+}
+
+impl SendError {
+    fn transient(message: String) -> Self {
+        Self {
+            permanent: false,
+            message,
+        }
+    }
+
+    fn permanent(message: String) -> Self {
+        Self {
+            permanent: true,
+            message,
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Reads this node's applied sequence (0 when never recorded).
-fn read_applied(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+/// Reads this node's applied sequence and the creation time (Unix ns) of the stream it counts
+/// in (0 when not recorded).
+fn read_applied(path: &Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut parts = text.split_whitespace();
+    let seq = parts.next()?.parse().ok()?;
+    let created = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    Some((seq, created))
 }
 
 impl Fleet {
@@ -301,7 +362,7 @@ impl Fleet {
             source,
         };
         let outbox = Outbox::open(&cfg.state_dir.join("outbox")).map_err(state)?;
-        let applied = read_applied(&cfg.state_dir.join("applied")).unwrap_or(0);
+        let (applied, created) = read_applied(&cfg.state_dir.join("applied")).unwrap_or((0, 0));
         let mut opts = async_nats::ConnectOptions::new()
             .name(format!("outpost {}", cfg.node))
             .retry_on_initial_connect()
@@ -351,6 +412,13 @@ impl Fleet {
             applier,
             outbox,
             outbox_kick: Notify::new(),
+            waiters: Mutex::new(std::collections::HashMap::new()),
+            instance: {
+                use std::hash::{BuildHasher, RandomState};
+                RandomState::new().hash_one((std::process::id(), now_ms())) | 1
+            },
+            last_report: Mutex::new(None),
+            stream_created: AtomicU64::new(created),
             nodes: Mutex::new(BTreeMap::new()),
             nodes_changed: Notify::new(),
             applied: AtomicU64::new(applied),
@@ -483,46 +551,52 @@ impl Fleet {
     }
 
     /// Into the outbox, then to NATS within `wait` (or later, by the outbox task).
+    /// The outbox task is the only sender, so what this node accepted goes out in order and
+    /// never twice at once; the caller waits up to `wait` for its entry's sequence.
     async fn publish_outgoing(&self, out: Outgoing, wait: Duration) -> io::Result<Published> {
         let file = self.outbox.add(&out)?;
-        let sent = tokio::time::timeout(wait, self.send(&out)).await;
-        match sent {
-            Ok(Ok(seq)) => {
-                self.outbox.remove(&file);
-                Ok(Published::At(seq))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(file.clone(), tx);
+        self.outbox_kick.notify_one();
+        let answer = tokio::time::timeout(wait, rx).await;
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&file);
+        Ok(match answer {
+            Ok(Ok(Ok(seq))) => Published::At(seq),
+            Ok(Ok(Err(e))) => Published::Pending(e),
+            Ok(Err(_)) | Err(_) => {
+                let last = self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                Published::Pending(match last {
+                    Some(e) => format!("NATS did not acknowledge within {wait:?} ({e})"),
+                    None => format!("NATS did not acknowledge within {wait:?}"),
+                })
             }
-            Ok(Err(e)) => {
-                self.counters
-                    .publish_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                self.outbox_kick.notify_one();
-                Ok(Published::Pending(e))
-            }
-            Err(_) => {
-                self.counters
-                    .publish_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                self.outbox_kick.notify_one();
-                Ok(Published::Pending(format!(
-                    "NATS did not acknowledge within {:?}",
-                    self.cfg.receipt_wait
-                )))
-            }
-        }
+        })
     }
 
     /// Publishes one message (a push's bytes first) and waits for its acknowledgement.
-    async fn send(&self, out: &Outgoing) -> Result<u64, String> {
+    async fn send(&self, out: &Outgoing) -> Result<u64, SendError> {
         let (subject, id, payload) = match out {
             Outgoing::Purge(purge) => (
                 self.subject(),
                 &purge.id,
-                serde_json::to_vec(purge).map_err(|e| e.to_string())?,
+                serde_json::to_vec(purge).map_err(|e| SendError::permanent(e.to_string()))?,
             ),
             Outgoing::Push { id, path } => {
                 let object = match self.applier.read_pushed(path).await {
                     Some((object, body)) => {
-                        self.upload(&object, body).await?;
+                        self.upload(&object, body)
+                            .await
+                            .map_err(SendError::transient)?;
                         Some(object)
                     }
                     // Deleted since: its own announcement follows.
@@ -542,9 +616,13 @@ impl Fleet {
             .js
             .send_publish(subject, msg)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| SendError {
+                permanent: e.kind()
+                    == async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded,
+                message: e.to_string(),
+            })?
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SendError::transient(e.to_string()))?;
         if !ack.duplicate {
             self.counters.published.fetch_add(1, Ordering::Relaxed);
         }
@@ -596,23 +674,52 @@ impl Fleet {
             .map_err(|e| e.to_string())
     }
 
-    /// Stores an object another node pushed, from the object store.
+    /// Applies a push announcement, in stream order, whichever node made it: the object from
+    /// the object store (unless this node already holds those bytes), or its deletion. `Err`:
+    /// worth trying again (NATS did not answer).
     async fn fetch_pushed(&self, push: &FleetPush) -> Result<(), String> {
+        let path = &outpost_purge_api::path::encode_object_path(&push.path);
+        if !push.path.starts_with('/')
+            || outpost_purge_api::path::object_path(path).as_deref() != Ok(push.path.as_str())
+        {
+            warn!(path = %push.path, "fleet: a push announcement names an invalid path; skipped");
+            return Ok(());
+        }
         let Some(object) = &push.object else {
-            return self.applier.delete_pushed(&push.path).await;
+            return self
+                .applier
+                .delete_pushed(&push.path)
+                .await
+                .map_err(|e| format!("store: {e}"));
         };
+        if let Some((held, _)) = self.applier.read_pushed(&push.path).await
+            && held.sha256 == object.sha256
+        {
+            return Ok(());
+        }
         let store = self.objects().await?;
         let body = match store.get(&object.sha256).await {
-            Ok(o) => tokio_util::io::ReaderStream::new(o)
-                .map(|r| r.map_err(|e| e.to_string()))
-                .boxed(),
-            Err(e) => {
+            Ok(o) => {
+                if o.info.digest.as_deref() != Some(object_digest(&object.sha256).as_str()) {
+                    warn!(path = %push.path, "fleet: a pushed object's bytes in the object store do not match its announcement; not stored here");
+                    return Ok(());
+                }
+                tokio_util::io::ReaderStream::new(o)
+                    .map(|r| r.map_err(|e| e.to_string()))
+                    .boxed()
+            }
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => {
                 // Expired from the store (older than max_age): nothing to fetch.
-                warn!(path = %push.path, error = %e, "fleet: a pushed object's bytes are gone from the object store; not stored here");
+                warn!(path = %push.path, "fleet: a pushed object's bytes are gone from the object store; not stored here");
                 return Ok(());
             }
+            Err(e) => return Err(e.to_string()),
         };
-        let stored = self.applier.store_pushed(&push.path, object, body).await?;
+        let stored = self
+            .applier
+            .store_pushed(&push.path, object, body)
+            .await
+            .map_err(|e| format!("store: {e}"))?;
         if stored != object.sha256 {
             self.applier.delete_pushed(&push.path).await?;
             return Err(format!(
@@ -648,6 +755,7 @@ impl Fleet {
                 applied: self.applied.load(Ordering::Acquire),
                 at_ms: now_ms(),
                 ready: self.ready(),
+                instance: self.instance,
             },
         );
         nodes
@@ -739,13 +847,27 @@ impl Fleet {
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         self.last_seq.fetch_max(last, Ordering::AcqRel);
         let applied = self.applied.load(Ordering::Acquire);
-        // Purges this node never saw have expired (or the stream was made anew): it cannot
-        // know what they purged, so it clears everything.
-        let missed = applied > last || (applied < last && applied + 1 < first);
+        let created = u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0);
+        let known = self.stream_created.load(Ordering::Acquire);
+        // Purges this node never saw have expired, or the stream was made anew (its sequences
+        // start again): it cannot know what they purged, so it clears everything.
+        let missed = (known != 0 && known != created)
+            || applied > last
+            || (applied < last && applied + 1 < first);
+        self.stream_created.store(created, Ordering::Release);
         // A new consumer starts after what this node applied (after everything, once it has
         // cleared its cache); an existing one goes on from its own acknowledgements.
         let start = if missed { last + 1 } else { applied + 1 };
         let name = format!("node-{}", self.cfg.node);
+        // A consumer left from before resumes where it acknowledged, which can differ from what
+        // this node recorded (a crash between the two, a restored or wiped cache directory):
+        // this node's record decides, so it is made again from there.
+        if let Ok(mut existing) = stream.get_consumer::<consumer::pull::Config>(&name).await
+            && let Ok(ci) = existing.info().await
+            && ci.ack_floor.stream_sequence + 1 != start
+        {
+            let _ = stream.delete_consumer(&name).await;
+        }
         let consumer: consumer::PullConsumer = stream
             .get_or_create_consumer(
                 &name,
@@ -756,6 +878,9 @@ impl Fleet {
                     },
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: ACK_WAIT,
+                    // One at a time: a purge is applied, and counted applied, only after every
+                    // one before it, even when one is delivered again.
+                    max_ack_pending: 1,
                     ..Default::default()
                 },
             )
@@ -794,17 +919,37 @@ impl Fleet {
             .map_err(|e| e.to_string())?;
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(|e| e.to_string())?;
-            let seq = msg.info().map_err(|e| e.to_string())?.stream_sequence;
+            let (seq, pending) = {
+                let i = msg.info().map_err(|e| e.to_string())?;
+                (i.stream_sequence, i.pending)
+            };
+            let retry = async |what: &str, e: String| {
+                warn!(seq, error = %e, "fleet: {what}; trying again in a second");
+                let _ = msg
+                    .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            };
             if msg.subject.as_str() == self.push_subject() {
                 match serde_json::from_slice::<FleetPush>(&msg.payload) {
-                    Ok(push) if push.origin != self.cfg.node => {
-                        if let Err(e) = self.fetch_pushed(&push).await {
-                            warn!(seq, path = %push.path, error = %e, "fleet: a pushed object was not stored here");
-                        } else {
-                            self.counters.pushes_applied.fetch_add(1, Ordering::Relaxed);
+                    // Every node's, this one's too: pushes and deletes of one path made on two
+                    // nodes end the same everywhere, in stream order.
+                    Ok(push) => match self.fetch_pushed(&push).await {
+                        Ok(()) => {
+                            if push.origin != self.cfg.node {
+                                self.counters.pushes_applied.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
-                    }
-                    Ok(_) => {}
+                        Err(e) if e.starts_with("store:") => {
+                            // This node could not store it (disk full, say): logged and
+                            // counted, and the stream goes on.
+                            self.counters.push_failures.fetch_add(1, Ordering::Relaxed);
+                            warn!(seq, path = %push.path, error = %e, "fleet: a pushed object was not stored here");
+                        }
+                        Err(e) => {
+                            retry("a pushed object could not be fetched", e).await;
+                            continue;
+                        }
+                    },
                     Err(e) => {
                         warn!(seq, error = %e, "fleet: a push announcement does not parse; skipped")
                     }
@@ -812,7 +957,10 @@ impl Fleet {
             } else {
                 match serde_json::from_slice::<FleetPurge>(&msg.payload) {
                     Ok(purge) if purge.origin != self.cfg.node => {
-                        self.applier.apply(&purge.request).await?;
+                        if let Err(e) = self.applier.apply(&purge.request).await {
+                            retry("a purge could not be applied", e).await;
+                            continue;
+                        }
                         self.counters.applied.fetch_add(1, Ordering::Relaxed);
                         if !self.caught_up.load(Ordering::Acquire) {
                             self.counters.replayed.fetch_add(1, Ordering::Relaxed);
@@ -827,9 +975,12 @@ impl Fleet {
             }
             msg.ack().await.map_err(|e| e.to_string())?;
             self.last_seq.fetch_max(seq, Ordering::AcqRel);
-            self.record(seq).await;
+            // Reports are spaced while a backlog is applied; the last of one goes out at once.
+            self.save_applied(seq);
             if seq >= target {
                 self.mark_caught_up().await;
+            } else if pending == 0 || self.report_due() {
+                self.report().await;
             }
         }
         Err("the purge stream's subscription ended".into())
@@ -841,25 +992,46 @@ impl Fleet {
                 applied = self.applied.load(Ordering::Acquire),
                 "fleet: caught up with the purge stream; ready"
             );
-            self.record(self.applied.load(Ordering::Acquire)).await;
         }
+        self.report().await;
     }
 
-    /// Records `seq` as applied: in this node's file, then in the bucket.
+    /// Records `seq` as applied and reports it.
     async fn record(&self, seq: u64) {
+        self.save_applied(seq);
+        self.report().await;
+    }
+
+    /// Records `seq` as applied in this node's file (with the stream it counts in).
+    fn save_applied(&self, seq: u64) {
         self.applied.fetch_max(seq, Ordering::AcqRel);
         let seq = self.applied.load(Ordering::Acquire);
+        let created = self.stream_created.load(Ordering::Acquire);
         let path = self.cfg.state_dir.join("applied");
         let tmp = path.with_extension("tmp");
-        if let Err(e) =
-            std::fs::write(&tmp, seq.to_string()).and_then(|()| std::fs::rename(&tmp, &path))
+        if let Err(e) = std::fs::write(&tmp, format!("{seq} {created}"))
+            .and_then(|()| std::fs::rename(&tmp, &path))
         {
             warn!(error = %e, file = %path.display(), "fleet: the applied sequence could not be saved");
         }
+    }
+
+    /// Whether a report is due while a backlog is applied (one every [`REPORT_EVERY`]).
+    fn report_due(&self) -> bool {
+        self.last_report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| t.elapsed() >= REPORT_EVERY)
+    }
+
+    /// Reports this node's applied sequence to the fleet.
+    async fn report(&self) {
+        *self.last_report.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let report = NodeReport {
-            applied: seq,
+            applied: self.applied.load(Ordering::Acquire),
             at_ms: now_ms(),
             ready: self.caught_up.load(Ordering::Acquire),
+            instance: self.instance,
         };
         let Ok(json) = serde_json::to_vec(&report) else {
             return;
@@ -906,6 +1078,14 @@ impl Fleet {
                 continue;
             };
             if let Ok(r) = serde_json::from_slice::<NodeReport>(&msg.payload) {
+                if node == self.cfg.node && r.instance != 0 && r.instance != self.instance {
+                    let e = format!(
+                        "another process reports as node {node}: every node of a fleet needs its own name"
+                    );
+                    warn!("fleet: {e}");
+                    *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    continue;
+                }
                 self.nodes
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -916,21 +1096,48 @@ impl Fleet {
         Err("the node reports' subscription ended".into())
     }
 
-    /// Publishes what waits in the outbox, oldest first, whenever NATS can take it.
+    /// Publishes what waits in the outbox, oldest first, whenever NATS can take it: the one
+    /// sender of everything this node accepted.
     async fn drain_outbox_forever(self: Arc<Self>) {
+        let mut reported: Option<String> = None;
         loop {
             let waiting = self.outbox.waiting();
             let mut stuck = false;
             for w in waiting {
-                match self.send(&w.message).await {
+                let answer = match self.send(&w.message).await {
                     Ok(seq) => {
-                        info!(seq, "fleet: a purge or push from the outbox published");
                         self.outbox.remove(&w.file);
+                        reported = None;
+                        Ok(seq)
                     }
-                    Err(_) => {
+                    Err(e) if e.permanent => {
+                        // It can never be published (larger than NATS takes): set aside, so
+                        // what follows it is not held up for ever.
+                        warn!(file = %w.file.display(), error = %e.message, "fleet: an outbox entry NATS refuses for good; set aside (.bad)");
+                        self.outbox.set_aside(&w.file);
+                        Err(e.message)
+                    }
+                    Err(e) => {
+                        self.counters
+                            .publish_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        if reported.as_deref() != Some(e.message.as_str()) {
+                            warn!(error = %e.message, waiting = self.outbox.depth(), "fleet: cannot publish to NATS; purges and pushes wait in the outbox");
+                            reported = Some(e.message.clone());
+                        }
+                        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(e.message);
                         stuck = true;
                         break;
                     }
+                };
+                let waiter = self
+                    .waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&w.file);
+                if let Some(tx) = waiter {
+                    let _ = tx.send(answer);
                 }
             }
             let pause = if stuck {

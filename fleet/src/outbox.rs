@@ -81,6 +81,12 @@ impl Outbox {
         }
     }
 
+    /// Sets an entry aside (`.bad`): it can never be published.
+    pub fn set_aside(&self, file: &Path) {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = std::fs::rename(file, file.with_extension("bad"));
+    }
+
     /// Everything waiting, oldest first. A file that does not parse is set aside
     /// (`.bad`), with a warning: it can never be published.
     pub fn waiting(&self) -> Vec<Waiting> {

@@ -152,14 +152,16 @@ async fn a_purge_on_one_node_reaches_every_node_with_a_receipt() {
     assert_eq!(receipt["nodes"].as_array().unwrap().len(), 3, "{receipt}");
 
     // The metrics say who published and who applied.
-    let metric = async |edge: &Edge, line: &str| {
-        let (status, body) = admin_get(edge, "/metrics").await;
-        status == 200 && body.lines().any(|l| l == line)
+    let metric = async |edge: &Edge, name: &str| -> f64 {
+        let (_, body) = admin_get(edge, "/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics:\n{body}"))
     };
-    assert!(metric(&nodes[0], "outpost_fleet_purges_published_total 1").await);
-    assert!(metric(&nodes[0], "outpost_fleet_connected 1.0").await);
-    assert!(metric(&nodes[2], "outpost_fleet_purges_applied_total 2").await);
-    assert!(metric(&nodes[2], "outpost_fleet_outbox_purges 0.0").await);
+    assert!(metric(&nodes[0], "outpost_fleet_purges_published_total").await >= 1.0);
+    assert_eq!(metric(&nodes[0], "outpost_fleet_connected").await, 1.0);
+    assert!(metric(&nodes[2], "outpost_fleet_purges_applied_total").await >= 2.0);
+    assert_eq!(metric(&nodes[2], "outpost_fleet_outbox_purges").await, 0.0);
 }
 
 #[tokio::test]
@@ -226,8 +228,7 @@ async fn a_node_that_was_down_catches_up_before_it_is_ready() {
     };
     let origin = TestOrigin::start().await;
     let paths = cacheable_paths(&origin, "fleet/o", 20);
-    // C is away for most purges: their receipts wait for it this long.
-    let fleet = fleet_section(&nats, "300ms");
+    let fleet = fleet_section(&nats, "10s");
     let (dir_a, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = node(&origin, dir_a.path(), "edge-a", &fleet).await;
     let c_node = node(&origin, dir_c.path(), "edge-c", &fleet).await;
@@ -238,11 +239,13 @@ async fn a_node_that_was_down_catches_up_before_it_is_ready() {
         get(&c, &c_node, p).await;
     }
     admin::settled(&c_node, paths.len() as u64).await;
+    sees_nodes(&a, 2).await;
     c_node.stop().await;
 
     // 20 purges while C is away: each receipt lists C as pending.
     for p in &paths {
-        let receipt = purge(&client(), &a, json!({ "urls": [p] })).await;
+        // C is away: each receipt waits 300 ms for it.
+        let receipt = purge(&client(), &a, json!({ "urls": [p], "wait_ms": 300 })).await;
         let c_entry = receipt["nodes"]
             .as_array()
             .unwrap()
@@ -280,8 +283,11 @@ async fn a_node_that_was_down_catches_up_before_it_is_ready() {
         status["applied"].as_u64().unwrap() >= status["last_seq"].as_u64().unwrap(),
         "{status}"
     );
-    // The 20 purges and the CLI's.
-    assert_eq!(status["replayed"], paths.len() + 1, "{status}");
+    // The 20 purges and the CLI's, all before ready.
+    assert!(
+        status["replayed"].as_u64() >= Some(paths.len() as u64 + 1),
+        "{status}"
+    );
     for p in &paths {
         assert_eq!(
             get(&c, &c_node, p).await.x_cache(),
@@ -415,8 +421,8 @@ async fn a_node_killed_with_sigkill_replays_500_purges_before_it_is_ready() {
     .await;
     let (_, body) = admin_get_url(&c_node.admin_url("/fleet")).await;
     let status: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        status["replayed"], 500,
+    assert!(
+        status["replayed"].as_u64() >= Some(500),
         "all replayed before ready: {status}"
     );
     assert!(
@@ -440,7 +446,7 @@ async fn a_node_away_longer_than_max_age_clears_its_cache() {
     cacheable(&origin, PATH, "");
     cacheable(&origin, "/fleet/other.css", "");
     let fleet = format!(
-        "\n[fleet]\nservers = [\"{}\"]\nreceipt_wait = \"100ms\"\nmax_age = \"1s\"\n",
+        "\n[fleet]\nservers = [\"{}\"]\nreceipt_wait = \"2s\"\nmax_age = \"1s\"\n",
         nats.url()
     );
     let (dir_a, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
