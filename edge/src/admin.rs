@@ -202,6 +202,9 @@ impl AdminState {
                 }
                 _ => plain(StatusCode::OK, "ready"),
             },
+            p if p.starts_with("/fleet/nodes/") => {
+                self.forget_node(&req, &p["/fleet/nodes/".len()..]).await
+            }
             "/fleet" => match &self.operator.fleet {
                 Some(fleet) => json(&fleet.status()),
                 None => admin_error(AdminError::NotFound(
@@ -242,6 +245,45 @@ impl AdminState {
             }
             _ => admin_error(AdminError::NotFound(format!(
                 "{path} (the admin port serves /, /healthz, /readyz, /metrics, /stats, /usage, /fleet, /purge, /objects and /tls/reload)"
+            ))),
+        }
+    }
+}
+
+impl AdminState {
+    /// `DELETE /fleet/nodes/<name>` (the `purge` scope): a node that left the fleet for good
+    /// stops holding up receipts. 404 when the fleet does not know it; 400 for this node.
+    async fn forget_node(&self, req: &Request<Incoming>, node: &str) -> Response<RespBody> {
+        if req.method() != http::Method::DELETE {
+            return admin_error(AdminError::MethodNotAllowed {
+                path: "/fleet/nodes/<name>",
+                allow: "DELETE",
+            });
+        }
+        if let Err(e) = self
+            .auth
+            .load()
+            .check(req.headers(), outpost_purge_api::Scope::Purge)
+        {
+            return admin_error(AdminError::Auth(e));
+        }
+        let Some(fleet) = &self.operator.fleet else {
+            return admin_error(AdminError::NotFound(
+                "/fleet: this node is not in a fleet (no [fleet] section)".into(),
+            ));
+        };
+        if node == fleet.node() {
+            return admin_error(AdminError::bad_request(
+                "this is the node you are asking: stop it, then forget it from another node",
+            ));
+        }
+        match fleet.forget(node).await {
+            Ok(true) => plain(StatusCode::OK, &format!("{node} forgotten\n")),
+            Ok(false) => admin_error(AdminError::NotFound(format!(
+                "/fleet/nodes/{node}: the fleet has no such node"
+            ))),
+            Err(e) => admin_error(AdminError::Unavailable(format!(
+                "NATS did not take the change: {e}"
             ))),
         }
     }

@@ -502,7 +502,7 @@ impl Reloader {
     /// Applies what can change live: cache-key options, versioned URLs, admin tokens,
     /// `public_metrics`, and the TLS certificates and handshake timeout (already loaded and
     /// checked by the config; open connections keep going). Returns one message per setting that changed but needs a restart
-    /// (addresses, cache directory and sizes, origin, shields, role, name); those keep their
+    /// (addresses, cache directory and sizes, origin, shields, role, name, fleet); those keep their
     /// running values. A token error rejects the whole reload.
     pub fn apply(&self, new: EdgeConfig) -> Result<Vec<String>, String> {
         let auth = outpost_purge_api::Auth::from_config_and_env(new.admin_tokens.clone())
@@ -541,6 +541,7 @@ impl Reloader {
             cur.tls.as_ref().map(|t| t.listen) != new.tls.as_ref().map(|t| t.listen),
         );
         check("upstream", cur.upstream_tls != new.upstream_tls);
+        check("fleet", cur.fleet != new.fleet);
         self.proxy.reload(route_of(&new));
         self.auth.store(Arc::new(auth));
         self.public_metrics

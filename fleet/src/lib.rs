@@ -172,6 +172,10 @@ pub struct NodeReport {
     /// config) are told apart, and warned about.
     #[serde(default)]
     pub instance: u64,
+    /// An operator took this node out of the fleet ([`Fleet::forget`]): receipts stop waiting
+    /// for it. A node still running reports again and is back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forgotten: bool,
 }
 
 /// One node in a receipt or in [`FleetStatus`].
@@ -756,6 +760,7 @@ impl Fleet {
                 at_ms: now_ms(),
                 ready: self.ready(),
                 instance: self.instance,
+                forgotten: false,
             },
         );
         nodes
@@ -768,6 +773,34 @@ impl Fleet {
                 reported_at_ms: r.at_ms,
             })
             .collect()
+    }
+
+    /// Takes a node that left for good out of the fleet's receipts (its last report is
+    /// replaced by a tombstone). `Ok(false)` when no such node is known.
+    pub async fn forget(&self, node: &str) -> Result<bool, String> {
+        let known = self
+            .nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(node);
+        if !known {
+            return Ok(false);
+        }
+        let tombstone = NodeReport {
+            applied: 0,
+            at_ms: now_ms(),
+            ready: false,
+            instance: 0,
+            forgotten: true,
+        };
+        let json = serde_json::to_vec(&tombstone).map_err(|e| e.to_string())?;
+        self.js
+            .publish(self.node_subject(node), json.into())
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(true)
     }
 
     pub fn status(&self) -> FleetStatus {
@@ -1032,6 +1065,7 @@ impl Fleet {
             at_ms: now_ms(),
             ready: self.caught_up.load(Ordering::Acquire),
             instance: self.instance,
+            forgotten: false,
         };
         let Ok(json) = serde_json::to_vec(&report) else {
             return;
@@ -1078,6 +1112,18 @@ impl Fleet {
                 continue;
             };
             if let Ok(r) = serde_json::from_slice::<NodeReport>(&msg.payload) {
+                if r.forgotten {
+                    self.nodes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(node);
+                    self.nodes_changed.notify_waiters();
+                    if node == self.cfg.node {
+                        // Still here: back in the fleet.
+                        self.report().await;
+                    }
+                    continue;
+                }
                 if node == self.cfg.node && r.instance != 0 && r.instance != self.instance {
                     let e = format!(
                         "another process reports as node {node}: every node of a fleet needs its own name"

@@ -477,3 +477,79 @@ async fn a_node_away_longer_than_max_age_clears_its_cache() {
         );
     }
 }
+
+/// A node that left for good holds up every receipt as pending until an operator forgets it
+/// (`DELETE /fleet/nodes/<name>`, purge scope); a node still running comes back by itself.
+#[tokio::test]
+async fn a_node_that_left_is_forgotten_and_a_running_one_comes_back() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path()).await else {
+        return;
+    };
+    let origin = TestOrigin::start().await;
+    let fleet = fleet_section(&nats, "10s");
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = node(&origin, dirs[0].path(), "edge-a", &fleet).await;
+    let b = node(&origin, dirs[1].path(), "edge-b", &fleet).await;
+    let gone = node(&origin, dirs[2].path(), "edge-gone", &fleet).await;
+    for n in [&a, &b, &gone] {
+        ready(n).await;
+    }
+    sees_nodes(&a, 3).await;
+    gone.stop().await;
+    let r = purge(&client(), &a, json!({ "all": true, "wait_ms": 200 })).await;
+    assert!(
+        !r["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["ok"] == true),
+        "{r}"
+    );
+
+    let forget = async |target: &Edge, name: &str, token: &str| {
+        send(
+            &client(),
+            "DELETE",
+            &target.admin_url(&format!("/fleet/nodes/{name}")),
+            &[("authorization", &admin::bearer(token))],
+            None,
+        )
+        .await
+    };
+    // The purge scope is needed; unknown nodes and the node itself are refused.
+    assert_eq!(forget(&a, "edge-gone", admin::READER).await.status, 403);
+    assert_eq!(forget(&a, "edge-nobody", admin::ROOT).await.status, 404);
+    assert_eq!(forget(&a, "edge-a", admin::ROOT).await.status, 400);
+    let r = forget(&a, "edge-gone", admin::ROOT).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    sees_nodes(&a, 2).await;
+    let r = purge(&client(), &a, json!({ "all": true })).await;
+    assert_eq!(r["nodes"].as_array().unwrap().len(), 2, "{r}");
+    assert!(
+        r["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["ok"] == true),
+        "{r}"
+    );
+
+    // Forgetting a node that still runs: it reports again (after the tombstone) and is back.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert_eq!(forget(&a, "edge-b", admin::ROOT).await.status, 200);
+    eventually("edge-b reports again", async || {
+        let (_, body) = admin_get(&a, "/fleet").await;
+        serde_json::from_str::<Value>(&body).is_ok_and(|v| {
+            v["nodes"].as_array().is_some_and(|nodes| {
+                nodes
+                    .iter()
+                    .any(|n| n["node"] == "edge-b" && n["reported_at_ms"].as_u64() >= Some(before))
+            })
+        })
+    })
+    .await;
+}
