@@ -208,6 +208,8 @@ pub struct FleetStatus {
     pub ready: bool,
     /// The stream's last sequence, as last seen.
     pub last_seq: u64,
+    /// How long the stream keeps purges, in seconds, as NATS last said (0: not seen yet).
+    pub max_age_secs: u64,
     pub applied: u64,
     pub outbox: u64,
     pub published: u64,
@@ -275,6 +277,8 @@ pub struct Fleet {
     /// The stream's creation time (Unix ns) the applied sequence counts in: a stream made anew
     /// restarts its sequences.
     stream_created: AtomicU64,
+    /// The purge stream's `max_age` in seconds, as NATS last said.
+    stream_max_age: AtomicU64,
     /// Nodes as reported in the bucket.
     nodes: Mutex<BTreeMap<String, NodeReport>>,
     /// Signalled whenever `nodes` changes.
@@ -423,6 +427,7 @@ impl Fleet {
             },
             last_report: Mutex::new(None),
             stream_created: AtomicU64::new(created),
+            stream_max_age: AtomicU64::new(0),
             nodes: Mutex::new(BTreeMap::new()),
             nodes_changed: Notify::new(),
             applied: AtomicU64::new(applied),
@@ -811,6 +816,7 @@ impl Fleet {
             connected: self.connected(),
             ready: self.ready(),
             last_seq: self.last_seq.load(Ordering::Acquire),
+            max_age_secs: self.stream_max_age.load(Ordering::Relaxed),
             applied: self.applied.load(Ordering::Acquire),
             outbox: self.outbox_depth(),
             published: c.published.load(Ordering::Relaxed),
@@ -826,19 +832,52 @@ impl Fleet {
         }
     }
 
+    /// The purge stream, made if missing; a stream made with another `max_age` or replica
+    /// count (the config changed since) is updated to this node's.
     async fn stream(&self) -> Result<stream::Stream, String> {
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: self.cfg.stream.clone(),
-                subjects: vec![self.subject(), self.push_subject()],
-                storage: stream::StorageType::File,
-                max_age: self.cfg.max_age,
-                num_replicas: self.cfg.replicas,
-                duplicate_window: Duration::from_secs(120).min(self.cfg.max_age),
-                ..Default::default()
-            })
+        let config = stream::Config {
+            name: self.cfg.stream.clone(),
+            subjects: vec![self.subject(), self.push_subject()],
+            storage: stream::StorageType::File,
+            max_age: self.cfg.max_age,
+            num_replicas: self.cfg.replicas,
+            duplicate_window: Duration::from_secs(120).min(self.cfg.max_age),
+            ..Default::default()
+        };
+        let mut stream = self
+            .js
+            .get_or_create_stream(config.clone())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let current = stream
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .config
+            .clone();
+        if current.max_age != config.max_age || current.num_replicas != config.num_replicas {
+            info!(
+                max_age = ?config.max_age,
+                replicas = config.num_replicas,
+                "fleet: updating the purge stream to this node's settings"
+            );
+            let update = stream::Config {
+                duplicate_window: current.duplicate_window.min(config.max_age),
+                ..config
+            };
+            match self.js.update_stream(&update).await {
+                Ok(info) => self
+                    .stream_max_age
+                    .store(info.config.max_age.as_secs(), Ordering::Relaxed),
+                Err(e) => {
+                    warn!(error = %e, "fleet: the purge stream's settings could not be updated")
+                }
+            }
+        } else {
+            self.stream_max_age
+                .store(current.max_age.as_secs(), Ordering::Relaxed);
+        }
+        Ok(stream)
     }
 
     /// The node reports' stream: like a key-value bucket (the last message per subject), made

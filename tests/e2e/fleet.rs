@@ -553,3 +553,31 @@ async fn a_node_that_left_is_forgotten_and_a_running_one_comes_back() {
     })
     .await;
 }
+
+/// A changed `fleet.max_age` reaches the stream the fleet already made.
+#[tokio::test]
+async fn a_changed_max_age_updates_the_stream() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path()).await else {
+        return;
+    };
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let max_age_of = async |edge: &Edge| {
+        let (_, body) = admin_get(edge, "/fleet").await;
+        serde_json::from_str::<Value>(&body).ok()?["max_age_secs"].as_u64()
+    };
+    for (max_age, secs) in [("1h", 3600), ("2h", 7200)] {
+        let fleet = format!(
+            "\n[fleet]\nservers = [\"{}\"]\nmax_age = \"{max_age}\"\n",
+            nats.url()
+        );
+        let a = node(&origin, dir.path(), "edge-a", &fleet).await;
+        ready(&a).await;
+        eventually("the stream keeps purges as configured", async || {
+            max_age_of(&a).await == Some(secs)
+        })
+        .await;
+        a.stop().await;
+    }
+}
