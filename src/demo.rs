@@ -104,7 +104,7 @@ pub async fn run(args: DemoArgs, shutdown: impl std::future::Future<Output = ()>
     let p = args.base_port;
     let top = if args.tls { 2003 } else { 1003 };
     if args.edges == 0 || u32::from(p) + top + u32::from(args.edges) > 65535 {
-        eprintln!(
+        errln!(
             "outpost demo: --edges must be at least 1 and --base-port leave room for P+{} and its admin ports (+1000){}",
             2 + args.edges,
             if args.tls {
@@ -133,7 +133,7 @@ pub async fn run(args: DemoArgs, shutdown: impl std::future::Future<Output = ()>
         None
     };
     if !args.site.join("index.html").is_file() {
-        eprintln!(
+        errln!(
             "outpost demo: no sample site at {} (run from the repository root, or pass --site DIR)",
             args.site.display()
         );
@@ -156,7 +156,7 @@ pub async fn run(args: DemoArgs, shutdown: impl std::future::Future<Output = ()>
     ) {
         Ok(c) => c,
         Err(e) => {
-            eprint!("{e}");
+            errout!("{e}");
             return ExitCode::from(64);
         }
     };
@@ -250,7 +250,7 @@ pub async fn run(args: DemoArgs, shutdown: impl std::future::Future<Output = ()>
         let cfg = match node_cfg(role, name, *port, shield) {
             Ok(c) => c,
             Err(e) => {
-                eprint!("{e}");
+                errout!("{e}");
                 return ExitCode::from(64);
             }
         };
@@ -288,14 +288,14 @@ pub async fn run(args: DemoArgs, shutdown: impl std::future::Future<Output = ()>
 
     print_table(&args, p, tls.as_ref().map(|t| t.ca.as_path()), &token);
     if nats.is_some() {
-        println!(
+        outln!(
             "Fleet: every node joins nats-server on {} (JetStream); see http://{}/fleet",
             addr(p + NATS_OFFSET),
             addr(p + 1003)
         );
     }
     shutdown.await;
-    println!("stopping the demo…");
+    outln!("stopping the demo…");
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
@@ -320,7 +320,7 @@ async fn start_nats(store: &std::path::Path, port: u16) -> Result<tokio::process
         .map(|d| d.join("nats-server"))
         .find(|p| p.is_file());
     let Some(bin) = found else {
-        eprintln!(
+        errln!(
             "outpost demo --fleet needs nats-server (NATS with JetStream), which is not installed.\n\
              On Debian or Ubuntu: sudo apt install nats-server; elsewhere see https://docs.nats.io/running-a-nats-service/introduction/installation"
         );
@@ -359,7 +359,7 @@ async fn start_nats(store: &std::path::Path, port: u16) -> Result<tokio::process
 }
 
 fn fail(what: &str, e: &str) -> ExitCode {
-    eprintln!("outpost demo: cannot start the {what}: {e}");
+    errln!("outpost demo: cannot start the {what}: {e}");
     ExitCode::FAILURE
 }
 
@@ -372,9 +372,9 @@ fn print_table(args: &DemoArgs, p: u16, ca: Option<&std::path::Path>, token: &st
     };
     let row = |component: &str, role: &str, data: String, admin: String, tls: String| {
         let line = format!("{component:<10} {role:<8} {data:<24} {admin:<24} {tls}");
-        println!("{}", line.trim_end());
+        outln!("{}", line.trim_end());
     };
-    println!("Outpost demo is running (Ctrl-C stops everything)\n");
+    outln!("Outpost demo is running (Ctrl-C stops everything)\n");
     let tls_header = if ca.is_some() { "https" } else { "" };
     row(
         "component",
@@ -413,47 +413,47 @@ fn print_table(args: &DemoArgs, p: u16, ca: Option<&std::path::Path>, token: &st
             https(Some(p + 3 + i)),
         );
     }
-    println!("\nTry:");
-    println!(
+    outln!("\nTry:");
+    outln!(
         "  curl -sI http://{}/                      # through the selector: x-cache MISS, then HIT",
         addr(p)
     );
-    println!(
+    outln!(
         "  curl -s  http://{}/nodes                 # which edge got the connections",
         addr(p + 1000)
     );
-    println!(
+    outln!(
         "  curl -s  http://{}/metrics | grep hit_ratio",
         addr(p + 1003)
     );
-    println!(
+    outln!(
         "  curl -s  http://{}/stats                 # rolling windows, top missed URLs",
         addr(p + 1003)
     );
-    println!(
+    outln!(
         "  open http://{}/ in a browser             # edge-1's status page with a live chart",
         addr(p + 1003)
     );
-    println!(
+    outln!(
         "  curl -s -X POST -H 'Authorization: Bearer {token}' -d '{{\"urls\":[\"/\"]}}' http://{}/purge",
         addr(p + 1003)
     );
-    println!(
+    outln!(
         "  curl -s -X PUT -H 'Authorization: Bearer {token}' --data-binary @README.md http://{}/objects/readme.txt",
         addr(p + 1003)
     );
-    println!(
+    outln!(
         "  OUTPOST_ADMIN_TOKEN={token} outpost purge --admin http://{} --tag html",
         addr(p + 1003)
     );
     if let Some(ca) = ca {
-        println!(
+        outln!(
             "  curl -sI --cacert {} https://localhost:{}/   # HTTPS (h2) at edge-1",
             ca.display(),
             p + 3 + TLS_OFFSET
         );
-        println!("\nCA certificate (for curl --cacert): {}", ca.display());
+        outln!("\nCA certificate (for curl --cacert): {}", ca.display());
     }
-    println!("\nadmin token (purge, push, read on every node): {token}");
-    println!("cache directories: {}", args.cache_dir.display());
+    outln!("\nadmin token (purge, push, read on every node): {token}");
+    outln!("cache directories: {}", args.cache_dir.display());
 }

@@ -7,6 +7,31 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// `println!` that does not panic when stdout is closed (`outpost demo | head`, a reader that
+/// went away): what cannot be written is dropped, and the command goes on (and drains).
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `eprintln!` that does not panic on a closed stderr.
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// `eprint!` that does not panic on a closed stderr.
+macro_rules! errout {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod demo;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -243,7 +268,7 @@ fn main() -> ExitCode {
             match runtime().block_on(outpost_edge::stats_client::run(&args.admin, args.watch)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("outpost stats: {e}");
+                    errln!("outpost stats: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -252,7 +277,7 @@ fn main() -> ExitCode {
 }
 
 fn client_failed(cmd: &str, e: &outpost_purge_api::ClientError) -> ExitCode {
-    eprintln!("outpost {cmd}: {e}");
+    errln!("outpost {cmd}: {e}");
     if e.is_usage() {
         ExitCode::from(EXIT_CONFIG as u8)
     } else {
@@ -273,14 +298,14 @@ fn run_purge(args: PurgeArgs) -> ExitCode {
     };
     match runtime().block_on(outpost_purge_api::run_purge(req)) {
         Ok(receipt) => {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&receipt).unwrap_or_default()
             );
             if receipt.all_ok() {
                 ExitCode::SUCCESS
             } else {
-                eprintln!("outpost purge: some nodes did not apply the purge (see nodes)");
+                errln!("outpost purge: some nodes did not apply the purge (see nodes)");
                 ExitCode::FAILURE
             }
         }
@@ -299,7 +324,7 @@ fn run_push(args: PushArgs) -> ExitCode {
     };
     match runtime().block_on(outpost_purge_api::run_push(req)) {
         Ok(summary) => {
-            println!(
+            outln!(
                 "pushed {} files ({} new), {} bytes in {:.1}s; {} failed",
                 summary.files_ok(),
                 summary.created(),
@@ -308,7 +333,7 @@ fn run_push(args: PushArgs) -> ExitCode {
                 summary.failed.len()
             );
             for f in &summary.failed {
-                eprintln!("  failed: {}: {}", f.file.display(), f.reason);
+                errln!("  failed: {}: {}", f.file.display(), f.reason);
             }
             if summary.is_success() {
                 ExitCode::SUCCESS
@@ -343,7 +368,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn config_failed(e: &ConfigErrors) -> ExitCode {
-    eprint!("{e}");
+    errout!("{e}");
     ExitCode::from(EXIT_CONFIG as u8)
 }
 
@@ -417,7 +442,7 @@ fn run_edge(args: EdgeArgs) -> ExitCode {
             }
             Err(e) => {
                 error!(error = %e, "edge failed to start");
-                eprintln!("outpost edge: {e}");
+                errln!("outpost edge: {e}");
                 ExitCode::FAILURE
             }
         }
@@ -482,12 +507,12 @@ fn run_origin(args: OriginArgs) -> ExitCode {
             Ok(server) => match server.run(shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("outpost origin: {e}");
+                    errln!("outpost origin: {e}");
                     ExitCode::FAILURE
                 }
             },
             Err(e) => {
-                eprintln!("outpost origin: cannot start: {e}");
+                errln!("outpost origin: cannot start: {e}");
                 ExitCode::FAILURE
             }
         }
@@ -512,7 +537,7 @@ fn run_selector(args: SelectorArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("outpost selector: {e}");
+                errln!("outpost selector: {e}");
                 ExitCode::FAILURE
             }
         }

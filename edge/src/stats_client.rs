@@ -1,5 +1,6 @@
 //! `outpost stats --admin URL [--watch]`: fetches a node's `/stats` and prints a compact table.
 
+use std::io::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -131,12 +132,16 @@ fn disk_admissions(a: &std::collections::BTreeMap<String, u64>) -> String {
 pub async fn run(admin: &str, watch: bool) -> Result<(), String> {
     loop {
         let s = fetch(admin).await?;
+        let mut frame = String::new();
         if watch {
             // Clear the screen and go home, then draw.
-            print!("\x1b[2J\x1b[H");
+            frame.push_str("\x1b[2J\x1b[H");
         }
-        print!("{}", render(&s));
-        if !watch {
+        frame.push_str(&render(&s));
+        let mut out = std::io::stdout().lock();
+        let written = out.write_all(frame.as_bytes()).and_then(|()| out.flush());
+        // A reader that went away (`outpost stats --watch | head`) ends the watch quietly.
+        if !watch || written.is_err() {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -254,3 +254,50 @@ fn demo_with_fleet_joins_every_node_to_nats() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `outpost demo | head -1`, then Ctrl-C: the reader is gone when the demo says it is
+/// stopping. It must not panic on the closed pipe (exit 101, nothing drained): it stops and
+/// exits 0.
+#[test]
+fn demo_with_a_closed_stdout_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_demo_base(&[0, 1, 2, 3, 1000, 1001, 1002, 1003]);
+    let mut child = Command::new(BIN)
+        .current_dir(repo())
+        .args(["demo", "--edges", "1", "--base-port", &base.to_string()])
+        .arg("--cache-dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start outpost demo");
+    let stdout = child.stdout.take().unwrap();
+    // Read until the table is out, then close the pipe (as `head` does).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let started = lines.any(|l| l.is_ok_and(|l| l.contains("Try:")));
+        let _ = tx.send(started);
+        // `lines` (the read end) is dropped here.
+    });
+    let started = rx.recv_timeout(Duration::from_secs(30)).unwrap_or(false);
+    if !started {
+        let _ = child.kill();
+        panic!("the demo did not start on --base-port {base}");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "demo did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "demo exit status {status} with a closed stdout"
+    );
+}
