@@ -441,7 +441,7 @@ fn run_edge(args: EdgeArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                error!(error = %e, "edge failed to start");
+                // Once, on stderr (a tracing line as well said it twice).
                 errln!("outpost edge: {e}");
                 ExitCode::FAILURE
             }

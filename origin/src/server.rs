@@ -53,8 +53,17 @@ pub struct OriginServer {
 
 impl OriginServer {
     /// Binds the listening socket (port 0 picks a free port; see [`OriginServer::local_addr`]).
+    /// A bind error names the address (and the flag that changes it).
     pub async fn bind(cfg: OriginConfig) -> std::io::Result<OriginServer> {
-        let listener = TcpListener::bind(cfg.listen).await?;
+        let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot bind listen address {} (change it with --listen or `listen`): {e}",
+                    cfg.listen
+                ),
+            )
+        })?;
         let local_addr = listener.local_addr()?;
         Ok(OriginServer {
             listener,

@@ -138,3 +138,38 @@ async fn cli_purge_by_tag_prints_a_receipt() {
     assert_eq!(get(&c, &edge, "/t/two.txt").await.x_cache(), "HIT");
     edge.stop().await;
 }
+
+/// A busy address: every role says which address and which flag changes it, once, and exits
+/// non-zero.
+#[tokio::test]
+async fn a_busy_address_is_named_once() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let site = crate::support::repo().join("site");
+    let site = site.to_str().unwrap();
+    let runs = [
+        vec!["origin", "--listen", addr.as_str(), "--root", site],
+        vec![
+            "edge",
+            "--listen",
+            addr.as_str(),
+            "--origin",
+            "http://127.0.0.1:9",
+        ],
+    ];
+    for args in runs {
+        let out = cli(&args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.matches(addr.as_str()).count(),
+            1,
+            "{args:?}: once\n{stderr}"
+        );
+        assert!(
+            stderr.contains("listen"),
+            "{args:?}: names the setting\n{stderr}"
+        );
+    }
+    drop(held);
+}
