@@ -117,6 +117,12 @@ async fn pushed_object_is_served_as_a_hit_and_survives_a_restart() {
     assert_eq!(r.x_cache(), "HIT", "{r:?}");
     assert_eq!(r.body.as_ref(), v2.as_slice(), "the replacement is served");
     assert_eq!(r.header("etag"), Some(etag2.as_str()));
+    // Fresh until deleted: Cache-Status says hit and gives no ttl (it used to give ~2^63).
+    let status = r.header("cache-status").unwrap_or_default();
+    assert!(
+        status.contains("; hit") && !status.contains("ttl="),
+        "{status}"
+    );
     edge.stop().await;
 
     let edge = admin::start(&origin, dir.path(), Extra::default()).await;

@@ -47,7 +47,15 @@ pub struct CachedMeta {
     pub purge_seq: u64,
 }
 
+/// `fresh_until_ms` of a pushed (pinned) object: fresh until it is deleted or purged.
+pub const PINNED_UNTIL_MS: u64 = u64::MAX / 2;
+
 impl CachedMeta {
+    /// A pushed object: its freshness has no end to report (`Cache-Status` gives no `ttl`).
+    pub fn pinned(&self) -> bool {
+        self.fresh_until_ms >= PINNED_UNTIL_MS
+    }
+
     pub fn fresh_until(&self) -> SystemTime {
         from_unix_ms(self.fresh_until_ms)
     }

@@ -225,7 +225,7 @@ fn pushed_meta(
         headers,
         policy,
         stored_at_ms: unix_ms(now),
-        fresh_until_ms: u64::MAX / 2,
+        fresh_until_ms: super::meta::PINNED_UNTIL_MS,
         swr_secs: 0,
         sie_secs: 0,
         body_len: size,

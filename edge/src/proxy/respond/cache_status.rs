@@ -18,7 +18,8 @@ pub(super) fn cache_status(
     name: &str,
     err: &Option<crate::cache::upstream::UpstreamError>,
 ) -> String {
-    let ttl = meta.map(|m| {
+    // A pushed object stays fresh until it is deleted or purged: no ttl to give.
+    let ttl = meta.filter(|m| !m.pinned()).map(|m| {
         let fresh = policy::ttl(m, now).as_secs() as i64;
         if fresh > 0 {
             fresh
