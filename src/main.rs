@@ -47,10 +47,18 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[global_allocator]
 static GLOBAL: outpost_alloc::MiMalloc = outpost_alloc::MiMalloc;
 
+/// `0.1.0 (commit 1a2b3c4d5e6f)`: the package version and the commit built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("OUTPOST_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "outpost",
-    version,
+    version = VERSION,
     about = "CDN edge node and origin-shield caching proxy"
 )]
 struct Cli {
@@ -247,6 +255,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    outpost_edge::observe::metrics::set_build_commit(env!("OUTPOST_COMMIT"));
     match cli.command {
         Command::Edge(args) => run_edge(args),
         Command::Origin(args) => run_origin(args),

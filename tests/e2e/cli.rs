@@ -173,3 +173,25 @@ async fn a_busy_address_is_named_once() {
     }
     drop(held);
 }
+
+/// `outpost --version` names the commit the binary was built from, as `/metrics` does
+/// (`outpost_build_info`).
+#[tokio::test]
+async fn version_names_the_commit() {
+    let out = cli(&["--version"]).await;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(out.status.success(), "{text}");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(crate::support::repo())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let want = format!("outpost {} (commit ", env!("CARGO_PKG_VERSION"));
+    assert!(text.starts_with(&want), "{text}");
+    if let Some(head) = head {
+        // The commit built from (a build from a changed tree says so with -dirty).
+        assert!(text.contains(&head), "{text} should name {head}");
+    }
+}

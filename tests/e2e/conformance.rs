@@ -547,7 +547,7 @@ fn write_published_results(conformance: &Path, suite: &Suite, raw: &str) -> Stri
     )
 }
 
-/// `outpost --version` of the binary under test, plus the repository commit when known.
+/// `outpost --version` of the binary under test: its version and the commit it was built from.
 fn outpost_version() -> String {
     let output = Command::new(BIN)
         .arg("--version")
@@ -555,24 +555,10 @@ fn outpost_version() -> String {
         .output()
         .expect("run outpost --version");
     let text = String::from_utf8_lossy(&output.stdout);
-    let version = text
-        .split_whitespace()
-        .last()
+    text.trim()
+        .strip_prefix("outpost ")
         .unwrap_or("unknown")
-        .to_owned();
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(workspace_root())
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .filter(|c| !c.is_empty());
-    match commit {
-        Some(commit) => format!("{version} ({commit})"),
-        None => version,
-    }
+        .to_owned()
 }
 
 fn workspace_root() -> PathBuf {

@@ -253,6 +253,19 @@ async fn known_mix_counts_exactly_in_metrics_and_stats() {
 
     // Hit ratio = (hit + stale) / (hit + stale + miss + revalidated + pass) = 9 / 12.
     assert_eq!(number(&m, "outpost_cache_hit_ratio", &[]), 0.75, "{text}");
+    // The build: an in-process edge was not told its commit by a binary.
+    assert_eq!(
+        number(
+            &m,
+            "outpost_build_info",
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", "unknown")
+            ]
+        ),
+        1.0,
+        "{text}"
+    );
     let byte_ratio = (9 * OBJ_LEN) as f64 / (10 * OBJ_LEN + NOSTORE_LEN + POST_LEN) as f64;
     let got = number(&m, "outpost_cache_byte_hit_ratio", &[]);
     assert!(

@@ -72,6 +72,15 @@ pub struct EdgeMetrics {
     fleet: std::sync::OnceLock<Arc<outpost_fleet::Fleet>>,
 }
 
+/// The commit the binary was built from, for `outpost_build_info` (set once by the binary).
+static BUILD_COMMIT: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Names the commit this process was built from (`outpost_build_info{commit}`); a process that
+/// never says (an embedding, a test) reports `unknown`.
+pub fn set_build_commit(commit: &'static str) {
+    let _ = BUILD_COMMIT.set(commit);
+}
+
 const TOP_CAPACITY: usize = 512;
 
 impl EdgeMetrics {
@@ -632,6 +641,18 @@ impl Collector for EdgeCollector {
         if let Some(fleet) = m.fleet.get() {
             fleet_metrics(&mut enc, fleet)?;
         }
+        gauge(
+            &mut enc,
+            "outpost_build_info",
+            "Always 1: the version and the commit this node was built from.",
+            &[(
+                &[
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("commit", BUILD_COMMIT.get().copied().unwrap_or("unknown")),
+                ],
+                1.0,
+            )],
+        )?;
         gauge(
             &mut enc,
             "outpost_uptime_seconds",
