@@ -46,7 +46,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,17 +66,6 @@ impl Drop for Nats {
     }
 }
 
-fn nats_binary() -> Option<PathBuf> {
-    [
-        "/usr/sbin/nats-server",
-        "/usr/bin/nats-server",
-        "/usr/local/bin/nats-server",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-}
-
 /// A free loopback port (probed: bound, then released for nats-server).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -87,7 +75,7 @@ fn free_port() -> u16 {
 }
 
 async fn start_nats(store: &std::path::Path) -> (Nats, u16) {
-    let bin = nats_binary().unwrap_or_else(|| {
+    let bin = outpost_fleet::nats_server_binary().unwrap_or_else(|| {
         eprintln!("fleet bench: nats-server is not installed (apt install nats-server)");
         std::process::exit(2);
     });
@@ -179,7 +167,7 @@ fn main() {
     };
     let conns = env_u64("OUTPOST_BENCH_CONNS", 4) as usize;
     let purgers = env_u64("OUTPOST_BENCH_PURGERS", 8) as usize;
-    if smoke && nats_binary().is_none() {
+    if smoke && outpost_fleet::nats_server_binary().is_none() {
         eprintln!("fleet bench: skipped (nats-server is not installed)");
         return;
     }

@@ -312,14 +312,7 @@ const NATS_OFFSET: u16 = 900;
 /// Starts `nats-server -js` on 127.0.0.1:`port`, storing in `store`; waits (5 s at most) until
 /// it accepts connections. Exit 69 (unavailable) with how to install it when it is missing.
 async fn start_nats(store: &std::path::Path, port: u16) -> Result<tokio::process::Child, ExitCode> {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain(["/usr/sbin".into(), "/usr/local/bin".into()])
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file());
-    let Some(bin) = found else {
+    let Some(bin) = outpost_fleet::nats_server_binary() else {
         errln!(
             "outpost demo --fleet needs nats-server (NATS with JetStream), which is not installed.\n\
              On Debian or Ubuntu: sudo apt install nats-server; elsewhere see https://docs.nats.io/running-a-nats-service/introduction/installation"

@@ -321,6 +321,18 @@ const PUSH_SEND_WAIT: Duration = Duration::from_secs(30);
 /// A purge delivered and not acknowledged within this long is delivered again.
 const ACK_WAIT: Duration = Duration::from_secs(5);
 
+/// Where `nats-server` is installed: on `PATH`, or in `/usr/sbin` (Debian's package) or
+/// `/usr/local/bin`. For `outpost demo --fleet`, the tests and the bench.
+pub fn nats_server_binary() -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin".into(), "/usr/local/bin".into()])
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
 /// Why a message was not published; `permanent`: it never will be.
 struct SendError {
     permanent: bool,

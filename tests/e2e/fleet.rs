@@ -54,6 +54,18 @@ async fn admin_get_url(url: &str) -> (u16, String) {
     (r.status, r.text())
 }
 
+/// A node's `/fleet` document (`None` while it does not answer one).
+async fn fleet_status_at(admin_url: &str) -> Option<Value> {
+    let (status, body) = admin_get_url(admin_url).await;
+    (status == 200)
+        .then(|| serde_json::from_str(&body).ok())
+        .flatten()
+}
+
+async fn fleet_status(edge: &Edge) -> Option<Value> {
+    fleet_status_at(&edge.admin_url("/fleet")).await
+}
+
 /// `n` cacheable origin paths `/<dir>/<i>.css`.
 fn cacheable_paths(origin: &TestOrigin, dir: &str, n: usize) -> Vec<&'static str> {
     let paths: Vec<&'static str> = (0..n)
@@ -75,12 +87,10 @@ async fn ready(edge: &Edge) {
 /// Waits until `edge`'s `/fleet` lists `n` nodes.
 async fn sees_nodes(edge: &Edge, n: usize) {
     eventually("the node sees every node of the fleet", async || {
-        let (status, body) = admin_get(edge, "/fleet").await;
-        status == 200
-            && serde_json::from_str::<Value>(&body)
-                .ok()
-                .and_then(|v| v["nodes"].as_array().map(Vec::len))
-                == Some(n)
+        fleet_status(edge)
+            .await
+            .and_then(|v| v["nodes"].as_array().map(Vec::len))
+            == Some(n)
     })
     .await;
 }
@@ -96,8 +106,7 @@ async fn cached(edge: &Edge) {
 
 #[tokio::test]
 async fn a_purge_on_one_node_reaches_every_node_with_a_receipt() {
-    let store = tempfile::tempdir().unwrap();
-    let Some(nats) = Nats::start(store.path()).await else {
+    let Some(nats) = Nats::start().await else {
         return;
     };
     let origin = TestOrigin::start().await;
@@ -166,8 +175,7 @@ async fn a_purge_on_one_node_reaches_every_node_with_a_receipt() {
 
 #[tokio::test]
 async fn purges_made_while_nats_is_down_wait_in_the_outbox_across_a_restart() {
-    let store = tempfile::tempdir().unwrap();
-    let Some(mut nats) = Nats::start(store.path()).await else {
+    let Some(mut nats) = Nats::start().await else {
         return;
     };
     let origin = TestOrigin::start().await;
@@ -214,16 +222,14 @@ async fn purges_made_while_nats_is_down_wait_in_the_outbox_across_a_restart() {
     })
     .await;
     eventually("A's outbox is empty", async || {
-        let (_, body) = admin_get(&a, "/fleet").await;
-        serde_json::from_str::<Value>(&body).is_ok_and(|v| v["outbox"] == 0)
+        fleet_status(&a).await.is_some_and(|v| v["outbox"] == 0)
     })
     .await;
 }
 
 #[tokio::test]
 async fn a_node_that_was_down_catches_up_before_it_is_ready() {
-    let store = tempfile::tempdir().unwrap();
-    let Some(nats) = Nats::start(store.path()).await else {
+    let Some(nats) = Nats::start().await else {
         return;
     };
     let origin = TestOrigin::start().await;
@@ -277,8 +283,7 @@ async fn a_node_that_was_down_catches_up_before_it_is_ready() {
 
     let c_node = node(&origin, dir_c.path(), "edge-c", &fleet).await;
     ready(&c_node).await;
-    let (_, body) = admin_get(&c_node, "/fleet").await;
-    let status: Value = serde_json::from_str(&body).unwrap();
+    let status = fleet_status(&c_node).await.expect("/fleet");
     assert!(
         status["applied"].as_u64().unwrap() >= status["last_seq"].as_u64().unwrap(),
         "{status}"
@@ -299,8 +304,7 @@ async fn a_node_that_was_down_catches_up_before_it_is_ready() {
 
 #[tokio::test]
 async fn an_object_pushed_on_one_node_is_a_hit_on_the_others_and_its_delete_follows() {
-    let store = tempfile::tempdir().unwrap();
-    let Some(nats) = Nats::start(store.path()).await else {
+    let Some(nats) = Nats::start().await else {
         return;
     };
     let origin = TestOrigin::start().await;
@@ -365,8 +369,7 @@ async fn an_object_pushed_on_one_node_is_a_hit_on_the_others_and_its_delete_foll
 async fn a_node_killed_with_sigkill_replays_500_purges_before_it_is_ready() {
     use crate::support::admin::HOST;
     use crate::support::proc::Spawn;
-    let store = tempfile::tempdir().unwrap();
-    let Some(nats) = Nats::start(store.path()).await else {
+    let Some(nats) = Nats::start().await else {
         return;
     };
     let origin = TestOrigin::start().await;
@@ -419,8 +422,9 @@ async fn a_node_killed_with_sigkill_replays_500_purges_before_it_is_ready() {
         admin_get_url(&c_node.admin_url("/readyz")).await.0 == 200
     })
     .await;
-    let (_, body) = admin_get_url(&c_node.admin_url("/fleet")).await;
-    let status: Value = serde_json::from_str(&body).unwrap();
+    let status = fleet_status_at(&c_node.admin_url("/fleet"))
+        .await
+        .expect("/fleet");
     assert!(
         status["replayed"].as_u64() >= Some(500),
         "all replayed before ready: {status}"
@@ -438,8 +442,7 @@ async fn a_node_killed_with_sigkill_replays_500_purges_before_it_is_ready() {
 /// its whole cache when it comes back.
 #[tokio::test]
 async fn a_node_away_longer_than_max_age_clears_its_cache() {
-    let store = tempfile::tempdir().unwrap();
-    let Some(nats) = Nats::start(store.path()).await else {
+    let Some(nats) = Nats::start().await else {
         return;
     };
     let origin = TestOrigin::start().await;
@@ -466,8 +469,7 @@ async fn a_node_away_longer_than_max_age_clears_its_cache() {
 
     let c_node = node(&origin, dir_c.path(), "edge-c", &fleet).await;
     ready(&c_node).await;
-    let (_, body) = admin_get(&c_node, "/fleet").await;
-    let status: Value = serde_json::from_str(&body).unwrap();
+    let status = fleet_status(&c_node).await.expect("/fleet");
     assert_eq!(status["cleared"], 1, "{status}");
     for p in [PATH, "/fleet/other.css"] {
         assert_eq!(
@@ -482,8 +484,7 @@ async fn a_node_away_longer_than_max_age_clears_its_cache() {
 /// (`DELETE /fleet/nodes/<name>`, purge scope); a node still running comes back by itself.
 #[tokio::test]
 async fn a_node_that_left_is_forgotten_and_a_running_one_comes_back() {
-    let store = tempfile::tempdir().unwrap();
-    let Some(nats) = Nats::start(store.path()).await else {
+    let Some(nats) = Nats::start().await else {
         return;
     };
     let origin = TestOrigin::start().await;
@@ -542,8 +543,7 @@ async fn a_node_that_left_is_forgotten_and_a_running_one_comes_back() {
         .as_millis() as u64;
     assert_eq!(forget(&a, "edge-b", admin::ROOT).await.status, 200);
     eventually("edge-b reports again", async || {
-        let (_, body) = admin_get(&a, "/fleet").await;
-        serde_json::from_str::<Value>(&body).is_ok_and(|v| {
+        fleet_status(&a).await.is_some_and(|v| {
             v["nodes"].as_array().is_some_and(|nodes| {
                 nodes
                     .iter()
@@ -557,16 +557,12 @@ async fn a_node_that_left_is_forgotten_and_a_running_one_comes_back() {
 /// A changed `fleet.max_age` reaches the stream the fleet already made.
 #[tokio::test]
 async fn a_changed_max_age_updates_the_stream() {
-    let store = tempfile::tempdir().unwrap();
-    let Some(nats) = Nats::start(store.path()).await else {
+    let Some(nats) = Nats::start().await else {
         return;
     };
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let max_age_of = async |edge: &Edge| {
-        let (_, body) = admin_get(edge, "/fleet").await;
-        serde_json::from_str::<Value>(&body).ok()?["max_age_secs"].as_u64()
-    };
+    let max_age_of = async |edge: &Edge| fleet_status(edge).await?["max_age_secs"].as_u64();
     for (max_age, secs) in [("1h", 3600), ("2h", 7200)] {
         let fleet = format!(
             "\n[fleet]\nservers = [\"{}\"]\nmax_age = \"{max_age}\"\n",

@@ -2,7 +2,7 @@
 //! `scripts/test.sh` installs Debian's nats-server when it is missing; without it the fleet
 //! tests skip, loudly.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -11,25 +11,19 @@ use super::ports::free_demo_base;
 pub struct Nats {
     child: Option<Child>,
     pub port: u16,
-    store: PathBuf,
+    /// The JetStream store, removed with the server.
+    store: tempfile::TempDir,
 }
 
 /// The nats-server binary, if installed.
 pub fn binary() -> Option<PathBuf> {
-    [
-        "/usr/sbin/nats-server",
-        "/usr/bin/nats-server",
-        "/usr/local/bin/nats-server",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
+    outpost_fleet::nats_server_binary()
 }
 
 impl Nats {
-    /// Starts a JetStream server on a free port, storing in `store`. `None` (after saying so)
-    /// when nats-server is not installed.
-    pub async fn start(store: &Path) -> Option<Nats> {
+    /// Starts a JetStream server on a free port, storing in a temp dir. `None` (after saying
+    /// so) when nats-server is not installed.
+    pub async fn start() -> Option<Nats> {
         let Some(_) = binary() else {
             eprintln!(
                 "SKIPPED: nats-server is not installed (scripts/test.sh installs it as root)"
@@ -39,7 +33,7 @@ impl Nats {
         let mut nats = Nats {
             child: None,
             port: free_demo_base(&[0]),
-            store: store.to_path_buf(),
+            store: tempfile::tempdir().expect("a temp dir for the JetStream store"),
         };
         nats.restart().await;
         Some(nats)
@@ -60,7 +54,7 @@ impl Nats {
                 &self.port.to_string(),
                 "-sd",
             ])
-            .arg(&self.store)
+            .arg(self.store.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
