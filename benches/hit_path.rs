@@ -288,6 +288,16 @@
 //! 27.8 µs); disk 100 KiB 62.5, 61.4, 64.5% (43.6, 42.9, 44.6 µs) -> 63.8, 65.3, 85.5% (41.8,
 //! 49.3, 43.3 µs). Disk 1 KiB CPU median 24.7 -> 20.3 µs; disk over memory hits per second in
 //! the same run: 0.52x at 1 KiB (target 0.6x). Memory hits unchanged within noise.
+//!
+//! Session 9 (2026-12-05): transparent huge pages off for the process (`outpost_alloc::tune`,
+//! for the memory bound of `benches/memory.rs`). The bench binary of ef33545 run with huge
+//! pages (base) and with `MIMALLOC_ALLOW_THP=0` (new), alternating three times, nothing else
+//! running; runs (CPU/req): memory 1 KiB 96.2, 81.0, 88.3% (10.7, 9.3, 9.1 µs) -> 92.2, 88.6,
+//! 89.5% (8.9, 10.6, 8.7 µs); disk 1 KiB 54.9, 39.6, 46.0% (22.1, 23.9, 21.8 µs) -> 49.1, 55.7,
+//! 46.8% (19.6, 22.4, 20.8 µs); memory 100 KiB 97.5, 96.5, 98.9% (23.5, 23.6, 22.7 µs) -> 79.6,
+//! 94.9, 91.2% (30.4, 25.9, 23.3 µs); disk 100 KiB 56.6, 65.0, 66.1% (49.2, 43.8, 43.4 µs) ->
+//! 57.6, 64.2, 59.0% (44.4, 49.2, 43.5 µs). The cost is on 100 KiB memory hits: median 97.5 ->
+//! 91.2% of plain, 23.5 -> 25.9 µs (bodies on 4 KiB pages). The rest did not move.
 
 mod support;
 

@@ -7,6 +7,15 @@
 //! 128 MiB, and 125 MiB with a purge delay of 0 (the disk case: 168 → 134 MiB). A delay of 0
 //! makes the `free` that empties a page hand it back itself.
 //!
+//! Transparent huge pages are off for the process. mimalloc asks the kernel for huge pages on
+//! its arenas (`madvise(MADV_HUGEPAGE)`, honoured under the common `madvise` THP setting and
+//! under `always`), and a 2 MiB huge page goes back to the kernel only when all of it is free.
+//! A cache frees its bodies in eviction order, scattered over the arena, so nearly every huge
+//! page kept a live block: the same bench peaked at 126-133 MiB (bound 128.25 MiB), and at
+//! 97-100 MiB with huge pages off. The hit path costs the same either way
+//! (`benches/hit_path.rs`). The arena mimalloc maps before `main` is covered too, because the
+//! kernel checks the process's flag at each page fault.
+//!
 //! This crate is the workspace's one place for `unsafe`: [`tune`] sets one integer in
 //! mimalloc's option table. The workspace lints forbid `unsafe` everywhere else.
 
@@ -19,13 +28,30 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// The environment variable that sets the purge delay; an operator's value wins over [`tune`].
 pub const PURGE_DELAY_ENV: &str = "MIMALLOC_PURGE_DELAY";
 
+/// The environment variable that allows transparent huge pages (mimalloc's own): when an
+/// operator sets it, [`tune`] leaves huge pages as mimalloc set them up.
+pub const ALLOW_THP_ENV: &str = "MIMALLOC_ALLOW_THP";
+
 /// Makes freed memory go back to the kernel when its page empties, unless the operator set
-/// `MIMALLOC_PURGE_DELAY` (mimalloc read it at start-up). Call once, early in `main`.
+/// `MIMALLOC_PURGE_DELAY` (mimalloc read it at start-up), and turns transparent huge pages off
+/// for the process unless the operator set `MIMALLOC_ALLOW_THP`. Call once, early in `main`.
 pub fn tune() {
-    if std::env::var_os(PURGE_DELAY_ENV).is_some() {
-        return;
+    if std::env::var_os(PURGE_DELAY_ENV).is_none() {
+        set_purge_delay(0);
     }
-    set_purge_delay(0);
+    if std::env::var_os(ALLOW_THP_ENV).is_none() {
+        // Best effort: a kernel without THP (or without this prctl) has no huge pages to keep.
+        #[cfg(target_os = "linux")]
+        let _ = rustix::thread::disable_transparent_huge_pages(true);
+    }
+}
+
+/// Whether transparent huge pages are off for this process.
+pub fn huge_pages_disabled() -> bool {
+    #[cfg(target_os = "linux")]
+    return rustix::thread::transparent_huge_pages_are_disabled().unwrap_or(false);
+    #[cfg(not(target_os = "linux"))]
+    false
 }
 
 /// The purge delay in effect, in milliseconds.
@@ -69,6 +95,11 @@ mod tests {
         assert_eq!(purge_delay(), 1000);
         tune();
         assert_eq!(purge_delay(), 0);
+        assert_eq!(
+            huge_pages_disabled(),
+            std::env::var_os(ALLOW_THP_ENV).is_none(),
+            "huge pages are off unless the operator allowed them"
+        );
         let v: Vec<u8> = vec![7; 10 << 20];
         drop(v);
     }
