@@ -22,7 +22,9 @@ use tracing::debug;
 
 use crate::cache::Engine;
 use crate::error::EdgeError;
-use crate::observe::metrics::{CACHE_LABELS, EdgeMetrics, hit_ratio};
+use crate::observe::metrics::{
+    CACHE_LABELS, EdgeMetrics, ORIGIN_ERROR_LABELS, STATUS_CLASSES, hit_ratio,
+};
 use crate::observe::window::{Point, WindowStats, Windows};
 use crate::tls::TlsState;
 use outpost_http::body::{RespBody, full, json, plain};
@@ -48,6 +50,8 @@ pub struct AdminState {
     pub public_metrics: Arc<AtomicBool>,
     /// The HTTPS listener's certificates, for `POST /tls/reload`.
     pub tls: Option<Arc<crate::tls::TlsState>>,
+    /// `limits.degraded_after` (0: `/readyz` never says degraded).
+    pub degraded_after: Duration,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
@@ -79,6 +83,24 @@ pub struct Stats {
     pub disk_load: Option<DiskLoad>,
     pub top_missed: Vec<Missed>,
     pub series: Vec<Point>,
+    /// Responses sent to clients, by status class (`outpost_responses`).
+    #[serde(default)]
+    pub responses: std::collections::BTreeMap<String, u64>,
+    /// Upstream requests that failed before a response, by kind (`outpost_origin_errors`).
+    #[serde(default)]
+    pub origin_errors: std::collections::BTreeMap<String, u64>,
+    /// Each upstream, and how long it has failed without answering.
+    #[serde(default)]
+    pub upstreams: Vec<crate::observe::upstreams::UpstreamState>,
+    /// Why `/readyz` says degraded, when it does.
+    #[serde(default)]
+    pub degraded: Option<String>,
+    /// Client connections open on the data listener.
+    #[serde(default)]
+    pub connections_open: u64,
+    /// TLS handshakes on the HTTPS listener, when there is one.
+    #[serde(default)]
+    pub tls_handshakes: Option<crate::tls::HandshakeStats>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone, Copy)]
@@ -151,7 +173,41 @@ impl AdminState {
                 .map(|(url, misses)| Missed { url, misses })
                 .collect(),
             series: self.windows.series(),
+            responses: STATUS_CLASSES
+                .iter()
+                .map(|c| c.to_string())
+                .zip(self.metrics.classes())
+                .collect(),
+            origin_errors: ORIGIN_ERROR_LABELS
+                .iter()
+                .map(|k| k.to_string())
+                .zip(
+                    self.metrics
+                        .origin_errors
+                        .iter()
+                        .map(|v| v.load(Ordering::Relaxed)),
+                )
+                .collect(),
+            upstreams: self.metrics.upstreams.states(),
+            degraded: self.degraded(),
+            connections_open: self.metrics.open_connections(),
+            tls_handshakes: self.metrics.tls_handshakes(),
         }
+    }
+
+    /// "every upstream has failed for 42 s" once that has lasted `degraded_after`: the node
+    /// still serves what it holds (stale copies included), so `/readyz` stays 200 and says so.
+    fn degraded(&self) -> Option<String> {
+        if self.degraded_after.is_zero() {
+            return None;
+        }
+        let d = self.metrics.upstreams.all_failing_for()?;
+        (d >= self.degraded_after).then(|| {
+            format!(
+                "every upstream has failed for {} s without an answer; serving what this node holds",
+                d.as_secs()
+            )
+        })
     }
 
     /// Routes one admin request.
@@ -200,7 +256,10 @@ impl AdminState {
                         ),
                     )
                 }
-                _ => plain(StatusCode::OK, "ready"),
+                _ => match self.degraded() {
+                    Some(why) => plain(StatusCode::OK, &format!("degraded: {why}")),
+                    None => plain(StatusCode::OK, "ready"),
+                },
             },
             p if p.starts_with("/fleet/nodes/") => {
                 self.forget_node(&req, &p["/fleet/nodes/".len()..]).await

@@ -159,6 +159,7 @@ struct RawLimits {
     stale_if_error_wait: Option<Setting<RawDuration>>,
     origin_breaker_failures: Option<Setting<u64>>,
     origin_breaker_cooldown: Option<Setting<RawDuration>>,
+    degraded_after: Option<Setting<RawDuration>>,
     drain_timeout: Option<Setting<RawDuration>>,
     idle_timeout: Option<Setting<RawDuration>>,
     send_timeout: Option<Setting<RawDuration>>,
@@ -240,6 +241,9 @@ pub struct EdgeConfig {
     pub origin_breaker_failures: u32,
     /// How long an open breaker fails requests at once before one probe goes through.
     pub origin_breaker_cooldown: Duration,
+    /// `/readyz` says "degraded" (still 200: the node serves what it holds) once every
+    /// upstream has failed, with no answer, for this long (0: never).
+    pub degraded_after: Duration,
     pub drain_timeout: Duration,
     /// A connection with no request in flight for this long is closed (HTTP/1 keep-alive is
     /// bounded by `header_read_timeout` too).
@@ -481,6 +485,12 @@ impl EdgeConfig {
             },
             None => Vec::new(),
         };
+        let degraded_after = dur(
+            &mut d,
+            "limits.degraded_after",
+            &raw.limits.degraded_after,
+            30,
+        );
         let drain = dur(
             &mut d,
             "limits.drain_timeout",
@@ -634,6 +644,7 @@ impl EdgeConfig {
             upstream_connect_timeout: connect.expect("checked"),
             upstream_first_byte_timeout: first_byte.expect("checked"),
             upstream_max_connections: max_conns.expect("checked"),
+            degraded_after: degraded_after.expect("checked"),
             drain_timeout: drain.expect("checked"),
             upstream_body_timeout: body_timeout.expect("checked"),
             stale_if_error_wait: sie_wait.expect("checked"),

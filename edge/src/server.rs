@@ -328,6 +328,7 @@ impl EdgeServer {
                 memory_capacity: self.cfg.memory,
                 disk_capacity: self.cfg.cache_dir.as_ref().map(|_| self.cfg.disk),
                 tls: self.tls.as_ref().map(|(_, t)| t.clone()),
+                degraded_after: self.cfg.degraded_after,
             });
             let limits = crate::admin::AdminLimits {
                 header_timeout: self.cfg.header_read_timeout,
@@ -343,6 +344,12 @@ impl EdgeServer {
             let _ = stop_tx.send(true);
         });
         let slots = Arc::new(tokio::sync::Semaphore::new(self.cfg.max_connections));
+        self.proxy
+            .metrics
+            .attach_connections(slots.clone(), self.cfg.max_connections);
+        if let Some((_, tls)) = &self.tls {
+            self.proxy.metrics.attach_tls(tls.clone());
+        }
         let mut accept_warnings = outpost_net::AcceptWarnings::new("data");
         let max_line = self.cfg.max_uri_size.min(usize::MAX as u64) as usize + 64;
         let idle = self.cfg.idle_timeout;

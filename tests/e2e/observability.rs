@@ -690,6 +690,150 @@ async fn access_log_has_one_line_per_request_with_its_fields() {
     }
 }
 
+/// Issue 19, item 1: an origin that refuses connections is no longer silent. Five failed
+/// requests give one WARN line naming the origin and the kind (later ones are counted into the
+/// next line, at most one per kind every 10 s), short 502 bodies with `Proxy-Status` and no
+/// internal error text, `outpost_responses_total{class="5xx"}`, the origin's failing time in
+/// `/metrics` and `/stats`, and `/readyz` saying "degraded" (still 200) after
+/// `limits.degraded_after`. Its first answer afterwards is logged with the count.
+#[tokio::test]
+async fn a_failing_origin_is_logged_once_per_kind_and_reported_degraded() {
+    let mut origin = TestOrigin::start().await;
+    origin.route(
+        "/a",
+        Reply::ok("back").header("cache-control", "max-age=60"),
+    );
+    let addr = origin.addr().to_string();
+    origin.stop().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"failing-edge\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"{}\"\n[limits]\ndegraded_after = \"1s\"\norigin_breaker_failures = 0\n",
+            origin.base_url()
+        ),
+    )
+    .expect("write config");
+    let p = spawn_json_edge(&config, &dir.path().join("edge.log"), "info").await;
+    let c = client();
+    for _ in 0..5 {
+        let r = c.get(p.url("/a")).send().await.expect("GET /a");
+        assert_eq!(r.status(), 502);
+        let proxy_status = r
+            .headers()
+            .get("proxy-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            proxy_status.contains("error=connection_refused"),
+            "Proxy-Status: {proxy_status}"
+        );
+        let body = r.text().await.expect("body");
+        assert!(
+            body.len() < 100 && !body.contains("tcp connect") && !body.contains("client error"),
+            "a short body without the internal error chain: {body:?}"
+        );
+    }
+    let failing = |p: &NodeProc| -> Vec<serde_json::Value> {
+        p.events()
+            .into_iter()
+            .filter(|e| e["level"] == "WARN" && e["fields"]["upstream"] == addr.as_str())
+            .collect()
+    };
+    let lines = failing(&p);
+    assert_eq!(
+        lines.len(),
+        1,
+        "one WARN line for five failures: {lines:#?}"
+    );
+    let f = &lines[0]["fields"];
+    assert_eq!(f["kind"], "connect", "{f}");
+    assert_eq!(f["failures"], 1, "{f}");
+    assert!(
+        f["error"].as_str().is_some_and(|e| e.contains("connect")),
+        "the log line has the detail the client did not get: {f}"
+    );
+
+    let admin = p.admin();
+    let metrics = c
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let scrape = Scrape::parse(metrics.lines().map(|l| Ok(l.to_string()))).expect("parse");
+    assert_eq!(
+        number(&scrape, "outpost_responses_total", &[("class", "5xx")]),
+        5.0
+    );
+    assert_eq!(
+        number(
+            &scrape,
+            "outpost_origin_errors_total",
+            &[("kind", "connect")]
+        ),
+        5.0
+    );
+    assert!(
+        number(
+            &scrape,
+            "outpost_upstream_failing_seconds",
+            &[("upstream", addr.as_str())]
+        ) > 0.0
+    );
+
+    // Past `degraded_after`: still 200 (the node serves what it holds), and says why.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let ready = c
+        .get(format!("http://{admin}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+    let text = ready.text().await.expect("text");
+    assert!(
+        text.starts_with("degraded: every upstream has failed"),
+        "{text}"
+    );
+    let stats: serde_json::Value = serde_json::from_slice(
+        &c.get(format!("http://{admin}/stats"))
+            .send()
+            .await
+            .expect("stats")
+            .bytes()
+            .await
+            .expect("body"),
+    )
+    .expect("json");
+    assert!(stats["degraded"].is_string(), "{stats}");
+    assert_eq!(stats["responses"]["5xx"], 5, "{stats}");
+    assert_eq!(stats["upstreams"][0]["failures"], 5, "{stats}");
+
+    // The origin comes back: its first answer is logged with what failed before it.
+    origin.restart().await;
+    let r = c.get(p.url("/a")).send().await.expect("GET /a");
+    assert_eq!(r.status(), 200);
+    let back = p
+        .events()
+        .into_iter()
+        .find(|e| e["level"] == "INFO" && e["fields"]["upstream"] == addr.as_str())
+        .unwrap_or_else(|| panic!("no recovery line:\n{}", p.log_text()));
+    assert_eq!(back["fields"]["failures"], 5, "{back}");
+    let ready = c
+        .get(format!("http://{admin}/readyz"))
+        .send()
+        .await
+        .expect("readyz")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(ready.trim_end(), "ready");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Graceful drain
 // ---------------------------------------------------------------------------------------------

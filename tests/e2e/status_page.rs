@@ -63,7 +63,7 @@ fn body_tag(dom: &str) -> &str {
 
 async fn start_node(origin: &TestOrigin) -> Edge {
     Edge::from_toml(&format!(
-        "name = \"{NODE}\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"{}\"\n",
+        "name = \"{NODE}\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"{}\"\n[limits]\nupstream_first_byte_timeout = \"300ms\"\n",
         origin.base_url()
     ))
     .await
@@ -111,6 +111,19 @@ async fn status_page_renders_and_draws_in_headless_chromium() {
         assert_eq!(x_cache(&r), "PASS");
         let _ = r.bytes().await;
     }
+    // One origin failure (a head later than the first-byte timeout): a 5xx for the client, an
+    // origin error of kind timeout, and the origin failing since (the errors panel). Errors
+    // are left out of the hit ratio.
+    origin.route(
+        "/slow",
+        Reply::ok("late").head_delay(Duration::from_secs(5)),
+    );
+    let r = c
+        .get(format!("http://{}/slow", node.addr))
+        .send()
+        .await
+        .expect("GET /slow");
+    assert_eq!(r.status(), 504);
     // Wait (bounded) until the chart has at least one point: the sampler ticks every second.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -223,6 +236,27 @@ async fn status_page_renders_and_draws_in_headless_chromium() {
     assert!(
         counters.contains("<td>hit</td><td class=\"n\">9</td>"),
         "counters show 9 hits: {counters}"
+    );
+    // The errors panel: responses by class, the failing origin, its errors by kind.
+    let errors = dom
+        .find("id=\"errors-panel\"")
+        .map(|i| &dom[i..])
+        .and_then(|s| s.find("</section>").map(|e| &s[..e]))
+        .unwrap_or_else(|| panic!("errors panel\n{dom}"));
+    for needle in [
+        "2xx responses</td><td class=\"n\">12</td>",
+        "5xx responses</td><td class=\"n\">1</td>",
+        "origin errors: timeout</span><b>1</b>",
+        &format!("{}</span><b>failing for", origin.addr()),
+    ] {
+        assert!(
+            errors.contains(needle),
+            "{needle:?} in the errors panel: {errors}"
+        );
+    }
+    assert!(
+        text_of(&dom, "conns").is_some_and(|n| n.parse::<u64>().is_ok()),
+        "open connections shown\n{errors}"
     );
     // Not in a fleet: the fleet panel stays hidden.
     assert!(

@@ -272,6 +272,16 @@ impl TestOrigin {
         }
     }
 
+    /// Listens again on the address it had before [`TestOrigin::stop`], with its routes and
+    /// counts.
+    pub async fn restart(&mut self) {
+        assert!(self.running.is_none(), "restart a stopped origin");
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .expect("bind the test origin's old address again");
+        self.running = Some(spawn(listener, self.state.clone()));
+    }
+
     /// Stops listening and closes every open connection: the origin is dead from then on.
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {

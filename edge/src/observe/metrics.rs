@@ -28,6 +28,8 @@ pub const ORIGIN_ERROR_LABELS: [&str; 5] = UpstreamError::ORIGIN_KINDS;
 /// Purge kinds and modes in label order.
 pub const PURGE_KINDS: [&str; 4] = ["url", "prefix", "tag", "all"];
 pub const PURGE_MODES: [&str; 2] = ["hard", "soft"];
+/// Status classes in label order.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// The counters every request touches. Each worker thread adds to its own shard (its own
 /// cache lines), so answering requests on many cores never contends on one counter; a scrape
@@ -36,6 +38,8 @@ pub const PURGE_MODES: [&str; 2] = ["hard", "soft"];
 #[repr(align(128))]
 struct RequestShard {
     requests: [[AtomicU64; 3]; 6],
+    /// Responses by status class (1xx to 5xx).
+    classes: [AtomicU64; 5],
     response_bytes: [AtomicU64; 6],
     durations: [AtomicHistogram; 6],
 }
@@ -70,6 +74,12 @@ pub struct EdgeMetrics {
     missed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Fleet mode's state, read at scrape time.
     fleet: std::sync::OnceLock<Arc<outpost_fleet::Fleet>>,
+    /// The upstreams' failures and how long they have lasted.
+    pub upstreams: super::upstreams::Upstreams,
+    /// The data listener's connection slots (open = capacity - available), read at scrape time.
+    connections: std::sync::OnceLock<(Arc<tokio::sync::Semaphore>, usize)>,
+    /// The HTTPS listener's handshake counters, read at scrape time.
+    tls: std::sync::OnceLock<Arc<crate::tls::TlsState>>,
 }
 
 /// The commit the binary was built from, for `outpost_build_info` (set once by the binary).
@@ -97,7 +107,32 @@ impl EdgeMetrics {
             engine: std::sync::OnceLock::new(),
             missed: std::sync::Mutex::new(std::collections::HashMap::new()),
             fleet: std::sync::OnceLock::new(),
+            upstreams: Default::default(),
+            connections: std::sync::OnceLock::new(),
+            tls: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The data listener's connection slots: `capacity` in all, one held per open connection.
+    pub fn attach_connections(&self, slots: Arc<tokio::sync::Semaphore>, capacity: usize) {
+        let _ = self.connections.set((slots, capacity));
+    }
+
+    /// Connections open on the data listener (plain and TLS).
+    pub fn open_connections(&self) -> u64 {
+        self.connections.get().map_or(0, |(s, cap)| {
+            cap.saturating_sub(s.available_permits()) as u64
+        })
+    }
+
+    /// TLS handshake counters come from the HTTPS listener at scrape time.
+    pub fn attach_tls(&self, tls: Arc<crate::tls::TlsState>) {
+        let _ = self.tls.set(tls);
+    }
+
+    /// TLS handshakes (completed, failed, timed out), when the node serves HTTPS.
+    pub fn tls_handshakes(&self) -> Option<crate::tls::HandshakeStats> {
+        self.tls.get().map(|t| t.stats())
     }
 
     /// Fleet counters and each node's lag come from the fleet at scrape time.
@@ -124,12 +159,16 @@ impl EdgeMetrics {
         &self,
         cache: CacheStatus,
         tier: Tier,
+        status: u16,
         bytes: Option<u64>,
         elapsed: Duration,
     ) {
         let c = cache.index();
         let shard = self.shard();
         shard.requests[c][tier.index()].fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = shard.classes.get(usize::from(status / 100).wrapping_sub(1)) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(b) = bytes {
             shard.response_bytes[c].fetch_add(b, Ordering::Relaxed);
         }
@@ -143,6 +182,17 @@ impl EdgeMetrics {
     /// Adds body bytes counted while streaming (length unknown up front).
     pub fn add_bytes(&self, cache: CacheStatus, bytes: u64) {
         self.shard().response_bytes[cache.index()].fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Responses by status class ([`STATUS_CLASSES`]).
+    pub fn classes(&self) -> [u64; 5] {
+        let mut out = [0u64; 5];
+        for shard in &self.shards {
+            for (i, v) in shard.classes.iter().enumerate() {
+                out[i] += v.load(Ordering::Relaxed);
+            }
+        }
+        out
     }
 
     /// Requests answered, by cache result and tier.
@@ -364,6 +414,61 @@ impl Collector for EdgeCollector {
             "Requests answered, by cache result and by the tier that answered.",
             &req_ref,
         )?;
+
+        let classes: Vec<([(&str, &str); 1], u64)> = STATUS_CLASSES
+            .iter()
+            .zip(m.classes())
+            .map(|(c, v)| ([("class", *c)], v))
+            .collect();
+        let classes_ref: Vec<(&[(&str, &str)], u64)> =
+            classes.iter().map(|(l, v)| (&l[..], *v)).collect();
+        counter(
+            &mut enc,
+            "outpost_responses",
+            "Responses sent to clients, by status class.",
+            &classes_ref,
+        )?;
+        gauge(
+            &mut enc,
+            "outpost_connections_open",
+            "Client connections open on the data listener (plain and TLS).",
+            &[(&[], m.open_connections() as f64)],
+        )?;
+        if let Some(t) = m.tls_handshakes() {
+            counter(
+                &mut enc,
+                "outpost_tls_handshakes",
+                "TLS handshakes on the HTTPS listener, by result.",
+                &[
+                    (&[("result", "completed")], t.completed),
+                    (&[("result", "failed")], t.failed),
+                    (&[("result", "timed_out")], t.timed_out),
+                ],
+            )?;
+        }
+        let ups: Vec<(String, f64)> = m
+            .upstreams
+            .states()
+            .into_iter()
+            .map(|u| (u.upstream, u.failing_seconds))
+            .collect();
+        let ups_labels: Vec<[(&str, &str); 1]> = ups
+            .iter()
+            .map(|(u, _)| [("upstream", u.as_str())])
+            .collect();
+        let ups_ref: Vec<(&[(&str, &str)], f64)> = ups_labels
+            .iter()
+            .zip(&ups)
+            .map(|(l, (_, v))| (&l[..], *v))
+            .collect();
+        if !ups_ref.is_empty() {
+            gauge(
+                &mut enc,
+                "outpost_upstream_failing_seconds",
+                "How long each upstream has failed without answering (0 while it answers).",
+                &ups_ref,
+            )?;
+        }
 
         let bytes = m.bytes();
         let b: Vec<[(&str, &str); 1]> = CACHE_LABELS.iter().map(|c| [("cache", *c)]).collect();

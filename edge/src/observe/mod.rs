@@ -4,4 +4,5 @@
 pub mod counting;
 pub mod histogram;
 pub mod metrics;
+pub mod upstreams;
 pub mod window;

@@ -149,6 +149,7 @@ mod tests {
         m.record_request(
             CacheStatus::Miss,
             Tier::None,
+            200,
             Some(100),
             Duration::from_millis(1),
         );
@@ -156,6 +157,7 @@ mod tests {
             m.record_request(
                 CacheStatus::Hit,
                 Tier::Memory,
+                200,
                 Some(100),
                 Duration::from_millis(1),
             );

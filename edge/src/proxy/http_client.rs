@@ -56,6 +56,8 @@ pub struct HyperUpstream {
     body_timeout: Duration,
     breaker: Arc<Breaker>,
     metrics: Option<Arc<crate::observe::metrics::EdgeMetrics>>,
+    /// Failures logged and timed for operators (registered with the node's metrics).
+    health: Option<Arc<crate::observe::upstreams::UpstreamHealth>>,
 }
 
 /// A circuit breaker per upstream (see the module docs).
@@ -159,6 +161,10 @@ impl HyperUpstream {
             body_timeout: cfg.body_timeout,
             breaker: Arc::new(Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown)),
             metrics: cfg.metrics.clone(),
+            health: cfg.metrics.as_ref().map(|m| {
+                m.upstreams
+                    .register(cfg.origin.authority().map_or("upstream", |a| a.as_str()))
+            }),
         }
     }
 
@@ -212,6 +218,7 @@ impl Upstream for HyperUpstream {
         let (mut parts, body) = req.into_parts();
         parts.uri = self.absolute(&parts.uri);
         let metrics = self.metrics.clone();
+        let health = self.health.clone();
         async move {
             let started = std::time::Instant::now();
             let result = if breaker.admit() {
@@ -227,8 +234,13 @@ impl Upstream for HyperUpstream {
             } else {
                 Err(UpstreamError::Unavailable)
             };
-            if let Err(e) = &result {
-                tracing::debug!(error = %e.detail(), "upstream request failed");
+            if let Some(h) = &health {
+                match &result {
+                    Ok(_) => h.answered(),
+                    // The client's request body failed: says nothing about the upstream.
+                    Err(UpstreamError::ClientBody) => {}
+                    Err(e) => h.failed(e),
+                }
             }
             if let Some(m) = metrics {
                 match &result {

@@ -300,8 +300,13 @@ impl Proxy {
         missed: Option<http::uri::PathAndQuery>,
     ) -> Response<RespBody> {
         let elapsed = started.elapsed();
-        self.metrics
-            .record_request(outcome.cache, outcome.tier, len, elapsed);
+        self.metrics.record_request(
+            outcome.cache,
+            outcome.tier,
+            resp.status().as_u16(),
+            len,
+            elapsed,
+        );
         if outcome.cache == CacheStatus::Miss {
             self.metrics
                 .record_miss(missed.as_ref().map_or("/", |p| p.as_str()));

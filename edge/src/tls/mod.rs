@@ -202,7 +202,7 @@ pub enum HandshakeError {
 }
 
 /// Handshake counters (since start).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct HandshakeStats {
     pub completed: u64,
     pub failed: u64,
