@@ -32,6 +32,7 @@ macro_rules! errout {
     }};
 }
 
+mod check;
 mod demo;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -91,6 +92,19 @@ enum Command {
     Push(PushArgs),
     /// Show a node's hit ratio, request rate, origin latency and tier usage.
     Stats(StatsArgs),
+    /// Check a configuration file, as the role's start-up would, and report every problem
+    /// (exit 0 when valid, 64 when not).
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The TOML file to check.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// What the file configures; guessed from its keys when not given.
+    #[arg(long, value_enum)]
+    role: Option<check::Role>,
 }
 
 #[derive(Args)]
@@ -273,6 +287,16 @@ fn main() -> ExitCode {
         )),
         Command::Purge(args) => run_purge(args),
         Command::Push(args) => run_push(args),
+        Command::Check(args) => match check::check(&args.config, args.role) {
+            Ok(role) => {
+                outln!(
+                    "outpost check: {} is a valid {role} configuration",
+                    args.config.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failed(&e),
+        },
         Command::Stats(args) => {
             match runtime().block_on(outpost_edge::stats_client::run(&args.admin, args.watch)) {
                 Ok(()) => ExitCode::SUCCESS,

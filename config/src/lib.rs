@@ -126,39 +126,138 @@ impl Source {
             + 1
     }
 
-    /// Stage one: parse TOML into the raw struct. A syntax error, an unknown field or a wrong
-    /// type stops here (serde cannot continue past it) and is reported with its line and field.
+    /// Stage one on its own: the raw struct, or every problem stage one finds (see
+    /// [`Diagnostics::parse`], which lets stage two report its problems in the same run).
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ConfigErrors> {
-        toml::from_str::<T>(&self.text).map_err(|e| {
-            let line = e.span().map(|s| self.line_of(s.start));
-            let field = e
-                .span()
-                .and_then(|s| self.key_at(s))
-                .unwrap_or_else(|| "(document)".to_string());
-            ConfigErrors::single(ConfigError {
-                origin: self.name.clone(),
-                field,
-                line,
-                message: e.message().trim().to_string(),
-            })
-        })
+        let mut d = Diagnostics::new(self);
+        let raw = d.parse()?;
+        d.finish(|| raw)
     }
 
-    /// Best effort: the key written on the line where a span starts (`key = value`), or the
-    /// table header (`[table]`) for errors that point at a whole table.
+    /// The error toml reports, located: its line and the dotted key it points at.
+    fn located(&self, e: &toml::de::Error) -> ConfigError {
+        ConfigError {
+            origin: self.name.clone(),
+            field: e
+                .span()
+                .and_then(|s| self.key_at(s))
+                .unwrap_or_else(|| "(document)".to_string()),
+            line: e.span().map(|s| self.line_of(s.start)),
+            message: with_suggestion(e.message().trim()),
+        }
+    }
+
+    /// Best effort: the dotted key written on the line where a span starts (`key = value`,
+    /// prefixed by the table it is in), or the table header (`[table]`) for errors that point
+    /// at a whole table.
     fn key_at(&self, span: Range<usize>) -> Option<String> {
         let start = span.start.min(self.text.len());
         let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
         let line = self.text[line_start..].lines().next()?.trim();
-        if let Some(inner) = line.strip_prefix('[') {
-            let inner = inner.trim_start_matches('[');
-            let name = inner.split(']').next()?.trim();
-            return (!name.is_empty()).then(|| name.to_string());
+        if let Some(name) = header_name(line) {
+            return Some(name);
         }
         let (key, _) = line.split_once('=')?;
         let key = key.trim().trim_matches('"');
-        (!key.is_empty()).then(|| key.to_string())
+        if key.is_empty() {
+            return None;
+        }
+        let table = self.text[..line_start]
+            .lines()
+            .rev()
+            .find_map(|l| header_name(l.trim()));
+        Some(match table {
+            Some(t) => format!("{t}.{key}"),
+            None => key.to_string(),
+        })
     }
+}
+
+/// serde's "unknown field `memroy`, expected one of `dir`, `memory`, ..." with the closest
+/// expected name put first: "unknown field `memroy` (did you mean `memory`?), expected ...".
+fn with_suggestion(message: &str) -> String {
+    let names = |s: &str| -> Vec<String> {
+        s.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    let Some((head, rest)) = message
+        .split_once(", expected one of ")
+        .or_else(|| message.split_once(", expected "))
+    else {
+        return message.to_string();
+    };
+    let (Some(unknown), candidates) = (names(head).pop(), names(rest)) else {
+        return message.to_string();
+    };
+    if !head.starts_with("unknown field") {
+        return message.to_string();
+    }
+    let best = candidates
+        .iter()
+        .map(|c| (strsim::jaro_winkler(&unknown, c), c))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match best {
+        Some((score, name)) if score >= 0.8 => {
+            let expected = &message[head.len()..];
+            format!("{head} (did you mean `{name}`?){expected}")
+        }
+        _ => message.to_string(),
+    }
+}
+
+/// `cache` for a `[cache]` line, `shields` for `[[shields]]`; `None` for any other line.
+fn header_name(line: &str) -> Option<String> {
+    let inner = line.strip_prefix('[')?.trim_start_matches('[');
+    let name = inner.split(']').next()?.trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// `text` with the line at byte `at` made blank, and with it what belongs to it: the whole
+/// table for a `[table]` header, the continuation lines of a value spread over several lines.
+/// Line breaks stay, so later errors keep their line numbers. `None` when nothing changed.
+fn blank_at(text: &str, at: usize) -> Option<String> {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let first = text[start..].lines().next().unwrap_or("");
+    let is_header = header_name(first.trim()).is_some();
+    let mut end = start + first.len();
+    // What follows belongs to this line until the next header, or (for a key) the next
+    // `key = ...` line, or a blank or comment line.
+    for line in text[end..].split_inclusive('\n').skip(1) {
+        let t = line.trim();
+        let next_item = header_name(t).is_some()
+            || (!is_header && (t.is_empty() || t.starts_with('#') || looks_like_key(t)));
+        if next_item {
+            break;
+        }
+        end += line.len();
+    }
+    let end = end.min(text.len());
+    let blanked: String = text[start..end]
+        .chars()
+        .map(|c| if c == '\n' { '\n' } else { ' ' })
+        .collect();
+    if blanked == text[start..end] {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    out.push_str(&text[..start]);
+    out.push_str(&blanked);
+    out.push_str(&text[end..]);
+    Some(out)
+}
+
+/// `name = ...` or `"name" = ...` (a dotted key too).
+fn looks_like_key(line: &str) -> bool {
+    line.split_once('=').is_some_and(|(k, _)| {
+        let k = k.trim();
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"' | ' '))
+    })
 }
 
 /// A raw value with the place it came from: a span in a file, or a command-line flag.
@@ -255,8 +354,43 @@ impl<'a> Diagnostics<'a> {
         });
     }
 
-    /// Records an error about a field that is missing altogether.
+    /// Stage one: parses the TOML into the raw struct. serde stops at the first unknown field
+    /// or wrong type, so each such problem is recorded, its line (or table) blanked out, and
+    /// the text parsed again: one run reports every problem, typos and bad values alike, and
+    /// stage two then checks what is left. `Err` (every problem so far) only when the text
+    /// cannot be read as TOML at all.
+    pub fn parse<T: DeserializeOwned>(&mut self) -> Result<T, ConfigErrors> {
+        let mut text = std::borrow::Cow::Borrowed(self.source.text.as_str());
+        let mut found = Vec::new();
+        let mut parsed = None;
+        // Each pass blanks at least one more line, so the loop ends; the cap bounds the work
+        // a hostile file can ask for.
+        for _ in 0..256 {
+            let e = match toml::from_str::<T>(&text) {
+                Ok(raw) => {
+                    parsed = Some(raw);
+                    break;
+                }
+                Err(e) => e,
+            };
+            found.push(self.source.located(&e));
+            match e.span().and_then(|s| blank_at(&text, s.start)) {
+                Some(t) => text = std::borrow::Cow::Owned(t),
+                None => break,
+            }
+        }
+        // In the file's order (serde reports a table's problems before its keys').
+        found.sort_by_key(|e| e.line);
+        self.errors.extend(found);
+        parsed.ok_or_else(|| ConfigErrors(std::mem::take(&mut self.errors)))
+    }
+
+    /// Records an error about a field that is missing altogether (unless stage one already
+    /// reported a problem with it: a value of the wrong type is left out, not missing).
     pub fn missing(&mut self, field: &str, hint: &str) {
+        if self.errors.iter().any(|e| e.field == field) {
+            return;
+        }
         self.errors.push(ConfigError {
             origin: self.source.name.clone(),
             field: field.to_string(),
@@ -387,8 +521,8 @@ mod tests {
 
     fn load(text: &str) -> Result<(SocketAddr, u64, Duration), ConfigErrors> {
         let src = Source::inline("t.toml", text);
-        let raw: Raw = src.parse()?;
         let mut d = Diagnostics::new(&src);
+        let raw: Raw = d.parse()?;
         let listen = raw.listen.as_ref().and_then(|s| d.socket_addr("listen", s));
         let memory = raw.memory.as_ref().and_then(|s| d.byte_size("memory", s));
         let timeout = raw.timeout.as_ref().and_then(|s| d.duration("timeout", s));
@@ -428,6 +562,63 @@ mod tests {
         assert_eq!(err.0[0].line, Some(3), "{err}");
         assert_eq!(err.0[0].field, "bogus");
         assert!(err.to_string().contains("unknown field `bogus`"), "{err}");
+    }
+
+    #[test]
+    fn typos_wrong_types_and_bad_values_are_reported_together() {
+        let err = load(
+            "listen = \"127.0.0.1:1\"\nmemroy = \"1GiB\"\ntimeout = [\n  1,\n  2,\n]\n\n[extra]\na = 1\nb = 2\n",
+        )
+        .unwrap_err();
+        let fields: Vec<(&str, Option<usize>)> =
+            err.0.iter().map(|e| (e.field.as_str(), e.line)).collect();
+        assert_eq!(
+            fields,
+            [
+                ("memroy", Some(2)),
+                ("timeout", Some(3)),
+                ("extra", Some(8))
+            ],
+            "{err}"
+        );
+        // A bad value (stage two) beside a typo (stage one).
+        let err = load("listen = \"nope\"\nbogus = 1\n").unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(err.mentions("bogus") && err.mentions("listen"), "{err}");
+    }
+
+    #[test]
+    fn nested_keys_are_named_with_their_table() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Outer {
+            #[allow(dead_code)]
+            cache: Option<Inner>,
+        }
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Inner {
+            #[allow(dead_code)]
+            memory: Option<Setting<RawSize>>,
+            #[allow(dead_code)]
+            disk: Option<Setting<RawSize>>,
+        }
+        let src = Source::inline("n.toml", "[cache]\nmemory = 1\nmemroy = 2\n");
+        let err = src.parse::<Outer>().unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].field, "cache.memroy");
+        assert_eq!(err.0[0].line, Some(3));
+        assert!(
+            err.0[0].message.contains("(did you mean `memory`?)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_toml_stops_with_its_errors() {
+        let err = load("listen = \"unterminated\n").unwrap_err();
+        assert!(!err.0.is_empty());
+        assert_eq!(err.0[0].line, Some(1), "{err}");
     }
 
     #[test]

@@ -295,7 +295,8 @@ impl EdgeConfig {
     }
 
     pub fn from_source(src: &Source, flags: EdgeOverrides) -> Result<Self, ConfigErrors> {
-        let mut raw: RawConfig = src.parse()?;
+        let mut d = Diagnostics::new(src);
+        let mut raw: RawConfig = d.parse()?;
         let flag = |f: &'static str, v: Option<String>| v.map(|v| Setting::from_flag(f, v));
         if let Some(s) = flag("--listen", flags.listen) {
             raw.listen = Some(s);
@@ -342,7 +343,6 @@ impl EdgeConfig {
             (None, None) => None,
         };
 
-        let mut d = Diagnostics::new(src);
         if let Some(s) = &lone_tls_flag {
             d.error(
                 "tls",

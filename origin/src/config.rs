@@ -97,7 +97,8 @@ impl OriginConfig {
         source: &Source,
         overrides: OriginOverrides,
     ) -> Result<OriginConfig, ConfigErrors> {
-        let mut raw: RawOriginConfig = source.parse()?;
+        let mut d = Diagnostics::new(source);
+        let mut raw: RawOriginConfig = d.parse()?;
         if let Some(v) = overrides.listen {
             raw.listen = Some(Setting::from_flag("--listen", v));
         }
@@ -108,7 +109,6 @@ impl OriginConfig {
             raw.rules = Some(Setting::from_flag("--rules", v));
         }
 
-        let mut d = Diagnostics::new(source);
         let listen_setting = raw
             .listen
             .unwrap_or_else(|| Setting::default_value(DEFAULT_LISTEN.to_string()));
@@ -402,8 +402,10 @@ mod tests {
             OriginOverrides::default(),
         )
         .unwrap_err();
-        assert_eq!(err.0.len(), 1, "{err}");
-        assert_eq!(err.0[0].field, "paht");
+        // The typo, and the rule's path, which it left missing.
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert_eq!(err.0[0].field, "rule.paht");
+        assert_eq!(err.0[1].field, "rule[1].path");
     }
 
     #[test]

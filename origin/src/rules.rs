@@ -96,8 +96,8 @@ impl Rules {
 
     /// Parses a rules file held in memory, reporting every bad value with its field and line.
     pub fn from_source(src: &Source) -> Result<Rules, ConfigErrors> {
-        let raw: RawRules = src.parse()?;
         let mut d = Diagnostics::new(src);
+        let raw: RawRules = d.parse()?;
 
         let default_cache_control = match &raw.default_cache_control {
             Some(s) => header_value(&mut d, "default_cache_control", s),
@@ -403,7 +403,7 @@ surrogate_key = "text"
     fn unknown_field_names_the_field_and_line() {
         let err = rules("[[rule]]\npath = \"/x\"\ncache_contol = \"x\"\n").unwrap_err();
         assert_eq!(err.0.len(), 1);
-        assert_eq!(err.0[0].field, "cache_contol", "{err}");
+        assert_eq!(err.0[0].field, "rule.cache_contol", "{err}");
         assert_eq!(err.0[0].line, Some(3));
         assert!(err.to_string().contains("unknown field"), "{err}");
         let err = rules("cache = 1\n").unwrap_err();

@@ -165,6 +165,85 @@ fn unknown_field_exits_64_with_line() {
     );
 }
 
+/// `outpost check --config` (issue 19): every shipped file is valid, with its role told from
+/// its keys, and a file with a typo, a bad value and a missing field gets all three in one run,
+/// exactly as `outpost edge` reports them at start-up (the same loader).
+#[test]
+fn check_reports_a_typo_a_bad_value_and_a_missing_field_together() {
+    for (name, role) in [
+        ("edge.toml", "edge"),
+        ("edge-fleet.toml", "edge"),
+        ("origin.toml", "origin"),
+        ("origin-rules.toml", "origin rules"),
+        ("selector.toml", "selector"),
+    ] {
+        let path = configs_dir().join(name);
+        let out = outpost(&["check", "--config", path.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("is a valid {role} configuration")),
+            "{name}: {stdout}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edge.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\n[cache]\nmemroy = \"1GiB\"\n[limits]\ndrain_timeout = \"forever\"\n",
+    )
+    .unwrap();
+    let check = outpost(&["check", "--config", file.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&check.stderr);
+    for needle in [
+        "invalid configuration (3 errors)",
+        "edge.toml:3: field `cache.memroy`: unknown field `memroy` (did you mean `memory`?)",
+        "edge.toml:5: field `limits.drain_timeout`: invalid duration \"forever\"",
+        "`origin`: is required",
+    ] {
+        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+    }
+    let start = outpost(&["edge", "--config", file.to_str().unwrap()]);
+    assert_eq!(start.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&start.stderr),
+        err,
+        "start-up reports what check reports"
+    );
+
+    // The other roles too: two problems each, one run.
+    let selector = dir.path().join("selector.toml");
+    std::fs::write(
+        &selector,
+        "listen = \"127.0.0.1:0\"\npolicy = \"fastest\"\nnodez = []\n",
+    )
+    .unwrap();
+    let out = outpost(&["check", "--config", selector.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("policy") && err.contains("nodez"), "{err}");
+    let origin = dir.path().join("origin.toml");
+    std::fs::write(
+        &origin,
+        "listen = \"here\"\nroot = \"/definitely/not/here\"\nrulez = 1\n",
+    )
+    .unwrap();
+    let out = outpost(&["check", "--config", origin.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rulez") && err.contains("listen") && err.contains("root"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_origin_flags_exit_64() {
     let out = outpost(&[
@@ -193,7 +272,7 @@ fn bad_selector_config_exits_64() {
 #[test]
 fn every_subcommand_has_help() {
     for cmd in [
-        "edge", "origin", "selector", "demo", "purge", "push", "stats",
+        "edge", "origin", "selector", "demo", "purge", "push", "stats", "check",
     ] {
         let help = outpost(&[cmd, "--help"]);
         assert!(help.status.success(), "{cmd} --help");

@@ -200,14 +200,14 @@ impl SelectorConfig {
     }
 
     pub fn from_source(src: &Source, flags: SelectorOverrides) -> Result<Self, ConfigErrors> {
-        let mut raw: RawConfig = src.parse()?;
+        let mut d = Diagnostics::new(src);
+        let mut raw: RawConfig = d.parse()?;
         if let Some(v) = flags.listen {
             raw.listen = Some(Setting::from_flag("--listen", v));
         }
         if let Some(v) = flags.admin_listen {
             raw.admin_listen = Some(Setting::from_flag("--admin-listen", v));
         }
-        let mut d = Diagnostics::new(src);
 
         let listen = match &raw.listen {
             Some(s) => d.socket_addr("listen", s),

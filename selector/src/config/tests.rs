@@ -221,7 +221,7 @@ fn unknown_field_is_named_with_its_line() {
     let e = load(&GOOD.replace("weight = 3", "weight = 3\ncolour = \"red\"")).unwrap_err();
     assert_eq!(e.0.len(), 1, "{e}");
     assert!(e.to_string().contains("unknown field `colour`"), "{e}");
-    assert_eq!(e.0[0].field, "colour");
+    assert_eq!(e.0[0].field, "nodes.colour");
     let line = GOOD
         .lines()
         .position(|l| l.starts_with("weight = 3"))
