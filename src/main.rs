@@ -470,6 +470,8 @@ fn run_edge(args: EdgeArgs) -> ExitCode {
                 #[cfg(not(unix))]
                 let hup = None::<()>;
                 spawn_reload_on_sighup(hup, server.reloader(), args.config, overrides);
+                #[cfg(unix)]
+                spawn_reopen_on_sigusr1(server.access_log());
                 server.run(shutdown_signal()).await;
                 ExitCode::SUCCESS
             }
@@ -480,6 +482,30 @@ fn run_edge(args: EdgeArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// SIGUSR1 reopens the access log file by its path (after logrotate moved it), as nginx does.
+/// Handled with or without an access log: its default action would end the process.
+#[cfg(unix)]
+fn spawn_reopen_on_sigusr1(
+    log: Option<std::sync::Arc<outpost_edge::observe::access_log::AccessLog>>,
+) {
+    let Ok(mut usr1) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            match &log {
+                Some(log) => {
+                    info!("SIGUSR1: reopening the access log");
+                    log.reopen();
+                }
+                None => info!("SIGUSR1: no [access_log] to reopen"),
+            }
+        }
+    });
 }
 
 /// SIGHUP re-reads the config file (with the same flags on top) and applies what can change

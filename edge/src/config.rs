@@ -59,6 +59,21 @@ struct RawConfig {
     upstream: RawUpstream,
     /// `[fleet]`: purges through NATS JetStream (absent: this node alone, as before).
     fleet: Option<RawFleet>,
+    /// `[access_log]` (absent: no access log).
+    access_log: Option<RawAccessLog>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    /// A file (appended to; relative to the config file), or `stdout`.
+    path: Option<Setting<String>>,
+    /// `combined` or `json`.
+    format: Option<Setting<String>>,
+    sample: Option<Setting<f64>>,
+    /// `""` turns request ids off.
+    request_id_header: Option<Setting<String>>,
+    queue: Option<Setting<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -282,6 +297,8 @@ pub struct EdgeConfig {
     pub upstream_tls: crate::tls::UpstreamTlsConfig,
     /// `[fleet]`: purges carried to every node through NATS JetStream.
     pub fleet: Option<outpost_fleet::FleetConfig>,
+    /// `[access_log]`.
+    pub access_log: Option<crate::observe::access_log::AccessLogConfig>,
 }
 
 impl EdgeConfig {
@@ -617,6 +634,10 @@ impl EdgeConfig {
             .fleet
             .as_ref()
             .and_then(|f| fleet_config(&mut d, f, raw.name.as_ref(), cache_dir.as_deref()));
+        let access_log = raw
+            .access_log
+            .as_ref()
+            .and_then(|a| access_log_config(&mut d, a));
         d.finish(|| EdgeConfig {
             role,
             name,
@@ -666,8 +687,86 @@ impl EdgeConfig {
             tls,
             upstream_tls,
             fleet,
+            access_log,
         })
     }
+}
+
+/// `[access_log]`: `path` is required (a file, or `stdout`).
+fn access_log_config(
+    d: &mut Diagnostics,
+    raw: &RawAccessLog,
+) -> Option<crate::observe::access_log::AccessLogConfig> {
+    use crate::observe::access_log::{AccessLogConfig, Format, Target};
+    let target = match &raw.path {
+        None => {
+            d.missing(
+                "access_log.path",
+                "a file to append to, or \"stdout\", for example path = \"/var/log/outpost/access.log\"",
+            );
+            None
+        }
+        Some(p) if p.value.trim().is_empty() => {
+            d.error("access_log.path", p, "must not be empty");
+            None
+        }
+        Some(p) if p.value == "stdout" => Some(Target::Stdout),
+        Some(p) => Some(Target::File(d.path(p))),
+    };
+    let format = match raw.format.as_ref().map(|f| (f, f.value.as_str())) {
+        None | Some((_, "combined")) => Some(Format::Combined),
+        Some((_, "json")) => Some(Format::Json),
+        Some((f, other)) => {
+            d.error(
+                "access_log.format",
+                f,
+                format!("unknown format {other:?} (expected \"combined\" or \"json\")"),
+            );
+            None
+        }
+    };
+    let sample = match &raw.sample {
+        None => Some(1.0),
+        Some(s) if s.value > 0.0 && s.value <= 1.0 => Some(s.value),
+        Some(s) => {
+            d.error(
+                "access_log.sample",
+                s,
+                "must be above 0 and at most 1 (the share of requests logged)",
+            );
+            None
+        }
+    };
+    let request_id_header = match &raw.request_id_header {
+        None => Some(Some(http::HeaderName::from_static("x-request-id"))),
+        Some(h) if h.value.is_empty() => Some(None),
+        Some(h) => match http::HeaderName::from_bytes(h.value.as_bytes()) {
+            Ok(n) => Some(Some(n)),
+            Err(_) => {
+                d.error(
+                    "access_log.request_id_header",
+                    h,
+                    format!("{:?} is not a header field name", h.value),
+                );
+                None
+            }
+        },
+    };
+    let queue = match &raw.queue {
+        None => Some(8192),
+        Some(q) if q.value >= 1 && q.value <= 1 << 20 => Some(q.value as usize),
+        Some(q) => {
+            d.error("access_log.queue", q, "must be between 1 and 1048576 lines");
+            None
+        }
+    };
+    Some(AccessLogConfig {
+        target: target?,
+        format: format?,
+        sample: sample?,
+        request_id_header: request_id_header?,
+        queue: queue?,
+    })
 }
 
 /// `[fleet]`. The node's name must be a NATS key (letters, digits, `-`, `_`): `.` would split

@@ -71,6 +71,11 @@ pub enum StartError {
     Tls(String),
     #[error("cannot open the disk cache at {dir}: {source} (check that the directory is writable)")]
     Disk { dir: String, source: std::io::Error },
+    #[error("cannot open the access log {path}: {source} (check [access_log] path)")]
+    AccessLog {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl EdgeServer {
@@ -234,6 +239,19 @@ impl EdgeServer {
         }
         // The data port's PURGE does what the admin API does: apply, then forward.
         proxy.set_operator(operator.clone(), auth.clone());
+        if let Some(access) = &cfg.access_log {
+            let log = crate::observe::access_log::AccessLog::open(access).map_err(|source| {
+                StartError::AccessLog {
+                    path: match &access.target {
+                        crate::observe::access_log::Target::Stdout => "stdout".into(),
+                        crate::observe::access_log::Target::File(p) => p.display().to_string(),
+                    },
+                    source,
+                }
+            })?;
+            metrics.attach_access_log(log.clone());
+            proxy.set_access_log(log);
+        }
         Ok(Self {
             operator,
             public_metrics: Arc::new(AtomicBool::new(cfg.public_metrics)),
@@ -263,6 +281,11 @@ impl EdgeServer {
     /// The TLS side of the HTTPS listener: certificates, reload, handshake counters.
     pub fn tls_state(&self) -> Option<Arc<crate::tls::TlsState>> {
         self.tls.as_ref().map(|(_, t)| t.clone())
+    }
+
+    /// The access log, when `[access_log]` is configured (SIGUSR1 reopens it).
+    pub fn access_log(&self) -> Option<Arc<crate::observe::access_log::AccessLog>> {
+        self.proxy.access_log()
     }
 
     /// A handle that applies a reloaded config to this running node (SIGHUP).
@@ -549,6 +572,7 @@ impl Reloader {
         );
         check("upstream", cur.upstream_tls != new.upstream_tls);
         check("fleet", cur.fleet != new.fleet);
+        check("access_log", cur.access_log != new.access_log);
         self.proxy.reload(route_of(&new));
         self.auth.store(Arc::new(auth));
         self.public_metrics

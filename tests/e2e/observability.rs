@@ -4,7 +4,7 @@
 //!   `prometheus-parse` crate) and from `/stats`; HEAD, 304 and 206 count only body bytes sent;
 //! - SIGHUP reloads of the real binary: a changed `versioned_ttl` takes effect, a broken file is
 //!   rejected and the running config kept; SIGTERM then exits 0;
-//! - the access log (`outpost::access`, debug) as JSON lines;
+//! - the access log (`[access_log]`): JSON and combined lines, sampling, reopen on SIGUSR1;
 //! - graceful drain finishes a slow in-flight response, refuses new connections and reports
 //!   `/readyz` 503;
 //! - `outpost stats --admin URL [--watch]`.
@@ -601,8 +601,32 @@ async fn sighup_reload_applies_ttl_and_a_broken_config_keeps_the_old_one() {
     assert_eq!(p.count("edge stopped"), 1, "{}", p.log_text());
 }
 
+/// Lines of an access log file once there are at least `n` (bounded wait).
+async fn access_lines(p: &mut NodeProc, file: &Path, n: usize) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        p.assert_running("while waiting for access lines");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} access lines in {}:\n{text}\n{}",
+            lines.len(),
+            file.display(),
+            p.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Issue 19: the access log is a feature of its own (`[access_log]`), not a tracing level.
+/// JSON lines with every field; a client's request id kept, a new one made and sent to the
+/// origin; and SIGUSR1 reopens the file by its path after logrotate moved it.
 #[tokio::test]
-async fn access_log_has_one_line_per_request_with_its_fields() {
+async fn access_log_json_lines_carry_every_field_and_reopen_on_sigusr1() {
     let origin = TestOrigin::start().await;
     origin.route(
         "/page",
@@ -610,84 +634,177 @@ async fn access_log_has_one_line_per_request_with_its_fields() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("edge.toml");
+    let file = dir.path().join("access.log");
     std::fs::write(
         &config,
         format!(
-            "name = \"log-edge\"\nlisten = \"127.0.0.1:0\"\norigin = \"{}\"\n",
+            "name = \"log-edge\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"{}\"\n[access_log]\npath = \"access.log\"\nformat = \"json\"\n",
             origin.base_url()
         ),
     )
     .expect("write config");
-    let mut p = spawn_json_edge(
-        &config,
-        &dir.path().join("edge.log"),
-        "info,outpost::access=debug",
-    )
-    .await;
+    // The tracing level has nothing to do with it now (outpost::access is not enabled).
+    let mut p = spawn_json_edge(&config, &dir.path().join("edge.log"), "info").await;
     let c = client();
-    // A MISS, then GETs until a HIT: a request sent the instant the first body arrived can
-    // still join the finished fill (a MISS without an origin request), as in `caching`.
-    let mut seen = Vec::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let miss = c
+        .get(p.url("/page?q=1"))
+        .header("host", "www.example.test")
+        .header("user-agent", "agent/1.0")
+        .header("referer", "https://ref.example/")
+        .send()
+        .await
+        .expect("GET /page");
+    assert_eq!(x_cache(&miss), "MISS");
+    assert_eq!(miss.bytes().await.expect("body").len(), 777);
+    let mut seen = vec!["MISS".to_string()];
     while seen.last().is_none_or(|x| x != "HIT") {
-        assert!(tokio::time::Instant::now() < deadline, "no HIT: {seen:?}");
+        assert!(seen.len() < 50, "no HIT: {seen:?}");
         let r = c
             .get(p.url("/page?q=1"))
             .header("host", "www.example.test")
+            .header("x-request-id", "client-id-7")
             .send()
             .await
             .expect("GET /page");
         seen.push(x_cache(&r));
         assert_eq!(r.bytes().await.expect("body").len(), 777);
     }
-    assert_eq!(seen[0], "MISS");
-    assert_eq!(origin.hits("/page"), 1, "{seen:?}");
-    let access = loop {
-        let lines: Vec<_> = p
-            .events()
-            .into_iter()
-            .filter(|e| e["target"] == "outpost::access")
-            .collect();
-        if lines.len() >= seen.len() {
-            break lines;
-        }
-        p.assert_running("while waiting for access lines");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no access lines:\n{}",
-            p.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
-    assert_eq!(
-        access.len(),
-        seen.len(),
-        "one line per request: {access:#?}"
+    let lines = access_lines(&mut p, &file, seen.len()).await;
+    assert_eq!(lines.len(), seen.len(), "one line per request: {lines:#?}");
+    let parsed: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let first = &parsed[0];
+    assert_eq!(first["client"], "127.0.0.1", "{first}");
+    assert_eq!(first["method"], "GET", "{first}");
+    assert_eq!(first["host"], "www.example.test", "{first}");
+    assert_eq!(first["url"], "/page?q=1", "{first}");
+    assert_eq!(first["protocol"], "HTTP/1.1", "{first}");
+    assert_eq!(first["status"], 200, "{first}");
+    assert_eq!(first["bytes"], 777, "{first}");
+    assert_eq!(first["cache"], "MISS", "{first}");
+    assert_eq!(first["tier"], "none", "{first}");
+    assert_eq!(first["user_agent"], "agent/1.0", "{first}");
+    assert_eq!(first["referer"], "https://ref.example/", "{first}");
+    assert!(first["upstream_ms"].as_f64().is_some(), "{first}");
+    assert!(first["total_ms"].as_f64().is_some(), "{first}");
+    assert!(
+        first["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{first}"
     );
-    let first_and_last = [&access[0], &access[access.len() - 1]];
-    for (line, (cache, tier)) in first_and_last
-        .into_iter()
-        .zip([("MISS", "none"), ("HIT", "memory")])
-    {
-        let f = &line["fields"];
-        assert_eq!(line["level"], "DEBUG", "{line}");
-        assert_eq!(f["method"], "GET", "{line}");
-        assert_eq!(f["host"], "www.example.test", "{line}");
-        assert_eq!(f["path"], "/page?q=1", "{line}");
-        assert_eq!(f["status"], 200, "{line}");
-        assert_eq!(f["bytes"], 777, "{line}");
-        assert_eq!(f["cache"], cache, "{line}");
-        assert_eq!(f["tier"], tier, "{line}");
-        assert!(f["total_ms"].as_f64().is_some(), "total time: {line}");
-        let upstream = f.as_object().is_some_and(|o| {
-            o.keys()
-                .any(|k| (k.contains("upstream") || k.contains("origin")) && k.ends_with("ms"))
-        });
-        assert!(
-            upstream,
-            "the access line carries the upstream time (issue 6: \"upstream time and total time\"): {line}"
-        );
+    // A request id was made for the MISS, and the origin got the same one.
+    let made = first["request_id"].as_str().expect("a request id");
+    assert_eq!(made.len(), 32, "{first}");
+    let sent = origin
+        .last_request("/page")
+        .and_then(|r| r.header("x-request-id").map(str::to_string));
+    assert_eq!(sent.as_deref(), Some(made), "the origin got the logged id");
+    let last = &parsed[parsed.len() - 1];
+    assert_eq!(last["cache"], "HIT", "{last}");
+    assert_eq!(last["tier"], "memory", "{last}");
+    assert_eq!(
+        last["request_id"], "client-id-7",
+        "a client's id is kept: {last}"
+    );
+    assert_eq!(last["upstream_ms"], serde_json::Value::Null, "{last}");
+
+    // logrotate: the file is moved, SIGUSR1, and the next line goes to a new file.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&file, &rotated).expect("rotate");
+    p.signal("USR1");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !file.exists() {
+        // The writer reopens before its next write: keep asking until a line lands.
+        let r = c.get(p.url("/page?after")).send().await.expect("GET");
+        let _ = r.bytes().await;
+        assert!(tokio::time::Instant::now() < deadline, "no new access.log");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let after = access_lines(&mut p, &file, 1).await;
+    assert!(after[0].contains("/page?after"), "{after:?}");
+    let old = std::fs::read_to_string(&rotated).expect("rotated file");
+    assert_eq!(
+        old.lines().count(),
+        seen.len() + old.matches("/page?after").count(),
+        "the rotated file keeps its lines"
+    );
+    let metrics = c
+        .get(format!("http://{}/metrics", p.admin()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("outpost_access_log_lines_total{result=\"dropped\"} 0"),
+        "{metrics}"
+    );
+}
+
+/// The `combined` format (Apache's, then Outpost's fields) and sampling: `sample = 0.5` logs
+/// every second request, and a 5xx always.
+#[tokio::test]
+async fn access_log_combined_lines_and_sampling_keep_every_error() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/c",
+        Reply::ok(vec![b'c'; 10]).header("cache-control", "max-age=600"),
+    );
+    origin.route("/broken", Reply::new(503).body("down"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("edge.toml");
+    let file = dir.path().join("combined.log");
+    std::fs::write(
+        &config,
+        format!(
+            "name = \"combined-edge\"\nlisten = \"127.0.0.1:0\"\norigin = \"{}\"\n[access_log]\npath = \"{}\"\nsample = 0.5\nrequest_id_header = \"\"\n",
+            origin.base_url(),
+            file.display()
+        ),
+    )
+    .expect("write config");
+    let mut p = spawn_json_edge(&config, &dir.path().join("edge.log"), "info").await;
+    let c = client();
+    for _ in 0..10 {
+        let r = c
+            .get(p.url("/c"))
+            .header("user-agent", "ua \"quoted\"")
+            .send()
+            .await
+            .expect("GET /c");
+        let _ = r.bytes().await;
+    }
+    for _ in 0..3 {
+        let r = c.get(p.url("/broken")).send().await.expect("GET /broken");
+        assert_eq!(r.status(), 503);
+        let _ = r.bytes().await;
+    }
+    // 5 of the 10, and all 3 errors; then nothing more (the writer flushes every 200 ms).
+    access_lines(&mut p, &file, 8).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lines = access_lines(&mut p, &file, 8).await;
+    assert_eq!(lines.len(), 8, "{lines:#?}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("\"GET /broken HTTP/1.1\" 503"))
+            .count(),
+        3,
+        "{lines:#?}"
+    );
+    let ok = lines
+        .iter()
+        .find(|l| l.contains("\"GET /c HTTP/1.1\" 200 10 "))
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    assert!(ok.starts_with("127.0.0.1 - - ["), "{ok}");
+    assert!(ok.contains(" +0000] "), "{ok}");
+    assert!(
+        ok.contains("\"-\" \"ua \\\"quoted\\\"\" cache="),
+        "referer '-', the user agent escaped: {ok}"
+    );
+    assert!(ok.contains(" rid=-"), "request ids are off: {ok}");
 }
 
 /// Issue 19, item 1: an origin that refuses connections is no longer silent. Five failed

@@ -1,5 +1,7 @@
 //! A response body that counts the bytes it sends, for streams whose length is not known up
-//! front (a hit with a known length is counted from its Content-Length instead).
+//! front (a hit with a known length is counted from its Content-Length instead), and writes
+//! the request's access log line when it ends or is dropped (a client that left mid-body is
+//! logged with the bytes it got).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,8 +11,12 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::access_log::{AccessLog, Entry};
 use super::metrics::EdgeMetrics;
 use crate::cache::status::CacheStatus;
+
+/// An access log line waiting for its body: the log, the entry, when the request started.
+pub type PendingLine = (Arc<AccessLog>, Entry, std::time::Instant);
 
 pin_project! {
     pub struct CountingBody<B> {
@@ -18,15 +24,35 @@ pin_project! {
         inner: B,
         metrics: Arc<EdgeMetrics>,
         cache: CacheStatus,
+        sent: u64,
+        line: Option<PendingLine>,
+    }
+
+    impl<B> PinnedDrop for CountingBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some((log, mut entry, started)) = this.line.take() {
+                entry.bytes = Some(*this.sent);
+                entry.total = started.elapsed();
+                log.log(entry);
+            }
+        }
     }
 }
 
 impl<B> CountingBody<B> {
-    pub fn new(inner: B, metrics: Arc<EdgeMetrics>, cache: CacheStatus) -> Self {
+    pub fn new(
+        inner: B,
+        metrics: Arc<EdgeMetrics>,
+        cache: CacheStatus,
+        line: Option<PendingLine>,
+    ) -> Self {
         Self {
             inner,
             metrics,
             cache,
+            sent: 0,
+            line,
         }
     }
 }
@@ -45,6 +71,7 @@ impl<B: Body<Data = Bytes>> Body for CountingBody<B> {
             && let Some(d) = frame.data_ref()
         {
             this.metrics.add_bytes(*this.cache, d.len() as u64);
+            *this.sent += d.len() as u64;
         }
         polled
     }

@@ -80,6 +80,8 @@ pub struct EdgeMetrics {
     connections: std::sync::OnceLock<(Arc<tokio::sync::Semaphore>, usize)>,
     /// The HTTPS listener's handshake counters, read at scrape time.
     tls: std::sync::OnceLock<Arc<crate::tls::TlsState>>,
+    /// The access log's written and dropped lines, read at scrape time.
+    access_log: std::sync::OnceLock<Arc<super::access_log::AccessLog>>,
 }
 
 /// The commit the binary was built from, for `outpost_build_info` (set once by the binary).
@@ -110,7 +112,13 @@ impl EdgeMetrics {
             upstreams: Default::default(),
             connections: std::sync::OnceLock::new(),
             tls: std::sync::OnceLock::new(),
+            access_log: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The access log's line counts come from it at scrape time.
+    pub fn attach_access_log(&self, log: Arc<super::access_log::AccessLog>) {
+        let _ = self.access_log.set(log);
     }
 
     /// The data listener's connection slots: `capacity` in all, one held per open connection.
@@ -443,6 +451,18 @@ impl Collector for EdgeCollector {
                     (&[("result", "completed")], t.completed),
                     (&[("result", "failed")], t.failed),
                     (&[("result", "timed_out")], t.timed_out),
+                ],
+            )?;
+        }
+        if let Some(log) = m.access_log.get() {
+            let (written, dropped) = log.counts();
+            counter(
+                &mut enc,
+                "outpost_access_log_lines",
+                "Access log lines, by result (dropped: the writer's queue was full).",
+                &[
+                    (&[("result", "written")], written),
+                    (&[("result", "dropped")], dropped),
                 ],
             )?;
         }

@@ -35,7 +35,6 @@ use std::time::Instant;
 use http::header;
 use http::{Method, Request, Response, Uri};
 use http_body_util::BodyExt;
-use tracing::debug;
 
 use self::request::Dispatch;
 use self::respond::{Identity, Outcome, respond};
@@ -44,6 +43,7 @@ use crate::cache::status::{CacheStatus, PassReason};
 use crate::cache::upstream::{BoxError, Upstream};
 use crate::cache::{CacheRequest, Engine};
 use crate::error::EdgeError;
+use crate::observe::access_log::{AccessLog, Entry, RequestFields};
 use outpost_http::body::RespBody;
 use outpost_http::headers::strip_hop_by_hop;
 
@@ -127,38 +127,6 @@ pub struct Pending<B> {
     key: Option<(u64, CacheKey)>,
 }
 
-/// The request fields of an access log line.
-struct AccessLine {
-    method: Method,
-    host: String,
-    path: String,
-}
-
-/// The access log's fields, built only when the access log (a debug event) is written, so
-/// that a hit allocates nothing for it otherwise.
-fn access_line<B>(req: &Request<B>) -> Option<AccessLine> {
-    if !tracing::enabled!(target: "outpost::access", tracing::Level::DEBUG) {
-        return None;
-    }
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_default();
-    Some(AccessLine {
-        method: req.method().clone(),
-        host,
-        path,
-    })
-}
-
 pub struct Proxy {
     pub engine: Arc<Engine>,
     pub metrics: Arc<crate::observe::metrics::EdgeMetrics>,
@@ -169,6 +137,8 @@ pub struct Proxy {
     /// Settings a config reload (SIGHUP) may change; read lock-free per request.
     settings: arc_swap::ArcSwap<RouteSettings>,
     compression: compress::Compressor,
+    /// `[access_log]` (set once at start-up).
+    access: std::sync::OnceLock<Arc<AccessLog>>,
 }
 
 impl Proxy {
@@ -189,7 +159,23 @@ impl Proxy {
             id,
             settings: arc_swap::ArcSwap::from_pointee(RouteSettings::of(route)),
             compression: compress::Compressor::new(compression),
+            access: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Writes an access log line per request from now on.
+    pub fn set_access_log(&self, log: Arc<AccessLog>) {
+        let _ = self.access.set(log);
+    }
+
+    pub fn access_log(&self) -> Option<Arc<AccessLog>> {
+        self.access.get().cloned()
+    }
+
+    /// The access log's request fields (`None` without an access log). `upstream`: the request
+    /// may go upstream, so a request id made here is set on it for the origin.
+    fn access_fields<B>(&self, req: &mut Request<B>, upstream: bool) -> Option<RequestFields> {
+        self.access.get().map(|a| a.request_fields(req, upstream))
     }
 
     /// Answers one request.
@@ -210,13 +196,14 @@ impl Proxy {
     /// then holds hyper's read buffer, which made it allocate a new buffer for every request.
     pub fn start<B: RequestBody>(
         &self,
-        req: Request<B>,
+        mut req: Request<B>,
         client: Client,
     ) -> Result<Response<RespBody>, Box<Pending<B>>> {
         let started = Instant::now();
         let (unprepared, key) = match self.hit_now(&req) {
             fast_hit::Lookup::Hit(hit) => {
-                return Ok(self.conclude_hit(client, started, access_line(&req), hit));
+                let log = self.access_fields(&mut req, false);
+                return Ok(self.conclude_hit(client, started, log, hit));
             }
             fast_hit::Lookup::Unprepared(u) => (Some(u), None),
             fast_hit::Lookup::Full(key) => (None, key),
@@ -234,13 +221,13 @@ impl Proxy {
     /// Answers a request [`Proxy::start`] handed back.
     pub async fn finish<B: RequestBody>(&self, pending: Box<Pending<B>>) -> Response<RespBody> {
         let Pending {
-            req,
+            mut req,
             client,
             started,
             unprepared,
             key,
         } = *pending;
-        let log = access_line(&req);
+        let log = self.access_fields(&mut req, true);
         let prepared = match unprepared {
             // Boxed, as the full path below: hyper moves this future per request.
             Some(u) => Box::pin(self.hit_later(req.headers(), u)).await,
@@ -279,7 +266,7 @@ impl Proxy {
         &self,
         client: Client,
         started: Instant,
-        log: Option<AccessLine>,
+        log: Option<RequestFields>,
         hit: fast_hit::FastHit,
     ) -> Response<RespBody> {
         let len = Some(hit.sent);
@@ -293,7 +280,7 @@ impl Proxy {
         &self,
         client: Client,
         started: Instant,
-        log: Option<AccessLine>,
+        log: Option<RequestFields>,
         resp: Response<RespBody>,
         outcome: Outcome,
         len: Option<u64>,
@@ -311,15 +298,25 @@ impl Proxy {
             self.metrics
                 .record_miss(missed.as_ref().map_or("/", |p| p.as_str()));
         }
-        if let Some(AccessLine { method, host, path }) = log {
-            debug!(
-                target: "outpost::access",
-                peer = %client.addr, %method, %host, %path, status = resp.status().as_u16(),
-                bytes = len, cache = outcome.cache.as_str(), tier = outcome.tier.as_str(),
-                upstream_ms = outcome.upstream.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
-                total_ms = elapsed.as_secs_f64() * 1000.0,
-                "request"
-            );
+        let mut pending_line = None;
+        if let (Some(request), Some(access)) = (log, self.access.get()) {
+            let entry = Entry {
+                time: std::time::SystemTime::now(),
+                client: client.addr.ip(),
+                request,
+                status: resp.status().as_u16(),
+                bytes: len,
+                cache: outcome.cache.as_str(),
+                tier: outcome.tier.as_str(),
+                upstream: outcome.upstream,
+                total: elapsed,
+            };
+            if len.is_some() {
+                access.log(entry);
+            } else {
+                // Written when the body ends (or is dropped), with the bytes it sent.
+                pending_line = Some((access.clone(), entry, started));
+            }
         }
         if len.is_none() {
             let metrics = self.metrics.clone();
@@ -328,6 +325,7 @@ impl Proxy {
                     b,
                     metrics,
                     outcome.cache,
+                    pending_line,
                 ))
             });
         }
