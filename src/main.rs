@@ -35,7 +35,7 @@ macro_rules! errout {
 mod check;
 mod demo;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use outpost_config::{ConfigErrors, EXIT_CONFIG};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -95,6 +95,14 @@ enum Command {
     /// Check a configuration file, as the role's start-up would, and report every problem
     /// (exit 0 when valid, 64 when not).
     Check(CheckArgs),
+    /// Print a shell completion script, e.g. `outpost completions bash > /etc/bash_completion.d/outpost`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `outpost man > /usr/local/share/man/man1/outpost.1`.
+    Man,
 }
 
 #[derive(Args)]
@@ -112,22 +120,23 @@ struct EdgeArgs {
     /// TOML config file (see configs/edge.toml); flags override its values.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Address for client traffic, e.g. 127.0.0.1:8080.
+    /// Address for client traffic, e.g. 127.0.0.1:8080 [required here or as `listen` in the file].
     #[arg(long)]
     listen: Option<String>,
-    /// Address for the admin API (/healthz, /readyz), e.g. 127.0.0.1:9080.
+    /// Address for the admin API (/healthz, /readyz, /metrics, purge), e.g. 127.0.0.1:9080
+    /// [default: none, no admin API].
     #[arg(long)]
     admin_listen: Option<String>,
-    /// Origin URL, e.g. http://127.0.0.1:9000.
+    /// Origin URL, e.g. http://127.0.0.1:9000 [required here or as `origin` in the file].
     #[arg(long)]
     origin: Option<String>,
-    /// Directory of the disk tier (kept across restarts). Without it the node caches in memory only.
+    /// Directory of the disk tier (kept across restarts) [default: none, memory only].
     #[arg(long)]
     cache_dir: Option<String>,
-    /// Memory tier size, e.g. 256MiB.
+    /// Memory for the cache, e.g. 512MiB [default: 256MiB].
     #[arg(long)]
     memory: Option<String>,
-    /// Disk tier size, e.g. 10GiB.
+    /// Disk tier size, e.g. 50GiB [default: 10GiB].
     #[arg(long)]
     disk: Option<String>,
     /// Address of the HTTPS listener, e.g. 127.0.0.1:8443 (needs --tls-cert and --tls-key, or
@@ -140,7 +149,7 @@ struct EdgeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long)]
     tls_key: Option<String>,
-    /// This node's name (Via, Cache-Status, the fleet), e.g. edge-fra-1.
+    /// This node's name (Via, Cache-Status, the fleet), e.g. edge-fra-1 [default: outpost].
     #[arg(long)]
     name: Option<String>,
     /// Join a fleet: NATS server URLs, comma-separated, e.g. nats://10.0.0.1:4222 (the rest of
@@ -154,13 +163,14 @@ struct OriginArgs {
     /// TOML config file (see configs/origin.toml); flags override its values.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Directory to serve.
+    /// Directory to serve [required here or as `root` in the file].
     #[arg(long)]
     root: Option<String>,
-    /// Address to listen on, e.g. 127.0.0.1:9000.
+    /// Address to listen on [default: 127.0.0.1:9000].
     #[arg(long)]
     listen: Option<String>,
-    /// Rules file mapping path globs to Cache-Control and Surrogate-Key (see configs/origin-rules.toml).
+    /// Rules file mapping path globs to Cache-Control and Surrogate-Key (see
+    /// configs/origin-rules.toml) [default: none, every file gets `public, max-age=60`].
     #[arg(long)]
     rules: Option<String>,
 }
@@ -170,10 +180,10 @@ struct SelectorArgs {
     /// TOML config file (see configs/selector.toml); flags override its values.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Address clients connect to, e.g. 127.0.0.1:8080.
+    /// Address clients connect to, e.g. 127.0.0.1:8080 [required here or as `listen` in the file].
     #[arg(long)]
     listen: Option<String>,
-    /// Address for /metrics and /nodes, e.g. 127.0.0.1:9090.
+    /// Address for /metrics and /nodes, e.g. 127.0.0.1:9090 [default: none, no admin port].
     #[arg(long)]
     admin_listen: Option<String>,
 }
@@ -206,9 +216,13 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct StatsArgs {
-    /// The node's admin URL, e.g. http://127.0.0.1:9080.
+    /// The node's admin URL, e.g. http://127.0.0.1:9080 (or 127.0.0.1:9080).
     #[arg(long)]
     admin: String,
+    /// Admin token, when the node wants one for reading (`public_metrics = false`)
+    /// (default: $OUTPOST_ADMIN_TOKEN).
+    #[arg(long, env = "OUTPOST_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Refresh every second.
     #[arg(long)]
     watch: bool,
@@ -217,7 +231,7 @@ struct StatsArgs {
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["urls", "prefix", "tag", "all"])))]
 struct PurgeArgs {
-    /// The node's admin URL, e.g. http://127.0.0.1:9080.
+    /// The node's admin URL, e.g. http://127.0.0.1:9080 (or 127.0.0.1:9080).
     #[arg(long)]
     admin: String,
     /// Admin token (default: $OUTPOST_ADMIN_TOKEN).
@@ -245,7 +259,7 @@ struct PurgeArgs {
 
 #[derive(Args)]
 struct PushArgs {
-    /// The node's admin URL, e.g. http://127.0.0.1:9080.
+    /// The node's admin URL, e.g. http://127.0.0.1:9080 (or 127.0.0.1:9080).
     #[arg(long)]
     admin: String,
     /// Admin token (default: $OUTPOST_ADMIN_TOKEN).
@@ -287,6 +301,21 @@ fn main() -> ExitCode {
         )),
         Command::Purge(args) => run_purge(args),
         Command::Push(args) => run_push(args),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "outpost", &mut out);
+            print_bytes(&out)
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => print_bytes(&out),
+                Err(e) => {
+                    errln!("outpost man: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check(args) => match check::check(&args.config, args.role) {
             Ok(role) => {
                 outln!(
@@ -298,7 +327,11 @@ fn main() -> ExitCode {
             Err(e) => config_failed(&e),
         },
         Command::Stats(args) => {
-            match runtime().block_on(outpost_edge::stats_client::run(&args.admin, args.watch)) {
+            match runtime().block_on(outpost_edge::stats_client::run(
+                &args.admin,
+                args.token,
+                args.watch,
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     errln!("outpost stats: {e}");
@@ -306,6 +339,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Writes generated text to stdout; a closed stdout is not an error worth a panic.
+fn print_bytes(bytes: &[u8]) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
@@ -335,6 +378,12 @@ fn run_purge(args: PurgeArgs) -> ExitCode {
                 "{}",
                 serde_json::to_string_pretty(&receipt).unwrap_or_default()
             );
+            if receipt.matched == Some(0) {
+                // Not an error (the next request is a miss either way), but likely a typo.
+                errln!(
+                    "outpost purge: nothing matched: the node held no such object (check the URL: path and query as the client sends them, or the full http://host/path)"
+                );
+            }
             if receipt.all_ok() {
                 ExitCode::SUCCESS
             } else {

@@ -3,36 +3,20 @@
 use std::io::Write as _;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-
 use crate::admin::Stats;
 
-/// Fetches `/stats` from an admin base URL such as `http://127.0.0.1:9080`.
-pub async fn fetch(admin: &str) -> Result<Stats, String> {
-    let url = format!("{}/stats", admin.trim_end_matches('/'));
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("invalid admin URL {admin:?}: {e}"))?;
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
-        .await
-        .map_err(|_| format!("{url}: no answer within 5s"))?
-        .map_err(|e| format!("{url}: {e} (is the admin listener running?)"))?;
-    if !resp.status().is_success() {
-        return Err(format!("{url}: HTTP {}", resp.status()));
-    }
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?
-        .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| format!("{url}: not a stats document: {e}"))
+/// Fetches `/stats` from a node's admin API: `host:port` or `http://host:port`, as every
+/// command takes it, with the token (`--token` or `OUTPOST_ADMIN_TOKEN`) when the node wants
+/// one for reading.
+pub async fn fetch(admin: &str, token: Option<String>) -> Result<Stats, String> {
+    let client = outpost_purge_api::client::AdminClient::new(
+        admin,
+        outpost_purge_api::client::resolve_token(token),
+    )
+    .map_err(|e| e.to_string())?;
+    let body = client.get("/stats").await.map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body)
+        .map_err(|e| format!("{}/stats: not a stats document: {e}", client.base()))
 }
 
 fn pct(v: Option<f64>) -> String {
@@ -129,9 +113,9 @@ fn disk_admissions(a: &std::collections::BTreeMap<String, u64>) -> String {
 }
 
 /// Prints once, or every second with `watch` (until interrupted).
-pub async fn run(admin: &str, watch: bool) -> Result<(), String> {
+pub async fn run(admin: &str, token: Option<String>, watch: bool) -> Result<(), String> {
     loop {
-        let s = fetch(admin).await?;
+        let s = fetch(admin, token.clone()).await?;
         let mut frame = String::new();
         if watch {
             // Clear the screen and go home, then draw.

@@ -136,7 +136,52 @@ async fn cli_purge_by_tag_prints_a_receipt() {
         "purge with a read-only token succeeded"
     );
     assert_eq!(get(&c, &edge, "/t/two.txt").await.x_cache(), "HIT");
+
+    // A URL purge that matched nothing: still exit 0 (a later request is a miss either way),
+    // with a hint that the URL may be mistyped.
+    let out = cli(&[
+        "purge",
+        "--admin",
+        &format!("http://{}", edge.admin()),
+        "--token",
+        PURGER,
+        "/t/never-cached.txt",
+    ])
+    .await;
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nothing matched"), "{stderr}");
     edge.stop().await;
+}
+
+/// `outpost push` to an admin port nobody listens on (issue 19): one clear message and a
+/// non-zero exit, before any file is tried, not a failure line per file after retries.
+#[tokio::test]
+async fn push_to_an_unreachable_admin_fails_fast_with_one_message() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..20 {
+        write(&dir.path().join(format!("f{i}.txt")), b"x");
+    }
+    let dead = crate::support::ports::refused_addr();
+    let out = cli(&[
+        "push",
+        "--admin",
+        &format!("http://{}", dead.addr),
+        "--token",
+        PUSHER,
+        dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(
+        lines[0].contains(&dead.addr.to_string())
+            && lines[0].contains("nothing was pushed")
+            && !lines[0].contains("client error"),
+        "{stderr}"
+    );
 }
 
 /// A busy address: every role says which address and which flag changes it, once, and exits

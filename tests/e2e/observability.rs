@@ -1114,6 +1114,13 @@ async fn stats_cli_prints_the_table_and_fails_clearly_on_a_dead_address() {
         "12 requests: {total}"
     );
     assert!(stdout.contains("tier memory"), "tier usage in:\n{stdout}");
+    // The admin address without a scheme, as `outpost purge` and `push` take it.
+    let bare = crate::support::proc::cli(&["stats", "--admin", &node.admin().to_string()]).await;
+    assert!(
+        bare.status.success() && String::from_utf8_lossy(&bare.stdout).contains(NODE),
+        "outpost stats --admin host:port: {}",
+        String::from_utf8_lossy(&bare.stderr)
+    );
 
     // --watch redraws every second until stopped.
     let mut child = tokio::process::Command::new(BIN)

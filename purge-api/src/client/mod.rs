@@ -15,7 +15,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,7 +27,6 @@ use http_body_util::{BodyExt, Empty, Full, Limited, StreamBody};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use indicatif::ProgressBar;
 use serde::de::DeserializeOwned;
 use tokio_util::io::ReaderStream;
 use tracing::debug;
@@ -173,6 +172,24 @@ impl AdminClient {
         &self.base
     }
 
+    /// `GET /healthz`: something answers HTTP at this address (any status will do). Commands
+    /// that send many requests ask first, so a wrong or dead address fails at once with one
+    /// message.
+    pub async fn probe(&self) -> Result<(), ClientError> {
+        let r = self.request(Method::GET, "/healthz", empty())?;
+        match self.send(r, CONNECT_TIMEOUT).await {
+            Ok(_) | Err(ClientError::Http { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET <path>` (a read-scope document such as `/stats`): the answer's body.
+    pub async fn get(&self, path: &str) -> Result<Bytes, ClientError> {
+        let r = self.request(Method::GET, path, empty())?;
+        let (_, body) = self.send(r, REQUEST_TIMEOUT).await?;
+        Ok(body)
+    }
+
     /// `POST /purge`, one attempt.
     pub async fn purge(&self, req: &PurgeRequest) -> Result<PurgeReceipt, ClientError> {
         let body = serde_json::to_vec(req).map_err(|e| ClientError::Usage(e.to_string()))?;
@@ -216,7 +233,7 @@ impl AdminClient {
                 path: file.to_path_buf(),
                 source: std::io::Error::other(e),
             })??;
-        self.upload(file, path, &sha, None).await
+        self.upload(file, path, &sha).await
     }
 
     /// `PUT /objects/<path>` from a byte stream of known length, with the object's headers
@@ -255,15 +272,13 @@ impl AdminClient {
         decode(&body)
     }
 
-    /// One streamed upload, counted on the progress bar. When the attempt fails, its bytes are
-    /// taken back off the bar, and the body stops: hyper may still be sending it after an early
-    /// answer (a 413 before the body was read), and a later attempt would count them again.
+    /// One streamed upload. Once the answer is in, the body stops: hyper may still be sending
+    /// it after an early answer (a 413 before the body was read).
     pub(crate) async fn upload(
         &self,
         file: &Path,
         path: &str,
         sha: &[u8; 32],
-        progress: Option<&ProgressBar>,
     ) -> Result<PushReceipt, ClientError> {
         let io = |source| ClientError::Io {
             path: file.to_path_buf(),
@@ -271,19 +286,13 @@ impl AdminClient {
         };
         let f = tokio::fs::File::open(file).await.map_err(io)?;
         let size = f.metadata().await.map_err(io)?.len();
-        let attempt = Arc::new(Attempt::default());
-        let (pb, state) = (progress.cloned(), attempt.clone());
+        let over = Arc::new(AtomicBool::new(false));
+        let state = over.clone();
         let frames = ReaderStream::with_capacity(f, 64 * 1024).map(move |r| {
-            if state.over.load(Ordering::Acquire) {
+            if state.load(Ordering::Acquire) {
                 return Err(BoxError::from("upload abandoned after the answer"));
             }
-            let chunk = r.map_err(BoxError::from)?;
-            let n = chunk.len() as u64;
-            state.sent.fetch_add(n, Ordering::AcqRel);
-            if let Some(pb) = &pb {
-                pb.inc(n);
-            }
-            Ok(Frame::data(chunk))
+            Ok(Frame::data(r.map_err(BoxError::from)?))
         });
         let body = BodyExt::boxed_unsync(StreamBody::new(frames));
         let uri = format!("/objects/{}", encode_object_path(path));
@@ -296,16 +305,9 @@ impl AdminClient {
         // Generous: a minute plus one second per MiB (assumes at least 1 MiB/s).
         let timeout = Duration::from_secs(60 + size / (1 << 20));
         let answer = self.send(r, timeout).await;
-        attempt.over.store(true, Ordering::Release);
-        match answer {
-            Ok((_, body)) => decode(&body),
-            Err(e) => {
-                if let Some(pb) = progress {
-                    pb.dec(attempt.sent.load(Ordering::Acquire));
-                }
-                Err(e)
-            }
-        }
+        over.store(true, Ordering::Release);
+        let (_, body) = answer?;
+        decode(&body)
     }
 
     fn request(
@@ -334,16 +336,17 @@ impl AdminClient {
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let exchange = async {
             let resp = self.http.request(req).await.map_err(|e| {
-                let reason = chain(&e);
                 if e.is_connect() {
+                    // The innermost cause ("Connection refused (os error 111)"), not hyper's
+                    // chain of wrappers.
                     ClientError::Connect {
                         admin: self.base.clone(),
-                        reason,
+                        reason: root_cause(&e),
                     }
                 } else {
                     ClientError::Transport {
                         admin: self.base.clone(),
-                        reason,
+                        reason: chain(&e),
                     }
                 }
             })?;
@@ -376,15 +379,6 @@ impl AdminClient {
             message,
         })
     }
-}
-
-/// The state of one upload attempt, shared with its body stream.
-#[derive(Debug, Default)]
-struct Attempt {
-    /// Bytes the body stream has read (and counted on the progress bar).
-    sent: AtomicU64,
-    /// The answer is in: the body must not send (or count) any more.
-    over: AtomicBool,
 }
 
 /// The retry policy of the commands: 3 attempts, 250 ms then 500 ms apart.
@@ -480,6 +474,14 @@ fn error_message(body: &[u8]) -> String {
 }
 
 /// An error and its sources, `a: b: c` (hyper-util's own message is only "client error").
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut last: &dyn std::error::Error = e;
+    while let Some(c) = last.source() {
+        last = c;
+    }
+    last.to_string()
+}
+
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();

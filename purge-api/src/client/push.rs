@@ -130,6 +130,16 @@ pub async fn run_push(args: PushArgs) -> Result<PushSummary, ClientError> {
         .map_err(|e| ClientError::Usage(format!("walking the paths failed: {e}")))??;
 
     let files = uploads.len();
+    // Fail fast: a wrong or dead address is one message, not one per file.
+    if !uploads.is_empty() {
+        client.probe().await.map_err(|e| match e {
+            ClientError::Connect { admin, reason } => ClientError::Connect {
+                admin,
+                reason: format!("{reason} (nothing was pushed; is --admin the node's admin port?)"),
+            },
+            e => e,
+        })?;
+    }
     let progress = args
         .progress
         .then(|| progress_bar(uploads.iter().map(|u| u.size).sum(), files));
@@ -137,22 +147,22 @@ pub async fn run_push(args: PushArgs) -> Result<PushSummary, ClientError> {
     let mut bytes = 0;
     let mut results = futures_util::stream::iter(uploads)
         .map(|u| {
-            let (client, progress) = (&client, progress.as_ref());
+            let client = &client;
             async move {
-                let r = push_one(client, &u, progress).await;
+                let r = push_one(client, &u).await;
                 (u, r)
             }
         })
         .buffer_unordered(args.concurrency.max(1));
-    let mut done = 0;
     while let Some((u, r)) = results.next().await {
-        done += 1;
-        if let Some(pb) = &progress {
-            pb.set_message(format!("{done}/{files} files"));
-        }
         match r {
             Ok(receipt) => {
                 bytes += receipt.size;
+                // The bar counts what the node acknowledged, not what was sent.
+                if let Some(pb) = &progress {
+                    pb.inc(u.size);
+                    pb.set_message(format!("{}/{files} files", pushed.len() + 1));
+                }
                 pushed.push(receipt);
             }
             Err(e) if e.is_auth() => {
@@ -160,6 +170,19 @@ pub async fn run_push(args: PushArgs) -> Result<PushSummary, ClientError> {
                     pb.finish_and_clear();
                 }
                 return Err(e);
+            }
+            // The node went away (after retries): every other file would fail the same way.
+            Err(ClientError::Connect { admin, reason }) => {
+                if let Some(pb) = &progress {
+                    pb.finish_and_clear();
+                }
+                return Err(ClientError::Connect {
+                    admin,
+                    reason: format!(
+                        "{reason} (after {} of {files} files were pushed; the rest were not)",
+                        pushed.len()
+                    ),
+                });
             }
             Err(e) => failed.push(PushFailure {
                 file: u.file,
@@ -180,11 +203,7 @@ pub async fn run_push(args: PushArgs) -> Result<PushSummary, ClientError> {
 }
 
 /// Hashes the file, then uploads it with up to 3 attempts.
-async fn push_one(
-    client: &AdminClient,
-    u: &Upload,
-    progress: Option<&ProgressBar>,
-) -> Result<PushReceipt, ClientError> {
+async fn push_one(client: &AdminClient, u: &Upload) -> Result<PushReceipt, ClientError> {
     let file = u.file.clone();
     let sha = tokio::task::spawn_blocking(move || hash_file(&file))
         .await
@@ -192,7 +211,7 @@ async fn push_one(
             path: u.file.clone(),
             source: std::io::Error::other(e),
         })??;
-    with_retry(RETRY, || client.upload(&u.file, &u.object, &sha, progress)).await
+    with_retry(RETRY, || client.upload(&u.file, &u.object, &sha)).await
 }
 
 /// SHA-256 of a file, read in chunks (never whole into memory).
@@ -340,7 +359,7 @@ fn not_utf8(p: &Path) -> PushFailure {
 fn progress_bar(total: u64, files: usize) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} {elapsed_precise} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg}",
+        "{spinner} {elapsed_precise} [{wide_bar}] {binary_bytes}/{binary_total_bytes} acknowledged, {msg}, {binary_bytes_per_sec}, ETA {eta}",
     ) {
         pb.set_style(style.progress_chars("=> "));
     }
