@@ -36,6 +36,16 @@ if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; t
     fi
 fi
 
+if ! command -v promtool >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "scripts/test.sh: installing Debian's prometheus (for promtool) to check /metrics"
+        (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus) \
+            || echo "scripts/test.sh: WARNING: prometheus could not be installed; /metrics is checked without promtool"
+    else
+        echo "scripts/test.sh: WARNING: promtool missing and not root; /metrics is checked without it"
+    fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

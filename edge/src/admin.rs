@@ -271,13 +271,14 @@ impl AdminState {
                 )),
             },
             "/metrics" => {
-                let mut r = Response::new(full(Bytes::from(self.metrics.encode())));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
+                let accept = req.headers().get_all(header::ACCEPT);
+                let (body, content_type) = outpost_net::exposition::negotiate(
+                    accept.iter().filter_map(|v| v.to_str().ok()),
+                    self.metrics.encode(),
                 );
+                let mut r = Response::new(full(Bytes::from(body)));
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
                 r
             }
             "/stats" => json(&self.stats()),

@@ -13,6 +13,8 @@
 //!   timeout and tells when a whole timeout's worth of ticks saw no progress and nothing in
 //!   flight. Each role shuts the connection down its own way (the edge's `drain::Watched`, the
 //!   selector's and origin's `serve_http`, the selector's splice).
+//! - **`/metrics`** ([`exposition`]): OpenMetrics or the classic text format, as the scraper
+//!   asks.
 //! - **Accept failures** (EMFILE at the descriptor limit and friends) are logged by
 //!   [`AcceptWarnings`] at most once per 10 s, with the count of the ones folded in.
 //!
@@ -20,6 +22,7 @@
 //! (a semaphore) before it accepts, so past the cap new clients wait in the kernel's backlog.
 
 mod accept;
+pub mod exposition;
 mod idle;
 mod opening;
 

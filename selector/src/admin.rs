@@ -23,7 +23,6 @@ use tracing::debug;
 
 use crate::conn;
 use crate::health::HealthState;
-use crate::metrics::CONTENT_TYPE;
 use crate::pool::Pool;
 
 /// The `/nodes` document.
@@ -173,7 +172,14 @@ pub(crate) async fn serve(
 
 fn respond(req: &Request<Incoming>, pool: &Pool) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/metrics" => reply(StatusCode::OK, CONTENT_TYPE, pool.metrics.render()),
+        "/metrics" => {
+            let accept = req.headers().get_all(header::ACCEPT);
+            let (body, content_type) = outpost_net::exposition::negotiate(
+                accept.iter().filter_map(|v| v.to_str().ok()),
+                pool.metrics.render(),
+            );
+            reply(StatusCode::OK, content_type, body)
+        }
         "/nodes" => {
             let body = serde_json::to_string_pretty(&report(pool)).unwrap_or_default() + "\n";
             reply(StatusCode::OK, "application/json", body)

@@ -84,31 +84,126 @@ fn monitoring_examples_are_well_formed() {
             .expect("grafana-dashboard.json is JSON");
     let panels = dash["panels"].as_array().expect("panels");
     assert!(!panels.is_empty());
-    // Every query names a metric the edge exports.
+    // Role and instance variables, from the target labels prometheus.yml sets: a request that
+    // misses at an edge is counted again by its shield, so the edges alone are the default.
+    let vars = dash["templating"]["list"]
+        .as_array()
+        .expect("templating.list");
+    for name in ["role", "instance"] {
+        let var = vars
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no template variable {name:?}"));
+        assert_eq!(var["type"], "query", "{name}");
+        assert!(
+            var["query"].to_string().contains("outpost_build_info"),
+            "{name}: {}",
+            var["query"]
+        );
+        assert_eq!(var["multi"], true, "{name}");
+        assert_eq!(var["includeAll"], true, "{name}");
+    }
+    let role = vars.iter().find(|v| v["name"] == "role").unwrap();
+    assert!(
+        role["current"]["value"].to_string().contains("\"edge\""),
+        "the role variable defaults to edge: {}",
+        role["current"]
+    );
+    // Every query names metrics the edge exports, and every selector filters on the role and
+    // instance variables (a ratio's both halves too), so no panel adds shields to edges.
     let metrics = [
         "outpost_requests_total",
+        "outpost_responses_total",
         "outpost_response_bytes_total",
         "outpost_request_duration_seconds_bucket",
         "outpost_origin_request_duration_seconds_bucket",
         "outpost_origin_requests_total",
         "outpost_origin_errors_total",
+        "outpost_upstream_failing_seconds",
         "outpost_coalesced_requests_total",
+        "outpost_connections_open",
+        "outpost_tls_handshakes_total",
+        "outpost_access_log_lines_total",
         "outpost_cache_bytes",
         "outpost_cache_evictions_total",
         "outpost_purges_total",
+        "outpost_compression_input_bytes_total",
         "outpost_compression_output_bytes_total",
+        "outpost_build_info",
     ];
+    let filters = ["role=~\"$role\"", "instance=~\"$instance\""];
+    let mut used = std::collections::HashSet::new();
     for p in panels {
         for t in p["targets"].as_array().unwrap() {
             let expr = t["expr"].as_str().unwrap();
+            for f in ["$role", "$instance"] {
+                assert!(expr.contains(f), "{expr} does not filter on {f}");
+            }
+            let mut selectors = 0;
+            for rest in expr.split("outpost_").skip(1) {
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                let metric = format!("outpost_{}", &rest[..end]);
+                assert!(
+                    metrics.contains(&metric.as_str()),
+                    "unknown metric {metric} in {expr}"
+                );
+                used.insert(metric.clone());
+                let matchers = rest[end..]
+                    .strip_prefix('{')
+                    .and_then(|m| m.split_once('}'))
+                    .map(|(m, _)| m)
+                    .unwrap_or_else(|| panic!("{metric} has no label matchers in {expr}"));
+                for f in filters {
+                    assert!(matchers.contains(f), "{metric} lacks {f} in {expr}");
+                }
+                selectors += 1;
+            }
+            assert!(selectors > 0, "no outpost metric in {expr}");
+        }
+    }
+    for m in [
+        "outpost_responses_total",
+        "outpost_upstream_failing_seconds",
+        "outpost_connections_open",
+    ] {
+        assert!(used.contains(m), "no panel shows {m}");
+    }
+    // Panels have their own ids and do not overlap on the 24-column grid.
+    let mut ids = std::collections::HashSet::new();
+    for p in panels {
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "duplicate panel id {}",
+            p["id"]
+        );
+    }
+    let rect = |p: &serde_json::Value| {
+        ["x", "y", "w", "h"].map(|k| p["gridPos"][k].as_u64().expect("gridPos"))
+    };
+    for (i, a) in panels.iter().enumerate() {
+        let [ax, ay, aw, ah] = rect(a);
+        assert!(ax + aw <= 24, "panel {} is wider than the grid", a["id"]);
+        for b in &panels[i + 1..] {
+            let [bx, by, bw, bh] = rect(b);
             assert!(
-                metrics.iter().any(|m| expr.contains(m)),
-                "unknown metric in {expr}"
+                ax + aw <= bx || bx + bw <= ax || ay + ah <= by || by + bh <= ay,
+                "panels {} and {} overlap",
+                a["id"],
+                b["id"]
             );
         }
     }
     let prom = std::fs::read_to_string(dir.join("prometheus.yml")).unwrap();
     assert!(prom.contains("metrics_path: /metrics"));
+    // The role the dashboard filters on is a target label: edges and shields both get one.
+    for role in ["edge", "shield"] {
+        assert!(
+            prom.lines().any(|l| l.trim() == format!("role: {role}")),
+            "prometheus.yml labels no target with role: {role}"
+        );
+    }
 }
 
 #[test]
@@ -326,7 +421,7 @@ fn completions_man_page_license_and_systemd_unit() {
     ] {
         assert!(unit.lines().any(|l| l == line), "the unit has {line:?}");
     }
-    let Ok(analyze) = which("systemd-analyze") else {
+    let Some(analyze) = crate::support::on_path("systemd-analyze") else {
         eprintln!("SKIPPED: systemd-analyze is not installed; the unit was not verified");
         return;
     };
@@ -350,13 +445,4 @@ fn completions_man_page_license_and_systemd_unit() {
         "systemd-analyze verify: {}\n{stderr}",
         out.status
     );
-}
-
-fn which(cmd: &str) -> Result<PathBuf, ()> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join(cmd))
-        .find(|p| p.is_file())
-        .ok_or(())
 }

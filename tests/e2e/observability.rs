@@ -126,6 +126,7 @@ fn number(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
 async fn scrape(c: &reqwest::Client, node: &Edge) -> (String, Scrape) {
     let r = c
         .get(node.admin_url("/metrics"))
+        .header("accept", crate::support::exposition::PROMETHEUS_ACCEPT)
         .send()
         .await
         .expect("GET /metrics");
@@ -151,6 +152,18 @@ async fn known_mix_counts_exactly_in_metrics_and_stats() {
         text.trim_end().ends_with("# EOF"),
         "OpenMetrics text ends with # EOF:\n{text}"
     );
+    // Without an Accept for OpenMetrics (promtool, curl): the classic format, which
+    // `promtool check metrics` accepts (issue 19).
+    let classic = c
+        .get(node.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(
+        classic.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    crate::support::exposition::assert_classic(&classic.text().await.expect("body"));
 
     // outpost_requests_total{cache, tier}: every one of the 18 label sets, exactly.
     for cache in CACHE {

@@ -579,7 +579,9 @@ async fn metrics_parse_as_prometheus_text() {
     ))
     .await;
     count(sel.addr, 6).await;
-    let resp = sel.admin_get("/metrics").await;
+    let classic = sel.admin_get("/metrics").await.text().await.unwrap();
+    crate::support::exposition::assert_classic(&classic);
+    let resp = sel.openmetrics().await;
     assert_eq!(resp.status(), 200);
     let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
     assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
@@ -734,7 +736,7 @@ async fn closed_within_wait(s: &mut TcpStream) -> bool {
 
 /// The selector's `/metrics` value of an unlabelled counter.
 async fn counter(sel: &Running, name: &str) -> f64 {
-    let text = sel.admin_get("/metrics").await.text().await.unwrap();
+    let text = sel.openmetrics().await.text().await.unwrap();
     parse_exposition(&text)
         .into_iter()
         .find(|(n, labels, _)| n == name && labels.is_empty())

@@ -22,6 +22,7 @@
 pub mod admin;
 pub mod cachetests;
 pub mod edge;
+pub mod exposition;
 pub mod files;
 pub mod http;
 pub mod nats;
@@ -196,4 +197,13 @@ impl<T: Send + 'static> Drop for Serving<T> {
     fn drop(&mut self) {
         self.signal();
     }
+}
+
+/// `cmd` as found on PATH, if it is there.
+pub fn on_path(cmd: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
 }

@@ -45,6 +45,16 @@ impl RunningSelector {
             .unwrap()
     }
 
+    /// `/metrics` as Prometheus scrapes it: OpenMetrics text.
+    pub async fn openmetrics(&self) -> reqwest::Response {
+        client_within(SELECTOR_WAIT)
+            .get(format!("http://{}/metrics", self.admin))
+            .header("accept", crate::support::exposition::PROMETHEUS_ACCEPT)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn nodes(&self) -> NodesReport {
         let text = self.admin_get("/nodes").await.text().await.unwrap();
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("/nodes: {e}\n{text}"))
