@@ -92,6 +92,8 @@ enum Command {
     Push(PushArgs),
     /// Show a node's hit ratio, request rate, origin latency and tier usage.
     Stats(StatsArgs),
+    /// Follow a node's requests as they are answered, filtered (like varnishlog).
+    Log(LogArgs),
     /// Check a configuration file, as the role's start-up would, and report every problem
     /// (exit 0 when valid, 64 when not).
     Check(CheckArgs),
@@ -103,6 +105,28 @@ enum Command {
     },
     /// Print the man page (roff), e.g. `outpost man > /usr/local/share/man/man1/outpost.1`.
     Man,
+}
+
+#[derive(Args)]
+struct LogArgs {
+    /// The node's admin URL, e.g. http://127.0.0.1:9080 (or 127.0.0.1:9080).
+    #[arg(long)]
+    admin: String,
+    /// Admin token with the read scope (default: $OUTPOST_ADMIN_TOKEN).
+    #[arg(long, env = "OUTPOST_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Only these statuses: a class (5xx) or a code (404).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only this cache result: HIT, MISS, STALE, REVALIDATED, PASS or ERROR.
+    #[arg(long)]
+    cache: Option<String>,
+    /// Only URLs whose path starts with this, e.g. /assets/.
+    #[arg(long)]
+    url_prefix: Option<String>,
+    /// Print the JSON lines the node sends (the access log's JSON fields).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -301,6 +325,28 @@ fn main() -> ExitCode {
         )),
         Command::Purge(args) => run_purge(args),
         Command::Push(args) => run_push(args),
+        Command::Log(args) => {
+            let run = outpost_edge::log_client::run(outpost_edge::log_client::LogArgs {
+                admin: args.admin,
+                token: args.token,
+                status: args.status,
+                cache: args.cache,
+                url_prefix: args.url_prefix,
+                json: args.json,
+            });
+            match runtime().block_on(async {
+                tokio::select! {
+                    r = run => r,
+                    _ = shutdown_signal() => Ok(()),
+                }
+            }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    errln!("outpost log: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "outpost", &mut out);

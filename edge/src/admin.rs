@@ -52,6 +52,8 @@ pub struct AdminState {
     pub tls: Option<Arc<crate::tls::TlsState>>,
     /// `limits.degraded_after` (0: `/readyz` never says degraded).
     pub degraded_after: Duration,
+    /// The live request stream (`/log`, `outpost log`).
+    pub live: Arc<crate::observe::live_log::LiveLog>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
@@ -195,6 +197,46 @@ impl AdminState {
         }
     }
 
+    /// `GET /log?status=5xx&cache=MISS&url_prefix=/assets/`: answered requests as JSON lines,
+    /// as they happen (`outpost log`). Full URLs with their query strings: the read scope is
+    /// needed even where `/metrics` is public.
+    fn live_log(&self, req: &Request<Incoming>) -> Response<RespBody> {
+        if let Err(e) = self
+            .auth
+            .load()
+            .check(req.headers(), outpost_purge_api::Scope::Read)
+        {
+            return admin_error(AdminError::Auth(e));
+        }
+        if req.method() != Method::GET {
+            return admin_error(AdminError::MethodNotAllowed {
+                path: "/log",
+                allow: "GET",
+            });
+        }
+        let filter = match crate::observe::live_log::Filter::parse(req.uri().query()) {
+            Ok(f) => f,
+            Err(e) => return admin_error(AdminError::bad_request(format!("/log: {e}"))),
+        };
+        let Some(stream) = self.live.watch(filter) else {
+            return admin_error(AdminError::Unavailable(format!(
+                "/log: {} streams are open already",
+                crate::observe::live_log::MAX_WATCHERS
+            )));
+        };
+        let body = http_body_util::StreamBody::new(futures_util::StreamExt::map(stream, |r| {
+            r.map(hyper::body::Frame::data)
+        }));
+        let mut r = Response::new(RespBody::boxed(body));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    }
+
     /// "every upstream has failed for 42 s" once that has lasted `degraded_after`: the node
     /// still serves what it holds (stale copies included), so `/readyz` stays 200 and says so.
     fn degraded(&self) -> Option<String> {
@@ -261,6 +303,7 @@ impl AdminState {
                     None => plain(StatusCode::OK, "ready"),
                 },
             },
+            "/log" => self.live_log(&req),
             p if p.starts_with("/fleet/nodes/") => {
                 self.forget_node(&req, &p["/fleet/nodes/".len()..]).await
             }
@@ -304,7 +347,7 @@ impl AdminState {
                 r
             }
             _ => admin_error(AdminError::NotFound(format!(
-                "{path} (the admin port serves /, /healthz, /readyz, /metrics, /stats, /usage, /fleet, /purge, /objects and /tls/reload)"
+                "{path} (the admin port serves /, /healthz, /readyz, /metrics, /stats, /usage, /log, /fleet, /purge, /objects and /tls/reload)"
             ))),
         }
     }
@@ -472,8 +515,9 @@ pub async fn serve(
                 let in_flight = conn_activity.begin();
                 async move {
                     let resp = state.handle(req).await;
-                    drop(in_flight);
-                    Ok::<_, Infallible>(resp)
+                    // In flight until its body is sent: a `/log` stream is not an idle
+                    // connection.
+                    Ok::<_, Infallible>(resp.map(|b| RespBody::boxed(Held::new(b, in_flight))))
                 }
             });
             let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
@@ -484,5 +528,40 @@ pub async fn serve(
                 debug!(error = %e, "admin connection ended with an error");
             }
         });
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body that holds something (a connection's in-flight guard) until it is dropped.
+    struct Held<B, G> {
+        #[pin]
+        inner: B,
+        guard: G,
+    }
+}
+
+impl<B, G> Held<B, G> {
+    fn new(inner: B, guard: G) -> Self {
+        Self { inner, guard }
+    }
+}
+
+impl<B: hyper::body::Body, G> hyper::body::Body for Held<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -14,14 +14,20 @@ const SUPPORT: [&str; 7] = [
     "drain.rs",
 ];
 const PHASES: [&str; 1] = ["proxy"];
-const ABOVE_SUPPORT: [&str; 5] = [
+const ABOVE_SUPPORT: [&str; 6] = [
     "crate::proxy",
     "crate::server",
     "crate::admin",
     "crate::stats_client",
+    "crate::log_client",
     "crate::layering",
 ];
-const ABOVE_PHASES: [&str; 3] = ["crate::server", "crate::admin", "crate::stats_client"];
+const ABOVE_PHASES: [&str; 4] = [
+    "crate::server",
+    "crate::admin",
+    "crate::stats_client",
+    "crate::log_client",
+];
 
 fn sources(entry: &str) -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))

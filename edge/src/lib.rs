@@ -26,6 +26,7 @@ pub mod drain;
 pub mod error;
 #[cfg(test)]
 mod layering;
+pub mod log_client;
 pub mod observe;
 pub mod operator;
 #[cfg(test)]

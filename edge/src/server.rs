@@ -352,6 +352,7 @@ impl EdgeServer {
                 disk_capacity: self.cfg.cache_dir.as_ref().map(|_| self.cfg.disk),
                 tls: self.tls.as_ref().map(|(_, t)| t.clone()),
                 degraded_after: self.cfg.degraded_after,
+                live: self.proxy.live.clone(),
             });
             let limits = crate::admin::AdminLimits {
                 header_timeout: self.cfg.header_read_timeout,

@@ -124,6 +124,31 @@ async fn admin_api_requires_a_token_with_the_right_scope() {
         .await;
         assert_eq!(r.status, 403, "{t}: {r:?}");
     }
+
+    // The live request stream (`outpost log`) shows full URLs, query strings and all: it needs
+    // `read` even though /metrics is public here.
+    let r = send(&c, "GET", &edge.admin_url("/log"), &[], None).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    let auth = bearer(PUSHER);
+    let r = send(
+        &c,
+        "GET",
+        &edge.admin_url("/log?status=bogus"),
+        &[("authorization", auth.as_str())],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let auth = bearer(READER);
+    let r = send(
+        &c,
+        "GET",
+        &edge.admin_url("/log?status=bogus"),
+        &[("authorization", auth.as_str())],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 400, "the reader gets as far as the filter: {r:?}");
     edge.stop().await;
 }
 

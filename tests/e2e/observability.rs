@@ -964,6 +964,145 @@ async fn a_failing_origin_is_logged_once_per_kind_and_reported_degraded() {
     assert_eq!(ready.trim_end(), "ready");
 }
 
+/// A running `outpost log` and its stdout, line by line.
+struct Follower {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Follower {
+    fn start(admin: std::net::SocketAddr, filters: &[&str]) -> Follower {
+        let mut child = tokio::process::Command::new(BIN)
+            .args(["log", "--admin", &admin.to_string(), "--json"])
+            .args(filters)
+            .env_remove("OUTPOST_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn outpost log");
+        let out = child.stdout.take().expect("stdout");
+        use tokio::io::AsyncBufReadExt as _;
+        Follower {
+            child,
+            lines: tokio::io::BufReader::new(out).lines(),
+        }
+    }
+
+    /// The next line within `d`, as JSON.
+    async fn next_within(&mut self, d: Duration) -> Option<serde_json::Value> {
+        match tokio::time::timeout(d, self.lines.next_line()).await {
+            Ok(Ok(Some(l))) => Some(serde_json::from_str(&l).expect("a JSON line")),
+            Ok(_) => panic!("outpost log ended: {:?}", self.child.try_wait()),
+            Err(_) => None,
+        }
+    }
+}
+
+/// Issue 19: `outpost log` follows a node's requests live, filtered on the node. Two followers
+/// at once: one for MISSes under /assets/, one for 5xx; each sees exactly what it asked for.
+#[tokio::test]
+async fn outpost_log_follows_requests_with_filters() {
+    let origin = TestOrigin::start().await;
+    let cacheable = || Reply::ok("a").header("cache-control", "max-age=600");
+    origin.route("/assets/x.css", cacheable());
+    origin.route(
+        "/other",
+        Reply::ok("o").header("cache-control", "max-age=600"),
+    );
+    origin.route("/broken", Reply::new(503).body("down"));
+    let node = start_node(&origin, "").await;
+    let c = client();
+    let get = async |path: &str| {
+        let r = c.get(node.url(path)).send().await.expect("GET");
+        let status = r.status().as_u16();
+        let _ = r.bytes().await;
+        status
+    };
+    let mut misses = Follower::start(
+        node.admin(),
+        &["--cache", "miss", "--url-prefix", "/assets/"],
+    );
+    let mut errors = Follower::start(node.admin(), &["--status", "5xx"]);
+    // Until each follower is subscribed: requests that only it would show, until it shows one.
+    let mut i = 0;
+    while misses
+        .next_within(Duration::from_millis(200))
+        .await
+        .is_none()
+    {
+        i += 1;
+        assert!(i < 150, "outpost log never showed a request");
+        let warm = format!("/assets/warm-{i}");
+        origin.route(&warm, cacheable());
+        get(&warm).await;
+    }
+    while errors
+        .next_within(Duration::from_millis(200))
+        .await
+        .is_none()
+    {
+        i += 1;
+        assert!(i < 300, "outpost log never showed an error");
+        assert_eq!(get("/broken").await, 503);
+    }
+    // Drain what the warm-up left in flight.
+    while misses
+        .next_within(Duration::from_millis(300))
+        .await
+        .is_some()
+    {}
+    while errors
+        .next_within(Duration::from_millis(300))
+        .await
+        .is_some()
+    {}
+
+    assert_eq!(get("/assets/x.css").await, 200); // MISS under /assets/: misses
+    assert_eq!(get("/assets/x.css").await, 200); // HIT: nobody
+    assert_eq!(get("/other").await, 200); // MISS elsewhere: nobody
+    assert_eq!(get("/broken").await, 503); // errors
+    let m = misses.next_within(WAIT).await.expect("the MISS");
+    assert_eq!(
+        (m["url"].as_str(), m["cache"].as_str()),
+        (Some("/assets/x.css"), Some("MISS")),
+        "{m}"
+    );
+    let e = errors.next_within(WAIT).await.expect("the 503");
+    assert_eq!(
+        (e["url"].as_str(), e["status"].as_u64()),
+        (Some("/broken"), Some(503)),
+        "{e}"
+    );
+    assert_eq!(
+        misses.next_within(Duration::from_millis(500)).await,
+        None,
+        "only the MISS"
+    );
+    assert_eq!(
+        errors.next_within(Duration::from_millis(500)).await,
+        None,
+        "only the 503"
+    );
+
+    // A bad filter is refused by the node, with a message.
+    let out = crate::support::proc::cli(&[
+        "log",
+        "--admin",
+        &node.admin().to_string(),
+        "--status",
+        "6xx",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("400") && stderr.contains("status"),
+        "{stderr}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Graceful drain
 // ---------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ pub struct AccessLogConfig {
 }
 
 /// The request's side of a line, taken when the request arrives.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RequestFields {
     method: Method,
     uri: Uri,
@@ -72,8 +72,29 @@ pub struct RequestFields {
     request_id: Option<HeaderValue>,
 }
 
+impl RequestFields {
+    /// The fields of a request, with its id (if any) as given.
+    pub fn of<B>(req: &Request<B>, request_id: Option<HeaderValue>) -> RequestFields {
+        let h = req.headers();
+        RequestFields {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            host: h.get(header::HOST).cloned(),
+            user_agent: h.get(header::USER_AGENT).cloned(),
+            referer: h.get(header::REFERER).cloned(),
+            request_id,
+        }
+    }
+
+    /// The request's path (no query).
+    pub fn path(&self) -> &str {
+        self.uri.path()
+    }
+}
+
 /// One line's worth.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Entry {
     pub time: SystemTime,
     pub client: IpAddr,
@@ -163,16 +184,7 @@ impl AccessLog {
                 }
             }
         });
-        let h = req.headers();
-        RequestFields {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            host: h.get(header::HOST).cloned(),
-            user_agent: h.get(header::USER_AGENT).cloned(),
-            referer: h.get(header::REFERER).cloned(),
-            request_id,
-        }
+        RequestFields::of(req, request_id)
     }
 
     fn new_id(&self) -> HeaderValue {
@@ -413,7 +425,8 @@ fn combined(out: &mut Vec<u8>, e: &Entry) {
     let _ = write!(out, " rid={}", text(&r.request_id));
 }
 
-fn json(out: &mut Vec<u8>, e: &Entry) {
+/// One JSON line's object (without its newline); `outpost log` streams the same.
+pub(crate) fn json(out: &mut Vec<u8>, e: &Entry) {
     let r = &e.request;
     let time = time::OffsetDateTime::from(e.time)
         .format(&time::format_description::well_known::Rfc3339)

@@ -4,6 +4,7 @@
 pub mod access_log;
 pub mod counting;
 pub mod histogram;
+pub mod live_log;
 pub mod metrics;
 pub mod upstreams;
 pub mod window;

@@ -44,6 +44,7 @@ use crate::cache::upstream::{BoxError, Upstream};
 use crate::cache::{CacheRequest, Engine};
 use crate::error::EdgeError;
 use crate::observe::access_log::{AccessLog, Entry, RequestFields};
+use crate::observe::live_log::LiveLog;
 use outpost_http::body::RespBody;
 use outpost_http::headers::strip_hop_by_hop;
 
@@ -139,6 +140,8 @@ pub struct Proxy {
     compression: compress::Compressor,
     /// `[access_log]` (set once at start-up).
     access: std::sync::OnceLock<Arc<AccessLog>>,
+    /// `outpost log`'s live stream (`GET /log` on the admin port).
+    pub live: Arc<LiveLog>,
 }
 
 impl Proxy {
@@ -160,6 +163,7 @@ impl Proxy {
             settings: arc_swap::ArcSwap::from_pointee(RouteSettings::of(route)),
             compression: compress::Compressor::new(compression),
             access: std::sync::OnceLock::new(),
+            live: Arc::default(),
         }
     }
 
@@ -172,10 +176,15 @@ impl Proxy {
         self.access.get().cloned()
     }
 
-    /// The access log's request fields (`None` without an access log). `upstream`: the request
-    /// may go upstream, so a request id made here is set on it for the origin.
+    /// The request's fields for the access log and the live stream (`None` when neither
+    /// wants them). `upstream`: the request may go upstream, so a request id made here is set
+    /// on it for the origin.
     fn access_fields<B>(&self, req: &mut Request<B>, upstream: bool) -> Option<RequestFields> {
-        self.access.get().map(|a| a.request_fields(req, upstream))
+        match self.access.get() {
+            Some(a) => Some(a.request_fields(req, upstream)),
+            None if self.live.active() => Some(RequestFields::of(req, None)),
+            None => None,
+        }
     }
 
     /// Answers one request.
@@ -299,7 +308,7 @@ impl Proxy {
                 .record_miss(missed.as_ref().map_or("/", |p| p.as_str()));
         }
         let mut pending_line = None;
-        if let (Some(request), Some(access)) = (log, self.access.get()) {
+        if let Some(request) = log {
             let entry = Entry {
                 time: std::time::SystemTime::now(),
                 client: client.addr.ip(),
@@ -311,11 +320,14 @@ impl Proxy {
                 upstream: outcome.upstream,
                 total: elapsed,
             };
-            if len.is_some() {
-                access.log(entry);
-            } else {
+            if self.live.active() {
+                self.live.publish(Arc::new(entry.clone()));
+            }
+            match self.access.get() {
+                Some(access) if len.is_some() => access.log(entry),
                 // Written when the body ends (or is dropped), with the bytes it sent.
-                pending_line = Some((access.clone(), entry, started));
+                Some(access) => pending_line = Some((access.clone(), entry, started)),
+                None => {}
             }
         }
         if len.is_none() {

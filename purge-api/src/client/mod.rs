@@ -335,38 +335,51 @@ impl AdminClient {
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let exchange = async {
-            let resp = self.http.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    // The innermost cause ("Connection refused (os error 111)"), not hyper's
-                    // chain of wrappers.
-                    ClientError::Connect {
-                        admin: self.base.clone(),
-                        reason: root_cause(&e),
-                    }
-                } else {
-                    ClientError::Transport {
-                        admin: self.base.clone(),
-                        reason: chain(&e),
-                    }
-                }
-            })?;
+            let resp = self.head(req).await?;
             let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(|e| ClientError::Transport {
-                    admin: self.base.clone(),
-                    reason: format!("reading the answer: {e}"),
-                })?
-                .to_bytes();
-            Ok((status, body))
+            Ok((status, self.read_bounded(resp.into_body()).await?))
         };
-        let (status, body) = tokio::time::timeout(timeout, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| ClientError::Timeout(timeout))??;
+            .map_err(|_| ClientError::Timeout(timeout))?
+    }
+
+    /// `GET <path>` whose answer streams for as long as the node sends it (`/log`): the body,
+    /// once a success head arrived within the request timeout.
+    pub async fn get_stream(&self, path: &str) -> Result<hyper::body::Incoming, ClientError> {
+        let r = self.request(Method::GET, path, empty())?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.head(r))
+            .await
+            .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))??;
+        Ok(resp.into_body())
+    }
+
+    /// Sends and waits for the head; an error status becomes [`ClientError::Http`] with the
+    /// message of its (bounded) body.
+    async fn head(
+        &self,
+        req: Request<ClientBody>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let resp = self.http.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                // The innermost cause ("Connection refused (os error 111)"), not hyper's
+                // chain of wrappers.
+                ClientError::Connect {
+                    admin: self.base.clone(),
+                    reason: root_cause(&e),
+                }
+            } else {
+                ClientError::Transport {
+                    admin: self.base.clone(),
+                    reason: chain(&e),
+                }
+            }
+        })?;
+        let status = resp.status();
         if status.is_success() {
-            return Ok((status, body));
+            return Ok(resp);
         }
+        let body = self.read_bounded(resp.into_body()).await?;
         let mut message = error_message(&body);
         if status == StatusCode::UNAUTHORIZED && self.auth.is_none() {
             message.push_str(&format!(
@@ -378,6 +391,17 @@ impl AdminClient {
             status: status.as_u16(),
             message,
         })
+    }
+
+    async fn read_bounded(&self, body: hyper::body::Incoming) -> Result<Bytes, ClientError> {
+        Ok(Limited::new(body, MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Transport {
+                admin: self.base.clone(),
+                reason: format!("reading the answer: {e}"),
+            })?
+            .to_bytes())
     }
 }
 
