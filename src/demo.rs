@@ -353,6 +353,12 @@ async fn start_nats(store: &std::path::Path, port: u16) -> Result<tokio::process
 
 fn fail(what: &str, e: &str) -> ExitCode {
     errln!("outpost demo: cannot start the {what}: {e}");
+    if e.contains("in use") || e.contains("cannot bind") {
+        // The role's own hint names its flag; the demo picks every port from one base.
+        errln!(
+            "outpost demo: its ports all come from --base-port (P and up, admin ports P+1000 and up); try another, e.g. --base-port 18080"
+        );
+    }
     ExitCode::FAILURE
 }
 

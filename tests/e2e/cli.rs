@@ -216,6 +216,24 @@ async fn a_busy_address_is_named_once() {
             "{args:?}: names the setting\n{stderr}"
         );
     }
+    // The demo takes every port from --base-port: its message says so (the origin, at P+1,
+    // finds its port taken).
+    let port = held.local_addr().unwrap().port();
+    let cache = tempfile::tempdir().unwrap();
+    let out = cli(&[
+        "demo",
+        "--base-port",
+        &(port - 1).to_string(),
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in use") && stderr.contains("--base-port"),
+        "the demo names --base-port:\n{stderr}"
+    );
     drop(held);
 }
 
