@@ -153,6 +153,7 @@ fn main() {
                 revalidations_per_sec: 100,
             stale_if_error_wait: std::time::Duration::from_secs(2),
             send_timeout: std::time::Duration::from_secs(60),
+                negative_ttl: Default::default(),
             },
             origin.clone(),
             Clock::system(),

@@ -160,6 +160,8 @@ struct RawCache {
     versioned_ttl: Option<Setting<RawDuration>>,
     targeted_cache_control: Option<Vec<Setting<String>>>,
     stale_on_error: Option<Setting<RawDuration>>,
+    /// `{ "404" = "30s", "5xx" = "2s" }`: negative caching.
+    negative_ttl: Option<std::collections::BTreeMap<String, Setting<RawDuration>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -283,6 +285,8 @@ pub struct EdgeConfig {
     /// `[cache] stale_on_error`: how long past freshness a stored copy stands in for an
     /// unreachable or failing (5xx) upstream when the response has no `stale-if-error`.
     pub stale_on_error: std::time::Duration,
+    /// `[cache] negative_ttl`: freshness for error responses that carry none of their own.
+    pub negative_ttl: outpost_cache::policy::NegativeTtl,
     /// `[compression]`: br / gzip negotiation and encoded variants.
     pub compression: CompressionConfig,
     /// Admin API tokens (plus `OUTPOST_ADMIN_TOKEN`, added at start-up).
@@ -634,6 +638,7 @@ impl EdgeConfig {
             .fleet
             .as_ref()
             .and_then(|f| fleet_config(&mut d, f, raw.name.as_ref(), cache_dir.as_deref()));
+        let negative_ttl = negative_ttl_config(&mut d, raw.cache.negative_ttl.as_ref());
         let access_log = raw
             .access_log
             .as_ref()
@@ -680,6 +685,7 @@ impl EdgeConfig {
             strip_headers,
             targeted_cache_control,
             stale_on_error: stale_on_error.expect("checked"),
+            negative_ttl,
             admin_tokens,
             public_metrics: raw.admin.public_metrics.unwrap_or(true),
             max_push_size: max_push_size.expect("checked"),
@@ -690,6 +696,43 @@ impl EdgeConfig {
             access_log,
         })
     }
+}
+
+/// `[cache] negative_ttl`: keys are statuses from 400 to 599 or the classes `4xx` and `5xx`,
+/// values durations of at least a second (freshness counts whole seconds).
+fn negative_ttl_config(
+    d: &mut Diagnostics,
+    raw: Option<&std::collections::BTreeMap<String, Setting<RawDuration>>>,
+) -> outpost_cache::policy::NegativeTtl {
+    let mut entries = Vec::new();
+    for (key, value) in raw.into_iter().flatten() {
+        let field = format!("cache.negative_ttl.{key}");
+        let status = match key.to_ascii_lowercase().as_str() {
+            "4xx" => Some((400, true)),
+            "5xx" => Some((500, true)),
+            k => k
+                .parse::<u16>()
+                .ok()
+                .filter(|s| (400..600).contains(s))
+                .map(|s| (s, false)),
+        };
+        let Some((status, class)) = status else {
+            d.error(
+                &field,
+                value,
+                format!("{key:?} is not an error status: use 400 to 599, \"4xx\" or \"5xx\""),
+            );
+            continue;
+        };
+        match d.duration(&field, value) {
+            Some(ttl) if ttl >= std::time::Duration::from_secs(1) => {
+                entries.push((status, class, ttl));
+            }
+            Some(_) => d.error(&field, value, "must be at least 1s"),
+            None => {}
+        }
+    }
+    outpost_cache::policy::NegativeTtl::new(entries)
 }
 
 /// `[access_log]`: `path` is required (a file, or `stdout`).
@@ -1280,6 +1323,34 @@ mod tests {
         let f = c.fleet.expect("a fleet from the flag");
         assert_eq!(f.servers, ["nats://a:4222", "nats://b:4222"]);
         assert_eq!((c.name.as_str(), f.node.as_str()), ("edge-b", "edge-b"));
+    }
+
+    #[test]
+    fn negative_ttl_statuses_classes_and_errors() {
+        let base = "listen = \"127.0.0.1:8080\"\norigin = \"http://127.0.0.1:9000\"\n";
+        let c = load(&format!(
+            "{base}[cache.negative_ttl]\n\"404\" = \"30s\"\n\"5xx\" = 2\n"
+        ))
+        .unwrap();
+        let ttl = |s: u16| c.negative_ttl.ttl(http::StatusCode::from_u16(s).unwrap());
+        assert_eq!(ttl(404), Some(Duration::from_secs(30)));
+        assert_eq!(ttl(503), Some(Duration::from_secs(2)));
+        assert_eq!(ttl(410), None);
+        assert!(
+            load(base).unwrap().negative_ttl.is_empty(),
+            "off by default"
+        );
+        let e = load(&format!(
+            "{base}[cache.negative_ttl]\n\"200\" = \"1m\"\n\"404\" = \"10ms\"\n\"410\" = \"soon\"\n"
+        ))
+        .unwrap_err();
+        for f in [
+            "cache.negative_ttl.200",
+            "cache.negative_ttl.404",
+            "cache.negative_ttl.410",
+        ] {
+            assert!(e.mentions(f), "{f}: {e}");
+        }
     }
 
     #[test]

@@ -152,6 +152,7 @@ impl EdgeServer {
                 revalidations_per_sec: 100,
                 stale_if_error_wait: cfg.stale_if_error_wait,
                 send_timeout: cfg.send_timeout,
+                negative_ttl: Arc::new(cfg.negative_ttl.clone()),
             },
             upstream.clone(),
             clock,
@@ -574,6 +575,7 @@ impl Reloader {
         check("upstream", cur.upstream_tls != new.upstream_tls);
         check("fleet", cur.fleet != new.fleet);
         check("access_log", cur.access_log != new.access_log);
+        check("cache.negative_ttl", cur.negative_ttl != new.negative_ttl);
         self.proxy.reload(route_of(&new));
         self.auth.store(Arc::new(auth));
         self.public_metrics

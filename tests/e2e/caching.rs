@@ -1277,3 +1277,88 @@ async fn silent_connection_is_closed_after_header_read_timeout() {
         "a connection that sent nothing was still open 10 s after a 1 s header_read_timeout"
     );
 }
+
+/// Issue 18, negative caching (`[cache] negative_ttl`): a storm of 200 concurrent requests for
+/// a missing URL costs the origin one request (coalesced, then stored for the configured
+/// time), the 404 expires on time, a 404 with its own freshness keeps it, `no-store` is obeyed,
+/// and a 5xx never replaces a stored copy that stale-if-error may still serve.
+#[tokio::test]
+async fn negative_caching_turns_a_404_storm_into_one_origin_request() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/missing",
+        Reply::new(404)
+            .body("not here")
+            .head_delay(Duration::from_millis(300)),
+    );
+    origin.route(
+        "/own",
+        Reply::new(404).header("cache-control", "max-age=60"),
+    );
+    origin.route(
+        "/secret-miss",
+        Reply::new(404).header("cache-control", "no-store"),
+    );
+    origin.route_seq(
+        "/flaky",
+        vec![
+            cacheable("good", "max-age=10"),
+            Reply::new(503).body("down"),
+        ],
+    );
+    let edge = start_edge_with(origin.addr(), |cfg| {
+        cfg.negative_ttl = outpost_edge::cache::policy::NegativeTtl::new([
+            (404, false, Duration::from_secs(30)),
+            (500, true, Duration::from_secs(5)),
+        ]);
+    })
+    .await;
+    let c = client();
+    let url = edge.url("/missing");
+    let mut storm = JoinSet::new();
+    for _ in 0..200 {
+        let (c, url) = (c.clone(), url.clone());
+        storm.spawn(async move { get(&c, &url, &[]).await });
+    }
+    while let Some(r) = storm.join_next().await {
+        let r = r.expect("request task");
+        assert_eq!((r.status, r.text().as_str()), (404, "not here"));
+    }
+    assert_eq!(
+        origin.hits("/missing"),
+        1,
+        "the storm cost one origin request"
+    );
+    assert_eq!(get(&c, &url, &[]).await.x_cache(), "HIT");
+    edge.advance(29);
+    assert_eq!(get(&c, &url, &[]).await.x_cache(), "HIT");
+    assert_eq!(origin.hits("/missing"), 1);
+    edge.advance(2);
+    assert_eq!(
+        get(&c, &url, &[]).await.x_cache(),
+        "MISS",
+        "expired after 30 s"
+    );
+    assert_eq!(origin.hits("/missing"), 2);
+
+    // Its own freshness wins over the configured time; no-store is never stored.
+    let own = edge.url("/own");
+    assert_eq!(get(&c, &own, &[]).await.status, 404);
+    edge.advance(45);
+    assert_eq!(get(&c, &own, &[]).await.x_cache(), "HIT");
+    for _ in 0..2 {
+        assert_eq!(get(&c, &edge.url("/secret-miss"), &[]).await.status, 404);
+    }
+    assert_eq!(origin.hits("/secret-miss"), 2);
+
+    // A stored 200 past its freshness, then the origin fails: the 503 is not stored over the
+    // copy, which stale-on-error serves, and each request asks the origin again.
+    let flaky = edge.url("/flaky");
+    assert_eq!(get(&c, &flaky, &[]).await.text(), "good");
+    edge.advance(11);
+    for n in 2..4 {
+        let r = get(&c, &flaky, &[]).await;
+        assert_eq!((r.status, r.x_cache()), (200, "STALE"), "{r:?}");
+        assert_eq!(origin.hits("/flaky"), n);
+    }
+}

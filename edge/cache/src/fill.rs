@@ -105,6 +105,7 @@ impl Engine {
                 default_ttl: req.default_ttl,
                 targeted: self.cfg.targeted_cache_control.clone(),
                 stale_on_error: self.cfg.stale_on_error,
+                negative: self.cfg.negative_ttl.clone(),
             },
             purge_seq: current,
             norm: clone_parts(&req.norm.parts),
@@ -412,7 +413,19 @@ impl Engine {
         }
 
         let admission = if policy::status_may_be_stored(parts.status) {
-            policy::admit(&job.norm, &parts, &job.key_text, now, &job.admit)
+            // A 5xx never replaces a stored copy through negative caching: stale-if-error
+            // may still serve that copy, and its next request asks the origin again.
+            let without_negative;
+            let admit = if parts.status.is_server_error() && job.stale_meta.is_some() {
+                without_negative = policy::AdmitOptions {
+                    negative: Default::default(),
+                    ..job.admit.clone()
+                };
+                &without_negative
+            } else {
+                &job.admit
+            };
+            policy::admit(&job.norm, &parts, &job.key_text, now, admit)
         } else {
             Admission::Pass(PassReason::Uncacheable)
         };
@@ -839,6 +852,7 @@ mod tests {
                 revalidations_per_sec: 10,
                 stale_if_error_wait: std::time::Duration::ZERO,
                 send_timeout: std::time::Duration::from_secs(60),
+                negative_ttl: Default::default(),
             },
             origin.clone(),
             Clock::manual(),

@@ -97,6 +97,9 @@ pub struct EngineConfig {
     /// A reader of a streaming fill that takes nothing for this long while the fill waits on
     /// it is dropped (`limits.send_timeout`; see [`coalesce`]).
     pub send_timeout: Duration,
+    /// Negative caching: freshness for error responses without their own
+    /// (`[cache] negative_ttl`; see [`policy::NegativeTtl`]).
+    pub negative_ttl: Arc<policy::NegativeTtl>,
 }
 
 /// The targeted cache-control fields a node obeys by default (RFC 9213): `CDN-Cache-Control`.

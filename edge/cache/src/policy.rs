@@ -162,6 +162,53 @@ pub struct AdmitOptions {
     /// How long past freshness a stored response may stand in when the upstream cannot be
     /// reached or answers 5xx, without a `stale-if-error` of its own (RFC 9111 §4.2.4).
     pub stale_on_error: Duration,
+    /// Freshness of error responses that carry none of their own (`[cache] negative_ttl`).
+    pub negative: Arc<NegativeTtl>,
+}
+
+/// Negative caching (`[cache] negative_ttl`, nginx's `proxy_cache_valid 404 1m`): freshness
+/// for a 4xx or 5xx response that brings none of its own (no `max-age`, `s-maxage` or
+/// `Expires`), so a storm of requests for a missing or failing URL costs the origin one
+/// request per period. Never over `no-store`, `no-cache` or `private`, and never longer than
+/// configured. Empty by default: error responses are stored only as HTTP allows (a 404 or 410
+/// with heuristic freshness).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NegativeTtl {
+    /// Exact statuses, then whole classes (`4xx` = 400, `5xx` = 500).
+    exact: Vec<(u16, Duration)>,
+    classes: Vec<(u16, Duration)>,
+}
+
+impl NegativeTtl {
+    /// `entries`: (status or class, ttl); a class is given as 400 or 500 with `class = true`.
+    pub fn new(entries: impl IntoIterator<Item = (u16, bool, Duration)>) -> Self {
+        let mut out = Self::default();
+        for (status, class, ttl) in entries {
+            if class {
+                out.classes.push((status / 100, ttl));
+            } else {
+                out.exact.push((status, ttl));
+            }
+        }
+        out
+    }
+
+    /// The configured freshness for this status, if any.
+    pub fn ttl(&self, status: StatusCode) -> Option<Duration> {
+        let code = status.as_u16();
+        if !(400..600).contains(&code) {
+            return None;
+        }
+        self.exact
+            .iter()
+            .find(|(s, _)| *s == code)
+            .or_else(|| self.classes.iter().find(|(c, _)| *c == code / 100))
+            .map(|(_, ttl)| *ttl)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.classes.is_empty()
+    }
 }
 
 pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<response::Parts> {
@@ -190,7 +237,10 @@ pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<re
             headers.insert(header::CACHE_CONTROL, v);
         }
     }
+    // Not for errors: a versioned URL asked for before its deploy must not keep its 404 for
+    // the versioned lifetime (negative caching below applies instead).
     if let Some(ttl) = opts.default_ttl
+        && resp.status.as_u16() < 400
         && !(cc.has("max-age")
             || cc.has("s-maxage")
             || cc.has("no-cache")
@@ -205,6 +255,23 @@ pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<re
             items.push_str(", ");
         }
         items.push_str(&format!("max-age={}, immutable", ttl.as_secs()));
+        if let Ok(v) = HeaderValue::from_str(&items) {
+            headers.insert(header::CACHE_CONTROL, v);
+        }
+    }
+    if let Some(ttl) = opts.negative.ttl(resp.status)
+        && !(cc.has("max-age")
+            || cc.has("s-maxage")
+            || cc.has("no-cache")
+            || cc.has("no-store")
+            || cc.has("private")
+            || headers.contains_key(header::EXPIRES))
+    {
+        let mut items = cc.to_header();
+        if !items.is_empty() {
+            items.push_str(", ");
+        }
+        items.push_str(&format!("max-age={}", ttl.as_secs()));
         if let Ok(v) = HeaderValue::from_str(&items) {
             headers.insert(header::CACHE_CONTROL, v);
         }
@@ -658,6 +725,7 @@ mod tests {
             default_ttl: None,
             targeted: crate::default_targeted_cache_control(),
             stale_on_error: Duration::ZERO,
+            negative: Default::default(),
         };
         match admit(r, p, "example.com/a", now, &opts) {
             Admission::Store(m) => Some(*m),
@@ -1000,6 +1068,64 @@ mod tests {
     }
 
     #[test]
+    fn negative_ttl_only_for_errors_without_their_own_freshness() {
+        let opts = AdmitOptions {
+            negative: Arc::new(NegativeTtl::new([
+                (404, false, Duration::from_secs(30)),
+                (500, true, Duration::from_secs(2)),
+            ])),
+            ..AdmitOptions::default()
+        };
+        let now = SystemTime::now();
+        let admit = |status: u16, cc: Option<&str>| {
+            let mut b = http::Response::builder().status(status);
+            if let Some(cc) = cc {
+                b = b.header("cache-control", cc);
+            }
+            let resp = b.body(()).unwrap().into_parts().0;
+            match admit(&req(&[]), &resp, "k", now, &opts) {
+                Admission::Store(m) => Some(m.policy.time_to_live(now).as_secs()),
+                Admission::Pass(_) => None,
+            }
+        };
+        assert_eq!(admit(404, None), Some(30));
+        assert_eq!(admit(503, None), Some(2));
+        assert_eq!(admit(502, Some("public")), Some(2));
+        assert_eq!(
+            admit(410, None),
+            None,
+            "not configured: stored only as HTTP allows"
+        );
+        assert_eq!(
+            admit(404, Some("max-age=5")),
+            Some(5),
+            "its own freshness wins"
+        );
+        assert_eq!(admit(404, Some("no-store")), None);
+        assert_eq!(admit(503, Some("private")), None);
+        assert_eq!(admit(200, None), None, "not an error");
+        // A versioned URL's lifetime is not given to its 404.
+        let versioned = AdmitOptions {
+            default_ttl: Some(Duration::from_secs(86400)),
+            ..AdmitOptions::default()
+        };
+        let resp = http::Response::builder()
+            .status(404)
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        assert!(matches!(
+            admit_with(&resp, &versioned, now),
+            Admission::Pass(_)
+        ));
+    }
+
+    fn admit_with(resp: &response::Parts, opts: &AdmitOptions, now: SystemTime) -> Admission {
+        admit(&req(&[]), resp, "k", now, opts)
+    }
+
+    #[test]
     fn versioned_default_ttl_only_without_explicit_freshness() {
         let now = SystemTime::now();
         let opts = AdmitOptions {
@@ -1007,6 +1133,7 @@ mod tests {
             default_ttl: Some(Duration::from_secs(86400)),
             targeted: crate::default_targeted_cache_control(),
             stale_on_error: Duration::ZERO,
+            negative: Default::default(),
         };
         let admit_with = |h: &[(&str, &str)]| match admit(&req(&[]), &resp(200, h), "k", now, &opts)
         {

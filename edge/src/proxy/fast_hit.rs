@@ -684,6 +684,7 @@ mod tests {
                 revalidations_per_sec: 10,
                 stale_if_error_wait: std::time::Duration::ZERO,
                 send_timeout: std::time::Duration::from_secs(60),
+                negative_ttl: Default::default(),
             },
             origin.clone(),
             clock.clone(),

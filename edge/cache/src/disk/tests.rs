@@ -27,6 +27,7 @@ fn meta(etag: &str) -> Arc<CachedMeta> {
         default_ttl: None,
         targeted: crate::default_targeted_cache_control(),
         stale_on_error: std::time::Duration::ZERO,
+        negative: Default::default(),
     };
     match policy::admit(&req, &resp, "example.test/a", SystemTime::now(), &opts) {
         Admission::Store(m) => Arc::new(*m),

@@ -366,6 +366,7 @@ fn config(dir: Option<&Path>) -> EngineConfig {
         revalidations_per_sec: 10,
         stale_if_error_wait: Duration::ZERO,
         send_timeout: Duration::from_secs(60),
+        negative_ttl: Default::default(),
     }
 }
 
