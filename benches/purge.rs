@@ -154,6 +154,7 @@ fn main() {
             stale_if_error_wait: std::time::Duration::from_secs(2),
             send_timeout: std::time::Duration::from_secs(60),
                 negative_ttl: Default::default(),
+                prefresh: 0.0,
             },
             origin.clone(),
             Clock::system(),

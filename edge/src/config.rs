@@ -162,6 +162,8 @@ struct RawCache {
     stale_on_error: Option<Setting<RawDuration>>,
     /// `{ "404" = "30s", "5xx" = "2s" }`: negative caching.
     negative_ttl: Option<std::collections::BTreeMap<String, Setting<RawDuration>>>,
+    /// Share of a lifetime after which a requested object is revalidated in the background.
+    prefresh: Option<Setting<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -287,6 +289,9 @@ pub struct EdgeConfig {
     pub stale_on_error: std::time::Duration,
     /// `[cache] negative_ttl`: freshness for error responses that carry none of their own.
     pub negative_ttl: outpost_cache::policy::NegativeTtl,
+    /// `[cache] prefresh`: share of a lifetime after which a requested object is revalidated
+    /// in the background (0: off).
+    pub prefresh: f64,
     /// `[compression]`: br / gzip negotiation and encoded variants.
     pub compression: CompressionConfig,
     /// Admin API tokens (plus `OUTPOST_ADMIN_TOKEN`, added at start-up).
@@ -639,6 +644,18 @@ impl EdgeConfig {
             .as_ref()
             .and_then(|f| fleet_config(&mut d, f, raw.name.as_ref(), cache_dir.as_deref()));
         let negative_ttl = negative_ttl_config(&mut d, raw.cache.negative_ttl.as_ref());
+        let prefresh = match &raw.cache.prefresh {
+            None => Some(0.9),
+            Some(s) if s.value == 0.0 || (s.value >= 0.5 && s.value < 1.0) => Some(s.value),
+            Some(s) => {
+                d.error(
+                    "cache.prefresh",
+                    s,
+                    "must be 0 (off), or a share of the lifetime from 0.5 to below 1, e.g. 0.9",
+                );
+                None
+            }
+        };
         let access_log = raw
             .access_log
             .as_ref()
@@ -686,6 +703,7 @@ impl EdgeConfig {
             targeted_cache_control,
             stale_on_error: stale_on_error.expect("checked"),
             negative_ttl,
+            prefresh: prefresh.expect("checked"),
             admin_tokens,
             public_metrics: raw.admin.public_metrics.unwrap_or(true),
             max_push_size: max_push_size.expect("checked"),
@@ -1340,6 +1358,9 @@ mod tests {
             load(base).unwrap().negative_ttl.is_empty(),
             "off by default"
         );
+        assert_eq!(load(base).unwrap().prefresh, 0.9, "prefresh on by default");
+        let e = load(&format!("{base}[cache]\nprefresh = 1.5\n")).unwrap_err();
+        assert!(e.mentions("cache.prefresh"), "{e}");
         let e = load(&format!(
             "{base}[cache.negative_ttl]\n\"200\" = \"1m\"\n\"404\" = \"10ms\"\n\"410\" = \"soon\"\n"
         ))

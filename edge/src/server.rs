@@ -153,6 +153,7 @@ impl EdgeServer {
                 stale_if_error_wait: cfg.stale_if_error_wait,
                 send_timeout: cfg.send_timeout,
                 negative_ttl: Arc::new(cfg.negative_ttl.clone()),
+                prefresh: cfg.prefresh,
             },
             upstream.clone(),
             clock,
@@ -576,6 +577,7 @@ impl Reloader {
         check("fleet", cur.fleet != new.fleet);
         check("access_log", cur.access_log != new.access_log);
         check("cache.negative_ttl", cur.negative_ttl != new.negative_ttl);
+        check("cache.prefresh", cur.prefresh != new.prefresh);
         self.proxy.reload(route_of(&new));
         self.auth.store(Arc::new(auth));
         self.public_metrics

@@ -1307,6 +1307,8 @@ async fn negative_caching_turns_a_404_storm_into_one_origin_request() {
         ],
     );
     let edge = start_edge_with(origin.addr(), |cfg| {
+        // Only negative caching here: no prefresh near the 404's end.
+        cfg.prefresh = 0.0;
         cfg.negative_ttl = outpost_edge::cache::policy::NegativeTtl::new([
             (404, false, Duration::from_secs(30)),
             (500, true, Duration::from_secs(5)),
@@ -1361,4 +1363,49 @@ async fn negative_caching_turns_a_404_storm_into_one_origin_request() {
         assert_eq!((r.status, r.x_cache()), (200, "STALE"), "{r:?}");
         assert_eq!(origin.hits("/flaky"), n);
     }
+}
+
+/// Issue 18, prefresh (`[cache] prefresh`, 0.9 by default): a steadily requested object with
+/// a 4 s lifetime is revalidated in the background once 90% of it has passed, so over 20 s of
+/// requests every 200 ms none after the first is a miss (or stale), and the origin sees about
+/// one request per 3.6 s.
+#[tokio::test]
+async fn prefresh_keeps_a_steadily_requested_object_from_ever_missing() {
+    let origin = TestOrigin::start().await;
+    origin.route("/hot", cacheable("hot", "max-age=4"));
+    let edge = start_edge(&origin).await;
+    let c = client();
+    let url = edge.url("/hot");
+    assert_eq!(get(&c, &url, &[]).await.x_cache(), "MISS");
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        edge.advance_ms(200);
+        let r = get(&c, &url, &[]).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "hot"));
+        seen.push(r.x_cache().to_string());
+        // Real time for a background refresh to land (the manual clock does not wait).
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    assert!(seen.iter().all(|x| x == "HIT"), "{seen:?}");
+    let hits = origin.hits("/hot");
+    assert!(
+        (5..=7).contains(&hits),
+        "about one origin request per 3.6 s over 20 s: {hits}"
+    );
+    let stats = &edge.engine().stats;
+    assert!(
+        stats.prefreshes[0].load(std::sync::atomic::Ordering::Relaxed) >= 4,
+        "refreshed prefreshes counted"
+    );
+
+    // Off: the same object becomes a miss at its end.
+    let origin2 = TestOrigin::start().await;
+    origin2.route("/hot", cacheable("hot", "max-age=4"));
+    let edge2 = start_edge_with(origin2.addr(), |cfg| cfg.prefresh = 0.0).await;
+    let url2 = edge2.url("/hot");
+    assert_eq!(get(&c, &url2, &[]).await.x_cache(), "MISS");
+    edge2.advance_ms(3800);
+    assert_eq!(get(&c, &url2, &[]).await.x_cache(), "HIT");
+    edge2.advance_ms(400);
+    assert_ne!(get(&c, &url2, &[]).await.x_cache(), "HIT");
 }

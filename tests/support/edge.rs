@@ -104,6 +104,14 @@ impl Edge {
             .advance(Duration::from_secs(secs));
     }
 
+    /// Moves the manual clock forward by milliseconds.
+    pub fn advance_ms(&self, ms: u64) {
+        self.clock
+            .as_ref()
+            .expect("an edge started with a clock")
+            .advance(Duration::from_millis(ms));
+    }
+
     /// Resolves the shutdown future without waiting: the edge starts draining.
     pub fn begin_stop(&mut self) {
         self.server.signal();

@@ -65,6 +65,13 @@ fn clone_parts(p: &request::Parts) -> request::Parts {
     out
 }
 
+impl Joined {
+    /// The fill joined or started.
+    pub(super) fn fill(&self) -> Arc<Fill> {
+        self.fill.clone()
+    }
+}
+
 impl Engine {
     /// Joins the running fill for this key, or starts one (the caller is then its leader).
     /// The reader is registered before the fill can stream, so no chunk is dropped before the
@@ -853,6 +860,7 @@ mod tests {
                 stale_if_error_wait: std::time::Duration::ZERO,
                 send_timeout: std::time::Duration::from_secs(60),
                 negative_ttl: Default::default(),
+                prefresh: 0.0,
             },
             origin.clone(),
             Clock::manual(),

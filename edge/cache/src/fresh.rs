@@ -103,6 +103,8 @@ impl Engine {
         let meta = &entry.obj.meta;
         if now_ms >= meta.fresh_until_ms
             || self.purges.log.check(&meta.key, &meta.tags, meta.purge_seq) != Verdict::Valid
+            // Near its end: the full path serves it and starts its prefresh.
+            || self.prefresh_due(meta, now)
         {
             return None;
         }

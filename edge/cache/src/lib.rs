@@ -100,6 +100,10 @@ pub struct EngineConfig {
     /// Negative caching: freshness for error responses without their own
     /// (`[cache] negative_ttl`; see [`policy::NegativeTtl`]).
     pub negative_ttl: Arc<policy::NegativeTtl>,
+    /// Prefresh (`[cache] prefresh`): a fresh object requested once this share of its
+    /// lifetime has passed is revalidated in the background, so a steadily requested object
+    /// never becomes a miss. 0 turns it off.
+    pub prefresh: f64,
 }
 
 /// The targeted cache-control fields a node obeys by default (RFC 9213): `CDN-Cache-Control`.
@@ -130,7 +134,13 @@ pub struct EngineStats {
     /// What became of each storable response on its way to disk, by
     /// [`DiskAdmission::index`](status::DiskAdmission::index).
     pub disk_admissions: [AtomicU64; 6],
+    /// Prefreshes by [`PREFRESH_RESULTS`]: refreshed (a new response stored), revalidated
+    /// (304), failed (no usable answer), skipped (the budget was spent).
+    pub prefreshes: [AtomicU64; 4],
 }
+
+/// Outcomes of a prefresh, in [`EngineStats::prefreshes`] order.
+pub const PREFRESH_RESULTS: [&str; 4] = ["refreshed", "revalidated", "failed", "skipped"];
 
 impl EngineStats {
     pub fn count_disk_admission(&self, a: status::DiskAdmission) {
@@ -181,6 +191,8 @@ pub struct Engine {
     purges: purge::Purges,
     pinned: Option<push_store::PinnedStore>,
     budget: std::sync::Mutex<Budget>,
+    /// Prefreshes running now ([`revalidation::PREFRESH_CONCURRENCY`] at most).
+    prefreshing: std::sync::atomic::AtomicUsize,
     pub stats: Arc<EngineStats>,
 }
 
@@ -277,6 +289,7 @@ impl Engine {
             upstream,
             clock,
             budget: std::sync::Mutex::new(Budget::full(cfg.revalidations_per_sec)),
+            prefreshing: Default::default(),
             cfg,
             purges,
             stats: Arc::new(EngineStats::default()),
@@ -525,6 +538,9 @@ impl Engine {
             };
             match freshness {
                 Freshness::Fresh => {
+                    if self.prefresh_due(&meta, now) {
+                        self.prefresh(&req, variant, &meta);
+                    }
                     if let Some(body) = self.body_of(variant, &stored).await {
                         return self.served_from(
                             variant,

@@ -1,5 +1,6 @@
-//! Background revalidation of stale objects (soft purges, stale-while-revalidate) within a
-//! budget, and storing the metadata a 304 refreshed.
+//! Background revalidation of stale objects (soft purges, stale-while-revalidate) and of
+//! fresh ones near their end (prefresh) within a budget, and storing the metadata a 304
+//! refreshed.
 
 use std::sync::Arc;
 
@@ -9,6 +10,9 @@ use tracing::warn;
 use super::key::KeyHash;
 use super::meta::{CachedMeta, MemObject};
 use super::{CacheRequest, Engine, Stored};
+
+/// Prefreshes running at once (per node, hence per origin or shield tier).
+pub const PREFRESH_CONCURRENCY: usize = 16;
 
 /// Token bucket for background revalidations.
 pub(super) struct Budget {
@@ -68,6 +72,68 @@ impl Engine {
         });
         // Nobody reads a background revalidation: drop the reader at once.
         drop(self.fill_or_join(req, primary, variant, Some(&stale)));
+    }
+
+    /// Is this fresh object in its prefresh window: past `prefresh` of its lifetime? Pushed
+    /// objects have no end, so never.
+    pub fn prefresh_due(&self, meta: &CachedMeta, now: std::time::SystemTime) -> bool {
+        let share = self.cfg.prefresh;
+        if share <= 0.0 || share >= 1.0 || meta.pinned() {
+            return false;
+        }
+        let life = meta.fresh_until_ms.saturating_sub(meta.stored_at_ms);
+        let at = meta.stored_at_ms + (life as f64 * share) as u64;
+        super::clock::unix_ms(now) >= at
+    }
+
+    /// Revalidates a fresh object near its end in the background (one fetch per key, within
+    /// the revalidation budget and [`PREFRESH_CONCURRENCY`] at a time); counts the outcome.
+    pub(super) fn prefresh(
+        self: &Arc<Self>,
+        req: &CacheRequest,
+        variant: KeyHash,
+        meta: &Arc<CachedMeta>,
+    ) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+        if let Some(f) = self.fills.get(&variant)
+            && f.purge_seq == self.purges.log.current()
+            && !f.completed()
+        {
+            return; // already on its way
+        }
+        let slot = self
+            .prefreshing
+            .fetch_update(AcqRel, Acquire, |n| {
+                (n < PREFRESH_CONCURRENCY).then_some(n + 1)
+            })
+            .is_ok();
+        if !slot || !self.revalidation_allowed() {
+            if slot {
+                self.prefreshing.fetch_sub(1, AcqRel);
+            }
+            self.stats.prefreshes[3].fetch_add(1, Relaxed);
+            return;
+        }
+        let stale = Stored::Memory(MemObject {
+            meta: meta.clone(),
+            body: Bytes::new(),
+        });
+        let joined = self.fill_or_join(req, req.norm.key.hash(), variant, Some(&stale));
+        let fill = joined.fill();
+        let this = self.clone();
+        tokio::spawn(async move {
+            use super::coalesce::FillResult;
+            let outcome = match fill.result().await {
+                FillResult::Revalidated(_) => 1,
+                FillResult::Streaming(head) if head.meta.is_some() => {
+                    fill.settled().await;
+                    0
+                }
+                FillResult::Streaming(_) | FillResult::Failed(_) => 2,
+            };
+            this.stats.prefreshes[outcome].fetch_add(1, Relaxed);
+            this.prefreshing.fetch_sub(1, AcqRel);
+        });
     }
 
     /// Replaces a stored object's metadata after a 304, keeping its body: in memory (with

@@ -686,6 +686,19 @@ impl Collector for EdgeCollector {
                     engine.stats.slow_readers_dropped.load(Ordering::Relaxed),
                 )],
             )?;
+            let pre: Vec<([(&str, &str); 1], u64)> = crate::cache::PREFRESH_RESULTS
+                .iter()
+                .zip(&engine.stats.prefreshes)
+                .map(|(r, v)| ([("result", *r)], v.load(Ordering::Relaxed)))
+                .collect();
+            let pre_ref: Vec<(&[(&str, &str)], u64)> =
+                pre.iter().map(|(l, v)| (&l[..], *v)).collect();
+            counter(
+                &mut enc,
+                "outpost_prefreshes",
+                "Background revalidations of fresh objects near their end (prefresh), by result (skipped: the budget was spent).",
+                &pre_ref,
+            )?;
             let (rejected, swept) = engine.disk_integrity();
             counter(
                 &mut enc,

@@ -685,6 +685,7 @@ mod tests {
                 stale_if_error_wait: std::time::Duration::ZERO,
                 send_timeout: std::time::Duration::from_secs(60),
                 negative_ttl: Default::default(),
+                prefresh: 0.0,
             },
             origin.clone(),
             clock.clone(),

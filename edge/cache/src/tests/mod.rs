@@ -367,6 +367,7 @@ fn config(dir: Option<&Path>) -> EngineConfig {
         stale_if_error_wait: Duration::ZERO,
         send_timeout: Duration::from_secs(60),
         negative_ttl: Default::default(),
+        prefresh: 0.0,
     }
 }
 
