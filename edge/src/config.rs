@@ -174,6 +174,7 @@ struct RawLimits {
     upstream_connect_timeout: Option<Setting<RawDuration>>,
     upstream_first_byte_timeout: Option<Setting<RawDuration>>,
     upstream_max_connections: Option<Setting<u64>>,
+    upstream_queue_wait: Option<Setting<RawDuration>>,
     upstream_body_timeout: Option<Setting<RawDuration>>,
     stale_if_error_wait: Option<Setting<RawDuration>>,
     origin_breaker_failures: Option<Setting<u64>>,
@@ -251,6 +252,9 @@ pub struct EdgeConfig {
     pub upstream_connect_timeout: Duration,
     pub upstream_first_byte_timeout: Duration,
     pub upstream_max_connections: usize,
+    /// How long a request over `upstream_max_connections` waits for one (at most as many
+    /// requests wait as there are connections); then stale if allowed, else 503.
+    pub upstream_queue_wait: Duration,
     /// Longest pause between two pieces of an upstream body: the fill is abandoned and the
     /// upstream connection closed past it.
     pub upstream_body_timeout: Duration,
@@ -511,6 +515,12 @@ impl EdgeConfig {
             },
             None => Vec::new(),
         };
+        let queue_wait = dur(
+            &mut d,
+            "limits.upstream_queue_wait",
+            &raw.limits.upstream_queue_wait,
+            1,
+        );
         let degraded_after = dur(
             &mut d,
             "limits.degraded_after",
@@ -687,6 +697,7 @@ impl EdgeConfig {
             upstream_connect_timeout: connect.expect("checked"),
             upstream_first_byte_timeout: first_byte.expect("checked"),
             upstream_max_connections: max_conns.expect("checked"),
+            upstream_queue_wait: queue_wait.expect("checked"),
             degraded_after: degraded_after.expect("checked"),
             drain_timeout: drain.expect("checked"),
             upstream_body_timeout: body_timeout.expect("checked"),

@@ -132,6 +132,7 @@ impl EdgeServer {
                 breaker_failures: cfg.origin_breaker_failures,
                 breaker_cooldown: cfg.origin_breaker_cooldown,
                 max_connections: cfg.upstream_max_connections,
+                queue_wait: cfg.upstream_queue_wait,
                 metrics: Some(metrics.clone()),
                 tls: upstream_tls,
             };

@@ -1409,3 +1409,61 @@ async fn prefresh_keeps_a_steadily_requested_object_from_ever_missing() {
     edge2.advance_ms(400);
     assert_ne!(get(&c, &url2, &[]).await.x_cache(), "HIT");
 }
+
+/// Issue 18, the origin budget (`limits.upstream_max_connections` and
+/// `limits.upstream_queue_wait`): a request over the budget waits briefly, then gets the stale
+/// copy stale-on-error allows, or a 503 with `Proxy-Status: ...; error=connection_limit_reached`
+/// instead of piling onto the origin. The budget being full does not mark the origin failing.
+#[tokio::test]
+async fn requests_over_the_origin_budget_wait_briefly_then_get_stale_or_503() {
+    let origin = TestOrigin::start().await;
+    let gate = Gate::new();
+    origin.route("/slow", cacheable("slow", "no-store").gated(&gate));
+    origin.route("/kept", cacheable("kept", "max-age=1"));
+    origin.route("/other", cacheable("other", "max-age=60"));
+    let edge = start_edge_with(origin.addr(), |cfg| {
+        cfg.upstream_max_connections = 1;
+        cfg.upstream_queue_wait = Duration::from_millis(200);
+        // The queue's wait, not the first-byte timeout, bounds a request over the budget (it
+        // used to wait this long; the client would give up first).
+        cfg.upstream_first_byte_timeout = Duration::from_secs(600);
+        cfg.prefresh = 0.0;
+    })
+    .await;
+    let c = client();
+    assert_eq!(get(&c, &edge.url("/kept"), &[]).await.text(), "kept");
+    edge.advance(2); // /kept is stale now; stale-on-error allows it for 60 s
+
+    // The one connection is taken by a request the origin holds.
+    let slow = {
+        let (c, url) = (c.clone(), edge.url("/slow"));
+        tokio::spawn(async move { get(&c, &url, &[]).await })
+    };
+    eventually("the origin holds /slow", async || origin.hits("/slow") == 1).await;
+
+    let r = get(&c, &edge.url("/other"), &[]).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.header("proxy-status")
+            .is_some_and(|v| v.contains("connection_limit_reached")),
+        "{r:?}"
+    );
+    assert_eq!(origin.hits("/other"), 0, "nothing piled onto the origin");
+    let r = get(&c, &edge.url("/kept"), &[]).await;
+    assert_eq!(
+        (r.status, r.x_cache(), r.text().as_str()),
+        (200, "STALE", "kept")
+    );
+    assert_eq!(origin.hits("/kept"), 1);
+    let stats: serde_json::Value =
+        serde_json::from_str(&get(&c, &edge.admin_url("/stats"), &[]).await.text())
+            .expect("/stats");
+    assert_eq!(
+        stats["upstreams"][0]["failing_seconds"], 0.0,
+        "a full budget is not the origin failing: {stats}"
+    );
+
+    gate.open();
+    assert_eq!(slow.await.expect("task").text(), "slow");
+    assert_eq!(get(&c, &edge.url("/other"), &[]).await.text(), "other");
+}

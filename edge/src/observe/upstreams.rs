@@ -62,13 +62,17 @@ impl UpstreamHealth {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    /// A request to this upstream failed before a response head.
+    /// A request to this upstream failed before a response head. `overloaded` (this node's
+    /// own connection budget was full) is logged, but says nothing about the upstream's
+    /// health.
     pub fn failed(&self, e: &UpstreamError) {
         let now = self.now_ms();
-        let _ = self
-            .failing_since
-            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
-        self.failures.fetch_add(1, Ordering::Relaxed);
+        if !matches!(e, UpstreamError::Overloaded) {
+            let _ =
+                self.failing_since
+                    .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
         let Some(k) = KINDS.iter().position(|k| *k == e.kind()) else {
             return;
         };
@@ -89,7 +93,10 @@ impl UpstreamHealth {
             return;
         }
         let n = log.unreported.swap(0, Ordering::AcqRel);
-        let failing_for = Duration::from_millis(now.saturating_sub(self.failing_since()));
+        let failing_for = match self.failing_since() {
+            0 => Duration::ZERO,
+            since => Duration::from_millis(now.saturating_sub(since)),
+        };
         warn!(
             upstream = %self.name,
             kind = e.kind(),

@@ -37,6 +37,10 @@ pub struct UpstreamConfig {
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
     pub max_connections: usize,
+    /// How long a request over `max_connections` waits for one to free up (at most
+    /// `max_connections` wait at once); then it fails as overloaded, and a stored copy
+    /// stale-if-error allows is served instead.
+    pub queue_wait: Duration,
     /// Where upstream latency, statuses and errors are counted.
     pub metrics: Option<Arc<crate::observe::metrics::EdgeMetrics>>,
     /// TLS for `https://` upstreams (roots, SNI override); `None` trusts nothing, which is
@@ -52,12 +56,44 @@ pub struct HyperUpstream {
     scheme: Scheme,
     authority: http::uri::Authority,
     permits: Arc<Semaphore>,
+    /// Requests waiting for a permit, and how long and how many may.
+    queue: Arc<Queue>,
     first_byte_timeout: Duration,
     body_timeout: Duration,
     breaker: Arc<Breaker>,
     metrics: Option<Arc<crate::observe::metrics::EdgeMetrics>>,
     /// Failures logged and timed for operators (registered with the node's metrics).
     health: Option<Arc<crate::observe::upstreams::UpstreamHealth>>,
+}
+
+/// The origin budget's queue: requests over `max_connections` wait at most `wait`, and at
+/// most `max` of them at once; the rest fail at once, so a struggling origin never collects a
+/// pile of waiting requests (each holding a client).
+struct Queue {
+    waiting: std::sync::atomic::AtomicUsize,
+    max: usize,
+    wait: Duration,
+}
+
+impl Queue {
+    async fn admit(&self, permits: Arc<Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        use std::sync::atomic::Ordering::AcqRel;
+        if let Ok(p) = permits.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        if self
+            .waiting
+            .fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return None;
+        }
+        let got = tokio::time::timeout(self.wait, permits.acquire_owned()).await;
+        self.waiting.fetch_sub(1, AcqRel);
+        got.ok().and_then(Result::ok)
+    }
 }
 
 /// A circuit breaker per upstream (see the module docs).
@@ -157,6 +193,11 @@ impl HyperUpstream {
                 .cloned()
                 .expect("validated origin has an authority"),
             permits: Arc::new(Semaphore::new(cfg.max_connections)),
+            queue: Arc::new(Queue {
+                waiting: Default::default(),
+                max: cfg.max_connections,
+                wait: cfg.queue_wait,
+            }),
             first_byte_timeout: cfg.first_byte_timeout,
             body_timeout: cfg.body_timeout,
             breaker: Arc::new(Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown)),
@@ -212,6 +253,7 @@ impl Upstream for HyperUpstream {
     ) -> BoxFuture<'static, Result<Response<UpstreamBody>, UpstreamError>> {
         let client = self.client.clone();
         let permits = self.permits.clone();
+        let queue = self.queue.clone();
         let timeout = self.first_byte_timeout;
         let body_timeout = self.body_timeout;
         let breaker = self.breaker.clone();
@@ -222,7 +264,7 @@ impl Upstream for HyperUpstream {
         async move {
             let started = std::time::Instant::now();
             let result = if breaker.admit() {
-                let r = Self::send(client, permits, timeout, parts, body).await;
+                let r = Self::send(client, permits, &queue, timeout, parts, body).await;
                 match &r {
                     Ok(_) => breaker.record(true),
                     Err(UpstreamError::Connect(_) | UpstreamError::Timeout(_)) => {
@@ -260,14 +302,14 @@ impl HyperUpstream {
     async fn send(
         client: Client<Connector, UpstreamBody>,
         permits: Arc<Semaphore>,
+        queue: &Queue,
         timeout: Duration,
         parts: http::request::Parts,
         body: UpstreamBody,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         {
-            let permit = match tokio::time::timeout(timeout, permits.acquire_owned()).await {
-                Ok(Ok(p)) => p,
-                _ => return Err(UpstreamError::Overloaded),
+            let Some(permit) = queue.admit(permits).await else {
+                return Err(UpstreamError::Overloaded);
             };
             let idempotent = parts.method == Method::GET || parts.method == Method::HEAD;
             // Keep a copy for one retry of an idempotent request that hit a closing keep-alive
