@@ -11,6 +11,16 @@ use serde::Deserialize;
 
 use crate::compress::{CompressionConfig, MediaPattern};
 
+/// How shields share load (see `proxy::shield`): a shield whose requests in flight would pass
+/// `factor` times the healthy shields' mean is skipped (`shield_balance_factor`, 0: plain
+/// rendezvous), and one back from down reaches its full share over `ramp_up`
+/// (`shield_ramp_up`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShieldBalance {
+    pub factor: f64,
+    pub ramp_up: Duration,
+}
+
 /// One shield as configured.
 #[derive(Debug, Clone)]
 pub struct ShieldSpec {
@@ -46,6 +56,10 @@ struct RawConfig {
     #[serde(default)]
     peers: Vec<RawPeer>,
     shield_health_interval: Option<Setting<RawDuration>>,
+    /// Bounded-load rendezvous: a shield over this many times the mean load is skipped.
+    shield_balance_factor: Option<Setting<f64>>,
+    /// How long a shield back from down takes to reach its full share.
+    shield_ramp_up: Option<Setting<RawDuration>>,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
@@ -232,6 +246,8 @@ pub struct EdgeConfig {
     /// Shields in front of the origin (empty: go to the origin directly).
     pub shields: Vec<ShieldSpec>,
     pub shield_health_interval: Duration,
+    /// `shield_balance_factor` and `shield_ramp_up`: how shields share load.
+    pub shield_balance: ShieldBalance,
     /// Sibling nodes (name, admin address) a purge is forwarded to.
     pub peers: Vec<(String, SocketAddr)>,
     pub cache_dir: Option<PathBuf>,
@@ -454,6 +470,19 @@ impl EdgeConfig {
             &raw.shield_health_interval,
             1,
         );
+        let shield_ramp_up = dur(&mut d, "shield_ramp_up", &raw.shield_ramp_up, 10);
+        let shield_factor = match &raw.shield_balance_factor {
+            None => Some(1.25),
+            Some(s) if s.value == 0.0 || (1.0..=100.0).contains(&s.value) => Some(s.value),
+            Some(s) => {
+                d.error(
+                    "shield_balance_factor",
+                    s,
+                    "must be 0 (plain rendezvous) or from 1 to 100, e.g. 1.25 (a shield may carry 25% more than the mean)",
+                );
+                None
+            }
+        };
         let versioned_ttl = dur(
             &mut d,
             "cache.versioned_ttl",
@@ -679,6 +708,10 @@ impl EdgeConfig {
             shields,
             peers,
             shield_health_interval: shield_health_interval.expect("checked"),
+            shield_balance: ShieldBalance {
+                factor: shield_factor.expect("checked"),
+                ramp_up: shield_ramp_up.expect("checked"),
+            },
             cache_dir,
             memory: memory.expect("checked"),
             disk: disk.expect("checked"),

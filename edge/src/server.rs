@@ -139,7 +139,12 @@ impl EdgeServer {
             if cfg.shields.is_empty() {
                 Arc::new(HyperUpstream::new(&origin))
             } else {
-                ShieldUpstream::start(cfg.shields.clone(), &origin, cfg.shield_health_interval)
+                ShieldUpstream::start(
+                    cfg.shields.clone(),
+                    &origin,
+                    cfg.shield_health_interval,
+                    cfg.shield_balance,
+                )
             }
         });
         let engine = Engine::open(

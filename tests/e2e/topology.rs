@@ -290,3 +290,83 @@ async fn purges_and_pushes_sent_to_an_edge_reach_its_shield() {
     assert_eq!((st, body.as_str()), (200, "console.log('pushed')"));
     assert!(cs.starts_with("shield-a; hit"), "{cs}");
 }
+
+impl Shield for TestOrigin {
+    fn data(&self) -> SocketAddr {
+        self.addr()
+    }
+    fn admin(&self) -> Option<SocketAddr> {
+        None
+    }
+}
+
+/// Issue 18, shields with bounded load (`shield_balance_factor`, 1.25 by default): with one
+/// slow shield, 40 misses in steady traffic send it far less than its rendezvous share (the
+/// control run, factor 0), because a shield already carrying more than 1.25 times the mean of
+/// requests in flight is skipped for the next key.
+#[tokio::test]
+async fn a_slow_shield_takes_less_than_its_rendezvous_share() {
+    let slow = TestOrigin::start().await;
+    let fast = TestOrigin::start().await;
+    let paths: Vec<String> = (0..40).map(|i| format!("/k{i}")).collect();
+    for p in &paths {
+        let cc = "max-age=60";
+        slow.route(
+            p,
+            Reply::ok("slow")
+                .header("cache-control", cc)
+                .head_delay(Duration::from_millis(400)),
+        );
+        fast.route(p, Reply::ok("fast").header("cache-control", cc));
+    }
+    let origin = refused_addr();
+    let c = client();
+    let mut shares = Vec::new();
+    for factor in ["0", "1.25"] {
+        let text = format!(
+            "name = \"edge-{factor}\"\nlisten = \"127.0.0.1:0\"\norigin = \"http://{}\"\nshield_balance_factor = {factor}\n[[shields]]\nname = \"slow\"\nurl = \"http://{}\"\n[[shields]]\nname = \"fast\"\nurl = \"http://{}\"\n",
+            origin.addr,
+            slow.data(),
+            fast.data()
+        );
+        let node = Edge::from_toml(&text).await;
+        let (before_slow, before_fast) = (slow.total_hits(), fast.total_hits());
+        // Steady traffic (a request every 10 ms, the slow shield answering after 400 ms):
+        // requests pile up on the slow shield while the fast one keeps up.
+        let mut all = tokio::task::JoinSet::new();
+        for p in &paths {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let (c, url) = (c.clone(), node.url(p));
+            all.spawn(async move {
+                let r = c
+                    .get(url)
+                    .header("host", "site.test")
+                    .send()
+                    .await
+                    .expect("GET");
+                (r.status().as_u16(), r.text().await.expect("body"))
+            });
+        }
+        while let Some(r) = all.join_next().await {
+            let (status, body) = r.expect("task");
+            assert_eq!(status, 200);
+            assert!(body == "slow" || body == "fast", "{body}");
+        }
+        let (s, f) = (
+            slow.total_hits() - before_slow,
+            fast.total_hits() - before_fast,
+        );
+        assert_eq!(s + f, 40, "every miss went to one shield once");
+        shares.push(s);
+    }
+    let (plain, bounded) = (shares[0], shares[1]);
+    eprintln!("slow shield's share of 40 misses: {plain} plain, {bounded} bounded");
+    assert!(
+        plain >= 10,
+        "rendezvous gives the slow shield its share of the keys: {plain}"
+    );
+    assert!(
+        bounded * 2 <= plain,
+        "bounded load sends the slow shield at most half of it: {bounded} of {plain}"
+    );
+}
