@@ -22,8 +22,8 @@ pub enum Role {
 }
 
 impl Role {
-    /// Guesses the role from the file's top-level keys: a selector has `nodes`, `regions` or
-    /// `clients`; an origin has `root` and no `origin`; a rules file has `rule` or
+    /// Guesses the role from the file's top-level keys: a selector has `nodes`, `regions`,
+    /// `clients` or `policy`; an origin has `root` and no `origin`; a rules file has `rule` or
     /// `default_cache_control`; anything else is an edge (whose loader then names what is
     /// wrong).
     pub fn detect(text: &str) -> Role {

@@ -236,9 +236,11 @@ fn blank_at(text: &str, at: usize) -> Option<String> {
         end += line.len();
     }
     let end = end.min(text.len());
-    let blanked: String = text[start..end]
-        .chars()
-        .map(|c| if c == '\n' { '\n' } else { ' ' })
+    // Byte for byte, so every later offset still points where it did in the original text
+    // (errors are located against it), and the result stays UTF-8.
+    let blanked: String = text.as_bytes()[start..end]
+        .iter()
+        .map(|&b| if b == b'\n' { '\n' } else { ' ' })
         .collect();
     if blanked == text[start..end] {
         return None;
@@ -612,6 +614,14 @@ mod tests {
             err.0[0].message.contains("(did you mean `memory`?)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn lines_stay_right_after_blanking_multibyte_text() {
+        let err = load("memroy = 1 # €\n# 価格\ncolour = 1\n").unwrap_err();
+        let at: Vec<(&str, Option<usize>)> =
+            err.0.iter().map(|e| (e.field.as_str(), e.line)).collect();
+        assert_eq!(at, [("memroy", Some(1)), ("colour", Some(3))], "{err}");
     }
 
     #[test]

@@ -541,7 +541,8 @@ impl Reloader {
     /// Applies what can change live: cache-key options, versioned URLs, admin tokens,
     /// `public_metrics`, and the TLS certificates and handshake timeout (already loaded and
     /// checked by the config; open connections keep going). Returns one message per setting that changed but needs a restart
-    /// (addresses, cache directory and sizes, origin, shields, role, name, fleet); those keep their
+    /// (addresses, cache directory and sizes, origin, shields, role, name, fleet, access log,
+    /// negative TTLs, prefresh, `[limits]`); those keep their
     /// running values. A token error rejects the whole reload.
     pub fn apply(&self, new: EdgeConfig) -> Result<Vec<String>, String> {
         let auth = outpost_purge_api::Auth::from_config_and_env(new.admin_tokens.clone())
@@ -582,6 +583,33 @@ impl Reloader {
         check("upstream", cur.upstream_tls != new.upstream_tls);
         check("fleet", cur.fleet != new.fleet);
         check("access_log", cur.access_log != new.access_log);
+        let limits = |c: &EdgeConfig| {
+            (
+                [
+                    c.header_read_timeout,
+                    c.upstream_connect_timeout,
+                    c.upstream_first_byte_timeout,
+                    c.upstream_queue_wait,
+                    c.upstream_body_timeout,
+                    c.stale_if_error_wait,
+                    c.origin_breaker_cooldown,
+                    c.degraded_after,
+                    c.drain_timeout,
+                    c.idle_timeout,
+                    c.send_timeout,
+                ],
+                [
+                    c.max_header_size,
+                    c.max_uri_size,
+                    c.max_object_size,
+                    c.upstream_max_connections as u64,
+                    u64::from(c.origin_breaker_failures),
+                    c.max_connections as u64,
+                    c.admin_max_connections as u64,
+                ],
+            )
+        };
+        check("limits", limits(&cur) != limits(&new));
         check("cache.negative_ttl", cur.negative_ttl != new.negative_ttl);
         check("cache.prefresh", cur.prefresh != new.prefresh);
         self.proxy.reload(route_of(&new));

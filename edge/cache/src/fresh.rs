@@ -104,7 +104,7 @@ impl Engine {
         if now_ms >= meta.fresh_until_ms
             || self.purges.log.check(&meta.key, &meta.tags, meta.purge_seq) != Verdict::Valid
             // Near its end: the full path serves it and starts its prefresh.
-            || self.prefresh_due(meta, now)
+            || self.prefresh_due(&key, meta, now_ms)
         {
             return None;
         }

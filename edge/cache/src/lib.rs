@@ -193,6 +193,8 @@ pub struct Engine {
     budget: std::sync::Mutex<Budget>,
     /// Prefreshes running now ([`revalidation::PREFRESH_CONCURRENCY`] at most).
     prefreshing: std::sync::atomic::AtomicUsize,
+    /// The stored copy (its `stored_at_ms`) each key's last prefresh was tried for.
+    prefresh_tried: dashmap::DashMap<KeyHash, u64, key::KeyHasher>,
     pub stats: Arc<EngineStats>,
 }
 
@@ -290,6 +292,7 @@ impl Engine {
             clock,
             budget: std::sync::Mutex::new(Budget::full(cfg.revalidations_per_sec)),
             prefreshing: Default::default(),
+            prefresh_tried: dashmap::DashMap::with_hasher(key::KeyHasher::default()),
             cfg,
             purges,
             stats: Arc::new(EngineStats::default()),
@@ -538,7 +541,7 @@ impl Engine {
             };
             match freshness {
                 Freshness::Fresh => {
-                    if self.prefresh_due(&meta, now) {
+                    if self.prefresh_due(&variant, &meta, clock::unix_ms(now)) {
                         self.prefresh(&req, variant, &meta);
                     }
                     if let Some(body) = self.body_of(variant, &stored).await {

@@ -237,41 +237,30 @@ pub fn policy_response(resp: &response::Parts, opts: &AdmitOptions) -> Option<re
             headers.insert(header::CACHE_CONTROL, v);
         }
     }
-    // Not for errors: a versioned URL asked for before its deploy must not keep its 404 for
-    // the versioned lifetime (negative caching below applies instead).
-    if let Some(ttl) = opts.default_ttl
-        && resp.status.as_u16() < 400
-        && !(cc.has("max-age")
-            || cc.has("s-maxage")
-            || cc.has("no-cache")
-            || cc.has("no-store")
-            || cc.has("private")
-            || headers.contains_key(header::EXPIRES))
-    {
-        // A versioned URL names one immutable revision: without explicit freshness from the
-        // origin, keep it for the configured time.
+    // Freshness the operator gives a response that brings none of its own (and is not
+    // forbidden to be stored or reused without asking): a versioned URL names one immutable
+    // revision; an error is kept briefly (negative caching). A versioned URL asked for before
+    // its deploy must not keep its 404 for the versioned lifetime.
+    let own = cc.has("max-age")
+        || cc.has("s-maxage")
+        || cc.has("no-cache")
+        || cc.has("no-store")
+        || cc.has("private")
+        || headers.contains_key(header::EXPIRES);
+    let given = match (opts.default_ttl, opts.negative.ttl(resp.status)) {
+        _ if own => None,
+        (Some(ttl), _) if resp.status.as_u16() < 400 => {
+            Some(format!("max-age={}, immutable", ttl.as_secs()))
+        }
+        (_, Some(ttl)) => Some(format!("max-age={}", ttl.as_secs())),
+        _ => None,
+    };
+    if let Some(freshness) = given {
         let mut items = cc.to_header();
         if !items.is_empty() {
             items.push_str(", ");
         }
-        items.push_str(&format!("max-age={}, immutable", ttl.as_secs()));
-        if let Ok(v) = HeaderValue::from_str(&items) {
-            headers.insert(header::CACHE_CONTROL, v);
-        }
-    }
-    if let Some(ttl) = opts.negative.ttl(resp.status)
-        && !(cc.has("max-age")
-            || cc.has("s-maxage")
-            || cc.has("no-cache")
-            || cc.has("no-store")
-            || cc.has("private")
-            || headers.contains_key(header::EXPIRES))
-    {
-        let mut items = cc.to_header();
-        if !items.is_empty() {
-            items.push_str(", ");
-        }
-        items.push_str(&format!("max-age={}", ttl.as_secs()));
+        items.push_str(&freshness);
         if let Ok(v) = HeaderValue::from_str(&items) {
             headers.insert(header::CACHE_CONTROL, v);
         }

@@ -14,6 +14,10 @@ use super::{CacheRequest, Engine, Stored};
 /// Prefreshes running at once (per node, hence per origin or shield tier).
 pub const PREFRESH_CONCURRENCY: usize = 16;
 
+/// Keys whose prefresh attempt is remembered (to make one per stored copy); past this many,
+/// the memory starts over.
+const PREFRESH_TRIED_MAX: usize = 1 << 16;
+
 /// Token bucket for background revalidations.
 pub(super) struct Budget {
     tokens: f64,
@@ -56,34 +60,45 @@ impl Engine {
     ) {
         // One revalidation per key: skip when a current fetch is already running (one that
         // started before a purge does not count; fill_or_join replaces it).
-        if let Some(f) = self.fills.get(&variant)
-            && f.purge_seq == self.purges.log.current()
-            && !f.completed()
-        {
-            return;
-        }
-        if !self.revalidation_allowed() {
+        if self.fill_running(&variant) || !self.revalidation_allowed() {
             return;
         }
         let primary = req.norm.key.hash();
-        let stale = Stored::Memory(MemObject {
-            meta: meta.clone(),
-            body: Bytes::new(),
-        });
+        let stale = Self::stale_stub(meta);
         // Nobody reads a background revalidation: drop the reader at once.
         drop(self.fill_or_join(req, primary, variant, Some(&stale)));
     }
 
-    /// Is this fresh object in its prefresh window: past `prefresh` of its lifetime? Pushed
-    /// objects have no end, so never.
-    pub fn prefresh_due(&self, meta: &CachedMeta, now: std::time::SystemTime) -> bool {
+    /// Is this fresh object in its prefresh window (past `prefresh` of its lifetime) with no
+    /// attempt made for this copy yet? Pushed objects have no end, so never.
+    pub fn prefresh_due(&self, key: &KeyHash, meta: &CachedMeta, now_ms: u64) -> bool {
         let share = self.cfg.prefresh;
         if share <= 0.0 || share >= 1.0 || meta.pinned() {
             return false;
         }
         let life = meta.fresh_until_ms.saturating_sub(meta.stored_at_ms);
         let at = meta.stored_at_ms + (life as f64 * share) as u64;
-        super::clock::unix_ms(now) >= at
+        now_ms >= at
+            && self
+                .prefresh_tried
+                .get(key)
+                .is_none_or(|tried| *tried != meta.stored_at_ms)
+    }
+
+    /// A fetch for this key that started after the last purge is running.
+    fn fill_running(&self, key: &KeyHash) -> bool {
+        self.fills
+            .get(key)
+            .is_some_and(|f| f.purge_seq == self.purges.log.current() && !f.completed())
+    }
+
+    /// What a background fetch starts from: the stored metadata (for its validators) and no
+    /// body (nobody reads it).
+    fn stale_stub(meta: &Arc<CachedMeta>) -> Stored {
+        Stored::Memory(MemObject {
+            meta: meta.clone(),
+            body: Bytes::new(),
+        })
     }
 
     /// Revalidates a fresh object near its end in the background (one fetch per key, within
@@ -95,11 +110,17 @@ impl Engine {
         meta: &Arc<CachedMeta>,
     ) {
         use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
-        if let Some(f) = self.fills.get(&variant)
-            && f.purge_seq == self.purges.log.current()
-            && !f.completed()
-        {
+        if self.fill_running(&variant) {
             return; // already on its way
+        }
+        // One attempt per stored copy: a skipped or failed one is not retried for it (the
+        // copy then expires as it would have), so a failing origin is not asked again for
+        // every request in the window, and such requests go back to the fast path.
+        if self.prefresh_tried.insert(variant, meta.stored_at_ms) == Some(meta.stored_at_ms) {
+            return;
+        }
+        if self.prefresh_tried.len() > PREFRESH_TRIED_MAX {
+            self.prefresh_tried.clear();
         }
         let slot = self
             .prefreshing
@@ -114,10 +135,7 @@ impl Engine {
             self.stats.prefreshes[3].fetch_add(1, Relaxed);
             return;
         }
-        let stale = Stored::Memory(MemObject {
-            meta: meta.clone(),
-            body: Bytes::new(),
-        });
+        let stale = Self::stale_stub(meta);
         let joined = self.fill_or_join(req, req.norm.key.hash(), variant, Some(&stale));
         let fill = joined.fill();
         let this = self.clone();

@@ -5,8 +5,10 @@
 //!   writer thread formats and writes. A full queue drops the entry and counts it
 //!   (`outpost_access_log_lines_total{result="dropped"}`), as a slow disk must not slow the
 //!   cache down.
-//! - **Cheap to take.** The entry holds the request's method, target and a few header values
-//!   (reference-counted clones, no formatting); time formatting happens on the writer thread.
+//! - **Taken only when wanted, and owned.** With an access log (or an `outpost log` follower),
+//!   a request copies its method, target and a few header values into the entry: copies, not
+//!   slices of hyper's read buffer, so a queued line never keeps a connection's buffer
+//!   alive. The line is formatted on the writer thread.
 //! - **Sampling.** `sample = 0.1` logs one request in ten; responses with a 5xx status are
 //!   always logged.
 //! - **logrotate.** `SIGUSR1` makes the writer reopen the file by its path before its next
@@ -32,7 +34,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Method, Request, Uri, Version};
+use http::{Method, Request, Version};
 
 /// Where lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +66,10 @@ pub struct AccessLogConfig {
 #[derive(Debug, Clone)]
 pub struct RequestFields {
     method: Method,
-    uri: Uri,
+    /// Path and query.
+    target: Box<str>,
+    /// The request target's authority (absolute form, h2 `:authority`).
+    authority: Option<Box<str>>,
     version: Version,
     host: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
@@ -76,20 +81,27 @@ impl RequestFields {
     /// The fields of a request, with its id (if any) as given.
     pub fn of<B>(req: &Request<B>, request_id: Option<HeaderValue>) -> RequestFields {
         let h = req.headers();
+        // Copies: hyper's values are slices of the connection's read buffer.
+        let copy = |v: &HeaderValue| HeaderValue::from_bytes(v.as_bytes()).ok();
         RequestFields {
             method: req.method().clone(),
-            uri: req.uri().clone(),
+            target: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .into(),
+            authority: req.uri().authority().map(|a| a.as_str().into()),
             version: req.version(),
-            host: h.get(header::HOST).cloned(),
-            user_agent: h.get(header::USER_AGENT).cloned(),
-            referer: h.get(header::REFERER).cloned(),
-            request_id,
+            host: h.get(header::HOST).and_then(copy),
+            user_agent: h.get(header::USER_AGENT).and_then(copy),
+            referer: h.get(header::REFERER).and_then(copy),
+            request_id: request_id.as_ref().and_then(copy),
         }
     }
 
     /// The request's path (no query).
     pub fn path(&self) -> &str {
-        self.uri.path()
+        self.target.split('?').next().unwrap_or("/")
     }
 }
 
@@ -111,7 +123,8 @@ pub struct Entry {
 /// The running access log of one node.
 pub struct AccessLog {
     tx: SyncSender<Entry>,
-    sample_every: u64,
+    /// The share of requests logged, in millionths (1_000_000: all).
+    sample_ppm: u64,
     seen: AtomicU64,
     dropped: AtomicU64,
     written: Arc<AtomicU64>,
@@ -124,7 +137,7 @@ pub struct AccessLog {
 impl std::fmt::Debug for AccessLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AccessLog")
-            .field("sample_every", &self.sample_every)
+            .field("sample_ppm", &self.sample_ppm)
             .finish_non_exhaustive()
     }
 }
@@ -151,14 +164,10 @@ impl AccessLog {
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || writer.run())?;
-        let sample_every = if cfg.sample >= 1.0 {
-            1
-        } else {
-            (1.0 / cfg.sample).round().max(1.0) as u64
-        };
+        let sample_ppm = (cfg.sample.clamp(0.0, 1.0) * 1_000_000.0).round() as u64;
         Ok(Arc::new(Self {
             tx,
-            sample_every,
+            sample_ppm,
             seen: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             written,
@@ -195,8 +204,7 @@ impl AccessLog {
 
     /// Queues a line, unless sampling leaves this request out. Never waits.
     pub fn log(&self, entry: Entry) {
-        let n = self.seen.fetch_add(1, Ordering::Relaxed);
-        if entry.status < 500 && !n.is_multiple_of(self.sample_every) {
+        if entry.status < 500 && !self.sampled() {
             return;
         }
         match self.tx.try_send(entry) {
@@ -205,6 +213,17 @@ impl AccessLog {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Whether this request is in the sample: request n is when the running count of
+    /// `sample × n` passes a whole number, so `sample = 0.25` logs exactly every fourth.
+    fn sampled(&self) -> bool {
+        const ALL: u64 = 1_000_000;
+        if self.sample_ppm >= ALL {
+            return true;
+        }
+        let n = self.seen.fetch_add(1, Ordering::Relaxed);
+        (n + 1) * self.sample_ppm / ALL != n * self.sample_ppm / ALL
     }
 
     /// The file is reopened by its path before the next line (SIGUSR1, after logrotate).
@@ -346,10 +365,6 @@ fn text(v: &Option<HeaderValue>) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn target(uri: &Uri) -> &str {
-    uri.path_and_query().map_or("/", |p| p.as_str())
-}
-
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -385,10 +400,7 @@ fn combined(out: &mut Vec<u8>, e: &Entry) {
         e.client,
         time.format(&clf).unwrap_or_default()
     );
-    quoted(
-        out,
-        &format!("{} {} {:?}", r.method, target(&r.uri), r.version),
-    );
+    quoted(out, &format!("{} {} {:?}", r.method, r.target, r.version));
     let _ = write!(out, " {} ", e.status);
     match e.bytes {
         Some(b) => {
@@ -413,7 +425,7 @@ fn combined(out: &mut Vec<u8>, e: &Entry) {
         .as_ref()
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-        .or_else(|| r.uri.authority().map(|a| a.to_string()))
+        .or_else(|| r.authority.as_deref().map(str::to_string))
         .unwrap_or_else(|| "-".into());
     for &b in host.as_bytes() {
         out.push(if b.is_ascii_graphic() && b != b'"' {
@@ -441,7 +453,7 @@ pub(crate) fn json(out: &mut Vec<u8>, e: &Entry) {
         "client": e.client.to_string(),
         "method": r.method.as_str(),
         "host": opt(&r.host),
-        "url": target(&r.uri),
+        "url": &*r.target,
         "protocol": format!("{:?}", r.version),
         "status": e.status,
         "bytes": e.bytes,
@@ -470,13 +482,8 @@ mod tests {
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * 365),
             client: "127.0.0.1".parse().unwrap(),
             request: RequestFields {
-                method: req.method().clone(),
-                uri: req.uri().clone(),
-                version: req.version(),
-                host: req.headers().get("host").cloned(),
                 user_agent: HeaderValue::from_bytes(b"ua \"quoted\"\t\xff").ok(),
-                referer: None,
-                request_id: Some(HeaderValue::from_static("abc")),
+                ..RequestFields::of(&req, Some(HeaderValue::from_static("abc")))
             },
             status,
             bytes: Some(777),
@@ -507,6 +514,22 @@ mod tests {
         assert_eq!(v["url"], "/a?b=1");
         assert_eq!(v["time"], "1971-01-01T00:00:00Z");
         assert_eq!(v["upstream_ms"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn sampling_keeps_the_configured_share() {
+        for (sample, expect) in [(1.0, 1000), (0.75, 750), (0.25, 250), (0.001, 1)] {
+            let log = AccessLog::open(&AccessLogConfig {
+                target: Target::Stdout,
+                format: Format::Json,
+                sample,
+                request_id_header: None,
+                queue: 1,
+            })
+            .unwrap();
+            let kept = (0..1000).filter(|_| log.sampled()).count();
+            assert_eq!(kept, expect, "sample {sample}");
+        }
     }
 
     #[test]

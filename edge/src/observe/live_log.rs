@@ -4,9 +4,9 @@
 //!
 //! Bounded cost to the data path:
 //! - with nobody watching, a request pays one relaxed atomic load;
-//! - with watchers, one entry per request goes into a bounded broadcast channel
-//!   ([`CHANNEL`] entries); a watcher that reads too slowly skips entries (it is told how
-//!   many) and never slows a request down;
+//! - with watchers, one entry per request (its fields copied) goes into a bounded broadcast
+//!   channel ([`CHANNEL`] entries; sending takes the channel's short lock); a watcher that
+//!   reads too slowly skips entries (it is told how many), and no request waits for it;
 //! - at most [`MAX_WATCHERS`] streams at once; more get 503.
 //!
 //! A stream writes an empty line after [`HEARTBEAT`] without entries, so a watcher that went

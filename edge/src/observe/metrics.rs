@@ -126,10 +126,11 @@ impl EdgeMetrics {
         let _ = self.connections.set((slots, capacity));
     }
 
-    /// Connections open on the data listener (plain and TLS).
+    /// Connections open on the data listener (plain and TLS). The accept loop holds one slot
+    /// while it waits for the next connection: that one is not a connection.
     pub fn open_connections(&self) -> u64 {
         self.connections.get().map_or(0, |(s, cap)| {
-            cap.saturating_sub(s.available_permits()) as u64
+            cap.saturating_sub(s.available_permits()).saturating_sub(1) as u64
         })
     }
 

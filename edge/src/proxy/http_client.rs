@@ -90,9 +90,21 @@ impl Queue {
         {
             return None;
         }
-        let got = tokio::time::timeout(self.wait, permits.acquire_owned()).await;
-        self.waiting.fetch_sub(1, AcqRel);
-        got.ok().and_then(Result::ok)
+        // Given back however the wait ends: a client that leaves drops this future mid-wait.
+        let _waiting = Waiting(&self.waiting);
+        tokio::time::timeout(self.wait, permits.acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+}
+
+/// A place in the [`Queue`], held while waiting.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

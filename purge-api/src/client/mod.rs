@@ -497,7 +497,7 @@ fn error_message(body: &[u8]) -> String {
     }
 }
 
-/// An error and its sources, `a: b: c` (hyper-util's own message is only "client error").
+/// The innermost source of an error ("Connection refused (os error 111)").
 fn root_cause(e: &dyn std::error::Error) -> String {
     let mut last: &dyn std::error::Error = e;
     while let Some(c) = last.source() {
@@ -506,6 +506,7 @@ fn root_cause(e: &dyn std::error::Error) -> String {
     last.to_string()
 }
 
+/// An error and its sources, `a: b: c` (hyper-util's own message is only "client error").
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();

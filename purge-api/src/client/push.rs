@@ -179,8 +179,9 @@ pub async fn run_push(args: PushArgs) -> Result<PushSummary, ClientError> {
                 return Err(ClientError::Connect {
                     admin,
                     reason: format!(
-                        "{reason} (after {} of {files} files were pushed; the rest were not)",
-                        pushed.len()
+                        "{reason} ({} of {files} files were confirmed before it, {} had failed; the others are not confirmed: push again to be sure)",
+                        pushed.len(),
+                        failed.len()
                     ),
                 });
             }
