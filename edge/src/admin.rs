@@ -264,7 +264,7 @@ impl AdminState {
         }
         let read_only = matches!(
             path.as_str(),
-            "/" | "/status" | "/metrics" | "/stats" | "/usage" | "/fleet"
+            "/" | "/status" | "/metrics" | "/stats" | "/usage" | "/fleet" | "/origins"
         );
         if read_only
             && !self.public_metrics.load(Ordering::Relaxed)
@@ -304,6 +304,7 @@ impl AdminState {
                 },
             },
             "/log" => self.live_log(&req),
+            "/origins" => json(&self.metrics.upstreams.origin_reports()),
             p if p.starts_with("/fleet/nodes/") => {
                 self.forget_node(&req, &p["/fleet/nodes/".len()..]).await
             }
@@ -347,7 +348,7 @@ impl AdminState {
                 r
             }
             _ => admin_error(AdminError::NotFound(format!(
-                "{path} (the admin port serves /, /healthz, /readyz, /metrics, /stats, /usage, /log, /fleet, /purge, /objects and /tls/reload)"
+                "{path} (the admin port serves /, /healthz, /readyz, /metrics, /stats, /usage, /log, /origins, /fleet, /purge, /objects and /tls/reload)"
             ))),
         }
     }

@@ -21,6 +21,24 @@ pub struct ShieldBalance {
     pub ramp_up: Duration,
 }
 
+/// The origins after the first, and how their health is judged (`fallback_origins`,
+/// `[origin_health]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OriginFailover {
+    /// Tried in order when the ones before fail.
+    pub fallbacks: Vec<Uri>,
+    /// `GET` this path on each origin every `interval`; `None`: passive checks only (a down
+    /// origin is tried again after `interval`).
+    pub probe_path: Option<String>,
+    pub interval: Duration,
+    /// Good probes in a row that bring an origin back.
+    pub rise: u32,
+    /// Failures in a row (probes or requests) that take it out.
+    pub fall: u32,
+    /// Answers that make an idempotent request try the next origin.
+    pub statuses: Vec<u16>,
+}
+
 /// One shield as configured.
 #[derive(Debug, Clone)]
 pub struct ShieldSpec {
@@ -60,6 +78,12 @@ struct RawConfig {
     shield_balance_factor: Option<Setting<f64>>,
     /// How long a shield back from down takes to reach its full share.
     shield_ramp_up: Option<Setting<RawDuration>>,
+    /// Origins tried in order when `origin` (and the ones before) fail.
+    #[serde(default)]
+    fallback_origins: Vec<Setting<String>>,
+    /// Health checks and failover of the origins.
+    #[serde(default)]
+    origin_health: RawOriginHealth,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
@@ -75,6 +99,18 @@ struct RawConfig {
     fleet: Option<RawFleet>,
     /// `[access_log]` (absent: no access log).
     access_log: Option<RawAccessLog>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOriginHealth {
+    /// Active probe: `GET <path>` on each origin (absent: passive checks only).
+    path: Option<Setting<String>>,
+    interval: Option<Setting<RawDuration>>,
+    rise: Option<Setting<u64>>,
+    fall: Option<Setting<u64>>,
+    /// Statuses that make a request try the next origin.
+    failover_statuses: Option<Vec<Setting<u16>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -248,6 +284,8 @@ pub struct EdgeConfig {
     pub shield_health_interval: Duration,
     /// `shield_balance_factor` and `shield_ramp_up`: how shields share load.
     pub shield_balance: ShieldBalance,
+    /// `fallback_origins` and `[origin_health]`.
+    pub failover: OriginFailover,
     /// Sibling nodes (name, admin address) a purge is forwarded to.
     pub peers: Vec<(String, SocketAddr)>,
     pub cache_dir: Option<PathBuf>,
@@ -420,6 +458,7 @@ impl EdgeConfig {
                 None
             }
         };
+        let failover = origin_failover(&mut d, &raw.fallback_origins, &raw.origin_health);
         let cache_dir = raw.cache.dir.as_ref().map(|s| d.path(s));
         let mut peers = Vec::new();
         for (i, p) in raw.peers.iter().enumerate() {
@@ -708,6 +747,7 @@ impl EdgeConfig {
             shields,
             peers,
             shield_health_interval: shield_health_interval.expect("checked"),
+            failover: failover.expect("checked"),
             shield_balance: ShieldBalance {
                 factor: shield_factor.expect("checked"),
                 ramp_up: shield_ramp_up.expect("checked"),
@@ -758,6 +798,69 @@ impl EdgeConfig {
             access_log,
         })
     }
+}
+
+/// `fallback_origins` and `[origin_health]`.
+fn origin_failover(
+    d: &mut Diagnostics,
+    fallbacks: &[Setting<String>],
+    raw: &RawOriginHealth,
+) -> Option<OriginFailover> {
+    let fallbacks: Vec<Option<Uri>> = fallbacks
+        .iter()
+        .enumerate()
+        .map(|(i, f)| parse_origin(d, f, &format!("fallback_origins[{i}]")))
+        .collect();
+    let interval = raw
+        .interval
+        .as_ref()
+        .map_or(Some(Duration::from_secs(2)), |s| {
+            d.duration("origin_health.interval", s)
+        });
+    let mut count = |field: &str, s: &Option<Setting<u64>>, default: u32| match s {
+        None => Some(default),
+        Some(v) if (1..=100).contains(&v.value) => Some(v.value as u32),
+        Some(v) => {
+            d.error(field, v, "must be from 1 to 100");
+            None
+        }
+    };
+    let rise = count("origin_health.rise", &raw.rise, 2);
+    let fall = count("origin_health.fall", &raw.fall, 3);
+    let mut statuses = Vec::new();
+    for (i, s) in raw.failover_statuses.iter().flatten().enumerate() {
+        if (500..=599).contains(&s.value) || s.value == 429 {
+            statuses.push(s.value);
+        } else {
+            d.error(
+                &format!("origin_health.failover_statuses[{i}]"),
+                s,
+                "must be 429 or a 5xx status",
+            );
+        }
+    }
+    if raw.failover_statuses.is_none() {
+        statuses = vec![502, 503, 504];
+    }
+    let probe_path = match &raw.path {
+        Some(p) if !p.value.starts_with('/') => {
+            d.error(
+                "origin_health.path",
+                p,
+                "must start with /, e.g. \"/healthz\"",
+            );
+            None
+        }
+        p => Some(p.as_ref().map(|p| p.value.clone())),
+    };
+    Some(OriginFailover {
+        fallbacks: fallbacks.into_iter().collect::<Option<Vec<_>>>()?,
+        probe_path: probe_path?,
+        interval: interval?,
+        rise: rise?,
+        fall: fall?,
+        statuses,
+    })
 }
 
 /// `[cache] negative_ttl`: keys are statuses from 400 to 599 or the classes `4xx` and `5xx`,
@@ -1046,7 +1149,7 @@ fn parse_origin(d: &mut Diagnostics, s: &Setting<String>, field: &str) -> Option
         Some("http") | Some("https") => {}
         _ => {
             d.error(
-                "origin",
+                field,
                 s,
                 format!("{:?} must start with http:// or https://", s.value),
             );
@@ -1055,7 +1158,7 @@ fn parse_origin(d: &mut Diagnostics, s: &Setting<String>, field: &str) -> Option
     }
     if uri.authority().is_none() {
         d.error(
-            "origin",
+            field,
             s,
             "must include a host, for example http://127.0.0.1:9000",
         );
@@ -1413,6 +1516,34 @@ mod tests {
             "cache.negative_ttl.200",
             "cache.negative_ttl.404",
             "cache.negative_ttl.410",
+        ] {
+            assert!(e.mentions(f), "{f}: {e}");
+        }
+    }
+
+    #[test]
+    fn fallback_origins_and_their_health() {
+        let base = "listen = \"127.0.0.1:8080\"\norigin = \"http://127.0.0.1:9000\"\n";
+        let c = load(base).unwrap();
+        assert!(c.failover.fallbacks.is_empty(), "one origin by default");
+        assert_eq!(c.failover.statuses, [502, 503, 504]);
+        let c = load(&format!(
+            "{base}fallback_origins = [\"http://127.0.0.1:9001\"]\n[origin_health]\npath = \"/healthz\"\nrise = 3\nfailover_statuses = [429, 500]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.failover.fallbacks.len(), 1);
+        assert_eq!(c.failover.probe_path.as_deref(), Some("/healthz"));
+        assert_eq!((c.failover.rise, c.failover.fall), (3, 3));
+        assert_eq!(c.failover.statuses, [429, 500]);
+        let e = load(&format!(
+            "{base}fallback_origins = [\"ftp://x\"]\n[origin_health]\npath = \"healthz\"\nfall = 0\nfailover_statuses = [404]\n"
+        ))
+        .unwrap_err();
+        for f in [
+            "fallback_origins[0]",
+            "origin_health.path",
+            "origin_health.fall",
+            "origin_health.failover_statuses[0]",
         ] {
             assert!(e.mentions(f), "{f}: {e}");
         }

@@ -136,7 +136,9 @@ impl EdgeServer {
                 metrics: Some(metrics.clone()),
                 tls: upstream_tls,
             };
-            if cfg.shields.is_empty() {
+            if cfg.shields.is_empty() && !cfg.failover.fallbacks.is_empty() {
+                crate::proxy::origins::OriginGroup::start(&origin, cfg.failover.clone())
+            } else if cfg.shields.is_empty() {
                 Arc::new(HyperUpstream::new(&origin))
             } else {
                 ShieldUpstream::start(
@@ -583,6 +585,10 @@ impl Reloader {
         check("upstream", cur.upstream_tls != new.upstream_tls);
         check("fleet", cur.fleet != new.fleet);
         check("access_log", cur.access_log != new.access_log);
+        check(
+            "fallback_origins / [origin_health]",
+            cur.failover != new.failover,
+        );
         let limits = |c: &EdgeConfig| {
             (
                 [

@@ -1467,3 +1467,67 @@ async fn requests_over_the_origin_budget_wait_briefly_then_get_stale_or_503() {
     assert_eq!(slow.await.expect("task").text(), "slow");
     assert_eq!(get(&c, &edge.url("/other"), &[]).await.text(), "other");
 }
+
+/// Issue 18, failover origins (`fallback_origins`, `[origin_health]`): the primary answers 503,
+/// then dies: the same requests are answered by the fallback, with no error for the client;
+/// `/origins` shows the primary down; once it is back, `rise` good probes of its health path
+/// bring it back into use.
+#[tokio::test]
+async fn a_failing_primary_fails_over_and_comes_back_after_good_probes() {
+    let mut primary = TestOrigin::start().await;
+    let backup = TestOrigin::start().await;
+    for (o, body) in [(&primary, "primary"), (&backup, "backup")] {
+        o.route("/a", cacheable(body, "no-store"));
+        o.route("/health", Reply::ok("ok"));
+    }
+    let fallback: http::Uri = backup.base_url().parse().expect("uri");
+    let edge = start_edge_with(primary.addr(), move |cfg| {
+        cfg.failover = outpost_edge::config::OriginFailover {
+            fallbacks: vec![fallback],
+            probe_path: Some("/health".into()),
+            interval: Duration::from_millis(100),
+            rise: 2,
+            fall: 1,
+            statuses: vec![502, 503, 504],
+        };
+    })
+    .await;
+    let c = client();
+    let a = edge.url("/a");
+    assert_eq!(get(&c, &a, &[]).await.text(), "primary");
+
+    // The primary answers 503: the request is answered by the fallback.
+    primary.route("/a", Reply::new(503).body("down"));
+    let r = get(&c, &a, &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "backup"), "{r:?}");
+
+    // The primary dies: every request is answered by the fallback.
+    primary.stop().await;
+    for _ in 0..5 {
+        let r = get(&c, &a, &[]).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "backup"), "{r:?}");
+    }
+    let origins = || async {
+        let v: serde_json::Value =
+            serde_json::from_str(&get(&c, &edge.admin_url("/origins"), &[]).await.text())
+                .expect("/origins JSON");
+        v
+    };
+    eventually("/origins shows the primary down", async || {
+        origins().await[0]["up"] == false
+    })
+    .await;
+    let o = origins().await;
+    assert_eq!(o[0]["role"], "primary", "{o}");
+    assert_eq!(o[1]["role"], "fallback", "{o}");
+    assert_eq!(o[1]["up"], true, "{o}");
+
+    // Back and healthy: two good probes later it answers again.
+    primary.route("/a", cacheable("primary", "no-store"));
+    primary.restart().await;
+    eventually("the primary answers again", async || {
+        get(&c, &a, &[]).await.text() == "primary"
+    })
+    .await;
+    assert_eq!(origins().await[0]["up"], true);
+}

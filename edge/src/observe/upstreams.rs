@@ -155,6 +155,8 @@ impl UpstreamHealth {
 #[derive(Debug, Default)]
 pub struct Upstreams {
     list: std::sync::Mutex<Vec<std::sync::Arc<UpstreamHealth>>>,
+    /// The origins of a group with failover, in order (empty with one origin).
+    pub origins: std::sync::Mutex<Vec<std::sync::Arc<OriginMember>>>,
 }
 
 /// One upstream's state, for `/stats`.
@@ -177,6 +179,16 @@ impl Upstreams {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<std::sync::Arc<UpstreamHealth>>> {
         self.list.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Each origin of a failover group (`/origins`).
+    pub fn origin_reports(&self) -> Vec<OriginReport> {
+        self.origins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|o| o.report())
+            .collect()
     }
 
     pub fn states(&self) -> Vec<UpstreamState> {
@@ -249,5 +261,102 @@ mod tests {
             0,
             "after an answer, the next failure is reported at once"
         );
+    }
+}
+
+/// One origin of a group with failover (`fallback_origins`): up or down, by active probes and
+/// by the requests it fails (`[origin_health]` rise and fall).
+#[derive(Debug)]
+pub struct OriginMember {
+    pub url: String,
+    /// Its place: 0 is the primary, then the fallbacks in order.
+    pub rank: usize,
+    up: std::sync::atomic::AtomicBool,
+    fails: std::sync::atomic::AtomicU32,
+    passes: std::sync::atomic::AtomicU32,
+    /// Milliseconds (since `epoch`) when a passively downed origin may be tried again; 0: not
+    /// waiting.
+    retry_at: AtomicU64,
+    epoch: Instant,
+}
+
+/// An origin's state, for `/origins`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct OriginReport {
+    pub url: String,
+    /// `primary` or `fallback`.
+    pub role: String,
+    pub up: bool,
+    /// Failures (requests or probes) in a row.
+    pub failures: u32,
+}
+
+impl OriginMember {
+    pub fn new(url: String, rank: usize) -> Self {
+        Self {
+            url,
+            rank,
+            up: std::sync::atomic::AtomicBool::new(true),
+            fails: Default::default(),
+            passes: Default::default(),
+            retry_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Up, or down without active probes and due for another try (`retry_after`).
+    pub fn usable(&self) -> bool {
+        if self.up.load(Ordering::Acquire) {
+            return true;
+        }
+        let at = self.retry_at.load(Ordering::Acquire);
+        at != 0 && self.now_ms() >= at
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// A request or a probe failed; `fall` in a row take it out. Without active probes it is
+    /// tried again after `retry_after`.
+    pub fn failed(&self, fall: u32, retry_after: Option<std::time::Duration>) {
+        self.passes.store(0, Ordering::Release);
+        let n = self.fails.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(after) = retry_after {
+            self.retry_at
+                .store(self.now_ms() + after.as_millis() as u64, Ordering::Release);
+        }
+        if n >= fall && self.up.swap(false, Ordering::AcqRel) {
+            warn!(origin = %self.url, failures = n, "origin down; requests go to the next origin");
+        }
+    }
+
+    /// A request or a probe succeeded: `rise` in a row bring a down origin back (a request
+    /// that succeeded on a down origin was a retry: one is enough without probes).
+    pub fn passed(&self, rise: u32) {
+        self.fails.store(0, Ordering::Release);
+        let n = self.passes.fetch_add(1, Ordering::AcqRel) + 1;
+        if n >= rise && !self.up.swap(true, Ordering::AcqRel) {
+            self.retry_at.store(0, Ordering::Release);
+            info!(origin = %self.url, passes = n, "origin up again");
+        }
+    }
+
+    pub fn report(&self) -> OriginReport {
+        OriginReport {
+            url: self.url.clone(),
+            role: if self.rank == 0 {
+                "primary"
+            } else {
+                "fallback"
+            }
+            .into(),
+            up: self.is_up(),
+            failures: self.fails.load(Ordering::Acquire),
+        }
     }
 }

@@ -221,6 +221,27 @@ impl HyperUpstream {
         }
     }
 
+    /// `GET <path>` on this upstream answers 2xx or 3xx within `timeout` (an active health
+    /// probe; it bypasses the breaker and the connection budget).
+    pub async fn probe(&self, path: &str, timeout: Duration) -> bool {
+        let Ok(pq) = path.parse::<PathAndQuery>() else {
+            return false;
+        };
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build();
+        let Ok(uri) = uri else { return false };
+        let Ok(req) = Request::get(uri).body(crate::cache::empty_body()) else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(timeout, self.client.request(req)).await,
+            Ok(Ok(r)) if r.status().is_success() || r.status().is_redirection()
+        )
+    }
+
     fn absolute(&self, uri: &Uri) -> Uri {
         let pq = uri
             .path_and_query()

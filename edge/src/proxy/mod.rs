@@ -23,6 +23,7 @@ pub mod compress;
 mod fast_hit;
 pub mod forward;
 pub mod http_client;
+pub mod origins;
 mod purge;
 pub mod request;
 pub mod respond;

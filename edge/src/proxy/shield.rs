@@ -218,7 +218,8 @@ async fn probe(client: &ProbeClient, admin: SocketAddr, timeout: Duration) -> bo
     )
 }
 
-fn rebuild(parts: &http::request::Parts) -> Request<UpstreamBody> {
+/// A bodiless copy of a request (GET or HEAD), to send again elsewhere.
+pub(super) fn rebuild(parts: &http::request::Parts) -> Request<UpstreamBody> {
     let mut b = Request::builder()
         .method(parts.method.clone())
         .uri(parts.uri.clone())
