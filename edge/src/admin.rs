@@ -97,6 +97,9 @@ pub struct Stats {
     /// Why `/readyz` says degraded, when it does.
     #[serde(default)]
     pub degraded: Option<String>,
+    /// The origins of a failover group (`fallback_origins`); empty with one origin.
+    #[serde(default)]
+    pub origins: Vec<crate::observe::upstreams::OriginReport>,
     /// Client connections open on the data listener.
     #[serde(default)]
     pub connections_open: u64,
@@ -192,6 +195,7 @@ impl AdminState {
                 .collect(),
             upstreams: self.metrics.upstreams.states(),
             degraded: self.degraded(),
+            origins: self.metrics.upstreams.origin_reports(),
             connections_open: self.metrics.open_connections(),
             tls_handshakes: self.metrics.tls_handshakes(),
         }

@@ -1521,6 +1521,16 @@ async fn a_failing_primary_fails_over_and_comes_back_after_good_probes() {
     assert_eq!(o[0]["role"], "primary", "{o}");
     assert_eq!(o[1]["role"], "fallback", "{o}");
     assert_eq!(o[1]["up"], true, "{o}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&get(&c, &edge.admin_url("/stats"), &[]).await.text())
+            .expect("/stats");
+    // The status page's source shows them too (failure counts move with every probe).
+    for i in 0..2 {
+        for f in ["url", "role"] {
+            assert_eq!(stats["origins"][i][f], o[i][f], "{stats}");
+        }
+    }
+    assert_eq!(stats["origins"][1]["up"], true, "{stats}");
 
     // Back and healthy: two good probes later it answers again.
     primary.route("/a", cacheable("primary", "no-store"));
