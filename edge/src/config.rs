@@ -99,6 +99,17 @@ struct RawConfig {
     fleet: Option<RawFleet>,
     /// `[access_log]` (absent: no access log).
     access_log: Option<RawAccessLog>,
+    /// `[proxy_protocol]`: sources whose connections open with a PROXY v2 header.
+    #[serde(default)]
+    proxy_protocol: RawProxyProtocol,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxyProtocol {
+    /// Networks (CIDR) whose connections must start with a PROXY v2 header.
+    #[serde(default)]
+    from: Vec<Setting<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -366,6 +377,10 @@ pub struct EdgeConfig {
     pub fleet: Option<outpost_fleet::FleetConfig>,
     /// `[access_log]`.
     pub access_log: Option<crate::observe::access_log::AccessLogConfig>,
+    /// `[proxy_protocol] from`: connections from these networks open with a PROXY v2 header
+    /// (the selector's), which names the client; from anywhere else, one is refused as
+    /// malformed HTTP.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 impl EdgeConfig {
@@ -734,6 +749,25 @@ impl EdgeConfig {
                 None
             }
         };
+        let mut proxy_protocol_from = Vec::new();
+        for (i, n) in raw.proxy_protocol.from.iter().enumerate() {
+            match n.value.trim().parse::<ipnet::IpNet>().or_else(|_| {
+                n.value
+                    .trim()
+                    .parse::<std::net::IpAddr>()
+                    .map(ipnet::IpNet::from)
+            }) {
+                Ok(net) => proxy_protocol_from.push(net),
+                Err(_) => d.error(
+                    &format!("proxy_protocol.from[{i}]"),
+                    n,
+                    format!(
+                        "{:?} is not a network (expected for example \"10.0.0.0/8\")",
+                        n.value
+                    ),
+                ),
+            }
+        }
         let access_log = raw
             .access_log
             .as_ref()
@@ -796,6 +830,7 @@ impl EdgeConfig {
             upstream_tls,
             fleet,
             access_log,
+            proxy_protocol_from,
         })
     }
 }
@@ -1547,6 +1582,25 @@ mod tests {
         ] {
             assert!(e.mentions(f), "{f}: {e}");
         }
+    }
+
+    #[test]
+    fn proxy_protocol_networks() {
+        let base = "listen = \"127.0.0.1:8080\"\norigin = \"http://127.0.0.1:9000\"\n";
+        assert!(
+            load(base).unwrap().proxy_protocol_from.is_empty(),
+            "off by default"
+        );
+        let c = load(&format!(
+            "{base}[proxy_protocol]\nfrom = [\"10.0.0.0/8\", \"192.0.2.1\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.proxy_protocol_from.len(), 2);
+        assert!(
+            c.proxy_protocol_from[1].contains(&"192.0.2.1".parse::<std::net::IpAddr>().unwrap())
+        );
+        let e = load(&format!("{base}[proxy_protocol]\nfrom = [\"selector\"]\n")).unwrap_err();
+        assert!(e.mentions("proxy_protocol.from[0]"), "{e}");
     }
 
     #[test]

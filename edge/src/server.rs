@@ -411,15 +411,11 @@ impl EdgeServer {
             // Requests clone this connection's own handle, not the node-wide Arc: two cores
             // answering requests never bounce one reference count between them.
             let conn_proxy = Arc::new(proxy.clone());
-            let client = Client {
-                addr: peer,
-                tls: tls.is_some(),
-            };
             let activity = Arc::new(outpost_net::Activity::default());
             let conn_activity = activity.clone();
             // A fresh memory hit is answered within the call, and its request dropped there;
             // anything else continues in a boxed future (see `Proxy::start`).
-            let svc =
+            let make_svc = move |client: Client| {
                 service_fn(
                     move |req: Request<Incoming>| match conn_proxy.start(req, client) {
                         Ok(resp) => {
@@ -436,7 +432,16 @@ impl EdgeServer {
                             }))
                         }
                     },
-                );
+                )
+            };
+            // A source the operator trusts (the selector) opens with a PROXY v2 header naming
+            // the client; it is read in the connection's task, under the header timeout.
+            let proxied = self
+                .cfg
+                .proxy_protocol_from
+                .iter()
+                .any(|n| n.contains(&peer.ip()));
+            let is_tls = tls.is_some();
             let builder = builder.clone();
             let watcher = drain.watcher();
             let first_bytes = self.cfg.header_read_timeout;
@@ -444,6 +449,11 @@ impl EdgeServer {
                 // The handshake runs here, in the connection's task, under its own timeout.
                 tokio::spawn(async move {
                     let _slot = slot;
+                    let mut tcp = tcp;
+                    let Some(addr) = client_addr(&mut tcp, peer, proxied, first_bytes).await else {
+                        return;
+                    };
+                    let svc = make_svc(Client { addr, tls: is_tls });
                     let stream = match tls.accept(tcp).await {
                         Ok(s) => s,
                         Err(e) => {
@@ -462,6 +472,11 @@ impl EdgeServer {
             }
             tokio::spawn(async move {
                 let _slot = slot;
+                let mut tcp = tcp;
+                let Some(addr) = client_addr(&mut tcp, peer, proxied, first_bytes).await else {
+                    return;
+                };
+                let svc = make_svc(Client { addr, tls: is_tls });
                 let Some(io) = outpost_net::opening(tcp, first_bytes, Some(max_line)).await else {
                     return;
                 };
@@ -490,6 +505,26 @@ impl EdgeServer {
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.proxy.engine.close()).await;
         info!("edge stopped");
+    }
+}
+
+/// The client's address: the peer's, or, from a source in `[proxy_protocol] from`, the one its
+/// PROXY v2 header names (`None`: no valid header in time; the connection is closed).
+async fn client_addr(
+    tcp: &mut tokio::net::TcpStream,
+    peer: SocketAddr,
+    proxied: bool,
+    within: Duration,
+) -> Option<SocketAddr> {
+    if !proxied {
+        return Some(peer);
+    }
+    match outpost_net::proxy_protocol::read(tcp, within).await {
+        Ok(addr) => Some(addr.unwrap_or(peer)),
+        Err(e) => {
+            debug!(%peer, error = %e, "connection closed");
+            None
+        }
     }
 }
 
@@ -588,6 +623,10 @@ impl Reloader {
         check(
             "fallback_origins / [origin_health]",
             cur.failover != new.failover,
+        );
+        check(
+            "proxy_protocol",
+            cur.proxy_protocol_from != new.proxy_protocol_from,
         );
         let limits = |c: &EdgeConfig| {
             (

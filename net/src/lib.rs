@@ -25,6 +25,7 @@ mod accept;
 pub mod exposition;
 mod idle;
 mod opening;
+pub mod proxy_protocol;
 
 pub use accept::AcceptWarnings;
 pub use idle::{Activity, InFlight, Quiet};

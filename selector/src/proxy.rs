@@ -46,6 +46,16 @@ pub(crate) async fn serve(
         let active = node.open();
         match connect(node, connect_timeout).await {
             Ok(mut upstream) => {
+                if node.spec.proxy_protocol {
+                    use tokio::io::AsyncWriteExt as _;
+                    let local = client.local_addr().unwrap_or(peer);
+                    let header = outpost_net::proxy_protocol::header(peer, local);
+                    if let Err(e) = upstream.write_all(&header).await {
+                        debug!(node = %node.spec.name, error = %e, "connection ended");
+                        drop(active);
+                        return;
+                    }
+                }
                 node.metrics.connections.inc();
                 debug!(node = %node.spec.name, retries = tried - 1, "spliced");
                 match conn::splice(&mut client, &mut upstream, idle_timeout).await {

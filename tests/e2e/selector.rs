@@ -998,3 +998,77 @@ lon = 2
     .unwrap_err();
     assert!(e.mentions("--listen"), "{e}");
 }
+
+/// Issue 18, real client addresses: the selector opens each spliced connection to an edge with
+/// a PROXY protocol v2 header (`proxy_protocol = true` on the node), and the edge, trusting the
+/// selector's network (`[proxy_protocol] from`), forwards the client's address in
+/// `X-Forwarded-For` (not the selector's). A source the edge does not trust cannot slip a
+/// header in, and a trusted source without one is closed.
+#[tokio::test]
+async fn proxy_protocol_carries_the_client_address_through_the_selector() {
+    use crate::support::test_origin::{Reply, TestOrigin};
+    let origin = TestOrigin::start().await;
+    origin.route("/who", Reply::ok("x").header("cache-control", "no-store"));
+    let edge = crate::support::edge::Edge::from_toml(&format!(
+        "name = \"pp-edge\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\norigin = \"{}\"\n[proxy_protocol]\nfrom = [\"127.0.0.1/32\"]\n",
+        origin.base_url()
+    ))
+    .await;
+    let sel = Running::start(&format!(
+        "policy = \"weighted-round-robin\"\n{CALM_PROBES}[[nodes]]\nname = \"pp\"\naddress = \"{}\"\nadmin = \"{}\"\nproxy_protocol = true\n",
+        edge.addr,
+        edge.admin()
+    ))
+    .await;
+    sel.wait_state("pp", "up").await;
+
+    // A client on 127.0.0.2 (loopback is a /8) through the selector, which connects from
+    // 127.0.0.1.
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 2], 0)))
+        .expect("bind 127.0.0.2");
+    let mut tcp = socket.connect(sel.addr).await.expect("connect");
+    tcp.write_all(b"GET /who HTTP/1.1\r\nhost: site.test\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer)).await;
+    drop(tcp);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let xff = origin
+        .last_request("/who")
+        .and_then(|r| r.header("x-forwarded-for").map(str::to_string))
+        .expect("the origin got X-Forwarded-For");
+    assert_eq!(xff, "127.0.0.2", "the client's address, not the selector's");
+
+    // From the trusted network without a header: closed, nothing forwarded.
+    let mut direct = TcpStream::connect(edge.addr).await.expect("connect");
+    direct
+        .write_all(b"GET /who HTTP/1.1\r\nhost: site.test\r\n\r\n")
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, direct.read_to_end(&mut got)).await;
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert_eq!(origin.hits("/who"), 1);
+
+    // An edge that trusts another network: a header from here is not honoured.
+    let strict = crate::support::edge::Edge::from_toml(&format!(
+        "name = \"strict-edge\"\nlisten = \"127.0.0.1:0\"\norigin = \"{}\"\n[proxy_protocol]\nfrom = [\"10.9.9.9/32\"]\n",
+        origin.base_url()
+    ))
+    .await;
+    let mut forged = TcpStream::connect(strict.addr).await.expect("connect");
+    let mut bytes =
+        outpost_net::proxy_protocol::header("203.0.113.9:4000".parse().unwrap(), strict.addr);
+    bytes.extend_from_slice(b"GET /who HTTP/1.1\r\nhost: site.test\r\n\r\n");
+    forged.write_all(&bytes).await.expect("send");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, forged.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(!got.contains(" 200 "), "a forged header is refused: {got}");
+    assert_eq!(origin.hits("/who"), 1, "nothing reached the origin");
+    sel.shutdown().await;
+}

@@ -105,6 +105,9 @@ pub struct NodeSpec {
     pub location: Option<Location>,
     /// Relative share for `weighted-round-robin`, `least-connections` and `hash`; at least 1.
     pub weight: u32,
+    /// Open each spliced connection with a PROXY protocol v2 header naming the client (the
+    /// node must trust this selector's address: `[proxy_protocol] from` on the edge).
+    pub proxy_protocol: bool,
 }
 
 impl NodeSpec {
@@ -116,6 +119,7 @@ impl NodeSpec {
             admin,
             location: None,
             weight: 1,
+            proxy_protocol: false,
         }
     }
 

@@ -22,6 +22,7 @@ pub(super) struct RawNode {
     pub(super) lat: Option<Setting<f64>>,
     pub(super) lon: Option<Setting<f64>>,
     pub(super) weight: Option<Setting<i64>>,
+    pub(super) proxy_protocol: Option<bool>,
 }
 
 fn node_name_ok(name: &str) -> bool {
@@ -165,6 +166,7 @@ pub(super) fn validate(
                 admin,
                 location,
                 weight,
+                proxy_protocol: n.proxy_protocol.unwrap_or(false),
             });
         }
     }
