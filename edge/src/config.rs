@@ -37,6 +37,9 @@ pub struct OriginFailover {
     pub fall: u32,
     /// Answers that make an idempotent request try the next origin.
     pub statuses: Vec<u16>,
+    /// `origin_weights`: requests spread over the origins in these proportions (each still
+    /// fails over to the others); empty: the first usable origin takes them all.
+    pub weights: Vec<u32>,
 }
 
 /// One shield as configured.
@@ -81,6 +84,8 @@ struct RawConfig {
     /// Origins tried in order when `origin` (and the ones before) fail.
     #[serde(default)]
     fallback_origins: Vec<Setting<String>>,
+    /// Spread requests over `origin` and `fallback_origins` by these weights (one each).
+    origin_weights: Option<Vec<Setting<u64>>>,
     /// Health checks and failover of the origins.
     #[serde(default)]
     origin_health: RawOriginHealth,
@@ -473,7 +478,8 @@ impl EdgeConfig {
                 None
             }
         };
-        let failover = origin_failover(&mut d, &raw.fallback_origins, &raw.origin_health);
+        let failover = origin_failover(&mut d, &raw.fallback_origins, &raw.origin_health)
+            .and_then(|f| origin_weights(&mut d, raw.origin_weights.as_deref(), f));
         let cache_dir = raw.cache.dir.as_ref().map(|s| d.path(s));
         let mut peers = Vec::new();
         for (i, p) in raw.peers.iter().enumerate() {
@@ -835,6 +841,38 @@ impl EdgeConfig {
     }
 }
 
+/// `origin_weights`: one per origin (`origin`, then each fallback), 1 to 1000.
+fn origin_weights(
+    d: &mut Diagnostics,
+    raw: Option<&[Setting<u64>]>,
+    mut failover: OriginFailover,
+) -> Option<OriginFailover> {
+    let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+        return Some(failover);
+    };
+    let origins = 1 + failover.fallbacks.len();
+    let mut ok = true;
+    if raw.len() != origins {
+        ok = false;
+        d.error(
+            "origin_weights",
+            &raw[0],
+            format!(
+                "needs one weight per origin: {origins} (origin and fallback_origins), got {}",
+                raw.len()
+            ),
+        );
+    }
+    for (i, w) in raw.iter().enumerate() {
+        if !(1..=1000).contains(&w.value) {
+            ok = false;
+            d.error(&format!("origin_weights[{i}]"), w, "must be from 1 to 1000");
+        }
+    }
+    failover.weights = raw.iter().map(|w| w.value as u32).collect();
+    ok.then_some(failover)
+}
+
 /// `fallback_origins` and `[origin_health]`.
 fn origin_failover(
     d: &mut Diagnostics,
@@ -895,6 +933,7 @@ fn origin_failover(
         rise: rise?,
         fall: fall?,
         statuses,
+        weights: Vec::new(),
     })
 }
 
@@ -1570,6 +1609,20 @@ mod tests {
         assert_eq!(c.failover.probe_path.as_deref(), Some("/healthz"));
         assert_eq!((c.failover.rise, c.failover.fall), (3, 3));
         assert_eq!(c.failover.statuses, [429, 500]);
+        assert!(
+            c.failover.weights.is_empty(),
+            "order, not weights, by default"
+        );
+        let c = load(&format!(
+            "{base}fallback_origins = [\"http://127.0.0.1:9001\"]\norigin_weights = [3, 1]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.failover.weights, [3, 1]);
+        let e = load(&format!(
+            "{base}fallback_origins = [\"http://127.0.0.1:9001\"]\norigin_weights = [3]\n"
+        ))
+        .unwrap_err();
+        assert!(e.mentions("origin_weights"), "{e}");
         let e = load(&format!(
             "{base}fallback_origins = [\"ftp://x\"]\n[origin_health]\npath = \"healthz\"\nfall = 0\nfailover_statuses = [404]\n"
         ))

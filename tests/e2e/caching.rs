@@ -1489,6 +1489,7 @@ async fn a_failing_primary_fails_over_and_comes_back_after_good_probes() {
             rise: 2,
             fall: 1,
             statuses: vec![502, 503, 504],
+            weights: Vec::new(),
         };
     })
     .await;
@@ -1540,4 +1541,39 @@ async fn a_failing_primary_fails_over_and_comes_back_after_good_probes() {
     })
     .await;
     assert_eq!(origins().await[0]["up"], true);
+}
+
+/// `origin_weights`: requests spread over the origins in proportion (3 to 1 here, exactly,
+/// by smooth weighted round-robin), and each still fails over: with the first origin dead,
+/// the second answers them all.
+#[tokio::test]
+async fn origin_weights_spread_requests_and_still_fail_over() {
+    let mut first = TestOrigin::start().await;
+    let second = TestOrigin::start().await;
+    for o in [&first, &second] {
+        o.route("/w", cacheable("w", "no-store"));
+    }
+    let fallback: http::Uri = second.base_url().parse().expect("uri");
+    let edge = start_edge_with(first.addr(), move |cfg| {
+        cfg.failover = outpost_edge::config::OriginFailover {
+            fallbacks: vec![fallback],
+            probe_path: None,
+            interval: Duration::from_secs(60),
+            rise: 1,
+            fall: 1,
+            statuses: vec![502, 503, 504],
+            weights: vec![3, 1],
+        };
+    })
+    .await;
+    let c = client();
+    for _ in 0..40 {
+        assert_eq!(get(&c, &edge.url("/w"), &[]).await.status, 200);
+    }
+    assert_eq!((first.hits("/w"), second.hits("/w")), (30, 10));
+    first.stop().await;
+    for _ in 0..8 {
+        assert_eq!(get(&c, &edge.url("/w"), &[]).await.status, 200);
+    }
+    assert_eq!(second.hits("/w"), 18, "the second answered every one");
 }

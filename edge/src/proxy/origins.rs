@@ -4,6 +4,9 @@
 //! on to the next one. Nothing has reached the client then: the engine sees only the answer it
 //! keeps. A request with a body goes to the first usable origin only.
 //!
+//! With `origin_weights`, requests are spread over the usable origins in those proportions
+//! (smooth weighted round-robin); each still fails over to the others in order.
+//!
 //! Health ([`OriginMember`]): `fall` failures in a row (requests, or active probes of
 //! `GET <path>` every `interval`) take an origin out; `rise` good probes bring it back.
 //! Without a probe path, an origin taken out is tried again after `interval`. With every
@@ -28,6 +31,28 @@ struct Member {
 pub struct OriginGroup {
     members: Vec<Member>,
     failover: OriginFailover,
+    /// With `origin_weights`: one round of origin indices, each as often as its weight,
+    /// interleaved (smooth weighted round-robin), and the requests taken so far.
+    schedule: Vec<usize>,
+    turn: std::sync::atomic::AtomicUsize,
+}
+
+/// One round of smooth weighted round-robin: `[3, 1]` gives `[0, 0, 1, 0]`.
+fn schedule(weights: &[u32]) -> Vec<usize> {
+    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+    let mut current = vec![0i64; weights.len()];
+    (0..total)
+        .map(|_| {
+            for (c, &w) in current.iter_mut().zip(weights) {
+                *c += i64::from(w);
+            }
+            let best = (0..weights.len())
+                .max_by_key(|&i| (current[i], std::cmp::Reverse(i)))
+                .expect("at least one origin");
+            current[best] -= total;
+            best
+        })
+        .collect()
 }
 
 impl OriginGroup {
@@ -55,7 +80,12 @@ impl OriginGroup {
                 }
             })
             .collect();
-        let this = Arc::new(Self { members, failover });
+        let this = Arc::new(Self {
+            members,
+            schedule: schedule(&failover.weights),
+            failover,
+            turn: Default::default(),
+        });
         if let Some(path) = this.failover.probe_path.clone() {
             let weak = Arc::downgrade(&this);
             tokio::spawn(async move {
@@ -88,11 +118,20 @@ impl OriginGroup {
             .then_some(self.failover.interval)
     }
 
-    /// Usable origins in order; the first one when none is.
+    /// Usable origins in order (with weights, this request's origin first); the first one
+    /// when none is.
     fn order(&self) -> Vec<usize> {
-        let usable: Vec<usize> = (0..self.members.len())
+        let mut usable: Vec<usize> = (0..self.members.len())
             .filter(|&i| self.members[i].state.usable())
             .collect();
+        if !self.schedule.is_empty() {
+            let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let pick = self.schedule[turn % self.schedule.len()];
+            if let Some(p) = usable.iter().position(|&i| i == pick) {
+                let chosen = usable.remove(p);
+                usable.insert(0, chosen);
+            }
+        }
         if usable.is_empty() { vec![0] } else { usable }
     }
 }
@@ -149,5 +188,19 @@ impl Upstream for OriginGroup {
             result
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn weights_interleave() {
+        assert_eq!(super::schedule(&[3, 1]), [0, 0, 1, 0]);
+        assert_eq!(super::schedule(&[1, 1]), [0, 1]);
+        let s = super::schedule(&[5, 2, 1]);
+        assert_eq!(s.len(), 8);
+        assert_eq!(s.iter().filter(|&&i| i == 0).count(), 5);
+        assert_eq!(s.iter().filter(|&&i| i == 2).count(), 1);
+        assert!(super::schedule(&[]).is_empty());
     }
 }
