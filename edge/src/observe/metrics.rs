@@ -333,6 +333,13 @@ pub fn hit_ratio(t: &[u64; 6]) -> Option<f64> {
 #[derive(Debug)]
 struct EdgeCollector(Arc<EdgeMetrics>);
 
+/// Label arrays owned by the caller, as the slices [`counter`] and [`gauge`] take.
+fn refs<'a, const N: usize, V: Copy>(
+    families: &'a [([(&'a str, &'a str); N], V)],
+) -> Vec<(&'a [(&'a str, &'a str)], V)> {
+    families.iter().map(|(l, v)| (&l[..], *v)).collect()
+}
+
 fn counter(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -416,12 +423,11 @@ impl Collector for EdgeCollector {
                 req.push(([("cache", CACHE_LABELS[c]), ("tier", TIER_LABELS[t])], *v));
             }
         }
-        let req_ref: Vec<(&[(&str, &str)], u64)> = req.iter().map(|(l, v)| (&l[..], *v)).collect();
         counter(
             &mut enc,
             "outpost_requests",
             "Requests answered, by cache result and by the tier that answered.",
-            &req_ref,
+            &refs(&req),
         )?;
 
         let classes: Vec<([(&str, &str); 1], u64)> = STATUS_CLASSES
@@ -429,13 +435,11 @@ impl Collector for EdgeCollector {
             .zip(m.classes())
             .map(|(c, v)| ([("class", *c)], v))
             .collect();
-        let classes_ref: Vec<(&[(&str, &str)], u64)> =
-            classes.iter().map(|(l, v)| (&l[..], *v)).collect();
         counter(
             &mut enc,
             "outpost_responses",
             "Responses sent to clients, by status class.",
-            &classes_ref,
+            &refs(&classes),
         )?;
         gauge(
             &mut enc,
@@ -473,33 +477,30 @@ impl Collector for EdgeCollector {
             .into_iter()
             .map(|u| (u.upstream, u.failing_seconds))
             .collect();
-        let ups_labels: Vec<[(&str, &str); 1]> = ups
+        let ups: Vec<([(&str, &str); 1], f64)> = ups
             .iter()
-            .map(|(u, _)| [("upstream", u.as_str())])
+            .map(|(u, v)| ([("upstream", u.as_str())], *v))
             .collect();
-        let ups_ref: Vec<(&[(&str, &str)], f64)> = ups_labels
-            .iter()
-            .zip(&ups)
-            .map(|(l, (_, v))| (&l[..], *v))
-            .collect();
-        if !ups_ref.is_empty() {
+        if !ups.is_empty() {
             gauge(
                 &mut enc,
                 "outpost_upstream_failing_seconds",
                 "How long each upstream has failed without answering (0 while it answers).",
-                &ups_ref,
+                &refs(&ups),
             )?;
         }
 
         let bytes = m.bytes();
-        let b: Vec<[(&str, &str); 1]> = CACHE_LABELS.iter().map(|c| [("cache", *c)]).collect();
-        let b_ref: Vec<(&[(&str, &str)], u64)> =
-            b.iter().zip(bytes).map(|(l, v)| (&l[..], v)).collect();
+        let b: Vec<([(&str, &str); 1], u64)> = CACHE_LABELS
+            .iter()
+            .zip(bytes)
+            .map(|(c, v)| ([("cache", *c)], v))
+            .collect();
         counter(
             &mut enc,
             "outpost_response_bytes",
             "Response body bytes sent to clients, by cache result.",
-            &b_ref,
+            &refs(&b),
         )?;
 
         let totals = m.totals();
@@ -548,34 +549,27 @@ impl Collector for EdgeCollector {
                 (v > 0).then(|| (code.to_string(), v))
             })
             .collect();
-        let st: Vec<[(&str, &str); 1]> = statuses
+        let st: Vec<([(&str, &str); 1], u64)> = statuses
             .iter()
-            .map(|(c, _)| [("status", c.as_str())])
-            .collect();
-        let st_ref: Vec<(&[(&str, &str)], u64)> = st
-            .iter()
-            .zip(&statuses)
-            .map(|(l, (_, v))| (&l[..], *v))
+            .map(|(c, v)| ([("status", c.as_str())], *v))
             .collect();
         counter(
             &mut enc,
             "outpost_origin_requests",
             "Upstream responses by status code.",
-            &st_ref,
+            &refs(&st),
         )?;
 
-        let errs: Vec<[(&str, &str); 1]> =
-            ORIGIN_ERROR_LABELS.iter().map(|k| [("kind", *k)]).collect();
-        let errs_ref: Vec<(&[(&str, &str)], u64)> = errs
+        let errs: Vec<([(&str, &str); 1], u64)> = ORIGIN_ERROR_LABELS
             .iter()
-            .enumerate()
-            .map(|(i, l)| (&l[..], m.origin_errors[i].load(Ordering::Relaxed)))
+            .zip(&m.origin_errors)
+            .map(|(k, v)| ([("kind", *k)], v.load(Ordering::Relaxed)))
             .collect();
         counter(
             &mut enc,
             "outpost_origin_errors",
             "Upstream requests that failed before a response, by kind.",
-            &errs_ref,
+            &refs(&errs),
         )?;
 
         let mut purges = Vec::new();
@@ -587,13 +581,11 @@ impl Collector for EdgeCollector {
                 ));
             }
         }
-        let purges_ref: Vec<(&[(&str, &str)], u64)> =
-            purges.iter().map(|(l, v)| (&l[..], *v)).collect();
         counter(
             &mut enc,
             "outpost_purges",
             "Purge requests, by kind and mode.",
-            &purges_ref,
+            &refs(&purges),
         )?;
 
         if let Some(c) = m.compression.get() {
@@ -692,13 +684,11 @@ impl Collector for EdgeCollector {
                 .zip(&engine.stats.prefreshes)
                 .map(|(r, v)| ([("result", *r)], v.load(Ordering::Relaxed)))
                 .collect();
-            let pre_ref: Vec<(&[(&str, &str)], u64)> =
-                pre.iter().map(|(l, v)| (&l[..], *v)).collect();
             counter(
                 &mut enc,
                 "outpost_prefreshes",
                 "Background revalidations of fresh objects near their end (prefresh), by result (skipped: the budget was spent).",
-                &pre_ref,
+                &refs(&pre),
             )?;
             let (rejected, swept) = engine.disk_integrity();
             counter(
@@ -739,36 +729,30 @@ impl Collector for EdgeCollector {
                 .iter()
                 .map(|(t, n, _)| ([("tier", t.as_str())], *n as f64))
                 .collect();
-            let objs_ref: Vec<(&[(&str, &str)], f64)> =
-                objs.iter().map(|(l, v)| (&l[..], *v)).collect();
             gauge(
                 &mut enc,
                 "outpost_cache_objects",
                 "Objects held, by tier.",
-                &objs_ref,
+                &refs(&objs),
             )?;
             let bytes: Vec<([(&str, &str); 1], f64)> = usage
                 .iter()
                 .map(|(t, _, b)| ([("tier", t.as_str())], *b as f64))
                 .collect();
-            let bytes_ref: Vec<(&[(&str, &str)], f64)> =
-                bytes.iter().map(|(l, v)| (&l[..], *v)).collect();
             gauge(
                 &mut enc,
                 "outpost_cache_bytes",
                 "Bytes held (as weighed for eviction), by tier.",
-                &bytes_ref,
+                &refs(&bytes),
             )?;
             let ev = engine.evictions();
-            let ev_ref: Vec<([(&str, &str); 1], u64)> =
+            let evicted: Vec<([(&str, &str); 1], u64)> =
                 vec![([("tier", "memory")], ev.0), ([("tier", "disk")], ev.1)];
-            let ev_ref2: Vec<(&[(&str, &str)], u64)> =
-                ev_ref.iter().map(|(l, v)| (&l[..], *v)).collect();
             counter(
                 &mut enc,
                 "outpost_cache_evictions",
                 "Objects evicted for space, by tier.",
-                &ev_ref2,
+                &refs(&evicted),
             )?;
             gauge(
                 &mut enc,
@@ -868,11 +852,10 @@ fn fleet_metrics(
         .iter()
         .map(|n| ([("node", n.node.as_str())], n.lag as f64))
         .collect();
-    let lag_ref: Vec<(&[(&str, &str)], f64)> = lags.iter().map(|(l, v)| (&l[..], *v)).collect();
     gauge(
         enc,
         "outpost_fleet_lag",
         "Purges each node has yet to apply, as this node last saw its report.",
-        &lag_ref,
+        &refs(&lags),
     )
 }
