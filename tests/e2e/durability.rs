@@ -73,15 +73,21 @@ fn cacheable(origin: &TestOrigin, path: &'static str) {
     });
 }
 
-/// The metadata files of the (non-pushed) disk tier.
-/// The disk index's table of metadata records (its on-disk format: key hash → blake3 of the
-/// rest, the JSON's length as a little-endian u32, the JSON, an inline body), opened while
-/// the edge is stopped.
-const OBJECTS: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("objects");
+/// The disk index's tables (its on-disk format), opened while the edge is stopped: `entries`
+/// maps a key hash to a compact entry whose bytes 2..10 are its record's sequence number (a
+/// little-endian u64, format 3); `records` maps that number to the metadata record (blake3
+/// of the rest, the JSON's length as a little-endian u32, the JSON, an inline body).
+const RECORDS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("records");
 const ENTRIES: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("entries");
 
 fn index_db(cache_dir: &Path) -> redb::Database {
     redb::Database::open(cache_dir.join("index.redb")).expect("open the disk index")
+}
+
+/// The sequence number of an entry's record.
+fn record_seq(entry: &[u8]) -> u64 {
+    assert_eq!(entry[0], 3, "entry format");
+    u64::from_le_bytes(entry[2..10].try_into().unwrap())
 }
 
 /// Every metadata record: (key hash, record).
@@ -89,30 +95,35 @@ fn records(cache_dir: &Path) -> Vec<([u8; 32], Vec<u8>)> {
     use redb::{ReadableDatabase, ReadableTable};
     let db = index_db(cache_dir);
     let txn = db.begin_read().unwrap();
-    let table = txn.open_table(OBJECTS).unwrap();
-    table
+    let entries = txn.open_table(ENTRIES).unwrap();
+    let records = txn.open_table(RECORDS).unwrap();
+    entries
         .range(..)
         .unwrap()
         .map(|r| {
             let (k, v) = r.unwrap();
-            (*k.value(), v.value().to_vec())
+            let record = records.get(record_seq(v.value())).unwrap().unwrap();
+            (*k.value(), record.value().to_vec())
         })
         .collect()
 }
 
 /// Replaces a record (`Some`) or removes an object's record and entry (`None`).
 fn set_record(cache_dir: &Path, key: &[u8; 32], record: Option<&[u8]>) {
+    use redb::ReadableTable;
     let db = index_db(cache_dir);
     let txn = db.begin_write().unwrap();
     {
-        let mut objects = txn.open_table(OBJECTS).unwrap();
+        let mut entries = txn.open_table(ENTRIES).unwrap();
+        let seq = record_seq(entries.get(key).unwrap().unwrap().value());
+        let mut records = txn.open_table(RECORDS).unwrap();
         match record {
             Some(r) => {
-                objects.insert(key, r).unwrap();
+                records.insert(seq, r).unwrap();
             }
             None => {
-                objects.remove(key).unwrap();
-                txn.open_table(ENTRIES).unwrap().remove(key).unwrap();
+                records.remove(seq).unwrap();
+                entries.remove(key).unwrap();
             }
         }
     }

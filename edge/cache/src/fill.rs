@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::coalesce::{self, Concluding, Fill, FillHead, FillResult};
-use super::disk::DiskTier;
+use super::disk::{DiskTier, INLINE_MAX};
 use super::key::KeyHash;
 use super::meta::{CachedMeta, MemObject};
 use super::policy::{self, Admission, Freshness};
@@ -33,11 +33,48 @@ pub(super) struct Joined {
     reader: Option<coalesce::FillReader>,
 }
 
+/// How long a fill waits for its disk copy to commit.
+const DISK_COMMIT_WAIT: Duration = Duration::from_secs(30);
+
 enum DiskMsg {
     /// A chunk, and its share of the engine's disk queue budget (given back once written).
     Data(Bytes, coalesce::Charge),
     /// Commit with this metadata, then signal.
     Commit(Arc<CachedMeta>, tokio::sync::oneshot::Sender<()>),
+}
+
+/// How a fill stores its disk copy.
+enum DiskCopy {
+    /// Chunks go to a writer task as they arrive (see `spawn_disk_writer`).
+    Streamed(mpsc::Sender<DiskMsg>),
+    /// A body small enough to be kept inline in its record that the fill keeps whole anyway
+    /// (for the memory tier): stored from that copy at the end, by the fill itself, with no
+    /// writer task, channel or per-chunk message. The guard counts the outcome.
+    Whole(WholeAdmission),
+}
+
+/// Counts the disk admission of a [`DiskCopy::Whole`] once: what [`WholeAdmission::done`]
+/// says, or, dropped without it (the fill ended early), why the fill gave the copy up.
+struct WholeAdmission {
+    stats: Arc<super::EngineStats>,
+    verdict: Arc<DiskVerdict>,
+    counted: bool,
+}
+
+impl WholeAdmission {
+    fn done(mut self, outcome: DiskAdmission) {
+        self.counted = true;
+        self.stats.count_disk_admission(outcome);
+    }
+}
+
+impl Drop for WholeAdmission {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.stats
+                .count_disk_admission(self.verdict.reason().unwrap_or(DiskAdmission::Incomplete));
+        }
+    }
 }
 
 struct FillJob {
@@ -507,12 +544,22 @@ impl Engine {
         // Every storable response with a disk tier ends in one `DiskAdmission`, counted by
         // its writer task: the fill says why when it gives the disk copy up.
         let verdict = Arc::new(DiskVerdict::new());
-        let mut disk_tx = match (&self.disk, storing) {
-            (Some(disk), true) => {
-                Some(self.spawn_disk_writer(disk.clone(), store_key, verdict.clone()))
-            }
+        let whole = memory_charge.is_some() && content_length.is_some_and(|n| n <= INLINE_MAX);
+        let mut disk_copy = match (&self.disk, storing) {
+            (Some(_), true) if whole => Some(DiskCopy::Whole(WholeAdmission {
+                stats: self.stats.clone(),
+                verdict: verdict.clone(),
+                counted: false,
+            })),
+            (Some(disk), true) => Some(DiskCopy::Streamed(self.spawn_disk_writer(
+                disk.clone(),
+                store_key,
+                verdict.clone(),
+            ))),
             _ => None,
         };
+        // The body as the memory tier got it, when it did.
+        let mut whole_body: Option<Bytes> = None;
         let mut body = body;
         let mut total: u64 = 0;
         let mut storing = storing;
@@ -537,11 +584,11 @@ impl Engine {
                     if storing && total > self.cfg.max_object_size {
                         storing = false;
                         verdict.abandon(DiskAdmission::TooLarge);
-                        disk_tx = None;
+                        disk_copy = None;
                         fill.set_keep_all(false);
                         memory_charge = None;
                     }
-                    if let Some(tx) = &disk_tx
+                    if let Some(DiskCopy::Streamed(tx)) = &disk_copy
                         && self
                             .fills
                             .disk_queue
@@ -555,7 +602,7 @@ impl Engine {
                             .disk_writes_abandoned
                             .fetch_add(1, Ordering::Relaxed);
                         verdict.abandon(DiskAdmission::QueueFull);
-                        disk_tx = None;
+                        disk_copy = None;
                     }
                     let last = content_length == Some(total);
                     if last
@@ -569,6 +616,7 @@ impl Engine {
                         // is a HIT rather than a late joiner of this fill.
                         fill.push_held(data);
                         if let Some(body) = fill.assembled() {
+                            whole_body = Some(body.clone());
                             let mut m = m.clone();
                             m.body_len = total;
                             self.memory
@@ -624,6 +672,7 @@ impl Engine {
             && self.memory.fits(total)
             && let Some(body) = fill.assembled()
         {
+            whole_body = Some(body.clone());
             self.memory
                 .insert(
                     store_key,
@@ -640,21 +689,31 @@ impl Engine {
         if !current {
             verdict.abandon(DiskAdmission::Superseded);
         }
-        let committed = disk_tx.filter(|_| current).and_then(|tx| {
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-            match tx.try_send(DiskMsg::Commit(meta, done_tx)) {
-                Ok(()) => Some(done_rx),
-                Err(_) => {
-                    verdict.abandon(DiskAdmission::QueueFull);
-                    None
-                }
-            }
-        });
         fill.finish(Ok(()));
         // Stay in the fill map until the disk copy is visible, so a request arriving in between
         // finds this fill (and waits for the commit) rather than fetching again.
-        if let Some(done) = committed {
-            let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
+        let committed = match disk_copy.filter(|_| current) {
+            Some(DiskCopy::Streamed(tx)) => {
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                if tx.try_send(DiskMsg::Commit(meta, done_tx)).is_ok() {
+                    let _ = tokio::time::timeout(DISK_COMMIT_WAIT, done_rx).await;
+                    true
+                } else {
+                    verdict.abandon(DiskAdmission::QueueFull);
+                    false
+                }
+            }
+            Some(DiskCopy::Whole(admission)) => match (&self.disk, whole_body) {
+                (Some(disk), Some(body)) => {
+                    admission.done(self.store_whole(disk, store_key, body, &meta).await);
+                    true
+                }
+                // The fill kept no whole copy after all: the guard counts why.
+                _ => false,
+            },
+            None => false,
+        };
+        if committed {
             // A revalidation that started while the commit ran (it replaced this fill) found
             // no disk copy to update and refreshed only the memory copy: carry its metadata
             // over to the copy that just landed, or a restart would find the old one.
@@ -677,6 +736,36 @@ impl Engine {
                 .is_some_and(|s| s.meta().purge_seq == stored_seq)
         {
             self.remove_object(store_key).await;
+        }
+    }
+
+    /// Stores a whole body (see [`DiskCopy::Whole`]), waiting for its commit up to as long as
+    /// a streamed copy's fill would.
+    async fn store_whole(
+        &self,
+        disk: &Arc<DiskTier>,
+        key: KeyHash,
+        body: Bytes,
+        meta: &Arc<CachedMeta>,
+    ) -> DiskAdmission {
+        let commit = async {
+            let mut writer = disk.begin_write(key);
+            writer.write(body).await?;
+            // The memory tier has it (that is where the whole body came from).
+            writer.commit_unheld(meta).await
+        };
+        match tokio::time::timeout(DISK_COMMIT_WAIT, commit).await {
+            Ok(Ok(())) => DiskAdmission::Stored,
+            Ok(Err(e)) => {
+                warn!(error = %e, "disk tier commit failed; object not stored on disk");
+                self.stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                DiskAdmission::Error
+            }
+            Err(_) => {
+                warn!("disk tier commit took over 30 s; object not counted as stored");
+                self.stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                DiskAdmission::Error
+            }
         }
     }
 

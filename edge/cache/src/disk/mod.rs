@@ -98,6 +98,8 @@ pub struct DiskEntry {
     /// Bumped after each rewrite of the metadata (a 304 update): metadata held in memory
     /// from an earlier generation is not used again.
     meta_gen: AtomicU64,
+    /// Its record's key in the store (see `store`), once committed.
+    record: AtomicU64,
     /// When a read of the body last succeeded (milliseconds on the tier's monotonic clock;
     /// 0: never), see [`DiskEntry::hot`].
     last_read: AtomicU64,
@@ -315,6 +317,7 @@ impl DiskEntry {
             inline,
             verified: AtomicBool::new(verified),
             meta_gen: AtomicU64::new(0),
+            record: AtomicU64::new(0),
             last_read: AtomicU64::new(0),
             file: OnceLock::new(),
             refs,
@@ -332,6 +335,15 @@ impl DiskEntry {
                 .map(Sri::of)
                 .as_ref()
                 == Some(&self.sri)
+    }
+
+    /// Where its record is: set once the record committed (or was found).
+    fn set_record(&self, seq: u64) {
+        self.record.store(seq, Ordering::Release);
+    }
+
+    fn record_seq(&self) -> u64 {
+        self.record.load(Ordering::Acquire)
     }
 
     /// The content hash.
@@ -380,12 +392,19 @@ enum MetaReject {
 /// Serialises a metadata record: the blake3 hash of all that follows, the JSON's length (u32,
 /// little-endian), the JSON, then the body when it is kept inline.
 fn encode_record(file: &MetaFileOut<'_>, body: &[u8]) -> io::Result<Vec<u8>> {
-    let json = serde_json::to_vec(file).map_err(io::Error::other)?;
-    let len = u32::try_from(json.len()).map_err(io::Error::other)?;
-    let mut out = Vec::with_capacity(36 + json.len() + body.len());
-    out.extend_from_slice(&[0; 32]);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&json);
+    // Sized for the JSON at once (it repeats the headers in the policy, with their names),
+    // so it is written in place, with neither a second buffer nor a copy.
+    let headers: usize = file
+        .meta
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 8)
+        .sum();
+    let mut out = Vec::with_capacity(36 + 1024 + 3 * headers + file.meta.key.len() + body.len());
+    out.extend_from_slice(&[0; 36]);
+    serde_json::to_writer(&mut out, file).map_err(io::Error::other)?;
+    let len = u32::try_from(out.len() - 36).map_err(io::Error::other)?;
+    out[32..36].copy_from_slice(&len.to_le_bytes());
     out.extend_from_slice(body);
     let hash = blake3::hash(&out[32..]);
     out[..32].copy_from_slice(hash.as_bytes());
@@ -490,6 +509,8 @@ impl MetaFileOut<'_> {
             record: encode_record(self, body)?.into(),
             vary: (!vary.is_empty()).then(|| (KeyHash::of(&self.meta.key), vary.clone())),
             entry: EntryRecord {
+                // Given by the store as it commits.
+                seq: 0,
                 inline: self.inline,
                 size: self.size,
                 purge_seq: self.meta.purge_seq,
@@ -746,13 +767,9 @@ impl DiskTier {
                     self.store.delete(key);
                     continue;
                 };
-                if self
-                    .install(
-                        key,
-                        DiskEntry::new(sri, e.size, false, e.inline, &self.refs),
-                    )
-                    .is_some()
-                {
+                let entry = DiskEntry::new(sri, e.size, false, e.inline, &self.refs);
+                entry.set_record(e.seq);
+                if self.install(key, entry).is_some() {
                     found.push(Loaded {
                         key,
                         key_text: e.key_text,
@@ -1007,7 +1024,7 @@ impl DiskTier {
                 body: None,
             });
         }
-        let (file, body, len) = self.read_record(key, Some(&entry)).await?;
+        let (file, body, len, _) = self.read_record(key, Some(&entry)).await?;
         if !entry.describes(&file) {
             // A commit replaced the record and has not indexed it yet; never pair one body
             // with another's metadata.
@@ -1052,12 +1069,11 @@ impl DiskTier {
         if !self.loading.load(Ordering::Acquire) || self.touched.contains_key(key) {
             return None;
         }
-        let (file, body, len) = self.read_record(key, None).await?;
+        let (file, body, len, seq) = self.read_record(key, None).await?;
         let sri = file.integrity.parse::<Integrity>().ok()?;
-        let entry = self.install(
-            *key,
-            DiskEntry::new(sri, file.size, false, file.inline, &self.refs),
-        )?;
+        let entry = DiskEntry::new(sri, file.size, false, file.inline, &self.refs);
+        entry.set_record(seq);
+        let entry = self.install(*key, entry)?;
         if !entry.describes(&file) {
             return None;
         }
@@ -1066,16 +1082,18 @@ impl DiskTier {
     }
 
     /// Reads and checks an object's record: a write not committed yet first, else the store.
-    /// Returns the metadata, the inline body (if any) and the record's length. `None` (a miss)
-    /// when there is none; a damaged one is removed and counted.
-    /// `entry`: the index entry the record is read for, if any; only that entry is dropped when
-    /// the record is missing or damaged (a newer copy stored meanwhile stays).
+    /// Returns the metadata, the inline body (if any), the record's length and its sequence
+    /// number. `None` (a miss) when there is none; a damaged one is removed and counted.
+    /// `entry`: the index entry the record is read for (its record is read), if any; only
+    /// that entry is dropped when the record is missing or damaged (a newer copy stored
+    /// meanwhile stays). Without one, the key's record is read.
     async fn read_record(
         &self,
         key: &KeyHash,
         entry: Option<&Arc<DiskEntry>>,
-    ) -> Option<(MetaFile, Option<Bytes>, usize)> {
-        let data = match self.fetch_record(key, false).await {
+    ) -> Option<(MetaFile, Option<Bytes>, usize, u64)> {
+        let at = entry.map(|e| e.record_seq());
+        let (seq, data) = match self.fetch_record(key, at, false).await {
             Ok(Some(data)) => data,
             Ok(None) => {
                 if let Some(e) = entry {
@@ -1092,7 +1110,7 @@ impl DiskTier {
         match decode_record(&data) {
             Ok((f, body)) => {
                 let body = f.inline.then(|| data.slice_ref(body));
-                Some((f, body, data.len()))
+                Some((f, body, data.len(), seq))
             }
             Err(e) => {
                 warn!(key = %key, error = %e, "disk metadata failed its check, dropping entry");
@@ -1115,23 +1133,36 @@ impl DiskTier {
         }
     }
 
-    /// A key's record as this process sees it: a write not committed yet first, else the
-    /// store's, read on this thread when `here` (a hot entry, see [`HOT_FOR`]), else on the
-    /// blocking pool. `None` when there is none, or its delete is pending.
-    async fn fetch_record(&self, key: &KeyHash, here: bool) -> io::Result<Option<Bytes>> {
-        let record = match self.store.pending(key) {
-            Some(Pending::Put(record)) => return Ok(Some(Bytes::from_owner(record))),
-            Some(Pending::Delete) => return Ok(None),
-            None if here => self.store.get(key)?,
-            None => {
-                let store = Arc::clone(&self.store);
-                let k = *key;
-                tokio::task::spawn_blocking(move || store.get(&k))
-                    .await
-                    .map_err(io::Error::other)??
-            }
+    /// A record as this process sees it, with its sequence number: a write to the key not
+    /// committed yet first, else the store's record at `at` (an indexed entry's), or the key's
+    /// (`None`: one not indexed, where a pending write is a miss: that write indexes its own
+    /// entry as it commits). Read on this thread when `here` (a hot entry, see [`HOT_FOR`]),
+    /// else on the blocking pool. `None` when there is none, or its delete is pending.
+    async fn fetch_record(
+        &self,
+        key: &KeyHash,
+        at: Option<u64>,
+        here: bool,
+    ) -> io::Result<Option<(u64, Bytes)>> {
+        match (self.store.pending(key), at) {
+            (Some(Pending::Put(record)), Some(seq)) => return Ok(Some((seq, record))),
+            (Some(_), _) => return Ok(None),
+            (None, _) => {}
+        }
+        let store = Arc::clone(&self.store);
+        let k = *key;
+        let read = move || match at {
+            Some(seq) => Ok(store.get_at(seq, &k)?.map(|r| (seq, r))),
+            None => store.get(&k),
         };
-        Ok(record.map(Bytes::from))
+        let record = if here {
+            read()?
+        } else {
+            tokio::task::spawn_blocking(read)
+                .await
+                .map_err(io::Error::other)??
+        };
+        Ok(record.map(|(seq, r)| (seq, Bytes::from(r))))
     }
 
     /// An inline body: the one the lookup read, else the record's, checked (its checksum, and
@@ -1142,7 +1173,8 @@ impl DiskTier {
             hit.entry.mark_read();
             return Ok(b.clone());
         }
-        let Some(data) = self.fetch_record(key, hit.entry.hot()).await? else {
+        let at = Some(hit.entry.record_seq());
+        let Some((_, data)) = self.fetch_record(key, at, hit.entry.hot()).await? else {
             return Err(io::Error::other("inline body gone"));
         };
         match record_body(&data, &hit.entry) {
@@ -1210,9 +1242,10 @@ impl DiskTier {
         put.expect = Some(entry.sri().to_string());
         let len = put.record.len();
         self.touch(*key);
-        if !self.store.put(put).await? {
+        let Some(seq) = self.store.put(put).await? else {
             return Ok(());
-        }
+        };
+        entry.set_record(seq);
         // After the commit: a lookup that sees the new generation reads the new record.
         let generation = entry.meta_gen.fetch_add(1, Ordering::AcqRel) + 1;
         if self

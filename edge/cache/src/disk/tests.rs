@@ -147,7 +147,7 @@ async fn metadata_record_of_other_content_is_a_miss() {
     let (one, two) = (KeyHash::of("example.test/1"), KeyHash::of("example.test/2"));
     store(&tier, one, b"body one", &meta("\"1\"")).await;
     store(&tier, two, b"body two", &meta("\"2\"")).await;
-    let record = tier.store.get(&two).unwrap().unwrap();
+    let record = tier.store.get(&two).unwrap().unwrap().1;
     tier.store.put_raw(one, &record);
     tier.held.invalidate(&one);
     assert!(tier.get(&one).await.is_none());
@@ -265,7 +265,7 @@ async fn content_elsewhere_falls_back_to_cacache() {
 /// Edits the JSON of a metadata record in place, keeping its checksum (now stale), as a hand
 /// edit or damage would.
 fn tamper(tier: &DiskTier, key: KeyHash, edit: impl FnOnce(&mut serde_json::Value)) {
-    let data = tier.store.get(&key).unwrap().unwrap();
+    let data = tier.store.get(&key).unwrap().unwrap().1;
     let len = u32::from_le_bytes(data[32..36].try_into().unwrap()) as usize;
     let mut v: serde_json::Value = serde_json::from_slice(&data[36..36 + len]).unwrap();
     edit(&mut v);
@@ -520,7 +520,7 @@ async fn damaged_inline_body_is_a_miss() {
     let key = KeyHash::of("example.test/a");
     store(&tier, key, b"a small body", &meta("\"a\"")).await;
     tier.flush().await;
-    let mut record = tier.store.get(&key).unwrap().unwrap();
+    let mut record = tier.store.get(&key).unwrap().unwrap().1;
     let last = record.len() - 1;
     record[last] ^= 1;
     tier.store.put_raw(key, &record);
@@ -700,7 +700,7 @@ async fn an_eviction_never_deletes_a_newer_copy() {
     }
     .put(key, b"new body")
     .unwrap();
-    assert!(tier.store.put(put).await.unwrap());
+    assert!(tier.store.put(put).await.unwrap().is_some());
     // ...and only then is the eviction handled.
     tier.evicted(Deletion { key, entry: old });
     tier.flush().await;
@@ -709,7 +709,10 @@ async fn an_eviction_never_deletes_a_newer_copy() {
         .get(&key)
         .unwrap()
         .expect("the new copy's record stays");
-    assert_eq!(decode_record(&record).unwrap().0.integrity, new.to_string());
+    assert_eq!(
+        decode_record(&record.1).unwrap().0.integrity,
+        new.to_string()
+    );
 }
 
 /// A 304's metadata update made for a body that a new fill has replaced meanwhile is not
@@ -732,7 +735,7 @@ async fn a_metadata_update_never_lands_on_another_body() {
     .unwrap();
     put.expect = Some(old.sri().to_string());
     store(&tier, key, b"new body", &meta("\"new\"")).await;
-    assert!(!tier.store.put(put).await.unwrap(), "not applied");
+    assert!(tier.store.put(put).await.unwrap().is_none(), "not applied");
     tier.held.invalidate(&key);
     assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"new\""));
 }
@@ -775,4 +778,71 @@ async fn content_removal_and_new_references_exclude_each_other() {
         "the file is gone"
     );
     assert!(!tier.refs.is_referenced(&key), "no count left behind");
+}
+
+/// A database of the previous layout (records keyed by key hash, entries without a sequence
+/// number) keeps serving its objects: inline and content-file bodies are hits, a 304's update
+/// rewrites the record where it is, and a new copy moves to the sequential layout, leaving
+/// nothing of the old one behind. Across restarts.
+#[tokio::test]
+async fn records_of_the_previous_layout_are_served_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20);
+    let small = KeyHash::of("example.test/small");
+    let large = KeyHash::of("example.test/large");
+    let (tier, _) = open().await.unwrap();
+    store(&tier, small, b"small body", &meta("\"s1\"")).await;
+    store(&tier, large, &body(), &meta("\"l1\"")).await;
+    tier.store.downgrade();
+    tier.close().await;
+    drop(tier);
+
+    let (tier, _) = open().await.unwrap();
+    assert_eq!(tier.index.get(&small).unwrap().record_seq(), 0);
+    for (key, expected, etag) in [
+        (small, &b"small body"[..], "\"s1\""),
+        (large, &body()[..], "\"l1\""),
+    ] {
+        let hit = tier
+            .get(&key)
+            .await
+            .expect("a hit on a record of the previous layout");
+        assert_eq!(hit.meta.etag(), Some(etag));
+        assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], expected);
+    }
+    tier.update_meta(&small, &meta("\"s2\"")).await.unwrap();
+    assert_eq!(
+        tier.index.get(&small).unwrap().record_seq(),
+        0,
+        "updated in place"
+    );
+    store(&tier, large, b"new large", &meta("\"l2\"")).await;
+    assert_ne!(
+        tier.index.get(&large).unwrap().record_seq(),
+        0,
+        "stored anew, in `records`"
+    );
+    tier.close().await;
+    drop(tier);
+
+    let (tier, _) = open().await.unwrap();
+    assert_eq!(etag_of(&tier, &small).await.as_deref(), Some("\"s2\""));
+    let hit = tier.get(&small).await.unwrap();
+    assert_eq!(
+        &tier.read_all(&small, &hit).await.unwrap()[..],
+        b"small body"
+    );
+    assert_eq!(etag_of(&tier, &large).await.as_deref(), Some("\"l2\""));
+    let hit = tier.get(&large).await.unwrap();
+    assert_eq!(
+        &tier.read_all(&large, &hit).await.unwrap()[..],
+        b"new large"
+    );
+    tier.remove(&small).await;
+    tier.flush().await;
+    assert_eq!(
+        tier.store.legacy_records(),
+        0,
+        "the old copies' records are gone"
+    );
 }

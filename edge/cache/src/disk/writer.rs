@@ -125,7 +125,14 @@ impl DiskWriter {
 
     pub async fn commit(self, meta: &Arc<CachedMeta>) -> io::Result<()> {
         let meta = meta.clone();
-        self.finish(move |_, _| meta).await.map(|_| ())
+        self.finish(move |_, _| meta, true).await.map(|_| ())
+    }
+
+    /// Commits without holding the metadata in memory for the first disk hit: for an object
+    /// the memory tier holds, whose next hits do not come here.
+    pub async fn commit_unheld(self, meta: &Arc<CachedMeta>) -> io::Result<()> {
+        let meta = meta.clone();
+        self.finish(move |_, _| meta, false).await.map(|_| ())
     }
 
     /// Commits, building the metadata once the content hash and size are known (pushed
@@ -134,12 +141,14 @@ impl DiskWriter {
         self,
         meta: impl FnOnce(&Integrity, u64) -> CachedMeta,
     ) -> io::Result<Integrity> {
-        self.finish(|sri, size| Arc::new(meta(sri, size))).await
+        self.finish(|sri, size| Arc::new(meta(sri, size)), true)
+            .await
     }
 
     async fn finish(
         self,
         meta: impl FnOnce(&Integrity, u64) -> Arc<CachedMeta>,
+        hold: bool,
     ) -> io::Result<Integrity> {
         let Self {
             tier,
@@ -191,10 +200,17 @@ impl DiskWriter {
         .put(key, &body)?;
         let len = put.record.len();
         tier.touch(key);
-        tier.store.put(put).await?;
+        let seq = tier
+            .store
+            .put(put)
+            .await?
+            .ok_or_else(|| io::Error::other("an unconditional put was not applied"))?;
+        entry.set_record(seq);
         tier.index.insert(key, entry.clone());
-        // Just written: the first hit needs no metadata read.
-        tier.held.insert(key, HeldMeta::new(entry, 0, meta, len));
+        if hold {
+            // Just written: the first hit needs no metadata read.
+            tier.held.insert(key, HeldMeta::new(entry, 0, meta, len));
+        }
         Ok(sri)
     }
 }
