@@ -6,11 +6,19 @@
 //! The front end prepares the response head of an object once ([`PreparedHead`], kept in the
 //! object's memory entry) and reuses it for every later hit, adding only what changes with
 //! time (`Age`, the `Cache-Status` ttl).
+//!
+//! The disk tier has a fast path too ([`Engine::fresh_disk_hit`]): an object whose metadata
+//! the tier holds decoded, whose body is inline in its record and was read within the last
+//! moments (so the record's pages are cached), and which the memory tier would not take (the
+//! full path promotes those). Its body is read on the calling thread, without a hop to the
+//! blocking pool; its prepared head is kept with the held metadata.
 
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 use super::Engine;
@@ -57,6 +65,63 @@ impl PreparedHead {
     }
 }
 
+/// Where a stored object keeps the head the fast path prepared for it, with an id naming the
+/// object in per-thread tables. The slot lives and dies with the object's entry (a memory
+/// entry, or held disk metadata): a replaced object (a new fill, a 304 update) gets a new,
+/// empty slot, so a head never outlives the metadata it was built from.
+#[derive(Debug)]
+pub struct HeadSlot {
+    /// Unique in the process, never reused.
+    pub id: u64,
+    head: OnceLock<PreparedHead>,
+}
+
+impl HeadSlot {
+    pub fn new() -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            head: OnceLock::new(),
+        }
+    }
+
+    /// The prepared head, if a hit has built it.
+    pub fn head(&self) -> Option<&PreparedHead> {
+        self.head.get()
+    }
+
+    /// Keeps `head` unless another hit got there first; returns the one kept.
+    pub fn set_head(&self, head: PreparedHead) -> &PreparedHead {
+        let _ = self.head.set(head);
+        self.head.get().unwrap_or_else(|| unreachable!("set above"))
+    }
+}
+
+impl Default for HeadSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A fresh disk hit on the fast path (see the module docs), its body read.
+pub struct DiskFreshHit {
+    /// The variant key the object is stored under.
+    pub key: KeyHash,
+    pub meta: Arc<CachedMeta>,
+    pub slot: Arc<HeadSlot>,
+    pub body: Bytes,
+    pub now: SystemTime,
+    /// `now` in Unix milliseconds.
+    pub now_ms: u64,
+}
+
+impl DiskFreshHit {
+    /// Remaining freshness in whole seconds, for `Cache-Status: ttl=`.
+    pub fn ttl_secs(&self) -> u64 {
+        self.meta.fresh_until_ms.saturating_sub(self.now_ms) / 1000
+    }
+}
+
 /// A fresh memory hit. As the lookup returns it, it holds the entry through this thread's
 /// handle ([`EntryRef`]); [`FreshHit::to_owned`] makes one that can be held across an await.
 pub struct FreshHit<E = Arc<MemEntry>> {
@@ -100,20 +165,48 @@ impl Engine {
         let entry = self.memory.entry(&key)?;
         let now = self.clock.now();
         let now_ms = unix_ms(now);
-        let meta = &entry.obj.meta;
-        if now_ms >= meta.fresh_until_ms
-            || self.purges.log.check(&meta.key, &meta.tags, meta.purge_seq) != Verdict::Valid
-            // Near its end: the full path serves it and starts its prefresh.
-            || self.prefresh_due(&key, meta, now_ms)
-        {
+        self.answerable(&key, &entry.obj.meta, now_ms)
+            .then_some(FreshHit {
+                key,
+                entry,
+                now,
+                now_ms,
+            })
+    }
+
+    /// A fresh, unpurged object of the disk tier that the fast path can answer (see the module
+    /// docs), its body read on this thread. Called when [`Engine::fresh_hit`] found nothing.
+    pub fn fresh_disk_hit(&self, primary: KeyHash, headers: &HeaderMap) -> Option<DiskFreshHit> {
+        let disk = self.disk.as_ref()?;
+        let key = self.variant_of(primary, headers);
+        let (meta, slot, entry) = disk.held_hot(&key)?;
+        // One the memory tier would take goes the full path, which promotes it there (so the
+        // memory tier never holds what this answers).
+        if self.memory.fits(entry.size) {
             return None;
         }
-        Some(FreshHit {
+        let now = self.clock.now();
+        let now_ms = unix_ms(now);
+        if !self.answerable(&key, &meta, now_ms) {
+            return None;
+        }
+        let body = disk.inline_body_now(&key, &entry)?;
+        Some(DiskFreshHit {
             key,
-            entry,
+            meta,
+            slot,
+            body,
             now,
             now_ms,
         })
+    }
+
+    /// Fresh at `now_ms`, not purged, and not due for a prefresh (the full path serves those
+    /// and starts it).
+    fn answerable(&self, key: &KeyHash, meta: &CachedMeta, now_ms: u64) -> bool {
+        now_ms < meta.fresh_until_ms
+            && self.purges.log.check(&meta.key, &meta.tags, meta.purge_seq) == Verdict::Valid
+            && !self.prefresh_due(key, meta, now_ms)
     }
 
     /// Is a pushed object stored for this path (`/path?query` of the key)? One atomic load

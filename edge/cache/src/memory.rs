@@ -7,12 +7,12 @@
 
 use std::ops::Deref;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use moka::sync::Cache;
 
-use super::fresh::PreparedHead;
+use super::fresh::{HeadSlot, PreparedHead};
 use super::key::{KeyHash, KeyHasher};
 use super::meta::MemObject;
 
@@ -21,25 +21,11 @@ use super::meta::MemObject;
 /// new entry with an empty slot, so a head never outlives the metadata it was built from.
 pub struct MemEntry {
     pub obj: MemObject,
-    /// Unique in the process, never reused: names this entry in per-thread caches.
-    pub id: u64,
-    head: OnceLock<PreparedHead>,
+    /// Its prepared head, and the id naming it in per-thread caches.
+    pub slot: HeadSlot,
     /// Set when moka drops the entry (replaced, removed, evicted): per-thread tables
     /// ([`MemoryTier::entry`]) must not hand it out any more.
     removed: AtomicBool,
-}
-
-impl MemEntry {
-    /// The prepared head, if a hit has built it.
-    pub fn head(&self) -> Option<&PreparedHead> {
-        self.head.get()
-    }
-
-    /// Keeps `head` unless another hit got there first; returns the one kept.
-    pub fn set_head(&self, head: PreparedHead) -> &PreparedHead {
-        let _ = self.head.set(head);
-        self.head.get().unwrap_or_else(|| unreachable!("set above"))
-    }
 }
 
 /// A memory entry as a hit holds it: through this thread's own handle from its table of recent
@@ -289,11 +275,9 @@ impl MemoryTier {
 
     pub async fn insert(&self, key: KeyHash, obj: MemObject) {
         if self.fits(obj.body.len() as u64) {
-            static NEXT_ID: AtomicU64 = AtomicU64::new(0);
             let entry = MemEntry {
                 obj,
-                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                head: OnceLock::new(),
+                slot: HeadSlot::new(),
                 removed: AtomicBool::new(false),
             };
             let len = entry.obj.body.len() as u64;

@@ -134,6 +134,14 @@ pub fn tags_of(headers: &HeaderMap) -> Vec<String> {
     tags
 }
 
+/// The bytes of a header map's names and values, plus `per_field` for each field.
+pub fn fields_len(headers: &HeaderMap, per_field: usize) -> usize {
+    headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + per_field)
+        .sum()
+}
+
 /// A body held by the memory tier: shared, never copied per hit.
 #[derive(Debug, Clone)]
 pub struct MemObject {
@@ -144,12 +152,7 @@ pub struct MemObject {
 impl MemObject {
     /// Bytes the memory tier charges for this object.
     pub fn weight(&self) -> u32 {
-        let headers: usize = self
-            .meta
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 32)
-            .sum();
+        let headers = fields_len(&self.meta.headers, 32);
         (self.body.len() + headers + self.meta.key.len() + 1024)
             .try_into()
             .unwrap_or(u32::MAX)

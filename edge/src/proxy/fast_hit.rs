@@ -1,4 +1,4 @@
-//! The hit fast path: a GET or HEAD that a fresh memory-tier object answers as it stands.
+//! The hit fast path: a GET or HEAD that a fresh stored object answers as it stands.
 //!
 //! The full path normalises the request (a header map clone and an absolute URI), asks the
 //! engine, runs the compression and respond phases and formats every header again. For the
@@ -13,6 +13,12 @@
 //! write the same memory (but for one moka read in sixteen, which keeps its eviction policy
 //! informed), so they do not slow each other down.
 //!
+//! Disk objects the memory tier does not take get the same treatment once hit
+//! ([`Engine::fresh_disk_hit`](crate::cache::Engine::fresh_disk_hit)): metadata the disk tier
+//! holds decoded, a head prepared once and kept with it, and the body, inline in its record and
+//! read moments ago, read again on this thread. Identity answers only: an encoded one takes
+//! the full path, which compresses.
+//!
 //! Anything the prepared head does not cover takes the full path, which gives the same answer:
 //! request directives (Cache-Control, Pragma), credentials, conditionals and ranges, pushed
 //! paths, stale or purged objects, and encoded variants not in memory yet.
@@ -20,7 +26,7 @@
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::ops::Deref;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -30,9 +36,10 @@ use http::{Method, Request, Response, StatusCode};
 use super::Route;
 use super::respond::{self, HIT_TTL, Outcome, push_hit_status, upstream_cache_status};
 use super::{Proxy, RouteSettings};
-use crate::cache::fresh::{Codings, FreshHit, PreparedHead};
-use crate::cache::key::{CacheKey, Coding, key_text};
+use crate::cache::fresh::{Codings, DiskFreshHit, FreshHit, HeadSlot, PreparedHead};
+use crate::cache::key::{CacheKey, Coding, KeyHash, key_text};
 use crate::cache::memory::{EntryRef, MemEntry, SlotTable};
+use crate::cache::meta::CachedMeta;
 use crate::cache::policy;
 use crate::cache::status::{CacheStatus, Tier};
 use crate::cache::{Served, ServedBody};
@@ -283,8 +290,21 @@ pub(super) enum Lookup {
 
 /// A fresh hit waiting for its head, and what the request asked that the head depends on.
 pub(super) struct Unprepared {
-    hit: FreshHit,
+    hit: UnpreparedHit,
     asked: Asked,
+}
+
+enum UnpreparedHit {
+    Memory(FreshHit),
+    Disk(DiskFreshHit),
+}
+
+/// Where a fast hit's body comes from.
+enum HitBody<'a> {
+    /// The memory entry's: kept per thread beside the finished head (see [`STAMPED`]).
+    Memory(&'a Bytes),
+    /// Read from the disk tier for this hit.
+    Disk(Bytes),
 }
 
 /// The parts of a request a prepared head depends on.
@@ -349,17 +369,27 @@ impl Proxy {
         if self.engine.may_have_pushed() && self.engine.is_pushed(key.path()) {
             return keyed(key);
         }
-        let Some(hit) = self.engine.fresh_hit(key.hash(), req.headers()) else {
-            return keyed(key);
-        };
         let asked = Asked {
             head_only,
             accept_encoding,
         };
+        let Some(hit) = self.engine.fresh_hit(key.hash(), req.headers()) else {
+            let Some(hit) = self.engine.fresh_disk_hit(key.hash(), req.headers()) else {
+                return keyed(key);
+            };
+            return match self.disk_step(req.headers(), asked, &hit) {
+                Step::Answer(answer) => Lookup::Hit(answer),
+                Step::Prepare(_) => Lookup::Unprepared(Box::new(Unprepared {
+                    hit: UnpreparedHit::Disk(hit),
+                    asked,
+                })),
+                Step::Full => keyed(key),
+            };
+        };
         match self.step(req.headers(), asked, &hit) {
             Step::Answer(answer) => Lookup::Hit(answer),
             Step::Prepare(_) => Lookup::Unprepared(Box::new(Unprepared {
-                hit: hit.to_owned(),
+                hit: UnpreparedHit::Memory(hit.to_owned()),
                 asked,
             })),
             Step::Full => keyed(key),
@@ -374,6 +404,27 @@ impl Proxy {
         unprepared: Box<Unprepared>,
     ) -> Option<FastHit> {
         let Unprepared { hit, asked } = *unprepared;
+        let hit = match hit {
+            UnpreparedHit::Memory(hit) => hit,
+            UnpreparedHit::Disk(hit) => {
+                if hit.slot.head().is_none() {
+                    let head = self.prepare_head(
+                        hit.key,
+                        &hit.meta,
+                        hit.meta.headers.clone(),
+                        hit.body.clone(),
+                        (hit.now, hit.now_ms),
+                        false,
+                        Tier::Disk,
+                    );
+                    hit.slot.set_head(Box::pin(head).await);
+                }
+                return match self.disk_step(headers, asked, &hit) {
+                    Step::Answer(answer) => Some(answer),
+                    Step::Prepare(_) | Step::Full => None,
+                };
+            }
+        };
         // At most twice: the object's head, then its encoded variant's.
         loop {
             // This thread's entry handles are not `Send`: none is held across the await.
@@ -383,14 +434,17 @@ impl Proxy {
                 Step::Prepare(variant) => variant.map(|v| v.to_arc()),
             };
             // Boxed: this future is part of every request's, which hyper moves.
-            match variant {
-                None => {
-                    hit.entry.set_head(Box::pin(self.prepare(&hit, None)).await);
-                }
-                Some(variant) => {
-                    variant.set_head(Box::pin(self.prepare(&hit, Some(&variant))).await);
-                }
-            }
+            let entry = variant.as_deref().unwrap_or(&hit.entry);
+            let head = self.prepare_head(
+                hit.key,
+                hit.meta(),
+                entry.obj.meta.headers.clone(),
+                entry.obj.body.clone(),
+                (hit.now, hit.now_ms),
+                variant.is_some(),
+                Tier::Memory,
+            );
+            entry.slot.set_head(Box::pin(head).await);
         }
     }
 
@@ -401,7 +455,7 @@ impl Proxy {
         asked: Asked,
         hit: &FreshHit<E>,
     ) -> Step {
-        let Some(head) = hit.entry.head() else {
+        let Some(head) = hit.entry.slot.head() else {
             return Step::Prepare(None);
         };
         let coding = match head.codings {
@@ -410,35 +464,71 @@ impl Proxy {
             Codings::Negotiated if asked.accept_encoding => Coding::negotiate(headers),
             Codings::Negotiated => Coding::Identity,
         };
+        let (age, ttl) = (head.age(hit.now_ms), hit.ttl_secs());
         if coding == Coding::Identity {
-            return Step::Answer(self.answer(hit, &hit.entry, head, asked.head_only));
+            let body = HitBody::Memory(&hit.entry.obj.body);
+            return Step::Answer(self.answer(
+                &hit.entry.slot,
+                head,
+                age,
+                ttl,
+                body,
+                asked.head_only,
+            ));
         }
         // An encoded variant: its own entry, with its own prepared head.
         let Some(variant) = self.engine.fresh_encoded(hit, coding) else {
             return Step::Full;
         };
-        let Some(head) = variant.head() else {
+        let Some(head) = variant.slot.head() else {
             return Step::Prepare(Some(variant));
         };
         if !asked.head_only {
             self.compression.count_variant_hit();
         }
-        Step::Answer(self.answer(hit, &variant, head, asked.head_only))
+        let body = HitBody::Memory(&variant.obj.body);
+        Step::Answer(self.answer(&variant.slot, head, age, ttl, body, asked.head_only))
+    }
+
+    /// The answer to a fresh disk hit from its prepared head, if it is there. Identity only:
+    /// an encoded answer takes the full path (which compresses).
+    fn disk_step(&self, headers: &HeaderMap, asked: Asked, hit: &DiskFreshHit) -> Step {
+        let Some(head) = hit.slot.head() else {
+            return Step::Prepare(None);
+        };
+        let identity = match head.codings {
+            Codings::Ignored => true,
+            Codings::FullPath => false,
+            Codings::Negotiated => {
+                !asked.accept_encoding || Coding::negotiate(headers) == Coding::Identity
+            }
+        };
+        if !identity {
+            return Step::Full;
+        }
+        let (age, ttl) = (head.age(hit.now_ms), hit.ttl_secs());
+        let body = HitBody::Disk(hit.body.clone());
+        Step::Answer(self.answer(&hit.slot, head, age, ttl, body, asked.head_only))
     }
 
     /// The response for one hit: the prepared head plus `Age` and `Cache-Status` for now.
-    fn answer<E: Deref<Target = MemEntry>>(
+    fn answer(
         &self,
-        hit: &FreshHit<E>,
-        entry: &MemEntry,
+        slot: &HeadSlot,
         head: &PreparedHead,
+        age: u64,
+        ttl: u64,
+        body: HitBody<'_>,
         head_only: bool,
     ) -> FastHit {
-        let (age, ttl) = (head.age(hit.now_ms), hit.ttl_secs());
-        let (headers, body) = STAMPED.with_borrow_mut(|table| {
-            let slot = &mut table.slots[entry.id as usize & (STAMPED_SLOTS - 1)];
-            let s = match slot {
-                Some(s) if s.entry == entry.id => {
+        let shared = match &body {
+            HitBody::Memory(b) => Some(*b),
+            HitBody::Disk(_) => None,
+        };
+        let (headers, kept) = STAMPED.with_borrow_mut(|table| {
+            let entry = &mut table.slots[slot.id as usize & (STAMPED_SLOTS - 1)];
+            let s = match entry {
+                Some(s) if s.entry == slot.id => {
                     if (s.age, s.ttl) != (age, ttl) {
                         (s.age, s.ttl) = (age, ttl);
                         s.headers = self.stamp(head, age, ttl);
@@ -446,28 +536,36 @@ impl Proxy {
                     s
                 }
                 _ => {
-                    let body = &entry.obj.body;
-                    let old = slot.take().and_then(|s| s.body).map_or(0, |b| b.len());
-                    let keep = table.bytes.replace(old, body.len());
-                    slot.insert(Stamped {
-                        entry: entry.id,
+                    let old = entry.take().and_then(|s| s.body).map_or(0, |b| b.len());
+                    let keep = table.bytes.replace(old, shared.map_or(0, |b| b.len()));
+                    entry.insert(Stamped {
+                        entry: slot.id,
                         age,
                         ttl,
                         headers: self.stamp(head, age, ttl),
                         // The same bytes, counted by this thread alone (see STAMPED).
-                        body: keep.then(|| Bytes::from_owner(body.clone())),
+                        body: shared
+                            .filter(|_| keep)
+                            .map(|b| Bytes::from_owner(b.clone())),
                     })
                 }
             };
             (s.headers.clone(), s.body.clone())
         });
+        let tier = match body {
+            HitBody::Memory(_) => Tier::Memory,
+            HitBody::Disk(_) => Tier::Disk,
+        };
         let no_body = head_only
             || head.status == StatusCode::NO_CONTENT
             || head.status == StatusCode::NOT_MODIFIED;
         let (body, sent) = if no_body {
             (Bytes::new(), 0)
         } else {
-            let b = body.unwrap_or_else(|| entry.obj.body.clone());
+            let b = match body {
+                HitBody::Memory(b) => kept.unwrap_or_else(|| b.clone()),
+                HitBody::Disk(b) => b,
+            };
             let n = b.len() as u64;
             (b, n)
         };
@@ -478,7 +576,7 @@ impl Proxy {
             response,
             outcome: Outcome {
                 cache: CacheStatus::Hit,
-                tier: Tier::Memory,
+                tier,
                 upstream: None,
             },
             sent,
@@ -523,26 +621,35 @@ impl Proxy {
         headers
     }
 
-    /// Builds the head of the hit's object, or of an encoded variant of it, with the full
-    /// path's own phases, for a plain GET at the hit's time.
-    async fn prepare(&self, hit: &FreshHit, variant: Option<&MemEntry>) -> PreparedHead {
-        let meta = hit.meta().clone();
-        let entry = variant.unwrap_or(&hit.entry);
+    /// Builds the head of a hit's object (`meta`, with `headers` and `body`: the object's, or
+    /// those of an encoded variant of it when `variant`) with the full path's own phases, for a
+    /// plain GET at `now` (and in Unix milliseconds).
+    #[allow(clippy::too_many_arguments)]
+    async fn prepare_head(
+        &self,
+        key: KeyHash,
+        meta: &Arc<CachedMeta>,
+        headers: HeaderMap,
+        body: Bytes,
+        (now, now_ms): (std::time::SystemTime, u64),
+        variant: bool,
+        tier: Tier,
+    ) -> PreparedHead {
         let mut served = Served {
             upstream_time: None,
-            key: Some(hit.key),
+            key: Some(key),
             status: meta.status,
-            headers: entry.obj.meta.headers.clone(),
-            body: ServedBody::Full(entry.obj.body.clone()),
+            headers,
+            body: ServedBody::Full(body),
             meta: Some(meta.clone()),
             cache: CacheStatus::Hit,
-            tier: Tier::Memory,
+            tier,
             stored: true,
             upstream_error: None,
             failure: None,
-            now: hit.now,
+            now,
         };
-        let codings = if variant.is_some() {
+        let codings = if variant {
             Codings::Ignored
         } else {
             self.compression.codings(&served)
@@ -560,8 +667,8 @@ impl Proxy {
             headers: built.headers,
             cache_status_prefix,
             codings,
-            age_at_ms: policy::age(&meta, hit.now).as_millis() as u64,
-            at_ms: hit.now_ms,
+            age_at_ms: policy::age(meta, now).as_millis() as u64,
+            at_ms: now_ms,
         }
     }
 }
@@ -629,6 +736,12 @@ mod tests {
     }
 
     async fn setup() -> Setup {
+        setup_with_memory(64 << 20).await
+    }
+
+    /// `memory`: the engine's `--memory`; at 4 KiB, the memory tier takes objects up to 512
+    /// bytes, and larger ones are disk-only.
+    async fn setup_with_memory(memory: u64) -> Setup {
         let html: Bytes = "<p>compress me</p>\n".repeat(300).into();
         let mut routes: HashMap<&str, (u16, Fields, Bytes)> = HashMap::new();
         routes.insert(
@@ -660,6 +773,19 @@ mod tests {
             ),
         );
         routes.insert(
+            "/blob.bin",
+            (
+                200,
+                &[
+                    ("cache-control", "public, max-age=100"),
+                    ("content-type", "application/octet-stream"),
+                    ("etag", "\"b1\""),
+                    ("x-custom", "kept"),
+                ],
+                Bytes::from(vec![b'b'; 2048]),
+            ),
+        );
+        routes.insert(
             "/gone",
             (
                 404,
@@ -675,7 +801,7 @@ mod tests {
         let clock = Clock::manual();
         let engine = Engine::open(
             EngineConfig {
-                memory_bytes: 64 << 20,
+                memory_bytes: memory,
                 disk: Some((dir.path().to_path_buf(), 64 << 20)),
                 max_object_size: 8 << 20,
                 surrogate_name: "outpost".into(),
@@ -878,6 +1004,81 @@ mod tests {
         };
         let (status, _, _) = body_of(s.proxy.finish(pending).await).await;
         assert_eq!(status, StatusCode::NOT_MODIFIED);
+    }
+
+    /// Objects the memory tier does not take are answered from the disk tier on the fast path
+    /// once hit (their metadata held, their inline body read moments ago), exactly as the full
+    /// path answers them; encoded answers, stale and purged objects take the full path.
+    #[tokio::test]
+    async fn disk_fast_hits_answer_exactly_like_the_full_path() {
+        let s = setup_with_memory(4 << 10).await;
+        warm(&s, "/blob.bin", &[]).await;
+        warm(&s, "/page.html", &[]).await;
+        let asked = s.origin.asked.load(Ordering::SeqCst);
+        s.clock.advance(Duration::from_secs(7));
+
+        let hit = s
+            .proxy
+            .fast_hit(&request(Method::GET, "/blob.bin", &[]))
+            .await
+            .expect("a fast hit");
+        assert_eq!(hit.outcome.tier, Tier::Disk, "answered from the disk tier");
+        assert_eq!(hit.sent, 2048);
+        let cases: [(Method, &str, Fields); 4] = [
+            (Method::GET, "/blob.bin", &[]),
+            (Method::HEAD, "/blob.bin", &[]),
+            (Method::GET, "/page.html", &[]),
+            (
+                Method::GET,
+                "/page.html",
+                &[("accept-encoding", "identity")],
+            ),
+        ];
+        for (method, path, headers) in cases {
+            let (fast, full) = both(&s, method.clone(), path, headers).await;
+            assert_eq!(fast, full, "{method} {path} {headers:?}");
+        }
+        let (fast, _) = both(&s, Method::GET, "/blob.bin", &[]).await;
+        assert!((7..=8).contains(&secs(&fast.1, "age")), "{:?}", fast.1);
+        assert_eq!(fast.1["x-custom"], "kept");
+        assert_eq!(fast.2, vec![b'b'; 2048]);
+        let (fast, _) = both(&s, Method::GET, "/page.html", &[]).await;
+        assert_eq!(fast.1["vary"], "Accept-Encoding");
+        assert!(fast.1.get("content-encoding").is_none());
+        assert_eq!(
+            s.origin.asked.load(Ordering::SeqCst),
+            asked,
+            "every answer was a hit"
+        );
+
+        // A client that takes gzip gets it from the full path.
+        let gzip = request(Method::GET, "/page.html", &[("accept-encoding", "gzip")]);
+        assert!(matches!(s.proxy.hit_now(&gzip), Lookup::Full(_)));
+        // Purged: the full path (a miss).
+        s.proxy
+            .engine
+            .purge(&PurgeSpec {
+                urls: vec![format!("http://{HOST}/blob.bin")],
+                ..Default::default()
+            })
+            .await
+            .expect("purge");
+        assert!(
+            s.proxy
+                .fast_hit(&request(Method::GET, "/blob.bin", &[]))
+                .await
+                .is_none(),
+            "a purged object on the fast path"
+        );
+        // Stale: the full path.
+        s.clock.advance(Duration::from_secs(100));
+        assert!(
+            s.proxy
+                .fast_hit(&request(Method::GET, "/page.html", &[]))
+                .await
+                .is_none(),
+            "a stale object on the fast path"
+        );
     }
 
     #[tokio::test]

@@ -76,6 +76,7 @@ use tracing::{debug, info, warn};
 
 use self::reader::FileStamp;
 use self::store::{EntryRecord, Pending, Put, Store};
+use super::fresh::HeadSlot;
 use super::key::{KeyHash, KeyHasher};
 use super::meta::CachedMeta;
 
@@ -394,12 +395,7 @@ enum MetaReject {
 fn encode_record(file: &MetaFileOut<'_>, body: &[u8]) -> io::Result<Vec<u8>> {
     // Sized for the JSON at once (it repeats the headers in the policy, with their names),
     // so it is written in place, with neither a second buffer nor a copy.
-    let headers: usize = file
-        .meta
-        .headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 8)
-        .sum();
+    let headers = super::meta::fields_len(&file.meta.headers, 8);
     let mut out = Vec::with_capacity(36 + 1024 + 3 * headers + file.meta.key.len() + body.len());
     out.extend_from_slice(&[0; 36]);
     serde_json::to_writer(&mut out, file).map_err(io::Error::other)?;
@@ -528,6 +524,8 @@ struct HeldMeta {
     entry: Arc<DiskEntry>,
     generation: u64,
     meta: Arc<CachedMeta>,
+    /// The head the hit fast path prepared for this metadata.
+    slot: Arc<HeadSlot>,
     /// Bytes charged: twice the record's length, a rough measure of the parsed form (header
     /// maps and the policy's copies of the headers).
     weight: u32,
@@ -539,6 +537,7 @@ impl HeldMeta {
             entry,
             generation,
             meta,
+            slot: Arc::default(),
             weight: file_len.saturating_mul(2).try_into().unwrap_or(u32::MAX),
         }
     }
@@ -994,6 +993,40 @@ impl DiskTier {
     /// known here; [`DiskTier::get`] finds it).
     pub fn contains(&self, key: &KeyHash) -> bool {
         self.index.contains_key(key)
+    }
+
+    /// For the hit fast path: a held object whose body is inline and was read within
+    /// [`HOT_FOR`], with its metadata, head slot and entry. No I/O; `None` for anything else,
+    /// and while the start-up load runs (a URL's Vary names may not be known yet).
+    pub fn held_hot(
+        &self,
+        key: &KeyHash,
+    ) -> Option<(Arc<CachedMeta>, Arc<HeadSlot>, Arc<DiskEntry>)> {
+        if self.loading.load(Ordering::Acquire) {
+            return None;
+        }
+        let entry = self.index.get(key)?;
+        if !entry.inline || !entry.hot() {
+            return None;
+        }
+        let generation = entry.meta_gen.load(Ordering::Acquire);
+        let held = self.held.get(key)?;
+        (Arc::ptr_eq(&held.entry, &entry) && held.generation == generation)
+            .then_some((held.meta, held.slot, entry))
+    }
+
+    /// The inline body of a [`DiskTier::held_hot`] entry, read on this thread (its record's
+    /// pages were read moments ago) and checked as every read is. `None` on any doubt (a
+    /// pending write, a record that does not match): the full path then decides.
+    pub fn inline_body_now(&self, key: &KeyHash, entry: &DiskEntry) -> Option<Bytes> {
+        let record = match self.store.pending(key) {
+            Some(Pending::Put(record)) => record,
+            Some(Pending::Delete) => return None,
+            None => Bytes::from(self.store.get_at(entry.record_seq(), key).ok()??),
+        };
+        let range = record_body(&record, entry)?;
+        entry.mark_read();
+        Some(record.slice(range))
     }
 
     /// Looks up an object: its metadata from memory when held, else from the store (and then
