@@ -89,9 +89,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use support::client::XCache;
 use support::disk::{
-    InProcessEdge, Origin, Until, process_cpu, temp_dir, tids_cpu, tids_named, unique_misses,
-    wait_settled,
+    InProcessEdge, Origin, Until, disk_state, http_get, process_cpu, temp_dir, tids_cpu,
+    tids_named, unique_gets, unique_misses, wait_settled,
 };
 use support::{Latencies, env_secs, env_u64, fmt_dur, median};
 
@@ -104,6 +105,8 @@ const MAX_BLOCKING: usize = 32;
 enum Kind {
     Memory,
     Disk,
+    /// Hits on objects the disk edge stored earlier (see the module docs).
+    DiskHit,
 }
 
 struct Case {
@@ -123,8 +126,10 @@ impl Case {
         match (self.kind, self.phase) {
             (Kind::Memory, 0) => "memory",
             (Kind::Disk, 0) => "disk",
+            (Kind::DiskHit, 0) => "disk-hit",
             (Kind::Memory, _) => "memory/flat",
             (Kind::Disk, _) => "disk/flat",
+            (Kind::DiskHit, _) => "disk-hit/flat",
         }
     }
 
@@ -252,7 +257,7 @@ fn main() {
     let phases = if s.prefill > 0 { 2 } else { 1 };
     let mut cases: Vec<Case> = (0..phases)
         .flat_map(|phase| {
-            [Kind::Memory, Kind::Disk].map(|kind| Case {
+            [Kind::Memory, Kind::Disk, Kind::DiskHit].map(|kind| Case {
                 kind,
                 phase,
                 rps: Vec::new(),
@@ -322,6 +327,10 @@ fn main() {
         state.objects
     };
 
+    // The disk edge's misses of each round of phase 0 (`/disk/{round}/{n}`, n below the count),
+    // and the next prefilled URL not hit yet: the sources of the disk-hit cases.
+    let mut disk_round_sent: Vec<u64> = Vec::new();
+    let mut next_prefilled = 0u64;
     for phase in 0..phases {
         if phase == 1 {
             let started = Instant::now();
@@ -353,25 +362,42 @@ fn main() {
             for case in cases.iter_mut().filter(|c| c.phase == phase) {
                 let edge = match case.kind {
                     Kind::Memory => &mem_edge,
-                    Kind::Disk => &disk_edge,
+                    Kind::Disk | Kind::DiskHit => &disk_edge,
                 };
                 let name = case.name();
+                // What to ask: fresh URLs (misses), or URLs stored earlier, each once (hits):
+                // the previous round's misses (this round's in the first), or prefilled ones.
+                let (prefix, range, expect) = match (case.kind, phase) {
+                    (Kind::DiskHit, 0) => {
+                        let from = round.saturating_sub(1);
+                        let stored = disk_round_sent.get(from as usize).copied().unwrap_or(0);
+                        (format!("/disk/{from}/"), 0..stored, XCache::Hit)
+                    }
+                    (Kind::DiskHit, _) => (
+                        "/prefill/".to_string(),
+                        next_prefilled..s.prefill,
+                        XCache::Hit,
+                    ),
+                    _ => (format!("/{name}/{round}/"), 0..u64::MAX, XCache::Miss),
+                };
+                let disk_hits_before = disk_tier_hits(disk_edge.admin);
                 let limit = s.warmup + s.measure + Duration::from_secs(30);
                 let before = cpu_now();
                 let run = client_rt
                     .block_on(async {
                         tokio::time::timeout(
                             limit,
-                            unique_misses(
+                            unique_gets(
                                 edge.addr,
-                                &format!("/{name}/{round}/"),
-                                0,
+                                &prefix,
+                                range.clone(),
                                 s.conns,
                                 Until::Time {
                                     warmup: s.warmup,
                                     measure: s.measure,
                                 },
                                 LEN as u64,
+                                expect,
                             ),
                         )
                         .await
@@ -379,9 +405,33 @@ fn main() {
                     .unwrap_or_else(|_| panic!("{name}: hung (no progress for 30 s)"))
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
                 assert!(run.requests > 0, "{name}: no request completed");
-                if case.kind == Kind::Disk {
-                    disk_sent += run.all_requests;
-                    case.disk_objects = settle(disk_sent, name, Duration::from_secs(60));
+                match case.kind {
+                    Kind::Disk => {
+                        disk_sent += run.all_requests;
+                        if phase == 0 {
+                            disk_round_sent.push(run.all_requests);
+                        }
+                        case.disk_objects = settle(disk_sent, name, Duration::from_secs(60));
+                    }
+                    Kind::DiskHit => {
+                        if phase > 0 {
+                            next_prefilled += run.all_requests;
+                        }
+                        let from_disk =
+                            disk_tier_hits(disk_edge.admin).saturating_sub(disk_hits_before);
+                        println!(
+                            "    {name}: {from_disk} of {} hits answered by the disk tier{}",
+                            run.all_requests,
+                            if run.all_requests >= range.end - range.start {
+                                " (every stored URL was asked: the run ended early)"
+                            } else {
+                                ""
+                            }
+                        );
+                        case.disk_objects =
+                            disk_state(disk_edge.admin).ok().and_then(|d| d.objects);
+                    }
+                    Kind::Memory => {}
                 }
                 let after = cpu_now();
                 let per_req = |d: Duration| d.as_secs_f64() * 1e6 / run.all_requests as f64;
@@ -427,6 +477,23 @@ fn main() {
         );
         std::process::exit(1);
     }
+}
+
+/// `outpost_requests_total{cache="hit",tier="disk"}` of an edge (0 when unreadable).
+fn disk_tier_hits(admin: std::net::SocketAddr) -> u64 {
+    let Ok(got) = http_get(admin, "/metrics", Duration::from_secs(5)) else {
+        return 0;
+    };
+    String::from_utf8_lossy(&got.body)
+        .lines()
+        .filter(|l| {
+            l.starts_with("outpost_requests_total{")
+                && l.contains("cache=\"hit\"")
+                && l.contains("tier=\"disk\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 fn report(cases: &[Case]) {

@@ -198,6 +198,30 @@ pub async fn unique_misses(
     until: Until,
     len: u64,
 ) -> io::Result<MissRun> {
+    unique_gets(
+        addr,
+        prefix,
+        first..u64::MAX,
+        conns,
+        until,
+        len,
+        XCache::Miss,
+    )
+    .await
+}
+
+/// Like [`unique_misses`], for `{prefix}{n}` with n in `range` (each asked once, the run ends
+/// early when the range is used up), every answer a 200 with `X-Cache` as `expect`.
+pub async fn unique_gets(
+    addr: SocketAddr,
+    prefix: &str,
+    range: std::ops::Range<u64>,
+    conns: usize,
+    until: Until,
+    len: u64,
+    expect: XCache,
+) -> io::Result<MissRun> {
+    let first = range.start;
     let mut open = Vec::with_capacity(conns);
     for _ in 0..conns.max(1) {
         open.push(Conn::connect(addr).await?);
@@ -206,9 +230,9 @@ pub async fn unique_misses(
     let start = Instant::now();
     let (measure_from, end, limit) = match until {
         Until::Time { warmup, measure } => {
-            (start + warmup, Some(start + warmup + measure), u64::MAX)
+            (start + warmup, Some(start + warmup + measure), range.end)
         }
-        Until::Count(n) => (start, None, first + n),
+        Until::Count(n) => (start, None, (first + n).min(range.end)),
     };
     let tasks: Vec<_> = open
         .into_iter()
@@ -229,10 +253,10 @@ pub async fn unique_misses(
                     }
                     let path = format!("{prefix}{n}");
                     let reply = conn.send(&get_request(&path)).await?;
-                    if reply.status != 200 || reply.body_len != len || reply.x_cache != XCache::Miss
-                    {
+                    if reply.status != 200 || reply.body_len != len || reply.x_cache != expect {
                         return Err(io::Error::other(format!(
-                            "{path}: got status {} {:?} with {} bytes, expected a 200 MISS with {len}",
+                            "{path}: got status {} {:?} with {} bytes, expected a 200 {expect:?} \
+                             with {len}",
                             reply.status, reply.x_cache, reply.body_len
                         )));
                     }
@@ -254,7 +278,8 @@ pub async fn unique_misses(
         all_requests += count;
     }
     let window = match until {
-        Until::Time { measure, .. } => measure,
+        // Ended early (the range used up): the part of the window that ran.
+        Until::Time { warmup, measure } => start.elapsed().saturating_sub(warmup).min(measure),
         Until::Count(_) => start.elapsed(),
     };
     Ok(MissRun {

@@ -8,10 +8,11 @@
 //! time (`Age`, the `Cache-Status` ttl).
 //!
 //! The disk tier has a fast path too ([`Engine::fresh_disk_hit`]): an object whose metadata
-//! the tier holds decoded, whose body is inline in its record and was read within the last
-//! moments (so the record's pages are cached), and which the memory tier would not take (the
-//! full path promotes those). Its body is read on the calling thread, without a hop to the
-//! blocking pool; its prepared head is kept with the held metadata.
+//! the tier holds decoded, whose body is read whole (inline in its record, or a content file up
+//! to `WHOLE_READ_MAX`) and was read within the last moments (so its pages are cached), and
+//! which the memory tier would not take (the full path promotes those). Its body is read and
+//! checked on the calling thread, without a hop to the blocking pool; its prepared head is
+//! kept with the held metadata.
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,7 +191,7 @@ impl Engine {
         if !self.answerable(&key, &meta, now_ms) {
             return None;
         }
-        let body = disk.inline_body_now(&key, &entry)?;
+        let body = disk.body_now(&key, &entry)?;
         Some(DiskFreshHit {
             key,
             meta,

@@ -786,6 +786,18 @@ mod tests {
             ),
         );
         routes.insert(
+            "/large.bin",
+            (
+                200,
+                &[
+                    ("cache-control", "public, max-age=100"),
+                    ("content-type", "application/octet-stream"),
+                ],
+                // Over the disk tier's inline bound: a content file of its own.
+                Bytes::from(vec![b'l'; 40 << 10]),
+            ),
+        );
+        routes.insert(
             "/gone",
             (
                 404,
@@ -940,6 +952,20 @@ mod tests {
         last.expect("three tries")
     }
 
+    /// Files under `dir` of exactly `len` bytes.
+    fn files_of_len(dir: &std::path::Path, len: u64) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_of_len(&p, len));
+            } else if e.metadata().is_ok_and(|m| m.len() == len) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
     fn secs(headers: &HeaderMap, name: &str) -> u64 {
         headers[name]
             .to_str()
@@ -1013,6 +1039,7 @@ mod tests {
     async fn disk_fast_hits_answer_exactly_like_the_full_path() {
         let s = setup_with_memory(4 << 10).await;
         warm(&s, "/blob.bin", &[]).await;
+        warm(&s, "/large.bin", &[]).await;
         warm(&s, "/page.html", &[]).await;
         let asked = s.origin.asked.load(Ordering::SeqCst);
         s.clock.advance(Duration::from_secs(7));
@@ -1024,9 +1051,16 @@ mod tests {
             .expect("a fast hit");
         assert_eq!(hit.outcome.tier, Tier::Disk, "answered from the disk tier");
         assert_eq!(hit.sent, 2048);
-        let cases: [(Method, &str, Fields); 4] = [
+        let large = s
+            .proxy
+            .fast_hit(&request(Method::GET, "/large.bin", &[]))
+            .await
+            .expect("a fast hit on a content file");
+        assert_eq!((large.outcome.tier, large.sent), (Tier::Disk, 40 << 10));
+        let cases: [(Method, &str, Fields); 5] = [
             (Method::GET, "/blob.bin", &[]),
             (Method::HEAD, "/blob.bin", &[]),
+            (Method::GET, "/large.bin", &[]),
             (Method::GET, "/page.html", &[]),
             (
                 Method::GET,
@@ -1049,6 +1083,36 @@ mod tests {
             s.origin.asked.load(Ordering::SeqCst),
             asked,
             "every answer was a hit"
+        );
+
+        // A content file damaged in place is never answered: the fast path declines, and the
+        // full path drops the copy and fetches it again.
+        let file = files_of_len(s._dir.path(), 40 << 10)
+            .pop()
+            .expect("the content file");
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(&file, bytes).unwrap();
+        assert!(
+            s.proxy
+                .fast_hit(&request(Method::GET, "/large.bin", &[]))
+                .await
+                .is_none(),
+            "a damaged body on the fast path"
+        );
+        let (status, headers, body) = body_of(
+            s.proxy
+                .handle(request(Method::GET, "/large.bin", &[]), peer())
+                .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-cache"], "MISS");
+        assert_eq!(body, vec![b'l'; 40 << 10]);
+        assert_eq!(
+            s.origin.asked.load(Ordering::SeqCst),
+            asked + 1,
+            "fetched again"
         );
 
         // A client that takes gzip gets it from the full path.

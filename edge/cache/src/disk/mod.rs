@@ -995,9 +995,10 @@ impl DiskTier {
         self.index.contains_key(key)
     }
 
-    /// For the hit fast path: a held object whose body is inline and was read within
-    /// [`HOT_FOR`], with its metadata, head slot and entry. No I/O; `None` for anything else,
-    /// and while the start-up load runs (a URL's Vary names may not be known yet).
+    /// For the hit fast path: a held object whose body is read whole (inline, or a content file
+    /// up to [`WHOLE_READ_MAX`]) and was read within [`HOT_FOR`], with its metadata, head slot
+    /// and entry. No I/O; `None` for anything else, and while the start-up load runs (a URL's
+    /// Vary names may not be known yet).
     pub fn held_hot(
         &self,
         key: &KeyHash,
@@ -1006,7 +1007,7 @@ impl DiskTier {
             return None;
         }
         let entry = self.index.get(key)?;
-        if !entry.inline || !entry.hot() {
+        if !(entry.inline || entry.size <= WHOLE_READ_MAX) || !entry.hot() {
             return None;
         }
         let generation = entry.meta_gen.load(Ordering::Acquire);
@@ -1015,10 +1016,19 @@ impl DiskTier {
             .then_some((held.meta, held.slot, entry))
     }
 
-    /// The inline body of a [`DiskTier::held_hot`] entry, read on this thread (its record's
-    /// pages were read moments ago) and checked as every read is. `None` on any doubt (a
-    /// pending write, a record that does not match): the full path then decides.
-    pub fn inline_body_now(&self, key: &KeyHash, entry: &DiskEntry) -> Option<Bytes> {
+    /// The body of a [`DiskTier::held_hot`] entry, read on this thread (its pages were read
+    /// moments ago) and checked as every read is. `None` on any doubt (a pending write, a
+    /// record that does not match, a content file that fails its check): the full path then
+    /// decides (and removes what is damaged).
+    pub fn body_now(&self, key: &KeyHash, entry: &DiskEntry) -> Option<Bytes> {
+        if !entry.inline {
+            // Known since the whole read that made the entry hot.
+            let file = entry.file.get()?;
+            let (data, _) =
+                reader::read_checked(&file.path, &self.content, entry, SystemTime::now()).ok()?;
+            entry.mark_read();
+            return Some(Bytes::from(data));
+        }
         let record = match self.store.pending(key) {
             Some(Pending::Put(record)) => record,
             Some(Pending::Delete) => return None,
