@@ -542,7 +542,8 @@ impl Engine {
         fill.publish(FillResult::Streaming(head));
 
         // Every storable response with a disk tier ends in one `DiskAdmission`, counted by
-        // its writer task: the fill says why when it gives the disk copy up.
+        // its writer task (or, for a whole copy, its guard): the fill says why when it gives
+        // the disk copy up.
         let verdict = Arc::new(DiskVerdict::new());
         let whole = memory_charge.is_some() && content_length.is_some_and(|n| n <= INLINE_MAX);
         let mut disk_copy = match (&self.disk, storing) {

@@ -1029,11 +1029,9 @@ impl DiskTier {
             entry.mark_read();
             return Some(Bytes::from(data));
         }
-        let record = match self.store.pending(key) {
-            Some(Pending::Put(record)) => record,
-            Some(Pending::Delete) => return None,
-            None => Bytes::from(self.store.get_at(entry.record_seq(), key).ok()??),
-        };
+        let (_, record) = self
+            .fetch_record_now(key, Some(entry.record_seq()))
+            .ok()??;
         let range = record_body(&record, entry)?;
         entry.mark_read();
         Some(record.slice(range))
@@ -1187,25 +1185,34 @@ impl DiskTier {
         at: Option<u64>,
         here: bool,
     ) -> io::Result<Option<(u64, Bytes)>> {
-        match (self.store.pending(key), at) {
-            (Some(Pending::Put(record)), Some(seq)) => return Ok(Some((seq, record))),
-            (Some(_), _) => return Ok(None),
-            (None, _) => {}
+        if here {
+            return self.fetch_record_now(key, at);
+        }
+        if let Some(pending) = self.pending_record(key, at) {
+            return Ok(pending);
         }
         let store = Arc::clone(&self.store);
         let k = *key;
-        let read = move || match at {
-            Some(seq) => Ok(store.get_at(seq, &k)?.map(|r| (seq, r))),
-            None => store.get(&k),
-        };
-        let record = if here {
-            read()?
-        } else {
-            tokio::task::spawn_blocking(read)
-                .await
-                .map_err(io::Error::other)??
-        };
-        Ok(record.map(|(seq, r)| (seq, Bytes::from(r))))
+        tokio::task::spawn_blocking(move || read_stored(&store, &k, at))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// [`DiskTier::fetch_record`] on this thread.
+    fn fetch_record_now(&self, key: &KeyHash, at: Option<u64>) -> io::Result<Option<(u64, Bytes)>> {
+        match self.pending_record(key, at) {
+            Some(pending) => Ok(pending),
+            None => read_stored(&self.store, key, at),
+        }
+    }
+
+    /// What a write to `key` not committed yet makes of a read (see
+    /// [`DiskTier::fetch_record`]); `None` when there is none.
+    fn pending_record(&self, key: &KeyHash, at: Option<u64>) -> Option<Option<(u64, Bytes)>> {
+        match (self.store.pending(key)?, at) {
+            (Pending::Put(record), Some(seq)) => Some(Some((seq, record))),
+            _ => Some(None),
+        }
     }
 
     /// An inline body: the one the lookup read, else the record's, checked (its checksum, and
@@ -1417,6 +1424,15 @@ impl DiskTier {
     pub fn weighted_size(&self) -> u64 {
         self.index.weight()
     }
+}
+
+/// A committed record: at `at` (an indexed entry's), or the key's (blocking).
+fn read_stored(store: &Store, key: &KeyHash, at: Option<u64>) -> io::Result<Option<(u64, Bytes)>> {
+    let record = match at {
+        Some(seq) => store.get_at(seq, key)?.map(|r| (seq, r)),
+        None => store.get(key)?,
+    };
+    Ok(record.map(|(seq, r)| (seq, Bytes::from(r))))
 }
 
 async fn remove_dir_contents(dir: &Path) {

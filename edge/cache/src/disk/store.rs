@@ -424,6 +424,13 @@ impl Store {
         txn.commit().unwrap();
     }
 
+    /// Records in the `records` table.
+    #[cfg(test)]
+    pub fn record_count(&self) -> u64 {
+        let txn = self.db().unwrap().begin_read().unwrap();
+        ReadableTableMetadata::len(&txn.open_table(RECORDS).unwrap()).unwrap()
+    }
+
     /// Records left in the previous layout's table.
     #[cfg(test)]
     pub fn legacy_records(&self) -> u64 {
@@ -629,21 +636,17 @@ impl Writer {
             for (op, applied) in ops.iter_mut().zip(applied.iter_mut()) {
                 match op {
                     Op::Put(put, _, _) => {
-                        // What the key holds now (this transaction's earlier writes included).
-                        let current = entries
-                            .get(&put.key.0)?
-                            .and_then(|v| EntryRecord::decode(v.value()));
-                        let seq = match (&put.expect, current) {
-                            // A metadata update: onto the body it was made for, in place.
-                            (Some(expect), Some(cur)) if &cur.integrity == expect => cur.seq,
-                            (Some(_), _) => continue,
-                            (None, cur) => {
-                                if let Some(cur) = cur {
-                                    remove_record(&mut records, &mut legacy, cur.seq, &put.key)?;
-                                }
-                                next += 1;
-                                next - 1
+                        let decode = |v: redb::AccessGuard<&[u8]>| EntryRecord::decode(v.value());
+                        let seq = if let Some(expect) = &put.expect {
+                            // A metadata update: onto the body it was made for (this
+                            // transaction's earlier writes included), in place.
+                            match entries.get(&put.key.0)?.and_then(decode) {
+                                Some(cur) if &cur.integrity == expect => cur.seq,
+                                _ => continue,
                             }
+                        } else {
+                            next += 1;
+                            next - 1
                         };
                         if seq == 0 {
                             legacy.insert(&put.key.0, &*put.record)?;
@@ -651,7 +654,13 @@ impl Writer {
                             records.insert(seq, &*put.record)?;
                         }
                         put.entry.seq = seq;
-                        entries.insert(&put.key.0, put.entry.encode().as_slice())?;
+                        // The entry it replaces comes back from the insert: no lookup first.
+                        let replaced = entries
+                            .insert(&put.key.0, put.entry.encode().as_slice())?
+                            .and_then(decode);
+                        if let Some(old) = replaced.filter(|old| old.seq != seq) {
+                            remove_record(&mut records, &mut legacy, old.seq, &put.key)?;
+                        }
                         if let Some((primary, names)) = &put.vary {
                             vary.insert(&primary.0, names.as_str())?;
                         }
@@ -659,17 +668,21 @@ impl Writer {
                         *applied = Some(seq);
                     }
                     Op::Delete(key, _, expect) => {
-                        let Some(cur) = entries
-                            .get(&key.0)?
-                            .and_then(|v| EntryRecord::decode(v.value()))
-                        else {
+                        // Removed first (it returns what it removed), put back in the rare
+                        // case it holds another copy than the one to delete.
+                        let Some(removed) = entries.remove(&key.0)? else {
+                            continue;
+                        };
+                        let raw = removed.value().to_vec();
+                        drop(removed);
+                        let Some(cur) = EntryRecord::decode(&raw) else {
                             continue;
                         };
                         if expect.as_ref().is_some_and(|e| *e != cur.integrity) {
+                            entries.insert(&key.0, raw.as_slice())?;
                             continue;
                         }
                         remove_record(&mut records, &mut legacy, cur.seq, key)?;
-                        entries.remove(&key.0)?;
                     }
                     Op::Flush(_) | Op::Close(_) => {}
                 }

@@ -846,3 +846,21 @@ async fn records_of_the_previous_layout_are_served_and_replaced() {
         "the old copies' records are gone"
     );
 }
+
+/// Storing a key again replaces its record, and removing it removes the record: none is left
+/// behind for the store to carry forever.
+#[tokio::test]
+async fn replaced_and_removed_objects_leave_no_record() {
+    let (_dir, tier) = tier().await;
+    let (a, b) = (KeyHash::of("example.test/a"), KeyHash::of("example.test/b"));
+    store(&tier, a, b"one", &meta("\"1\"")).await;
+    store(&tier, b, b"other", &meta("\"o\"")).await;
+    store(&tier, a, b"two", &meta("\"2\"")).await;
+    tier.update_meta(&a, &meta("\"3\"")).await.unwrap();
+    tier.flush().await;
+    assert_eq!(tier.store.record_count(), 2);
+    tier.remove(&a).await;
+    tier.flush().await;
+    assert_eq!(tier.store.record_count(), 1);
+    assert_eq!(etag_of(&tier, &b).await.as_deref(), Some("\"o\""));
+}
