@@ -704,14 +704,27 @@ impl Engine {
                     false
                 }
             }
-            Some(DiskCopy::Whole(admission)) => match (&self.disk, whole_body) {
-                (Some(disk), Some(body)) => {
-                    admission.done(self.store_whole(disk, store_key, body, &meta).await);
-                    true
+            Some(DiskCopy::Whole(admission)) => {
+                if let (Some(disk), Some(body)) = (&self.disk, whole_body) {
+                    // Not waited for: the memory tier answers the object meanwhile, and the
+                    // fill leaves the fill map at once. (A 304 that lands in those few
+                    // milliseconds refreshes the memory copy only; the disk copy keeps the
+                    // metadata it was stored with, which a restart revalidates.)
+                    let stats = self.stats.clone();
+                    disk.store_whole(store_key, &body, &meta, move |result| {
+                        admission.done(match result {
+                            Ok(()) => DiskAdmission::Stored,
+                            Err(e) => {
+                                warn!(error = %e, "disk tier commit failed; object not stored on disk");
+                                stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+                                DiskAdmission::Error
+                            }
+                        })
+                    });
                 }
-                // The fill kept no whole copy after all: the guard counts why.
-                _ => false,
-            },
+                // Else the fill kept no whole copy after all: the guard counts why.
+                false
+            }
             None => false,
         };
         if committed {
@@ -737,36 +750,6 @@ impl Engine {
                 .is_some_and(|s| s.meta().purge_seq == stored_seq)
         {
             self.remove_object(store_key).await;
-        }
-    }
-
-    /// Stores a whole body (see [`DiskCopy::Whole`]), waiting for its commit up to as long as
-    /// a streamed copy's fill would.
-    async fn store_whole(
-        &self,
-        disk: &Arc<DiskTier>,
-        key: KeyHash,
-        body: Bytes,
-        meta: &Arc<CachedMeta>,
-    ) -> DiskAdmission {
-        let commit = async {
-            let mut writer = disk.begin_write(key);
-            writer.write(body).await?;
-            // The memory tier has it (that is where the whole body came from).
-            writer.commit_unheld(meta).await
-        };
-        match tokio::time::timeout(DISK_COMMIT_WAIT, commit).await {
-            Ok(Ok(())) => DiskAdmission::Stored,
-            Ok(Err(e)) => {
-                warn!(error = %e, "disk tier commit failed; object not stored on disk");
-                self.stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
-                DiskAdmission::Error
-            }
-            Err(_) => {
-                warn!("disk tier commit took over 30 s; object not counted as stored");
-                self.stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
-                DiskAdmission::Error
-            }
         }
     }
 
@@ -971,8 +954,8 @@ mod tests {
         let body: Vec<Bytes> = stream.try_collect().await.unwrap();
         assert_eq!(body.iter().map(Bytes::len).sum::<usize>(), BODY);
         drop(body);
-        // The fill ends once the object is stored (on disk too): then only the stored copy
-        // is left, and it must hold none of the buffers.
+        // Once the fill has ended and the disk copy committed, only the stored copies are
+        // left, and they must hold none of the buffers.
         for _ in 0..500 {
             if engine.fills.is_empty() {
                 break;
@@ -980,6 +963,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(engine.fills.is_empty(), "the fill never ended");
+        // A small body's disk copy commits after its fill ends.
+        if let Some(disk) = &engine.disk {
+            disk.flush().await;
+        }
         engine.run_pending_tasks().await;
         let again = engine.serve(request(&client_buf)).await;
         assert_eq!(again.cache, CacheStatus::Hit, "stored");

@@ -1323,7 +1323,8 @@ impl DiskTier {
         self.store.close().await;
     }
 
-    /// Waits until every metadata write queued so far is durable.
+    /// Waits until every metadata write queued so far is durable (and what a
+    /// [`DiskTier::store_whole`] asked to be told of it has been told).
     pub async fn flush(&self) {
         self.store.flush().await;
     }

@@ -178,11 +178,43 @@ pub(super) struct Put {
 /// [`Put::expect`] did not hold (nothing was written).
 pub(super) type PutResult = io::Result<Option<u64>>;
 
+/// How a put's caller learns its outcome (see [`PutResult`]).
+enum Reply {
+    /// A task waits for it.
+    Wait(oneshot::Sender<PutResult>),
+    /// Called on the writer thread right after the commit: no task to wake.
+    Call(Completion),
+}
+
+/// A put's outcome handler, run on the writer thread. Dropped uncalled (the writer stopped
+/// first), it is called with an error.
+pub(super) struct Completion(Option<Box<dyn FnOnce(PutResult) + Send>>);
+
+impl Completion {
+    pub fn new(f: impl FnOnce(PutResult) + Send + 'static) -> Self {
+        Self(Some(Box::new(f)))
+    }
+
+    fn complete(mut self, result: PutResult) {
+        if let Some(f) = self.0.take() {
+            f(result);
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Err(stopped()));
+        }
+    }
+}
+
 // Puts are nearly every op: boxing them would cost an allocation per stored object.
 #[allow(clippy::large_enum_variant)]
 enum Op {
-    /// The sender learns whether it was applied, and where (see [`PutResult`]).
-    Put(Put, u64, Option<oneshot::Sender<PutResult>>),
+    /// The caller learns whether it was applied, and where.
+    Put(Put, u64, Option<Reply>),
     /// With `Some(hash)`, only if the object stored under the key still has that content
     /// hash (an eviction must not delete the record of a newer copy).
     Delete(KeyHash, u64, Option<String>),
@@ -290,16 +322,28 @@ impl Store {
 
     /// Queues a put; the receiver tells when it has committed.
     fn enqueue(&self, put: Put) -> io::Result<oneshot::Receiver<PutResult>> {
+        let (done, wait) = oneshot::channel();
+        self.enqueue_with(put, Reply::Wait(done))?;
+        Ok(wait)
+    }
+
+    fn enqueue_with(&self, put: Put, reply: Reply) -> io::Result<()> {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         self.pending
             .insert(put.key, (ticket, Pending::Put(put.record.clone())));
-        let (done, wait) = oneshot::channel();
         let key = put.key;
-        if self.tx.send(Op::Put(put, ticket, Some(done))).is_err() {
+        if self.tx.send(Op::Put(put, ticket, Some(reply))).is_err() {
             self.pending.remove_if(&key, |_, p| p.0 == ticket);
             return Err(stopped());
         }
-        Ok(wait)
+        Ok(())
+    }
+
+    /// Queues a put whose outcome `done` handles on the writer thread, right after the
+    /// commit (or with an error, if the writer stops first).
+    pub fn put_then(&self, put: Put, done: Completion) {
+        // Unsent, the op is dropped with its completion, which then reports the error.
+        let _ = self.enqueue_with(put, Reply::Call(done));
     }
 
     /// Queues a put and waits for its commit.
@@ -584,11 +628,16 @@ impl Writer {
                         // Before telling the caller: its copy of the record is then the last,
                         // freed by the thread that allocated it (cheaper than from here).
                         drop(put);
-                        if let Some(done) = done {
-                            let _ = done.send(match &result {
-                                Ok(()) => Ok(applied),
-                                Err(e) => Err(db_error(e)),
-                            });
+                        let outcome = match &result {
+                            Ok(()) => Ok(applied),
+                            Err(e) => Err(db_error(e)),
+                        };
+                        match done {
+                            Some(Reply::Wait(done)) => {
+                                let _ = done.send(outcome);
+                            }
+                            Some(Reply::Call(done)) => done.complete(outcome),
+                            None => {}
                         }
                     }
                     Op::Delete(key, ticket, _) => {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cacache::Integrity;
 
+use super::store::Completion;
 use super::{DiskEntry, DiskTier, HeldMeta, MetaFileOut};
 use crate::key::KeyHash;
 use crate::meta::CachedMeta;
@@ -29,6 +30,57 @@ pub const INLINE_MAX: u64 = 16 * 1024;
 pub const WRITE_JOBS: usize = 2;
 
 impl DiskTier {
+    /// Stores a whole body that the memory tier holds (so its metadata is not held for a first
+    /// disk hit) inline in its record, without a writer or a task: the record joins the index
+    /// writer's next group commit, and `done` is told the outcome on the writer thread once it
+    /// is durable (the object is indexed by then). Nothing waits meanwhile. The body must fit
+    /// [`INLINE_MAX`].
+    pub fn store_whole(
+        self: &Arc<Self>,
+        key: KeyHash,
+        body: &Bytes,
+        meta: &Arc<CachedMeta>,
+        done: impl FnOnce(io::Result<()>) + Send + 'static,
+    ) {
+        let size = body.len() as u64;
+        debug_assert!(size <= INLINE_MAX);
+        let sri = Integrity::from(&body[..]);
+        let entry = DiskEntry::new(sri.clone(), size, true, true, &self.refs);
+        let put = MetaFileOut {
+            integrity: sri.to_string(),
+            size,
+            inline: true,
+            meta,
+        }
+        .put(key, body);
+        let put = match put {
+            Ok(put) => put,
+            Err(e) => return done(Err(e)),
+        };
+        self.touch(key);
+        let tier = Arc::downgrade(self);
+        self.store.put_then(
+            put,
+            Completion::new(move |result| {
+                done(match result {
+                    Ok(Some(seq)) => {
+                        entry.set_record(seq);
+                        // A later write to the key still pending (a removal, a newer copy)
+                        // decides what the key holds: this copy is not indexed over it.
+                        if let Some(tier) = tier.upgrade()
+                            && tier.store.pending(&key).is_none()
+                        {
+                            tier.index.insert(key, entry);
+                        }
+                        Ok(())
+                    }
+                    Ok(None) => Err(io::Error::other("an unconditional put was not applied")),
+                    Err(e) => Err(e),
+                })
+            }),
+        );
+    }
+
     /// Starts writing a body. Nothing is visible until [`DiskWriter::commit`]; dropping the
     /// writer discards the partial content. Does no I/O.
     pub fn begin_write(self: &Arc<Self>, key: KeyHash) -> DiskWriter {
@@ -125,14 +177,7 @@ impl DiskWriter {
 
     pub async fn commit(self, meta: &Arc<CachedMeta>) -> io::Result<()> {
         let meta = meta.clone();
-        self.finish(move |_, _| meta, true).await.map(|_| ())
-    }
-
-    /// Commits without holding the metadata in memory for the first disk hit: for an object
-    /// the memory tier holds, whose next hits do not come here.
-    pub async fn commit_unheld(self, meta: &Arc<CachedMeta>) -> io::Result<()> {
-        let meta = meta.clone();
-        self.finish(move |_, _| meta, false).await.map(|_| ())
+        self.finish(move |_, _| meta).await.map(|_| ())
     }
 
     /// Commits, building the metadata once the content hash and size are known (pushed
@@ -141,14 +186,12 @@ impl DiskWriter {
         self,
         meta: impl FnOnce(&Integrity, u64) -> CachedMeta,
     ) -> io::Result<Integrity> {
-        self.finish(|sri, size| Arc::new(meta(sri, size)), true)
-            .await
+        self.finish(|sri, size| Arc::new(meta(sri, size))).await
     }
 
     async fn finish(
         self,
         meta: impl FnOnce(&Integrity, u64) -> Arc<CachedMeta>,
-        hold: bool,
     ) -> io::Result<Integrity> {
         let Self {
             tier,
@@ -207,10 +250,8 @@ impl DiskWriter {
             .ok_or_else(|| io::Error::other("an unconditional put was not applied"))?;
         entry.set_record(seq);
         tier.index.insert(key, entry.clone());
-        if hold {
-            // Just written: the first hit needs no metadata read.
-            tier.held.insert(key, HeldMeta::new(entry, 0, meta, len));
-        }
+        // Just written: the first hit needs no metadata read.
+        tier.held.insert(key, HeldMeta::new(entry, 0, meta, len));
         Ok(sri)
     }
 }

@@ -420,11 +420,16 @@ impl Rig {
 
     /// Waits until no fill runs, not even one a newer fill replaced (what they store is then
     /// visible in every tier): every fill task holds the engine, so only the rig does then.
+    /// Every fill has ended and every disk write it queued is committed (a small body's
+    /// disk copy commits after its fill ends: the memory tier answers meanwhile).
     pub(crate) async fn settle(&self) {
         eventually("every fill settles", || {
             self.engine.fills.is_empty() && Arc::strong_count(&self.engine) == 1
         })
         .await;
+        if let Some(disk) = &self.engine.disk {
+            disk.flush().await;
+        }
     }
 
     pub(crate) fn advance(&self, secs: u64) {
