@@ -111,8 +111,34 @@
 //! index out of the per-commit path (entries batched into rare commits, records self-describing
 //! so a crash replays the tail), or an ATS-style log.
 //!
-//! Flat, `OUTPOST_BENCH_PREFILL=1000000` at 836dd74 and a763632 (the prefill ran at 8 318
-//! misses/s; 4 984 before):
+//! Then (001fdbd) a put learns the entry it replaces from the insert (no lookup first), and
+//! (3eb1c7e) a small copy's commit is reported by a completion on the writer thread instead of
+//! waking a task per object: that wake cost the runtime ~20 µs per miss (alternating 3-round
+//! runs: 118.2 and 104.8 µs against 136.6 and 125.3 µs). Final, 6 rounds at 3eb1c7e:
+//!
+//! | case     | disk objects | req/s  | rt CPU/req | other CPU/req | CPU/req  | CPU vs memory |
+//! |----------|-------------:|-------:|-----------:|--------------:|---------:|--------------:|
+//! | memory   |            - | 18 533 |    76.9 µs |        0.0 µs |  76.9 µs |               |
+//! | disk     |      275 484 | 12 032 |    96.7 µs |       33.4 µs | 130.9 µs |         1.63x |
+//! | disk-hit |      275 484 | 24 790 |    52.1 µs |       15.0 µs |  67.1 µs |               |
+//!
+//! The first round (~40 000 objects) was at 1.24x (95.7 against 76.9 µs), the last (275 000)
+//! at 1.53x: the writer's share grows with the store (18.5 to 34 µs), and the runtime's with
+//! it. Target (≤ 1.2x) not met. Session's start: 2.52x.
+//!
+//! Flat, final (3eb1c7e; the prefill ran at 10 844 misses/s):
+//!
+//! | case          | disk objects | req/s  | rt CPU/req | other CPU/req | CPU/req  |
+//! |---------------|-------------:|-------:|-----------:|--------------:|---------:|
+//! | disk          |      123 286 | 10 001 |   106.4 µs |       28.7 µs | 135.5 µs |
+//! | disk/flat     |    1 235 997 | 10 117 |   100.1 µs |       45.6 µs | 145.7 µs |
+//! | disk-hit      |      123 286 | 23 939 |    54.0 µs |       16.1 µs |  70.1 µs |
+//! | disk-hit/flat |    1 235 997 | 19 747 |    62.4 µs |       19.4 µs |  81.7 µs |
+//!
+//! Misses +7.5% in CPU (req/s +1%), first disk hits +17% (req/s -18%): within the target's 20%.
+//!
+//! Flat, earlier the same day at 836dd74 and a763632 (the prefill ran at 8 318 misses/s; 4 984
+//! before):
 //!
 //! | case          | disk objects | req/s  | rt CPU/req | other CPU/req | CPU/req  |
 //! |---------------|-------------:|-------:|-----------:|--------------:|---------:|

@@ -691,8 +691,9 @@ impl Engine {
             verdict.abandon(DiskAdmission::Superseded);
         }
         fill.finish(Ok(()));
-        // Stay in the fill map until the disk copy is visible, so a request arriving in between
-        // finds this fill (and waits for the commit) rather than fetching again.
+        // A streamed copy: stay in the fill map until the disk copy is visible, so a request
+        // arriving in between finds this fill (and waits for the commit) rather than fetching
+        // again. A whole copy: the memory tier holds the object.
         let committed = match disk_copy.filter(|_| current) {
             Some(DiskCopy::Streamed(tx)) => {
                 let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -705,13 +706,27 @@ impl Engine {
                 }
             }
             Some(DiskCopy::Whole(admission)) => {
-                if let (Some(disk), Some(body)) = (&self.disk, whole_body) {
+                // Its record counts against the disk queue budget until it commits, as a
+                // streamed copy's chunks do until written: a slow disk is given up on, not
+                // queued for without bound.
+                let charge = whole_body.as_ref().and_then(|b| {
+                    let charge = self.fills.disk_queue.take(b.len() as u64);
+                    if charge.is_none() {
+                        self.stats
+                            .disk_writes_abandoned
+                            .fetch_add(1, Ordering::Relaxed);
+                        verdict.abandon(DiskAdmission::QueueFull);
+                    }
+                    charge
+                });
+                if let (Some(disk), Some(body), Some(charge)) = (&self.disk, whole_body, charge) {
                     // Not waited for: the memory tier answers the object meanwhile, and the
                     // fill leaves the fill map at once. (A 304 that lands in those few
                     // milliseconds refreshes the memory copy only; the disk copy keeps the
                     // metadata it was stored with, which a restart revalidates.)
                     let stats = self.stats.clone();
                     disk.store_whole(store_key, &body, &meta, move |result| {
+                        drop(charge);
                         admission.done(match result {
                             Ok(()) => DiskAdmission::Stored,
                             Err(e) => {

@@ -24,6 +24,7 @@ use http::{HeaderMap, StatusCode};
 
 use super::Engine;
 use super::clock::unix_ms;
+use super::disk::DiskEntry;
 use super::encoded::{encoded_key, encoded_matches};
 use super::key::{Coding, KeyHash};
 use super::memory::{EntryRef, MemEntry};
@@ -104,13 +105,14 @@ impl Default for HeadSlot {
     }
 }
 
-/// A fresh disk hit on the fast path (see the module docs), its body read.
+/// A fresh disk hit on the fast path (see the module docs); [`Engine::disk_hit_body`] reads
+/// its body, once the answer is known to need it.
 pub struct DiskFreshHit {
     /// The variant key the object is stored under.
     pub key: KeyHash,
     pub meta: Arc<CachedMeta>,
     pub slot: Arc<HeadSlot>,
-    pub body: Bytes,
+    entry: Arc<DiskEntry>,
     pub now: SystemTime,
     /// `now` in Unix milliseconds.
     pub now_ms: u64,
@@ -188,18 +190,21 @@ impl Engine {
         }
         let now = self.clock.now();
         let now_ms = unix_ms(now);
-        if !self.answerable(&key, &meta, now_ms) {
-            return None;
-        }
-        let body = disk.body_now(&key, &entry)?;
-        Some(DiskFreshHit {
-            key,
-            meta,
-            slot,
-            body,
-            now,
-            now_ms,
-        })
+        self.answerable(&key, &meta, now_ms)
+            .then_some(DiskFreshHit {
+                key,
+                meta,
+                slot,
+                entry,
+                now,
+                now_ms,
+            })
+    }
+
+    /// The body of a fast disk hit, read and checked on this thread. `None` on any doubt: the
+    /// full path then answers (and drops what is damaged).
+    pub fn disk_hit_body(&self, hit: &DiskFreshHit) -> Option<Bytes> {
+        self.disk.as_ref()?.body_now(&hit.key, &hit.entry)
     }
 
     /// Fresh at `now_ms`, not purged, and not due for a prefresh (the full path serves those

@@ -15,8 +15,8 @@
 //!
 //! Disk objects the memory tier does not take get the same treatment once hit
 //! ([`Engine::fresh_disk_hit`](crate::cache::Engine::fresh_disk_hit)): metadata the disk tier
-//! holds decoded, a head prepared once and kept with it, and the body, inline in its record and
-//! read moments ago, read again on this thread. Identity answers only: an encoded one takes
+//! holds decoded, a head prepared once and kept with it, and the body (inline in its record, or
+//! a content file read whole), read moments ago, read and checked again on this thread. Identity answers only: an encoded one takes
 //! the full path, which compresses.
 //!
 //! Anything the prepared head does not cover takes the full path, which gives the same answer:
@@ -408,11 +408,12 @@ impl Proxy {
             UnpreparedHit::Memory(hit) => hit,
             UnpreparedHit::Disk(hit) => {
                 if hit.slot.head().is_none() {
+                    let body = self.engine.disk_hit_body(&hit)?;
                     let head = self.prepare_head(
                         hit.key,
                         &hit.meta,
                         hit.meta.headers.clone(),
-                        hit.body.clone(),
+                        body,
                         (hit.now, hit.now_ms),
                         false,
                         Tier::Disk,
@@ -507,7 +508,16 @@ impl Proxy {
             return Step::Full;
         }
         let (age, ttl) = (head.age(hit.now_ms), hit.ttl_secs());
-        let body = HitBody::Disk(hit.body.clone());
+        // Read only now that the answer needs it (not for HEAD).
+        let body = if asked.head_only {
+            Bytes::new()
+        } else {
+            match self.engine.disk_hit_body(hit) {
+                Some(body) => body,
+                None => return Step::Full,
+            }
+        };
+        let body = HitBody::Disk(body);
         Step::Answer(self.answer(&hit.slot, head, age, ttl, body, asked.head_only))
     }
 

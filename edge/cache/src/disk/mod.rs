@@ -16,8 +16,10 @@
 //! (create, write, rename) on the blocking pool, at most [`WRITE_JOBS`] jobs at a time, so
 //! writes never take more threads than that and never delay reads; a longer body is written
 //! in jobs of that size. The metadata then joins the index writer's next group commit, and the
-//! object is visible once that commit is durable. Disk reads never queue behind writes: redb
-//! readers do not wait for its writer.
+//! object is visible once that commit is durable. A small body the memory tier holds is stored
+//! from that copy ([`DiskTier::store_whole`]): no job and no task, its record written inline
+//! and indexed by the writer thread after the commit. Disk reads never queue behind writes:
+//! redb readers do not wait for its writer.
 //!
 //! Start-up serves at once. The index is loaded in the background (`outpost-disk-load`
 //! thread) from the compact `entries` table; a lookup for a key the load has not reached reads
@@ -1017,9 +1019,9 @@ impl DiskTier {
     }
 
     /// The body of a [`DiskTier::held_hot`] entry, read on this thread (its pages were read
-    /// moments ago) and checked as every read is. `None` on any doubt (a pending write, a
-    /// record that does not match, a content file that fails its check): the full path then
-    /// decides (and removes what is damaged).
+    /// moments ago) and checked as every read is. `None` on any doubt (a pending write of another
+    /// copy, a record that does not match, a content file that fails its check): the full path
+    /// then decides (and removes what is damaged).
     pub fn body_now(&self, key: &KeyHash, entry: &DiskEntry) -> Option<Bytes> {
         if !entry.inline {
             // Known since the whole read that made the entry hot.
@@ -1067,8 +1069,8 @@ impl DiskTier {
         }
         let (file, body, len, _) = self.read_record(key, Some(&entry)).await?;
         if !entry.describes(&file) {
-            // A commit replaced the record and has not indexed it yet; never pair one body
-            // with another's metadata.
+            // A pending write's record, of another copy of the key: never pair one body with
+            // another's metadata.
             debug!(key = %key, "disk metadata names other content than the index");
             return None;
         }
@@ -1210,6 +1212,8 @@ impl DiskTier {
     /// [`DiskTier::fetch_record`]); `None` when there is none.
     fn pending_record(&self, key: &KeyHash, at: Option<u64>) -> Option<Option<(u64, Bytes)>> {
         match (self.store.pending(key)?, at) {
+            // The newest record of the key (its own sequence number is not known yet): the
+            // caller checks it describes its entry.
             (Pending::Put(record), Some(seq)) => Some(Some((seq, record))),
             _ => Some(None),
         }
@@ -1233,7 +1237,7 @@ impl DiskTier {
                 Ok(data.slice(range))
             }
             None => {
-                // Another entry's record (a commit in between) or a damaged one: a miss; a
+                // A pending write's record (another copy) or a damaged one: a miss; a
                 // damaged one is found and counted by the next lookup that parses it.
                 self.held.invalidate(key);
                 Err(io::Error::other("inline body does not match its entry"))

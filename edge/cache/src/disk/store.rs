@@ -23,9 +23,12 @@
 //! whatever has queued up and commits it in one transaction (group commit), durably
 //! (`Durability::Immediate`: synced, with quick repair so that opening after a crash does not
 //! walk the tree), at most one commit per [`GATHER`] while writes keep coming. Until its
-//! transaction commits, a write is visible to this process through [`Store::pending`]. A
-//! put's caller waits for its commit before the object counts as stored, so an object counted
-//! as stored survives a kill -9. What a kill -9 can lose: the objects whose commit had not
+//! transaction commits, a write is known to this process through [`Store::pending`] (reads of
+//! an indexed entry see a pending put's record; a key not indexed yet is a miss until its
+//! put commits and indexes it). A put's outcome is reported after its commit, to a waiting
+//! caller or to a [`Completion`] run on the writer thread (which indexes the copy there, so
+//! copies of one key are indexed in commit order), and only then does the object count as
+//! stored: an object counted as stored survives a kill -9. What a kill -9 can lose: the objects whose commit had not
 //! ended, that is, those whose bodies were complete within the last [`GATHER`] plus one
 //! commit (a sync: well under a millisecond on an SSD, some on a spinning disk). They are
 //! misses after the restart, and their content files, unreferenced, are swept. Deletes are
@@ -318,6 +321,13 @@ impl Store {
     /// A write to `key` not yet committed: `Some(Put)` or `Some(Delete)`.
     pub fn pending(&self, key: &KeyHash) -> Option<Pending> {
         self.pending.get(key).map(|p| p.1.clone())
+    }
+
+    /// The latest write to `key` not yet committed is a removal.
+    pub fn pending_delete(&self, key: &KeyHash) -> bool {
+        self.pending
+            .get(key)
+            .is_some_and(|p| matches!(p.1, Pending::Delete))
     }
 
     /// Queues a put; the receiver tells when it has committed.
@@ -672,7 +682,6 @@ impl Writer {
         txn.set_durability(Durability::Immediate)
             .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
         txn.set_quick_repair(true);
-        let next_seq = self.next_seq;
         {
             let mut records = txn.open_table(RECORDS)?;
             let mut legacy = txn.open_table(LEGACY_OBJECTS)?;
@@ -681,7 +690,7 @@ impl Writer {
             let mut state = txn.open_table(STATE)?;
             let mut max_seq = state.get(MAX_PURGE_SEQ)?.map_or(0, |v| v.value());
             let seq_before = max_seq;
-            let mut next = next_seq;
+            let mut next = self.next_seq;
             for (op, applied) in ops.iter_mut().zip(applied.iter_mut()) {
                 match op {
                     Op::Put(put, _, _) => {
@@ -741,11 +750,9 @@ impl Writer {
             }
             self.next_seq = next;
         }
-        if let Err(e) = txn.commit() {
-            // Nothing of it was written: its sequence numbers are free again.
-            self.next_seq = next_seq;
-            return Err(e.into());
-        }
+        // Sequence numbers are never handed out twice, not even after a failed commit (part of
+        // it may have reached the file).
+        txn.commit()?;
         self.last_commit = Instant::now();
         Ok(())
     }

@@ -864,3 +864,34 @@ async fn replaced_and_removed_objects_leave_no_record() {
     assert_eq!(tier.store.record_count(), 1);
     assert_eq!(etag_of(&tier, &b).await.as_deref(), Some("\"o\""));
 }
+
+/// Copies of one key are indexed in the order their records commit: a streamed copy queued
+/// first and a whole copy queued right after it (one group commit) leave the whole copy
+/// indexed, the one whose record the key holds. Before, the first copy's task indexed its
+/// entry when it woke, after the second copy's completion had indexed the newer one.
+#[tokio::test]
+async fn copies_of_one_key_are_indexed_in_commit_order() {
+    let (_dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    let mut first = tier.begin_write(key);
+    first.write(Bytes::from_static(b"first")).await.unwrap();
+    let first_meta = meta("\"first\"");
+    let mut first = Box::pin(first.commit(&first_meta));
+    // Polled once: its put is queued, and it waits for the commit.
+    assert!(futures_util::FutureExt::now_or_never(&mut first).is_none());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tier.store_whole(
+        key,
+        &Bytes::from_static(b"second"),
+        &meta("\"second\""),
+        move |r| {
+            let _ = tx.send(r);
+        },
+    );
+    first.await.unwrap();
+    rx.await.unwrap().unwrap();
+    tier.flush().await;
+    let hit = tier.get(&key).await.expect("stored");
+    assert_eq!(hit.meta.etag(), Some("\"second\""));
+    assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], b"second");
+}

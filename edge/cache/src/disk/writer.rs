@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cacache::Integrity;
 
-use super::store::Completion;
+use super::store::{Completion, Put};
 use super::{DiskEntry, DiskTier, HeldMeta, MetaFileOut};
 use crate::key::KeyHash;
 use crate::meta::CachedMeta;
@@ -57,28 +57,60 @@ impl DiskTier {
             Ok(put) => put,
             Err(e) => return done(Err(e)),
         };
+        self.commit_entry(put, entry, None, done);
+    }
+
+    /// Queues `put` for the index writer's next group commit. Right after it (on the writer
+    /// thread, so copies of one key are indexed in commit order), `entry` is indexed with the
+    /// record's sequence number, its metadata held when `held` gives it (with the record's
+    /// length), unless a removal of the key is still pending; then `done` is told.
+    fn commit_entry(
+        self: &Arc<Self>,
+        put: Put,
+        entry: Arc<DiskEntry>,
+        held: Option<Arc<CachedMeta>>,
+        done: impl FnOnce(io::Result<()>) + Send + 'static,
+    ) {
+        let key = put.key;
+        let len = put.record.len();
         self.touch(key);
         let tier = Arc::downgrade(self);
         self.store.put_then(
             put,
             Completion::new(move |result| {
-                done(match result {
-                    Ok(Some(seq)) => {
-                        entry.set_record(seq);
-                        // A later write to the key still pending (a removal, a newer copy)
-                        // decides what the key holds: this copy is not indexed over it.
-                        if let Some(tier) = tier.upgrade()
-                            && tier.store.pending(&key).is_none()
-                        {
-                            tier.index.insert(key, entry);
-                        }
-                        Ok(())
-                    }
-                    Ok(None) => Err(io::Error::other("an unconditional put was not applied")),
-                    Err(e) => Err(e),
-                })
+                let result = result.and_then(|applied| {
+                    applied.ok_or_else(|| io::Error::other("an unconditional put was not applied"))
+                });
+                if let (Ok(seq), Some(tier)) = (&result, tier.upgrade()) {
+                    entry.set_record(*seq);
+                    tier.index_committed(key, entry, held.map(|meta| (meta, len)));
+                }
+                done(result.map(|_| ()));
             }),
         );
+    }
+
+    /// Indexes a copy whose record just committed, unless a removal of the key is pending
+    /// (queued after the put: the key is to hold nothing). Checked again after indexing, so a
+    /// removal that slips in between never leaves the copy indexed.
+    fn index_committed(
+        &self,
+        key: KeyHash,
+        entry: Arc<DiskEntry>,
+        held: Option<(Arc<CachedMeta>, usize)>,
+    ) {
+        if self.store.pending_delete(&key) {
+            return;
+        }
+        self.index.insert(key, entry.clone());
+        if let Some((meta, len)) = held {
+            self.held
+                .insert(key, HeldMeta::new(entry.clone(), 0, meta, len));
+        }
+        if self.store.pending_delete(&key) {
+            self.index.remove_if(&key, |e| Arc::ptr_eq(e, &entry));
+            self.forget_held(&key, &entry);
+        }
     }
 
     /// Starts writing a body. Nothing is visible until [`DiskWriter::commit`]; dropping the
@@ -241,17 +273,13 @@ impl DiskWriter {
             meta: &meta,
         }
         .put(key, &body)?;
-        let len = put.record.len();
-        tier.touch(key);
-        let seq = tier
-            .store
-            .put(put)
-            .await?
-            .ok_or_else(|| io::Error::other("an unconditional put was not applied"))?;
-        entry.set_record(seq);
-        tier.index.insert(key, entry.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
         // Just written: the first hit needs no metadata read.
-        tier.held.insert(key, HeldMeta::new(entry, 0, meta, len));
+        tier.commit_entry(put, entry, Some(meta), move |result| {
+            let _ = tx.send(result);
+        });
+        rx.await
+            .unwrap_or_else(|_| Err(io::Error::other("the disk index writer stopped")))?;
         Ok(sri)
     }
 }
