@@ -125,6 +125,8 @@
 //! The first round (~40 000 objects) was at 1.24x (95.7 against 76.9 µs), the last (275 000)
 //! at 1.53x: the writer's share grows with the store (18.5 to 34 µs), and the runtime's with
 //! it. Target (≤ 1.2x) not met. Session's start: 2.52x.
+//! One 3-round run at e2e42b5 (streamed copies indexed by the writer thread too): 108.4 µs
+//! (82.6 + 25.2) against 72.4 µs, 1.51x; first disk hits 60.7 µs.
 //!
 //! Flat, final (3eb1c7e; the prefill ran at 10 844 misses/s):
 //!
