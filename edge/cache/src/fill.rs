@@ -727,14 +727,7 @@ impl Engine {
                     let stats = self.stats.clone();
                     disk.store_whole(store_key, &body, &meta, move |result| {
                         drop(charge);
-                        admission.done(match result {
-                            Ok(()) => DiskAdmission::Stored,
-                            Err(e) => {
-                                warn!(error = %e, "disk tier commit failed; object not stored on disk");
-                                stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
-                                DiskAdmission::Error
-                            }
-                        })
+                        admission.done(commit_outcome(&stats, result));
                     });
                 }
                 // Else the fill kept no whole copy after all: the guard counts why.
@@ -813,14 +806,7 @@ impl Engine {
                     }
                 }
                 DiskMsg::Commit(meta, done) => {
-                    let outcome = match writer.commit(&meta).await {
-                        Ok(()) => DiskAdmission::Stored,
-                        Err(e) => {
-                            warn!(error = %e, "disk tier commit failed; object not stored on disk");
-                            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
-                            DiskAdmission::Error
-                        }
-                    };
+                    let outcome = commit_outcome(stats, writer.commit(&meta).await);
                     let _ = done.send(());
                     return Some(outcome);
                 }
@@ -828,6 +814,18 @@ impl Engine {
         }
         // Sender dropped without Commit: the write is abandoned and never visible.
         None
+    }
+}
+
+/// A disk copy's commit as an admission outcome; a failure is logged and counted.
+fn commit_outcome(stats: &super::EngineStats, result: io::Result<()>) -> DiskAdmission {
+    match result {
+        Ok(()) => DiskAdmission::Stored,
+        Err(e) => {
+            warn!(error = %e, "disk tier commit failed; object not stored on disk");
+            stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
+            DiskAdmission::Error
+        }
     }
 }
 

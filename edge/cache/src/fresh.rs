@@ -105,6 +105,11 @@ impl Default for HeadSlot {
     }
 }
 
+/// Remaining freshness of `meta` at `now_ms`, in whole seconds.
+fn ttl_secs(meta: &CachedMeta, now_ms: u64) -> u64 {
+    meta.fresh_until_ms.saturating_sub(now_ms) / 1000
+}
+
 /// A fresh disk hit on the fast path (see the module docs); [`Engine::disk_hit_body`] reads
 /// its body, once the answer is known to need it.
 pub struct DiskFreshHit {
@@ -121,7 +126,7 @@ pub struct DiskFreshHit {
 impl DiskFreshHit {
     /// Remaining freshness in whole seconds, for `Cache-Status: ttl=`.
     pub fn ttl_secs(&self) -> u64 {
-        self.meta.fresh_until_ms.saturating_sub(self.now_ms) / 1000
+        ttl_secs(&self.meta, self.now_ms)
     }
 }
 
@@ -143,7 +148,7 @@ impl<E: Deref<Target = MemEntry>> FreshHit<E> {
 
     /// Remaining freshness in whole seconds, for `Cache-Status: ttl=`.
     pub fn ttl_secs(&self) -> u64 {
-        self.meta().fresh_until_ms.saturating_sub(self.now_ms) / 1000
+        ttl_secs(self.meta(), self.now_ms)
     }
 }
 
@@ -178,7 +183,8 @@ impl Engine {
     }
 
     /// A fresh, unpurged object of the disk tier that the fast path can answer (see the module
-    /// docs), its body read on this thread. Called when [`Engine::fresh_hit`] found nothing.
+    /// docs); its body is read by [`Engine::disk_hit_body`]. Called when [`Engine::fresh_hit`]
+    /// found nothing.
     pub fn fresh_disk_hit(&self, primary: KeyHash, headers: &HeaderMap) -> Option<DiskFreshHit> {
         let disk = self.disk.as_ref()?;
         let key = self.variant_of(primary, headers);

@@ -15,9 +15,9 @@
 //!
 //! Disk objects the memory tier does not take get the same treatment once hit
 //! ([`Engine::fresh_disk_hit`](crate::cache::Engine::fresh_disk_hit)): metadata the disk tier
-//! holds decoded, a head prepared once and kept with it, and the body (inline in its record, or
-//! a content file read whole), read moments ago, read and checked again on this thread. Identity answers only: an encoded one takes
-//! the full path, which compresses.
+//! holds decoded, a head prepared once and kept with it, and the body (inline in its record,
+//! or a content file read whole), read moments ago, read and checked again on this thread.
+//! Identity answers only: an encoded one takes the full path, which compresses.
 //!
 //! Anything the prepared head does not cover takes the full path, which gives the same answer:
 //! request directives (Cache-Control, Pragma), credentials, conditionals and ranges, pushed
@@ -465,17 +465,10 @@ impl Proxy {
             Codings::Negotiated if asked.accept_encoding => Coding::negotiate(headers),
             Codings::Negotiated => Coding::Identity,
         };
-        let (age, ttl) = (head.age(hit.now_ms), hit.ttl_secs());
         if coding == Coding::Identity {
             let body = HitBody::Memory(&hit.entry.obj.body);
-            return Step::Answer(self.answer(
-                &hit.entry.slot,
-                head,
-                age,
-                ttl,
-                body,
-                asked.head_only,
-            ));
+            let at = (hit.now_ms, hit.ttl_secs());
+            return Step::Answer(self.answer(&hit.entry.slot, head, at, body, asked.head_only));
         }
         // An encoded variant: its own entry, with its own prepared head.
         let Some(variant) = self.engine.fresh_encoded(hit, coding) else {
@@ -488,7 +481,8 @@ impl Proxy {
             self.compression.count_variant_hit();
         }
         let body = HitBody::Memory(&variant.obj.body);
-        Step::Answer(self.answer(&variant.slot, head, age, ttl, body, asked.head_only))
+        let at = (hit.now_ms, hit.ttl_secs());
+        Step::Answer(self.answer(&variant.slot, head, at, body, asked.head_only))
     }
 
     /// The answer to a fresh disk hit from its prepared head, if it is there. Identity only:
@@ -507,7 +501,6 @@ impl Proxy {
         if !identity {
             return Step::Full;
         }
-        let (age, ttl) = (head.age(hit.now_ms), hit.ttl_secs());
         // Read only now that the answer needs it (not for HEAD).
         let body = if asked.head_only {
             Bytes::new()
@@ -517,20 +510,21 @@ impl Proxy {
                 None => return Step::Full,
             }
         };
-        let body = HitBody::Disk(body);
-        Step::Answer(self.answer(&hit.slot, head, age, ttl, body, asked.head_only))
+        let (at, body) = ((hit.now_ms, hit.ttl_secs()), HitBody::Disk(body));
+        Step::Answer(self.answer(&hit.slot, head, at, body, asked.head_only))
     }
 
-    /// The response for one hit: the prepared head plus `Age` and `Cache-Status` for now.
+    /// The response for one hit: the prepared head plus `Age` and `Cache-Status` for now (`at`:
+    /// the hit's time in Unix milliseconds, and its remaining freshness in seconds).
     fn answer(
         &self,
         slot: &HeadSlot,
         head: &PreparedHead,
-        age: u64,
-        ttl: u64,
+        (now_ms, ttl): (u64, u64),
         body: HitBody<'_>,
         head_only: bool,
     ) -> FastHit {
+        let age = head.age(now_ms);
         let shared = match &body {
             HitBody::Memory(b) => Some(*b),
             HitBody::Disk(_) => None,
