@@ -10,7 +10,8 @@
 //! OUTPOST_BENCH_SECS (measured seconds per case per round, 3), OUTPOST_BENCH_WARMUP_SECS (1),
 //! OUTPOST_BENCH_ROUNDS (3), OUTPOST_BENCH_CONNS (16), OUTPOST_BENCH_PREFILL (objects added to
 //! the disk edge before the "flat" cases; 0: no flat cases), OUTPOST_BENCH_FILL_CONNS
-//! (connections of the prefill, 64), OUTPOST_BENCH_MEMORY_MIB (`--memory` of both edges, 64),
+//! (connections of the prefill, 64), OUTPOST_BENCH_MEMORY_MIB (`--memory` of both edges, 256: its disk index holds ~200,000 1 KiB
+//! objects, a quarter of it at ~320 bytes each; the flat run at 1M objects needs 1536),
 //! OUTPOST_BENCH_DISK_GIB (`--disk`, 16), OUTPOST_BENCH_TMPDIR (where the cache directory goes;
 //! default target/tmp, on the build's disk), OUTPOST_BENCH_SERVER_THREADS (edge runtime
 //! workers; cores), OUTPOST_BENCH_CLIENT_THREADS (2), OUTPOST_BENCH_ORIGIN_THREADS (1).
@@ -26,7 +27,7 @@
 //! `Cache-Control: public, max-age=3600`, `application/octet-stream` (never compressed). Two
 //! `EdgeServer`s in front of it through their own upstream client (keep-alive): "memory" (memory
 //! tier only) and "disk" (the same plus `--cache-dir` in a temp dir and `--disk 16GiB`), both
-//! `--memory 64MiB`. Closed loop: each of 16 keep-alive connections (benches/support/client.rs)
+//! `--memory 256MiB`. Closed loop: each of 16 keep-alive connections (benches/support/client.rs)
 //! sends its next GET for a URL never asked before when the previous answer is read; every
 //! answer must be a 200 `X-Cache: MISS` of 1024 bytes or the bench fails. Cases alternate
 //! within each round (memory, disk, memory, disk, …). After each disk case the bench waits until
@@ -259,7 +260,7 @@ fn main() {
             rounds: env_u64("OUTPOST_BENCH_ROUNDS", 3).max(1),
             prefill: env_u64("OUTPOST_BENCH_PREFILL", 0),
             fill_conns: env_u64("OUTPOST_BENCH_FILL_CONNS", 64).max(1) as usize,
-            memory: env_u64("OUTPOST_BENCH_MEMORY_MIB", 64) << 20,
+            memory: env_u64("OUTPOST_BENCH_MEMORY_MIB", 256) << 20,
             disk: env_u64("OUTPOST_BENCH_DISK_GIB", 16) << 30,
         }
     };

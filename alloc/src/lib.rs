@@ -17,9 +17,59 @@
 //! kernel checks the process's flag at each page fault.
 //!
 //! This crate is the workspace's one place for `unsafe`: [`tune`] sets one integer in
-//! mimalloc's option table. The workspace lints forbid `unsafe` everywhere else.
+//! mimalloc's option table, and [`Counted`] forwards to mimalloc while it counts. The workspace
+//! lints forbid `unsafe` everywhere else.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 pub use mimalloc::MiMalloc;
+
+/// mimalloc, counting the bytes it has handed out and not got back ([`counted_bytes`]): the
+/// allocator of tests that bound what a component keeps in memory. Counts what was asked for,
+/// not the allocator's rounding or its own bookkeeping.
+pub struct Counted;
+
+static COUNTED: AtomicI64 = AtomicI64::new(0);
+
+/// Bytes allocated through [`Counted`] and not freed yet.
+pub fn counted_bytes() -> i64 {
+    COUNTED.load(Ordering::Relaxed)
+}
+
+fn size_of(layout: &Layout) -> i64 {
+    i64::try_from(layout.size()).unwrap_or(i64::MAX)
+}
+
+#[allow(unsafe_code)]
+// SAFETY: every method forwards its arguments unchanged to mimalloc's and returns its result;
+// the count is a relaxed atomic add on the side.
+unsafe impl GlobalAlloc for Counted {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        COUNTED.fetch_add(size_of(&layout), Ordering::Relaxed);
+        // SAFETY: as the caller's contract.
+        unsafe { MiMalloc.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        COUNTED.fetch_add(size_of(&layout), Ordering::Relaxed);
+        // SAFETY: as the caller's contract.
+        unsafe { MiMalloc.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        COUNTED.fetch_sub(size_of(&layout), Ordering::Relaxed);
+        // SAFETY: as the caller's contract.
+        unsafe { MiMalloc.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let grown = i64::try_from(new_size).unwrap_or(i64::MAX) - size_of(&layout);
+        COUNTED.fetch_add(grown, Ordering::Relaxed);
+        // SAFETY: as the caller's contract.
+        unsafe { MiMalloc.realloc(ptr, layout, new_size) }
+    }
+}
 
 /// mimalloc's `mi_option_purge_delay` (`mimalloc.h`, v3: the 16th option, index 15).
 /// libmimalloc-sys does not export it; the test below checks the index against its default.

@@ -199,7 +199,8 @@ pub struct Engine {
 }
 
 /// How `--memory` is shared out. It covers everything the cache holds, not only the memory
-/// tier: the parsed metadata the disk tiers keep (1/16 each, see
+/// tier: the disk tier's index of every object it stores (a quarter, see
+/// [`disk::index_budget`]), the parsed metadata the disk tiers keep (1/16 each, see
 /// [`disk::held_meta_budget`]) and their index page caches (as much again), the bodies fills
 /// hold for the memory tier while they arrive,
 /// counted twice (the chunks, then the compact copy), and the chunks queued for disk writers.
@@ -207,6 +208,8 @@ pub struct Engine {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryShares {
     pub tier: u64,
+    /// The disk tier's index in memory: it evicts objects rather than grow past this.
+    pub disk_index: u64,
     /// Parsed metadata held by each disk tier (the cache's and the pushed objects'), and the
     /// page cache of each one's index.
     pub held_meta: u64,
@@ -230,14 +233,16 @@ impl MemoryShares {
         } else {
             0
         };
+        let disk_index = if disk { disk::index_budget(memory) } else { 0 };
         // Each disk tier (the cache's and the pushed objects') holds metadata and has an index
         // page cache of as much again.
-        let rest = memory.saturating_sub(4 * held_meta + disk_queue);
+        let rest = memory.saturating_sub(4 * held_meta + disk_queue + disk_index);
         // Rounded up: the tier gets at most 4/5 of `rest`, so twice its largest object (an
         // eighth of it) always fits.
         let memory_fills = rest.div_ceil(5).clamp(1 << 20, 256 << 20).min(rest / 2);
         Self {
             tier: rest.saturating_sub(memory_fills).max(1),
+            disk_index,
             held_meta,
             memory_fills,
             disk_queue,
@@ -265,7 +270,8 @@ impl Engine {
         let mut loading = None;
         let disk = match &cfg.disk {
             Some((dir, cap)) => {
-                let (tier, rx) = DiskTier::open(dir, *cap, held_budget).await?;
+                let (tier, rx) =
+                    DiskTier::open_within(dir, *cap, held_budget, shares.disk_index).await?;
                 stored_seq = stored_seq.max(tier.max_purge_seq().await);
                 loading = Some(rx);
                 Some(tier)
@@ -369,7 +375,7 @@ impl Engine {
         let (dn, db) = self
             .disk
             .as_ref()
-            .map_or((0, 0), |d| (d.entry_count(), d.weighted_size()));
+            .map_or((0, 0), |d| (d.entry_count(), d.stored_bytes()));
         [
             (
                 Tier::Memory,

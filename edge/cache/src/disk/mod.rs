@@ -1,8 +1,9 @@
 //! Disk tier: body content in cacache (content-addressed, written to `tmp/` and renamed on
 //! commit, verified by its integrity hash on read) or, for small bodies, inline in its record;
 //! metadata in a redb database ([`store`]); every object also in an index in memory
-//! (quick_cache, weighed in bytes, about 100 bytes per entry plus its own) for size accounting
-//! and eviction. An eviction deletes the object's record; a content file goes once no entry
+//! (quick_cache) for size accounting and eviction. The index counts against `--memory`
+//! ([`index_budget`]): an object weighs the larger of its share of the disk and its entry's share
+//! of that budget ([`EntryWeight`]), so whichever fills first evicts. An eviction deletes the object's record; a content file goes once no entry
 //! (indexed, held, or being streamed) names it.
 //!
 //! Why not cacache's own index: its buckets are append-only (every rewrite of a key, such as a
@@ -349,6 +350,28 @@ impl DiskEntry {
         self.record.load(Ordering::Acquire)
     }
 
+    /// What the object takes of the disk: its body and ~2 KiB of metadata.
+    pub fn disk_bytes(&self) -> u64 {
+        self.size.saturating_add(2048)
+    }
+
+    /// What its entry takes of the index's memory (see [`INDEX_ENTRY_BYTES`]).
+    fn index_bytes(&self) -> u64 {
+        if self.inline {
+            INDEX_ENTRY_BYTES
+        } else {
+            INDEX_ENTRY_BYTES + INDEX_FILE_ENTRY_EXTRA
+        }
+    }
+
+    /// This copy, as a conditional write names it.
+    fn copy(&self) -> store::Copy {
+        store::Copy {
+            seq: self.record_seq(),
+            integrity: self.sri().to_string(),
+        }
+    }
+
     /// The content hash.
     pub fn sri(&self) -> Integrity {
         self.sri.integrity()
@@ -591,6 +614,9 @@ pub struct DiskTier {
     held: moka::sync::Cache<KeyHash, HeldMeta>,
     refs: Arc<ContentRefs>,
     evictions: AtomicU64,
+    /// [`DiskTier::stored_bytes`]: added as an entry is indexed, taken off as it leaves the
+    /// index (removed, or handed to the deleter when evicted or replaced).
+    stored: AtomicU64,
     /// Metadata records dropped for failing their checksum or format check.
     rejected: AtomicU64,
     /// Unreferenced content files removed by the start-up sweep.
@@ -627,14 +653,52 @@ type Index = quick_cache::sync::Cache<
     Evictions,
 >;
 
-/// What an entry weighs against `--disk`: its body and ~2 KiB of metadata.
+/// What an entry takes of the tier's capacity: of the disk, its body and ~2 KiB of metadata
+/// ([`DiskEntry::disk_bytes`]); of the memory the index may use, [`DiskEntry::index_bytes`].
+/// The index holds one weight per entry against the disk capacity, so the memory share is
+/// scaled to it: an entry weighs the larger of the two. The entries' weights then add up to
+/// at most the capacity only if both their disk bytes fit `--disk` and their index bytes fit
+/// the index's budget, and whichever fills first evicts (as nginx's `keys_zone` does beside
+/// `max_size`).
 #[derive(Clone)]
-struct EntryWeight;
+struct EntryWeight {
+    /// Disk capacity over the index's memory budget, as a 32.32 fixed-point factor.
+    scale: u128,
+}
+
+impl EntryWeight {
+    fn new(capacity: u64, index_budget: u64) -> Self {
+        Self {
+            scale: (u128::from(capacity) << 32) / u128::from(index_budget.max(1)),
+        }
+    }
+}
 
 impl quick_cache::Weighter<KeyHash, Arc<DiskEntry>> for EntryWeight {
     fn weight(&self, _key: &KeyHash, entry: &Arc<DiskEntry>) -> u64 {
-        entry.size.saturating_add(2048)
+        let index = (u128::from(entry.index_bytes()) * self.scale) >> 32;
+        entry
+            .disk_bytes()
+            .max(u64::try_from(index).unwrap_or(u64::MAX))
     }
+}
+
+/// Memory the index takes per entry (`tests/index_memory.rs` checks it): the entry, its `Arc`,
+/// its slot in the index (key and weight), and its share of the database's page cache after
+/// the start-up load. Measured at 278-294 bytes (bytes asked of the allocator).
+pub const INDEX_ENTRY_BYTES: u64 = 320;
+
+/// What an entry with a content file takes on top of [`INDEX_ENTRY_BYTES`]: its count in the
+/// content references (keyed by the hash's text) and, once read whole, its file's path and
+/// stamp. Measured at ~970 bytes in all with the entry.
+pub const INDEX_FILE_ENTRY_EXTRA: u64 = 768;
+
+/// The memory the disk index may use, out of `--memory`: a quarter of it, at least 1 MiB
+/// (~3,000 objects). At the default 256 MiB that is ~200,000 objects; a store of many more
+/// small objects needs a larger `--memory` (nginx sizes its `keys_zone` the same way, at
+/// ~8,000 keys per MiB).
+pub fn index_budget(memory: u64) -> u64 {
+    (memory / 4).max(1 << 20)
 }
 
 /// Hands entries evicted for space to the deleter task.
@@ -650,13 +714,25 @@ impl quick_cache::Lifecycle<KeyHash, Arc<DiskEntry>> for Evictions {
 }
 
 impl DiskTier {
-    /// Opens (or creates) the tier and starts loading its index in the background. The tier
-    /// serves at once; the receiver gets what the load finds, in batches, and closes when the
-    /// load is done.
+    /// Opens (or creates) the tier, its index bounded by the disk capacity only, and starts
+    /// loading the index in the background (see [`DiskTier::open_within`]).
     pub async fn open(
         root: &Path,
         capacity: u64,
         held_budget: u64,
+    ) -> io::Result<(Arc<Self>, mpsc::Receiver<Vec<Loaded>>)> {
+        Self::open_within(root, capacity, held_budget, u64::MAX).await
+    }
+
+    /// Opens (or creates) the tier and starts loading its index in the background. The tier
+    /// serves at once; the receiver gets what the load finds, in batches, and closes when the
+    /// load is done. The index keeps its entries within `index_budget` bytes of memory (see
+    /// [`EntryWeight`]), evicting objects when it would not.
+    pub async fn open_within(
+        root: &Path,
+        capacity: u64,
+        held_budget: u64,
+        index_budget: u64,
     ) -> io::Result<(Arc<Self>, mpsc::Receiver<Vec<Loaded>>)> {
         let started = SystemTime::now();
         let content: Arc<Path> = root.join("content").into();
@@ -674,9 +750,10 @@ impl DiskTier {
 
         let (tx, rx) = mpsc::unbounded_channel::<Deletion>();
         // Sized for objects of ~64 KiB on average; the shards grow past it as needed.
-        let estimated = usize::try_from(capacity / (64 << 10))
-            .unwrap_or(usize::MAX)
-            .clamp(1024, 1 << 20);
+        let estimated =
+            usize::try_from((capacity / (64 << 10)).min(index_budget / INDEX_ENTRY_BYTES))
+                .unwrap_or(usize::MAX)
+                .clamp(1024, 1 << 20);
         // quick_cache shares the capacity out between shards and refuses an object heavier
         // than (most of) one shard: at least 1 GiB per shard (one shard below that), so any
         // object the fill admits (`max_object_size`) fits.
@@ -693,7 +770,7 @@ impl DiskTier {
             .map_err(|e| io::Error::other(e.to_string()))?;
         let index = Index::with_options(
             options,
-            EntryWeight,
+            EntryWeight::new(capacity, index_budget),
             quick_cache::DefaultHashBuilder::default(),
             Evictions(tx),
         );
@@ -715,6 +792,7 @@ impl DiskTier {
             held,
             refs,
             evictions: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             swept: AtomicU64::new(0),
             sweep_done: AtomicBool::new(false),
@@ -836,6 +914,7 @@ impl DiskTier {
         let indexed = self
             .index
             .get_or_insert_with(&key, || {
+                self.stored.fetch_add(entry.disk_bytes(), Ordering::Relaxed);
                 Ok::<_, std::convert::Infallible>(Arc::clone(&entry))
             })
             .unwrap_or_else(|never| match never {});
@@ -845,7 +924,7 @@ impl DiskTier {
         }
         // A write or removal that came in between checking and indexing: take ours back.
         if self.touched.contains_key(&key) {
-            self.index.remove_if(&key, |e| Arc::ptr_eq(e, &entry));
+            self.unindex(&key, &entry);
             return None;
         }
         Some(entry)
@@ -937,11 +1016,22 @@ impl DiskTier {
     }
 
     /// An entry evicted for space: its record goes (unless the key was stored again
-    /// meanwhile); its content file goes with the last entry that names it.
+    /// meanwhile); its content file goes with the last entry that names it. The index also
+    /// hands over the entry a new copy of the key replaced: that copy's put already removed
+    /// its record, so there is nothing to delete, and it is no eviction.
     fn evicted(&self, d: Deletion) {
-        // Only this copy's record: a fill may have stored a newer one under the key meanwhile.
-        self.store.delete_if(d.key, d.entry.sri().to_string());
+        self.stored
+            .fetch_sub(d.entry.disk_bytes(), Ordering::Relaxed);
         self.forget_held(&d.key, &d.entry);
+        if self
+            .index
+            .peek(&d.key)
+            .is_some_and(|cur| !Arc::ptr_eq(&cur, &d.entry))
+        {
+            return;
+        }
+        // Only this copy's record: a fill may have stored a newer one under the key meanwhile.
+        self.store.delete_if(d.key, d.entry.copy());
         self.evictions.fetch_add(1, Ordering::Relaxed);
         debug!(key = %d.key, size = d.entry.size, "disk eviction");
     }
@@ -1140,7 +1230,7 @@ impl DiskTier {
             Ok(Some(data)) => data,
             Ok(None) => {
                 if let Some(e) = entry {
-                    self.index.remove_if(key, |cur| Arc::ptr_eq(cur, e));
+                    self.unindex(key, e);
                     self.forget_held(key, e);
                 }
                 return None;
@@ -1162,8 +1252,8 @@ impl DiskTier {
                     // The damaged record is this entry's: it goes, unless a new copy's
                     // record replaced it meanwhile.
                     Some(e) => {
-                        self.store.delete_if(*key, e.sri().to_string());
-                        self.index.remove_if(key, |cur| Arc::ptr_eq(cur, e));
+                        self.store.delete_if(*key, e.copy());
+                        self.unindex(key, e);
                         self.forget_held(key, e);
                     }
                     None => {
@@ -1292,8 +1382,8 @@ impl DiskTier {
             meta,
         }
         .put(*key, &body)?;
-        // Only onto the body it was made for: a fill may have stored a new one meanwhile.
-        put.expect = Some(entry.sri().to_string());
+        // Only onto the copy it was made for: a fill may have stored a new one meanwhile.
+        put.expect = Some(entry.copy());
         let len = put.record.len();
         self.touch(*key);
         let Some(seq) = self.store.put(put).await? else {
@@ -1317,7 +1407,9 @@ impl DiskTier {
     pub async fn remove(&self, key: &KeyHash) {
         self.touch(*key);
         self.store.delete(*key);
-        self.index.remove(key);
+        if let Some((_, entry)) = self.index.remove(key) {
+            self.stored.fetch_sub(entry.disk_bytes(), Ordering::Relaxed);
+        }
         self.held.invalidate(key);
     }
 
@@ -1426,8 +1518,22 @@ impl DiskTier {
         self.index.len() as u64
     }
 
-    pub fn weighted_size(&self) -> u64 {
-        self.index.weight()
+    /// Bytes the indexed objects take on disk (bodies and ~2 KiB of metadata each).
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored.load(Ordering::Relaxed)
+    }
+
+    /// Indexes `entry` under `key` (a copy it replaces goes to the deleter, like an eviction).
+    fn index_entry(&self, key: KeyHash, entry: Arc<DiskEntry>) {
+        self.stored.fetch_add(entry.disk_bytes(), Ordering::Relaxed);
+        self.index.insert(key, entry);
+    }
+
+    /// Takes `entry` out of the index if it is still the key's.
+    fn unindex(&self, key: &KeyHash, entry: &Arc<DiskEntry>) {
+        if let Some((_, gone)) = self.index.remove_if(key, |cur| Arc::ptr_eq(cur, entry)) {
+            self.stored.fetch_sub(gone.disk_bytes(), Ordering::Relaxed);
+        }
     }
 }
 

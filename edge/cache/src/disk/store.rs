@@ -165,12 +165,28 @@ impl EntryRecord {
     }
 }
 
+/// One stored copy of a key, as a conditional write names it: its record's sequence number,
+/// never given to another copy. A record of the previous layout (number 0) is named by its
+/// content hash as well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Copy {
+    pub seq: u64,
+    pub integrity: String,
+}
+
+impl Copy {
+    /// The key's entry `cur` is this copy's.
+    fn is(&self, cur: &EntryRecord) -> bool {
+        cur.seq == self.seq && (self.seq != 0 || cur.integrity == self.integrity)
+    }
+}
+
 /// A put: the record a lookup reads, the entry the start-up load reads.
 pub(super) struct Put {
     pub key: KeyHash,
-    /// Applied only if the object stored under the key now has this content hash (a 304's
-    /// metadata update must not land on a body a newer fill replaced); `None`: always.
-    pub expect: Option<String>,
+    /// Applied only if the key still holds this copy (a 304's metadata update must not land
+    /// on a copy a newer fill stored, even one of the same body); `None`: always.
+    pub expect: Option<Copy>,
     pub record: Bytes,
     pub entry: EntryRecord,
     /// (primary key, names) when the object varies.
@@ -218,9 +234,9 @@ impl Drop for Completion {
 enum Op {
     /// The caller learns whether it was applied, and where.
     Put(Put, u64, Option<Reply>),
-    /// With `Some(hash)`, only if the object stored under the key still has that content
-    /// hash (an eviction must not delete the record of a newer copy).
-    Delete(KeyHash, u64, Option<String>),
+    /// With `Some(copy)`, only if the key still holds that copy (an eviction must not delete
+    /// the record of a newer one).
+    Delete(KeyHash, u64, Option<Copy>),
     Flush(oneshot::Sender<()>),
     /// Commit what came before, sync, and stop (closing the database).
     Close(oneshot::Sender<()>),
@@ -384,11 +400,12 @@ impl Store {
         let _ = self.tx.send(Op::Delete(key, ticket, None));
     }
 
-    /// Queues a delete of the record only if it still names content `integrity` (an evicted
-    /// copy); a newer copy's record stays. Not shown as pending: it may not apply.
-    pub fn delete_if(&self, key: KeyHash, integrity: String) {
+    /// Queues a delete of the record only if the key still holds `copy` (an evicted or
+    /// damaged one); a newer copy's record stays, whatever its body. Not shown as pending: it
+    /// may not apply.
+    pub fn delete_if(&self, key: KeyHash, copy: Copy) {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        let _ = self.tx.send(Op::Delete(key, ticket, Some(integrity)));
+        let _ = self.tx.send(Op::Delete(key, ticket, Some(copy)));
     }
 
     /// Waits until every write queued before this call has committed durably.
@@ -699,7 +716,7 @@ impl Writer {
                             // A metadata update: onto the body it was made for (this
                             // transaction's earlier writes included), in place.
                             match entries.get(&put.key.0)?.and_then(decode) {
-                                Some(cur) if &cur.integrity == expect => cur.seq,
+                                Some(cur) if expect.is(&cur) => cur.seq,
                                 _ => continue,
                             }
                         } else {
@@ -736,7 +753,7 @@ impl Writer {
                         let Some(cur) = EntryRecord::decode(&raw) else {
                             continue;
                         };
-                        if expect.as_ref().is_some_and(|e| *e != cur.integrity) {
+                        if expect.as_ref().is_some_and(|copy| !copy.is(&cur)) {
                             entries.insert(&key.0, raw.as_slice())?;
                             continue;
                         }

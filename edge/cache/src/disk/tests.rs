@@ -715,29 +715,31 @@ async fn an_eviction_never_deletes_a_newer_copy() {
     );
 }
 
-/// A 304's metadata update made for a body that a new fill has replaced meanwhile is not
-/// written: the new body keeps its own metadata.
+/// A 304's metadata update made for a copy that a new fill has replaced meanwhile is not
+/// written, even when the new copy has the same body: the new copy keeps its own metadata.
 #[tokio::test]
-async fn a_metadata_update_never_lands_on_another_body() {
-    let (_dir, tier) = tier().await;
-    let key = KeyHash::of("example.test/a");
-    store(&tier, key, b"old body", &meta("\"old\"")).await;
-    let old = tier.get(&key).await.unwrap().entry;
-    // The update was prepared for the old body (its identity), and lands after a new one.
-    let refreshed = meta("\"old-refreshed\"");
-    let mut put = MetaFileOut {
-        integrity: old.sri().to_string(),
-        size: old.size,
-        inline: old.inline,
-        meta: &refreshed,
+async fn a_metadata_update_never_lands_on_another_copy() {
+    for new_body in [&b"new body"[..], b"old body"] {
+        let (_dir, tier) = tier().await;
+        let key = KeyHash::of("example.test/a");
+        store(&tier, key, b"old body", &meta("\"old\"")).await;
+        let old = tier.get(&key).await.unwrap().entry;
+        // The update was prepared for the old copy, and lands after a new one.
+        let refreshed = meta("\"old-refreshed\"");
+        let mut put = MetaFileOut {
+            integrity: old.sri().to_string(),
+            size: old.size,
+            inline: old.inline,
+            meta: &refreshed,
+        }
+        .put(key, b"old body")
+        .unwrap();
+        put.expect = Some(old.copy());
+        store(&tier, key, new_body, &meta("\"new\"")).await;
+        assert!(tier.store.put(put).await.unwrap().is_none(), "not applied");
+        tier.held.invalidate(&key);
+        assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"new\""));
     }
-    .put(key, b"old body")
-    .unwrap();
-    put.expect = Some(old.sri().to_string());
-    store(&tier, key, b"new body", &meta("\"new\"")).await;
-    assert!(tier.store.put(put).await.unwrap().is_none(), "not applied");
-    tier.held.invalidate(&key);
-    assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"new\""));
 }
 
 /// Removing an unreferenced content file and taking a reference to a just-committed one
@@ -894,4 +896,39 @@ async fn copies_of_one_key_are_indexed_in_commit_order() {
     let hit = tier.get(&key).await.expect("stored");
     assert_eq!(hit.meta.etag(), Some("\"second\""));
     assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], b"second");
+}
+
+/// A key stored again with the same body (a refetch after expiry that brought back the same
+/// bytes) keeps its new copy, in memory and across a restart. The index hands the copy it
+/// replaced to the deleter like an eviction; its removal used to be conditional on the
+/// content hash, which the new copy shares, so it deleted the new record: the object was gone
+/// after the next restart, and counted as an eviction.
+#[tokio::test]
+async fn an_identical_copy_survives_the_copy_it_replaced() {
+    for body in [&b"small body"[..], &[7u8; 40 << 10][..]] {
+        let (dir, tier) = tier().await;
+        let key = KeyHash::of("example.test/a");
+        store(&tier, key, body, &meta("\"1\"")).await;
+        store(&tier, key, body, &meta("\"2\"")).await;
+        // Let the deleter run, and its removal (if any) commit.
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tier.flush().await;
+        assert_eq!(tier.evictions(), 0, "a replaced copy is not an eviction");
+        assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"2\""));
+        drop(tier);
+        let (reopened, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+            .await
+            .unwrap();
+        assert_eq!(
+            etag_of(&reopened, &key).await.as_deref(),
+            Some("\"2\""),
+            "the new copy survives a restart ({} bytes)",
+            body.len()
+        );
+        let hit = reopened.get(&key).await.unwrap();
+        assert_eq!(&reopened.read_all(&key, &hit).await.unwrap()[..], body);
+    }
 }

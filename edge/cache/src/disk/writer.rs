@@ -102,13 +102,13 @@ impl DiskTier {
         if self.store.pending_delete(&key) {
             return;
         }
-        self.index.insert(key, entry.clone());
+        self.index_entry(key, entry.clone());
         if let Some((meta, len)) = held {
             self.held
                 .insert(key, HeldMeta::new(entry.clone(), 0, meta, len));
         }
         if self.store.pending_delete(&key) {
-            self.index.remove_if(&key, |e| Arc::ptr_eq(e, &entry));
+            self.unindex(&key, &entry);
             self.forget_held(&key, &entry);
         }
     }
