@@ -83,6 +83,10 @@ pub struct Stats {
     /// a disk tier.
     #[serde(default)]
     pub disk_load: Option<DiskLoad>,
+    /// The disk tier's index of stored objects in memory: at its limit (a share of
+    /// `--memory`), the disk tier evicts with disk to spare. `None` without a disk tier.
+    #[serde(default)]
+    pub disk_index: Option<DiskIndex>,
     pub top_missed: Vec<Missed>,
     pub series: Vec<Point>,
     /// Responses sent to clients, by status class (`outpost_responses`).
@@ -115,6 +119,12 @@ pub struct DiskLoad {
     pub loaded: u64,
     /// How long the load took, once done.
     pub millis: u64,
+}
+
+#[derive(Serialize, serde::Deserialize, Debug, Clone, Copy)]
+pub struct DiskIndex {
+    pub memory_bytes: u64,
+    pub memory_limit: u64,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
@@ -171,6 +181,13 @@ impl AdminState {
                 loaded: l.loaded,
                 millis: l.millis,
             }),
+            disk_index: self
+                .engine
+                .disk_index_memory()
+                .map(|(memory_bytes, memory_limit)| DiskIndex {
+                    memory_bytes,
+                    memory_limit,
+                }),
             top_missed: self
                 .metrics
                 .top_missed(10)

@@ -77,6 +77,18 @@ pub fn render(s: &Stats) -> String {
                 .map_or_else(String::new, |c| format!(" of {}", human(c)))
         ));
     }
+    if let Some(i) = s.disk_index {
+        out.push_str(&format!(
+            "disk index memory: {} of {}{}\n",
+            human(i.memory_bytes),
+            human(i.memory_limit),
+            if i.memory_bytes + i.memory_limit / 100 >= i.memory_limit {
+                " (full: the disk tier evicts to stay within it; a larger --memory holds more objects)"
+            } else {
+                ""
+            }
+        ));
+    }
     if !s.disk_admissions.is_empty() {
         out.push_str(&disk_admissions(&s.disk_admissions));
     }

@@ -420,6 +420,20 @@ async fn disk_admissions_count_every_storable_response() {
         ),
         0.0
     );
+    // The disk index's memory: three small objects' entries, within its share of the default
+    // `--memory` (256 MiB: a quarter).
+    let limit = 64.0 * 1024.0 * 1024.0;
+    let used = 3.0 * outpost_edge::cache::disk::INDEX_ENTRY_BYTES as f64;
+    assert_eq!(
+        number(&m, "outpost_disk_index_memory_bytes", &[("kind", "limit")]),
+        limit
+    );
+    assert_eq!(
+        number(&m, "outpost_disk_index_memory_bytes", &[("kind", "used")]),
+        used
+    );
+    assert_eq!(s["disk_index"]["memory_limit"], limit as u64, "{s:#}");
+    assert_eq!(s["disk_index"]["memory_bytes"], used as u64, "{s:#}");
 }
 
 /// `outpost_response_bytes_total` counts body bytes sent: none for HEAD or 304, the range for

@@ -386,6 +386,12 @@ impl Engine {
         ]
     }
 
+    /// The disk tier's index in memory: (bytes its entries take, the most they may take).
+    /// When it is full, the disk tier evicts even with disk to spare.
+    pub fn disk_index_memory(&self) -> Option<(u64, u64)> {
+        self.disk.as_ref().map(|d| d.index_memory())
+    }
+
     /// Evictions for space since start: (memory, disk).
     pub fn evictions(&self) -> (u64, u64) {
         (

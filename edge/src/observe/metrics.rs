@@ -745,6 +745,17 @@ impl Collector for EdgeCollector {
                 "Bytes held (as weighed for eviction), by tier.",
                 &refs(&bytes),
             )?;
+            if let Some((used, limit)) = engine.disk_index_memory() {
+                gauge(
+                    &mut enc,
+                    "outpost_disk_index_memory_bytes",
+                    "Memory the disk tier's index of stored objects takes (used), and its share of --memory (limit): at the limit, the disk tier evicts with disk to spare.",
+                    &[
+                        (&[("kind", "used")], used as f64),
+                        (&[("kind", "limit")], limit as f64),
+                    ],
+                )?;
+            }
             let ev = engine.evictions();
             let evicted: Vec<([(&str, &str); 1], u64)> =
                 vec![([("tier", "memory")], ev.0), ([("tier", "disk")], ev.1)];

@@ -614,9 +614,8 @@ pub struct DiskTier {
     held: moka::sync::Cache<KeyHash, HeldMeta>,
     refs: Arc<ContentRefs>,
     evictions: AtomicU64,
-    /// [`DiskTier::stored_bytes`]: added as an entry is indexed, taken off as it leaves the
-    /// index (removed, or handed to the deleter when evicted or replaced).
-    stored: AtomicU64,
+    /// What the indexed entries take, of the disk and of the index's memory budget.
+    indexed: Indexed,
     /// Metadata records dropped for failing their checksum or format check.
     rejected: AtomicU64,
     /// Unreferenced content files removed by the start-up sweep.
@@ -634,6 +633,30 @@ pub struct DiskTier {
     closing: AtomicBool,
     /// Write jobs on the blocking pool (see [`WRITE_JOBS`]).
     write_jobs: Arc<Semaphore>,
+}
+
+/// What the indexed entries take: added as an entry is indexed, taken off as it leaves the
+/// index (removed, or handed to the deleter when evicted or replaced).
+struct Indexed {
+    /// Of the disk: [`DiskEntry::disk_bytes`].
+    disk: AtomicU64,
+    /// Of the index's memory: [`DiskEntry::index_bytes`].
+    memory: AtomicU64,
+    memory_budget: u64,
+}
+
+impl Indexed {
+    fn add(&self, entry: &DiskEntry) {
+        self.disk.fetch_add(entry.disk_bytes(), Ordering::Relaxed);
+        self.memory
+            .fetch_add(entry.index_bytes(), Ordering::Relaxed);
+    }
+
+    fn sub(&self, entry: &DiskEntry) {
+        self.disk.fetch_sub(entry.disk_bytes(), Ordering::Relaxed);
+        self.memory
+            .fetch_sub(entry.index_bytes(), Ordering::Relaxed);
+    }
 }
 
 /// An entry evicted for space.
@@ -792,7 +815,11 @@ impl DiskTier {
             held,
             refs,
             evictions: AtomicU64::new(0),
-            stored: AtomicU64::new(0),
+            indexed: Indexed {
+                disk: AtomicU64::new(0),
+                memory: AtomicU64::new(0),
+                memory_budget: index_budget,
+            },
             rejected: AtomicU64::new(0),
             swept: AtomicU64::new(0),
             sweep_done: AtomicBool::new(false),
@@ -914,7 +941,7 @@ impl DiskTier {
         let indexed = self
             .index
             .get_or_insert_with(&key, || {
-                self.stored.fetch_add(entry.disk_bytes(), Ordering::Relaxed);
+                self.indexed.add(&entry);
                 Ok::<_, std::convert::Infallible>(Arc::clone(&entry))
             })
             .unwrap_or_else(|never| match never {});
@@ -1020,8 +1047,7 @@ impl DiskTier {
     /// hands over the entry a new copy of the key replaced: that copy's put already removed
     /// its record, so there is nothing to delete, and it is no eviction.
     fn evicted(&self, d: Deletion) {
-        self.stored
-            .fetch_sub(d.entry.disk_bytes(), Ordering::Relaxed);
+        self.indexed.sub(&d.entry);
         self.forget_held(&d.key, &d.entry);
         if self
             .index
@@ -1408,7 +1434,7 @@ impl DiskTier {
         self.touch(*key);
         self.store.delete(*key);
         if let Some((_, entry)) = self.index.remove(key) {
-            self.stored.fetch_sub(entry.disk_bytes(), Ordering::Relaxed);
+            self.indexed.sub(&entry);
         }
         self.held.invalidate(key);
     }
@@ -1520,19 +1546,28 @@ impl DiskTier {
 
     /// Bytes the indexed objects take on disk (bodies and ~2 KiB of metadata each).
     pub fn stored_bytes(&self) -> u64 {
-        self.stored.load(Ordering::Relaxed)
+        self.indexed.disk.load(Ordering::Relaxed)
+    }
+
+    /// Memory the index's entries take (as charged, see [`INDEX_ENTRY_BYTES`]), and the most
+    /// they may take.
+    pub fn index_memory(&self) -> (u64, u64) {
+        (
+            self.indexed.memory.load(Ordering::Relaxed),
+            self.indexed.memory_budget,
+        )
     }
 
     /// Indexes `entry` under `key` (a copy it replaces goes to the deleter, like an eviction).
     fn index_entry(&self, key: KeyHash, entry: Arc<DiskEntry>) {
-        self.stored.fetch_add(entry.disk_bytes(), Ordering::Relaxed);
+        self.indexed.add(&entry);
         self.index.insert(key, entry);
     }
 
     /// Takes `entry` out of the index if it is still the key's.
     fn unindex(&self, key: &KeyHash, entry: &Arc<DiskEntry>) {
         if let Some((_, gone)) = self.index.remove_if(key, |cur| Arc::ptr_eq(cur, entry)) {
-            self.stored.fetch_sub(gone.disk_bytes(), Ordering::Relaxed);
+            self.indexed.sub(&gone);
         }
     }
 }
