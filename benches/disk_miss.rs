@@ -156,6 +156,14 @@
 //! writer's share still grows with the store (27-32 to 45-48 µs: `entries` leaves no longer
 //! in the index's cache); the runtime's share moves with the machine. First disk hits: +9%,
 //! every one answered by the disk tier.
+//!
+//! Session 11 (2026-12-05): the disk index counts against `--memory` (a quarter of it); the
+//! default `--memory` here went from 64 to 256 MiB so the index holds what 3 rounds store
+//! (~150,000 objects). At 64 MiB it holds ~52,000: the first round already evicts, and the
+//! disk-hit case fails on objects evicted before it asks. 3 rounds, both builds at 256 MiB,
+//! alternating: e2e42b5 (session 10) 109.2 µs (85.2 + 24.1) against 68.3 µs, 1.63x; 6d65775
+//! 102.5 µs (81.0 + 21.4) against 68.1 µs, 1.57x. First disk hits 64.1 and 59.5 µs. Unchanged
+//! within the runs' spread: the index accounting adds two atomic adds per stored object.
 
 mod support;
 

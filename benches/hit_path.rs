@@ -318,6 +318,15 @@
 //! copies the body). Memory hits unchanged within the runs' spread. One run at e2e42b5 (the
 //! review fixes): disk 1 KiB 0.68x (14.9 µs), disk 100 KiB 0.64x (37.3 µs), memory 85.8% and
 //! 102.1% of plain.
+//!
+//! Session 11 (2026-12-05): the disk index counts against `--memory`, and conditional index
+//! writes name a copy by its record number (no change on the hit path). Base = e2e42b5, new =
+//! 6d65775, alternating three times; CPU/req: memory 1 KiB 9.1, 8.7, 9.6 -> 9.2, 9.9, 9.1 µs;
+//! disk 1 KiB 13.3, 12.9, 13.2 -> 14.2, 14.0, 16.2 µs; memory 100 KiB 28.3, 23.5, 24.8 -> 23.3,
+//! 26.2, 23.9 µs; disk 100 KiB 36.1, 36.8, 37.7 -> 37.0, 37.7, 37.0 µs. The disk 1 KiB gap did
+//! not hold in three more alternating runs of that case alone: 13.2, 13.0, 15.1 against 13.4,
+//! 15.6, 13.5 µs (this machine moves between ~13 and ~15 µs run to run).
+//! Side by side with nginx's disk cache: `benches/vs_nginx.sh`.
 
 mod support;
 
