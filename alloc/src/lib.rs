@@ -43,18 +43,24 @@ fn size_of(layout: &Layout) -> i64 {
 
 #[allow(unsafe_code)]
 // SAFETY: every method forwards its arguments unchanged to mimalloc's and returns its result;
-// the count is a relaxed atomic add on the side.
+// the count is a relaxed atomic add on the side, made only when the call succeeded.
 unsafe impl GlobalAlloc for Counted {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        COUNTED.fetch_add(size_of(&layout), Ordering::Relaxed);
         // SAFETY: as the caller's contract.
-        unsafe { MiMalloc.alloc(layout) }
+        let p = unsafe { MiMalloc.alloc(layout) };
+        if !p.is_null() {
+            COUNTED.fetch_add(size_of(&layout), Ordering::Relaxed);
+        }
+        p
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        COUNTED.fetch_add(size_of(&layout), Ordering::Relaxed);
         // SAFETY: as the caller's contract.
-        unsafe { MiMalloc.alloc_zeroed(layout) }
+        let p = unsafe { MiMalloc.alloc_zeroed(layout) };
+        if !p.is_null() {
+            COUNTED.fetch_add(size_of(&layout), Ordering::Relaxed);
+        }
+        p
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -64,10 +70,14 @@ unsafe impl GlobalAlloc for Counted {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let grown = i64::try_from(new_size).unwrap_or(i64::MAX) - size_of(&layout);
-        COUNTED.fetch_add(grown, Ordering::Relaxed);
         // SAFETY: as the caller's contract.
-        unsafe { MiMalloc.realloc(ptr, layout, new_size) }
+        let p = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
+        // On failure the old block stays, and so does its count.
+        if !p.is_null() {
+            let grown = i64::try_from(new_size).unwrap_or(i64::MAX) - size_of(&layout);
+            COUNTED.fetch_add(grown, Ordering::Relaxed);
+        }
+        p
     }
 }
 

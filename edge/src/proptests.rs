@@ -255,14 +255,15 @@ proptest! {
 
     /// `--memory` is shared out, never exceeded, and the fill budget takes the largest object
     /// the memory tier accepts twice over (up to its cap). The memory tier gets half of it, or
-    /// a third beside a disk tier (whose index takes a quarter).
+    /// a quarter beside a disk tier (whose index takes a quarter, its held metadata and page
+    /// caches another, and the floors of its shares more at small sizes: 8 MiB is the worst).
     #[test]
     fn memory_shares_stay_within_memory(memory in (8u64 << 20)..(1u64 << 40), disk in any::<bool>()) {
         let s = crate::cache::MemoryShares::of(memory, disk);
         let total = s.tier + s.disk_index + 4 * s.held_meta + s.memory_fills + s.disk_queue;
         prop_assert!(total <= memory, "{:?} sums to {} for {}", s, total, memory);
         prop_assert!(s.memory_fills >= (2 * (s.tier / 8)).min(256 << 20), "{:?}", s);
-        prop_assert!(s.tier >= memory / if disk { 3 } else { 2 }, "{:?}", s);
+        prop_assert!(s.tier >= memory / if disk { 4 } else { 2 }, "{:?}", s);
         prop_assert_eq!(s.disk_index > 0, disk);
     }
 }

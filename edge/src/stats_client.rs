@@ -82,7 +82,7 @@ pub fn render(s: &Stats) -> String {
             "disk index memory: {} of {}{}\n",
             human(i.memory_bytes),
             human(i.memory_limit),
-            if i.memory_bytes + i.memory_limit / 100 >= i.memory_limit {
+            if i.memory_bytes.saturating_add(i.memory_limit / 100) >= i.memory_limit {
                 " (full: the disk tier evicts to stay within it; a larger --memory holds more objects)"
             } else {
                 ""

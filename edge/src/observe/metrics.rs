@@ -742,7 +742,7 @@ impl Collector for EdgeCollector {
             gauge(
                 &mut enc,
                 "outpost_cache_bytes",
-                "Bytes held (as weighed for eviction), by tier.",
+                "Bytes held, by tier: the memory tier's as weighed for eviction, the disk tier's bodies and ~2 KiB of metadata per object.",
                 &refs(&bytes),
             )?;
             if let Some((used, limit)) = engine.disk_index_memory() {

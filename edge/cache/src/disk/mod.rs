@@ -3,7 +3,7 @@
 //! metadata in a redb database ([`store`]); every object also in an index in memory
 //! (quick_cache) for size accounting and eviction. The index counts against `--memory`
 //! ([`index_budget`]): an object weighs the larger of its share of the disk and its entry's share
-//! of that budget ([`EntryWeight`]), so whichever fills first evicts. An eviction deletes the object's record; a content file goes once no entry
+//! of that budget ([`EntryWeight`]), so the tier evicts before either would overflow. An eviction deletes the object's record; a content file goes once no entry
 //! (indexed, held, or being streamed) names it.
 //!
 //! Why not cacache's own index: its buckets are append-only (every rewrite of a key, such as a
@@ -107,6 +107,9 @@ pub struct DiskEntry {
     /// When a read of the body last succeeded (milliseconds on the tier's monotonic clock;
     /// 0: never), see [`DiskEntry::hot`].
     last_read: AtomicU64,
+    /// A newer copy of the key replaced it in the index, its put having removed this copy's
+    /// record: when the index hands it over like an eviction, there is nothing to delete.
+    replaced: AtomicBool,
     /// The content file's path and last checked state, from the first whole read on.
     file: OnceLock<Box<ContentFile>>,
     /// The tier's count of entries per content file (`None` for an inline body): this entry
@@ -323,6 +326,7 @@ impl DiskEntry {
             meta_gen: AtomicU64::new(0),
             record: AtomicU64::new(0),
             last_read: AtomicU64::new(0),
+            replaced: AtomicBool::new(false),
             file: OnceLock::new(),
             refs,
         })
@@ -365,8 +369,8 @@ impl DiskEntry {
     }
 
     /// This copy, as a conditional write names it.
-    fn copy(&self) -> store::Copy {
-        store::Copy {
+    fn copy(&self) -> store::StoredCopy {
+        store::StoredCopy {
             seq: self.record_seq(),
             integrity: self.sri().to_string(),
         }
@@ -681,8 +685,10 @@ type Index = quick_cache::sync::Cache<
 /// The index holds one weight per entry against the disk capacity, so the memory share is
 /// scaled to it: an entry weighs the larger of the two. The entries' weights then add up to
 /// at most the capacity only if both their disk bytes fit `--disk` and their index bytes fit
-/// the index's budget, and whichever fills first evicts (as nginx's `keys_zone` does beside
-/// `max_size`).
+/// the index's budget (as nginx's `keys_zone` beside `max_size`). The bound is stricter than
+/// two separate ones: objects smaller than capacity / budget × their index bytes (~130 KiB at
+/// the defaults) count by memory, larger ones by disk, and a mix of both is evicted before
+/// either resource is full.
 #[derive(Clone)]
 struct EntryWeight {
     /// Disk capacity over the index's memory budget, as a 32.32 fixed-point factor.
@@ -707,14 +713,15 @@ impl quick_cache::Weighter<KeyHash, Arc<DiskEntry>> for EntryWeight {
 }
 
 /// Memory the index takes per entry (`tests/index_memory.rs` checks it): the entry, its `Arc`,
-/// its slot in the index (key and weight), and its share of the database's page cache after
-/// the start-up load. Measured at 278-294 bytes (bytes asked of the allocator).
+/// and its slot in the index (key and weight). Measured at ~220 bytes asked of the allocator
+/// after a start-up load (the database's page cache, which has its own share, excluded); the
+/// rest covers the allocator's rounding and the index's ghost entries of evicted keys.
 pub const INDEX_ENTRY_BYTES: u64 = 320;
 
 /// What an entry with a content file takes on top of [`INDEX_ENTRY_BYTES`]: its count in the
 /// content references (keyed by the hash's text) and, once read whole, its file's path and
-/// stamp. Measured at ~970 bytes in all with the entry.
-pub const INDEX_FILE_ENTRY_EXTRA: u64 = 768;
+/// stamp. Measured at 560-650 bytes in all with the entry.
+pub const INDEX_FILE_ENTRY_EXTRA: u64 = 512;
 
 /// The memory the disk index may use, out of `--memory`: a quarter of it, at least 1 MiB
 /// (~3,000 objects). At the default 256 MiB that is ~200,000 objects; a store of many more
@@ -938,16 +945,18 @@ impl DiskTier {
         if self.touched.contains_key(&key) {
             return None;
         }
-        let indexed = self
-            .index
-            .get_or_insert_with(&key, || {
-                self.indexed.add(&entry);
-                Ok::<_, std::convert::Infallible>(Arc::clone(&entry))
-            })
-            .unwrap_or_else(|never| match never {});
-        if !Arc::ptr_eq(&indexed, &entry) {
+        match self.index.get_value_or_guard(&key, None) {
             // Already indexed (the load and a lookup raced): that one stands.
-            return Some(indexed);
+            quick_cache::sync::GuardResult::Value(indexed) => return Some(indexed),
+            quick_cache::sync::GuardResult::Guard(slot) => {
+                self.indexed.add(&entry);
+                // The slot went meanwhile (a removal, or a newer copy indexed): ours is stale.
+                if slot.insert(Arc::clone(&entry)).is_err() {
+                    self.indexed.sub(&entry);
+                    return None;
+                }
+            }
+            quick_cache::sync::GuardResult::Timeout => return None,
         }
         // A write or removal that came in between checking and indexing: take ours back.
         if self.touched.contains_key(&key) {
@@ -1044,16 +1053,13 @@ impl DiskTier {
 
     /// An entry evicted for space: its record goes (unless the key was stored again
     /// meanwhile); its content file goes with the last entry that names it. The index also
-    /// hands over the entry a new copy of the key replaced: that copy's put already removed
-    /// its record, so there is nothing to delete, and it is no eviction.
+    /// hands over an entry a new copy of the key replaced (marked by [`DiskTier::index_entry`]):
+    /// that copy's put already removed its record, so there is nothing to delete, and it is no
+    /// eviction.
     fn evicted(&self, d: Deletion) {
         self.indexed.sub(&d.entry);
         self.forget_held(&d.key, &d.entry);
-        if self
-            .index
-            .peek(&d.key)
-            .is_some_and(|cur| !Arc::ptr_eq(&cur, &d.entry))
-        {
+        if d.entry.replaced.load(Ordering::Acquire) {
             return;
         }
         // Only this copy's record: a fill may have stored a newer one under the key meanwhile.
@@ -1558,8 +1564,12 @@ impl DiskTier {
         )
     }
 
-    /// Indexes `entry` under `key` (a copy it replaces goes to the deleter, like an eviction).
+    /// Indexes `entry` under `key`, whose put has committed. The copy it replaces goes to the
+    /// deleter like an eviction, marked as replaced.
     fn index_entry(&self, key: KeyHash, entry: Arc<DiskEntry>) {
+        if let Some(old) = self.index.peek(&key) {
+            old.replaced.store(true, Ordering::Release);
+        }
         self.indexed.add(&entry);
         self.index.insert(key, entry);
     }

@@ -169,12 +169,12 @@ impl EntryRecord {
 /// never given to another copy. A record of the previous layout (number 0) is named by its
 /// content hash as well.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Copy {
+pub(super) struct StoredCopy {
     pub seq: u64,
     pub integrity: String,
 }
 
-impl Copy {
+impl StoredCopy {
     /// The key's entry `cur` is this copy's.
     fn is(&self, cur: &EntryRecord) -> bool {
         cur.seq == self.seq && (self.seq != 0 || cur.integrity == self.integrity)
@@ -186,7 +186,7 @@ pub(super) struct Put {
     pub key: KeyHash,
     /// Applied only if the key still holds this copy (a 304's metadata update must not land
     /// on a copy a newer fill stored, even one of the same body); `None`: always.
-    pub expect: Option<Copy>,
+    pub expect: Option<StoredCopy>,
     pub record: Bytes,
     pub entry: EntryRecord,
     /// (primary key, names) when the object varies.
@@ -236,7 +236,7 @@ enum Op {
     Put(Put, u64, Option<Reply>),
     /// With `Some(copy)`, only if the key still holds that copy (an eviction must not delete
     /// the record of a newer one).
-    Delete(KeyHash, u64, Option<Copy>),
+    Delete(KeyHash, u64, Option<StoredCopy>),
     Flush(oneshot::Sender<()>),
     /// Commit what came before, sync, and stop (closing the database).
     Close(oneshot::Sender<()>),
@@ -403,7 +403,7 @@ impl Store {
     /// Queues a delete of the record only if the key still holds `copy` (an evicted or
     /// damaged one); a newer copy's record stays, whatever its body. Not shown as pending: it
     /// may not apply.
-    pub fn delete_if(&self, key: KeyHash, copy: Copy) {
+    pub fn delete_if(&self, key: KeyHash, copy: StoredCopy) {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let _ = self.tx.send(Op::Delete(key, ticket, Some(copy)));
     }

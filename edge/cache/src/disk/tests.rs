@@ -902,21 +902,34 @@ async fn copies_of_one_key_are_indexed_in_commit_order() {
 /// bytes) keeps its new copy, in memory and across a restart. The index hands the copy it
 /// replaced to the deleter like an eviction; its removal used to be conditional on the
 /// content hash, which the new copy shares, so it deleted the new record: the object was gone
-/// after the next restart, and counted as an eviction.
+/// after the next restart, and counted as an eviction. The tier's usage counts one copy
+/// throughout, and nothing once it is removed.
 #[tokio::test]
 async fn an_identical_copy_survives_the_copy_it_replaced() {
     for body in [&b"small body"[..], &[7u8; 40 << 10][..]] {
         let (dir, tier) = tier().await;
         let key = KeyHash::of("example.test/a");
         store(&tier, key, body, &meta("\"1\"")).await;
+        let one = (tier.stored_bytes(), tier.index_memory().0);
+        let first = Arc::downgrade(&tier.index.get(&key).expect("indexed"));
         store(&tier, key, body, &meta("\"2\"")).await;
-        // Let the deleter run, and its removal (if any) commit.
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        // The deleter has run once the replaced entry is dropped; then its removal (if any)
+        // is queued, and the flush commits it.
+        for _ in 0..500 {
+            tier.held.invalidate(&key);
+            tier.held.run_pending_tasks();
+            if first.upgrade().is_none() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
+        assert!(
+            first.upgrade().is_none(),
+            "the replaced entry reached the deleter"
+        );
         tier.flush().await;
         assert_eq!(tier.evictions(), 0, "a replaced copy is not an eviction");
+        assert_eq!((tier.stored_bytes(), tier.index_memory().0), one);
         assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"2\""));
         drop(tier);
         let (reopened, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
@@ -930,5 +943,8 @@ async fn an_identical_copy_survives_the_copy_it_replaced() {
         );
         let hit = reopened.get(&key).await.unwrap();
         assert_eq!(&reopened.read_all(&key, &hit).await.unwrap()[..], body);
+        assert_eq!((reopened.stored_bytes(), reopened.index_memory().0), one);
+        reopened.remove(&key).await;
+        assert_eq!((reopened.stored_bytes(), reopened.index_memory().0), (0, 0));
     }
 }
