@@ -142,7 +142,7 @@ pub struct PurgeReceipt {
     /// What the purge selected ([`PurgeRequest::kinds`]).
     pub kinds: Vec<PurgeKind>,
     /// How many stored objects matched, when the node knows (generation-based purges of
-    /// prefixes and tags do not count).
+    /// prefixes and tags do not count, nor does a node whose disk index is still loading).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matched: Option<u64>,
     /// Per-node outcome: one entry on a single node, one per node in fleet mode.

@@ -30,7 +30,7 @@ pub struct PurgeSpec {
 pub struct PurgeOutcome {
     pub seq: u64,
     /// Objects removed or marked right away (exact URLs); `None` where counting would mean
-    /// walking the cache (prefix, tag, all).
+    /// walking the cache (prefix, tag, all), and while the disk index loads.
     pub matched: Option<u64>,
 }
 
@@ -94,6 +94,10 @@ impl Engine {
         scopes.extend(exact.iter().map(|k| Scope::Exact(k.clone())));
         let seq = self.purges.log.purge(&scopes, spec.soft).await?;
         let mut matched = None;
+        // While the disk index loads, objects it has not reached are not known to be held,
+        // nor are the hosts a bare path could mean: a count would understate (and tell the
+        // operator a stored URL matched nothing), so there is none.
+        let loading = self.disk.as_ref().is_some_and(|d| !d.load_state().done);
         if !exact.is_empty() && !spec.soft {
             let mut n = 0;
             for k in &exact {
@@ -105,7 +109,7 @@ impl Engine {
                     self.invalidate(primary).await;
                 }
             }
-            matched = Some(n);
+            matched = (!loading).then_some(n);
         }
         if !spec.soft && (spec.all || !spec.prefixes.is_empty() || !spec.tags.is_empty()) {
             self.spawn_reclaim();

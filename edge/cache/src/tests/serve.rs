@@ -104,7 +104,8 @@ async fn a_copy_on_disk_is_served_after_reopening_then_from_memory() {
 
 /// Issue 15: after a restart the disk index loads in the background. Objects the load has not
 /// reached yet are hits all the same (plain ones and Vary variants), and a purge made
-/// meanwhile is not undone when the load reaches the object.
+/// meanwhile is not undone when the load reaches the object. Its count of matched objects is
+/// left out until the load ends.
 #[tokio::test]
 async fn stored_objects_are_hits_while_the_index_loads() {
     let rig = Rig::disk().await;
@@ -130,7 +131,8 @@ async fn stored_objects_are_hits_while_the_index_loads() {
     // With its host: the load has not told the engine which hosts a bare path could mean.
     purge.urls.push(format!("http://{HOST}/gone"));
     let outcome = rig.engine.purge(&purge).await.expect("purge");
-    assert_eq!(outcome.matched, Some(0), "not indexed yet, so not counted");
+    // Held, but not indexed yet: no count rather than a wrong one ("nothing matched").
+    assert_eq!(outcome.matched, None, "not counted while the index loads");
     assert!(!disk.load_state().done, "still loading");
 
     drop(gate);
@@ -146,4 +148,8 @@ async fn stored_objects_are_hits_while_the_index_loads() {
         ),
         (1, 1, 2)
     );
+    let mut purge = crate::PurgeSpec::default();
+    purge.urls.push(format!("http://{HOST}/a"));
+    let outcome = rig.engine.purge(&purge).await.expect("purge");
+    assert_eq!(outcome.matched, Some(1), "counted once the load has ended");
 }
