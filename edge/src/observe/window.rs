@@ -176,5 +176,17 @@ mod tests {
         m.record_miss("/signed?sig=third");
         let top = m.top_missed(1);
         assert_eq!(top, vec![("/signed?…".to_string(), 3)]);
+        // A flood of unique URLs keeps the tracked set bounded and the often missed URL on top,
+        // its count never understated.
+        for i in 0..20_000 {
+            m.record_miss(&format!("/unique/{i}"));
+            if i % 50 == 0 {
+                m.record_miss("/hot");
+            }
+        }
+        let top = m.top_missed(2);
+        assert_eq!(top[0].0, "/hot", "{top:?}");
+        assert!(top[0].1 >= 400, "{top:?}");
+        assert!(m.top_missed(10_000).len() <= 512);
     }
 }
