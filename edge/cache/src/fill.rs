@@ -752,12 +752,10 @@ impl Engine {
         // Invalidated while we fetched: what we stored is already out of date. Only ours goes:
         // a fill that started after the purge stored a copy with a later purge sequence.
         if fill.is_cancelled()
-            && self
-                .lookup(&store_key)
-                .await
-                .is_some_and(|s| s.meta().purge_seq == stored_seq)
+            && let Some(stored) = self.lookup(&store_key).await
+            && stored.meta().purge_seq == stored_seq
         {
-            self.remove_object(store_key).await;
+            self.remove_copy(store_key, &stored).await;
         }
     }
 

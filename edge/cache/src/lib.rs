@@ -435,6 +435,16 @@ impl Engine {
         disk.get(key).await.map(Stored::Disk)
     }
 
+    /// Removes the copy `stored` of `key` found by a lookup. A disk copy goes only if the key
+    /// still holds it: a fill may store a new one between the lookup and the removal. A memory
+    /// copy goes with the key's other copies (its window is a few instructions, not I/O).
+    async fn remove_copy(&self, key: KeyHash, stored: &Stored) {
+        match (stored, &self.disk) {
+            (Stored::Disk(hit), Some(disk)) => disk.remove_copy(&key, &hit.entry),
+            _ => self.remove_object(key).await,
+        }
+    }
+
     /// Turns a stored object into a body: memory as is; a disk body small enough is read whole
     /// and verified (and promoted to memory when the memory tier takes it); a larger one streams
     /// from disk. `None` when the disk copy failed its integrity check (it is then removed).
@@ -531,7 +541,7 @@ impl Engine {
                     purge_log::Verdict::Stale => Some((stored, true)),
                     purge_log::Verdict::Gone => {
                         // Purged: reclaim it now; this request is a miss.
-                        self.remove_object(variant).await;
+                        self.remove_copy(variant, &stored).await;
                         None
                     }
                 }

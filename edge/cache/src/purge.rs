@@ -9,6 +9,7 @@ use dashmap::DashMap;
 
 use tracing::debug;
 
+use super::disk::DiskHit;
 use super::key::KeyHash;
 use super::{Engine, STORED_CODINGS, encoded_key, purge_log};
 
@@ -41,7 +42,7 @@ pub(super) struct Purges {
     pub(super) log: purge_log::Generations,
     hosts: DashMap<String, ()>,
     /// 0 idle, 1 running, 2 running and asked to run again.
-    reclaim: AtomicU64,
+    pub(super) reclaim: AtomicU64,
 }
 
 impl Purges {
@@ -152,38 +153,39 @@ impl Engine {
         });
     }
 
+    /// Removes the purged copies from the disk tiers. Only the copy found purged goes: a fill
+    /// or a push may store a new copy of the key between the look and the removal, and that
+    /// one stays (removing by key took it too: the next request was a second miss). Memory
+    /// copies are dropped when a lookup meets them, or evicted by size.
     async fn reclaim_once(self: &Arc<Self>) {
-        {
-            let e = self;
-            // Memory copies are dropped when a lookup meets them, or evicted by size.
-            if let Some(disk) = &e.disk {
-                let mut removed = 0u64;
-                for key in disk.keys() {
-                    if let Some(hit) = disk.peek(&key).await
-                        && e.purges
-                            .log
-                            .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
-                            == purge_log::Verdict::Gone
-                    {
-                        e.remove_object(key).await;
-                        removed += 1;
-                    }
-                }
-                if removed > 0 {
-                    debug!(removed, "reclaimed purged objects from disk");
+        let gone = |hit: &DiskHit| {
+            self.purges
+                .log
+                .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
+                == purge_log::Verdict::Gone
+        };
+        if let Some(disk) = &self.disk {
+            let mut removed = 0u64;
+            for key in disk.keys() {
+                if let Some(hit) = disk.peek(&key).await
+                    && gone(&hit)
+                {
+                    #[cfg(test)]
+                    reclaim_gate::wait(disk.root()).await;
+                    disk.remove_copy(&key, &hit.entry);
+                    removed += 1;
                 }
             }
-            if let Some(pinned) = &e.pinned {
-                for key in pinned.tier().keys() {
-                    if let Some(hit) = pinned.tier().peek(&key).await
-                        && e.purges
-                            .log
-                            .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
-                            == purge_log::Verdict::Gone
-                    {
-                        pinned.delete(&hit.meta.key).await;
-                        e.memory.remove(&key).await;
-                    }
+            if removed > 0 {
+                debug!(removed, "reclaimed purged objects from disk");
+            }
+        }
+        if let Some(pinned) = &self.pinned {
+            for key in pinned.tier().keys() {
+                if let Some(hit) = pinned.tier().peek(&key).await
+                    && gone(&hit)
+                {
+                    pinned.tier().remove_copy(&key, &hit.entry);
                 }
             }
         }
@@ -224,6 +226,44 @@ fn key_form(target: &str) -> String {
         match t.split_once('/') {
             Some((host, rest)) => format!("{}/{rest}", host.to_ascii_lowercase()),
             None => format!("{}/", t.to_ascii_lowercase()),
+        }
+    }
+}
+
+/// Test hook: holds a reclaim of the disk tier at a root between finding a purged copy and
+/// removing it.
+#[cfg(test)]
+pub(crate) mod reclaim_gate {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use tokio::sync::oneshot;
+
+    type Gate = (PathBuf, oneshot::Sender<()>, oneshot::Receiver<()>);
+
+    static GATES: Mutex<Vec<Gate>> = Mutex::new(Vec::new());
+
+    /// Holds the next reclaim of `root` at its first purged copy: the first receiver hears
+    /// when it got there, and it goes on when the sender sends or is dropped.
+    pub(crate) fn hold(root: &Path) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
+        let (reached_tx, reached_rx) = oneshot::channel();
+        let (release_tx, release_rx) = oneshot::channel();
+        GATES
+            .lock()
+            .unwrap()
+            .push((root.to_path_buf(), reached_tx, release_rx));
+        (reached_rx, release_tx)
+    }
+
+    pub(super) async fn wait(root: &Path) {
+        let gate = {
+            let mut gates = GATES.lock().unwrap();
+            let at = gates.iter().position(|(p, _, _)| p == root);
+            at.map(|i| gates.swap_remove(i))
+        };
+        if let Some((_, reached, release)) = gate {
+            let _ = reached.send(());
+            let _ = release.await;
         }
     }
 }

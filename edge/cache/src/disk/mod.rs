@@ -1445,6 +1445,20 @@ impl DiskTier {
         self.held.invalidate(key);
     }
 
+    #[cfg(test)]
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Removes `entry`'s copy of `key` if the key still holds it: a sweep that found a copy
+    /// purged must not remove a new copy a fill or a push stored after it looked.
+    pub fn remove_copy(&self, key: &KeyHash, entry: &Arc<DiskEntry>) {
+        self.touch(*key);
+        self.store.delete_if(*key, entry.copy());
+        self.unindex(key, entry);
+        self.forget_held(key, entry);
+    }
+
     /// Makes every write durable and closes the database (at shutdown).
     pub async fn close(&self) {
         self.closing.store(true, Ordering::Release);

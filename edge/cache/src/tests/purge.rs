@@ -169,3 +169,48 @@ async fn a_fill_a_purge_replaced_is_counted_as_superseded() {
     assert_eq!(counted(), [1, 0, 0, 0, 0, 1]);
     rig.check("/a", Hit, "v2").await;
 }
+
+/// A hard purge's background sweep removes only the copy it found purged: a new copy a fill
+/// stored after the sweep looked at the key stays, in memory and on disk. The sweep used to
+/// remove by key, so the refetched object was removed too and the next request was a second
+/// miss (seen as an intermittent end-to-end failure: a HIT of a third version).
+#[tokio::test]
+async fn the_purge_sweep_keeps_a_copy_stored_after_it_looked() {
+    let rig = Rig::disk().await;
+    rig.origin.fresh("/a", "v0");
+    rig.check("/a", Miss, "v0").await;
+    rig.settle().await;
+    let disk = rig.engine.disk.clone().expect("a disk tier");
+    let (reached, release) = crate::purge::reclaim_gate::hold(disk.root());
+    rig.engine
+        .purge(&spec(|s| s.all = true))
+        .await
+        .expect("purge");
+    guard(reached)
+        .await
+        .expect("the sweep found the purged copy");
+
+    rig.origin.fresh("/a", "v1");
+    rig.check("/a", Miss, "v1").await;
+    // Not `settle`: the held sweep holds the engine. The new copy is on disk once the fill
+    // has ended and the index writer has committed.
+    eventually("the fill ends", || rig.engine.fills.is_empty()).await;
+    disk.flush().await;
+    drop(release);
+    eventually("the sweep ends", || {
+        rig.engine
+            .purges
+            .reclaim
+            .load(std::sync::atomic::Ordering::Acquire)
+            == 0
+    })
+    .await;
+    rig.settle().await;
+
+    rig.check("/a", Hit, "v1").await;
+    assert_eq!(rig.origin.calls("/a"), 2);
+    drop(disk);
+    let rig = rig.reopen().await;
+    assert_eq!(rig.check("/a", Hit, "v1").await.tier, Tier::Disk);
+    assert_eq!(rig.origin.calls("/a"), 2);
+}
