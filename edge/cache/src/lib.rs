@@ -196,6 +196,9 @@ pub struct Engine {
     /// The stored copy (its `stored_at_ms`) each key's last prefresh was tried for.
     prefresh_tried: dashmap::DashMap<KeyHash, u64, key::KeyHasher>,
     pub stats: Arc<EngineStats>,
+    /// What the disk tier's start-up load found has reached the engine's own indexes (hosts,
+    /// Vary): until then a purge cannot count what it matched. True without a disk tier.
+    disk_indexed: std::sync::atomic::AtomicBool,
 }
 
 /// How `--memory` is shared out. It covers everything the cache holds, not only the memory
@@ -302,6 +305,7 @@ impl Engine {
             cfg,
             purges,
             stats: Arc::new(EngineStats::default()),
+            disk_indexed: std::sync::atomic::AtomicBool::new(loading.is_none()),
         });
         if let Some(rx) = loading {
             tokio::spawn(Self::index_loaded(Arc::downgrade(&engine), rx));
@@ -337,6 +341,10 @@ impl Engine {
                 }
             }
             e.purges.log.raise_floor(seq);
+        }
+        if let Some(e) = engine.upgrade() {
+            e.disk_indexed
+                .store(true, std::sync::atomic::Ordering::Release);
         }
     }
 
@@ -439,10 +447,29 @@ impl Engine {
     /// still holds it: a fill may store a new one between the lookup and the removal. A memory
     /// copy goes with the key's other copies (its window is a few instructions, not I/O).
     async fn remove_copy(&self, key: KeyHash, stored: &Stored) {
-        match (stored, &self.disk) {
-            (Stored::Disk(hit), Some(disk)) => disk.remove_copy(&key, &hit.entry),
-            _ => self.remove_object(key).await,
+        let (Stored::Disk(hit), Some(disk)) = (stored, &self.disk) else {
+            return self.remove_object(key).await;
+        };
+        disk.remove_copy(&key, &hit.entry);
+        // Its compressed variants carry its metadata: those the purge covers go as well.
+        for coding in STORED_CODINGS {
+            let k = encoded_key(key, coding);
+            if let Some(m) = self.memory.get(&k).await
+                && self.purged(&m.meta)
+            {
+                self.memory.remove(&k).await;
+            }
+            if let Some(h) = disk.peek(&k).await
+                && self.purged(&h.meta)
+            {
+                disk.remove_copy(&k, &h.entry);
+            }
         }
+    }
+
+    /// Whether the purge log says this stored copy is gone.
+    fn purged(&self, meta: &CachedMeta) -> bool {
+        self.purges.log.check(&meta.key, &meta.tags, meta.purge_seq) == purge_log::Verdict::Gone
     }
 
     /// Turns a stored object into a body: memory as is; a disk body small enough is read whole

@@ -9,7 +9,6 @@ use dashmap::DashMap;
 
 use tracing::debug;
 
-use super::disk::DiskHit;
 use super::key::KeyHash;
 use super::{Engine, STORED_CODINGS, encoded_key, purge_log};
 
@@ -98,7 +97,7 @@ impl Engine {
         // While the disk index loads, objects it has not reached are not known to be held,
         // nor are the hosts a bare path could mean: a count would understate (and tell the
         // operator a stored URL matched nothing), so there is none.
-        let loading = self.disk.as_ref().is_some_and(|d| !d.load_state().done);
+        let loading = !self.disk_indexed.load(Ordering::Acquire);
         if !exact.is_empty() && !spec.soft {
             let mut n = 0;
             for k in &exact {
@@ -153,41 +152,37 @@ impl Engine {
         });
     }
 
-    /// Removes the purged copies from the disk tiers. Only the copy found purged goes: a fill
-    /// or a push may store a new copy of the key between the look and the removal, and that
-    /// one stays (removing by key took it too: the next request was a second miss). Memory
-    /// copies are dropped when a lookup meets them, or evicted by size.
+    /// Removes the purged copies from the disk tiers (the cache's and the pushed objects'), and
+    /// the memory copies of their keys that are purged too. Only the copy found purged goes: a
+    /// fill or a push may store a new copy of the key between the look and the removal, and
+    /// that one stays (removing by key took it too: the next request was a second miss).
     async fn reclaim_once(self: &Arc<Self>) {
-        let gone = |hit: &DiskHit| {
-            self.purges
-                .log
-                .check(&hit.meta.key, &hit.meta.tags, hit.meta.purge_seq)
-                == purge_log::Verdict::Gone
-        };
-        if let Some(disk) = &self.disk {
-            let mut removed = 0u64;
+        let tiers = self
+            .disk
+            .iter()
+            .chain(self.pinned.as_ref().map(|p| p.tier()));
+        let mut removed = 0u64;
+        for disk in tiers {
             for key in disk.keys() {
                 if let Some(hit) = disk.peek(&key).await
-                    && gone(&hit)
+                    && self.purged(&hit.meta)
                 {
                     #[cfg(test)]
                     reclaim_gate::wait(disk.root()).await;
                     disk.remove_copy(&key, &hit.entry);
                     removed += 1;
                 }
-            }
-            if removed > 0 {
-                debug!(removed, "reclaimed purged objects from disk");
-            }
-        }
-        if let Some(pinned) = &self.pinned {
-            for key in pinned.tier().keys() {
-                if let Some(hit) = pinned.tier().peek(&key).await
-                    && gone(&hit)
+                // A memory copy of the key goes if it is a purged one too (the lookup that
+                // would meet it may never come: a pushed path whose disk copy is gone).
+                if let Some(m) = self.memory.get(&key).await
+                    && self.purged(&m.meta)
                 {
-                    pinned.tier().remove_copy(&key, &hit.entry);
+                    self.memory.remove(&key).await;
                 }
             }
+        }
+        if removed > 0 {
+            debug!(removed, "reclaimed purged objects from disk");
         }
     }
 

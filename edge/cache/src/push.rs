@@ -35,8 +35,11 @@ impl Engine {
         let meta = stored.meta().clone();
         match self.purges.log.check(&meta.key, &meta.tags, meta.purge_seq) {
             purge_log::Verdict::Gone => {
-                pinned.delete(path).await;
-                self.memory.remove(&key).await;
+                // Only the copy found purged: a push may have stored a new one meanwhile.
+                match &stored {
+                    Stored::Pinned(hit) => pinned.tier().remove_copy(&key, &hit.entry),
+                    _ => self.memory.remove(&key).await,
+                }
                 None
             }
             purge_log::Verdict::Stale => {

@@ -96,8 +96,7 @@ pub fn set_build_commit(commit: &'static str) {
 const TOP_CAPACITY: usize = 512;
 
 /// The most missed URLs, space-saving style: at most [`TOP_CAPACITY`] tracked. When it is full,
-/// a new URL first drops the least missed quarter (with every URL tied with the last of it)
-/// in one pass, rather than each new URL scanning for the least missed: a stream of unique
+/// a new URL first drops the least missed quarter in one pass, rather than each new URL scanning for the least missed: a stream of unique
 /// URLs paid that scan on every miss, under the lock. A newcomer starts just above the highest
 /// count dropped, so a tracked URL's count may overstate its misses by that much, never
 /// understate them.
@@ -115,9 +114,21 @@ impl TopMissed {
             return;
         }
         if self.counts.len() >= TOP_CAPACITY {
+            // A quarter exactly: those below the cut, then as many tied with it as it takes
+            // (a flood of unique URLs ties most entries; dropping every tie emptied the table).
+            let quarter = TOP_CAPACITY / 4;
             let mut counts: Vec<u64> = self.counts.values().copied().collect();
-            let cut = *counts.select_nth_unstable(TOP_CAPACITY / 4).1;
-            self.counts.retain(|_, c| *c > cut);
+            let cut = *counts.select_nth_unstable(quarter - 1).1;
+            let below = self.counts.values().filter(|c| **c < cut).count();
+            let mut ties = quarter.saturating_sub(below);
+            self.counts.retain(|_, c| match (*c).cmp(&cut) {
+                std::cmp::Ordering::Less => false,
+                std::cmp::Ordering::Equal if ties > 0 => {
+                    ties -= 1;
+                    false
+                }
+                _ => true,
+            });
             self.floor = self.floor.max(cut);
         }
         self.counts.insert(url.to_string(), self.floor + 1);

@@ -187,6 +187,8 @@ mod tests {
         let top = m.top_missed(2);
         assert_eq!(top[0].0, "/hot", "{top:?}");
         assert!(top[0].1 >= 400, "{top:?}");
-        assert!(m.top_missed(10_000).len() <= 512);
+        // Bounded, and never emptied by the ties a flood makes.
+        let tracked = m.top_missed(10_000).len();
+        assert!((384..=512).contains(&tracked), "{tracked}");
     }
 }

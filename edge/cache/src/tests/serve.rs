@@ -148,6 +148,13 @@ async fn stored_objects_are_hits_while_the_index_loads() {
         ),
         (1, 1, 2)
     );
+    // Counted again once what the load found has reached the engine (hosts, Vary).
+    eventually("the engine has indexed the load", || {
+        rig.engine
+            .disk_indexed
+            .load(std::sync::atomic::Ordering::Acquire)
+    })
+    .await;
     let mut purge = crate::PurgeSpec::default();
     purge.urls.push(format!("http://{HOST}/a"));
     let outcome = rig.engine.purge(&purge).await.expect("purge");
