@@ -443,23 +443,24 @@ impl Engine {
         disk.get(key).await.map(Stored::Disk)
     }
 
-    /// Removes the copy `stored` of `key` found by a lookup. A disk copy goes only if the key
-    /// still holds it: a fill may store a new one between the lookup and the removal. A memory
-    /// copy goes with the key's other copies (its window is a few instructions, not I/O).
+    /// Removes the copy `stored` of `key` found by a lookup, only if the key still holds it: a
+    /// fill may store a new one between the lookup and the removal. Its compressed variants
+    /// carry its metadata: those the purge covers go as well.
     async fn remove_copy(&self, key: KeyHash, stored: &Stored) {
-        let (Stored::Disk(hit), Some(disk)) = (stored, &self.disk) else {
-            return self.remove_object(key).await;
-        };
-        disk.remove_copy(&key, &hit.entry);
-        // Its compressed variants carry its metadata: those the purge covers go as well.
+        match (stored, &self.disk) {
+            (Stored::Memory(m), _) => self.memory.remove_copy(&key, m).await,
+            (Stored::Disk(hit), Some(disk)) => disk.remove_copy(&key, &hit.entry),
+            _ => return self.remove_object(key).await,
+        }
         for coding in STORED_CODINGS {
             let k = encoded_key(key, coding);
             if let Some(m) = self.memory.get(&k).await
                 && self.purged(&m.meta)
             {
-                self.memory.remove(&k).await;
+                self.memory.remove_copy(&k, &m).await;
             }
-            if let Some(h) = disk.peek(&k).await
+            if let Some(disk) = &self.disk
+                && let Some(h) = disk.peek(&k).await
                 && self.purged(&h.meta)
             {
                 disk.remove_copy(&k, &h.entry);

@@ -297,6 +297,17 @@ impl MemoryTier {
         self.cache.invalidate(key);
     }
 
+    /// Removes `key`'s entry only if it still holds `obj` (the same stored response): a copy
+    /// stored after `obj` was looked up stays.
+    pub async fn remove_copy(&self, key: &KeyHash, obj: &MemObject) {
+        self.cache.entry(*key).and_compute_with(|cur| match cur {
+            Some(e) if Arc::ptr_eq(&e.value().obj.meta, &obj.meta) => {
+                moka::ops::compute::Op::Remove
+            }
+            _ => moka::ops::compute::Op::Nop,
+        });
+    }
+
     /// Runs moka's deferred housekeeping (it has no background thread).
     pub async fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks();
@@ -346,6 +357,28 @@ mod tests {
             }),
             body,
         }
+    }
+
+    /// `remove_copy` removes the entry only while it holds the copy it names: a copy stored
+    /// after the one a purge met stays (removing by key took it).
+    #[tokio::test]
+    async fn removing_a_copy_keeps_a_newer_one() {
+        let tier = MemoryTier::new(1 << 20);
+        let key = KeyHash::of("site.test/a");
+        let old = object("old");
+        tier.insert(key, old.clone()).await;
+        let new = object("new");
+        tier.insert(key, new.clone()).await;
+        tier.remove_copy(&key, &old).await;
+        let held = tier.get(&key).await.expect("the newer copy stays");
+        assert!(Arc::ptr_eq(&held.meta, &new.meta));
+        assert!(tier.entry(&key).is_some());
+        tier.remove_copy(&key, &new).await;
+        assert!(tier.get(&key).await.is_none());
+        assert!(
+            tier.entry(&key).is_none(),
+            "nor handed out by the recent-hit table"
+        );
     }
 
     /// Large objects inserted back to back are evicted as they come: what the tier holds never

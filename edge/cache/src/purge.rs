@@ -177,7 +177,7 @@ impl Engine {
                 if let Some(m) = self.memory.get(&key).await
                     && self.purged(&m.meta)
                 {
-                    self.memory.remove(&key).await;
+                    self.memory.remove_copy(&key, &m).await;
                 }
             }
         }

@@ -38,7 +38,8 @@ impl Engine {
                 // Only the copy found purged: a push may have stored a new one meanwhile.
                 match &stored {
                     Stored::Pinned(hit) => pinned.tier().remove_copy(&key, &hit.entry),
-                    _ => self.memory.remove(&key).await,
+                    Stored::Memory(m) => self.memory.remove_copy(&key, m).await,
+                    Stored::Disk(_) => {}
                 }
                 None
             }
