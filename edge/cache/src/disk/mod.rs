@@ -1263,7 +1263,6 @@ impl DiskTier {
             Ok(None) => {
                 if let Some(e) = entry {
                     self.unindex(key, e);
-                    self.forget_held(key, e);
                 }
                 return None;
             }
@@ -1283,11 +1282,7 @@ impl DiskTier {
                 match entry {
                     // The damaged record is this entry's: it goes, unless a new copy's
                     // record replaced it meanwhile.
-                    Some(e) => {
-                        self.store.delete_if(*key, e.copy());
-                        self.unindex(key, e);
-                        self.forget_held(key, e);
-                    }
+                    Some(e) => self.remove_copy(key, e),
                     None => {
                         self.touch(*key);
                         self.store.delete(*key);
@@ -1456,7 +1451,6 @@ impl DiskTier {
         self.touch(*key);
         self.store.delete_if(*key, entry.copy());
         self.unindex(key, entry);
-        self.forget_held(key, entry);
     }
 
     /// Makes every write durable and closes the database (at shutdown).
@@ -1588,11 +1582,13 @@ impl DiskTier {
         self.index.insert(key, entry);
     }
 
-    /// Takes `entry` out of the index if it is still the key's.
+    /// Takes `entry` out of the index if it is still the key's, and drops metadata held for
+    /// it.
     fn unindex(&self, key: &KeyHash, entry: &Arc<DiskEntry>) {
         if let Some((_, gone)) = self.index.remove_if(key, |cur| Arc::ptr_eq(cur, entry)) {
             self.indexed.sub(&gone);
         }
+        self.forget_held(key, entry);
     }
 }
 

@@ -109,7 +109,6 @@ impl DiskTier {
         }
         if self.store.pending_delete(&key) {
             self.unindex(&key, &entry);
-            self.forget_held(&key, &entry);
         }
     }
 
