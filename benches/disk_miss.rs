@@ -10,7 +10,7 @@
 //! OUTPOST_BENCH_SECS (measured seconds per case per round, 3), OUTPOST_BENCH_WARMUP_SECS (1),
 //! OUTPOST_BENCH_ROUNDS (3), OUTPOST_BENCH_CONNS (16), OUTPOST_BENCH_PREFILL (objects added to
 //! the disk edge before the "flat" cases; 0: no flat cases), OUTPOST_BENCH_FILL_CONNS
-//! (connections of the prefill, 64), OUTPOST_BENCH_MEMORY_MIB (`--memory` of both edges, 256: its disk index holds ~200,000 1 KiB
+//! (connections of the prefill, 64), OUTPOST_BENCH_MEMORY_MIB (`--memory` of both edges, 256: its disk index holds ~180,000 1 KiB
 //! objects, a quarter of it at ~320 bytes each; the flat run at 1M objects needs 1536),
 //! OUTPOST_BENCH_DISK_GIB (`--disk`, 16), OUTPOST_BENCH_TMPDIR (where the cache directory goes;
 //! default target/tmp, on the build's disk), OUTPOST_BENCH_SERVER_THREADS (edge runtime

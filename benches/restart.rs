@@ -12,7 +12,7 @@
 //! bytes per object, 1024), OUTPOST_BENCH_FILL_CONNS (64), OUTPOST_BENCH_DROP_CACHES (1: `sync;
 //! echo 3 > /proc/sys/vm/drop_caches` before each restart; 0: warm), OUTPOST_BENCH_EDGE_BIN
 //! (the `outpost` binary to restart; default: this build's), OUTPOST_BENCH_MEMORY_MIB
-//! (`--memory` of the restarted edge, 256; its disk index keeps ~200,000 1 KiB objects, so the
+//! (`--memory` of the restarted edge, 256; its disk index keeps ~180,000 1 KiB objects, so the
 //! 1M-object run needs 1536), OUTPOST_BENCH_DISK_GIB (`--disk`, 16),
 //! OUTPOST_BENCH_DIR (a directory kept between runs: the filled cache goes to `<dir>/cache`
 //! with a note of what it holds in `<dir>/bench-fill.txt`, and a later run with the same

@@ -73,12 +73,16 @@ fn cacheable(origin: &TestOrigin, path: &'static str) {
     });
 }
 
-/// The disk index's tables (its on-disk format), opened while the edge is stopped: `entries`
-/// maps a key hash to a compact entry whose bytes 2..10 are its record's sequence number (a
-/// little-endian u64, format 3); `records` maps that number to the metadata record (blake3
-/// of the rest, the JSON's length as a little-endian u32, the JSON, an inline body).
+/// The disk index's tables (its on-disk format), opened while the edge is stopped: `records`
+/// maps a sequence number to a metadata record (blake3 of the rest, the JSON's length as a
+/// little-endian u32, the JSON, an inline body). An object's compact entry, whose bytes 2..10
+/// are its record's sequence number (a little-endian u64, format 3), is in `entries` under its
+/// key hash, unless the `journal` has a later word on the key: its records, in key order, are
+/// the key hash, then 1 and the entry (a put), 2 (a removal), or 3 and a sequence number (the
+/// removal of that copy).
 const RECORDS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("records");
 const ENTRIES: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("entries");
+const JOURNAL: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("journal");
 
 fn index_db(cache_dir: &Path) -> redb::Database {
     redb::Database::open(cache_dir.join("index.redb")).expect("open the disk index")
@@ -90,32 +94,65 @@ fn record_seq(entry: &[u8]) -> u64 {
     u64::from_le_bytes(entry[2..10].try_into().unwrap())
 }
 
+/// Every object's record's sequence number: the entries, with the journal applied.
+fn objects(txn: &redb::ReadTransaction) -> std::collections::BTreeMap<[u8; 32], u64> {
+    use redb::ReadableTable;
+    let entries = txn.open_table(ENTRIES).unwrap();
+    let mut all: std::collections::BTreeMap<[u8; 32], u64> = entries
+        .range(..)
+        .unwrap()
+        .map(|r| {
+            let (k, v) = r.unwrap();
+            (*k.value(), record_seq(v.value()))
+        })
+        .collect();
+    let journal = txn.open_table(JOURNAL).unwrap();
+    for r in journal.range(..).unwrap() {
+        let (_, v) = r.unwrap();
+        let v = v.value();
+        let key: [u8; 32] = v[..32].try_into().unwrap();
+        match v[32] {
+            1 => {
+                all.insert(key, record_seq(&v[33..]));
+            }
+            2 => {
+                all.remove(&key);
+            }
+            3 => {
+                let gone = u64::from_le_bytes(v[33..41].try_into().unwrap());
+                if all.get(&key) == Some(&gone) {
+                    all.remove(&key);
+                }
+            }
+            op => panic!("journal record of kind {op}"),
+        }
+    }
+    all
+}
+
 /// Every metadata record: (key hash, record).
 fn records(cache_dir: &Path) -> Vec<([u8; 32], Vec<u8>)> {
     use redb::{ReadableDatabase, ReadableTable};
     let db = index_db(cache_dir);
     let txn = db.begin_read().unwrap();
-    let entries = txn.open_table(ENTRIES).unwrap();
     let records = txn.open_table(RECORDS).unwrap();
-    entries
-        .range(..)
-        .unwrap()
-        .map(|r| {
-            let (k, v) = r.unwrap();
-            let record = records.get(record_seq(v.value())).unwrap().unwrap();
-            (*k.value(), record.value().to_vec())
+    objects(&txn)
+        .into_iter()
+        .map(|(k, seq)| {
+            let record = records.get(seq).unwrap().unwrap();
+            (k, record.value().to_vec())
         })
         .collect()
 }
 
-/// Replaces a record (`Some`) or removes an object's record and entry (`None`).
+/// Replaces a record (`Some`), or removes an object's record and every word on it, as if it
+/// had never been written (`None`).
 fn set_record(cache_dir: &Path, key: &[u8; 32], record: Option<&[u8]>) {
-    use redb::ReadableTable;
+    use redb::{ReadableDatabase, ReadableTable};
     let db = index_db(cache_dir);
+    let seq = objects(&db.begin_read().unwrap())[key];
     let txn = db.begin_write().unwrap();
     {
-        let mut entries = txn.open_table(ENTRIES).unwrap();
-        let seq = record_seq(entries.get(key).unwrap().unwrap().value());
         let mut records = txn.open_table(RECORDS).unwrap();
         match record {
             Some(r) => {
@@ -123,7 +160,18 @@ fn set_record(cache_dir: &Path, key: &[u8; 32], record: Option<&[u8]>) {
             }
             None => {
                 records.remove(seq).unwrap();
-                entries.remove(key).unwrap();
+                txn.open_table(ENTRIES).unwrap().remove(key).unwrap();
+                let mut journal = txn.open_table(JOURNAL).unwrap();
+                let words: Vec<u64> = journal
+                    .range(..)
+                    .unwrap()
+                    .map(|r| r.unwrap())
+                    .filter(|(_, v)| v.value()[..32] == key[..])
+                    .map(|(j, _)| j.value())
+                    .collect();
+                for j in words {
+                    journal.remove(j).unwrap();
+                }
             }
         }
     }

@@ -203,7 +203,7 @@ async fn the_disk_index_stays_within_its_share_of_memory() {
     let dir = tempfile::tempdir().unwrap();
     let memory = 8 << 20;
     let budget = outpost_cache::MemoryShares::of(memory, true).disk_index;
-    let most = budget / outpost_cache::disk::INDEX_ENTRY_BYTES;
+    let most = outpost_cache::disk::entries_budget(budget) / outpost_cache::disk::INDEX_ENTRY_BYTES;
     let engine = open(dir.path(), memory, 1024).await;
     fill(&engine, 0, 16_000).await;
     evictions_done(&engine).await;

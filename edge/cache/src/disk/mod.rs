@@ -647,6 +647,9 @@ struct Indexed {
     /// Of the index's memory: [`DiskEntry::index_bytes`].
     memory: AtomicU64,
     memory_budget: u64,
+    /// The memory set aside for the journal of index writes not folded yet (see
+    /// [`entries_budget`]).
+    journal: u64,
 }
 
 impl Indexed {
@@ -724,11 +727,20 @@ pub const INDEX_ENTRY_BYTES: u64 = 320;
 pub const INDEX_FILE_ENTRY_EXTRA: u64 = 512;
 
 /// The memory the disk index may use, out of `--memory`: a quarter of it, at least 1 MiB
-/// (~3,000 objects). At the default 256 MiB that is ~200,000 objects; a store of many more
+/// (~2,700 objects), an eighth of it for its journal (see [`entries_budget`]). At the default
+/// 256 MiB that is ~180,000 objects; a store of many more
 /// small objects needs a larger `--memory` (nginx sizes its `keys_zone` the same way, at
 /// ~8,000 keys per MiB).
 pub fn index_budget(memory: u64) -> u64 {
     (memory / 4).max(1 << 20)
+}
+
+/// What the index's entries may use of its budget: all but the share of the journal of index
+/// writes not folded yet (an eighth; see [`store::journal_max`]).
+pub fn entries_budget(index_budget: u64) -> u64 {
+    index_budget
+        .saturating_sub(store::journal_max(index_budget) * store::JOURNAL_ENTRY_BYTES)
+        .max(1)
 }
 
 /// Hands entries evicted for space to the deleter task.
@@ -769,11 +781,14 @@ impl DiskTier {
         tokio::fs::create_dir_all(&content).await?;
         // Interrupted writes never become visible; their leftovers go now.
         remove_dir_contents(&content.join("tmp")).await;
+        let journal_max = store::journal_max(index_budget);
+        let journal = index_budget - entries_budget(index_budget).min(index_budget);
+        let index_budget = entries_budget(index_budget);
         let store = {
             let root = root.to_path_buf();
             // The index's page cache gets as much as the held metadata: hot objects' metadata
             // is held decoded above it, so it serves cold lookups and the start-up load.
-            tokio::task::spawn_blocking(move || Store::open(&root, held_budget))
+            tokio::task::spawn_blocking(move || Store::open(&root, held_budget, journal_max))
                 .await
                 .map_err(io::Error::other)??
         };
@@ -826,6 +841,7 @@ impl DiskTier {
                 disk: AtomicU64::new(0),
                 memory: AtomicU64::new(0),
                 memory_budget: index_budget,
+                journal,
             },
             rejected: AtomicU64::new(0),
             swept: AtomicU64::new(0),
@@ -1563,12 +1579,13 @@ impl DiskTier {
         self.indexed.disk.load(Ordering::Relaxed)
     }
 
-    /// Memory the index's entries take (as charged, see [`INDEX_ENTRY_BYTES`]), and the most
-    /// they may take.
+    /// Memory the index takes (its entries as charged, see [`INDEX_ENTRY_BYTES`], and the
+    /// share set aside for its journal), and the most it may take.
     pub fn index_memory(&self) -> (u64, u64) {
+        let journal = self.indexed.journal;
         (
-            self.indexed.memory.load(Ordering::Relaxed),
-            self.indexed.memory_budget,
+            self.indexed.memory.load(Ordering::Relaxed) + journal,
+            self.indexed.memory_budget.saturating_add(journal),
         )
     }
 

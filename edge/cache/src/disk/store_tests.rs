@@ -1,0 +1,234 @@
+//! The store against a model: puts, metadata updates, removals and evictions (conditional
+//! removals, some naming copies long replaced), in group commits, across journal folds and
+//! reopenings. Every key reads as the model says, the load finds exactly the model's objects,
+//! and after a fold no record is left of a copy that went.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc as std_mpsc;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// A new copy of key `k`.
+    Put(u8),
+    /// A metadata update of the `age`-th latest copy of `k` the test has seen committed.
+    Update(u8, u8),
+    /// An unconditional removal of `k`.
+    Delete(u8),
+    /// An eviction of the `age`-th latest copy of `k` seen committed.
+    Evict(u8, u8),
+    /// Wait for the commits and check.
+    Check,
+    Fold,
+    Reopen,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0u8..6).prop_map(Step::Put),
+        2 => (0u8..6, 0u8..3).prop_map(|(k, a)| Step::Update(k, a)),
+        1 => (0u8..6).prop_map(Step::Delete),
+        3 => (0u8..6, 0u8..3).prop_map(|(k, a)| Step::Evict(k, a)),
+        3 => Just(Step::Check),
+        1 => Just(Step::Fold),
+        1 => Just(Step::Reopen),
+    ]
+}
+
+fn key(k: u8) -> KeyHash {
+    KeyHash::of(&format!("example.test/{k}"))
+}
+
+fn put(k: u8, record: &str, expect: Option<StoredCopy>) -> Put {
+    Put {
+        key: key(k),
+        expect,
+        record: Bytes::from(record.to_string()),
+        entry: EntryRecord {
+            seq: 0,
+            inline: true,
+            size: record.len() as u64,
+            purge_seq: 0,
+            integrity: "sha256-AAAA".into(),
+            key_text: format!("example.test/{k}"),
+            vary: String::new(),
+        },
+        vary: None,
+    }
+}
+
+fn copy(seq: u64) -> StoredCopy {
+    StoredCopy {
+        seq,
+        integrity: "sha256-AAAA".into(),
+    }
+}
+
+/// What the store should hold: per key, its copy's sequence number and record.
+type Model = BTreeMap<u8, (u64, String)>;
+
+struct Run {
+    dir: tempfile::TempDir,
+    store: Store,
+    model: Model,
+    /// Per key, the sequence numbers of its copies seen committed, latest last.
+    seen: BTreeMap<u8, Vec<u64>>,
+    /// Puts queued since the last check: key, record, and where their outcome arrives.
+    queued: Vec<(u8, String, Option<u64>, std_mpsc::Receiver<PutResult>)>,
+    writes: u64,
+}
+
+impl Run {
+    fn open(dir: &Path) -> Store {
+        Store::open(dir, 1 << 20, 3).unwrap()
+    }
+
+    fn copy_of(&self, k: u8, age: u8) -> Option<u64> {
+        let seen = self.seen.get(&k)?;
+        seen.iter().rev().nth(usize::from(age)).copied()
+    }
+
+    fn queue(&mut self, k: u8, expect: Option<u64>) {
+        self.writes += 1;
+        let record = format!("{k}-{}", self.writes);
+        let (tx, rx) = std_mpsc::channel();
+        self.store.put_then(
+            put(k, &record, expect.map(copy)),
+            Completion::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        self.queued.push((k, record, expect, rx));
+    }
+
+    async fn apply(&mut self, step: Step) {
+        match step {
+            Step::Put(k) => self.queue(k, None),
+            Step::Update(k, age) => {
+                if let Some(seq) = self.copy_of(k, age) {
+                    self.queue(k, Some(seq));
+                }
+            }
+            Step::Delete(k) => {
+                self.settle().await;
+                self.store.delete(key(k));
+                self.model.remove(&k);
+            }
+            Step::Evict(k, age) => {
+                if let Some(seq) = self.copy_of(k, age) {
+                    self.settle().await;
+                    self.store.delete_if(key(k), copy(seq));
+                    if self.model.get(&k).is_some_and(|(cur, _)| *cur == seq) {
+                        self.model.remove(&k);
+                    }
+                }
+            }
+            Step::Check => {
+                self.settle().await;
+                self.store.flush().await;
+                self.check();
+            }
+            Step::Fold => {
+                self.settle().await;
+                self.store.fold_now().await;
+                self.check();
+                let live = self.model.len() as u64;
+                assert_eq!(self.store.record_count(), live, "records left after a fold");
+            }
+            Step::Reopen => {
+                self.settle().await;
+                self.store.close().await;
+                self.store = Self::open(self.dir.path());
+                self.check();
+                self.check_load();
+            }
+        }
+    }
+
+    /// Waits for the queued puts and brings the model up to date with each, in queue order
+    /// (the order they commit in). Removals wait for this first, so that the model knows
+    /// which copy a key holds when they apply.
+    async fn settle(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        self.store.flush().await;
+        for (k, record, expect, rx) in std::mem::take(&mut self.queued) {
+            let outcome = rx.recv().unwrap().unwrap();
+            let holds = self.model.get(&k).map(|(seq, _)| *seq);
+            match expect {
+                None => {
+                    let seq = outcome.expect("an unconditional put applies");
+                    self.seen.entry(k).or_default().push(seq);
+                    self.model.insert(k, (seq, record));
+                }
+                Some(want) if holds == Some(want) => {
+                    assert_eq!(outcome, Some(want), "an update applies in place");
+                    self.model.insert(k, (want, record));
+                }
+                Some(_) => assert_eq!(outcome, None, "an update of a copy gone applies"),
+            }
+        }
+    }
+
+    fn check(&self) {
+        for k in 0..6 {
+            let got = self.store.get(&key(k)).unwrap();
+            let want = self
+                .model
+                .get(&k)
+                .map(|(seq, r)| (*seq, r.as_bytes().to_vec()));
+            assert_eq!(got, want, "key {k}");
+        }
+    }
+
+    fn check_load(&self) {
+        let mut found = BTreeMap::new();
+        let (n, complete) = self
+            .store
+            .load(2, |batch| {
+                for (key, e) in batch {
+                    assert!(found.insert(key, e.seq).is_none(), "loaded twice");
+                }
+                true
+            })
+            .unwrap();
+        assert!(complete);
+        assert_eq!(n, found.len() as u64);
+        let want: BTreeMap<KeyHash, u64> = self
+            .model
+            .iter()
+            .map(|(k, (seq, _))| (key(*k), *seq))
+            .collect();
+        assert_eq!(found, want);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn the_store_holds_what_its_writes_say(steps in prop::collection::vec(step(), 1..80)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Run::open(dir.path());
+            let mut run = Run {
+                dir,
+                store,
+                model: Model::new(),
+                seen: BTreeMap::new(),
+                queued: Vec::new(),
+                writes: 0,
+            };
+            for step in steps {
+                run.apply(step).await;
+            }
+            run.apply(Step::Fold).await;
+            run.apply(Step::Reopen).await;
+        });
+    }
+}
