@@ -449,6 +449,7 @@ impl Store {
             next_journal,
             journal_len,
             journal_max: journal_max.max(1),
+            fold_at: journal_max.max(1),
             pending: Arc::clone(&pending),
             tail: Arc::clone(&tail),
             commits: Arc::clone(&commits),
@@ -835,6 +836,9 @@ struct Writer {
     journal_len: u64,
     /// The journal is folded into the entries when it holds this many records.
     journal_max: u64,
+    /// The journal's length that starts the next fold: `journal_max`, or further after a fold
+    /// failed (not retried after every commit).
+    fold_at: u64,
     pending: Arc<DashMap<KeyHash, (u64, Pending), KeyHasher>>,
     tail: Arc<DashMap<KeyHash, Tail, KeyHasher>>,
     commits: Arc<AtomicU64>,
@@ -890,7 +894,7 @@ impl Writer {
             }
             let mut applied = vec![None; ops.len()];
             let result = self.commit(&mut ops, &mut applied);
-            if result.is_ok() && self.journal_len >= self.journal_max {
+            if result.is_ok() && self.journal_len >= self.fold_at {
                 self.fold();
             }
             if let Err(e) = &result {
@@ -1125,6 +1129,7 @@ impl Writer {
                 // Every word is in the entries now: lookups read them there.
                 self.tail.clear();
                 self.journal_len = 0;
+                self.fold_at = self.journal_max;
                 self.last_commit = Instant::now();
                 debug!(
                     records = folded,
@@ -1134,7 +1139,8 @@ impl Writer {
             }
             Err(e) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, "disk index journal fold failed; it is tried again after the next commit");
+                self.fold_at = self.journal_len + self.journal_max / 8;
+                warn!(error = %e, journal = self.journal_len, "disk index journal fold failed; it is tried again after more writes");
             }
         }
     }
