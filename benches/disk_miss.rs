@@ -15,7 +15,9 @@
 //! OUTPOST_BENCH_DISK_GIB (`--disk`, 16), OUTPOST_BENCH_TMPDIR (where the cache directory goes;
 //! default target/tmp, on the build's disk), OUTPOST_BENCH_SERVER_THREADS (edge runtime
 //! workers; cores), OUTPOST_BENCH_CLIENT_THREADS (2), OUTPOST_BENCH_ORIGIN_THREADS (1).
-//! Positional arguments filter cases by name (`-- disk`; the ratios need both). `cargo test
+//! Positional arguments filter cases by name (`-- disk`; the ratios need both; `=name` matches
+//! one case exactly: the flat run at `OUTPOST_BENCH_MEMORY_MIB=1536` takes `-- =disk =disk/flat
+//! =disk-hit/flat`, as its memory tier then answers the "disk-hit" case's recent URLs). `cargo test
 //! --benches` or `cargo bench --bench disk_miss -- --test` only does a short smoke run (a
 //! prefill of 200 objects included).
 //!
@@ -352,7 +354,14 @@ fn main() {
                 disk_objects: None,
             })
         })
-        .filter(|c| filters.is_empty() || filters.iter().any(|f| c.name().contains(f.as_str())))
+        .filter(|c| {
+            let name = c.name();
+            filters.is_empty()
+                || filters.iter().any(|f| match f.strip_prefix('=') {
+                    Some(exact) => name == exact,
+                    None => name.contains(f.as_str()),
+                })
+        })
         .collect();
     println!(
         "disk_miss{}: {} KiB unique misses, {} connections, {} round(s) of {} warm-up + {} per \
