@@ -13,12 +13,14 @@
 //!   sequence number, inline or not, size, purge sequence, content hash, key text, Vary
 //!   names), all that the start-up load needs: it never reads the larger records. Brought up
 //!   to date by folds of the journal, not by each write.
-//! - `journal`, keyed in the order of the writes: what became of each key since the last fold
-//!   (its new entry, its removal, or the removal of one copy: see [`Tail`]). A write appends
-//!   to it, as a record does to `records`: an entry written to `entries` with each put was a
-//!   random leaf per object, half of a miss's index cost. When it holds `journal_max` writes
-//!   (an eighth of the index's memory share at ~160 bytes each, 1,024 to 65,536), one
-//!   transaction applies each key's last word to `entries`, in key order, and empties it.
+//! - `journal`, keyed in the order of the writes: what became of each key since its last fold
+//!   (its new entry, its removal, or the removal of one copy: see [`Tail`]), one word per key
+//!   (a new word replaces the key's earlier one). A write appends to it, as a record does to
+//!   `records`: an entry written to `entries` with each put was a random leaf per object, half
+//!   of a miss's index cost. When it holds `journal_max` words (an eighth of the index's
+//!   memory share at ~160 bytes each: 1,024 at least, ~52,000 at the default `--memory`,
+//!   1,048,576 at most), a fold applies the words on one sixteenth of the key space to
+//!   `entries`, in key order, in one transaction, and takes them out ([`FOLD_SLICES`]).
 //! - `vary`: primary key → the Vary names its responses nominate, so a request that arrives
 //!   before the load reached its variants still finds them.
 //! - `state`: the largest purge sequence any stored object recorded, and the next record's
@@ -27,16 +29,29 @@
 //!   sequence number reads as 0); read until their objects are updated, stored anew or
 //!   removed, which moves them to `records`.
 //!
-//! The journal's last word on each key is also held in memory (the `tail`), from the opening
-//! on: a lookup of a key the start-up load has not reached reads it before `entries`, and the
+//! The journal's last word on each key is also held in memory (the `tail`), read before the
+//! store serves: a lookup of a key the start-up load has not reached reads it before `entries`, and the
 //! writer decides from it, without a lookup, which record a put replaces (a copy the journal
 //! does not name is in `entries`; its record goes with the fold). The load hands over the
 //! journal's objects first, the newest, then those of `entries` the journal left standing.
-//! A fold makes puts wait, not reads: measured with 1.4 KB records in commits of 1,024, a fold
-//! of 53,000 writes took 0.1 s into 50,000 entries, 0.3 s into 250,000 and 0.95 s into
-//! 1,000,000 (it rewrites most of the table's leaves). The disk queue's budget bounds what
-//! waits meanwhile (a fill past it gives up its disk copy, counted as `queue_full`), and a
-//! streamed object's fill stays in the fill map until its put commits.
+//! A fold makes puts wait, not reads. Folded whole, a journal of 53,000 words took 0.1 s into
+//! 50,000 entries, 0.3 s into 250,000 and 0.95 s into 1,000,000 (1.4 KB records, commits of
+//! 1,024): it rewrites most of the table's leaves. A sixteenth of the key space at a time
+//! rewrites a sixteenth of them, at the same cost per word. The cost per word falls as the
+//! journal grows against the table (more words share a leaf), hence a journal sized by the
+//! memory the operator gives the index, which also sizes how many objects it holds. The
+//! disk queue's budget bounds what waits meanwhile (a fill past it gives up its disk copy,
+//! counted as `queue_full`), and a streamed object's fill stays in the fill map until its put
+//! commits. In the edge at `--memory 1792MiB` (a journal of up to ~367,000 words), a miss's
+//! CPU at 1,230,000 objects was within 17-28% of its CPU at 126,000 (`benches/disk_miss.rs`);
+//! with the journal capped at 65,536 words and folded whole, 27-55%.
+//!
+//! The price of a long journal is the opening: reading it, with the page cache dropped, took
+//! ~0.9 s of a restart at 1,000,000 objects (`benches/restart.rs`: the first HIT at 0.91-1.10
+//! s, against 41 ms with no journal), ~0.25 s warm. Serving before the tail is read needs
+//! lookups that never find a copy the journal replaced: records of replaced copies removed
+//! when they are replaced (the tier's index knows them once loaded; a lookup before), not at
+//! the fold. Not done.
 //!
 //! Writes: every put and delete goes to the writer thread (`outpost-disk-index`), which takes
 //! whatever has queued up and commits it in one transaction (group commit), durably
@@ -92,7 +107,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use dashmap::DashMap;
-#[cfg(test)]
 use redb::ReadableTableMetadata;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
@@ -271,15 +285,15 @@ fn read_journal(data: &[u8]) -> Option<(KeyHash, Tail, &[u8])> {
     Some((KeyHash(*key), tail, rest))
 }
 
-/// Journal records kept before they are folded into the entries, at most, and the memory each
-/// costs meanwhile: its key's word in [`Store`]'s `tail`, and its place in a fold's order.
-/// The journal gets an eighth of the index's memory: 1,024 to 65,536 records.
+/// What a journal record (one per key) costs in memory until it is folded into the entries: its
+/// key's word in [`Store`]'s `tail`, and its place in a fold's order. The journal gets an eighth
+/// of the index's memory: 1,024 records at least, 1,048,576 at most.
 pub(super) const JOURNAL_ENTRY_BYTES: u64 = 160;
 
 /// How many journal records a store whose index may use `index_budget` bytes keeps before it
 /// folds them (see [`JOURNAL_ENTRY_BYTES`]).
 pub(super) fn journal_max(index_budget: u64) -> u64 {
-    (index_budget / 8 / JOURNAL_ENTRY_BYTES).clamp(1024, 65_536)
+    (index_budget / 8 / JOURNAL_ENTRY_BYTES).clamp(1024, 1 << 20)
 }
 
 /// A put: the record a lookup reads, the entry the start-up load reads.
@@ -352,8 +366,9 @@ pub(super) struct Store {
     tx: mpsc::Sender<Op>,
     /// Writes queued or being committed, with the ticket of the latest for each key.
     pending: Arc<DashMap<KeyHash, (u64, Pending), KeyHasher>>,
-    /// The journal's last word on each key it names: committed, not folded yet.
-    tail: Arc<DashMap<KeyHash, Tail, KeyHasher>>,
+    /// The journal's last word on each key it names, and that word's key in the journal:
+    /// committed, not folded yet.
+    tail: Arc<DashMap<KeyHash, (u64, Tail), KeyHasher>>,
     tickets: AtomicU64,
     /// Transactions committed, and writes that failed, since start.
     pub commits: Arc<AtomicU64>,
@@ -409,8 +424,8 @@ impl Store {
             txn.open_table(STATE).map_err(db_error)?;
             txn.commit().map_err(db_error)?;
         }
-        let tail = Arc::new(DashMap::with_hasher(KeyHasher::default()));
-        let (next_seq, next_journal, journal_len) = {
+        let mut stale = Vec::new();
+        let (tail, next_seq, next_journal) = {
             let txn = db.begin_read().map_err(db_error)?;
             let records = txn.open_table(RECORDS).map_err(db_error)?;
             let state = txn.open_table(STATE).map_err(db_error)?;
@@ -427,17 +442,34 @@ impl Store {
             // The journal's last word on each key, before anything is served: a lookup of a
             // key the load has not reached must not find a copy the journal replaced.
             let journal = txn.open_table(JOURNAL).map_err(db_error)?;
-            let (mut next_journal, mut journal_len) = (1, 0);
+            let words = usize::try_from(journal.len().map_err(db_error)?).unwrap_or(0);
+            let tail = DashMap::with_capacity_and_hasher(words, KeyHasher::default());
+            let mut next_journal = 1;
             for item in journal.range(..).map_err(db_error)? {
                 let (j, v) = item.map_err(db_error)?;
-                if let Some((key, word, _)) = read_journal(v.value()) {
-                    tail.insert(key, word);
+                let Some((key, word, _)) = read_journal(v.value()) else {
+                    stale.push(j.value());
+                    continue;
+                };
+                // Each key has one word in the journal; an earlier one (left by a version
+                // that kept them all) would outlive its key's fold.
+                if let Some((earlier, _)) = tail.insert(key, (j.value(), word)) {
+                    stale.push(earlier);
                 }
                 next_journal = j.value() + 1;
-                journal_len += 1;
             }
-            (next_seq, next_journal, journal_len)
+            (Arc::new(tail), next_seq, next_journal)
         };
+        if !stale.is_empty() {
+            let txn = db.begin_write().map_err(db_error)?;
+            {
+                let mut journal = txn.open_table(JOURNAL).map_err(db_error)?;
+                for j in stale {
+                    journal.remove(j).map_err(db_error)?;
+                }
+            }
+            txn.commit().map_err(db_error)?;
+        }
         let (tx, rx) = mpsc::channel();
         let pending = Arc::new(DashMap::with_hasher(KeyHasher::default()));
         let commits = Arc::new(AtomicU64::new(0));
@@ -447,9 +479,9 @@ impl Store {
             last_commit: Instant::now(),
             next_seq,
             next_journal,
-            journal_len,
             journal_max: journal_max.max(1),
             fold_at: journal_max.max(1),
+            next_slice: 0,
             pending: Arc::clone(&pending),
             tail: Arc::clone(&tail),
             commits: Arc::clone(&commits),
@@ -587,7 +619,7 @@ impl Store {
     pub fn get(&self, key: &KeyHash) -> io::Result<Option<(u64, Vec<u8>)>> {
         // The journal's word first, the transaction after: a write committed in between is
         // either seen whole or not at all (a copy it replaced reads as gone, or as it was).
-        let word = self.tail.get(key).map(|w| *w);
+        let word = self.tail.get(key).map(|w| w.1);
         let txn = self.db()?.begin_read().map_err(db_error)?;
         let folded = || -> io::Result<Option<u64>> {
             let entries = txn.open_table(ENTRIES).map_err(db_error)?;
@@ -624,7 +656,7 @@ impl Store {
     #[cfg(test)]
     pub fn downgrade(&self) {
         let txn = self.db().unwrap().begin_write().unwrap();
-        fold(&txn).unwrap();
+        fold(&txn, None).unwrap();
         self.tail.clear();
         {
             let mut records = txn.open_table(RECORDS).unwrap();
@@ -831,19 +863,33 @@ struct Writer {
     last_commit: Instant,
     /// The sequence number of the next new record.
     next_seq: u64,
-    /// The key of the next journal record, and how many the journal holds.
+    /// The key of the next journal record.
     next_journal: u64,
-    journal_len: u64,
-    /// The journal is folded into the entries when it holds this many records.
+    /// The journal is folded into the entries when it holds this many records (one per key).
     journal_max: u64,
     /// The journal's length that starts the next fold: `journal_max`, or further after a fold
     /// failed (not retried after every commit).
     fold_at: u64,
+    /// The range of keys the next fold takes (see [`FOLD_SLICES`]).
+    next_slice: u8,
     pending: Arc<DashMap<KeyHash, (u64, Pending), KeyHasher>>,
-    tail: Arc<DashMap<KeyHash, Tail, KeyHasher>>,
+    tail: Arc<DashMap<KeyHash, (u64, Tail), KeyHasher>>,
     commits: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
 }
+
+/// A fold takes the journal's words on one of this many ranges of keys (by the key hash's
+/// first 4 bits), in turn: it rewrites the entries' leaves of that range only, so each fold
+/// makes puts wait a sixteenth as long as a fold of the whole journal would, at the same cost
+/// per word (a range's words are as dense in its leaves as the journal's in the table).
+const FOLD_SLICES: u8 = 16;
+
+fn slice_of(key: &KeyHash) -> u8 {
+    key.0[0] >> 4
+}
+
+/// This transaction's words, for its later writes, and for the tail once it has committed.
+type Words = std::collections::HashMap<KeyHash, (u64, Tail), KeyHasher>;
 
 /// The tables a commit writes.
 struct Tables<'t> {
@@ -894,8 +940,11 @@ impl Writer {
             }
             let mut applied = vec![None; ops.len()];
             let result = self.commit(&mut ops, &mut applied);
-            if result.is_ok() && self.journal_len >= self.fold_at {
-                self.fold();
+            // Ranges in turn until the journal is within its bound again (one usually does).
+            let mut folds = 0;
+            while result.is_ok() && self.tail.len() as u64 >= self.fold_at && folds < FOLD_SLICES {
+                self.fold_slice();
+                folds += 1;
             }
             if let Err(e) = &result {
                 self.errors.fetch_add(1, Ordering::Relaxed);
@@ -931,7 +980,7 @@ impl Writer {
                     }
                     #[cfg(test)]
                     Op::Fold(done) => {
-                        self.fold();
+                        self.fold(None);
                         let _ = done.send(());
                     }
                     Op::Close(done) => closing.push(done),
@@ -948,22 +997,42 @@ impl Writer {
     }
 
     /// The journal's last word on `key`: this transaction's, else the committed one's.
-    fn word(
-        &self,
-        txn_words: &std::collections::HashMap<KeyHash, Tail, KeyHasher>,
-        key: &KeyHash,
-    ) -> Option<Tail> {
+    fn word(&self, txn_words: &Words, key: &KeyHash) -> Option<Tail> {
+        self.word_at(txn_words, key).map(|w| w.1)
+    }
+
+    /// [`Writer::word`], with its key in the journal.
+    fn word_at(&self, txn_words: &Words, key: &KeyHash) -> Option<(u64, Tail)> {
         txn_words
             .get(key)
             .copied()
             .or_else(|| self.tail.get(key).map(|w| *w))
     }
 
+    /// Journals `word` on `key` (its record: `record`), in place of the key's earlier one.
+    fn journal(
+        &self,
+        t: &mut Tables<'_>,
+        txn_words: &mut Words,
+        next_journal: &mut u64,
+        key: KeyHash,
+        record: &[u8],
+        word: Tail,
+    ) -> Result<(), redb::Error> {
+        if let Some((earlier, _)) = self.word_at(txn_words, &key) {
+            t.journal.remove(earlier)?;
+        }
+        t.journal.insert(*next_journal, record)?;
+        txn_words.insert(key, (*next_journal, word));
+        *next_journal += 1;
+        Ok(())
+    }
+
     /// The copy `key` holds (see [`Tables::folded`]): the journal's, else the folded entry's.
     fn current(
         &self,
         t: &Tables<'_>,
-        txn_words: &std::collections::HashMap<KeyHash, Tail, KeyHasher>,
+        txn_words: &Words,
         key: &KeyHash,
     ) -> Result<Option<(u64, Option<String>)>, redb::Error> {
         Ok(match self.word(txn_words, key) {
@@ -989,10 +1058,7 @@ impl Writer {
         txn.set_durability(Durability::Immediate)
             .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
         txn.set_quick_repair(true);
-        // What this transaction's writes say of their keys, for the later ones, and for the
-        // tail once it has committed.
-        let mut words: std::collections::HashMap<KeyHash, Tail, KeyHasher> =
-            std::collections::HashMap::default();
+        let mut words = Words::default();
         let mut next_journal = self.next_journal;
         {
             let mut t = Tables {
@@ -1006,11 +1072,6 @@ impl Writer {
             let mut max_seq = state.get(MAX_PURGE_SEQ)?.map_or(0, |v| v.value());
             let seq_before = max_seq;
             let mut next = self.next_seq;
-            let mut journal = |t: &mut Tables<'_>, record: &[u8]| -> Result<(), redb::Error> {
-                t.journal.insert(next_journal, record)?;
-                next_journal += 1;
-                Ok(())
-            };
             for (op, applied) in ops.iter_mut().zip(applied.iter_mut()) {
                 match op {
                     Op::Put(put, _, _) => {
@@ -1046,8 +1107,15 @@ impl Writer {
                             t.remove_record(old, &put.key)?;
                         }
                         put.entry.seq = seq;
-                        journal(&mut t, &put.entry.journal_put(&put.key))?;
-                        words.insert(put.key, Tail::Put(seq));
+                        let record = put.entry.journal_put(&put.key);
+                        self.journal(
+                            &mut t,
+                            &mut words,
+                            &mut next_journal,
+                            put.key,
+                            &record,
+                            Tail::Put(seq),
+                        )?;
                         if let Some((primary, names)) = &put.vary {
                             vary.insert(&primary.0, names.as_str())?;
                         }
@@ -1082,8 +1150,8 @@ impl Writer {
                             Tail::GoneIf(seq) => Some(seq),
                             _ => None,
                         };
-                        journal(&mut t, &journal_gone(key, only))?;
-                        words.insert(*key, word);
+                        let record = journal_gone(key, only);
+                        self.journal(&mut t, &mut words, &mut next_journal, *key, &record, word)?;
                     }
                     _ => {}
                 }
@@ -1098,78 +1166,117 @@ impl Writer {
         }
         // Sequence numbers are never handed out twice, not even after a failed commit (part of
         // it may have reached the file).
-        let journaled = next_journal - self.next_journal;
         self.next_journal = next_journal;
         txn.commit()?;
         self.last_commit = Instant::now();
-        self.journal_len += journaled;
         for (key, word) in words {
             self.tail.insert(key, word);
         }
         Ok(())
     }
 
-    /// Folds the journal into the entries, in one transaction, and empties it. Keys whose
-    /// entries are rewritten together share the tree's pages, so this costs far less per
-    /// object than an entry written with each put (numbers in the module docs). Puts wait
-    /// meanwhile; reads do not.
-    fn fold(&mut self) {
+    /// Folds the journal's words on the next range of keys (see [`FOLD_SLICES`]) into the
+    /// entries, in one transaction, and takes them out of the journal. Keys whose entries are
+    /// rewritten together share the tree's pages, so this costs far less per object than an
+    /// entry written with each put (numbers in the module docs). Puts wait meanwhile; reads do
+    /// not.
+    fn fold_slice(&mut self) {
+        let slice = self.next_slice;
+        self.next_slice = (slice + 1) % FOLD_SLICES;
+        let mut words: Vec<(KeyHash, u64)> = self
+            .tail
+            .iter()
+            .filter(|w| slice_of(w.key()) == slice)
+            .map(|w| (*w.key(), w.value().0))
+            .collect();
+        if words.is_empty() {
+            return;
+        }
+        words.sort_unstable();
+        self.fold(Some(words));
+    }
+
+    /// Folds the given words (key, journal key), in key order, or the whole journal.
+    fn fold(&mut self, words: Option<Vec<(KeyHash, u64)>>) {
         let t0 = Instant::now();
         let result = (|| -> Result<u64, redb::Error> {
             let mut txn = self.db.begin_write()?;
             txn.set_durability(Durability::Immediate)
                 .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
             txn.set_quick_repair(true);
-            let folded = fold(&txn)?;
+            let folded = fold(&txn, words.as_deref())?;
             txn.commit()?;
             Ok(folded)
         })();
         match result {
             Ok(folded) => {
-                // Every word is in the entries now: lookups read them there.
-                self.tail.clear();
-                self.journal_len = 0;
+                // Those words are in the entries now: lookups read them there.
+                match &words {
+                    Some(words) => {
+                        for (key, j) in words {
+                            self.tail.remove_if(key, |_, w| w.0 == *j);
+                        }
+                    }
+                    None => self.tail.clear(),
+                }
                 self.fold_at = self.journal_max;
                 self.last_commit = Instant::now();
                 debug!(
-                    records = folded,
+                    words = folded,
                     millis = t0.elapsed().as_millis(),
                     "disk index journal folded"
                 );
             }
             Err(e) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
-                self.fold_at = self.journal_len + self.journal_max / 8;
-                warn!(error = %e, journal = self.journal_len, "disk index journal fold failed; it is tried again after more writes");
+                let journal = self.tail.len() as u64;
+                self.fold_at = journal + self.journal_max / 8;
+                warn!(error = %e, journal, "disk index journal fold failed; it is tried again after more writes");
             }
         }
     }
 }
 
-/// Applies every journal record to the entries, in the transaction `txn`, and empties the
-/// journal; returns how many records it held. Each key's last word is applied, in key order.
-fn fold(txn: &redb::WriteTransaction) -> Result<u64, redb::Error> {
+/// Applies journal words to the entries, in the transaction `txn`, and takes them out of the
+/// journal: `words` (key, journal key), in key order, or else every key's last word (the
+/// journal is emptied). Returns how many were applied.
+fn fold(
+    txn: &redb::WriteTransaction,
+    words: Option<&[(KeyHash, u64)]>,
+) -> Result<u64, redb::Error> {
     let mut t = Tables {
         records: txn.open_table(RECORDS)?,
         legacy: txn.open_table(LEGACY_OBJECTS)?,
         entries: txn.open_table(ENTRIES)?,
         journal: txn.open_table(JOURNAL)?,
     };
-    let mut last: Vec<(KeyHash, u64)> = Vec::new();
-    for item in t.journal.range(..)? {
-        let (j, v) = item?;
-        if let Some(key) = v.value().first_chunk::<32>() {
-            last.push((KeyHash(*key), j.value()));
+    let all = words.is_none();
+    let last = match words {
+        Some(words) => words.to_vec(),
+        None => {
+            let mut last: Vec<(KeyHash, u64)> = Vec::new();
+            for item in t.journal.range(..)? {
+                let (j, v) = item?;
+                if let Some(key) = v.value().first_chunk::<32>() {
+                    last.push((KeyHash(*key), j.value()));
+                }
+            }
+            // Each key's latest record first, then the others dropped.
+            last.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            last.dedup_by_key(|e| e.0);
+            last
         }
-    }
-    let held = last.len() as u64;
-    // Each key's latest record first, then the others dropped.
-    last.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-    last.dedup_by_key(|e| e.0);
+    };
+    let applied = last.len() as u64;
     for (key, j) in last {
-        let Some(v) = t.journal.get(j)? else { continue };
-        let data = v.value().to_vec();
-        drop(v);
+        let data = match if all {
+            t.journal.get(j)?
+        } else {
+            t.journal.remove(j)?
+        } {
+            Some(v) => v.value().to_vec(),
+            None => continue,
+        };
         let Some((_, word, entry)) = read_journal(&data) else {
             continue;
         };
@@ -1191,9 +1298,11 @@ fn fold(txn: &redb::WriteTransaction) -> Result<u64, redb::Error> {
         }
     }
     drop(t);
-    txn.delete_table(JOURNAL)?;
-    txn.open_table(JOURNAL)?;
-    Ok(held)
+    if all {
+        txn.delete_table(JOURNAL)?;
+        txn.open_table(JOURNAL)?;
+    }
+    Ok(applied)
 }
 
 #[cfg(test)]
