@@ -22,8 +22,8 @@
 //! and indexed by the writer thread after the commit. Disk reads never queue behind writes:
 //! redb readers do not wait for its writer.
 //!
-//! Start-up serves at once. The index is loaded in the background (`outpost-disk-load`
-//! thread) from the compact `entries` table; a lookup for a key the load has not reached reads
+//! Start-up serves once the index's journal is read (see `store`). The index is loaded in the
+//! background (`outpost-disk-load` thread) from the journal and the compact `entries` table; a lookup for a key the load has not reached reads
 //! its record directly, and a URL with Vary finds its names in the `vary` table. Writes and
 //! removals made while the load runs are remembered, so the load never brings back an object
 //! removed meanwhile, nor replaces a newer one. Crash safety: content is committed (renamed)
@@ -689,7 +689,7 @@ type Index = quick_cache::sync::Cache<
 /// scaled to it: an entry weighs the larger of the two. The entries' weights then add up to
 /// at most the capacity only if both their disk bytes fit `--disk` and their index bytes fit
 /// the index's budget (as nginx's `keys_zone` beside `max_size`). The bound is stricter than
-/// two separate ones: objects smaller than capacity / budget × their index bytes (~130 KiB at
+/// two separate ones: objects smaller than capacity / budget × their index bytes (~150 KiB at
 /// the defaults) count by memory, larger ones by disk, and a mix of both is evicted before
 /// either resource is full.
 #[derive(Clone)]
@@ -1070,8 +1070,8 @@ impl DiskTier {
     /// An entry evicted for space: its record goes (unless the key was stored again
     /// meanwhile); its content file goes with the last entry that names it. The index also
     /// hands over an entry a new copy of the key replaced (marked by [`DiskTier::index_entry`]):
-    /// that copy's put already removed its record, so there is nothing to delete, and it is no
-    /// eviction.
+    /// the store removes its record (with the put, or with the journal's next fold), so there
+    /// is nothing to delete, and it is no eviction.
     fn evicted(&self, d: Deletion) {
         self.indexed.sub(&d.entry);
         self.forget_held(&d.key, &d.entry);

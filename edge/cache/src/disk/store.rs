@@ -37,7 +37,9 @@
 //! A fold makes puts wait, not reads. Folded whole, a journal of 53,000 words took 0.1 s into
 //! 50,000 entries, 0.3 s into 250,000 and 0.95 s into 1,000,000 (1.4 KB records, commits of
 //! 1,024): it rewrites most of the table's leaves. A sixteenth of the key space at a time
-//! rewrites a sixteenth of them, at the same cost per word. The cost per word falls as the
+//! rewrites a sixteenth of them, at the same cost per word in `entries` (its words are spread
+//! over the whole journal, though: each such fold also rewrites most of the journal's leaves,
+//! a smaller table). The cost per word falls as the
 //! journal grows against the table (more words share a leaf), hence a journal sized by the
 //! memory the operator gives the index, which also sizes how many objects it holds. The
 //! disk queue's budget bounds what waits meanwhile (a fill past it gives up its disk copy,
@@ -252,6 +254,17 @@ enum Tail {
     GoneIf(u64),
 }
 
+impl Tail {
+    /// Whether the folded entry of a key, naming the copy at `folded`, still stands under this
+    /// word.
+    fn keeps(self, folded: Option<u64>) -> bool {
+        match self {
+            Tail::GoneIf(gone) => folded.is_some_and(|seq| seq != gone),
+            Tail::Put(_) | Tail::Gone => false,
+        }
+    }
+}
+
 /// Journal records: the key hash, one of these, then the entry (a put) or the sequence number
 /// (a conditional removal).
 const J_PUT: u8 = 1;
@@ -293,6 +306,10 @@ pub(super) const JOURNAL_ENTRY_BYTES: u64 = 160;
 /// How many journal records a store whose index may use `index_budget` bytes keeps before it
 /// folds them (see [`JOURNAL_ENTRY_BYTES`]).
 pub(super) fn journal_max(index_budget: u64) -> u64 {
+    if index_budget == u64::MAX {
+        // An index bounded by its disk only (pushed objects): as at the default `--memory`.
+        return 65_536;
+    }
     (index_budget / 8 / JOURNAL_ENTRY_BYTES).clamp(1024, 1 << 20)
 }
 
@@ -632,7 +649,7 @@ impl Store {
         let seq = match word {
             Some(Tail::Put(seq)) => Some(seq),
             Some(Tail::Gone) => None,
-            Some(Tail::GoneIf(gone)) => folded()?.filter(|&seq| seq != gone),
+            Some(word) => folded()?.filter(|&seq| word.keeps(Some(seq))),
             None => folded()?,
         };
         let Some(seq) = seq else { return Ok(None) };
@@ -654,10 +671,9 @@ impl Store {
     /// Rewrites the database in the previous layout (records keyed by key hash in `objects`,
     /// entries of format 2), as an earlier version left it.
     #[cfg(test)]
-    pub fn downgrade(&self) {
+    pub async fn downgrade(&self) {
+        self.fold_now().await;
         let txn = self.db().unwrap().begin_write().unwrap();
-        fold(&txn, None).unwrap();
-        self.tail.clear();
         {
             let mut records = txn.open_table(RECORDS).unwrap();
             let mut legacy = txn.open_table(LEGACY_OBJECTS).unwrap();
@@ -754,16 +770,16 @@ impl Store {
         for item in entries.range(..).map_err(db_error)? {
             let (k, v) = item.map_err(db_error)?;
             let key = KeyHash(*k.value());
+            let folded = EntryRecord::peek_seq(v.value());
+            if !last.get(&key).is_none_or(|&(_, word)| word.keeps(folded)) {
+                continue;
+            }
+            // An entry that does not decode goes, unless the journal has the key's copy.
             let Some(e) = EntryRecord::decode(v.value()) else {
                 self.delete(key);
                 continue;
             };
-            let stands = match last.get(&key) {
-                None => true,
-                Some(&(_, Tail::GoneIf(gone))) => e.seq != gone,
-                Some(_) => false,
-            };
-            if stands && !batches.push(key, e) {
+            if !batches.push(key, e) {
                 return Ok((batches.total, false));
             }
         }
@@ -899,7 +915,16 @@ struct Tables<'t> {
     journal: redb::Table<'t, u64, &'static [u8]>,
 }
 
-impl Tables<'_> {
+impl<'t> Tables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, redb::Error> {
+        Ok(Self {
+            records: txn.open_table(RECORDS)?,
+            legacy: txn.open_table(LEGACY_OBJECTS)?,
+            entries: txn.open_table(ENTRIES)?,
+            journal: txn.open_table(JOURNAL)?,
+        })
+    }
+
     /// The folded entry of `key`: its record's sequence number, and the content hash of a
     /// record of the previous layout (the only kind a copy is named by it as well).
     fn folded(&self, key: &KeyHash) -> Result<Option<(u64, Option<String>)>, redb::Error> {
@@ -940,12 +965,6 @@ impl Writer {
             }
             let mut applied = vec![None; ops.len()];
             let result = self.commit(&mut ops, &mut applied);
-            // Ranges in turn until the journal is within its bound again (one usually does).
-            let mut folds = 0;
-            while result.is_ok() && self.tail.len() as u64 >= self.fold_at && folds < FOLD_SLICES {
-                self.fold_slice();
-                folds += 1;
-            }
             if let Err(e) = &result {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 warn!(error = %e, writes = ops.len(), "disk index commit failed; those objects are not stored");
@@ -980,7 +999,9 @@ impl Writer {
                     }
                     #[cfg(test)]
                     Op::Fold(done) => {
-                        self.fold(None);
+                        for _ in 0..FOLD_SLICES {
+                            self.fold_slice();
+                        }
                         let _ = done.send(());
                     }
                     Op::Close(done) => closing.push(done),
@@ -992,6 +1013,13 @@ impl Writer {
                     let _ = done.send(());
                 }
                 return;
+            }
+            // Ranges in turn until the journal is within its bound again (one usually does),
+            // after the replies: the puts just committed do not wait for it.
+            let mut folds = 0;
+            while result.is_ok() && self.tail.len() as u64 >= self.fold_at && folds < FOLD_SLICES {
+                self.fold_slice();
+                folds += 1;
             }
         }
     }
@@ -1038,7 +1066,9 @@ impl Writer {
         Ok(match self.word(txn_words, key) {
             Some(Tail::Put(seq)) => Some((seq, None)),
             Some(Tail::Gone) => None,
-            Some(Tail::GoneIf(gone)) => t.folded(key)?.filter(|(seq, _)| *seq != gone),
+            Some(word @ Tail::GoneIf(_)) => {
+                t.folded(key)?.filter(|(seq, _)| word.keeps(Some(*seq)))
+            }
             None => t.folded(key)?,
         })
     }
@@ -1061,12 +1091,7 @@ impl Writer {
         let mut words = Words::default();
         let mut next_journal = self.next_journal;
         {
-            let mut t = Tables {
-                records: txn.open_table(RECORDS)?,
-                legacy: txn.open_table(LEGACY_OBJECTS)?,
-                entries: txn.open_table(ENTRIES)?,
-                journal: txn.open_table(JOURNAL)?,
-            };
+            let mut t = Tables::open(&txn)?;
             let mut vary = txn.open_table(VARY)?;
             let mut state = txn.open_table(STATE)?;
             let mut max_seq = state.get(MAX_PURGE_SEQ)?.map_or(0, |v| v.value());
@@ -1075,6 +1100,13 @@ impl Writer {
             for (op, applied) in ops.iter_mut().zip(applied.iter_mut()) {
                 match op {
                     Op::Put(put, _, _) => {
+                        // A journal the folds cannot bring down (they keep failing) takes no
+                        // more objects rather than grow without bound: their puts fail.
+                        if (self.tail.len() + words.len()) as u64
+                            >= 2 * self.journal_max + BATCH_MAX as u64
+                        {
+                            continue;
+                        }
                         // The copy it replaces, when the journal names it (no lookup): its
                         // record goes now. One in the folded entries goes with the fold.
                         let replaced = match self.word(&words, &put.key) {
@@ -1164,8 +1196,8 @@ impl Writer {
             }
             self.next_seq = next;
         }
-        // Sequence numbers are never handed out twice, not even after a failed commit (part of
-        // it may have reached the file).
+        // Numbers handed out stay handed out if the commit fails (part of it may have reached
+        // the file); a write that failed before it returned aborts the transaction unwritten.
         self.next_journal = next_journal;
         txn.commit()?;
         self.last_commit = Instant::now();
@@ -1193,31 +1225,26 @@ impl Writer {
             return;
         }
         words.sort_unstable();
-        self.fold(Some(words));
+        self.fold(words);
     }
 
-    /// Folds the given words (key, journal key), in key order, or the whole journal.
-    fn fold(&mut self, words: Option<Vec<(KeyHash, u64)>>) {
+    /// Folds the given words (key, journal key), in key order.
+    fn fold(&mut self, words: Vec<(KeyHash, u64)>) {
         let t0 = Instant::now();
         let result = (|| -> Result<u64, redb::Error> {
             let mut txn = self.db.begin_write()?;
             txn.set_durability(Durability::Immediate)
                 .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
             txn.set_quick_repair(true);
-            let folded = fold(&txn, words.as_deref())?;
+            let folded = fold(&txn, &words)?;
             txn.commit()?;
             Ok(folded)
         })();
         match result {
             Ok(folded) => {
                 // Those words are in the entries now: lookups read them there.
-                match &words {
-                    Some(words) => {
-                        for (key, j) in words {
-                            self.tail.remove_if(key, |_, w| w.0 == *j);
-                        }
-                    }
-                    None => self.tail.clear(),
+                for (key, j) in &words {
+                    self.tail.remove_if(key, |_, w| w.0 == *j);
                 }
                 self.fold_at = self.journal_max;
                 self.last_commit = Instant::now();
@@ -1237,45 +1264,13 @@ impl Writer {
     }
 }
 
-/// Applies journal words to the entries, in the transaction `txn`, and takes them out of the
-/// journal: `words` (key, journal key), in key order, or else every key's last word (the
-/// journal is emptied). Returns how many were applied.
-fn fold(
-    txn: &redb::WriteTransaction,
-    words: Option<&[(KeyHash, u64)]>,
-) -> Result<u64, redb::Error> {
-    let mut t = Tables {
-        records: txn.open_table(RECORDS)?,
-        legacy: txn.open_table(LEGACY_OBJECTS)?,
-        entries: txn.open_table(ENTRIES)?,
-        journal: txn.open_table(JOURNAL)?,
-    };
-    let all = words.is_none();
-    let last = match words {
-        Some(words) => words.to_vec(),
-        None => {
-            let mut last: Vec<(KeyHash, u64)> = Vec::new();
-            for item in t.journal.range(..)? {
-                let (j, v) = item?;
-                if let Some(key) = v.value().first_chunk::<32>() {
-                    last.push((KeyHash(*key), j.value()));
-                }
-            }
-            // Each key's latest record first, then the others dropped.
-            last.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            last.dedup_by_key(|e| e.0);
-            last
-        }
-    };
-    let applied = last.len() as u64;
-    for (key, j) in last {
-        let data = match if all {
-            t.journal.get(j)?
-        } else {
-            t.journal.remove(j)?
-        } {
-            Some(v) => v.value().to_vec(),
-            None => continue,
+/// Applies journal words (key, journal key; in key order) to the entries, in the transaction
+/// `txn`, and takes them out of the journal. Returns how many were applied.
+fn fold(txn: &redb::WriteTransaction, words: &[(KeyHash, u64)]) -> Result<u64, redb::Error> {
+    let mut t = Tables::open(txn)?;
+    for &(key, j) in words {
+        let Some(data) = t.journal.remove(j)?.map(|v| v.value().to_vec()) else {
+            continue;
         };
         let Some((_, word, entry)) = read_journal(&data) else {
             continue;
@@ -1283,8 +1278,8 @@ fn fold(
         let replaced = match word {
             Tail::Put(_) => t.entries.insert(&key.0, entry)?,
             Tail::Gone => t.entries.remove(&key.0)?,
-            Tail::GoneIf(gone) => {
-                if t.folded(&key)?.is_some_and(|(seq, _)| seq == gone) {
+            Tail::GoneIf(_) => {
+                if !word.keeps(t.folded(&key)?.map(|(seq, _)| seq)) {
                     t.entries.remove(&key.0)?;
                 }
                 continue;
@@ -1297,12 +1292,7 @@ fn fold(
             t.remove_record(old, &key)?;
         }
     }
-    drop(t);
-    if all {
-        txn.delete_table(JOURNAL)?;
-        txn.open_table(JOURNAL)?;
-    }
-    Ok(applied)
+    Ok(words.len() as u64)
 }
 
 #[cfg(test)]

@@ -71,6 +71,14 @@ fn copy(seq: u64) -> StoredCopy {
 /// Journal records kept before a fold: a few, so that the steps fold often.
 const JOURNAL_MAX: u64 = 3;
 
+enum Queued {
+    /// Key, record, the copy it updates, and where its outcome arrives.
+    Put(u8, String, Option<u64>, std_mpsc::Receiver<PutResult>),
+    Delete(u8),
+    /// Key, and the copy evicted.
+    Evict(u8, u64),
+}
+
 /// What the store should hold: per key, its copy's sequence number and record.
 type Model = BTreeMap<u8, (u64, String)>;
 
@@ -80,8 +88,9 @@ struct Run {
     model: Model,
     /// Per key, the sequence numbers of its copies seen committed, latest last.
     seen: BTreeMap<u8, Vec<u64>>,
-    /// Puts queued since the last check: key, record, and where their outcome arrives.
-    queued: Vec<(u8, String, Option<u64>, std_mpsc::Receiver<PutResult>)>,
+    /// Writes queued since the last check, in order (they commit in that order, often several
+    /// in one transaction).
+    queued: Vec<Queued>,
     writes: u64,
 }
 
@@ -105,7 +114,7 @@ impl Run {
                 let _ = tx.send(r);
             }),
         );
-        self.queued.push((k, record, expect, rx));
+        self.queued.push(Queued::Put(k, record, expect, rx));
     }
 
     async fn apply(&mut self, step: Step) {
@@ -117,17 +126,13 @@ impl Run {
                 }
             }
             Step::Delete(k) => {
-                self.settle().await;
                 self.store.delete(key(k));
-                self.model.remove(&k);
+                self.queued.push(Queued::Delete(k));
             }
             Step::Evict(k, age) => {
                 if let Some(seq) = self.copy_of(k, age) {
-                    self.settle().await;
                     self.store.delete_if(key(k), copy(seq));
-                    if self.model.get(&k).is_some_and(|(cur, _)| *cur == seq) {
-                        self.model.remove(&k);
-                    }
+                    self.queued.push(Queued::Evict(k, seq));
                 }
             }
             Step::Check => {
@@ -157,15 +162,27 @@ impl Run {
         }
     }
 
-    /// Waits for the queued puts and brings the model up to date with each, in queue order
-    /// (the order they commit in). Removals wait for this first, so that the model knows
-    /// which copy a key holds when they apply.
+    /// Waits for the queued writes and brings the model up to date with each, in queue order
+    /// (the order they commit in).
     async fn settle(&mut self) {
         if self.queued.is_empty() {
             return;
         }
         self.store.flush().await;
-        for (k, record, expect, rx) in std::mem::take(&mut self.queued) {
+        for queued in std::mem::take(&mut self.queued) {
+            let (k, record, expect, rx) = match queued {
+                Queued::Put(k, record, expect, rx) => (k, record, expect, rx),
+                Queued::Delete(k) => {
+                    self.model.remove(&k);
+                    continue;
+                }
+                Queued::Evict(k, seq) => {
+                    if self.model.get(&k).is_some_and(|(cur, _)| *cur == seq) {
+                        self.model.remove(&k);
+                    }
+                    continue;
+                }
+            };
             let outcome = rx.recv().unwrap().unwrap();
             let holds = self.model.get(&k).map(|(seq, _)| *seq);
             match expect {
@@ -278,4 +295,34 @@ async fn earlier_words_on_a_key_are_dropped_at_the_opening() {
         "one word per key"
     );
     assert!(journal.get(0).unwrap().is_none(), "the earlier word went");
+}
+
+/// An entry that does not decode is removed by the load, unless the journal has the key's
+/// copy: that one is loaded and kept. Before, the damaged entry's removal (unconditional)
+/// took the journal's copy with it.
+#[tokio::test]
+async fn a_damaged_entry_does_not_take_the_journals_copy_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Run::open(dir.path());
+    store.put(put(1, "one", None)).await.unwrap().unwrap();
+    store.fold_now().await;
+    let second = store.put(put(1, "two", None)).await.unwrap().unwrap();
+    {
+        let txn = store.db().unwrap().begin_write().unwrap();
+        txn.open_table(ENTRIES)
+            .unwrap()
+            .insert(&key(1).0, &b"damaged"[..])
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let mut found = Vec::new();
+    store
+        .load(16, |batch| {
+            found.extend(batch.into_iter().map(|(k, e)| (k, e.seq)));
+            true
+        })
+        .unwrap();
+    assert_eq!(found, vec![(key(1), second)]);
+    store.flush().await;
+    assert_eq!(store.get(&key(1)).unwrap(), Some((second, b"two".to_vec())));
 }

@@ -795,7 +795,7 @@ async fn records_of_the_previous_layout_are_served_and_replaced() {
     let (tier, _) = open().await.unwrap();
     store(&tier, small, b"small body", &meta("\"s1\"")).await;
     store(&tier, large, &body(), &meta("\"l1\"")).await;
-    tier.store.downgrade();
+    tier.store.downgrade().await;
     tier.close().await;
     drop(tier);
 
