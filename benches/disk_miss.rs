@@ -198,7 +198,11 @@
 //! | disk-hit/flat | 1 231 267 | 21 693-23 299 | 55.2-58.0 µs | 14.8-15.5 µs | 70.0-73.5 µs |
 //!
 //! Misses +17% (median rounds; +28% round against round 1): within the target's 20%, barely;
-//! the writer's share grows with the store (11 to 29 µs: a fold rewrites more leaves). With
+//! the writer's share grows with the store (11 to 29 µs: a fold rewrites more leaves). Two
+//! more runs of that build (8a2db2d) and two of aa19d22 (the journal keyed by range first)
+//! spread widely, the runtime's share as much as the writer's: medians 101.0 → 133.7 µs
+//! (+32%) and 108.5 → 139.0 (+28%), 100.4 → 132.7 (+32%) at aa19d22; single rounds from +1%
+//! to +46%. Target (≤ 20%): not reliably met. With
 //! the journal capped at 65,536 words and folded whole (a3187aa, `--memory 1536MiB`), 91.5
 //! against 115.8 and 141.5 µs: +27% and +55%. At 1536 MiB with the journal sized by memory,
 //! the index filled at 1,101,056 objects and every miss also evicted: 138.1 µs.
