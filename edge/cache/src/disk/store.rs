@@ -41,14 +41,14 @@
 //! rewrites a sixteenth of them, at the same cost per word; the journal is keyed by range
 //! first, so its words come from one stretch of the journal too (keyed in write order alone,
 //! each range's fold rewrote most of the journal's leaves: +4-5 µs per miss in `disk_miss`).
-//! The cost per word falls as the
-//! journal grows against the table (more words share a leaf), hence a journal sized by the
-//! memory the operator gives the index, which also sizes how many objects it holds. The
-//! disk queue's budget bounds what waits meanwhile (a fill past it gives up its disk copy,
-//! counted as `queue_full`), and a streamed object's fill stays in the fill map until its put
-//! commits. In the edge at `--memory 1792MiB` (a journal of up to ~367,000 words), a miss's
-//! CPU at 1,230,000 objects was within 17-28% of its CPU at 126,000 (`benches/disk_miss.rs`);
-//! with the journal capped at 65,536 words and folded whole, 27-55%.
+//! The cost per word falls as the journal grows against the table (more words share a leaf),
+//! hence a journal sized by the memory the operator gives the index, which also sizes how many
+//! objects it holds. The disk queue's budget bounds what waits meanwhile (a fill past it gives
+//! up its disk copy, counted as `queue_full`), and a streamed object's fill stays in the fill
+//! map until its put commits. In the edge at `--memory 1792MiB` (a journal of up to ~367,000
+//! words), a miss's CPU at 1,200,000 objects was 17-32% above its CPU at ~120,000 (medians of
+//! runs, `benches/disk_miss.rs`); with the journal capped at 65,536 words and folded whole,
+//! 27-55%.
 //!
 //! The price of a long journal is the opening: reading it, with the page cache dropped, took
 //! ~0.9 s of a restart at 1,000,000 objects (`benches/restart.rs`: the first HIT at 0.91-1.10
@@ -257,12 +257,13 @@ enum Tail {
 }
 
 impl Tail {
-    /// Whether the folded entry of a key, naming the copy at `folded`, still stands under this
-    /// word.
-    fn keeps(self, folded: Option<u64>) -> bool {
-        match self {
-            Tail::GoneIf(gone) => folded.is_some_and(|seq| seq != gone),
-            Tail::Put(_) | Tail::Gone => false,
+    /// Whether the folded entry of a key, naming the copy at `folded`, stands under the
+    /// journal's `word` on the key (none: it does, whatever it is).
+    fn stands(word: Option<Tail>, folded: Option<u64>) -> bool {
+        match word {
+            None => true,
+            Some(Tail::GoneIf(gone)) => folded.is_some_and(|seq| seq != gone),
+            Some(Tail::Put(_) | Tail::Gone) => false,
         }
     }
 }
@@ -651,8 +652,7 @@ impl Store {
         let seq = match word {
             Some(Tail::Put(seq)) => Some(seq),
             Some(Tail::Gone) => None,
-            Some(word) => folded()?.filter(|&seq| word.keeps(Some(seq))),
-            None => folded()?,
+            _ => folded()?.filter(|&seq| Tail::stands(word, Some(seq))),
         };
         let Some(seq) = seq else { return Ok(None) };
         Ok(read_record(&txn, seq, key)?.map(|r| (seq, r)))
@@ -773,7 +773,7 @@ impl Store {
             let (k, v) = item.map_err(db_error)?;
             let key = KeyHash(*k.value());
             let folded = EntryRecord::peek_seq(v.value());
-            if !last.get(&key).is_none_or(|&(_, word)| word.keeps(folded)) {
+            if !Tail::stands(last.get(&key).map(|w| w.1), folded) {
                 continue;
             }
             // An entry that does not decode goes, unless the journal has the key's copy.
@@ -1072,13 +1072,13 @@ impl Writer {
         txn_words: &Words,
         key: &KeyHash,
     ) -> Result<Option<(u64, Option<String>)>, redb::Error> {
-        Ok(match self.word(txn_words, key) {
+        let word = self.word(txn_words, key);
+        Ok(match word {
             Some(Tail::Put(seq)) => Some((seq, None)),
             Some(Tail::Gone) => None,
-            Some(word @ Tail::GoneIf(_)) => {
-                t.folded(key)?.filter(|(seq, _)| word.keeps(Some(*seq)))
-            }
-            None => t.folded(key)?,
+            _ => t
+                .folded(key)?
+                .filter(|(seq, _)| Tail::stands(word, Some(*seq))),
         })
     }
 
@@ -1288,7 +1288,7 @@ fn fold(txn: &redb::WriteTransaction, words: &[(KeyHash, u64)]) -> Result<u64, r
             Tail::Put(_) => t.entries.insert(&key.0, entry)?,
             Tail::Gone => t.entries.remove(&key.0)?,
             Tail::GoneIf(_) => {
-                if !word.keeps(t.folded(&key)?.map(|(seq, _)| seq)) {
+                if !Tail::stands(Some(word), t.folded(&key)?.map(|(seq, _)| seq)) {
                     t.entries.remove(&key.0)?;
                 }
                 continue;
