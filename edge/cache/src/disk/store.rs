@@ -1224,41 +1224,26 @@ impl Writer {
     fn fold_slice(&mut self) {
         let slice = self.next_slice;
         self.next_slice = (slice + 1) % FOLD_SLICES;
-        let mut words: Vec<(KeyHash, u64)> = self
-            .tail
-            .iter()
-            .filter(|w| slice_of(w.key()) == slice)
-            .map(|w| (*w.key(), w.value().0))
-            .collect();
-        if words.is_empty() {
-            return;
-        }
-        words.sort_unstable();
-        self.fold(words);
-    }
-
-    /// Folds the given words (key, journal key), in key order.
-    fn fold(&mut self, words: Vec<(KeyHash, u64)>) {
         let t0 = Instant::now();
-        let result = (|| -> Result<u64, redb::Error> {
+        let result = (|| -> Result<Vec<(KeyHash, u64)>, redb::Error> {
             let mut txn = self.db.begin_write()?;
             txn.set_durability(Durability::Immediate)
                 .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
             txn.set_quick_repair(true);
-            let folded = fold(&txn, &words)?;
+            let folded = fold(&txn, slice)?;
             txn.commit()?;
             Ok(folded)
         })();
         match result {
             Ok(folded) => {
                 // Those words are in the entries now: lookups read them there.
-                for (key, j) in &words {
+                for (key, j) in &folded {
                     self.tail.remove_if(key, |_, w| w.0 == *j);
                 }
                 self.fold_at = self.journal_max;
                 self.last_commit = Instant::now();
                 debug!(
-                    words = folded,
+                    words = folded.len(),
                     millis = t0.elapsed().as_millis(),
                     "disk index journal folded"
                 );
@@ -1273,17 +1258,36 @@ impl Writer {
     }
 }
 
-/// Applies journal words (key, journal key; in key order) to the entries, in the transaction
-/// `txn`, and takes them out of the journal. Returns how many were applied.
-fn fold(txn: &redb::WriteTransaction, words: &[(KeyHash, u64)]) -> Result<u64, redb::Error> {
+/// Takes the journal's words on the keys of `slice` out of it, in one sweep of its stretch of
+/// the journal, and applies them to the entries in key order, in the transaction `txn`.
+/// Returns the words applied (key, journal key). Taken out one by one in key order, the words
+/// cost three times as much: each removal rebuilt a leaf and its path, most leaves many times
+/// over.
+fn fold(txn: &redb::WriteTransaction, slice: u8) -> Result<Vec<(KeyHash, u64)>, redb::Error> {
     let mut t = Tables::open(txn)?;
-    for &(key, j) in words {
-        let Some(data) = t.journal.remove(j)?.map(|v| v.value().to_vec()) else {
-            continue;
-        };
-        let Some((_, word, entry)) = read_journal(&data) else {
-            continue;
-        };
+    let start = u64::from(slice) << 56;
+    let mut taken = Vec::new();
+    for word in t
+        .journal
+        .extract_if(start..=start | JOURNAL_SEQ, |_, _| true)?
+    {
+        let (j, data) = word?;
+        taken.push((j.value(), data.value().to_vec()));
+    }
+    let mut words: Vec<(KeyHash, u64, Tail, &[u8])> = taken
+        .iter()
+        .filter_map(|(j, data)| match read_journal(data) {
+            Some((key, word, entry)) => Some((key, *j, word, entry)),
+            // A word that does not decode (damaged below redb's checksums) leaves its key
+            // holding nothing, rather than a copy it may have replaced.
+            None => data
+                .first_chunk::<32>()
+                .map(|key| (KeyHash(*key), *j, Tail::Gone, &[][..])),
+        })
+        .collect();
+    // One word per key; stable, so journal order would stand if ever there were more.
+    words.sort_by_key(|w| w.0);
+    for &(key, _, word, entry) in &words {
         let replaced = match word {
             Tail::Put(_) => t.entries.insert(&key.0, entry)?,
             Tail::Gone => t.entries.remove(&key.0)?,
@@ -1301,7 +1305,7 @@ fn fold(txn: &redb::WriteTransaction, words: &[(KeyHash, u64)]) -> Result<u64, r
             t.remove_record(old, &key)?;
         }
     }
-    Ok(words.len() as u64)
+    Ok(words.into_iter().map(|(key, j, ..)| (key, j)).collect())
 }
 
 #[cfg(test)]
