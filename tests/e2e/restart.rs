@@ -4,7 +4,7 @@
 //! - A `kill -9` in the middle of a large fill never leaves a truncated object behind: after a
 //!   restart on the same cache directory the next GET is a MISS with the complete object.
 //! - A committed object survives a SIGTERM restart and a `kill -9` restart (the test waits until
-//!   the admin port's `/usage` shows it on disk before stopping the process).
+//!   the admin port's `/stats` counts it as stored on disk before stopping the process).
 //!
 //! Each restart uses new ports, so every request carries the same `Host` (the cache key's host).
 
@@ -53,17 +53,32 @@ impl NodeProc {
         (objects("memory"), objects("disk"))
     }
 
-    /// Waits (bounded) until /usage shows at least `n` objects on disk.
+    /// Objects counted as stored on disk (`disk_admissions.stored` of the admin port's
+    /// `/stats`): durable, so a restart after a `kill -9` finds them.
+    async fn stored(&self) -> u64 {
+        let text = client()
+            .get(self.admin_url("/stats"))
+            .send()
+            .await
+            .expect("GET /stats")
+            .text()
+            .await
+            .expect("/stats body");
+        let stats: serde_json::Value = serde_json::from_str(&text).expect("/stats JSON");
+        stats["disk_admissions"]["stored"].as_u64().unwrap_or(0)
+    }
+
+    /// Waits (bounded) until at least `n` objects are counted as stored on disk.
     async fn wait_disk_objects(&self, n: u64) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let (_, disk) = self.usage().await;
-            if disk >= n {
+            let stored = self.stored().await;
+            if stored >= n {
                 return;
             }
             if tokio::time::Instant::now() >= deadline {
                 panic!(
-                    "/usage never showed {n} disk object(s) (has {disk}); edge log:\n{}",
+                    "never {n} object(s) counted as stored on disk (has {stored}); edge log:\n{}",
                     self.log_text()
                 );
             }

@@ -804,9 +804,15 @@ impl Engine {
                     }
                 }
                 DiskMsg::Commit(meta, done) => {
-                    let outcome = commit_outcome(stats, writer.commit(&meta).await);
+                    // The fill waits until lookups find the copy; the copy counts as stored
+                    // once it is durable.
+                    let durable = writer.commit_visible(&meta).await;
                     let _ = done.send(());
-                    return Some(outcome);
+                    let result = match durable {
+                        Ok(durable) => durable.wait().await,
+                        Err(e) => Err(e),
+                    };
+                    return Some(commit_outcome(stats, result));
                 }
             }
         }

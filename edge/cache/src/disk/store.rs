@@ -58,21 +58,25 @@
 //! the fold. Not done.
 //!
 //! Writes: every put and delete goes to the writer thread (`outpost-disk-index`), which takes
-//! whatever has queued up and commits it in one transaction (group commit), durably
-//! (`Durability::Immediate`: synced, with quick repair so that opening after a crash does not
-//! walk the tree), at most one commit per [`GATHER`] while writes keep coming. Until its
-//! transaction commits, a write is known to this process through [`Store::pending`] (reads of
-//! an indexed entry see a pending put's record; a key not indexed yet is a miss until its
-//! put commits and indexes it). A put's outcome is reported after its commit, to a waiting
-//! caller or to a [`Completion`] run on the writer thread (which indexes the copy there, so
-//! copies of one key are indexed in commit order), and only then does the object count as
-//! stored: an object counted as stored survives a kill -9. What a kill -9 can lose: the objects whose commit had not
-//! ended, that is, those whose bodies were complete within the last [`GATHER`] plus one
-//! commit (a sync: well under a millisecond on an SSD, some on a spinning disk). They are
-//! misses after the restart, and their content files, unreferenced, are swept. Deletes are
-//! not waited for: an object removed just before a kill -9 (evicted, invalidated by an unsafe
-//! method, or found damaged) can be back after the restart. Purges cannot: the purge log,
-//! written before a purge answers, still covers the object, and the first lookup removes it.
+//! whatever has queued up and commits it in one transaction (group commit), at most one commit
+//! per [`GATHER`] while writes keep coming. A commit is visible to this process at once; it is
+//! made durable (`Durability::Immediate`: synced, with quick repair so that opening after a
+//! crash does not walk the tree) every [`SYNC_EVERY`] while writes keep coming, and at once
+//! when they stop; those in between are left to the OS (`Durability::None`), which a kill -9
+//! undoes and the next durable commit keeps. Until its transaction commits, a write is known to
+//! this process through [`Store::pending`] (reads of an indexed entry see a pending put's
+//! record; a key not indexed yet is a miss until its put commits and indexes it). A put's copy
+//! is indexed right after its commit, on the writer thread (a [`Completion`], so copies of one
+//! key are indexed in commit order); the object counts as stored, and its caller is told, only
+//! once that commit is durable: an object counted as stored survives a kill -9. What a kill -9
+//! can lose: the objects not yet counted as stored, that is, those whose bodies were complete
+//! within the last [`SYNC_EVERY`] plus one commit (a sync: well under a millisecond on an SSD,
+//! some on a spinning disk). They are misses after the restart, and their content files,
+//! unreferenced, are swept. A 304's metadata update ([`Store::put`]) is told once visible: lost,
+//! the restart serves the metadata before it, and revalidates. Deletes are not waited for: an
+//! object removed just before a kill -9 (evicted, invalidated by an unsafe method, or found
+//! damaged) can be back after the restart. Purges cannot: the purge log, written before a purge
+//! answers, still covers the object, and the first lookup removes it.
 //! Puts and deletes can be conditional on the content the key holds when they commit, so a
 //! 304's metadata update or an eviction never lands on a newer copy.
 //!
@@ -135,8 +139,14 @@ const NEXT_SEQ: &str = "next_seq";
 const BATCH_MAX: usize = 4096;
 
 /// Commits are at least this far apart while writes keep coming, so that each carries a
-/// batch: a commit rewrites the tree's upper pages and syncs, whatever its size.
+/// batch: a commit rewrites the tree's upper pages, whatever its size.
 const GATHER: Duration = Duration::from_millis(5);
+
+/// Commits are made durable (synced, with the allocator's state for quick repair) at least
+/// this often while writes keep coming, and at once when they stop; those in between are
+/// visible to this process at once, but a kill -9 undoes them. A synced commit cost ~300 µs
+/// more than one left to the OS, and its allocator state grows with the database.
+const SYNC_EVERY: Duration = Duration::from_millis(50);
 
 /// A write not yet committed.
 #[derive(Clone)]
@@ -334,23 +344,41 @@ pub(super) type PutResult = io::Result<Option<u64>>;
 
 /// How a put's caller learns its outcome (see [`PutResult`]).
 enum Reply {
-    /// A task waits for it.
+    /// A task waits for it: told once the commit is visible (durable by the next sync).
     Wait(oneshot::Sender<PutResult>),
-    /// Called on the writer thread right after the commit: no task to wake.
+    /// Called on the writer thread: no task to wake.
     Call(Completion),
 }
 
-/// A put's outcome handler, run on the writer thread. Dropped uncalled (the writer stopped
-/// first), it is called with an error.
-pub(super) struct Completion(Option<Box<dyn FnOnce(PutResult) + Send>>);
+/// A put's outcome handlers, run on the writer thread: `visible` right after the commit that
+/// makes the put visible to this process (with the record's sequence number; `None`: its
+/// condition did not hold), `done` once that commit is durable, or with the error that kept it
+/// from being either. Dropped uncalled (the writer stopped first), `done` is called with an
+/// error.
+pub(super) struct Completion {
+    visible: Option<Box<dyn FnOnce(Option<u64>) + Send>>,
+    done: Option<Box<dyn FnOnce(PutResult) + Send>>,
+}
 
 impl Completion {
-    pub fn new(f: impl FnOnce(PutResult) + Send + 'static) -> Self {
-        Self(Some(Box::new(f)))
+    pub fn new(
+        visible: impl FnOnce(Option<u64>) + Send + 'static,
+        done: impl FnOnce(PutResult) + Send + 'static,
+    ) -> Self {
+        Self {
+            visible: Some(Box::new(visible)),
+            done: Some(Box::new(done)),
+        }
+    }
+
+    fn visible(&mut self, applied: Option<u64>) {
+        if let Some(f) = self.visible.take() {
+            f(applied);
+        }
     }
 
     fn complete(mut self, result: PutResult) {
-        if let Some(f) = self.0.take() {
+        if let Some(f) = self.done.take() {
             f(result);
         }
     }
@@ -358,7 +386,7 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
+        if let Some(f) = self.done.take() {
             f(Err(stopped()));
         }
     }
@@ -372,7 +400,8 @@ enum Op {
     /// With `Some(copy)`, only if the key still holds that copy (an eviction must not delete
     /// the record of a newer one).
     Delete(KeyHash, u64, Option<StoredCopy>),
-    Flush(oneshot::Sender<()>),
+    /// Commit what came before, durably; tell whether it held.
+    Flush(oneshot::Sender<bool>),
     /// Commit what came before, then fold the journal (tests).
     #[cfg(test)]
     Fold(oneshot::Sender<()>),
@@ -497,6 +526,9 @@ impl Store {
         let writer = Writer {
             db: Arc::clone(&db),
             last_commit: Instant::now(),
+            last_sync: Instant::now(),
+            unsynced: false,
+            held: Vec::new(),
             next_seq,
             next_journal,
             journal_max: journal_max.max(1),
@@ -559,7 +591,7 @@ impl Store {
         let _ = self.enqueue_with(put, Reply::Call(done));
     }
 
-    /// Queues a put and waits for its commit.
+    /// Queues a put and waits until its commit is visible (durable by the next sync).
     pub async fn put(&self, put: Put) -> PutResult {
         let record = put.record.clone();
         let result = self.enqueue(put)?.await.unwrap_or_else(|_| Err(stopped()));
@@ -567,17 +599,22 @@ impl Store {
         result
     }
 
-    /// Queues puts and waits for their commits, blocking (not on an async worker). Returns
-    /// how many committed.
+    /// Queues puts and waits until they are durable, blocking (not on an async worker).
+    /// Returns how many committed; 0 if they could not be made durable.
     pub fn put_all_blocking(&self, puts: Vec<Put>) -> u64 {
         let waits: Vec<_> = puts
             .into_iter()
             .filter_map(|p| self.enqueue(p).ok())
             .collect();
-        waits
+        let committed = waits
             .into_iter()
             .map(|w| u64::from(matches!(w.blocking_recv(), Ok(Ok(Some(_))))))
-            .sum()
+            .sum();
+        let (done, synced) = oneshot::channel();
+        match self.tx.send(Op::Flush(done)).is_ok() && synced.blocking_recv() == Ok(true) {
+            true => committed,
+            false => 0,
+        }
     }
 
     /// Queues a delete (not waited for: until it commits, lookups see it as pending).
@@ -879,6 +916,12 @@ fn damaged(e: &redb::DatabaseError) -> bool {
 struct Writer {
     db: Arc<Database>,
     last_commit: Instant,
+    /// The last durable commit (or the start).
+    last_sync: Instant,
+    /// Commits since then, which a kill -9 would undo.
+    unsynced: bool,
+    /// Replies to puts whose commits wait for the next durable one.
+    held: Vec<(Reply, Option<u64>)>,
     /// The sequence number of the next new record.
     next_seq: u64,
     /// The key of the next journal record.
@@ -957,62 +1000,37 @@ impl<'t> Tables<'t> {
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         loop {
-            let Ok(first) = rx.recv() else { break };
-            // Let a batch gather: one commit per GATHER at most while writes keep coming.
-            if let Some(wait) = GATHER.checked_sub(self.last_commit.elapsed()) {
-                std::thread::sleep(wait);
-            }
-            let mut ops = vec![first];
-            while ops.len() < BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
+            // Unsynced commits are made durable when SYNC_EVERY has passed, writes or not.
+            let first = if self.unsynced {
+                match rx.recv_timeout(SYNC_EVERY.saturating_sub(self.last_sync.elapsed())) {
+                    Ok(op) => Some(op),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        self.commit_and_reply(Vec::new());
+                        break;
+                    }
+                }
+            } else {
+                match rx.recv() {
+                    Ok(op) => Some(op),
                     Err(_) => break,
                 }
-            }
-            let mut applied = vec![None; ops.len()];
-            let result = self.commit(&mut ops, &mut applied);
-            if let Err(e) = &result {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, writes = ops.len(), "disk index commit failed; those objects are not stored");
-            } else {
-                self.commits.fetch_add(1, Ordering::Relaxed);
-            }
-            let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
-            for (op, applied) in ops.into_iter().zip(applied) {
-                match op {
-                    Op::Put(put, ticket, done) => {
-                        self.pending.remove_if(&put.key, |_, p| p.0 == ticket);
-                        // Before telling the caller: its copy of the record is then the last,
-                        // freed by the thread that allocated it (cheaper than from here).
-                        drop(put);
-                        let outcome = match &result {
-                            Ok(()) => Ok(applied),
-                            Err(e) => Err(db_error(e)),
-                        };
-                        match done {
-                            Some(Reply::Wait(done)) => {
-                                let _ = done.send(outcome);
-                            }
-                            Some(Reply::Call(done)) => done.complete(outcome),
-                            None => {}
-                        }
+            };
+            let mut ops = Vec::new();
+            if let Some(first) = first {
+                // Let a batch gather: one commit per GATHER at most while writes keep coming.
+                if let Some(wait) = GATHER.checked_sub(self.last_commit.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                ops.push(first);
+                while ops.len() < BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(op) => ops.push(op),
+                        Err(_) => break,
                     }
-                    Op::Delete(key, ticket, _) => {
-                        self.pending.remove_if(&key, |_, p| p.0 == ticket);
-                    }
-                    Op::Flush(done) => {
-                        let _ = done.send(());
-                    }
-                    #[cfg(test)]
-                    Op::Fold(done) => {
-                        for _ in 0..FOLD_SLICES {
-                            self.fold_slice();
-                        }
-                        let _ = done.send(());
-                    }
-                    Op::Close(done) => closing.push(done),
                 }
             }
+            let (committed, closing) = self.commit_and_reply(ops);
             if !closing.is_empty() {
                 drop(self);
                 for done in closing {
@@ -1023,11 +1041,105 @@ impl Writer {
             // Ranges in turn until the journal is within its bound again (one usually does),
             // after the replies: the puts just committed do not wait for it.
             let mut folds = 0;
-            while result.is_ok() && self.tail.len() as u64 >= self.fold_at && folds < FOLD_SLICES {
+            while committed && self.tail.len() as u64 >= self.fold_at && folds < FOLD_SLICES {
                 self.fold_slice();
                 folds += 1;
             }
         }
+    }
+
+    /// Commits `ops` (durably if a sync is due or an op asks for one; with none, only makes
+    /// the commits before durable) and replies. Returns whether the commit held, and the
+    /// replies of `Close` ops.
+    fn commit_and_reply(&mut self, mut ops: Vec<Op>) -> (bool, Vec<oneshot::Sender<()>>) {
+        let durable = ops.is_empty()
+            || self.last_sync.elapsed() >= SYNC_EVERY
+            || ops
+                .iter()
+                .any(|op| !matches!(op, Op::Put(..) | Op::Delete(..)));
+        let mut applied = vec![None; ops.len()];
+        let result = self.commit(&mut ops, &mut applied, durable);
+        if let Err(e) = &result {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, writes = ops.len(), durable, "disk index commit failed; those objects are not stored");
+        } else {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        if durable {
+            // What waited for this sync: stored if it holds; if not, they may be lost at the
+            // next start (this process still sees them).
+            for (reply, applied) in std::mem::take(&mut self.held) {
+                let outcome = match &result {
+                    Ok(()) => Ok(applied),
+                    Err(e) => Err(db_error(e)),
+                };
+                match reply {
+                    Reply::Wait(done) => {
+                        let _ = done.send(outcome);
+                    }
+                    Reply::Call(done) => done.complete(outcome),
+                }
+            }
+        }
+        let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
+        for (op, applied) in ops.into_iter().zip(applied) {
+            match op {
+                Op::Put(put, ticket, done) => {
+                    self.pending.remove_if(&put.key, |_, p| p.0 == ticket);
+                    // Before telling the caller: its copy of the record is then the last,
+                    // freed by the thread that allocated it (cheaper than from here).
+                    drop(put);
+                    match (done, &result) {
+                        (None, _) => {}
+                        (Some(Reply::Wait(done)), Ok(())) => {
+                            let _ = done.send(Ok(applied));
+                        }
+                        (Some(Reply::Wait(done)), Err(e)) => {
+                            let _ = done.send(Err(db_error(e)));
+                        }
+                        (Some(Reply::Call(mut done)), Ok(())) => {
+                            done.visible(applied);
+                            if durable {
+                                done.complete(Ok(applied));
+                            } else {
+                                self.held.push((Reply::Call(done), applied));
+                            }
+                        }
+                        (Some(Reply::Call(done)), Err(e)) => done.complete(Err(db_error(e))),
+                    }
+                }
+                Op::Delete(key, ticket, _) => {
+                    self.pending.remove_if(&key, |_, p| p.0 == ticket);
+                }
+                Op::Flush(done) => {
+                    let _ = done.send(result.is_ok());
+                }
+                #[cfg(test)]
+                Op::Fold(done) => {
+                    for _ in 0..FOLD_SLICES {
+                        self.fold_slice();
+                    }
+                    let _ = done.send(());
+                }
+                Op::Close(done) => closing.push(done),
+            }
+        }
+        (result.is_ok(), closing)
+    }
+
+    /// A write transaction: synced at its commit, with the allocator's state saved so that
+    /// opening after a crash needs no full repair, or left to the next synced one.
+    fn begin_write(&self, durable: bool) -> Result<redb::WriteTransaction, redb::Error> {
+        let mut txn = self.db.begin_write()?;
+        let durability = if durable {
+            txn.set_quick_repair(true);
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        txn.set_durability(durability)
+            .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+        Ok(txn)
     }
 
     /// The journal's last word on `key`: this transaction's, else the committed one's.
@@ -1086,17 +1198,24 @@ impl Writer {
     /// record, `None` for a conditional op whose condition did not hold. Each write adds a
     /// record to the journal, keyed in order; the entries, keyed by key hash, are brought up
     /// to date by [`Writer::fold`].
-    fn commit(&mut self, ops: &mut [Op], applied: &mut [Option<u64>]) -> Result<(), redb::Error> {
+    fn commit(
+        &mut self,
+        ops: &mut [Op],
+        applied: &mut [Option<u64>],
+        durable: bool,
+    ) -> Result<(), redb::Error> {
         if ops
             .iter()
             .all(|op| !matches!(op, Op::Put(..) | Op::Delete(..)))
+            && !(durable && self.unsynced)
         {
             return Ok(());
         }
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-        txn.set_quick_repair(true);
+        if durable {
+            // Tried again after SYNC_EVERY if it fails, not at once.
+            self.last_sync = Instant::now();
+        }
+        let txn = self.begin_write(durable)?;
         let mut words = Words::default();
         let mut next_journal = self.next_journal;
         {
@@ -1209,6 +1328,7 @@ impl Writer {
         // the file); a write that failed before it returned aborts the transaction unwritten.
         self.next_journal = next_journal;
         txn.commit()?;
+        self.unsynced = !durable;
         self.last_commit = Instant::now();
         for (key, word) in words {
             self.tail.insert(key, word);
@@ -1225,17 +1345,16 @@ impl Writer {
         let slice = self.next_slice;
         self.next_slice = (slice + 1) % FOLD_SLICES;
         let t0 = Instant::now();
+        // Made durable with the next sync, as puts are.
         let result = (|| -> Result<Vec<(KeyHash, u64)>, redb::Error> {
-            let mut txn = self.db.begin_write()?;
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-            txn.set_quick_repair(true);
+            let txn = self.begin_write(false)?;
             let folded = fold(&txn, slice)?;
             txn.commit()?;
             Ok(folded)
         })();
         match result {
             Ok(folded) => {
+                self.unsynced = true;
                 // Those words are in the entries now: lookups read them there.
                 for (key, j) in &folded {
                     self.tail.remove_if(key, |_, w| w.0 == *j);

@@ -110,7 +110,7 @@ impl Run {
         let (tx, rx) = std_mpsc::channel();
         self.store.put_then(
             put(k, &record, expect.map(copy)),
-            Completion::new(move |r| {
+            Completion::new(drop, move |r| {
                 let _ = tx.send(r);
             }),
         );
@@ -325,4 +325,48 @@ async fn a_damaged_entry_does_not_take_the_journals_copy_with_it() {
     assert_eq!(found, vec![(key(1), second)]);
     store.flush().await;
     assert_eq!(store.get(&key(1)).unwrap(), Some((second, b"two".to_vec())));
+}
+
+/// A put is told it is done (its object counts as stored) only once its commit is durable: a
+/// copy of the database file taken right then, as a kill -9 leaves it (the page cache outlives
+/// the process), holds it. Before that, at its commit, it is visible to this process.
+#[tokio::test]
+async fn a_put_is_done_only_once_its_commit_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Run::open(dir.path());
+    for k in 0..12u8 {
+        let record = format!("r{k}");
+        let (visible_tx, visible) = std_mpsc::channel();
+        let (done_tx, done) = std_mpsc::channel();
+        store.put_then(
+            put(k, &record, None),
+            Completion::new(
+                move |applied| {
+                    let _ = visible_tx.send(applied);
+                },
+                move |r| {
+                    let _ = done_tx.send(r);
+                },
+            ),
+        );
+        let seq = visible
+            .recv()
+            .unwrap()
+            .expect("an unconditional put applies");
+        assert_eq!(store.get(&key(k)).unwrap().map(|r| r.0), Some(seq));
+        assert_eq!(done.recv().unwrap().unwrap(), Some(seq));
+        let killed = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            dir.path().join("index.redb"),
+            killed.path().join("index.redb"),
+        )
+        .unwrap();
+        let reopened = Run::open(killed.path());
+        assert_eq!(
+            reopened.get(&key(k)).unwrap(),
+            Some((seq, record.into_bytes())),
+            "put {k}, told it was done, is not in the file"
+        );
+        reopened.close().await;
+    }
 }

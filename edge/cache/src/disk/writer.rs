@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cacache::Integrity;
+use tokio::sync::oneshot;
 
 use super::store::{Completion, Put};
 use super::{DiskEntry, DiskTier, HeldMeta, MetaFileOut};
@@ -57,18 +58,20 @@ impl DiskTier {
             Ok(put) => put,
             Err(e) => return done(Err(e)),
         };
-        self.commit_entry(put, entry, None, done);
+        self.commit_entry(put, entry, None, None, done);
     }
 
     /// Queues `put` for the index writer's next group commit. Right after it (on the writer
     /// thread, so copies of one key are indexed in commit order), `entry` is indexed with the
     /// record's sequence number, its metadata held when `held` gives it (with the record's
-    /// length), unless a removal of the key is still pending; then `done` is told.
+    /// length), unless a removal of the key is still pending; then `visible` is told. `done` is
+    /// told once the commit is durable (see the store's `SYNC_EVERY`).
     fn commit_entry(
         self: &Arc<Self>,
         put: Put,
         entry: Arc<DiskEntry>,
         held: Option<Arc<CachedMeta>>,
+        visible: Option<oneshot::Sender<()>>,
         done: impl FnOnce(io::Result<()>) + Send + 'static,
     ) {
         let key = put.key;
@@ -77,16 +80,24 @@ impl DiskTier {
         let tier = Arc::downgrade(self);
         self.store.put_then(
             put,
-            Completion::new(move |result| {
-                let result = result.and_then(|applied| {
-                    applied.ok_or_else(|| io::Error::other("an unconditional put was not applied"))
-                });
-                if let (Ok(seq), Some(tier)) = (&result, tier.upgrade()) {
-                    entry.set_record(*seq);
-                    tier.index_committed(key, entry, held.map(|meta| (meta, len)));
-                }
-                done(result.map(|_| ()));
-            }),
+            Completion::new(
+                move |applied| {
+                    if let (Some(seq), Some(tier)) = (applied, tier.upgrade()) {
+                        entry.set_record(seq);
+                        tier.index_committed(key, entry, held.map(|meta| (meta, len)));
+                    }
+                    if let (Some(_), Some(visible)) = (applied, visible) {
+                        let _ = visible.send(());
+                    }
+                },
+                move |result| {
+                    done(result.and_then(|applied| {
+                        applied
+                            .map(drop)
+                            .ok_or_else(|| io::Error::other("an unconditional put was not applied"))
+                    }))
+                },
+            ),
         );
     }
 
@@ -206,24 +217,37 @@ impl DiskWriter {
         self.written
     }
 
+    /// Commits, and waits until the object is durable (counted as stored).
     pub async fn commit(self, meta: &Arc<CachedMeta>) -> io::Result<()> {
+        self.commit_visible(meta).await?.wait().await
+    }
+
+    /// Commits, and waits until the object is visible (indexed: lookups find it); the returned
+    /// [`Durable`] tells when it is durable.
+    pub async fn commit_visible(self, meta: &Arc<CachedMeta>) -> io::Result<Durable> {
         let meta = meta.clone();
-        self.finish(move |_, _| meta).await.map(|_| ())
+        self.finish(move |_, _| meta)
+            .await
+            .map(|(_, durable)| durable)
     }
 
     /// Commits, building the metadata once the content hash and size are known (pushed
-    /// objects derive their ETag from the hash). Returns the hash.
+    /// objects derive their ETag from the hash), and waits until it is durable. Returns the
+    /// hash.
     pub async fn commit_with(
         self,
         meta: impl FnOnce(&Integrity, u64) -> CachedMeta,
     ) -> io::Result<Integrity> {
-        self.finish(|sri, size| Arc::new(meta(sri, size))).await
+        let (sri, durable) = self.finish(|sri, size| Arc::new(meta(sri, size))).await?;
+        durable.wait().await?;
+        Ok(sri)
     }
 
+    /// Writes what is left and commits; returns once the object is visible.
     async fn finish(
         self,
         meta: impl FnOnce(&Integrity, u64) -> Arc<CachedMeta>,
-    ) -> io::Result<Integrity> {
+    ) -> io::Result<(Integrity, Durable)> {
         let Self {
             tier,
             key,
@@ -272,13 +296,29 @@ impl DiskWriter {
             meta: &meta,
         }
         .put(key, &body)?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (visible, made_visible) = oneshot::channel();
+        let (done, durable) = oneshot::channel();
         // Just written: the first hit needs no metadata read.
-        tier.commit_entry(put, entry, Some(meta), move |result| {
-            let _ = tx.send(result);
+        tier.commit_entry(put, entry, Some(meta), Some(visible), move |result| {
+            let _ = done.send(result);
         });
-        rx.await
-            .unwrap_or_else(|_| Err(io::Error::other("the disk index writer stopped")))?;
-        Ok(sri)
+        let durable = Durable(durable);
+        if made_visible.await.is_err() {
+            // Never made visible: the commit failed, and `durable` says why.
+            durable.wait().await?;
+            return Err(io::Error::other("the disk index did not take the object"));
+        }
+        Ok((sri, durable))
+    }
+}
+
+/// Tells when a committed object is durable (see [`DiskWriter::commit_visible`]).
+pub struct Durable(oneshot::Receiver<io::Result<()>>);
+
+impl Durable {
+    pub async fn wait(self) -> io::Result<()> {
+        self.0
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("the disk index writer stopped")))
     }
 }
