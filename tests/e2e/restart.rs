@@ -30,16 +30,21 @@ async fn spawn_edge(origin: &TestOrigin, cache_dir: &Path, logs: &Path, name: &s
 }
 
 impl NodeProc {
-    /// (memory objects, disk objects) from the admin port's /usage.
-    async fn usage(&self) -> (u64, u64) {
-        let text = client()
-            .get(self.admin_url("/usage"))
+    /// The body of a GET of `path` on the admin port.
+    async fn admin_text(&self, path: &str) -> String {
+        client()
+            .get(self.admin_url(path))
             .send()
             .await
-            .expect("GET /usage")
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
             .text()
             .await
-            .expect("/usage body");
+            .unwrap_or_else(|e| panic!("{path} body: {e}"))
+    }
+
+    /// (memory objects, disk objects) from the admin port's /usage.
+    async fn usage(&self) -> (u64, u64) {
+        let text = self.admin_text("/usage").await;
         let objects = |tier: &str| {
             text.lines()
                 .find(|l| l.starts_with(tier))
@@ -56,15 +61,8 @@ impl NodeProc {
     /// Objects counted as stored on disk (`disk_admissions.stored` of the admin port's
     /// `/stats`): durable, so a restart after a `kill -9` finds them.
     async fn stored(&self) -> u64 {
-        let text = client()
-            .get(self.admin_url("/stats"))
-            .send()
-            .await
-            .expect("GET /stats")
-            .text()
-            .await
-            .expect("/stats body");
-        let stats: serde_json::Value = serde_json::from_str(&text).expect("/stats JSON");
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.admin_text("/stats").await).expect("/stats JSON");
         stats["disk_admissions"]["stored"].as_u64().unwrap_or(0)
     }
 
