@@ -529,6 +529,42 @@ async fn damaged_inline_body_is_a_miss() {
     assert_eq!(tier.rejected_metadata(), 1);
 }
 
+/// A record written before records were checked with xxh3 (its checksum a blake3 hash) is
+/// read as it was: its metadata and its inline body; damaged, it is refused as the new ones
+/// are.
+#[test]
+fn records_checked_with_blake3_are_still_read() {
+    let m = meta("\"a\"");
+    let body = b"an inline body";
+    let sri = writer::inline_integrity(body);
+    let file = MetaFileOut {
+        integrity: sri.to_string(),
+        size: body.len() as u64,
+        inline: true,
+        meta: &m,
+    };
+    let mut record = encode_record(&file, body).unwrap();
+    assert_eq!(&record[16..32], XXH3_TAG);
+    let hash = blake3::hash(&record[32..]);
+    record[..32].copy_from_slice(hash.as_bytes());
+    let (read, inline) = decode_record(&record).unwrap();
+    assert_eq!(
+        (read.meta.key.as_str(), inline),
+        (m.key.as_str(), &body[..])
+    );
+    let refs = Arc::new(ContentRefs {
+        counts: DashMap::default(),
+        unreferenced: tokio::sync::mpsc::unbounded_channel().0,
+    });
+    let entry = DiskEntry::new(sri, body.len() as u64, true, true, &refs);
+    let range = record_body(&record, &entry).expect("the inline body");
+    assert_eq!(&record[range], body);
+    let last = record.len() - 1;
+    record[last] ^= 1;
+    assert!(matches!(decode_record(&record), Err(MetaReject::Checksum)));
+    assert!(record_body(&record, &entry).is_none());
+}
+
 /// An entry keeps a SHA-256 content hash as its 32 bytes and gives back the same integrity;
 /// any other algorithm is kept as it is.
 #[test]
@@ -546,6 +582,14 @@ fn content_hashes_are_kept_compact_and_exact() {
     let another = Integrity::from(b"another body").to_string();
     assert!(!Sri::of(sha.clone()).is_text(another.as_bytes()));
     assert!(!Sri::of(sha.clone()).is_text(&text.as_bytes()[..50]));
+    // xxh3-128, as inline bodies are named: 16 bytes.
+    let xxh =
+        cacache::Integrity::from_hex("00112233445566778899aabbccddeeff", cacache::Algorithm::Xxh3)
+            .unwrap();
+    assert!(matches!(Sri::of(xxh.clone()), Sri::Xxh3(_)));
+    assert_eq!(Sri::of(xxh.clone()).integrity(), xxh);
+    assert!(Sri::of(xxh.clone()).is_text(xxh.to_string().as_bytes()));
+    assert!(!Sri::of(xxh.clone()).is_text(text.as_bytes()));
     let other = cacache::Integrity::from_hex("00ff", cacache::Algorithm::Xxh3).unwrap();
     assert!(matches!(Sri::of(other.clone()), Sri::Other(_)));
     assert_eq!(Sri::of(other.clone()).integrity(), other);

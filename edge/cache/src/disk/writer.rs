@@ -45,7 +45,7 @@ impl DiskTier {
     ) {
         let size = body.len() as u64;
         debug_assert!(size <= INLINE_MAX);
-        let sri = Integrity::from(&body[..]);
+        let sri = inline_integrity(body);
         let entry = DiskEntry::new(sri.clone(), size, true, true, &self.refs);
         let put = MetaFileOut {
             integrity: sri.to_string(),
@@ -149,6 +149,15 @@ impl DiskTier {
             .await
             .map_err(io::Error::other)?
     }
+}
+
+/// The content hash of a fill's body kept inline in its record: xxh3-128, a third of sha256's
+/// cost at 1 KiB. It only names the copy (the record's checksum covers the body itself), so it
+/// needs no cryptographic hash; content files, shared by identical bodies, and pushed objects,
+/// whose ETag derives from it, keep sha256.
+pub(super) fn inline_integrity(body: &[u8]) -> Integrity {
+    let hex = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(body));
+    Integrity::from_hex(hex, cacache::Algorithm::Xxh3).unwrap_or_else(|_| Integrity::from(body))
 }
 
 /// An in-progress disk write. `commit` makes it visible; drop aborts.
