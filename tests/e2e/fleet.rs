@@ -404,11 +404,8 @@ async fn a_node_killed_with_sigkill_replays_500_purges_before_it_is_ready() {
     for p in &paths {
         assert_eq!(get_c(&c_node, p).await.status, 200);
     }
-    eventually("C's disk tier holds all 500", async || {
-        let (_, usage) = admin_get_url(&c_node.admin_url("/usage")).await;
-        usage.contains("disk objects=500")
-    })
-    .await;
+    // Durable, so the restart after the kill has all 500 to replay the purges on.
+    c_node.wait_disk_stored(500).await;
     assert_eq!(get_c(&c_node, paths[0]).await.x_cache(), "HIT");
 
     c_node.signal("KILL");

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use crate::support::files::pattern;
 use crate::support::proc::{NodeProc, Spawn};
 use crate::support::test_origin::{Reply, TestOrigin};
-use crate::support::{WAIT, client, http};
+use crate::support::{client, http};
 
 const HOST: &str = "cdn.example.test";
 
@@ -30,18 +30,6 @@ async fn spawn_edge(origin: &TestOrigin, cache_dir: &Path, logs: &Path, name: &s
 }
 
 impl NodeProc {
-    /// The body of a GET of `path` on the admin port.
-    async fn admin_text(&self, path: &str) -> String {
-        client()
-            .get(self.admin_url(path))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-            .text()
-            .await
-            .unwrap_or_else(|e| panic!("{path} body: {e}"))
-    }
-
     /// (memory objects, disk objects) from the admin port's /usage.
     async fn usage(&self) -> (u64, u64) {
         let text = self.admin_text("/usage").await;
@@ -56,32 +44,6 @@ impl NodeProc {
                 .unwrap_or_else(|| panic!("no {tier} line in /usage: {text:?}"))
         };
         (objects("memory"), objects("disk"))
-    }
-
-    /// Objects counted as stored on disk (`disk_admissions.stored` of the admin port's
-    /// `/stats`): durable, so a restart after a `kill -9` finds them.
-    async fn stored(&self) -> u64 {
-        let stats: serde_json::Value =
-            serde_json::from_str(&self.admin_text("/stats").await).expect("/stats JSON");
-        stats["disk_admissions"]["stored"].as_u64().unwrap_or(0)
-    }
-
-    /// Waits (bounded) until at least `n` objects are counted as stored on disk.
-    async fn wait_disk_objects(&self, n: u64) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let stored = self.stored().await;
-            if stored >= n {
-                return;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                panic!(
-                    "never {n} object(s) counted as stored on disk (has {stored}); edge log:\n{}",
-                    self.log_text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 }
 
@@ -149,7 +111,7 @@ async fn kill9_during_large_fill_never_leaves_a_truncated_object() {
     assert_eq!(x_cache, "MISS");
     assert_eq!(origin.hits("/large.bin"), 2);
 
-    edge.wait_disk_objects(1).await;
+    edge.wait_disk_stored(1).await;
     let (status, x_cache, got) = get(&c, &edge.url("/large.bin")).await;
     assert_eq!((status, x_cache.as_str()), (200, "HIT"));
     assert!(got == body);
@@ -175,7 +137,7 @@ async fn survives_sigterm_and_kill9(size: usize, seed: u64) {
     let (status, x_cache, got) = get(&c, &edge.url("/kept.bin")).await;
     assert_eq!((status, x_cache.as_str()), (200, "MISS"));
     assert!(got == body);
-    edge.wait_disk_objects(1).await;
+    edge.wait_disk_stored(1).await;
     let status = edge.terminate().await;
     assert!(status.success(), "SIGTERM exit status: {status}");
 
@@ -278,7 +240,7 @@ async fn kill9_during_a_10000_object_fill_leaves_only_whole_objects() {
         }));
     }
     // Killed once a good part is on disk, with the rest of the fill in flight.
-    edge.wait_disk_objects(2_000).await;
+    edge.wait_disk_stored(2_000).await;
     edge.kill9();
     for c in clients {
         c.await.unwrap();

@@ -142,8 +142,9 @@ impl Edge {
         self.tier_usage(1).await.0
     }
 
-    /// Waits (bounded) until the disk tier holds at least `n` objects: their fills are over
-    /// and a restart on the same directory finds them.
+    /// Waits (bounded) until the disk tier holds at least `n` objects: their fills are over,
+    /// and a restart on the same directory after a clean stop finds them (after a `kill -9`,
+    /// only those counted as stored: see `NodeProc::wait_disk_stored`).
     pub async fn wait_disk_objects(&self, n: u64) {
         eventually(&format!("the disk tier holds {n} object(s)"), async || {
             self.disk_objects().await >= n

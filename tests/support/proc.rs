@@ -179,6 +179,42 @@ impl NodeProc {
         .await;
     }
 
+    /// The body of a GET of `path` on the admin port.
+    pub async fn admin_text(&self, path: &str) -> String {
+        client()
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("{path} body: {e}"))
+    }
+
+    /// Objects counted as stored on disk (`disk_admissions.stored` of the admin port's
+    /// `/stats`): durable, so a restart after a `kill -9` finds them (objects the disk tier
+    /// merely shows may still be undone by one).
+    pub async fn disk_stored(&self) -> u64 {
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.admin_text("/stats").await).expect("/stats JSON");
+        stats["disk_admissions"]["stored"].as_u64().unwrap_or(0)
+    }
+
+    /// Waits (bounded) until at least `n` objects are counted as stored on disk.
+    pub async fn wait_disk_stored(&self, n: u64) {
+        poll(
+            WAIT,
+            async || (self.disk_stored().await >= n).then_some(()),
+            || {
+                format!(
+                    "never {n} object(s) counted as stored on disk; log:\n{}",
+                    self.log_text()
+                )
+            },
+        )
+        .await;
+    }
+
     /// Sends a signal with the `kill` command.
     pub fn signal(&self, sig: &str) {
         let st = Command::new("kill")

@@ -725,10 +725,15 @@ impl Engine {
                     // milliseconds refreshes the memory copy only; the disk copy keeps the
                     // metadata it was stored with, which a restart revalidates.)
                     let stats = self.stats.clone();
-                    disk.store_whole(store_key, &body, &meta, move |result| {
-                        drop(charge);
-                        admission.done(commit_outcome(&stats, result));
-                    });
+                    // The record's budget comes back once it is committed (the writer has
+                    // dropped it), not when it is durable.
+                    disk.store_whole(
+                        store_key,
+                        &body,
+                        &meta,
+                        move || drop(charge),
+                        move |result| admission.done(commit_outcome(&stats, result)),
+                    );
                 }
                 // Else the fill kept no whole copy after all: the guard counts why.
                 false
@@ -808,6 +813,7 @@ impl Engine {
                     // once it is durable.
                     let durable = writer.commit_visible(&meta).await;
                     let _ = done.send(());
+                    drop(held);
                     let result = match durable {
                         Ok(durable) => durable.wait().await,
                         Err(e) => Err(e),

@@ -16,8 +16,9 @@
 //! Writes: a body is gathered in memory up to [`STREAM_CHUNK`] and then written in one job
 //! (create, write, rename) on the blocking pool, at most [`WRITE_JOBS`] jobs at a time, so
 //! writes never take more threads than that and never delay reads; a longer body is written
-//! in jobs of that size. The metadata then joins the index writer's next group commit, and the
-//! object is visible once that commit is durable. A small body the memory tier holds is stored
+//! in jobs of that size. The metadata then joins the index writer's next group commit; the
+//! object is visible once that commit ends, and counts as stored once it is durable (see
+//! [`store`]). A small body the memory tier holds is stored
 //! from that copy ([`DiskTier::store_whole`]): no job and no task, its record written inline
 //! and indexed by the writer thread after the commit. Disk reads never queue behind writes:
 //! redb readers do not wait for its writer.
@@ -270,8 +271,8 @@ impl Sri {
         }
     }
 
-    /// Whether `text` is this hash's SRI string (`sha256-…`), without building one: a disk hit
-    /// checks its record with this.
+    /// Whether `text` is this hash's SRI string (`sha256-…`, `xxh3-…`), without building one: a
+    /// disk hit checks its record with this.
     fn is_text(&self, text: &[u8]) -> bool {
         match self {
             Self::Sha256(d) => text == sha256_text(d),
@@ -1128,11 +1129,20 @@ impl DiskTier {
     }
 
     async fn run_remover(tier: Weak<Self>, mut rx: mpsc::UnboundedReceiver<Integrity>) {
-        while let Some(sri) = rx.recv().await {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(sri) = rx.try_recv() {
+                batch.push(sri);
+            }
             let Some(this) = tier.upgrade() else { return };
-            // Named again meanwhile (the same body stored anew): it stays.
-            if !this.refs.is_referenced(&sri.to_string()) {
-                this.remove_content(sri).await;
+            // Not before the index stops naming them durably: after a kill -9, an entry whose
+            // file is gone would be a miss taken for damage.
+            this.store.synced().await;
+            for sri in batch {
+                // Named again meanwhile (the same body stored anew): it stays.
+                if !this.refs.is_referenced(&sri.to_string()) {
+                    this.remove_content(sri).await;
+                }
             }
         }
     }

@@ -25,7 +25,8 @@
 //! - `vary`: primary key → the Vary names its responses nominate, so a request that arrives
 //!   before the load reached its variants still finds them.
 //! - `state`: the largest purge sequence any stored object recorded, and the next record's
-//!   sequence number (never handed out twice, not even across restarts).
+//!   sequence number (never handed out twice, not even across restarts; only those of commits
+//!   a kill -9 undid, which nothing durable names, may come again).
 //! - `objects`: records of the previous layout, keyed by key hash (entries of format 2, whose
 //!   sequence number reads as 0); read until their objects are updated, stored anew or
 //!   removed, which moves them to `records`.
@@ -132,7 +133,8 @@ const VARY: TableDefinition<&[u8; 32], &str> = TableDefinition::new("vary");
 const STATE: TableDefinition<&str, u64> = TableDefinition::new("state");
 const MAX_PURGE_SEQ: &str = "max_purge_seq";
 /// The sequence number the next new record gets: numbers are never handed out twice, not even
-/// across restarts (a conditional write names a copy by its number).
+/// across restarts (a conditional write names a copy by its number), except those of commits
+/// a kill -9 undid: no durable record or word names them.
 const NEXT_SEQ: &str = "next_seq";
 
 /// Writes committed in one transaction at most.
@@ -421,6 +423,8 @@ pub(super) struct Store {
     tickets: AtomicU64,
     /// Transactions committed, and writes that failed, since start.
     pub commits: Arc<AtomicU64>,
+    /// Durable commits since start, and a wake-up for those waiting on the next.
+    synced: Arc<(AtomicU64, tokio::sync::Notify)>,
     pub errors: Arc<AtomicU64>,
 }
 
@@ -522,6 +526,7 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let pending = Arc::new(DashMap::with_hasher(KeyHasher::default()));
         let commits = Arc::new(AtomicU64::new(0));
+        let synced = Arc::new((AtomicU64::new(0), tokio::sync::Notify::new()));
         let errors = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             db: Arc::clone(&db),
@@ -537,6 +542,7 @@ impl Store {
             pending: Arc::clone(&pending),
             tail: Arc::clone(&tail),
             commits: Arc::clone(&commits),
+            synced: Arc::clone(&synced),
             errors: Arc::clone(&errors),
         };
         std::thread::Builder::new()
@@ -549,6 +555,7 @@ impl Store {
             tail,
             tickets: AtomicU64::new(1),
             commits,
+            synced,
             errors,
         })
     }
@@ -584,8 +591,9 @@ impl Store {
         Ok(())
     }
 
-    /// Queues a put whose outcome `done` handles on the writer thread, right after the
-    /// commit (or with an error, if the writer stops first).
+    /// Queues a put whose [`Completion`] runs on the writer thread: its `visible` stage right
+    /// after the commit, its `done` once the commit is durable (or with an error, if the
+    /// commit fails or the writer stops first).
     pub fn put_then(&self, put: Put, done: Completion) {
         // Unsent, the op is dropped with its completion, which then reports the error.
         let _ = self.enqueue_with(put, Reply::Call(done));
@@ -637,6 +645,27 @@ impl Store {
         let (done, wait) = oneshot::channel();
         if self.tx.send(Op::Flush(done)).is_ok() {
             let _ = wait.await;
+        }
+    }
+
+    /// Waits until every write queued before this call is durable, as [`Store::flush`] does,
+    /// but on the syncs the writer makes anyway (a second sync after this call began: the
+    /// first may have been under way without those writes); after 2 × [`SYNC_EVERY`] without
+    /// them, it asks for one.
+    pub async fn synced(&self) {
+        let (count, wake) = &*self.synced;
+        let seen = count.load(Ordering::Acquire);
+        let wait = async {
+            loop {
+                let woken = wake.notified();
+                if count.load(Ordering::Acquire) >= seen + 2 {
+                    return;
+                }
+                woken.await;
+            }
+        };
+        if tokio::time::timeout(2 * SYNC_EVERY, wait).await.is_err() {
+            self.flush().await;
         }
     }
 
@@ -920,8 +949,8 @@ struct Writer {
     last_sync: Instant,
     /// Commits since then, which a kill -9 would undo.
     unsynced: bool,
-    /// Replies to puts whose commits wait for the next durable one.
-    held: Vec<(Reply, Option<u64>)>,
+    /// Completions of puts whose commits wait for the next durable one.
+    held: Vec<(Completion, Option<u64>)>,
     /// The sequence number of the next new record.
     next_seq: u64,
     /// The key of the next journal record.
@@ -936,6 +965,7 @@ struct Writer {
     pending: Arc<DashMap<KeyHash, (u64, Pending), KeyHasher>>,
     tail: Arc<DashMap<KeyHash, (u64, Tail), KeyHasher>>,
     commits: Arc<AtomicU64>,
+    synced: Arc<(AtomicU64, tokio::sync::Notify)>,
     errors: Arc<AtomicU64>,
 }
 
@@ -1000,9 +1030,11 @@ impl<'t> Tables<'t> {
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         loop {
-            // Unsynced commits are made durable when SYNC_EVERY has passed, writes or not.
+            // Unsynced commits are made durable once writes pause for a GATHER, or when
+            // SYNC_EVERY has passed since the last sync.
             let first = if self.unsynced {
-                match rx.recv_timeout(SYNC_EVERY.saturating_sub(self.last_sync.elapsed())) {
+                let due = SYNC_EVERY.saturating_sub(self.last_sync.elapsed());
+                match rx.recv_timeout(due.min(GATHER)) {
                     Ok(op) => Some(op),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -1038,10 +1070,17 @@ impl Writer {
                 }
                 return;
             }
+            if !committed || (self.tail.len() as u64) < self.fold_at {
+                continue;
+            }
             // Ranges in turn until the journal is within its bound again (one usually does),
-            // after the replies: the puts just committed do not wait for it.
+            // after the replies, and after a sync: no put waits for the folds to be counted
+            // as stored.
+            if !self.held.is_empty() {
+                self.commit_and_reply(Vec::new());
+            }
             let mut folds = 0;
-            while committed && self.tail.len() as u64 >= self.fold_at && folds < FOLD_SLICES {
+            while self.tail.len() as u64 >= self.fold_at && folds < FOLD_SLICES {
                 self.fold_slice();
                 folds += 1;
             }
@@ -1052,11 +1091,10 @@ impl Writer {
     /// the commits before durable) and replies. Returns whether the commit held, and the
     /// replies of `Close` ops.
     fn commit_and_reply(&mut self, mut ops: Vec<Op>) -> (bool, Vec<oneshot::Sender<()>>) {
-        let durable = ops.is_empty()
-            || self.last_sync.elapsed() >= SYNC_EVERY
-            || ops
-                .iter()
-                .any(|op| !matches!(op, Op::Put(..) | Op::Delete(..)));
+        let only_writes = ops
+            .iter()
+            .all(|op| matches!(op, Op::Put(..) | Op::Delete(..)));
+        let durable = ops.is_empty() || !only_writes || self.last_sync.elapsed() >= SYNC_EVERY;
         let mut applied = vec![None; ops.len()];
         let result = self.commit(&mut ops, &mut applied, durable);
         if let Err(e) = &result {
@@ -1065,20 +1103,15 @@ impl Writer {
         } else {
             self.commits.fetch_add(1, Ordering::Relaxed);
         }
+        let outcome = |applied: Option<u64>| match &result {
+            Ok(()) => Ok(applied),
+            Err(e) => Err(db_error(e)),
+        };
         if durable {
             // What waited for this sync: stored if it holds; if not, they may be lost at the
             // next start (this process still sees them).
-            for (reply, applied) in std::mem::take(&mut self.held) {
-                let outcome = match &result {
-                    Ok(()) => Ok(applied),
-                    Err(e) => Err(db_error(e)),
-                };
-                match reply {
-                    Reply::Wait(done) => {
-                        let _ = done.send(outcome);
-                    }
-                    Reply::Call(done) => done.complete(outcome),
-                }
+            for (done, applied) in std::mem::take(&mut self.held) {
+                done.complete(outcome(applied));
             }
         }
         let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
@@ -1089,23 +1122,21 @@ impl Writer {
                     // Before telling the caller: its copy of the record is then the last,
                     // freed by the thread that allocated it (cheaper than from here).
                     drop(put);
-                    match (done, &result) {
-                        (None, _) => {}
-                        (Some(Reply::Wait(done)), Ok(())) => {
-                            let _ = done.send(Ok(applied));
+                    match done {
+                        None => {}
+                        Some(Reply::Wait(done)) => {
+                            let _ = done.send(outcome(applied));
                         }
-                        (Some(Reply::Wait(done)), Err(e)) => {
-                            let _ = done.send(Err(db_error(e)));
-                        }
-                        (Some(Reply::Call(mut done)), Ok(())) => {
-                            done.visible(applied);
-                            if durable {
-                                done.complete(Ok(applied));
+                        Some(Reply::Call(mut done)) => {
+                            if result.is_ok() {
+                                done.visible(applied);
+                            }
+                            if durable || result.is_err() {
+                                done.complete(outcome(applied));
                             } else {
-                                self.held.push((Reply::Call(done), applied));
+                                self.held.push((done, applied));
                             }
                         }
-                        (Some(Reply::Call(done)), Err(e)) => done.complete(Err(db_error(e))),
                     }
                 }
                 Op::Delete(key, ticket, _) => {
@@ -1204,11 +1235,10 @@ impl Writer {
         applied: &mut [Option<u64>],
         durable: bool,
     ) -> Result<(), redb::Error> {
-        if ops
+        let writes = ops
             .iter()
-            .all(|op| !matches!(op, Op::Put(..) | Op::Delete(..)))
-            && !(durable && self.unsynced)
-        {
+            .any(|op| matches!(op, Op::Put(..) | Op::Delete(..)));
+        if !(writes || durable && self.unsynced) {
             return Ok(());
         }
         if durable {
@@ -1329,6 +1359,10 @@ impl Writer {
         self.next_journal = next_journal;
         txn.commit()?;
         self.unsynced = !durable;
+        if durable {
+            self.synced.0.fetch_add(1, Ordering::Release);
+            self.synced.1.notify_waiters();
+        }
         self.last_commit = Instant::now();
         for (key, word) in words {
             self.tail.insert(key, word);
@@ -1348,7 +1382,7 @@ impl Writer {
         // Made durable with the next sync, as puts are.
         let result = (|| -> Result<Vec<(KeyHash, u64)>, redb::Error> {
             let txn = self.begin_write(false)?;
-            let folded = fold(&txn, slice)?;
+            let folded = fold(&txn, slice, &self.tail)?;
             txn.commit()?;
             Ok(folded)
         })();
@@ -1382,7 +1416,12 @@ impl Writer {
 /// Returns the words applied (key, journal key). Taken out one by one in key order, the words
 /// cost three times as much: each removal rebuilt a leaf and its path, most leaves many times
 /// over.
-fn fold(txn: &redb::WriteTransaction, slice: u8) -> Result<Vec<(KeyHash, u64)>, redb::Error> {
+/// `tail`: the journal's words as the writer holds them, to tell whose a damaged word is.
+fn fold(
+    txn: &redb::WriteTransaction,
+    slice: u8,
+    tail: &DashMap<KeyHash, (u64, Tail), KeyHasher>,
+) -> Result<Vec<(KeyHash, u64)>, redb::Error> {
     let mut t = Tables::open(txn)?;
     let start = u64::from(slice) << 56;
     let mut taken = Vec::new();
@@ -1393,17 +1432,27 @@ fn fold(txn: &redb::WriteTransaction, slice: u8) -> Result<Vec<(KeyHash, u64)>, 
         let (j, data) = word?;
         taken.push((j.value(), data.value().to_vec()));
     }
-    let mut words: Vec<(KeyHash, u64, Tail, &[u8])> = taken
-        .iter()
-        .filter_map(|(j, data)| match read_journal(data) {
-            Some((key, word, entry)) => Some((key, *j, word, entry)),
-            // A word that does not decode (damaged below redb's checksums) leaves its key
-            // holding nothing, rather than a copy it may have replaced.
-            None => data
-                .first_chunk::<32>()
-                .map(|key| (KeyHash(*key), *j, Tail::Gone, &[][..])),
-        })
-        .collect();
+    let mut words: Vec<(KeyHash, u64, Tail, &[u8])> = Vec::with_capacity(taken.len());
+    for (j, data) in &taken {
+        if let Some((key, word, entry)) = read_journal(data) {
+            words.push((key, *j, word, entry));
+            continue;
+        }
+        // A word that does not decode (damaged below redb's checksums): its key, as the
+        // writer knows it, holds nothing, rather than a copy the word may have replaced; the
+        // copy the word named goes too. Whose it is, is looked up only then.
+        let Some((key, word)) = tail
+            .iter()
+            .find(|w| w.value().0 == *j)
+            .map(|w| (*w.key(), w.value().1))
+        else {
+            continue;
+        };
+        if let Tail::Put(seq) = word {
+            t.records.remove(seq)?;
+        }
+        words.push((key, *j, Tail::Gone, &[]));
+    }
     // One word per key; stable, so journal order would stand if ever there were more.
     words.sort_by_key(|w| w.0);
     for &(key, _, word, entry) in &words {

@@ -370,3 +370,36 @@ async fn a_put_is_done_only_once_its_commit_is_durable() {
         reopened.close().await;
     }
 }
+
+/// A journal word that does not decode is folded as its key's removal, and the copy it named
+/// goes with it: the key is found from the writer's tail, not from the damaged bytes (damage
+/// there must not remove another key's entry).
+#[tokio::test]
+async fn a_damaged_journal_word_leaves_its_key_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Run::open(dir.path());
+    let other = store.put(put(2, "two", None)).await.unwrap().unwrap();
+    store.fold_now().await;
+    let first = store.put(put(1, "one", None)).await.unwrap().unwrap();
+    store.fold_now().await;
+    let seq = store.put(put(1, "uno", None)).await.unwrap().unwrap();
+    let (j, _) = *store.tail.get(&key(1)).unwrap();
+    {
+        let txn = store.db().unwrap().begin_write().unwrap();
+        let mut damaged = key(2).0.to_vec();
+        damaged.push(0xff);
+        txn.open_table(JOURNAL)
+            .unwrap()
+            .insert(j, damaged.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    store.fold_now().await;
+    assert_eq!(store.get(&key(1)).unwrap(), None);
+    assert_eq!(store.get(&key(2)).unwrap(), Some((other, b"two".to_vec())));
+    let txn = store.db().unwrap().begin_read().unwrap();
+    let records = txn.open_table(RECORDS).unwrap();
+    for gone in [first, seq] {
+        assert!(records.get(gone).unwrap().is_none(), "record {gone} left");
+    }
+}

@@ -933,6 +933,7 @@ async fn copies_of_one_key_are_indexed_in_commit_order() {
         key,
         &Bytes::from_static(b"second"),
         &meta("\"second\""),
+        || {},
         move |r| {
             let _ = tx.send(r);
         },

@@ -1,6 +1,7 @@
 //! Writing bodies: content first (gathered, then written in few jobs on the blocking pool), then
 //! the metadata in the index's next group commit; nothing is visible before
-//! [`DiskWriter::commit`] returns.
+//! [`DiskWriter::commit_visible`] returns, and nothing counts as stored before the commit is
+//! durable ([`DiskWriter::commit`] waits for that).
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -33,14 +34,15 @@ pub const WRITE_JOBS: usize = 2;
 impl DiskTier {
     /// Stores a whole body that the memory tier holds (so its metadata is not held for a first
     /// disk hit) inline in its record, without a writer or a task: the record joins the index
-    /// writer's next group commit, and `done` is told the outcome on the writer thread once it
-    /// is durable (the object is indexed by then). Nothing waits meanwhile. The body must fit
-    /// [`INLINE_MAX`].
+    /// writer's next group commit; on the writer thread, `visible` runs once the object is
+    /// indexed, and `done` is told the outcome once it is durable. Nothing waits meanwhile.
+    /// The body must fit [`INLINE_MAX`].
     pub fn store_whole(
         self: &Arc<Self>,
         key: KeyHash,
         body: &Bytes,
         meta: &Arc<CachedMeta>,
+        visible: impl FnOnce() + Send + 'static,
         done: impl FnOnce(io::Result<()>) + Send + 'static,
     ) {
         let size = body.len() as u64;
@@ -58,7 +60,7 @@ impl DiskTier {
             Ok(put) => put,
             Err(e) => return done(Err(e)),
         };
-        self.commit_entry(put, entry, None, None, done);
+        self.commit_entry(put, entry, None, visible, done);
     }
 
     /// Queues `put` for the index writer's next group commit. Right after it (on the writer
@@ -71,7 +73,7 @@ impl DiskTier {
         put: Put,
         entry: Arc<DiskEntry>,
         held: Option<Arc<CachedMeta>>,
-        visible: Option<oneshot::Sender<()>>,
+        visible: impl FnOnce() + Send + 'static,
         done: impl FnOnce(io::Result<()>) + Send + 'static,
     ) {
         let key = put.key;
@@ -86,8 +88,8 @@ impl DiskTier {
                         entry.set_record(seq);
                         tier.index_committed(key, entry, held.map(|meta| (meta, len)));
                     }
-                    if let (Some(_), Some(visible)) = (applied, visible) {
-                        let _ = visible.send(());
+                    if applied.is_some() {
+                        visible();
                     }
                 },
                 move |result| {
@@ -308,9 +310,17 @@ impl DiskWriter {
         let (visible, made_visible) = oneshot::channel();
         let (done, durable) = oneshot::channel();
         // Just written: the first hit needs no metadata read.
-        tier.commit_entry(put, entry, Some(meta), Some(visible), move |result| {
-            let _ = done.send(result);
-        });
+        tier.commit_entry(
+            put,
+            entry,
+            Some(meta),
+            move || {
+                let _ = visible.send(());
+            },
+            move |result| {
+                let _ = done.send(result);
+            },
+        );
         let durable = Durable(durable);
         if made_visible.await.is_err() {
             // Never made visible: the commit failed, and `durable` says why.
