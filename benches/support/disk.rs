@@ -33,9 +33,13 @@ use tokio::net::TcpListener;
 use super::client::{Conn, XCache, get_request};
 use super::{Latencies, micros};
 
+/// How long the origin's answers stay fresh: a year, so that a fill kept between runs of the
+/// restart bench is still served from disk, not revalidated, hours later.
+pub const MAX_AGE_SECS: u64 = 365 * 24 * 3600;
+
 /// The origin: every path answers 200 with `len` bytes (the path's bytes, then a repeating
-/// pattern), `Cache-Control: public, max-age=3600`, `application/octet-stream` (never
-/// compressed). Runs on the current runtime.
+/// pattern), `Cache-Control: public, max-age=<MAX_AGE_SECS>`, `application/octet-stream`
+/// (never compressed). Runs on the current runtime.
 pub struct Origin {
     pub addr: SocketAddr,
     requests: Arc<AtomicU64>,
@@ -90,7 +94,7 @@ fn origin_response(body: Bytes) -> Response<Full<Bytes>> {
     let h = r.headers_mut();
     h.insert(
         CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=3600"),
+        HeaderValue::from_static("public, max-age=31536000"),
     );
     h.insert(
         CONTENT_TYPE,

@@ -47,13 +47,14 @@
 //! objects it holds. The disk queue's budget bounds what waits meanwhile (a fill past it gives
 //! up its disk copy, counted as `queue_full`), and a streamed object's fill stays in the fill
 //! map until its put commits. In the edge at `--memory 1792MiB` (a journal of up to ~367,000
-//! words), a miss's CPU at 1,200,000 objects was 17-32% above its CPU at ~120,000 (medians of
-//! runs, `benches/disk_miss.rs`); with the journal capped at 65,536 words and folded whole,
-//! 27-55%.
+//! words), a miss's CPU at 1,280,000 objects was 0-7% above its CPU at ~170,000 (medians of
+//! rounds, `benches/disk_miss.rs`; 17-32% while folds removed the journal's words one by one,
+//! and 27-55% with the journal capped at 65,536 words and folded whole).
 //!
 //! The price of a long journal is the opening: reading it, with the page cache dropped, took
-//! ~0.9 s of a restart at 1,000,000 objects (`benches/restart.rs`: the first HIT at 0.91-1.10
-//! s, against 41 ms with no journal), ~0.25 s warm. Serving before the tail is read needs
+//! ~1.6 s of a restart at 1,000,000 objects (`benches/restart.rs`: the first HIT at 1.57-1.61
+//! s, against 41 ms with no journal; 0.91-1.10 s before commits between syncs were left to the
+//! OS), ~0.27 s warm. Serving before the tail is read needs
 //! lookups that never find a copy the journal replaced: records of replaced copies removed
 //! when they are replaced (the tier's index knows them once loaded; a lookup before), not at
 //! the fold. Not done.
