@@ -98,11 +98,13 @@
 //! | dropped (3 rounds) | 1 564-1 607 ms | 1 569-1 611 ms | 9.5-10.1 ms |
 //! | warm (2 rounds) | 268-286 ms | 269-287 ms | 9.4-9.5 ms |
 //!
-//! Within the target (2 s), but ~0.6 s later than session 12's fill when cold (warm: ~30 ms
-//! later). Not explained yet; a guess: with commits between syncs, redb cannot reuse pages
-//! freed since the last sync, so the journal's leaves lie further apart in the file, and a
-//! cold read of them seeks more. The same binary on session 12's (stale) fill opened in
-//! 874-1 022 ms cold.
+//! Within the target (2 s). Later than session 12's table (0.9-1.1 s), but not because of
+//! this session's changes: a fresh fill made the same day by session 12's code (53f5b0c's
+//! bench) opened in 1 741-1 828 ms cold with its own binary and 1 711-1 896 ms with this one;
+//! a fill made with every commit synced (`SYNC_EVERY` 0), 1 568-1 601 ms. Session 12's own
+//! fill, kept and restarted many times, opened in 874-1 022 ms here. The journal at the
+//! opening: 360,399 words in 21,043 leaves, 44 MB in 86 MB of pages (each key range appends
+//! at its own right edge, and a split leaves the left leaf half full).
 
 mod support;
 

@@ -52,9 +52,9 @@
 //! and 27-55% with the journal capped at 65,536 words and folded whole).
 //!
 //! The price of a long journal is the opening: reading it, with the page cache dropped, took
-//! ~1.6 s of a restart at 1,000,000 objects (`benches/restart.rs`: the first HIT at 1.57-1.61
-//! s, against 41 ms with no journal; 0.91-1.10 s before commits between syncs were left to the
-//! OS), ~0.27 s warm. Serving before the tail is read needs
+//! ~1.6 s of a restart at 1,000,000 objects on a fresh fill (`benches/restart.rs`: the first
+//! HIT at 1.57-1.61 s, against 41 ms with no journal; 1.7-1.9 s for a fill by the version
+//! before this one, 0.9-1.1 s for a fill restarted many times), ~0.27 s warm. Serving before the tail is read needs
 //! lookups that never find a copy the journal replaced: records of replaced copies removed
 //! when they are replaced (the tier's index knows them once loaded; a lookup before), not at
 //! the fold. Not done.
