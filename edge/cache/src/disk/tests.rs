@@ -1001,3 +1001,17 @@ async fn an_identical_copy_survives_the_copy_it_replaced() {
         );
     }
 }
+
+/// An inline body's name is ssri's own xxh3-128 integrity of it (the same string), built
+/// without its hex and base64 round trips.
+#[test]
+fn inline_bodies_are_named_as_ssri_names_xxh3() {
+    let body = b"an inline body";
+    let hex = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(body));
+    let expected = cacache::Integrity::from_hex(hex, cacache::Algorithm::Xxh3).unwrap();
+    assert_eq!(writer::inline_integrity(body), expected);
+    assert_eq!(
+        writer::inline_integrity(body).to_string(),
+        expected.to_string()
+    );
+}

@@ -12,7 +12,7 @@ use cacache::Integrity;
 use tokio::sync::oneshot;
 
 use super::store::{Completion, Put};
-use super::{DiskEntry, DiskTier, HeldMeta, MetaFileOut};
+use super::{DiskEntry, DiskTier, HeldMeta, MetaFileOut, Sri};
 use crate::key::KeyHash;
 use crate::meta::CachedMeta;
 
@@ -158,8 +158,8 @@ impl DiskTier {
 /// needs no cryptographic hash; content files, shared by identical bodies, and pushed objects,
 /// whose ETag derives from it, keep sha256.
 pub(super) fn inline_integrity(body: &[u8]) -> Integrity {
-    let hex = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(body));
-    Integrity::from_hex(hex, cacache::Algorithm::Xxh3).unwrap_or_else(|_| Integrity::from(body))
+    // Big-endian, as ssri writes an xxh3 digest.
+    Sri::Xxh3(xxhash_rust::xxh3::xxh3_128(body).to_be_bytes()).integrity()
 }
 
 /// An in-progress disk write. `commit` makes it visible; drop aborts.
