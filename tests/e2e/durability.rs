@@ -264,18 +264,39 @@ async fn a_refused_purge_changes_nothing_and_the_sequence_never_goes_backwards()
 // Item 9: metadata on disk is checked
 // ---------------------------------------------------------------------------------------------
 
-/// Edits the JSON of a metadata record, keeping its checksum (now stale), as a hand edit or
-/// damage would.
-fn tamper(cache_dir: &Path, key: &[u8; 32], record: &[u8], edit: &dyn Fn(&mut Value)) {
+/// A record's metadata: MessagePack, structs as arrays of their fields in order. The record's
+/// fields: integrity, size, inline, meta; the metadata's (`CachedMeta`): version, key, status,
+/// headers, policy, stored_at_ms, fresh_until_ms, swr_secs, sie_secs, body_len, ….
+const SIZE: usize = 1;
+const META: usize = 3;
+const STATUS: usize = 2;
+const HEADERS: usize = 3;
+const BODY_LEN: usize = 9;
+
+/// Edits the metadata of a record, keeping its checksum (now stale), as a hand edit or damage
+/// would.
+fn tamper(cache_dir: &Path, key: &[u8; 32], record: &[u8], edit: &dyn Fn(&mut Vec<rmpv::Value>)) {
     let len = u32::from_le_bytes(record[32..36].try_into().unwrap()) as usize;
-    let mut v: Value = serde_json::from_slice(&record[36..36 + len]).expect("JSON metadata");
-    edit(&mut v);
-    let json = serde_json::to_vec(&v).unwrap();
+    let mut v = rmpv::decode::read_value(&mut &record[36..36 + len]).expect("MessagePack metadata");
+    let rmpv::Value::Array(fields) = &mut v else {
+        panic!("a record's metadata is an array: {v}");
+    };
+    edit(fields);
+    let mut meta = Vec::new();
+    rmpv::encode::write_value(&mut meta, &v).unwrap();
     let mut out = record[..32].to_vec();
-    out.extend_from_slice(&u32::try_from(json.len()).unwrap().to_le_bytes());
-    out.extend_from_slice(&json);
+    out.extend_from_slice(&u32::try_from(meta.len()).unwrap().to_le_bytes());
+    out.extend_from_slice(&meta);
     out.extend_from_slice(&record[36 + len..]);
     set_record(cache_dir, key, Some(&out));
+}
+
+/// The stored metadata's fields (see [`tamper`]).
+fn meta_fields(record: &mut [rmpv::Value]) -> &mut Vec<rmpv::Value> {
+    match &mut record[META] {
+        rmpv::Value::Array(fields) => fields,
+        other => panic!("metadata: {other}"),
+    }
 }
 
 /// Issue 13, item 9. A 400 KB object (streamed from disk: memory is 1 MiB) is stored, the edge
@@ -284,25 +305,31 @@ fn tamper(cache_dir: &Path, key: &[u8; 32], record: &[u8], edit: &dyn Fn(&mut Va
 /// origin in full, never the edited response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_metadata_is_a_miss_refetched_from_the_origin() {
-    type Edit = Box<dyn Fn(&mut Value)>;
+    type Edit = Box<dyn Fn(&mut Vec<rmpv::Value>)>;
     let edits: Vec<(&str, Edit)> = vec![
         (
             "size",
             Box::new(|v| {
-                let n = v["size"].as_u64().expect("size");
-                v["size"] = (n - 1000).into();
-                v["meta"]["body_len"] = (n - 1000).into();
+                let n = v[SIZE].as_u64().expect("size");
+                v[SIZE] = (n - 1000).into();
+                meta_fields(v)[BODY_LEN] = (n - 1000).into();
             }),
         ),
         (
             "content-type",
             Box::new(|v| {
-                let t = &mut v["meta"]["headers"]["content-type"];
-                let flipped = t.as_str().expect("content-type").replace("plain", "plaim");
+                let rmpv::Value::Map(headers) = &mut meta_fields(v)[HEADERS] else {
+                    panic!("headers are a map");
+                };
+                let (_, t) = headers
+                    .iter_mut()
+                    .find(|(k, _)| k.as_str() == Some("content-type"))
+                    .expect("content-type");
+                let flipped = t.as_str().expect("one value").replace("plain", "plaim");
                 *t = flipped.into();
             }),
         ),
-        ("status", Box::new(|v| v["meta"]["status"] = 404.into())),
+        ("status", Box::new(|v| meta_fields(v)[STATUS] = 404.into())),
     ];
     let body: Bytes = (0..400_000u32)
         .map(|i| b'a' + (i % 26) as u8)

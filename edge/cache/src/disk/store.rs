@@ -3,8 +3,9 @@
 //!
 //! Tables:
 //! - `records`, keyed by a sequence number the writer gives each record as it commits: the
-//!   record a hit needs: a checksum of the rest (see the tier's `checked_record`), the JSON's
-//!   length, the JSON of the content hash, size and stored response's metadata, then the body
+//!   record a hit needs: a checksum of the rest (see the tier's `checked_record`), the
+//!   metadata's length, the metadata (content hash, size and stored response; MessagePack, see
+//!   the tier's `encode_record`), then the body
 //!   itself when it is kept inline (see the tier's `INLINE_MAX`); read on a lookup whose
 //!   metadata is not held in memory, and for an inline body. Sequential keys make every new record an append to the
 //!   tree's rightmost leaf: a commit rewrites one path of the tree, not a random leaf per

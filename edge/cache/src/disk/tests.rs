@@ -262,19 +262,33 @@ async fn content_elsewhere_falls_back_to_cacache() {
     assert_eq!((&data[..], how), (&body()[..], Checked::Hashed));
 }
 
-/// Edits the JSON of a metadata record in place, keeping its checksum (now stale), as a hand
-/// edit or damage would.
+/// Edits the metadata of a record in place (as JSON, for the edit's convenience), keeping its
+/// checksum (now stale), as a hand edit or damage would.
 fn tamper(tier: &DiskTier, key: KeyHash, edit: impl FnOnce(&mut serde_json::Value)) {
     let data = tier.store.get(&key).unwrap().unwrap().1;
     let len = u32::from_le_bytes(data[32..36].try_into().unwrap()) as usize;
-    let mut v: serde_json::Value = serde_json::from_slice(&data[36..36 + len]).unwrap();
+    let file = read_msgpack(&data[36..36 + len]).unwrap();
+    let mut v = serde_json::to_value(MetaFileOut::of(&file)).unwrap();
     edit(&mut v);
-    let json = serde_json::to_vec(&v).unwrap();
+    let file: MetaFile = serde_json::from_value(v).unwrap();
+    let mut meta = Vec::new();
+    write_msgpack(&mut meta, &MetaFileOut::of(&file)).unwrap();
     let mut out = data[..32].to_vec();
-    out.extend_from_slice(&u32::try_from(json.len()).unwrap().to_le_bytes());
-    out.extend_from_slice(&json);
+    out.extend_from_slice(&u32::try_from(meta.len()).unwrap().to_le_bytes());
+    out.extend_from_slice(&meta);
     out.extend_from_slice(&data[36 + len..]);
     tier.store.put_raw(key, &out);
+}
+
+impl MetaFileOut<'_> {
+    fn of(file: &MetaFile) -> MetaFileOut<'_> {
+        MetaFileOut {
+            integrity: file.integrity.clone(),
+            size: file.size,
+            inline: file.inline,
+            meta: &file.meta,
+        }
+    }
 }
 
 /// An edit of a metadata file's JSON.
@@ -529,11 +543,34 @@ async fn damaged_inline_body_is_a_miss() {
     assert_eq!(tier.rejected_metadata(), 1);
 }
 
-/// A record written before records were checked with xxh3 (its checksum a blake3 hash) is
-/// read as it was: its metadata and its inline body; damaged, it is refused as the new ones
-/// are.
+/// A record as the earlier formats wrote it: JSON metadata, checked with xxh3-128 and
+/// [`JSON_XXH3_TAG`], or with blake3 (the first records).
+fn json_record(file: &MetaFileOut<'_>, body: &[u8], format: RecordFormat) -> Vec<u8> {
+    let json = serde_json::to_vec(file).unwrap();
+    let mut out = vec![0; 32];
+    out.extend_from_slice(&u32::try_from(json.len()).unwrap().to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(body);
+    match format {
+        RecordFormat::Json => {
+            let sum = xxhash_rust::xxh3::xxh3_128(&out[32..]);
+            out[..16].copy_from_slice(&sum.to_le_bytes());
+            out[16..32].copy_from_slice(JSON_XXH3_TAG);
+        }
+        RecordFormat::JsonBlake3 => {
+            let hash = blake3::hash(&out[32..]);
+            out[..32].copy_from_slice(hash.as_bytes());
+        }
+        RecordFormat::MsgPack => unreachable!("not an earlier format"),
+    }
+    out
+}
+
+/// Records are written with MessagePack metadata, and records of the earlier formats (JSON
+/// metadata, checked with xxh3 or with blake3) are read as they were: their metadata and their
+/// inline body. Damaged, each is refused.
 #[test]
-fn records_checked_with_blake3_are_still_read() {
+fn records_of_every_format_are_read() {
     let m = meta("\"a\"");
     let body = b"an inline body";
     let sri = writer::inline_integrity(body);
@@ -543,26 +580,107 @@ fn records_checked_with_blake3_are_still_read() {
         inline: true,
         meta: &m,
     };
-    let mut record = encode_record(&file, body).unwrap();
-    assert_eq!(&record[16..32], XXH3_TAG);
-    let hash = blake3::hash(&record[32..]);
-    record[..32].copy_from_slice(hash.as_bytes());
-    let (read, inline) = decode_record(&record).unwrap();
-    assert_eq!(
-        (read.meta.key.as_str(), inline),
-        (m.key.as_str(), &body[..])
-    );
     let refs = Arc::new(ContentRefs {
         counts: DashMap::default(),
         unreferenced: tokio::sync::mpsc::unbounded_channel().0,
     });
     let entry = DiskEntry::new(sri, body.len() as u64, true, true, &refs);
-    let range = record_body(&record, &entry).expect("the inline body");
-    assert_eq!(&record[range], body);
-    let last = record.len() - 1;
-    record[last] ^= 1;
-    assert!(matches!(decode_record(&record), Err(MetaReject::Checksum)));
-    assert!(record_body(&record, &entry).is_none());
+    let written = encode_record(&file, body).unwrap();
+    assert_eq!(&written[16..32], RECORD_TAG);
+    for (format, mut record) in [
+        (RecordFormat::MsgPack, written),
+        (
+            RecordFormat::Json,
+            json_record(&file, body, RecordFormat::Json),
+        ),
+        (
+            RecordFormat::JsonBlake3,
+            json_record(&file, body, RecordFormat::JsonBlake3),
+        ),
+    ] {
+        assert_eq!(checked_record(&record).map(|r| r.0), Some(format));
+        let (read, inline) = decode_record(&record).unwrap();
+        assert_eq!(
+            (read.integrity.as_str(), read.size, read.inline, inline),
+            (file.integrity.as_str(), file.size, true, &body[..]),
+            "{format:?}"
+        );
+        assert_eq!(
+            serde_json::to_value(&read.meta).unwrap(),
+            serde_json::to_value(&*m).unwrap(),
+            "{format:?}: the metadata as it was written"
+        );
+        let range = record_body(&record, &entry).expect("the inline body");
+        assert_eq!(&record[range], body);
+        let last = record.len() - 1;
+        record[last] ^= 1;
+        assert!(matches!(decode_record(&record), Err(MetaReject::Checksum)));
+        assert!(record_body(&record, &entry).is_none());
+    }
+}
+
+/// Records hold http-cache-semantics' policy as a MessagePack array: its fields by position.
+/// Should a new version of the crate reorder or add fields, records written before would be
+/// misread (two header maps swapped) or refused. This pins the layout they were written with;
+/// when it fails, the records need a new [`RECORD_TAG`] (or `META_VERSION`).
+#[test]
+fn the_policys_stored_layout_is_the_one_records_were_written_with() {
+    /// A struct's field names in the order it serialises them (as a JSON object), with those
+    /// of its `opts` field.
+    #[derive(Debug, Default, PartialEq)]
+    struct Fields(Vec<String>, Vec<String>);
+    impl<'de> Deserialize<'de> for Fields {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Names;
+            impl<'de> serde::de::Visitor<'de> for Names {
+                type Value = Fields;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a struct")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut m: A,
+                ) -> Result<Fields, A::Error> {
+                    let mut out = Fields::default();
+                    while let Some(k) = m.next_key::<String>()? {
+                        if k == "opts" {
+                            out.1 = m.next_value::<Fields>()?.0;
+                        } else {
+                            m.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                        out.0.push(k);
+                    }
+                    Ok(out)
+                }
+            }
+            d.deserialize_map(Names)
+        }
+    }
+    let m = meta("\"a\"");
+    let policy: Fields = serde_json::from_slice(&serde_json::to_vec(&m.policy).unwrap()).unwrap();
+    let want = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        policy,
+        Fields(
+            want(&[
+                "req",
+                "res",
+                "uri",
+                "status",
+                "method",
+                "opts",
+                "res_cc",
+                "req_cc",
+                "response_time"
+            ]),
+            want(&[
+                "shared",
+                "cache_heuristic",
+                "immutable_min_time_to_live",
+                "ignore_cargo_cult"
+            ])
+        )
+    );
 }
 
 /// An entry keeps a SHA-256 content hash as its 32 bytes and gives back the same integrity;
