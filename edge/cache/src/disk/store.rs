@@ -409,8 +409,27 @@ enum Op {
     /// Commit what came before, then fold the journal (tests).
     #[cfg(test)]
     Fold(oneshot::Sender<()>),
+    /// Commit what came before (durably or not, as writes would be), say so, then stop
+    /// writing until the receiver's sender goes: the file stays as a kill -9 would leave it
+    /// (tests).
+    #[cfg(test)]
+    Hold(oneshot::Sender<()>, mpsc::Receiver<()>),
     /// Commit what came before, sync, and stop (closing the database).
     Close(oneshot::Sender<()>),
+}
+
+impl Op {
+    /// Its commit must be durable.
+    fn asks_sync(&self) -> bool {
+        match self {
+            Op::Put(..) | Op::Delete(..) => false,
+            #[cfg(test)]
+            Op::Hold(..) => false,
+            Op::Flush(_) | Op::Close(_) => true,
+            #[cfg(test)]
+            Op::Fold(_) => true,
+        }
+    }
 }
 
 pub(super) struct Store {
@@ -669,6 +688,17 @@ impl Store {
         if tokio::time::timeout(2 * SYNC_EVERY, wait).await.is_err() {
             self.flush().await;
         }
+    }
+
+    /// Waits until every write queued before this call has committed (durably or not), then
+    /// stops the writer until the returned sender is dropped.
+    #[cfg(test)]
+    pub async fn hold(&self) -> mpsc::Sender<()> {
+        let (held, wait) = oneshot::channel();
+        let (release, hold) = mpsc::channel();
+        self.tx.send(Op::Hold(held, hold)).unwrap();
+        wait.await.unwrap();
+        release
     }
 
     /// Waits until every write queued before this call has committed, then folds the journal.
@@ -1093,10 +1123,9 @@ impl Writer {
     /// the commits before durable) and replies. Returns whether the commit held, and the
     /// replies of `Close` ops.
     fn commit_and_reply(&mut self, mut ops: Vec<Op>) -> (bool, Vec<oneshot::Sender<()>>) {
-        let only_writes = ops
-            .iter()
-            .all(|op| matches!(op, Op::Put(..) | Op::Delete(..)));
-        let durable = ops.is_empty() || !only_writes || self.last_sync.elapsed() >= SYNC_EVERY;
+        let durable = ops.is_empty()
+            || ops.iter().any(Op::asks_sync)
+            || self.last_sync.elapsed() >= SYNC_EVERY;
         let mut applied = vec![None; ops.len()];
         let result = self.commit(&mut ops, &mut applied, durable);
         if let Err(e) = &result {
@@ -1153,6 +1182,11 @@ impl Writer {
                         self.fold_slice();
                     }
                     let _ = done.send(());
+                }
+                #[cfg(test)]
+                Op::Hold(held, release) => {
+                    let _ = held.send(());
+                    let _ = release.recv();
                 }
                 Op::Close(done) => closing.push(done),
             }

@@ -1,7 +1,9 @@
 //! The store against a model: puts, metadata updates, removals and evictions (conditional
-//! removals, some naming copies long replaced), in group commits, across journal folds and
-//! reopenings. Every key reads as the model says, the load finds exactly the model's objects,
-//! and after a fold no record is left of a copy that went.
+//! removals, some naming copies long replaced), in group commits, across journal folds,
+//! reopenings and crashes. Every key reads as the model says, the load finds exactly the
+//! model's objects, and after a fold no record is left of a copy that went. A crash (the file
+//! as a kill -9 leaves it) loses at most the writes not yet told done, and only whole commits
+//! from the end: what it leaves is the model after some of the writes, in order.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc as std_mpsc;
@@ -25,6 +27,8 @@ enum Step {
     Check,
     Fold,
     Reopen,
+    /// Copy the file as a kill -9 would leave it, and go on with the copy.
+    Crash,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -36,6 +40,7 @@ fn step() -> impl Strategy<Value = Step> {
         3 => Just(Step::Check),
         1 => Just(Step::Fold),
         1 => Just(Step::Reopen),
+        1 => Just(Step::Crash),
     ]
 }
 
@@ -72,11 +77,31 @@ fn copy(seq: u64) -> StoredCopy {
 const JOURNAL_MAX: u64 = 3;
 
 enum Queued {
-    /// Key, record, the copy it updates, and where its outcome arrives.
-    Put(u8, String, Option<u64>, std_mpsc::Receiver<PutResult>),
+    /// Key, record, the copy it updates, and its outcome.
+    Put(u8, String, Option<u64>, Outcome),
     Delete(u8),
     /// Key, and the copy evicted.
     Evict(u8, u64),
+}
+
+/// Where a put's outcome arrives (once its commit is durable), and the outcome once seen.
+struct Outcome(std_mpsc::Receiver<PutResult>, Option<PutResult>);
+
+impl Outcome {
+    /// The put was told done.
+    fn arrived(&mut self) -> bool {
+        if self.1.is_none() {
+            self.1 = self.0.try_recv().ok();
+        }
+        self.1.is_some()
+    }
+
+    fn wait(self) -> PutResult {
+        match self.1 {
+            Some(r) => r,
+            None => self.0.recv().unwrap(),
+        }
+    }
 }
 
 /// What the store should hold: per key, its copy's sequence number and record.
@@ -114,7 +139,8 @@ impl Run {
                 let _ = tx.send(r);
             }),
         );
-        self.queued.push(Queued::Put(k, record, expect, rx));
+        self.queued
+            .push(Queued::Put(k, record, expect, Outcome(rx, None)));
     }
 
     async fn apply(&mut self, step: Step) {
@@ -139,7 +165,10 @@ impl Run {
                 self.settle().await;
                 self.store.flush().await;
                 self.check();
-                // Folded after each commit until it is within its bound again.
+                // Folded after each commit until it is within its bound again. The flush's own
+                // commit may start folds (a store reopened after a crash can begin over its
+                // bound): a second flush waits for them.
+                self.store.flush().await;
                 assert!(
                     self.store.tail.len() < JOURNAL_MAX as usize,
                     "the journal outgrew its bound"
@@ -159,44 +188,101 @@ impl Run {
                 self.check();
                 self.check_load();
             }
+            Step::Crash => self.crash().await,
         }
     }
 
+    /// Takes the file as a kill -9 leaves it, with the writes queued since the last check
+    /// committed but not all of them durable, and goes on with that copy. It must hold the
+    /// model after some of those writes, in order, and at least after every one already told
+    /// done.
+    async fn crash(&mut self) {
+        let release = self.store.hold().await;
+        let told = self
+            .queued
+            .iter_mut()
+            .rposition(|q| match q {
+                Queued::Put(.., outcome) => outcome.arrived(),
+                _ => false,
+            })
+            .map_or(0, |i| i + 1);
+        let killed = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            self.dir.path().join("index.redb"),
+            killed.path().join("index.redb"),
+        )
+        .unwrap();
+        drop(release);
+        let states = self.settle().await;
+        self.store.close().await;
+        self.dir = killed;
+        self.store = Self::open(self.dir.path());
+        let left: Model = (0..6)
+            .filter_map(|k| {
+                let (seq, record) = self.store.get(&key(k)).unwrap()?;
+                Some((k, (seq, String::from_utf8(record).unwrap())))
+            })
+            .collect();
+        let after = states.iter().rposition(|state| *state == left);
+        assert!(
+            after.is_some_and(|n| n >= told),
+            "after a crash the store holds {left:?}: not the model after {told} or more of the \
+             writes queued ({states:?})"
+        );
+        self.model = left;
+        // Copies seen before are named by nothing after a restart (their numbers may come
+        // again): updates and evictions name those the store holds now.
+        self.seen = self
+            .model
+            .iter()
+            .map(|(k, (seq, _))| (*k, vec![*seq]))
+            .collect();
+        self.check_load();
+    }
+
     /// Waits for the queued writes and brings the model up to date with each, in queue order
-    /// (the order they commit in).
-    async fn settle(&mut self) {
+    /// (the order they commit in). Returns the model before them and after each of them.
+    async fn settle(&mut self) -> Vec<Model> {
+        let mut states = vec![self.model.clone()];
         if self.queued.is_empty() {
-            return;
+            return states;
         }
         self.store.flush().await;
         for queued in std::mem::take(&mut self.queued) {
-            let (k, record, expect, rx) = match queued {
-                Queued::Put(k, record, expect, rx) => (k, record, expect, rx),
-                Queued::Delete(k) => {
-                    self.model.remove(&k);
-                    continue;
-                }
-                Queued::Evict(k, seq) => {
-                    if self.model.get(&k).is_some_and(|(cur, _)| *cur == seq) {
-                        self.model.remove(&k);
-                    }
-                    continue;
-                }
-            };
-            let outcome = rx.recv().unwrap().unwrap();
-            let holds = self.model.get(&k).map(|(seq, _)| *seq);
-            match expect {
-                None => {
-                    let seq = outcome.expect("an unconditional put applies");
-                    self.seen.entry(k).or_default().push(seq);
-                    self.model.insert(k, (seq, record));
-                }
-                Some(want) if holds == Some(want) => {
-                    assert_eq!(outcome, Some(want), "an update applies in place");
-                    self.model.insert(k, (want, record));
-                }
-                Some(_) => assert_eq!(outcome, None, "an update of a copy gone applies"),
+            self.apply_queued(queued);
+            states.push(self.model.clone());
+        }
+        states
+    }
+
+    /// Brings the model up to date with one committed write.
+    fn apply_queued(&mut self, queued: Queued) {
+        let (k, record, expect, outcome) = match queued {
+            Queued::Put(k, record, expect, outcome) => (k, record, expect, outcome),
+            Queued::Delete(k) => {
+                self.model.remove(&k);
+                return;
             }
+            Queued::Evict(k, seq) => {
+                if self.model.get(&k).is_some_and(|(cur, _)| *cur == seq) {
+                    self.model.remove(&k);
+                }
+                return;
+            }
+        };
+        let outcome = outcome.wait().unwrap();
+        let holds = self.model.get(&k).map(|(seq, _)| *seq);
+        match expect {
+            None => {
+                let seq = outcome.expect("an unconditional put applies");
+                self.seen.entry(k).or_default().push(seq);
+                self.model.insert(k, (seq, record));
+            }
+            Some(want) if holds == Some(want) => {
+                assert_eq!(outcome, Some(want), "an update applies in place");
+                self.model.insert(k, (want, record));
+            }
+            Some(_) => assert_eq!(outcome, None, "an update of a copy gone applies"),
         }
     }
 

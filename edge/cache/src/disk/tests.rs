@@ -770,6 +770,44 @@ async fn a_content_file_goes_with_the_last_entry_naming_it() {
     .await;
 }
 
+/// A replaced copy's content file is unlinked only once the commit that replaced it is
+/// durable: a kill -9 before then leaves a database file that still names the old copy, whose
+/// body must still be there (else the restart finds a damaged object).
+#[tokio::test]
+async fn a_replaced_content_file_stays_until_the_replacing_commit_is_durable() {
+    let (dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, &body(), &meta("\"1\"")).await;
+    let content = dir.path().join("content").join("content-v2");
+    let old = files_under(&content);
+    assert_eq!(old.len(), 1);
+
+    let mut w = tier.begin_write(key);
+    let mut new = body();
+    new[0] ^= 1;
+    w.write(Bytes::from(new)).await.unwrap();
+    let durable = w.commit_visible(&meta("\"2\"")).await.unwrap();
+    // No sync from here until the release (at most one came between the commit and the hold).
+    let release = tier.store.hold().await;
+    // The held metadata's copy of the old entry goes at the tier's housekeeping.
+    for _ in 0..3 {
+        tier.run_pending_tasks();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        old[0].is_file(),
+        "the replaced copy's file went before the commit replacing it was durable"
+    );
+    drop(release);
+    durable.wait().await.unwrap();
+    until("the replaced copy's file goes", || {
+        tier.run_pending_tasks();
+        !old[0].exists()
+    })
+    .await;
+    assert_eq!(files_under(&content).len(), 1);
+}
+
 /// An index file that is not a database (damage, a stray file) does not stop the tier: it is
 /// moved aside, and the tier starts empty and stores again.
 #[tokio::test]
