@@ -74,8 +74,8 @@ fn cacheable(origin: &TestOrigin, path: &'static str) {
 }
 
 /// The disk index's tables (its on-disk format), opened while the edge is stopped: `records`
-/// maps a sequence number to a metadata record (blake3 of the rest, the JSON's length as a
-/// little-endian u32, the JSON, an inline body). An object's compact entry, whose bytes 2..10
+/// maps a sequence number to a metadata record (a 32-byte checksum of the rest, the
+/// metadata's length as a little-endian u32, the metadata as MessagePack, an inline body). An object's compact entry, whose bytes 2..10
 /// are its record's sequence number (a little-endian u64, format 3), is in `entries` under its
 /// key hash, unless the `journal` has a later word on the key: its records, in key order, are
 /// the key hash, then 1 and the entry (a put), 2 (a removal), or 3 and a sequence number (the

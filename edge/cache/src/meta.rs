@@ -17,6 +17,10 @@ use super::clock::{from_unix_ms, unix_ms};
 pub const META_VERSION: u32 = 1;
 
 /// Metadata of one stored response (one Vary variant of one key).
+///
+/// Stored by position (the disk tier's records are MessagePack arrays): a new field goes at the
+/// end, with `#[serde(default)]`; any other change to the fields needs a new record format (a
+/// test in the disk tier pins their order).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CachedMeta {
     pub version: u32,
@@ -89,23 +93,6 @@ impl CachedMeta {
     pub fn set_stored_now(&mut self, now: SystemTime, ttl: Duration) {
         self.stored_at_ms = unix_ms(now);
         self.fresh_until_ms = unix_ms(now + ttl);
-    }
-
-    /// Serialised form for the disk tier.
-    pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
-        serde_json::to_vec(self)
-    }
-
-    /// Parses stored metadata; a foreign version is an error (treated as a miss by callers).
-    pub fn from_json(data: &[u8]) -> Result<Self, String> {
-        let meta: CachedMeta = serde_json::from_slice(data).map_err(|e| e.to_string())?;
-        if meta.version != META_VERSION {
-            return Err(format!(
-                "metadata format version {} (expected {META_VERSION})",
-                meta.version
-            ));
-        }
-        Ok(meta)
     }
 }
 

@@ -514,6 +514,18 @@ fn read_msgpack(meta: &[u8]) -> Result<MetaFile, MetaReject> {
     MetaFile::deserialize(&mut de).map_err(|e| MetaReject::Parse(e.to_string()))
 }
 
+/// A record of `meta` as the tier writes it, its body kept elsewhere (tests: what is stored).
+#[cfg(test)]
+pub(crate) fn stored_form(meta: &CachedMeta) -> Vec<u8> {
+    let file = MetaFileOut {
+        integrity: String::new(),
+        size: meta.body_len,
+        inline: false,
+        meta,
+    };
+    encode_record(&file, &[]).unwrap()
+}
+
 /// A checked record's metadata and the rest (the inline body), unparsed.
 fn record_parts(data: &[u8]) -> Result<(RecordFormat, &[u8], &[u8]), MetaReject> {
     let (format, rest) = checked_record(data).ok_or(MetaReject::Checksum)?;
@@ -604,7 +616,7 @@ fn decode_meta_file(data: &[u8]) -> Result<MetaFile, MetaReject> {
     parse_meta(RecordFormat::Json, json)
 }
 
-/// The metadata record as read.
+/// The metadata record as read. Stored by position, as [`CachedMeta`] is.
 #[derive(Deserialize)]
 struct MetaFile {
     integrity: String,
@@ -655,21 +667,30 @@ struct HeldMeta {
     meta: Arc<CachedMeta>,
     /// The head the hit fast path prepared for this metadata.
     slot: Arc<HeadSlot>,
-    /// Bytes charged: twice the record's length, a rough measure of the parsed form (header
-    /// maps and the policy's copies of the headers).
+    /// Bytes charged: [`held_weight`].
     weight: u32,
 }
 
 impl HeldMeta {
-    fn new(entry: Arc<DiskEntry>, generation: u64, meta: Arc<CachedMeta>, file_len: usize) -> Self {
+    fn new(entry: Arc<DiskEntry>, generation: u64, meta: Arc<CachedMeta>) -> Self {
         Self {
             entry,
             generation,
+            weight: held_weight(&meta),
             meta,
             slot: Arc::default(),
-            weight: file_len.saturating_mul(2).try_into().unwrap_or(u32::MAX),
         }
     }
+}
+
+/// What parsed metadata takes in memory, estimated from the metadata itself (not from its
+/// record, whose size depends on the encoding): three header maps' worth (the stored headers,
+/// the policy's copy of them, and its request headers and parsed directives), each field its
+/// name, its value and ~96 bytes of bucket and allocation; the key twice (ours, and the
+/// policy's URI); 1 KiB for the rest.
+fn held_weight(meta: &CachedMeta) -> u32 {
+    let bytes = 1024 + 3 * super::meta::fields_len(&meta.headers, 96) + 2 * meta.key.len();
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 /// Memory for held metadata, out of the operator's `--memory`: 1/16 of it, between 256 KiB and
@@ -1314,18 +1335,17 @@ impl DiskTier {
                 body: None,
             });
         }
-        let (file, body, len, _) = self.read_record(key, Some(&entry)).await?;
+        let (file, body, _) = self.read_record(key, Some(&entry)).await?;
         if !entry.describes(&file) {
             // A pending write's record, of another copy of the key: never pair one body with
             // another's metadata.
             debug!(key = %key, "disk metadata names other content than the index");
             return None;
         }
-        Some(self.hit(key, entry, generation, file, body, len, hold))
+        Some(self.hit(key, entry, generation, file, body, hold))
     }
 
     /// A hit on `entry` with the record just read for it, its metadata held if `hold`.
-    #[allow(clippy::too_many_arguments)]
     fn hit(
         &self,
         key: &KeyHash,
@@ -1333,15 +1353,12 @@ impl DiskTier {
         generation: u64,
         file: MetaFile,
         body: Option<Bytes>,
-        len: usize,
         hold: bool,
     ) -> DiskHit {
         let meta = Arc::new(file.meta);
         if hold {
-            self.held.insert(
-                *key,
-                HeldMeta::new(entry.clone(), generation, meta.clone(), len),
-            );
+            self.held
+                .insert(*key, HeldMeta::new(entry.clone(), generation, meta.clone()));
         }
         DiskHit { meta, entry, body }
     }
@@ -1359,7 +1376,7 @@ impl DiskTier {
         if !self.loading.load(Ordering::Acquire) || self.touched.contains_key(key) {
             return None;
         }
-        let (file, body, len, seq) = self.read_record(key, None).await?;
+        let (file, body, seq) = self.read_record(key, None).await?;
         let sri = file.integrity.parse::<Integrity>().ok()?;
         let entry = DiskEntry::new(sri, file.size, false, file.inline, &self.refs);
         entry.set_record(seq);
@@ -1368,7 +1385,7 @@ impl DiskTier {
             return None;
         }
         let generation = entry.meta_gen.load(Ordering::Acquire);
-        Some(self.hit(key, entry, generation, file, body, len, hold))
+        Some(self.hit(key, entry, generation, file, body, hold))
     }
 
     /// Reads and checks an object's record: a write not committed yet first, else the store.
@@ -1381,7 +1398,7 @@ impl DiskTier {
         &self,
         key: &KeyHash,
         entry: Option<&Arc<DiskEntry>>,
-    ) -> Option<(MetaFile, Option<Bytes>, usize, u64)> {
+    ) -> Option<(MetaFile, Option<Bytes>, u64)> {
         let at = entry.map(|e| e.record_seq());
         let (seq, data) = match self.fetch_record(key, at, false).await {
             Ok(Some(data)) => data,
@@ -1399,7 +1416,7 @@ impl DiskTier {
         match decode_record(&data) {
             Ok((f, body)) => {
                 let body = f.inline.then(|| data.slice_ref(body));
-                Some((f, body, data.len(), seq))
+                Some((f, body, seq))
             }
             Err(e) => {
                 warn!(key = %key, error = %e, "disk metadata failed its check, dropping entry");
@@ -1536,7 +1553,6 @@ impl DiskTier {
         .put(*key, &body)?;
         // Only onto the copy it was made for: a fill may have stored a new one meanwhile.
         put.expect = Some(entry.copy());
-        let len = put.record.len();
         self.touch(*key);
         let Some(seq) = self.store.put(put).await? else {
             return Ok(());
@@ -1550,7 +1566,7 @@ impl DiskTier {
             .is_some_and(|current| Arc::ptr_eq(&current, &entry))
         {
             self.held
-                .insert(*key, HeldMeta::new(entry, generation, meta.clone(), len));
+                .insert(*key, HeldMeta::new(entry, generation, meta.clone()));
         }
         Ok(())
     }

@@ -409,9 +409,9 @@ enum Op {
     /// Commit what came before, then fold the journal (tests).
     #[cfg(test)]
     Fold(oneshot::Sender<()>),
-    /// Commit what came before (durably or not, as writes would be), say so, then stop
-    /// writing until the receiver's sender goes: the file stays as a kill -9 would leave it
-    /// (tests).
+    /// Commit what came before (with the ops of its batch, durably or not, as writes would
+    /// be), say so, then stop writing until the receiver's sender goes: the file stays as a
+    /// kill -9 would leave it (tests; they queue nothing after it until it is held).
     #[cfg(test)]
     Hold(oneshot::Sender<()>, mpsc::Receiver<()>),
     /// Commit what came before, sync, and stop (closing the database).
@@ -419,6 +419,10 @@ enum Op {
 }
 
 impl Op {
+    fn is_write(&self) -> bool {
+        matches!(self, Op::Put(..) | Op::Delete(..))
+    }
+
     /// Its commit must be durable.
     fn asks_sync(&self) -> bool {
         match self {
@@ -1271,9 +1275,7 @@ impl Writer {
         applied: &mut [Option<u64>],
         durable: bool,
     ) -> Result<(), redb::Error> {
-        let writes = ops
-            .iter()
-            .any(|op| matches!(op, Op::Put(..) | Op::Delete(..)));
+        let writes = ops.iter().any(Op::is_write);
         if !(writes || durable && self.unsynced) {
             return Ok(());
         }

@@ -619,14 +619,16 @@ fn records_of_every_format_are_read() {
     }
 }
 
-/// Records hold http-cache-semantics' policy as a MessagePack array: its fields by position.
-/// Should a new version of the crate reorder or add fields, records written before would be
-/// misread (two header maps swapped) or refused. This pins the layout they were written with;
-/// when it fails, the records need a new [`RECORD_TAG`] (or `META_VERSION`).
+/// Records hold their metadata as MessagePack arrays: every struct's fields by position, ours
+/// and http-cache-semantics' policy's. Should a field be moved, or added anywhere but at the
+/// end (with `#[serde(default)]`), or a new version of the crate reorder its own, records
+/// written before would be misread (two `u64` times swapped, two header maps) or refused. This
+/// pins the layout they were written with; when it fails, the records need a new
+/// [`RECORD_TAG`] (or `META_VERSION`).
 #[test]
-fn the_policys_stored_layout_is_the_one_records_were_written_with() {
+fn the_stored_layout_is_the_one_records_were_written_with() {
     /// A struct's field names in the order it serialises them (as a JSON object), with those
-    /// of its `opts` field.
+    /// of its `opts` field (the policy's options).
     #[derive(Debug, Default, PartialEq)]
     struct Fields(Vec<String>, Vec<String>);
     impl<'de> Deserialize<'de> for Fields {
@@ -656,13 +658,43 @@ fn the_policys_stored_layout_is_the_one_records_were_written_with() {
             d.deserialize_map(Names)
         }
     }
+    fn fields_of(value: &impl Serialize) -> Fields {
+        serde_json::from_slice(&serde_json::to_vec(value).unwrap()).unwrap()
+    }
+    let names = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
     let m = meta("\"a\"");
-    let policy: Fields = serde_json::from_slice(&serde_json::to_vec(&m.policy).unwrap()).unwrap();
-    let want = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let record = MetaFileOut {
+        integrity: "sha256-AAAA".into(),
+        size: 0,
+        inline: false,
+        meta: &m,
+    };
     assert_eq!(
-        policy,
+        fields_of(&record).0,
+        names(&["integrity", "size", "inline", "meta"])
+    );
+    assert_eq!(
+        fields_of(&*m).0,
+        names(&[
+            "version",
+            "key",
+            "status",
+            "headers",
+            "policy",
+            "stored_at_ms",
+            "fresh_until_ms",
+            "swr_secs",
+            "sie_secs",
+            "body_len",
+            "vary",
+            "tags",
+            "purge_seq"
+        ])
+    );
+    assert_eq!(
+        fields_of(&m.policy),
         Fields(
-            want(&[
+            names(&[
                 "req",
                 "res",
                 "uri",
@@ -673,7 +705,7 @@ fn the_policys_stored_layout_is_the_one_records_were_written_with() {
                 "req_cc",
                 "response_time"
             ]),
-            want(&[
+            names(&[
                 "shared",
                 "cache_heuristic",
                 "immutable_min_time_to_live",
@@ -780,7 +812,8 @@ async fn a_replaced_content_file_stays_until_the_replacing_commit_is_durable() {
     store(&tier, key, &body(), &meta("\"1\"")).await;
     let content = dir.path().join("content").join("content-v2");
     let old = files_under(&content);
-    assert_eq!(old.len(), 1);
+    let old_sri = Integrity::from(&body()[..]);
+    assert_eq!(old, [tier.content_path(&old_sri)]);
 
     let mut w = tier.begin_write(key);
     let mut new = body();
@@ -794,6 +827,10 @@ async fn a_replaced_content_file_stays_until_the_replacing_commit_is_durable() {
         tier.run_pending_tasks();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        !tier.refs.is_referenced(&old_sri.to_string()),
+        "nothing names the replaced copy any more: its file is only waiting for the sync"
+    );
     assert!(
         old[0].is_file(),
         "the replaced copy's file went before the commit replacing it was durable"

@@ -77,7 +77,6 @@ impl DiskTier {
         done: impl FnOnce(io::Result<()>) + Send + 'static,
     ) {
         let key = put.key;
-        let len = put.record.len();
         self.touch(key);
         let tier = Arc::downgrade(self);
         self.store.put_then(
@@ -86,7 +85,7 @@ impl DiskTier {
                 move |applied| {
                     if let (Some(seq), Some(tier)) = (applied, tier.upgrade()) {
                         entry.set_record(seq);
-                        tier.index_committed(key, entry, held.map(|meta| (meta, len)));
+                        tier.index_committed(key, entry, held);
                     }
                     if applied.is_some() {
                         visible();
@@ -106,19 +105,13 @@ impl DiskTier {
     /// Indexes a copy whose record just committed, unless a removal of the key is pending
     /// (queued after the put: the key is to hold nothing). Checked again after indexing, so a
     /// removal that slips in between never leaves the copy indexed.
-    fn index_committed(
-        &self,
-        key: KeyHash,
-        entry: Arc<DiskEntry>,
-        held: Option<(Arc<CachedMeta>, usize)>,
-    ) {
+    fn index_committed(&self, key: KeyHash, entry: Arc<DiskEntry>, held: Option<Arc<CachedMeta>>) {
         if self.store.pending_delete(&key) {
             return;
         }
         self.index_entry(key, entry.clone());
-        if let Some((meta, len)) = held {
-            self.held
-                .insert(key, HeldMeta::new(entry.clone(), 0, meta, len));
+        if let Some(meta) = held {
+            self.held.insert(key, HeldMeta::new(entry.clone(), 0, meta));
         }
         if self.store.pending_delete(&key) {
             self.unindex(&key, &entry);
