@@ -236,6 +236,20 @@
 //! (13-15 µs small, 17-30 µs flat, rising as folds start). A fold of ~40,000 words into
 //! ~300,000 entries took ~200 ms, 135-155 ms of it removing the words from the journal one by
 //! one in key order; in one sweep, 35-54 ms.
+//!
+//! Session 14 (2026-12-05): records with MessagePack metadata instead of JSON (~470 bytes
+//! instead of ~960 for this bench's response; 5fe2c04, e70da92). 3 rounds, alternating
+//! s13 = 999ed07 and s14 = 5fe2c04, two runs each: memory 67.9, 70.6 µs -> 67.7, 87.2 µs; disk
+//! 92.5 (78.8 + 14.2), 113.9 (100.3 + 14.2) µs -> 92.7 (77.8 + 14.9), 95.9 (80.3 + 14.4) µs;
+//! ratio 1.44, 1.65x -> 1.42, 1.08x. No change here: this bench's records (few response
+//! headers) already fit two to a 4 KiB page. Behind a real `outpost edge` (unique 1 KiB
+//! misses from wrk, 64 connections, `outpost origin`'s headers), where JSON records did not,
+//! the writer thread took 22.7-24.9 µs per miss before and 17.9-21.0 after (two runs each,
+//! alternating), and the index file grew half as fast; see also `benches/vs_nginx.sh`.
+//! Flat, two pairs run the same day, alternating: s13 +23% (89.5 -> 109.7 µs) and +28% (87.3
+//! -> 112.0 µs); s14 +33% (86.6 -> 115.2 µs) and +20% (86.8 -> 104.4 µs); disk-hit/flat 73.0,
+//! 74.5 µs -> 69.6, 65.6 µs. The same s13 binary measured +0% and +7% the day before: on
+//! this machine, this day, the flat target (≤ 20%) is not met by either build.
 
 mod support;
 

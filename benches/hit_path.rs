@@ -347,6 +347,16 @@
 //! µs against 49.5, 36.4 µs. A content file read whole is hashed on every hit until its times
 //! are 3 s old (`STAMP_SETTLE`): with the default 1 s warm-up, the first round's first seconds
 //! of 100 KiB disk hits hash each body (sha256, ~11 µs at 100 KiB).
+//!
+//! Session 14 (2026-12-05): records with MessagePack metadata, and held metadata weighed by
+//! its parsed form rather than twice its record (e70da92). Base = 6eda193, alternating three
+//! times; runs (% of plain req/s, CPU/req): memory 1 KiB 89.6, 74.3, 93.5% (10.3, 10.6, 10.9
+//! µs) -> 90.0, 89.2, 97.9% (9.0, 8.7, 9.5 µs); disk 1 KiB 75.5, 63.9, 75.2% (14.0, 14.2, 14.7
+//! µs) -> 79.1, 75.6, 76.5% (10.8, 10.8, 10.8 µs); memory 100 KiB 93.2, 97.3, 108.3% (25.7,
+//! 23.4, 32.2 µs) -> 89.6, 91.5, 93.1% (24.9, 24.8, 23.6 µs); disk 100 KiB 65.0, 62.6, 70.2%
+//! (37.4, 37.1, 48.7 µs) -> 60.8, 61.6, 63.2% (42.1, 37.9, 35.6 µs). The base's runs were
+//! noisier (plain 97-122k req/s, the new one's 107-130k). Disk over memory hits, 1 KiB:
+//! 0.84-0.88x (CPU); 100 KiB still ~0.6-0.7x (target 0.95x: not met).
 //! Side by side with nginx's disk cache: `benches/vs_nginx.sh`.
 
 mod support;

@@ -21,32 +21,40 @@
 # (/proc/PID/stat, nginx's workers included) over the requests wrk counted. Client and servers
 # share the machine's cores, so req/s understates CPU differences.
 #
-# Numbers: 2 cores / 24 GiB, nothing else running, 2026-12-05, Outpost at 8118451, nginx
-# 1.22.1 (Debian 12), wrk 4.1, `ROUNDS=3 SECS=10`: median of the 3 rounds (each round's
-# value in brackets where they spread). Miss rounds store ~90,000 objects each, so the third
-# runs with the disk index full (Outpost evicts) and nginx's 64 MiB zone not yet.
+# Numbers: 2 cores / 24 GiB, nothing else running, 2026-12-05, nginx 1.22.1 (Debian 12), wrk
+# 4.1, `ROUNDS=3 SECS=10`: median of the 3 rounds (each round's value in brackets where they
+# spread). Miss rounds store ~90,000 objects each, so the third runs with the disk index full
+# (Outpost evicts) and nginx's 64 MiB zone not yet. Outpost at e70da92 (session 14: records
+# with MessagePack metadata):
 #
-# | case                      |  req/s  | CPU/req                      | req/s vs nginx |
-# |---------------------------|--------:|------------------------------|---------------:|
-# | nginx disk hit 1 KiB      |  51 779 | 20.7 µs                      |          1.00x |
-# | Outpost disk hit 1 KiB    |  80 708 | 13.3 µs                      |          1.56x |
-# | Outpost memory hit 1 KiB  | 112 168 |  8.9 µs                      |          2.17x |
-# | nginx disk hit 100 KiB    |  33 762 | 26.2 µs                      |          1.00x |
-# | Outpost disk hit 100 KiB  |  26 149 | 39.4 µs (34.3, 41.3, 39.4)   |          0.77x |
-# | Outpost memory hit 100 KiB|  36 365 | 24.0 µs                      |          1.08x |
-# | nginx miss                |   7 670 | 111.3 µs (111.3, 548.8, 101.2) |        1.00x |
-# | Outpost disk miss         |   7 702 | 149.9 µs (129.8, 149.9, 193.8) |        1.00x |
-# | Outpost memory-only miss  |  10 229 | 93.8 µs (84.5, 93.8, 109.1)  |          1.33x |
+# | case                      |  req/s  | CPU/req                        | req/s vs nginx |
+# |---------------------------|--------:|--------------------------------|---------------:|
+# | nginx disk hit 1 KiB      |  50 428 | 21.1 µs                        |          1.00x |
+# | Outpost disk hit 1 KiB    |  92 666 | 11.2 µs                        |          1.84x |
+# | Outpost memory hit 1 KiB  | 102 040 |  9.8 µs                        |          2.02x |
+# | nginx disk hit 100 KiB    |  33 073 | 27.0 µs                        |          1.00x |
+# | Outpost disk hit 100 KiB  |  24 464 | 43.8 µs (53.0, 43.8, 36.6)     |          0.74x |
+# | Outpost memory hit 100 KiB|  25 992 | 38.8 µs (38.8, 41.6, 22.3)     |          0.79x |
+# | nginx miss                |   8 680 | 90.8 µs (85.2, 90.8, 98.5)     |          1.00x |
+# | Outpost disk miss         |   9 495 | 111.2 µs (98.1, 116.2, 111.2)  |          1.09x |
+# | Outpost memory-only miss  |  10 540 | 87.6 µs (77.9, 107.1, 87.6)    |          1.21x |
+#
+# The same day, Outpost at 6eda193 (session 13, JSON records): disk miss 8 224 req/s, 134.8
+# µs (134.8, 115.9, 159.4), against nginx's 94.5, 96.7, 100.6 µs: 1.20-1.58x nginx's CPU per
+# round, where e70da92 costs 1.13-1.28x. Its hits matched these (disk 1 KiB 1.78x nginx's
+# req/s, 100 KiB 0.76x).
 #
 # Disk hits of 1 KiB (inline in the index record, metadata held) beat nginx's; at 100 KiB
 # nginx sends the file with sendfile (no copy into the process) while Outpost reads it into
-# memory and hyper writes it out: 0.77x (an earlier run of 2: 0.84x, 1.04x). Misses: equal
-# req/s (the origin is the limit), and a disk miss costs Outpost 1.35x nginx's CPU in the
-# median round, growing with the store (1.17x in round 1, 1.92x in round 3, each against
-# nginx's same round): the
-# index writer's random-leaf B-tree inserts, and once the index is full an eviction's delete
-# per miss. nginx's second miss round stalled (548.8 µs, 2,418 req/s); an earlier run with a
-# 16 MiB zone ran out of keys ("ignore long locked inactive cache entry") and answered errors.
+# memory and hyper writes it out: 0.74-0.77x (the 100 KiB memory case itself moved 22-42 µs in
+# this run). Misses: Outpost answers more per second than nginx (the origin and the load
+# generator share the cores), at 1.13-1.28x nginx's CPU per miss: the index writer's commits
+# (~18-21 µs per miss) and, once the index is full, an eviction's delete per miss.
+#
+# Earlier (8118451, session 12): disk hit 1 KiB 80 708 req/s at 13.3 µs; miss 149.9 µs
+# (129.8, 149.9, 193.8) against nginx's 111.3 µs (one nginx round stalled at 548.8 µs, 2,418
+# req/s; an earlier run with a 16 MiB zone ran out of keys, "ignore long locked inactive
+# cache entry", and answered errors).
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-2}
