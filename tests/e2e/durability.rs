@@ -325,8 +325,12 @@ async fn tampered_metadata_is_a_miss_refetched_from_the_origin() {
                     .iter_mut()
                     .find(|(k, _)| k.as_str() == Some("content-type"))
                     .expect("content-type");
-                let flipped = t.as_str().expect("one value").replace("plain", "plaim");
-                *t = flipped.into();
+                // Its values: a list of strings (bytes for values that are not visible ASCII).
+                let rmpv::Value::Array(values) = t else {
+                    panic!("content-type's values: {t}");
+                };
+                let flipped = values[0].as_str().expect("text").replace("plain", "plaim");
+                values[0] = flipped.into();
             }),
         ),
         ("status", Box::new(|v| meta_fields(v)[STATUS] = 404.into())),
@@ -374,6 +378,45 @@ async fn tampered_metadata_is_a_miss_refetched_from_the_origin() {
         assert!(r.body == body, "{what}: the new copy is not the object");
         edge.stop().await;
     }
+}
+
+/// A response header whose value is not visible ASCII (a UTF-8 file name, as browsers accept
+/// in `Content-Disposition`) is answered byte for byte from disk after a restart, as on the
+/// miss: the stored metadata neither drops nor alters it (it used to drop it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_values_that_are_not_ascii_survive_a_restart() {
+    const DISPOSITION: &str = "attachment; filename=\"café – menu.pdf\"";
+    let origin = TestOrigin::start().await;
+    origin.route_fn("/menu.pdf", |_, _| {
+        Reply::ok("%PDF-1.7 a menu")
+            .header("cache-control", "public, max-age=600")
+            .header("content-type", "application/pdf")
+            .header("content-disposition", DISPOSITION)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let c = client();
+    let edge = start_edge(&origin, dir.path()).await;
+    let r = get(&c, &edge, "/menu.pdf").await;
+    let disposition = |r: &crate::support::http::Resp| {
+        r.headers
+            .get("content-disposition")
+            .map(|v| v.as_bytes().to_vec())
+    };
+    assert_eq!(r.x_cache(), "MISS");
+    assert_eq!(disposition(&r).as_deref(), Some(DISPOSITION.as_bytes()));
+    wait_disk_exactly(&edge, 1).await;
+    edge.stop().await;
+
+    let edge = start_edge(&origin, dir.path()).await;
+    let r = get(&c, &edge, "/menu.pdf").await;
+    assert_eq!((r.x_cache(), r.text().as_str()), ("HIT", "%PDF-1.7 a menu"));
+    assert_eq!(
+        disposition(&r).as_deref(),
+        Some(DISPOSITION.as_bytes()),
+        "the header as the origin sent it"
+    );
+    assert_eq!(origin.hits("/menu.pdf"), 1);
+    edge.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ pub struct CachedMeta {
     #[serde(with = "http_serde::status_code")]
     pub status: StatusCode,
     /// End-to-end response headers as stored (hop-by-hop and Set-Cookie removed).
-    #[serde(with = "http_serde::header_map")]
+    #[serde(with = "header_bytes")]
     pub headers: HeaderMap,
     /// http-cache-semantics policy, built from a request stripped of Cookie and credentials.
     pub policy: CachePolicy,
@@ -143,5 +143,206 @@ impl MemObject {
         (self.body.len() + headers + self.meta.key.len() + 1024)
             .try_into()
             .unwrap_or(u32::MAX)
+    }
+}
+
+/// A header map stored byte for byte: each name with the list of its values, a value as a
+/// string when it is visible ASCII, else as bytes. `http_serde`'s human-readable form (which
+/// JSON and the disk tier's MessagePack use) silently dropped every value that is not visible
+/// ASCII (obs-text: a UTF-8 file name in `Content-Disposition`, Latin-1 bytes), so a copy read
+/// back from disk lost those headers. Reads that form too (one string, or a list of strings),
+/// as records written before hold it.
+mod header_bytes {
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use http::HeaderMap;
+    use http::header::{GetAll, HeaderName, HeaderValue};
+    use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde::ser::{Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(headers: &HeaderMap, ser: S) -> Result<S::Ok, S::Error> {
+        ser.collect_map(
+            headers
+                .keys()
+                .map(|name| (name.as_str(), Values(headers.get_all(name)))),
+        )
+    }
+
+    struct Values<'a>(GetAll<'a, HeaderValue>);
+
+    impl Serialize for Values<'_> {
+        fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+            ser.collect_seq(self.0.iter().map(Value))
+        }
+    }
+
+    struct Value<'a>(&'a HeaderValue);
+
+    impl Serialize for Value<'_> {
+        fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+            match self.0.to_str() {
+                Ok(text) => ser.serialize_str(text),
+                Err(_) => ser.serialize_bytes(self.0.as_bytes()),
+            }
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<HeaderMap, D::Error> {
+        de.deserialize_map(MapOf)
+    }
+
+    struct MapOf;
+
+    impl<'de> Visitor<'de> for MapOf {
+        type Value = HeaderMap;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map of header names to values")
+        }
+
+        fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<HeaderMap, M::Error> {
+            let mut headers = HeaderMap::with_capacity(map.size_hint().unwrap_or(0));
+            while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                let name = HeaderName::from_bytes(name.as_bytes()).map_err(de::Error::custom)?;
+                map.next_value_seed(Append {
+                    headers: &mut headers,
+                    name,
+                })?;
+            }
+            Ok(headers)
+        }
+    }
+
+    /// Appends a name's values to the map as they are read: one string (the earlier form),
+    /// or a list of values.
+    struct Append<'a> {
+        headers: &'a mut HeaderMap,
+        name: HeaderName,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Append<'_> {
+        type Value = ();
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+            de.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Append<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a header value or a list of them")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+            self.visit_bytes(v.as_bytes())
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<(), E> {
+            self.headers.append(self.name, value(v)?);
+            Ok(())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while let Some(v) = seq.next_element::<OneValue>()? {
+                self.headers.append(self.name.clone(), v.0);
+            }
+            Ok(())
+        }
+    }
+
+    fn value<E: de::Error>(v: &[u8]) -> Result<HeaderValue, E> {
+        HeaderValue::from_bytes(v).map_err(E::custom)
+    }
+
+    /// One value: a string, bytes, or bytes as a list of numbers (how JSON writes bytes).
+    struct OneValue(HeaderValue);
+
+    impl<'de> serde::Deserialize<'de> for OneValue {
+        fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+            de.deserialize_any(OneValueVisitor)
+        }
+    }
+
+    struct OneValueVisitor;
+
+    impl<'de> Visitor<'de> for OneValueVisitor {
+        type Value = OneValue;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a header value")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<OneValue, E> {
+            self.visit_bytes(v.as_bytes())
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<OneValue, E> {
+            value(v).map(OneValue)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneValue, A::Error> {
+            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(b) = seq.next_element::<u8>()? {
+                bytes.push(b);
+            }
+            value(&bytes).map(OneValue)
+        }
+    }
+}
+
+#[cfg(test)]
+mod header_bytes_tests {
+    use http::HeaderMap;
+    use http::header::HeaderValue;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Old(#[serde(with = "http_serde::header_map")] HeaderMap);
+
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct New(#[serde(with = "super::header_bytes")] HeaderMap);
+
+    fn headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.append("cache-control", HeaderValue::from_static("max-age=60"));
+        h.append("link", HeaderValue::from_static("</a.css>; rel=preload"));
+        h.append("link", HeaderValue::from_static("</b.js>; rel=preload"));
+        h
+    }
+
+    /// Header maps written by `http_serde` (records before this form: one string, or a list
+    /// of strings, per name) read back the same.
+    #[test]
+    fn the_earlier_form_reads_back() {
+        let json = serde_json::to_vec(&Old(headers())).unwrap();
+        let read: New = serde_json::from_slice(&json).unwrap();
+        assert_eq!(read, New(headers()));
+    }
+
+    /// Values of any bytes go through JSON and MessagePack unchanged.
+    #[test]
+    fn values_of_any_bytes_round_trip() {
+        let mut h = headers();
+        h.append(
+            "content-disposition",
+            HeaderValue::from_bytes(b"attachment; filename=\"caf\xc3\xa9\"").unwrap(),
+        );
+        h.append("x-latin", HeaderValue::from_bytes(b"\xe9t\xe9").unwrap());
+        let json = serde_json::to_vec(&New(h.clone())).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<New>(&json).unwrap(),
+            New(h.clone())
+        );
+        let mut mp = Vec::new();
+        serde::Serialize::serialize(
+            &New(h.clone()),
+            &mut rmp_serde::Serializer::new(&mut mp).with_human_readable(),
+        )
+        .unwrap();
+        let mut de = rmp_serde::Deserializer::from_read_ref(&mp).with_human_readable();
+        let read: New = serde::Deserialize::deserialize(&mut de).unwrap();
+        assert_eq!(read, New(h));
     }
 }
