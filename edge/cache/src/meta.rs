@@ -159,7 +159,7 @@ mod header_bytes {
     use http::HeaderMap;
     use http::header::{GetAll, HeaderName, HeaderValue};
     use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-    use serde::ser::{Serialize, Serializer};
+    use serde::ser::{Serialize, SerializeSeq, Serializer};
 
     pub fn serialize<S: Serializer>(headers: &HeaderMap, ser: S) -> Result<S::Ok, S::Error> {
         ser.collect_map(
@@ -173,7 +173,12 @@ mod header_bytes {
 
     impl Serialize for Values<'_> {
         fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-            ser.collect_seq(self.0.iter().map(Value))
+            // With its length (the values' iterator gives none): no buffering in the encoder.
+            let mut seq = ser.serialize_seq(Some(self.0.iter().count()))?;
+            for v in self.0.iter() {
+                seq.serialize_element(&Value(v))?;
+            }
+            seq.end()
         }
     }
 
@@ -202,7 +207,10 @@ mod header_bytes {
         }
 
         fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<HeaderMap, M::Error> {
-            let mut headers = HeaderMap::with_capacity(map.size_hint().unwrap_or(0));
+            // Lengths come from the record: bounded here, and every insertion is checked, so
+            // that a record saying otherwise is refused rather than a panic.
+            let hint = map.size_hint().unwrap_or(0).min(64);
+            let mut headers = HeaderMap::try_with_capacity(hint).map_err(de::Error::custom)?;
             while let Some(name) = map.next_key::<Cow<'de, str>>()? {
                 let name = HeaderName::from_bytes(name.as_bytes()).map_err(de::Error::custom)?;
                 map.next_value_seed(Append {
@@ -241,13 +249,17 @@ mod header_bytes {
         }
 
         fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<(), E> {
-            self.headers.append(self.name, value(v)?);
-            Ok(())
+            self.headers
+                .try_append(self.name, value(v)?)
+                .map(drop)
+                .map_err(E::custom)
         }
 
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
             while let Some(v) = seq.next_element::<OneValue>()? {
-                self.headers.append(self.name.clone(), v.0);
+                self.headers
+                    .try_append(self.name.clone(), v.0)
+                    .map_err(de::Error::custom)?;
             }
             Ok(())
         }
@@ -284,7 +296,7 @@ mod header_bytes {
         }
 
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneValue, A::Error> {
-            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
             while let Some(b) = seq.next_element::<u8>()? {
                 bytes.push(b);
             }
@@ -312,13 +324,48 @@ mod header_bytes_tests {
         h
     }
 
-    /// Header maps written by `http_serde` (records before this form: one string, or a list
-    /// of strings, per name) read back the same.
+    fn to_msgpack(value: &impl serde::Serialize) -> Vec<u8> {
+        let mut out = Vec::new();
+        value
+            .serialize(&mut rmp_serde::Serializer::new(&mut out).with_human_readable())
+            .unwrap();
+        out
+    }
+
+    fn from_msgpack(data: &[u8]) -> Result<New, rmp_serde::decode::Error> {
+        let mut de = rmp_serde::Deserializer::from_read_ref(data).with_human_readable();
+        serde::Deserialize::deserialize(&mut de)
+    }
+
+    /// Header maps written by `http_serde` (records before this form, JSON and MessagePack:
+    /// one string, or a list of strings, per name; an empty list for a name whose values were
+    /// all dropped) read back the same.
     #[test]
     fn the_earlier_form_reads_back() {
         let json = serde_json::to_vec(&Old(headers())).unwrap();
         let read: New = serde_json::from_slice(&json).unwrap();
         assert_eq!(read, New(headers()));
+        assert_eq!(
+            from_msgpack(&to_msgpack(&Old(headers()))).unwrap(),
+            New(headers())
+        );
+        let mut dropped = headers();
+        dropped.append("x-latin", HeaderValue::from_bytes(b"\xe9").unwrap());
+        assert_eq!(
+            from_msgpack(&to_msgpack(&Old(dropped))).unwrap(),
+            New(headers())
+        );
+    }
+
+    /// A record whose lengths lie (a map of four billion headers) is refused, not a panic.
+    #[test]
+    fn a_lying_length_is_refused() {
+        // map32 of 0xffffffff entries, then one name and a value.
+        let mut data = vec![0xdf, 0xff, 0xff, 0xff, 0xff, 0xa1, b'a', 0xa1, b'b'];
+        assert!(from_msgpack(&data).is_err());
+        // array32 of 0xffffffff values under one name.
+        data = vec![0x81, 0xa1, b'a', 0xdd, 0xff, 0xff, 0xff, 0xff, 0xa1, b'b'];
+        assert!(from_msgpack(&data).is_err());
     }
 
     /// Values of any bytes go through JSON and MessagePack unchanged.
