@@ -486,8 +486,8 @@ fn checked_record(data: &[u8]) -> Option<(RecordFormat, &[u8])> {
 /// `outpost edge` taking unique 1 KiB misses from wrk, the index file grew half as fast, and
 /// its writer spent 18-21 µs per miss instead of 23-25 (two runs each, alternating). Encoding
 /// takes 0.5 µs instead of 1.1, and parsing, which a disk hit whose metadata is not held pays,
-/// 1.8 µs instead of 3.1 (a microbench, release). Arrays tie the layout to the order of the
-/// fields, ours and http-cache-semantics' policy's: a test pins the policy's.
+/// 2.0 µs instead of 3.1 (a microbench, release). Arrays tie the layout to the order of the
+/// fields, ours and http-cache-semantics' policy's: a test pins both.
 fn encode_record(file: &MetaFileOut<'_>, body: &[u8]) -> io::Result<Vec<u8>> {
     let headers = super::meta::fields_len(&file.meta.headers, 8);
     let mut out = Vec::with_capacity(36 + 512 + 2 * headers + file.meta.key.len() + body.len());
