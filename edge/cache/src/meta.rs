@@ -31,7 +31,8 @@ pub struct CachedMeta {
     /// End-to-end response headers as stored (hop-by-hop and Set-Cookie removed).
     #[serde(with = "header_bytes")]
     pub headers: HeaderMap,
-    /// http-cache-semantics policy, built from a request stripped of Cookie and credentials.
+    /// http-cache-semantics policy, built from a request stripped of Cookie and credentials and
+    /// from the response fields it decides on (never a Set-Cookie value).
     pub policy: CachePolicy,
     pub stored_at_ms: u64,
     /// When the response stops being fresh (policy TTL at store time).

@@ -8,6 +8,10 @@
 //! - the request stored in the policy keeps only `host`, `cache-control`, `pragma`, the headers
 //!   the response varies on and the *presence* of `authorization`: no Cookie or credential value
 //!   is ever persisted;
+//! - the response stored in the policy keeps only the fields the crate decides on
+//!   ([`POLICY_FIELDS`]) and the *presence* of `Set-Cookie`: the served headers are the
+//!   metadata's own, so a second copy of every header would only double each record on disk
+//!   and each object's metadata in memory, and would persist a public response's cookie;
 //! - 304 header merging per RFC 9111 §3.2 / §4.3.4 (the crate drops repeated fields);
 //! - everything stored (the metadata's headers, the policy's request and response) owns its
 //!   bytes ([`owned_headers`]): hyper's header values and URIs are slices of the connection's
@@ -127,17 +131,48 @@ pub fn owned_uri(uri: &Uri) -> Uri {
     Uri::try_from(uri.to_string()).unwrap_or_else(|_| uri.clone())
 }
 
+/// The response fields http-cache-semantics (3.0) reads from the response it keeps: its
+/// storability, freshness lifetime (heuristic included), age and Vary matching come from these
+/// alone, and `Set-Cookie`'s presence. The rest of the response it only copies into answers
+/// and revalidation merges this crate builds itself (`BeforeRequest::Fresh`'s headers are
+/// not used; a 304 is merged by [`apply_not_modified`]). `a_policy_decides_the_same_from_the_fields_it_keeps`
+/// holds this list to the crate's behaviour.
+const POLICY_FIELDS: [HeaderName; 8] = [
+    header::CACHE_CONTROL,
+    header::PRAGMA,
+    header::EXPIRES,
+    header::VARY,
+    header::DATE,
+    header::AGE,
+    header::LAST_MODIFIED,
+    header::ETAG,
+];
+
 /// The policy of a response being stored. http-cache-semantics keeps the request's and the
 /// response's header maps and the URI as given: `preq` comes from [`policy_request`] (already
-/// owned), the response's headers are copied here ([`owned_headers`]).
-fn stored_policy(preq: &request::Parts, presp: &response::Parts, now: SystemTime) -> CachePolicy {
+/// owned); of the response, only [`POLICY_FIELDS`] are kept (copied: [`owned_headers`]), and
+/// `Set-Cookie` as a flag, never its value.
+pub(crate) fn stored_policy(
+    preq: &request::Parts,
+    presp: &response::Parts,
+    now: SystemTime,
+) -> CachePolicy {
+    let mut kept = HeaderMap::new();
+    for name in POLICY_FIELDS {
+        for v in presp.headers.get_all(&name) {
+            kept.append(name.clone(), v.clone());
+        }
+    }
+    if presp.headers.contains_key(header::SET_COOKIE) {
+        kept.insert(header::SET_COOKIE, HeaderValue::from_static("redacted"));
+    }
     let mut resp = http::Response::builder()
         .status(presp.status)
         .body(())
         .expect("status from a valid response")
         .into_parts()
         .0;
-    resp.headers = owned_headers(&presp.headers);
+    resp.headers = owned_headers(&kept);
     CachePolicy::new_options(preq, &resp, now, options())
 }
 
@@ -893,6 +928,157 @@ mod tests {
         );
     }
 
+    /// A policy built from the response's [`POLICY_FIELDS`] (and Set-Cookie's presence) decides
+    /// as one built from the whole response: storability, lifetime, age, and each answer to
+    /// `before_request` (fresh, stale, other variant), across the ways a response states its
+    /// freshness and requests ask for theirs. Should the crate read another field, a case
+    /// here that carries it fails.
+    #[test]
+    fn a_policy_decides_the_same_from_the_fields_it_keeps() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let date = httpdate::fmt_http_date(t0);
+        let day_ago = httpdate::fmt_http_date(t0 - Duration::from_secs(86_400));
+        let later = httpdate::fmt_http_date(t0 + Duration::from_secs(600));
+        // A Date behind the time the response was received: lifetimes count from it.
+        let early = httpdate::fmt_http_date(t0 - Duration::from_secs(300));
+        let common: &[(&str, &str)] = &[
+            ("content-type", "text/html"),
+            ("content-length", "1024"),
+            ("server", "origin"),
+            ("content-security-policy", "default-src 'self'"),
+            ("strict-transport-security", "max-age=63072000"),
+            ("warning", "110 - \"stale\""),
+            ("www-authenticate", "Basic"),
+            ("content-location", "/a.html"),
+        ];
+        let responses: Vec<(u16, Vec<(&str, &str)>)> = vec![
+            (200, vec![("cache-control", "max-age=60")]),
+            (
+                200,
+                vec![("cache-control", "public, s-maxage=30, max-age=5")],
+            ),
+            (200, vec![("expires", &later), ("date", &date)]),
+            (200, vec![("expires", "0"), ("date", &date)]),
+            (200, vec![("expires", &later), ("date", &early)]),
+            (200, vec![("last-modified", &day_ago), ("date", &early)]),
+            (200, vec![("last-modified", &day_ago), ("date", &date)]),
+            (200, vec![("last-modified", &day_ago), ("etag", "\"e\"")]),
+            (200, vec![("cache-control", "max-age=600"), ("age", "100")]),
+            (
+                200,
+                vec![("cache-control", "max-age=60"), ("vary", "accept-language")],
+            ),
+            (
+                200,
+                vec![
+                    ("cache-control", "public, max-age=60"),
+                    ("set-cookie", "a=b"),
+                ],
+            ),
+            (
+                200,
+                vec![
+                    ("cache-control", "public, immutable"),
+                    ("set-cookie", "a=b"),
+                ],
+            ),
+            (
+                200,
+                vec![("last-modified", &day_ago), ("set-cookie", "a=b")],
+            ),
+            (
+                200,
+                vec![("pragma", "no-cache"), ("last-modified", &day_ago)],
+            ),
+            (200, vec![("cache-control", "no-cache, max-age=60")]),
+            (200, vec![("cache-control", "max-age=60, proxy-revalidate")]),
+            (200, vec![("cache-control", "max-age=60, must-revalidate")]),
+            (404, vec![("date", &date)]),
+            (301, vec![("last-modified", &day_ago)]),
+            (200, vec![("cache-control", "private, max-age=60")]),
+        ];
+        let requests: Vec<request::Parts> = vec![
+            req(&[]),
+            req(&[("cache-control", "max-age=0")]),
+            req(&[("cache-control", "max-stale=3600")]),
+            req(&[("cache-control", "min-fresh=50")]),
+            req(&[("pragma", "no-cache")]),
+            req(&[("accept-language", "fr")]),
+        ];
+        for (status, fields) in &responses {
+            let mut all = common.to_vec();
+            all.extend(fields.iter().copied());
+            let full = resp(*status, &all);
+            let preq = policy_request(
+                &req(&[("accept-language", "en")]),
+                &[HeaderName::from_static("accept-language")],
+            );
+            let whole = CachePolicy::new_options(&preq, &full, t0, options());
+            let kept = stored_policy(&preq, &full, t0);
+            let case = format!("{status} {fields:?}");
+            assert_eq!(whole.is_storable(), kept.is_storable(), "{case}");
+            for after in [0, 20, 40, 100, 1_000, 90_000] {
+                let now = t0 + Duration::from_secs(after);
+                assert_eq!(
+                    whole.time_to_live(now),
+                    kept.time_to_live(now),
+                    "{case} +{after}s"
+                );
+                assert_eq!(whole.age(now), kept.age(now), "{case} +{after}s");
+                for r in &requests {
+                    let decide = |p: &CachePolicy| match p.before_request(r, now) {
+                        BeforeRequest::Fresh(_) => "fresh",
+                        BeforeRequest::Stale { matches: true, .. } => "stale",
+                        BeforeRequest::Stale { matches: false, .. } => "other",
+                    };
+                    assert_eq!(
+                        decide(&whole),
+                        decide(&kept),
+                        "{case} +{after}s {:?}",
+                        r.headers
+                    );
+                }
+            }
+        }
+    }
+
+    /// The policy keeps one copy of the fields it decides on, not a second copy of every
+    /// stored header.
+    #[test]
+    fn the_policy_keeps_no_second_copy_of_the_headers() {
+        let now = SystemTime::now();
+        let m = store(
+            &req(&[("user-agent", "wrk"), ("accept", "*/*")]),
+            &resp(
+                200,
+                &[
+                    ("cache-control", "public, max-age=3600"),
+                    ("content-type", "application/x-unusual-type"),
+                    (
+                        "content-security-policy",
+                        "default-src 'self' https://cdn.example",
+                    ),
+                ],
+            ),
+            now,
+        )
+        .unwrap();
+        let stored = crate::disk::stored_form(&m);
+        let count = |needle: &str| {
+            stored
+                .windows(needle.len())
+                .filter(|w| *w == needle.as_bytes())
+                .count()
+        };
+        assert_eq!(count("application/x-unusual-type"), 1);
+        assert_eq!(count("https://cdn.example"), 1);
+        assert_eq!(
+            count("public, max-age=3600"),
+            2,
+            "the policy keeps Cache-Control"
+        );
+    }
+
     #[test]
     fn stored_with_credentials_when_public_and_no_secrets_persisted() {
         let now = SystemTime::now();
@@ -905,7 +1091,7 @@ mod tests {
                 200,
                 &[
                     ("cache-control", "public, max-age=60"),
-                    ("set-cookie", "x=y"),
+                    ("set-cookie", "session=secret-cookie"),
                 ],
             ),
             now,

@@ -13,7 +13,6 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderValue};
-use http_cache_semantics::{CacheOptions, CachePolicy};
 
 use super::clock::unix_ms;
 use super::disk::{DiskHit, DiskTier};
@@ -217,7 +216,7 @@ fn pushed_meta(
     let mut resp = http::Response::new(()).into_parts().0;
     resp.status = StatusCode::OK;
     resp.headers = headers.clone();
-    let policy = CachePolicy::new_options(&req, &resp, now, CacheOptions::default());
+    let policy = super::policy::stored_policy(&req, &resp, now);
     CachedMeta {
         version: META_VERSION,
         key: spec.path.clone(),
