@@ -285,8 +285,9 @@ impl DiskTier {
 
 /// Reads the body at `path` whole, checked: hashed, unless the file is the one whose bytes last
 /// matched the hash, unchanged (same stamp before and after this read, settled at `now`). A
-/// successful hash of a settled, stable file records its stamp. At most `entry.size + 1` bytes
-/// are read: a file of another length is damaged.
+/// successful hash of a settled, stable file records its stamp. A file of another length is
+/// damaged: its stamp says so before any read, and then exactly `entry.size` bytes are read,
+/// in one system call from the page cache (without a stamp, `entry.size + 1`, to find out).
 pub(super) fn read_checked(
     path: &Path,
     cache: &Path,
@@ -303,17 +304,23 @@ pub(super) fn read_checked(
         Err(e) => return Err(e),
     };
     let before = FileStamp::of(&file.metadata()?);
-    let mut data = Vec::with_capacity(usize::try_from(entry.size).unwrap_or(0));
-    (&mut file).take(entry.size + 1).read_to_end(&mut data)?;
-    if data.len() as u64 != entry.size {
-        return Err(io::Error::new(
+    let wrong_length = |len: u64| {
+        io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "content is {} bytes, the index says {}",
-                data.len(),
-                entry.size
-            ),
-        ));
+            format!("content is {len} bytes, the index says {}", entry.size),
+        )
+    };
+    if let Some(stamp) = before
+        && stamp.len != entry.size
+    {
+        return Err(wrong_length(stamp.len));
+    }
+    let mut data = Vec::with_capacity(usize::try_from(entry.size).unwrap_or(0));
+    // With the length known, `Take` ends the read at it without asking the file again.
+    let limit = entry.size + u64::from(before.is_none());
+    (&mut file).take(limit).read_to_end(&mut data)?;
+    if data.len() as u64 != entry.size {
+        return Err(wrong_length(data.len() as u64));
     }
     let after = FileStamp::of(&file.metadata()?);
     let stable = before.is_some() && before == after;

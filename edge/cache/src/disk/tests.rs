@@ -212,11 +212,16 @@ async fn peek_does_not_hold_metadata() {
 /// Overwrites a file in place (same inode) with `#` bytes of the same length.
 fn damage_in_place(path: &Path) {
     let len = std::fs::metadata(path).unwrap().len() as usize;
+    rewrite_in_place(path, &vec![b'#'; len]);
+}
+
+/// Writes `bytes` over the file at `path`, the same inode (cacache's files are read-only).
+fn rewrite_in_place(path: &Path, bytes: &[u8]) {
     let mut perms = std::fs::metadata(path).unwrap().permissions();
     #[allow(clippy::permissions_set_readonly_false)]
     perms.set_readonly(false);
     std::fs::set_permissions(path, perms).unwrap();
-    std::fs::write(path, vec![b'#'; len]).unwrap();
+    std::fs::write(path, bytes).unwrap();
 }
 
 /// A body too large to be kept inline: `the body` repeated.
@@ -284,6 +289,27 @@ async fn recent_file_is_hashed_on_every_read() {
     );
     damage_in_place(&path);
     assert!(read_checked(&path, &content, &entry, SystemTime::now()).is_err());
+}
+
+/// A content file longer or shorter than its entry says is refused by a whole read, even when
+/// what it starts with still matches the hash, and even once its stamp was trusted.
+#[tokio::test]
+async fn content_of_another_length_is_not_read_whole() {
+    let (_dir, _tier, entry, path, content) = one_body().await;
+    let later = SystemTime::now() + STAMP_SETTLE * 2;
+    read_checked(&path, &content, &entry, later).unwrap();
+    let (_, how) = read_checked(&path, &content, &entry, later).unwrap();
+    assert_eq!(how, Checked::Unchanged);
+
+    let mut longer = body().to_vec();
+    longer.extend_from_slice(b"tail");
+    rewrite_in_place(&path, &longer);
+    let err = read_checked(&path, &content, &entry, later).unwrap_err();
+    assert!(err.to_string().contains("the index says"), "{err}");
+
+    rewrite_in_place(&path, &body()[..body().len() - 1]);
+    let err = read_checked(&path, &content, &entry, later).unwrap_err();
+    assert!(err.to_string().contains("the index says"), "{err}");
 }
 
 /// Where the content is not at the expected place, cacache's own checked read finds it.
