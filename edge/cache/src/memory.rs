@@ -71,8 +71,9 @@ const ENTRY_OVERHEAD: usize = 512;
 /// The body is charged by length, which is its real size: every body the tier takes was copied
 /// into an allocation of exactly its length (`Fill::assembled`, `put_encoded`, a disk read of
 /// exactly the stored size). The metadata is charged for its header map, the policy (which keeps
-/// its own copy of the response's headers and the request's), the prepared head a first hit
-/// adds (one more map of the same headers), the key, tags and Vary names, and the structs.
+/// a copy of the response fields it decides on, and the request's few headers), the prepared
+/// head a first hit adds (one more map of the same headers), the key, tags and Vary names, and
+/// the structs.
 pub fn entry_weight(obj: &MemObject) -> u32 {
     let meta = &obj.meta;
     let headers = header_map_bytes(&meta.headers);
@@ -81,7 +82,11 @@ pub fn entry_weight(obj: &MemObject) -> u32 {
             .map(|s| std::mem::size_of::<String>() + s.len())
             .sum()
     };
-    let policy = headers + POLICY_FIXED;
+    // Its own map of those fields: a slot each (a map's capacity runs up to twice its length).
+    let policy = POLICY_FIXED
+        + super::policy::policy_fields(&meta.headers)
+            .map(|(k, v)| 2 * FIELD_SLOT + 48 + k.as_str().len() + v.len())
+            .sum::<usize>();
     let head = headers + std::mem::size_of::<PreparedHead>() + 256;
     let total = obj.body.len()
         + std::mem::size_of::<MemEntry>()
@@ -103,11 +108,13 @@ const POLICY_FIXED: usize = 1024;
 /// Heap bytes of a header map: its slots (a name, a value, the hash and links of each, and
 /// the index), the values and names themselves (every name charged as if allocated).
 pub fn header_map_bytes(map: &http::HeaderMap) -> usize {
-    let slot =
-        std::mem::size_of::<http::HeaderName>() + std::mem::size_of::<http::HeaderValue>() + 40;
     let bytes: usize = map.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
-    map.capacity() * slot + map.len() * 48 + bytes
+    map.capacity() * FIELD_SLOT + map.len() * 48 + bytes
 }
+
+/// A header map's slot: a name, a value, and the hash and links.
+const FIELD_SLOT: usize =
+    std::mem::size_of::<http::HeaderName>() + std::mem::size_of::<http::HeaderValue>() + 40;
 
 #[derive(Clone)]
 pub struct MemoryTier {

@@ -131,13 +131,15 @@ pub fn owned_uri(uri: &Uri) -> Uri {
     Uri::try_from(uri.to_string()).unwrap_or_else(|_| uri.clone())
 }
 
-/// The response fields http-cache-semantics (3.0) reads from the response it keeps: its
+/// The response fields http-cache-semantics (3.0) decides from, of the response it keeps:
 /// storability, freshness lifetime (heuristic included), age and Vary matching come from these
-/// alone, and `Set-Cookie`'s presence. The rest of the response it only copies into answers
-/// and revalidation merges this crate builds itself (`BeforeRequest::Fresh`'s headers are
-/// not used; a 304 is merged by [`apply_not_modified`]). `a_policy_decides_the_same_from_the_fields_it_keeps`
-/// holds this list to the crate's behaviour.
-const POLICY_FIELDS: [HeaderName; 8] = [
+/// alone, and `Set-Cookie`'s presence. The rest of the response it only copies into what this
+/// crate builds itself: `BeforeRequest::Fresh`'s headers and `Stale`'s revalidation request
+/// (ETag, Last-Modified) are not used, and a 304 is merged by [`apply_not_modified`].
+/// `a_policy_decides_the_same_from_the_fields_it_keeps` holds this list to the crate's
+/// behaviour. Records written before this list keep their policy's full copy (a public
+/// response's Set-Cookie value included) until the object is stored again or revalidated.
+static POLICY_FIELDS: [HeaderName; 7] = [
     header::CACHE_CONTROL,
     header::PRAGMA,
     header::EXPIRES,
@@ -145,8 +147,14 @@ const POLICY_FIELDS: [HeaderName; 8] = [
     header::DATE,
     header::AGE,
     header::LAST_MODIFIED,
-    header::ETAG,
 ];
+
+/// The fields of `headers` a stored policy keeps a copy of ([`POLICY_FIELDS`]).
+pub fn policy_fields(headers: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+    POLICY_FIELDS
+        .iter()
+        .flat_map(move |name| headers.get_all(name).iter().map(move |v| (name, v)))
+}
 
 /// The policy of a response being stored. http-cache-semantics keeps the request's and the
 /// response's header maps and the URI as given: `preq` comes from [`policy_request`] (already
@@ -158,10 +166,8 @@ pub(crate) fn stored_policy(
     now: SystemTime,
 ) -> CachePolicy {
     let mut kept = HeaderMap::new();
-    for name in POLICY_FIELDS {
-        for v in presp.headers.get_all(&name) {
-            kept.append(name.clone(), v.clone());
-        }
+    for (name, v) in policy_fields(&presp.headers) {
+        kept.append(name.clone(), v.clone());
     }
     if presp.headers.contains_key(header::SET_COOKIE) {
         kept.insert(header::SET_COOKIE, HeaderValue::from_static("redacted"));

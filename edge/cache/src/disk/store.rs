@@ -151,13 +151,14 @@ const GATHER: Duration = Duration::from_millis(5);
 /// visible to this process at once, but a kill -9 undoes them. A synced commit cost ~300 µs
 /// more than one left to the OS, and redb writes its allocator's whole state with each: that
 /// grows with the database (one 512 KiB write per sync at a million objects, besides the
-/// two syncs). Syncing every 250 ms instead (session 15) cut the bytes written per miss behind
+/// two syncs). Syncing every 250 ms instead cut the bytes written per miss behind
 /// a real `outpost edge` (unique 1 KiB misses; /proc/PID/io, socket writes included) from
 /// 5.1-5.3 KB to 4.1-4.2 KB, and from 6.9 KB to 4.7-5.0 KB at a million objects, and the
 /// writer's CPU per miss by ~2-3 µs in `disk_miss`; but in its flat case (folds at 1.2M
-/// objects) the writer took 28.3 and 28.5 µs per miss against 19.9 and 25.8 µs at 50 ms: pages
-/// that a commit frees are reused only after a durable one, so a fold's freed leaves waited
-/// longer and new pages came from colder places. Not taken; a kill -9 loses less this way.
+/// objects) the writer took 28.3 and 28.5 µs per miss against 19.9 and 25.8 µs at 50 ms: the
+/// pages a commit frees that the last durable commit still names are reused only after the
+/// next durable one, so a fold's freed leaves waited longer and new pages came from colder
+/// places. Not taken; a kill -9 loses less this way.
 const SYNC_EVERY: Duration = Duration::from_millis(50);
 
 /// A write not yet committed.
