@@ -357,6 +357,19 @@
 //! (37.4, 37.1, 48.7 µs) -> 60.8, 61.6, 63.2% (42.1, 37.9, 35.6 µs). The base's runs were
 //! noisier (plain 97-122k req/s, the new one's 107-130k). Disk over memory hits, 1 KiB:
 //! 0.84-0.88x (CPU); 100 KiB still ~0.6-0.7x (target 0.95x: not met).
+//!
+//! Session 15 (2026-12-05): a content file read whole in one call of its known length (std's
+//! `read_to_end` through `Take` read 8 KiB, then doubling: five calls for 100 KiB), and the
+//! policy's copy of the response cut to the fields it decides on (76828bc). Base = 92a1901,
+//! alternating twice; runs (% of plain req/s, CPU/req): memory 1 KiB 90.9, 89.8% (8.5, 8.5
+//! µs) -> 88.4, 91.2% (8.7, 8.5 µs); disk 1 KiB 75.8, 74.7% (10.9, 10.7 µs) -> 75.7, 75.4%
+//! (10.8, 10.9 µs); memory 100 KiB 96.4, 90.5% (23.1, 23.7 µs) -> 95.2, 90.3% (23.7, 26.0 µs);
+//! disk 100 KiB 72.6, 62.3% (36.3, 37.1 µs) -> 65.6, 66.3% (35.6, 35.9 µs). Where a 100 KiB
+//! disk hit's extra ~12 µs goes (perf, steady state, after the 3 s in which a new file is
+//! hashed): the copy out of the page cache (`_copy_to_iter`) costs as much as the copy into
+//! the socket (`_copy_from_iter`), then open, statx and close. The copy is the read itself:
+//! closing the gap needs the body sent from the page cache (nginx's sendfile; hyper writes
+//! only from memory) or mapped (a file cut short while mapped kills the process with SIGBUS).
 //! Side by side with nginx's disk cache: `benches/vs_nginx.sh`.
 
 mod support;
