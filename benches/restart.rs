@@ -105,6 +105,14 @@
 //! fill, kept and restarted many times, opened in 874-1 022 ms here. The journal at the
 //! opening: 360,399 words in 21,043 leaves, 44 MB in 86 MB of pages (each key range appends
 //! at its own right edge, and a split leaves the left leaf half full).
+//!
+//! Session 15 (2026-12-05): the journal's sixteen key ranges read at once, a thread each
+//! (strace of a cold opening before: 21,561 page reads, one at a time, from one thread). The
+//! kept 1M fill (`OUTPOST_BENCH_DIR`, `OUTPOST_BENCH_MEMORY_MIB=1792`), page cache dropped, 3
+//! rounds each, alternating: before (76828bc) first HIT 1 591, 1 632, 1 533 ms; after 473,
+//! 475, 517 ms and 492, 444, 416 ms. Earlier the same evening the same fill had opened in
+//! 1.77-1.98 s with 76828bc and 1.94-2.06 s with session 14's build (92a1901): this machine's
+//! disk was slower then, and the target sat at its edge.
 
 mod support;
 

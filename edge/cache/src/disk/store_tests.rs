@@ -383,6 +383,64 @@ async fn earlier_words_on_a_key_are_dropped_at_the_opening() {
     assert!(journal.get(0).unwrap().is_none(), "the earlier word went");
 }
 
+/// The opening reads the journal's ranges at once, a thread each: a key's latest word wins
+/// whichever range holds it and whichever reader comes first (a journal keyed by write order
+/// alone, as a version before the ranges wrote it, has every word on the first range).
+#[tokio::test]
+async fn the_latest_word_on_a_key_wins_whatever_range_holds_it() {
+    let k = (1..=u8::MAX)
+        .find(|k| slice_of(&key(*k)) != 0)
+        .expect("a key off the first range");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Run::open(dir.path());
+    let first = store.put(put(k, "one", None)).await.unwrap().unwrap();
+    let second = store.put(put(k, "two", None)).await.unwrap().unwrap();
+    store.close().await;
+    {
+        let db = Database::open(dir.path().join("index.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut journal = txn.open_table(JOURNAL).unwrap();
+            let words: Vec<(u64, Vec<u8>)> = journal
+                .iter()
+                .unwrap()
+                .map(|w| {
+                    let (j, v) = w.unwrap();
+                    (j.value(), v.value().to_vec())
+                })
+                .collect();
+            let [(latest, word)] = &words[..] else {
+                panic!("one word per key: {words:?}")
+            };
+            // The latest word moves to the first range, as write order alone keys it; the
+            // earlier one goes back on the key's own range, just below it.
+            let seq = latest & JOURNAL_SEQ;
+            journal.remove(*latest).unwrap();
+            journal.insert(seq, word.as_slice()).unwrap();
+            let mut entry = put(k, "one", None).entry;
+            entry.seq = first;
+            let own = (u64::from(slice_of(&key(k))) << 56) | (seq - 1);
+            journal
+                .insert(own, entry.journal_put(&key(k)).as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = Run::open(dir.path());
+    assert_eq!(
+        store.tail.get(&key(k)).map(|w| w.1),
+        Some(Tail::Put(second))
+    );
+    assert_eq!(store.get(&key(k)).unwrap(), Some((second, b"two".to_vec())));
+    let txn = store.db().unwrap().begin_read().unwrap();
+    let journal = txn.open_table(JOURNAL).unwrap();
+    assert_eq!(
+        ReadableTableMetadata::len(&journal).unwrap(),
+        1,
+        "one word per key"
+    );
+}
+
 /// An entry that does not decode is removed by the load, unless the journal has the key's
 /// copy: that one is loaded and kept. Before, the damaged entry's removal (unconditional)
 /// took the journal's copy with it.
