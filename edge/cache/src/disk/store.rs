@@ -473,6 +473,14 @@ fn db_error(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("disk index: {e}"))
 }
 
+/// Journals of at least this many words are read a range per thread at the opening (see
+/// [`read_tail_slice`]); smaller ones on the opening thread alone. The store's own tests read
+/// every journal with threads (their journals are small); the e2e tests' small ones without.
+#[cfg(not(test))]
+const PARALLEL_OPENING_WORDS: usize = 4096;
+#[cfg(test)]
+const PARALLEL_OPENING_WORDS: usize = 1;
+
 /// Reads the journal's words on one range of keys (see [`FOLD_SLICES`]; the last range runs to
 /// the end, so no key is missed) into `tail`: returns the words it found stale (unreadable,
 /// or not a key's latest), and the journal sequence after the last.
@@ -584,31 +592,40 @@ impl Store {
             let journal = txn.open_table(JOURNAL).map_err(db_error)?;
             let words = usize::try_from(journal.len().map_err(db_error)?).unwrap_or(0);
             let tail = DashMap::with_capacity_and_hasher(words, KeyHasher::default());
-            let next_journal = std::thread::scope(|scope| {
-                // A range whose thread could not be started is read here, after the others.
+            // A small journal is read here; a large one a range per thread, as the disk
+            // answers many reads at once far sooner than one after another. A range whose
+            // thread could not be started is read here, in its turn.
+            let threaded = words >= PARALLEL_OPENING_WORDS;
+            let reads: Vec<io::Result<(Vec<u64>, u64)>> = std::thread::scope(|scope| {
                 let readers: Vec<_> = (0..FOLD_SLICES)
                     .map(|slice| {
                         let (db, tail) = (&db, &tail);
-                        std::thread::Builder::new()
-                            .name("outpost-disk-open".into())
-                            .spawn_scoped(scope, move || read_tail_slice(db, slice, tail))
-                            .map_err(|_| slice)
+                        let spawned = threaded.then(|| {
+                            std::thread::Builder::new()
+                                .name("outpost-disk-open".into())
+                                .spawn_scoped(scope, move || read_tail_slice(db, slice, tail))
+                        });
+                        (slice, spawned)
                     })
                     .collect();
-                let mut next_journal = 1;
-                for reader in readers {
-                    let read = match reader {
-                        Ok(thread) => thread.join().map_err(|_| {
-                            io::Error::other("disk index: a journal reader panicked")
-                        })?,
-                        Err(slice) => read_tail_slice(&db, slice, &tail),
-                    };
-                    let (slice_stale, slice_next) = read.map_err(db_error)?;
-                    stale.extend(slice_stale);
-                    next_journal = next_journal.max(slice_next);
-                }
-                io::Result::Ok(next_journal)
-            })?;
+                // Every reader is joined before any error is returned.
+                readers
+                    .into_iter()
+                    .map(|(slice, spawned)| match spawned {
+                        Some(Ok(thread)) => thread
+                            .join()
+                            .map_err(|_| io::Error::other("disk index: a journal reader panicked"))?
+                            .map_err(db_error),
+                        _ => read_tail_slice(&db, slice, &tail).map_err(db_error),
+                    })
+                    .collect()
+            });
+            let mut next_journal = 1;
+            for read in reads {
+                let (slice_stale, slice_next) = read?;
+                stale.extend(slice_stale);
+                next_journal = next_journal.max(slice_next);
+            }
             (Arc::new(tail), next_seq, next_journal)
         };
         if !stale.is_empty() {

@@ -384,8 +384,10 @@ async fn earlier_words_on_a_key_are_dropped_at_the_opening() {
 }
 
 /// The opening reads the journal's ranges at once, a thread each: a key's latest word wins
-/// whichever range holds it and whichever reader comes first (a journal keyed by write order
-/// alone, as a version before the ranges wrote it, has every word on the first range).
+/// whichever range holds it and whichever reader comes first. No upgrade leaves this layout
+/// (words on the first range, from a version that keyed the journal by write order alone, are
+/// older than those on a key's own range): it pins that the outcome does not rest on the
+/// order in which ranges are read. The loop before read them in key order and kept the last.
 #[tokio::test]
 async fn the_latest_word_on_a_key_wins_whatever_range_holds_it() {
     let k = (1..=u8::MAX)
