@@ -272,6 +272,17 @@ impl Sri {
         }
     }
 
+    /// Its SRI string (`sha256-…`, `xxh3-…`), as ssri writes it, without building an
+    /// [`Integrity`] first.
+    fn text(&self) -> String {
+        let text = |t: &[u8]| String::from_utf8_lossy(t).into_owned();
+        match self {
+            Self::Sha256(d) => text(&sha256_text(d)),
+            Self::Xxh3(d) => text(&xxh3_text(d)),
+            Self::Other(i) => i.to_string(),
+        }
+    }
+
     /// Whether `text` is this hash's SRI string (`sha256-…`, `xxh3-…`), without building one: a
     /// disk hit checks its record with this.
     fn is_text(&self, text: &[u8]) -> bool {
@@ -330,6 +341,11 @@ impl DiskEntry {
         Self::with_refs(sri, size, verified, false, refs)
     }
 
+    /// A new entry for a body kept inline in its record, named by `sri`.
+    fn inline(sri: Sri, size: u64, verified: bool) -> Arc<Self> {
+        Self::named(sri, size, verified, true, None)
+    }
+
     fn with_refs(
         sri: Integrity,
         size: u64,
@@ -337,8 +353,18 @@ impl DiskEntry {
         inline: bool,
         refs: Option<Arc<ContentRefs>>,
     ) -> Arc<Self> {
+        Self::named(Sri::of(sri), size, verified, inline, refs)
+    }
+
+    fn named(
+        sri: Sri,
+        size: u64,
+        verified: bool,
+        inline: bool,
+        refs: Option<Arc<ContentRefs>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            sri: Sri::of(sri),
+            sri,
             size,
             inline,
             verified: AtomicBool::new(verified),
@@ -391,7 +417,7 @@ impl DiskEntry {
     fn copy(&self) -> store::StoredCopy {
         store::StoredCopy {
             seq: self.record_seq(),
-            integrity: self.sri().to_string(),
+            integrity: self.sri.text(),
         }
     }
 

@@ -48,9 +48,8 @@ impl DiskTier {
         let size = body.len() as u64;
         debug_assert!(size <= INLINE_MAX);
         let sri = inline_integrity(body);
-        let entry = DiskEntry::new(sri.clone(), size, true, true, &self.refs);
         let put = MetaFileOut {
-            integrity: sri.to_string(),
+            integrity: sri.text(),
             size,
             inline: true,
             meta,
@@ -60,6 +59,7 @@ impl DiskTier {
             Ok(put) => put,
             Err(e) => return done(Err(e)),
         };
+        let entry = DiskEntry::inline(sri, size, true);
         self.commit_entry(put, entry, None, visible, done);
     }
 
@@ -150,9 +150,9 @@ impl DiskTier {
 /// cost at 1 KiB. It only names the copy (the record's checksum covers the body itself), so it
 /// needs no cryptographic hash; content files, shared by identical bodies, and pushed objects,
 /// whose ETag derives from it, keep sha256.
-pub(super) fn inline_integrity(body: &[u8]) -> Integrity {
+pub(super) fn inline_integrity(body: &[u8]) -> Sri {
     // Big-endian, as ssri writes an xxh3 digest.
-    Sri::Xxh3(xxhash_rust::xxh3::xxh3_128(body).to_be_bytes()).integrity()
+    Sri::Xxh3(xxhash_rust::xxh3::xxh3_128(body).to_be_bytes())
 }
 
 /// An in-progress disk write. `commit` makes it visible; drop aborts.
