@@ -438,7 +438,7 @@ impl Engine {
                     updated.purge_seq = job.purge_seq;
                     let updated = Arc::new(updated);
                     if self.fills.is_current(fill) {
-                        self.update_stored_meta(fill.key, &updated, job.stale_body.clone())
+                        self.update_stored_meta(fill.key, &updated, old, job.stale_body.clone())
                             .await;
                     }
                     fill.publish(FillResult::Revalidated(updated));
@@ -511,6 +511,15 @@ impl Engine {
             }
         };
         let storing = meta.is_some();
+        // A new version replaces every stored copy of the key, and a tier that does not get
+        // it must not keep the old one: found again once memory lets the new one go, or given
+        // the metadata of a later 304 for the new one. The disk's goes now, as this copy may
+        // still not reach the disk (its queue full, too large, a failed write); the memory's
+        // is replaced or removed once the body is in.
+        let replacing = storing && job.stale_meta.is_some() && self.fills.is_current(fill);
+        if replacing && let Some(disk) = &self.disk {
+            disk.remove(&store_key).await;
+        }
         if storing && let Some(pinned) = &self.pinned {
             // The origin's answer replaces a pushed object a soft purge sent back to it.
             let path = job.norm.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -661,6 +670,10 @@ impl Engine {
             return;
         }
         let Some(mut meta) = meta.filter(|_| storing) else {
+            if replacing {
+                // Too large to store after all: the old version goes from memory too.
+                self.memory.remove(&store_key).await;
+            }
             fill.finish(Ok(()));
             return;
         };
@@ -683,6 +696,10 @@ impl Engine {
                     },
                 )
                 .await;
+            in_memory = true;
+        }
+        if replacing && !in_memory {
+            self.memory.remove(&store_key).await;
         }
         drop(memory_charge);
         let stored_seq = meta.purge_seq;
@@ -749,7 +766,10 @@ impl Engine {
                 && let Some(obj) = self.memory.get(&store_key).await
                 && !Arc::ptr_eq(&obj.meta, &committed_meta)
                 && obj.meta.purge_seq == stored_seq
-                && let Err(e) = disk.update_meta(&store_key, &obj.meta).await
+                && obj.meta.same_version(&committed_meta)
+                && let Err(e) = disk
+                    .update_meta(&store_key, &obj.meta, &committed_meta)
+                    .await
             {
                 warn!(error = %e, "disk tier metadata update failed");
             }

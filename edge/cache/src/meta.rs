@@ -84,6 +84,16 @@ impl CachedMeta {
         self.etag().is_some() || self.last_modified().is_some()
     }
 
+    /// Whether `other` is a copy of the same version of the object: the same length and
+    /// validator (the ETag; without one, Last-Modified). A 304 confirms one version, and its
+    /// metadata goes only onto copies of that version (RFC 9111 §4.3.4): never onto an older
+    /// body another tier still holds.
+    pub fn same_version(&self, other: &CachedMeta) -> bool {
+        self.body_len == other.body_len
+            && self.etag() == other.etag()
+            && (self.etag().is_some() || self.last_modified() == other.last_modified())
+    }
+
     pub fn vary_names(&self) -> Vec<HeaderName> {
         self.vary
             .iter()

@@ -112,7 +112,7 @@ impl Engine {
         meta.purge_seq = seq;
         let meta = Arc::new(meta);
         let key = push_store::pinned_key(path);
-        if let Err(e) = store.tier().update_meta(&key, &meta).await {
+        if let Err(e) = store.tier().update_meta(&key, &meta, &current.meta).await {
             tracing::warn!(path, error = %e, "updating a revalidated pushed object failed");
             return None;
         }

@@ -154,17 +154,25 @@ impl Engine {
         });
     }
 
-    /// Replaces a stored object's metadata after a 304, keeping its body: in memory (with
-    /// `body`, or the body memory already holds) and on disk.
+    /// Replaces a stored object's metadata after a 304 that confirmed the version
+    /// `revalidated` describes, keeping its body: in memory (with `body`, or the body memory
+    /// already holds, if of that version) and on disk (if of that version).
     pub(super) async fn update_stored_meta(
         &self,
         key: KeyHash,
         meta: &Arc<CachedMeta>,
+        revalidated: &CachedMeta,
         body: Option<Bytes>,
     ) {
+        // The memory copy's body, if it is of the version the 304 confirmed.
         let body = match body.filter(|b| !b.is_empty() || meta.body_len == 0) {
             Some(b) => Some(b),
-            None => self.memory.get(&key).await.map(|m| m.body),
+            None => self
+                .memory
+                .get(&key)
+                .await
+                .filter(|m| m.meta.same_version(revalidated))
+                .map(|m| m.body),
         };
         if let Some(body) = body {
             self.memory
@@ -178,7 +186,7 @@ impl Engine {
                 .await;
         }
         if let Some(disk) = &self.disk
-            && let Err(e) = disk.update_meta(&key, meta).await
+            && let Err(e) = disk.update_meta(&key, meta, revalidated).await
         {
             warn!(error = %e, "disk tier metadata update failed");
         }

@@ -1556,24 +1556,32 @@ impl DiskTier {
             .unwrap_or(0)
     }
 
-    /// Replaces the metadata of a stored object (after a 304), keeping its body.
-    pub async fn update_meta(&self, key: &KeyHash, meta: &Arc<CachedMeta>) -> io::Result<()> {
-        let Some(entry) = self.index.get(key) else {
+    /// Replaces the metadata of a stored object after a 304 that confirmed the version
+    /// `revalidated` describes, keeping its body. A copy of another version (see
+    /// [`CachedMeta::same_version`]) is out of date: it is removed, not given the metadata.
+    pub async fn update_meta(
+        &self,
+        key: &KeyHash,
+        meta: &Arc<CachedMeta>,
+        revalidated: &CachedMeta,
+    ) -> io::Result<()> {
+        let Some(hit) = self.peek(key).await else {
             return Ok(());
         };
+        if !hit.meta.same_version(revalidated) {
+            debug!(key = %key, "a 304 confirmed another version than the disk holds: removing it");
+            self.remove_copy(key, &hit.entry);
+            return Ok(());
+        }
+        let entry = hit.entry.clone();
         // An inline body is rewritten with its record.
         let body = if entry.inline {
-            let hit = DiskHit {
-                meta: meta.clone(),
-                entry: entry.clone(),
-                body: None,
-            };
             self.inline_body(key, &hit).await?
         } else {
             Bytes::new()
         };
         let mut put = MetaFileOut {
-            integrity: entry.sri().to_string(),
+            integrity: entry.sri.text(),
             size: entry.size,
             inline: entry.inline,
             meta,

@@ -35,6 +35,11 @@ fn meta(etag: &str) -> Arc<CachedMeta> {
     }
 }
 
+/// The metadata `key`'s copy was stored with.
+async fn stored_meta(tier: &DiskTier, key: &KeyHash) -> Arc<CachedMeta> {
+    tier.peek(key).await.expect("a stored copy").meta
+}
+
 /// A tier of 1 GiB in a fresh directory (kept alive by the returned guard).
 async fn tier() -> (tempfile::TempDir, Arc<DiskTier>) {
     let dir = tempfile::tempdir().unwrap();
@@ -81,7 +86,9 @@ async fn update_replaces_held_metadata() {
         .get(&key)
         .expect("held after the commit and the hit");
 
-    tier.update_meta(&key, &meta("\"b\"")).await.unwrap();
+    tier.update_meta(&key, &meta("\"b\""), &*stored_meta(&tier, &key).await)
+        .await
+        .unwrap();
     assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"b\""));
     tier.held.insert(key, late);
     assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"b\""));
@@ -1107,7 +1114,9 @@ async fn records_of_the_previous_layout_are_served_and_replaced() {
         assert_eq!(hit.meta.etag(), Some(etag));
         assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], expected);
     }
-    tier.update_meta(&small, &meta("\"s2\"")).await.unwrap();
+    tier.update_meta(&small, &meta("\"s2\""), &*stored_meta(&tier, &small).await)
+        .await
+        .unwrap();
     assert_ne!(
         tier.index.get(&small).unwrap().record_seq(),
         0,
@@ -1147,6 +1156,32 @@ async fn records_of_the_previous_layout_are_served_and_replaced() {
     );
 }
 
+/// A 304's metadata goes only onto a copy of the version it confirmed: a copy of another
+/// version (another validator or length) is out of date, and is removed instead.
+#[tokio::test]
+async fn a_304_for_another_version_removes_the_copy() {
+    let (_dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, b"body", &meta("\"a\"")).await;
+    let mut longer = (*stored_meta(&tier, &key).await).clone();
+    longer.body_len += 1;
+    for other in [meta("\"other\""), Arc::new(longer)] {
+        store(&tier, key, b"body", &meta("\"a\"")).await;
+        tier.update_meta(&key, &meta("\"b\""), &other)
+            .await
+            .unwrap();
+        tier.flush().await;
+        assert!(tier.get(&key).await.is_none());
+    }
+    // The version it confirmed gets the new metadata.
+    store(&tier, key, b"body", &meta("\"a\"")).await;
+    let stored = stored_meta(&tier, &key).await;
+    tier.update_meta(&key, &meta("\"b\""), &stored)
+        .await
+        .unwrap();
+    assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"b\""));
+}
+
 /// Storing a key again replaces its record, and removing it removes the record: none is left
 /// behind for the store to carry forever.
 #[tokio::test]
@@ -1156,7 +1191,9 @@ async fn replaced_and_removed_objects_leave_no_record() {
     store(&tier, a, b"one", &meta("\"1\"")).await;
     store(&tier, b, b"other", &meta("\"o\"")).await;
     store(&tier, a, b"two", &meta("\"2\"")).await;
-    tier.update_meta(&a, &meta("\"3\"")).await.unwrap();
+    tier.update_meta(&a, &meta("\"3\""), &*stored_meta(&tier, &a).await)
+        .await
+        .unwrap();
     tier.flush().await;
     assert_eq!(tier.store.record_count(), 2);
     tier.remove(&a).await;

@@ -133,3 +133,65 @@ async fn past_the_stale_while_revalidate_window_a_request_waits_for_upstream() {
     rig.check("/s", Hit, "two").await;
     assert_eq!(rig.origin.calls("/s"), 2);
 }
+
+/// Takes all of the engine's disk queue until dropped: a fill meanwhile gives its disk copy up.
+fn fill_the_disk_queue(rig: &Rig) -> Vec<crate::coalesce::Charge> {
+    let queue = &rig.engine.fills.disk_queue;
+    let mut held = Vec::new();
+    let mut n = 1u64 << 40;
+    while n > 0 {
+        match queue.take(n) {
+            Some(charge) => held.push(charge),
+            None => n /= 2,
+        }
+    }
+    held
+}
+
+/// A new version whose disk copy is given up (here, its queue full) leaves no older version
+/// on disk: a 304 for the new version never puts its metadata on the old body, and the old
+/// body is never served again, before or after a restart.
+#[tokio::test]
+async fn a_new_version_that_misses_the_disk_leaves_no_old_version_there() {
+    let rig = Rig::disk().await;
+    validated(&rig, "/r", ("etag", "\"v1\""), "if-none-match", "one");
+    rig.check("/r", Miss, "one").await;
+    rig.settle().await;
+    let full = fill_the_disk_queue(&rig);
+    validated(&rig, "/r", ("etag", "\"v2\""), "if-none-match", "two");
+    rig.advance(11);
+    rig.check("/r", Miss, "two").await;
+    rig.settle().await;
+    assert_eq!(rig.objects().await, (1, 0), "v2 in memory, nothing on disk");
+    drop(full);
+    // The memory copy (v2) goes stale and the origin confirms it.
+    rig.advance(11);
+    rig.check("/r", Revalidated, "two").await;
+    let rig = rig.reopen().await;
+    rig.check("/r", Miss, "two").await;
+    rig.check("/r", Hit, "two").await;
+}
+
+/// A new version that memory does not take (no Content-Length: it is not kept whole) replaces
+/// the old version there too: the disk's new copy answers, not the memory's stale old one.
+#[tokio::test]
+async fn a_new_version_that_misses_memory_leaves_no_old_version_there() {
+    let rig = Rig::disk().await;
+    let fresh_10 = ("cache-control", "max-age=10");
+    rig.origin
+        .serve("/r", &[fresh_10, ("etag", "\"v1\"")], "one");
+    rig.check("/r", Miss, "one").await;
+    rig.origin.script("/r", move |_| {
+        let headers = fields(&[fresh_10, ("etag", "\"v2\"")]);
+        response(
+            StatusCode::OK,
+            headers,
+            vec![Ok(Bytes::from_static(b"two"))],
+        )
+    });
+    rig.advance(11);
+    rig.check("/r", Miss, "two").await;
+    rig.settle().await;
+    assert_eq!(rig.check("/r", Hit, "two").await.tier, Tier::Disk);
+    assert_eq!(rig.origin.calls("/r"), 2);
+}
