@@ -82,7 +82,42 @@ pub(super) enum Checked {
     Unchanged,
 }
 
+/// Whether a failed read found the body damaged (another length, another hash, or gone),
+/// rather than failed to read it: out of file descriptors or memory, an I/O error, a task
+/// cancelled at shutdown. Only damage removes an object; a passing failure leaves it for the
+/// next request, and a pushed object (which no origin can give back) is never lost to one.
+pub(super) fn is_damage(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// A cacache error as an I/O error of the kind [`is_damage`] reads: content that fails its
+/// hash or length is invalid data, content that is not there is not found.
+fn cacache_error(e: cacache::Error) -> io::Error {
+    match e {
+        cacache::Error::IntegrityError(_) | cacache::Error::SizeMismatch(..) => {
+            io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+        }
+        cacache::Error::EntryNotFound(..) => io::Error::new(io::ErrorKind::NotFound, e.to_string()),
+        cacache::Error::IoError(io, _) => io,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
 impl DiskTier {
+    /// Removes `hit`'s copy of `key` after a read that failed with `e`, if `e` says the body is
+    /// damaged (see [`is_damage`]).
+    fn drop_if_damaged(&self, key: &KeyHash, hit: &Arc<DiskEntry>, e: &io::Error) {
+        if is_damage(e) {
+            warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
+            self.remove_copy(key, hit);
+        } else {
+            warn!(key = %key, error = %e, "reading a disk entry failed; it is kept");
+        }
+    }
+
     /// Where cacache keeps a body (its `content-v2` layout). Should that layout change, whole
     /// reads find nothing here and fall back to cacache's own checked read.
     pub(super) fn content_path(&self, sri: &Integrity) -> PathBuf {
@@ -123,8 +158,7 @@ impl DiskTier {
                 Ok(Bytes::from(data))
             }
             Err(e) => {
-                warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
-                self.remove(key).await;
+                self.drop_if_damaged(key, &hit.entry, &e);
                 Err(io::Error::other(e.to_string()))
             }
         }
@@ -142,43 +176,57 @@ impl DiskTier {
             return true;
         }
         let size = hit.entry.size;
-        let ok = if hit.entry.verified.load(Ordering::Acquire) {
+        let wrong_length = |len: u64| {
+            (len != size).then(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("content is {len} bytes, the index says {size}"),
+                )
+            })
+        };
+        let failed = if hit.entry.verified.load(Ordering::Acquire) {
             let path = &hit
                 .entry
                 .content_file(|| self.content_path(&hit.entry.sri()))
                 .path;
             match tokio::fs::metadata(path).await {
-                Ok(md) => md.len() == size,
+                Ok(md) => wrong_length(md.len()),
                 // Not where cacache's layout puts it: the stream's own checks decide.
-                Err(e) => e.kind() == io::ErrorKind::NotFound,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => Some(e),
             }
         } else {
             let read = async {
                 let mut r = cacache::Reader::open_hash(&self.content, hit.entry.sri())
                     .await
-                    .ok()?;
+                    .map_err(cacache_error)?;
                 let mut buf = vec![0u8; 256 * 1024];
                 let mut total = 0u64;
                 loop {
-                    match r.read(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(n) => total += n as u64,
-                        Err(_) => return None,
+                    match r.read(&mut buf).await? {
+                        0 => break,
+                        n => total += n as u64,
                     }
                 }
-                r.check().ok()?;
-                Some(total)
+                r.check().map_err(cacache_error)?;
+                Ok::<_, io::Error>(total)
             }
             .await;
-            read == Some(size)
+            match read {
+                Ok(total) => wrong_length(total),
+                Err(e) => Some(e),
+            }
         };
-        if ok {
-            hit.entry.verified.store(true, Ordering::Release);
-        } else {
-            warn!(key = %key, size, "disk entry failed its integrity or length check, dropping it");
-            self.remove(key).await;
+        match failed {
+            None => {
+                hit.entry.verified.store(true, Ordering::Release);
+                true
+            }
+            Some(e) => {
+                self.drop_if_damaged(key, &hit.entry, &e);
+                false
+            }
         }
-        ok
     }
 
     /// Streams a body in chunks. The last chunk is held back until the integrity check at the
@@ -195,7 +243,7 @@ impl DiskTier {
             /// An inline body: read from its record, in one piece.
             inline: Option<DiskHit>,
             /// Keeps the content file referenced while it streams.
-            _entry: Arc<DiskEntry>,
+            entry: Arc<DiskEntry>,
             sri: Integrity,
             reader: Option<cacache::Reader>,
             pending: Option<Bytes>,
@@ -207,7 +255,7 @@ impl DiskTier {
         let st = St {
             tier: Arc::clone(self),
             inline: hit.entry.inline.then(|| hit.clone()),
-            _entry: Arc::clone(&hit.entry),
+            entry: Arc::clone(&hit.entry),
             sri: hit.entry.sri(),
             reader: None,
             pending: None,
@@ -229,7 +277,8 @@ impl DiskTier {
                     match cacache::Reader::open_hash(&st.tier.content, st.sri.clone()).await {
                         Ok(r) => st.reader = Some(r),
                         Err(e) => {
-                            st.tier.remove(&key).await;
+                            let e = cacache_error(e);
+                            st.tier.drop_if_damaged(&key, &st.entry, &e);
                             st.done = true;
                             return Some((Err(io::Error::other(e.to_string())), st));
                         }
@@ -247,13 +296,13 @@ impl DiskTier {
                             }
                             Ok(_) => {
                                 warn!(key = %key, read = st.read, size = st.size, "disk entry is not the recorded length, dropping it");
-                                st.tier.remove(&key).await;
+                                st.tier.remove_copy(&key, &st.entry);
                                 st.pending = None;
                                 Some((Err(io::Error::other("content length mismatch")), st))
                             }
                             Err(e) => {
                                 warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
-                                st.tier.remove(&key).await;
+                                st.tier.remove_copy(&key, &st.entry);
                                 st.pending = None;
                                 Some((Err(io::Error::other("integrity check failed")), st))
                             }
@@ -264,7 +313,7 @@ impl DiskTier {
                         st.read += n as u64;
                         if st.read > st.size {
                             warn!(key = %key, size = st.size, "disk entry is longer than recorded, dropping it");
-                            st.tier.remove(&key).await;
+                            st.tier.remove_copy(&key, &st.entry);
                             st.done = true;
                             st.pending = None;
                             return Some((Err(io::Error::other("content length mismatch")), st));
@@ -300,7 +349,7 @@ pub(super) fn read_checked(
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let data = cacache::read_hash_sync(cache, &entry.sri()).map_err(io::Error::other)?;
+            let data = cacache::read_hash_sync(cache, &entry.sri()).map_err(cacache_error)?;
             return Ok((data, Checked::Hashed));
         }
         Err(e) => return Err(e),
@@ -339,7 +388,10 @@ pub(super) fn read_checked(
     if stable && *checked.lock().unwrap_or_else(PoisonError::into_inner) == before {
         return Ok((data, Checked::Unchanged));
     }
-    entry.sri().check(&data).map_err(io::Error::other)?;
+    entry
+        .sri()
+        .check(&data)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
     if stable && before.is_some_and(|s| s.settled(now)) {
         *checked.lock().unwrap_or_else(PoisonError::into_inner) = before;
     }

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::{Request, Response};
 
-use super::reader::{Checked, read_checked};
+use super::reader::{Checked, is_damage, read_checked};
 use super::*;
 use crate::policy::{self, Admission, AdmitOptions};
 
@@ -317,6 +317,34 @@ async fn content_of_another_length_is_not_read_whole() {
     rewrite_in_place(&path, &body()[..body().len() - 1]);
     let err = read_checked(&path, &content, &entry, later).unwrap_err();
     assert!(err.to_string().contains("the index says"), "{err}");
+}
+
+/// A read that fails without finding the body damaged (here, a directory of the content
+/// path is briefly a file: ENOTDIR, as out of file descriptors would be EMFILE) leaves the
+/// object stored, for whole reads and for the check ahead of a stream; damage removes it.
+#[tokio::test]
+async fn a_passing_read_failure_keeps_the_object() {
+    let (dir, tier, entry, path, _content) = one_body().await;
+    let key = KeyHash::of("example.test/a");
+    let parent = path.parent().unwrap().to_path_buf();
+    let aside = dir.path().join("aside");
+    let hit = tier.get(&key).await.unwrap();
+    assert_eq!(tier.read_all(&key, &hit).await.unwrap(), body());
+    std::fs::rename(&parent, &aside).unwrap();
+    std::fs::write(&parent, b"not a directory").unwrap();
+    let err = tier.read_all(&key, &hit).await.unwrap_err();
+    assert!(!is_damage(&err), "{err}");
+    assert!(!tier.verify(&key, &hit).await);
+    std::fs::remove_file(&parent).unwrap();
+    std::fs::rename(&aside, &parent).unwrap();
+    let hit = tier.get(&key).await.expect("still stored");
+    assert!(Arc::ptr_eq(&hit.entry, &entry));
+    assert_eq!(tier.read_all(&key, &hit).await.unwrap(), body());
+    assert!(tier.verify(&key, &hit).await);
+
+    rewrite_in_place(&path, &body()[1..]);
+    assert!(!tier.verify(&key, &hit).await);
+    assert!(tier.get(&key).await.is_none(), "damage removes it");
 }
 
 /// Where the content is not at the expected place, cacache's own checked read finds it.
