@@ -16,6 +16,7 @@ use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::clock::unix_ms;
 use super::coalesce::{self, Concluding, Fill, FillHead, FillResult};
 use super::disk::{DiskTier, INLINE_MAX};
 use super::key::KeyHash;
@@ -494,7 +495,13 @@ impl Engine {
                     .collect();
                 parts.headers.remove(header::SET_COOKIE);
                 let vary = meta.vary_names();
-                let store_key = self.vary.register(job.primary, &vary, &job.norm.headers);
+                let (store_key, pushed_out) =
+                    self.vary
+                        .register(job.primary, &vary, &job.norm.headers, unix_ms(now));
+                if let Some(oldest) = pushed_out {
+                    // One variant too many for the URL: the oldest leaves the cache.
+                    self.remove_object(oldest).await;
+                }
                 (Some(meta), vary, store_key, set_cookie)
             }
             Admission::Pass(reason) => {

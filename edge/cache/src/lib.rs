@@ -58,7 +58,7 @@ use futures_util::StreamExt;
 use http::header::{self, HeaderMap};
 use http::{Method, request};
 
-use self::clock::Clock;
+use self::clock::{Clock, unix_ms};
 use self::disk::{DiskHit, DiskTier};
 use self::key::{KeyHash, NormalizedRequest};
 use self::memory::MemoryTier;
@@ -140,6 +140,9 @@ pub struct EngineStats {
 }
 
 /// Outcomes of a prefresh, in [`EngineStats::prefreshes`] order.
+/// Housekeeping ticks (500 ms) between passes of the Vary index's pruning (a minute).
+const VARY_PRUNE_TICKS: u32 = 120;
+
 pub const PREFRESH_RESULTS: [&str; 4] = ["refreshed", "revalidated", "failed", "skipped"];
 
 impl EngineStats {
@@ -314,10 +317,12 @@ impl Engine {
         let weak = Arc::downgrade(&engine);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut vary_pruning = (0, 0);
             loop {
                 tick.tick().await;
                 let Some(e) = weak.upgrade() else { break };
                 e.run_pending_tasks().await;
+                vary_pruning = e.prune_vary(vary_pruning);
             }
         });
         Ok(engine)
@@ -335,9 +340,15 @@ impl Engine {
             for l in batch {
                 seq = seq.max(l.purge_seq);
                 e.purges.track_host(&l.key_text);
-                if !l.vary.is_empty() {
-                    e.vary
-                        .restore(KeyHash::of(&l.key_text), vary_names(&l.vary), l.key);
+                if !l.vary.is_empty()
+                    && let Some(oldest) = e.vary.restore(
+                        KeyHash::of(&l.key_text),
+                        vary_names(&l.vary),
+                        l.key,
+                        unix_ms(e.clock.now()),
+                    )
+                {
+                    e.remove_object(oldest).await;
                 }
             }
             e.purges.log.raise_floor(seq);
@@ -345,6 +356,7 @@ impl Engine {
         if let Some(e) = engine.upgrade() {
             e.disk_indexed
                 .store(true, std::sync::atomic::Ordering::Release);
+            e.sweep_vary_names().await;
         }
     }
 
@@ -361,6 +373,59 @@ impl Engine {
 
     pub fn clock(&self) -> &Clock {
         &self.clock
+    }
+
+    /// Prunes the Vary index ([`vary::VaryIndex::prune`]) every [`VARY_PRUNE_TICKS`] calls,
+    /// or sooner once it has grown by a quarter since the last pass; not while the disk's
+    /// start-up load runs (a variant not loaded yet is not known to be stored). `last` is
+    /// (the index's size after the last pass, calls since); returns the new state.
+    fn prune_vary(&self, (size, ticks): (usize, u32)) -> (usize, u32) {
+        let len = self.vary.len();
+        let due = ticks >= VARY_PRUNE_TICKS || len > size + size / 4 + 1024;
+        if !due || !self.disk_indexed.load(std::sync::atomic::Ordering::Acquire) {
+            return (size, ticks.saturating_add(1));
+        }
+        let before = unix_ms(self.clock.now()).saturating_sub(vary::PRUNE_AFTER_MS);
+        let stored = |k: &KeyHash| {
+            self.memory.contains(k) || self.disk.as_ref().is_some_and(|d| d.contains(k))
+        };
+        let forgotten = self.vary.prune(stored, before);
+        if !forgotten.is_empty() {
+            tracing::debug!(
+                forgotten = forgotten.len(),
+                "Vary index: forgot URLs with no stored variant"
+            );
+            if let Some(disk) = &self.disk {
+                disk.forget_vary(forgotten);
+            }
+        }
+        (self.vary.len(), 0)
+    }
+
+    /// After the start-up load: forgets the Vary names stored on disk for URLs of which no
+    /// variant was loaded (names a pruning pass had not removed when the node stopped, or
+    /// stored before there was one), so the table holds no more URLs than the index.
+    async fn sweep_vary_names(&self) {
+        let Some(disk) = &self.disk else { return };
+        let mut after = None;
+        loop {
+            let keys = match disk.vary_keys(after, 4096).await {
+                Ok(keys) => keys,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the disk's Vary names failed; left as they are");
+                    return;
+                }
+            };
+            let Some(last) = keys.last().copied() else {
+                return;
+            };
+            disk.forget_vary(
+                keys.into_iter()
+                    .filter(|p| !self.vary.contains(*p))
+                    .collect(),
+            );
+            after = Some(last);
+        }
     }
 
     pub async fn run_pending_tasks(&self) {

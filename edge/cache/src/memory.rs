@@ -237,6 +237,11 @@ impl MemoryTier {
         len <= self.max_object()
     }
 
+    /// Whether the tier holds `key`, without counting it as used.
+    pub fn contains(&self, key: &KeyHash) -> bool {
+        self.cache.contains_key(key)
+    }
+
     pub async fn get(&self, key: &KeyHash) -> Option<MemObject> {
         self.cache.get(key).map(|e| e.obj.clone())
     }

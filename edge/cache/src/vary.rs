@@ -19,8 +19,23 @@ use super::key::{Coding, KeyHash, KeyHasher};
 
 struct VaryEntry {
     names: Arc<[HeaderName]>,
+    /// The oldest first, at most [`MAX_VARIANTS`].
     variants: Vec<KeyHash>,
+    /// When a response last registered a variant (engine clock, ms since the epoch): a
+    /// variant registered lately may still be on its way to the tiers, and [`VaryIndex::prune`]
+    /// leaves the entry alone for [`PRUNE_AFTER_MS`].
+    registered_ms: u64,
 }
+
+/// Variants kept per URL (Apache Traffic Server keeps 5 alternates by default, Fastly about
+/// 200): a response that would add one more evicts the oldest from the cache, so a field a
+/// client chooses freely (`Vary: User-Agent`, `Vary: Cookie`) cannot grow one URL's entry,
+/// or the work of registering under it, without bound.
+pub(super) const MAX_VARIANTS: usize = 32;
+
+/// How long a registration protects its entry from [`VaryIndex::prune`]: longer than a fill
+/// takes from its response's head to its stored copy.
+pub(super) const PRUNE_AFTER_MS: u64 = 10 * 60 * 1000;
 
 /// Primary keys with Vary, their names and their stored variants.
 pub(super) struct VaryIndex {
@@ -120,23 +135,31 @@ impl VaryIndex {
         })
     }
 
-    /// Records the names a response for `primary` nominates; returns the key of this
-    /// request's variant.
-    pub fn register(&self, primary: KeyHash, names: &[HeaderName], headers: &HeaderMap) -> KeyHash {
+    /// Records the names a response for `primary` nominates (at `now_ms`); returns the key of
+    /// this request's variant, and the variant it pushed out of the entry (see
+    /// [`MAX_VARIANTS`]), which the caller removes from the tiers.
+    pub fn register(
+        &self,
+        primary: KeyHash,
+        names: &[HeaderName],
+        headers: &HeaderMap,
+        now_ms: u64,
+    ) -> (KeyHash, Option<KeyHash>) {
         if names.is_empty() {
             if self.map.remove(&primary).is_some() {
                 self.names_changed(primary);
             }
-            return primary;
+            return (primary, None);
         }
         let variant = primary.variant(names, headers);
         let mut changed = false;
-        {
+        let pushed_out = {
             let mut e = self.map.entry(primary).or_insert_with(|| {
                 changed = true;
                 VaryEntry {
                     names: names.into(),
                     variants: Vec::new(),
+                    registered_ms: now_ms,
                 }
             });
             if &*e.names != names {
@@ -144,27 +167,62 @@ impl VaryIndex {
                 e.variants.clear();
                 changed = true;
             }
-            if !e.variants.contains(&variant) {
-                e.variants.push(variant);
-            }
-        }
+            e.registered_ms = e.registered_ms.max(now_ms);
+            add_variant(&mut e.variants, variant)
+        };
         if changed {
             self.names_changed(primary);
         }
-        variant
+        (variant, pushed_out)
     }
 
-    /// Records a variant found on disk at start-up.
-    pub fn restore(&self, primary: KeyHash, names: Arc<[HeaderName]>, variant: KeyHash) {
+    /// Records a variant found on disk at start-up; returns the one it pushed out of the
+    /// entry, as [`VaryIndex::register`] does.
+    pub fn restore(
+        &self,
+        primary: KeyHash,
+        names: Arc<[HeaderName]>,
+        variant: KeyHash,
+        now_ms: u64,
+    ) -> Option<KeyHash> {
         let mut e = self.map.entry(primary).or_insert_with(|| VaryEntry {
             names,
             variants: Vec::new(),
+            registered_ms: now_ms,
         });
-        if !e.variants.contains(&variant) {
-            e.variants.push(variant);
-        }
+        let pushed_out = add_variant(&mut e.variants, variant);
         drop(e);
         self.names_changed(primary);
+        pushed_out
+    }
+
+    /// Forgets what no tier holds any more: variants `stored` says are gone, and URLs left
+    /// with none, except those registered at or after `before_ms` (see [`PRUNE_AFTER_MS`]).
+    /// Without it the index kept every URL with Vary ever stored: each new URL (a query
+    /// string a client makes up) added ~200 bytes that nothing counted or took back. Returns
+    /// the URLs it forgot.
+    pub fn prune(&self, stored: impl Fn(&KeyHash) -> bool, before_ms: u64) -> Vec<KeyHash> {
+        let mut forgotten = Vec::new();
+        self.map.retain(|primary, e| {
+            if e.registered_ms >= before_ms {
+                return true;
+            }
+            e.variants.retain(|v| stored(v));
+            if e.variants.is_empty() {
+                forgotten.push(*primary);
+                return false;
+            }
+            true
+        });
+        for primary in &forgotten {
+            self.names_changed(*primary);
+        }
+        forgotten
+    }
+
+    /// URLs with Vary the index knows.
+    pub fn len(&self) -> usize {
+        self.map.len()
     }
 
     /// Records the names stored for `primary` on disk, found before the start-up load reached
@@ -178,6 +236,7 @@ impl VaryIndex {
         self.map.entry(primary).or_insert_with(|| VaryEntry {
             names,
             variants: Vec::new(),
+            registered_ms: 0,
         });
         self.names_changed(primary);
         self.variant_of(primary, headers)
@@ -197,6 +256,15 @@ impl VaryIndex {
     pub fn contains(&self, primary: KeyHash) -> bool {
         self.map.contains_key(&primary)
     }
+}
+
+/// Adds `variant` (the newest) unless present; returns the oldest if that made one too many.
+fn add_variant(variants: &mut Vec<KeyHash>, variant: KeyHash) -> Option<KeyHash> {
+    if variants.contains(&variant) {
+        return None;
+    }
+    variants.push(variant);
+    (variants.len() > MAX_VARIANTS).then(|| variants.remove(0))
 }
 
 #[cfg(test)]
@@ -227,7 +295,7 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(index.variant_of(p, &br), p, "no Vary yet");
         }
-        let v_br = index.register(p, &ae, &br);
+        let v_br = index.register(p, &ae, &br, 0).0;
         assert_eq!(v_br, p.variant(&ae, &br));
         for _ in 0..2 {
             assert_eq!(index.variant_of(p, &br), v_br);
@@ -236,27 +304,83 @@ mod tests {
         }
         // Another variant under the same names: no change of generation needed.
         let before = index.generation(p).load(Ordering::Relaxed);
-        index.register(p, &ae, &gz);
+        index.register(p, &ae, &gz, 0);
         assert_eq!(index.generation(p).load(Ordering::Relaxed), before);
         // A new URL with Vary in another group leaves this key's memos alone.
         let q = (0..)
             .map(|i| KeyHash::of(&format!("site.test/q{i}")))
             .find(|q| !std::ptr::eq(index.generation(*q), index.generation(p)))
             .expect("a key in another group");
-        index.register(q, &ae, &br);
+        index.register(q, &ae, &br, 0);
         assert_eq!(index.generation(p).load(Ordering::Relaxed), before);
         assert_eq!(index.variant_of(q, &br), q.variant(&ae, &br));
         // The names change.
-        index.register(p, &lang, &gz);
+        index.register(p, &lang, &gz, 0);
         assert_eq!(index.variant_of(p, &br), p.variant(&lang, &br));
         assert_ne!(index.variant_of(p, &br), index.variant_of(p, &gz));
         // A response without Vary, then an invalidation.
-        index.register(p, &[], &gz);
+        index.register(p, &[], &gz, 0);
         assert_eq!(index.variant_of(p, &br), p);
-        index.register(p, &ae, &br);
+        index.register(p, &ae, &br, 0);
         assert_eq!(index.variant_of(p, &br), v_br);
         assert_eq!(index.remove(p), vec![v_br]);
         assert_eq!(index.variant_of(p, &br), p);
         assert!(!index.contains(p));
+    }
+
+    /// Pruning forgets the URLs none of whose variants is stored, unless registered lately,
+    /// and their names with them (a remembered answer included); a URL keeps only the
+    /// variants still stored.
+    #[test]
+    fn pruning_forgets_urls_without_stored_variants() {
+        let index = VaryIndex::default();
+        let ae = [header::ACCEPT_ENCODING];
+        let br = headers(&[("accept-encoding", "br")]);
+        let gz = headers(&[("accept-encoding", "gzip")]);
+        let (gone, kept, recent) = (
+            KeyHash::of("site.test/gone"),
+            KeyHash::of("site.test/kept"),
+            KeyHash::of("site.test/recent"),
+        );
+        let gone_br = index.register(gone, &ae, &br, 1_000).0;
+        let kept_br = index.register(kept, &ae, &br, 1_000).0;
+        let kept_gz = index.register(kept, &ae, &gz, 1_000).0;
+        index.register(recent, &ae, &br, 5_000);
+        assert_eq!(index.variant_of(gone, &br), gone_br, "remembered");
+        let stored = |k: &KeyHash| *k == kept_gz;
+        assert_eq!(index.prune(stored, 2_000), vec![gone]);
+        assert_eq!(index.len(), 2);
+        assert!(!index.contains(gone));
+        assert_eq!(index.variant_of(gone, &br), gone, "its names are forgotten");
+        assert_eq!(index.variant_of(kept, &br), kept_br, "names kept");
+        assert_eq!(index.remove(kept), vec![kept_gz], "only the stored variant");
+        assert!(index.contains(recent));
+        assert_eq!(index.prune(|_| false, 6_000), vec![recent]);
+        assert_eq!(index.len(), 0);
+    }
+
+    /// A URL keeps at most [`MAX_VARIANTS`]: one more pushes out the oldest.
+    #[test]
+    fn a_url_keeps_at_most_max_variants() {
+        let index = VaryIndex::default();
+        let p = KeyHash::of("site.test/ua");
+        let names = [header::USER_AGENT];
+        let variant = |i: usize| {
+            let ua = format!("agent {i}");
+            let mut h = HeaderMap::new();
+            h.insert(header::USER_AGENT, HeaderValue::from_str(&ua).unwrap());
+            h
+        };
+        let first = index.register(p, &names, &variant(0), 0).0;
+        for i in 1..MAX_VARIANTS {
+            assert_eq!(index.register(p, &names, &variant(i), 0).1, None);
+        }
+        // Registering a variant it has again changes nothing.
+        assert_eq!(index.register(p, &names, &variant(3), 0).1, None);
+        let (newest, out) = index.register(p, &names, &variant(MAX_VARIANTS), 0);
+        assert_eq!(out, Some(first));
+        let left = index.remove(p);
+        assert_eq!(left.len(), MAX_VARIANTS);
+        assert!(!left.contains(&first) && left.contains(&newest));
     }
 }

@@ -1546,6 +1546,23 @@ impl DiskTier {
             .ok()?
     }
 
+    /// Forgets the Vary names stored for these primary keys (no tier holds a variant of them).
+    pub fn forget_vary(&self, primaries: Vec<KeyHash>) {
+        self.store.forget_vary(primaries);
+    }
+
+    /// Up to `limit` primary keys with Vary names stored, after `after` in key order.
+    pub async fn vary_keys(
+        &self,
+        after: Option<KeyHash>,
+        limit: usize,
+    ) -> io::Result<Vec<KeyHash>> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.vary_keys(after.as_ref(), limit))
+            .await
+            .map_err(io::Error::other)?
+    }
+
     /// The largest purge sequence any stored object recorded.
     pub async fn max_purge_seq(&self) -> u64 {
         let store = Arc::clone(&self.store);

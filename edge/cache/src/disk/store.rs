@@ -416,6 +416,9 @@ enum Op {
     /// With `Some(copy)`, only if the key still holds that copy (an eviction must not delete
     /// the record of a newer one).
     Delete(KeyHash, u64, Option<StoredCopy>),
+    /// Forget the Vary names of these primary keys (the engine found none of their variants
+    /// stored).
+    ForgetVary(Vec<KeyHash>),
     /// Commit what came before, durably; tell whether it held.
     Flush(oneshot::Sender<bool>),
     /// Commit what came before, then fold the journal (tests).
@@ -432,13 +435,13 @@ enum Op {
 
 impl Op {
     fn is_write(&self) -> bool {
-        matches!(self, Op::Put(..) | Op::Delete(..))
+        matches!(self, Op::Put(..) | Op::Delete(..) | Op::ForgetVary(_))
     }
 
     /// Its commit must be durable.
     fn asks_sync(&self) -> bool {
         match self {
-            Op::Put(..) | Op::Delete(..) => false,
+            Op::Put(..) | Op::Delete(..) | Op::ForgetVary(_) => false,
             #[cfg(test)]
             Op::Hold(..) => false,
             Op::Flush(_) | Op::Close(_) => true,
@@ -753,6 +756,30 @@ impl Store {
     pub fn delete_if(&self, key: KeyHash, copy: StoredCopy) {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let _ = self.tx.send(Op::Delete(key, ticket, Some(copy)));
+    }
+
+    /// Queues the removal of these primary keys' Vary names.
+    pub fn forget_vary(&self, primaries: Vec<KeyHash>) {
+        if !primaries.is_empty() {
+            let _ = self.tx.send(Op::ForgetVary(primaries));
+        }
+    }
+
+    /// Up to `limit` primary keys with Vary names, in key order after `after` (blocking).
+    pub fn vary_keys(&self, after: Option<&KeyHash>, limit: usize) -> io::Result<Vec<KeyHash>> {
+        let txn = self.db()?.begin_read().map_err(db_error)?;
+        let table = txn.open_table(VARY).map_err(db_error)?;
+        let from = after.map_or([0; 32], |k| k.0);
+        table
+            .range(&from..)
+            .map_err(db_error)?
+            .filter(|row| {
+                !row.as_ref()
+                    .is_ok_and(|(k, _)| Some(k.value()) == after.map(|a| &a.0))
+            })
+            .take(limit)
+            .map(|row| row.map(|(k, _)| KeyHash(*k.value())).map_err(db_error))
+            .collect()
     }
 
     /// Waits until every write queued before this call has committed durably.
@@ -1267,6 +1294,7 @@ impl Writer {
                 Op::Delete(key, ticket, _) => {
                     self.pending.remove_if(&key, |_, p| p.0 == ticket);
                 }
+                Op::ForgetVary(_) => {}
                 Op::Flush(done) => {
                     let _ = done.send(result.is_ok());
                 }
@@ -1470,6 +1498,11 @@ impl Writer {
                         };
                         let record = journal_gone(key, only);
                         self.journal(&mut t, &mut words, &mut next_journal, *key, &record, word)?;
+                    }
+                    Op::ForgetVary(primaries) => {
+                        for primary in primaries.iter() {
+                            vary.remove(&primary.0)?;
+                        }
                     }
                     _ => {}
                 }

@@ -160,3 +160,120 @@ async fn stored_objects_are_hits_while_the_index_loads() {
     let outcome = rig.engine.purge(&purge).await.expect("purge");
     assert_eq!(outcome.matched, Some(1), "counted once the load has ended");
 }
+
+/// The Vary index holds the URLs with a stored variant, not every URL with Vary ever asked:
+/// once their copies are gone (here purged from memory, as an eviction would) and their
+/// registration is old, a pruning pass forgets them; a URL still stored keeps its names.
+#[tokio::test]
+async fn the_vary_index_forgets_urls_whose_variants_left_the_cache() {
+    let rig = Rig::memory().await;
+    let en: Fields = &[("accept-language", "en")];
+    for i in 0..50 {
+        let path = format!("/v?{i}");
+        rig.origin.greet_by_language(&path);
+        rig.check_with(&path, en, Miss, "hello in en").await;
+    }
+    assert_eq!(rig.engine.vary.len(), 50);
+    for i in 1..50 {
+        let req = request(&format!("/v?{i}"), en);
+        let variant = rig
+            .engine
+            .vary
+            .variant_of(req.norm.key.hash(), &req.norm.parts.headers);
+        rig.engine.memory.remove(&variant).await;
+    }
+    // Not yet: a registration is left alone for a while.
+    rig.engine.prune_vary((0, crate::VARY_PRUNE_TICKS));
+    assert_eq!(rig.engine.vary.len(), 50);
+    rig.advance(crate::vary::PRUNE_AFTER_MS / 1000 + 1);
+    rig.engine.prune_vary((0, crate::VARY_PRUNE_TICKS));
+    assert_eq!(rig.engine.vary.len(), 1);
+    assert!(
+        rig.engine
+            .vary
+            .contains(request("/v?0", en).norm.key.hash())
+    );
+    rig.check_with("/v?1", en, Miss, "hello in en").await;
+    assert_eq!(rig.engine.vary.len(), 2);
+}
+
+/// A URL keeps at most `MAX_VARIANTS` variants: one more sends the oldest out of the cache.
+#[tokio::test]
+async fn a_url_with_too_many_variants_lets_the_oldest_go() {
+    let rig = Rig::disk().await;
+    rig.origin.greet_by_language("/v");
+    let lang = |i: usize| format!("l{i}");
+    for i in 0..=crate::vary::MAX_VARIANTS {
+        let l = lang(i);
+        rig.check_with(
+            "/v",
+            &[("accept-language", &l)],
+            Miss,
+            &format!("hello in {l}"),
+        )
+        .await;
+    }
+    rig.settle().await;
+    let newest = lang(crate::vary::MAX_VARIANTS);
+    rig.check_with(
+        "/v",
+        &[("accept-language", &newest)],
+        Hit,
+        &format!("hello in {newest}"),
+    )
+    .await;
+    rig.check_with("/v", &[("accept-language", "l1")], Hit, "hello in l1")
+        .await;
+    rig.check_with("/v", &[("accept-language", "l0")], Miss, "hello in l0")
+        .await;
+}
+
+/// The Vary names stored on disk follow the Vary index: a pruning pass forgets them for the
+/// URLs it forgets, and after a restart the names of URLs with no variant left go too.
+#[tokio::test]
+async fn the_disk_forgets_the_vary_names_of_urls_with_no_variant_left() {
+    let rig = Rig::disk().await;
+    let en: Fields = &[("accept-language", "en")];
+    let mut variants = Vec::new();
+    for i in 0..10 {
+        let path = format!("/v?{i}");
+        rig.origin.greet_by_language(&path);
+        rig.check_with(&path, en, Miss, "hello in en").await;
+        let req = request(&path, en);
+        let primary = req.norm.key.hash();
+        variants.push((primary, rig.engine.vary.variant_of(primary, &req.norm.parts.headers)));
+    }
+    rig.settle().await;
+    let disk = rig.engine.disk.clone().expect("a disk tier");
+    let names_stored = || async { disk.vary_keys(None, 100).await.unwrap().len() };
+    assert_eq!(names_stored().await, 10);
+    // 1-4 leave both tiers and are pruned; 5-9 leave the disk behind the index's back (as a
+    // node stopped before a pruning pass would leave them).
+    for (i, (_, variant)) in variants.iter().enumerate().skip(1) {
+        rig.engine.memory.remove(variant).await;
+        disk.remove(variant).await;
+        if i == 4 {
+            rig.advance(crate::vary::PRUNE_AFTER_MS / 1000 + 1);
+            rig.engine.prune_vary((0, crate::VARY_PRUNE_TICKS));
+        }
+    }
+    disk.flush().await;
+    assert_eq!(names_stored().await, 6);
+    drop(disk);
+    let rig = rig.reopen().await;
+    let disk = rig.engine.disk.clone().expect("a disk tier");
+    eventually("the load and its sweep are done", || {
+        rig.engine
+            .disk_indexed
+            .load(std::sync::atomic::Ordering::Acquire)
+    })
+    .await;
+    for _ in 0..100 {
+        disk.flush().await;
+        if disk.vary_keys(None, 100).await.unwrap() == vec![variants[0].0] {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("left: {:?}", disk.vary_keys(None, 100).await.unwrap());
+}
