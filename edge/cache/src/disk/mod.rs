@@ -1062,7 +1062,7 @@ impl DiskTier {
         });
         let millis = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.load_millis.store(millis, Ordering::Relaxed);
-        self.loading.store(false, Ordering::Release);
+        self.loading.store(false, Ordering::SeqCst);
         // A lookup that saw the load running may still be installing what it read: the keys
         // touched meanwhile stay known until it is done.
         while self.unloaded_lookups.load(Ordering::Acquire) > 0 {
@@ -1131,9 +1131,11 @@ impl DiskTier {
         Some(entry)
     }
 
-    /// Notes a write or removal of `key` while the load runs.
+    /// Notes a write or removal of `key` while the load runs, or while a lookup that saw it
+    /// running may still install what it read (the load waits for those before it forgets
+    /// the keys noted): a removal in between must not let that lookup bring the copy back.
     fn touch(&self, key: KeyHash) {
-        if self.loading.load(Ordering::Acquire) {
+        if self.loading.load(Ordering::SeqCst) || self.unloaded_lookups.load(Ordering::SeqCst) > 0 {
             self.touched.insert(key, ());
         }
     }
@@ -1250,7 +1252,16 @@ impl DiskTier {
             while let Ok(sri) = rx.try_recv() {
                 batch.push(sri);
             }
-            let Some(this) = tier.upgrade() else { return };
+            // Not while the start-up load runs: an entry it has not reached yet may name the
+            // same body (identical bodies share a file), and is counted only once loaded.
+            let this = loop {
+                let Some(this) = tier.upgrade() else { return };
+                if !this.loading.load(Ordering::Acquire) {
+                    break this;
+                }
+                drop(this);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
             // Not before the index stops naming them durably: after a kill -9, an entry whose
             // file is gone would be a miss taken for damage.
             this.store.synced().await;
@@ -1387,6 +1398,15 @@ impl DiskTier {
         if hold {
             self.held
                 .insert(*key, HeldMeta::new(entry.clone(), generation, meta.clone()));
+            // Removed or replaced since the lookup found it: held, it would keep the entry
+            // (and its content file, outside the disk's count) alive past its removal.
+            if !self
+                .index
+                .peek(key)
+                .is_some_and(|current| Arc::ptr_eq(&current, &entry))
+            {
+                self.forget_held(key, &entry);
+            }
         }
         DiskHit { meta, entry, body }
     }
@@ -1399,9 +1419,9 @@ impl DiskTier {
                 self.0.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        self.unloaded_lookups.fetch_add(1, Ordering::AcqRel);
+        self.unloaded_lookups.fetch_add(1, Ordering::SeqCst);
         let _in_flight = InFlight(&self.unloaded_lookups);
-        if !self.loading.load(Ordering::Acquire) || self.touched.contains_key(key) {
+        if !self.loading.load(Ordering::SeqCst) || self.touched.contains_key(key) {
             return None;
         }
         let (file, body, seq) = self.read_record(key, None).await?;

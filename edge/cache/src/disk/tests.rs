@@ -1210,6 +1210,73 @@ async fn a_304_for_another_version_removes_the_copy() {
     assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"b\""));
 }
 
+/// Metadata read for a copy removed meanwhile is not held: held, it would keep the copy's
+/// entry (and content file) alive past its removal.
+#[tokio::test]
+async fn metadata_of_a_copy_removed_meanwhile_is_not_held() {
+    let (_dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, &body(), &meta("\"a\"")).await;
+    tier.held.invalidate(&key);
+    let entry = tier.index.get(&key).unwrap();
+    let (file, body, _) = tier.read_record(&key, Some(&entry)).await.unwrap();
+    tier.remove(&key).await;
+    tier.hit(&key, entry.clone(), 0, file, body, true);
+    assert!(tier.held.get(&key).is_none());
+}
+
+/// A removal made after the load ended, while a lookup that saw it running is still
+/// installing what it read, is not undone by that lookup.
+#[tokio::test]
+async fn a_removal_beside_a_late_unloaded_lookup_stands() {
+    let (_dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/a");
+    store(&tier, key, b"body", &meta("\"a\"")).await;
+    let entry = tier.index.get(&key).unwrap();
+    let late = DiskEntry::inline(entry.sri.clone(), entry.size, false);
+    late.set_record(entry.record_seq());
+    // The lookup counted itself in before the load ended, and has read the record.
+    tier.unloaded_lookups.fetch_add(1, Ordering::SeqCst);
+    tier.remove(&key).await;
+    assert!(tier.install(key, late).is_none(), "the removal stands");
+    tier.unloaded_lookups.fetch_sub(1, Ordering::SeqCst);
+    assert!(!tier.contains(&key));
+}
+
+/// Identical bodies share a content file: one key's removal while the start-up load has not
+/// reached the other does not remove the file the other still names.
+#[tokio::test]
+async fn a_body_shared_with_a_key_not_loaded_yet_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (KeyHash::of("example.test/1"), KeyHash::of("example.test/2"));
+    {
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+            .await
+            .unwrap();
+        store(&tier, one, &body(), &meta("\"a\"")).await;
+        store(&tier, two, &body(), &meta("\"a\"")).await;
+        tier.close().await;
+    }
+    let gate = load_gate::hold(dir.path());
+    let (tier, mut loaded) = DiskTier::open(dir.path(), 1 << 30, 4 << 20).await.unwrap();
+    let drain = tokio::spawn(async move { while loaded.recv().await.is_some() {} });
+    let hit = tier
+        .get(&one)
+        .await
+        .expect("found before the load reaches it");
+    drop(hit);
+    tier.remove(&one).await;
+    tier.flush().await;
+    // The held metadata lets its entry go (moka drops removed values in its housekeeping),
+    // and the remover has time to act, were it to.
+    tier.run_pending_tasks();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    drop(gate);
+    drain.await.unwrap();
+    let hit = tier.get(&two).await.expect("loaded");
+    assert_eq!(tier.read_all(&two, &hit).await.unwrap(), body());
+}
+
 /// Storing a key again replaces its record, and removing it removes the record: none is left
 /// behind for the store to carry forever.
 #[tokio::test]

@@ -241,7 +241,10 @@ async fn the_disk_forgets_the_vary_names_of_urls_with_no_variant_left() {
         rig.check_with(&path, en, Miss, "hello in en").await;
         let req = request(&path, en);
         let primary = req.norm.key.hash();
-        variants.push((primary, rig.engine.vary.variant_of(primary, &req.norm.parts.headers)));
+        variants.push((
+            primary,
+            rig.engine.vary.variant_of(primary, &req.norm.parts.headers),
+        ));
     }
     rig.settle().await;
     let disk = rig.engine.disk.clone().expect("a disk tier");
