@@ -1042,7 +1042,14 @@ impl DiskTier {
             let mut found = Vec::with_capacity(batch.len());
             for (key, e) in batch {
                 let Ok(sri) = e.integrity.parse::<Integrity>() else {
-                    self.store.delete(key);
+                    // Only this copy: a fill may store a new one while the load runs.
+                    self.store.delete_if(
+                        key,
+                        store::StoredCopy {
+                            seq: e.seq,
+                            integrity: e.integrity,
+                        },
+                    );
                     continue;
                 };
                 let entry = DiskEntry::new(sri, e.size, false, e.inline, &self.refs);

@@ -995,9 +995,19 @@ impl Store {
             if !Tail::stands(last.get(&key).map(|w| w.1), folded) {
                 continue;
             }
-            // An entry that does not decode goes, unless the journal has the key's copy.
+            // An entry that does not decode goes, unless the journal has the key's copy; only
+            // that copy (a fill may store a new one while the load runs).
             let Some(e) = EntryRecord::decode(v.value()) else {
-                self.delete(key);
+                match folded {
+                    Some(seq) if seq != 0 => self.delete_if(
+                        key,
+                        StoredCopy {
+                            seq,
+                            integrity: String::new(),
+                        },
+                    ),
+                    _ => self.delete(key),
+                }
                 continue;
             };
             if !batches.push(key, e) {

@@ -473,6 +473,43 @@ async fn a_damaged_entry_does_not_take_the_journals_copy_with_it() {
     assert_eq!(store.get(&key(1)).unwrap(), Some((second, b"two".to_vec())));
 }
 
+/// A damaged entry the load removes takes only its own copy: a new copy of the key, queued
+/// before the load reached the entry, stays.
+#[tokio::test]
+async fn a_damaged_entry_takes_only_its_own_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Run::open(dir.path());
+    let first = store.put(put(1, "one", None)).await.unwrap().unwrap();
+    store.fold_now().await;
+    {
+        // Its version and sequence number are readable; the rest is cut off.
+        let mut damaged = vec![3, 1];
+        damaged.extend_from_slice(&first.to_le_bytes());
+        let txn = store.db().unwrap().begin_write().unwrap();
+        txn.open_table(ENTRIES)
+            .unwrap()
+            .insert(&key(1).0, &damaged[..])
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let release = store.hold().await;
+    let (visible_tx, visible) = std_mpsc::channel();
+    store.put_then(
+        put(1, "two", None),
+        Completion::new(
+            move |applied| {
+                let _ = visible_tx.send(applied);
+            },
+            |_| {},
+        ),
+    );
+    store.load(16, |_| true).unwrap();
+    drop(release);
+    let second = visible.recv().unwrap().expect("applied");
+    store.flush().await;
+    assert_eq!(store.get(&key(1)).unwrap(), Some((second, b"two".to_vec())));
+}
+
 /// A put is told it is done (its object counts as stored) only once its commit is durable: a
 /// copy of the database file taken right then, as a kill -9 leaves it (the page cache outlives
 /// the process), holds it. Before that, at its commit, it is visible to this process.
