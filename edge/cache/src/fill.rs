@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::clock::unix_ms;
 use super::coalesce::{self, Concluding, Fill, FillHead, FillResult};
-use super::disk::{DiskTier, INLINE_MAX};
+use super::disk::{DiskEntry, DiskTier, INLINE_MAX};
 use super::key::KeyHash;
 use super::meta::{CachedMeta, MemObject};
 use super::policy::{self, Admission, Freshness};
@@ -59,22 +59,45 @@ enum DiskCopy {
 struct WholeAdmission {
     stats: Arc<super::EngineStats>,
     verdict: Arc<DiskVerdict>,
+    replaced: Option<Replaced>,
     counted: bool,
 }
 
 impl WholeAdmission {
     fn done(mut self, outcome: DiskAdmission) {
         self.counted = true;
-        self.stats.count_disk_admission(outcome);
+        settle(&self.stats, outcome, self.replaced.take());
     }
 }
 
 impl Drop for WholeAdmission {
     fn drop(&mut self) {
         if !self.counted {
-            self.stats
-                .count_disk_admission(self.verdict.reason().unwrap_or(DiskAdmission::Incomplete));
+            let outcome = self.verdict.reason().unwrap_or(DiskAdmission::Incomplete);
+            settle(&self.stats, outcome, self.replaced.take());
         }
+    }
+}
+
+/// The disk copy of an older version that a fill's new version replaces. A new version never
+/// leaves an older one on disk, to be served once memory lets the new one go or to be given a
+/// later 304's metadata: if the new one does not reach the disk, the old one goes then. Not
+/// sooner: until the new copy's fate is known, the old one still serves (stale-while-
+/// revalidate, prefresh), and it stays if the new body never completed (stale-if-error).
+struct Replaced {
+    disk: Arc<DiskTier>,
+    key: KeyHash,
+    entry: Arc<DiskEntry>,
+}
+
+/// Counts a disk copy's outcome, and takes the copy it replaces off the disk if the new one
+/// did not get there (see [`Replaced`]).
+fn settle(stats: &super::EngineStats, outcome: DiskAdmission, replaced: Option<Replaced>) {
+    stats.count_disk_admission(outcome);
+    if let Some(r) = replaced
+        && !matches!(outcome, DiskAdmission::Stored | DiskAdmission::Incomplete)
+    {
+        r.disk.remove_copy(&r.key, &r.entry);
     }
 }
 
@@ -497,7 +520,9 @@ impl Engine {
                 let vary = meta.vary_names();
                 let (store_key, pushed_out) =
                     self.vary
-                        .register(job.primary, &vary, &job.norm.headers, unix_ms(now));
+                        .register(job.primary, &vary, &job.norm.headers, unix_ms(now), |k| {
+                            self.held(k)
+                        });
                 if let Some(oldest) = pushed_out {
                     // One variant too many for the URL: the oldest leaves the cache.
                     self.remove_object(oldest).await;
@@ -520,12 +545,22 @@ impl Engine {
         let storing = meta.is_some();
         // A new version replaces every stored copy of the key, and a tier that does not get
         // it must not keep the old one: found again once memory lets the new one go, or given
-        // the metadata of a later 304 for the new one. The disk's goes now, as this copy may
-        // still not reach the disk (its queue full, too large, a failed write); the memory's
-        // is replaced or removed once the body is in.
+        // the metadata of a later 304 for the new one. The disk's goes if the new copy does
+        // not reach the disk ([`Replaced`]); the memory's is replaced or removed once the
+        // body is in.
         let replacing = storing && job.stale_meta.is_some() && self.fills.is_current(fill);
-        if replacing && let Some(disk) = &self.disk {
-            disk.remove(&store_key).await;
+        let replaced = match &self.disk {
+            Some(disk) if replacing => disk.copy_of(&store_key).map(|entry| Replaced {
+                disk: Arc::clone(disk),
+                key: store_key,
+                entry,
+            }),
+            _ => None,
+        };
+        if replacing && fill.key != store_key {
+            // The Vary names changed: the old copy's key is not asked any more, and must not
+            // be found again should the names come back.
+            self.remove_object(fill.key).await;
         }
         if storing && let Some(pinned) = &self.pinned {
             // The origin's answer replaces a pushed object a soft purge sent back to it.
@@ -566,12 +601,14 @@ impl Engine {
             (Some(_), true) if whole => Some(DiskCopy::Whole(WholeAdmission {
                 stats: self.stats.clone(),
                 verdict: verdict.clone(),
+                replaced,
                 counted: false,
             })),
             (Some(disk), true) => Some(DiskCopy::Streamed(self.spawn_disk_writer(
                 disk.clone(),
                 store_key,
                 verdict.clone(),
+                replaced,
             ))),
             _ => None,
         };
@@ -653,6 +690,10 @@ impl Engine {
                         fill.push(data);
                     }
                     if !storing && fill.reader_count() == 0 {
+                        if replacing && self.fills.is_current(fill) {
+                            // Too large to store after all: the old version goes too.
+                            self.memory.remove(&store_key).await;
+                        }
                         fill.finish(Err("no reader left".into()));
                         return;
                     }
@@ -677,7 +718,7 @@ impl Engine {
             return;
         }
         let Some(mut meta) = meta.filter(|_| storing) else {
-            if replacing {
+            if replacing && self.fills.is_current(fill) {
                 // Too large to store after all: the old version goes from memory too.
                 self.memory.remove(&store_key).await;
             }
@@ -705,7 +746,7 @@ impl Engine {
                 .await;
             in_memory = true;
         }
-        if replacing && !in_memory {
+        if replacing && current && !in_memory {
             self.memory.remove(&store_key).await;
         }
         drop(memory_charge);
@@ -796,6 +837,7 @@ impl Engine {
         disk: Arc<DiskTier>,
         key: KeyHash,
         verdict: Arc<DiskVerdict>,
+        replaced: Option<Replaced>,
     ) -> mpsc::Sender<DiskMsg> {
         let (tx, rx) = mpsc::channel::<DiskMsg>(256);
         let stats = self.stats.clone();
@@ -805,7 +847,7 @@ impl Engine {
             // never completed.
             let outcome =
                 outcome.unwrap_or_else(|| verdict.reason().unwrap_or(DiskAdmission::Incomplete));
-            stats.count_disk_admission(outcome);
+            settle(&stats, outcome, replaced);
         });
         tx
     }

@@ -139,10 +139,13 @@ pub struct EngineStats {
     pub prefreshes: [AtomicU64; 4],
 }
 
-/// Outcomes of a prefresh, in [`EngineStats::prefreshes`] order.
 /// Housekeeping ticks (500 ms) between passes of the Vary index's pruning (a minute).
 const VARY_PRUNE_TICKS: u32 = 120;
 
+/// URLs a pruning pass of the Vary index forgets at most (the next pass comes a tick later).
+const VARY_PRUNE_MAX: usize = 65_536;
+
+/// Outcomes of a prefresh, in [`EngineStats::prefreshes`] order.
 pub const PREFRESH_RESULTS: [&str; 4] = ["refreshed", "revalidated", "failed", "skipped"];
 
 impl EngineStats {
@@ -322,7 +325,7 @@ impl Engine {
                 tick.tick().await;
                 let Some(e) = weak.upgrade() else { break };
                 e.run_pending_tasks().await;
-                vary_pruning = e.prune_vary(vary_pruning);
+                vary_pruning = e.prune_vary(vary_pruning).await;
             }
         });
         Ok(engine)
@@ -340,15 +343,9 @@ impl Engine {
             for l in batch {
                 seq = seq.max(l.purge_seq);
                 e.purges.track_host(&l.key_text);
-                if !l.vary.is_empty()
-                    && let Some(oldest) = e.vary.restore(
-                        KeyHash::of(&l.key_text),
-                        vary_names(&l.vary),
-                        l.key,
-                        unix_ms(e.clock.now()),
-                    )
-                {
-                    e.remove_object(oldest).await;
+                if !l.vary.is_empty() {
+                    e.vary
+                        .restore(KeyHash::of(&l.key_text), vary_names(&l.vary), l.key);
                 }
             }
             e.purges.log.raise_floor(seq);
@@ -375,21 +372,33 @@ impl Engine {
         &self.clock
     }
 
+    /// Whether a tier holds `key`, or a fill is on its way to store it (no I/O, and not
+    /// counted as a use).
+    fn held(&self, key: &KeyHash) -> bool {
+        self.memory.contains(key)
+            || self.disk.as_ref().is_some_and(|d| d.contains(key))
+            || self.fills.get(key).is_some()
+    }
+
     /// Prunes the Vary index ([`vary::VaryIndex::prune`]) every [`VARY_PRUNE_TICKS`] calls,
-    /// or sooner once it has grown by a quarter since the last pass; not while the disk's
-    /// start-up load runs (a variant not loaded yet is not known to be stored). `last` is
-    /// (the index's size after the last pass, calls since); returns the new state.
-    fn prune_vary(&self, (size, ticks): (usize, u32)) -> (usize, u32) {
-        let len = self.vary.len();
-        let due = ticks >= VARY_PRUNE_TICKS || len > size + size / 4 + 1024;
+    /// or sooner once it has grown by a quarter since the last pass, on the blocking pool;
+    /// not while the disk's start-up load runs (a variant not loaded yet is not known to be
+    /// stored). Takes and returns (the index's size after the last pass, calls since).
+    async fn prune_vary(self: &Arc<Self>, (size, ticks): (usize, u32)) -> (usize, u32) {
+        let due = ticks >= VARY_PRUNE_TICKS || self.vary.len() > size + size / 4 + 1024;
         if !due || !self.disk_indexed.load(std::sync::atomic::Ordering::Acquire) {
             return (size, ticks.saturating_add(1));
         }
+        let engine = Arc::clone(self);
+        tokio::task::spawn_blocking(move || engine.prune_vary_now())
+            .await
+            .unwrap_or((size, 0))
+    }
+
+    fn prune_vary_now(&self) -> (usize, u32) {
         let before = unix_ms(self.clock.now()).saturating_sub(vary::PRUNE_AFTER_MS);
-        let stored = |k: &KeyHash| {
-            self.memory.contains(k) || self.disk.as_ref().is_some_and(|d| d.contains(k))
-        };
-        let forgotten = self.vary.prune(stored, before);
+        let forgotten = self.vary.prune(|k| self.held(k), before, VARY_PRUNE_MAX);
+        let more = forgotten.len() == VARY_PRUNE_MAX;
         if !forgotten.is_empty() {
             tracing::debug!(
                 forgotten = forgotten.len(),
@@ -399,7 +408,8 @@ impl Engine {
                 disk.forget_vary(forgotten);
             }
         }
-        (self.vary.len(), 0)
+        // More to forget: again at the next tick.
+        (self.vary.len(), if more { VARY_PRUNE_TICKS } else { 0 })
     }
 
     /// After the start-up load: forgets the Vary names stored on disk for URLs of which no

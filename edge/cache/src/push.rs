@@ -112,9 +112,14 @@ impl Engine {
         meta.purge_seq = seq;
         let meta = Arc::new(meta);
         let key = push_store::pinned_key(path);
-        if let Err(e) = store.tier().update_meta(&key, &meta, &current.meta).await {
-            tracing::warn!(path, error = %e, "updating a revalidated pushed object failed");
-            return None;
+        match store.tier().update_meta(&key, &meta, &current.meta).await {
+            Ok(crate::disk::MetaUpdate::Updated) => {}
+            // A new push replaced it meanwhile: that one stands, as it is.
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::warn!(path, error = %e, "updating a revalidated pushed object failed");
+                return None;
+            }
         }
         self.memory.remove(&key).await;
         Some(meta)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tracing::warn;
 
+use super::disk::MetaUpdate;
 use super::key::KeyHash;
 use super::meta::{CachedMeta, MemObject};
 use super::{CacheRequest, Engine, Stored};
@@ -185,10 +186,13 @@ impl Engine {
                 )
                 .await;
         }
-        if let Some(disk) = &self.disk
-            && let Err(e) = disk.update_meta(&key, meta, revalidated).await
-        {
-            warn!(error = %e, "disk tier metadata update failed");
+        if let Some(disk) = &self.disk {
+            match disk.update_meta(&key, meta, revalidated).await {
+                Ok(MetaUpdate::Updated | MetaUpdate::NoCopy) => {}
+                // An older version than the one confirmed: out of date.
+                Ok(MetaUpdate::OtherVersion(entry)) => disk.remove_copy(&key, &entry),
+                Err(e) => warn!(error = %e, "disk tier metadata update failed"),
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Vary (RFC 9111 §4.1): which request fields select among the stored variants of a URL. The
 //! index maps a primary key to the field names its responses nominate and the variant keys
-//! stored under them.
+//! stored under them: at most [`MAX_VARIANTS`] per URL, and only URLs with a variant stored
+//! (or registered lately), as the engine prunes it ([`VaryIndex::prune`]).
 //!
 //! Every lookup asks it, hits included. A concurrent map's read takes its shard's lock: an
 //! atomic write to a cache line that every core serving the URL writes too. So each thread
@@ -8,6 +9,7 @@
 //! unchanged. A group's generation moves only when the names of one of its primary keys
 //! change (a new URL with Vary, a change of Vary, an invalidation), not when a variant is
 //! added; keys fall in [`GROUPS`] groups, so such a change forgets a small part of the memos.
+//! A pruning pass that forgets many URLs (at most once a minute) may forget them all.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,9 +35,10 @@ struct VaryEntry {
 /// or the work of registering under it, without bound.
 pub(super) const MAX_VARIANTS: usize = 32;
 
-/// How long a registration protects its entry from [`VaryIndex::prune`]: longer than a fill
-/// takes from its response's head to its stored copy.
-pub(super) const PRUNE_AFTER_MS: u64 = 10 * 60 * 1000;
+/// How long a registration protects its entry from [`VaryIndex::prune`]. A fill in flight
+/// protects its variant anyway (the engine counts it as held until its copy is stored), so
+/// this only covers the moments around a fill's start.
+pub(super) const PRUNE_AFTER_MS: u64 = 60 * 1000;
 
 /// Primary keys with Vary, their names and their stored variants.
 pub(super) struct VaryIndex {
@@ -137,13 +140,15 @@ impl VaryIndex {
 
     /// Records the names a response for `primary` nominates (at `now_ms`); returns the key of
     /// this request's variant, and the variant it pushed out of the entry (see
-    /// [`MAX_VARIANTS`]), which the caller removes from the tiers.
+    /// [`MAX_VARIANTS`]: one no tier holds, as `stored` says, else the oldest), which the
+    /// caller removes from the tiers.
     pub fn register(
         &self,
         primary: KeyHash,
         names: &[HeaderName],
         headers: &HeaderMap,
         now_ms: u64,
+        stored: impl Fn(&KeyHash) -> bool,
     ) -> (KeyHash, Option<KeyHash>) {
         if names.is_empty() {
             if self.map.remove(&primary).is_some() {
@@ -168,7 +173,13 @@ impl VaryIndex {
                 changed = true;
             }
             e.registered_ms = e.registered_ms.max(now_ms);
-            add_variant(&mut e.variants, variant)
+            add_variant(&mut e.variants, variant);
+            (e.variants.len() > MAX_VARIANTS).then(|| {
+                // Not the new one (the last).
+                let older = &e.variants[..e.variants.len() - 1];
+                let at = older.iter().position(|v| !stored(v)).unwrap_or(0);
+                e.variants.remove(at)
+            })
         };
         if changed {
             self.names_changed(primary);
@@ -176,46 +187,47 @@ impl VaryIndex {
         (variant, pushed_out)
     }
 
-    /// Records a variant found on disk at start-up; returns the one it pushed out of the
-    /// entry, as [`VaryIndex::register`] does.
-    pub fn restore(
-        &self,
-        primary: KeyHash,
-        names: Arc<[HeaderName]>,
-        variant: KeyHash,
-        now_ms: u64,
-    ) -> Option<KeyHash> {
+    /// Records a variant found on disk at start-up. Not capped: the load finds the newest
+    /// copies first, and an encoded copy (`br`, `gzip`) of a variant comes as one too; a
+    /// response registered later pushes out one at a time.
+    pub fn restore(&self, primary: KeyHash, names: Arc<[HeaderName]>, variant: KeyHash) {
         let mut e = self.map.entry(primary).or_insert_with(|| VaryEntry {
             names,
             variants: Vec::new(),
-            registered_ms: now_ms,
+            registered_ms: 0,
         });
-        let pushed_out = add_variant(&mut e.variants, variant);
+        add_variant(&mut e.variants, variant);
         drop(e);
         self.names_changed(primary);
-        pushed_out
     }
 
-    /// Forgets what no tier holds any more: variants `stored` says are gone, and URLs left
-    /// with none, except those registered at or after `before_ms` (see [`PRUNE_AFTER_MS`]).
-    /// Without it the index kept every URL with Vary ever stored: each new URL (a query
-    /// string a client makes up) added ~200 bytes that nothing counted or took back. Returns
-    /// the URLs it forgot.
-    pub fn prune(&self, stored: impl Fn(&KeyHash) -> bool, before_ms: u64) -> Vec<KeyHash> {
+    /// Forgets up to `limit` URLs none of whose variants `stored` says is held (by a tier, or
+    /// by a fill on its way to one), except those registered at or after `before_ms` (see
+    /// [`PRUNE_AFTER_MS`]). Without it the index kept every URL with Vary ever stored: each
+    /// new URL (a query string a client makes up) added ~200 bytes that nothing counted or
+    /// took back. The URLs are found under each shard's read lock (lookups go on; a response
+    /// registering waits), then each is removed only if that still holds. Returns the URLs
+    /// it forgot.
+    pub fn prune(
+        &self,
+        stored: impl Fn(&KeyHash) -> bool,
+        before_ms: u64,
+        limit: usize,
+    ) -> Vec<KeyHash> {
+        let unheld = |e: &VaryEntry| e.registered_ms < before_ms && !e.variants.iter().any(&stored);
+        let candidates: Vec<KeyHash> = self
+            .map
+            .iter()
+            .filter(|e| unheld(e.value()))
+            .map(|e| *e.key())
+            .take(limit)
+            .collect();
         let mut forgotten = Vec::new();
-        self.map.retain(|primary, e| {
-            if e.registered_ms >= before_ms {
-                return true;
+        for primary in candidates {
+            if self.map.remove_if(&primary, |_, e| unheld(e)).is_some() {
+                self.names_changed(primary);
+                forgotten.push(primary);
             }
-            e.variants.retain(|v| stored(v));
-            if e.variants.is_empty() {
-                forgotten.push(*primary);
-                return false;
-            }
-            true
-        });
-        for primary in &forgotten {
-            self.names_changed(*primary);
         }
         forgotten
     }
@@ -258,13 +270,11 @@ impl VaryIndex {
     }
 }
 
-/// Adds `variant` (the newest) unless present; returns the oldest if that made one too many.
-fn add_variant(variants: &mut Vec<KeyHash>, variant: KeyHash) -> Option<KeyHash> {
-    if variants.contains(&variant) {
-        return None;
+/// Adds `variant` (the newest, last) unless present.
+fn add_variant(variants: &mut Vec<KeyHash>, variant: KeyHash) {
+    if !variants.contains(&variant) {
+        variants.push(variant);
     }
-    variants.push(variant);
-    (variants.len() > MAX_VARIANTS).then(|| variants.remove(0))
 }
 
 #[cfg(test)]
@@ -295,7 +305,7 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(index.variant_of(p, &br), p, "no Vary yet");
         }
-        let v_br = index.register(p, &ae, &br, 0).0;
+        let v_br = index.register(p, &ae, &br, 0, |_| true).0;
         assert_eq!(v_br, p.variant(&ae, &br));
         for _ in 0..2 {
             assert_eq!(index.variant_of(p, &br), v_br);
@@ -304,24 +314,24 @@ mod tests {
         }
         // Another variant under the same names: no change of generation needed.
         let before = index.generation(p).load(Ordering::Relaxed);
-        index.register(p, &ae, &gz, 0);
+        index.register(p, &ae, &gz, 0, |_| true);
         assert_eq!(index.generation(p).load(Ordering::Relaxed), before);
         // A new URL with Vary in another group leaves this key's memos alone.
         let q = (0..)
             .map(|i| KeyHash::of(&format!("site.test/q{i}")))
             .find(|q| !std::ptr::eq(index.generation(*q), index.generation(p)))
             .expect("a key in another group");
-        index.register(q, &ae, &br, 0);
+        index.register(q, &ae, &br, 0, |_| true);
         assert_eq!(index.generation(p).load(Ordering::Relaxed), before);
         assert_eq!(index.variant_of(q, &br), q.variant(&ae, &br));
         // The names change.
-        index.register(p, &lang, &gz, 0);
+        index.register(p, &lang, &gz, 0, |_| true);
         assert_eq!(index.variant_of(p, &br), p.variant(&lang, &br));
         assert_ne!(index.variant_of(p, &br), index.variant_of(p, &gz));
         // A response without Vary, then an invalidation.
-        index.register(p, &[], &gz, 0);
+        index.register(p, &[], &gz, 0, |_| true);
         assert_eq!(index.variant_of(p, &br), p);
-        index.register(p, &ae, &br, 0);
+        index.register(p, &ae, &br, 0, |_| true);
         assert_eq!(index.variant_of(p, &br), v_br);
         assert_eq!(index.remove(p), vec![v_br]);
         assert_eq!(index.variant_of(p, &br), p);
@@ -342,24 +352,33 @@ mod tests {
             KeyHash::of("site.test/kept"),
             KeyHash::of("site.test/recent"),
         );
-        let gone_br = index.register(gone, &ae, &br, 1_000).0;
-        let kept_br = index.register(kept, &ae, &br, 1_000).0;
-        let kept_gz = index.register(kept, &ae, &gz, 1_000).0;
-        index.register(recent, &ae, &br, 5_000);
+        let gone_br = index.register(gone, &ae, &br, 1_000, |_| true).0;
+        let kept_br = index.register(kept, &ae, &br, 1_000, |_| true).0;
+        let kept_gz = index.register(kept, &ae, &gz, 1_000, |_| true).0;
+        index.register(recent, &ae, &br, 5_000, |_| true);
         assert_eq!(index.variant_of(gone, &br), gone_br, "remembered");
         let stored = |k: &KeyHash| *k == kept_gz;
-        assert_eq!(index.prune(stored, 2_000), vec![gone]);
+        assert_eq!(index.prune(stored, 2_000, 100), vec![gone]);
         assert_eq!(index.len(), 2);
         assert!(!index.contains(gone));
         assert_eq!(index.variant_of(gone, &br), gone, "its names are forgotten");
         assert_eq!(index.variant_of(kept, &br), kept_br, "names kept");
-        assert_eq!(index.remove(kept), vec![kept_gz], "only the stored variant");
+        assert_eq!(index.remove(kept), vec![kept_br, kept_gz]);
         assert!(index.contains(recent));
-        assert_eq!(index.prune(|_| false, 6_000), vec![recent]);
+        assert_eq!(index.prune(|_| false, 6_000, 100), vec![recent]);
         assert_eq!(index.len(), 0);
+        // At most `limit` a pass.
+        for i in 0..5 {
+            index.register(KeyHash::of(&format!("site.test/{i}")), &ae, &br, 0, |_| {
+                true
+            });
+        }
+        assert_eq!(index.prune(|_| false, 1, 3).len(), 3);
+        assert_eq!(index.prune(|_| false, 1, 3).len(), 2);
     }
 
-    /// A URL keeps at most [`MAX_VARIANTS`]: one more pushes out the oldest.
+    /// A URL keeps at most [`MAX_VARIANTS`]: one more pushes out one no tier holds, else the
+    /// oldest.
     #[test]
     fn a_url_keeps_at_most_max_variants() {
         let index = VaryIndex::default();
@@ -371,16 +390,20 @@ mod tests {
             h.insert(header::USER_AGENT, HeaderValue::from_str(&ua).unwrap());
             h
         };
-        let first = index.register(p, &names, &variant(0), 0).0;
+        let first = index.register(p, &names, &variant(0), 0, |_| true).0;
         for i in 1..MAX_VARIANTS {
-            assert_eq!(index.register(p, &names, &variant(i), 0).1, None);
+            assert_eq!(index.register(p, &names, &variant(i), 0, |_| true).1, None);
         }
         // Registering a variant it has again changes nothing.
-        assert_eq!(index.register(p, &names, &variant(3), 0).1, None);
-        let (newest, out) = index.register(p, &names, &variant(MAX_VARIANTS), 0);
+        assert_eq!(index.register(p, &names, &variant(3), 0, |_| true).1, None);
+        let (newest, out) = index.register(p, &names, &variant(MAX_VARIANTS), 0, |_| true);
         assert_eq!(out, Some(first));
+        // One no tier holds goes first.
+        let fifth = p.variant(&names, &variant(5));
+        let (_, out) = index.register(p, &names, &variant(MAX_VARIANTS + 1), 0, |v| *v != fifth);
+        assert_eq!(out, Some(fifth));
         let left = index.remove(p);
         assert_eq!(left.len(), MAX_VARIANTS);
-        assert!(!left.contains(&first) && left.contains(&newest));
+        assert!(!left.contains(&first) && !left.contains(&fifth) && left.contains(&newest));
     }
 }

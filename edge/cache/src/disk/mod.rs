@@ -39,7 +39,9 @@
 //! Metadata files of the previous design (`meta/`) are imported at start-up, checked the same
 //! way, and their directory removed.
 //!
-//! Body integrity: every read is checked, and a damaged body is removed and treated as a miss.
+//! Body integrity: every read is checked, and a damaged body (another length or hash, or gone)
+//! is removed and treated as a miss; a read that fails without finding damage (out of file
+//! descriptors, an I/O error) is a miss that leaves the object stored (`reader::is_damage`).
 //! A stream is hashed and counted as it goes (its last chunk held back until the hash and the
 //! recorded length matched), and the content file's length is checked before a stream starts,
 //! so a body is never cut short under a Content-Length that promises more. A whole read
@@ -88,6 +90,16 @@ use super::meta::CachedMeta;
 
 pub use self::reader::{STAMP_SETTLE, WHOLE_READ_MAX};
 pub use self::writer::{DiskWriter, INLINE_MAX, STREAM_CHUNK, WRITE_JOBS};
+
+/// What [`DiskTier::update_meta`] did.
+#[derive(Debug)]
+pub enum MetaUpdate {
+    Updated,
+    /// The key holds no copy (or a new one replaced it as the update ran).
+    NoCopy,
+    /// The key holds a copy of another version than the one revalidated: left as it is.
+    OtherVersion(Arc<DiskEntry>),
+}
 
 /// What the in-memory index knows about one object on disk. A commit under a key installs a
 /// new entry (a new `Arc`), so an entry's identity stands for one stored body. Every stored
@@ -778,10 +790,14 @@ pub struct DiskTier {
     loading: AtomicBool,
     loaded: AtomicU64,
     load_millis: AtomicU64,
-    /// Keys written or removed while the load runs.
+    /// Keys written or removed while the load runs (and settles: see `load_settling`);
+    /// cleared once it has settled.
     touched: DashMap<KeyHash, (), KeyHasher>,
     /// Lookups of keys the load had not reached, in flight: `touched` is kept until they end.
     unloaded_lookups: AtomicU64,
+    /// The load has ended but waits for the lookups that saw it running: writes and removals
+    /// are still noted in `touched` meanwhile (see [`DiskTier::touch`]).
+    load_settling: AtomicBool,
     /// [`DiskTier::close`] was called: the load stops, and nothing is swept.
     closing: AtomicBool,
     /// Write jobs on the blocking pool (see [`WRITE_JOBS`]).
@@ -1000,6 +1016,7 @@ impl DiskTier {
             load_millis: AtomicU64::new(0),
             touched: DashMap::with_hasher(KeyHasher::default()),
             unloaded_lookups: AtomicU64::new(0),
+            load_settling: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             write_jobs: Arc::new(Semaphore::new(WRITE_JOBS)),
         });
@@ -1069,13 +1086,15 @@ impl DiskTier {
         });
         let millis = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.load_millis.store(millis, Ordering::Relaxed);
+        self.load_settling.store(true, Ordering::SeqCst);
         self.loading.store(false, Ordering::SeqCst);
         // A lookup that saw the load running may still be installing what it read: the keys
-        // touched meanwhile stay known until it is done.
-        while self.unloaded_lookups.load(Ordering::Acquire) > 0 {
+        // touched meanwhile stay known (and more are noted) until it is done.
+        while self.unloaded_lookups.load(Ordering::SeqCst) > 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.touched.clear();
+        self.load_settling.store(false, Ordering::SeqCst);
         let complete = matches!(loaded, Ok((_, true)));
         match loaded {
             Ok((n, _)) if n > 0 => {
@@ -1142,7 +1161,7 @@ impl DiskTier {
     /// running may still install what it read (the load waits for those before it forgets
     /// the keys noted): a removal in between must not let that lookup bring the copy back.
     fn touch(&self, key: KeyHash) {
-        if self.loading.load(Ordering::SeqCst) || self.unloaded_lookups.load(Ordering::SeqCst) > 0 {
+        if self.loading.load(Ordering::SeqCst) || self.load_settling.load(Ordering::SeqCst) {
             self.touched.insert(key, ());
         }
     }
@@ -1426,6 +1445,9 @@ impl DiskTier {
                 self.0.fetch_sub(1, Ordering::AcqRel);
             }
         }
+        if !self.loading.load(Ordering::SeqCst) {
+            return None;
+        }
         self.unloaded_lookups.fetch_add(1, Ordering::SeqCst);
         let _in_flight = InFlight(&self.unloaded_lookups);
         if !self.loading.load(Ordering::SeqCst) || self.touched.contains_key(key) {
@@ -1602,20 +1624,19 @@ impl DiskTier {
 
     /// Replaces the metadata of a stored object after a 304 that confirmed the version
     /// `revalidated` describes, keeping its body. A copy of another version (see
-    /// [`CachedMeta::same_version`]) is out of date: it is removed, not given the metadata.
+    /// [`CachedMeta::same_version`]) is not given the metadata: it is handed back, for the
+    /// caller to decide (a fill's older copy goes; a pushed object just replaced stays).
     pub async fn update_meta(
         &self,
         key: &KeyHash,
         meta: &Arc<CachedMeta>,
         revalidated: &CachedMeta,
-    ) -> io::Result<()> {
+    ) -> io::Result<MetaUpdate> {
         let Some(hit) = self.peek(key).await else {
-            return Ok(());
+            return Ok(MetaUpdate::NoCopy);
         };
         if !hit.meta.same_version(revalidated) {
-            debug!(key = %key, "a 304 confirmed another version than the disk holds: removing it");
-            self.remove_copy(key, &hit.entry);
-            return Ok(());
+            return Ok(MetaUpdate::OtherVersion(hit.entry));
         }
         let entry = hit.entry.clone();
         // An inline body is rewritten with its record.
@@ -1635,7 +1656,8 @@ impl DiskTier {
         put.expect = Some(entry.copy());
         self.touch(*key);
         let Some(seq) = self.store.put(put).await? else {
-            return Ok(());
+            // Replaced meanwhile: the new copy is not the one revalidated.
+            return Ok(MetaUpdate::NoCopy);
         };
         entry.set_record(seq);
         // After the commit: a lookup that sees the new generation reads the new record.
@@ -1648,7 +1670,7 @@ impl DiskTier {
             self.held
                 .insert(*key, HeldMeta::new(entry, generation, meta.clone()));
         }
-        Ok(())
+        Ok(MetaUpdate::Updated)
     }
 
     /// Removes an object (from the store first, so it can never be found half-removed).
@@ -1664,6 +1686,11 @@ impl DiskTier {
     #[cfg(test)]
     pub(crate) fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The copy `key` holds now, if indexed (no I/O): to remove later by copy.
+    pub fn copy_of(&self, key: &KeyHash) -> Option<Arc<DiskEntry>> {
+        self.index.peek(key)
     }
 
     /// Removes `entry`'s copy of `key` if the key still holds it: a sweep that found a copy

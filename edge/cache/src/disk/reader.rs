@@ -111,7 +111,7 @@ impl DiskTier {
     /// damaged (see [`is_damage`]).
     fn drop_if_damaged(&self, key: &KeyHash, hit: &Arc<DiskEntry>, e: &io::Error) {
         if is_damage(e) {
-            warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
+            warn!(key = %key, error = %e, "disk entry's body is damaged or gone, dropping it");
             self.remove_copy(key, hit);
         } else {
             warn!(key = %key, error = %e, "reading a disk entry failed; it is kept");
@@ -159,7 +159,7 @@ impl DiskTier {
             }
             Err(e) => {
                 self.drop_if_damaged(key, &hit.entry, &e);
-                Err(io::Error::other(e.to_string()))
+                Err(io::Error::new(e.kind(), e.to_string()))
             }
         }
     }

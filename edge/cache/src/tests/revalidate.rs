@@ -195,3 +195,25 @@ async fn a_new_version_that_misses_memory_leaves_no_old_version_there() {
     assert_eq!(rig.check("/r", Hit, "two").await.tier, Tier::Disk);
     assert_eq!(rig.origin.calls("/r"), 2);
 }
+
+/// A new version whose body never completes leaves the old copy on disk, for stale-if-error:
+/// the old copy goes only once the new one is known not to reach the disk.
+#[tokio::test]
+async fn a_new_version_cut_short_leaves_the_old_copy_for_stale_if_error() {
+    let rig = Rig::disk().await;
+    let cc = ("cache-control", "max-age=10, stale-if-error=600");
+    rig.origin.serve("/r", &[cc, ("etag", "\"v1\"")], "one");
+    rig.check("/r", Miss, "one").await;
+    // Only the disk holds it now.
+    let rig = rig.reopen().await;
+    rig.origin.script("/r", move |_| {
+        cut_short(&[cc, ("etag", "\"v2\"")], b"tw", 3)
+    });
+    rig.advance(11);
+    let cut = rig.get("/r").await;
+    assert!(cut.body_error.is_some() || cut.cache == Stale, "{cut:?}");
+    rig.settle().await;
+    rig.origin.fail("/r");
+    let stale = rig.check("/r", Stale, "one").await;
+    assert_eq!(stale.tier, Tier::Disk);
+}
