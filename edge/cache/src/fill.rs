@@ -40,8 +40,13 @@ const DISK_COMMIT_WAIT: Duration = Duration::from_secs(30);
 enum DiskMsg {
     /// A chunk, and its share of the engine's disk queue budget (given back once written).
     Data(Bytes, coalesce::Charge),
-    /// Commit with this metadata, then signal.
-    Commit(Arc<CachedMeta>, tokio::sync::oneshot::Sender<()>),
+    /// Commit with this metadata, then signal; if the commit fails, take the copy it was to
+    /// replace off the disk.
+    Commit(
+        Arc<CachedMeta>,
+        tokio::sync::oneshot::Sender<()>,
+        Option<Replaced>,
+    ),
 }
 
 /// How a fill stores its disk copy.
@@ -90,14 +95,25 @@ struct Replaced {
     entry: Arc<DiskEntry>,
 }
 
-/// Counts a disk copy's outcome, and takes the copy it replaces off the disk if the new one
-/// did not get there (see [`Replaced`]).
+/// Takes the copy a new version replaces off the disk (by copy: a newer one stays).
+fn remove_replaced(replaced: Option<Replaced>) {
+    if let Some(r) = replaced {
+        r.disk.remove_copy(&r.key, &r.entry);
+    }
+}
+
+/// Counts a disk copy's outcome, and takes the copy it replaces off the disk if the new one,
+/// complete, did not get there (see [`Replaced`]). A fill a purge replaced leaves it to the
+/// fill that replaced it.
 fn settle(stats: &super::EngineStats, outcome: DiskAdmission, replaced: Option<Replaced>) {
     stats.count_disk_admission(outcome);
     if let Some(r) = replaced
-        && !matches!(outcome, DiskAdmission::Stored | DiskAdmission::Incomplete)
+        && !matches!(
+            outcome,
+            DiskAdmission::Stored | DiskAdmission::Incomplete | DiskAdmission::Superseded
+        )
     {
-        r.disk.remove_copy(&r.key, &r.entry);
+        remove_replaced(Some(r));
     }
 }
 
@@ -518,14 +534,14 @@ impl Engine {
                     .collect();
                 parts.headers.remove(header::SET_COOKIE);
                 let vary = meta.vary_names();
-                let (store_key, pushed_out) =
+                let (store_key, dropped) =
                     self.vary
                         .register(job.primary, &vary, &job.norm.headers, unix_ms(now), |k| {
                             self.held(k)
                         });
-                if let Some(oldest) = pushed_out {
-                    // One variant too many for the URL: the oldest leaves the cache.
-                    self.remove_object(oldest).await;
+                // Variants of other names, or one too many for the URL: they leave the cache.
+                for k in dropped {
+                    self.remove_object(k).await;
                 }
                 (Some(meta), vary, store_key, set_cookie)
             }
@@ -549,7 +565,7 @@ impl Engine {
         // not reach the disk ([`Replaced`]); the memory's is replaced or removed once the
         // body is in.
         let replacing = storing && job.stale_meta.is_some() && self.fills.is_current(fill);
-        let replaced = match &self.disk {
+        let mut replaced = match &self.disk {
             Some(disk) if replacing => disk.copy_of(&store_key).map(|entry| Replaced {
                 disk: Arc::clone(disk),
                 key: store_key,
@@ -601,14 +617,15 @@ impl Engine {
             (Some(_), true) if whole => Some(DiskCopy::Whole(WholeAdmission {
                 stats: self.stats.clone(),
                 verdict: verdict.clone(),
-                replaced,
+                replaced: replaced.take(),
                 counted: false,
             })),
+            // A streamed copy can be given up before the body is complete: the fill keeps
+            // what it replaces until it knows whether the body completed.
             (Some(disk), true) => Some(DiskCopy::Streamed(self.spawn_disk_writer(
                 disk.clone(),
                 store_key,
                 verdict.clone(),
-                replaced,
             ))),
             _ => None,
         };
@@ -693,6 +710,7 @@ impl Engine {
                         if replacing && self.fills.is_current(fill) {
                             // Too large to store after all: the old version goes too.
                             self.memory.remove(&store_key).await;
+                            remove_replaced(replaced.take());
                         }
                         fill.finish(Err("no reader left".into()));
                         return;
@@ -721,6 +739,7 @@ impl Engine {
             if replacing && self.fills.is_current(fill) {
                 // Too large to store after all: the old version goes from memory too.
                 self.memory.remove(&store_key).await;
+                remove_replaced(replaced.take());
             }
             fill.finish(Ok(()));
             return;
@@ -759,15 +778,26 @@ impl Engine {
         // A streamed copy: stay in the fill map until the disk copy is visible, so a request
         // arriving in between finds this fill (and waits for the commit) rather than fetching
         // again. A whole copy: the memory tier holds the object.
+        // The body is complete: a streamed copy takes what it replaces along to its commit;
+        // given up, what it replaces goes now (unless a purge replaced this fill).
+        let replaced = replaced.filter(|_| current);
         let committed = match disk_copy.filter(|_| current) {
             Some(DiskCopy::Streamed(tx)) => {
                 let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-                if tx.try_send(DiskMsg::Commit(meta, done_tx)).is_ok() {
-                    let _ = tokio::time::timeout(DISK_COMMIT_WAIT, done_rx).await;
-                    true
-                } else {
-                    verdict.abandon(DiskAdmission::QueueFull);
-                    false
+                match tx.try_send(DiskMsg::Commit(meta, done_tx, replaced)) {
+                    Ok(()) => {
+                        let _ = tokio::time::timeout(DISK_COMMIT_WAIT, done_rx).await;
+                        true
+                    }
+                    Err(e) => {
+                        if let mpsc::error::TrySendError::Full(DiskMsg::Commit(.., r))
+                        | mpsc::error::TrySendError::Closed(DiskMsg::Commit(.., r)) = e
+                        {
+                            remove_replaced(r);
+                        }
+                        verdict.abandon(DiskAdmission::QueueFull);
+                        false
+                    }
                 }
             }
             Some(DiskCopy::Whole(admission)) => {
@@ -803,7 +833,10 @@ impl Engine {
                 // Else the fill kept no whole copy after all: the guard counts why.
                 false
             }
-            None => false,
+            None => {
+                remove_replaced(replaced);
+                false
+            }
         };
         if committed {
             // A revalidation that started while the commit ran (it replaced this fill) found
@@ -837,29 +870,29 @@ impl Engine {
         disk: Arc<DiskTier>,
         key: KeyHash,
         verdict: Arc<DiskVerdict>,
-        replaced: Option<Replaced>,
     ) -> mpsc::Sender<DiskMsg> {
         let (tx, rx) = mpsc::channel::<DiskMsg>(256);
         let stats = self.stats.clone();
         tokio::spawn(async move {
-            let outcome = Self::write_to_disk(disk, key, rx, &stats).await;
-            // Ended without a commit: the fill gave the copy up and said why, or the body
-            // never completed.
-            let outcome =
-                outcome.unwrap_or_else(|| verdict.reason().unwrap_or(DiskAdmission::Incomplete));
+            let (outcome, replaced) = match Self::write_to_disk(disk, key, rx, &stats).await {
+                Some((outcome, replaced)) => (outcome, replaced),
+                // Ended without a commit: the fill gave the copy up and said why (and
+                // decides about what it replaces), or the body never completed.
+                None => (verdict.reason().unwrap_or(DiskAdmission::Incomplete), None),
+            };
             settle(&stats, outcome, replaced);
         });
         tx
     }
 
-    /// Runs one disk write: `Some` when it ended in the disk (stored, or an error), `None`
-    /// when the fill stopped sending before a commit.
+    /// Runs one disk write: `Some` when it ended in the disk (stored, or an error; with the
+    /// copy its commit was to replace), `None` when the fill stopped sending before a commit.
     async fn write_to_disk(
         disk: Arc<DiskTier>,
         key: KeyHash,
         mut rx: mpsc::Receiver<DiskMsg>,
         stats: &super::EngineStats,
-    ) -> Option<DiskAdmission> {
+    ) -> Option<(DiskAdmission, Option<Replaced>)> {
         let mut writer = disk.begin_write(key);
         // The queue budget of chunks the writer holds until it writes them out.
         let mut held = Vec::new();
@@ -873,11 +906,11 @@ impl Engine {
                         Err(e) => {
                             warn!(error = %e, "disk tier write failed; object not stored on disk (check cache_dir space)");
                             stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
-                            return Some(DiskAdmission::Error);
+                            return Some((DiskAdmission::Error, None));
                         }
                     }
                 }
-                DiskMsg::Commit(meta, done) => {
+                DiskMsg::Commit(meta, done, replaced) => {
                     // The fill waits until lookups find the copy; the copy counts as stored
                     // once it is durable.
                     let durable = writer.commit_visible(&meta).await;
@@ -887,7 +920,7 @@ impl Engine {
                         Ok(durable) => durable.wait().await,
                         Err(e) => Err(e),
                     };
-                    return Some(commit_outcome(stats, result));
+                    return Some((commit_outcome(stats, result), replaced));
                 }
             }
         }

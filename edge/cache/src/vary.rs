@@ -139,9 +139,11 @@ impl VaryIndex {
     }
 
     /// Records the names a response for `primary` nominates (at `now_ms`); returns the key of
-    /// this request's variant, and the variant it pushed out of the entry (see
-    /// [`MAX_VARIANTS`]: one no tier holds, as `stored` says, else the oldest), which the
-    /// caller removes from the tiers.
+    /// this request's variant, and the variants it dropped from the entry, which the caller
+    /// removes from the tiers: all of them when the names changed (kept, they would be found
+    /// again should the names come back, past invalidations the index no longer covered),
+    /// else the one pushed out by [`MAX_VARIANTS`] (one no tier holds, as `stored` says,
+    /// else the oldest).
     pub fn register(
         &self,
         primary: KeyHash,
@@ -149,16 +151,19 @@ impl VaryIndex {
         headers: &HeaderMap,
         now_ms: u64,
         stored: impl Fn(&KeyHash) -> bool,
-    ) -> (KeyHash, Option<KeyHash>) {
+    ) -> (KeyHash, Vec<KeyHash>) {
         if names.is_empty() {
-            if self.map.remove(&primary).is_some() {
-                self.names_changed(primary);
-            }
-            return (primary, None);
+            return match self.map.remove(&primary) {
+                Some((_, e)) => {
+                    self.names_changed(primary);
+                    (primary, e.variants)
+                }
+                None => (primary, Vec::new()),
+            };
         }
         let variant = primary.variant(names, headers);
         let mut changed = false;
-        let pushed_out = {
+        let dropped = {
             let mut e = self.map.entry(primary).or_insert_with(|| {
                 changed = true;
                 VaryEntry {
@@ -167,36 +172,42 @@ impl VaryIndex {
                     registered_ms: now_ms,
                 }
             });
+            let mut dropped = Vec::new();
             if &*e.names != names {
                 e.names = names.into();
-                e.variants.clear();
+                dropped = std::mem::take(&mut e.variants);
                 changed = true;
             }
             e.registered_ms = e.registered_ms.max(now_ms);
             add_variant(&mut e.variants, variant);
-            (e.variants.len() > MAX_VARIANTS).then(|| {
+            if e.variants.len() > MAX_VARIANTS {
                 // Not the new one (the last).
                 let older = &e.variants[..e.variants.len() - 1];
                 let at = older.iter().position(|v| !stored(v)).unwrap_or(0);
-                e.variants.remove(at)
-            })
+                dropped.push(e.variants.remove(at));
+            }
+            dropped.retain(|v| *v != variant);
+            dropped
         };
         if changed {
             self.names_changed(primary);
         }
-        (variant, pushed_out)
+        (variant, dropped)
     }
 
-    /// Records a variant found on disk at start-up. Not capped: the load finds the newest
-    /// copies first, and an encoded copy (`br`, `gzip`) of a variant comes as one too; a
-    /// response registered later pushes out one at a time.
+    /// Records a variant found on disk at start-up. The load finds the newest copies first,
+    /// so each goes before those found so far (the oldest stay first, for the cap). Not
+    /// capped: an encoded copy (`br`, `gzip`) of a variant comes as one too, and a response
+    /// registered later pushes out one at a time.
     pub fn restore(&self, primary: KeyHash, names: Arc<[HeaderName]>, variant: KeyHash) {
         let mut e = self.map.entry(primary).or_insert_with(|| VaryEntry {
             names,
             variants: Vec::new(),
             registered_ms: 0,
         });
-        add_variant(&mut e.variants, variant);
+        if !e.variants.contains(&variant) {
+            e.variants.insert(0, variant);
+        }
         drop(e);
         self.names_changed(primary);
     }
@@ -214,17 +225,21 @@ impl VaryIndex {
         before_ms: u64,
         limit: usize,
     ) -> Vec<KeyHash> {
-        let unheld = |e: &VaryEntry| e.registered_ms < before_ms && !e.variants.iter().any(&stored);
+        // Held under the primary key too: the first fill of a URL, before its names were
+        // known, runs under it.
+        let unheld = |p: &KeyHash, e: &VaryEntry| {
+            e.registered_ms < before_ms && !stored(p) && !e.variants.iter().any(&stored)
+        };
         let candidates: Vec<KeyHash> = self
             .map
             .iter()
-            .filter(|e| unheld(e.value()))
+            .filter(|e| unheld(e.key(), e.value()))
             .map(|e| *e.key())
             .take(limit)
             .collect();
         let mut forgotten = Vec::new();
         for primary in candidates {
-            if self.map.remove_if(&primary, |_, e| unheld(e)).is_some() {
+            if self.map.remove_if(&primary, |p, e| unheld(p, e)).is_some() {
                 self.names_changed(primary);
                 forgotten.push(primary);
             }
@@ -392,18 +407,52 @@ mod tests {
         };
         let first = index.register(p, &names, &variant(0), 0, |_| true).0;
         for i in 1..MAX_VARIANTS {
-            assert_eq!(index.register(p, &names, &variant(i), 0, |_| true).1, None);
+            assert_eq!(
+                index.register(p, &names, &variant(i), 0, |_| true).1,
+                vec![]
+            );
         }
         // Registering a variant it has again changes nothing.
-        assert_eq!(index.register(p, &names, &variant(3), 0, |_| true).1, None);
+        assert_eq!(
+            index.register(p, &names, &variant(3), 0, |_| true).1,
+            vec![]
+        );
         let (newest, out) = index.register(p, &names, &variant(MAX_VARIANTS), 0, |_| true);
-        assert_eq!(out, Some(first));
+        assert_eq!(out, vec![first]);
         // One no tier holds goes first.
         let fifth = p.variant(&names, &variant(5));
         let (_, out) = index.register(p, &names, &variant(MAX_VARIANTS + 1), 0, |v| *v != fifth);
-        assert_eq!(out, Some(fifth));
+        assert_eq!(out, vec![fifth]);
         let left = index.remove(p);
         assert_eq!(left.len(), MAX_VARIANTS);
         assert!(!left.contains(&first) && !left.contains(&fifth) && left.contains(&newest));
+    }
+
+    /// New names drop every variant of the old ones (the caller removes them), and so does
+    /// a response without Vary; restored variants keep the oldest first; a URL whose primary
+    /// key is held (its first fill runs under it) is not pruned.
+    #[test]
+    fn variants_of_other_names_are_dropped_and_order_is_kept() {
+        let index = VaryIndex::default();
+        let p = KeyHash::of("site.test/n");
+        let (ae, lang) = ([header::ACCEPT_ENCODING], [header::ACCEPT_LANGUAGE]);
+        let br = headers(&[("accept-encoding", "br"), ("accept-language", "de")]);
+        let gz = headers(&[("accept-encoding", "gzip"), ("accept-language", "fr")]);
+        let (v_br, none) = index.register(p, &ae, &br, 0, |_| true);
+        assert!(none.is_empty());
+        let v_gz = index.register(p, &ae, &gz, 0, |_| true).0;
+        let (v_de, dropped) = index.register(p, &lang, &br, 0, |_| true);
+        assert_eq!(dropped, vec![v_br, v_gz]);
+        assert_eq!(index.register(p, &[], &br, 0, |_| true).1, vec![v_de]);
+        // Restored newest first: the list keeps the oldest first.
+        let names: Arc<[HeaderName]> = Arc::new(ae.clone());
+        for v in [v_gz, v_br] {
+            index.restore(p, names.clone(), v);
+        }
+        assert_eq!(index.remove(p), vec![v_br, v_gz]);
+        // Its primary key held (a first fill): not pruned.
+        index.register(p, &ae, &br, 0, |_| true);
+        assert!(index.prune(|k| *k == p, 1, 100).is_empty());
+        assert_eq!(index.prune(|_| false, 1, 100), vec![p]);
     }
 }

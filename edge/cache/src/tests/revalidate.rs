@@ -217,3 +217,29 @@ async fn a_new_version_cut_short_leaves_the_old_copy_for_stale_if_error() {
     let stale = rig.check("/r", Stale, "one").await;
     assert_eq!(stale.tier, Tier::Disk);
 }
+
+/// The same for a streamed copy (a body past the inline size) given up before the body
+/// failed: its disk queue full, the copy is given up at the first chunk, but the old copy
+/// stays until the body is known to be complete.
+#[tokio::test]
+async fn a_streamed_copy_given_up_then_cut_short_leaves_the_old_copy() {
+    let rig = Rig::disk().await;
+    let cc = ("cache-control", "max-age=10, stale-if-error=600");
+    let old = "one".repeat(10_000);
+    rig.origin.serve("/r", &[cc, ("etag", "\"v1\"")], &old);
+    rig.check("/r", Miss, &old).await;
+    let rig = rig.reopen().await;
+    let first: &'static [u8] = Box::leak(vec![b'x'; 20_000].into_boxed_slice());
+    rig.origin.script("/r", move |_| {
+        cut_short(&[cc, ("etag", "\"v2\"")], first, 40_000)
+    });
+    let full = fill_the_disk_queue(&rig);
+    rig.advance(11);
+    let cut = rig.get("/r").await;
+    assert!(cut.body_error.is_some() || cut.cache == Stale, "{cut:?}");
+    rig.settle().await;
+    drop(full);
+    rig.origin.fail("/r");
+    let stale = rig.check("/r", Stale, &old).await;
+    assert_eq!(stale.tier, Tier::Disk);
+}
