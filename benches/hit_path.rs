@@ -371,6 +371,19 @@
 //! closing the gap needs the body sent from the page cache (nginx's sendfile; hyper writes
 //! only from memory) or mapped (a file cut short while mapped kills the process with SIGBUS).
 //! Side by side with nginx's disk cache: `benches/vs_nginx.sh`.
+//!
+//! Session 16 (2026-12-06): disk-tier fixes from a hostile review (older versions never left
+//! behind, reads that fail without damage keep the object, Vary index bounded), none on
+//! the hit path but one index `peek` when a lookup reads a record to hold its metadata.
+//! Base = a76e7d3, runs (% of plain req/s, CPU/req): at 8ff2dd5, alternating twice, memory
+//! 1 KiB 84.3, 84.3% (7.2, 8.3 µs) against 89.1, 94.8% (9.0, 8.6 µs); disk 1 KiB 72.2, 62.1%
+//! (11.1, 12.2 µs) against 69.8, 80.4% (12.8, 11.3 µs); memory 100 KiB 98.5, 106.4% (18.6,
+//! 20.5 µs) against 99.4, 98.6% (22.0, 22.2 µs); disk 100 KiB 66.9, 69.7% (29.3, 32.3 µs)
+//! against 67.2, 67.8% (34.9, 33.0 µs). Final (8350b83) against the base, once: memory 1 KiB
+//! 84.6% (9.1 µs) against 89.8% (9.8 µs), disk 1 KiB 71.3% (12.1 µs) against 66.5% (14.1
+//! µs), memory 100 KiB 91.9% (23.5 µs) against 95.4% (22.5 µs), disk 100 KiB 67.4% (33.4 µs)
+//! against 62.7% (37.8 µs). Unchanged within the spread. Disk over memory hits: 1 KiB
+//! ~0.75x (target 0.6x: met), 100 KiB 0.6-0.7x (target 0.95x: not met; see above).
 
 mod support;
 
