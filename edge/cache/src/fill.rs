@@ -107,13 +107,11 @@ fn remove_replaced(replaced: Option<Replaced>) {
 /// fill that replaced it.
 fn settle(stats: &super::EngineStats, outcome: DiskAdmission, replaced: Option<Replaced>) {
     stats.count_disk_admission(outcome);
-    if let Some(r) = replaced
-        && !matches!(
-            outcome,
-            DiskAdmission::Stored | DiskAdmission::Incomplete | DiskAdmission::Superseded
-        )
-    {
-        remove_replaced(Some(r));
+    if !matches!(
+        outcome,
+        DiskAdmission::Stored | DiskAdmission::Incomplete | DiskAdmission::Superseded
+    ) {
+        remove_replaced(replaced);
     }
 }
 
@@ -708,9 +706,7 @@ impl Engine {
                     }
                     if !storing && fill.reader_count() == 0 {
                         if replacing && self.fills.is_current(fill) {
-                            // Too large to store after all: the old version goes too.
-                            self.memory.remove(&store_key).await;
-                            remove_replaced(replaced.take());
+                            self.drop_old_version(store_key, replaced.take()).await;
                         }
                         fill.finish(Err("no reader left".into()));
                         return;
@@ -737,9 +733,7 @@ impl Engine {
         }
         let Some(mut meta) = meta.filter(|_| storing) else {
             if replacing && self.fills.is_current(fill) {
-                // Too large to store after all: the old version goes from memory too.
-                self.memory.remove(&store_key).await;
-                remove_replaced(replaced.take());
+                self.drop_old_version(store_key, replaced.take()).await;
             }
             fill.finish(Ok(()));
             return;
@@ -790,9 +784,7 @@ impl Engine {
                         true
                     }
                     Err(e) => {
-                        if let mpsc::error::TrySendError::Full(DiskMsg::Commit(.., r))
-                        | mpsc::error::TrySendError::Closed(DiskMsg::Commit(.., r)) = e
-                        {
+                        if let DiskMsg::Commit(.., r) = e.into_inner() {
                             remove_replaced(r);
                         }
                         verdict.abandon(DiskAdmission::QueueFull);
@@ -863,6 +855,12 @@ impl Engine {
         {
             self.remove_copy(store_key, &stored).await;
         }
+    }
+
+    /// A new version too large to store after all: the old one goes from both tiers too.
+    async fn drop_old_version(&self, key: KeyHash, replaced: Option<Replaced>) {
+        self.memory.remove(&key).await;
+        remove_replaced(replaced);
     }
 
     fn spawn_disk_writer(

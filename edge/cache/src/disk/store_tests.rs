@@ -66,6 +66,16 @@ fn put(k: u8, record: &str, expect: Option<StoredCopy>) -> Put {
     }
 }
 
+/// Writes `bytes` as key `k`'s folded entry, as damage would.
+fn overwrite_entry(store: &Store, k: u8, bytes: &[u8]) {
+    let txn = store.db().unwrap().begin_write().unwrap();
+    txn.open_table(ENTRIES)
+        .unwrap()
+        .insert(&key(k).0, bytes)
+        .unwrap();
+    txn.commit().unwrap();
+}
+
 fn copy(seq: u64) -> StoredCopy {
     StoredCopy {
         seq,
@@ -453,14 +463,7 @@ async fn a_damaged_entry_does_not_take_the_journals_copy_with_it() {
     store.put(put(1, "one", None)).await.unwrap().unwrap();
     store.fold_now().await;
     let second = store.put(put(1, "two", None)).await.unwrap().unwrap();
-    {
-        let txn = store.db().unwrap().begin_write().unwrap();
-        txn.open_table(ENTRIES)
-            .unwrap()
-            .insert(&key(1).0, &b"damaged"[..])
-            .unwrap();
-        txn.commit().unwrap();
-    }
+    overwrite_entry(&store, 1, b"damaged");
     let mut found = Vec::new();
     store
         .load(16, |batch| {
@@ -481,17 +484,10 @@ async fn a_damaged_entry_takes_only_its_own_copy() {
     let store = Run::open(dir.path());
     let first = store.put(put(1, "one", None)).await.unwrap().unwrap();
     store.fold_now().await;
-    {
-        // Its version and sequence number are readable; the rest is cut off.
-        let mut damaged = vec![3, 1];
-        damaged.extend_from_slice(&first.to_le_bytes());
-        let txn = store.db().unwrap().begin_write().unwrap();
-        txn.open_table(ENTRIES)
-            .unwrap()
-            .insert(&key(1).0, &damaged[..])
-            .unwrap();
-        txn.commit().unwrap();
-    }
+    // Its version and sequence number are readable; the rest is cut off.
+    let mut damaged = vec![3, 1];
+    damaged.extend_from_slice(&first.to_le_bytes());
+    overwrite_entry(&store, 1, &damaged);
     let release = store.hold().await;
     let (visible_tx, visible) = std_mpsc::channel();
     store.put_then(
