@@ -1503,9 +1503,13 @@ impl Writer {
                                 {
                                     continue;
                                 }
-                                if let Some((seq, _)) = cur {
-                                    t.remove_record(seq, key)?;
-                                }
+                                // A key that holds nothing keeps the word it has: a Gone
+                                // would change nothing, and every request with an unsafe
+                                // method deletes the keys it names, mostly not stored.
+                                let Some((seq, _)) = cur else {
+                                    continue;
+                                };
+                                t.remove_record(seq, key)?;
                                 Tail::Gone
                             }
                         };

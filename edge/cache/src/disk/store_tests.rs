@@ -582,3 +582,36 @@ async fn a_damaged_journal_word_leaves_its_key_empty() {
         assert!(records.get(gone).unwrap().is_none(), "record {gone} left");
     }
 }
+
+/// A delete of a key that holds nothing (every request with an unsafe method deletes the keys
+/// it names, mostly not stored) writes no journal word; one of a stored key still does, and a
+/// delete after it leaves that word as it is.
+#[tokio::test]
+async fn a_delete_of_nothing_writes_no_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Run::open(dir.path());
+    store.put(put(1, "one", None)).await.unwrap().unwrap();
+    store.delete(key(2));
+    store.delete(key(1));
+    store.flush().await;
+    let (word, tail) = *store.tail.get(&key(1)).unwrap();
+    assert_eq!(tail, Tail::Gone);
+    store.delete(key(1));
+    store.flush().await;
+    assert!(
+        store.tail.get(&key(2)).is_none(),
+        "no word on a key never stored"
+    );
+    assert_eq!(
+        store.tail.get(&key(1)).map(|w| *w),
+        Some((word, Tail::Gone))
+    );
+    let txn = store.db().unwrap().begin_read().unwrap();
+    let journal = txn.open_table(JOURNAL).unwrap();
+    assert_eq!(ReadableTableMetadata::len(&journal).unwrap(), 1);
+    drop(txn);
+    store.close().await;
+    let store = Run::open(dir.path());
+    assert_eq!(store.get(&key(1)).unwrap(), None);
+    assert_eq!(store.get(&key(2)).unwrap(), None);
+}
