@@ -1289,8 +1289,15 @@ impl DiskTier {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             };
             // Not before the index stops naming them durably: after a kill -9, an entry whose
-            // file is gone would be a miss taken for damage.
-            this.store.synced().await;
+            // file is gone would be a miss taken for damage. Not at all if those writes failed
+            // (the index may still name them); the next start sweeps what nothing names.
+            if !this.store.synced().await {
+                warn!(
+                    files = batch.len(),
+                    "disk index writes failed; unreferenced content files are kept until the next start"
+                );
+                continue;
+            }
             for sri in batch {
                 // Named again meanwhile (the same body stored anew): it stays.
                 if !this.refs.is_referenced(&sri.to_string()) {

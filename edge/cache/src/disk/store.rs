@@ -150,7 +150,11 @@ const MAX_PURGE_SEQ: &str = "max_purge_seq";
 const NEXT_SEQ: &str = "next_seq";
 
 /// Writes committed in one transaction at most.
+#[cfg(not(test))]
 const BATCH_MAX: usize = 4096;
+/// Tests reach a batch's end with few writes.
+#[cfg(test)]
+const BATCH_MAX: usize = 64;
 
 /// Commits are at least this far apart while writes keep coming, so that each carries a
 /// batch: a commit rewrites the tree's upper pages, whatever its size.
@@ -428,6 +432,10 @@ enum Op {
     ForgetVary(Vec<KeyHash>),
     /// Commit what came before, durably; tell whether it held.
     Flush(oneshot::Sender<bool>),
+    /// Tell, once what came before is durable, whether it held: at the next durable commit
+    /// the writer makes anyway (it asks for none), at once if none is due (nothing waits to be
+    /// synced).
+    Synced(oneshot::Sender<bool>),
     /// Commit what came before, then fold the journal (tests).
     #[cfg(test)]
     Fold(oneshot::Sender<()>),
@@ -448,7 +456,7 @@ impl Op {
     /// Its commit must be durable.
     fn asks_sync(&self) -> bool {
         match self {
-            Op::Put(..) | Op::Delete(..) | Op::ForgetVary(_) => false,
+            Op::Put(..) | Op::Delete(..) | Op::ForgetVary(_) | Op::Synced(_) => false,
             #[cfg(test)]
             Op::Hold(..) => false,
             Op::Flush(_) | Op::Close(_) => true,
@@ -471,7 +479,6 @@ pub(super) struct Store {
     /// Transactions committed, and writes that failed, since start.
     pub commits: Arc<AtomicU64>,
     /// Durable commits since start, and a wake-up for those waiting on the next.
-    synced: Arc<(AtomicU64, tokio::sync::Notify)>,
     pub errors: Arc<AtomicU64>,
 }
 
@@ -651,7 +658,6 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let pending = Arc::new(DashMap::with_hasher(KeyHasher::default()));
         let commits = Arc::new(AtomicU64::new(0));
-        let synced = Arc::new((AtomicU64::new(0), tokio::sync::Notify::new()));
         let errors = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             db: Arc::clone(&db),
@@ -659,6 +665,7 @@ impl Store {
             last_sync: Instant::now(),
             unsynced: false,
             held: Vec::new(),
+            waiting_sync: Vec::new(),
             next_seq,
             next_journal,
             journal_max: journal_max.max(1),
@@ -667,7 +674,6 @@ impl Store {
             pending: Arc::clone(&pending),
             tail: Arc::clone(&tail),
             commits: Arc::clone(&commits),
-            synced: Arc::clone(&synced),
             errors: Arc::clone(&errors),
         };
         std::thread::Builder::new()
@@ -680,7 +686,6 @@ impl Store {
             tail,
             tickets: AtomicU64::new(1),
             commits,
-            synced,
             errors,
         })
     }
@@ -798,24 +803,11 @@ impl Store {
     }
 
     /// Waits until every write queued before this call is durable, as [`Store::flush`] does,
-    /// but on the syncs the writer makes anyway (a second sync after this call began: the
-    /// first may have been under way without those writes); after 2 × [`SYNC_EVERY`] without
-    /// them, it asks for one.
-    pub async fn synced(&self) {
-        let (count, wake) = &*self.synced;
-        let seen = count.load(Ordering::Acquire);
-        let wait = async {
-            loop {
-                let woken = wake.notified();
-                if count.load(Ordering::Acquire) >= seen + 2 {
-                    return;
-                }
-                woken.await;
-            }
-        };
-        if tokio::time::timeout(2 * SYNC_EVERY, wait).await.is_err() {
-            self.flush().await;
-        }
+    /// but on the syncs the writer makes anyway (at most [`SYNC_EVERY`] apart while writes
+    /// keep coming). Tells whether those writes held.
+    pub async fn synced(&self) -> bool {
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Op::Synced(done)).is_ok() && wait.await == Ok(true)
     }
 
     /// Waits until every write queued before this call has committed (durably or not), then
@@ -1121,6 +1113,8 @@ struct Writer {
     unsynced: bool,
     /// Completions of puts whose commits wait for the next durable one.
     held: Vec<(Completion, Option<u64>)>,
+    /// [`Op::Synced`] replies waiting for the next durable commit.
+    waiting_sync: Vec<oneshot::Sender<bool>>,
     /// The sequence number of the next new record.
     next_seq: u64,
     /// The key of the next journal record.
@@ -1135,7 +1129,6 @@ struct Writer {
     pending: Arc<DashMap<KeyHash, (u64, Pending), KeyHasher>>,
     tail: Arc<DashMap<KeyHash, (u64, Tail), KeyHasher>>,
     commits: Arc<AtomicU64>,
-    synced: Arc<(AtomicU64, tokio::sync::Notify)>,
     errors: Arc<AtomicU64>,
 }
 
@@ -1246,7 +1239,7 @@ impl Writer {
             // Ranges in turn until the journal is within its bound again (one usually does),
             // after the replies, and after a sync: no put waits for the folds to be counted
             // as stored.
-            if !self.held.is_empty() {
+            if !self.held.is_empty() || !self.waiting_sync.is_empty() {
                 self.commit_and_reply(Vec::new());
             }
             let mut folds = 0;
@@ -1282,6 +1275,9 @@ impl Writer {
             for (done, applied) in std::mem::take(&mut self.held) {
                 done.complete(outcome(applied));
             }
+            for done in std::mem::take(&mut self.waiting_sync) {
+                let _ = done.send(result.is_ok());
+            }
         }
         let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
         for (op, applied) in ops.into_iter().zip(applied) {
@@ -1314,6 +1310,15 @@ impl Writer {
                 Op::ForgetVary(_) => {}
                 Op::Flush(done) => {
                     let _ = done.send(result.is_ok());
+                }
+                // What came before is durable (this commit, or nothing left unsynced), or
+                // failed to commit; else it waits for the next durable commit.
+                Op::Synced(done) => {
+                    if durable || result.is_err() || !self.unsynced {
+                        let _ = done.send(result.is_ok());
+                    } else {
+                        self.waiting_sync.push(done);
+                    }
                 }
                 #[cfg(test)]
                 Op::Fold(done) => {
@@ -1541,10 +1546,6 @@ impl Writer {
         self.next_journal = next_journal;
         txn.commit()?;
         self.unsynced = !durable;
-        if durable {
-            self.synced.0.fetch_add(1, Ordering::Release);
-            self.synced.1.notify_waiters();
-        }
         self.last_commit = Instant::now();
         for (key, word) in words {
             self.tail.insert(key, word);

@@ -615,3 +615,48 @@ async fn a_delete_of_nothing_writes_no_word() {
     assert_eq!(store.get(&key(1)).unwrap(), None);
     assert_eq!(store.get(&key(2)).unwrap(), None);
 }
+
+/// `synced` returns once every write queued before it is durable, however long the queue: the
+/// remover unlinks content files after it, which the index must no longer name after a kill -9.
+/// Counting the syncs that passed (as it did) returned after two durable commits of a backlog
+/// longer than a batch, the later writes not even committed.
+#[tokio::test]
+async fn synced_waits_for_every_write_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Run::open(dir.path());
+    let release = store.hold().await;
+    // Two full batches, each made durable by a flush at its end, then the last write.
+    let mut flushed = Vec::new();
+    for b in 0..2 {
+        for i in 0..BATCH_MAX - 1 {
+            let mut p = put(0, "backlog", None);
+            p.key = KeyHash::of(&format!("example.test/backlog/{b}/{i}"));
+            store.put_then(p, Completion::new(drop, drop));
+        }
+        let (done, wait) = oneshot::channel();
+        store.tx.send(Op::Flush(done)).unwrap();
+        flushed.push(wait);
+    }
+    store.put_then(put(1, "last", None), Completion::new(drop, drop));
+    let mut synced = std::pin::pin!(store.synced());
+    assert!(futures_util::poll!(&mut synced).is_pending());
+    drop(release);
+    assert!(synced.await);
+    assert!(store.pending(&key(1)).is_none(), "the last write committed");
+    for wait in flushed {
+        assert_eq!(wait.await, Ok(true));
+    }
+    let release = store.hold().await;
+    let killed = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.path().join("index.redb"),
+        killed.path().join("index.redb"),
+    )
+    .unwrap();
+    drop(release);
+    let after = Run::open(killed.path());
+    assert_eq!(
+        after.get(&key(1)).unwrap().map(|r| r.1),
+        Some(b"last".to_vec())
+    );
+}
