@@ -1,8 +1,8 @@
-//! Hit path: requests per second and latency of cache hits (memory tier and disk tier, 1 KiB
-//! and 100 KiB bodies) next to a plain hyper server returning the same bytes, on loopback.
+//! Hit path: requests per second and latency of cache hits (memory tier and disk tier, 1 KiB,
+//! 100 KiB and 1 MiB bodies) next to a plain hyper server returning the same bytes, on loopback.
 //! Target: memory hits at ≥ 90% of the plain server's requests per second.
 //!
-//! Run: `cargo bench --bench hit_path` (release; ~75 s). Settings: OUTPOST_BENCH_SECS (measured
+//! Run: `cargo bench --bench hit_path` (release; ~110 s). Settings: OUTPOST_BENCH_SECS (measured
 //! seconds per case per round, 3), OUTPOST_BENCH_WARMUP_SECS (1), OUTPOST_BENCH_ROUNDS (3),
 //! OUTPOST_BENCH_CONNS (32), OUTPOST_BENCH_SERVER_THREADS (cores), OUTPOST_BENCH_CLIENT_THREADS
 //! (2), OUTPOST_BENCH_ORIGIN_CHUNK (origin body chunk in bytes while warming; 16384).
@@ -17,7 +17,8 @@
 //! per-round ratios. The edge's origin is in-process (no socket) and is asked only while warming;
 //! the bench fails if it is asked during a measurement or if any answer is not `X-Cache: HIT`.
 //! Memory edge: memory 256 MiB. Disk edge: memory 4 KiB, so the memory tier (objects up to
-//! memory/8 = 512 B) never holds the bodies and every hit reads the disk.
+//! memory/8 = 512 B) never holds the bodies and every hit reads the disk: whole up to 128 KiB,
+//! streamed above (the 1 MiB case).
 //!
 //! Columns: req/s (median of rounds), latency percentiles over all rounds, "vs plain" = edge
 //! req/s over plain req/s, CPU/req = CPU time of the server runtime's threads per request
@@ -384,6 +385,21 @@
 //! µs), memory 100 KiB 91.9% (23.5 µs) against 95.4% (22.5 µs), disk 100 KiB 67.4% (33.4 µs)
 //! against 62.7% (37.8 µs). Unchanged within the spread. Disk over memory hits: 1 KiB
 //! ~0.75x (target 0.6x: met), 100 KiB 0.6-0.7x (target 0.95x: not met; see above).
+//!
+//! Session 17 (2026-12-06): whole reads into an unzeroed buffer (265faf0; zeroing was over a
+//! quarter of the read's CPU by perf), then streams checked by the file's unchanged stamp
+//! instead of hashing every time (SHA-256 of every byte of every streamed hit), read straight
+//! from the file and on the worker once hot, and the 1 MiB case added. The bench's CPU sum
+//! lost the CPU of blocking threads that exited during a case (after the 1 MiB disk case, the
+//! next disk 100 KiB case read 12 µs, below the memory hit); its runtimes now keep them.
+//! Runs (% of plain req/s, CPU/req), alternating: zeroed (b695faf's parent) against unzeroed,
+//! 100 KiB only: disk 63.8, 61.5% (31.4, 32.7 µs) -> 75.7, 72.8% (29.9, 27.3 µs), memory 19.1,
+//! 21.3 -> 22.1, 21.8 µs: disk over memory 0.60-0.65x -> 0.74-0.80x (CPU). Streams hashed
+//! (b695faf) against stamped, twice: disk 1 MiB 16.6, 15.0% (1428, 1491 µs) -> 34.5, 36.1%
+//! (561, 577 µs); disk 100 KiB 64.6, 76.8% (28.9, 26.9 µs) -> 66.8, 73.6% (30.7, 26.3 µs),
+//! unchanged. Then read on the worker when hot, against the stamped build, twice: disk 1 MiB
+//! 37.7, 38.9% (522, 521 µs) -> 65.4, 60.2% (311, 257 µs), memory 1 MiB 149-176 µs. A 1 MiB
+//! disk hit went from 0.10x to 0.5-0.6x the memory hit's CPU.
 
 mod support;
 
@@ -399,7 +415,11 @@ use support::loadgen::{self, LoadSpec};
 use support::servers::{BenchOrigin, Bodies, start_edge, start_plain};
 use support::{Latencies, Runtimes, env_secs, env_u64, fmt_dur, median, threads_cpu};
 
-const SIZES: [(&str, &str, usize); 2] = [("1KiB", "/1k", 1024), ("100KiB", "/100k", 100 * 1024)];
+const SIZES: [(&str, &str, usize); 3] = [
+    ("1KiB", "/1k", 1024),
+    ("100KiB", "/100k", 100 * 1024),
+    ("1MiB", "/1m", 1024 * 1024),
+];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {

@@ -94,6 +94,10 @@ impl Runtimes {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads.max(1) as usize)
                 .thread_name(name)
+                // Blocking threads stay for the whole run: [`threads_cpu`] reads live threads
+                // only, so one that exited during a case took its CPU out of that case's sum
+                // (after streams of large disk hits, the next case's CPU read as half its own).
+                .thread_keep_alive(Duration::from_secs(24 * 3600))
                 .enable_all()
                 .build()
                 .expect("tokio runtime")

@@ -42,15 +42,17 @@
 //! Body integrity: every read is checked, and a damaged body (another length or hash, or gone)
 //! is removed and treated as a miss; a read that fails without finding damage (out of file
 //! descriptors, an I/O error) is a miss that leaves the object stored (`reader::is_damage`).
-//! A stream is hashed and counted as it goes (its last chunk held back until the hash and the
-//! recorded length matched), and the content file's length is checked before a stream starts,
-//! so a body is never cut short under a Content-Length that promises more. A whole read
-//! is hashed too, except when the content file is the very file whose bytes last matched the
-//! hash in this process, unchanged since: same device, inode, length, mtime and ctime, with
+//! A read is hashed, except when the content file is the very file whose bytes last matched
+//! the hash in this process, unchanged since: same device, inode, length, mtime and ctime, with
 //! those times older than that read by [`STAMP_SETTLE`] (so a change within one timestamp tick
-//! cannot hide). Any write, truncation or replacement through the file system is caught that
-//! way; what is not caught until the next start (when every entry begins unchecked) is damage
-//! below the file system that leaves the file's metadata alone.
+//! cannot hide), compared when the file is opened and again after its last byte is read. Any
+//! write, truncation or replacement through the file system is caught that way; what is not
+//! caught until the next start (when every entry begins unchecked) is damage below the file
+//! system that leaves the file's metadata alone. A stream is checked and counted as it goes
+//! (its last chunk held back until the check and the recorded length passed), and the content
+//! file's length is checked before a stream starts, so a body is never cut short under a
+//! Content-Length that promises more. A stream of a large file hashed every time cost its
+//! bytes' SHA-256 on every hit (`benches/hit_path.rs`, 1 MiB).
 //!
 //! Hits: the parsed metadata of recently hit objects is held in memory (a second moka cache,
 //! bounded in bytes), so a hit on one of them reads only its body. A held copy is tied to the

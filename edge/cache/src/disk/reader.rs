@@ -1,5 +1,6 @@
-//! Reading bodies: whole (one blocking call, checked by hash or by an unchanged file stamp),
-//! verified ahead of a first stream, or streamed with the hash checked before the last chunk.
+//! Reading bodies: whole (one blocking call), verified ahead of a first stream, or streamed
+//! with the check done before the last chunk; each checked by hash or by an unchanged file
+//! stamp ([`Checking`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use cacache::Integrity;
 use futures_util::Stream;
+use ssri::IntegrityChecker;
 use tokio::io::AsyncReadExt;
 use tracing::warn;
 
@@ -21,6 +23,12 @@ use crate::key::KeyHash;
 /// holds up to two 64 KiB chunks per request anyway, and each chunk of a stream is a separate
 /// trip to the blocking pool.
 pub const WHOLE_READ_MAX: u64 = 128 * 1024;
+
+/// The chunks a stream reads.
+pub(super) const STREAM_READ: usize = 64 * 1024;
+
+/// The chunks a check of a whole body reads (see [`DiskTier::verify`]).
+const VERIFY_READ: usize = 256 * 1024;
 
 /// A content file as the file system describes it. A write, truncation or replacement changes
 /// at least one field, provided the times were taken a timestamp tick after the previous change.
@@ -176,44 +184,26 @@ impl DiskTier {
             return true;
         }
         let size = hit.entry.size;
-        let wrong_length = |len: u64| {
-            (len != size).then(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("content is {len} bytes, the index says {size}"),
-                )
-            })
-        };
+        let path = hit
+            .entry
+            .content_file(|| self.content_path(&hit.entry.sri()))
+            .path
+            .clone();
         let failed = if hit.entry.verified.load(Ordering::Acquire) {
-            let path = &hit
-                .entry
-                .content_file(|| self.content_path(&hit.entry.sri()))
-                .path;
-            match tokio::fs::metadata(path).await {
-                Ok(md) => wrong_length(md.len()),
+            match tokio::fs::metadata(&path).await {
+                Ok(md) => (md.len() != size).then(|| wrong_length(md.len(), size)),
                 // Not where cacache's layout puts it: the stream's own checks decide.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => None,
                 Err(e) => Some(e),
             }
         } else {
-            let read = async {
-                let mut r = cacache::Reader::open_hash(&self.content, hit.entry.sri())
-                    .await
-                    .map_err(cacache_error)?;
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut total = 0u64;
-                loop {
-                    match r.read(&mut buf).await? {
-                        0 => break,
-                        n => total += n as u64,
-                    }
-                }
-                r.check().map_err(cacache_error)?;
-                Ok::<_, io::Error>(total)
-            }
-            .await;
-            match read {
-                Ok(total) => wrong_length(total),
+            let entry = Arc::clone(&hit.entry);
+            match blocking(false, move || read_through(&path, &entry)).await {
+                Ok(Some(true)) => None,
+                Ok(Some(false)) => Some(io::Error::other(
+                    "the content file changed while it was read",
+                )),
+                Ok(None) => self.read_through_cacache(&hit.entry).await.err(),
                 Err(e) => Some(e),
             }
         };
@@ -229,35 +219,82 @@ impl DiskTier {
         }
     }
 
-    /// Streams a body in chunks. The last chunk is held back until the integrity check at the
-    /// end has passed and the length matched the recorded one: on a mismatch the stream ends
-    /// with an error *before* the final bytes, so a client never receives a damaged or
-    /// truncated body presented as complete, and the entry is removed.
+    /// Reads a body through cacache (which checks its hash), keeping nothing: for a body not
+    /// where cacache's layout puts it.
+    async fn read_through_cacache(&self, entry: &DiskEntry) -> io::Result<()> {
+        let mut r = cacache::Reader::open_hash(&self.content, entry.sri())
+            .await
+            .map_err(cacache_error)?;
+        let mut buf = vec![0u8; VERIFY_READ];
+        let mut total = 0u64;
+        loop {
+            match r.read(&mut buf).await? {
+                0 => break,
+                n => total += n as u64,
+            }
+        }
+        r.check().map_err(cacache_error)?;
+        match total == entry.size {
+            true => Ok(()),
+            false => Err(wrong_length(total, entry.size)),
+        }
+    }
+
+    /// Streams a body in chunks of [`STREAM_READ`], each read on the blocking pool unless the
+    /// body is hot (read within [`HOT_FOR`](super::HOT_FOR), as whole reads decide). The last
+    /// chunk is held back until the check at the end has passed (see [`Checking`]: the hash,
+    /// or the file's unchanged stamp) and the length matched the recorded one: on a mismatch
+    /// the stream ends with an error *before* the final bytes, so a client never receives a
+    /// damaged or truncated body presented as complete, and the entry is removed.
     pub fn stream(
         self: &Arc<Self>,
         key: KeyHash,
         hit: &DiskHit,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        /// Where the bytes come from.
+        enum Source {
+            /// The content file, read directly.
+            File(Checking),
+            /// cacache's reader, which checks the hash itself: no file where cacache's layout
+            /// puts it.
+            Cacache(cacache::Reader),
+        }
         struct St {
             tier: Arc<DiskTier>,
             /// An inline body: read from its record, in one piece.
             inline: Option<DiskHit>,
             /// Keeps the content file referenced while it streams.
             entry: Arc<DiskEntry>,
-            sri: Integrity,
-            reader: Option<cacache::Reader>,
+            source: Option<Source>,
+            /// Read on the async worker (see [`DiskEntry::hot`]), not on the blocking pool.
+            hot: bool,
             pending: Option<Bytes>,
             done: bool,
             /// Bytes read so far, and the recorded length.
             read: u64,
             size: u64,
         }
+        impl St {
+            /// Ends the stream with `e`, removing the copy if `e` is damage.
+            fn fail(mut self, key: &KeyHash, e: io::Error) -> Option<(io::Result<Bytes>, Self)> {
+                self.tier.drop_if_damaged(key, &self.entry, &e);
+                self.done = true;
+                self.pending = None;
+                Some((Err(io::Error::new(e.kind(), e.to_string())), self))
+            }
+
+            /// Holds `chunk` back, giving the one held before.
+            fn hold(&mut self, chunk: Vec<u8>) -> Option<Bytes> {
+                self.read += chunk.len() as u64;
+                self.pending.replace(Bytes::from(chunk))
+            }
+        }
         let st = St {
             tier: Arc::clone(self),
             inline: hit.entry.inline.then(|| hit.clone()),
             entry: Arc::clone(&hit.entry),
-            sri: hit.entry.sri(),
-            reader: None,
+            source: None,
+            hot: hit.entry.hot(),
             pending: None,
             done: false,
             read: 0,
@@ -273,63 +310,119 @@ impl DiskTier {
                     let body = st.tier.inline_body(&key, &hit).await;
                     return Some((body, st));
                 }
-                if st.reader.is_none() {
-                    match cacache::Reader::open_hash(&st.tier.content, st.sri.clone()).await {
-                        Ok(r) => st.reader = Some(r),
-                        Err(e) => {
-                            let e = cacache_error(e);
-                            st.tier.drop_if_damaged(&key, &st.entry, &e);
-                            st.done = true;
-                            return Some((Err(io::Error::other(e.to_string())), st));
-                        }
-                    }
-                }
-                let reader = st.reader.as_mut().expect("opened above");
-                let mut buf = vec![0u8; 64 * 1024];
-                match reader.read(&mut buf).await {
-                    Ok(0) => {
-                        st.done = true;
-                        let reader = st.reader.take().expect("opened above");
-                        return match reader.check() {
-                            Ok(_) if st.read == st.size => {
-                                st.pending.take().map(|last| (Ok(last), st))
+                let path = st
+                    .entry
+                    .content_file(|| st.tier.content_path(&st.entry.sri()))
+                    .path
+                    .clone();
+                match st.source.take() {
+                    None => {
+                        let entry = Arc::clone(&st.entry);
+                        let opened = blocking(st.hot, move || Checking::open(&path, &entry)).await;
+                        st.source = match opened {
+                            Ok(Some(file)) => Some(Source::File(file)),
+                            Ok(None) => {
+                                match cacache::Reader::open_hash(&st.tier.content, st.entry.sri())
+                                    .await
+                                {
+                                    Ok(r) => Some(Source::Cacache(r)),
+                                    Err(e) => return st.fail(&key, cacache_error(e)),
+                                }
                             }
-                            Ok(_) => {
-                                warn!(key = %key, read = st.read, size = st.size, "disk entry is not the recorded length, dropping it");
-                                st.tier.remove_copy(&key, &st.entry);
-                                st.pending = None;
-                                Some((Err(io::Error::other("content length mismatch")), st))
-                            }
-                            Err(e) => {
-                                warn!(key = %key, error = %e, "disk entry failed its integrity check, dropping it");
-                                st.tier.remove_copy(&key, &st.entry);
-                                st.pending = None;
-                                Some((Err(io::Error::other("integrity check failed")), st))
-                            }
+                            Err(e) => return st.fail(&key, e),
                         };
                     }
-                    Ok(n) => {
-                        buf.truncate(n);
-                        st.read += n as u64;
-                        if st.read > st.size {
-                            warn!(key = %key, size = st.size, "disk entry is longer than recorded, dropping it");
-                            st.tier.remove_copy(&key, &st.entry);
-                            st.done = true;
-                            st.pending = None;
-                            return Some((Err(io::Error::other("content length mismatch")), st));
-                        }
-                        if let Some(prev) = st.pending.replace(Bytes::from(buf)) {
-                            return Some((Ok(prev), st));
+                    Some(Source::File(file)) if st.read == st.size => {
+                        st.done = true;
+                        match file.finish(&path, &st.entry, SystemTime::now()) {
+                            Ok(true) => {
+                                st.entry.mark_read();
+                                return st.pending.take().map(|last| (Ok(last), st));
+                            }
+                            Ok(false) => {
+                                let e =
+                                    io::Error::other("the content file changed while it was read");
+                                return st.fail(&key, e);
+                            }
+                            Err(e) => return st.fail(&key, e),
                         }
                     }
-                    Err(e) => {
-                        st.done = true;
-                        return Some((Err(e), st));
+                    Some(Source::File(mut file)) => {
+                        let want = usize::try_from(st.size - st.read)
+                            .unwrap_or(usize::MAX)
+                            .min(STREAM_READ);
+                        let read =
+                            blocking(st.hot, move || file.read(want).map(|c| (file, c))).await;
+                        match read {
+                            Ok((_, chunk)) if chunk.len() < want => {
+                                let e = io::Error::new(
+                                    io::ErrorKind::UnexpectedEof,
+                                    format!(
+                                        "content ends at {} bytes, the index says {}",
+                                        st.read + chunk.len() as u64,
+                                        st.size
+                                    ),
+                                );
+                                return st.fail(&key, e);
+                            }
+                            Ok((file, chunk)) => {
+                                st.source = Some(Source::File(file));
+                                if let Some(prev) = st.hold(chunk) {
+                                    return Some((Ok(prev), st));
+                                }
+                            }
+                            // Not damage (a passing failure): the copy stays.
+                            Err(e) => return st.fail(&key, e),
+                        }
+                    }
+                    Some(Source::Cacache(mut reader)) => {
+                        let mut buf = vec![0u8; STREAM_READ];
+                        match reader.read(&mut buf).await {
+                            Ok(0) => {
+                                st.done = true;
+                                return match reader.check() {
+                                    Ok(_) if st.read == st.size => {
+                                        st.pending.take().map(|last| (Ok(last), st))
+                                    }
+                                    Ok(_) => {
+                                        let e = wrong_length(st.read, st.size);
+                                        st.fail(&key, e)
+                                    }
+                                    Err(e) => st.fail(&key, cacache_error(e)),
+                                };
+                            }
+                            Ok(n) => {
+                                buf.truncate(n);
+                                if st.read + n as u64 > st.size {
+                                    let e = wrong_length(format!("over {}", st.size), st.size);
+                                    return st.fail(&key, e);
+                                }
+                                st.source = Some(Source::Cacache(reader));
+                                if let Some(prev) = st.hold(buf) {
+                                    return Some((Ok(prev), st));
+                                }
+                            }
+                            Err(e) => return st.fail(&key, e),
+                        }
                     }
                 }
             }
         })
     }
+}
+
+/// Runs `f` on the blocking pool, or here if the file it reads is `hot` (see
+/// [`DiskEntry::hot`]).
+async fn blocking<T: Send + 'static>(
+    hot: bool,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    if hot {
+        return f();
+    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(io::Error::other)?
 }
 
 /// Reads `size` bytes from `file`'s current position (fewer at the end of the file), in one
@@ -362,63 +455,150 @@ fn read_exactly(file: &mut std::fs::File, size: usize) -> io::Result<Vec<u8>> {
     Ok(data)
 }
 
-/// Reads the body at `path` whole, checked: hashed, unless the file is the one whose bytes last
-/// matched the hash, unchanged (same stamp before and after this read, settled at `now`). A
-/// successful hash of a settled, stable file records its stamp. A file of another length is
-/// damaged: its stamp says so before any read, and then exactly `entry.size` bytes are read,
-/// in one call (without a stamp, `entry.size + 1`, to find out; see [`read_exactly`]).
+/// A content file being read, checked as it goes: hashed, unless it is the file whose bytes
+/// last matched the hash, unchanged since (its stamp, taken at the opening, is compared again
+/// at the end instead).
+pub(super) struct Checking {
+    file: std::fs::File,
+    /// The file's stamp at the opening (`None` where the platform gives none).
+    before: Option<FileStamp>,
+    hasher: Option<IntegrityChecker>,
+}
+
+impl Checking {
+    /// Opens the content file of `entry` at `path`: `Ok(None)` if nothing is there. A file of
+    /// another length is damaged: its stamp says so before any read.
+    pub(super) fn open(path: &Path, entry: &DiskEntry) -> io::Result<Option<Self>> {
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let before = FileStamp::of(&file.metadata()?);
+        if let Some(stamp) = before
+            && stamp.len != entry.size
+        {
+            return Err(wrong_length(stamp.len, entry.size));
+        }
+        let checked = &entry.content_file(|| path.to_path_buf()).checked;
+        let unchanged =
+            before.is_some() && *checked.lock().unwrap_or_else(PoisonError::into_inner) == before;
+        Ok(Some(Self {
+            file,
+            before,
+            hasher: (!unchanged).then(|| IntegrityChecker::new(entry.sri())),
+        }))
+    }
+
+    /// Whether its bytes are hashed (rather than vouched for by the file's unchanged stamp).
+    pub(super) fn hashes(&self) -> bool {
+        self.hasher.is_some()
+    }
+
+    /// The next `want` bytes (fewer at the end of the file), hashed if it hashes.
+    fn read(&mut self, want: usize) -> io::Result<Vec<u8>> {
+        let data = read_exactly(&mut self.file, want)?;
+        if let Some(hasher) = &mut self.hasher {
+            hasher.input(&data);
+        }
+        Ok(data)
+    }
+
+    /// Once `entry.size` bytes were read: whether they are the stored body. A hash that matched
+    /// records the file's stamp, if the file did not change during the read and its times have
+    /// settled at `now`. `Ok(false)`: not hashed, and the file changed meanwhile (its bytes are
+    /// not vouched for, nor known to be damaged; the stamp is forgotten, so the next read
+    /// hashes).
+    fn finish(self, path: &Path, entry: &DiskEntry, now: SystemTime) -> io::Result<bool> {
+        let after = FileStamp::of(&self.file.metadata()?);
+        if let Some(stamp) = after
+            && stamp.len != entry.size
+        {
+            return Err(wrong_length(stamp.len, entry.size));
+        }
+        let stable = self.before.is_some() && self.before == after;
+        let checked = &entry.content_file(|| path.to_path_buf()).checked;
+        let mut checked = checked.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(hasher) = self.hasher else {
+            if !stable {
+                *checked = None;
+            }
+            return Ok(stable);
+        };
+        hasher
+            .result()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        if stable && self.before.is_some_and(|s| s.settled(now)) {
+            *checked = self.before;
+        }
+        Ok(true)
+    }
+}
+
+/// The error of a content file of `len` bytes where the index says `size`: damage.
+fn wrong_length(len: impl std::fmt::Display, size: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("content is {len} bytes, the index says {size}"),
+    )
+}
+
+/// Reads the content file of `entry` at `path` through, checked, keeping nothing (none if its
+/// unchanged stamp vouches for it): `Ok(None)` if nothing is there, else what
+/// [`Checking::finish`] says.
+fn read_through(path: &Path, entry: &DiskEntry) -> io::Result<Option<bool>> {
+    let Some(mut file) = Checking::open(path, entry)? else {
+        return Ok(None);
+    };
+    let mut left = if file.hashes() { entry.size } else { 0 };
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(VERIFY_READ);
+        let chunk = file.read(want)?;
+        if chunk.len() < want {
+            let read = entry.size - left + chunk.len() as u64;
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "content ends at {read} bytes, the index says {}",
+                    entry.size
+                ),
+            ));
+        }
+        left -= want as u64;
+    }
+    file.finish(path, entry, SystemTime::now()).map(Some)
+}
+
+/// Reads the body at `path` whole, checked (see [`Checking`]), in one read (see
+/// [`read_exactly`]). Without a file there (cacache's layout moved), cacache reads and checks
+/// it.
 pub(super) fn read_checked(
     path: &Path,
     cache: &Path,
     entry: &DiskEntry,
     now: SystemTime,
 ) -> io::Result<(Vec<u8>, Checked)> {
-    use std::io::Read;
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let data = cacache::read_hash_sync(cache, &entry.sri()).map_err(cacache_error)?;
-            return Ok((data, Checked::Hashed));
-        }
-        Err(e) => return Err(e),
+    let Some(mut file) = Checking::open(path, entry)? else {
+        let data = cacache::read_hash_sync(cache, &entry.sri()).map_err(cacache_error)?;
+        return Ok((data, Checked::Hashed));
     };
-    let before = FileStamp::of(&file.metadata()?);
-    let wrong_length = |len: &dyn std::fmt::Display| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("content is {len} bytes, the index says {}", entry.size),
-        )
+    let how = if file.hashes() {
+        Checked::Hashed
+    } else {
+        Checked::Unchanged
     };
     let size = usize::try_from(entry.size).map_err(io::Error::other)?;
-    let data = if let Some(stamp) = before {
-        if stamp.len != entry.size {
-            return Err(wrong_length(&stamp.len));
-        }
-        let data = read_exactly(&mut file, size)?;
-        if data.len() != size {
-            return Err(wrong_length(&data.len()));
-        }
-        data
-    } else {
-        let mut data = Vec::with_capacity(size);
-        (&mut file).take(entry.size + 1).read_to_end(&mut data)?;
-        if data.len() != size {
-            return Err(wrong_length(&data.len()));
-        }
-        data
-    };
-    let after = FileStamp::of(&file.metadata()?);
-    let stable = before.is_some() && before == after;
-    let checked = &entry.content_file(|| path.to_path_buf()).checked;
-    if stable && *checked.lock().unwrap_or_else(PoisonError::into_inner) == before {
-        return Ok((data, Checked::Unchanged));
+    let data = file.read(size)?;
+    if data.len() != size {
+        return Err(wrong_length(data.len(), entry.size));
     }
+    if file.finish(path, entry, now)? {
+        return Ok((data, how));
+    }
+    // Changed while it was read: the bytes read are checked themselves.
     entry
         .sri()
         .check(&data)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    if stable && before.is_some_and(|s| s.settled(now)) {
-        *checked.lock().unwrap_or_else(PoisonError::into_inner) = before;
-    }
     Ok((data, Checked::Hashed))
 }

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::{Request, Response};
 
-use super::reader::{Checked, is_damage, read_checked};
+use super::reader::{Checked, Checking, STREAM_READ, is_damage, read_checked};
 use super::*;
 use crate::policy::{self, Admission, AdmitOptions};
 
@@ -1401,4 +1401,95 @@ fn inline_bodies_are_named_as_ssri_names_xxh3() {
     let expected = cacache::Integrity::from_hex(hex, cacache::Algorithm::Xxh3).unwrap();
     assert_eq!(writer::inline_integrity(body).integrity(), expected);
     assert_eq!(writer::inline_integrity(body).text(), expected.to_string());
+}
+
+/// A large body stored and its stamp recorded by a settled read (as a whole read of a file
+/// whose times are seconds old records it): (guard, tier, key, body, content file).
+async fn streamed_body() -> (tempfile::TempDir, Arc<DiskTier>, KeyHash, Vec<u8>, PathBuf) {
+    let (dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/large");
+    let body: Vec<u8> = (0..300 * 1024u32).map(|i| (i % 251) as u8).collect();
+    store(&tier, key, &body, &meta("\"l\"")).await;
+    let hit = tier.get(&key).await.unwrap();
+    let path = tier.content_path(&hit.entry.sri());
+    let later = SystemTime::now() + STAMP_SETTLE * 2;
+    let content = dir.path().join("content");
+    let (_, how) = read_checked(&path, &content, &hit.entry, later).unwrap();
+    assert_eq!(how, Checked::Hashed);
+    (dir, tier, key, body, path)
+}
+
+/// A stream's chunks, each as it came.
+async fn chunks(tier: &Arc<DiskTier>, key: KeyHash) -> Vec<io::Result<Bytes>> {
+    let hit = tier.get(&key).await.unwrap();
+    futures_util::StreamExt::collect(tier.stream(key, &hit)).await
+}
+
+/// A stream skips the hash for the file whose bytes last matched it, unchanged; a file
+/// changed in place since is hashed again: its damage withholds the last chunk and removes the
+/// object. Read on the blocking pool, or on the worker once the body is hot.
+#[tokio::test]
+async fn a_stream_hashes_a_file_not_known_unchanged() {
+    for hot in [false, true] {
+        stream_hashes_a_file_not_known_unchanged(hot).await;
+    }
+}
+
+async fn stream_hashes_a_file_not_known_unchanged(hot: bool) {
+    let (_dir, tier, key, body, path) = streamed_body().await;
+    let hit = tier.get(&key).await.unwrap();
+    if hot {
+        assert_eq!(tier.read_all(&key, &hit).await.unwrap(), body);
+    }
+    assert_eq!(hit.entry.hot(), hot);
+    let entry = hit.entry;
+    let unchanged = Checking::open(&path, &entry).unwrap().unwrap();
+    assert!(!unchanged.hashes(), "the recorded stamp vouches for it");
+    let got: Vec<u8> = chunks(&tier, key)
+        .await
+        .into_iter()
+        .flat_map(|c| c.unwrap().to_vec())
+        .collect();
+    assert_eq!(got, body);
+
+    damage_in_place(&path);
+    assert!(Checking::open(&path, &entry).unwrap().unwrap().hashes());
+    let got = chunks(&tier, key).await;
+    let (last, sent) = got.split_last().unwrap();
+    assert!(last.is_err(), "the stream ends with an error");
+    let sent: usize = sent.iter().map(|c| c.as_ref().unwrap().len()).sum();
+    assert!(sent < body.len(), "the last bytes are held back");
+    assert!(
+        tier.get(&key).await.is_none(),
+        "the damaged object is removed"
+    );
+}
+
+/// A file that changes while a stream vouches for it by its stamp (touched, not damaged) ends
+/// that stream before its last bytes, but is not taken for damage: the object stays, and the
+/// next stream hashes it.
+#[tokio::test]
+async fn a_file_touched_during_a_stream_is_not_vouched_for() {
+    let (_dir, tier, key, body, path) = streamed_body().await;
+    let hit = tier.get(&key).await.unwrap();
+    let mut stream = std::pin::pin!(tier.stream(key, &hit));
+    let first = futures_util::StreamExt::next(&mut stream).await.unwrap();
+    assert_eq!(&first.unwrap()[..], &body[..STREAM_READ]);
+    age(&path);
+    let rest: Vec<io::Result<Bytes>> = futures_util::StreamExt::collect(stream).await;
+    let (last, sent) = rest.split_last().unwrap();
+    assert!(last.is_err());
+    let sent: usize = sent.iter().map(|c| c.as_ref().unwrap().len()).sum();
+    assert!(STREAM_READ + sent < body.len());
+    assert!(
+        tier.get(&key).await.is_some(),
+        "not damage: the object stays"
+    );
+    assert!(Checking::open(&path, &hit.entry).unwrap().unwrap().hashes());
+    let got: Vec<u8> = chunks(&tier, key)
+        .await
+        .into_iter()
+        .flat_map(|c| c.unwrap().to_vec())
+        .collect();
+    assert_eq!(got, body);
 }
