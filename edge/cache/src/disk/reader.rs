@@ -27,6 +27,12 @@ pub const WHOLE_READ_MAX: u64 = 128 * 1024;
 /// The chunks a stream reads.
 pub(super) const STREAM_READ: usize = 64 * 1024;
 
+/// Streams of bodies up to this size read on the async worker when hot (see
+/// [`DiskEntry::hot`]); larger ones always on the blocking pool, whose threads may wait on the
+/// disk: the page cache may keep only part of a large body, and a stream to a slow client
+/// lasts long after the read that made it hot.
+const HOT_STREAM_MAX: u64 = 4 << 20;
+
 /// The chunks a check of a whole body reads (see [`DiskTier::verify`]).
 const VERIFY_READ: usize = 256 * 1024;
 
@@ -63,6 +69,14 @@ impl FileStamp {
     #[cfg(not(unix))]
     fn of(_: &std::fs::Metadata) -> Option<Self> {
         None
+    }
+
+    /// The same file with the same bytes, as far as the file system says: all but the ctime
+    /// equal. A link or an attribute changed (cacache renaming an identical body over the
+    /// path unlinks the file being read, which moves its ctime), not its bytes: those move
+    /// the mtime, or, set back by hand, the ctime that [`Checking::open`] compares.
+    fn same_bytes(&self, other: &Self) -> bool {
+        (self.dev, self.ino, self.len, self.mtime) == (other.dev, other.ino, other.len, other.mtime)
     }
 
     /// Both times lie at least [`STAMP_SETTLE`] before `now`.
@@ -241,7 +255,8 @@ impl DiskTier {
     }
 
     /// Streams a body in chunks of [`STREAM_READ`], each read on the blocking pool unless the
-    /// body is hot (read within [`HOT_FOR`](super::HOT_FOR), as whole reads decide). The last
+    /// body is hot (read within [`HOT_FOR`](super::HOT_FOR), as whole reads decide) and at most
+    /// [`HOT_STREAM_MAX`]. The last
     /// chunk is held back until the check at the end has passed (see [`Checking`]: the hash,
     /// or the file's unchanged stamp) and the length matched the recorded one: on a mismatch
     /// the stream ends with an error *before* the final bytes, so a client never receives a
@@ -294,7 +309,7 @@ impl DiskTier {
             inline: hit.entry.inline.then(|| hit.clone()),
             entry: Arc::clone(&hit.entry),
             source: None,
-            hot: hit.entry.hot(),
+            hot: hit.entry.hot() && hit.entry.size <= HOT_STREAM_MAX,
             pending: None,
             done: false,
             read: 0,
@@ -318,7 +333,10 @@ impl DiskTier {
                 match st.source.take() {
                     None => {
                         let entry = Arc::clone(&st.entry);
-                        let opened = blocking(st.hot, move || Checking::open(&path, &entry)).await;
+                        let opened = blocking(st.hot, move || {
+                            Checking::open(&path, &entry, SystemTime::now())
+                        })
+                        .await;
                         st.source = match opened {
                             Ok(Some(file)) => Some(Source::File(file)),
                             Ok(None) => {
@@ -334,7 +352,7 @@ impl DiskTier {
                     }
                     Some(Source::File(file)) if st.read == st.size => {
                         st.done = true;
-                        match file.finish(&path, &st.entry, SystemTime::now()) {
+                        match file.finish(&path, &st.entry) {
                             Ok(true) => {
                                 st.entry.mark_read();
                                 return st.pending.take().map(|last| (Ok(last), st));
@@ -462,13 +480,19 @@ pub(super) struct Checking {
     file: std::fs::File,
     /// The file's stamp at the opening (`None` where the platform gives none).
     before: Option<FileStamp>,
+    /// When it was opened: the stamp is recorded only if the file's times were settled then.
+    opened: SystemTime,
     hasher: Option<IntegrityChecker>,
 }
 
 impl Checking {
-    /// Opens the content file of `entry` at `path`: `Ok(None)` if nothing is there. A file of
-    /// another length is damaged: its stamp says so before any read.
-    pub(super) fn open(path: &Path, entry: &DiskEntry) -> io::Result<Option<Self>> {
+    /// Opens the content file of `entry` at `path`, at `now`: `Ok(None)` if nothing is there.
+    /// A file of another length is damaged: its stamp says so before any read.
+    pub(super) fn open(
+        path: &Path,
+        entry: &DiskEntry,
+        now: SystemTime,
+    ) -> io::Result<Option<Self>> {
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -486,6 +510,7 @@ impl Checking {
         Ok(Some(Self {
             file,
             before,
+            opened: now,
             hasher: (!unchanged).then(|| IntegrityChecker::new(entry.sri())),
         }))
     }
@@ -505,11 +530,11 @@ impl Checking {
     }
 
     /// Once `entry.size` bytes were read: whether they are the stored body. A hash that matched
-    /// records the file's stamp, if the file did not change during the read and its times have
-    /// settled at `now`. `Ok(false)`: not hashed, and the file changed meanwhile (its bytes are
-    /// not vouched for, nor known to be damaged; the stamp is forgotten, so the next read
-    /// hashes).
-    fn finish(self, path: &Path, entry: &DiskEntry, now: SystemTime) -> io::Result<bool> {
+    /// records the file's stamp, if the file did not change during the read and its times had
+    /// settled when it was opened. `Ok(false)`: not hashed, and the file's bytes may have
+    /// changed meanwhile (not vouched for, nor known to be damaged; the stamp is forgotten, so
+    /// the next read hashes).
+    fn finish(self, path: &Path, entry: &DiskEntry) -> io::Result<bool> {
         let after = FileStamp::of(&self.file.metadata()?);
         if let Some(stamp) = after
             && stamp.len != entry.size
@@ -520,15 +545,19 @@ impl Checking {
         let checked = &entry.content_file(|| path.to_path_buf()).checked;
         let mut checked = checked.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(hasher) = self.hasher else {
+            let same = self
+                .before
+                .zip(after)
+                .is_some_and(|(before, after)| before.same_bytes(&after));
             if !stable {
                 *checked = None;
             }
-            return Ok(stable);
+            return Ok(same);
         };
         hasher
             .result()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        if stable && self.before.is_some_and(|s| s.settled(now)) {
+        if stable && self.before.is_some_and(|s| s.settled(self.opened)) {
             *checked = self.before;
         }
         Ok(true)
@@ -547,7 +576,7 @@ fn wrong_length(len: impl std::fmt::Display, size: u64) -> io::Error {
 /// unchanged stamp vouches for it): `Ok(None)` if nothing is there, else what
 /// [`Checking::finish`] says.
 fn read_through(path: &Path, entry: &DiskEntry) -> io::Result<Option<bool>> {
-    let Some(mut file) = Checking::open(path, entry)? else {
+    let Some(mut file) = Checking::open(path, entry, SystemTime::now())? else {
         return Ok(None);
     };
     let mut left = if file.hashes() { entry.size } else { 0 };
@@ -566,7 +595,7 @@ fn read_through(path: &Path, entry: &DiskEntry) -> io::Result<Option<bool>> {
         }
         left -= want as u64;
     }
-    file.finish(path, entry, SystemTime::now()).map(Some)
+    file.finish(path, entry).map(Some)
 }
 
 /// Reads the body at `path` whole, checked (see [`Checking`]), in one read (see
@@ -578,7 +607,7 @@ pub(super) fn read_checked(
     entry: &DiskEntry,
     now: SystemTime,
 ) -> io::Result<(Vec<u8>, Checked)> {
-    let Some(mut file) = Checking::open(path, entry)? else {
+    let Some(mut file) = Checking::open(path, entry, now)? else {
         let data = cacache::read_hash_sync(cache, &entry.sri()).map_err(cacache_error)?;
         return Ok((data, Checked::Hashed));
     };
@@ -592,7 +621,7 @@ pub(super) fn read_checked(
     if data.len() != size {
         return Err(wrong_length(data.len(), entry.size));
     }
-    if file.finish(path, entry, now)? {
+    if file.finish(path, entry)? {
         return Ok((data, how));
     }
     // Changed while it was read: the bytes read are checked themselves.

@@ -1508,13 +1508,20 @@ impl Writer {
                                 {
                                     continue;
                                 }
-                                // A key that holds nothing keeps the word it has: a Gone
-                                // would change nothing, and every request with an unsafe
-                                // method deletes the keys it names, mostly not stored.
-                                let Some((seq, _)) = cur else {
-                                    continue;
-                                };
-                                t.remove_record(seq, key)?;
+                                match cur {
+                                    Some((seq, _)) => t.remove_record(seq, key)?,
+                                    // A key that holds nothing keeps the word it has: a Gone
+                                    // would change nothing, and every request with an unsafe
+                                    // method deletes the keys it names, mostly not stored. An
+                                    // entry that does not decode (the load deletes those) is
+                                    // not nothing: the fold takes it out on a Gone.
+                                    None if self.word(&words, key).is_some()
+                                        || t.entries.get(&key.0)?.is_none() =>
+                                    {
+                                        continue;
+                                    }
+                                    None => {}
+                                }
                                 Tail::Gone
                             }
                         };

@@ -1425,9 +1425,10 @@ async fn chunks(tier: &Arc<DiskTier>, key: KeyHash) -> Vec<io::Result<Bytes>> {
     futures_util::StreamExt::collect(tier.stream(key, &hit)).await
 }
 
-/// A stream skips the hash for the file whose bytes last matched it, unchanged; a file
-/// changed in place since is hashed again: its damage withholds the last chunk and removes the
-/// object. Read on the blocking pool, or on the worker once the body is hot.
+/// A stream's check skips the hash for the file whose bytes last matched it, unchanged
+/// ([`Checking::hashes`]), and the stream gives the whole body; a file changed in place since
+/// is hashed again: its damage withholds the last chunk and removes the object. Read on the
+/// blocking pool, or on the worker once the body is hot.
 #[tokio::test]
 async fn a_stream_hashes_a_file_not_known_unchanged() {
     for hot in [false, true] {
@@ -1443,7 +1444,9 @@ async fn stream_hashes_a_file_not_known_unchanged(hot: bool) {
     }
     assert_eq!(hit.entry.hot(), hot);
     let entry = hit.entry;
-    let unchanged = Checking::open(&path, &entry).unwrap().unwrap();
+    let unchanged = Checking::open(&path, &entry, SystemTime::now())
+        .unwrap()
+        .unwrap();
     assert!(!unchanged.hashes(), "the recorded stamp vouches for it");
     let got: Vec<u8> = chunks(&tier, key)
         .await
@@ -1453,7 +1456,12 @@ async fn stream_hashes_a_file_not_known_unchanged(hot: bool) {
     assert_eq!(got, body);
 
     damage_in_place(&path);
-    assert!(Checking::open(&path, &entry).unwrap().unwrap().hashes());
+    assert!(
+        Checking::open(&path, &entry, SystemTime::now())
+            .unwrap()
+            .unwrap()
+            .hashes()
+    );
     let got = chunks(&tier, key).await;
     let (last, sent) = got.split_last().unwrap();
     assert!(last.is_err(), "the stream ends with an error");
@@ -1485,11 +1493,47 @@ async fn a_file_touched_during_a_stream_is_not_vouched_for() {
         tier.get(&key).await.is_some(),
         "not damage: the object stays"
     );
-    assert!(Checking::open(&path, &hit.entry).unwrap().unwrap().hashes());
+    assert!(
+        Checking::open(&path, &hit.entry, SystemTime::now())
+            .unwrap()
+            .unwrap()
+            .hashes()
+    );
     let got: Vec<u8> = chunks(&tier, key)
         .await
         .into_iter()
         .flat_map(|c| c.unwrap().to_vec())
         .collect();
+    assert_eq!(got, body);
+}
+
+/// cacache stores an identical body by renaming a new file over its path, which unlinks the
+/// file a stream is reading: its ctime moves, its bytes do not. A stream the file's stamp
+/// vouches for completes.
+#[tokio::test]
+async fn a_stream_outlives_its_body_stored_again() {
+    use std::os::unix::fs::MetadataExt;
+    let (_dir, tier, key, body, path) = streamed_body().await;
+    let hit = tier.get(&key).await.unwrap();
+    let mut stream = std::pin::pin!(tier.stream(key, &hit));
+    let first = futures_util::StreamExt::next(&mut stream).await.unwrap();
+    let mut got = first.unwrap().to_vec();
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    store(
+        &tier,
+        KeyHash::of("example.test/again"),
+        &body,
+        &meta("\"l\""),
+    )
+    .await;
+    assert_ne!(
+        std::fs::metadata(&path).unwrap().ino(),
+        inode,
+        "a new file was renamed over the path"
+    );
+    let rest: Vec<io::Result<Bytes>> = futures_util::StreamExt::collect(stream).await;
+    for chunk in rest {
+        got.extend_from_slice(&chunk.unwrap());
+    }
     assert_eq!(got, body);
 }
