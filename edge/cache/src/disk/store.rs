@@ -175,6 +175,12 @@ const GATHER: Duration = Duration::from_millis(5);
 /// places. Not taken; a kill -9 loses less this way.
 const SYNC_EVERY: Duration = Duration::from_millis(50);
 
+/// [`Store::synced`] says no for this long after any commit failed: the writes a caller waits
+/// for may have been in that commit, an earlier one than its own op's (a failed commit leaves
+/// nothing behind that says which writes it lost). The content remover then keeps its files
+/// for the next start's sweep rather than unlink bodies the index may still name.
+const FAILED_LATELY: Duration = Duration::from_secs(60);
+
 /// A write not yet committed.
 #[derive(Clone)]
 pub(super) enum Pending {
@@ -434,8 +440,11 @@ enum Op {
     Flush(oneshot::Sender<bool>),
     /// Tell, once what came before is durable, whether it held: at the next durable commit
     /// the writer makes anyway (it asks for none), at once if none is due (nothing waits to be
-    /// synced).
+    /// synced). Not if any commit failed within [`FAILED_LATELY`].
     Synced(oneshot::Sender<bool>),
+    /// Make the next commit with writes fail, as a full or failing disk would (tests).
+    #[cfg(test)]
+    FailNext,
     /// Commit what came before, then fold the journal (tests).
     #[cfg(test)]
     Fold(oneshot::Sender<()>),
@@ -458,7 +467,7 @@ impl Op {
         match self {
             Op::Put(..) | Op::Delete(..) | Op::ForgetVary(_) | Op::Synced(_) => false,
             #[cfg(test)]
-            Op::Hold(..) => false,
+            Op::Hold(..) | Op::FailNext => false,
             Op::Flush(_) | Op::Close(_) => true,
             #[cfg(test)]
             Op::Fold(_) => true,
@@ -666,6 +675,9 @@ impl Store {
             unsynced: false,
             held: Vec::new(),
             waiting_sync: Vec::new(),
+            last_failure: None,
+            #[cfg(test)]
+            fail_next: false,
             next_seq,
             next_journal,
             journal_max: journal_max.max(1),
@@ -804,7 +816,8 @@ impl Store {
 
     /// Waits until every write queued before this call is durable, as [`Store::flush`] does,
     /// but on the syncs the writer makes anyway (at most [`SYNC_EVERY`] apart while writes
-    /// keep coming). Tells whether those writes held.
+    /// keep coming). Tells whether those writes held: not if any commit failed within
+    /// [`FAILED_LATELY`].
     pub async fn synced(&self) -> bool {
         let (done, wait) = oneshot::channel();
         self.tx.send(Op::Synced(done)).is_ok() && wait.await == Ok(true)
@@ -1115,6 +1128,11 @@ struct Writer {
     held: Vec<(Completion, Option<u64>)>,
     /// [`Op::Synced`] replies waiting for the next durable commit.
     waiting_sync: Vec<oneshot::Sender<bool>>,
+    /// When a commit last failed.
+    last_failure: Option<Instant>,
+    /// [`Op::FailNext`] was seen.
+    #[cfg(test)]
+    fail_next: bool,
     /// The sequence number of the next new record.
     next_seq: u64,
     /// The key of the next journal record.
@@ -1261,6 +1279,7 @@ impl Writer {
         let result = self.commit(&mut ops, &mut applied, durable);
         if let Err(e) = &result {
             self.errors.fetch_add(1, Ordering::Relaxed);
+            self.last_failure = Some(Instant::now());
             warn!(error = %e, writes = ops.len(), durable, "disk index commit failed; those objects are not stored");
         } else {
             self.commits.fetch_add(1, Ordering::Relaxed);
@@ -1275,8 +1294,9 @@ impl Writer {
             for (done, applied) in std::mem::take(&mut self.held) {
                 done.complete(outcome(applied));
             }
+            let held = result.is_ok() && !self.failed_lately();
             for done in std::mem::take(&mut self.waiting_sync) {
-                let _ = done.send(result.is_ok());
+                let _ = done.send(held);
             }
         }
         let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
@@ -1315,7 +1335,7 @@ impl Writer {
                 // failed to commit; else it waits for the next durable commit.
                 Op::Synced(done) => {
                     if durable || result.is_err() || !self.unsynced {
-                        let _ = done.send(result.is_ok());
+                        let _ = done.send(result.is_ok() && !self.failed_lately());
                     } else {
                         self.waiting_sync.push(done);
                     }
@@ -1328,6 +1348,8 @@ impl Writer {
                     let _ = done.send(());
                 }
                 #[cfg(test)]
+                Op::FailNext => self.fail_next = true,
+                #[cfg(test)]
                 Op::Hold(held, release) => {
                     let _ = held.send(());
                     let _ = release.recv();
@@ -1336,6 +1358,12 @@ impl Writer {
             }
         }
         (result.is_ok(), closing)
+    }
+
+    /// A commit failed within [`FAILED_LATELY`].
+    fn failed_lately(&self) -> bool {
+        self.last_failure
+            .is_some_and(|at| at.elapsed() < FAILED_LATELY)
     }
 
     /// A write transaction: synced at its commit, with the allocator's state saved so that
@@ -1418,6 +1446,12 @@ impl Writer {
         let writes = ops.iter().any(Op::is_write);
         if !(writes || durable && self.unsynced) {
             return Ok(());
+        }
+        #[cfg(test)]
+        if writes && std::mem::take(&mut self.fail_next) {
+            return Err(redb::Error::Corrupted(
+                "a failure the test asked for".into(),
+            ));
         }
         if durable {
             // Tried again after SYNC_EVERY if it fails, not at once.

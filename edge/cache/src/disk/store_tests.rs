@@ -682,3 +682,26 @@ async fn an_undecodable_entry_is_deleted_for_good() {
         "the fold took it out"
     );
 }
+
+/// A commit that fails loses its writes without a trace of which: `synced` says no for a
+/// while after any failure, though its own op's commit held, so the remover keeps the files
+/// that lost deletes would have freed.
+#[tokio::test]
+async fn synced_says_no_after_a_failed_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Run::open(dir.path());
+    store.put(put(1, "one", None)).await.unwrap().unwrap();
+    assert!(store.synced().await);
+    store.tx.send(Op::FailNext).unwrap();
+    store.flush().await;
+    store.delete(key(1));
+    assert!(!store.synced().await, "the delete was lost");
+    assert_eq!(
+        store.get(&key(1)).unwrap().map(|r| r.1),
+        Some(b"one".to_vec())
+    );
+    store.delete(key(1));
+    store.flush().await;
+    assert_eq!(store.get(&key(1)).unwrap(), None);
+    assert!(!store.synced().await, "still within FAILED_LATELY");
+}
