@@ -1291,14 +1291,18 @@ impl DiskTier {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             };
             // Not before the index stops naming them durably: after a kill -9, an entry whose
-            // file is gone would be a miss taken for damage. Not at all if those writes failed
-            // (the index may still name them); the next start sweeps what nothing names.
-            if !this.store.synced().await {
+            // file is gone would be a miss taken for damage. Deletes whose commit failed are
+            // tried again with the next one: wait for them.
+            let mut this = this;
+            while !this.store.synced().await {
                 warn!(
                     files = batch.len(),
-                    "disk index writes failed; unreferenced content files are kept until the next start"
+                    "disk index writes failed; the content files they free wait for them"
                 );
-                continue;
+                drop(this);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(tier) = tier.upgrade() else { return };
+                this = tier;
             }
             for sri in batch {
                 // Named again meanwhile (the same body stored anew): it stays.

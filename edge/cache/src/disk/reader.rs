@@ -45,6 +45,8 @@ pub(super) struct FileStamp {
     len: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
+    /// Hard links: 0 once the file was unlinked (see [`FileStamp::unlinked_since`]).
+    nlink: u64,
 }
 
 /// How much older than a read a file's times must be before its stamp may stand in for the
@@ -63,6 +65,7 @@ impl FileStamp {
             len: md.len(),
             mtime: (md.mtime(), md.mtime_nsec()),
             ctime: (md.ctime(), md.ctime_nsec()),
+            nlink: md.nlink(),
         })
     }
 
@@ -71,12 +74,14 @@ impl FileStamp {
         None
     }
 
-    /// The same file with the same bytes, as far as the file system says: all but the ctime
-    /// equal. A link or an attribute changed (cacache renaming an identical body over the
-    /// path unlinks the file being read, which moves its ctime), not its bytes: those move
-    /// the mtime, or, set back by hand, the ctime that [`Checking::open`] compares.
-    fn same_bytes(&self, other: &Self) -> bool {
-        (self.dev, self.ino, self.len, self.mtime) == (other.dev, other.ino, other.len, other.mtime)
+    /// `after` is this file, unlinked since and otherwise unchanged: only its ctime and link
+    /// count moved. cacache stores an identical body by renaming a new file over the path,
+    /// which unlinks the file a read may have open; its bytes stay as they were. Any other
+    /// change (a write, or one whose mtime was set back, which moves the ctime) is not this.
+    fn unlinked_since(&self, after: &Self) -> bool {
+        (self.dev, self.ino, self.len, self.mtime) == (after.dev, after.ino, after.len, after.mtime)
+            && self.nlink > 0
+            && after.nlink == 0
     }
 
     /// Both times lie at least [`STAMP_SETTLE`] before `now`.
@@ -545,14 +550,14 @@ impl Checking {
         let checked = &entry.content_file(|| path.to_path_buf()).checked;
         let mut checked = checked.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(hasher) = self.hasher else {
-            let same = self
+            let unlinked = self
                 .before
                 .zip(after)
-                .is_some_and(|(before, after)| before.same_bytes(&after));
+                .is_some_and(|(before, after)| before.unlinked_since(&after));
             if !stable {
                 *checked = None;
             }
-            return Ok(same);
+            return Ok(stable || unlinked);
         };
         hasher
             .result()

@@ -175,11 +175,10 @@ const GATHER: Duration = Duration::from_millis(5);
 /// places. Not taken; a kill -9 loses less this way.
 const SYNC_EVERY: Duration = Duration::from_millis(50);
 
-/// [`Store::synced`] says no for this long after any commit failed: the writes a caller waits
-/// for may have been in that commit, an earlier one than its own op's (a failed commit leaves
-/// nothing behind that says which writes it lost). The content remover then keeps its files
-/// for the next start's sweep rather than unlink bodies the index may still name.
-const FAILED_LATELY: Duration = Duration::from_secs(60);
+/// Failed deletes kept for the next commit at most ([`Writer::retry`]); past it, a delete that
+/// fails is lost, as every failed one was before: the content remover may then unlink a body
+/// the index still names (after a restart, a miss taken for damage).
+const RETRY_MAX: usize = 65_536;
 
 /// A write not yet committed.
 #[derive(Clone)]
@@ -433,6 +432,9 @@ enum Op {
     /// With `Some(copy)`, only if the key still holds that copy (an eviction must not delete
     /// the record of a newer one).
     Delete(KeyHash, u64, Option<StoredCopy>),
+    /// Delete the key's folded entry, which does not decode, unless the journal has a word on
+    /// the key (a copy stored, or a removal, since the load read the entry).
+    DropUndecodable(KeyHash),
     /// Forget the Vary names of these primary keys (the engine found none of their variants
     /// stored).
     ForgetVary(Vec<KeyHash>),
@@ -440,7 +442,7 @@ enum Op {
     Flush(oneshot::Sender<bool>),
     /// Tell, once what came before is durable, whether it held: at the next durable commit
     /// the writer makes anyway (it asks for none), at once if none is due (nothing waits to be
-    /// synced). Not if any commit failed within [`FAILED_LATELY`].
+    /// synced).
     Synced(oneshot::Sender<bool>),
     /// Make the next commit with writes fail, as a full or failing disk would (tests).
     #[cfg(test)]
@@ -459,13 +461,20 @@ enum Op {
 
 impl Op {
     fn is_write(&self) -> bool {
-        matches!(self, Op::Put(..) | Op::Delete(..) | Op::ForgetVary(_))
+        matches!(
+            self,
+            Op::Put(..) | Op::Delete(..) | Op::DropUndecodable(_) | Op::ForgetVary(_)
+        )
     }
 
     /// Its commit must be durable.
     fn asks_sync(&self) -> bool {
         match self {
-            Op::Put(..) | Op::Delete(..) | Op::ForgetVary(_) | Op::Synced(_) => false,
+            Op::Put(..)
+            | Op::Delete(..)
+            | Op::DropUndecodable(_)
+            | Op::ForgetVary(_)
+            | Op::Synced(_) => false,
             #[cfg(test)]
             Op::Hold(..) | Op::FailNext => false,
             Op::Flush(_) | Op::Close(_) => true,
@@ -675,7 +684,8 @@ impl Store {
             unsynced: false,
             held: Vec::new(),
             waiting_sync: Vec::new(),
-            last_failure: None,
+            retry: Vec::new(),
+            sync_failed: false,
             #[cfg(test)]
             fail_next: false,
             next_seq,
@@ -1018,7 +1028,9 @@ impl Store {
                             integrity: String::new(),
                         },
                     ),
-                    _ => self.delete(key),
+                    _ => {
+                        let _ = self.tx.send(Op::DropUndecodable(key));
+                    }
                 }
                 continue;
             };
@@ -1128,8 +1140,13 @@ struct Writer {
     held: Vec<(Completion, Option<u64>)>,
     /// [`Op::Synced`] replies waiting for the next durable commit.
     waiting_sync: Vec<oneshot::Sender<bool>>,
-    /// When a commit last failed.
-    last_failure: Option<Instant>,
+    /// Deletes whose commit failed, in order: they go first into the next commit (their keys
+    /// stay pending deletes meanwhile), so that no delete is lost to a passing failure (see
+    /// [`RETRY_MAX`]).
+    retry: Vec<Op>,
+    /// The last durable commit failed: the next is tried [`SYNC_EVERY`] later, not at the next
+    /// pause.
+    sync_failed: bool,
     /// [`Op::FailNext`] was seen.
     #[cfg(test)]
     fail_next: bool,
@@ -1212,10 +1229,16 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         loop {
             // Unsynced commits are made durable once writes pause for a GATHER, or when
-            // SYNC_EVERY has passed since the last sync.
-            let first = if self.unsynced {
+            // SYNC_EVERY has passed since the last sync (only that, after a failed one); failed
+            // deletes are tried again the same way.
+            let first = if self.unsynced || !self.retry.is_empty() {
                 let due = SYNC_EVERY.saturating_sub(self.last_sync.elapsed());
-                match rx.recv_timeout(due.min(GATHER)) {
+                let wait = if self.sync_failed {
+                    due
+                } else {
+                    due.min(GATHER)
+                };
+                match rx.recv_timeout(wait) {
                     Ok(op) => Some(op),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -1275,11 +1298,18 @@ impl Writer {
         let durable = ops.is_empty()
             || ops.iter().any(Op::asks_sync)
             || self.last_sync.elapsed() >= SYNC_EVERY;
+        if !self.retry.is_empty() {
+            let mut first = std::mem::take(&mut self.retry);
+            first.append(&mut ops);
+            ops = first;
+        }
         let mut applied = vec![None; ops.len()];
         let result = self.commit(&mut ops, &mut applied, durable);
+        if durable {
+            self.sync_failed = result.is_err();
+        }
         if let Err(e) = &result {
             self.errors.fetch_add(1, Ordering::Relaxed);
-            self.last_failure = Some(Instant::now());
             warn!(error = %e, writes = ops.len(), durable, "disk index commit failed; those objects are not stored");
         } else {
             self.commits.fetch_add(1, Ordering::Relaxed);
@@ -1294,9 +1324,8 @@ impl Writer {
             for (done, applied) in std::mem::take(&mut self.held) {
                 done.complete(outcome(applied));
             }
-            let held = result.is_ok() && !self.failed_lately();
             for done in std::mem::take(&mut self.waiting_sync) {
-                let _ = done.send(held);
+                let _ = done.send(result.is_ok());
             }
         }
         let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
@@ -1324,8 +1353,17 @@ impl Writer {
                         }
                     }
                 }
-                Op::Delete(key, ticket, _) => {
-                    self.pending.remove_if(&key, |_, p| p.0 == ticket);
+                Op::Delete(key, ticket, expect) => {
+                    if result.is_err() && self.retry.len() < RETRY_MAX {
+                        self.retry.push(Op::Delete(key, ticket, expect));
+                    } else {
+                        self.pending.remove_if(&key, |_, p| p.0 == ticket);
+                    }
+                }
+                Op::DropUndecodable(key) => {
+                    if result.is_err() && self.retry.len() < RETRY_MAX {
+                        self.retry.push(Op::DropUndecodable(key));
+                    }
                 }
                 Op::ForgetVary(_) => {}
                 Op::Flush(done) => {
@@ -1335,7 +1373,7 @@ impl Writer {
                 // failed to commit; else it waits for the next durable commit.
                 Op::Synced(done) => {
                     if durable || result.is_err() || !self.unsynced {
-                        let _ = done.send(result.is_ok() && !self.failed_lately());
+                        let _ = done.send(result.is_ok());
                     } else {
                         self.waiting_sync.push(done);
                     }
@@ -1358,12 +1396,6 @@ impl Writer {
             }
         }
         (result.is_ok(), closing)
-    }
-
-    /// A commit failed within [`FAILED_LATELY`].
-    fn failed_lately(&self) -> bool {
-        self.last_failure
-            .is_some_and(|at| at.elapsed() < FAILED_LATELY)
     }
 
     /// A write transaction: synced at its commit, with the allocator's state saved so that
@@ -1565,6 +1597,23 @@ impl Writer {
                         };
                         let record = journal_gone(key, only);
                         self.journal(&mut t, &mut words, &mut next_journal, *key, &record, word)?;
+                    }
+                    Op::DropUndecodable(key) => {
+                        if self.word(&words, key).is_some() {
+                            continue;
+                        }
+                        // A record of the previous layout goes with its entry; one in
+                        // `records`, whose number the entry no longer gives, stays.
+                        t.legacy.remove(&key.0)?;
+                        let record = journal_gone(key, None);
+                        self.journal(
+                            &mut t,
+                            &mut words,
+                            &mut next_journal,
+                            *key,
+                            &record,
+                            Tail::Gone,
+                        )?;
                     }
                     Op::ForgetVary(primaries) => {
                         for primary in primaries.iter() {

@@ -1515,6 +1515,11 @@ async fn a_stream_outlives_its_body_stored_again() {
     use std::os::unix::fs::MetadataExt;
     let (_dir, tier, key, body, path) = streamed_body().await;
     let hit = tier.get(&key).await.unwrap();
+    let vouched = Checking::open(&path, &hit.entry, SystemTime::now());
+    assert!(
+        !vouched.unwrap().unwrap().hashes(),
+        "the stamp vouches for it"
+    );
     let mut stream = std::pin::pin!(tier.stream(key, &hit));
     let first = futures_util::StreamExt::next(&mut stream).await.unwrap();
     let mut got = first.unwrap().to_vec();
@@ -1536,4 +1541,29 @@ async fn a_stream_outlives_its_body_stored_again() {
         got.extend_from_slice(&chunk.unwrap());
     }
     assert_eq!(got, body);
+}
+
+/// A file written in place during a stream its stamp vouches for, its mtime then set back (as
+/// `cp -p` or `rsync -t` leave it), is not vouched for at the end: only its ctime moved, and
+/// it was not unlinked. The stream ends before its last bytes.
+#[tokio::test]
+async fn a_file_rewritten_with_its_mtime_set_back_is_not_vouched_for() {
+    let (_dir, tier, key, body, path) = streamed_body().await;
+    let hit = tier.get(&key).await.unwrap();
+    let mut stream = std::pin::pin!(tier.stream(key, &hit));
+    let first = futures_util::StreamExt::next(&mut stream).await.unwrap();
+    assert_eq!(&first.unwrap()[..], &body[..STREAM_READ]);
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let mut changed = body.clone();
+    changed[body.len() - 1] ^= 1;
+    rewrite_in_place(&path, &changed);
+    let f = std::fs::File::options().write(true).open(&path).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+    let rest: Vec<io::Result<Bytes>> = futures_util::StreamExt::collect(stream).await;
+    let (last, sent) = rest.split_last().unwrap();
+    assert!(last.is_err(), "the last bytes are not vouched for");
+    let sent: usize = sent.iter().map(|c| c.as_ref().unwrap().len()).sum();
+    assert!(STREAM_READ + sent < body.len());
 }
