@@ -1291,18 +1291,15 @@ impl DiskTier {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             };
             // Not before the index stops naming them durably: after a kill -9, an entry whose
-            // file is gone would be a miss taken for damage. Deletes whose commit failed are
-            // tried again with the next one: wait for them.
-            let mut this = this;
-            while !this.store.synced().await {
+            // file is gone would be a miss taken for damage. If those writes failed, the files
+            // go all the same: kept, they would hold the disk past `--disk` until the next
+            // start (a failed commit names none of the writes it lost, and after an I/O error
+            // redb fails every later one), and an entry that still names one is a miss there.
+            if !this.store.synced().await {
                 warn!(
                     files = batch.len(),
-                    "disk index writes failed; the content files they free wait for them"
+                    "disk index writes failed; unreferenced content files are removed anyway"
                 );
-                drop(this);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let Some(tier) = tier.upgrade() else { return };
-                this = tier;
             }
             for sri in batch {
                 // Named again meanwhile (the same body stored anew): it stays.

@@ -175,11 +175,6 @@ const GATHER: Duration = Duration::from_millis(5);
 /// places. Not taken; a kill -9 loses less this way.
 const SYNC_EVERY: Duration = Duration::from_millis(50);
 
-/// Failed deletes kept for the next commit at most ([`Writer::retry`]); past it, a delete that
-/// fails is lost, as every failed one was before: the content remover may then unlink a body
-/// the index still names (after a restart, a miss taken for damage).
-const RETRY_MAX: usize = 65_536;
-
 /// A write not yet committed.
 #[derive(Clone)]
 pub(super) enum Pending {
@@ -684,7 +679,6 @@ impl Store {
             unsynced: false,
             held: Vec::new(),
             waiting_sync: Vec::new(),
-            retry: Vec::new(),
             sync_failed: false,
             #[cfg(test)]
             fail_next: false,
@@ -1140,10 +1134,6 @@ struct Writer {
     held: Vec<(Completion, Option<u64>)>,
     /// [`Op::Synced`] replies waiting for the next durable commit.
     waiting_sync: Vec<oneshot::Sender<bool>>,
-    /// Deletes whose commit failed, in order: they go first into the next commit (their keys
-    /// stay pending deletes meanwhile), so that no delete is lost to a passing failure (see
-    /// [`RETRY_MAX`]).
-    retry: Vec<Op>,
     /// The last durable commit failed: the next is tried [`SYNC_EVERY`] later, not at the next
     /// pause.
     sync_failed: bool,
@@ -1229,9 +1219,8 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         loop {
             // Unsynced commits are made durable once writes pause for a GATHER, or when
-            // SYNC_EVERY has passed since the last sync (only that, after a failed one); failed
-            // deletes are tried again the same way.
-            let first = if self.unsynced || !self.retry.is_empty() {
+            // SYNC_EVERY has passed since the last sync (only that, after a failed one).
+            let first = if self.unsynced {
                 let due = SYNC_EVERY.saturating_sub(self.last_sync.elapsed());
                 let wait = if self.sync_failed {
                     due
@@ -1298,11 +1287,6 @@ impl Writer {
         let durable = ops.is_empty()
             || ops.iter().any(Op::asks_sync)
             || self.last_sync.elapsed() >= SYNC_EVERY;
-        if !self.retry.is_empty() {
-            let mut first = std::mem::take(&mut self.retry);
-            first.append(&mut ops);
-            ops = first;
-        }
         let mut applied = vec![None; ops.len()];
         let result = self.commit(&mut ops, &mut applied, durable);
         if durable {
@@ -1353,19 +1337,10 @@ impl Writer {
                         }
                     }
                 }
-                Op::Delete(key, ticket, expect) => {
-                    if result.is_err() && self.retry.len() < RETRY_MAX {
-                        self.retry.push(Op::Delete(key, ticket, expect));
-                    } else {
-                        self.pending.remove_if(&key, |_, p| p.0 == ticket);
-                    }
+                Op::Delete(key, ticket, _) => {
+                    self.pending.remove_if(&key, |_, p| p.0 == ticket);
                 }
-                Op::DropUndecodable(key) => {
-                    if result.is_err() && self.retry.len() < RETRY_MAX {
-                        self.retry.push(Op::DropUndecodable(key));
-                    }
-                }
-                Op::ForgetVary(_) => {}
+                Op::DropUndecodable(_) | Op::ForgetVary(_) => {}
                 Op::Flush(done) => {
                     let _ = done.send(result.is_ok());
                 }
@@ -1599,7 +1574,13 @@ impl Writer {
                         self.journal(&mut t, &mut words, &mut next_journal, *key, &record, word)?;
                     }
                     Op::DropUndecodable(key) => {
-                        if self.word(&words, key).is_some() {
+                        // Not if a copy was stored since the load read it: journaled, or
+                        // folded into the entry by now.
+                        let nothing_to_drop = t
+                            .entries
+                            .get(&key.0)?
+                            .is_none_or(|v| EntryRecord::decode(v.value()).is_some());
+                        if self.word(&words, key).is_some() || nothing_to_drop {
                             continue;
                         }
                         // A record of the previous layout goes with its entry; one in
