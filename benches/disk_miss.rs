@@ -278,6 +278,18 @@
 //! 1.36, 1.23x) against 130.1, 123.8, 137.5 µs (1.38, 1.21, 1.40x): within the runs'
 //! spread (this evening's memory case ran 92-111 µs, against 59-75 µs in the afternoon).
 //! Target (≤ 1.2x): not met.
+//!
+//! Session 17 (2026-12-06): perf again (one 6 s round, frame pointers): the writer ~16.7 µs
+//! per miss, of which the records insert ~4.6 (redb allocating a page per leaf split and
+//! caching it zeroed), the journal word ~2.8, the commit ~5.5 (page writes ~2.3, checksums
+//! ~1.4, sync ~0.8), replies and bookkeeping ~2.2, the loop ~1.5; the runtime's record
+//! encoding ~1.8 µs (MessagePack of `CachePolicy`'s header maps). Commits at least 20 ms apart
+//! instead of 5 (`GATHER`; experiment, not kept), alternating twice against 8350b83: 1.21,
+//! 1.29x against 1.21, 1.26x, the writer's share 14.0 and 14.3 µs against 12.4 and 14.1 µs:
+//! no gain; the cost is per record, not per commit. Final build (5ff3d93) against 8350b83,
+//! alternating twice: 1.26 and 1.25x (disk 90.3 and 94.5 µs) against 1.38 and 1.40x (102.6
+//! and 106.8 µs); this session changed nothing on a unique miss's path that would explain it
+//! (the earlier pair had the base at 1.21 and 1.26x). Target (≤ 1.2x): not met.
 
 mod support;
 
