@@ -261,11 +261,11 @@ impl DiskTier {
 
     /// Streams a body in chunks of [`STREAM_READ`], each read on the blocking pool unless the
     /// body is hot (read within [`HOT_FOR`](super::HOT_FOR), as whole reads decide) and at most
-    /// [`HOT_STREAM_MAX`]. The last
-    /// chunk is held back until the check at the end has passed (see [`Checking`]: the hash,
-    /// or the file's unchanged stamp) and the length matched the recorded one: on a mismatch
-    /// the stream ends with an error *before* the final bytes, so a client never receives a
-    /// damaged or truncated body presented as complete, and the entry is removed.
+    /// [`HOT_STREAM_MAX`]. The last chunk is held back until the check at the end has passed
+    /// (see [`Checking`]: the hash, or the file's unchanged stamp) and the length matched the
+    /// recorded one: on a mismatch the stream ends with an error *before* the final bytes, so
+    /// a client never receives a damaged or truncated body presented as complete, and a
+    /// damaged entry is removed.
     pub fn stream(
         self: &Arc<Self>,
         key: KeyHash,
@@ -303,6 +303,16 @@ impl DiskTier {
                 Some((Err(io::Error::new(e.kind(), e.to_string())), self))
             }
 
+            /// Where cacache's layout puts the body.
+            fn path(&self) -> PathBuf {
+                let tier = &self.tier;
+                let entry = &self.entry;
+                entry
+                    .content_file(|| tier.content_path(&entry.sri()))
+                    .path
+                    .clone()
+            }
+
             /// Holds `chunk` back, giving the one held before.
             fn hold(&mut self, chunk: Vec<u8>) -> Option<Bytes> {
                 self.read += chunk.len() as u64;
@@ -330,14 +340,9 @@ impl DiskTier {
                     let body = st.tier.inline_body(&key, &hit).await;
                     return Some((body, st));
                 }
-                let path = st
-                    .entry
-                    .content_file(|| st.tier.content_path(&st.entry.sri()))
-                    .path
-                    .clone();
                 match st.source.take() {
                     None => {
-                        let entry = Arc::clone(&st.entry);
+                        let (path, entry) = (st.path(), Arc::clone(&st.entry));
                         let opened = blocking(st.hot, move || {
                             Checking::open(&path, &entry, SystemTime::now())
                         })
@@ -357,7 +362,7 @@ impl DiskTier {
                     }
                     Some(Source::File(file)) if st.read == st.size => {
                         st.done = true;
-                        match file.finish(&path, &st.entry) {
+                        match file.finish(&st.path(), &st.entry) {
                             Ok(true) => {
                                 st.entry.mark_read();
                                 return st.pending.take().map(|last| (Ok(last), st));
