@@ -820,8 +820,8 @@ impl Store {
 
     /// Waits until every write queued before this call is durable, as [`Store::flush`] does,
     /// but on the syncs the writer makes anyway (at most [`SYNC_EVERY`] apart while writes
-    /// keep coming). Tells whether those writes held: not if any commit failed within
-    /// [`FAILED_LATELY`].
+    /// keep coming). Tells whether the commit that made them durable held (a write in an
+    /// earlier commit that failed is lost without a trace: that is not known here).
     pub async fn synced(&self) -> bool {
         let (done, wait) = oneshot::channel();
         self.tx.send(Op::Synced(done)).is_ok() && wait.await == Ok(true)
@@ -1443,7 +1443,7 @@ impl Writer {
     /// Commits `ops` in one transaction; `applied[i]` is the sequence number of put `i`'s
     /// record, `None` for a conditional op whose condition did not hold. Each write adds a
     /// record to the journal, keyed in order; the entries, keyed by key hash, are brought up
-    /// to date by [`Writer::fold`].
+    /// to date by [`Writer::fold_slice`].
     fn commit(
         &mut self,
         ops: &mut [Op],
@@ -1554,8 +1554,8 @@ impl Writer {
                                     // A key that holds nothing keeps the word it has: a Gone
                                     // would change nothing, and every request with an unsafe
                                     // method deletes the keys it names, mostly not stored. An
-                                    // entry that does not decode (the load deletes those) is
-                                    // not nothing: the fold takes it out on a Gone.
+                                    // entry that does not decode is not nothing: the fold takes
+                                    // it out on a Gone.
                                     None if self.word(&words, key).is_some()
                                         || t.entries.get(&key.0)?.is_none() =>
                                     {
