@@ -480,14 +480,23 @@ async fn a_damaged_entry_does_not_take_the_journals_copy_with_it() {
 /// before the load reached the entry, stays.
 #[tokio::test]
 async fn a_damaged_entry_takes_only_its_own_copy() {
+    // Its version and sequence number are readable; the rest is cut off.
+    a_new_copy_outlives_the_loads_removal_of(|first| {
+        let mut damaged = vec![3, 1];
+        damaged.extend_from_slice(&first.to_le_bytes());
+        damaged
+    })
+    .await;
+}
+
+/// Stores key 1, folds it, damages its entry with `damage(its sequence number)`, then queues a
+/// new copy of key 1 before the load reaches the entry: the new copy stays.
+async fn a_new_copy_outlives_the_loads_removal_of(damage: impl FnOnce(u64) -> Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Run::open(dir.path());
     let first = store.put(put(1, "one", None)).await.unwrap().unwrap();
     store.fold_now().await;
-    // Its version and sequence number are readable; the rest is cut off.
-    let mut damaged = vec![3, 1];
-    damaged.extend_from_slice(&first.to_le_bytes());
-    overwrite_entry(&store, 1, &damaged);
+    overwrite_entry(&store, 1, &damage(first));
     let release = store.hold().await;
     let (visible_tx, visible) = std_mpsc::channel();
     store.put_then(
@@ -706,27 +715,7 @@ async fn synced_says_no_when_the_commit_fails() {
 /// stays. The load's delete was unconditional and took the new copy.
 #[tokio::test]
 async fn an_undecodable_entry_leaves_a_copy_stored_during_the_load() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Run::open(dir.path());
-    store.put(put(1, "one", None)).await.unwrap().unwrap();
-    store.fold_now().await;
-    overwrite_entry(&store, 1, &[0xff]);
-    let release = store.hold().await;
-    let (visible_tx, visible) = std_mpsc::channel();
-    store.put_then(
-        put(1, "two", None),
-        Completion::new(
-            move |applied| {
-                let _ = visible_tx.send(applied);
-            },
-            |_| {},
-        ),
-    );
-    store.load(16, |_| true).unwrap();
-    drop(release);
-    let second = visible.recv().unwrap().expect("applied");
-    store.flush().await;
-    assert_eq!(store.get(&key(1)).unwrap(), Some((second, b"two".to_vec())));
+    a_new_copy_outlives_the_loads_removal_of(|_| vec![0xff]).await;
 }
 
 /// The same when the new copy was folded into the entries before the load's delete came: the

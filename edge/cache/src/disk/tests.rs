@@ -1425,6 +1425,49 @@ async fn chunks(tier: &Arc<DiskTier>, key: KeyHash) -> Vec<io::Result<Bytes>> {
     futures_util::StreamExt::collect(tier.stream(key, &hit)).await
 }
 
+/// A stream's body, every chunk of it arrived.
+fn whole(chunks: Vec<io::Result<Bytes>>) -> Vec<u8> {
+    chunks
+        .into_iter()
+        .flat_map(|c| c.unwrap().to_vec())
+        .collect()
+}
+
+/// The bytes a stream sent before the error that ended it.
+fn sent_before_error(chunks: &[io::Result<Bytes>]) -> usize {
+    let (last, sent) = chunks.split_last().unwrap();
+    assert!(last.is_err(), "the stream ends with an error");
+    sent.iter().map(|c| c.as_ref().unwrap().len()).sum()
+}
+
+/// Whether a read of the content file at `path` hashes it (rather than its stamp vouching).
+fn hashes(path: &Path, entry: &DiskEntry) -> bool {
+    Checking::open(path, entry, SystemTime::now())
+        .unwrap()
+        .unwrap()
+        .hashes()
+}
+
+/// A stream of `key` (its stamp vouching for its file) with `change` made after its first
+/// chunk: every chunk, the first included.
+async fn stream_changed_midway(
+    tier: &Arc<DiskTier>,
+    key: KeyHash,
+    body: &[u8],
+    path: &Path,
+    change: impl AsyncFnOnce(),
+) -> Vec<io::Result<Bytes>> {
+    let hit = tier.get(&key).await.unwrap();
+    assert!(!hashes(path, &hit.entry), "the stamp vouches for it");
+    let mut stream = std::pin::pin!(tier.stream(key, &hit));
+    let first = futures_util::StreamExt::next(&mut stream).await.unwrap();
+    assert_eq!(&first.as_ref().unwrap()[..], &body[..STREAM_READ]);
+    change().await;
+    let mut all = vec![first];
+    all.extend(futures_util::StreamExt::collect::<Vec<_>>(stream).await);
+    all
+}
+
 /// A stream's check skips the hash for the file whose bytes last matched it, unchanged
 /// ([`Checking::hashes`]), and the stream gives the whole body; a file changed in place since
 /// is hashed again: its damage withholds the last chunk and removes the object. Read on the
@@ -1443,29 +1486,15 @@ async fn stream_hashes_a_file_not_known_unchanged(hot: bool) {
         assert_eq!(tier.read_all(&key, &hit).await.unwrap(), body);
     }
     assert_eq!(hit.entry.hot(), hot);
-    let entry = hit.entry;
-    let unchanged = Checking::open(&path, &entry, SystemTime::now())
-        .unwrap()
-        .unwrap();
-    assert!(!unchanged.hashes(), "the recorded stamp vouches for it");
-    let got: Vec<u8> = chunks(&tier, key)
-        .await
-        .into_iter()
-        .flat_map(|c| c.unwrap().to_vec())
-        .collect();
-    assert_eq!(got, body);
+    assert!(
+        !hashes(&path, &hit.entry),
+        "the recorded stamp vouches for it"
+    );
+    assert_eq!(whole(chunks(&tier, key).await), body);
 
     damage_in_place(&path);
-    assert!(
-        Checking::open(&path, &entry, SystemTime::now())
-            .unwrap()
-            .unwrap()
-            .hashes()
-    );
-    let got = chunks(&tier, key).await;
-    let (last, sent) = got.split_last().unwrap();
-    assert!(last.is_err(), "the stream ends with an error");
-    let sent: usize = sent.iter().map(|c| c.as_ref().unwrap().len()).sum();
+    assert!(hashes(&path, &hit.entry));
+    let sent = sent_before_error(&chunks(&tier, key).await);
     assert!(sent < body.len(), "the last bytes are held back");
     assert!(
         tier.get(&key).await.is_none(),
@@ -1479,32 +1508,12 @@ async fn stream_hashes_a_file_not_known_unchanged(hot: bool) {
 #[tokio::test]
 async fn a_file_touched_during_a_stream_is_not_vouched_for() {
     let (_dir, tier, key, body, path) = streamed_body().await;
-    let hit = tier.get(&key).await.unwrap();
-    let mut stream = std::pin::pin!(tier.stream(key, &hit));
-    let first = futures_util::StreamExt::next(&mut stream).await.unwrap();
-    assert_eq!(&first.unwrap()[..], &body[..STREAM_READ]);
-    age(&path);
-    let rest: Vec<io::Result<Bytes>> = futures_util::StreamExt::collect(stream).await;
-    let (last, sent) = rest.split_last().unwrap();
-    assert!(last.is_err());
-    let sent: usize = sent.iter().map(|c| c.as_ref().unwrap().len()).sum();
-    assert!(STREAM_READ + sent < body.len());
-    assert!(
-        tier.get(&key).await.is_some(),
-        "not damage: the object stays"
-    );
-    assert!(
-        Checking::open(&path, &hit.entry, SystemTime::now())
-            .unwrap()
-            .unwrap()
-            .hashes()
-    );
-    let got: Vec<u8> = chunks(&tier, key)
-        .await
-        .into_iter()
-        .flat_map(|c| c.unwrap().to_vec())
-        .collect();
-    assert_eq!(got, body);
+    let got = stream_changed_midway(&tier, key, &body, &path, async || age(&path)).await;
+    assert!(sent_before_error(&got) < body.len());
+    let hit = tier.get(&key).await;
+    assert!(hit.is_some(), "not damage: the object stays");
+    assert!(hashes(&path, &hit.unwrap().entry));
+    assert_eq!(whole(chunks(&tier, key).await), body);
 }
 
 /// cacache stores an identical body by renaming a new file over its path, which unlinks the
@@ -1514,33 +1523,23 @@ async fn a_file_touched_during_a_stream_is_not_vouched_for() {
 async fn a_stream_outlives_its_body_stored_again() {
     use std::os::unix::fs::MetadataExt;
     let (_dir, tier, key, body, path) = streamed_body().await;
-    let hit = tier.get(&key).await.unwrap();
-    let vouched = Checking::open(&path, &hit.entry, SystemTime::now());
-    assert!(
-        !vouched.unwrap().unwrap().hashes(),
-        "the stamp vouches for it"
-    );
-    let mut stream = std::pin::pin!(tier.stream(key, &hit));
-    let first = futures_util::StreamExt::next(&mut stream).await.unwrap();
-    let mut got = first.unwrap().to_vec();
     let inode = std::fs::metadata(&path).unwrap().ino();
-    store(
-        &tier,
-        KeyHash::of("example.test/again"),
-        &body,
-        &meta("\"l\""),
-    )
-    .await;
+    let again = async || {
+        store(
+            &tier,
+            KeyHash::of("example.test/again"),
+            &body,
+            &meta("\"l\""),
+        )
+        .await
+    };
+    let got = stream_changed_midway(&tier, key, &body, &path, again).await;
     assert_ne!(
         std::fs::metadata(&path).unwrap().ino(),
         inode,
         "a new file was renamed over the path"
     );
-    let rest: Vec<io::Result<Bytes>> = futures_util::StreamExt::collect(stream).await;
-    for chunk in rest {
-        got.extend_from_slice(&chunk.unwrap());
-    }
-    assert_eq!(got, body);
+    assert_eq!(whole(got), body);
 }
 
 /// A file written in place during a stream its stamp vouches for, its mtime then set back (as
@@ -1549,26 +1548,19 @@ async fn a_stream_outlives_its_body_stored_again() {
 #[tokio::test]
 async fn a_file_rewritten_with_its_mtime_set_back_is_not_vouched_for() {
     let (_dir, tier, key, body, path) = streamed_body().await;
-    let hit = tier.get(&key).await.unwrap();
-    let vouched = Checking::open(&path, &hit.entry, SystemTime::now());
-    assert!(
-        !vouched.unwrap().unwrap().hashes(),
-        "the stamp vouches for it"
-    );
-    let mut stream = std::pin::pin!(tier.stream(key, &hit));
-    let first = futures_util::StreamExt::next(&mut stream).await.unwrap();
-    assert_eq!(&first.unwrap()[..], &body[..STREAM_READ]);
     let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
-    let mut changed = body.clone();
-    changed[body.len() - 1] ^= 1;
-    rewrite_in_place(&path, &changed);
-    let f = std::fs::File::options().write(true).open(&path).unwrap();
-    f.set_modified(mtime).unwrap();
-    drop(f);
-    assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
-    let rest: Vec<io::Result<Bytes>> = futures_util::StreamExt::collect(stream).await;
-    let (last, sent) = rest.split_last().unwrap();
-    assert!(last.is_err(), "the last bytes are not vouched for");
-    let sent: usize = sent.iter().map(|c| c.as_ref().unwrap().len()).sum();
-    assert!(STREAM_READ + sent < body.len());
+    let rewrite = async || {
+        let mut changed = body.clone();
+        changed[body.len() - 1] ^= 1;
+        rewrite_in_place(&path, &changed);
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+    };
+    let got = stream_changed_midway(&tier, key, &body, &path, rewrite).await;
+    assert!(
+        sent_before_error(&got) < body.len(),
+        "the last bytes are not vouched for"
+    );
 }
