@@ -155,6 +155,7 @@ fn main() {
             send_timeout: std::time::Duration::from_secs(60),
                 negative_ttl: Default::default(),
                 prefresh: 0.0,
+                disk_admission: Default::default(),
             },
             origin.clone(),
             Clock::system(),

@@ -127,6 +127,10 @@ impl InProcessEdge {
                 "dir = {:?}\ndisk = {size}\n",
                 dir.display().to_string()
             ));
+            // `cache.disk_admission`, if the run sets it (else the edge's default).
+            if let Ok(policy) = std::env::var("OUTPOST_BENCH_DISK_ADMISSION") {
+                text.push_str(&format!("disk_admission = {policy:?}\n"));
+            }
         }
         Self::from_toml(text).await
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Uri;
+use outpost_cache::disk::admission::Policy as DiskAdmission;
 use outpost_config::{ConfigErrors, Diagnostics, RawDuration, RawSize, Setting, Source};
 use serde::Deserialize;
 
@@ -230,6 +231,8 @@ struct RawCache {
     negative_ttl: Option<std::collections::BTreeMap<String, Setting<RawDuration>>>,
     /// Share of a lifetime after which a requested object is revalidated in the background.
     prefresh: Option<Setting<f64>>,
+    /// Which storable misses the disk tier writes: "second_miss_when_full" or "always".
+    disk_admission: Option<Setting<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -366,6 +369,9 @@ pub struct EdgeConfig {
     /// `[cache] prefresh`: share of a lifetime after which a requested object is revalidated
     /// in the background (0: off).
     pub prefresh: f64,
+    /// `[cache] disk_admission`: which storable misses the disk tier writes (by default all
+    /// until it is full, then those whose key missed before, lately).
+    pub disk_admission: DiskAdmission,
     /// `[compression]`: br / gzip negotiation and encoded variants.
     pub compression: CompressionConfig,
     /// Admin API tokens (plus `OUTPOST_ADMIN_TOKEN`, added at start-up).
@@ -755,6 +761,20 @@ impl EdgeConfig {
                 None
             }
         };
+        let disk_admission = match &raw.cache.disk_admission {
+            None => Some(DiskAdmission::default()),
+            Some(s) => DiskAdmission::parse(&s.value).or_else(|| {
+                d.error(
+                    "cache.disk_admission",
+                    s,
+                    format!(
+                        "unknown policy {:?} (expected \"second_miss_when_full\" or \"always\")",
+                        s.value
+                    ),
+                );
+                None
+            }),
+        };
         let mut proxy_protocol_from = Vec::new();
         for (i, n) in raw.proxy_protocol.from.iter().enumerate() {
             match n.value.trim().parse::<ipnet::IpNet>().or_else(|_| {
@@ -828,6 +848,7 @@ impl EdgeConfig {
             stale_on_error: stale_on_error.expect("checked"),
             negative_ttl,
             prefresh: prefresh.expect("checked"),
+            disk_admission: disk_admission.expect("checked"),
             admin_tokens,
             public_metrics: raw.admin.public_metrics.unwrap_or(true),
             max_push_size: max_push_size.expect("checked"),
@@ -1580,6 +1601,15 @@ mod tests {
             "off by default"
         );
         assert_eq!(load(base).unwrap().prefresh, 0.9, "prefresh on by default");
+        assert_eq!(
+            load(base).unwrap().disk_admission,
+            DiskAdmission::SecondMissWhenFull
+        );
+        let always = load(&format!("{base}[cache]\ndisk_admission = \"always\"\n")).unwrap();
+        assert_eq!(always.disk_admission, DiskAdmission::Always);
+        let e = load(&format!("{base}[cache]\ndisk_admission = \"sometimes\"\n")).unwrap_err();
+        assert!(e.mentions("cache.disk_admission"), "{e}");
+        assert!(e.to_string().contains("\"always\""), "{e}");
         let e = load(&format!("{base}[cache]\nprefresh = 1.5\n")).unwrap_err();
         assert!(e.mentions("cache.prefresh"), "{e}");
         let e = load(&format!(

@@ -162,6 +162,7 @@ impl EdgeServer {
                 send_timeout: cfg.send_timeout,
                 negative_ttl: Arc::new(cfg.negative_ttl.clone()),
                 prefresh: cfg.prefresh,
+                disk_admission: cfg.disk_admission,
             },
             upstream.clone(),
             clock,
@@ -579,7 +580,7 @@ impl Reloader {
     /// `public_metrics`, and the TLS certificates and handshake timeout (already loaded and
     /// checked by the config; open connections keep going). Returns one message per setting that changed but needs a restart
     /// (addresses, cache directory and sizes, origin, shields, role, name, fleet, access log,
-    /// negative TTLs, prefresh, `[limits]`); those keep their
+    /// negative TTLs, prefresh, disk admission, `[limits]`); those keep their
     /// running values. A token error rejects the whole reload.
     pub fn apply(&self, new: EdgeConfig) -> Result<Vec<String>, String> {
         let auth = outpost_purge_api::Auth::from_config_and_env(new.admin_tokens.clone())
@@ -657,6 +658,10 @@ impl Reloader {
         check("limits", limits(&cur) != limits(&new));
         check("cache.negative_ttl", cur.negative_ttl != new.negative_ttl);
         check("cache.prefresh", cur.prefresh != new.prefresh);
+        check(
+            "cache.disk_admission",
+            cur.disk_admission != new.disk_admission,
+        );
         self.proxy.reload(route_of(&new));
         self.auth.store(Arc::new(auth));
         self.public_metrics

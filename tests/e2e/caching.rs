@@ -1127,6 +1127,8 @@ async fn disk_eviction_keeps_usage_under_the_bound() {
         c.cache_dir = Some(dir.path().to_path_buf());
         c.disk = DISK;
         c.memory = 256 << 10;
+        // Every miss written, so the full tier evicts (a first miss is not, by default).
+        c.disk_admission = outpost_edge::cache::disk::admission::Policy::Always;
     })
     .await;
     let c = client();

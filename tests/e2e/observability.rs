@@ -24,6 +24,7 @@ use crate::support::ports::refused_addr;
 use crate::support::proc::{BIN, NodeProc, Spawn};
 use crate::support::test_origin::{Reply, TestOrigin};
 use crate::support::{client, eventually};
+use outpost_edge::cache::status::DiskAdmission;
 
 /// Upper bound of every wait.
 const WAIT: Duration = Duration::from_secs(30);
@@ -358,6 +359,96 @@ async fn known_mix_counts_exactly_in_metrics_and_stats() {
     drop(node);
 }
 
+/// `node`'s `/stats`.
+async fn stats(c: &reqwest::Client, node: &Edge) -> serde_json::Value {
+    let body = c
+        .get(node.admin_url("/stats"))
+        .send()
+        .await
+        .expect("GET /stats")
+        .bytes()
+        .await
+        .expect("/stats body");
+    serde_json::from_slice(&body).expect("/stats is JSON")
+}
+
+/// The disk admission counts of `node`, from `/metrics`: (stored, rejected, all), and the disk
+/// tier's evictions.
+async fn disk_admissions(c: &reqwest::Client, node: &Edge) -> (f64, f64, f64, f64) {
+    let (_, m) = scrape(c, node).await;
+    let count = |result| number(&m, "outpost_disk_admissions_total", &[("result", result)]);
+    let all = DiskAdmission::LABELS.into_iter().map(count).sum();
+    let evicted = number(&m, "outpost_cache_evictions_total", &[("tier", "disk")]);
+    (count("stored"), count("rejected"), all, evicted)
+}
+
+/// `cache.disk_admission`: a full disk tier (`cache.disk = "1MiB"`, offered 40 bodies of 64
+/// KiB) writes a URL on its second miss. Its first is counted as `rejected` in
+/// `outpost_disk_admissions_total` and `/stats`, and evicts nothing; the second is stored, and
+/// the next request is a HIT. With `"always"`, every miss is stored and the tier evicts.
+#[tokio::test]
+async fn a_full_disk_tier_stores_a_url_on_its_second_miss() {
+    for policy in ["second_miss_when_full", "always"] {
+        let origin = TestOrigin::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = start_node(
+            &origin,
+            &format!(
+                "[cache]\ndir = \"{}\"\nmemory = \"1MiB\"\ndisk = \"1MiB\"\ndisk_admission = \"{policy}\"\n",
+                dir.path().display()
+            ),
+        )
+        .await;
+        let c = client();
+        let get = async |path: &str| {
+            let r = c.get(node.url(path)).send().await.expect("GET");
+            let cache = x_cache(&r);
+            let body = r.bytes().await.expect("body");
+            (cache, body.len())
+        };
+        for i in 0..40u8 {
+            let path = format!("/obj/{i}");
+            origin.route(
+                &path,
+                Reply::ok(vec![b'a' + i; 64 << 10]).header("cache-control", "max-age=600"),
+            );
+            assert_eq!(
+                get(&path).await,
+                ("MISS".into(), 64 << 10),
+                "{policy} {path}"
+            );
+            // One at a time: a copy is weighed once indexed, so copies written meanwhile
+            // could all find the room one of them takes.
+            eventually("the miss is counted", async || {
+                disk_admissions(&c, &node).await.2 == f64::from(i + 1)
+            })
+            .await;
+        }
+        let (stored, rejected, _, evicted) = disk_admissions(&c, &node).await;
+        if policy == "always" {
+            assert_eq!((stored, rejected), (40.0, 0.0));
+            assert!(evicted > 0.0, "the full tier evicted");
+            continue;
+        }
+        assert!(
+            rejected > 20.0 && stored + rejected == 40.0,
+            "{stored} stored, {rejected} rejected"
+        );
+        assert_eq!(evicted, 0.0, "first misses evict nothing");
+        let s = stats(&c, &node).await;
+        assert_eq!(s["disk_admissions"]["rejected"], rejected as u64, "{s:#}");
+        // The last URL's first miss came with the tier full: its second is stored.
+        assert_eq!(get("/obj/39").await, ("MISS".into(), 64 << 10));
+        eventually("the second miss is stored", async || {
+            disk_admissions(&c, &node).await.0 == stored + 1.0
+        })
+        .await;
+        assert_eq!(get("/obj/39").await, ("HIT".into(), 64 << 10));
+        assert_eq!(origin.hits("/obj/39"), 2);
+        assert_eq!(disk_admissions(&c, &node).await.1, rejected);
+    }
+}
+
 /// With a disk tier, every storable response is counted by what became of its disk copy, in
 /// `outpost_disk_admissions_total{result}` and in `/stats` (which the status page shows).
 #[tokio::test]
@@ -383,28 +474,14 @@ async fn disk_admissions_count_every_storable_response() {
     })
     .await;
     let (_, m) = scrape(&c, &node).await;
-    for result in [
-        "queue_full",
-        "too_large",
-        "error",
-        "incomplete",
-        "superseded",
-    ] {
+    for result in DiskAdmission::LABELS.into_iter().filter(|l| *l != "stored") {
         assert_eq!(
             number(&m, "outpost_disk_admissions_total", &[("result", result)]),
             0.0,
             "{result}"
         );
     }
-    let body = c
-        .get(node.admin_url("/stats"))
-        .send()
-        .await
-        .expect("GET /stats")
-        .bytes()
-        .await
-        .expect("/stats body");
-    let s: serde_json::Value = serde_json::from_slice(&body).expect("/stats is JSON");
+    let s = stats(&c, &node).await;
     assert_eq!(s["disk_admissions"]["stored"], 3, "{s:#}");
     assert_eq!(s["disk_admissions"]["queue_full"], 0, "{s:#}");
     // The start-up load of the (empty) disk index is done; its commits are counted.

@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::clock::unix_ms;
 use super::coalesce::{self, Concluding, Fill, FillHead, FillResult};
-use super::disk::{DiskEntry, DiskTier, INLINE_MAX};
+use super::disk::{DiskEntry, DiskTier, INLINE_MAX, admission};
 use super::key::KeyHash;
 use super::meta::{CachedMeta, MemObject};
 use super::policy::{self, Admission, Freshness};
@@ -611,7 +611,20 @@ impl Engine {
         // the disk copy up.
         let verdict = Arc::new(DiskVerdict::new());
         let whole = memory_charge.is_some() && content_length.is_some_and(|n| n <= INLINE_MAX);
-        let mut disk_copy = match (&self.disk, storing) {
+        // A full disk tier turns a key's first miss away (see `disk::admission`); a key with a
+        // copy stored, in either tier, is not new.
+        let to_disk = storing
+            && self.disk.as_ref().is_some_and(|disk| {
+                let admitted = self.cfg.disk_admission == admission::Policy::Always
+                    || job.stale_meta.is_some()
+                    || disk.copy_of(&store_key).is_some()
+                    || disk.admits_new(&store_key, content_length);
+                if !admitted {
+                    self.stats.count_disk_admission(DiskAdmission::Rejected);
+                }
+                admitted
+            });
+        let mut disk_copy = match (&self.disk, to_disk) {
             (Some(_), true) if whole => Some(DiskCopy::Whole(WholeAdmission {
                 stats: self.stats.clone(),
                 verdict: verdict.clone(),
@@ -1057,6 +1070,7 @@ mod tests {
                 send_timeout: std::time::Duration::from_secs(60),
                 negative_ttl: Default::default(),
                 prefresh: 0.0,
+                disk_admission: Default::default(),
             },
             origin.clone(),
             Clock::manual(),

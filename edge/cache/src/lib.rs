@@ -104,6 +104,9 @@ pub struct EngineConfig {
     /// lifetime has passed is revalidated in the background, so a steadily requested object
     /// never becomes a miss. 0 turns it off.
     pub prefresh: f64,
+    /// Which storable misses the disk tier writes (`[cache] disk_admission`; see
+    /// [`disk::admission`]).
+    pub disk_admission: disk::admission::Policy,
 }
 
 /// The targeted cache-control fields a node obeys by default (RFC 9213): `CDN-Cache-Control`.
@@ -133,7 +136,7 @@ pub struct EngineStats {
     pub slow_readers_dropped: AtomicU64,
     /// What became of each storable response on its way to disk, by
     /// [`DiskAdmission::index`](status::DiskAdmission::index).
-    pub disk_admissions: [AtomicU64; 6],
+    pub disk_admissions: [AtomicU64; status::DiskAdmission::ALL.len()],
     /// Prefreshes by [`PREFRESH_RESULTS`]: refreshed (a new response stored), revalidated
     /// (304), failed (no usable answer), skipped (the budget was spent).
     pub prefreshes: [AtomicU64; 4],
@@ -154,7 +157,7 @@ impl EngineStats {
     }
 
     /// Counts by [`DiskAdmission::LABELS`](status::DiskAdmission::LABELS) order.
-    pub fn disk_admissions(&self) -> [u64; 6] {
+    pub fn disk_admissions(&self) -> [u64; status::DiskAdmission::ALL.len()] {
         std::array::from_fn(|i| self.disk_admissions[i].load(std::sync::atomic::Ordering::Relaxed))
     }
 }

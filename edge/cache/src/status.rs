@@ -123,27 +123,33 @@ pub enum DiskAdmission {
     Incomplete,
     /// A purge replaced the fill: the copy fetched after the purge is the one kept.
     Superseded,
+    /// The tier is full and this was the key's first miss lately: not written, so that an
+    /// object asked once evicts nothing (see the disk tier's `admission` module). Its next
+    /// miss is written.
+    Rejected,
 }
 
 impl DiskAdmission {
     /// Every outcome, in index order.
-    pub const ALL: [DiskAdmission; 6] = [
+    pub const ALL: [DiskAdmission; 7] = [
         DiskAdmission::Stored,
         DiskAdmission::QueueFull,
         DiskAdmission::TooLarge,
         DiskAdmission::Error,
         DiskAdmission::Incomplete,
         DiskAdmission::Superseded,
+        DiskAdmission::Rejected,
     ];
 
     /// The metric labels of [`DiskAdmission::ALL`], in the same order.
-    pub const LABELS: [&'static str; 6] = [
+    pub const LABELS: [&'static str; 7] = [
         "stored",
         "queue_full",
         "too_large",
         "error",
         "incomplete",
         "superseded",
+        "rejected",
     ];
 
     pub const fn index(self) -> usize {
@@ -154,6 +160,7 @@ impl DiskAdmission {
             DiskAdmission::Error => 3,
             DiskAdmission::Incomplete => 4,
             DiskAdmission::Superseded => 5,
+            DiskAdmission::Rejected => 6,
         }
     }
 

@@ -85,6 +85,8 @@ async fn open(dir: &std::path::Path, memory: u64, size: usize) -> Arc<Engine> {
             send_timeout: Duration::from_secs(60),
             negative_ttl: Default::default(),
             prefresh: 0.0,
+            // Every miss written, so a full index evicts for each: the bound under churn.
+            disk_admission: outpost_cache::disk::admission::Policy::Always,
         },
         Arc::new(Origin { size }),
         Clock::system(),

@@ -694,7 +694,7 @@ impl Collector for EdgeCollector {
                 counter(
                     &mut enc,
                     "outpost_disk_admissions",
-                    "Storable responses by what became of their disk copy: stored, or why not (queue_full: the disk was slower than the client; too_large: passed max_object_size while streaming; error: the disk refused; incomplete: the body never completed; superseded: a purge replaced the fetch).",
+                    "Storable responses by what became of their disk copy: stored, or why not (queue_full: the disk was slower than the client; too_large: passed max_object_size while streaming; error: the disk refused; incomplete: the body never completed; superseded: a purge replaced the fetch; rejected: the tier was full and the key missed for the first time lately, so an object asked once evicts nothing).",
                     &families,
                 )?;
             }

@@ -61,9 +61,14 @@
 //!
 //! Layout under `cache_dir`: `content/` (cacache), `index.redb`.
 //!
+//! Admission: while the index has room, every storable miss is written; once it is full, an
+//! object is written on its key's second miss lately ([`admission`]).
+//!
 //! Files: this one holds the index, the held metadata and the start-up load; `store` the
-//! database; `reader` reads bodies (whole, streamed, verified); `writer` writes them.
+//! database; `reader` reads bodies (whole, streamed, verified); `writer` writes them;
+//! `admission` turns away first misses once the index is full.
 
+pub mod admission;
 mod reader;
 mod store;
 #[cfg(test)]
@@ -84,6 +89,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
+use self::admission::Doorkeeper;
 use self::reader::FileStamp;
 use self::store::{EntryRecord, Pending, Put, Store};
 use super::fresh::HeadSlot;
@@ -415,7 +421,7 @@ impl DiskEntry {
 
     /// What the object takes of the disk: its body and ~2 KiB of metadata.
     pub fn disk_bytes(&self) -> u64 {
-        self.size.saturating_add(2048)
+        self.size.saturating_add(METADATA_DISK_BYTES)
     }
 
     /// What its entry takes of the index's memory (see [`INDEX_ENTRY_BYTES`]).
@@ -804,6 +810,10 @@ pub struct DiskTier {
     closing: AtomicBool,
     /// Write jobs on the blocking pool (see [`WRITE_JOBS`]).
     write_jobs: Arc<Semaphore>,
+    /// First misses turned away while the index is full ([`admission`]).
+    doorkeeper: Doorkeeper,
+    /// What an entry weighs in the index (its weigher's copy).
+    weight: EntryWeight,
 }
 
 /// What the indexed entries take: added as an entry is indexed, taken off as it leaves the
@@ -814,9 +824,9 @@ struct Indexed {
     /// Of the index's memory: [`DiskEntry::index_bytes`].
     memory: AtomicU64,
     memory_budget: u64,
-    /// The memory set aside for the journal of index writes not folded yet (see
-    /// [`entries_budget`]).
-    journal: u64,
+    /// The memory set aside for the journal of index writes not folded yet and for the
+    /// doorkeeper (see [`entries_budget`]).
+    set_aside: u64,
 }
 
 impl Indexed {
@@ -873,14 +883,23 @@ impl EntryWeight {
     }
 }
 
-impl quick_cache::Weighter<KeyHash, Arc<DiskEntry>> for EntryWeight {
-    fn weight(&self, _key: &KeyHash, entry: &Arc<DiskEntry>) -> u64 {
-        let index = (u128::from(entry.index_bytes()) * self.scale) >> 32;
-        entry
-            .disk_bytes()
-            .max(u64::try_from(index).unwrap_or(u64::MAX))
+impl EntryWeight {
+    /// The weight of an entry that takes `disk_bytes` of the disk and `index_bytes` of the
+    /// index's memory.
+    fn of(&self, disk_bytes: u64, index_bytes: u64) -> u64 {
+        let index = (u128::from(index_bytes) * self.scale) >> 32;
+        disk_bytes.max(u64::try_from(index).unwrap_or(u64::MAX))
     }
 }
+
+impl quick_cache::Weighter<KeyHash, Arc<DiskEntry>> for EntryWeight {
+    fn weight(&self, _key: &KeyHash, entry: &Arc<DiskEntry>) -> u64 {
+        self.of(entry.disk_bytes(), entry.index_bytes())
+    }
+}
+
+/// What an object's metadata is counted to take of the disk, beside its body.
+const METADATA_DISK_BYTES: u64 = 2048;
 
 /// Memory the index takes per entry (`tests/index_memory.rs` checks it): the entry, its `Arc`,
 /// and its slot in the index (key and weight). Measured at ~220 bytes asked of the allocator
@@ -894,7 +913,8 @@ pub const INDEX_ENTRY_BYTES: u64 = 320;
 pub const INDEX_FILE_ENTRY_EXTRA: u64 = 512;
 
 /// The memory the disk index may use, out of `--memory`: a quarter of it, at least 1 MiB
-/// (~2,700 objects), an eighth of it for its journal (see [`entries_budget`]). At the default
+/// (~2,700 objects), an eighth of it for its journal and a 64th for its doorkeeper (see
+/// [`entries_budget`]). At the default
 /// 256 MiB that is ~180,000 objects; a store of many more
 /// small objects needs a larger `--memory` (nginx sizes its `keys_zone` the same way, at
 /// ~8,000 keys per MiB).
@@ -903,10 +923,12 @@ pub fn index_budget(memory: u64) -> u64 {
 }
 
 /// What the index's entries may use of its budget: all but the share of the journal of index
-/// writes not folded yet (an eighth; see [`store::journal_max`]).
+/// writes not folded yet (an eighth; see [`store::journal_max`]) and the doorkeeper's (a 64th;
+/// see [`admission`]).
 pub fn entries_budget(index_budget: u64) -> u64 {
     index_budget
         .saturating_sub(store::journal_max(index_budget) * store::JOURNAL_ENTRY_BYTES)
+        .saturating_sub(admission::doorkeeper_bytes(index_budget))
         .max(1)
 }
 
@@ -949,7 +971,8 @@ impl DiskTier {
         // Interrupted writes never become visible; their leftovers go now.
         remove_dir_contents(&content.join("tmp")).await;
         let journal_max = store::journal_max(index_budget);
-        let journal = index_budget - entries_budget(index_budget).min(index_budget);
+        let set_aside = index_budget - entries_budget(index_budget).min(index_budget);
+        let doorkeeper = Doorkeeper::new(index_budget);
         let index_budget = entries_budget(index_budget);
         let store = {
             let root = root.to_path_buf();
@@ -980,9 +1003,10 @@ impl DiskTier {
             .shards(shards)
             .build()
             .map_err(|e| io::Error::other(e.to_string()))?;
+        let weight = EntryWeight::new(capacity, index_budget);
         let index = Index::with_options(
             options,
-            EntryWeight::new(capacity, index_budget),
+            weight.clone(),
             quick_cache::DefaultHashBuilder::default(),
             Evictions(tx),
         );
@@ -1008,7 +1032,7 @@ impl DiskTier {
                 disk: AtomicU64::new(0),
                 memory: AtomicU64::new(0),
                 memory_budget: index_budget,
-                journal,
+                set_aside,
             },
             rejected: AtomicU64::new(0),
             swept: AtomicU64::new(0),
@@ -1021,6 +1045,8 @@ impl DiskTier {
             load_settling: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             write_jobs: Arc::new(Semaphore::new(WRITE_JOBS)),
+            doorkeeper,
+            weight,
         });
         // These hold the tier weakly: the tier owns their senders (its index's lifecycle, its
         // content references), so they end when the tier is dropped, closing the database.
@@ -1822,13 +1848,39 @@ impl DiskTier {
     }
 
     /// Memory the index takes (its entries as charged, see [`INDEX_ENTRY_BYTES`], and the
-    /// share set aside for its journal), and the most it may take.
+    /// share set aside for its journal and its doorkeeper), and the most it may take.
     pub fn index_memory(&self) -> (u64, u64) {
-        let journal = self.indexed.journal;
+        let set_aside = self.indexed.set_aside;
         (
-            self.indexed.memory.load(Ordering::Relaxed) + journal,
-            self.indexed.memory_budget.saturating_add(journal),
+            self.indexed.memory.load(Ordering::Relaxed) + set_aside,
+            self.indexed.memory_budget.saturating_add(set_aside),
         )
+    }
+
+    /// Whether a new object under `key`, of `size` bytes if known, is to be written
+    /// ([`admission`]): always while the index has room for it; once it has not, on the key's
+    /// second miss lately (this call counts as a miss). A key with a copy stored is not new:
+    /// ask [`DiskTier::copy_of`] first.
+    pub fn admits_new(&self, key: &KeyHash, size: Option<u64>) -> bool {
+        self.has_room_for(size) || self.doorkeeper.seen_again(key)
+    }
+
+    /// Whether an object of `size` bytes (if known) can be indexed without evicting another:
+    /// the index's free weight is at least the object's and a 32nd of the capacity (quick_cache
+    /// evicts by shard, so a little room may be left in several).
+    pub(crate) fn has_room_for(&self, size: Option<u64>) -> bool {
+        let capacity = self.index.capacity();
+        let room = capacity.saturating_sub(self.index.weight());
+        let needs = size.map_or(0, |size| {
+            let index_bytes = if size <= INLINE_MAX {
+                INDEX_ENTRY_BYTES
+            } else {
+                INDEX_ENTRY_BYTES + INDEX_FILE_ENTRY_EXTRA
+            };
+            self.weight
+                .of(size.saturating_add(METADATA_DISK_BYTES), index_bytes)
+        });
+        room >= needs.max(capacity / 32)
     }
 
     /// Indexes `entry` under `key`, whose put has committed. The copy it replaces goes to the

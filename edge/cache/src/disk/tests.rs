@@ -1383,11 +1383,11 @@ async fn an_identical_copy_survives_the_copy_it_replaced() {
         assert_eq!(&reopened.read_all(&key, &hit).await.unwrap()[..], body);
         assert_eq!((reopened.stored_bytes(), reopened.index_memory().0), one);
         reopened.remove(&key).await;
-        let journal = reopened.indexed.journal;
+        let set_aside = reopened.indexed.set_aside;
         assert_eq!(
             (reopened.stored_bytes(), reopened.index_memory().0),
-            (0, journal),
-            "only the journal's share is left"
+            (0, set_aside),
+            "only the journal's and the doorkeeper's shares are left"
         );
     }
 }

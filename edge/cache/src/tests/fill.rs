@@ -1,7 +1,8 @@
 //! The fill task: what it stores, where, and what it refuses to store.
 
 use super::*;
-use crate::status::PassReason;
+use crate::disk::admission;
+use crate::status::{DiskAdmission, PassReason};
 
 #[tokio::test]
 async fn a_fill_stores_the_object_in_both_tiers() {
@@ -116,8 +117,110 @@ async fn a_404_with_freshness_is_stored_like_any_answer() {
 }
 
 /// `outpost_disk_admissions`: what became of each storable response on its way to disk.
-fn admissions(rig: &Rig) -> [u64; 6] {
+fn admissions(rig: &Rig) -> [u64; DiskAdmission::ALL.len()] {
     rig.engine.stats.disk_admissions()
+}
+
+/// A rig whose disk tier (4 MiB) fills up with ~20 bodies of 200 KiB, which its memory tier
+/// (of `--memory 1MiB`) never takes, filled until the tier is full: every miss until then is
+/// written. Returns the rig, the body and how many objects it took.
+async fn full_disk_tier(policy: admission::Policy) -> (Rig, String, u64) {
+    let rig = Rig::disk_with(|c| {
+        c.memory_bytes = 1 << 20;
+        c.disk = c.disk.take().map(|(dir, _)| (dir, 4 << 20));
+        c.disk_admission = policy;
+    })
+    .await;
+    let disk = rig.engine.disk.clone().expect("a disk tier");
+    let body = "x".repeat(200 << 10);
+    let mut n = 0;
+    while disk.has_room_for(Some(body.len() as u64)) {
+        assert!(n < 40, "the disk tier never filled: {:?}", admissions(&rig));
+        let path = format!("/o{n}");
+        rig.origin.fresh(&path, &body);
+        rig.check(&path, Miss, &body).await;
+        rig.settle().await;
+        n += 1;
+    }
+    eventually("every miss is counted", || {
+        admissions(&rig).iter().sum::<u64>() == n
+    })
+    .await;
+    assert_eq!(
+        admissions(&rig),
+        [n, 0, 0, 0, 0, 0, 0],
+        "all written until full"
+    );
+    (rig, body, n)
+}
+
+/// (stored, rejected) of `outpost_disk_admissions`, once `n` storable responses are counted.
+async fn stored_and_rejected(rig: &Rig, n: u64) -> (u64, u64) {
+    eventually("every miss is counted", || {
+        admissions(rig).iter().sum::<u64>() == n
+    })
+    .await;
+    let a = admissions(rig);
+    (
+        a[DiskAdmission::Stored.index()],
+        a[DiskAdmission::Rejected.index()],
+    )
+}
+
+/// Once the disk tier is full, a key's first miss is not written, only counted (`rejected`),
+/// so an object asked once evicts nothing; its second miss is written, and then it is a HIT.
+/// A stale copy's refetch is no first miss: written at once.
+#[tokio::test]
+async fn a_full_disk_tier_writes_a_new_key_on_its_second_miss() {
+    let (rig, body, n) = full_disk_tier(admission::Policy::SecondMissWhenFull).await;
+    rig.origin.fresh("/new", &body);
+    rig.check("/new", Miss, &body).await;
+    rig.settle().await;
+    assert_eq!(stored_and_rejected(&rig, n + 1).await, (n, 1));
+    assert_eq!(rig.objects().await.1, n, "nothing evicted for it");
+    assert_eq!(rig.engine.disk.as_ref().unwrap().evictions(), 0);
+    rig.check("/new", Miss, &body).await;
+    rig.settle().await;
+    assert_eq!(stored_and_rejected(&rig, n + 2).await, (n + 1, 1));
+    rig.check("/new", Hit, &body).await;
+    assert_eq!(rig.origin.calls("/new"), 2);
+
+    // Every copy goes stale; one still stored is fetched again and written at once.
+    rig.advance(61);
+    let mut stored_paths = Vec::new();
+    for i in 0..n {
+        let path = format!("/o{i}");
+        if rig
+            .engine
+            .disk
+            .as_ref()
+            .unwrap()
+            .copy_of(&request(&path, &[]).norm.key.hash())
+            .is_some()
+        {
+            stored_paths.push(path);
+        }
+    }
+    let path = stored_paths.first().expect("objects still stored");
+    let refetched = rig.get(path).await;
+    assert_eq!(refetched.body, body.as_bytes());
+    rig.settle().await;
+    assert_eq!(stored_and_rejected(&rig, n + 3).await, (n + 2, 1));
+}
+
+/// `disk_admission = "always"`: a full disk tier writes every storable miss, evicting for it.
+#[tokio::test]
+async fn a_full_disk_tier_writes_every_miss_when_told_to() {
+    let (rig, body, n) = full_disk_tier(admission::Policy::Always).await;
+    rig.origin.fresh("/new", &body);
+    rig.check("/new", Miss, &body).await;
+    rig.settle().await;
+    assert_eq!(stored_and_rejected(&rig, n + 1).await, (n + 1, 0));
+    rig.check("/new", Hit, &body).await;
+    eventually("an object was evicted for it", || {
+        rig.engine.disk.as_ref().unwrap().evictions() > 0
+    })
+    .await;
 }
 
 /// Every storable response of an engine with a disk tier ends in exactly one admission
@@ -149,6 +252,6 @@ async fn every_storable_response_ends_in_one_disk_admission() {
     })
     .await;
     // stored, queue_full, too_large, error, incomplete, superseded
-    assert_eq!(admissions(&rig), [5, 0, 1, 0, 1, 0]);
+    assert_eq!(admissions(&rig), [5, 0, 1, 0, 1, 0, 0]);
     assert_eq!(rig.objects().await.1, 5);
 }

@@ -368,6 +368,7 @@ fn config(dir: Option<&Path>) -> EngineConfig {
         send_timeout: Duration::from_secs(60),
         negative_ttl: Default::default(),
         prefresh: 0.0,
+        disk_admission: Default::default(),
     }
 }
 
@@ -391,8 +392,26 @@ impl Rig {
         Self::open(Arc::default(), Clock::manual(), Some(dir)).await
     }
 
+    /// An engine with memory and disk tiers in a fresh temporary directory, its configuration
+    /// changed by `change`.
+    pub(crate) async fn disk_with(change: impl FnOnce(&mut EngineConfig)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cfg = config(Some(dir.path()));
+        change(&mut cfg);
+        Self::open_with(cfg, Arc::default(), Clock::manual(), Some(dir)).await
+    }
+
     async fn open(origin: Arc<Origin>, clock: Clock, dir: Option<tempfile::TempDir>) -> Self {
         let cfg = config(dir.as_ref().map(|d| d.path()));
+        Self::open_with(cfg, origin, clock, dir).await
+    }
+
+    async fn open_with(
+        cfg: EngineConfig,
+        origin: Arc<Origin>,
+        clock: Clock,
+        dir: Option<tempfile::TempDir>,
+    ) -> Self {
         let engine = Engine::open(cfg, origin.clone(), clock.clone())
             .await
             .expect("engine opens");
