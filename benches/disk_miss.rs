@@ -298,6 +298,20 @@
 //! filled toward its fold); disk-hit/flat 58.1 µs. At 1536 MiB the index was full (1.1M
 //! objects) and each miss also evicted one: 132.8 against 102.6 µs, +29%, all of it the
 //! writer (15.6 → 39.0 µs: an eviction's conditional delete and its journal word per miss).
+//!
+//! Session 18 (2026-12-06): admission to a full tier (a2e01e3: a new key is written on its
+//! second miss once the index has no room; `cache.disk_admission`). OUTPOST_BENCH_DISK_ADMISSION
+//! sets the disk edge's policy. The tier full from the first round (`OUTPOST_BENCH_MEMORY_MIB=32`:
+//! ~22,500 objects; `-- =memory =disk`, 3 rounds): with `always`, every miss written and one
+//! evicted, 1.40x the memory-only miss (99.7 µs: the writer 24 µs per miss, 0.66x its req/s);
+//! with the default, the unique misses of rounds 2 and 3 all `rejected`, 1.06x (75.2 µs, 0.98x
+//! its req/s; the memory case ran 70-78 µs in both). Under capacity nothing changes: against
+//! session 17's final build, alternating twice, 1.24 and 1.42x against 1.30 and 1.35x (disk
+//! 99.0 and 109.2 µs against 99.1 and 98.3); at `OUTPOST_BENCH_MEMORY_MIB=512`, 1.23 and 1.36x
+//! against 1.30 and 1.18x. Target (≤ 1.2x): not met; the runs spread over 1.18-1.42x. This
+//! machine now runs the default settings at ~15,000 disk misses a second, so the third round
+//! nears the index's capacity (~180,000 objects at 256 MiB): runs that compare under-capacity
+//! misses take `OUTPOST_BENCH_MEMORY_MIB=512` (~360,000).
 
 mod support;
 

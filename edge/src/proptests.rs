@@ -260,7 +260,12 @@ proptest! {
     #[test]
     fn memory_shares_stay_within_memory(memory in (8u64 << 20)..(1u64 << 40), disk in any::<bool>()) {
         let s = crate::cache::MemoryShares::of(memory, disk);
-        let total = s.tier + s.disk_index + 4 * s.held_meta + s.memory_fills + s.disk_queue;
+        let total = s.tier
+            + s.disk_index
+            + 4 * s.held_meta
+            + s.memory_fills
+            + s.disk_queue
+            + s.disk_reads;
         prop_assert!(total <= memory, "{:?} sums to {} for {}", s, total, memory);
         prop_assert!(s.memory_fills >= (2 * (s.tier / 8)).min(256 << 20), "{:?}", s);
         prop_assert!(s.tier >= memory / if disk { 4 } else { 2 }, "{:?}", s);

@@ -215,8 +215,8 @@ pub struct Engine {
 /// [`disk::index_budget`]), the parsed metadata the disk tiers keep (1/16 each, see
 /// [`disk::held_meta_budget`]) and their index page caches (as much again), the bodies fills
 /// hold for the memory tier while they arrive,
-/// counted twice (the chunks, then the compact copy), and the chunks queued for disk writers.
-/// The memory tier gets the rest.
+/// counted twice (the chunks, then the compact copy), the chunks queued for disk writers, and
+/// the bodies read from disk on their way to clients. The memory tier gets the rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryShares {
     pub tier: u64,
@@ -231,6 +231,10 @@ pub struct MemoryShares {
     pub memory_fills: u64,
     /// Disk writer queues: a fill whose writer falls that far behind gives up its disk copy.
     pub disk_queue: u64,
+    /// Bodies read from disk until they are sent (whole reads, and streams' chunks), for both
+    /// disk tiers: past it, bodies stream in small chunks, outside the budget but within what
+    /// every connection is allowed (see [`disk::read_budget`]).
+    pub disk_reads: u64,
 }
 
 impl MemoryShares {
@@ -246,9 +250,10 @@ impl MemoryShares {
             0
         };
         let disk_index = if disk { disk::index_budget(memory) } else { 0 };
+        let disk_reads = if disk { disk::read_budget(memory) } else { 0 };
         // Each disk tier (the cache's and the pushed objects') holds metadata and has an index
         // page cache of as much again.
-        let rest = memory.saturating_sub(4 * held_meta + disk_queue + disk_index);
+        let rest = memory.saturating_sub(4 * held_meta + disk_queue + disk_index + disk_reads);
         // Rounded up: the tier gets at most 4/5 of `rest`, so twice its largest object (an
         // eighth of it) always fits.
         let memory_fills = rest.div_ceil(5).clamp(1 << 20, 256 << 20).min(rest / 2);
@@ -258,6 +263,7 @@ impl MemoryShares {
             held_meta,
             memory_fills,
             disk_queue,
+            disk_reads,
         }
     }
 }
@@ -280,10 +286,18 @@ impl Engine {
         // The largest purge sequence stored objects recorded (see `Generations::raise_floor`).
         let mut stored_seq = 0;
         let mut loading = None;
+        // Shared by both disk tiers.
+        let disk_reads = coalesce::Budget::new(shares.disk_reads);
         let disk = match &cfg.disk {
             Some((dir, cap)) => {
-                let (tier, rx) =
-                    DiskTier::open_within(dir, *cap, held_budget, shares.disk_index).await?;
+                let (tier, rx) = DiskTier::open_within(
+                    dir,
+                    *cap,
+                    held_budget,
+                    shares.disk_index,
+                    disk_reads.clone(),
+                )
+                .await?;
                 stored_seq = stored_seq.max(tier.max_purge_seq().await);
                 loading = Some(rx);
                 Some(tier)
@@ -291,9 +305,9 @@ impl Engine {
             None => None,
         };
         let pinned = match &cfg.disk {
-            Some((dir, _)) => {
-                Some(push_store::PinnedStore::open(&dir.join("pushed"), held_budget).await?)
-            }
+            Some((dir, _)) => Some(
+                push_store::PinnedStore::open(&dir.join("pushed"), held_budget, disk_reads).await?,
+            ),
             None => None,
         };
         if let Some(p) = &pinned {
@@ -563,8 +577,17 @@ impl Engine {
                     _ => self.disk.as_ref()?,
                 };
                 let promote = self.memory.fits(hit.entry.size);
-                if promote || hit.entry.size <= disk::WHOLE_READ_MAX {
-                    let mut body = disk.read_all(&key, hit).await.ok()?;
+                let whole = if promote || hit.entry.size <= disk::WHOLE_READ_MAX {
+                    match disk.read_all(&key, hit).await {
+                        Ok(body) => Some(body),
+                        // The read budget has no room: it streams in small chunks.
+                        Err(e) if disk::is_over_budget(&e) => None,
+                        Err(_) => return None,
+                    }
+                } else {
+                    None
+                };
+                if let Some(mut body) = whole {
                     if promote {
                         // The memory tier's copy: compact, mapped when large (see `buffer`).
                         body = buffer::compact([body.as_ref()]);

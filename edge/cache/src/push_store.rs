@@ -15,6 +15,7 @@ use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderValue};
 
 use super::clock::unix_ms;
+use super::coalesce::Budget;
 use super::disk::{DiskHit, DiskTier};
 use super::key::KeyHash;
 use super::meta::{CachedMeta, META_VERSION};
@@ -69,10 +70,11 @@ pub fn pinned_key(path: &str) -> KeyHash {
 }
 
 impl PinnedStore {
-    /// `held_budget`: memory for the metadata of recently served pushed objects.
-    pub async fn open(dir: &Path, held_budget: u64) -> io::Result<Self> {
+    /// `held_budget`: memory for the metadata of recently served pushed objects; `reads`:
+    /// for bodies read until they are sent (see [`DiskTier::open_within`]).
+    pub async fn open(dir: &Path, held_budget: u64, reads: Arc<Budget>) -> io::Result<Self> {
         // Every pushed path must be known before the first request: the load is waited for.
-        let (tier, loaded) = DiskTier::open_loaded(dir, u64::MAX, held_budget).await?;
+        let (tier, loaded) = DiskTier::open_loaded(dir, u64::MAX, held_budget, reads).await?;
         let any = AtomicBool::new(!tier.keys().is_empty());
         let loaded_purge_seq = loaded.iter().map(|l| l.purge_seq).max().unwrap_or(0);
         Ok(Self {

@@ -302,3 +302,65 @@ async fn entries_of_content_files_cost_what_they_are_charged() {
     );
     close(engine).await;
 }
+
+/// Slow clients of disk hits hold no more than the read budget: 64 requests for a 100 KiB
+/// object that only the disk tier holds (`--memory 1MiB`: a 1 MiB read budget, no memory tier
+/// to speak of), each answer taken and left unread, as a client that does not read leaves it
+/// with the server. Whole reads take the budget until it is spent; the rest stream, holding two
+/// small chunks each. Before the budget, every answer held its whole body: 6.4 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_of_disk_hits_hold_at_most_the_read_budget() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let memory = 1 << 20;
+    let size = 100 << 10;
+    let engine = open(dir.path(), memory, size).await;
+    fill(&engine, 0, 1).await;
+    settle().await;
+    let budget = outpost_cache::MemoryShares::of(memory, true).disk_reads;
+    /// An answer as a client that stopped reading leaves it.
+    #[allow(dead_code)] // held, never read
+    enum Held {
+        Whole(Bytes),
+        Streamed(
+            futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>,
+            Bytes,
+        ),
+    }
+    let before = heap();
+    let mut held = Vec::new();
+    let (mut whole, mut streamed) = (0, 0);
+    for _ in 0..64 {
+        let served = engine.serve(request("/o/0")).await;
+        match served.body {
+            ServedBody::Full(body) => {
+                assert_eq!(body.len(), size);
+                whole += 1;
+                held.push(Held::Whole(body));
+            }
+            ServedBody::Stream { mut stream, .. } => {
+                // A client that read the first chunk and stopped: the stream has read ahead.
+                use futures_util::StreamExt;
+                let first = stream.next().await.expect("a chunk").expect("body");
+                assert!(first.len() <= outpost_cache::disk::STREAM_READ_SMALL);
+                streamed += 1;
+                held.push(Held::Streamed(stream, first));
+            }
+            other => panic!("not a body: {:?}", std::mem::discriminant(&other)),
+        }
+    }
+    let grown = heap() - before;
+    eprintln!("64 held answers: {whole} whole, {streamed} streamed, heap +{grown} bytes");
+    assert!(
+        whole >= 1 && streamed >= 1,
+        "{whole} whole, {streamed} streamed"
+    );
+    let per_stream = 2 * outpost_cache::disk::STREAM_READ_SMALL as i64 + (8 << 10);
+    assert!(
+        grown <= budget as i64 + 64 * per_stream,
+        "64 unread answers hold {grown} bytes: more than the read budget ({budget}) and two \
+         small chunks per stream"
+    );
+    drop(held);
+    close(engine).await;
+}

@@ -92,11 +92,12 @@ use tracing::{debug, info, warn};
 use self::admission::Doorkeeper;
 use self::reader::FileStamp;
 use self::store::{EntryRecord, Pending, Put, Store};
+use super::coalesce::Budget;
 use super::fresh::HeadSlot;
 use super::key::{KeyHash, KeyHasher};
 use super::meta::CachedMeta;
 
-pub use self::reader::{STAMP_SETTLE, WHOLE_READ_MAX};
+pub use self::reader::{STAMP_SETTLE, STREAM_READ_SMALL, WHOLE_READ_MAX, is_over_budget};
 pub use self::writer::{DiskWriter, INLINE_MAX, STREAM_CHUNK, WRITE_JOBS};
 
 /// What [`DiskTier::update_meta`] did.
@@ -814,6 +815,8 @@ pub struct DiskTier {
     doorkeeper: Doorkeeper,
     /// What an entry weighs in the index (its weigher's copy).
     weight: EntryWeight,
+    /// Bodies read and not sent yet (see [`read_budget`]).
+    reads: Arc<Budget>,
 }
 
 /// What the indexed entries take: added as an entry is indexed, taken off as it leaves the
@@ -922,6 +925,18 @@ pub fn index_budget(memory: u64) -> u64 {
     (memory / 4).max(1 << 20)
 }
 
+/// The memory bodies read from disk may take until they are sent, out of `--memory`: a 16th
+/// of it, 1 to 64 MiB, shared by the cache's and the pushed objects' tiers. A whole read (a
+/// body up to [`WHOLE_READ_MAX`], or one the memory tier takes) is held until the client has
+/// it, as is each chunk of a stream, and a slow client holds them for long: 8,192 connections
+/// (the default limit) each reading a 100 KiB disk hit slowly could hold 800 MiB outside
+/// `--memory`. A body read when
+/// the budget has no room for it streams in chunks of [`STREAM_READ_SMALL`] instead, which
+/// take no more than every connection's own buffers do.
+pub fn read_budget(memory: u64) -> u64 {
+    (memory / 16).clamp(1 << 20, 64 << 20)
+}
+
 /// What the index's entries may use of its budget: all but the share of the journal of index
 /// writes not folded yet (an eighth; see [`store::journal_max`]) and the doorkeeper's (a 64th;
 /// see [`admission`]).
@@ -952,18 +967,20 @@ impl DiskTier {
         capacity: u64,
         held_budget: u64,
     ) -> io::Result<(Arc<Self>, mpsc::Receiver<Vec<Loaded>>)> {
-        Self::open_within(root, capacity, held_budget, u64::MAX).await
+        Self::open_within(root, capacity, held_budget, u64::MAX, Budget::new(u64::MAX)).await
     }
 
     /// Opens (or creates) the tier and starts loading its index in the background. The tier
     /// serves at once; the receiver gets what the load finds, in batches, and closes when the
     /// load is done. The index keeps its entries within `index_budget` bytes of memory (see
-    /// [`EntryWeight`]), evicting objects when it would not.
+    /// [`EntryWeight`]), evicting objects when it would not. Bodies read from disk count
+    /// against `reads` until they are sent (see [`read_budget`]).
     pub async fn open_within(
         root: &Path,
         capacity: u64,
         held_budget: u64,
         index_budget: u64,
+        reads: Arc<Budget>,
     ) -> io::Result<(Arc<Self>, mpsc::Receiver<Vec<Loaded>>)> {
         let started = SystemTime::now();
         let content: Arc<Path> = root.join("content").into();
@@ -1047,6 +1064,7 @@ impl DiskTier {
             write_jobs: Arc::new(Semaphore::new(WRITE_JOBS)),
             doorkeeper,
             weight,
+            reads,
         });
         // These hold the tier weakly: the tier owns their senders (its index's lifecycle, its
         // content references), so they end when the tier is dropped, closing the database.
@@ -1067,8 +1085,10 @@ impl DiskTier {
         root: &Path,
         capacity: u64,
         held_budget: u64,
+        reads: Arc<Budget>,
     ) -> io::Result<(Arc<Self>, Vec<Loaded>)> {
-        let (tier, mut rx) = Self::open(root, capacity, held_budget).await?;
+        let (tier, mut rx) =
+            Self::open_within(root, capacity, held_budget, u64::MAX, reads).await?;
         let mut all = Vec::new();
         while let Some(batch) = rx.recv().await {
             all.extend(batch);
@@ -1395,10 +1415,11 @@ impl DiskTier {
         if !entry.inline {
             // Known since the whole read that made the entry hot.
             let file = entry.file.get()?;
+            let charge = self.reads.take(entry.size)?;
             let (data, _) =
                 reader::read_checked(&file.path, &self.content, entry, SystemTime::now()).ok()?;
             entry.mark_read();
-            return Some(Bytes::from(data));
+            return Some(reader::charged(data, Some(charge)));
         }
         let (_, record) = self
             .fetch_record_now(key, Some(entry.record_seq()))

@@ -17,7 +17,54 @@ use tokio::io::AsyncReadExt;
 use tracing::warn;
 
 use super::{DiskEntry, DiskHit, DiskTier};
+use crate::coalesce::Charge;
 use crate::key::KeyHash;
+
+/// A body read from disk, holding its share of the read budget until its last reference goes
+/// (when the client has it).
+struct Charged {
+    data: Vec<u8>,
+    _charge: Charge,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// `data` as a body, counted against the read budget by `charge` until it is dropped.
+pub(super) fn charged(data: Vec<u8>, charge: Option<Charge>) -> Bytes {
+    match charge {
+        Some(charge) => Bytes::from_owner(Charged {
+            data,
+            _charge: charge,
+        }),
+        None => Bytes::from(data),
+    }
+}
+
+/// Why a whole read did not happen: the read budget had no room for it (the body streams
+/// instead; see [`is_over_budget`]).
+#[derive(Debug)]
+struct OverBudget;
+
+impl std::fmt::Display for OverBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the disk read budget has no room for a whole read")
+    }
+}
+
+impl std::error::Error for OverBudget {}
+
+fn over_budget() -> io::Error {
+    io::Error::other(OverBudget)
+}
+
+/// Whether a whole read failed only because the read budget had no room for it.
+pub fn is_over_budget(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|e| e.is::<OverBudget>())
+}
 
 /// Bodies up to this size are read whole in one blocking call rather than streamed: a stream
 /// holds up to two 64 KiB chunks per request anyway, and each chunk of a stream is a separate
@@ -26,6 +73,11 @@ pub const WHOLE_READ_MAX: u64 = 128 * 1024;
 
 /// The chunks a stream reads.
 pub(super) const STREAM_READ: usize = 64 * 1024;
+
+/// The chunks a stream reads when the read budget has no room for [`STREAM_READ`] (see
+/// [`read_budget`](super::read_budget)): a stream holds two at most, as much as a connection's
+/// own buffers.
+pub const STREAM_READ_SMALL: usize = 16 * 1024;
 
 /// Streams of bodies up to this size read on the async worker when hot (see
 /// [`DiskEntry::hot`]); larger ones always on the blocking pool, whose threads may wait on the
@@ -164,6 +216,9 @@ impl DiskTier {
         if hit.entry.inline {
             return self.inline_body(key, hit).await;
         }
+        let Some(charge) = self.reads.take(hit.entry.size) else {
+            return Err(over_budget());
+        };
         let entry = hit.entry.clone();
         entry.content_file(|| self.content_path(&entry.sri()));
         let read = if entry.hot() {
@@ -182,7 +237,7 @@ impl DiskTier {
             Ok((data, _)) => {
                 hit.entry.verified.store(true, Ordering::Release);
                 hit.entry.mark_read();
-                Ok(Bytes::from(data))
+                Ok(charged(data, Some(charge)))
             }
             Err(e) => {
                 self.drop_if_damaged(key, &hit.entry, &e);
@@ -314,9 +369,19 @@ impl DiskTier {
             }
 
             /// Holds `chunk` back, giving the one held before.
-            fn hold(&mut self, chunk: Vec<u8>) -> Option<Bytes> {
+            fn hold(&mut self, chunk: Vec<u8>, charge: Option<Charge>) -> Option<Bytes> {
                 self.read += chunk.len() as u64;
-                self.pending.replace(Bytes::from(chunk))
+                self.pending.replace(charged(chunk, charge))
+            }
+
+            /// The next chunk's size and its share of the read budget: [`STREAM_READ`] if the
+            /// budget has room, else [`STREAM_READ_SMALL`], uncharged.
+            fn next_chunk(&self) -> (usize, Option<Charge>) {
+                let left = usize::try_from(self.size - self.read).unwrap_or(usize::MAX);
+                match self.tier.reads.take(left.min(STREAM_READ) as u64) {
+                    Some(charge) => (left.min(STREAM_READ), Some(charge)),
+                    None => (left.min(STREAM_READ_SMALL), None),
+                }
             }
         }
         let st = St {
@@ -376,9 +441,7 @@ impl DiskTier {
                         }
                     }
                     Some(Source::File(mut file)) => {
-                        let want = usize::try_from(st.size - st.read)
-                            .unwrap_or(usize::MAX)
-                            .min(STREAM_READ);
+                        let (want, charge) = st.next_chunk();
                         let read =
                             blocking(st.hot, move || file.read(want).map(|c| (file, c))).await;
                         match read {
@@ -395,7 +458,7 @@ impl DiskTier {
                             }
                             Ok((file, chunk)) => {
                                 st.source = Some(Source::File(file));
-                                if let Some(prev) = st.hold(chunk) {
+                                if let Some(prev) = st.hold(chunk, charge) {
                                     return Some((Ok(prev), st));
                                 }
                             }
@@ -404,7 +467,9 @@ impl DiskTier {
                         }
                     }
                     Some(Source::Cacache(mut reader)) => {
-                        let mut buf = vec![0u8; STREAM_READ];
+                        // One byte more than is left, so that a longer body shows.
+                        let (want, charge) = st.next_chunk();
+                        let mut buf = vec![0u8; want + 1];
                         match reader.read(&mut buf).await {
                             Ok(0) => {
                                 st.done = true;
@@ -426,7 +491,7 @@ impl DiskTier {
                                     return st.fail(&key, e);
                                 }
                                 st.source = Some(Source::Cacache(reader));
-                                if let Some(prev) = st.hold(buf) {
+                                if let Some(prev) = st.hold(buf, charge) {
                                     return Some((Ok(prev), st));
                                 }
                             }

@@ -9,6 +9,11 @@ use super::reader::{Checked, Checking, STREAM_READ, is_damage, read_checked};
 use super::*;
 use crate::policy::{self, Admission, AdmitOptions};
 
+/// A read budget that never runs out.
+fn unbounded() -> Arc<Budget> {
+    Budget::new(u64::MAX)
+}
+
 fn meta(etag: &str) -> Arc<CachedMeta> {
     let req = Request::get("http://example.test/a")
         .body(())
@@ -43,7 +48,7 @@ async fn stored_meta(tier: &DiskTier, key: &KeyHash) -> Arc<CachedMeta> {
 /// A tier of 1 GiB in a fresh directory (kept alive by the returned guard).
 async fn tier() -> (tempfile::TempDir, Arc<DiskTier>) {
     let dir = tempfile::tempdir().unwrap();
-    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
         .await
         .unwrap();
     (dir, tier)
@@ -97,7 +102,7 @@ async fn update_replaces_held_metadata() {
 
     // One tier per directory at a time: the database is locked while open.
     drop(tier);
-    let (reopened, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+    let (reopened, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
         .await
         .unwrap();
     assert_eq!(etag_of(&reopened, &key).await.as_deref(), Some("\"b\""));
@@ -122,7 +127,7 @@ async fn header_values_of_any_bytes_survive_the_record() {
     }
     store(&tier, key, b"body", &Arc::new(m)).await;
     drop(tier);
-    let (reopened, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+    let (reopened, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
         .await
         .unwrap();
     let hit = reopened.get(&key).await.expect("stored");
@@ -200,12 +205,12 @@ async fn peek_does_not_hold_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let key = KeyHash::of("example.test/a");
     {
-        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
             .await
             .unwrap();
         store(&tier, key, b"body", &meta("\"a\"")).await;
     }
-    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
         .await
         .unwrap();
     assert!(tier.peek(&key).await.is_some());
@@ -427,7 +432,7 @@ async fn tampered_metadata_is_a_miss() {
             tamper(&tier, key, &edit);
             let tier = if reopen {
                 drop(tier);
-                DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+                DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
                     .await
                     .unwrap()
                     .0
@@ -454,7 +459,7 @@ async fn metadata_files_of_the_previous_design_are_imported() {
     let dir = tempfile::tempdir().unwrap();
     let (good, bad) = (KeyHash::of("example.test/a"), KeyHash::of("example.test/b"));
     let sri = {
-        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
             .await
             .unwrap();
         store(&tier, good, b"body", &meta("\"a\"")).await;
@@ -490,7 +495,7 @@ async fn metadata_files_of_the_previous_design_are_imported() {
         )
         .unwrap();
     }
-    let (tier, loaded) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+    let (tier, loaded) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
         .await
         .unwrap();
     assert_eq!(loaded.len(), 1);
@@ -545,7 +550,7 @@ async fn unreferenced_content_is_swept_at_start_up() {
     let key = KeyHash::of("example.test/a");
     let content = dir.path().join("content");
     let orphan_path = {
-        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
             .await
             .unwrap();
         store(&tier, key, b"kept body", &meta("\"a\"")).await;
@@ -562,7 +567,7 @@ async fn unreferenced_content_is_swept_at_start_up() {
     let fresh = cacache::write_hash(&content, b"a fill in progress")
         .await
         .unwrap();
-    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -591,7 +596,7 @@ async fn small_bodies_are_inline_large_ones_in_cacache() {
     let (small, large) = (KeyHash::of("example.test/s"), KeyHash::of("example.test/l"));
     let small_body = vec![b's'; INLINE_MAX as usize];
     {
-        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
             .await
             .unwrap();
         store(&tier, small, &small_body, &meta("\"s\"")).await;
@@ -605,7 +610,7 @@ async fn small_bodies_are_inline_large_ones_in_cacache() {
         assert!(tier.get(&small).await.unwrap().entry.inline);
         assert!(!tier.get(&large).await.unwrap().entry.inline);
     }
-    let (tier, loaded) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+    let (tier, loaded) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
         .await
         .unwrap();
     assert_eq!(loaded.len(), 2);
@@ -948,7 +953,7 @@ async fn an_index_that_is_not_a_database_is_moved_aside() {
         b"not a database at all, just bytes",
     )
     .unwrap();
-    let (tier, loaded) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+    let (tier, loaded) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
         .await
         .unwrap();
     assert!(loaded.is_empty());
@@ -973,7 +978,7 @@ async fn an_index_that_is_not_a_database_is_moved_aside() {
 async fn an_unfinished_load_sweeps_nothing() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
             .await
             .unwrap();
         for i in 0..3 {
@@ -1119,7 +1124,7 @@ async fn content_removal_and_new_references_exclude_each_other() {
 #[tokio::test]
 async fn records_of_the_previous_layout_are_served_and_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    let open = || DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20);
+    let open = || DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded());
     let small = KeyHash::of("example.test/small");
     let large = KeyHash::of("example.test/large");
     let (tier, _) = open().await.unwrap();
@@ -1250,7 +1255,7 @@ async fn a_body_shared_with_a_key_not_loaded_yet_stays() {
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (KeyHash::of("example.test/1"), KeyHash::of("example.test/2"));
     {
-        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
             .await
             .unwrap();
         store(&tier, one, &body(), &meta("\"a\"")).await;
@@ -1370,7 +1375,7 @@ async fn an_identical_copy_survives_the_copy_it_replaced() {
         assert_eq!((tier.stored_bytes(), tier.index_memory().0), one);
         assert_eq!(etag_of(&tier, &key).await.as_deref(), Some("\"2\""));
         drop(tier);
-        let (reopened, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20)
+        let (reopened, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
             .await
             .unwrap();
         assert_eq!(
@@ -1563,4 +1568,49 @@ async fn a_file_rewritten_with_its_mtime_set_back_is_not_vouched_for() {
         sent_before_error(&got) < body.len(),
         "the last bytes are not vouched for"
     );
+}
+
+/// Bodies read from disk count against the read budget until they are dropped: a whole read
+/// takes its size, a stream takes [`STREAM_READ`] a chunk while the budget has room and reads
+/// [`STREAM_READ_SMALL`] chunks, uncharged, when it has not; a whole read with no room is
+/// refused (the caller streams it). Everything taken comes back.
+#[tokio::test]
+async fn reads_take_the_read_budget_until_their_bodies_are_dropped() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Budget::new(100 << 10);
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, budget.clone())
+        .await
+        .unwrap();
+    let (big, small) = (KeyHash::of("big"), KeyHash::of("small"));
+    let big_body: Vec<u8> = (0..(1 << 20) as u32).map(|i| i as u8).collect();
+    let small_body = vec![7u8; 80 << 10];
+    store(&tier, big, &big_body, &meta("\"b\"")).await;
+    store(&tier, small, &small_body, &meta("\"s\"")).await;
+
+    let hit = tier.get(&small).await.unwrap();
+    let whole = tier.read_all(&small, &hit).await.unwrap();
+    assert_eq!(&whole[..], &small_body[..]);
+    assert_eq!(budget.used(), 80 << 10);
+    let refused = tier.read_all(&small, &hit).await.unwrap_err();
+    assert!(is_over_budget(&refused), "{refused}");
+    drop(whole);
+    assert_eq!(budget.used(), 0);
+
+    let hit = tier.get(&big).await.unwrap();
+    let mut stream = std::pin::pin!(tier.stream(big, &hit));
+    let first = stream.next().await.unwrap().unwrap();
+    // The first chunk (sent) and the second (held back) took 64 KiB each: the budget had
+    // room for the first only.
+    assert_eq!(first.len(), STREAM_READ);
+    assert_eq!(budget.used(), STREAM_READ as u64);
+    let second = stream.next().await.unwrap().unwrap();
+    assert_eq!(second.len(), STREAM_READ_SMALL);
+    let mut got = [first.to_vec(), second.to_vec()].concat();
+    drop((first, second));
+    while let Some(chunk) = stream.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(got, big_body);
+    assert_eq!(budget.used(), 0, "every chunk gave its share back");
 }
