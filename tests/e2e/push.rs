@@ -463,7 +463,8 @@ async fn eviction_pressure_never_evicts_pushed_objects() {
     }
     let dir = tempfile::tempdir().unwrap();
     let extra = Extra {
-        cache: "memory = \"64KiB\"\ndisk = \"256KiB\"",
+        // Every miss written, so the full tier evicts (a first miss is not, by default).
+        cache: "memory = \"64KiB\"\ndisk = \"256KiB\"\ndisk_admission = \"always\"",
         ..Default::default()
     };
     let edge = admin::start(&origin, dir.path(), extra).await;

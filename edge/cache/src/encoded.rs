@@ -62,7 +62,11 @@ impl Engine {
                 },
             )
             .await;
-        if let Some(disk) = &self.disk {
+        // A full disk tier takes the variant of an object it holds, not one it turned away
+        // (see `disk::admission`): it would evict another for it.
+        if let Some(disk) = &self.disk
+            && (disk.copy_of(&base).is_some() || disk.has_room_for(Some(body.len() as u64)))
+        {
             let disk = disk.clone();
             tokio::spawn(async move {
                 let result = async {

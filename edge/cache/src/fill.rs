@@ -611,8 +611,8 @@ impl Engine {
         // the disk copy up.
         let verdict = Arc::new(DiskVerdict::new());
         let whole = memory_charge.is_some() && content_length.is_some_and(|n| n <= INLINE_MAX);
-        // A full disk tier turns a key's first miss away (see `disk::admission`); a key with a
-        // copy stored, in either tier, is not new.
+        // A full disk tier turns a key's first miss away (see `disk::admission`); a key whose
+        // stored copy this fetch refreshes, or that has a disk copy, is not new.
         let to_disk = storing
             && self.disk.as_ref().is_some_and(|disk| {
                 let admitted = self.cfg.disk_admission == admission::Policy::Always

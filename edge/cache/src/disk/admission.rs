@@ -20,10 +20,13 @@
 //! per slot, the slot chosen by the key: a first miss writes its key's fingerprint into its
 //! slot, overwriting whichever key was there. A key is remembered until as many other first
 //! misses have come as the table has slots, give or take (collisions forget early; two keys
-//! taking each other for the other would need 64 equal bits). No lock: one atomic swap per
-//! decision. Its memory (8 bytes a slot) comes out of the index's share: see
+//! taking each other for the other would need 63 equal bits), and the slot is chosen by a hash
+//! keyed per process. No lock: one atomic swap per decision. A key whose stored copy is
+//! removed (a purge, an invalidation, damage; not an eviction) is remembered too, so a hard
+//! purge of a popular object does not cost it a second trip to the origin. Its memory (8 bytes a slot) comes out of the index's share: see
 //! [`doorkeeper_bytes`].
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::key::KeyHash;
@@ -84,6 +87,9 @@ pub fn doorkeeper_bytes(index_budget: u64) -> u64 {
 /// Fingerprints of keys whose first miss a full tier turned away (see the module docs).
 pub(super) struct Doorkeeper {
     slots: Box<[AtomicU64]>,
+    /// Picks a key's slot: keyed per process, so no one can choose URLs that share a slot
+    /// with another URL to make it forgotten (keys are unkeyed blake3 of the URL).
+    slot_of: RandomState,
 }
 
 impl Doorkeeper {
@@ -91,19 +97,32 @@ impl Doorkeeper {
         let n = doorkeeper_bytes(index_budget) / 8;
         Self {
             slots: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            slot_of: RandomState::new(),
         }
     }
 
     /// Whether `key` missed before, lately; if not, it is remembered from now on. Never true
     /// twice in a row for a key it had forgotten.
     pub(super) fn seen_again(&self, key: &KeyHash) -> bool {
+        let (slot, print) = self.place(key);
+        slot.swap(print, Ordering::Relaxed) == print
+    }
+
+    /// Remembers `key` as if it had missed: a key whose copy was removed (purged, say) is not
+    /// a first request when it comes back.
+    pub(super) fn remember(&self, key: &KeyHash) {
+        let (slot, print) = self.place(key);
+        slot.store(print, Ordering::Relaxed);
+    }
+
+    /// `key`'s slot and fingerprint (never 0, the empty slot's value).
+    fn place(&self, key: &KeyHash) -> (&AtomicU64, u64) {
         let mut word = [0u8; 8];
         word.copy_from_slice(&key.0[8..16]);
-        // Never 0, the empty slot's value.
         let print = u64::from_le_bytes(word) | 1;
         let mask = self.slots.len() as u64 - 1;
-        let slot = &self.slots[(print >> 1 & mask) as usize];
-        slot.swap(print, Ordering::Relaxed) == print
+        let slot = self.slot_of.hash_one(&key.0[..8]) & mask;
+        (&self.slots[slot as usize], print)
     }
 }
 
@@ -123,6 +142,8 @@ mod tests {
         assert!(d.seen_again(&key(1)));
         assert!(d.seen_again(&key(2)));
         assert!(d.seen_again(&key(1)), "it stays remembered");
+        d.remember(&key(3));
+        assert!(d.seen_again(&key(3)), "remembered without a miss");
     }
 
     #[test]

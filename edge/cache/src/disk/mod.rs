@@ -815,6 +815,9 @@ pub struct DiskTier {
     doorkeeper: Doorkeeper,
     /// What an entry weighs in the index (its weigher's copy).
     weight: EntryWeight,
+    /// The index's weight capacity, and its shards.
+    capacity: u64,
+    shards: u64,
     /// Bodies read and not sent yet (see [`read_budget`]).
     reads: Arc<Budget>,
 }
@@ -1064,6 +1067,8 @@ impl DiskTier {
             write_jobs: Arc::new(Semaphore::new(WRITE_JOBS)),
             doorkeeper,
             weight,
+            capacity,
+            shards: shards as u64,
             reads,
         });
         // These hold the tier weakly: the tier owns their senders (its index's lifecycle, its
@@ -1736,6 +1741,7 @@ impl DiskTier {
         self.store.delete(*key);
         if let Some((_, entry)) = self.index.remove(key) {
             self.indexed.sub(&entry);
+            self.doorkeeper.remember(key);
         }
         self.held.invalidate(key);
     }
@@ -1755,7 +1761,9 @@ impl DiskTier {
     pub fn remove_copy(&self, key: &KeyHash, entry: &Arc<DiskEntry>) {
         self.touch(*key);
         self.store.delete_if(*key, entry.copy());
-        self.unindex(key, entry);
+        if self.unindex(key, entry) {
+            self.doorkeeper.remember(key);
+        }
     }
 
     /// Makes every write durable and closes the database (at shutdown).
@@ -1887,10 +1895,12 @@ impl DiskTier {
     }
 
     /// Whether an object of `size` bytes (if known) can be indexed without evicting another:
-    /// the index's free weight is at least the object's and a 32nd of the capacity (quick_cache
-    /// evicts by shard, so a little room may be left in several).
+    /// the index's free weight is at least the object's in every shard (quick_cache evicts by
+    /// shard), and at least a 32nd of the capacity. Copies being written are weighed once
+    /// indexed, so a burst of fills that all find the last room evicts a few; and during the
+    /// start-up load the index holds only what the load has reached.
     pub(crate) fn has_room_for(&self, size: Option<u64>) -> bool {
-        let capacity = self.index.capacity();
+        let capacity = self.capacity;
         let room = capacity.saturating_sub(self.index.weight());
         let needs = size.map_or(0, |size| {
             let index_bytes = if size <= INLINE_MAX {
@@ -1901,7 +1911,8 @@ impl DiskTier {
             self.weight
                 .of(size.saturating_add(METADATA_DISK_BYTES), index_bytes)
         });
-        room >= needs.max(capacity / 32)
+        // Each shard evicts when it has no room of its own: every one must have room for it.
+        room >= needs.saturating_mul(self.shards).max(capacity / 32)
     }
 
     /// Indexes `entry` under `key`, whose put has committed. The copy it replaces goes to the
@@ -1914,13 +1925,15 @@ impl DiskTier {
         self.index.insert(key, entry);
     }
 
-    /// Takes `entry` out of the index if it is still the key's, and drops metadata held for
+    /// Takes `entry` out of the index if it is still the key's (then true), and drops metadata held for
     /// it.
-    fn unindex(&self, key: &KeyHash, entry: &Arc<DiskEntry>) {
-        if let Some((_, gone)) = self.index.remove_if(key, |cur| Arc::ptr_eq(cur, entry)) {
-            self.indexed.sub(&gone);
+    fn unindex(&self, key: &KeyHash, entry: &Arc<DiskEntry>) -> bool {
+        let gone = self.index.remove_if(key, |cur| Arc::ptr_eq(cur, entry));
+        if let Some((_, gone)) = &gone {
+            self.indexed.sub(gone);
         }
         self.forget_held(key, entry);
+        gone.is_some()
     }
 }
 

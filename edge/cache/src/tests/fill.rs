@@ -167,6 +167,20 @@ async fn stored_and_rejected(rig: &Rig, n: u64) -> (u64, u64) {
     )
 }
 
+/// The key of `path` (its primary key, as the engine hashes it).
+fn key_of(path: &str) -> crate::key::KeyHash {
+    request(path, &[]).norm.key.hash()
+}
+
+/// One of the `n` objects [`full_disk_tier`] stored that the disk tier still holds.
+fn stored_path(rig: &Rig, n: u64) -> String {
+    let disk = rig.engine.disk.as_ref().unwrap();
+    (0..n)
+        .map(|i| format!("/o{i}"))
+        .find(|p| disk.copy_of(&key_of(p)).is_some())
+        .expect("objects still stored")
+}
+
 /// Once the disk tier is full, a key's first miss is not written, only counted (`rejected`),
 /// so an object asked once evicts nothing; its second miss is written, and then it is a HIT.
 /// A stale copy's refetch is no first miss: written at once.
@@ -187,25 +201,63 @@ async fn a_full_disk_tier_writes_a_new_key_on_its_second_miss() {
 
     // Every copy goes stale; one still stored is fetched again and written at once.
     rig.advance(61);
-    let mut stored_paths = Vec::new();
-    for i in 0..n {
-        let path = format!("/o{i}");
-        if rig
-            .engine
-            .disk
-            .as_ref()
-            .unwrap()
-            .copy_of(&request(&path, &[]).norm.key.hash())
-            .is_some()
-        {
-            stored_paths.push(path);
-        }
-    }
-    let path = stored_paths.first().expect("objects still stored");
-    let refetched = rig.get(path).await;
+    let path = stored_path(&rig, n);
+    let refetched = rig.get(&path).await;
     assert_eq!(refetched.body, body.as_bytes());
     rig.settle().await;
     assert_eq!(stored_and_rejected(&rig, n + 3).await, (n + 2, 1));
+}
+
+/// A URL whose disk copy a hard purge removed is no first request when it comes back: a full
+/// tier writes it at once, rather than costing a popular object a second trip to the origin.
+#[tokio::test]
+async fn a_full_disk_tier_writes_a_purged_url_again_at_once() {
+    let (rig, body, n) = full_disk_tier(admission::Policy::SecondMissWhenFull).await;
+    let disk = rig.engine.disk.clone().unwrap();
+    let path = stored_path(&rig, n);
+    let purge = crate::purge::PurgeSpec {
+        urls: vec![path.clone()],
+        ..Default::default()
+    };
+    rig.engine.purge(&purge).await.expect("purge");
+    // Filled up again by another object (written: the purge made room), so the purged one
+    // finds no room.
+    rig.origin.fresh("/filler", &body);
+    rig.check("/filler", Miss, &body).await;
+    rig.settle().await;
+    assert_eq!(stored_and_rejected(&rig, n + 1).await, (n + 1, 0));
+    assert!(!disk.has_room_for(Some(body.len() as u64)));
+    rig.check(&path, Miss, &body).await;
+    rig.settle().await;
+    assert_eq!(stored_and_rejected(&rig, n + 2).await, (n + 2, 0));
+    assert!(disk.copy_of(&key_of(&path)).is_some(), "stored again");
+}
+
+/// A full tier stores no compressed variant of an object it turned away (it would evict
+/// another for it), and still stores those of objects it holds.
+#[tokio::test]
+async fn a_full_disk_tier_stores_variants_of_the_objects_it_holds_only() {
+    let (rig, body, n) = full_disk_tier(admission::Policy::SecondMissWhenFull).await;
+    let disk = rig.engine.disk.clone().unwrap();
+    rig.origin.fresh("/new", &body);
+    rig.check("/new", Miss, &body).await;
+    rig.settle().await;
+    assert_eq!(stored_and_rejected(&rig, n + 1).await, (n, 1));
+    let held = stored_path(&rig, n);
+    let meta = disk.peek(&key_of(&held)).await.expect("a copy").meta;
+    for path in ["/new", held.as_str()] {
+        let meta = (*meta).clone();
+        rig.engine
+            .put_encoded(key_of(path), "gzip", meta, Bytes::from_static(b"zipped"))
+            .await;
+    }
+    rig.settle().await;
+    let variant = |path: &str| crate::encoded::encoded_key(key_of(path), "gzip");
+    eventually("the held object's variant is on disk", || {
+        disk.copy_of(&variant(&held)).is_some()
+    })
+    .await;
+    assert!(disk.copy_of(&variant("/new")).is_none());
 }
 
 /// `disk_admission = "always"`: a full disk tier writes every storable miss, evicting for it.
