@@ -408,6 +408,20 @@
 //! 1 MiB 54.9, 58.4% (279.7, 310.5 µs) against 16.7, 15.1% (1294.6, 1358.4 µs). Disk over
 //! memory hits (CPU): 1 KiB 0.63-0.76x (target 0.6x: met), 100 KiB 0.71-0.75x (target
 //! 0.95x: not met; the copy out of the page cache remains), 1 MiB 0.47-0.53x.
+//!
+//! Session 18 (2026-12-06): disk reads charged to a read budget until their bodies are sent
+//! (680b300: one atomic take and `Bytes::from_owner` per whole read or stream chunk). Whole
+//! runs at 5307714 against session 17's final build, alternating twice (% of plain req/s, CPU
+//! per request): memory 1 KiB 92.5, 87.3% (7.4, 8.8 µs) against 93.9, 88.2% (9.5, 8.1 µs);
+//! disk 1 KiB 64.8, 64.4% (10.6, 11.9 µs) against 60.5, 69.6% (14.8, 12.7 µs); memory 100 KiB
+//! 104.4, 106.7% (19.3, 19.7 µs) against 106.6, 92.9% (22.9, 20.0 µs); disk 100 KiB 71.3,
+//! 80.7% (27.3, 27.2 µs) against 80.6, 72.6% (31.2, 26.8 µs); disk 1 MiB 74.7, 57.4% (273,
+//! 335 µs) against 59.0, 73.6% (346, 281 µs): no change beyond the runs' spread. Disk over
+//! memory hits at 100 KiB: 0.71-0.72x. Where the rest goes, in steady state (perf, 8 s of the
+//! disk case alone, the first 4 s left out: a new file is hashed for 3 s, which is 60% of the
+//! samples then): reading the body is ~19% of the server's CPU, the copy out of the page cache
+//! (`filemap_read`) 7.6% of all samples, open/statx/close ~3.4%; no page faults. The gap to
+//! 0.95x is that copy: only a body sent from the page cache (sendfile) or mapped closes it.
 
 mod support;
 
