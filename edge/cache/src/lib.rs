@@ -576,16 +576,26 @@ impl Engine {
                     Stored::Pinned(_) => self.pinned.as_ref()?.tier(),
                     _ => self.disk.as_ref()?,
                 };
-                let promote = self.memory.fits(hit.entry.size);
-                let whole = if promote || hit.entry.size <= disk::WHOLE_READ_MAX {
-                    match disk.read_all(&key, hit).await {
-                        Ok(body) => Some(body),
-                        // The read budget has no room: it streams in small chunks.
-                        Err(e) if disk::is_over_budget(&e) => None,
-                        Err(_) => return None,
-                    }
+                let size = hit.entry.size;
+                let promote = self.memory.fits(size);
+                let read = if promote {
+                    // On its way into the memory tier: it counts as a fill's body for that
+                    // tier does, twice (the read, then the compact copy).
+                    Some(
+                        disk.read_all_within(&key, hit, &self.fills.memory, 2 * size)
+                            .await,
+                    )
+                } else if size <= disk::WHOLE_READ_MAX {
+                    Some(disk.read_all(&key, hit).await)
                 } else {
                     None
+                };
+                let whole = match read {
+                    None => None,
+                    Some(Ok(body)) => Some(body),
+                    // No room in its budget: it streams, in small chunks if need be.
+                    Some(Err(e)) if disk::is_over_budget(&e) => None,
+                    Some(Err(_)) => return None,
                 };
                 if let Some(mut body) = whole {
                     if promote {

@@ -819,7 +819,7 @@ pub struct DiskTier {
     capacity: u64,
     shards: u64,
     /// Bodies read and not sent yet (see [`read_budget`]).
-    reads: Arc<Budget>,
+    pub(crate) reads: Arc<Budget>,
 }
 
 /// What the indexed entries take: added as an entry is indexed, taken off as it leaves the
@@ -930,12 +930,12 @@ pub fn index_budget(memory: u64) -> u64 {
 
 /// The memory bodies read from disk may take until they are sent, out of `--memory`: a 16th
 /// of it, 1 to 64 MiB, shared by the cache's and the pushed objects' tiers. A whole read (a
-/// body up to [`WHOLE_READ_MAX`], or one the memory tier takes) is held until the client has
-/// it, as is each chunk of a stream, and a slow client holds them for long: 8,192 connections
-/// (the default limit) each reading a 100 KiB disk hit slowly could hold 800 MiB outside
-/// `--memory`. A body read when
-/// the budget has no room for it streams in chunks of [`STREAM_READ_SMALL`] instead, which
-/// take no more than every connection's own buffers do.
+/// body up to [`WHOLE_READ_MAX`]) is held until the client has it, as is each chunk of a
+/// stream, and a slow client holds them for long: 8,192 connections (the default limit) each
+/// reading a 100 KiB disk hit slowly could hold 800 MiB outside `--memory`. A body read when
+/// the budget has no room for it streams in chunks of [`STREAM_READ_SMALL`] instead, two at
+/// most alive per stream (the one held back, the one being sent). A body read to be promoted
+/// into the memory tier counts against the share of fills for that tier instead.
 pub fn read_budget(memory: u64) -> u64 {
     (memory / 16).clamp(1 << 20, 64 << 20)
 }
@@ -1424,7 +1424,7 @@ impl DiskTier {
             let (data, _) =
                 reader::read_checked(&file.path, &self.content, entry, SystemTime::now()).ok()?;
             entry.mark_read();
-            return Some(reader::charged(data, Some(charge)));
+            return Some(reader::charged(data, reader::Share::Charged(charge)));
         }
         let (_, record) = self
             .fetch_record_now(key, Some(entry.record_seq()))

@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::PoisonError;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -17,31 +17,54 @@ use tokio::io::AsyncReadExt;
 use tracing::warn;
 
 use super::{DiskEntry, DiskHit, DiskTier};
-use crate::coalesce::Charge;
+use crate::coalesce::{Budget, Charge};
 use crate::key::KeyHash;
 
-/// A body read from disk, holding its share of the read budget until its last reference goes
-/// (when the client has it).
-struct Charged {
-    data: Vec<u8>,
-    _charge: Charge,
+/// What a body read from disk counts against until its last reference goes (when the client
+/// has it).
+pub(super) enum Share {
+    /// A share of the read budget (held for its drop, which gives it back).
+    Charged(#[allow(dead_code)] Charge),
+    /// One of a stream's [`SMALL_CHUNKS`] small chunks, read past the budget.
+    Small(Arc<SmallChunks>),
 }
 
-impl AsRef<[u8]> for Charged {
+/// A body read from disk with its [`Share`].
+struct Counted {
+    data: Vec<u8>,
+    share: Share,
+}
+
+impl AsRef<[u8]> for Counted {
     fn as_ref(&self) -> &[u8] {
         &self.data
     }
 }
 
-/// `data` as a body, counted against the read budget by `charge` until it is dropped.
-pub(super) fn charged(data: Vec<u8>, charge: Option<Charge>) -> Bytes {
-    match charge {
-        Some(charge) => Bytes::from_owner(Charged {
-            data,
-            _charge: charge,
-        }),
-        None => Bytes::from(data),
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Share::Small(chunks) = &self.share {
+            chunks.alive.fetch_sub(1, Ordering::AcqRel);
+            chunks.released.notify_one();
+        }
     }
+}
+
+/// `data` as a body, counted by `share` until it is dropped.
+pub(super) fn charged(data: Vec<u8>, share: Share) -> Bytes {
+    Bytes::from_owner(Counted { data, share })
+}
+
+/// How many [`STREAM_READ_SMALL`] chunks a stream may have read and not yet seen dropped: the
+/// one it holds back and the one the connection is sending. HTTP/1 (hyper's write queue takes
+/// body chunks up to its buffer size, 64 KiB) and HTTP/2 (a stream's send buffer, 400 KiB)
+/// would each take more.
+const SMALL_CHUNKS: usize = 2;
+
+/// A stream's small chunks alive, and a wake-up when one goes.
+pub(super) struct SmallChunks {
+    alive: AtomicUsize,
+    released: tokio::sync::Notify,
 }
 
 /// Why a whole read did not happen: the read budget had no room for it (the body streams
@@ -211,12 +234,26 @@ impl DiskTier {
 
     /// Reads a whole body and checks it (see the module docs on integrity), in one trip to the
     /// blocking pool: open, read and hash happen there, off the async workers. A damaged body
-    /// is removed.
+    /// is removed. The body counts against the read budget until it is dropped; without room
+    /// there, nothing is read ([`is_over_budget`]).
     pub async fn read_all(&self, key: &KeyHash, hit: &DiskHit) -> io::Result<Bytes> {
+        self.read_all_within(key, hit, &self.reads, hit.entry.size)
+            .await
+    }
+
+    /// [`DiskTier::read_all`], the body counting `n` bytes against `budget` rather than the read
+    /// budget: a body on its way into the memory tier counts as a fill's does.
+    pub async fn read_all_within(
+        &self,
+        key: &KeyHash,
+        hit: &DiskHit,
+        budget: &Arc<Budget>,
+        n: u64,
+    ) -> io::Result<Bytes> {
         if hit.entry.inline {
             return self.inline_body(key, hit).await;
         }
-        let Some(charge) = self.reads.take(hit.entry.size) else {
+        let Some(charge) = budget.take(n) else {
             return Err(over_budget());
         };
         let entry = hit.entry.clone();
@@ -237,7 +274,7 @@ impl DiskTier {
             Ok((data, _)) => {
                 hit.entry.verified.store(true, Ordering::Release);
                 hit.entry.mark_read();
-                Ok(charged(data, Some(charge)))
+                Ok(charged(data, Share::Charged(charge)))
             }
             Err(e) => {
                 self.drop_if_damaged(key, &hit.entry, &e);
@@ -348,6 +385,8 @@ impl DiskTier {
             /// Bytes read so far, and the recorded length.
             read: u64,
             size: u64,
+            /// Its chunks read past the read budget.
+            small: Arc<SmallChunks>,
         }
         impl St {
             /// Ends the stream with `e`, removing the copy if `e` is damage.
@@ -369,18 +408,31 @@ impl DiskTier {
             }
 
             /// Holds `chunk` back, giving the one held before.
-            fn hold(&mut self, chunk: Vec<u8>, charge: Option<Charge>) -> Option<Bytes> {
+            fn hold(&mut self, chunk: Vec<u8>, share: Share) -> Option<Bytes> {
                 self.read += chunk.len() as u64;
-                self.pending.replace(charged(chunk, charge))
+                self.pending.replace(charged(chunk, share))
             }
 
-            /// The next chunk's size and its share of the read budget: [`STREAM_READ`] if the
-            /// budget has room, else [`STREAM_READ_SMALL`], uncharged.
-            fn next_chunk(&self) -> (usize, Option<Charge>) {
+            /// The next chunk's size and what it counts against: [`STREAM_READ`] from the read
+            /// budget if it has room, else [`STREAM_READ_SMALL`], once fewer than
+            /// [`SMALL_CHUNKS`] of this stream's are alive (waiting until one goes).
+            async fn next_chunk(&self) -> (usize, Share) {
                 let left = usize::try_from(self.size - self.read).unwrap_or(usize::MAX);
-                match self.tier.reads.take(left.min(STREAM_READ) as u64) {
-                    Some(charge) => (left.min(STREAM_READ), Some(charge)),
-                    None => (left.min(STREAM_READ_SMALL), None),
+                loop {
+                    if let Some(charge) = self.tier.reads.take(left.min(STREAM_READ) as u64) {
+                        return (left.min(STREAM_READ), Share::Charged(charge));
+                    }
+                    // Registered before the count is read: a chunk dropped in between wakes it.
+                    let released = self.small.released.notified();
+                    if self.small.alive.load(Ordering::Acquire) < SMALL_CHUNKS {
+                        // Only this stream adds to its count.
+                        self.small.alive.fetch_add(1, Ordering::AcqRel);
+                        return (
+                            left.min(STREAM_READ_SMALL),
+                            Share::Small(Arc::clone(&self.small)),
+                        );
+                    }
+                    released.await;
                 }
             }
         }
@@ -394,6 +446,10 @@ impl DiskTier {
             done: false,
             read: 0,
             size: hit.entry.size,
+            small: Arc::new(SmallChunks {
+                alive: AtomicUsize::new(0),
+                released: tokio::sync::Notify::new(),
+            }),
         };
         futures_util::stream::unfold(st, move |mut st| async move {
             loop {
@@ -441,7 +497,7 @@ impl DiskTier {
                         }
                     }
                     Some(Source::File(mut file)) => {
-                        let (want, charge) = st.next_chunk();
+                        let (want, share) = st.next_chunk().await;
                         let read =
                             blocking(st.hot, move || file.read(want).map(|c| (file, c))).await;
                         match read {
@@ -458,7 +514,7 @@ impl DiskTier {
                             }
                             Ok((file, chunk)) => {
                                 st.source = Some(Source::File(file));
-                                if let Some(prev) = st.hold(chunk, charge) {
+                                if let Some(prev) = st.hold(chunk, share) {
                                     return Some((Ok(prev), st));
                                 }
                             }
@@ -468,7 +524,7 @@ impl DiskTier {
                     }
                     Some(Source::Cacache(mut reader)) => {
                         // One byte more than is left, so that a longer body shows.
-                        let (want, charge) = st.next_chunk();
+                        let (want, share) = st.next_chunk().await;
                         let mut buf = vec![0u8; want + 1];
                         match reader.read(&mut buf).await {
                             Ok(0) => {
@@ -491,7 +547,7 @@ impl DiskTier {
                                     return st.fail(&key, e);
                                 }
                                 st.source = Some(Source::Cacache(reader));
-                                if let Some(prev) = st.hold(buf, charge) {
+                                if let Some(prev) = st.hold(buf, share) {
                                     return Some((Ok(prev), st));
                                 }
                             }

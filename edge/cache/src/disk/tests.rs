@@ -1,6 +1,6 @@
 //! Unit tests of the disk tier: held metadata, checked reads.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -1613,4 +1613,39 @@ async fn reads_take_the_read_budget_until_their_bodies_are_dropped() {
     }
     assert_eq!(got, big_body);
     assert_eq!(budget.used(), 0, "every chunk gave its share back");
+}
+
+/// Past the read budget, a stream has two small chunks alive at most: the one it holds back and
+/// the one sent. While the client's connection still holds the one sent, the stream waits
+/// rather than read on (HTTP/1's write queue and HTTP/2's send buffer would take more).
+#[tokio::test]
+async fn a_stream_past_the_budget_keeps_two_small_chunks_alive_at_most() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, Budget::new(0))
+        .await
+        .unwrap();
+    let key = KeyHash::of("big");
+    let body: Vec<u8> = (0..(256 << 10) as u32).map(|i| (i % 251) as u8).collect();
+    store(&tier, key, &body, &meta("\"b\"")).await;
+    let hit = tier.get(&key).await.unwrap();
+    let mut stream = std::pin::pin!(tier.stream(key, &hit));
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.len(), STREAM_READ_SMALL);
+    let wait = Duration::from_millis(200);
+    assert!(
+        tokio::time::timeout(wait, stream.next()).await.is_err(),
+        "a third chunk was read while two were alive"
+    );
+    let mut got = first.to_vec();
+    drop(first);
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the stream goes on once the chunk sent is dropped")
+    {
+        let chunk = chunk.unwrap();
+        assert_eq!(chunk.len(), STREAM_READ_SMALL);
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, body);
 }

@@ -280,3 +280,31 @@ async fn the_disk_forgets_the_vary_names_of_urls_with_no_variant_left() {
     }
     panic!("left: {:?}", disk.vary_keys(None, 100).await.unwrap());
 }
+
+/// A disk hit the memory tier takes is promoted even when the read budget is spent: the read
+/// counts as a fill's body for the memory tier does, not against the budget of bodies only
+/// sent (whose cap, 64 MiB, is below the largest object the memory tier takes once
+/// `--memory` passes ~1.3 GiB).
+#[tokio::test]
+async fn a_disk_hit_is_promoted_when_the_read_budget_is_spent() {
+    let rig = Rig::disk().await;
+    let body = "p".repeat(100 << 10);
+    rig.origin.fresh("/p", &body);
+    rig.check("/p", Miss, &body).await;
+    rig.settle().await;
+    let key = request("/p", &[]).norm.key.hash();
+    rig.engine.memory.remove(&key).await;
+    let reads = rig.engine.disk.as_ref().unwrap().reads.clone();
+    let mut spent = Vec::new();
+    for bit in (0..64).rev() {
+        while let Some(charge) = reads.take(1 << bit) {
+            spent.push(charge);
+        }
+    }
+    assert!(reads.take(1).is_none(), "the read budget is spent");
+    let hit = rig.check("/p", Hit, &body).await;
+    assert_eq!(hit.tier, Tier::Disk);
+    let again = rig.check("/p", Hit, &body).await;
+    assert_eq!(again.tier, Tier::Memory, "promoted");
+    drop(spent);
+}
