@@ -577,19 +577,21 @@ impl Engine {
                     _ => self.disk.as_ref()?,
                 };
                 let size = hit.entry.size;
-                let promote = self.memory.fits(size);
-                let read = if promote {
-                    // On its way into the memory tier: it counts as a fill's body for that
-                    // tier does, twice (the read, then the compact copy).
-                    Some(
-                        disk.read_all_within(&key, hit, &self.fills.memory, 2 * size)
-                            .await,
-                    )
-                } else if size <= disk::WHOLE_READ_MAX {
-                    Some(disk.read_all(&key, hit).await)
-                } else {
-                    None
-                };
+                // On its way into the memory tier, a body counts as a fill's body for that tier
+                // does, twice (the read, then the compact copy); one only sent counts against
+                // the read budget, which one the fills' share has no room for can still use.
+                let mut promote = self.memory.fits(size);
+                let mut read = None;
+                if promote {
+                    let r = disk
+                        .read_all_within(&key, hit, &self.fills.memory, 2 * size)
+                        .await;
+                    promote = !r.as_ref().is_err_and(disk::is_over_budget);
+                    read = Some(r);
+                }
+                if !promote && size <= disk::WHOLE_READ_MAX {
+                    read = Some(disk.read_all(&key, hit).await);
+                }
                 let whole = match read {
                     None => None,
                     Some(Ok(body)) => Some(body),

@@ -933,8 +933,8 @@ pub fn index_budget(memory: u64) -> u64 {
 /// body up to [`WHOLE_READ_MAX`]) is held until the client has it, as is each chunk of a
 /// stream, and a slow client holds them for long: 8,192 connections (the default limit) each
 /// reading a 100 KiB disk hit slowly could hold 800 MiB outside `--memory`. A body read when
-/// the budget has no room for it streams in chunks of [`STREAM_READ_SMALL`] instead, two at
-/// most alive per stream (the one held back, the one being sent). A body read to be promoted
+/// the budget has no room for it streams in chunks of [`STREAM_READ_SMALL`] instead, three at
+/// most alive per stream (the one held back, the one being sent, one its consumer holds). A body read to be promoted
 /// into the memory tier counts against the share of fills for that tier instead.
 pub fn read_budget(memory: u64) -> u64 {
     (memory / 16).clamp(1 << 20, 64 << 20)

@@ -21,18 +21,18 @@ use crate::coalesce::{Budget, Charge};
 use crate::key::KeyHash;
 
 /// What a body read from disk counts against until its last reference goes (when the client
-/// has it).
+/// has it). Held for its drop, which gives it back.
 pub(super) enum Share {
-    /// A share of the read budget (held for its drop, which gives it back).
+    /// A share of the read budget.
     Charged(#[allow(dead_code)] Charge),
     /// One of a stream's [`SMALL_CHUNKS`] small chunks, read past the budget.
-    Small(Arc<SmallChunks>),
+    Small(#[allow(dead_code)] SmallChunk),
 }
 
 /// A body read from disk with its [`Share`].
 struct Counted {
     data: Vec<u8>,
-    share: Share,
+    _share: Share,
 }
 
 impl AsRef<[u8]> for Counted {
@@ -41,30 +41,39 @@ impl AsRef<[u8]> for Counted {
     }
 }
 
-impl Drop for Counted {
-    fn drop(&mut self) {
-        if let Share::Small(chunks) = &self.share {
-            chunks.alive.fetch_sub(1, Ordering::AcqRel);
-            chunks.released.notify_one();
-        }
-    }
-}
-
 /// `data` as a body, counted by `share` until it is dropped.
 pub(super) fn charged(data: Vec<u8>, share: Share) -> Bytes {
-    Bytes::from_owner(Counted { data, share })
+    Bytes::from_owner(Counted {
+        data,
+        _share: share,
+    })
 }
 
 /// How many [`STREAM_READ_SMALL`] chunks a stream may have read and not yet seen dropped: the
-/// one it holds back and the one the connection is sending. HTTP/1 (hyper's write queue takes
-/// body chunks up to its buffer size, 64 KiB) and HTTP/2 (a stream's send buffer, 400 KiB)
-/// would each take more.
-const SMALL_CHUNKS: usize = 2;
+/// one it holds back and two its consumer has: the one being sent, and the one a consumer
+/// holds while it asks for the next (tokio-util's `StreamReader` keeps the chunk it has read
+/// through until the next comes, and a copy into one buffer its first chunk). A consumer must
+/// drop a chunk before it asks for the one after the next, or the stream waits for it: hyper
+/// does (HTTP/1 writes what it queued before it waits; HTTP/2 frees a frame once written),
+/// whose write queue (HTTP/1, up to 64 KiB) and send buffer (HTTP/2, 400 KiB a stream) would
+/// otherwise take more.
+const SMALL_CHUNKS: usize = 3;
 
 /// A stream's small chunks alive, and a wake-up when one goes.
 pub(super) struct SmallChunks {
     alive: AtomicUsize,
     released: tokio::sync::Notify,
+}
+
+/// One of a stream's small chunks alive: counted from when it is granted (before the read) to
+/// when it is dropped, whatever becomes of the read.
+pub(super) struct SmallChunk(Arc<SmallChunks>);
+
+impl Drop for SmallChunk {
+    fn drop(&mut self) {
+        self.0.alive.fetch_sub(1, Ordering::AcqRel);
+        self.0.released.notify_one();
+    }
 }
 
 /// Why a whole read did not happen: the read budget had no room for it (the body streams
@@ -98,8 +107,8 @@ pub const WHOLE_READ_MAX: u64 = 128 * 1024;
 pub(super) const STREAM_READ: usize = 64 * 1024;
 
 /// The chunks a stream reads when the read budget has no room for [`STREAM_READ`] (see
-/// [`read_budget`](super::read_budget)): a stream holds two at most, as much as a connection's
-/// own buffers.
+/// [`read_budget`](super::read_budget)): three at most alive per stream (see
+/// [`SMALL_CHUNKS`]).
 pub const STREAM_READ_SMALL: usize = 16 * 1024;
 
 /// Streams of bodies up to this size read on the async worker when hot (see
@@ -422,15 +431,14 @@ impl DiskTier {
                     if let Some(charge) = self.tier.reads.take(left.min(STREAM_READ) as u64) {
                         return (left.min(STREAM_READ), Share::Charged(charge));
                     }
-                    // Registered before the count is read: a chunk dropped in between wakes it.
+                    // Made before the count is read: a chunk dropped after it wakes it (tokio
+                    // keeps a `notify_one` that found no waiter for the next one).
                     let released = self.small.released.notified();
                     if self.small.alive.load(Ordering::Acquire) < SMALL_CHUNKS {
                         // Only this stream adds to its count.
                         self.small.alive.fetch_add(1, Ordering::AcqRel);
-                        return (
-                            left.min(STREAM_READ_SMALL),
-                            Share::Small(Arc::clone(&self.small)),
-                        );
+                        let grant = SmallChunk(Arc::clone(&self.small));
+                        return (left.min(STREAM_READ_SMALL), Share::Small(grant));
                     }
                     released.await;
                 }
