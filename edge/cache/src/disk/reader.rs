@@ -531,8 +531,8 @@ impl DiskTier {
                         }
                     }
                     Some(Source::Cacache(mut reader)) => {
-                        // One byte more than is left, so that a longer body shows.
                         let (want, share) = st.next_chunk().await;
+                        // One byte more than is left, so that a longer body shows.
                         let mut buf = vec![0u8; want + 1];
                         match reader.read(&mut buf).await {
                             Ok(0) => {
