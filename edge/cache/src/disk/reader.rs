@@ -53,10 +53,11 @@ pub(super) fn charged(data: Vec<u8>, share: Share) -> Bytes {
 /// one it holds back and two its consumer has: the one being sent, and the one a consumer
 /// holds while it asks for the next (tokio-util's `StreamReader` keeps the chunk it has read
 /// through until the next comes, and a copy into one buffer its first chunk). A consumer must
-/// drop a chunk before it asks for the one after the next, or the stream waits for it: hyper
-/// does (HTTP/1 writes what it queued before it waits; HTTP/2 frees a frame once written),
-/// whose write queue (HTTP/1, up to 64 KiB) and send buffer (HTTP/2, 400 KiB a stream) would
-/// otherwise take more.
+/// not need the chunk after the next before it lets go of the ones it has, or the stream waits
+/// for ever: hyper's connections free theirs by writing them to the socket (HTTP/1 flushes its
+/// queue when the body makes it wait; HTTP/2 frees a frame once written), whose write queue
+/// (HTTP/1: 16 buffers, up to `max_header_size`) and send buffer (HTTP/2: 400 KiB a stream)
+/// would otherwise take more. A client that stops reading parks its own connection only.
 const SMALL_CHUNKS: usize = 3;
 
 /// A stream's small chunks alive, and a wake-up when one goes.
@@ -99,8 +100,8 @@ pub fn is_over_budget(e: &io::Error) -> bool {
 }
 
 /// Bodies up to this size are read whole in one blocking call rather than streamed: a stream
-/// holds up to two 64 KiB chunks per request anyway, and each chunk of a stream is a separate
-/// trip to the blocking pool.
+/// has up to three 64 KiB chunks alive per request anyway, and each chunk of a stream is a
+/// separate trip to the blocking pool.
 pub const WHOLE_READ_MAX: u64 = 128 * 1024;
 
 /// The chunks a stream reads.

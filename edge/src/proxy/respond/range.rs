@@ -3,7 +3,7 @@
 use std::io;
 
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
@@ -36,38 +36,36 @@ pub(super) fn partial(
 }
 
 /// Skips `start` bytes and yields `len` bytes of a chunk stream, slicing (not copying) chunks.
+/// It ends once the range is sent, without asking the stream for more: HTTP/2 reads a body
+/// until it ends, and a range of a large disk object would otherwise read the whole file.
+/// An error ends it too.
 fn slice_stream(
     stream: futures_util::stream::BoxStream<'static, io::Result<Bytes>>,
     start: u64,
     len: u64,
 ) -> futures_util::stream::BoxStream<'static, io::Result<Bytes>> {
-    let mut pos: u64 = 0;
     let end = start + len;
-    stream
-        .try_filter_map(move |chunk| {
-            let c_start = pos;
-            let c_end = pos + chunk.len() as u64;
-            pos = c_end;
-            let out = if c_end <= start || c_start >= end {
-                None
-            } else {
-                let from = start.saturating_sub(c_start) as usize;
-                let to = (end.min(c_end) - c_start) as usize;
-                Some(chunk.slice(from..to))
-            };
-            futures_util::future::ready(Ok(out))
-        })
-        .take_while({
-            let mut seen: u64 = 0;
-            move |r| {
-                let more = seen < len;
-                if let Ok(c) = r {
-                    seen += c.len() as u64;
-                }
-                futures_util::future::ready(more)
+    futures_util::stream::unfold((stream, 0u64), move |(mut stream, mut pos)| async move {
+        loop {
+            if pos >= end {
+                return None;
             }
-        })
-        .boxed()
+            match stream.next().await? {
+                Err(e) => return Some((Err(e), (stream, end))),
+                Ok(chunk) => {
+                    let c_start = pos;
+                    pos += chunk.len() as u64;
+                    if pos <= start || chunk.is_empty() {
+                        continue;
+                    }
+                    let from = start.saturating_sub(c_start) as usize;
+                    let to = (end.min(pos) - c_start) as usize;
+                    return Some((Ok(chunk.slice(from..to)), (stream, pos)));
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -122,6 +120,36 @@ pub(crate) fn parse_range(value: &[u8], total: u64) -> RangeSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::TryStreamExt;
+
+    /// A range ends once it is sent: the stream is not asked for more (here it would never
+    /// answer), and the bytes are the range's, across chunks.
+    #[tokio::test]
+    async fn a_sliced_stream_ends_with_its_range() {
+        let chunks = || {
+            [&b"0123456789"[..], b"abcdefghij", b"ABCDEFGHIJ"]
+                .map(|c| Ok::<_, io::Error>(Bytes::from_static(c)))
+        };
+        for (start, len, want) in [
+            (5, 10, &b"56789abcde"[..]),
+            (0, 1, b"0"),
+            (10, 10, b"abcdefghij"),
+            (19, 2, b"jA"),
+        ] {
+            let inner = futures_util::stream::iter(chunks())
+                .chain(futures_util::stream::pending())
+                .boxed();
+            let got: Vec<Bytes> = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                slice_stream(inner, start, len)
+                    .map(|c| c.unwrap())
+                    .collect(),
+            )
+            .await
+            .expect("the range ends without asking for more");
+            assert_eq!(got.concat(), want, "{start}+{len}");
+        }
+    }
 
     #[test]
     fn ranges() {
