@@ -422,6 +422,13 @@
 //! samples then): reading the body is ~19% of the server's CPU, the copy out of the page cache
 //! (`filemap_read`) 7.6% of all samples, open/statx/close ~3.4%; no page faults. The gap to
 //! 0.95x is that copy: only a body sent from the page cache (sendfile) or mapped closes it.
+//! Again at 0297fc6 (three small chunks per stream past the budget, promotions charged to the
+//! fills' share, ranges that end once sent) against session 17's final build, whole runs
+//! alternating twice (CPU per request): memory 1 KiB 7.7, 9.0 µs against 8.5, 7.1; disk 1 KiB
+//! 11.8, 13.2 against 11.5, 11.1; memory 100 KiB 19.9, 20.7 against 20.0, 19.9; disk 100 KiB
+//! 29.1, 30.5 against 27.4, 27.9; disk 1 MiB 265, 337 against 308, 290. The disk 100 KiB case
+//! alone, alternating three times: 28.7, 32.1, 30.1 µs against 29.8, 32.0, 31.3 µs (these
+//! include the first round's 3 s of hashing): no change.
 
 mod support;
 
