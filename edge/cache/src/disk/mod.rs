@@ -422,16 +422,12 @@ impl DiskEntry {
 
     /// What the object takes of the disk: its body and ~2 KiB of metadata.
     pub fn disk_bytes(&self) -> u64 {
-        self.size.saturating_add(METADATA_DISK_BYTES)
+        disk_bytes(self.size)
     }
 
     /// What its entry takes of the index's memory (see [`INDEX_ENTRY_BYTES`]).
     fn index_bytes(&self) -> u64 {
-        if self.inline {
-            INDEX_ENTRY_BYTES
-        } else {
-            INDEX_ENTRY_BYTES + INDEX_FILE_ENTRY_EXTRA
-        }
+        index_bytes(self.inline)
     }
 
     /// This copy, as a conditional write names it.
@@ -904,8 +900,20 @@ impl quick_cache::Weighter<KeyHash, Arc<DiskEntry>> for EntryWeight {
     }
 }
 
-/// What an object's metadata is counted to take of the disk, beside its body.
-const METADATA_DISK_BYTES: u64 = 2048;
+/// What an object of `size` bytes takes of the disk: its body and ~2 KiB of metadata.
+fn disk_bytes(size: u64) -> u64 {
+    size.saturating_add(2048)
+}
+
+/// What an entry takes of the index's memory: [`INDEX_ENTRY_BYTES`], and
+/// [`INDEX_FILE_ENTRY_EXTRA`] more for a body in a content file of its own.
+fn index_bytes(inline: bool) -> u64 {
+    if inline {
+        INDEX_ENTRY_BYTES
+    } else {
+        INDEX_ENTRY_BYTES + INDEX_FILE_ENTRY_EXTRA
+    }
+}
 
 /// Memory the index takes per entry (`tests/index_memory.rs` checks it): the entry, its `Arc`,
 /// and its slot in the index (key and weight). Measured at ~220 bytes asked of the allocator
@@ -934,8 +942,8 @@ pub fn index_budget(memory: u64) -> u64 {
 /// stream, and a slow client holds them for long: 8,192 connections (the default limit) each
 /// reading a 100 KiB disk hit slowly could hold 800 MiB outside `--memory`. A body read when
 /// the budget has no room for it streams in chunks of [`STREAM_READ_SMALL`] instead, three at
-/// most alive per stream (the one held back, the one being sent, one its consumer holds). A body read to be promoted
-/// into the memory tier counts against the share of fills for that tier instead.
+/// most alive per stream (the one held back, the one being sent, one its consumer holds). A
+/// body read to be promoted into the memory tier counts against the fills' share instead.
 pub fn read_budget(memory: u64) -> u64 {
     (memory / 16).clamp(1 << 20, 64 << 20)
 }
@@ -1903,13 +1911,8 @@ impl DiskTier {
         let capacity = self.capacity;
         let room = capacity.saturating_sub(self.index.weight());
         let needs = size.map_or(0, |size| {
-            let index_bytes = if size <= INLINE_MAX {
-                INDEX_ENTRY_BYTES
-            } else {
-                INDEX_ENTRY_BYTES + INDEX_FILE_ENTRY_EXTRA
-            };
             self.weight
-                .of(size.saturating_add(METADATA_DISK_BYTES), index_bytes)
+                .of(disk_bytes(size), index_bytes(size <= INLINE_MAX))
         });
         // Each shard evicts when it has no room of its own: every one must have room for it.
         room >= needs.saturating_mul(self.shards).max(capacity / 32)

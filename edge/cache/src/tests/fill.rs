@@ -172,6 +172,13 @@ fn key_of(path: &str) -> crate::key::KeyHash {
     request(path, &[]).norm.key.hash()
 }
 
+/// Serves `body` at `path` and asks for it once (a MISS), until every fill has settled.
+async fn first_miss(rig: &Rig, path: &str, body: &str) {
+    rig.origin.fresh(path, body);
+    rig.check(path, Miss, body).await;
+    rig.settle().await;
+}
+
 /// One of the `n` objects [`full_disk_tier`] stored that the disk tier still holds.
 fn stored_path(rig: &Rig, n: u64) -> String {
     let disk = rig.engine.disk.as_ref().unwrap();
@@ -187,9 +194,7 @@ fn stored_path(rig: &Rig, n: u64) -> String {
 #[tokio::test]
 async fn a_full_disk_tier_writes_a_new_key_on_its_second_miss() {
     let (rig, body, n) = full_disk_tier(admission::Policy::SecondMissWhenFull).await;
-    rig.origin.fresh("/new", &body);
-    rig.check("/new", Miss, &body).await;
-    rig.settle().await;
+    first_miss(&rig, "/new", &body).await;
     assert_eq!(stored_and_rejected(&rig, n + 1).await, (n, 1));
     assert_eq!(rig.objects().await.1, n, "nothing evicted for it");
     assert_eq!(rig.engine.disk.as_ref().unwrap().evictions(), 0);
@@ -222,9 +227,7 @@ async fn a_full_disk_tier_writes_a_purged_url_again_at_once() {
     rig.engine.purge(&purge).await.expect("purge");
     // Filled up again by another object (written: the purge made room), so the purged one
     // finds no room.
-    rig.origin.fresh("/filler", &body);
-    rig.check("/filler", Miss, &body).await;
-    rig.settle().await;
+    first_miss(&rig, "/filler", &body).await;
     assert_eq!(stored_and_rejected(&rig, n + 1).await, (n + 1, 0));
     assert!(!disk.has_room_for(Some(body.len() as u64)));
     rig.check(&path, Miss, &body).await;
@@ -239,9 +242,7 @@ async fn a_full_disk_tier_writes_a_purged_url_again_at_once() {
 async fn a_full_disk_tier_stores_variants_of_the_objects_it_holds_only() {
     let (rig, body, n) = full_disk_tier(admission::Policy::SecondMissWhenFull).await;
     let disk = rig.engine.disk.clone().unwrap();
-    rig.origin.fresh("/new", &body);
-    rig.check("/new", Miss, &body).await;
-    rig.settle().await;
+    first_miss(&rig, "/new", &body).await;
     assert_eq!(stored_and_rejected(&rig, n + 1).await, (n, 1));
     let held = stored_path(&rig, n);
     let meta = disk.peek(&key_of(&held)).await.expect("a copy").meta;
@@ -264,9 +265,7 @@ async fn a_full_disk_tier_stores_variants_of_the_objects_it_holds_only() {
 #[tokio::test]
 async fn a_full_disk_tier_writes_every_miss_when_told_to() {
     let (rig, body, n) = full_disk_tier(admission::Policy::Always).await;
-    rig.origin.fresh("/new", &body);
-    rig.check("/new", Miss, &body).await;
-    rig.settle().await;
+    first_miss(&rig, "/new", &body).await;
     assert_eq!(stored_and_rejected(&rig, n + 1).await, (n + 1, 0));
     rig.check("/new", Hit, &body).await;
     eventually("an object was evicted for it", || {
