@@ -481,6 +481,8 @@ pub struct AdminLimits {
     pub header_timeout: Duration,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
+    /// A connection whose client takes no byte of a response for this long is dropped.
+    pub send_timeout: Duration,
     pub max_connections: usize,
 }
 
@@ -514,7 +516,10 @@ pub async fn serve(
             _ = stop.changed() => break,
         };
         let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+            Ok((tcp, _)) => {
+                outpost_net::serve_socket(&tcp);
+                tcp
+            }
             Err(e) => {
                 let _ = warnings.failed(&e);
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -532,19 +537,31 @@ pub async fn serve(
             };
             let activity = Arc::new(outpost_net::Activity::default());
             let conn_activity = activity.clone();
+            let closes = state.metrics.admin_closes.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                let in_flight = conn_activity.begin();
+                let activity = conn_activity.clone();
+                let in_flight = activity.begin();
                 async move {
                     let resp = state.handle(req).await;
                     // In flight until its body is sent: a `/log` stream is not an idle
-                    // connection.
-                    Ok::<_, Infallible>(resp.map(|b| RespBody::boxed(Held::new(b, in_flight))))
+                    // connection. What waits on the client counts for the send timeout.
+                    Ok::<_, Infallible>(resp.map(|b| {
+                        outpost_net::Sending::new(
+                            RespBody::boxed(Held::new(b, in_flight)),
+                            activity,
+                        )
+                    }))
                 }
             });
+            let io = outpost_net::Metered::new(io, activity.clone());
             let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+            let bounds = outpost_net::Timeouts {
+                idle: limits.idle_timeout,
+                send: limits.send_timeout,
+            };
             if let Err(e) = watcher
-                .watch_idle(conn, Some((activity, limits.idle_timeout)))
+                .watch_idle(conn, Some((activity, bounds, closes)))
                 .await
             {
                 debug!(error = %e, "admin connection ended with an error");

@@ -341,11 +341,13 @@ pub struct EdgeConfig {
     /// upstream has failed, with no answer, for this long (0: never).
     pub degraded_after: Duration,
     pub drain_timeout: Duration,
-    /// A connection with no request in flight for this long is closed (HTTP/1 keep-alive is
-    /// bounded by `header_read_timeout` too).
+    /// A connection with no request in flight and no response waiting on its client for this
+    /// long is closed (HTTP/1 keep-alive is bounded by `header_read_timeout` too).
     pub idle_timeout: Duration,
-    /// A client that takes no byte of a streaming response for this long, while the fill it
-    /// reads from waits on it, is dropped (nginx's `send_timeout`).
+    /// A client that takes no byte of a response for this long while the response waits on it
+    /// is dropped with its connection (nginx's `send_timeout`; see `outpost_net::Sending`), and
+    /// one that takes none of a streaming response while the fill it reads from waits on it is
+    /// dropped from that fill.
     pub send_timeout: Duration,
     /// Open client connections per listener (data, TLS); more wait in the kernel's backlog.
     pub max_connections: usize,

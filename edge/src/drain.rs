@@ -7,10 +7,13 @@
 //! atomic flag; it hands its task's waker to the drain once (again only if the waker changes),
 //! and the drain wakes every registered connection when it starts.
 //!
-//! The same poll checks a connection's idle timeout ([`Watcher::watch_idle`]): its
-//! [`Activity`] counts the requests started and in flight, and a [`Quiet`] ticker (one sleep per
-//! connection, no clock read per request) shuts down a connection with no request in flight and
-//! none started for the timeout, HTTP/2 clients that answer PINGs included.
+//! The same poll runs a connection's [`Watchdog`] ([`Watcher::watch_idle`]): its [`Activity`]
+//! counts the requests started and in flight and the bytes waiting on the client, and two
+//! tickers (no clock read per request) shut down a connection with nothing in flight, nothing
+//! waiting and no request started for the idle timeout (HTTP/2 clients that answer PINGs
+//! included), and drop one whose client took nothing for the send timeout while a response
+//! waited on it (see `outpost_net::Sending`), or that did not end within the grace of an idle
+//! shutdown.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use hyper_util::server::graceful::GracefulConnection;
-use outpost_net::{Activity, Quiet};
+use outpost_net::{Activity, Closes, Timeouts, Watchdog};
 use tokio::sync::watch;
 
 #[derive(Default)]
@@ -99,14 +102,18 @@ impl Watcher {
     }
 
     /// `conn`, shut down gracefully when the drain starts, or once it has been idle (no request
-    /// in flight, none started) for the timeout of `idle`.
+    /// in flight, none started, nothing waiting on the client) for the idle timeout of
+    /// `bounds`; dropped by its send timeout, or by the grace of an idle shutdown (see
+    /// [`Watchdog`]), each close counted in its [`Closes`].
     pub fn watch_idle<C: GracefulConnection>(
         self,
         conn: C,
-        idle: Option<(Arc<Activity>, std::time::Duration)>,
+        bounds: Option<(Arc<Activity>, Timeouts, Arc<Closes>)>,
     ) -> Watched<C> {
         Watched {
-            idle: idle.map(|(activity, timeout)| (activity, Quiet::new(timeout))),
+            bounds: bounds.map(|(activity, timeouts, closes)| {
+                (activity, Watchdog::new(timeouts).counted(closes))
+            }),
             conn,
             reg: Registration {
                 id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
@@ -125,7 +132,7 @@ pin_project_lite::pin_project! {
         #[pin]
         conn: C,
         reg: Registration,
-        idle: Option<(Arc<Activity>, Quiet)>,
+        bounds: Option<(Arc<Activity>, Watchdog)>,
     }
 }
 
@@ -161,12 +168,15 @@ impl<C: GracefulConnection> Future for Watched<C> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let mut this = self.project();
-        if !this.reg.shutting_down
-            && (this.reg.draining(cx.waker())
-                || this.idle.as_mut().is_some_and(|(activity, quiet)| {
-                    quiet.poll_expired(cx, || activity.snapshot()).is_ready()
-                }))
-        {
+        let mut shut_down = !this.reg.shutting_down && this.reg.draining(cx.waker());
+        if let Some((activity, dog)) = this.bounds.as_mut() {
+            match dog.poll(cx, activity) {
+                Poll::Ready(v) if v.drops() => return Poll::Ready(Ok(())),
+                Poll::Ready(_) => shut_down = true,
+                Poll::Pending => {}
+            }
+        }
+        if shut_down && !this.reg.shutting_down {
             this.reg.shutting_down = true;
             this.conn.as_mut().graceful_shutdown();
         }

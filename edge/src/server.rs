@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use outpost_net::{Metered, Sending, Timeouts};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -368,6 +369,7 @@ impl EdgeServer {
             let limits = crate::admin::AdminLimits {
                 header_timeout: self.cfg.header_read_timeout,
                 idle_timeout: self.cfg.idle_timeout,
+                send_timeout: self.cfg.send_timeout,
                 max_connections: self.cfg.admin_max_connections,
             };
             tokio::spawn(crate::admin::serve(admin, state, limits, admin_stop_rx))
@@ -387,7 +389,11 @@ impl EdgeServer {
         }
         let mut accept_warnings = outpost_net::AcceptWarnings::new("data");
         let max_line = self.cfg.max_uri_size.min(usize::MAX as u64) as usize + 64;
-        let idle = self.cfg.idle_timeout;
+        let bounds = Timeouts {
+            idle: self.cfg.idle_timeout,
+            send: self.cfg.send_timeout,
+        };
+        let closes = self.proxy.metrics.closes.clone();
         loop {
             // A slot first: past the cap, new connections wait in the kernel's backlog.
             let slot = tokio::select! {
@@ -408,7 +414,7 @@ impl EdgeServer {
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
+            outpost_net::serve_socket(&tcp);
             // Requests clone this connection's own handle, not the node-wide Arc: two cores
             // answering requests never bounce one reference count between them.
             let conn_proxy = Arc::new(proxy.clone());
@@ -416,18 +422,22 @@ impl EdgeServer {
             let conn_activity = activity.clone();
             // A fresh memory hit is answered within the call, and its request dropped there;
             // anything else continues in a boxed future (see `Proxy::start`).
+            // Every response body counts what waits on the client, for the send timeout.
             let make_svc = move |client: Client| {
                 service_fn(
                     move |req: Request<Incoming>| match conn_proxy.start(req, client) {
                         Ok(resp) => {
                             conn_activity.answered();
+                            let resp = resp.map(|b| Sending::new(b, conn_activity.clone()));
                             Either::Left(std::future::ready(Ok::<_, Infallible>(resp)))
                         }
                         Err(pending) => {
                             let proxy = conn_proxy.clone();
-                            let in_flight = conn_activity.begin();
+                            let activity = conn_activity.clone();
+                            let in_flight = activity.begin();
                             Either::Right(Box::pin(async move {
                                 let resp = proxy.finish(pending).await;
+                                let resp = resp.map(|b| Sending::new(b, activity));
                                 drop(in_flight);
                                 Ok::<_, Infallible>(resp)
                             }))
@@ -445,6 +455,7 @@ impl EdgeServer {
             let is_tls = tls.is_some();
             let builder = builder.clone();
             let watcher = drain.watcher();
+            let closes = closes.clone();
             let first_bytes = self.cfg.header_read_timeout;
             if let Some(tls) = tls {
                 // The handshake runs here, in the connection's task, under its own timeout.
@@ -466,8 +477,11 @@ impl EdgeServer {
                     else {
                         return;
                     };
+                    let io = Metered::new(io, activity.clone());
                     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-                    let _ = watcher.watch_idle(conn, Some((activity, idle))).await;
+                    let _ = watcher
+                        .watch_idle(conn, Some((activity, bounds, closes)))
+                        .await;
                 });
                 continue;
             }
@@ -481,8 +495,11 @@ impl EdgeServer {
                 let Some(io) = outpost_net::opening(tcp, first_bytes, Some(max_line)).await else {
                     return;
                 };
+                let io = Metered::new(io, activity.clone());
                 let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-                let _ = watcher.watch_idle(conn, Some((activity, idle))).await;
+                let _ = watcher
+                    .watch_idle(conn, Some((activity, bounds, closes)))
+                    .await;
             });
         }
         self.draining.store(true, Ordering::Relaxed);

@@ -17,6 +17,10 @@ pub struct Activity {
     progress: AtomicU64,
     /// Requests whose response is not ready yet.
     in_flight: AtomicU32,
+    /// What waits on the client to take bytes: response bodies with a chunk handed out and not
+    /// asked for the next ([`crate::Sending`]), and a write the socket did not take
+    /// ([`crate::Metered`]).
+    waiting: AtomicU32,
 }
 
 impl Activity {
@@ -40,12 +44,37 @@ impl Activity {
         self.progress.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The progress count so far, and whether a request is in flight: what [`Quiet`] samples.
+    /// Something now waits on the client to take bytes (see [`Activity::took`]).
+    #[inline]
+    pub(crate) fn wait(&self) {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The client took bytes something waited on: progress, and that wait is over.
+    #[inline]
+    pub(crate) fn took(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The progress count so far, and whether the connection is busy (a request in flight, or
+    /// bytes waiting on the client): what the idle [`Quiet`] samples.
     #[inline]
     pub fn snapshot(&self) -> (u64, bool) {
         (
             self.progress.load(Ordering::Relaxed),
-            self.in_flight.load(Ordering::Relaxed) > 0,
+            self.in_flight.load(Ordering::Relaxed) > 0 || self.waiting.load(Ordering::Relaxed) > 0,
+        )
+    }
+
+    /// The progress count so far, and whether nothing waits on the client: what the send
+    /// timeout's [`Quiet`] samples, so it expires once bytes have waited on the client for a
+    /// whole timeout with no progress.
+    #[inline]
+    pub fn send_snapshot(&self) -> (u64, bool) {
+        (
+            self.progress.load(Ordering::Relaxed),
+            self.waiting.load(Ordering::Relaxed) == 0,
         )
     }
 }

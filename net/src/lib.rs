@@ -12,7 +12,13 @@
 //!   a role counts as progress) and its requests in flight; [`Quiet`] ticks four times per idle
 //!   timeout and tells when a whole timeout's worth of ticks saw no progress and nothing in
 //!   flight. Each role shuts the connection down its own way (the edge's `drain::Watched`, the
-//!   selector's and origin's `serve_http`, the selector's splice).
+//!   selector's and origin's [`serve_http`], the selector's splice).
+//! - **Send**: [`Sending`] (around each response body) and [`Metered`] (around the stream)
+//!   count the bytes that wait on the client; a [`Watchdog`] drops a connection whose client
+//!   took nothing for the send timeout while they waited (nginx's `send_timeout`), and one
+//!   that an idle shutdown could not end within its grace. Without it a client that stops
+//!   reading a response holds its connection for ever: hyper waits for the write, and a
+//!   graceful shutdown waits for the response.
 //! - **`/metrics`** ([`exposition`]): OpenMetrics or the classic text format, as the scraper
 //!   asks.
 //! - **Accept failures** (EMFILE at the descriptor limit and friends) are logged by
@@ -26,7 +32,11 @@ pub mod exposition;
 mod idle;
 mod opening;
 pub mod proxy_protocol;
+mod send;
+mod watchdog;
 
 pub use accept::AcceptWarnings;
 pub use idle::{Activity, InFlight, Quiet};
 pub use opening::{H2_PREFACE, Replay, opening};
+pub use send::{Metered, NOTSENT_LOWAT, SLICE, Sending, serve_socket};
+pub use watchdog::{Closes, SHUTDOWN_GRACE, Timeouts, Verdict, Watchdog, serve_http};

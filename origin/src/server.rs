@@ -21,19 +21,18 @@ use std::time::{Duration, Instant};
 
 use http::header::CONTENT_LENGTH;
 use http::{Method, Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use outpost_net::{AcceptWarnings, Activity};
+use outpost_net::{AcceptWarnings, Activity, Metered, Sending, Timeouts};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::OriginConfig;
-use crate::conn::{self, Handling, ProgressBody};
+use crate::conn::Handling;
 use crate::handler::Site;
 use crate::respond::Body;
 
@@ -157,9 +156,7 @@ impl OriginServer {
                     },
                 }
             };
-            if let Err(e) = stream.set_nodelay(true) {
-                debug!(error = %e, %peer, "cannot set TCP_NODELAY");
-            }
+            outpost_net::serve_socket(&stream);
             let site = site.clone();
             let builder = builder.clone();
             let mut stop = stop_rx.clone();
@@ -180,17 +177,21 @@ impl OriginServer {
                         async move {
                             let resp = access_logged(&site, req).await;
                             drop(handling);
-                            // Each chunk the client takes is progress (see `conn`).
-                            Ok::<_, Infallible>(
-                                resp.map(|body| ProgressBody::new(body, activity).boxed()),
-                            )
+                            // What waits on the client counts for the send timeout (see `conn`).
+                            Ok::<_, Infallible>(resp.map(|body| Sending::new(body, activity)))
                         }
                     });
+                    let io = Metered::new(io, activity.clone());
                     let conn = builder.serve_connection(TokioIo::new(io), service);
                     let stopped = async move {
                         let _ = stop.wait_for(|s| *s).await;
                     };
-                    if let Err(e) = conn::serve_http(conn, &activity, idle_timeout, stopped).await {
+                    let bounds = Timeouts {
+                        idle: idle_timeout,
+                        send: idle_timeout,
+                    };
+                    if let Err(e) = outpost_net::serve_http(conn, &activity, bounds, stopped).await
+                    {
                         // Clients vanish, time out reading headers or speak garbage; not an
                         // operator's problem.
                         debug!(error = %e, "connection ended with an error");

@@ -14,14 +14,13 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use outpost_net::{AcceptWarnings, Activity};
+use outpost_net::{AcceptWarnings, Activity, Metered, Sending, Timeouts};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::debug;
 
-use crate::conn;
 use crate::health::HealthState;
 use crate::pool::Pool;
 
@@ -139,7 +138,10 @@ pub(crate) async fn serve(
             }
         };
         let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+            Ok((tcp, _)) => {
+                outpost_net::serve_socket(&tcp);
+                tcp
+            }
             Err(e) => {
                 // EMFILE and friends: back off a little, never stop serving.
                 warnings.failed(&e);
@@ -158,11 +160,16 @@ pub(crate) async fn serve(
             let requests = activity.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let _in_flight = requests.begin();
-                std::future::ready(Ok::<_, Infallible>(respond(&req, &pool)))
+                let resp = respond(&req, &pool).map(|b| Sending::new(b, requests.clone()));
+                std::future::ready(Ok::<_, Infallible>(resp))
             });
+            let io = Metered::new(io, activity.clone());
             let conn = builder.serve_connection(TokioIo::new(io), svc);
-            let served =
-                conn::serve_http(conn, &activity, limits.idle_timeout, std::future::pending());
+            let bounds = Timeouts {
+                idle: limits.idle_timeout,
+                send: limits.idle_timeout,
+            };
+            let served = outpost_net::serve_http(conn, &activity, bounds, std::future::pending());
             if let Err(e) = served.await {
                 debug!(error = %e, "admin connection failed");
             }

@@ -12,24 +12,20 @@
 //!   timeout and decides HTTP/1 or HTTP/2 itself: hyper-util's protocol detection has no
 //!   timeout, and hyper's HTTP/1 header timer only starts once HTTP/1 is chosen, so a client
 //!   that sends nothing, or a prefix of the HTTP/2 preface, would otherwise keep its slot for
-//!   good. Then [`serve_http`] shuts a connection down once no request has been in flight for
-//!   `limits.admin_idle_timeout` (HTTP/2 clients that answer PINGs included).
+//!   good. Then [`outpost_net::serve_http`] shuts a connection down once no request has been in
+//!   flight for `limits.admin_idle_timeout` (HTTP/2 clients that answer PINGs included), and
+//!   drops one whose client takes no byte of a response for as long.
 //! - **Accept failures** (EMFILE at the descriptor limit and friends) are logged by
 //!   [`outpost_net::AcceptWarnings`] at most once per 10 s, with the count of the ones folded in.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulConnection;
-use outpost_net::{Activity, Quiet};
+use outpost_net::Quiet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-/// After an idle connection is told to shut down, how long it may take to do so.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How a spliced connection ended.
 #[derive(Debug)]
@@ -109,35 +105,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-/// Drives an HTTP connection to its end. It is shut down gracefully when `stop` resolves, or
-/// once no request has been in flight for `idle`; an idle connection that does not finish its
-/// shutdown within a few seconds (an HTTP/2 peer that never acknowledges it) is dropped.
-pub(crate) async fn serve_http<C: GracefulConnection>(
-    conn: C,
-    activity: &Activity,
-    idle: Duration,
-    stop: impl Future<Output = ()>,
-) -> Result<(), C::Error> {
-    tokio::pin!(conn);
-    tokio::pin!(stop);
-    let mut quiet = Quiet::new(idle);
-    let mut stopping = false;
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => return r,
-            () = &mut stop, if !stopping => {
-                stopping = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            () = quiet.expired(|| activity.snapshot()), if !stopping => {
-                conn.as_mut().graceful_shutdown();
-                return tokio::time::timeout(SHUTDOWN_GRACE, conn)
-                    .await
-                    .unwrap_or(Ok(()));
-            }
-        }
     }
 }

@@ -523,6 +523,35 @@ async fn a_half_open_h2_preface_is_closed_within_the_header_timeout() {
     );
 }
 
+/// GETs `path` over an HTTP/2 connection whose client answers PINGs and sends its own every
+/// 200 ms. Returns the connection's task (it ends when the edge closes the connection; keep
+/// the sender, or the client closes it itself), its sender, and the response, its body not
+/// read.
+async fn pinging_h2_get(
+    edge: SocketAddr,
+    path: &str,
+) -> (
+    tokio::task::JoinHandle<hyper::Result<()>>,
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+    http::Response<hyper::body::Incoming>,
+) {
+    let tcp = TcpStream::connect(edge).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    let conn_task = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{HOST}{path}"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    (conn_task, sender, resp)
+}
+
 /// An idle HTTP/2 connection is closed after the idle timeout, although its client answers
 /// every PING (hyper's client does); an idle HTTP/1 keep-alive connection too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,25 +563,11 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
         c.header_read_timeout = Duration::from_secs(30);
     })
     .await;
-    let tcp = TcpStream::connect(edge.addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Duration::from_millis(200))
-            .keep_alive_while_idle(true)
-            .handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .expect("h2 handshake");
-    let conn_task = tokio::spawn(conn);
-    let req = http::Request::get(format!("http://{HOST}/i"))
-        .body(http_body_util::Empty::<Bytes>::new())
-        .expect("request");
-    assert_eq!(
-        sender.send_request(req).await.expect("response").status(),
-        200
-    );
+    let (conn_task, _sender, resp) = pinging_h2_get(edge.addr, "/i").await;
+    assert_eq!(resp.status(), 200);
     let ended = tokio::time::timeout(WAIT, conn_task).await;
     assert!(ended.is_ok(), "the idle h2 connection was never closed");
+    assert!(closed_count(&edge, "data", "idle").await >= 1);
 
     let mut h1 = TcpStream::connect(edge.addr).await.expect("connect");
     h1.write_all(format!("GET /i HTTP/1.1\r\nhost: {HOST}\r\n\r\n").as_bytes())
@@ -891,6 +906,224 @@ async fn a_client_that_does_not_read_is_dropped_after_the_send_timeout() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), big);
     drop(stalled);
+}
+
+/// `outpost_connections_closed_total` for one listener and reason, from `/metrics`.
+async fn closed_count(edge: &Edge, listener: &str, reason: &str) -> u64 {
+    let text = client()
+        .get(format!("http://{}/metrics", edge.admin.expect("admin")))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let series =
+        format!("outpost_connections_closed_total{{listener=\"{listener}\",reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in {text}"))
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+/// An origin serving `/big` (`size` patterned bytes, cacheable) and an edge in front of it
+/// whose memory tier takes it, with these send and idle timeouts; and the body.
+async fn big_object_edge(
+    size: usize,
+    send_timeout: Duration,
+    idle_timeout: Duration,
+    tweak: impl FnOnce(&mut EdgeConfig),
+) -> (TestOrigin, Edge, Vec<u8>) {
+    let origin = TestOrigin::start().await;
+    let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    origin.route(
+        "/big",
+        Reply::ok(body.clone()).header("cache-control", "max-age=300"),
+    );
+    let edge = start_edge(origin.addr(), "", |c| {
+        c.memory = 256 << 20;
+        c.send_timeout = send_timeout;
+        c.idle_timeout = idle_timeout;
+        tweak(c);
+    })
+    .await;
+    (origin, edge, body)
+}
+
+/// A client that asks for a large memory hit and never reads it holds its connection slot
+/// only for the send timeout: with every slot taken by such clients over HTTP/1, a canary is
+/// served once they are dropped (before the fix, hyper waited for ever to write the body and
+/// the slots were never given back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_a_memory_hit_give_back_their_slots() {
+    let big = 12 << 20;
+    let second = Duration::from_secs(1);
+    let (origin, edge, _) = big_object_edge(big, second, second, |c| c.max_connections = 2).await;
+    origin.route("/c", cacheable("canary"));
+    // Fill the memory tier.
+    let r = get(&edge.url("/big"), &[("host", HOST)]).await;
+    assert_eq!((r.status, r.body.len()), (200, big));
+    assert_eq!(r.header("x-cache"), Some("MISS"));
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut tcp = sock.connect(edge.addr).await.expect("connect");
+        tcp.write_all(format!("GET /big HTTP/1.1\r\nhost: {HOST}\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        stalled.push(tcp);
+    }
+    let canary = tokio::spawn({
+        let url = edge.url("/c");
+        async move { get(&url, &[("host", HOST)]).await.status }
+    });
+    let served = tokio::time::timeout(WAIT, canary).await;
+    assert_eq!(
+        served
+            .expect("the canary waited for ever behind clients that read nothing")
+            .expect("canary"),
+        200
+    );
+    let dropped = closed_count(&edge, "data", "send_timeout").await;
+    assert!(
+        dropped >= 2,
+        "{dropped} connections dropped for the send timeout"
+    );
+    drop(stalled);
+}
+
+/// HTTP/2: a client that keeps its connection alive (it answers PINGs) but never takes a
+/// large response's data leaves the stream stalled on flow control; the connection is closed
+/// after the send timeout rather than kept for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_stalled_on_flow_control_is_closed() {
+    let second = Duration::from_secs(1);
+    let (_origin, edge, _) = big_object_edge(12 << 20, second, second, |_| {}).await;
+    for round in ["fill", "memory hit"] {
+        let (conn_task, _sender, resp) = pinging_h2_get(edge.addr, "/big").await;
+        assert_eq!(resp.status(), 200);
+        // The body is never polled: its window is never given back.
+        let ended = tokio::time::timeout(WAIT, conn_task).await;
+        assert!(
+            ended.is_ok(),
+            "{round}: the stalled h2 connection was never closed"
+        );
+        drop(resp);
+    }
+    // The memory hit's at least (the fill's reader may go first, dropped by its fill).
+    assert!(closed_count(&edge, "data", "send_timeout").await >= 1);
+}
+
+/// The other side of the send timeout: a client that reads a large response slowly, pausing
+/// now and then for longer than the idle timeout (and its shutdown grace) but shorter than the
+/// send timeout, gets every byte, over HTTP/1 and HTTP/2. Over HTTP/1 the pauses also fall
+/// after the body's last chunk went to hyper, while hyper and the kernel still hold its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_that_keeps_reading_is_never_cut() {
+    let big = 1 << 20;
+    let (_origin, edge, body) =
+        big_object_edge(big, Duration::from_secs(4), Duration::from_secs(1), |_| {}).await;
+    // Past the idle timeout and its grace (at most 1.25 s and 1 s), within the send timeout.
+    let pause = Duration::from_millis(2500);
+    for round in ["fill", "memory hit"] {
+        let got = slow_h1_read(edge.addr, "/big", pause).await;
+        assert_eq!(got.len(), big, "{round}: HTTP/1 body cut");
+        assert!(got == body, "{round}: HTTP/1 body differs");
+    }
+    // HTTP/2, a memory hit: the client takes a frame, and pauses the same way. Its windows are
+    // small, so flow control holds the response back, not the socket.
+    let tcp = TcpStream::connect(edge.addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .initial_stream_window_size(64 << 10)
+            .initial_connection_window_size(64 << 10)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{HOST}/big"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    // Shorter pauses: the end of a body held back by flow control, once the body has ended,
+    // waits on nothing the edge can see, so it has the idle timeout and grace to be taken.
+    let pause = Duration::from_millis(500);
+    let mut body_in = resp.into_body();
+    let mut got = Vec::new();
+    let mut since_pause = 0;
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body_in).await {
+        let Ok(data) = frame.expect("HTTP/2 body cut").into_data() else {
+            continue;
+        };
+        got.extend_from_slice(&data);
+        since_pause += data.len();
+        if since_pause >= 256 << 10 {
+            since_pause = 0;
+            tokio::time::sleep(pause).await;
+        }
+    }
+    assert_eq!(got.len(), big, "HTTP/2 body cut");
+    assert!(got == body, "HTTP/2 body differs");
+}
+
+/// GETs `path` over HTTP/1 through a small receive buffer, taking 256 KiB at a time and
+/// pausing for `pause` after each; the body (whatever arrived before the edge closed).
+async fn slow_h1_read(edge: SocketAddr, path: &str, pause: Duration) -> Vec<u8> {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut tcp = sock.connect(edge).await.expect("connect");
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    let mut since_pause = 0;
+    loop {
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("a read in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        since_pause += n;
+        if since_pause >= 256 << 10 {
+            since_pause = 0;
+            tokio::time::sleep(pause).await;
+        }
+    }
+    let head_end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    got.split_off(head_end)
+}
+
+/// A client reading half a megabyte a second is seen taking bytes well within a 1 s send
+/// timeout. The kernel wakes a blocked writer once its unsent bytes fall to half of
+/// `TCP_NOTSENT_LOWAT` (64 KiB); without it, once a third of an autotuned send buffer of
+/// megabytes is free, which took this client longer than the timeout (before the option, the
+/// fill was cut at 3,081,999 of 3,145,728 bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_slow_reader_is_seen_within_a_short_send_timeout() {
+    let big = 3 << 20;
+    let second = Duration::from_secs(1);
+    let (_origin, edge, body) = big_object_edge(big, second, second, |_| {}).await;
+    for round in ["fill", "memory hit"] {
+        let got = slow_h1_read(edge.addr, "/big", Duration::from_millis(500)).await;
+        assert_eq!(got.len(), big, "{round}: cut");
+        assert!(got == body, "{round}: body differs");
+    }
 }
 
 /// Item 6, the process side: the `outpost` binary runs without transparent huge pages unless

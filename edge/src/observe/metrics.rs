@@ -82,6 +82,10 @@ pub struct EdgeMetrics {
     tls: std::sync::OnceLock<Arc<crate::tls::TlsState>>,
     /// The access log's written and dropped lines, read at scrape time.
     access_log: std::sync::OnceLock<Arc<super::access_log::AccessLog>>,
+    /// Connections closed for their idle or send timeout, on the data listeners (plain and
+    /// TLS) and on the admin listener.
+    pub closes: Arc<outpost_net::Closes>,
+    pub admin_closes: Arc<outpost_net::Closes>,
 }
 
 /// The commit the binary was built from, for `outpost_build_info` (set once by the binary).
@@ -153,6 +157,8 @@ impl EdgeMetrics {
             connections: std::sync::OnceLock::new(),
             tls: std::sync::OnceLock::new(),
             access_log: std::sync::OnceLock::new(),
+            closes: Arc::default(),
+            admin_closes: Arc::default(),
         })
     }
 
@@ -474,6 +480,18 @@ impl Collector for EdgeCollector {
             "outpost_connections_open",
             "Client connections open on the data listener (plain and TLS).",
             &[(&[], m.open_connections() as f64)],
+        )?;
+        let mut closed = Vec::new();
+        for (listener, closes) in [("data", &m.closes), ("admin", &m.admin_closes)] {
+            for (reason, n) in outpost_net::Closes::LABELS.iter().zip(closes.counts()) {
+                closed.push(([("listener", listener), ("reason", *reason)], n));
+            }
+        }
+        counter(
+            &mut enc,
+            "outpost_connections_closed",
+            "Client connections the node closed by their timeouts (idle: shut down after the idle timeout; send_timeout: dropped, the client took no byte of a response for the send timeout; shutdown_grace: dropped, it had not ended 5 s after an idle shutdown).",
+            &refs(&closed),
         )?;
         if let Some(t) = m.tls_handshakes() {
             counter(
