@@ -429,6 +429,24 @@
 //! 29.1, 30.5 against 27.4, 27.9; disk 1 MiB 265, 337 against 308, 290. The disk 100 KiB case
 //! alone, alternating three times: 28.7, 32.1, 30.1 µs against 29.8, 32.0, 31.3 µs (these
 //! include the first round's 3 s of hashing): no change.
+//!
+//! Session 19 (2026-12-06): every response body counted for the send timeout (`Sending`: an
+//! `Arc` clone and three relaxed atomics per response; `Metered`: a branch per write) and
+//! `TCP_NOTSENT_LOWAT`. The machine was noisy (load 3-4). First build, slicing every body over
+//! 64 KiB, against session 18's final build (0297fc6's request path), 2 rounds, alternating
+//! (% of plain req/s, CPU per request): memory 100 KiB 81.0, 85.3% (24.7, 29.2 µs) against
+//! 99.4, 94.9% (22.9, 24.6 µs); memory 1 MiB 81.6, 88.9% (229, 233 µs) against 111.7, 109.5%
+//! (182, 173 µs). Slices off, notsent on, against notsent off, slices on, 100 KiB and 1 MiB
+//! only: the slices were the cost (memory 1 MiB 201, 192 µs against 233, 261). Slices are now
+//! for HTTP/2 only (HTTP/1 sees a stalled client through the socket). That build
+//! against 0297fc6, whole runs alternating twice: memory 1 KiB 89.7, 85.4% (11.6, 11.1 µs)
+//! against 98.4, 78.7% (8.9, 11.8 µs); disk 1 KiB 78.7, 66.0% (15.4, 17.1) against 66.0,
+//! 48.2% (13.6, 16.2); memory 100 KiB 92.4, 100.0% (25.0, 27.2) against 104.5, 105.8% (22.6,
+//! 30.9); disk 100 KiB 64.6, 103.1% (34.6, 35.5) against 76.5, 66.1% (30.4, 52.9); memory 1 MiB
+//! 106.5, 102.1% (194, 194) against 98.4, 97.5% (169, 231); disk 1 MiB 64.9, 60.4% (402, 379)
+//! against 55.5, 70.0% (337, 540). The memory 1 KiB case alone, alternating three times: 11.0,
+//! 10.9, 10.0 µs (96.7-108.5% of plain) against 10.3, 10.1, 9.9 µs (87.2-91.3%): at most
+//! ~0.5 µs, within the spread.
 
 mod support;
 

@@ -542,6 +542,7 @@ pub async fn serve(
                 let state = state.clone();
                 let activity = conn_activity.clone();
                 let in_flight = activity.begin();
+                let version = req.version();
                 async move {
                     let resp = state.handle(req).await;
                     // In flight until its body is sent: a `/log` stream is not an idle
@@ -550,6 +551,7 @@ pub async fn serve(
                         outpost_net::Sending::new(
                             RespBody::boxed(Held::new(b, in_flight)),
                             activity,
+                            version,
                         )
                     }))
                 }

@@ -424,11 +424,13 @@ impl EdgeServer {
             // anything else continues in a boxed future (see `Proxy::start`).
             // Every response body counts what waits on the client, for the send timeout.
             let make_svc = move |client: Client| {
-                service_fn(
-                    move |req: Request<Incoming>| match conn_proxy.start(req, client) {
+                service_fn(move |req: Request<Incoming>| {
+                    let version = req.version();
+                    match conn_proxy.start(req, client) {
                         Ok(resp) => {
                             conn_activity.answered();
-                            let resp = resp.map(|b| Sending::new(b, conn_activity.clone()));
+                            let activity = conn_activity.clone();
+                            let resp = resp.map(|b| Sending::new(b, activity, version));
                             Either::Left(std::future::ready(Ok::<_, Infallible>(resp)))
                         }
                         Err(pending) => {
@@ -437,13 +439,13 @@ impl EdgeServer {
                             let in_flight = activity.begin();
                             Either::Right(Box::pin(async move {
                                 let resp = proxy.finish(pending).await;
-                                let resp = resp.map(|b| Sending::new(b, activity));
+                                let resp = resp.map(|b| Sending::new(b, activity, version));
                                 drop(in_flight);
                                 Ok::<_, Infallible>(resp)
                             }))
                         }
-                    },
-                )
+                    }
+                })
             };
             // A source the operator trusts (the selector) opens with a PROXY v2 header naming
             // the client; it is read in the connection's task, under the header timeout.

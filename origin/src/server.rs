@@ -173,12 +173,15 @@ impl OriginServer {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let site = site.clone();
                         let activity = requests.clone();
+                        let version = req.version();
                         let handling = Handling::begin(&requests);
                         async move {
                             let resp = access_logged(&site, req).await;
                             drop(handling);
                             // What waits on the client counts for the send timeout (see `conn`).
-                            Ok::<_, Infallible>(resp.map(|body| Sending::new(body, activity)))
+                            Ok::<_, Infallible>(
+                                resp.map(|body| Sending::new(body, activity, version)),
+                            )
                         }
                     });
                     let io = Metered::new(io, activity.clone());

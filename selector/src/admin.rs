@@ -160,7 +160,8 @@ pub(crate) async fn serve(
             let requests = activity.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let _in_flight = requests.begin();
-                let resp = respond(&req, &pool).map(|b| Sending::new(b, requests.clone()));
+                let resp =
+                    respond(&req, &pool).map(|b| Sending::new(b, requests.clone(), req.version()));
                 std::future::ready(Ok::<_, Infallible>(resp))
             });
             let io = Metered::new(io, activity.clone());
