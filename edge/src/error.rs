@@ -66,6 +66,12 @@ pub enum EdgeError {
         coding: &'static str,
         reason: String,
     },
+    /// An origin-encoded body a client cannot accept, and no room in the compression share of
+    /// memory to decode it now.
+    #[error(
+        "this node has no memory to spare for decoding the origin's {coding} body now; retry shortly, or accept {coding}"
+    )]
+    DecodeBusy { coding: &'static str },
     /// `only-if-cached` and nothing stored satisfies the request (RFC 9111 §5.2.1.7).
     #[error("only-if-cached: no stored response satisfies this request")]
     NotCached,
@@ -90,6 +96,7 @@ impl EdgeError {
             EdgeError::BadRequest(_) => StatusCode::BAD_REQUEST,
             EdgeError::Upstream(e) => e.status(),
             EdgeError::UpstreamBody | EdgeError::Undecodable { .. } => StatusCode::BAD_GATEWAY,
+            EdgeError::DecodeBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             EdgeError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             EdgeError::Admin(e) => e.status(),
         }
@@ -104,6 +111,7 @@ impl EdgeError {
             EdgeError::Upstream(_) | EdgeError::UpstreamBody | EdgeError::Undecodable { .. } => {
                 Side::Upstream
             }
+            EdgeError::DecodeBusy { .. } => Side::Edge,
             EdgeError::Admin(e) => match e.side() {
                 outpost_purge_api::Side::Client => Side::Client,
                 outpost_purge_api::Side::Server => Side::Edge,
@@ -129,6 +137,7 @@ impl EdgeError {
             },
             EdgeError::UpstreamBody => "http_response_incomplete",
             EdgeError::Undecodable { .. } => "http_response_content_coding",
+            EdgeError::DecodeBusy { .. } => "proxy_internal_error",
             // Answered here without asking the next hop (§2.3.30).
             EdgeError::NotCached => "proxy_internal_response",
             EdgeError::Admin(_) => return None,

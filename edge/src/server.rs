@@ -150,9 +150,25 @@ impl EdgeServer {
                 )
             }
         });
+        // Compression's share of `--memory` comes out of the cache's (see `compress::memory`).
+        let (engine_memory, compression_memory) = if cfg.compression.enabled {
+            let share = crate::compress::memory::share(cfg.memory);
+            let needs = crate::compress::memory::brotli_job_max(&cfg.compression);
+            if needs > share {
+                warn!(
+                    brotli_quality = cfg.compression.brotli_quality,
+                    needs_mib = needs >> 20,
+                    share_mib = share >> 20,
+                    "brotli at this quality needs more memory per response than compression's share of cache.memory: such responses go out uncompressed to clients that prefer br (outpost_compression_skipped_total); lower compression.brotli_quality or raise cache.memory"
+                );
+            }
+            (crate::compress::memory::engine_memory(cfg.memory), share)
+        } else {
+            (cfg.memory, 0)
+        };
         let engine = Engine::open(
             EngineConfig {
-                memory_bytes: cfg.memory,
+                memory_bytes: engine_memory,
                 disk: cfg.cache_dir.clone().map(|d| (d, cfg.disk)),
                 max_object_size: cfg.max_object_size,
                 surrogate_name: cfg.name.clone(),
@@ -230,6 +246,7 @@ impl EdgeServer {
             route_of(&cfg),
             metrics.clone(),
             cfg.compression.clone(),
+            compression_memory,
         ));
         let mut operator = crate::operator::EdgeOperator {
             engine: proxy.engine.clone(),

@@ -55,6 +55,19 @@ fn text(len: usize) -> Vec<u8> {
     out
 }
 
+/// `len` pseudo-random lowercase letters: text that compresses poorly.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b'a' + (x % 26) as u8
+        })
+        .collect()
+}
+
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
     e.write_all(data).unwrap();
@@ -119,6 +132,9 @@ const BOMB_LEN: usize = 32 << 20;
 /// - `/pre.txt`, `/pre-br.txt`: 8 KiB sent gzip / br encoded, with `Vary: Accept-Encoding`
 /// - `/bomb.txt`: 32 MiB of zeros, gzip encoded (about 32 KiB on the wire)
 /// - `/chunked.txt`: 64 KiB without Content-Length; `/large.txt`: the same with one
+/// - `/noise.txt`: 4 MiB of random letters, above the stream threshold, so it streams through
+///   an encoder, and its encoded form is nearly as large (it does not fit socket buffers)
+/// - `/wide-br.txt`: 64 KiB sent br encoded with brotli's largest window (16 MiB)
 async fn tiny_origin() -> (SocketAddr, oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().unwrap();
@@ -178,6 +194,18 @@ fn tiny_response(path: &str, bomb: &Bytes) -> Response<TinyBody> {
                 .boxed()
         }
         "/large.txt" => full(text(64 << 10)),
+        "/noise.txt" => full(noise(4 << 20)),
+        "/wide-br.txt" => {
+            encoding = Some("br");
+            let params = brotli::enc::BrotliEncoderParams {
+                quality: 5,
+                lgwin: 24,
+                ..Default::default()
+            };
+            let mut out = Vec::new();
+            brotli::BrotliCompress(&mut &text(64 << 10)[..], &mut out, &params).unwrap();
+            full(out)
+        }
         "/chunked.txt" => {
             let data = Bytes::from(text(64 << 10));
             let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..data.len())
@@ -702,4 +730,71 @@ async fn variants_live_on_disk_and_a_purge_removes_every_variant() {
     assert_eq!(after.x_cache(), "MISS");
     assert_eq!(after.decoded(), want);
     assert_eq!(edge.stats().compressions(), 2);
+}
+
+/// Compression holds at most its share of `cache.memory` (16 MiB at the default 256 MiB): a
+/// brotli stream's encoder (~10 MiB, estimated) is held while its client does not read, so a
+/// second client asking for a brotli stream then gets identity, counted; once the first
+/// client goes, brotli again. Before the share, every client got an encoder of its own.
+#[tokio::test]
+async fn compression_holds_at_most_its_share_of_memory() {
+    use tokio::io::AsyncWriteExt;
+    let (origin, _o) = tiny_origin().await;
+    let edge = Edge::start(origin, "").await;
+    let c = client();
+    let want = noise(4 << 20);
+    let stalled_get = || async {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut tcp = sock.connect(edge.addr).await.expect("connect");
+        tcp.write_all(b"GET /noise.txt HTTP/1.1\r\nhost: t\r\naccept-encoding: br\r\n\r\n")
+            .await
+            .expect("write");
+        tcp
+    };
+    let stalled = stalled_get().await;
+    edge.wait_for("the stalled client's encoder", |s| s.compressed_br == 1)
+        .await;
+    let got = get(&c, &edge.url("/noise.txt"), Some("br")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.coding(), None, "no room for a second brotli stream");
+    assert!(varies_on_accept_encoding(&got.headers));
+    assert_eq!(got.body.as_ref(), want.as_slice());
+    let s = edge.stats();
+    assert_eq!((s.compressed_br, s.skipped_memory), (1, 1), "{s:?}");
+    // Its client gone, the stream's encoder is dropped and its share given back.
+    drop(stalled);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = get(&c, &edge.url("/noise.txt"), Some("br")).await;
+        if got.coding() == Some("br") {
+            assert_eq!(got.decoded(), want);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the share never came back: {:?}",
+            edge.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A decoding that cannot fit the share gets 503 with a message that says why (a brotli
+/// body declaring a 16 MiB window, for a client that does not take br, where the share is 16
+/// MiB); a client that takes br gets the origin's bytes.
+#[tokio::test]
+async fn a_decoding_that_does_not_fit_the_share_gets_503() {
+    let (origin, _o) = tiny_origin().await;
+    let edge = Edge::start(origin, "").await;
+    let c = client();
+    let got = get(&c, &edge.url("/wide-br.txt"), Some("gzip")).await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    let body = String::from_utf8_lossy(&got.body);
+    assert!(body.contains("no memory to spare for decoding"), "{body}");
+    assert_eq!(edge.stats().decompress_busy, 1);
+    let got = get(&c, &edge.url("/wide-br.txt"), Some("br")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.coding(), Some("br"));
+    assert_eq!(got.decoded(), text(64 << 10));
 }

@@ -54,16 +54,25 @@ impl Budget {
 
     /// Takes `n` bytes of the budget, or `None` when they do not fit now.
     pub fn take(self: &Arc<Self>, n: u64) -> Option<Charge> {
+        self.reserve(n).then(|| Charge {
+            budget: self.clone(),
+            n,
+        })
+    }
+
+    /// Adds `n` to what is used if it fits.
+    fn reserve(&self, n: u64) -> bool {
         use std::sync::atomic::Ordering;
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(n).filter(|&total| total <= self.limit)
             })
-            .ok()?;
-        Some(Charge {
-            budget: self.clone(),
-            n,
-        })
+            .is_ok()
+    }
+
+    /// The most that may be taken at once.
+    pub fn limit(&self) -> u64 {
+        self.limit
     }
 
     /// Bytes taken now.
@@ -77,6 +86,18 @@ impl Budget {
 pub struct Charge {
     budget: Arc<Budget>,
     n: u64,
+}
+
+impl Charge {
+    /// Takes `n` more bytes into this charge; false, and nothing taken, when they do not fit
+    /// now.
+    pub fn grow(&mut self, n: u64) -> bool {
+        let grown = self.budget.reserve(n);
+        if grown {
+            self.n += n;
+        }
+        grown
+    }
 }
 
 impl Drop for Charge {

@@ -24,7 +24,7 @@ const STREAM_CHUNK: usize = 32 * 1024;
 /// own default, 4 MiB (22), costs its encoder ~9 MiB even for a 10 KiB body, whole, and 37 MiB
 /// streaming 8 MiB (quality 4), where this window costs 1.8 and ~3.3-10 MiB; measured on
 /// text, its output was as small or smaller at every size up to 8 MiB.
-const BROTLI_MAX_WINDOW: u32 = 19;
+pub(crate) const BROTLI_MAX_WINDOW: u32 = 19;
 
 /// The brotli window for a body of `len` bytes: the smallest that holds it (a larger window
 /// only costs memory: a whole 10 KiB body took 0.3 ms and 0.9 MiB with a 16 KiB window, 0.75

@@ -45,12 +45,18 @@
 //!   `compression.max_decompressed_size` (zip-bomb protection): a 502 when the body is decoded
 //!   whole, an aborted body when it streams. They are not re-encoded into another coding.
 //!
-//! Files: [`config`] (the settings), [`codec`] (encoders and capped decoders), [`variant`]
+//! - **Memory**: every job takes its estimated peak from a share of `--memory` before it
+//!   starts, and a job that does not fit is not done (identity is sent, or 503 for a decoding);
+//!   see [`memory`].
+//!
+//! Files: [`config`] (the settings), [`codec`] (encoders and capped decoders), [`memory`] (the
+//! share and the estimates), [`variant`]
 //! (what a request accepts, the headers of a variant), [`stats`] (counters). The phase itself,
 //! which decides per response, is `proxy/compress.rs`.
 
 pub mod codec;
 pub mod config;
+pub mod memory;
 pub mod stats;
 pub mod variant;
 

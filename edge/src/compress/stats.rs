@@ -25,6 +25,11 @@ pub struct CompressionStats {
     pub decompressed: AtomicU64,
     /// Decodings stopped at the size cap or on corrupt data.
     pub decompress_refused: AtomicU64,
+    /// Compressions not done for want of room in the compression share of memory (identity
+    /// sent).
+    pub skipped_memory: AtomicU64,
+    /// Decodings refused (503) for want of room in the compression share of memory.
+    pub decompress_busy: AtomicU64,
 }
 
 /// A point-in-time copy of [`CompressionStats`].
@@ -39,6 +44,8 @@ pub struct CompressionSnapshot {
     pub precompressed_served: u64,
     pub decompressed: u64,
     pub decompress_refused: u64,
+    pub skipped_memory: u64,
+    pub decompress_busy: u64,
 }
 
 impl CompressionSnapshot {
@@ -61,6 +68,8 @@ impl CompressionStats {
             precompressed_served: get(&self.precompressed_served),
             decompressed: get(&self.decompressed),
             decompress_refused: get(&self.decompress_refused),
+            skipped_memory: get(&self.skipped_memory),
+            decompress_busy: get(&self.decompress_busy),
         }
     }
 

@@ -67,6 +67,8 @@ pub struct EdgeMetrics {
     pub origin_errors: [AtomicU64; 5],
     pub purges: [[AtomicU64; 2]; 4],
     compression: std::sync::OnceLock<Arc<crate::compress::CompressionStats>>,
+    /// The compression share of memory, read at scrape time.
+    compression_memory: std::sync::OnceLock<Arc<crate::cache::coalesce::Budget>>,
     pub started: Instant,
     pub node: String,
     engine: std::sync::OnceLock<Weak<Engine>>,
@@ -148,6 +150,7 @@ impl EdgeMetrics {
             origin_errors: Default::default(),
             purges: Default::default(),
             compression: std::sync::OnceLock::new(),
+            compression_memory: std::sync::OnceLock::new(),
             started: Instant::now(),
             node: node.to_string(),
             engine: std::sync::OnceLock::new(),
@@ -198,6 +201,11 @@ impl EdgeMetrics {
     /// Compression counters live with the compression layer; they are read at scrape time.
     pub fn attach_compression(&self, stats: Arc<crate::compress::CompressionStats>) {
         let _ = self.compression.set(stats);
+    }
+
+    /// The compression share of memory, for its gauge.
+    pub fn attach_compression_memory(&self, budget: Arc<crate::cache::coalesce::Budget>) {
+        let _ = self.compression_memory.set(budget);
     }
 
     /// Gauges about the tiers come from the engine at scrape time.
@@ -674,6 +682,29 @@ impl Collector for EdgeCollector {
                 "outpost_decompressions_refused",
                 "Decodings stopped at the size cap or on corrupt data.",
                 &[(&[], c.decompress_refused)],
+            )?;
+            counter(
+                &mut enc,
+                "outpost_compression_skipped",
+                "Compressions not done, the response sent as identity (memory: the compression share of cache.memory was in use).",
+                &[(&[("reason", "memory")], c.skipped_memory)],
+            )?;
+            counter(
+                &mut enc,
+                "outpost_decompressions_busy",
+                "Decodings refused with 503: the compression share of cache.memory was in use.",
+                &[(&[], c.decompress_busy)],
+            )?;
+        }
+        if let Some(b) = m.compression_memory.get() {
+            gauge(
+                &mut enc,
+                "outpost_compression_memory_bytes",
+                "What compression and decoding jobs hold now (used, by their estimates) and may hold at once (limit: the compression share of cache.memory).",
+                &[
+                    (&[("kind", "used")], b.used() as f64),
+                    (&[("kind", "limit")], b.limit() as f64),
+                ],
             )?;
         }
         if let Some(engine) = m.engine() {

@@ -14,17 +14,19 @@ use http::header::{self, HeaderMap};
 use http::{Method, StatusCode};
 use tracing::debug;
 
+use crate::cache::coalesce::{Budget, Charge};
 use crate::cache::fresh::Codings;
 use crate::cache::key::{Coding, KeyHash};
 use crate::cache::meta::CachedMeta;
 use crate::cache::status::CacheStatus;
 use crate::cache::{Engine, Served, ServedBody};
+use crate::compress::codec::brotli_window;
 use crate::compress::codec::decoder;
 use crate::compress::variant::{
     Encoded, accepts, decoded_headers, encoded, encoded_headers, merge_vary, no_transform,
 };
 use crate::compress::{
-    CompressionConfig, CompressionStats, DecodeError, decode, encode, encode_stream,
+    CompressionConfig, CompressionStats, DecodeError, decode, encode, encode_stream, memory,
 };
 use crate::error::EdgeError;
 
@@ -35,14 +37,30 @@ pub const INLINE_MAX: usize = 16 * 1024;
 /// A streamed variant is stored only up to this encoded size; beyond it the tee is dropped.
 const STREAMED_VARIANT_MAX: u64 = 32 << 20;
 
+/// Whole decodings produce at most this much (or `max_decompressed_size`, when smaller); a
+/// body that decodes to more is decoded again as a stream, so a whole decoding holds little
+/// of the compression share (see [`crate::compress::memory`]).
+const WHOLE_DECODE_MAX: u64 = 2 << 20;
+
 /// The compression phase of one edge (see the module docs).
 pub struct Compressor {
     cfg: CompressionConfig,
+    /// What its jobs may hold at once ([`crate::compress::memory::share`]).
+    memory: Arc<Budget>,
 }
 
 impl Compressor {
-    pub fn new(cfg: CompressionConfig) -> Self {
-        Self { cfg }
+    /// A compressor whose jobs hold at most `memory` bytes at once.
+    pub fn new(cfg: CompressionConfig, memory: u64) -> Self {
+        Self {
+            cfg,
+            memory: Budget::new(memory),
+        }
+    }
+
+    /// What its jobs hold now and may hold at once.
+    pub fn memory(&self) -> &Arc<Budget> {
+        &self.memory
     }
 
     pub fn config(&self) -> &CompressionConfig {
@@ -151,6 +169,21 @@ impl Compressor {
             merge_vary(&mut served.headers);
             return Ok(served);
         }
+        // A conditional request may end as a 304: compress only if the body is sent.
+        let lazy =
+            req.contains_key(header::IF_NONE_MATCH) || req.contains_key(header::IF_MODIFIED_SINCE);
+        let whole = self.whole_len(&served.body, lazy);
+        let level = self.level(coding);
+        let estimate = match whole {
+            Some(n) => memory::encoder_bytes(coding, level, brotli_window(n as usize)) + 2 * n,
+            None => memory::stream_encoder_bytes(coding, level),
+        };
+        let Some(charge) = self.memory.take(estimate) else {
+            // Sent as a node without compression would send it.
+            CompressionStats::add(&self.cfg.stats.skipped_memory, 1);
+            merge_vary(&mut served.headers);
+            return Ok(served);
+        };
         let store = base.map(|(key, meta)| StoreJob {
             engine: engine.clone(),
             key,
@@ -161,11 +194,8 @@ impl Compressor {
             },
             stats: self.cfg.stats.clone(),
         });
-        // A conditional request may end as a 304: compress only if the body is sent.
-        let lazy =
-            req.contains_key(header::IF_NONE_MATCH) || req.contains_key(header::IF_MODIFIED_SINCE);
         let body = std::mem::replace(&mut served.body, ServedBody::Empty);
-        match self.compress_body(body, coding, store, lazy).await {
+        match self.compress_body(body, coding, store, whole, charge).await {
             Ok(body) => {
                 served.headers = encoded_headers(&served.headers, coding);
                 served.body = body;
@@ -178,30 +208,40 @@ impl Compressor {
         }
     }
 
+    /// The length of a body compressed whole (up to `compression.stream_threshold`, and not
+    /// for a conditional request); `None` for one that streams through an encoder.
+    fn whole_len(&self, body: &ServedBody, lazy: bool) -> Option<u64> {
+        let n = match body {
+            ServedBody::Empty => 0,
+            ServedBody::Full(b) => b.len() as u64,
+            ServedBody::Stream { len, .. } => (*len)?,
+        };
+        (!lazy && n <= self.cfg.stream_threshold).then_some(n)
+    }
+
+    /// Compresses `body` whole when `whole` says so, else as a stream; `charge` is the job's
+    /// share of memory, held until the job is done (a stream's, until it is dropped).
     async fn compress_body(
         &self,
         body: ServedBody,
         coding: Coding,
         store: Option<StoreJob>,
-        lazy: bool,
+        whole: Option<u64>,
+        charge: Charge,
     ) -> io::Result<ServedBody> {
-        let threshold = self.cfg.stream_threshold;
-        if lazy {
-            return Ok(self.compress_streaming(body, coding, store));
-        }
+        let Some(n) = whole else {
+            return Ok(self.compress_streaming(body, coding, store, charge));
+        };
         let data = match body {
             ServedBody::Empty => Bytes::new(),
-            ServedBody::Full(b) if b.len() as u64 <= threshold => b,
-            ServedBody::Stream {
-                stream,
-                len: Some(n),
-            } if n <= threshold => collect(stream, threshold).await?,
-            body => return Ok(self.compress_streaming(body, coding, store)),
+            ServedBody::Full(b) => b,
+            ServedBody::Stream { stream, .. } => collect(stream, n).await?,
         };
         let encoded = Bytes::from(self.encode_whole(coding, data).await?);
         if let Some(job) = store {
             job.store(encoded.clone()).await;
         }
+        drop(charge);
         Ok(ServedBody::Full(encoded))
     }
 
@@ -228,6 +268,7 @@ impl Compressor {
         body: ServedBody,
         coding: Coding,
         store: Option<StoreJob>,
+        charge: Charge,
     ) -> ServedBody {
         let input = match body {
             ServedBody::Empty => futures_util::stream::empty().boxed(),
@@ -248,7 +289,9 @@ impl Compressor {
                     job,
                     chunks: Vec::new(),
                     size: 0,
+                    charge: self.memory.take(0).expect("nothing always fits"),
                 }),
+                _charge: charge,
             }
             .boxed(),
             len: None,
@@ -283,46 +326,126 @@ impl Compressor {
         CompressionStats::add(&stats.decompressed, 1);
         let cap = self.cfg.max_decompressed_size;
         let threshold = self.cfg.stream_threshold;
-        let whole = match body {
+        // A small body is decoded whole (a 502 past the cap), a large one as a stream.
+        let input = match body {
             ServedBody::Empty => Ok(Bytes::new()),
             ServedBody::Full(b) if b.len() as u64 <= threshold => Ok(b),
             ServedBody::Stream {
                 stream,
                 len: Some(n),
-            } if n <= threshold => collect(stream, threshold).await,
-            body => {
-                let input = match body {
-                    ServedBody::Full(b) => futures_util::stream::once(async move { Ok(b) }).boxed(),
-                    ServedBody::Stream { stream, .. } => stream,
-                    ServedBody::Empty => futures_util::stream::empty().boxed(),
-                };
-                served.body = ServedBody::Stream {
-                    stream: decoder(coding, input, cap, Some(stats.clone())),
-                    len: None,
-                };
-                return Ok(served);
-            }
+            } if n <= threshold => match collect(stream, threshold).await {
+                Ok(data) => Ok(data),
+                Err(e) => return Err(self.refused(coding, DecodeError::Corrupt(e))),
+            },
+            ServedBody::Full(b) => Err(futures_util::stream::once(async move { Ok(b) }).boxed()),
+            ServedBody::Stream { stream, .. } => Err(stream),
         };
-        let decoded = match whole {
-            Ok(data) => tokio::task::spawn_blocking(move || decode(coding, &data, cap))
-                .await
-                .unwrap_or_else(|e| Err(DecodeError::Corrupt(io::Error::other(e)))),
-            Err(e) => Err(DecodeError::Corrupt(e)),
-        };
-        match decoded {
+        let (window, input) = match input {
             Ok(data) => {
-                served.body = ServedBody::Full(Bytes::from(data));
-                Ok(served)
+                let window = window_bits(coding, &data);
+                match self.decode_whole(coding, &data, window).await {
+                    Some(Ok(out)) => {
+                        served.body = ServedBody::Full(Bytes::from(out));
+                        return Ok(served);
+                    }
+                    Some(Err(e)) => return Err(self.refused(coding, e)),
+                    // No room to decode it whole, or more than a whole decoding produces:
+                    // decoded again, as a stream.
+                    None => (
+                        window,
+                        futures_util::stream::once(async move { Ok(data) }).boxed(),
+                    ),
+                }
             }
-            Err(e) => {
-                CompressionStats::add(&stats.decompress_refused, 1);
-                debug!(coding = coding.as_str(), error = %e, "refused to decode an origin-encoded body");
-                Err(EdgeError::Undecodable {
-                    coding: coding.as_str(),
-                    reason: e.to_string(),
+            Err(stream) => peek_window(coding, stream).await,
+        };
+        let Some(charge) = self.memory.take(memory::decoder_bytes(coding, window)) else {
+            CompressionStats::add(&stats.decompress_busy, 1);
+            return Err(EdgeError::DecodeBusy {
+                coding: coding.as_str(),
+            });
+        };
+        let decoded = decoder(coding, input, cap, Some(stats.clone()));
+        // The charge goes with the stream.
+        served.body = ServedBody::Stream {
+            stream: decoded
+                .map(move |chunk| {
+                    let _held = &charge;
+                    chunk
                 })
-            }
+                .boxed(),
+            len: None,
+        };
+        Ok(served)
+    }
+
+    /// Decodes `data` whole, up to the cap or [`WHOLE_DECODE_MAX`], whichever is smaller,
+    /// within the compression share. `None` when it does not fit the share now, or decodes
+    /// to more than `WHOLE_DECODE_MAX` but the cap allows more: then it is decoded as a
+    /// stream.
+    async fn decode_whole(
+        &self,
+        coding: Coding,
+        data: &Bytes,
+        window: Option<u32>,
+    ) -> Option<Result<Vec<u8>, DecodeError>> {
+        let cap = self.cfg.max_decompressed_size;
+        let limit = cap.min(WHOLE_DECODE_MAX);
+        // The output grows by doubling: twice the limit at most.
+        let estimate = memory::decoder_bytes(coding, window) + 2 * limit + data.len() as u64;
+        let _charge = self.memory.take(estimate)?;
+        let input = data.clone();
+        let decoded = tokio::task::spawn_blocking(move || decode(coding, &input, limit))
+            .await
+            .unwrap_or_else(|e| Err(DecodeError::Corrupt(io::Error::other(e))));
+        match decoded {
+            Err(DecodeError::TooLarge(_)) if limit < cap => None,
+            other => Some(other),
         }
+    }
+
+    /// Counts and logs a decoding refused (past the cap, or corrupt) and names it for the
+    /// client.
+    fn refused(&self, coding: Coding, e: DecodeError) -> EdgeError {
+        CompressionStats::add(&self.cfg.stats.decompress_refused, 1);
+        debug!(coding = coding.as_str(), error = %e, "refused to decode an origin-encoded body");
+        EdgeError::Undecodable {
+            coding: coding.as_str(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// The brotli window `data` declares; `None` for gzip (its window is fixed) or when unknown.
+fn window_bits(coding: Coding, data: &[u8]) -> Option<u32> {
+    match coding {
+        Coding::Br => memory::brotli_window_bits(data),
+        _ => None,
+    }
+}
+
+/// A brotli stream's window, read from its first chunk (put back in front); `None` for gzip,
+/// or a stream that does not say.
+async fn peek_window(
+    coding: Coding,
+    mut stream: BoxStream<'static, io::Result<Bytes>>,
+) -> (Option<u32>, BoxStream<'static, io::Result<Bytes>>) {
+    if coding != Coding::Br {
+        return (None, stream);
+    }
+    match stream.next().await {
+        Some(Ok(first)) => (
+            window_bits(coding, &first),
+            futures_util::stream::once(async move { Ok(first) })
+                .chain(stream)
+                .boxed(),
+        ),
+        // An error is the decoder's to report, in its place.
+        Some(Err(e)) => (
+            None,
+            futures_util::stream::once(async move { Err(e) }).boxed(),
+        ),
+        None => (None, futures_util::stream::empty().boxed()),
     }
 }
 
@@ -374,6 +497,8 @@ struct Tee {
     job: StoreJob,
     chunks: Vec<Bytes>,
     size: u64,
+    /// The chunks' share of memory: a tee that does not fit is dropped.
+    charge: Charge,
 }
 
 /// A streaming encoder's output: counts the compression (on first poll, so a body that is
@@ -384,6 +509,8 @@ struct Metered {
     coding: Coding,
     started: bool,
     tee: Option<Tee>,
+    /// The encoder's share of memory, until the stream is dropped.
+    _charge: Charge,
 }
 
 impl Stream for Metered {
@@ -400,7 +527,7 @@ impl Stream for Metered {
                 CompressionStats::add(&this.stats.bytes_out, chunk.len() as u64);
                 if let Some(tee) = &mut this.tee {
                     tee.size += chunk.len() as u64;
-                    if tee.size > STREAMED_VARIANT_MAX {
+                    if tee.size > STREAMED_VARIANT_MAX || !tee.charge.grow(chunk.len() as u64) {
                         this.tee = None;
                     } else {
                         tee.chunks.push(chunk.clone());
@@ -461,17 +588,8 @@ mod tests {
         }
     }
 
-    /// The window (`WBITS`) a brotli stream declares in its first bits (RFC 7932 §9.1).
     fn brotli_wbits(stream: &[u8]) -> u32 {
-        let bits = u32::from(stream[0]) | u32::from(stream[1]) << 8;
-        if bits & 1 == 0 {
-            return 16;
-        }
-        match ((bits >> 1) & 7, (bits >> 4) & 7) {
-            (0, 0) => 17,
-            (0, m) => 8 + m,
-            (n, _) => 17 + n,
-        }
+        memory::brotli_window_bits(stream).expect("a window")
     }
 
     /// brotli's window fits the body, up to 512 KiB: its default (4 MiB) cost ~9 MiB of
@@ -585,7 +703,7 @@ mod tests {
 
     #[test]
     fn compressible_decisions() {
-        let c = Compressor::new(CompressionConfig::default());
+        let c = Compressor::new(CompressionConfig::default(), 16 << 20);
         let headers = |ct: &str, cc: Option<&str>| {
             let mut h = HeaderMap::new();
             h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());

@@ -850,6 +850,7 @@ mod tests {
             Route::default(),
             EdgeMetrics::new("test"),
             CompressionConfig::default(),
+            16 << 20,
         ));
         Setup {
             proxy,

@@ -153,8 +153,11 @@ impl Proxy {
         route: Route,
         metrics: Arc<crate::observe::metrics::EdgeMetrics>,
         compression: crate::compress::CompressionConfig,
+        compression_memory: u64,
     ) -> Self {
         metrics.attach_engine(&engine);
+        let compression = compress::Compressor::new(compression, compression_memory);
+        metrics.attach_compression_memory(compression.memory().clone());
         Self {
             operator: std::sync::OnceLock::new(),
             metrics,
@@ -162,7 +165,7 @@ impl Proxy {
             upstream,
             id,
             settings: arc_swap::ArcSwap::from_pointee(RouteSettings::of(route)),
-            compression: compress::Compressor::new(compression),
+            compression,
             access: std::sync::OnceLock::new(),
             live: Arc::default(),
         }
