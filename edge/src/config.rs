@@ -648,8 +648,17 @@ impl EdgeConfig {
             &raw.limits.origin_breaker_cooldown,
             2,
         );
-        let idle_timeout = dur(&mut d, "limits.idle_timeout", &raw.limits.idle_timeout, 60);
-        let send_timeout = dur(&mut d, "limits.send_timeout", &raw.limits.send_timeout, 60);
+        // 0 would close every connection at once (idle) or drop every response (send).
+        let mut positive =
+            |field: &str, s: &Option<Setting<RawDuration>>| match (dur(&mut d, field, s, 60), s) {
+                (Some(t), Some(s)) if t.is_zero() => {
+                    d.error(field, s, "must be greater than zero");
+                    None
+                }
+                (t, _) => t,
+            };
+        let idle_timeout = positive("limits.idle_timeout", &raw.limits.idle_timeout);
+        let send_timeout = positive("limits.send_timeout", &raw.limits.send_timeout);
         let max_uri_size = size(
             &mut d,
             "limits.max_uri_size",
@@ -1766,6 +1775,18 @@ mod tests {
         assert_eq!(gzip.and_then(|x| x.line), Some(4), "{e}");
         let e = load(&format!("{base}[compression]\nlevel = 3\n")).unwrap_err();
         assert!(e.to_string().contains("level"), "{e}");
+    }
+
+    #[test]
+    fn idle_and_send_timeouts_must_be_positive() {
+        let e = load(
+            "listen = \"127.0.0.1:1\"\norigin = \"http://a:1\"\n[limits]\nidle_timeout = 0\nsend_timeout = \"0s\"\n",
+        )
+        .unwrap_err();
+        for f in ["limits.idle_timeout", "limits.send_timeout"] {
+            assert!(e.mentions(f), "{f} missing from {e}");
+        }
+        assert!(e.to_string().contains("greater than zero"), "{e}");
     }
 
     #[test]

@@ -7,20 +7,28 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// One connection's activity, for its idle timeout: a count that moves with progress (each
-/// request started, and whatever else a role counts, see [`Activity::touch`]) and the requests
-/// in flight. Written by the connection's own requests; relaxed atomics on a line no other
-/// connection touches.
+/// Slots of the ring of waits by send tick (see [`Activity::next_send_tick`]): the four ticks
+/// of a send timeout, the one it expires in, and the current one.
+const WAIT_SLOTS: usize = 6;
+
+/// One connection's activity, for its idle and send timeouts: a count that moves with progress
+/// (each request started, and whatever else a role counts, see [`Activity::touch`]), the
+/// requests in flight and response bodies open, and what waits on the client to take bytes,
+/// by the send tick each wait began in. Written by the connection's own requests; relaxed
+/// atomics on lines no other connection touches.
 #[derive(Debug, Default)]
 pub struct Activity {
     /// Moves with every request started and every [`Activity::touch`].
     progress: AtomicU64,
-    /// Requests whose response is not ready yet.
+    /// Requests whose response is not ready yet, and response bodies not dropped yet
+    /// ([`crate::Sending`]).
     in_flight: AtomicU32,
-    /// What waits on the client to take bytes: response bodies with a chunk handed out and not
-    /// asked for the next ([`crate::Sending`]), and a write the socket did not take
-    /// ([`crate::Metered`]).
-    waiting: AtomicU32,
+    /// What waits on the client to take bytes, by the send tick it began in (a ring indexed by
+    /// tick): response bodies with a chunk handed out and not asked for the next
+    /// ([`crate::Sending`]), and a write the socket did not take ([`crate::Metered`]).
+    waits: [AtomicU32; WAIT_SLOTS],
+    /// The send clock's ticks so far ([`Activity::next_send_tick`]).
+    tick: AtomicU32,
 }
 
 impl Activity {
@@ -44,37 +52,58 @@ impl Activity {
         self.progress.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Something now waits on the client to take bytes (see [`Activity::took`]).
+    /// A response body opened: busy until [`Activity::closed`].
     #[inline]
-    pub(crate) fn wait(&self) {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn opened(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The client took bytes something waited on: progress, and that wait is over.
+    /// A response body ended or was dropped: progress.
     #[inline]
-    pub(crate) fn took(&self) {
+    pub(crate) fn closed(&self) {
         self.progress.fetch_add(1, Ordering::Relaxed);
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// The progress count so far, and whether the connection is busy (a request in flight, or
-    /// bytes waiting on the client): what the idle [`Quiet`] samples.
+    /// Something now waits on the client to take bytes; the returned slot is for
+    /// [`Activity::took`].
+    #[inline]
+    pub(crate) fn wait(&self) -> u8 {
+        let slot = self.tick.load(Ordering::Relaxed) as usize % WAIT_SLOTS;
+        self.waits[slot].fetch_add(1, Ordering::Relaxed);
+        slot as u8
+    }
+
+    /// The client took bytes something waited on since `slot`'s tick: progress, and that wait
+    /// is over.
+    #[inline]
+    pub(crate) fn took(&self, slot: u8) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+        self.waits[usize::from(slot)].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Waits on the client now, however old.
+    pub(crate) fn waiting(&self) -> u32 {
+        self.waits.iter().map(|w| w.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Starts the send clock's next tick (a quarter of the send timeout after the last). True
+    /// when something has waited on the client since five ticks ago, that is for between one
+    /// and one and a quarter send timeouts: the client took nothing of it, whatever else moved
+    /// on the connection (other HTTP/2 streams, new requests, PINGs).
+    pub(crate) fn next_send_tick(&self) -> bool {
+        let now = self.tick.fetch_add(1, Ordering::Relaxed).wrapping_add(1) as usize;
+        // The slot of the tick five before this one, which the next tick reuses.
+        self.waits[(now + 1) % WAIT_SLOTS].load(Ordering::Relaxed) > 0
+    }
+
+    /// The progress count so far, and whether the connection is busy (a request in flight, a
+    /// response body open, or bytes waiting on the client): what the idle [`Quiet`] samples.
     #[inline]
     pub fn snapshot(&self) -> (u64, bool) {
         (
             self.progress.load(Ordering::Relaxed),
-            self.in_flight.load(Ordering::Relaxed) > 0 || self.waiting.load(Ordering::Relaxed) > 0,
-        )
-    }
-
-    /// The progress count so far, and whether nothing waits on the client: what the send
-    /// timeout's [`Quiet`] samples, so it expires once bytes have waited on the client for a
-    /// whole timeout with no progress.
-    #[inline]
-    pub fn send_snapshot(&self) -> (u64, bool) {
-        (
-            self.progress.load(Ordering::Relaxed),
-            self.waiting.load(Ordering::Relaxed) == 0,
+            self.in_flight.load(Ordering::Relaxed) > 0 || self.waiting() > 0,
         )
     }
 }
@@ -198,6 +227,33 @@ mod tests {
         second.activity().touch();
         drop(second);
         assert_eq!(a.snapshot(), (4, false));
+    }
+
+    #[test]
+    fn a_wait_is_stalled_five_send_ticks_after_it_began_whatever_else_moves() {
+        let a = Activity::default();
+        let old = a.wait();
+        let mut fresh = a.wait();
+        for tick in 1..=4 {
+            assert!(!a.next_send_tick(), "tick {tick}");
+            // Another stream keeps taking chunks: progress, new waits.
+            a.took(fresh);
+            fresh = a.wait();
+            a.touch();
+        }
+        assert!(a.next_send_tick(), "the old wait is stalled");
+        // Taken in time, it would not have been.
+        let b = Activity::default();
+        let w = b.wait();
+        for _ in 1..=4 {
+            assert!(!b.next_send_tick());
+        }
+        b.took(w);
+        for _ in 0..12 {
+            assert!(!b.next_send_tick());
+        }
+        assert_eq!(b.waiting(), 0);
+        let _ = old;
     }
 
     #[tokio::test]

@@ -57,7 +57,9 @@ pub fn serve_socket(tcp: &tokio::net::TcpStream) {
 }
 
 /// A response body whose chunks wait on the client from the moment they are handed out until
-/// the next is asked for (see the module docs).
+/// the next is asked for (see the module docs). While it lives, its connection is busy: the
+/// idle timeout does not run under a response that waits on its upstream, the send timeout
+/// does under one that waits on its client.
 pub struct Sending<B> {
     body: B,
     activity: Arc<Activity>,
@@ -65,13 +67,14 @@ pub struct Sending<B> {
     rest: Bytes,
     /// The largest chunk handed out at once.
     slice: usize,
-    /// A chunk is out and the next has not been asked for.
-    handed: bool,
+    /// A chunk is out and the next has not been asked for: the wait's slot.
+    handed: Option<u8>,
 }
 
 impl<B> Sending<B> {
     /// `body`, the response to a request of `version`: sliced over HTTP/2.
     pub fn new(body: B, activity: Arc<Activity>, version: http::Version) -> Self {
+        activity.opened();
         Self {
             body,
             activity,
@@ -81,7 +84,7 @@ impl<B> Sending<B> {
             } else {
                 usize::MAX
             },
-            handed: false,
+            handed: None,
         }
     }
 }
@@ -89,9 +92,10 @@ impl<B> Sending<B> {
 impl<B> Drop for Sending<B> {
     fn drop(&mut self) {
         // The response ended (or was cut): its last chunk waits no more.
-        if self.handed {
-            self.activity.took();
+        if let Some(slot) = self.handed.take() {
+            self.activity.took(slot);
         }
+        self.activity.closed();
     }
 }
 
@@ -104,9 +108,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Sending<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
-        if this.handed {
-            this.handed = false;
-            this.activity.took();
+        if let Some(slot) = this.handed.take() {
+            this.activity.took(slot);
         }
         let frame = if this.rest.is_empty() {
             match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
@@ -125,8 +128,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Sending<B> {
             let n = this.rest.len().min(this.slice);
             Frame::data(this.rest.split_to(n))
         };
-        this.handed = true;
-        this.activity.wait();
+        this.handed = Some(this.activity.wait());
         Poll::Ready(Some(Ok(frame)))
     }
 
@@ -151,7 +153,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Sending<B> {
 pub struct Metered<S> {
     io: S,
     activity: Arc<Activity>,
-    blocked: bool,
+    /// A write or flush was not taken: the wait's slot.
+    blocked: Option<u8>,
 }
 
 impl<S> Metered<S> {
@@ -159,7 +162,7 @@ impl<S> Metered<S> {
         Self {
             io,
             activity,
-            blocked: false,
+            blocked: None,
         }
     }
 
@@ -169,13 +172,10 @@ impl<S> Metered<S> {
 
     fn track<T>(&mut self, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match (&r, self.blocked) {
-            (Poll::Pending, false) => {
-                self.blocked = true;
-                self.activity.wait();
-            }
-            (Poll::Ready(_), true) => {
-                self.blocked = false;
-                self.activity.took();
+            (Poll::Pending, None) => self.blocked = Some(self.activity.wait()),
+            (Poll::Ready(_), Some(slot)) => {
+                self.blocked = None;
+                self.activity.took(slot);
             }
             _ => {}
         }
@@ -185,8 +185,8 @@ impl<S> Metered<S> {
 
 impl<S> Drop for Metered<S> {
     fn drop(&mut self) {
-        if self.blocked {
-            self.activity.took();
+        if let Some(slot) = self.blocked.take() {
+            self.activity.took(slot);
         }
     }
 }
@@ -256,9 +256,8 @@ mod tests {
         let mut sizes = Vec::new();
         while let Some(frame) = sending.frame().await {
             let data = frame.expect("frame").into_data().expect("data");
-            // The chunk now waits on the client: busy for the idle clock, stalled for the send
-            // clock until the next is asked for.
-            assert!(!activity.send_snapshot().1);
+            // The chunk now waits on the client until the next is asked for.
+            assert_eq!(activity.waiting(), 1);
             assert!(activity.snapshot().1);
             sizes.push(data.len());
             got.extend_from_slice(&data);
@@ -270,10 +269,12 @@ mod tests {
         assert_eq!(sizes, [SLICE, SLICE, 100]);
         assert_eq!(got, body);
         assert!(sending.is_end_stream());
-        // Asked for more after the last: nothing waits, and each ask was progress.
-        assert_eq!(activity.send_snapshot(), (3, true));
+        // Asked for more after the last: nothing waits, and each ask was progress; the body
+        // keeps its connection busy until it is dropped.
+        assert_eq!(activity.waiting(), 0);
+        assert_eq!(activity.snapshot(), (3, true));
         drop(sending);
-        assert_eq!(activity.send_snapshot(), (3, true));
+        assert_eq!(activity.snapshot(), (4, false));
     }
 
     #[tokio::test]
@@ -292,10 +293,10 @@ mod tests {
         let full = Full::new(Bytes::from_static(b"x"));
         let mut sending = Sending::new(full, activity.clone(), http::Version::HTTP_11);
         sending.frame().await.expect("frame").expect("ok");
-        assert!(!activity.send_snapshot().1);
+        assert_eq!(activity.waiting(), 1);
         drop(sending);
-        assert_eq!(activity.send_snapshot(), (1, true));
-        assert!(!activity.snapshot().1);
+        assert_eq!(activity.waiting(), 0);
+        assert_eq!(activity.snapshot(), (2, false));
     }
 
     #[tokio::test]
@@ -305,18 +306,18 @@ mod tests {
         let (client, server) = tokio::io::duplex(16);
         let mut io = Metered::new(server, activity.clone());
         io.write_all(&[1; 16]).await.expect("fits");
-        assert_eq!(activity.send_snapshot(), (0, true));
+        assert_eq!(activity.waiting(), 0);
         // The pipe is full: this write waits on the client.
         let pending = futures_poll_once(io.write(&[2; 8])).await;
         assert!(pending.is_none());
-        assert_eq!(activity.send_snapshot(), (0, false));
+        assert_eq!(activity.snapshot(), (0, true));
         let mut client = client;
         let mut buf = [0; 16];
         tokio::io::AsyncReadExt::read_exact(&mut client, &mut buf)
             .await
             .expect("read");
         io.write_all(&[2; 8]).await.expect("taken");
-        assert_eq!(activity.send_snapshot(), (1, true));
+        assert_eq!(activity.snapshot(), (1, false));
     }
 
     /// Polls `f` once: its output if ready.

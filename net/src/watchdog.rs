@@ -31,8 +31,10 @@ pub struct Timeouts {
 pub enum Verdict {
     /// Idle: shut the connection down gracefully (it has [`SHUTDOWN_GRACE`] to end).
     Idle,
-    /// Drop the connection now: the client took nothing for the send timeout while bytes
-    /// waited on it.
+    /// Drop the connection now: something (a response's chunk, a write) has waited on the
+    /// client for the send timeout. Over HTTP/2 that drops the connection's other streams too:
+    /// hyper does not ask a stream's body for more while its window is shut, so a stalled
+    /// stream cannot be told from a stream with nothing to send, and cannot be reset alone.
     Stalled,
     /// Drop the connection now: it did not end within the grace of an idle shutdown.
     Lingered,
@@ -62,12 +64,14 @@ impl Closes {
     }
 }
 
-/// A connection's idle and send clocks (two [`Quiet`] tickers over its [`Activity`]), and the
-/// grace of an idle shutdown. Polled from the connection's own task, so it reads no clock per
-/// request.
+/// A connection's idle clock (a [`Quiet`] over its [`Activity`]), its send clock (a ticker, a
+/// quarter of the send timeout, that ages what waits on the client: see
+/// [`Activity::next_send_tick`]), and the grace of an idle shutdown. Polled from the
+/// connection's own task, so it reads no clock per request.
 pub struct Watchdog {
     idle: Quiet,
-    send: Quiet,
+    send_step: Duration,
+    send_tick: Pin<Box<tokio::time::Sleep>>,
     grace: Duration,
     /// Set at an idle shutdown: the connection must have ended by then.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -76,9 +80,11 @@ pub struct Watchdog {
 
 impl Watchdog {
     pub fn new(t: Timeouts) -> Self {
+        let send_step = (t.send / 4).max(Duration::from_millis(1));
         Self {
             idle: Quiet::new(t.idle),
-            send: Quiet::new(t.send),
+            send_step,
+            send_tick: Box::pin(tokio::time::sleep(send_step)),
             grace: t.idle.min(SHUTDOWN_GRACE),
             deadline: None,
             closes: None,
@@ -104,12 +110,12 @@ impl Watchdog {
     }
 
     fn decide(&mut self, cx: &mut Context<'_>, activity: &Activity) -> Poll<Verdict> {
-        if self
-            .send
-            .poll_expired(cx, || activity.send_snapshot())
-            .is_ready()
-        {
-            return Poll::Ready(Verdict::Stalled);
+        while self.send_tick.as_mut().poll(cx).is_ready() {
+            if activity.next_send_tick() {
+                return Poll::Ready(Verdict::Stalled);
+            }
+            let next = tokio::time::Instant::now() + self.send_step;
+            self.send_tick.as_mut().reset(next);
         }
         if self.deadline.is_none() {
             if self

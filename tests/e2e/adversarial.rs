@@ -1126,6 +1126,79 @@ async fn a_steady_slow_reader_is_seen_within_a_short_send_timeout() {
     }
 }
 
+/// A response waiting on its origin is not idle: an origin that pauses for longer than the
+/// idle timeout and its grace (but within the upstream body timeout) costs a client that reads
+/// at full speed nothing (before, the idle shutdown's grace cut it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_waiting_on_its_origin_is_not_idle() {
+    let origin = TestOrigin::start().await;
+    let body: Vec<u8> = (0..128 << 10).map(|i| (i % 251) as u8).collect();
+    origin.route(
+        "/paused",
+        Reply::ok(body.clone())
+            .header("cache-control", "max-age=300")
+            .slow_body(64 << 10, Duration::from_secs(3)),
+    );
+    let edge = start_edge(origin.addr(), "", |c| {
+        c.idle_timeout = Duration::from_secs(1);
+        c.send_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let r = get(&edge.url("/paused"), &[("host", HOST)]).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body == body,
+        "cut at {} of {} bytes",
+        r.body.len(),
+        body.len()
+    );
+}
+
+/// HTTP/2: one stream stalled on flow control is dropped after the send timeout although the
+/// client keeps the connection busy with other requests, which it reads (before, any progress
+/// on the connection reset the send clock, so the stalled stream was held for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_stalled_among_busy_ones_is_dropped() {
+    let second = Duration::from_secs(1);
+    let (origin, edge, _) = big_object_edge(1 << 20, second, Duration::from_secs(30), |_| {}).await;
+    origin.route("/c", cacheable("canary"));
+    // Fill the memory tier.
+    assert_eq!(get(&edge.url("/big"), &[("host", HOST)]).await.status, 200);
+    let tcp = TcpStream::connect(edge.addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .initial_stream_window_size(16 << 10)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    let conn_task = tokio::spawn(conn);
+    let get_on = |path: &str| {
+        http::Request::get(format!("http://{HOST}{path}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("request")
+    };
+    // Never read: its window shuts after 16 KiB.
+    let stalled = sender.send_request(get_on("/big")).await.expect("response");
+    assert_eq!(stalled.status(), 200);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut served = 0;
+    while !conn_task.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled stream's connection was kept ({served} other requests served)"
+        );
+        if let Ok(r) = sender.send_request(get_on("/c")).await {
+            let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+            served += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(served >= 3, "only {served} requests before the drop");
+    assert!(closed_count(&edge, "data", "send_timeout").await >= 1);
+    drop(stalled);
+}
+
 /// Item 6, the process side: the `outpost` binary runs without transparent huge pages unless
 /// the operator allows them (`MIMALLOC_ALLOW_THP`). mimalloc advises huge pages on its arenas,
 /// and a 2 MiB page goes back to the kernel only when all of it is free; with the memory tier

@@ -498,9 +498,14 @@ async fn disk_admissions_count_every_storable_response() {
         0.0
     );
     // The disk index's memory: three small objects' entries and the share set aside for its
-    // journal, within its share of the default `--memory` (256 MiB: a quarter).
-    let limit = 64.0 * 1024.0 * 1024.0;
-    let journal = (64 << 20) - outpost_edge::cache::disk::entries_budget(64 << 20);
+    // journal, within its share of the cache's part of the default `--memory` (256 MiB, less
+    // compression's 16 MiB: a quarter, 60 MiB).
+    let index = outpost_edge::cache::disk::index_budget(
+        outpost_edge::compress::memory::engine_memory(256 << 20),
+    );
+    assert_eq!(index, 60 << 20);
+    let limit = index as f64;
+    let journal = index - outpost_edge::cache::disk::entries_budget(index);
     let used = 3.0 * outpost_edge::cache::disk::INDEX_ENTRY_BYTES as f64 + journal as f64;
     assert_eq!(
         number(&m, "outpost_disk_index_memory_bytes", &[("kind", "limit")]),
