@@ -27,7 +27,8 @@ pub struct Activity {
     /// tick): response bodies with a chunk handed out and not asked for the next
     /// ([`crate::Sending`]), and a write the socket did not take ([`crate::Metered`]).
     waits: [AtomicU32; WAIT_SLOTS],
-    /// The send clock's ticks so far ([`Activity::next_send_tick`]).
+    /// The send clock's current tick, modulo the ring's size ([`Activity::next_send_tick`]);
+    /// only the connection's watchdog moves it.
     tick: AtomicU32,
 }
 
@@ -92,7 +93,8 @@ impl Activity {
     /// and one and a quarter send timeouts: the client took nothing of it, whatever else moved
     /// on the connection (other HTTP/2 streams, new requests, PINGs).
     pub(crate) fn next_send_tick(&self) -> bool {
-        let now = self.tick.fetch_add(1, Ordering::Relaxed).wrapping_add(1) as usize;
+        let now = (self.tick.load(Ordering::Relaxed) as usize + 1) % WAIT_SLOTS;
+        self.tick.store(now as u32, Ordering::Relaxed);
         // The slot of the tick five before this one, which the next tick reuses.
         self.waits[(now + 1) % WAIT_SLOTS].load(Ordering::Relaxed) > 0
     }

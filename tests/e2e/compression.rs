@@ -134,7 +134,8 @@ const BOMB_LEN: usize = 32 << 20;
 /// - `/chunked.txt`: 64 KiB without Content-Length; `/large.txt`: the same with one
 /// - `/noise.txt`: 4 MiB of random letters, above the stream threshold, so it streams through
 ///   an encoder, and its encoded form is nearly as large (it does not fit socket buffers)
-/// - `/wide-br.txt`: 64 KiB sent br encoded with brotli's largest window (16 MiB)
+/// - `/wide-br.txt`: 64 KiB sent br encoded with brotli's largest window (16 MiB);
+///   `/large-window-br.txt`: the same with the large-window extension (not a br coding)
 async fn tiny_origin() -> (SocketAddr, oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().unwrap();
@@ -195,11 +196,12 @@ fn tiny_response(path: &str, bomb: &Bytes) -> Response<TinyBody> {
         }
         "/large.txt" => full(text(64 << 10)),
         "/noise.txt" => full(noise(4 << 20)),
-        "/wide-br.txt" => {
+        "/wide-br.txt" | "/large-window-br.txt" => {
             encoding = Some("br");
             let params = brotli::enc::BrotliEncoderParams {
                 quality: 5,
                 lgwin: 24,
+                large_window: path == "/large-window-br.txt",
                 ..Default::default()
             };
             let mut out = Vec::new();
@@ -732,44 +734,36 @@ async fn variants_live_on_disk_and_a_purge_removes_every_variant() {
     assert_eq!(edge.stats().compressions(), 2);
 }
 
-/// Compression holds at most its share of `cache.memory` (16 MiB at the default 256 MiB): a
-/// brotli stream's encoder (~10 MiB, estimated) is held while its client does not read, so a
-/// second client asking for a brotli stream then gets identity, counted; once the first
-/// client goes, brotli again. Before the share, every client got an encoder of its own.
-#[tokio::test]
-async fn compression_holds_at_most_its_share_of_memory() {
+/// A client that asks for `/noise.txt` in brotli and reads nothing: its response's encoder
+/// (~10 MiB, estimated) is held until it goes. Returns once the encoder has started.
+async fn stalled_brotli_client(edge: &Edge, started: u64) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
-    let (origin, _o) = tiny_origin().await;
-    let edge = Edge::start(origin, "").await;
-    let c = client();
-    let want = noise(4 << 20);
-    let stalled_get = || async {
-        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-        sock.set_recv_buffer_size(4096).expect("rcvbuf");
-        let mut tcp = sock.connect(edge.addr).await.expect("connect");
-        tcp.write_all(b"GET /noise.txt HTTP/1.1\r\nhost: t\r\naccept-encoding: br\r\n\r\n")
-            .await
-            .expect("write");
-        tcp
-    };
-    let stalled = stalled_get().await;
-    edge.wait_for("the stalled client's encoder", |s| s.compressed_br == 1)
-        .await;
-    let got = get(&c, &edge.url("/noise.txt"), Some("br")).await;
-    assert_eq!(got.status, StatusCode::OK);
-    assert_eq!(got.coding(), None, "no room for a second brotli stream");
-    assert!(varies_on_accept_encoding(&got.headers));
-    assert_eq!(got.body.as_ref(), want.as_slice());
-    let s = edge.stats();
-    assert_eq!((s.compressed_br, s.skipped_memory), (1, 1), "{s:?}");
-    // Its client gone, the stream's encoder is dropped and its share given back.
-    drop(stalled);
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut tcp = sock.connect(edge.addr).await.expect("connect");
+    tcp.write_all(b"GET /noise.txt HTTP/1.1\r\nhost: t\r\naccept-encoding: br\r\n\r\n")
+        .await
+        .expect("write");
+    edge.wait_for("the stalled client's encoder", |s| {
+        s.compressed_br == started + 1
+    })
+    .await;
+    tcp
+}
+
+/// Retries `path` until its answer passes `done` (the share came back), or fails the test.
+async fn eventually_got(
+    edge: &Edge,
+    c: &reqwest::Client,
+    path: &str,
+    ae: Option<&str>,
+    done: impl Fn(&Got) -> bool,
+) -> Got {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let got = get(&c, &edge.url("/noise.txt"), Some("br")).await;
-        if got.coding() == Some("br") {
-            assert_eq!(got.decoded(), want);
-            break;
+        let got = get(c, &edge.url(path), ae).await;
+        if done(&got) {
+            return got;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -780,14 +774,51 @@ async fn compression_holds_at_most_its_share_of_memory() {
     }
 }
 
-/// A decoding that cannot fit the share gets 503 with a message that says why (a brotli
-/// body declaring a 16 MiB window, for a client that does not take br, where the share is 16
-/// MiB); a client that takes br gets the origin's bytes.
+/// Compression holds at most its share of `cache.memory` (16 MiB at the default 256 MiB): a
+/// brotli stream's encoder is held while its client does not read, so a second client asking
+/// for a brotli stream then gets gzip if it takes it (its encoder is a tenth of brotli's), else
+/// identity, counted; once the first client goes, brotli again. Before the share, every client
+/// got an encoder of its own.
+#[tokio::test]
+async fn compression_holds_at_most_its_share_of_memory() {
+    let (origin, _o) = tiny_origin().await;
+    let edge = Edge::start(origin, "").await;
+    let c = client();
+    let want = noise(4 << 20);
+    let stalled = stalled_brotli_client(&edge, 0).await;
+    let got = get(&c, &edge.url("/noise.txt"), Some("br")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.coding(), None, "no room for a second brotli stream");
+    assert!(varies_on_accept_encoding(&got.headers));
+    assert_eq!(got.body.as_ref(), want.as_slice());
+    let s = edge.stats();
+    assert_eq!((s.compressed_br, s.skipped_memory), (1, 1), "{s:?}");
+    let got = get(&c, &edge.url("/noise.txt"), Some("br, gzip")).await;
+    assert_eq!(
+        got.coding(),
+        Some("gzip"),
+        "gzip fits where brotli does not"
+    );
+    assert_eq!(got.decoded(), want);
+    // Its client gone, the stream's encoder is dropped and its share given back.
+    drop(stalled);
+    let got = eventually_got(&edge, &c, "/noise.txt", Some("br"), |g| {
+        g.coding() == Some("br")
+    })
+    .await;
+    assert_eq!(got.decoded(), want);
+}
+
+/// A decoding that does not fit what is left of the share gets 503 with a message that says
+/// why, and is decoded once there is room: a brotli body declaring brotli's largest window (16
+/// MiB, more than the whole share: it runs alone) for a client that does not take br, while a
+/// stalled client holds a brotli stream. A large-window brotli body is not a br coding: 502.
 #[tokio::test]
 async fn a_decoding_that_does_not_fit_the_share_gets_503() {
     let (origin, _o) = tiny_origin().await;
     let edge = Edge::start(origin, "").await;
     let c = client();
+    let stalled = stalled_brotli_client(&edge, 0).await;
     let got = get(&c, &edge.url("/wide-br.txt"), Some("gzip")).await;
     assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
     let body = String::from_utf8_lossy(&got.body);
@@ -797,4 +828,15 @@ async fn a_decoding_that_does_not_fit_the_share_gets_503() {
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.coding(), Some("br"));
     assert_eq!(got.decoded(), text(64 << 10));
+    drop(stalled);
+    let got = eventually_got(&edge, &c, "/wide-br.txt", Some("gzip"), |g| {
+        g.status == StatusCode::OK
+    })
+    .await;
+    assert_eq!(got.coding(), None);
+    assert_eq!(got.body.as_ref(), text(64 << 10).as_slice());
+    let got = get(&c, &edge.url("/large-window-br.txt"), Some("gzip")).await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    let body = String::from_utf8_lossy(&got.body);
+    assert!(body.contains("large-window"), "{body}");
 }

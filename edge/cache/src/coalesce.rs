@@ -98,6 +98,39 @@ impl Charge {
         }
         grown
     }
+
+    /// Gives back all but `n` bytes of this charge (nothing when it holds `n` or fewer).
+    pub fn shrink_to(&mut self, n: u64) {
+        if n < self.n {
+            self.budget
+                .used
+                .fetch_sub(self.n - n, std::sync::atomic::Ordering::AcqRel);
+            self.n = n;
+        }
+    }
+
+    /// `data` as a body (its spare capacity freed) that holds as much of this charge as its
+    /// size until the last of it is dropped; the rest of the charge is given back now.
+    pub fn into_bytes(mut self, mut data: Vec<u8>) -> Bytes {
+        data.shrink_to_fit();
+        self.shrink_to(data.capacity() as u64);
+        Bytes::from_owner(Charged {
+            data,
+            _charge: self,
+        })
+    }
+}
+
+/// Bytes that hold their [`Charge`] ([`Charge::into_bytes`]).
+struct Charged {
+    data: Vec<u8>,
+    _charge: Charge,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 impl Drop for Charge {

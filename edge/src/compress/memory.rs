@@ -7,11 +7,14 @@
 //! body, and decoding an origin's body for a client that does not accept its coding holds up
 //! to `max_decompressed_size` when it is decoded whole. Each job takes its estimate from the
 //! compression share ([`share`]) before it starts and gives it back when its output is
-//! dropped. A compression that does not fit is not done: the client gets identity, which is
-//! what it would get from a node without compression, counted in
+//! dropped (a blocking job holds it in its thread; a whole job's output keeps its size of it
+//! until it is sent). A brotli job that does not fit is done in gzip (a tenth of brotli's
+//! memory) when the client takes gzip. A compression that does not fit at all is not done: the
+//! client gets identity, which is what it would get from a node without compression, counted in
 //! `outpost_compression_skipped_total`. A decoding that does not fit gets 503 (the client
 //! cannot take the origin's coding, and nothing else can be sent), counted in
-//! `outpost_decompress_busy_total`.
+//! `outpost_decompressions_busy_total`. A job estimated at more than the whole share takes
+//! the whole share: it runs when nothing else does.
 //!
 //! The estimates are peaks measured with a counting allocator (8 MiB of HTML-like text; brotli
 //! windows as [`super::codec`] chooses them):
@@ -26,7 +29,8 @@
 //! | gzip decoder, streamed | 78 KiB |
 //! | brotli decoder, streamed: window 64 KiB, 512 KiB, 4 MiB, 16 MiB | 0.14, 0.6, 4.1, 8.1 MiB |
 //!
-//! A whole job's output and the copy of a collected input count too, at their size.
+//! A whole job's output (up to twice the input's size while it grows) and the copy of a
+//! collected input count too; the output keeps its share, at its size, until it is sent.
 
 use outpost_cache::key::Coding;
 
@@ -86,22 +90,32 @@ pub fn decoder_bytes(coding: Coding, window_bits: Option<u32>) -> u64 {
     }
 }
 
-/// The window (`WBITS`) a brotli stream declares in its first two bytes (RFC 7932 §9.1);
-/// `None` for fewer bytes, or for a large window (WBITS up to 30, which the decoders here
-/// refuse anyway).
-pub fn brotli_window_bits(stream: &[u8]) -> Option<u32> {
-    let [a, b, ..] = *stream else {
-        return None;
+/// What a brotli stream's first byte says of its window (RFC 7932 §9.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrotliWindow {
+    /// `WBITS`, 10 to 24.
+    Bits(u32),
+    /// The large-window extension (`WBITS` up to 30): not a `br` content coding, which RFC 7932
+    /// bounds at 24, although the decoders here would take it (and a ring buffer of up to 1
+    /// GiB).
+    Large,
+    /// No byte yet.
+    Unknown,
+}
+
+/// The window a brotli stream declares in its first byte.
+pub fn brotli_window_of(stream: &[u8]) -> BrotliWindow {
+    let Some(&b) = stream.first() else {
+        return BrotliWindow::Unknown;
     };
-    let bits = u32::from(a) | u32::from(b) << 8;
-    if bits & 1 == 0 {
-        return Some(16);
+    if b & 1 == 0 {
+        return BrotliWindow::Bits(16);
     }
-    match ((bits >> 1) & 7, (bits >> 4) & 7) {
-        (0, 0) => Some(17),
-        (0, 1) => None,
-        (0, m) => Some(8 + m),
-        (n, _) => Some(17 + n),
+    match ((b >> 1) & 7, (b >> 4) & 7) {
+        (0, 0) => BrotliWindow::Bits(17),
+        (0, 1) => BrotliWindow::Large,
+        (0, m) => BrotliWindow::Bits(8 + u32::from(m)),
+        (n, _) => BrotliWindow::Bits(17 + u32::from(n)),
     }
 }
 
@@ -143,7 +157,11 @@ mod tests {
         for (len, bits) in [(600, 10), (10 << 10, 14), (100 << 10, 17), (4 << 20, 19)] {
             let data: Vec<u8> = (0..len).map(|i| (i % 7) as u8 + b'a').collect();
             let enc = encode(Coding::Br, &data, 4).expect("encode");
-            assert_eq!(brotli_window_bits(&enc), Some(bits), "{len} bytes");
+            assert_eq!(
+                brotli_window_of(&enc),
+                BrotliWindow::Bits(bits),
+                "{len} bytes"
+            );
         }
         // brotli's own default window (22) and the largest (24).
         for lgwin in [16, 22, 24] {
@@ -155,8 +173,21 @@ mod tests {
             let mut out = Vec::new();
             brotli::BrotliCompress(&mut &b"hello hello hello"[..], &mut out, &params)
                 .expect("encode");
-            assert_eq!(brotli_window_bits(&out), Some(lgwin as u32));
+            assert_eq!(
+                brotli_window_of(&out[..1]),
+                BrotliWindow::Bits(lgwin as u32)
+            );
         }
-        assert_eq!(brotli_window_bits(&[0x21]), None);
+        assert_eq!(brotli_window_of(&[]), BrotliWindow::Unknown);
+        // The large-window extension's marker (RFC 7932 §9.1 with the extension's 0x11).
+        let params = brotli::enc::BrotliEncoderParams {
+            quality: 4,
+            lgwin: 24,
+            large_window: true,
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        brotli::BrotliCompress(&mut &b"hello hello hello"[..], &mut out, &params).expect("encode");
+        assert_eq!(brotli_window_of(&out), BrotliWindow::Large);
     }
 }

@@ -173,12 +173,13 @@ impl Compressor {
         let lazy =
             req.contains_key(header::IF_NONE_MATCH) || req.contains_key(header::IF_MODIFIED_SINCE);
         let whole = self.whole_len(&served.body, lazy);
-        let level = self.level(coding);
-        let estimate = match whole {
-            Some(n) => memory::encoder_bytes(coding, level, brotli_window(n as usize)) + 2 * n,
-            None => memory::stream_encoder_bytes(coding, level),
-        };
-        let Some(charge) = self.memory.take(estimate) else {
+        // brotli's encoder takes ~10 times gzip's memory: gzip when brotli does not fit.
+        let fits = |coding| self.take(self.encoding_estimate(coding, whole));
+        let Some((coding, charge)) = fits(coding).map(|c| (coding, c)).or_else(|| {
+            (coding == Coding::Br && accepts(req, Coding::Gzip))
+                .then(|| fits(Coding::Gzip).map(|c| (Coding::Gzip, c)))
+                .flatten()
+        }) else {
             // Sent as a node without compression would send it.
             CompressionStats::add(&self.cfg.stats.skipped_memory, 1);
             merge_vary(&mut served.headers);
@@ -206,6 +207,22 @@ impl Compressor {
                 Err(EdgeError::UpstreamBody)
             }
         }
+    }
+
+    /// What compressing a body with `coding` holds at most: whole (`whole` bytes), the encoder,
+    /// the input's copy and the output as it grows; streamed, the encoder.
+    fn encoding_estimate(&self, coding: Coding, whole: Option<u64>) -> u64 {
+        let level = self.level(coding);
+        match whole {
+            Some(n) => memory::encoder_bytes(coding, level, brotli_window(n as usize)) + 3 * n,
+            None => memory::stream_encoder_bytes(coding, level),
+        }
+    }
+
+    /// `estimate` bytes of the compression share, or all of it for a job estimated at more
+    /// (it runs when nothing else does); `None` when that does not fit now.
+    fn take(&self, estimate: u64) -> Option<Charge> {
+        self.memory.take(estimate.min(self.memory.limit()))
     }
 
     /// The length of a body compressed whole (up to `compression.stream_threshold`, and not
@@ -237,22 +254,24 @@ impl Compressor {
             ServedBody::Full(b) => b,
             ServedBody::Stream { stream, .. } => collect(stream, n).await?,
         };
-        let encoded = Bytes::from(self.encode_whole(coding, data).await?);
+        let encoded = self.encode_whole(coding, data, charge).await?;
         if let Some(job) = store {
             job.store(encoded.clone()).await;
         }
-        drop(charge);
         Ok(ServedBody::Full(encoded))
     }
 
-    /// Whole-buffer compression, off the worker thread for larger bodies.
-    async fn encode_whole(&self, coding: Coding, data: Bytes) -> io::Result<Vec<u8>> {
+    /// Whole-buffer compression, off the worker thread for larger bodies. The job holds
+    /// `charge` (a blocking job, in its own thread: dropping this future does not stop it);
+    /// the output keeps as much of it as it takes until it is dropped.
+    async fn encode_whole(&self, coding: Coding, data: Bytes, charge: Charge) -> io::Result<Bytes> {
         let level = self.level(coding);
         let in_len = data.len() as u64;
-        let out = if data.len() <= INLINE_MAX {
-            encode(coding, &data, level)?
+        let job = move || encode(coding, &data, level).map(|out| charge.into_bytes(out));
+        let out = if in_len <= INLINE_MAX as u64 {
+            job()?
         } else {
-            tokio::task::spawn_blocking(move || encode(coding, &data, level))
+            tokio::task::spawn_blocking(job)
                 .await
                 .map_err(io::Error::other)??
         };
@@ -333,7 +352,7 @@ impl Compressor {
             ServedBody::Stream {
                 stream,
                 len: Some(n),
-            } if n <= threshold => match collect(stream, threshold).await {
+            } if n <= threshold => match collect(stream, n).await {
                 Ok(data) => Ok(data),
                 Err(e) => return Err(self.refused(coding, DecodeError::Corrupt(e))),
             },
@@ -342,10 +361,13 @@ impl Compressor {
         };
         let (window, input) = match input {
             Ok(data) => {
-                let window = window_bits(coding, &data);
+                let window = match window_bits(coding, &data) {
+                    Ok(window) => window,
+                    Err(e) => return Err(self.refused(coding, e)),
+                };
                 match self.decode_whole(coding, &data, window).await {
                     Some(Ok(out)) => {
-                        served.body = ServedBody::Full(Bytes::from(out));
+                        served.body = ServedBody::Full(out);
                         return Ok(served);
                     }
                     Some(Err(e)) => return Err(self.refused(coding, e)),
@@ -357,9 +379,12 @@ impl Compressor {
                     ),
                 }
             }
-            Err(stream) => peek_window(coding, stream).await,
+            Err(stream) => match peek_window(coding, stream).await {
+                (Ok(window), stream) => (window, stream),
+                (Err(e), _) => return Err(self.refused(coding, e)),
+            },
         };
-        let Some(charge) = self.memory.take(memory::decoder_bytes(coding, window)) else {
+        let Some(charge) = self.take(memory::decoder_bytes(coding, window)) else {
             CompressionStats::add(&stats.decompress_busy, 1);
             return Err(EdgeError::DecodeBusy {
                 coding: coding.as_str(),
@@ -388,14 +413,16 @@ impl Compressor {
         coding: Coding,
         data: &Bytes,
         window: Option<u32>,
-    ) -> Option<Result<Vec<u8>, DecodeError>> {
+    ) -> Option<Result<Bytes, DecodeError>> {
         let cap = self.cfg.max_decompressed_size;
         let limit = cap.min(WHOLE_DECODE_MAX);
         // The output grows by doubling: twice the limit at most.
         let estimate = memory::decoder_bytes(coding, window) + 2 * limit + data.len() as u64;
-        let _charge = self.memory.take(estimate)?;
+        let charge = self.take(estimate)?;
         let input = data.clone();
-        let decoded = tokio::task::spawn_blocking(move || decode(coding, &input, limit))
+        // The job holds the charge in its own thread; the output keeps its part of it.
+        let job = move || decode(coding, &input, limit).map(|out| charge.into_bytes(out));
+        let decoded = tokio::task::spawn_blocking(job)
             .await
             .unwrap_or_else(|e| Err(DecodeError::Corrupt(io::Error::other(e))));
         match decoded {
@@ -417,21 +444,31 @@ impl Compressor {
 }
 
 /// The brotli window `data` declares; `None` for gzip (its window is fixed) or when unknown.
-fn window_bits(coding: Coding, data: &[u8]) -> Option<u32> {
-    match coding {
-        Coding::Br => memory::brotli_window_bits(data),
-        _ => None,
+/// A large-window stream is refused: it is not a `br` coding.
+fn window_bits(coding: Coding, data: &[u8]) -> Result<Option<u32>, DecodeError> {
+    if coding != Coding::Br {
+        return Ok(None);
+    }
+    match memory::brotli_window_of(data) {
+        memory::BrotliWindow::Bits(bits) => Ok(Some(bits)),
+        memory::BrotliWindow::Unknown => Ok(None),
+        memory::BrotliWindow::Large => Err(DecodeError::Corrupt(io::Error::other(
+            "a large-window brotli stream is not a br coding (RFC 7932 windows end at 16 MiB)",
+        ))),
     }
 }
 
-/// A brotli stream's window, read from its first chunk (put back in front); `None` for gzip,
-/// or a stream that does not say.
+/// A brotli stream's window, read from its first chunk (put back in front); see
+/// [`window_bits`].
 async fn peek_window(
     coding: Coding,
     mut stream: BoxStream<'static, io::Result<Bytes>>,
-) -> (Option<u32>, BoxStream<'static, io::Result<Bytes>>) {
+) -> (
+    Result<Option<u32>, DecodeError>,
+    BoxStream<'static, io::Result<Bytes>>,
+) {
     if coding != Coding::Br {
-        return (None, stream);
+        return (Ok(None), stream);
     }
     match stream.next().await {
         Some(Ok(first)) => (
@@ -442,14 +479,15 @@ async fn peek_window(
         ),
         // An error is the decoder's to report, in its place.
         Some(Err(e)) => (
-            None,
+            Ok(None),
             futures_util::stream::once(async move { Err(e) }).boxed(),
         ),
-        None => (None, futures_util::stream::empty().boxed()),
+        None => (Ok(None), futures_util::stream::empty().boxed()),
     }
 }
 
-/// Reads a stream whole; more than `max` bytes is an error.
+/// Reads a stream whole; more than `max` bytes (its length) is an error. The copy, when there
+/// is one, is allocated once, at `max`.
 async fn collect(mut stream: BoxStream<'static, io::Result<Bytes>>, max: u64) -> io::Result<Bytes> {
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
@@ -463,7 +501,7 @@ async fn collect(mut stream: BoxStream<'static, io::Result<Bytes>>, max: u64) ->
             None if buf.is_empty() => first = Some(chunk),
             None => buf.extend_from_slice(&chunk),
             Some(f) => {
-                buf.reserve(f.len() + chunk.len());
+                buf.reserve(max.min(usize::MAX as u64) as usize);
                 buf.extend_from_slice(&f);
                 buf.extend_from_slice(&chunk);
             }
@@ -540,13 +578,20 @@ impl Stream for Metered {
                 Poll::Ready(Some(Err(e)))
             }
             None => {
-                if let Some(tee) = this.tee.take() {
-                    let body = if tee.chunks.len() == 1 {
-                        tee.chunks[0].clone()
+                if let Some(Tee {
+                    job,
+                    chunks,
+                    charge,
+                    ..
+                }) = this.tee.take()
+                {
+                    // The whole variant keeps the chunks' charge until it is stored.
+                    let body = if chunks.len() == 1 {
+                        chunks[0].clone()
                     } else {
-                        Bytes::from(tee.chunks.concat())
+                        charge.into_bytes(chunks.concat())
                     };
-                    tokio::spawn(tee.job.store(body));
+                    tokio::spawn(job.store(body));
                 }
                 Poll::Ready(None)
             }
@@ -589,7 +634,10 @@ mod tests {
     }
 
     fn brotli_wbits(stream: &[u8]) -> u32 {
-        memory::brotli_window_bits(stream).expect("a window")
+        match memory::brotli_window_of(stream) {
+            memory::BrotliWindow::Bits(bits) => bits,
+            other => panic!("no window: {other:?}"),
+        }
     }
 
     /// brotli's window fits the body, up to 512 KiB: its default (4 MiB) cost ~9 MiB of
@@ -698,6 +746,43 @@ mod tests {
         assert!(p("*/*+xml").matches("image", "svg+xml"));
         for bad in ["text", "text/", "/x", "te xt/html", "text/a b", "text/*+"] {
             assert!(MediaPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A whole compression's output keeps its share, at its size, until it is dropped; and a
+    /// blocking job keeps its share while it runs, even once the request that started it is
+    /// gone (before, the share came back while brotli still held ~10 MiB in its thread).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn whole_jobs_and_their_output_hold_their_share() {
+        let c = Compressor::new(CompressionConfig::default(), 64 << 20);
+        let data = Bytes::from(text(256 << 10));
+        let charge = c.take(4 << 20).expect("room");
+        let out = c
+            .encode_whole(Coding::Gzip, data.clone(), charge)
+            .await
+            .expect("encoded");
+        assert_eq!(c.memory().used(), out.len() as u64);
+        drop(out);
+        assert_eq!(c.memory().used(), 0);
+
+        // A slow job (quality 11 on 1 MiB), its future dropped once started.
+        let slow = CompressionConfig {
+            brotli_quality: 11,
+            ..CompressionConfig::default()
+        };
+        let c = Compressor::new(slow, 64 << 20);
+        let data = Bytes::from(text(1 << 20));
+        let charge = c.take(40 << 20).expect("room");
+        {
+            let job = c.encode_whole(Coding::Br, data, charge);
+            let mut job = std::pin::pin!(job);
+            assert!(futures_util::poll!(job.as_mut()).is_pending());
+        }
+        assert_eq!(c.memory().used(), 40 << 20, "held while the job runs");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while c.memory().used() > 0 {
+            assert!(std::time::Instant::now() < deadline, "never given back");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
