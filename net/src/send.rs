@@ -6,15 +6,16 @@
 //!
 //! Two places see the client take bytes, and each counts on the connection's [`Activity`]:
 //!
-//! - [`Sending`], around every response body: a chunk handed to hyper waits on the client until
-//!   hyper asks for the next one, which it does once it has room to buffer it (HTTP/1: its
-//!   write queue drained into the socket; HTTP/2: the stream's flow-control window opened).
-//!   Over HTTP/2 a chunk larger than [`SLICE`] is handed out in slices (no copy), so a large
-//!   memory hit is asked for piece by piece as the client's window opens rather than queued
-//!   whole in the stream at once, where it would wait on nothing this module sees. HTTP/1
-//!   needs no slices: a chunk hyper cannot write blocks the socket, which [`Metered`] sees,
-//!   and slicing cost 10-20% of a 100 KiB or 1 MiB memory hit's throughput (hyper polls and
-//!   queues each slice).
+//! - [`Sending`], around every response body over HTTP/2: a chunk handed to hyper waits on the
+//!   client until hyper asks for the next one, which it does once the stream's flow-control
+//!   window has room for it. A chunk larger than [`SLICE`] is handed out in slices (no copy),
+//!   so a large memory hit is asked for piece by piece as the window opens rather than queued
+//!   whole in the stream at once, where it would wait on nothing this module sees. Over HTTP/1
+//!   a chunk hyper cannot write blocks the socket, which [`Metered`] sees, so there a body
+//!   records no waits and is not sliced: hyper asks for the next chunk only once its whole
+//!   write queue (up to ~400 KiB) is flushed, too coarse a measure of a slow client, and
+//!   slicing cost 10-20% of a 100 KiB or 1 MiB memory hit's throughput. Over both, an open
+//!   body keeps its connection busy (see [`Sending`]).
 //! - [`Metered`], around the connection's stream: a write or flush the socket did not take
 //!   (it returned `Pending`) waits on the client until a later one is taken. That covers the
 //!   bytes hyper still holds after a body's last chunk.
@@ -63,10 +64,10 @@ pub fn serve_socket(tcp: &tokio::net::TcpStream) {
 pub struct Sending<B> {
     body: B,
     activity: Arc<Activity>,
-    /// What is left of a chunk larger than `slice`.
+    /// What is left of a chunk larger than [`SLICE`] (HTTP/2).
     rest: Bytes,
-    /// The largest chunk handed out at once.
-    slice: usize,
+    /// HTTP/2: chunks are sliced and wait on the client (see the module docs).
+    h2: bool,
     /// A chunk is out and the next has not been asked for: the wait's slot.
     handed: Option<u8>,
 }
@@ -79,11 +80,7 @@ impl<B> Sending<B> {
             body,
             activity,
             rest: Bytes::new(),
-            slice: if version == http::Version::HTTP_2 {
-                SLICE
-            } else {
-                usize::MAX
-            },
+            h2: version == http::Version::HTTP_2,
             handed: None,
         }
     }
@@ -115,8 +112,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Sending<B> {
             match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(mut data) => {
-                        if data.len() > this.slice {
-                            this.rest = data.split_off(this.slice);
+                        if this.h2 && data.len() > SLICE {
+                            this.rest = data.split_off(SLICE);
                         }
                         Frame::data(data)
                     }
@@ -125,10 +122,12 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Sending<B> {
                 other => return Poll::Ready(other),
             }
         } else {
-            let n = this.rest.len().min(this.slice);
+            let n = this.rest.len().min(SLICE);
             Frame::data(this.rest.split_to(n))
         };
-        this.handed = Some(this.activity.wait());
+        if this.h2 {
+            this.handed = Some(this.activity.wait());
+        }
         Poll::Ready(Some(Ok(frame)))
     }
 
@@ -164,10 +163,6 @@ impl<S> Metered<S> {
             activity,
             blocked: None,
         }
-    }
-
-    pub fn get_ref(&self) -> &S {
-        &self.io
     }
 
     fn track<T>(&mut self, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
@@ -278,20 +273,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn over_http_1_a_large_chunk_goes_out_whole() {
+    async fn over_http_1_a_large_chunk_goes_out_whole_and_waits_on_nothing() {
         let activity = Arc::new(Activity::default());
         let body = Bytes::from(vec![7u8; SLICE * 3]);
-        let mut sending = Sending::new(Full::new(body.clone()), activity, http::Version::HTTP_11);
+        let full = Full::new(body.clone());
+        let mut sending = Sending::new(full, activity.clone(), http::Version::HTTP_11);
         let data = sending.frame().await.expect("frame").expect("ok");
         assert_eq!(data.into_data().expect("data"), body);
         assert!(sending.is_end_stream());
+        assert_eq!(activity.waiting(), 0);
+        // Open, so busy, until dropped.
+        assert!(activity.snapshot().1);
+        drop(sending);
+        assert!(!activity.snapshot().1);
     }
 
     #[tokio::test]
     async fn a_body_dropped_with_a_chunk_out_waits_no_more() {
         let activity = Arc::new(Activity::default());
         let full = Full::new(Bytes::from_static(b"x"));
-        let mut sending = Sending::new(full, activity.clone(), http::Version::HTTP_11);
+        let mut sending = Sending::new(full, activity.clone(), http::Version::HTTP_2);
         sending.frame().await.expect("frame").expect("ok");
         assert_eq!(activity.waiting(), 1);
         drop(sending);

@@ -21,8 +21,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub struct Timeouts {
     /// No progress and nothing busy for this long: the connection is shut down gracefully.
     pub idle: Duration,
-    /// Bytes waiting on the client with no progress for this long: the connection is dropped
-    /// (see [`crate::Sending`]).
+    /// Something (a response's chunk, a write) waiting on the client for this long: the
+    /// connection is dropped (see [`crate::Sending`]).
     pub send: Duration,
 }
 

@@ -1024,12 +1024,14 @@ async fn an_h2_stream_stalled_on_flow_control_is_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_that_keeps_reading_is_never_cut() {
     let big = 1 << 20;
+    // A send timeout with room for what a wait may span: the pause, and the reading around it
+    // until the kernel wakes the writer (a loaded machine's scheduling included).
     let (_origin, edge, body) =
-        big_object_edge(big, Duration::from_secs(4), Duration::from_secs(1), |_| {}).await;
+        big_object_edge(big, Duration::from_secs(8), Duration::from_secs(1), |_| {}).await;
     // Past the idle timeout and its grace (at most 1.25 s and 1 s), within the send timeout.
     let pause = Duration::from_millis(2500);
     for round in ["fill", "memory hit"] {
-        let got = slow_h1_read(edge.addr, "/big", pause).await;
+        let got = slow_h1_read(edge.addr, "/big", 256 << 10, pause).await;
         assert_eq!(got.len(), big, "{round}: HTTP/1 body cut");
         assert!(got == body, "{round}: HTTP/1 body differs");
     }
@@ -1071,9 +1073,9 @@ async fn a_slow_reader_that_keeps_reading_is_never_cut() {
     assert!(got == body, "HTTP/2 body differs");
 }
 
-/// GETs `path` over HTTP/1 through a small receive buffer, taking 256 KiB at a time and
+/// GETs `path` over HTTP/1 through a small receive buffer, taking `burst` bytes at a time and
 /// pausing for `pause` after each; the body (whatever arrived before the edge closed).
-async fn slow_h1_read(edge: SocketAddr, path: &str, pause: Duration) -> Vec<u8> {
+async fn slow_h1_read(edge: SocketAddr, path: &str, burst: usize, pause: Duration) -> Vec<u8> {
     let sock = tokio::net::TcpSocket::new_v4().expect("socket");
     sock.set_recv_buffer_size(4096).expect("rcvbuf");
     let mut tcp = sock.connect(edge).await.expect("connect");
@@ -1095,7 +1097,7 @@ async fn slow_h1_read(edge: SocketAddr, path: &str, pause: Duration) -> Vec<u8> 
         }
         got.extend_from_slice(&buf[..n]);
         since_pause += n;
-        if since_pause >= 256 << 10 {
+        if since_pause >= burst {
             since_pause = 0;
             tokio::time::sleep(pause).await;
         }
@@ -1109,18 +1111,18 @@ async fn slow_h1_read(edge: SocketAddr, path: &str, pause: Duration) -> Vec<u8> 
     got.split_off(head_end)
 }
 
-/// A client reading half a megabyte a second is seen taking bytes well within a 1 s send
-/// timeout. The kernel wakes a blocked writer once its unsent bytes fall to half of
-/// `TCP_NOTSENT_LOWAT` (64 KiB); without it, once a third of an autotuned send buffer of
-/// megabytes is free, which took this client longer than the timeout (before the option, the
-/// fill was cut at 3,081,999 of 3,145,728 bytes).
+/// A client reading a steady ~512 KB/s (128 KiB, then a 250 ms pause) is seen taking bytes
+/// within a 1 s send timeout. The kernel wakes a blocked writer once its unsent bytes fall to
+/// half of `TCP_NOTSENT_LOWAT` (at most ~128 KiB of reading: one burst here); without it, once
+/// a third of a send buffer autotuned to megabytes is free, which took this client longer than
+/// the timeout (the fill was cut at 2,950,927 of 3,145,728 bytes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steady_slow_reader_is_seen_within_a_short_send_timeout() {
     let big = 3 << 20;
-    let second = Duration::from_secs(1);
-    let (_origin, edge, body) = big_object_edge(big, second, second, |_| {}).await;
+    let (_origin, edge, body) =
+        big_object_edge(big, Duration::from_secs(1), Duration::from_secs(1), |_| {}).await;
     for round in ["fill", "memory hit"] {
-        let got = slow_h1_read(edge.addr, "/big", Duration::from_millis(500)).await;
+        let got = slow_h1_read(edge.addr, "/big", 128 << 10, Duration::from_millis(250)).await;
         assert_eq!(got.len(), big, "{round}: cut");
         assert!(got == body, "{round}: body differs");
     }
