@@ -173,13 +173,16 @@ impl Compressor {
         let lazy =
             req.contains_key(header::IF_NONE_MATCH) || req.contains_key(header::IF_MODIFIED_SINCE);
         let whole = self.whole_len(&served.body, lazy);
+        let attempt = |coding| {
+            let charge = self.take(self.encoding_estimate(coding, whole))?;
+            Some((coding, charge))
+        };
+        let mut job = attempt(coding);
         // brotli's encoder takes ~10 times gzip's memory: gzip when brotli does not fit.
-        let fits = |coding| self.take(self.encoding_estimate(coding, whole));
-        let Some((coding, charge)) = fits(coding).map(|c| (coding, c)).or_else(|| {
-            (coding == Coding::Br && accepts(req, Coding::Gzip))
-                .then(|| fits(Coding::Gzip).map(|c| (Coding::Gzip, c)))
-                .flatten()
-        }) else {
+        if job.is_none() && coding == Coding::Br && accepts(req, Coding::Gzip) {
+            job = attempt(Coding::Gzip);
+        }
+        let Some((coding, charge)) = job else {
             // Sent as a node without compression would send it.
             CompressionStats::add(&self.cfg.stats.skipped_memory, 1);
             merge_vary(&mut served.headers);
