@@ -66,13 +66,19 @@ pub fn encoder_bytes(coding: Coding, level: u32, window_bits: u32) -> u64 {
     }
 }
 
+/// Compressing a whole body of `n` bytes: the encoder, the input's copy (when it was
+/// collected from a stream) and the output as it grows (up to twice the input).
+pub fn whole_job_bytes(coding: Coding, level: u32, n: u64) -> u64 {
+    let bits = super::codec::brotli_window(n.min(usize::MAX as u64) as usize);
+    encoder_bytes(coding, level, bits) + 3 * n
+}
+
 /// The most one brotli job may need at `compression`'s quality: a stream, or a whole body
-/// of `stream_threshold` bytes with its copy and output.
+/// of `stream_threshold` bytes.
 pub fn brotli_job_max(compression: &super::CompressionConfig) -> u64 {
     let q = compression.brotli_quality;
-    let whole = compression.stream_threshold;
-    let bits = super::codec::brotli_window(whole.min(usize::MAX as u64) as usize);
-    stream_encoder_bytes(Coding::Br, q).max(encoder_bytes(Coding::Br, q, bits) + 2 * whole)
+    let whole = whole_job_bytes(Coding::Br, q, compression.stream_threshold);
+    stream_encoder_bytes(Coding::Br, q).max(whole)
 }
 
 /// A streaming encoder's peak state (brotli's stream window is [`BROTLI_MAX_WINDOW`]).

@@ -20,7 +20,6 @@ use crate::cache::key::{Coding, KeyHash};
 use crate::cache::meta::CachedMeta;
 use crate::cache::status::CacheStatus;
 use crate::cache::{Engine, Served, ServedBody};
-use crate::compress::codec::brotli_window;
 use crate::compress::codec::decoder;
 use crate::compress::variant::{
     Encoded, accepts, decoded_headers, encoded, encoded_headers, merge_vary, no_transform,
@@ -212,12 +211,11 @@ impl Compressor {
         }
     }
 
-    /// What compressing a body with `coding` holds at most: whole (`whole` bytes), the encoder,
-    /// the input's copy and the output as it grows; streamed, the encoder.
+    /// What compressing a body with `coding` holds at most, whole (`whole` bytes) or streamed.
     fn encoding_estimate(&self, coding: Coding, whole: Option<u64>) -> u64 {
         let level = self.level(coding);
         match whole {
-            Some(n) => memory::encoder_bytes(coding, level, brotli_window(n as usize)) + 3 * n,
+            Some(n) => memory::whole_job_bytes(coding, level, n),
             None => memory::stream_encoder_bytes(coding, level),
         }
     }
