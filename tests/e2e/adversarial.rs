@@ -771,14 +771,7 @@ async fn bad_requests_get_precise_statuses() {
         "{out}"
     );
     // ... and never counted as an origin error.
-    let metrics = client()
-        .get(format!("http://{}/metrics", edge.admin.expect("admin")))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&edge).await;
     let origin_errors: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("outpost_origin_errors"))
@@ -888,14 +881,7 @@ async fn a_client_that_does_not_read_is_dropped_after_the_send_timeout() {
         dropped.await,
         "the client that reads nothing was never dropped"
     );
-    let metrics = client()
-        .get(format!("http://{}/metrics", edge.admin.expect("admin")))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&edge).await;
     assert!(
         metrics
             .lines()
@@ -908,16 +894,21 @@ async fn a_client_that_does_not_read_is_dropped_after_the_send_timeout() {
     drop(stalled);
 }
 
-/// `outpost_connections_closed_total` for one listener and reason, from `/metrics`.
-async fn closed_count(edge: &Edge, listener: &str, reason: &str) -> u64 {
-    let text = client()
+/// The edge's `/metrics` text.
+async fn metrics_text(edge: &Edge) -> String {
+    client()
         .get(format!("http://{}/metrics", edge.admin.expect("admin")))
         .send()
         .await
         .expect("metrics")
         .text()
         .await
-        .expect("text");
+        .expect("text")
+}
+
+/// `outpost_connections_closed_total` for one listener and reason, from `/metrics`.
+async fn closed_count(edge: &Edge, listener: &str, reason: &str) -> u64 {
+    let text = metrics_text(edge).await;
     let series =
         format!("outpost_connections_closed_total{{listener=\"{listener}\",reason=\"{reason}\"}} ");
     text.lines()
