@@ -71,6 +71,9 @@
 pub mod admission;
 mod reader;
 mod store;
+/// Disk failures for tests (see the module).
+#[cfg(test)]
+pub(crate) use store::faults;
 #[cfg(test)]
 mod tests;
 mod writer;

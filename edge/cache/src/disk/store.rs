@@ -83,6 +83,11 @@
 //! object removed just before a kill -9 (evicted, invalidated by an unsafe method, or found
 //! damaged) can be back after the restart. Purges cannot: the purge log, written before a purge
 //! answers, still covers the object, and the first lookup removes it.
+//! A failed commit is one redb latches: after an I/O error (a full disk, a failed write or
+//! sync) it refuses every operation until the database is opened again. The writer opens it
+//! again at once, then every [`REOPEN_EVERY`] until it can; what the last durable commit held
+//! is there, the commits since are gone as after a kill -9 (their puts are told they failed),
+//! and the deletes since are applied again ([`Writer::reopen`]).
 //! Puts and deletes can be conditional on the content the key holds when they commit, so a
 //! 304's metadata update or an eviction never lands on a newer copy.
 //!
@@ -174,6 +179,17 @@ const GATHER: Duration = Duration::from_millis(5);
 /// next durable one, so a fold's freed leaves waited longer and new pages came from colder
 /// places. Not taken; a kill -9 loses less this way.
 const SYNC_EVERY: Duration = Duration::from_millis(50);
+
+/// How often the writer tries to open the database again while it cannot (see
+/// [`Writer::reopen`]).
+#[cfg(not(test))]
+const REOPEN_EVERY: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const REOPEN_EVERY: Duration = Duration::from_millis(50);
+
+/// Deletes kept for a reopening to apply again (see [`Writer::reopen`]): ~3.5 MiB at most, far
+/// more than [`SYNC_EVERY`] sees; past it, the rest are lost as a kill -9 would lose them.
+const REPLAY_MAX: usize = 65_536;
 
 /// A write not yet committed.
 #[derive(Clone)]
@@ -480,8 +496,8 @@ impl Op {
 }
 
 pub(super) struct Store {
-    /// `None` once closed.
-    db: ArcSwapOption<Database>,
+    /// `None` once closed, and while the writer reopens it (see [`Writer::reopen`]).
+    db: Arc<ArcSwapOption<Database>>,
     tx: mpsc::Sender<Op>,
     /// Writes queued or being committed, with the ticket of the latest for each key.
     pending: Arc<DashMap<KeyHash, (u64, Pending), KeyHasher>>,
@@ -570,110 +586,24 @@ impl Store {
     pub fn open(dir: &Path, cache: u64, journal_max: u64) -> io::Result<Self> {
         let path = dir.join("index.redb");
         let cache = usize::try_from(cache).unwrap_or(usize::MAX);
-        let db = match open_db(&path, cache) {
-            Ok(db) => db,
-            Err(e) if damaged(&e) => {
-                let aside = dir.join(format!(
-                    "index.redb.damaged-{}",
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_secs()
-                ));
-                warn!(error = %e, file = %path.display(), moved_to = %aside.display(),
-                    "disk index is damaged; starting with an empty one (its objects are misses)");
-                std::fs::rename(&path, &aside)?;
-                open_db(&path, cache).map_err(db_error)?
-            }
-            Err(e) => return Err(db_error(e)),
-        };
-        let db = Arc::new(db);
-        // The tables exist from the start, so readers never meet a missing one.
-        {
-            let mut txn = db.begin_write().map_err(db_error)?;
-            // Every commit records the allocator state, so opening after a crash does not
-            // walk the whole tree.
-            txn.set_quick_repair(true);
-            txn.open_table(RECORDS).map_err(db_error)?;
-            txn.open_table(LEGACY_OBJECTS).map_err(db_error)?;
-            txn.open_table(ENTRIES).map_err(db_error)?;
-            txn.open_table(JOURNAL).map_err(db_error)?;
-            txn.open_table(VARY).map_err(db_error)?;
-            txn.open_table(STATE).map_err(db_error)?;
-            txn.commit().map_err(db_error)?;
-        }
-        let mut stale = Vec::new();
-        let (tail, next_seq, next_journal) = {
-            let txn = db.begin_read().map_err(db_error)?;
-            let records = txn.open_table(RECORDS).map_err(db_error)?;
-            let state = txn.open_table(STATE).map_err(db_error)?;
-            let next_seq = records
-                .last()
-                .map_err(db_error)?
-                .map_or(1, |(k, _)| k.value() + 1)
-                .max(
-                    state
-                        .get(NEXT_SEQ)
-                        .map_err(db_error)?
-                        .map_or(1, |v| v.value()),
-                );
-            // The journal's last word on each key, before anything is served: a lookup of a
-            // key the load has not reached must not find a copy the journal replaced.
-            let journal = txn.open_table(JOURNAL).map_err(db_error)?;
-            let words = usize::try_from(journal.len().map_err(db_error)?).unwrap_or(0);
-            let tail = DashMap::with_capacity_and_hasher(words, KeyHasher::default());
-            // A small journal is read here; a large one a range per thread, as the disk
-            // answers many reads at once far sooner than one after another. A range whose
-            // thread could not be started is read here, in its turn.
-            let threaded = words >= PARALLEL_OPENING_WORDS;
-            let reads: Vec<io::Result<(Vec<u64>, u64)>> = std::thread::scope(|scope| {
-                let readers: Vec<_> = (0..FOLD_SLICES)
-                    .map(|slice| {
-                        let (db, tail) = (&db, &tail);
-                        let spawned = threaded.then(|| {
-                            std::thread::Builder::new()
-                                .name("outpost-disk-open".into())
-                                .spawn_scoped(scope, move || read_tail_slice(db, slice, tail))
-                        });
-                        (slice, spawned)
-                    })
-                    .collect();
-                // Every reader is joined before any error is returned.
-                readers
-                    .into_iter()
-                    .map(|(slice, spawned)| match spawned {
-                        Some(Ok(thread)) => thread
-                            .join()
-                            .map_err(|_| io::Error::other("disk index: a journal reader panicked"))?
-                            .map_err(db_error),
-                        _ => read_tail_slice(&db, slice, &tail).map_err(db_error),
-                    })
-                    .collect()
-            });
-            let mut next_journal = 1;
-            for read in reads {
-                let (slice_stale, slice_next) = read?;
-                stale.extend(slice_stale);
-                next_journal = next_journal.max(slice_next);
-            }
-            (Arc::new(tail), next_seq, next_journal)
-        };
-        if !stale.is_empty() {
-            let txn = db.begin_write().map_err(db_error)?;
-            {
-                let mut journal = txn.open_table(JOURNAL).map_err(db_error)?;
-                for j in stale {
-                    journal.remove(j).map_err(db_error)?;
-                }
-            }
-            txn.commit().map_err(db_error)?;
-        }
+        let db = Arc::new(open_database(&path, cache)?);
+        let tail = DashMap::with_hasher(KeyHasher::default());
+        let (next_seq, next_journal) = read_tail(&db, &tail)?;
+        let tail = Arc::new(tail);
         let (tx, rx) = mpsc::channel();
         let pending = Arc::new(DashMap::with_hasher(KeyHasher::default()));
         let commits = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
+        let shared = Arc::new(ArcSwapOption::from(Some(Arc::clone(&db))));
         let writer = Writer {
-            db: Arc::clone(&db),
+            db: Some(db),
+            shared: Arc::clone(&shared),
+            path,
+            cache,
+            deletes: Vec::new(),
+            replay: Vec::new(),
+            deletes_dropped: 0,
+            reopen_at: Instant::now(),
             last_commit: Instant::now(),
             last_sync: Instant::now(),
             unsynced: false,
@@ -696,7 +626,7 @@ impl Store {
             .name("outpost-disk-index".into())
             .spawn(move || writer.run(rx))?;
         Ok(Self {
-            db: ArcSwapOption::from(Some(db)),
+            db: shared,
             tx,
             pending,
             tail,
@@ -1094,12 +1024,127 @@ fn read_record(
     Ok(value)
 }
 
+/// Opens (or creates) the database at `path`, with every table. One that cannot be opened
+/// (damaged below redb's own crash safety) is moved aside and replaced by an empty one: its
+/// objects become misses, and their content is swept as unreferenced.
+fn open_database(path: &Path, cache: usize) -> io::Result<Database> {
+    let db = match open_db(path, cache) {
+        Ok(db) => db,
+        Err(e) if damaged(&e) => {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(format!(
+                ".damaged-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs()
+            ));
+            let aside = PathBuf::from(aside);
+            warn!(error = %e, file = %path.display(), moved_to = %aside.display(),
+                "disk index is damaged; starting with an empty one (its objects are misses)");
+            std::fs::rename(path, &aside)?;
+            open_db(path, cache).map_err(db_error)?
+        }
+        Err(e) => return Err(db_error(e)),
+    };
+    // The tables exist from the start, so readers never meet a missing one.
+    let mut txn = db.begin_write().map_err(db_error)?;
+    // Every commit records the allocator state, so opening after a crash does not walk the
+    // whole tree.
+    txn.set_quick_repair(true);
+    txn.open_table(RECORDS).map_err(db_error)?;
+    txn.open_table(LEGACY_OBJECTS).map_err(db_error)?;
+    txn.open_table(ENTRIES).map_err(db_error)?;
+    txn.open_table(JOURNAL).map_err(db_error)?;
+    txn.open_table(VARY).map_err(db_error)?;
+    txn.open_table(STATE).map_err(db_error)?;
+    txn.commit().map_err(db_error)?;
+    Ok(db)
+}
+
+/// Reads the journal's last word on each key into `tail` (empty), before anything is served:
+/// a lookup of a key the load has not reached must not find a copy the journal replaced.
+/// Words found stale are taken out. Returns the sequence numbers of the next record and of
+/// the next journal word.
+fn read_tail(
+    db: &Database,
+    tail: &DashMap<KeyHash, (u64, Tail), KeyHasher>,
+) -> io::Result<(u64, u64)> {
+    let (stale, next_seq, next_journal) = {
+        let txn = db.begin_read().map_err(db_error)?;
+        let records = txn.open_table(RECORDS).map_err(db_error)?;
+        let state = txn.open_table(STATE).map_err(db_error)?;
+        let next_seq = records
+            .last()
+            .map_err(db_error)?
+            .map_or(1, |(k, _)| k.value() + 1)
+            .max(
+                state
+                    .get(NEXT_SEQ)
+                    .map_err(db_error)?
+                    .map_or(1, |v| v.value()),
+            );
+        let journal = txn.open_table(JOURNAL).map_err(db_error)?;
+        let words = usize::try_from(journal.len().map_err(db_error)?).unwrap_or(0);
+        // A small journal is read here; a large one a range per thread, as the disk answers
+        // many reads at once far sooner than one after another. A range whose thread could
+        // not be started is read here, in its turn.
+        let threaded = words >= PARALLEL_OPENING_WORDS;
+        let reads: Vec<io::Result<(Vec<u64>, u64)>> = std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..FOLD_SLICES)
+                .map(|slice| {
+                    let spawned = threaded.then(|| {
+                        std::thread::Builder::new()
+                            .name("outpost-disk-open".into())
+                            .spawn_scoped(scope, move || read_tail_slice(db, slice, tail))
+                    });
+                    (slice, spawned)
+                })
+                .collect();
+            // Every reader is joined before any error is returned.
+            readers
+                .into_iter()
+                .map(|(slice, spawned)| match spawned {
+                    Some(Ok(thread)) => thread
+                        .join()
+                        .map_err(|_| io::Error::other("disk index: a journal reader panicked"))?
+                        .map_err(db_error),
+                    _ => read_tail_slice(db, slice, tail).map_err(db_error),
+                })
+                .collect()
+        });
+        let mut stale = Vec::new();
+        let mut next_journal = 1;
+        for read in reads {
+            let (slice_stale, slice_next) = read?;
+            stale.extend(slice_stale);
+            next_journal = next_journal.max(slice_next);
+        }
+        (stale, next_seq, next_journal)
+    };
+    if !stale.is_empty() {
+        let txn = db.begin_write().map_err(db_error)?;
+        {
+            let mut journal = txn.open_table(JOURNAL).map_err(db_error)?;
+            for j in stale {
+                journal.remove(j).map_err(db_error)?;
+            }
+        }
+        txn.commit().map_err(db_error)?;
+    }
+    Ok((next_seq, next_journal))
+}
+
 /// Opens the database. Another instance in this process that is closing it (a restart in
 /// place) holds its lock for a moment: that is waited for, up to a few seconds.
-fn open_db(path: &PathBuf, cache: usize) -> Result<Database, redb::DatabaseError> {
+fn open_db(path: &Path, cache: usize) -> Result<Database, redb::DatabaseError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match Database::builder().set_cache_size(cache).create(path) {
+        #[cfg(test)]
+        let opened = faults::open(path, cache);
+        #[cfg(not(test))]
+        let opened = Database::builder().set_cache_size(cache).create(path);
+        match opened {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -1124,7 +1169,21 @@ fn damaged(e: &redb::DatabaseError) -> bool {
 
 /// The writer thread's side.
 struct Writer {
-    db: Arc<Database>,
+    /// `None` while a reopening has not succeeded (see [`Writer::reopen`]).
+    db: Option<Arc<Database>>,
+    /// The readers' handle on the database ([`Store`]'s).
+    shared: Arc<ArcSwapOption<Database>>,
+    path: PathBuf,
+    cache: usize,
+    /// Deletes committed, or tried, since the last durable commit: a reopening after a failure
+    /// undoes those commits, so it applies them again (at most [`REPLAY_MAX`]).
+    deletes: Vec<(KeyHash, Option<StoredCopy>)>,
+    /// Ops the next commit applies first: the deletes a reopening gives back.
+    replay: Vec<Op>,
+    /// Deletes past [`REPLAY_MAX`] since the last durable commit.
+    deletes_dropped: u64,
+    /// While the database is not open: when the next attempt is due.
+    reopen_at: Instant,
     last_commit: Instant,
     /// The last durable commit (or the start).
     last_sync: Instant,
@@ -1220,9 +1279,12 @@ impl Writer {
         loop {
             // Unsynced commits are made durable once writes pause for a GATHER, or when
             // SYNC_EVERY has passed since the last sync (only that, after a failed one).
-            let first = if self.unsynced {
+            // Without a database (a reopening failed), the next attempt is due then.
+            let first = if self.db.is_none() || self.unsynced {
                 let due = SYNC_EVERY.saturating_sub(self.last_sync.elapsed());
-                let wait = if self.sync_failed {
+                let wait = if self.db.is_none() {
+                    self.reopen_at.saturating_duration_since(Instant::now())
+                } else if self.sync_failed {
                     due
                 } else {
                     due.min(GATHER)
@@ -1284,17 +1346,45 @@ impl Writer {
     /// the commits before durable) and replies. Returns whether the commit held, and the
     /// replies of `Close` ops.
     fn commit_and_reply(&mut self, mut ops: Vec<Op>) -> (bool, Vec<oneshot::Sender<()>>) {
-        let durable = ops.is_empty()
+        if self.db.is_none() && Instant::now() >= self.reopen_at {
+            self.reopen();
+        }
+        // The deletes a reopening gives back go first, and are made durable at once.
+        let replaying = self.db.is_some() && !self.replay.is_empty();
+        if replaying {
+            let mut first = std::mem::take(&mut self.replay);
+            first.append(&mut ops);
+            ops = first;
+        }
+        let durable = replaying
+            || ops.is_empty()
             || ops.iter().any(Op::asks_sync)
             || self.last_sync.elapsed() >= SYNC_EVERY;
+        for op in &ops {
+            if let Op::Delete(key, _, copy) = op {
+                if self.deletes.len() < REPLAY_MAX {
+                    self.deletes.push((*key, copy.clone()));
+                } else {
+                    self.deletes_dropped += 1;
+                }
+            }
+        }
         let mut applied = vec![None; ops.len()];
         let result = self.commit(&mut ops, &mut applied, durable);
         if durable {
             self.sync_failed = result.is_err();
+            // Without a database, nothing was committed (a failed reopening).
+            if result.is_ok() && self.db.is_some() {
+                self.deletes.clear();
+                self.deletes_dropped = 0;
+            }
         }
         if let Err(e) = &result {
             self.errors.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, writes = ops.len(), durable, "disk index commit failed; those objects are not stored");
+            // Without a database, the failed reopening said so (once per attempt).
+            if self.db.is_some() {
+                warn!(error = %e, writes = ops.len(), durable, "disk index commit failed; those objects are not stored");
+            }
         } else {
             self.commits.fetch_add(1, Ordering::Relaxed);
         }
@@ -1370,13 +1460,90 @@ impl Writer {
                 Op::Close(done) => closing.push(done),
             }
         }
+        if result.is_err() && closing.is_empty() && self.latched() {
+            self.reopen();
+        }
         (result.is_ok(), closing)
+    }
+
+    /// The database fails every operation: redb latches an I/O error (a full disk, a failed
+    /// write or sync) until it is opened again.
+    fn latched(&self) -> bool {
+        self.db.as_ref().is_some_and(|db| db.begin_write().is_err())
+    }
+
+    /// Opens the database again after a failure that redb latches ([`Writer::latched`]):
+    /// without it, a disk that was full or failing for a moment would end the disk tier until
+    /// a restart. The file holds what its last durable commit held; the commits since, which
+    /// this process saw, are gone, as a kill -9 would leave them:
+    /// - their puts are told they failed (none counted as stored yet); lookups find their
+    ///   records gone and drop the copies this process indexed;
+    /// - their deletes are applied again, first thing ([`Writer::replay`]);
+    /// - record and journal numbers go on from where this process was, never back: its
+    ///   copies still name the lost ones.
+    ///
+    /// Readers find no database meanwhile (their lookups are misses). If the file cannot be
+    /// opened, the writer tries again every [`REOPEN_EVERY`], and fails every write until then.
+    fn reopen(&mut self) {
+        self.shared.store(None);
+        self.db = None;
+        for (done, _) in std::mem::take(&mut self.held) {
+            done.complete(Err(db_error(
+                "the index failed before this object was synced",
+            )));
+        }
+        for done in std::mem::take(&mut self.waiting_sync) {
+            let _ = done.send(false);
+        }
+        self.unsynced = false;
+        self.tail.clear();
+        let opened = open_database(&self.path, self.cache)
+            .and_then(|db| read_tail(&db, &self.tail).map(|next| (db, next)));
+        let (db, (next_seq, next_journal)) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.tail.clear();
+                self.reopen_at = Instant::now() + REOPEN_EVERY;
+                warn!(error = %e, retry_in = ?REOPEN_EVERY,
+                    "disk index failed and could not be opened again; the disk tier stores nothing and finds nothing until it is");
+                return;
+            }
+        };
+        self.next_seq = self.next_seq.max(next_seq);
+        self.next_journal = self.next_journal.max(next_journal);
+        self.fold_at = self.journal_max;
+        self.sync_failed = false;
+        self.last_sync = Instant::now();
+        let db = Arc::new(db);
+        self.db = Some(Arc::clone(&db));
+        self.shared.store(Some(db));
+        if self.deletes_dropped > 0 {
+            warn!(
+                lost = self.deletes_dropped,
+                "disk index: deletes beyond the replay bound are lost; those objects may be back after a restart (purges are not: the purge log covers them)"
+            );
+            self.deletes_dropped = 0;
+        }
+        self.replay = std::mem::take(&mut self.deletes)
+            .into_iter()
+            .map(|(key, copy)| Op::Delete(key, 0, copy))
+            .collect();
+        // The loop commits them without waiting for a new write.
+        self.unsynced = !self.replay.is_empty();
+        warn!(
+            deletes = self.replay.len(),
+            "disk index failed and was opened again; objects stored since its last sync are misses"
+        );
     }
 
     /// A write transaction: synced at its commit, with the allocator's state saved so that
     /// opening after a crash needs no full repair, or left to the next synced one.
     fn begin_write(&self, durable: bool) -> Result<redb::WriteTransaction, redb::Error> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self
+            .db
+            .as_ref()
+            .ok_or(redb::Error::DatabaseClosed)?
+            .begin_write()?;
         let durability = if durable {
             txn.set_quick_repair(true);
             Durability::Immediate
@@ -1733,3 +1900,129 @@ fn fold(
 #[cfg(test)]
 #[path = "store_tests.rs"]
 mod tests;
+
+/// Disk failures for tests: a database opened at a path registered here reads and writes its
+/// file through a backend that fails every write, resize and sync while its switch is on, as a
+/// full or failing disk does.
+#[cfg(test)]
+pub(crate) mod faults {
+    use std::ops::Bound;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use redb::backends::FileBackend;
+    use redb::{BackendError, Database, StorageBackend};
+
+    static FAILING: Mutex<Vec<(PathBuf, Arc<AtomicBool>)>> = Mutex::new(Vec::new());
+
+    /// The switch of the database file at `path` (off at first).
+    pub fn switch(path: &Path) -> Arc<AtomicBool> {
+        let mut failing = FAILING.lock().unwrap();
+        if let Some((_, on)) = failing.iter().find(|(p, _)| p == path) {
+            return Arc::clone(on);
+        }
+        let on = Arc::new(AtomicBool::new(false));
+        failing.push((path.to_path_buf(), Arc::clone(&on)));
+        on
+    }
+
+    pub(super) fn open(path: &Path, cache: usize) -> Result<Database, redb::DatabaseError> {
+        let on = FAILING
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, on)| Arc::clone(on));
+        let builder = {
+            let mut b = Database::builder();
+            b.set_cache_size(cache);
+            b
+        };
+        let Some(on) = on else {
+            return builder.create(path);
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        builder.create_with_backend(Failing {
+            inner: FileBackend::new(file),
+            on,
+        })
+    }
+
+    #[derive(Debug)]
+    struct Failing {
+        inner: FileBackend,
+        on: Arc<AtomicBool>,
+    }
+
+    impl Failing {
+        fn check(&self) -> Result<(), BackendError> {
+            if self.on.load(Ordering::Acquire) {
+                return Err(BackendError::Io(std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    "no space left on device (a test's failure)",
+                )));
+            }
+            Ok(())
+        }
+    }
+
+    impl StorageBackend for Failing {
+        fn len(&self) -> Result<u64, BackendError> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), BackendError> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), BackendError> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> Result<(), BackendError> {
+            self.inner.close()
+        }
+        fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.try_lock_range(start, end)
+        }
+        fn try_lock_shared_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.try_lock_shared_range(start, end)
+        }
+        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_range(start, end)
+        }
+        fn lock_shared_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<(), BackendError> {
+            self.inner.lock_shared_range(start, end)
+        }
+        fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.unlock_range(start, end)
+        }
+        fn query_lock_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.query_lock_range(start, end)
+        }
+    }
+}

@@ -766,3 +766,53 @@ async fn an_undecodable_entry_leaves_a_copy_folded_during_the_load() {
         Some(b"two".to_vec())
     );
 }
+
+/// A disk that fails for a while (full, or a write or sync that failed) does not end the
+/// index for the rest of the process: redb fails every operation after an I/O error until the
+/// database is opened again, which the writer does once it can. What the last durable commit
+/// held is there; the put whose commit failed is not; the delete that failed is applied
+/// again; writes after the failure are stored, and all of it holds after a restart. Before,
+/// every later commit failed.
+#[tokio::test]
+async fn the_index_works_again_after_the_disk_failed() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let failing = faults::switch(&dir.path().join("index.redb"));
+    let store = Run::open(dir.path());
+    store.put(put(1, "one", None)).await.unwrap().unwrap();
+    store.put(put(2, "two", None)).await.unwrap().unwrap();
+    assert!(store.synced().await);
+    failing.store(true, Ordering::Release);
+    // Commits left to the OS may not write yet: the sync fails.
+    store.delete(key(1));
+    let _ = store.put(put(3, "three", None)).await;
+    assert!(!store.synced().await);
+    // While the disk fails, the writer cannot open the database again: writes fail.
+    tokio::time::sleep(REOPEN_EVERY * 3).await;
+    assert!(store.put(put(5, "five", None)).await.is_err());
+    failing.store(false, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.put(put(4, "four", None)).await {
+            Ok(Some(_)) => break,
+            _ if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("the index never took a write again: {other:?}"),
+        }
+    }
+    assert!(store.synced().await);
+    let check = |store: &Store| {
+        let record = |k| store.get(&key(k)).unwrap().map(|r| r.1);
+        assert_eq!(record(1), None, "the failed delete was applied again");
+        assert_eq!(record(2), Some(b"two".to_vec()));
+        assert_eq!(record(3), None, "its commit was never made durable");
+        assert_eq!(record(4), Some(b"four".to_vec()));
+        assert_eq!(record(5), None, "its commit failed");
+    };
+    check(&store);
+    store.close().await;
+    let reopened = Run::open(dir.path());
+    check(&reopened);
+    reopened.close().await;
+}

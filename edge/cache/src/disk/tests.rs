@@ -1668,3 +1668,55 @@ async fn three_small_chunks() {
     reader.read_to_end(&mut read).await.unwrap();
     assert_eq!(read, body);
 }
+
+/// The tier stores again after its index failed for a while (a full disk; redb fails every
+/// operation after an I/O error until the database is opened again): an object stored before
+/// is still a hit with its bytes, one whose commit failed is not stored (a miss, not a broken
+/// hit), and a new one is stored, across a restart too. Before, nothing was stored again
+/// until a restart.
+#[tokio::test]
+async fn the_tier_stores_again_after_its_index_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = store::faults::switch(&dir.path().join("index.redb"));
+    let open = || DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded());
+    let (tier, _) = open().await.unwrap();
+    let m = meta("\"a\"");
+    let [a, b, c] = ["a", "b", "c"].map(|k| KeyHash::of(&format!("example.test/{k}")));
+    store(&tier, a, b"before", &m).await;
+    failing.store(true, Ordering::Release);
+    let mut w = tier.begin_write(b);
+    w.write(Bytes::from_static(b"during")).await.unwrap();
+    assert!(
+        w.commit(&m).await.is_err(),
+        "its commit cannot be made durable"
+    );
+    assert!(
+        tier.index.get(&b).is_none(),
+        "not left indexed, holding its share"
+    );
+    failing.store(false, Ordering::Release);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut w = tier.begin_write(c);
+        w.write(Bytes::from_static(b"after")).await.unwrap();
+        match w.commit(&m).await {
+            Ok(()) => break,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the tier never stored again: {e}"),
+        }
+    }
+    let body = async |tier: &Arc<DiskTier>, key: &KeyHash| match tier.get(key).await {
+        Some(hit) => tier.read_all(key, &hit).await.ok(),
+        None => None,
+    };
+    assert_eq!(body(&tier, &a).await.as_deref(), Some(&b"before"[..]));
+    assert_eq!(body(&tier, &b).await, None);
+    assert_eq!(body(&tier, &c).await.as_deref(), Some(&b"after"[..]));
+    tier.close().await;
+    let (tier, _) = open().await.unwrap();
+    assert_eq!(body(&tier, &a).await.as_deref(), Some(&b"before"[..]));
+    assert_eq!(body(&tier, &b).await, None);
+    assert_eq!(body(&tier, &c).await.as_deref(), Some(&b"after"[..]));
+}

@@ -79,6 +79,7 @@ impl DiskTier {
         let key = put.key;
         self.touch(key);
         let tier = Arc::downgrade(self);
+        let (failed_tier, failed_entry) = (tier.clone(), Arc::clone(&entry));
         self.store.put_then(
             put,
             Completion::new(
@@ -92,6 +93,14 @@ impl DiskTier {
                     }
                 },
                 move |result| {
+                    // Visible, but never made durable: the index failed, and opened again
+                    // without the commit (see the store's `Writer::reopen`). The copy goes
+                    // from this process's index too, with its share of `--disk`.
+                    if result.is_err()
+                        && let Some(tier) = failed_tier.upgrade()
+                    {
+                        tier.unindex(&key, &failed_entry);
+                    }
                     done(result.and_then(|applied| {
                         applied
                             .map(drop)

@@ -306,3 +306,48 @@ async fn every_storable_response_ends_in_one_disk_admission() {
     assert_eq!(admissions(&rig), [5, 0, 1, 0, 1, 0, 0]);
     assert_eq!(rig.objects().await.1, 5);
 }
+
+/// A disk that fails for a while (full, say) does not end the disk tier until a restart: a
+/// miss during the failure is counted as `error` and not stored; once the index works again,
+/// misses are stored and, after a restart, are disk HITs, and the one during the failure is a
+/// MISS. Before, nothing was stored again until the restart.
+#[tokio::test]
+async fn the_disk_tier_stores_again_after_its_disk_failed() {
+    let mut switch = None;
+    let rig = Rig::disk_with(|c| {
+        let (dir, _) = c.disk.as_ref().expect("a disk tier");
+        switch = Some(crate::disk::faults::switch(&dir.join("index.redb")));
+    })
+    .await;
+    let failing = switch.unwrap();
+    let error = DiskAdmission::Error.index();
+    let stored = DiskAdmission::Stored.index();
+    first_miss(&rig, "/before", "before").await;
+    failing.store(true, std::sync::atomic::Ordering::Release);
+    first_miss(&rig, "/during", "during").await;
+    eventually("the miss during the failure is counted", || {
+        admissions(&rig)[error] == 1
+    })
+    .await;
+    failing.store(false, std::sync::atomic::Ordering::Release);
+    let mut n = 0;
+    loop {
+        // Each a new key: a fill that fails is not retried.
+        let path = format!("/after{n}");
+        first_miss(&rig, &path, "after").await;
+        n += 1;
+        eventually("every miss is counted", || {
+            admissions(&rig).iter().sum::<u64>() == n + 2
+        })
+        .await;
+        if admissions(&rig)[stored] == 2 {
+            break;
+        }
+        assert!(n < 200, "never stored again: {:?}", admissions(&rig));
+    }
+    let rig = rig.reopen().await;
+    rig.check("/before", Hit, "before").await;
+    rig.check(&format!("/after{}", n - 1), Hit, "after").await;
+    rig.check("/during", Miss, "during").await;
+    assert_eq!(rig.origin.calls("/during"), 2);
+}
