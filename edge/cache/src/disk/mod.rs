@@ -1119,7 +1119,32 @@ impl DiskTier {
         load_gate::wait(&self.root);
         let t0 = std::time::Instant::now();
         self.import_meta_files();
-        let loaded = self.store.load(4096, |batch| {
+        // Read again from the start if the index failed and was opened again meanwhile (see
+        // the store's `Writer::reopen`): what the first reading indexed stays, and is not
+        // counted or handed over twice.
+        let mut again = false;
+        let loaded = loop {
+            let reopens = self.store.reopens();
+            let loaded = self.load_entries(again, out);
+            if loaded.is_ok() || !self.store.reopened_since(reopens, &self.closing) {
+                break loaded;
+            }
+            if let Err(e) = &loaded {
+                warn!(error = %e, dir = %self.root.display(), "disk index failed during the load; reading it again once it is open");
+            }
+            again = true;
+        };
+        self.finish_load(t0, started, loaded);
+    }
+
+    /// Indexes what the store's load reads, and hands it over (`again`: a second reading,
+    /// after the index was opened again, hands over only what the first did not index).
+    fn load_entries(
+        &self,
+        again: bool,
+        out: &mpsc::Sender<Vec<Loaded>>,
+    ) -> io::Result<(u64, bool)> {
+        self.store.load(4096, |batch| {
             let mut found = Vec::with_capacity(batch.len());
             for (key, e) in batch {
                 let Ok(sri) = e.integrity.parse::<Integrity>() else {
@@ -1135,7 +1160,10 @@ impl DiskTier {
                 };
                 let entry = DiskEntry::new(sri, e.size, false, e.inline, &self.refs);
                 entry.set_record(e.seq);
-                if self.install(key, entry).is_some() {
+                if self
+                    .install(key, Arc::clone(&entry))
+                    .is_some_and(|indexed| !again || Arc::ptr_eq(&indexed, &entry))
+                {
                     found.push(Loaded {
                         key,
                         key_text: e.key_text,
@@ -1147,7 +1175,17 @@ impl DiskTier {
             self.loaded.fetch_add(found.len() as u64, Ordering::Relaxed);
             // Stops when nobody listens any more (the engine went) or the tier closes.
             out.blocking_send(found).is_ok() && !self.closing.load(Ordering::Acquire)
-        });
+        })
+    }
+
+    /// The rest of [`DiskTier::load`], once the entries are read: the sweep of unreferenced
+    /// content after a complete load.
+    fn finish_load(
+        &self,
+        t0: std::time::Instant,
+        started: SystemTime,
+        loaded: io::Result<(u64, bool)>,
+    ) {
         let millis = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.load_millis.store(millis, Ordering::Relaxed);
         self.load_settling.store(true, Ordering::SeqCst);

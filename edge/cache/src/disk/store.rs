@@ -83,11 +83,13 @@
 //! object removed just before a kill -9 (evicted, invalidated by an unsafe method, or found
 //! damaged) can be back after the restart. Purges cannot: the purge log, written before a purge
 //! answers, still covers the object, and the first lookup removes it.
-//! A failed commit is one redb latches: after an I/O error (a full disk, a failed write or
-//! sync) it refuses every operation until the database is opened again. The writer opens it
-//! again at once, then every [`REOPEN_EVERY`] until it can; what the last durable commit held
-//! is there, the commits since are gone as after a kill -9 (their puts are told they failed),
-//! and the deletes since are applied again ([`Writer::reopen`]).
+//! After an I/O error (a full disk, a failed read, write or sync) redb refuses every operation
+//! until the database is opened again. The writer notices (at a failed commit, or while idle,
+//! every [`REOPEN_EVERY`]) and opens it again, at most once per [`REOPEN_EVERY`]; what the last
+//! durable commit held is there, the commits since are gone as after a kill -9 (the puts
+//! waiting for a durable commit are told they failed), and the deletes since are applied
+//! again ([`Writer::reopen`]). The tier's start-up load reads the index again if it was
+//! interrupted.
 //! Puts and deletes can be conditional on the content the key holds when they commit, so a
 //! 304's metadata update or an eviction never lands on a newer copy.
 //!
@@ -187,9 +189,11 @@ const REOPEN_EVERY: Duration = Duration::from_secs(5);
 #[cfg(test)]
 const REOPEN_EVERY: Duration = Duration::from_millis(50);
 
-/// Deletes kept for a reopening to apply again (see [`Writer::reopen`]): ~3.5 MiB at most, far
-/// more than [`SYNC_EVERY`] sees; past it, the rest are lost as a kill -9 would lose them.
-const REPLAY_MAX: usize = 65_536;
+/// Deletes kept for a reopening to apply again (see [`Writer::reopen`]), one unconditional
+/// delete per key: far more than [`SYNC_EVERY`] sees, ~2 MiB at most, and ~5 MiB more while a
+/// reopening applies them in one commit. Past it, the rest are lost as a kill -9 would lose
+/// them (their objects can be back after a restart; purges cannot: the purge log covers them).
+const REPLAY_MAX: usize = 16_384;
 
 /// A write not yet committed.
 #[derive(Clone)]
@@ -498,6 +502,8 @@ impl Op {
 pub(super) struct Store {
     /// `None` once closed, and while the writer reopens it (see [`Writer::reopen`]).
     db: Arc<ArcSwapOption<Database>>,
+    /// Times the writer closed the database after a failure, losing what was not durable.
+    reopens: Arc<AtomicU64>,
     tx: mpsc::Sender<Op>,
     /// Writes queued or being committed, with the ticket of the latest for each key.
     pending: Arc<DashMap<KeyHash, (u64, Pending), KeyHasher>>,
@@ -595,6 +601,7 @@ impl Store {
         let commits = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
         let shared = Arc::new(ArcSwapOption::from(Some(Arc::clone(&db))));
+        let reopens = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             db: Some(db),
             shared: Arc::clone(&shared),
@@ -602,8 +609,11 @@ impl Store {
             cache,
             deletes: Vec::new(),
             replay: Vec::new(),
+            unconditional: Default::default(),
             deletes_dropped: 0,
             reopen_at: Instant::now(),
+            last_reopen: None,
+            reopens: Arc::clone(&reopens),
             last_commit: Instant::now(),
             last_sync: Instant::now(),
             unsynced: false,
@@ -627,6 +637,7 @@ impl Store {
             .spawn(move || writer.run(rx))?;
         Ok(Self {
             db: shared,
+            reopens,
             tx,
             pending,
             tail,
@@ -686,6 +697,8 @@ impl Store {
     /// Queues puts and waits until they are durable, blocking (not on an async worker).
     /// Returns how many committed; 0 if they could not be made durable.
     pub fn put_all_blocking(&self, puts: Vec<Put>) -> u64 {
+        // A reopening after a failure loses commits that were visible: these were not kept.
+        let reopens = self.reopens.load(Ordering::Acquire);
         let waits: Vec<_> = puts
             .into_iter()
             .filter_map(|p| self.enqueue(p).ok())
@@ -695,7 +708,10 @@ impl Store {
             .map(|w| u64::from(matches!(w.blocking_recv(), Ok(Ok(Some(_))))))
             .sum();
         let (done, synced) = oneshot::channel();
-        match self.tx.send(Op::Flush(done)).is_ok() && synced.blocking_recv() == Ok(true) {
+        match self.tx.send(Op::Flush(done)).is_ok()
+            && synced.blocking_recv() == Ok(true)
+            && self.reopens.load(Ordering::Acquire) == reopens
+        {
             true => committed,
             false => 0,
         }
@@ -777,6 +793,32 @@ impl Store {
         }
     }
 
+    /// Times the database was closed after a failure (and opened again, or tried).
+    pub fn reopens(&self) -> u64 {
+        self.reopens.load(Ordering::Acquire)
+    }
+
+    /// After a read that failed: whether the writer closes the database after a failure
+    /// (`reopens` was [`Store::reopens`] before the read) within twice [`REOPEN_EVERY`] (it
+    /// looks that often when idle); if so, waits until it is open again. False if `stop` is
+    /// set meanwhile. Blocking.
+    pub fn reopened_since(&self, reopens: u64, stop: &std::sync::atomic::AtomicBool) -> bool {
+        let deadline = Instant::now() + 2 * REOPEN_EVERY;
+        while self.reopens() == reopens {
+            if Instant::now() >= deadline || stop.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        while self.db.load().is_none() {
+            if stop.load(Ordering::Acquire) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     fn db(&self) -> io::Result<Arc<Database>> {
         self.db.load_full().ok_or_else(|| db_error("closed"))
     }
@@ -804,8 +846,11 @@ impl Store {
     pub fn get(&self, key: &KeyHash) -> io::Result<Option<(u64, Vec<u8>)>> {
         // The journal's word first, the transaction after: a write committed in between is
         // either seen whole or not at all (a copy it replaced reads as gone, or as it was).
+        // The database first: a reopening publishes the new one only once the tail is
+        // rebuilt, so a word read after it is the new database's.
+        let db = self.db()?;
         let word = self.tail.get(key).map(|w| w.1);
-        let txn = self.db()?.begin_read().map_err(db_error)?;
+        let txn = db.begin_read().map_err(db_error)?;
         let folded = || -> io::Result<Option<u64>> {
             let entries = txn.open_table(ENTRIES).map_err(db_error)?;
             let seq = entries
@@ -1180,10 +1225,16 @@ struct Writer {
     deletes: Vec<(KeyHash, Option<StoredCopy>)>,
     /// Ops the next commit applies first: the deletes a reopening gives back.
     replay: Vec<Op>,
+    /// The keys of unconditional deletes in `deletes`.
+    unconditional: std::collections::HashSet<KeyHash, KeyHasher>,
     /// Deletes past [`REPLAY_MAX`] since the last durable commit.
     deletes_dropped: u64,
     /// While the database is not open: when the next attempt is due.
     reopen_at: Instant,
+    /// The last attempt to open the database again.
+    last_reopen: Option<Instant>,
+    /// Times the database was closed after a failure ([`Store`]'s).
+    reopens: Arc<AtomicU64>,
     last_commit: Instant,
     /// The last durable commit (or the start).
     last_sync: Instant,
@@ -1279,30 +1330,35 @@ impl Writer {
         loop {
             // Unsynced commits are made durable once writes pause for a GATHER, or when
             // SYNC_EVERY has passed since the last sync (only that, after a failed one).
-            // Without a database (a reopening failed), the next attempt is due then.
-            let first = if self.db.is_none() || self.unsynced {
-                let due = SYNC_EVERY.saturating_sub(self.last_sync.elapsed());
-                let wait = if self.db.is_none() {
-                    self.reopen_at.saturating_duration_since(Instant::now())
-                } else if self.sync_failed {
-                    due
-                } else {
-                    due.min(GATHER)
-                };
-                match rx.recv_timeout(wait) {
-                    Ok(op) => Some(op),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        self.commit_and_reply(Vec::new());
-                        break;
-                    }
-                }
+            // Without a database (a reopening failed), the next attempt is due then. Idle, the
+            // database is looked at every REOPEN_EVERY: a read that failed may have latched it.
+            let due = SYNC_EVERY.saturating_sub(self.last_sync.elapsed());
+            let wait = if self.db.is_none() {
+                self.reopen_at.saturating_duration_since(Instant::now())
+            } else if !self.unsynced {
+                REOPEN_EVERY
+            } else if self.sync_failed {
+                due
             } else {
-                match rx.recv() {
-                    Ok(op) => Some(op),
-                    Err(_) => break,
+                due.min(GATHER)
+            };
+            let first = match rx.recv_timeout(wait) {
+                Ok(op) => Some(op),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    if self.unsynced {
+                        self.commit_and_reply(Vec::new());
+                    }
+                    break;
                 }
             };
+            if first.is_none() && self.db.is_some() && !self.unsynced {
+                // Idle: a read that failed may have latched the database.
+                if self.latched() {
+                    self.after_latch();
+                }
+                continue;
+            }
             let mut ops = Vec::new();
             if let Some(first) = first {
                 // Let a batch gather: one commit per GATHER at most while writes keep coming.
@@ -1362,6 +1418,11 @@ impl Writer {
             || self.last_sync.elapsed() >= SYNC_EVERY;
         for op in &ops {
             if let Op::Delete(key, _, copy) = op {
+                // A key's unconditional delete once is enough (every request with an unsafe
+                // method deletes the keys it names, mostly holding nothing).
+                if copy.is_none() && !self.unconditional.insert(*key) {
+                    continue;
+                }
                 if self.deletes.len() < REPLAY_MAX {
                     self.deletes.push((*key, copy.clone()));
                 } else {
@@ -1376,6 +1437,7 @@ impl Writer {
             // Without a database, nothing was committed (a failed reopening).
             if result.is_ok() && self.db.is_some() {
                 self.deletes.clear();
+                self.unconditional.clear();
                 self.deletes_dropped = 0;
             }
         }
@@ -1432,13 +1494,13 @@ impl Writer {
                 }
                 Op::DropUndecodable(_) | Op::ForgetVary(_) => {}
                 Op::Flush(done) => {
-                    let _ = done.send(result.is_ok());
+                    let _ = done.send(result.is_ok() && self.intact());
                 }
                 // What came before is durable (this commit, or nothing left unsynced), or
                 // failed to commit; else it waits for the next durable commit.
                 Op::Synced(done) => {
                     if durable || result.is_err() || !self.unsynced {
-                        let _ = done.send(result.is_ok());
+                        let _ = done.send(result.is_ok() && self.intact());
                     } else {
                         self.waiting_sync.push(done);
                     }
@@ -1460,33 +1522,37 @@ impl Writer {
                 Op::Close(done) => closing.push(done),
             }
         }
-        if result.is_err() && closing.is_empty() && self.latched() {
-            self.reopen();
+        if closing.is_empty() && result.is_err() && self.latched() {
+            self.after_latch();
         }
         (result.is_ok(), closing)
     }
 
-    /// The database fails every operation: redb latches an I/O error (a full disk, a failed
-    /// write or sync) until it is opened again.
-    fn latched(&self) -> bool {
-        self.db.as_ref().is_some_and(|db| db.begin_write().is_err())
+    /// Closes the database redb latched, and opens it again now if the last attempt was
+    /// [`REOPEN_EVERY`] ago, else then: a full disk lets the reopened file take a few commits
+    /// (in the pages of those it lost), then fails again.
+    fn after_latch(&mut self) {
+        self.drop_database();
+        self.reopen_at = self
+            .last_reopen
+            .map_or_else(Instant::now, |at| at + REOPEN_EVERY);
+        if Instant::now() >= self.reopen_at {
+            self.reopen();
+        }
     }
 
-    /// Opens the database again after a failure that redb latches ([`Writer::latched`]):
-    /// without it, a disk that was full or failing for a moment would end the disk tier until
-    /// a restart. The file holds what its last durable commit held; the commits since, which
-    /// this process saw, are gone, as a kill -9 would leave them:
-    /// - their puts are told they failed (none counted as stored yet); lookups find their
-    ///   records gone and drop the copies this process indexed;
-    /// - their deletes are applied again, first thing ([`Writer::replay`]);
-    /// - record and journal numbers go on from where this process was, never back: its
-    ///   copies still name the lost ones.
-    ///
-    /// Readers find no database meanwhile (their lookups are misses). If the file cannot be
-    /// opened, the writer tries again every [`REOPEN_EVERY`], and fails every write until then.
-    fn reopen(&mut self) {
+    /// The database holds every write this process was told is durable, and nothing waits to
+    /// be applied again: a reply that says so may say yes.
+    fn intact(&self) -> bool {
+        self.db.is_some() && self.replay.is_empty()
+    }
+
+    /// Closes the database after redb latched a failure (see [`Writer::reopen`]): the commits
+    /// since the last durable one are lost; the puts waiting for it are told they failed.
+    fn drop_database(&mut self) {
         self.shared.store(None);
         self.db = None;
+        self.reopens.fetch_add(1, Ordering::AcqRel);
         for (done, _) in std::mem::take(&mut self.held) {
             done.complete(Err(db_error(
                 "the index failed before this object was synced",
@@ -1497,6 +1563,33 @@ impl Writer {
         }
         self.unsynced = false;
         self.tail.clear();
+    }
+
+    /// The database fails every operation: redb latches an I/O error (a full disk, a failed
+    /// write or sync, a failed read) until it is opened again.
+    fn latched(&self) -> bool {
+        self.db.as_ref().is_some_and(|db| db.begin_write().is_err())
+    }
+
+    /// Opens the database again after a failure that redb latches ([`Writer::latched`]):
+    /// without it, a disk that was full or failing for a moment would end the disk tier until
+    /// a restart. The file holds what its last durable commit held; the commits since, which
+    /// this process saw, are gone, as a kill -9 would leave them:
+    /// - the puts waiting for a durable commit are told they failed (none counted as stored
+    ///   yet), and the tier drops the copies it indexed; a put told only that it was visible
+    ///   (a 304's metadata update) is lost as after a kill -9 (the restart revalidates);
+    /// - their deletes are applied again, first thing ([`Writer::replay`]);
+    /// - record and journal numbers go on from where this process was, never back: its
+    ///   copies still name the lost ones.
+    ///
+    /// Readers find no database meanwhile (what needs the index is a miss). At most one attempt
+    /// per [`REOPEN_EVERY`]: if the file cannot be opened, or fails again at once (a full disk
+    /// lets the reopened file take a few commits, in the pages of those it lost), the writer
+    /// fails every write until the next attempt. A file found damaged is moved aside as at the
+    /// opening (see [`open_database`]): every object this process indexed is then a miss at its
+    /// next lookup.
+    fn reopen(&mut self) {
+        self.last_reopen = Some(Instant::now());
         let opened = open_database(&self.path, self.cache)
             .and_then(|db| read_tail(&db, &self.tail).map(|next| (db, next)));
         let (db, (next_seq, next_journal)) = match opened {
@@ -1524,6 +1617,7 @@ impl Writer {
             );
             self.deletes_dropped = 0;
         }
+        self.unconditional.clear();
         self.replay = std::mem::take(&mut self.deletes)
             .into_iter()
             .map(|(key, copy)| Op::Delete(key, 0, copy))
@@ -1902,8 +1996,8 @@ fn fold(
 mod tests;
 
 /// Disk failures for tests: a database opened at a path registered here reads and writes its
-/// file through a backend that fails every write, resize and sync while its switch is on, as a
-/// full or failing disk does.
+/// file through a backend that fails every write, resize and sync while its `writes` switch is
+/// on, as a full or failing disk does, and every read while its `reads` switch is on.
 #[cfg(test)]
 pub(crate) mod faults {
     use std::ops::Bound;
@@ -1914,15 +2008,22 @@ pub(crate) mod faults {
     use redb::backends::FileBackend;
     use redb::{BackendError, Database, StorageBackend};
 
-    static FAILING: Mutex<Vec<(PathBuf, Arc<AtomicBool>)>> = Mutex::new(Vec::new());
+    /// What fails, while on.
+    #[derive(Debug, Default)]
+    pub struct Switches {
+        pub writes: AtomicBool,
+        pub reads: AtomicBool,
+    }
 
-    /// The switch of the database file at `path` (off at first).
-    pub fn switch(path: &Path) -> Arc<AtomicBool> {
+    static FAILING: Mutex<Vec<(PathBuf, Arc<Switches>)>> = Mutex::new(Vec::new());
+
+    /// The switches of the database file at `path` (off at first).
+    pub fn switch(path: &Path) -> Arc<Switches> {
         let mut failing = FAILING.lock().unwrap();
         if let Some((_, on)) = failing.iter().find(|(p, _)| p == path) {
             return Arc::clone(on);
         }
-        let on = Arc::new(AtomicBool::new(false));
+        let on = Arc::new(Switches::default());
         failing.push((path.to_path_buf(), Arc::clone(&on)));
         on
     }
@@ -1957,12 +2058,12 @@ pub(crate) mod faults {
     #[derive(Debug)]
     struct Failing {
         inner: FileBackend,
-        on: Arc<AtomicBool>,
+        on: Arc<Switches>,
     }
 
     impl Failing {
         fn check(&self) -> Result<(), BackendError> {
-            if self.on.load(Ordering::Acquire) {
+            if self.on.writes.load(Ordering::Acquire) {
                 return Err(BackendError::Io(std::io::Error::new(
                     std::io::ErrorKind::StorageFull,
                     "no space left on device (a test's failure)",
@@ -1977,6 +2078,11 @@ pub(crate) mod faults {
             self.inner.len()
         }
         fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
+            if self.on.reads.load(Ordering::Acquire) {
+                return Err(BackendError::Io(std::io::Error::other(
+                    "input/output error (a test's failure)",
+                )));
+            }
             self.inner.read(offset, out)
         }
         fn set_len(&self, len: u64) -> Result<(), BackendError> {

@@ -771,35 +771,41 @@ async fn an_undecodable_entry_leaves_a_copy_folded_during_the_load() {
 /// index for the rest of the process: redb fails every operation after an I/O error until the
 /// database is opened again, which the writer does once it can. What the last durable commit
 /// held is there; the put whose commit failed is not; the delete that failed is applied
-/// again; writes after the failure are stored, and all of it holds after a restart. Before,
-/// every later commit failed.
+/// again; writes after the failure are stored, under numbers never handed out before, and all
+/// of it holds after a restart. Before, every later commit failed.
 #[tokio::test]
 async fn the_index_works_again_after_the_disk_failed() {
     let dir = tempfile::tempdir().unwrap();
-
     let failing = faults::switch(&dir.path().join("index.redb"));
     let store = Run::open(dir.path());
     store.put(put(1, "one", None)).await.unwrap().unwrap();
     store.put(put(2, "two", None)).await.unwrap().unwrap();
     assert!(store.synced().await);
-    failing.store(true, Ordering::Release);
-    // Commits left to the OS may not write yet: the sync fails.
+    failing.writes.store(true, Ordering::Release);
+    // Commits left to the OS may not write yet (then it is visible, and lost): the sync fails.
     store.delete(key(1));
-    let _ = store.put(put(3, "three", None)).await;
+    let lost = store.put(put(3, "three", None)).await.ok().flatten();
     assert!(!store.synced().await);
     // While the disk fails, the writer cannot open the database again: writes fail.
     tokio::time::sleep(REOPEN_EVERY * 3).await;
     assert!(store.put(put(5, "five", None)).await.is_err());
-    failing.store(false, Ordering::Release);
+    assert!(
+        !store.synced().await,
+        "nothing is durable without a database"
+    );
+    failing.writes.store(false, Ordering::Release);
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let four = loop {
         match store.put(put(4, "four", None)).await {
-            Ok(Some(_)) => break,
+            Ok(Some(seq)) => break seq,
             _ if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             other => panic!("the index never took a write again: {other:?}"),
         }
+    };
+    if let Some(lost) = lost {
+        assert!(four > lost, "{four} was handed out before, to a lost copy");
     }
     assert!(store.synced().await);
     let check = |store: &Store| {
@@ -815,4 +821,36 @@ async fn the_index_works_again_after_the_disk_failed() {
     let reopened = Run::open(dir.path());
     check(&reopened);
     reopened.close().await;
+}
+
+/// A read that fails latches the database as a failed write does; with nothing written after
+/// it, the writer still notices (it looks while idle) and opens it again: reads work once the
+/// disk does. Before, every later read failed until a write failed too.
+#[tokio::test]
+async fn the_index_reads_again_after_a_read_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = faults::switch(&dir.path().join("index.redb"));
+    let store = Run::open(dir.path());
+    store.put(put(1, "one", None)).await.unwrap().unwrap();
+    assert!(store.synced().await);
+    store.close().await;
+    // Without a page cache of its own, every read goes to the file.
+    let store = Store::open(dir.path(), 0, JOURNAL_MAX).unwrap();
+    failing.reads.store(true, Ordering::Release);
+    assert!(store.get(&key(1)).is_err());
+    failing.reads.store(false, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.get(&key(1)) {
+            Ok(Some((_, record))) => {
+                assert_eq!(record, b"one");
+                break;
+            }
+            _ if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("the index never read again: {other:?}"),
+        }
+    }
+    store.close().await;
 }

@@ -1683,7 +1683,7 @@ async fn the_tier_stores_again_after_its_index_failed() {
     let m = meta("\"a\"");
     let [a, b, c] = ["a", "b", "c"].map(|k| KeyHash::of(&format!("example.test/{k}")));
     store(&tier, a, b"before", &m).await;
-    failing.store(true, Ordering::Release);
+    failing.writes.store(true, Ordering::Release);
     let mut w = tier.begin_write(b);
     w.write(Bytes::from_static(b"during")).await.unwrap();
     assert!(
@@ -1694,7 +1694,7 @@ async fn the_tier_stores_again_after_its_index_failed() {
         tier.index.get(&b).is_none(),
         "not left indexed, holding its share"
     );
-    failing.store(false, Ordering::Release);
+    failing.writes.store(false, Ordering::Release);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let mut w = tier.begin_write(c);
@@ -1719,4 +1719,42 @@ async fn the_tier_stores_again_after_its_index_failed() {
     assert_eq!(body(&tier, &a).await.as_deref(), Some(&b"before"[..]));
     assert_eq!(body(&tier, &b).await, None);
     assert_eq!(body(&tier, &c).await.as_deref(), Some(&b"after"[..]));
+}
+
+/// The start-up load survives the index failing under it (a read error latches the database,
+/// and the writer opens it again): it reads the index again, and every object is indexed and
+/// handed over once. Before, the load ended there, and the objects it had not reached were
+/// misses until a restart.
+#[tokio::test]
+async fn the_load_reads_again_after_the_index_failed_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = store::faults::switch(&dir.path().join("index.redb"));
+    let keys: Vec<KeyHash> = (0..20)
+        .map(|k| KeyHash::of(&format!("example.test/{k}")))
+        .collect();
+    {
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 0, unbounded())
+            .await
+            .unwrap();
+        for key in &keys {
+            store(&tier, *key, b"body", &meta("\"a\"")).await;
+        }
+        tier.close().await;
+    }
+    let gate = load_gate::hold(dir.path());
+    // Without a page cache of its own (no held budget), the load's reads go to the file.
+    let (tier, mut loaded) = DiskTier::open(dir.path(), 1 << 30, 0).await.unwrap();
+    failing.reads.store(true, Ordering::Release);
+    drop(gate);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    failing.reads.store(false, Ordering::Release);
+    let mut handed = 0;
+    while let Some(batch) = loaded.recv().await {
+        handed += batch.len();
+    }
+    assert_eq!(handed, keys.len());
+    assert_eq!(tier.load_state().loaded, keys.len() as u64);
+    for key in &keys {
+        assert!(tier.get(key).await.is_some(), "{key} was not loaded");
+    }
 }

@@ -323,13 +323,17 @@ async fn the_disk_tier_stores_again_after_its_disk_failed() {
     let error = DiskAdmission::Error.index();
     let stored = DiskAdmission::Stored.index();
     first_miss(&rig, "/before", "before").await;
-    failing.store(true, std::sync::atomic::Ordering::Release);
+    failing
+        .writes
+        .store(true, std::sync::atomic::Ordering::Release);
     first_miss(&rig, "/during", "during").await;
     eventually("the miss during the failure is counted", || {
         admissions(&rig)[error] == 1
     })
     .await;
-    failing.store(false, std::sync::atomic::Ordering::Release);
+    failing
+        .writes
+        .store(false, std::sync::atomic::Ordering::Release);
     let mut n = 0;
     loop {
         // Each a new key: a fill that fails is not retried.
