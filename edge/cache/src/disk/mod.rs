@@ -819,6 +819,8 @@ pub struct DiskTier {
     shards: u64,
     /// Bodies read and not sent yet (see [`read_budget`]).
     pub(crate) reads: Arc<Budget>,
+    /// Content files kept open for whole reads.
+    open_files: Arc<reader::OpenFiles>,
 }
 
 /// What the indexed entries take: added as an entry is indexed, taken off as it leaves the
@@ -1081,6 +1083,7 @@ impl DiskTier {
             capacity,
             shards: shards as u64,
             reads,
+            open_files: Arc::new(reader::OpenFiles::for_this_process()),
         });
         // These hold the tier weakly: the tier owns their senders (its index's lifecycle, its
         // content references), so they end when the tier is dropped, closing the database.
@@ -1416,9 +1419,12 @@ impl DiskTier {
     async fn remove_content(&self, sri: Integrity) {
         let content = self.content.clone();
         let refs = Arc::clone(&self.refs);
+        let open_files = Arc::clone(&self.open_files);
         let removed = self
             .write_job(move || {
                 refs.remove_if_unreferenced(&sri.to_string(), || {
+                    // Let go of it first: a kept-open file would hold its disk space.
+                    open_files.forget(&sri);
                     cacache::remove_hash_sync(&content, &sri).map_err(io::Error::other)
                 })
                 .unwrap_or(Ok(()))
@@ -1470,8 +1476,10 @@ impl DiskTier {
             // Known since the whole read that made the entry hot.
             let file = entry.file.get()?;
             let charge = self.reads.take(entry.size)?;
-            let (data, _) =
-                reader::read_checked(&file.path, &self.content, entry, SystemTime::now()).ok()?;
+            let (data, _) = self
+                .open_files
+                .read_checked(&file.path, &self.content, entry, SystemTime::now())
+                .ok()?;
             entry.mark_read();
             return Some(reader::charged(data, reader::Share::Charged(charge)));
         }

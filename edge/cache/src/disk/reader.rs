@@ -270,12 +270,14 @@ impl DiskTier {
         entry.content_file(|| self.content_path(&entry.sri()));
         let read = if entry.hot() {
             let path = &entry.content_file(PathBuf::new).path;
-            read_checked(path, &self.content, &entry, SystemTime::now())
+            self.open_files
+                .read_checked(path, &self.content, &entry, SystemTime::now())
         } else {
             let content = self.content.clone();
+            let open_files = Arc::clone(&self.open_files);
             tokio::task::spawn_blocking(move || {
                 let path = &entry.content_file(PathBuf::new).path;
-                read_checked(path, &content, &entry, SystemTime::now())
+                open_files.read_checked(path, &content, &entry, SystemTime::now())
             })
             .await
             .map_err(io::Error::other)?
@@ -490,7 +492,7 @@ impl DiskTier {
                             Err(e) => return st.fail(&key, e),
                         };
                     }
-                    Some(Source::File(file)) if st.read == st.size => {
+                    Some(Source::File(mut file)) if st.read == st.size => {
                         st.done = true;
                         match file.finish(&st.path(), &st.entry) {
                             Ok(true) => {
@@ -674,7 +676,7 @@ impl Checking {
     /// settled when it was opened. `Ok(false)`: not hashed, and the file's bytes may have
     /// changed meanwhile (not vouched for, nor known to be damaged; the stamp is forgotten, so
     /// the next read hashes).
-    fn finish(self, path: &Path, entry: &DiskEntry) -> io::Result<bool> {
+    fn finish(&mut self, path: &Path, entry: &DiskEntry) -> io::Result<bool> {
         let after = FileStamp::of(&self.file.metadata()?);
         if let Some(stamp) = after
             && stamp.len != entry.size
@@ -684,7 +686,7 @@ impl Checking {
         let stable = self.before.is_some() && self.before == after;
         let checked = &entry.content_file(|| path.to_path_buf()).checked;
         let mut checked = checked.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(hasher) = self.hasher else {
+        let Some(hasher) = self.hasher.take() else {
             let unlinked = self
                 .before
                 .zip(after)
@@ -702,6 +704,147 @@ impl Checking {
         }
         Ok(true)
     }
+}
+
+impl Checking {
+    /// The file, once [`Checking::finish`]ed, if its stamp at the opening is the one that now
+    /// vouches for `entry`'s body.
+    fn vouched(self, entry: &DiskEntry) -> Option<OpenContent> {
+        let stamp = self.before?;
+        let file = entry.file.get()?;
+        (*file.checked.lock().unwrap_or_else(PoisonError::into_inner) == Some(stamp)).then_some(
+            OpenContent {
+                file: self.file,
+                stamp,
+            },
+        )
+    }
+}
+
+/// A content file kept open, with its stamp when it was opened.
+pub(super) struct OpenContent {
+    file: std::fs::File,
+    stamp: FileStamp,
+}
+
+/// Content files kept open for whole reads (nginx's `open_file_cache`): a body read whole again
+/// costs one `pread` and one `fstat` instead of resolving its path, opening, two `fstat`s and a
+/// close. At 100 KiB that was a sixth of a disk hit's CPU (`benches/hit_path.rs`). Only a file
+/// whose stamp vouched for its bytes when it was opened is kept, and it is used only while
+/// that stamp still vouches for the entry and is still the file's after the read (so a file
+/// written in place, or replaced, is read the usual way again, and let go). Up to
+/// [`OPEN_FILES_MAX`] files, and an eighth of the process's file descriptor limit; the least
+/// used go first. A content file removed from the cache is let go here too, so it does not
+/// hold its disk space open.
+pub(super) struct OpenFiles {
+    files: Option<quick_cache::sync::Cache<[u8; 32], Arc<OpenContent>>>,
+}
+
+/// At most this many content files kept open (see [`OpenFiles`]).
+pub(super) const OPEN_FILES_MAX: usize = 1024;
+
+impl OpenFiles {
+    /// Up to `max` files (none: keeps nothing).
+    pub(super) fn new(max: usize) -> Self {
+        Self {
+            files: (max > 0).then(|| quick_cache::sync::Cache::new(max)),
+        }
+    }
+
+    /// [`OPEN_FILES_MAX`], or an eighth of the soft limit on open files if that is less.
+    pub(super) fn for_this_process() -> Self {
+        #[cfg(unix)]
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .map_or(usize::MAX, |n| usize::try_from(n / 8).unwrap_or(usize::MAX));
+        #[cfg(not(unix))]
+        let limit = 0;
+        Self::new(OPEN_FILES_MAX.min(limit))
+    }
+
+    /// The key of `entry`'s content file: content named by SHA-256 only (every body this
+    /// version writes to a content file).
+    fn key(entry: &DiskEntry) -> Option<[u8; 32]> {
+        match entry.sri {
+            super::Sri::Sha256(digest) => Some(digest),
+            _ => None,
+        }
+    }
+
+    /// Reads `entry`'s whole body (`size` bytes) from its content file at `path`, checked as
+    /// [`read_checked`] does, through the kept-open file when there is one that still vouches
+    /// for it; keeps the file it opened otherwise, if its stamp vouches.
+    pub(super) fn read_checked(
+        &self,
+        path: &Path,
+        cache: &Path,
+        entry: &DiskEntry,
+        now: SystemTime,
+    ) -> io::Result<(Vec<u8>, Checked)> {
+        let (Some(files), Some(key)) = (&self.files, Self::key(entry)) else {
+            return read_checked(path, cache, entry, now);
+        };
+        if let Some(open) = files.get(&key) {
+            if let Some(data) = Self::read_kept(&open, entry) {
+                return Ok((data, Checked::Unchanged));
+            }
+            files.remove(&key);
+        }
+        let (data, how, kept) = read_checked_keeping(path, cache, entry, now)?;
+        if let Some(kept) = kept {
+            files.insert(key, Arc::new(kept));
+        }
+        Ok((data, how))
+    }
+
+    /// The body through a kept-open file: `None` unless its stamp vouches for `entry` now and
+    /// is still the file's after the read.
+    fn read_kept(open: &OpenContent, entry: &DiskEntry) -> Option<Vec<u8>> {
+        let checked = &entry.file.get()?.checked;
+        if *checked.lock().unwrap_or_else(PoisonError::into_inner) != Some(open.stamp) {
+            return None;
+        }
+        let size = usize::try_from(entry.size).ok()?;
+        let data = read_exactly_at(&open.file, size).ok()?;
+        let after = FileStamp::of(&open.file.metadata().ok()?)?;
+        (data.len() == size && after == open.stamp).then_some(data)
+    }
+
+    /// Lets go of the content file named `sri`, if it is kept (it is being removed).
+    pub(super) fn forget(&self, sri: &Integrity) {
+        let Some(files) = &self.files else { return };
+        if let super::Sri::Sha256(digest) = super::Sri::of(sri.clone()) {
+            files.remove(&digest);
+        }
+    }
+
+    /// Files kept open (tests).
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.files.as_ref().map_or(0, |f| f.len())
+    }
+}
+
+/// [`read_exactly`] from the start of `file`, whatever its position (`pread`: one kept-open
+/// file serves concurrent reads).
+#[cfg(unix)]
+fn read_exactly_at(file: &std::fs::File, size: usize) -> io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(size);
+    while data.len() < size {
+        let at = data.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut data), at) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(data)
+}
+
+#[cfg(not(unix))]
+fn read_exactly_at(_: &std::fs::File, _: usize) -> io::Result<Vec<u8>> {
+    Err(io::Error::other("kept-open files read with pread"))
 }
 
 /// The error of a content file of `len` bytes where the index says `size`: damage.
@@ -747,9 +890,20 @@ pub(super) fn read_checked(
     entry: &DiskEntry,
     now: SystemTime,
 ) -> io::Result<(Vec<u8>, Checked)> {
+    read_checked_keeping(path, cache, entry, now).map(|(data, how, _)| (data, how))
+}
+
+/// [`read_checked`], and the file it read with its stamp when that stamp now vouches for the
+/// body (see [`OpenFiles`]).
+fn read_checked_keeping(
+    path: &Path,
+    cache: &Path,
+    entry: &DiskEntry,
+    now: SystemTime,
+) -> io::Result<(Vec<u8>, Checked, Option<OpenContent>)> {
     let Some(mut file) = Checking::open(path, entry, now)? else {
         let data = cacache::read_hash_sync(cache, &entry.sri()).map_err(cacache_error)?;
-        return Ok((data, Checked::Hashed));
+        return Ok((data, Checked::Hashed, None));
     };
     let how = if file.hashes() {
         Checked::Hashed
@@ -762,12 +916,13 @@ pub(super) fn read_checked(
         return Err(wrong_length(data.len(), entry.size));
     }
     if file.finish(path, entry)? {
-        return Ok((data, how));
+        let kept = file.vouched(entry);
+        return Ok((data, how, kept));
     }
     // Changed while it was read: the bytes read are checked themselves.
     entry
         .sri()
         .check(&data)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    Ok((data, Checked::Hashed))
+    Ok((data, Checked::Hashed, None))
 }

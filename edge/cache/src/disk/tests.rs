@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{Request, Response};
 
-use super::reader::{Checked, Checking, STREAM_READ, is_damage, read_checked};
+use super::reader::{Checked, Checking, OpenFiles, STREAM_READ, is_damage, read_checked};
 use super::*;
 use crate::policy::{self, Admission, AdmitOptions};
 
@@ -1757,4 +1757,119 @@ async fn the_load_reads_again_after_the_index_failed_under_it() {
     for key in &keys {
         assert!(tier.get(key).await.is_some(), "{key} was not loaded");
     }
+}
+
+/// Whether a file descriptor of this process has the file at `path` open, or the file that
+/// was there before it was removed.
+fn is_open(path: &Path) -> bool {
+    let mut deleted = path.as_os_str().to_owned();
+    deleted.push(" (deleted)");
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == path || p == deleted))
+}
+
+/// A whole read whose file's stamp then vouches for it keeps the file open, and later reads go
+/// through it: with its directory moved away (the path gone, the file itself untouched) the
+/// body is still read, unchanged, where a read by path fails.
+#[tokio::test]
+async fn a_vouched_content_file_is_kept_open_and_read_through() {
+    let (dir, _tier, entry, path, content) = one_body().await;
+    let later = SystemTime::now() + STAMP_SETTLE * 2;
+    let files = OpenFiles::new(4);
+    let (data, how) = files.read_checked(&path, &content, &entry, later).unwrap();
+    assert_eq!((&data[..], how), (&body()[..], Checked::Hashed));
+    assert_eq!(files.len(), 1);
+    assert!(is_open(&path));
+    let parent = path.parent().unwrap();
+    let moved = dir.path().join("moved");
+    std::fs::rename(parent, &moved).unwrap();
+    assert!(read_checked(&path, &content, &entry, later).is_err());
+    let (data, how) = files.read_checked(&path, &content, &entry, later).unwrap();
+    assert_eq!((&data[..], how), (&body()[..], Checked::Unchanged));
+    std::fs::rename(&moved, parent).unwrap();
+}
+
+/// A file whose times are too recent to vouch for it is not kept (it is hashed on every read
+/// until they settle).
+#[tokio::test]
+async fn a_recent_content_file_is_not_kept_open() {
+    let (_dir, _tier, entry, path, content) = one_body().await;
+    let files = OpenFiles::new(4);
+    for _ in 0..2 {
+        let (_, how) = files
+            .read_checked(&path, &content, &entry, SystemTime::now())
+            .unwrap();
+        assert_eq!(how, Checked::Hashed);
+    }
+    assert_eq!(files.len(), 0);
+}
+
+/// A kept-open file written in place is not read through: the read opens and hashes the file
+/// again, finds the damage, and lets the kept file go.
+#[tokio::test]
+async fn a_kept_file_changed_in_place_is_not_read_through() {
+    let (_dir, _tier, entry, path, content) = one_body().await;
+    let later = SystemTime::now() + STAMP_SETTLE * 2;
+    let files = OpenFiles::new(4);
+    files.read_checked(&path, &content, &entry, later).unwrap();
+    assert_eq!(files.len(), 1);
+    damage_in_place(&path);
+    let Err(err) = files.read_checked(&path, &content, &entry, later) else {
+        panic!("the damaged bytes were read");
+    };
+    assert!(is_damage(&err), "{err}");
+    assert_eq!(files.len(), 0);
+    assert!(!is_open(&path));
+}
+
+/// The tier keeps open the file of a body it reads whole once the file's times have settled,
+/// and lets it go when the object is removed (a kept file would hold its disk space).
+#[tokio::test]
+async fn the_tier_lets_go_of_a_kept_file_when_its_object_goes() {
+    let (_dir, tier, entry, path, _content) = one_body().await;
+    let key = KeyHash::of("example.test/a");
+    tokio::time::sleep(STAMP_SETTLE + Duration::from_millis(500)).await;
+    let hit = tier.get(&key).await.unwrap();
+    assert!(Arc::ptr_eq(&hit.entry, &entry));
+    for _ in 0..2 {
+        assert_eq!(&tier.read_all(&key, &hit).await.unwrap()[..], &body()[..]);
+    }
+    assert_eq!(tier.open_files.len(), 1);
+    assert!(is_open(&path));
+    drop((hit, entry));
+    tier.remove(&key).await;
+    // The held metadata's cache lets go of its copy of the entry at its next maintenance.
+    tier.held.run_pending_tasks();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while path.exists() || is_open(&path) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file stays: exists {}, open {}",
+            path.exists(),
+            is_open(&path)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tier.open_files.len(), 0);
+}
+
+/// At most as many files are kept open as the bound says.
+#[tokio::test]
+async fn kept_open_files_are_bounded() {
+    let (dir, tier) = tier().await;
+    let later = SystemTime::now() + STAMP_SETTLE * 2;
+    let content = dir.path().join("content");
+    let files = OpenFiles::new(2);
+    for k in 0..6u8 {
+        let key = KeyHash::of(&format!("example.test/{k}"));
+        let mut b = body();
+        b[0] = k;
+        store(&tier, key, &b, &meta("\"a\"")).await;
+        let entry = tier.get(&key).await.unwrap().entry;
+        let path = tier.content_path(&entry.sri());
+        files.read_checked(&path, &content, &entry, later).unwrap();
+    }
+    assert!(files.len() <= 2, "{} kept", files.len());
 }
