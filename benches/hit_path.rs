@@ -457,6 +457,20 @@
 //! Then HTTP/1 bodies stopped recording waits (6530156, fewer atomics): memory cases only,
 //! alternating three times against 0297fc6, CPU per request: 1 KiB 10.0, 9.3, 9.2 µs against
 //! 9.8, 9.6, 9.9; 100 KiB 25.6, 21.0, 22.5 against 23.5, 22.8, 24.2. No change.
+//!
+//! Session 20 (2026-12-06): content files kept open for whole reads (ae7660f: one `pread` and
+//! one `fstat` per hit instead of resolving the path, opening, two `fstat`s and a close). Whole
+//! runs at ae7660f against 399cf97 (session 19's final build), alternating twice (% of plain
+//! req/s, CPU per request): memory 1 KiB 107.0, 92.2% (10.0, 9.7 µs) against 100.3, 85.3%
+//! (9.1, 8.4 µs); disk 1 KiB 90.1, 72.3% (11.4, 13.3) against 86.2, 68.4% (12.1, 11.4); memory
+//! 100 KiB 96.8, 103.8% (21.6, 22.7) against 95.5, 96.0% (22.1, 20.2); disk 100 KiB 84.6,
+//! 81.3% (26.0, 28.6) against 63.8, 68.0% (31.9, 31.5); memory 1 MiB 101.6, 93.7% (184, 185)
+//! against 94.8, 98.8% (195, 190); disk 1 MiB 68.5, 58.6% (357, 353) against 54.8, 57.6% (369,
+//! 341; streams do not use kept files). Disk over memory hits at 100 KiB: 0.76 and 0.83x of
+//! req/s (0.83, 0.79x of CPU) against 0.67 and 0.70x (0.69, 0.64x). Target (0.95x): not met;
+//! what is left is the copy out of the page cache. The 100 KiB cases alone, alternating twice,
+//! 6 s after a 4 s warm-up: disk 23.3, 21.5 µs against 26.1, 25.6 µs (memory 17.4 against
+//! 18.5-18.6 µs).
 
 mod support;
 

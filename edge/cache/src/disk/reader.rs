@@ -594,9 +594,31 @@ async fn blocking<T: Send + 'static>(
 /// doubles: five calls for 100 KiB.
 #[cfg(unix)]
 fn read_exactly(file: &mut std::fs::File, size: usize) -> io::Result<Vec<u8>> {
+    read_into_new(size, |spare| rustix::io::read(&*file, spare))
+}
+
+/// [`read_exactly`] from the start of `file`, whatever its position (`pread`: one kept-open
+/// file serves concurrent reads).
+#[cfg(unix)]
+fn read_exactly_at(file: &std::fs::File, size: usize) -> io::Result<Vec<u8>> {
+    let mut at = 0;
+    read_into_new(size, |spare| {
+        let n = rustix::io::pread(file, spare, at)?;
+        at += n as u64;
+        Ok(n)
+    })
+}
+
+/// Up to `size` bytes (fewer at the end of the file) into the spare capacity of a new buffer,
+/// by as many calls of `read` as it takes.
+#[cfg(unix)]
+fn read_into_new(
+    size: usize,
+    mut read: impl FnMut(rustix::buffer::SpareCapacity<'_, u8>) -> rustix::io::Result<usize>,
+) -> io::Result<Vec<u8>> {
     let mut data = Vec::with_capacity(size);
     while data.len() < size {
-        match rustix::io::read(&*file, rustix::buffer::spare_capacity(&mut data)) {
+        match read(rustix::buffer::spare_capacity(&mut data)) {
             Ok(0) => break,
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => {}
@@ -613,6 +635,11 @@ fn read_exactly(file: &mut std::fs::File, size: usize) -> io::Result<Vec<u8>> {
     let mut data = Vec::with_capacity(size);
     file.take(size as u64).read_to_end(&mut data)?;
     Ok(data)
+}
+
+#[cfg(not(unix))]
+fn read_exactly_at(_: &std::fs::File, _: usize) -> io::Result<Vec<u8>> {
+    Err(io::Error::other("kept-open files read with pread"))
 }
 
 /// A content file being read, checked as it goes: hashed, unless it is the file whose bytes
@@ -823,28 +850,6 @@ impl OpenFiles {
     pub(super) fn len(&self) -> usize {
         self.files.as_ref().map_or(0, |f| f.len())
     }
-}
-
-/// [`read_exactly`] from the start of `file`, whatever its position (`pread`: one kept-open
-/// file serves concurrent reads).
-#[cfg(unix)]
-fn read_exactly_at(file: &std::fs::File, size: usize) -> io::Result<Vec<u8>> {
-    let mut data = Vec::with_capacity(size);
-    while data.len() < size {
-        let at = data.len() as u64;
-        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut data), at) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(data)
-}
-
-#[cfg(not(unix))]
-fn read_exactly_at(_: &std::fs::File, _: usize) -> io::Result<Vec<u8>> {
-    Err(io::Error::other("kept-open files read with pread"))
 }
 
 /// The error of a content file of `len` bytes where the index says `size`: damage.
