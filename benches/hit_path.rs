@@ -466,11 +466,11 @@
 //! 100 KiB 96.8, 103.8% (21.6, 22.7) against 95.5, 96.0% (22.1, 20.2); disk 100 KiB 84.6,
 //! 81.3% (26.0, 28.6) against 63.8, 68.0% (31.9, 31.5); memory 1 MiB 101.6, 93.7% (184, 185)
 //! against 94.8, 98.8% (195, 190); disk 1 MiB 68.5, 58.6% (357, 353) against 54.8, 57.6% (369,
-//! 341; streams do not use kept files). Disk over memory hits at 100 KiB: 0.76 and 0.83x of
-//! req/s (0.83, 0.79x of CPU) against 0.67 and 0.70x (0.69, 0.64x). Target (0.95x): not met;
-//! what is left is the copy out of the page cache. The 100 KiB cases alone, alternating twice,
-//! 6 s after a 4 s warm-up: disk 23.3, 21.5 µs against 26.1, 25.6 µs (memory 17.4 against
-//! 18.5-18.6 µs).
+//! 341; streams do not use kept files). Disk over memory hits at 100 KiB, median req/s over
+//! median req/s: 0.76 and 0.83x (0.87, 0.78x by the rounds' % of plain; 0.83, 0.79x of CPU)
+//! against 0.67 and 0.70x (0.69, 0.64x of CPU). Target (0.95x): not met; what is left is the
+//! copy out of the page cache. The 100 KiB cases alone, alternating twice, 6 s after a 4 s
+//! warm-up: disk 23.3, 21.5 µs against 26.1, 25.6 µs (memory 17.4 against 18.5-18.6 µs).
 
 mod support;
 

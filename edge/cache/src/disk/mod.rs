@@ -975,6 +975,18 @@ impl quick_cache::Lifecycle<KeyHash, Arc<DiskEntry>> for Evictions {
     }
 }
 
+/// Readings of the index the start-up load makes at most: one, then one more each time the
+/// index failed under it and was opened again (see the store's `Writer::reopen`). A failure
+/// that comes back at every reading (a damaged sector only the load reads) ends it as before,
+/// after costing a few reopenings.
+const LOAD_PASSES: u32 = 3;
+
+/// How long the start-up load waits for the index to be open again after a failure.
+#[cfg(not(test))]
+const LOAD_PATIENCE: Duration = Duration::from_secs(60);
+#[cfg(test)]
+const LOAD_PATIENCE: Duration = Duration::from_secs(5);
+
 impl DiskTier {
     /// Opens (or creates) the tier, its index bounded by the disk capacity only, and starts
     /// loading the index in the background (see [`DiskTier::open_within`]).
@@ -1125,23 +1137,29 @@ impl DiskTier {
         // Read again from the start if the index failed and was opened again meanwhile (see
         // the store's `Writer::reopen`): what the first reading indexed stays, and is not
         // counted or handed over twice.
-        let mut again = false;
+        let mut pass = 1;
         let loaded = loop {
             let reopens = self.store.reopens();
-            let loaded = self.load_entries(again, out);
-            if loaded.is_ok() || !self.store.reopened_since(reopens, &self.closing) {
+            let loaded = self.load_entries(pass > 1, out);
+            if loaded.is_ok()
+                || pass == LOAD_PASSES
+                || !self
+                    .store
+                    .reopened_since(reopens, LOAD_PATIENCE, &self.closing)
+            {
                 break loaded;
             }
             if let Err(e) = &loaded {
-                warn!(error = %e, dir = %self.root.display(), "disk index failed during the load; reading it again once it is open");
+                warn!(error = %e, dir = %self.root.display(), pass, "disk index failed during the load; reading it again");
             }
-            again = true;
+            pass += 1;
         };
         self.finish_load(t0, started, loaded);
     }
 
-    /// Indexes what the store's load reads, and hands it over (`again`: a second reading,
-    /// after the index was opened again, hands over only what the first did not index).
+    /// Indexes what the store's load reads, and hands it over (what the engine does with it
+    /// can be done twice; `again`: a reading after the first, which counts only what it
+    /// indexes itself as loaded).
     fn load_entries(
         &self,
         again: bool,
@@ -1149,6 +1167,7 @@ impl DiskTier {
     ) -> io::Result<(u64, bool)> {
         self.store.load(4096, |batch| {
             let mut found = Vec::with_capacity(batch.len());
+            let mut counted = 0;
             for (key, e) in batch {
                 let Ok(sri) = e.integrity.parse::<Integrity>() else {
                     // Only this copy: a fill may store a new one while the load runs.
@@ -1163,10 +1182,10 @@ impl DiskTier {
                 };
                 let entry = DiskEntry::new(sri, e.size, false, e.inline, &self.refs);
                 entry.set_record(e.seq);
-                if self
-                    .install(key, Arc::clone(&entry))
-                    .is_some_and(|indexed| !again || Arc::ptr_eq(&indexed, &entry))
-                {
+                if let Some(indexed) = self.install(key, Arc::clone(&entry)) {
+                    if !again || Arc::ptr_eq(&indexed, &entry) {
+                        counted += 1;
+                    }
                     found.push(Loaded {
                         key,
                         key_text: e.key_text,
@@ -1175,7 +1194,7 @@ impl DiskTier {
                     });
                 }
             }
-            self.loaded.fetch_add(found.len() as u64, Ordering::Relaxed);
+            self.loaded.fetch_add(counted, Ordering::Relaxed);
             // Stops when nobody listens any more (the engine went) or the tier closes.
             out.blocking_send(found).is_ok() && !self.closing.load(Ordering::Acquire)
         })

@@ -760,9 +760,12 @@ pub(super) struct OpenContent {
 /// whose stamp vouched for its bytes when it was opened is kept, and it is used only while
 /// that stamp still vouches for the entry and is still the file's after the read (so a file
 /// written in place, or replaced, is read the usual way again, and let go). Up to
-/// [`OPEN_FILES_MAX`] files, and an eighth of the process's file descriptor limit; the least
-/// used go first. A content file removed from the cache is let go here too, so it does not
-/// hold its disk space open.
+/// [`OPEN_FILES_MAX`] files per tier, and an eighth of the process's file descriptor limit; the
+/// least used go first. A content file removed from the cache, or renamed over by an identical
+/// body stored anew, is let go here too, so it does not hold its disk space open. On a network
+/// file system (NFS), an `fstat` of a file kept open can answer from cached attributes where an
+/// `open` would have asked the server: a change made there by another client can go unseen for
+/// as long as those are cached (`acregmax`); keep the cache directory on a local disk.
 pub(super) struct OpenFiles {
     files: Option<quick_cache::sync::Cache<[u8; 32], Arc<OpenContent>>>,
 }

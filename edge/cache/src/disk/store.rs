@@ -613,6 +613,7 @@ impl Store {
             deletes_dropped: 0,
             reopen_at: Instant::now(),
             last_reopen: None,
+            last_look: Instant::now(),
             reopens: Arc::clone(&reopens),
             last_commit: Instant::now(),
             last_sync: Instant::now(),
@@ -798,20 +799,26 @@ impl Store {
         self.reopens.load(Ordering::Acquire)
     }
 
-    /// After a read that failed: whether the writer closes the database after a failure
-    /// (`reopens` was [`Store::reopens`] before the read) within twice [`REOPEN_EVERY`] (it
-    /// looks that often when idle); if so, waits until it is open again. False if `stop` is
-    /// set meanwhile. Blocking.
-    pub fn reopened_since(&self, reopens: u64, stop: &std::sync::atomic::AtomicBool) -> bool {
-        let deadline = Instant::now() + 2 * REOPEN_EVERY;
-        while self.reopens() == reopens {
-            if Instant::now() >= deadline || stop.load(Ordering::Acquire) {
+    /// After a read that failed: whether the failure was the database's (the writer closes it,
+    /// or has closed it, after a failure: `reopens` was [`Store::reopens`] before the read; it
+    /// looks at least every [`REOPEN_EVERY`]) and it is open again within `patience`. False
+    /// otherwise, or once `stop` is set. Blocking.
+    pub fn reopened_since(
+        &self,
+        reopens: u64,
+        patience: Duration,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> bool {
+        let noticed = Instant::now() + 2 * REOPEN_EVERY;
+        while self.reopens() == reopens && self.db.load().is_some() {
+            if Instant::now() >= noticed || stop.load(Ordering::Acquire) {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        let deadline = Instant::now() + patience;
         while self.db.load().is_none() {
-            if stop.load(Ordering::Acquire) {
+            if Instant::now() >= deadline || stop.load(Ordering::Acquire) {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -851,6 +858,12 @@ impl Store {
         let db = self.db()?;
         let word = self.tail.get(key).map(|w| w.1);
         let txn = db.begin_read().map_err(db_error)?;
+        // A reopening that began meanwhile may have emptied the tail before this read of it:
+        // the word is then not the database's (checked after the reads, below).
+        let current = || match self.db.load().as_ref() {
+            Some(now) if Arc::ptr_eq(now, &db) => Ok(()),
+            _ => Err(db_error("the index is being opened again")),
+        };
         let folded = || -> io::Result<Option<u64>> {
             let entries = txn.open_table(ENTRIES).map_err(db_error)?;
             let seq = entries
@@ -864,8 +877,12 @@ impl Store {
             Some(Tail::Gone) => None,
             _ => folded()?.filter(|&seq| Tail::stands(word, Some(seq))),
         };
-        let Some(seq) = seq else { return Ok(None) };
-        Ok(read_record(&txn, seq, key)?.map(|r| (seq, r)))
+        let record = match seq {
+            Some(seq) => read_record(&txn, seq, key)?.map(|r| (seq, r)),
+            None => None,
+        };
+        current()?;
+        Ok(record)
     }
 
     /// Replaces a record as it is, checksum and all (tests edit records as damage would).
@@ -1233,6 +1250,8 @@ struct Writer {
     reopen_at: Instant,
     /// The last attempt to open the database again.
     last_reopen: Option<Instant>,
+    /// The last look at whether the database is latched.
+    last_look: Instant,
     /// Times the database was closed after a failure ([`Store`]'s).
     reopens: Arc<AtomicU64>,
     last_commit: Instant,
@@ -1352,11 +1371,14 @@ impl Writer {
                     break;
                 }
             };
-            if first.is_none() && self.db.is_some() && !self.unsynced {
-                // Idle: a read that failed may have latched the database.
+            // A read that failed may have latched the database, with no write to find out.
+            if self.db.is_some() && self.last_look.elapsed() >= REOPEN_EVERY {
+                self.last_look = Instant::now();
                 if self.latched() {
                     self.after_latch();
                 }
+            }
+            if first.is_none() && self.db.is_some() && !self.unsynced {
                 continue;
             }
             let mut ops = Vec::new();
@@ -1420,11 +1442,14 @@ impl Writer {
             if let Op::Delete(key, _, copy) = op {
                 // A key's unconditional delete once is enough (every request with an unsafe
                 // method deletes the keys it names, mostly holding nothing).
-                if copy.is_none() && !self.unconditional.insert(*key) {
+                if copy.is_none() && self.unconditional.contains(key) {
                     continue;
                 }
                 if self.deletes.len() < REPLAY_MAX {
                     self.deletes.push((*key, copy.clone()));
+                    if copy.is_none() {
+                        self.unconditional.insert(*key);
+                    }
                 } else {
                     self.deletes_dropped += 1;
                 }
@@ -2013,6 +2038,8 @@ pub(crate) mod faults {
     pub struct Switches {
         pub writes: AtomicBool,
         pub reads: AtomicBool,
+        /// Reads by the tier's start-up load only (a damaged page only it reads).
+        pub load_reads: AtomicBool,
     }
 
     static FAILING: Mutex<Vec<(PathBuf, Arc<Switches>)>> = Mutex::new(Vec::new());
@@ -2078,7 +2105,10 @@ pub(crate) mod faults {
             self.inner.len()
         }
         fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
-            if self.on.reads.load(Ordering::Acquire) {
+            let loading = || std::thread::current().name() == Some("outpost-disk-load");
+            if self.on.reads.load(Ordering::Acquire)
+                || self.on.load_reads.load(Ordering::Acquire) && loading()
+            {
                 return Err(BackendError::Io(std::io::Error::other(
                     "input/output error (a test's failure)",
                 )));

@@ -1873,3 +1873,56 @@ async fn kept_open_files_are_bounded() {
     }
     assert!(files.len() <= 2, "{} kept", files.len());
 }
+
+/// A read failure that comes back at every reading of the index by the load (a damaged page
+/// only it reads) ends the load after a few readings, as a failed load did before: it does not
+/// read, and reopen the index, for ever, with the tier loading (its content never swept).
+#[tokio::test]
+async fn a_load_that_fails_at_every_reading_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = store::faults::switch(&dir.path().join("index.redb"));
+    {
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 0, unbounded())
+            .await
+            .unwrap();
+        store(
+            &tier,
+            KeyHash::of("example.test/a"),
+            b"body",
+            &meta("\"a\""),
+        )
+        .await;
+        tier.close().await;
+    }
+    failing.load_reads.store(true, Ordering::Release);
+    let (tier, mut loaded) = DiskTier::open(dir.path(), 1 << 30, 0).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while loaded.recv().await.is_some() {}
+    })
+    .await;
+    failing.load_reads.store(false, Ordering::Release);
+    assert!(ended.is_ok(), "the load never ended");
+    assert!(tier.load_state().done);
+}
+
+/// A body stored again, identical, replaces its content file (cacache renames the new one
+/// over it): a kept-open copy of the old file is let go at once rather than hold its disk
+/// space until the next read.
+#[tokio::test]
+async fn a_kept_file_replaced_by_an_identical_body_is_let_go() {
+    let (_dir, tier, entry, path, content) = one_body().await;
+    let later = SystemTime::now() + STAMP_SETTLE * 2;
+    tier.open_files
+        .read_checked(&path, &content, &entry, later)
+        .unwrap();
+    assert_eq!(tier.open_files.len(), 1);
+    store(
+        &tier,
+        KeyHash::of("example.test/b"),
+        &body(),
+        &meta("\"b\""),
+    )
+    .await;
+    assert_eq!(tier.open_files.len(), 0);
+    assert!(!is_open(&path), "the replaced file is still open");
+}

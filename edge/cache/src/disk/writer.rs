@@ -288,6 +288,9 @@ impl DiskWriter {
                     let sri = write_out(file, &content, &gathered)?
                         .commit()
                         .map_err(|e| io::Error::other(e.to_string()))?;
+                    // An identical body's file, kept open, was just renamed over: let it go
+                    // (it would hold its disk space until read again).
+                    paths.open_files.forget(&sri);
                     match paths.refs.take_committed(&sri, &paths.content_path(&sri)) {
                         Some(reference) => Ok((sri, reference)),
                         None => Err(io::Error::other(
