@@ -1135,8 +1135,8 @@ impl DiskTier {
         let t0 = std::time::Instant::now();
         self.import_meta_files();
         // Read again from the start if the index failed and was opened again meanwhile (see
-        // the store's `Writer::reopen`): what the first reading indexed stays, and is not
-        // counted or handed over twice.
+        // the store's `Writer::reopen`, and LOAD_PASSES): what an earlier reading indexed
+        // stays, and is not counted twice.
         let mut pass = 1;
         let loaded = loop {
             let reopens = self.store.reopens();

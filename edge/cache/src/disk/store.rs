@@ -851,19 +851,14 @@ impl Store {
     /// Reads the committed record of `key`, with its sequence number (blocking): the one the
     /// journal names, else the folded entry's.
     pub fn get(&self, key: &KeyHash) -> io::Result<Option<(u64, Vec<u8>)>> {
-        // The journal's word first, the transaction after: a write committed in between is
-        // either seen whole or not at all (a copy it replaced reads as gone, or as it was).
-        // The database first: a reopening publishes the new one only once the tail is
-        // rebuilt, so a word read after it is the new database's.
+        // The database, the journal's word, then the transaction. A write committed between
+        // the word and the transaction is seen whole or not at all (a copy it replaced reads
+        // as gone, or as it was). A reopening publishes its database only once the tail is
+        // rebuilt; one that begins meanwhile empties the tail under this read, which the
+        // check after the reads catches.
         let db = self.db()?;
         let word = self.tail.get(key).map(|w| w.1);
         let txn = db.begin_read().map_err(db_error)?;
-        // A reopening that began meanwhile may have emptied the tail before this read of it:
-        // the word is then not the database's (checked after the reads, below).
-        let current = || match self.db.load().as_ref() {
-            Some(now) if Arc::ptr_eq(now, &db) => Ok(()),
-            _ => Err(db_error("the index is being opened again")),
-        };
         let folded = || -> io::Result<Option<u64>> {
             let entries = txn.open_table(ENTRIES).map_err(db_error)?;
             let seq = entries
@@ -881,8 +876,10 @@ impl Store {
             Some(seq) => read_record(&txn, seq, key)?.map(|r| (seq, r)),
             None => None,
         };
-        current()?;
-        Ok(record)
+        match self.db.load().as_ref() {
+            Some(now) if Arc::ptr_eq(now, &db) => Ok(record),
+            _ => Err(db_error("the index is being opened again")),
+        }
     }
 
     /// Replaces a record as it is, checksum and all (tests edit records as damage would).
