@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::clock::unix_ms;
 use super::coalesce::{self, Concluding, Fill, FillHead, FillResult};
-use super::disk::{DiskEntry, DiskTier, INLINE_MAX, admission};
+use super::disk::{DiskEntry, DiskTier, INLINE_MAX, Throttle, admission};
 use super::key::KeyHash;
 use super::meta::{CachedMeta, MemObject};
 use super::policy::{self, Admission, Freshness};
@@ -857,7 +857,10 @@ impl Engine {
                     .update_meta(&store_key, &obj.meta, &committed_meta)
                     .await
             {
-                warn!(error = %e, "disk tier metadata update failed");
+                static FAILED: Throttle = Throttle::new();
+                if let Some(occurrences) = FAILED.pass() {
+                    warn!(error = %e, occurrences, "disk tier metadata update failed (one line per 10 s at most)");
+                }
             }
         }
         // Invalidated while we fetched: what we stored is already out of date. Only ours goes:
@@ -915,7 +918,10 @@ impl Engine {
                         Ok(true) => held.clear(),
                         Ok(false) => {}
                         Err(e) => {
-                            warn!(error = %e, "disk tier write failed; object not stored on disk (check cache_dir space)");
+                            static FAILED: Throttle = Throttle::new();
+                            if let Some(occurrences) = FAILED.pass() {
+                                warn!(error = %e, occurrences, "disk tier write failed; object not stored on disk (check cache_dir space; one line per 10 s at most)");
+                            }
                             stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
                             return Some((DiskAdmission::Error, None));
                         }
@@ -945,7 +951,10 @@ fn commit_outcome(stats: &super::EngineStats, result: io::Result<()>) -> DiskAdm
     match result {
         Ok(()) => DiskAdmission::Stored,
         Err(e) => {
-            warn!(error = %e, "disk tier commit failed; object not stored on disk");
+            static FAILED: Throttle = Throttle::new();
+            if let Some(occurrences) = FAILED.pass() {
+                warn!(error = %e, occurrences, "disk tier commit failed; object not stored on disk (one line per 10 s at most)");
+            }
             stats.disk_write_errors.fetch_add(1, Ordering::Relaxed);
             DiskAdmission::Error
         }

@@ -335,6 +335,46 @@ struct ContentFile {
 /// reads every body on its event loop.
 const HOT_FOR: Duration = Duration::from_secs(2);
 
+/// A warning that can fire on every request while the disk fails (a lookup the index cannot
+/// answer, a body that cannot be read, a store that fails): written at most once per
+/// [`Throttle::EVERY`], with the number of occurrences it stands for. A failing disk under
+/// thousands of requests a second would otherwise write as many lines.
+pub(crate) struct Throttle {
+    /// When the next line may be written ([`now_ms`]; 0: at once).
+    next: AtomicU64,
+    /// Occurrences since the last line written.
+    folded: AtomicU64,
+}
+
+impl Throttle {
+    pub(crate) const EVERY: Duration = Duration::from_secs(10);
+
+    pub(crate) const fn new() -> Self {
+        Self {
+            next: AtomicU64::new(0),
+            folded: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one occurrence: `Some(n)` when it is to be written, standing for `n`
+    /// occurrences (itself and those folded in since the last line).
+    pub(crate) fn pass(&self) -> Option<u64> {
+        self.folded.fetch_add(1, Ordering::AcqRel);
+        let now = now_ms();
+        let next = self.next.load(Ordering::Acquire);
+        let every = Self::EVERY.as_millis() as u64;
+        if now < next
+            || self
+                .next
+                .compare_exchange(next, now + every, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return None;
+        }
+        Some(self.folded.swap(0, Ordering::AcqRel).max(1))
+    }
+}
+
 /// Milliseconds since the first call in this process (never 0).
 fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -1624,7 +1664,10 @@ impl DiskTier {
                 return None;
             }
             Err(e) => {
-                warn!(key = %key, error = %e, "disk metadata unreadable; a miss");
+                static UNREADABLE: Throttle = Throttle::new();
+                if let Some(occurrences) = UNREADABLE.pass() {
+                    warn!(key = %key, error = %e, occurrences, "disk metadata unreadable; a miss (one line per 10 s at most)");
+                }
                 return None;
             }
         };

@@ -226,7 +226,10 @@ impl DiskTier {
             warn!(key = %key, error = %e, "disk entry's body is damaged or gone, dropping it");
             self.remove_copy(key, hit);
         } else {
-            warn!(key = %key, error = %e, "reading a disk entry failed; it is kept");
+            static FAILED: super::Throttle = super::Throttle::new();
+            if let Some(occurrences) = FAILED.pass() {
+                warn!(key = %key, error = %e, occurrences, "reading a disk entry failed; it is kept (one line per 10 s at most)");
+            }
         }
     }
 

@@ -84,7 +84,7 @@
 //! damaged) can be back after the restart. Purges cannot: the purge log, written before a purge
 //! answers, still covers the object, and the first lookup removes it.
 //! After an I/O error (a full disk, a failed read, write or sync) redb refuses every operation
-//! until the database is opened again. The writer notices (at a failed commit, or while idle,
+//! until the database is opened again. The writer notices (at a failed commit, or by looking
 //! every [`REOPEN_EVERY`]) and opens it again, at most once per [`REOPEN_EVERY`]; what the last
 //! durable commit held is there, the commits since are gone as after a kill -9 (the puts
 //! waiting for a durable commit are told they failed), and the deletes since are applied

@@ -1926,3 +1926,21 @@ async fn a_kept_file_replaced_by_an_identical_body_is_let_go() {
     assert_eq!(tier.open_files.len(), 0);
     assert!(!is_open(&path), "the replaced file is still open");
 }
+
+/// A warning that fires on every request while the disk fails is written once per interval,
+/// standing for the occurrences folded into it, whatever thread they come from.
+#[test]
+fn a_throttled_warning_is_written_once_per_interval() {
+    let throttle = Throttle::new();
+    let written: usize = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| (0..1000).filter(|_| throttle.pass().is_some()).count()))
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).sum()
+    });
+    assert_eq!(written, 1, "one line for a burst from four threads");
+    // Past the interval, the next line stands for everything folded in meanwhile.
+    throttle.next.store(0, Ordering::Release);
+    assert_eq!(throttle.pass(), Some(4000));
+    assert_eq!(throttle.pass(), None);
+}
