@@ -607,10 +607,8 @@ impl Store {
             shared: Arc::clone(&shared),
             path,
             cache,
-            deletes: Vec::new(),
+            deletes: UnsyncedDeletes::default(),
             replay: Vec::new(),
-            unconditional: Default::default(),
-            deletes_dropped: 0,
             reopen_at: Instant::now(),
             last_reopen: None,
             last_look: Instant::now(),
@@ -1234,15 +1232,10 @@ struct Writer {
     shared: Arc<ArcSwapOption<Database>>,
     path: PathBuf,
     cache: usize,
-    /// Deletes committed, or tried, since the last durable commit: a reopening after a failure
-    /// undoes those commits, so it applies them again (at most [`REPLAY_MAX`]).
-    deletes: Vec<(KeyHash, Option<StoredCopy>)>,
+    /// Deletes committed, or tried, since the last durable commit.
+    deletes: UnsyncedDeletes,
     /// Ops the next commit applies first: the deletes a reopening gives back.
     replay: Vec<Op>,
-    /// The keys of unconditional deletes in `deletes`.
-    unconditional: std::collections::HashSet<KeyHash, KeyHasher>,
-    /// Deletes past [`REPLAY_MAX`] since the last durable commit.
-    deletes_dropped: u64,
     /// While the database is not open: when the next attempt is due.
     reopen_at: Instant,
     /// The last attempt to open the database again.
@@ -1281,6 +1274,36 @@ struct Writer {
     tail: Arc<DashMap<KeyHash, (u64, Tail), KeyHasher>>,
     commits: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
+}
+
+/// Deletes committed, or tried, since the last durable commit: a reopening after a failure
+/// undoes those commits, so it applies them again (see [`Writer::reopen`]).
+#[derive(Default)]
+struct UnsyncedDeletes {
+    /// At most [`REPLAY_MAX`].
+    list: Vec<(KeyHash, Option<StoredCopy>)>,
+    /// The keys of the unconditional deletes in `list`.
+    unconditional: std::collections::HashSet<KeyHash, KeyHasher>,
+    /// Deletes past [`REPLAY_MAX`].
+    dropped: u64,
+}
+
+impl UnsyncedDeletes {
+    fn note(&mut self, key: &KeyHash, copy: &Option<StoredCopy>) {
+        // A key's unconditional delete once is enough (every request with an unsafe method
+        // deletes the keys it names, mostly holding nothing).
+        if copy.is_none() && self.unconditional.contains(key) {
+            return;
+        }
+        if self.list.len() >= REPLAY_MAX {
+            self.dropped += 1;
+            return;
+        }
+        self.list.push((*key, copy.clone()));
+        if copy.is_none() {
+            self.unconditional.insert(*key);
+        }
+    }
 }
 
 /// A fold takes the journal's words on one of this many ranges of keys (by the key hash's
@@ -1437,19 +1460,7 @@ impl Writer {
             || self.last_sync.elapsed() >= SYNC_EVERY;
         for op in &ops {
             if let Op::Delete(key, _, copy) = op {
-                // A key's unconditional delete once is enough (every request with an unsafe
-                // method deletes the keys it names, mostly holding nothing).
-                if copy.is_none() && self.unconditional.contains(key) {
-                    continue;
-                }
-                if self.deletes.len() < REPLAY_MAX {
-                    self.deletes.push((*key, copy.clone()));
-                    if copy.is_none() {
-                        self.unconditional.insert(*key);
-                    }
-                } else {
-                    self.deletes_dropped += 1;
-                }
+                self.deletes.note(key, copy);
             }
         }
         let mut applied = vec![None; ops.len()];
@@ -1458,9 +1469,7 @@ impl Writer {
             self.sync_failed = result.is_err();
             // Without a database, nothing was committed (a failed reopening).
             if result.is_ok() && self.db.is_some() {
-                self.deletes.clear();
-                self.unconditional.clear();
-                self.deletes_dropped = 0;
+                self.deletes = UnsyncedDeletes::default();
             }
         }
         if let Err(e) = &result {
@@ -1632,15 +1641,15 @@ impl Writer {
         let db = Arc::new(db);
         self.db = Some(Arc::clone(&db));
         self.shared.store(Some(db));
-        if self.deletes_dropped > 0 {
+        let deletes = std::mem::take(&mut self.deletes);
+        if deletes.dropped > 0 {
             warn!(
-                lost = self.deletes_dropped,
+                lost = deletes.dropped,
                 "disk index: deletes beyond the replay bound are lost; those objects may be back after a restart (purges are not: the purge log covers them)"
             );
-            self.deletes_dropped = 0;
         }
-        self.unconditional.clear();
-        self.replay = std::mem::take(&mut self.deletes)
+        self.replay = deletes
+            .list
             .into_iter()
             .map(|(key, copy)| Op::Delete(key, 0, copy))
             .collect();
