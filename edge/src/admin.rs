@@ -125,6 +125,17 @@ pub struct DiskLoad {
 pub struct DiskIndex {
     pub memory_bytes: u64,
     pub memory_limit: u64,
+    /// False while the index has failed (an I/O error) and is not open again yet.
+    #[serde(default = "open_by_default")]
+    pub open: bool,
+    /// Times the index failed and was closed to be opened again since start.
+    #[serde(default)]
+    pub reopens: u64,
+}
+
+/// An earlier version's `/stats` says nothing of the index failing: it was open.
+fn open_by_default() -> bool {
+    true
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
@@ -184,10 +195,15 @@ impl AdminState {
             disk_index: self
                 .engine
                 .disk_index_memory()
-                .map(|(memory_bytes, memory_limit)| DiskIndex {
-                    memory_bytes,
-                    memory_limit,
-                }),
+                .zip(self.engine.disk_index_health())
+                .map(
+                    |((memory_bytes, memory_limit), (open, reopens))| DiskIndex {
+                        memory_bytes,
+                        memory_limit,
+                        open,
+                        reopens,
+                    },
+                ),
             top_missed: self
                 .metrics
                 .top_missed(10)

@@ -77,17 +77,8 @@ pub fn render(s: &Stats) -> String {
                 .map_or_else(String::new, |c| format!(" of {}", human(c)))
         ));
     }
-    if let Some(i) = s.disk_index {
-        out.push_str(&format!(
-            "disk index memory: {} of {}{}\n",
-            human(i.memory_bytes),
-            human(i.memory_limit),
-            if i.memory_bytes.saturating_add(i.memory_limit / 100) >= i.memory_limit {
-                " (full: the disk tier evicts to stay within it; a larger --memory holds more objects)"
-            } else {
-                ""
-            }
-        ));
+    if let Some(i) = &s.disk_index {
+        out.push_str(&disk_index(i));
     }
     if !s.disk_admissions.is_empty() {
         out.push_str(&disk_admissions(&s.disk_admissions));
@@ -102,6 +93,32 @@ pub fn render(s: &Stats) -> String {
             l.loaded
         )),
         None => {}
+    }
+    out
+}
+
+/// The disk index's memory, and whether it failed.
+fn disk_index(i: &crate::admin::DiskIndex) -> String {
+    let mut out = format!(
+        "disk index memory: {} of {}{}\n",
+        human(i.memory_bytes),
+        human(i.memory_limit),
+        if i.memory_bytes.saturating_add(i.memory_limit / 100) >= i.memory_limit {
+            " (full: the disk tier evicts to stay within it; a larger --memory holds more objects)"
+        } else {
+            ""
+        }
+    );
+    if !i.open {
+        out.push_str(
+            "disk index: FAILED (an I/O error: a full or failing disk); opened again every 5 s until it can, meanwhile nothing is stored\n",
+        );
+    }
+    if i.reopens > 0 {
+        out.push_str(&format!(
+            "disk index: failed and was opened again {} time(s) since start (see the WARN lines)\n",
+            i.reopens
+        ));
     }
     out
 }
@@ -146,6 +163,22 @@ pub async fn run(admin: &str, token: Option<String>, watch: bool) -> Result<(), 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_failed_disk_index_is_said_so() {
+        let mut i = crate::admin::DiskIndex {
+            memory_bytes: 1 << 20,
+            memory_limit: 64 << 20,
+            open: true,
+            reopens: 0,
+        };
+        assert!(!super::disk_index(&i).contains("disk index:"));
+        i.open = false;
+        i.reopens = 2;
+        let out = super::disk_index(&i);
+        assert!(out.contains("disk index: FAILED"), "{out}");
+        assert!(out.contains("opened again 2 time(s)"), "{out}");
+    }
+
     #[test]
     fn disk_admissions_name_what_was_not_stored() {
         let a = [

@@ -497,6 +497,11 @@ async fn disk_admissions_count_every_storable_response() {
         ),
         0.0
     );
+    // The index has not failed.
+    assert_eq!(number(&m, "outpost_disk_index_open", &[]), 1.0);
+    assert_eq!(number(&m, "outpost_disk_index_reopens_total", &[]), 0.0);
+    assert_eq!(s["disk_index"]["open"], true, "{s:#}");
+    assert_eq!(s["disk_index"]["reopens"], 0, "{s:#}");
     // The disk index's memory: three small objects' entries and the share set aside for its
     // journal, within its share of the cache's part of the default `--memory` (256 MiB, less
     // compression's 16 MiB: a quarter, 60 MiB).

@@ -492,6 +492,12 @@ impl Engine {
         self.disk.as_ref().map(|d| d.index_memory())
     }
 
+    /// The disk index: open (not failed and waiting to be opened again), and the times it
+    /// failed and was closed to be opened again since start. `None` without a disk tier.
+    pub fn disk_index_health(&self) -> Option<(bool, u64)> {
+        self.disk.as_ref().map(|d| d.index_health())
+    }
+
     /// Evictions for space since start: (memory, disk).
     pub fn evictions(&self) -> (u64, u64) {
         (

@@ -794,6 +794,20 @@ impl Collector for EdgeCollector {
                     "Group commits of the disk index (each makes a batch of stored objects durable), by result.",
                     &[(&[("result", "ok")], ok), (&[("result", "error")], failed)],
                 )?;
+                if let Some((open, reopens)) = engine.disk_index_health() {
+                    gauge(
+                        &mut enc,
+                        "outpost_disk_index_open",
+                        "0 while the disk index has failed (an I/O error: a full or failing disk) and is not open again yet: the disk tier stores nothing and what needs the index is a miss.",
+                        &[(&[], if open { 1.0 } else { 0.0 })],
+                    )?;
+                    counter(
+                        &mut enc,
+                        "outpost_disk_index_reopens",
+                        "Times the disk index failed (an I/O error) and was closed to be opened again; objects stored in the 50 ms before each are lost, as after a kill -9.",
+                        &[(&[], reopens)],
+                    )?;
+                }
             }
             counter(
                 &mut enc,

@@ -1897,6 +1897,12 @@ impl DiskTier {
         self.store.flush().await;
     }
 
+    /// Whether the index is open (not failed and waiting to be opened again), and how many
+    /// times it failed and was closed to be opened again since start.
+    pub fn index_health(&self) -> (bool, u64) {
+        (self.store.is_open(), self.store.reopens())
+    }
+
     /// Index transactions committed, and failed, since start.
     pub fn index_commits(&self) -> (u64, u64) {
         (

@@ -797,6 +797,11 @@ impl Store {
         self.reopens.load(Ordering::Acquire)
     }
 
+    /// The database is open: not closed, nor failed and not open again yet.
+    pub fn is_open(&self) -> bool {
+        self.db.load().is_some()
+    }
+
     /// After a read that failed: whether the failure was the database's (the writer closes it,
     /// or has closed it, after a failure: `reopens` was [`Store::reopens`] before the read; it
     /// looks at least every [`REOPEN_EVERY`]) and it is open again within `patience`. False

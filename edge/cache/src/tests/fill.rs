@@ -349,7 +349,13 @@ async fn the_disk_tier_stores_again_after_its_disk_failed() {
         }
         assert!(n < 200, "never stored again: {:?}", admissions(&rig));
     }
+    let (open, reopens) = rig.engine.disk_index_health().unwrap();
+    assert!(
+        open && reopens >= 1,
+        "open {open}, reopened {reopens} times"
+    );
     let rig = rig.reopen().await;
+    assert_eq!(rig.engine.disk_index_health(), Some((true, 0)));
     rig.check("/before", Hit, "before").await;
     rig.check(&format!("/after{}", n - 1), Hit, "after").await;
     rig.check("/during", Miss, "during").await;
