@@ -734,9 +734,7 @@ impl Checking {
         }
         Ok(true)
     }
-}
 
-impl Checking {
     /// The file, once [`Checking::finish`]ed, if its stamp at the opening is the one that now
     /// vouches for `entry`'s body.
     fn vouched(self, entry: &DiskEntry) -> Option<OpenContent> {

@@ -767,6 +767,19 @@ async fn an_undecodable_entry_leaves_a_copy_folded_during_the_load() {
     );
 }
 
+/// What `attempt` gives once it succeeds, tried every 20 ms for up to 10 s; past that, a panic
+/// with `what` and the last failure.
+async fn within_10s<T>(what: &str, mut attempt: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match attempt().await {
+            Ok(got) => return got,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 /// A disk that fails for a while (full, or a write or sync that failed) does not end the
 /// index for the rest of the process: redb fails every operation after an I/O error until the
 /// database is opened again, which the writer does once it can. What the last durable commit
@@ -794,16 +807,13 @@ async fn the_index_works_again_after_the_disk_failed() {
         "nothing is durable without a database"
     );
     failing.writes.store(false, Ordering::Release);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let four = loop {
+    let four = within_10s("the index never took a write again", async || {
         match store.put(put(4, "four", None)).await {
-            Ok(Some(seq)) => break seq,
-            _ if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => panic!("the index never took a write again: {other:?}"),
+            Ok(Some(seq)) => Ok(seq),
+            other => Err(format!("{other:?}")),
         }
-    };
+    })
+    .await;
     if let Some(lost) = lost {
         assert!(four > lost, "{four} was handed out before, to a lost copy");
     }
@@ -839,18 +849,13 @@ async fn the_index_reads_again_after_a_read_failed() {
     failing.reads.store(true, Ordering::Release);
     assert!(store.get(&key(1)).is_err());
     failing.reads.store(false, Ordering::Release);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let record = within_10s("the index never read again", async || {
         match store.get(&key(1)) {
-            Ok(Some((_, record))) => {
-                assert_eq!(record, b"one");
-                break;
-            }
-            _ if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => panic!("the index never read again: {other:?}"),
+            Ok(Some((_, record))) => Ok(record),
+            other => Err(format!("{other:?}")),
         }
-    }
+    })
+    .await;
+    assert_eq!(record, b"one");
     store.close().await;
 }
