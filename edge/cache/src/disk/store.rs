@@ -123,7 +123,9 @@
 //! commit ~4.8 (page writes, checksums, allocator; the sync ~0.7). Records in an append-only
 //! log of their own (as ATS keeps objects) would save at most what the record's insert costs:
 //! skipping it took the writer from 15-17 to 9-11 µs per miss, the miss from 1.36-1.47x to
-//! 1.14-1.36x the memory-only miss (target 1.2x). Not done: the journal and the commit stay.
+//! 1.14-1.36x the memory-only miss (target 1.2x); five more alternating runs (session 21),
+//! from 12-16 to 7-9 µs and from 1.31-1.54x to 1.19-1.29x. Not done: it would not reliably
+//! meet the target, and a log needs its own space reclamation (see `benches/disk_miss.rs`).
 
 use std::io;
 use std::path::{Path, PathBuf};
