@@ -55,16 +55,19 @@ pub enum EdgeError {
     /// The upstream failed and nothing stored may stand in.
     #[error(transparent)]
     Upstream(UpstreamError),
-    /// The upstream's body failed before the edge could send the head.
-    #[error("the origin's response body failed")]
+    /// The body failed before the edge could send the head (the origin's, or a stored copy
+    /// found damaged as it was read: then it is removed, and a retry fetches it again).
+    #[error("the response body failed before it could be sent; retry")]
     UpstreamBody,
     /// An origin-encoded body a client cannot accept could not be decoded within the cap.
+    /// `reason` is one of a few fixed texts ([`DecodeError::client_reason`]): what went wrong
+    /// inside (an I/O error, a library's message) is logged, never sent.
     #[error(
-        "cannot decode the origin's {coding} body for a client that does not accept it: {reason} (compression.max_decompressed_size)"
+        "cannot decode the origin's {coding} body for a client that does not accept it: {reason}"
     )]
     Undecodable {
         coding: &'static str,
-        reason: String,
+        reason: &'static str,
     },
     /// An origin-encoded body a client cannot accept, and no room in the compression share of
     /// memory to decode it now.

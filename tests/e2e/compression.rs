@@ -126,10 +126,14 @@ async fn site_origin() -> (SocketAddr, SiteOrigin) {
 }
 
 const BOMB_LEN: usize = 32 << 20;
+const PRE_NOISE_LEN: usize = 300 << 10;
 
 /// A tiny origin for what a static site cannot send. Every response is cacheable text.
 /// - `/nt.txt`: 8 KiB with `Cache-Control: no-transform`
 /// - `/pre.txt`, `/pre-br.txt`: 8 KiB sent gzip / br encoded, with `Vary: Accept-Encoding`
+/// - `/pre-noise.txt`: [`PRE_NOISE_LEN`] of random letters sent gzip encoded, without Vary
+///   (one stored copy for every client): over 128 KiB encoded, so the disk tier streams it,
+///   and under the stream threshold, so an identity-only client's copy is decoded whole
 /// - `/bomb.txt`: 32 MiB of zeros, gzip encoded (about 32 KiB on the wire)
 /// - `/chunked.txt`: 64 KiB without Content-Length; `/large.txt`: the same with one
 /// - `/noise.txt`: 4 MiB of random letters, above the stream threshold, so it streams through
@@ -175,6 +179,7 @@ fn tiny_response(path: &str, bomb: &Bytes) -> Response<TinyBody> {
     };
     let mut cache_control = "public, max-age=600";
     let mut encoding = None;
+    let mut vary = true;
     let body = match path {
         "/nt.txt" => {
             cache_control = "public, max-age=600, no-transform";
@@ -187,6 +192,11 @@ fn tiny_response(path: &str, bomb: &Bytes) -> Response<TinyBody> {
         "/pre-br.txt" => {
             encoding = Some("br");
             full(brotli(&text(8 << 10)))
+        }
+        "/pre-noise.txt" => {
+            encoding = Some("gzip");
+            vary = false;
+            full(gzip(&noise(PRE_NOISE_LEN)))
         }
         "/bomb.txt" => {
             encoding = Some("gzip");
@@ -232,7 +242,9 @@ fn tiny_response(path: &str, bomb: &Bytes) -> Response<TinyBody> {
     h.insert(ETAG, HeaderValue::from_static("\"tiny-1\""));
     if let Some(e) = encoding {
         h.insert(CONTENT_ENCODING, HeaderValue::from_static(e));
-        h.insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+        if vary {
+            h.insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+        }
     }
     r
 }
@@ -839,4 +851,81 @@ async fn a_decoding_that_does_not_fit_the_share_gets_503() {
     assert_eq!(got.status, StatusCode::BAD_GATEWAY);
     let body = String::from_utf8_lossy(&got.body);
     assert!(body.contains("large-window"), "{body}");
+}
+
+/// A stored body that fails as it is read for decoding (its content file changed in place
+/// after it was checked) answers a fixed message, never the failure's own text (the cache
+/// directory's paths, hashes, OS errors), and the damaged copy is gone: the retry is a MISS
+/// with the origin's bytes.
+#[tokio::test]
+async fn a_stored_body_that_fails_before_decoding_tells_the_client_nothing_internal() {
+    let (origin, _stop) = tiny_origin().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().to_path_buf();
+    let edge = Edge::start_with(origin, "", Some(dir)).await;
+    let c = client();
+    let url = edge.url("/pre-noise.txt");
+    let want = noise(PRE_NOISE_LEN);
+
+    let first = get(&c, &url, Some("gzip")).await;
+    assert_eq!((first.x_cache(), first.coding()), ("MISS", Some("gzip")));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while edge.engine().usage()[1].1 < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "stored on disk");
+        edge.engine().run_pending_tasks().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Read through once from disk: checked, so later streams trust its unchanged length.
+    let hit = get(&c, &url, Some("gzip")).await;
+    assert_eq!(hit.x_cache(), "HIT");
+    assert_eq!(hit.decoded(), want);
+
+    // One byte of its content file changed in place: same length, another stamp.
+    let file = largest_file(&root);
+    let mut perms = std::fs::metadata(&file).expect("stat").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&file, perms).expect("make writable");
+    let mut data = std::fs::read(&file).expect("read content file");
+    let mid = data.len() / 2;
+    data[mid] ^= 0x55;
+    std::fs::write(&file, &data).expect("damage content file");
+
+    let bad = get(&c, &url, None).await;
+    assert_eq!(bad.status, StatusCode::BAD_GATEWAY, "{}", bad.x_cache());
+    assert_eq!(
+        std::str::from_utf8(&bad.body).expect("text"),
+        "the response body failed before it could be sent; retry\n"
+    );
+    let status = header(&bad.headers, "proxy-status").expect("Proxy-Status");
+    assert!(
+        status.contains("error=http_response_incomplete"),
+        "{status}"
+    );
+    assert!(
+        status.ends_with("details=\"the response body failed before it could be sent; retry\""),
+        "{status}"
+    );
+
+    let again = get(&c, &url, None).await;
+    assert_eq!((again.status, again.x_cache()), (StatusCode::OK, "MISS"));
+    assert_eq!(again.decoded(), want);
+}
+
+/// The largest file under `dir` (the one content file a single large object has).
+fn largest_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut best: Option<(u64, std::path::PathBuf)> = None;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let e = e.expect("dir entry");
+            let md = e.metadata().expect("metadata");
+            if md.is_dir() {
+                todo.push(e.path());
+            } else if best.as_ref().is_none_or(|(n, _)| md.len() > *n) {
+                best = Some((md.len(), e.path()));
+            }
+        }
+    }
+    best.expect("a file").1
 }

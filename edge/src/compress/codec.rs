@@ -42,6 +42,26 @@ pub enum DecodeError {
     TooLarge(u64),
     #[error("corrupt encoded body: {0}")]
     Corrupt(io::Error),
+    /// A brotli stream with the large-window extension: not a `br` coding.
+    #[error("{LARGE_WINDOW}")]
+    LargeWindow,
+}
+
+const LARGE_WINDOW: &str =
+    "a large-window brotli stream is not a br coding (RFC 7932 windows end at 16 MiB)";
+
+impl DecodeError {
+    /// What a client is told of this failure: a fixed text, never the error's own (an
+    /// `io::Error` here may be a library's message or this node's disk failing).
+    pub fn client_reason(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge(_) => {
+                "it decodes to more than this node allows (compression.max_decompressed_size)"
+            }
+            DecodeError::Corrupt(_) => "the encoded body is corrupt",
+            DecodeError::LargeWindow => LARGE_WINDOW,
+        }
+    }
 }
 
 /// Compresses a whole buffer. `level` is the gzip level or the brotli quality (clamped).

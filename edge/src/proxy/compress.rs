@@ -355,7 +355,12 @@ impl Compressor {
                 len: Some(n),
             } if n <= threshold => match collect(stream, n).await {
                 Ok(data) => Ok(data),
-                Err(e) => return Err(self.refused(coding, DecodeError::Corrupt(e))),
+                // The body's own failure (the origin's, or a damaged stored copy), not a
+                // decoding's: as when it fails before compression.
+                Err(e) => {
+                    debug!(error = %e, "body failed before decoding");
+                    return Err(EdgeError::UpstreamBody);
+                }
             },
             ServedBody::Full(b) => Err(futures_util::stream::once(async move { Ok(b) }).boxed()),
             ServedBody::Stream { stream, .. } => Err(stream),
@@ -439,7 +444,7 @@ impl Compressor {
         debug!(coding = coding.as_str(), error = %e, "refused to decode an origin-encoded body");
         EdgeError::Undecodable {
             coding: coding.as_str(),
-            reason: e.to_string(),
+            reason: e.client_reason(),
         }
     }
 }
@@ -453,9 +458,7 @@ fn window_bits(coding: Coding, data: &[u8]) -> Result<Option<u32>, DecodeError> 
     match memory::brotli_window_of(data) {
         memory::BrotliWindow::Bits(bits) => Ok(Some(bits)),
         memory::BrotliWindow::Unknown => Ok(None),
-        memory::BrotliWindow::Large => Err(DecodeError::Corrupt(io::Error::other(
-            "a large-window brotli stream is not a br coding (RFC 7932 windows end at 16 MiB)",
-        ))),
+        memory::BrotliWindow::Large => Err(DecodeError::LargeWindow),
     }
 }
 
