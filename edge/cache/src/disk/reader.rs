@@ -118,6 +118,11 @@ pub const STREAM_READ_SMALL: usize = 16 * 1024;
 /// lasts long after the read that made it hot.
 const HOT_STREAM_MAX: u64 = 4 << 20;
 
+/// Whole reads of bodies up to this size run on the async worker when hot; a larger one (a
+/// body read to be promoted into the memory tier can be an eighth of it) is one copy long
+/// enough to stall the worker's other tasks, so it goes to the blocking pool.
+const HOT_WHOLE_MAX: u64 = WHOLE_READ_MAX;
+
 /// The chunks a check of a whole body reads (see [`DiskTier::verify`]).
 const VERIFY_READ: usize = 256 * 1024;
 
@@ -271,7 +276,7 @@ impl DiskTier {
         };
         let entry = hit.entry.clone();
         entry.content_file(|| self.content_path(&entry.sri()));
-        let read = if entry.hot() {
+        let read = if entry.hot() && entry.size <= HOT_WHOLE_MAX {
             let path = &entry.content_file(PathBuf::new).path;
             self.open_files
                 .read_checked(path, &self.content, &entry, SystemTime::now())
