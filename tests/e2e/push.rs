@@ -566,3 +566,69 @@ async fn a_large_streamed_push_is_served_back_identical() {
     assert_eq!(origin.total_hits(), 0);
     edge.stop().await;
 }
+
+/// A pushed object that cannot be read for a moment, for a reason that is not damage (here a
+/// directory of its content path is briefly a file: ENOTDIR, as running out of file
+/// descriptors would be EMFILE), is answered from the origin meanwhile and stays pushed:
+/// served again once it can be read, listed, and across a restart. The origin's storable
+/// answer used to delete it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_object_that_cannot_be_read_for_a_moment_stays_pushed() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/app.js",
+        Reply::ok("from the origin").header("cache-control", "max-age=600"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let edge = admin::start(&origin, dir.path(), Extra::default()).await;
+    let c = client();
+    let body = pattern(64 << 10, 7);
+    let r = push(&c, &edge, "/app.js", &body, &[]).await;
+    assert_eq!(r.status, 201, "{r:?}");
+
+    let file = file_of_len(dir.path(), body.len() as u64);
+    let parent = file.parent().unwrap().to_path_buf();
+    let aside = dir.path().join("aside");
+    std::fs::rename(&parent, &aside).unwrap();
+    std::fs::write(&parent, b"not a directory").unwrap();
+    let r = get(&c, &edge, "/app.js").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body.as_ref(), b"from the origin", "the origin meanwhile");
+    std::fs::remove_file(&parent).unwrap();
+    std::fs::rename(&aside, &parent).unwrap();
+
+    let r = get(&c, &edge, "/app.js").await;
+    assert_eq!((r.status, r.x_cache()), (200, "HIT"), "{r:?}");
+    assert!(r.body.as_ref() == body.as_slice(), "still the pushed bytes");
+    assert_eq!(list(&c, &edge, "/").await.len(), 1, "still listed");
+    edge.stop().await;
+
+    let edge = admin::start(&origin, dir.path(), Extra::default()).await;
+    let r = get(&c, &edge, "/app.js").await;
+    assert_eq!(
+        (r.status, r.x_cache()),
+        (200, "HIT"),
+        "after restart: {r:?}"
+    );
+    assert!(r.body.as_ref() == body.as_slice(), "after restart");
+    edge.stop().await;
+}
+
+/// The one file under `dir` of `len` bytes (a pushed object's content file).
+fn file_of_len(dir: &std::path::Path, len: u64) -> std::path::PathBuf {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let md = e.metadata().unwrap();
+            if md.is_dir() {
+                todo.push(e.path());
+            } else if md.len() == len {
+                found.push(e.path());
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    found.remove(0)
+}

@@ -576,12 +576,21 @@ impl Engine {
             // be found again should the names come back.
             self.remove_object(fill.key).await;
         }
-        if storing && let Some(pinned) = &self.pinned {
-            // The origin's answer replaces a pushed object a soft purge sent back to it.
+        // The origin's answer replaces a pushed object a soft purge sent back to it: the copy
+        // this fill revalidates, no other (a re-push since stays, as for a 304 in
+        // `confirm_pushed`). A pushed object that could not be served for a passing reason
+        // (a failed read, the index reopening) sends its request here too, and stays.
+        if storing
+            && let Some(pinned) = &self.pinned
+            && let Some(stale) = job.stale_meta.as_ref().filter(|m| m.pinned())
+        {
             let path = job.norm.uri.path_and_query().map_or("/", |p| p.as_str());
-            if pinned.contains(path) {
-                pinned.delete(path).await;
-                self.memory.remove(&push_store::pinned_key(path)).await;
+            if let Some(current) = pinned.get(path).await
+                && current.meta.stored_at_ms == stale.stored_at_ms
+            {
+                let key = push_store::pinned_key(path);
+                pinned.tier().remove_copy(&key, &current.entry);
+                self.memory.remove(&key).await;
             }
         }
         // A body kept for the memory tier is held twice at its end (the chunks, then the
