@@ -609,15 +609,21 @@ impl Engine {
                     if promote {
                         // The memory tier's copy: compact, mapped when large (see `buffer`).
                         body = buffer::compact([body.as_ref()]);
-                        self.memory
-                            .insert(
-                                key,
-                                MemObject {
-                                    meta: hit.meta.clone(),
-                                    body: body.clone(),
-                                },
-                            )
-                            .await;
+                        let copy = MemObject {
+                            meta: hit.meta.clone(),
+                            body: body.clone(),
+                        };
+                        self.memory.insert(key, copy.clone()).await;
+                        // A push, a purge or an invalidation may have taken the copy read off
+                        // the disk meanwhile: removals take the disk's copy first, then the
+                        // memory's (see `remove_object`), so looking after inserting never
+                        // leaves a removed copy in memory.
+                        if !disk
+                            .copy_of(&key)
+                            .is_some_and(|e| Arc::ptr_eq(&e, &hit.entry))
+                        {
+                            self.memory.remove_copy(&key, &copy).await;
+                        }
                     }
                     Some(ServedBody::Full(body))
                 } else {

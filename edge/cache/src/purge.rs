@@ -197,13 +197,14 @@ impl Engine {
         }
     }
 
-    /// Removes an object and its encoded variants from both tiers.
+    /// Removes an object and its encoded variants from both tiers: the disk's copy first, so
+    /// a disk hit promoting its copy meanwhile finds it gone (see `body_of`).
     pub(super) async fn remove_object(&self, key: KeyHash) {
         for k in std::iter::once(key).chain(STORED_CODINGS.iter().map(|c| encoded_key(key, c))) {
-            self.memory.remove(&k).await;
             if let Some(d) = &self.disk {
                 d.remove(&k).await;
             }
+            self.memory.remove(&k).await;
         }
     }
 }

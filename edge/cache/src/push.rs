@@ -129,8 +129,10 @@ impl Engine {
         let Some(store) = &self.pinned else {
             return false;
         };
+        // The store's copy first, as in `remove_object`.
+        let had = store.delete(path).await;
         self.memory.remove(&push_store::pinned_key(path)).await;
-        store.delete(path).await
+        had
     }
 
     pub async fn list_pushed(&self, prefix: &str) -> Vec<push_store::PushedInfo> {

@@ -361,3 +361,23 @@ async fn the_disk_tier_stores_again_after_its_disk_failed() {
     rig.check("/during", Miss, "during").await;
     assert_eq!(rig.origin.calls("/during"), 2);
 }
+
+/// A disk hit's read that an invalidation (RFC 9111 §4.4, not in the purge log) overtakes
+/// does not put the old copy back into memory to be served as fresh.
+#[tokio::test]
+async fn a_promotion_that_an_invalidation_overtakes_is_not_served() {
+    let rig = Rig::disk().await;
+    first_miss(&rig, "/a", "v1").await;
+    let key = key_of("/a");
+    // Out of memory, as after an eviction: the next read comes from disk.
+    rig.engine.memory.remove(&key).await;
+    let disk = rig.engine.disk.as_ref().expect("disk tier");
+    let hit = disk.get(&key).await.expect("on disk");
+    rig.engine.invalidate(key).await;
+    rig.engine
+        .body_of(key, &crate::Stored::Disk(hit))
+        .await
+        .expect("the old copy read");
+    rig.origin.fresh("/a", "v2");
+    rig.check("/a", Miss, "v2").await;
+}

@@ -115,3 +115,22 @@ async fn pushing_needs_a_disk_tier() {
     assert!(matches!(refused, Err(PushError::Storage(_))), "{refused:?}");
     assert_eq!(rig.engine.pushed_count(), 0);
 }
+
+/// A read of the pushed object that a new push overtakes does not put the old copy into
+/// memory: the promotion looks, after inserting, whether the store still holds what it read.
+#[tokio::test]
+async fn a_promotion_that_a_push_overtakes_leaves_the_new_push_served() {
+    // Reopened, so the lookup reads the record, body included: the read needs no more I/O.
+    let rig = pushed().await.reopen().await;
+    let pinned = rig.engine.pinned.as_ref().expect("pinned store");
+    let hit = pinned.get("/app.js").await.expect("pushed");
+    push(&rig, "/app.js", "pushed again", &[])
+        .await
+        .expect("push");
+    let key = crate::push_store::pinned_key("/app.js");
+    rig.engine
+        .body_of(key, &crate::Stored::Pinned(hit))
+        .await
+        .expect("the old copy read");
+    rig.check("/app.js", Hit, "pushed again").await;
+}
