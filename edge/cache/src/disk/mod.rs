@@ -335,6 +335,61 @@ struct ContentFile {
 /// reads every body on its event loop.
 const HOT_FOR: Duration = Duration::from_secs(2);
 
+/// Read jobs of a tier on the blocking pool at once (see [`Lane::Read`]).
+pub const READ_JOBS: usize = 8;
+
+/// Checks of whole bodies of a tier on the blocking pool at once (see [`Lane::Check`]).
+pub const CHECK_JOBS: usize = 2;
+
+/// The kinds of work a tier runs on the blocking pool, each with a bound of its own: a burst
+/// of one kind (requests for many large objects never checked since the start, say) never
+/// takes every thread of the pool (32: what the rest of the process uses is left; two tiers,
+/// the cache's and the pushed objects', take 24 at most), and never delays the other kinds
+/// more than their own jobs do. A job holds its slot until it ends, even if its caller has
+/// gone; a caller that goes while it waits for a slot leaves nothing behind (tokio cannot
+/// cancel a job once on the pool).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Lane {
+    /// Content writes ([`WRITE_JOBS`]): writes never delay reads.
+    Write,
+    /// Short reads ([`READ_JOBS`]): a record, a body up to [`WHOLE_READ_MAX`], a stream's
+    /// chunk or its opening, a file's length.
+    Read,
+    /// Long ones ([`CHECK_JOBS`]): a body read through to check it before its first stream
+    /// (up to the largest object), or read whole to be promoted into the memory tier.
+    Check,
+}
+
+/// The slots of each [`Lane`].
+struct Lanes {
+    write: Arc<Semaphore>,
+    read: Arc<Semaphore>,
+    check: Arc<Semaphore>,
+    /// Jobs started, per lane (tests count what ran).
+    #[cfg(test)]
+    started: [AtomicU64; 3],
+}
+
+impl Lanes {
+    fn new() -> Self {
+        Lanes {
+            write: Arc::new(Semaphore::new(WRITE_JOBS)),
+            read: Arc::new(Semaphore::new(READ_JOBS)),
+            check: Arc::new(Semaphore::new(CHECK_JOBS)),
+            #[cfg(test)]
+            started: Default::default(),
+        }
+    }
+
+    fn of(&self, lane: Lane) -> &Arc<Semaphore> {
+        match lane {
+            Lane::Write => &self.write,
+            Lane::Read => &self.read,
+            Lane::Check => &self.check,
+        }
+    }
+}
+
 /// A warning that can fire on every request while the disk fails (a lookup the index cannot
 /// answer, a body that cannot be read, a store that fails): written at most once per
 /// [`Throttle::EVERY`], with the number of occurrences it stands for. A failing disk under
@@ -848,8 +903,8 @@ pub struct DiskTier {
     load_settling: AtomicBool,
     /// [`DiskTier::close`] was called: the load stops, and nothing is swept.
     closing: AtomicBool,
-    /// Write jobs on the blocking pool (see [`WRITE_JOBS`]).
-    write_jobs: Arc<Semaphore>,
+    /// Its jobs on the blocking pool, bounded by kind (see [`Lane`]).
+    lanes: Lanes,
     /// First misses turned away while the index is full ([`admission`]).
     doorkeeper: Doorkeeper,
     /// What an entry weighs in the index (its weigher's copy).
@@ -1129,7 +1184,7 @@ impl DiskTier {
             unloaded_lookups: AtomicU64::new(0),
             load_settling: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            write_jobs: Arc::new(Semaphore::new(WRITE_JOBS)),
+            lanes: Lanes::new(),
             doorkeeper,
             weight,
             capacity,
@@ -1712,9 +1767,8 @@ impl DiskTier {
         }
         let store = Arc::clone(&self.store);
         let k = *key;
-        tokio::task::spawn_blocking(move || read_stored(&store, &k, at))
-            .await
-            .map_err(io::Error::other)?
+        self.job(Lane::Read, move || read_stored(&store, &k, at))
+            .await?
     }
 
     /// [`DiskTier::fetch_record`] on this thread.
@@ -1770,7 +1824,7 @@ impl DiskTier {
         }
         let store = Arc::clone(&self.store);
         let k = *primary;
-        tokio::task::spawn_blocking(move || store.vary(&k))
+        self.job(Lane::Read, move || store.vary(&k))
             .await
             .ok()?
             .ok()?
@@ -1788,15 +1842,14 @@ impl DiskTier {
         limit: usize,
     ) -> io::Result<Vec<KeyHash>> {
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || store.vary_keys(after.as_ref(), limit))
-            .await
-            .map_err(io::Error::other)?
+        self.job(Lane::Read, move || store.vary_keys(after.as_ref(), limit))
+            .await?
     }
 
     /// The largest purge sequence any stored object recorded.
     pub async fn max_purge_seq(&self) -> u64 {
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || store.max_purge_seq())
+        self.job(Lane::Read, move || store.max_purge_seq())
             .await
             .ok()
             .and_then(Result::ok)
@@ -1855,6 +1908,45 @@ impl DiskTier {
     }
 
     /// Removes an object (from the store first, so it can never be found half-removed).
+    /// Runs `job` on the blocking pool once a slot of `lane` is free (see [`Lane`]).
+    pub(super) async fn job<T: Send + 'static>(
+        &self,
+        lane: Lane,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> io::Result<T> {
+        let slot = Arc::clone(self.lanes.of(lane))
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
+        #[cfg(test)]
+        self.lanes.started[lane as usize].fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            job()
+        })
+        .await
+        .map_err(io::Error::other)
+    }
+
+    /// [`DiskTier::job`], or on this thread when `here` (a hot file, see [`HOT_FOR`]).
+    pub(super) async fn here_or_job<T: Send + 'static>(
+        &self,
+        here: bool,
+        lane: Lane,
+        job: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        if here {
+            return job();
+        }
+        self.job(lane, job).await?
+    }
+
+    /// Jobs started in `lane` so far.
+    #[cfg(test)]
+    pub(crate) fn jobs_started(&self, lane: Lane) -> u64 {
+        self.lanes.started[lane as usize].load(Ordering::Relaxed)
+    }
+
     pub async fn remove(&self, key: &KeyHash) {
         self.touch(*key);
         self.store.delete(*key);

@@ -16,7 +16,7 @@ use ssri::IntegrityChecker;
 use tokio::io::AsyncReadExt;
 use tracing::warn;
 
-use super::{DiskEntry, DiskHit, DiskTier};
+use super::{DiskEntry, DiskHit, DiskTier, Lane};
 use crate::coalesce::{Budget, Charge};
 use crate::key::KeyHash;
 
@@ -276,19 +276,27 @@ impl DiskTier {
         };
         let entry = hit.entry.clone();
         entry.content_file(|| self.content_path(&entry.sri()));
-        let read = if entry.hot() && entry.size <= HOT_WHOLE_MAX {
+        let (read, charge) = if entry.hot() && entry.size <= HOT_WHOLE_MAX {
             let path = &entry.content_file(PathBuf::new).path;
-            self.open_files
-                .read_checked(path, &self.content, &entry, SystemTime::now())
+            let read = self
+                .open_files
+                .read_checked(path, &self.content, &entry, SystemTime::now());
+            (read, charge)
         } else {
             let content = self.content.clone();
             let open_files = Arc::clone(&self.open_files);
-            tokio::task::spawn_blocking(move || {
+            let lane = match entry.size <= WHOLE_READ_MAX {
+                true => Lane::Read,
+                false => Lane::Check,
+            };
+            // The charge goes with the job: what it reads counts until it ends, even if the
+            // request has gone meanwhile.
+            self.job(lane, move || {
                 let path = &entry.content_file(PathBuf::new).path;
-                open_files.read_checked(path, &content, &entry, SystemTime::now())
+                let read = open_files.read_checked(path, &content, &entry, SystemTime::now());
+                (read, charge)
             })
-            .await
-            .map_err(io::Error::other)?
+            .await?
         };
         match read {
             Ok((data, _)) => {
@@ -321,7 +329,12 @@ impl DiskTier {
             .path
             .clone();
         let failed = if hit.entry.verified.load(Ordering::Acquire) {
-            match tokio::fs::metadata(&path).await {
+            let stat = path.clone();
+            match self
+                .job(Lane::Read, move || std::fs::metadata(stat))
+                .await
+                .and_then(|r| r)
+            {
                 Ok(md) => (md.len() != size).then(|| wrong_length(md.len(), size)),
                 // Not where cacache's layout puts it: the stream's own checks decide.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -329,7 +342,11 @@ impl DiskTier {
             }
         } else {
             let entry = Arc::clone(&hit.entry);
-            match blocking(false, move || read_through(&path, &entry)).await {
+            match self
+                .job(Lane::Check, move || read_through(&path, &entry))
+                .await
+                .and_then(|r| r)
+            {
                 Ok(Some(true)) => None,
                 Ok(Some(false)) => Some(io::Error::other(
                     "the content file changed while it was read",
@@ -483,10 +500,12 @@ impl DiskTier {
                 match st.source.take() {
                     None => {
                         let (path, entry) = (st.path(), Arc::clone(&st.entry));
-                        let opened = blocking(st.hot, move || {
-                            Checking::open(&path, &entry, SystemTime::now())
-                        })
-                        .await;
+                        let opened = st
+                            .tier
+                            .here_or_job(st.hot, Lane::Read, move || {
+                                Checking::open(&path, &entry, SystemTime::now())
+                            })
+                            .await;
                         st.source = match opened {
                             Ok(Some(file)) => Some(Source::File(file)),
                             Ok(None) => {
@@ -517,8 +536,12 @@ impl DiskTier {
                     }
                     Some(Source::File(mut file)) => {
                         let (want, share) = st.next_chunk().await;
-                        let read =
-                            blocking(st.hot, move || file.read(want).map(|c| (file, c))).await;
+                        let read = st
+                            .tier
+                            .here_or_job(st.hot, Lane::Read, move || {
+                                file.read(want).map(|c| (file, c))
+                            })
+                            .await;
                         match read {
                             Ok((_, chunk)) if chunk.len() < want => {
                                 let e = io::Error::new(
@@ -577,20 +600,6 @@ impl DiskTier {
             }
         })
     }
-}
-
-/// Runs `f` on the blocking pool, or here if the file it reads is `hot` (see
-/// [`DiskEntry::hot`]).
-async fn blocking<T: Send + 'static>(
-    hot: bool,
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    if hot {
-        return f();
-    }
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(io::Error::other)?
 }
 
 /// Reads `size` bytes from `file`'s current position (fewer at the end of the file), in one

@@ -1944,3 +1944,62 @@ fn a_throttled_warning_is_written_once_per_interval() {
     assert_eq!(throttle.pass(), Some(4000));
     assert_eq!(throttle.pass(), None);
 }
+
+/// Checks of whole bodies ahead of a first stream (every object loaded from an earlier run
+/// starts unchecked) run at most [`CHECK_JOBS`] at a time, and one whose request went before
+/// its turn never runs: a burst of requests for large objects, each reset at once, used to
+/// queue a read of every body on the blocking pool, uncancellable, ahead of every other disk
+/// read (a hostile review). A check that ran records the file's stamp; counted after the
+/// burst is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_of_whole_bodies_are_bounded_and_dropped_ones_never_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let n: u8 = 16;
+    let key = |i: u8| KeyHash::of(&format!("example.test/{i}"));
+    {
+        let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
+            .await
+            .unwrap();
+        for i in 0..n {
+            store(&tier, key(i), &vec![i; 4 << 20], &meta("\"a\"")).await;
+        }
+        tier.close().await;
+    }
+    // Old enough for a check to record their stamps (both times: the ctime cannot be set).
+    tokio::time::sleep(STAMP_SETTLE + Duration::from_millis(100)).await;
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded())
+        .await
+        .unwrap();
+    let mut hits = Vec::new();
+    for i in 0..n {
+        hits.push((key(i), tier.get(&key(i)).await.expect("stored")));
+    }
+    let tasks: Vec<_> = hits
+        .iter()
+        .cloned()
+        .map(|(key, hit)| {
+            let tier = Arc::clone(&tier);
+            tokio::spawn(async move { tier.verify(&key, &hit).await })
+        })
+        .collect();
+    // Every task starts (asks for its check), then every request goes.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for t in &tasks {
+        t.abort();
+    }
+    // What did run has ended well within this.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let checked = hits
+        .iter()
+        .filter(|(_, hit)| {
+            let file = hit.entry.content_file(PathBuf::new);
+            file.checked.lock().unwrap().is_some()
+        })
+        .count();
+    assert!(
+        checked <= 2 * CHECK_JOBS,
+        "{checked} of {n} bodies were read through for requests that had gone"
+    );
+    assert!(checked >= 1, "the checks that had their turn ran");
+    assert_eq!(tier.jobs_started(Lane::Check) as usize, checked);
+}

@@ -145,13 +145,7 @@ impl DiskTier {
         &self,
         job: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
-        let _slot = Arc::clone(&self.write_jobs)
-            .acquire_owned()
-            .await
-            .map_err(io::Error::other)?;
-        tokio::task::spawn_blocking(job)
-            .await
-            .map_err(io::Error::other)?
+        self.job(super::Lane::Write, job).await?
     }
 }
 
