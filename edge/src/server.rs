@@ -36,6 +36,12 @@ use crate::proxy::http_client::{HyperUpstream, UpstreamConfig};
 use crate::proxy::respond::Identity;
 use crate::proxy::shield::ShieldUpstream;
 
+/// Streams an HTTP/2 client may have open at once on one connection (nginx's
+/// `http2_max_concurrent_streams`; hyper's default is 200). Each may hold a disk stream's file
+/// and chunks, a fill's reader, a compression job: what one connection can hold is this many
+/// requests' worth, so it is kept to what browsers use (they open far fewer).
+pub const MAX_H2_STREAMS: u32 = 128;
+
 /// A bound, ready edge node.
 pub struct EdgeServer {
     cfg: EdgeConfig,
@@ -350,6 +356,7 @@ impl EdgeServer {
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10))
+            .max_concurrent_streams(MAX_H2_STREAMS)
             .max_header_list_size(self.cfg.max_header_size.min(u32::MAX as u64) as u32);
         let builder = Arc::new(builder);
         info!(

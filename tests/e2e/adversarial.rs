@@ -1237,3 +1237,37 @@ async fn the_edge_process_runs_without_transparent_huge_pages() {
         "an operator's MIMALLOC_ALLOW_THP wins"
     );
 }
+
+/// An HTTP/2 client may open at most 128 streams at once on one connection, as the edge's
+/// SETTINGS frame announces (hyper's default was 200): what one connection can hold (disk
+/// streams, fills, compression jobs) is bounded by that many requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_announce_a_bound_on_their_streams() {
+    let origin = TestOrigin::start().await;
+    let edge = start_edge(origin.addr(), "", |_| {}).await;
+    let mut tcp = TcpStream::connect(edge.addr).await.expect("connect");
+    // The client preface, then an empty SETTINGS frame.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    let settings = tokio::time::timeout(WAIT, async {
+        loop {
+            let mut head = [0u8; 9];
+            tcp.read_exact(&mut head).await.expect("frame head");
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.expect("frame payload");
+            // SETTINGS, not its ACK.
+            if head[3] == 4 && head[4] & 1 == 0 {
+                break payload;
+            }
+        }
+    })
+    .await
+    .expect("the edge's SETTINGS");
+    let max_streams = settings.chunks_exact(6).find_map(|s| {
+        (u16::from_be_bytes([s[0], s[1]]) == 3)
+            .then(|| u32::from_be_bytes([s[2], s[3], s[4], s[5]]))
+    });
+    assert_eq!(max_streams, Some(128), "SETTINGS_MAX_CONCURRENT_STREAMS");
+}
