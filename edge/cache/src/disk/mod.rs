@@ -916,6 +916,8 @@ pub struct DiskTier {
     pub(crate) reads: Arc<Budget>,
     /// Content files kept open for whole reads.
     open_files: Arc<reader::OpenFiles>,
+    /// Slots of streams with a file open (see [`reader::stream_slots`]).
+    streams: Arc<Semaphore>,
 }
 
 /// What the indexed entries take: added as an entry is indexed, taken off as it leaves the
@@ -1189,6 +1191,7 @@ impl DiskTier {
             weight,
             capacity,
             shards: shards as u64,
+            streams: Arc::new(Semaphore::new(reader::stream_slots(reads.limit()))),
             reads,
             open_files: Arc::new(reader::OpenFiles::for_this_process()),
         });

@@ -16,7 +16,7 @@ use ssri::IntegrityChecker;
 use tokio::io::AsyncReadExt;
 use tracing::warn;
 
-use super::{DiskEntry, DiskHit, DiskTier, Lane};
+use super::{DiskEntry, DiskHit, DiskTier, Lane, Throttle};
 use crate::coalesce::{Budget, Charge};
 use crate::key::KeyHash;
 
@@ -122,6 +122,40 @@ const HOT_STREAM_MAX: u64 = 4 << 20;
 /// body read to be promoted into the memory tier can be an eighth of it) is one copy long
 /// enough to stall the worker's other tasks, so it goes to the blocking pool.
 const HOT_WHOLE_MAX: u64 = WHOLE_READ_MAX;
+
+/// The fewest streams a tier lets have a file open at once (see [`stream_slots`]).
+const STREAM_SLOTS_MIN: u64 = 64;
+
+/// How long a stream waits for a slot (see [`stream_slots`]) before it ends with an error.
+#[cfg(not(test))]
+const STREAM_SLOT_WAIT: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const STREAM_SLOT_WAIT: Duration = Duration::from_millis(300);
+
+/// Streams a tier lets have a content file open at once. Each holds a file descriptor for as
+/// long as its client takes, and up to [`SMALL_CHUNKS`] chunks past the read budget: without a
+/// bound, many slow streams (HTTP/2 multiplies them by a connection's streams) ran the process
+/// out of file descriptors, so that it could neither accept connections nor reach the origin,
+/// and held memory past `--memory`. So: as many as the read budget would hold at three small
+/// chunks each (its share of memory a second time over: about 340 at the default `--memory`, 1,365
+/// at most), at least [`STREAM_SLOTS_MIN`], at most a quarter of the soft `ulimit -n`. A
+/// stream past them waits [`STREAM_SLOT_WAIT`] for one, then ends with an error (its client
+/// sees the response cut short, never a body presented as complete).
+pub(super) fn stream_slots(read_budget: u64) -> usize {
+    let by_memory = read_budget / (SMALL_CHUNKS * STREAM_READ_SMALL) as u64;
+    let by_files = (soft_nofile() / 4).max(STREAM_SLOTS_MIN);
+    usize::try_from(by_memory.clamp(STREAM_SLOTS_MIN, by_files)).unwrap_or(usize::MAX)
+}
+
+/// The soft limit of open files (`ulimit -n`), `u64::MAX` where there is none to read.
+fn soft_nofile() -> u64 {
+    #[cfg(unix)]
+    return rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    #[cfg(not(unix))]
+    u64::MAX
+}
 
 /// The chunks a check of a whole body reads (see [`DiskTier::verify`]).
 const VERIFY_READ: usize = 256 * 1024;
@@ -424,6 +458,8 @@ impl DiskTier {
             size: u64,
             /// Its chunks read past the read budget.
             small: Arc<SmallChunks>,
+            /// Its slot among the tier's streams, from its first read (see [`stream_slots`]).
+            slot: Option<tokio::sync::OwnedSemaphorePermit>,
         }
         impl St {
             /// Ends the stream with `e`, removing the copy if `e` is damage.
@@ -486,6 +522,7 @@ impl DiskTier {
                 alive: AtomicUsize::new(0),
                 released: tokio::sync::Notify::new(),
             }),
+            slot: None,
         };
         futures_util::stream::unfold(st, move |mut st| async move {
             loop {
@@ -499,6 +536,21 @@ impl DiskTier {
                 }
                 match st.source.take() {
                     None => {
+                        let slots = Arc::clone(&st.tier.streams);
+                        match tokio::time::timeout(STREAM_SLOT_WAIT, slots.acquire_owned()).await {
+                            Ok(Ok(slot)) => st.slot = Some(slot),
+                            _ => {
+                                static BUSY: Throttle = Throttle::new();
+                                if let Some(occurrences) = BUSY.pass() {
+                                    warn!(
+                                        occurrences,
+                                        "every disk stream slot is taken: a stream gave up (one line per 10 s at most)"
+                                    );
+                                }
+                                let e = io::Error::other("no disk stream slot came free");
+                                return st.fail(&key, e);
+                            }
+                        }
                         let (path, entry) = (st.path(), Arc::clone(&st.entry));
                         let opened = st
                             .tier
@@ -799,9 +851,7 @@ impl OpenFiles {
     /// [`OPEN_FILES_MAX`], or an eighth of the soft limit on open files if that is less.
     pub(super) fn for_this_process() -> Self {
         #[cfg(unix)]
-        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-            .current
-            .map_or(usize::MAX, |n| usize::try_from(n / 8).unwrap_or(usize::MAX));
+        let limit = usize::try_from(soft_nofile() / 8).unwrap_or(usize::MAX);
         #[cfg(not(unix))]
         let limit = 0;
         Self::new(OPEN_FILES_MAX.min(limit))

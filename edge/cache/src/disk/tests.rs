@@ -2003,3 +2003,39 @@ async fn checks_of_whole_bodies_are_bounded_and_dropped_ones_never_run() {
     assert!(checked >= 1, "the checks that had their turn ran");
     assert_eq!(tier.jobs_started(Lane::Check) as usize, checked);
 }
+
+/// A tier lets only so many streams have a content file open at once (64 at its least): one
+/// past them waits for a slot, ends with an error if none comes free, and gets one as soon as
+/// another stream goes (a hostile review: slow HTTP/2 streams of large objects, 200 to a
+/// connection, ran the process out of file descriptors and held memory past `--memory`).
+#[tokio::test]
+async fn streams_past_their_slots_wait_then_fail_and_get_one_when_another_goes() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (tier, _) = DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, Budget::new(64 << 10))
+        .await
+        .unwrap();
+    let key = KeyHash::of("example.test/big");
+    store(&tier, key, &vec![7u8; 200 << 10], &meta("\"a\"")).await;
+    let hit = tier.get(&key).await.unwrap();
+    let slots = super::reader::stream_slots(64 << 10);
+    assert_eq!(slots, 64);
+    let mut open = Vec::new();
+    for _ in 0..slots {
+        let mut s = Box::pin(tier.stream(key, &hit));
+        s.next().await.expect("a chunk").expect("read");
+        open.push(s);
+    }
+    let mut late = Box::pin(tier.stream(key, &hit));
+    let Some(Err(e)) = late.next().await else {
+        panic!("a stream past the slots read its body");
+    };
+    assert!(!is_damage(&e), "{e}");
+    open.pop();
+    let mut next = Box::pin(tier.stream(key, &hit));
+    next.next()
+        .await
+        .expect("a chunk")
+        .expect("read once a slot came free");
+    assert!(tier.get(&key).await.is_some(), "still stored");
+}
