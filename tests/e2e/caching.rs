@@ -1579,3 +1579,64 @@ async fn origin_weights_spread_requests_and_still_fail_over() {
     }
     assert_eq!(second.hits("/w"), 18, "the second answered every one");
 }
+
+/// A Range request for a large disk object whose content file changed in place after it was
+/// checked never gets the changed bytes as a complete 206: its response is cut before its
+/// last bytes and the damaged copy goes, so the retry is a MISS with the origin's bytes. (Its
+/// range used to be cut from the body's stream, which then never reached the check at its
+/// end: the changed bytes went out as a complete 206.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_of_a_large_disk_entry_changed_in_place_is_never_served_as_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = pattern(512 * 1024, 10);
+    let origin = TestOrigin::start().await;
+    origin.route("/big", cacheable(body.clone(), "max-age=3600"));
+    let tweak = |c: &mut EdgeConfig| {
+        c.cache_dir = Some(dir.path().to_path_buf());
+        // Memory objects are at most memory/8 = 128 KiB: this one streams from disk.
+        c.memory = 1 << 20;
+    };
+    let edge = start_edge_with(origin.addr(), tweak).await;
+    let c = client();
+    assert!(get(&c, &edge.url("/big"), &[HOST]).await.body == body);
+    edge.wait_disk_objects(1).await;
+    edge.stop_within(WAIT).await;
+    // Its times settled, a restart's first stream reads it through and vouches for it.
+    tokio::time::sleep(outpost_edge::cache::disk::STAMP_SETTLE + Duration::from_millis(100)).await;
+    let edge = start_edge_with(origin.addr(), tweak).await;
+    let r = get(&c, &edge.url("/big"), &[HOST, ("range", "bytes=0-999")]).await;
+    assert_eq!((r.status, r.x_cache()), (206, "HIT"), "{r:?}");
+    assert!(r.body == body.slice(..1000));
+
+    // One byte in the range changed, same length.
+    let files = files_under(&dir.path().join("content").join("content-v2"));
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mut changed = body.to_vec();
+    changed[500] ^= 0xff;
+    let mut perms = std::fs::metadata(&files[0]).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&files[0], perms).unwrap();
+    std::fs::write(&files[0], &changed).unwrap();
+
+    let cut = async {
+        let r = c
+            .get(edge.url("/big"))
+            .header(HOST.0, HOST.1)
+            .header("range", "bytes=0-999")
+            .send()
+            .await?;
+        r.bytes().await
+    }
+    .await;
+    if let Ok(b) = cut {
+        panic!(
+            "{} bytes served as a complete 206 of a changed file",
+            b.len()
+        );
+    }
+    let r = get(&c, &edge.url("/big"), &[HOST, ("range", "bytes=0-999")]).await;
+    assert_eq!(r.status, 206, "{r:?}");
+    assert_eq!(r.x_cache(), "MISS", "the damaged copy went");
+    assert!(r.body == body.slice(..1000));
+}

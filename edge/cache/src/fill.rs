@@ -356,6 +356,7 @@ impl Engine {
                     body: ServedBody::Stream {
                         stream: reader.into_stream().boxed(),
                         len: head.content_length,
+                        range: None,
                     },
                     stored: head.meta.is_some(),
                     meta: head.meta.clone(),
@@ -398,6 +399,7 @@ impl Engine {
                     body: ServedBody::Stream {
                         stream: body_stream(body),
                         len,
+                        range: None,
                     },
                     meta: None,
                     cache: CacheStatus::Pass(reason),

@@ -70,7 +70,7 @@ use self::upstream::Upstream;
 
 pub use self::encoded::{STORED_CODINGS, encoded_key};
 pub use self::purge::{PurgeOutcome, PurgeSpec};
-pub use self::served::{Failure, Served, ServedBody};
+pub use self::served::{Failure, RangeFn, Served, ServedBody};
 pub use self::upstream::empty_body;
 
 /// Engine settings (from the edge config).
@@ -630,9 +630,13 @@ impl Engine {
                     if !disk.verify(&key, hit).await {
                         return None;
                     }
+                    let (tier, part) = (Arc::clone(disk), hit.clone());
                     Some(ServedBody::Stream {
                         stream: disk.stream(key, hit).boxed(),
                         len: Some(hit.entry.size),
+                        range: Some(Box::new(move |start, len| {
+                            tier.stream_range(key, &part, start, len).boxed()
+                        })),
                     })
                 }
             }

@@ -24,8 +24,15 @@ pub enum ServedBody {
     Stream {
         stream: BoxStream<'static, io::Result<Bytes>>,
         len: Option<u64>,
+        /// For a body that can be read from any offset (a disk tier's content file): makes
+        /// the stream of `len` bytes from `start`, so a Range request reads those, not every
+        /// byte before them. `None`: a range is cut from `stream`.
+        range: Option<RangeFn>,
     },
 }
+
+/// See [`ServedBody::Stream`]'s `range`: `(start, len)` to the stream of those bytes.
+pub type RangeFn = Box<dyn FnOnce(u64, u64) -> BoxStream<'static, io::Result<Bytes>> + Send>;
 
 impl ServedBody {
     pub fn len(&self) -> Option<u64> {

@@ -315,6 +315,7 @@ impl Compressor {
             }
             .boxed(),
             len: None,
+            range: None,
         }
     }
 
@@ -340,6 +341,7 @@ impl Compressor {
             served.body = ServedBody::Stream {
                 stream: futures_util::stream::empty().boxed(),
                 len: None,
+                range: None,
             };
             return Ok(served);
         }
@@ -353,6 +355,7 @@ impl Compressor {
             ServedBody::Stream {
                 stream,
                 len: Some(n),
+                ..
             } if n <= threshold => match collect(stream, n).await {
                 Ok(data) => Ok(data),
                 // The body's own failure (the origin's, or a damaged stored copy), not a
@@ -406,6 +409,7 @@ impl Compressor {
                 })
                 .boxed(),
             len: None,
+            range: None,
         };
         Ok(served)
     }

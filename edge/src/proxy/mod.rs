@@ -467,6 +467,7 @@ impl Proxy {
                     body: crate::cache::ServedBody::Stream {
                         stream: Box::pin(http_body_util::BodyDataStream::new(rb).map_err_io()),
                         len: None,
+                        range: None,
                     },
                     meta: None,
                     cache: CacheStatus::Pass(PassReason::Method),

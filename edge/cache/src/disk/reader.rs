@@ -434,6 +434,33 @@ impl DiskTier {
         key: KeyHash,
         hit: &DiskHit,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        self.stream_part(key, hit, 0, hit.entry.size)
+    }
+
+    /// [`DiskTier::stream`] of the `len` bytes from `start` (a Range request's): a content file
+    /// whose stamp vouches for it is read from there, only those bytes, and its stamp compared
+    /// at the end; one that must be hashed is read whole (the hash needs every byte), only the
+    /// range sent, its last bytes held back until the hash matched.
+    pub fn stream_range(
+        self: &Arc<Self>,
+        key: KeyHash,
+        hit: &DiskHit,
+        start: u64,
+        len: u64,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let size = hit.entry.size;
+        let start = start.min(size);
+        self.stream_part(key, hit, start, start.saturating_add(len).min(size))
+    }
+
+    /// The stream of bytes `from..to` of the body (see [`DiskTier::stream_range`]).
+    fn stream_part(
+        self: &Arc<Self>,
+        key: KeyHash,
+        hit: &DiskHit,
+        from: u64,
+        to: u64,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         /// Where the bytes come from.
         enum Source {
             /// The content file, read directly.
@@ -453,9 +480,15 @@ impl DiskTier {
             hot: bool,
             pending: Option<Bytes>,
             done: bool,
-            /// Bytes read so far, and the recorded length.
+            /// Where the next read starts, and the recorded length.
             read: u64,
             size: u64,
+            /// The part of the body it sends.
+            from: u64,
+            to: u64,
+            /// Where its reads end: the part's end, or the body's when the source checks a
+            /// hash (it needs every byte).
+            stop: u64,
             /// Its chunks read past the read budget.
             small: Arc<SmallChunks>,
             /// Its slot among the tier's streams, from its first read (see [`stream_slots`]).
@@ -480,17 +513,28 @@ impl DiskTier {
                     .clone()
             }
 
-            /// Holds `chunk` back, giving the one held before.
+            /// Counts `chunk` (read at `read`) as read and holds back its bytes within the
+            /// part, giving the ones held before.
             fn hold(&mut self, chunk: Vec<u8>, share: Share) -> Option<Bytes> {
+                let at = self.read;
                 self.read += chunk.len() as u64;
-                self.pending.replace(charged(chunk, share))
+                let (from, to) = (self.from.max(at), self.to.min(self.read));
+                if from >= to {
+                    return None;
+                }
+                let bytes = charged(chunk, share);
+                let part = match (from, to) == (at, self.read) {
+                    true => bytes,
+                    false => bytes.slice((from - at) as usize..(to - at) as usize),
+                };
+                self.pending.replace(part)
             }
 
             /// The next chunk's size and what it counts against: [`STREAM_READ`] from the read
             /// budget if it has room, else [`STREAM_READ_SMALL`], once fewer than
             /// [`SMALL_CHUNKS`] of this stream's are alive (waiting until one goes).
             async fn next_chunk(&self) -> (usize, Share) {
-                let left = usize::try_from(self.size - self.read).unwrap_or(usize::MAX);
+                let left = usize::try_from(self.stop - self.read).unwrap_or(usize::MAX);
                 loop {
                     if let Some(charge) = self.tier.reads.take(left.min(STREAM_READ) as u64) {
                         return (left.min(STREAM_READ), Share::Charged(charge));
@@ -518,6 +562,9 @@ impl DiskTier {
             done: false,
             read: 0,
             size: hit.entry.size,
+            from,
+            to,
+            stop: hit.entry.size,
             small: Arc::new(SmallChunks {
                 alive: AtomicUsize::new(0),
                 released: tokio::sync::Notify::new(),
@@ -531,7 +578,10 @@ impl DiskTier {
                 }
                 if let Some(hit) = st.inline.take() {
                     st.done = true;
-                    let body = st.tier.inline_body(&key, &hit).await;
+                    let body = st.tier.inline_body(&key, &hit).await.map(|b| {
+                        let end = usize::try_from(st.to).unwrap_or(usize::MAX).min(b.len());
+                        b.slice(usize::try_from(st.from).unwrap_or(end).min(end)..end)
+                    });
                     return Some((body, st));
                 }
                 match st.source.take() {
@@ -551,15 +601,27 @@ impl DiskTier {
                                 return st.fail(&key, e);
                             }
                         }
-                        let (path, entry) = (st.path(), Arc::clone(&st.entry));
+                        let (path, entry, from) = (st.path(), Arc::clone(&st.entry), st.from);
                         let opened = st
                             .tier
                             .here_or_job(st.hot, Lane::Read, move || {
-                                Checking::open(&path, &entry, SystemTime::now())
+                                let mut opened = Checking::open(&path, &entry, SystemTime::now());
+                                // A file vouched for by its stamp is read from the part's start.
+                                if let Ok(Some(file)) = &mut opened
+                                    && !file.hashes()
+                                {
+                                    file.seek_to(from)?;
+                                }
+                                opened
                             })
                             .await;
                         st.source = match opened {
-                            Ok(Some(file)) => Some(Source::File(file)),
+                            Ok(Some(file)) => {
+                                if !file.hashes() {
+                                    (st.read, st.stop) = (st.from, st.to);
+                                }
+                                Some(Source::File(file))
+                            }
                             Ok(None) => {
                                 match cacache::Reader::open_hash(&st.tier.content, st.entry.sri())
                                     .await
@@ -571,7 +633,7 @@ impl DiskTier {
                             Err(e) => return st.fail(&key, e),
                         };
                     }
-                    Some(Source::File(mut file)) if st.read == st.size => {
+                    Some(Source::File(mut file)) if st.read == st.stop => {
                         st.done = true;
                         match file.finish(&st.path(), &st.entry) {
                             Ok(true) => {
@@ -754,6 +816,14 @@ impl Checking {
     }
 
     /// Whether its bytes are hashed (rather than vouched for by the file's unchanged stamp).
+    /// Moves to `offset`, for a part of the file: only one it does not hash (the hash needs
+    /// every byte, from the first).
+    fn seek_to(&mut self, offset: u64) -> io::Result<()> {
+        use std::io::Seek;
+        debug_assert!(self.hasher.is_none());
+        self.file.seek(io::SeekFrom::Start(offset)).map(drop)
+    }
+
     pub(super) fn hashes(&self) -> bool {
         self.hasher.is_some()
     }

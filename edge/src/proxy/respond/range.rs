@@ -27,6 +27,10 @@ pub(super) fn partial(
     let body = match body {
         ServedBody::Full(b) => full(b.slice(start as usize..=end as usize)),
         ServedBody::Empty => full(Bytes::new()),
+        // A disk body is read from the range's start; any other is cut from its stream.
+        ServedBody::Stream {
+            range: Some(range), ..
+        } => stream_body(range(start, len)),
         ServedBody::Stream { stream, .. } => stream_body(slice_stream(stream, start, len)),
     };
     let mut resp = Response::new(body);
