@@ -208,6 +208,11 @@ pub struct Engine {
     /// What the disk tier's start-up load found has reached the engine's own indexes (hosts,
     /// Vary): until then a purge cannot count what it matched. True without a disk tier.
     disk_indexed: std::sync::atomic::AtomicBool,
+    /// URLs (primary keys) invalidated before `disk_indexed`, with when: their Vary variants
+    /// the load had not handed over were not in the Vary index then, so a lookup meanwhile
+    /// or the handover itself takes a copy stored before then (see [`Engine::invalidate`]).
+    /// Emptied once `disk_indexed`.
+    invalidated_loading: dashmap::DashMap<KeyHash, u64, key::KeyHasher>,
 }
 
 /// How `--memory` is shared out. It covers everything the cache holds, not only the memory
@@ -329,6 +334,7 @@ impl Engine {
             purges,
             stats: Arc::new(EngineStats::default()),
             disk_indexed: std::sync::atomic::AtomicBool::new(loading.is_none()),
+            invalidated_loading: dashmap::DashMap::with_hasher(key::KeyHasher::default()),
         });
         if let Some(rx) = loading {
             tokio::spawn(Self::index_loaded(Arc::downgrade(&engine), rx));
@@ -359,10 +365,17 @@ impl Engine {
             let mut seq = 0;
             for l in batch {
                 seq = seq.max(l.purge_seq);
+                let primary = KeyHash::of(&l.key_text);
+                // Stored by an earlier process: older than any invalidation of this one.
+                if e.invalidated_loading.contains_key(&primary) {
+                    if let Some(disk) = &e.disk {
+                        disk.remove_copy(&l.key, &l.entry);
+                    }
+                    continue;
+                }
                 e.purges.track_host(&l.key_text);
                 if !l.vary.is_empty() {
-                    e.vary
-                        .restore(KeyHash::of(&l.key_text), vary_names(&l.vary), l.key);
+                    e.vary.restore(primary, vary_names(&l.vary), l.key);
                 }
             }
             e.purges.log.raise_floor(seq);
@@ -370,6 +383,8 @@ impl Engine {
         if let Some(e) = engine.upgrade() {
             e.disk_indexed
                 .store(true, std::sync::atomic::Ordering::Release);
+            // Every copy the load found has been handed over (and checked against them).
+            e.invalidated_loading.clear();
             e.sweep_vary_names().await;
         }
     }
@@ -538,7 +553,18 @@ impl Engine {
             return Some(Stored::Memory(obj));
         }
         let disk = self.disk.as_ref()?;
-        disk.get(key).await.map(Stored::Disk)
+        let hit = disk.get(key).await?;
+        if !self.disk_indexed.load(std::sync::atomic::Ordering::Acquire)
+            && !self.invalidated_loading.is_empty()
+            && self
+                .invalidated_loading
+                .get(&KeyHash::of(&hit.meta.key))
+                .is_some_and(|at| hit.meta.stored_at_ms <= *at)
+        {
+            disk.remove_copy(key, &hit.entry);
+            return None;
+        }
+        Some(Stored::Disk(hit))
     }
 
     /// Removes the copy `stored` of `key` found by a lookup, only if the key still holds it: a

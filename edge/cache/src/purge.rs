@@ -189,6 +189,13 @@ impl Engine {
     /// Removes every stored variant of a key from both tiers (RFC 9111 §4.4 invalidation,
     /// exact-URL purge).
     pub async fn invalidate(&self, primary: KeyHash) {
+        // While the disk index loads, variants it has not handed over are not in the Vary
+        // index: noted first, so that the handover, if it comes after the Vary index is read
+        // below, finds the note (see `index_loaded`), and a lookup meanwhile too (`lookup`).
+        if !self.disk_indexed.load(Ordering::Acquire) {
+            let now = crate::clock::unix_ms(self.clock.now());
+            self.invalidated_loading.insert(primary, now);
+        }
         let variants = self.vary.remove(primary);
         for k in std::iter::once(primary).chain(variants.iter().copied()) {
             // A fetch still running for the key must not bring the old answer back.

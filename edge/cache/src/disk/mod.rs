@@ -857,6 +857,8 @@ pub struct DiskHit {
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub key: KeyHash,
+    /// The copy indexed under `key`.
+    pub entry: Arc<DiskEntry>,
     pub key_text: String,
     /// The Vary names (comma-separated), empty without Vary.
     pub vary: String,
@@ -1286,6 +1288,7 @@ impl DiskTier {
                     }
                     found.push(Loaded {
                         key,
+                        entry: indexed,
                         key_text: e.key_text,
                         vary: e.vary,
                         purge_seq: e.purge_seq,

@@ -308,3 +308,47 @@ async fn a_disk_hit_is_promoted_when_the_read_budget_is_spent() {
     assert_eq!(again.tier, Tier::Memory, "promoted");
     drop(spent);
 }
+
+/// An invalidation (RFC 9111 §4.4, a successful unsafe request: not in the purge log) made
+/// while the disk index loads takes the URL's Vary variants the load has not reached as well:
+/// neither a lookup meanwhile nor the load brings an old answer back. (The engine's Vary index
+/// does not know them yet, so it used to invalidate the URL's primary key alone.)
+#[tokio::test]
+async fn an_invalidation_while_the_index_loads_takes_the_variants_it_has_not_reached() {
+    let rig = Rig::disk().await;
+    rig.origin.greet_by_language("/v");
+    let en: Fields = &[("accept-language", "en")];
+    let de: Fields = &[("accept-language", "de")];
+    rig.check_with("/v", en, Miss, "hello in en").await;
+    rig.check_with("/v", de, Miss, "hello in de").await;
+    let dir = rig.dir.as_ref().expect("a disk rig").path().to_path_buf();
+    let gate = crate::disk::load_gate::hold(&dir);
+    let rig = rig.reopen().await;
+    let disk = rig.engine.disk.clone().expect("a disk tier");
+    assert!(!disk.load_state().done, "the load is held back");
+
+    rig.engine
+        .invalidate(request("/v", &[]).norm.key.hash())
+        .await;
+    rig.check_with("/v", de, Miss, "hello in de").await;
+    assert_eq!(
+        rig.origin.calls("/v"),
+        3,
+        "the old de answer was not served"
+    );
+
+    drop(gate);
+    eventually("the engine has indexed the load", || {
+        rig.engine
+            .disk_indexed
+            .load(std::sync::atomic::Ordering::Acquire)
+    })
+    .await;
+    rig.check_with("/v", en, Miss, "hello in en").await;
+    rig.check_with("/v", de, Hit, "hello in de").await;
+    assert_eq!(
+        rig.origin.calls("/v"),
+        4,
+        "the load brought no old answer back"
+    );
+}
