@@ -263,6 +263,10 @@ async fn entries_of_content_files_cost_what_they_are_charged() {
     use outpost_cache::disk::{INDEX_ENTRY_BYTES, INDEX_FILE_ENTRY_EXTRA};
     const OBJECTS: usize = 896;
     let _turn = ONE_AT_A_TIME.lock().await;
+    // Content files kept open for whole reads are a cache of their own, fixed in size (at most
+    // 1,024 per tier, an eighth of `ulimit -n`): with few descriptors it keeps few, so what
+    // is measured is the entries' own cost, not that cache filling up alongside them.
+    few_open_files();
     let dir = tempfile::tempdir().unwrap();
     let memory = 1 << 20;
     let size = 20 << 10;
@@ -363,4 +367,12 @@ async fn slow_readers_of_disk_hits_hold_at_most_the_read_budget() {
     );
     drop(held);
     close(engine).await;
+}
+
+/// Lowers this process's soft limit of open files to 256 (a fresh shell has 1,024).
+fn few_open_files() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = Some(limit.current.unwrap_or(u64::MAX).min(256));
+    setrlimit(Resource::Nofile, limit).expect("lower the open files limit");
 }
