@@ -348,28 +348,33 @@ impl Compressor {
         CompressionStats::add(&stats.decompressed, 1);
         let cap = self.cfg.max_decompressed_size;
         let threshold = self.cfg.stream_threshold;
-        // A small body is decoded whole (a 502 past the cap), a large one as a stream.
+        // A small body is decoded whole (a 502 past the cap), a large one as a stream. A small
+        // one that streams is gathered first: its copy counts against the share until it is
+        // decoded (without room for it, it is decoded as a stream).
         let input = match body {
-            ServedBody::Empty => Ok(Bytes::new()),
-            ServedBody::Full(b) if b.len() as u64 <= threshold => Ok(b),
+            ServedBody::Empty => Ok((Bytes::new(), None)),
+            ServedBody::Full(b) if b.len() as u64 <= threshold => Ok((b, None)),
             ServedBody::Stream {
                 stream,
                 len: Some(n),
                 ..
-            } if n <= threshold => match collect(stream, n).await {
-                Ok(data) => Ok(data),
-                // The body's own failure (the origin's, or a damaged stored copy), not a
-                // decoding's: as when it fails before compression.
-                Err(e) => {
-                    debug!(error = %e, "body failed before decoding");
-                    return Err(EdgeError::UpstreamBody);
-                }
+            } if n <= threshold => match self.take(n) {
+                Some(held) => match collect(stream, n).await {
+                    Ok(data) => Ok((data, Some(held))),
+                    // The body's own failure (the origin's, or a damaged stored copy), not a
+                    // decoding's: as when it fails before compression.
+                    Err(e) => {
+                        debug!(error = %e, "body failed before decoding");
+                        return Err(EdgeError::UpstreamBody);
+                    }
+                },
+                None => Err(stream),
             },
             ServedBody::Full(b) => Err(futures_util::stream::once(async move { Ok(b) }).boxed()),
             ServedBody::Stream { stream, .. } => Err(stream),
         };
         let (window, input) = match input {
-            Ok(data) => {
+            Ok((data, held)) => {
                 let window = match window_bits(coding, &data) {
                     Ok(window) => window,
                     Err(e) => return Err(self.refused(coding, e)),
@@ -381,10 +386,15 @@ impl Compressor {
                     }
                     Some(Err(e)) => return Err(self.refused(coding, e)),
                     // No room to decode it whole, or more than a whole decoding produces:
-                    // decoded again, as a stream.
+                    // decoded again, as a stream (the gathered copy keeps its charge).
                     None => (
                         window,
-                        futures_util::stream::once(async move { Ok(data) }).boxed(),
+                        futures_util::stream::once(async move { Ok(data) })
+                            .map(move |chunk| {
+                                let _held = &held;
+                                chunk
+                            })
+                            .boxed(),
                     ),
                 }
             }
@@ -612,6 +622,66 @@ mod tests {
     use super::*;
     use crate::compress::{MediaPattern, decode_stream};
     use http::HeaderValue;
+
+    /// An origin-gzipped body that streams in (a fill, a disk read) and is small enough to be
+    /// decoded whole for a client that does not take gzip is gathered first: its copy counts
+    /// against the compression share while it gathers (a hostile review: a thousand such
+    /// requests held a GiB no budget counted), and the charge goes once it is decoded.
+    #[tokio::test]
+    async fn a_body_gathered_to_be_decoded_counts_against_the_share() {
+        let data = Bytes::from(text(200_000));
+        let encoded = Bytes::from(encode(Coding::Gzip, &data, 6).unwrap());
+        let n = encoded.len() as u64;
+        let compressor = Arc::new(Compressor::new(CompressionConfig::default(), 16 << 20));
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
+        let mut served = Served::failed(
+            crate::cache::Failure::NotCached,
+            std::time::SystemTime::now(),
+        );
+        served.status = http::StatusCode::OK;
+        served.failure = None;
+        served
+            .headers
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        served.body = ServedBody::Stream {
+            stream: futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|chunk| (chunk, rx))
+            })
+            .boxed(),
+            len: Some(n),
+            range: None,
+        };
+        let decoding = tokio::spawn({
+            let compressor = Arc::clone(&compressor);
+            async move {
+                compressor
+                    .origin_encoded(served, Coding::Gzip, &Method::GET, &HeaderMap::new())
+                    .await
+            }
+        });
+        let half = encoded.len() / 2;
+        tx.send(Ok(encoded.slice(..half))).await.unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while compressor.memory().used() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gathering {n} bytes holds {} of the share",
+                compressor.memory().used()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tx.send(Ok(encoded.slice(half..))).await.unwrap();
+        drop(tx);
+        let served = decoding.await.unwrap().expect("decoded");
+        let ServedBody::Full(out) = served.body else {
+            panic!("decoded whole");
+        };
+        assert!(out == data, "the origin's bytes");
+        // The decoded body keeps its own share until sent; the gathered copy's went.
+        assert_eq!(compressor.memory().used(), out.len() as u64);
+        drop(out);
+        assert_eq!(compressor.memory().used(), 0);
+    }
 
     fn ae(v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
