@@ -2136,12 +2136,29 @@ impl DiskTier {
 
     /// Indexes `entry` under `key`, whose put has committed. The copy it replaces goes to the
     /// deleter like an eviction, marked as replaced.
-    fn index_entry(&self, key: KeyHash, entry: Arc<DiskEntry>) {
-        if let Some(old) = self.index.peek(&key) {
+    /// Returns the copy it replaced, if any.
+    fn index_entry(&self, key: KeyHash, entry: Arc<DiskEntry>) -> Option<Arc<DiskEntry>> {
+        let old = self.index.peek(&key);
+        if let Some(old) = &old {
             old.replaced.store(true, Ordering::Release);
         }
         self.indexed.add(&entry);
         self.index.insert(key, entry);
+        old
+    }
+
+    /// Indexes `old` again, the copy a put replaced, once that put is lost (see
+    /// `commit_entry`): unless the key holds a copy again (a newer put stands).
+    pub(super) fn reinstate(&self, key: KeyHash, old: Arc<DiskEntry>) {
+        old.replaced.store(false, Ordering::Release);
+        if let quick_cache::sync::GuardResult::Guard(slot) =
+            self.index.get_value_or_guard(&key, None)
+        {
+            self.indexed.add(&old);
+            if slot.insert(Arc::clone(&old)).is_err() {
+                self.indexed.sub(&old);
+            }
+        }
     }
 
     /// Takes `entry` out of the index if it is still the key's (then true), and drops metadata held for

@@ -87,7 +87,8 @@
 //! until the database is opened again. The writer notices (at a failed commit, or by looking
 //! every [`REOPEN_EVERY`]) and opens it again, at most once per [`REOPEN_EVERY`]; what the last
 //! durable commit held is there, the commits since are gone as after a kill -9 (the puts
-//! waiting for a durable commit are told they failed), and the deletes since are applied
+//! waiting for a durable commit are told they failed: the tier drops their copies and puts
+//! back those they replaced, see the tier's `commit_entry`), and the deletes since are applied
 //! again ([`Writer::reopen`]). The tier's start-up load reads the index again if it was
 //! interrupted.
 //! Puts and deletes can be conditional on the content the key holds when they commit, so a

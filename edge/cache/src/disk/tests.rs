@@ -926,8 +926,12 @@ async fn a_replaced_content_file_stays_until_the_replacing_commit_is_durable() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        !tier.refs.is_referenced(&old_sri.to_string()),
-        "nothing names the replaced copy any more: its file is only waiting for the sync"
+        tier.index.get(&key).is_some_and(|e| e.sri() != old_sri),
+        "the new copy is indexed"
+    );
+    assert!(
+        tier.refs.is_referenced(&old_sri.to_string()),
+        "the replaced copy stays referenced while the put replacing it may still be lost"
     );
     assert!(
         old[0].is_file(),
@@ -2126,4 +2130,59 @@ async fn a_range_of_a_file_changed_in_place_ends_before_its_last_bytes() {
         tier.get(&key).await.is_none(),
         "the damaged copy is removed"
     );
+}
+
+/// A copy that a put replaced comes back when that put is lost (made visible, then the index
+/// failed and opened again without it): the reopened index names the old copy, and so does
+/// the tier's again, its content file kept meanwhile. Before, the tier had let the old copy
+/// go when the new one became visible and its file was removed; a failed re-push made the
+/// pushed object before it vanish, for good after a restart (a hostile review).
+#[tokio::test]
+async fn a_copy_a_lost_put_replaced_is_served_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = store::faults::switch(&dir.path().join("index.redb"));
+    let open = || DiskTier::open_loaded(dir.path(), 1 << 30, 4 << 20, unbounded());
+    let (tier, _) = open().await.unwrap();
+    let [a, c] = ["a", "c"].map(|k| KeyHash::of(&format!("example.test/{k}")));
+    store(&tier, a, &body(), &meta("\"1\"")).await;
+    let old_file = tier.content_path(&Integrity::from(&body()[..]));
+    assert!(old_file.is_file());
+
+    failing.writes.store(true, Ordering::Release);
+    let mut new = body();
+    new[0] ^= 1;
+    let mut w = tier.begin_write(a);
+    w.write(Bytes::from(new)).await.unwrap();
+    assert!(
+        w.commit(&meta("\"2\"")).await.is_err(),
+        "its commit cannot be made durable"
+    );
+    failing.writes.store(false, Ordering::Release);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut w = tier.begin_write(c);
+        w.write(Bytes::from_static(b"after")).await.unwrap();
+        match w.commit(&meta("\"c\"")).await {
+            Ok(()) => break,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the tier never stored again: {e}"),
+        }
+    }
+    for _ in 0..3 {
+        tier.run_pending_tasks();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old_body = async |tier: &Arc<DiskTier>| {
+        let hit = tier.get(&a).await.expect("the old copy is indexed again");
+        assert_eq!(hit.meta.etag(), Some("\"1\""));
+        tier.read_all(&a, &hit).await.expect("its body is there")
+    };
+    assert!(old_body(&tier).await == body());
+    assert!(old_file.is_file(), "its content file stays");
+    tier.close().await;
+    drop(tier);
+    let (tier, _) = open().await.unwrap();
+    assert!(old_body(&tier).await == body(), "after a restart");
 }

@@ -5,7 +5,7 @@
 
 use std::io::{self, Write};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use bytes::Bytes;
 use cacache::Integrity;
@@ -80,26 +80,38 @@ impl DiskTier {
         self.touch(key);
         let tier = Arc::downgrade(self);
         let (failed_tier, failed_entry) = (tier.clone(), Arc::clone(&entry));
+        // The copy this one replaces, from when this one is visible until it is durable: kept
+        // referenced (its content file stays) in case the put is lost.
+        let replaced = Arc::new(std::sync::Mutex::new(None));
+        let replacing = Arc::clone(&replaced);
         self.store.put_then(
             put,
             Completion::new(
                 move |applied| {
                     if let (Some(seq), Some(tier)) = (applied, tier.upgrade()) {
                         entry.set_record(seq);
-                        tier.index_committed(key, entry, held);
+                        *replacing.lock().unwrap_or_else(PoisonError::into_inner) =
+                            tier.index_committed(key, entry, held);
                     }
                     if applied.is_some() {
                         visible();
                     }
                 },
                 move |result| {
+                    let replaced = replaced
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .take();
                     // Visible, but never made durable: the index failed, and opened again
                     // without the commit (see the store's `Writer::reopen`). The copy goes
-                    // from this process's index too, with its share of `--disk`.
+                    // from this process's index too, with its share of `--disk`, and the one
+                    // it replaced, which the reopened index names, comes back.
                     if result.is_err()
                         && let Some(tier) = failed_tier.upgrade()
+                        && tier.unindex(&key, &failed_entry)
+                        && let Some(old) = replaced
                     {
-                        tier.unindex(&key, &failed_entry);
+                        tier.reinstate(key, old);
                     }
                     done(result.and_then(|applied| {
                         applied
@@ -114,17 +126,24 @@ impl DiskTier {
     /// Indexes a copy whose record just committed, unless a removal of the key is pending
     /// (queued after the put: the key is to hold nothing). Checked again after indexing, so a
     /// removal that slips in between never leaves the copy indexed.
-    fn index_committed(&self, key: KeyHash, entry: Arc<DiskEntry>, held: Option<Arc<CachedMeta>>) {
+    /// Returns the copy it replaced, if any.
+    fn index_committed(
+        &self,
+        key: KeyHash,
+        entry: Arc<DiskEntry>,
+        held: Option<Arc<CachedMeta>>,
+    ) -> Option<Arc<DiskEntry>> {
         if self.store.pending_delete(&key) {
-            return;
+            return None;
         }
-        self.index_entry(key, entry.clone());
+        let replaced = self.index_entry(key, entry.clone());
         if let Some(meta) = held {
             self.held.insert(key, HeldMeta::new(entry.clone(), 0, meta));
         }
         if self.store.pending_delete(&key) {
             self.unindex(&key, &entry);
         }
+        replaced
     }
 
     /// Starts writing a body. Nothing is visible until [`DiskWriter::commit`]; dropping the
