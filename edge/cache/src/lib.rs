@@ -376,6 +376,13 @@ impl Engine {
                 e.purges.track_host(&l.key_text);
                 if !l.vary.is_empty() {
                     e.vary.restore(primary, vary_names(&l.vary), l.key);
+                    // An invalidation that read the Vary index before the restore noted the
+                    // URL first: seen now (after the restore, it finds the variant itself).
+                    if e.invalidated_loading.contains_key(&primary)
+                        && let Some(disk) = &e.disk
+                    {
+                        disk.remove_copy(&l.key, &l.entry);
+                    }
                 }
             }
             e.purges.log.raise_floor(seq);

@@ -253,7 +253,9 @@ impl VaryIndex {
     }
 
     /// Records the names stored for `primary` on disk, found before the start-up load reached
-    /// its variants; returns the key of this request's variant.
+    /// its variants; returns the key of this request's variant, registered as one of the
+    /// URL's: a copy this request finds there (and promotes into memory) is then one an
+    /// invalidation of the URL removes.
     pub fn restore_names(
         &self,
         primary: KeyHash,
@@ -266,7 +268,13 @@ impl VaryIndex {
             registered_ms: 0,
         });
         self.names_changed(primary);
-        self.variant_of(primary, headers)
+        let variant = self.variant_of(primary, headers);
+        if variant != primary
+            && let Some(mut e) = self.map.get_mut(&primary)
+        {
+            add_variant(&mut e.variants, variant);
+        }
+        variant
     }
 
     /// Forgets a primary key; returns the variant keys it had.

@@ -327,6 +327,11 @@ async fn an_invalidation_while_the_index_loads_takes_the_variants_it_has_not_rea
     let disk = rig.engine.disk.clone().expect("a disk tier");
     assert!(!disk.load_state().done, "the load is held back");
 
+    // Found on disk and promoted into memory before the invalidation.
+    assert_eq!(
+        rig.check_with("/v", de, Hit, "hello in de").await.tier,
+        Tier::Disk
+    );
     rig.engine
         .invalidate(request("/v", &[]).norm.key.hash())
         .await;
