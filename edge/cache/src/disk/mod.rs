@@ -356,7 +356,8 @@ pub(super) enum Lane {
     /// chunk or its opening, a file's length.
     Read,
     /// Long ones ([`CHECK_JOBS`]): a body read through to check it before its first stream
-    /// (up to the largest object), or read whole to be promoted into the memory tier.
+    /// (up to the largest object), or one over 4 MiB read whole to be promoted into the memory
+    /// tier.
     Check,
 }
 
