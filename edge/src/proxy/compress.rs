@@ -379,7 +379,10 @@ impl Compressor {
                     Ok(window) => window,
                     Err(e) => return Err(self.refused(coding, e)),
                 };
-                match self.decode_whole(coding, &data, window).await {
+                match self
+                    .decode_whole(coding, &data, window, held.is_some())
+                    .await
+                {
                     Some(Ok(out)) => {
                         served.body = ServedBody::Full(out);
                         return Ok(served);
@@ -428,16 +431,22 @@ impl Compressor {
     /// within the compression share. `None` when it does not fit the share now, or decodes
     /// to more than `WHOLE_DECODE_MAX` but the cap allows more: then it is decoded as a
     /// stream.
+    /// `input_charged`: `data` counts against the share already (gathered for this).
     async fn decode_whole(
         &self,
         coding: Coding,
         data: &Bytes,
         window: Option<u32>,
+        input_charged: bool,
     ) -> Option<Result<Bytes, DecodeError>> {
         let cap = self.cfg.max_decompressed_size;
         let limit = cap.min(WHOLE_DECODE_MAX);
+        let input = match input_charged {
+            true => 0,
+            false => data.len() as u64,
+        };
         // The output grows by doubling: twice the limit at most.
-        let estimate = memory::decoder_bytes(coding, window) + 2 * limit + data.len() as u64;
+        let estimate = memory::decoder_bytes(coding, window) + 2 * limit + input;
         let charge = self.take(estimate)?;
         let input = data.clone();
         // The job holds the charge in its own thread; the output keeps its part of it.
@@ -623,17 +632,8 @@ mod tests {
     use crate::compress::{MediaPattern, decode_stream};
     use http::HeaderValue;
 
-    /// An origin-gzipped body that streams in (a fill, a disk read) and is small enough to be
-    /// decoded whole for a client that does not take gzip is gathered first: its copy counts
-    /// against the compression share while it gathers (a hostile review: a thousand such
-    /// requests held a GiB no budget counted), and the charge goes once it is decoded.
-    #[tokio::test]
-    async fn a_body_gathered_to_be_decoded_counts_against_the_share() {
-        let data = Bytes::from(text(200_000));
-        let encoded = Bytes::from(encode(Coding::Gzip, &data, 6).unwrap());
-        let n = encoded.len() as u64;
-        let compressor = Arc::new(Compressor::new(CompressionConfig::default(), 16 << 20));
-        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
+    /// A response whose gzip body (`n` bytes) streams in through `rx`.
+    fn gzipped_stream(rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>, n: u64) -> Served {
         let mut served = Served::failed(
             crate::cache::Failure::NotCached,
             std::time::SystemTime::now(),
@@ -651,6 +651,51 @@ mod tests {
             len: Some(n),
             range: None,
         };
+        served
+    }
+
+    /// A gathered body is charged once while it is decoded whole: with a share that holds the
+    /// gathered copy and the decoding's own estimate, and no more, it is decoded whole (it was
+    /// counted twice, and fell back to a stream, or 503).
+    #[tokio::test]
+    async fn a_gathered_body_is_charged_once_while_decoded() {
+        let data = Bytes::from(text(50_000));
+        let encoded = Bytes::from(encode(Coding::Gzip, &data, 6).unwrap());
+        let n = encoded.len() as u64;
+        let cfg = CompressionConfig::default();
+        let limit = cfg.max_decompressed_size.min(WHOLE_DECODE_MAX);
+        let share = memory::decoder_bytes(Coding::Gzip, None) + 2 * limit + n;
+        let compressor = Compressor::new(cfg, share);
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(1);
+        tx.send(Ok(encoded)).await.unwrap();
+        drop(tx);
+        let served = compressor
+            .origin_encoded(
+                gzipped_stream(rx, n),
+                Coding::Gzip,
+                &Method::GET,
+                &HeaderMap::new(),
+            )
+            .await
+            .expect("decoded");
+        let ServedBody::Full(out) = served.body else {
+            panic!("not decoded whole");
+        };
+        assert!(out == data);
+    }
+
+    /// An origin-gzipped body that streams in (a fill, a disk read) and is small enough to be
+    /// decoded whole for a client that does not take gzip is gathered first: its copy counts
+    /// against the compression share while it gathers (a hostile review: a thousand such
+    /// requests held a GiB no budget counted), and the charge goes once it is decoded.
+    #[tokio::test]
+    async fn a_body_gathered_to_be_decoded_counts_against_the_share() {
+        let data = Bytes::from(text(200_000));
+        let encoded = Bytes::from(encode(Coding::Gzip, &data, 6).unwrap());
+        let n = encoded.len() as u64;
+        let compressor = Arc::new(Compressor::new(CompressionConfig::default(), 16 << 20));
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
+        let served = gzipped_stream(rx, n);
         let decoding = tokio::spawn({
             let compressor = Arc::clone(&compressor);
             async move {
