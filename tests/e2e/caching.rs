@@ -64,6 +64,15 @@ fn cacheable(body: impl Into<Bytes>, cc: &str) -> Reply {
         .header("cache-control", cc)
 }
 
+/// Settings of an edge on `dir` whose memory tier holds objects up to 128 KiB (memory/8): a
+/// larger one streams from disk.
+fn streams_from_disk(dir: &Path) -> impl Fn(&mut EdgeConfig) + Copy + '_ {
+    move |c: &mut EdgeConfig| {
+        c.cache_dir = Some(dir.to_path_buf());
+        c.memory = 1 << 20;
+    }
+}
+
 /// Overwrites every cached body under `<cache_dir>/content/content-v2/` with garbage of the
 /// same length; returns how many files it damaged.
 fn corrupt_content(cache_dir: &Path) -> usize {
@@ -1065,11 +1074,7 @@ async fn corrupted_large_disk_entry_is_never_served() {
     let body = pattern(512 * 1024, 9);
     let origin = TestOrigin::start().await;
     origin.route("/big", cacheable(body.clone(), "max-age=3600"));
-    let tweak = |c: &mut EdgeConfig| {
-        c.cache_dir = Some(dir.path().to_path_buf());
-        // Memory objects are at most memory/8 = 128 KiB: this one streams from disk.
-        c.memory = 1 << 20;
-    };
+    let tweak = streams_from_disk(dir.path());
     let edge = start_edge_with(origin.addr(), tweak).await;
     let c = client();
     assert_eq!(get(&c, &edge.url("/big"), &[HOST]).await.body, body);
@@ -1591,11 +1596,7 @@ async fn a_range_of_a_large_disk_entry_changed_in_place_is_never_served_as_compl
     let body = pattern(512 * 1024, 10);
     let origin = TestOrigin::start().await;
     origin.route("/big", cacheable(body.clone(), "max-age=3600"));
-    let tweak = |c: &mut EdgeConfig| {
-        c.cache_dir = Some(dir.path().to_path_buf());
-        // Memory objects are at most memory/8 = 128 KiB: this one streams from disk.
-        c.memory = 1 << 20;
-    };
+    let tweak = streams_from_disk(dir.path());
     let edge = start_edge_with(origin.addr(), tweak).await;
     let c = client();
     assert!(get(&c, &edge.url("/big"), &[HOST]).await.body == body);

@@ -1699,18 +1699,7 @@ async fn the_tier_stores_again_after_its_index_failed() {
         "not left indexed, holding its share"
     );
     failing.writes.store(false, Ordering::Release);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut w = tier.begin_write(c);
-        w.write(Bytes::from_static(b"after")).await.unwrap();
-        match w.commit(&m).await {
-            Ok(()) => break,
-            Err(_) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("the tier never stored again: {e}"),
-        }
-    }
+    stores_again(&tier, c, &m).await;
     let body = async |tier: &Arc<DiskTier>, key: &KeyHash| match tier.get(key).await {
         Some(hit) => tier.read_all(key, &hit).await.ok(),
         None => None,
@@ -1723,6 +1712,23 @@ async fn the_tier_stores_again_after_its_index_failed() {
     assert_eq!(body(&tier, &a).await.as_deref(), Some(&b"before"[..]));
     assert_eq!(body(&tier, &b).await, None);
     assert_eq!(body(&tier, &c).await.as_deref(), Some(&b"after"[..]));
+}
+
+/// Stores `after` under `key` until a commit is durable again (the index, failed, opened
+/// again), within 10 s.
+async fn stores_again(tier: &Arc<DiskTier>, key: KeyHash, m: &Arc<CachedMeta>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut w = tier.begin_write(key);
+        w.write(Bytes::from_static(b"after")).await.unwrap();
+        match w.commit(m).await {
+            Ok(()) => return,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the tier never stored again: {e}"),
+        }
+    }
 }
 
 /// The start-up load survives the index failing under it (a read error latches the database,
@@ -2158,18 +2164,7 @@ async fn a_copy_a_lost_put_replaced_is_served_again() {
         "its commit cannot be made durable"
     );
     failing.writes.store(false, Ordering::Release);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut w = tier.begin_write(c);
-        w.write(Bytes::from_static(b"after")).await.unwrap();
-        match w.commit(&meta("\"c\"")).await {
-            Ok(()) => break,
-            Err(_) if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("the tier never stored again: {e}"),
-        }
-    }
+    stores_again(&tier, c, &meta("\"c\"")).await;
     for _ in 0..3 {
         tier.run_pending_tasks();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -2185,4 +2180,24 @@ async fn a_copy_a_lost_put_replaced_is_served_again() {
     drop(tier);
     let (tier, _) = open().await.unwrap();
     assert!(old_body(&tier).await == body(), "after a restart");
+}
+
+/// A whole read of a body up to 4 MiB is a read like any other (the Read lane's slots), not a
+/// long job behind the checks of whole bodies (the Check lane's two slots), which a request
+/// for a large object never checked since the start can hold for as long as its file takes to
+/// read (a hostile review).
+#[tokio::test]
+async fn a_whole_read_of_a_mid_size_body_is_a_read() {
+    let (_dir, tier) = tier().await;
+    let key = KeyHash::of("example.test/mid");
+    let body = patterned(200 << 10);
+    store(&tier, key, &body, &meta("\"m\"")).await;
+    let hit = tier.get(&key).await.unwrap();
+    let (reads, checks) = (
+        tier.jobs_started(Lane::Read),
+        tier.jobs_started(Lane::Check),
+    );
+    assert!(tier.read_all(&key, &hit).await.unwrap() == body);
+    assert_eq!(tier.jobs_started(Lane::Read), reads + 1);
+    assert_eq!(tier.jobs_started(Lane::Check), checks);
 }
