@@ -137,6 +137,13 @@ pub struct DiskEntry {
     /// A newer copy of the key replaced it in the index, its put having removed this copy's
     /// record: when the index hands it over like an eviction, there is nothing to delete.
     replaced: AtomicBool,
+    /// Its record is durable: found on disk, or its put's commit was synced. False from its
+    /// put until then (see the writer's `commit_entry`).
+    durable: AtomicBool,
+    /// The copy it replaced, from when it was indexed until its put is durable: kept
+    /// referenced (its content file stays) for as long as the put may still be lost, to be
+    /// indexed again then (see [`DiskTier::reinstate`]).
+    superseded: std::sync::Mutex<Option<Arc<DiskEntry>>>,
     /// The content file's path and last checked state, from the first whole read on.
     file: OnceLock<Box<ContentFile>>,
     /// The tier's count of entries per content file (`None` for an inline body): this entry
@@ -341,10 +348,13 @@ pub const READ_JOBS: usize = 8;
 /// Checks of whole bodies of a tier on the blocking pool at once (see [`Lane::Check`]).
 pub const CHECK_JOBS: usize = 2;
 
+/// Whole reads of larger bodies of a tier on the blocking pool at once (see [`Lane::Whole`]).
+pub const WHOLE_JOBS: usize = 3;
+
 /// The kinds of work a tier runs on the blocking pool, each with a bound of its own: a burst
 /// of one kind (requests for many large objects never checked since the start, say) never
 /// takes every thread of the pool (32: what the rest of the process uses is left; two tiers,
-/// the cache's and the pushed objects', take 24 at most), and never delays the other kinds
+/// the cache's and the pushed objects', take 30 at most), and never delays the other kinds
 /// more than their own jobs do. A job holds its slot until it ends, even if its caller has
 /// gone; a caller that goes while it waits for a slot leaves nothing behind (tokio cannot
 /// cancel a job once on the pool).
@@ -355,9 +365,11 @@ pub(super) enum Lane {
     /// Short reads ([`READ_JOBS`]): a record, a body up to [`WHOLE_READ_MAX`], a stream's
     /// chunk or its opening, a file's length.
     Read,
-    /// Long ones ([`CHECK_JOBS`]): a body read through to check it before its first stream
-    /// (up to the largest object), or one over 4 MiB read whole to be promoted into the memory
-    /// tier.
+    /// Whole reads of larger bodies ([`WHOLE_JOBS`]): on their way into the memory tier (up
+    /// to an eighth of it), each many short reads long.
+    Whole,
+    /// The longest ([`CHECK_JOBS`]): a body read through to check it before its first stream
+    /// (up to the largest object).
     Check,
 }
 
@@ -365,10 +377,11 @@ pub(super) enum Lane {
 struct Lanes {
     write: Arc<Semaphore>,
     read: Arc<Semaphore>,
+    whole: Arc<Semaphore>,
     check: Arc<Semaphore>,
     /// Jobs started, per lane (tests count what ran).
     #[cfg(test)]
-    started: [AtomicU64; 3],
+    started: [AtomicU64; 4],
 }
 
 impl Lanes {
@@ -376,6 +389,7 @@ impl Lanes {
         Lanes {
             write: Arc::new(Semaphore::new(WRITE_JOBS)),
             read: Arc::new(Semaphore::new(READ_JOBS)),
+            whole: Arc::new(Semaphore::new(WHOLE_JOBS)),
             check: Arc::new(Semaphore::new(CHECK_JOBS)),
             #[cfg(test)]
             started: Default::default(),
@@ -386,6 +400,7 @@ impl Lanes {
         match lane {
             Lane::Write => &self.write,
             Lane::Read => &self.read,
+            Lane::Whole => &self.whole,
             Lane::Check => &self.check,
         }
     }
@@ -492,9 +507,66 @@ impl DiskEntry {
             record: AtomicU64::new(0),
             last_read: AtomicU64::new(0),
             replaced: AtomicBool::new(false),
+            durable: AtomicBool::new(true),
+            superseded: std::sync::Mutex::new(None),
             file: OnceLock::new(),
             refs,
         })
+    }
+
+    /// A new entry for the same copy (its own reference to the content file): put back in the
+    /// index in place of this one, which the index may still be handing over as replaced.
+    fn again(&self) -> Arc<Self> {
+        if let Some(refs) = &self.refs {
+            refs.incref(&self.sri.integrity());
+        }
+        let verified = self.verified.load(Ordering::Acquire);
+        let e = Self::named(
+            self.sri.clone(),
+            self.size,
+            verified,
+            self.inline,
+            self.refs.clone(),
+        );
+        e.set_record(self.record_seq());
+        e.meta_gen
+            .store(self.meta_gen.load(Ordering::Acquire), Ordering::Release);
+        e
+    }
+
+    /// The copy this one replaced, kept until its put is durable (see `superseded`).
+    pub(super) fn supersede(&self, old: Option<Arc<DiskEntry>>) {
+        *self
+            .superseded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = old;
+    }
+
+    /// Its put is durable: the copy it replaced may go.
+    pub(super) fn made_durable(&self) {
+        self.durable.store(true, Ordering::Release);
+        self.supersede(None);
+    }
+
+    /// Its put is lost: the newest durable copy before it, if any (a put it replaced may be
+    /// lost too, and then the one that put replaced is the one to put back).
+    pub(super) fn durable_before(&self) -> Option<Arc<DiskEntry>> {
+        let mut old = self
+            .superseded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        while let Some(o) = old {
+            if o.durable.load(Ordering::Acquire) {
+                return Some(o);
+            }
+            old = o
+                .superseded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+        }
+        None
     }
 
     /// The record read describes this entry's body (the same content, size and storage).
@@ -2148,16 +2220,32 @@ impl DiskTier {
         old
     }
 
-    /// Indexes `old` again, the copy a put replaced, once that put is lost (see
-    /// `commit_entry`): unless the key holds a copy again (a newer put stands).
-    pub(super) fn reinstate(&self, key: KeyHash, old: Arc<DiskEntry>) {
-        old.replaced.store(false, Ordering::Release);
+    /// `entry`'s put under `key` is lost (made visible, then the index failed and opened again
+    /// without it): it leaves the index, and the newest durable copy before it, which the
+    /// reopened index names, comes back. If a newer put replaced it meanwhile, its chain stays
+    /// for that put's own outcome (lost too, it puts back the same durable copy).
+    pub(super) fn lost(&self, key: &KeyHash, entry: &Arc<DiskEntry>) {
+        if self.unindex(key, entry)
+            && let Some(old) = entry.durable_before()
+        {
+            self.reinstate(*key, &old);
+        }
+    }
+
+    /// Indexes `old` again (as a new entry: the index may still be handing the old one over as
+    /// replaced), the copy a put replaced, once that put is lost (see `commit_entry`): unless
+    /// the key holds a copy again (a newer put stands) or its removal is pending.
+    pub(super) fn reinstate(&self, key: KeyHash, old: &DiskEntry) {
+        if self.store.pending_delete(&key) {
+            return;
+        }
         if let quick_cache::sync::GuardResult::Guard(slot) =
             self.index.get_value_or_guard(&key, None)
         {
-            self.indexed.add(&old);
-            if slot.insert(Arc::clone(&old)).is_err() {
-                self.indexed.sub(&old);
+            let again = old.again();
+            self.indexed.add(&again);
+            if slot.insert(Arc::clone(&again)).is_err() {
+                self.indexed.sub(&again);
             }
         }
     }

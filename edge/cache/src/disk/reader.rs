@@ -118,11 +118,6 @@ pub const STREAM_READ_SMALL: usize = 16 * 1024;
 /// lasts long after the read that made it hot.
 const HOT_STREAM_MAX: u64 = 4 << 20;
 
-/// Whole reads of bodies larger than this (on their way into the memory tier: up to an eighth
-/// of it) take the [`Lane::Check`] lane's few slots, with the checks of whole bodies; smaller
-/// ones are reads like any other.
-const LONG_READ: u64 = 4 << 20;
-
 /// Whole reads of bodies up to this size run on the async worker when hot; a larger one (a
 /// body read to be promoted into the memory tier can be an eighth of it) is one copy long
 /// enough to stall the worker's other tasks, so it goes to the blocking pool.
@@ -324,9 +319,9 @@ impl DiskTier {
         } else {
             let content = self.content.clone();
             let open_files = Arc::clone(&self.open_files);
-            let lane = match entry.size <= LONG_READ {
+            let lane = match entry.size <= WHOLE_READ_MAX {
                 true => Lane::Read,
-                false => Lane::Check,
+                false => Lane::Whole,
             };
             // The charge goes with the job: what it reads counts until it ends, even if the
             // request has gone meanwhile.

@@ -5,7 +5,8 @@
 
 use std::io::{self, Write};
 use std::path::Path;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use cacache::Integrity;
@@ -80,38 +81,34 @@ impl DiskTier {
         self.touch(key);
         let tier = Arc::downgrade(self);
         let (failed_tier, failed_entry) = (tier.clone(), Arc::clone(&entry));
-        // The copy this one replaces, from when this one is visible until it is durable: kept
-        // referenced (its content file stays) in case the put is lost.
-        let replaced = Arc::new(std::sync::Mutex::new(None));
-        let replacing = Arc::clone(&replaced);
+        entry.durable.store(false, Ordering::Release);
         self.store.put_then(
             put,
             Completion::new(
                 move |applied| {
                     if let (Some(seq), Some(tier)) = (applied, tier.upgrade()) {
                         entry.set_record(seq);
-                        *replacing.lock().unwrap_or_else(PoisonError::into_inner) =
-                            tier.index_committed(key, entry, held);
+                        // The copy it replaces stays referenced until it is durable.
+                        let replaced = tier.index_committed(key, Arc::clone(&entry), held);
+                        entry.supersede(replaced);
                     }
                     if applied.is_some() {
                         visible();
                     }
                 },
                 move |result| {
-                    let replaced = replaced
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .take();
                     // Visible, but never made durable: the index failed, and opened again
                     // without the commit (see the store's `Writer::reopen`). The copy goes
-                    // from this process's index too, with its share of `--disk`, and the one
-                    // it replaced, which the reopened index names, comes back.
-                    if result.is_err()
-                        && let Some(tier) = failed_tier.upgrade()
-                        && tier.unindex(&key, &failed_entry)
-                        && let Some(old) = replaced
-                    {
-                        tier.reinstate(key, old);
+                    // from this process's index too, with its share of `--disk`, and the
+                    // newest durable one before it, which the reopened index names, comes
+                    // back.
+                    match &result {
+                        Ok(_) => failed_entry.made_durable(),
+                        Err(_) => {
+                            if let Some(tier) = failed_tier.upgrade() {
+                                tier.lost(&key, &failed_entry);
+                            }
+                        }
                     }
                     done(result.and_then(|applied| {
                         applied
