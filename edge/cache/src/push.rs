@@ -74,9 +74,11 @@ impl Engine {
         let path = spec.path.clone();
         let out = store
             .push(spec, body, self.clock.now(), self.purges.log.current())
-            .await?;
+            .await;
+        // Stored or not (a push made visible, then lost to a failing disk, may have been read
+        // into memory meanwhile): the store's copy is the one served.
         self.memory.remove(&push_store::pinned_key(&path)).await;
-        Ok(out)
+        out
     }
 
     /// A pushed object's metadata, size and body stream (to forward it to other nodes).
