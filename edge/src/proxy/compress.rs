@@ -379,10 +379,8 @@ impl Compressor {
                     Ok(window) => window,
                     Err(e) => return Err(self.refused(coding, e)),
                 };
-                match self
-                    .decode_whole(coding, &data, window, held.is_some())
-                    .await
-                {
+                let (decoded, held) = self.decode_whole(coding, &data, window, held).await;
+                match decoded {
                     Some(Ok(out)) => {
                         served.body = ServedBody::Full(out);
                         return Ok(served);
@@ -431,33 +429,42 @@ impl Compressor {
     /// within the compression share. `None` when it does not fit the share now, or decodes
     /// to more than `WHOLE_DECODE_MAX` but the cap allows more: then it is decoded as a
     /// stream.
-    /// `input_charged`: `data` counts against the share already (gathered for this).
+    /// `held`: the charge `data` counts against already (gathered for this), handed back.
     async fn decode_whole(
         &self,
         coding: Coding,
         data: &Bytes,
         window: Option<u32>,
-        input_charged: bool,
-    ) -> Option<Result<Bytes, DecodeError>> {
+        held: Option<Charge>,
+    ) -> (Option<Result<Bytes, DecodeError>>, Option<Charge>) {
         let cap = self.cfg.max_decompressed_size;
         let limit = cap.min(WHOLE_DECODE_MAX);
-        let input = match input_charged {
-            true => 0,
-            false => data.len() as u64,
+        let input = match held {
+            Some(_) => 0,
+            None => data.len() as u64,
         };
         // The output grows by doubling: twice the limit at most.
         let estimate = memory::decoder_bytes(coding, window) + 2 * limit + input;
-        let charge = self.take(estimate)?;
+        let Some(charge) = self.take(estimate) else {
+            return (None, held);
+        };
         let input = data.clone();
-        // The job holds the charge in its own thread; the output keeps its part of it.
-        let job = move || decode(coding, &input, limit).map(|out| charge.into_bytes(out));
-        let decoded = tokio::task::spawn_blocking(job)
+        // The job holds the charges in its own thread (the input's too, as long as it reads it,
+        // even if the request has gone); the output keeps its part.
+        let job = move || {
+            (
+                decode(coding, &input, limit).map(|out| charge.into_bytes(out)),
+                held,
+            )
+        };
+        let (decoded, held) = tokio::task::spawn_blocking(job)
             .await
-            .unwrap_or_else(|e| Err(DecodeError::Corrupt(io::Error::other(e))));
-        match decoded {
+            .unwrap_or_else(|e| (Err(DecodeError::Corrupt(io::Error::other(e))), None));
+        let decoded = match decoded {
             Err(DecodeError::TooLarge(_)) if limit < cap => None,
             other => Some(other),
-        }
+        };
+        (decoded, held)
     }
 
     /// Counts and logs a decoding refused (past the cap, or corrupt) and names it for the
