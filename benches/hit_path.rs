@@ -471,6 +471,17 @@
 //! against 0.67 and 0.70x (0.69, 0.64x of CPU). Target (0.95x): not met; what is left is the
 //! copy out of the page cache. The 100 KiB cases alone, alternating twice, 6 s after a 4 s
 //! warm-up: disk 23.3, 21.5 µs against 26.1, 25.6 µs (memory 17.4 against 18.5-18.6 µs).
+//!
+//! Session 21 (2026-12-06): safety fixes on the disk paths (disk work on the blocking pool in
+//! bounded lanes, disk streams bounded per tier, ranges read from their start, promotions
+//! checked against removals, `ServedBody::Stream` with a range maker; hot hits take none of
+//! the new paths). Whole runs at d6bcf66 against bc638c9 (session 20's final build),
+//! alternating twice, CPU per request: memory 1 KiB 10.6, 7.1 µs against 9.0, 9.0; disk 1 KiB
+//! 13.0, 12.1 against 13.5, 12.2; memory 100 KiB 22.8, 21.9 against 24.1, 19.1; disk 100 KiB
+//! 31.2, 28.4 against 29.8, 26.2; disk 1 MiB 333, 351 against 349, 312. The 100 KiB cases
+//! alone, alternating three times (% of plain req/s; CPU): disk 78.0, 78.3, 72.8% (27.5, 25.1,
+//! 27.5 µs) against 80.4, 77.5, 85.1% (29.2, 24.7, 29.0 µs); memory 102.4, 95.6, 103.1%
+//! against 112.1, 102.7, 94.6%. No change beyond the runs' spread.
 
 mod support;
 
