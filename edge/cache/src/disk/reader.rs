@@ -137,7 +137,7 @@ const STREAM_SLOT_WAIT: Duration = Duration::from_millis(300);
 /// bound, many slow streams (HTTP/2 multiplies them by a connection's streams) ran the process
 /// out of file descriptors, so that it could neither accept connections nor reach the origin,
 /// and held memory past `--memory`. So: as many as the read budget would hold at three small
-/// chunks each (its share of memory a second time over: about 340 at the default `--memory`, 1,365
+/// chunks each (its share of memory a second time over: 320-340 at the default `--memory`, 1,365
 /// at most), at least [`STREAM_SLOTS_MIN`], at most a quarter of the soft `ulimit -n`. A
 /// stream past them waits [`STREAM_SLOT_WAIT`] for one, then ends with an error (its client
 /// sees the response cut short, never a body presented as complete).
