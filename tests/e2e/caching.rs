@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use crate::support::edge::{Clock, Edge, loopback_config};
-use crate::support::files::{bytes_under, files_under, pattern};
+use crate::support::files::{bytes_under, files_under, pattern, rewrite_in_place};
 use crate::support::http::{get, get_hit, raw_exchange, send};
 use crate::support::test_origin::{Gate, Reply, TestOrigin};
 use crate::support::{client_within, eventually, h2c_client};
@@ -79,11 +79,7 @@ fn corrupt_content(cache_dir: &Path) -> usize {
     let files = files_under(&cache_dir.join("content").join("content-v2"));
     for f in &files {
         let len = std::fs::metadata(f).expect("content file").len() as usize;
-        let mut perms = std::fs::metadata(f).unwrap().permissions();
-        #[allow(clippy::permissions_set_readonly_false)]
-        perms.set_readonly(false);
-        let _ = std::fs::set_permissions(f, perms);
-        std::fs::write(f, vec![b'#'; len]).expect("overwrite a content file");
+        rewrite_in_place(f, &vec![b'#'; len]);
     }
     files.len()
 }
@@ -1614,11 +1610,7 @@ async fn a_range_of_a_large_disk_entry_changed_in_place_is_never_served_as_compl
     assert_eq!(files.len(), 1, "{files:?}");
     let mut changed = body.to_vec();
     changed[500] ^= 0xff;
-    let mut perms = std::fs::metadata(&files[0]).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    std::fs::set_permissions(&files[0], perms).unwrap();
-    std::fs::write(&files[0], &changed).unwrap();
+    rewrite_in_place(&files[0], &changed);
 
     let cut = async {
         let r = c

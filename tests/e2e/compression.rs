@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::support::edge::{self, CompressionSnapshot, CompressionStats, PurgeSpec, config};
+use crate::support::files::{files_under, rewrite_in_place};
 use crate::support::site::SiteOrigin;
 use crate::support::{client_within, repo};
 
@@ -881,15 +882,12 @@ async fn a_stored_body_that_fails_before_decoding_tells_the_client_nothing_inter
     assert_eq!(hit.decoded(), want);
 
     // One byte of its content file changed in place: same length, another stamp.
-    let file = largest_file(&root);
-    let mut perms = std::fs::metadata(&file).expect("stat").permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    std::fs::set_permissions(&file, perms).expect("make writable");
-    let mut data = std::fs::read(&file).expect("read content file");
+    let files = files_under(&root.join("content").join("content-v2"));
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mut data = std::fs::read(&files[0]).expect("read content file");
     let mid = data.len() / 2;
     data[mid] ^= 0x55;
-    std::fs::write(&file, &data).expect("damage content file");
+    rewrite_in_place(&files[0], &data);
 
     let bad = get(&c, &url, None).await;
     assert_eq!(bad.status, StatusCode::BAD_GATEWAY, "{}", bad.x_cache());
@@ -910,22 +908,4 @@ async fn a_stored_body_that_fails_before_decoding_tells_the_client_nothing_inter
     let again = get(&c, &url, None).await;
     assert_eq!((again.status, again.x_cache()), (StatusCode::OK, "MISS"));
     assert_eq!(again.decoded(), want);
-}
-
-/// The largest file under `dir` (the one content file a single large object has).
-fn largest_file(dir: &std::path::Path) -> std::path::PathBuf {
-    let mut best: Option<(u64, std::path::PathBuf)> = None;
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).expect("read dir") {
-            let e = e.expect("dir entry");
-            let md = e.metadata().expect("metadata");
-            if md.is_dir() {
-                todo.push(e.path());
-            } else if best.as_ref().is_none_or(|(n, _)| md.len() > *n) {
-                best = Some((md.len(), e.path()));
-            }
-        }
-    }
-    best.expect("a file").1
 }

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::support::admin::{
     self, Extra, HOST, ROOT, bearer, get, get_hit, get_with, list, purge, push, sha256_hex,
 };
-use crate::support::files::pattern_vec as pattern;
+use crate::support::files::{files_under, pattern_vec as pattern};
 use crate::support::http::{raw_request, send};
 use crate::support::test_origin::{Reply, TestOrigin};
 use crate::support::{WAIT, client};
@@ -586,7 +586,16 @@ async fn a_pushed_object_that_cannot_be_read_for_a_moment_stays_pushed() {
     let r = push(&c, &edge, "/app.js", &body, &[]).await;
     assert_eq!(r.status, 201, "{r:?}");
 
-    let file = file_of_len(dir.path(), body.len() as u64);
+    let files: Vec<_> = files_under(dir.path())
+        .into_iter()
+        .filter(|f| std::fs::metadata(f).is_ok_and(|m| m.len() == body.len() as u64))
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "the pushed object's content file: {files:?}"
+    );
+    let file = &files[0];
     let parent = file.parent().unwrap().to_path_buf();
     let aside = dir.path().join("aside");
     std::fs::rename(&parent, &aside).unwrap();
@@ -612,23 +621,4 @@ async fn a_pushed_object_that_cannot_be_read_for_a_moment_stays_pushed() {
     );
     assert!(r.body.as_ref() == body.as_slice(), "after restart");
     edge.stop().await;
-}
-
-/// The one file under `dir` of `len` bytes (a pushed object's content file).
-fn file_of_len(dir: &std::path::Path, len: u64) -> std::path::PathBuf {
-    let mut found = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let md = e.metadata().unwrap();
-            if md.is_dir() {
-                todo.push(e.path());
-            } else if md.len() == len {
-                found.push(e.path());
-            }
-        }
-    }
-    assert_eq!(found.len(), 1, "{found:?}");
-    found.remove(0)
 }

@@ -50,6 +50,15 @@ pub fn write(path: &Path, data: &[u8]) {
     std::fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
+/// Writes `data` over the file at `path`, the same inode (cacache's files are read-only).
+pub fn rewrite_in_place(path: &Path, data: &[u8]) {
+    let mut perms = std::fs::metadata(path).expect("stat").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(path, perms).expect("make writable");
+    std::fs::write(path, data).unwrap_or_else(|e| panic!("rewrite {}: {e}", path.display()));
+}
+
 /// [`pattern`] as a `Vec`.
 pub fn pattern_vec(len: usize, seed: u64) -> Vec<u8> {
     pattern(len, seed).to_vec()

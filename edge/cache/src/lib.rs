@@ -366,23 +366,17 @@ impl Engine {
             for l in batch {
                 seq = seq.max(l.purge_seq);
                 let primary = KeyHash::of(&l.key_text);
-                // Stored by an earlier process: older than any invalidation of this one.
-                if e.invalidated_loading.contains_key(&primary) {
-                    if let Some(disk) = &e.disk {
-                        disk.remove_copy(&l.key, &l.entry);
-                    }
-                    continue;
-                }
                 e.purges.track_host(&l.key_text);
                 if !l.vary.is_empty() {
                     e.vary.restore(primary, vary_names(&l.vary), l.key);
-                    // An invalidation that read the Vary index before the restore noted the
-                    // URL first: seen now (after the restore, it finds the variant itself).
-                    if e.invalidated_loading.contains_key(&primary)
-                        && let Some(disk) = &e.disk
-                    {
-                        disk.remove_copy(&l.key, &l.entry);
-                    }
+                }
+                // Stored by an earlier process, so older than any invalidation of this one.
+                // Looked at after the restore: an invalidation that read the Vary index before
+                // it noted the URL first; one after it finds the variant there itself.
+                if e.invalidated_loading.contains_key(&primary)
+                    && let Some(disk) = &e.disk
+                {
+                    disk.remove_copy(&l.key, &l.entry);
                 }
             }
             e.purges.log.raise_floor(seq);

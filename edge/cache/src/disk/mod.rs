@@ -373,12 +373,23 @@ pub(super) enum Lane {
     Check,
 }
 
-/// The slots of each [`Lane`].
+impl Lane {
+    const ALL: [Lane; 4] = [Lane::Write, Lane::Read, Lane::Whole, Lane::Check];
+
+    /// Its jobs at once.
+    const fn slots(self) -> usize {
+        match self {
+            Lane::Write => WRITE_JOBS,
+            Lane::Read => READ_JOBS,
+            Lane::Whole => WHOLE_JOBS,
+            Lane::Check => CHECK_JOBS,
+        }
+    }
+}
+
+/// The slots of each [`Lane`], in its order.
 struct Lanes {
-    write: Arc<Semaphore>,
-    read: Arc<Semaphore>,
-    whole: Arc<Semaphore>,
-    check: Arc<Semaphore>,
+    slots: [Arc<Semaphore>; 4],
     /// Jobs started, per lane (tests count what ran).
     #[cfg(test)]
     started: [AtomicU64; 4],
@@ -387,22 +398,14 @@ struct Lanes {
 impl Lanes {
     fn new() -> Self {
         Lanes {
-            write: Arc::new(Semaphore::new(WRITE_JOBS)),
-            read: Arc::new(Semaphore::new(READ_JOBS)),
-            whole: Arc::new(Semaphore::new(WHOLE_JOBS)),
-            check: Arc::new(Semaphore::new(CHECK_JOBS)),
+            slots: Lane::ALL.map(|lane| Arc::new(Semaphore::new(lane.slots()))),
             #[cfg(test)]
             started: Default::default(),
         }
     }
 
     fn of(&self, lane: Lane) -> &Arc<Semaphore> {
-        match lane {
-            Lane::Write => &self.write,
-            Lane::Read => &self.read,
-            Lane::Whole => &self.whole,
-            Lane::Check => &self.check,
-        }
+        &self.slots[lane as usize]
     }
 }
 
@@ -536,10 +539,13 @@ impl DiskEntry {
 
     /// The copy this one replaced, kept until its put is durable (see `superseded`).
     pub(super) fn supersede(&self, old: Option<Arc<DiskEntry>>) {
-        *self
-            .superseded
+        *self.superseded_slot() = old;
+    }
+
+    fn superseded_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<DiskEntry>>> {
+        self.superseded
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = old;
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Its put is durable: the copy it replaced may go.
@@ -551,20 +557,12 @@ impl DiskEntry {
     /// Its put is lost: the newest durable copy before it, if any (a put it replaced may be
     /// lost too, and then the one that put replaced is the one to put back).
     pub(super) fn durable_before(&self) -> Option<Arc<DiskEntry>> {
-        let mut old = self
-            .superseded
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let mut old = self.superseded_slot().take();
         while let Some(o) = old {
             if o.durable.load(Ordering::Acquire) {
                 return Some(o);
             }
-            old = o
-                .superseded
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
+            old = o.superseded_slot().take();
         }
         None
     }
